@@ -1,0 +1,2 @@
+//! The `#[idempotent]` attribute. Use it through `idem-core`, which
+//! re-exports it.
