@@ -1,0 +1,232 @@
+//! What can go wrong, and the HTTP status each failure maps to.
+//!
+//! idem fails closed: when it cannot tell whether a call already ran, the body
+//! does not run and the caller gets an [`Error`].
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A boxed error behind an [`Error`] or a [`StoreError`]; cheap to clone.
+pub type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why an idempotent call did not produce its result.
+///
+/// Every variant maps to the HTTP status that the IETF Idempotency-Key draft
+/// gives it; see [`Error::http_status`]. Annotated functions turn it into their
+/// own error type through `E: From<idem_core::Error>`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another call holds this key and has not finished. Retry after
+    /// `retry_after` (at most what is left of the holder's lease).
+    #[error(
+        "a call with this idempotency key is still in progress; retry in {} ms",
+        retry_after.as_millis()
+    )]
+    InProgress {
+        /// How long until the holder's lease lapses, at most.
+        retry_after: Duration,
+    },
+
+    /// The key was used before with different arguments. A different request
+    /// needs a new idempotency key.
+    #[error(
+        "this idempotency key was already used with different arguments; \
+         send the original request again or use a new key"
+    )]
+    KeyReused,
+
+    /// The store failed or could not be reached. The body did not run, or its
+    /// result could not be recorded.
+    #[error("idempotency store error: {0}")]
+    Store(#[from] StoreError),
+
+    /// The stored result no longer decodes as the function's return type,
+    /// e.g. after the type changed between releases.
+    #[error("the stored result of this call no longer decodes as its return type: {0}")]
+    Decode(#[source] Source),
+
+    /// A key, scope, argument or result could not be serialized.
+    #[error("could not serialize the {what} of an idempotent call: {source}")]
+    Encode {
+        /// What failed to serialize: `"key"`, `"scope"`, `"arguments"` or `"result"`.
+        what: &'static str,
+        /// The serializer's error.
+        #[source]
+        source: Source,
+    },
+
+    /// An idempotency key was required (e.g. by an HTTP endpoint) but the
+    /// request carried none, or an unusable one.
+    #[error("missing or malformed idempotency key: {reason}")]
+    MissingKey {
+        /// What was wrong with the key.
+        reason: Cow<'static, str>,
+    },
+}
+
+impl Error {
+    pub(crate) fn encode(
+        what: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Encode {
+            what,
+            source: Arc::new(source),
+        }
+    }
+
+    pub(crate) fn decode(source: serde_json::Error) -> Self {
+        Self::Decode(Arc::new(source))
+    }
+
+    /// The HTTP status for this error, per the IETF Idempotency-Key draft:
+    /// `InProgress` → 409, `KeyReused` → 422, `MissingKey` → 400,
+    /// `Store` → 503, `Decode` and `Encode` → 500.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem_core::Error;
+    ///
+    /// assert_eq!(Error::KeyReused.http_status(), 422);
+    /// assert_eq!(Error::InProgress { retry_after: Duration::from_secs(1) }.http_status(), 409);
+    /// ```
+    #[must_use]
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Self::InProgress { .. } => 409,
+            Self::KeyReused => 422,
+            Self::MissingKey { .. } => 400,
+            Self::Store(_) => 503,
+            Self::Decode(_) | Self::Encode { .. } => 500,
+        }
+    }
+
+    /// How long a client should wait before retrying, where that is known
+    /// (the value for a `Retry-After` header).
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::InProgress { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// A store backend failed.
+///
+/// Backends build one with [`StoreError::new`] and say what kind of failure it
+/// was, so callers can tell an outage from a corrupt record.
+#[derive(Clone)]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    message: Cow<'static, str>,
+    source: Option<Source>,
+}
+
+/// The kind of a [`StoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The backend could not be reached or dropped the connection.
+    Unavailable,
+    /// The backend did not answer in time.
+    Timeout,
+    /// A stored record is not one this version of idem can read: garbage
+    /// bytes, or a newer record format.
+    Corrupt,
+    /// The store is at its configured capacity and cannot claim a new key.
+    Full,
+    /// The store was configured wrongly, e.g. a bad URL or a missing feature.
+    Config,
+    /// Any other backend failure.
+    Other,
+}
+
+impl StoreError {
+    /// A store error of `kind` with a message for humans.
+    pub fn new(kind: StoreErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the backend's own error as the source.
+    #[must_use]
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// What kind of failure this is.
+    #[must_use]
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreError")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_draft() {
+        let store = StoreError::new(StoreErrorKind::Unavailable, "down");
+        assert_eq!(Error::Store(store).http_status(), 503);
+        assert_eq!(
+            Error::MissingKey {
+                reason: "absent".into()
+            }
+            .http_status(),
+            400
+        );
+        let decode = serde_json::from_str::<u8>("x").unwrap_err();
+        assert_eq!(Error::decode(decode).http_status(), 500);
+    }
+
+    #[test]
+    fn messages_say_what_to_do() {
+        let msg = Error::InProgress {
+            retry_after: Duration::from_millis(1500),
+        }
+        .to_string();
+        assert!(msg.contains("retry in 1500 ms"), "{msg}");
+        assert!(Error::KeyReused.to_string().contains("new key"));
+        let err = StoreError::new(StoreErrorKind::Timeout, "begin timed out")
+            .with_source(std::io::Error::other("socket"));
+        assert_eq!(err.to_string(), "begin timed out: socket");
+        assert!(std::error::Error::source(&err).is_some());
+    }
+}
