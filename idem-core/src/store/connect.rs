@@ -1,0 +1,159 @@
+//! Choosing a store: by URL at run time, and the process-wide default.
+
+use std::sync::{Arc, OnceLock};
+
+use super::Store;
+use super::memory::MemoryStore;
+use crate::error::{StoreError, StoreErrorKind};
+
+static DEFAULT_STORE: OnceLock<Arc<dyn Store>> = OnceLock::new();
+
+/// Opens the store a URL names.
+///
+/// | URL | store | feature |
+/// |---|---|---|
+/// | `memory://` or `memory://?max_records=N` | [`MemoryStore`] | always |
+/// | `redis://host:port/db` | a single Redis node | `redis` |
+/// | `redis+cluster://host:port,host:port` | a Redis Cluster | `redis` |
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idem_core::StoreError> {
+/// let store = idem_core::connect("memory://").await?;
+/// # let _ = store;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// A [`StoreErrorKind::Config`] error for a URL that is malformed, whose
+/// scheme is unknown, or whose backend's Cargo feature is not compiled in.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        config(format!(
+            "`{url}` is not a store URL; expected e.g. `memory://` or `redis://127.0.0.1:6379`"
+        ))
+    })?;
+    match scheme {
+        "memory" => Ok(Arc::new(memory_from_url(rest)?)),
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Err(config(format!(
+            "`{scheme}://` stores need the `redis` feature of idem-core: \
+             idem-core = {{ version = \"{}\", features = [\"redis\"] }}",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        other => Err(config(format!(
+            "unknown store URL scheme `{other}://`; expected `memory://`, `redis://` or \
+             `redis+cluster://`"
+        ))),
+    }
+}
+
+fn memory_from_url(rest: &str) -> Result<MemoryStore, StoreError> {
+    let query = match rest.split_once('?') {
+        Some(("", query)) => query,
+        None if rest.is_empty() => "",
+        _ => {
+            return Err(config(format!(
+                "`memory://{rest}` names a location, but the memory store has none; \
+                 write `memory://` or `memory://?max_records=N`"
+            )));
+        }
+    };
+    let mut builder = MemoryStore::builder();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("max_records", n)) => {
+                let n = n.parse().map_err(|_| {
+                    config(format!(
+                        "`max_records={n}` in a memory:// URL is not a count"
+                    ))
+                })?;
+                builder = builder.max_records(n);
+            }
+            _ => {
+                return Err(config(format!(
+                    "unknown memory:// URL option `{pair}`; the only option is `max_records=N`"
+                )));
+            }
+        }
+    }
+    Ok(builder.build())
+}
+
+fn config(message: String) -> StoreError {
+    StoreError::new(StoreErrorKind::Config, message)
+}
+
+/// Sets the process-wide store that `#[idempotent]` functions without a
+/// `store = …` argument use. Call it once, at start-up, before any such call.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// idem_core::set_default_store(idem_core::connect("memory://?max_records=1000").await?)
+///     .map_err(|_| "the default store was already set")?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// Gives `store` back when the default store was already set, or already
+/// used (which fixes it to an in-process memory store).
+pub fn set_default_store(store: Arc<dyn Store>) -> Result<(), Arc<dyn Store>> {
+    DEFAULT_STORE.set(store)
+}
+
+/// The process-wide store: the one given to [`set_default_store`], or else an
+/// in-process [`MemoryStore`] made on first use.
+pub fn default_store() -> &'static Arc<dyn Store> {
+    DEFAULT_STORE.get_or_init(|| Arc::new(MemoryStore::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn error_of(url: &str) -> String {
+        match connect(url).await {
+            Ok(_) => panic!("{url} should not connect"),
+            Err(e) => {
+                assert_eq!(e.kind(), StoreErrorKind::Config);
+                e.to_string()
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_urls() {
+        connect("memory://").await.unwrap();
+        connect("memory://?max_records=10").await.unwrap();
+        assert!(
+            error_of("memory://?max_records=ten")
+                .await
+                .contains("not a count")
+        );
+        assert!(
+            error_of("memory://?size=1")
+                .await
+                .contains("unknown memory:// URL option")
+        );
+        assert!(error_of("memory://somewhere").await.contains("has none"));
+    }
+
+    #[tokio::test]
+    async fn bad_urls_say_what_to_write() {
+        assert!(error_of("localhost:6379").await.contains("not a store URL"));
+        assert!(
+            error_of("postgres://x")
+                .await
+                .contains("unknown store URL scheme")
+        );
+    }
+
+    #[tokio::test]
+    async fn redis_without_its_feature_names_the_feature() {
+        for url in ["redis://127.0.0.1:6379", "redis+cluster://127.0.0.1:7000"] {
+            assert!(error_of(url).await.contains("`redis` feature"), "{url}");
+        }
+    }
+}
