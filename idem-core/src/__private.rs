@@ -1,0 +1,2 @@
+//! Items only the `#[idempotent]` expansion uses. Not public API: they change
+//! without notice.

@@ -1,0 +1,125 @@
+//! In-process coalescing: same-key callers on one store share one claim.
+//!
+//! The first caller for a key becomes the *leader* and talks to the store; the
+//! ones that arrive while it works become *followers* and wait for what it
+//! lands: the stored record, a shared failure, or word that the flight was
+//! vacated (the leader released its claim, gave up waiting, or was dropped), in
+//! which case they contend again.
+
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::Error;
+use crate::key::{Fingerprint, Key};
+use crate::store::Record;
+
+type FlightKey = (usize, Key);
+
+static FLIGHTS: LazyLock<DashMap<FlightKey, Arc<Flight>>> = LazyLock::new(DashMap::new);
+
+/// What a flight's leader hands its followers.
+#[derive(Clone)]
+pub(crate) enum Landing {
+    /// The call completed (now or earlier): replay this record.
+    Record(Record),
+    /// The attempt failed in a way every follower shares.
+    Failed(Error),
+    /// Nothing to share: contend for the key again.
+    Vacated,
+}
+
+pub(crate) struct Flight {
+    fingerprint: Fingerprint,
+    landing: watch::Sender<Option<Landing>>,
+    /// When the claim the flight waits on lapses at the latest.
+    retry_at: Mutex<Instant>,
+}
+
+pub(crate) enum Role {
+    Leader(Leader),
+    Follower(Arc<Flight>),
+}
+
+/// Joins the flight for `key` on the store `store_id`, leading it if none is
+/// under way.
+pub(crate) fn join(store_id: usize, key: Key, fingerprint: Fingerprint, lease: Duration) -> Role {
+    match FLIGHTS.entry((store_id, key)) {
+        Entry::Occupied(flight) => Role::Follower(Arc::clone(flight.get())),
+        Entry::Vacant(vacant) => {
+            let flight = Arc::new(Flight {
+                fingerprint,
+                landing: watch::Sender::new(None),
+                retry_at: Mutex::new(Instant::now() + lease),
+            });
+            vacant.insert(Arc::clone(&flight));
+            Role::Leader(Leader {
+                key: (store_id, key),
+                flight,
+                landed: false,
+            })
+        }
+    }
+}
+
+impl Flight {
+    pub(crate) fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// How long until the claim this flight waits on lapses at the latest.
+    pub(crate) fn retry_after(&self) -> Duration {
+        let at = *self.retry_at.lock().unwrap_or_else(PoisonError::into_inner);
+        at.saturating_duration_since(Instant::now())
+    }
+
+    /// Waits for the leader's landing.
+    pub(crate) async fn landed(&self) -> Landing {
+        let mut landing = self.landing.subscribe();
+        match landing.wait_for(Option::is_some).await {
+            Ok(landed) => landed.clone().unwrap_or(Landing::Vacated),
+            // Unreachable while `self` owns the sender; contending again is safe.
+            Err(_) => Landing::Vacated,
+        }
+    }
+}
+
+/// The leader's handle on its flight; dropping it unlanded vacates the flight.
+pub(crate) struct Leader {
+    key: FlightKey,
+    flight: Arc<Flight>,
+    landed: bool,
+}
+
+impl Leader {
+    pub(crate) fn set_retry_at(&self, at: Instant) {
+        *self
+            .flight
+            .retry_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = at;
+    }
+
+    pub(crate) fn land(mut self, landing: Landing) {
+        self.finish(landing);
+    }
+
+    fn finish(&mut self, landing: Landing) {
+        if self.landed {
+            return;
+        }
+        self.landed = true;
+        FLIGHTS.remove_if(&self.key, |_, flight| Arc::ptr_eq(flight, &self.flight));
+        self.flight.landing.send_replace(Some(landing));
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        self.finish(Landing::Vacated);
+    }
+}
