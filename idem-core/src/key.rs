@@ -85,19 +85,12 @@ impl Key {
         S: Serialize + ?Sized,
         K: Serialize + ?Sized,
     {
-        let mut hasher = Sha256::new();
-        hasher.update(KEY_DOMAIN);
-        hasher.update((name.len() as u64).to_le_bytes());
-        hasher.update(name.as_bytes());
-        match scope {
-            None => hasher.update([0]),
-            Some(scope) => {
-                hasher.update([1]);
-                encode(&mut hasher, scope).map_err(|e| crate::Error::encode("scope", e))?;
-            }
+        let mut hasher = KeyHasher::new(name);
+        if let Some(scope) = scope {
+            hasher.scope(scope);
         }
-        encode(&mut hasher, value).map_err(|e| crate::Error::encode("key", e))?;
-        Ok(Self(hasher.finalize().into()))
+        hasher.value(value);
+        hasher.finish()
     }
 
     /// Rebuilds a key from its digest, e.g. one a store listed.
@@ -163,6 +156,108 @@ impl Fingerprint {
 impl Serialize for Fingerprint {
     fn serialize<S: ser::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_bytes(&self.0)
+    }
+}
+
+/// Hashes a [`Key`] part by part: the name, then an optional scope, then the
+/// value. The first part that fails to serialize is reported by `finish`.
+pub(crate) struct KeyHasher {
+    hasher: Sha256,
+    scoped: bool,
+    error: Option<crate::Error>,
+}
+
+impl KeyHasher {
+    /// Starts the key of the operation `name`.
+    #[must_use]
+    pub(crate) fn new(name: &str) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(KEY_DOMAIN);
+        hasher.update((name.len() as u64).to_le_bytes());
+        hasher.update(name.as_bytes());
+        Self {
+            hasher,
+            scoped: false,
+            error: None,
+        }
+    }
+
+    /// Adds the scope; call it at most once, before [`value`](Self::value).
+    pub(crate) fn scope<S: Serialize + ?Sized>(&mut self, scope: &S) {
+        self.scoped = true;
+        self.hasher.update([1]);
+        if let Err(e) = encode(&mut self.hasher, scope) {
+            self.error.get_or_insert(crate::Error::encode("scope", e));
+        }
+    }
+
+    /// Adds the key value.
+    pub(crate) fn value<K: Serialize + ?Sized>(&mut self, value: &K) {
+        if !self.scoped {
+            self.hasher.update([0]);
+        }
+        if let Err(e) = encode(&mut self.hasher, value) {
+            self.error.get_or_insert(crate::Error::encode("key", e));
+        }
+    }
+
+    /// The key, or the first serialization error.
+    ///
+    /// # Errors
+    /// [`Error::Encode`](crate::Error::Encode) when a part failed to serialize.
+    pub(crate) fn finish(self) -> Result<Key, crate::Error> {
+        match self.error {
+            Some(error) => Err(error),
+            None => Ok(Key(self.hasher.finalize().into())),
+        }
+    }
+}
+
+/// Hashes a [`Fingerprint`] argument by argument. The arguments `a, b` give
+/// the same fingerprint as [`Fingerprint::of(&(a, b))`](Fingerprint::of).
+pub(crate) struct Fingerprinter {
+    hasher: Sha256,
+    error: Option<crate::Error>,
+}
+
+impl Fingerprinter {
+    /// Starts an empty argument list.
+    #[must_use]
+    pub(crate) fn new() -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(FINGERPRINT_DOMAIN);
+        hasher.update([tag::SEQ]);
+        Self {
+            hasher,
+            error: None,
+        }
+    }
+
+    /// Adds the next argument.
+    pub(crate) fn argument<A: Serialize + ?Sized>(&mut self, argument: &A) {
+        if let Err(e) = encode(&mut self.hasher, argument) {
+            self.error
+                .get_or_insert(crate::Error::encode("arguments", e));
+        }
+    }
+
+    /// The fingerprint, or the first serialization error.
+    ///
+    /// # Errors
+    /// [`Error::Encode`](crate::Error::Encode) when an argument failed to
+    /// serialize.
+    pub(crate) fn finish(mut self) -> Result<Fingerprint, crate::Error> {
+        self.hasher.update([tag::SEQ_END]);
+        match self.error {
+            Some(error) => Err(error),
+            None => Ok(Fingerprint(self.hasher.finalize().into())),
+        }
+    }
+}
+
+impl Default for Fingerprinter {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -695,6 +790,18 @@ mod tests {
         }
         let err = Key::new("op", &Bad).unwrap_err();
         assert!(err.to_string().contains("no way"), "{err}");
+    }
+
+    #[test]
+    fn fingerprinter_agrees_with_a_tuple() {
+        let mut parts = super::Fingerprinter::new();
+        parts.argument(&"a");
+        parts.argument(&7_u8);
+        assert_eq!(parts.finish().unwrap(), fp(&("a", 7)));
+        assert_eq!(
+            super::Fingerprinter::new().finish().unwrap(),
+            fp(&[0_u8; 0])
+        );
     }
 
     #[test]
