@@ -64,6 +64,11 @@ pub mod store;
 #[doc(hidden)]
 pub mod __private;
 
+#[cfg(feature = "macros")]
+mod attribute;
+#[cfg(feature = "macros")]
+pub use attribute::idempotent;
+
 pub use engine::{DEFAULT_LEASE, DEFAULT_TTL, Idempotency, OnConflict};
 pub use error::{Error, Source, StoreError, StoreErrorKind};
 pub use key::{Fingerprint, Key};

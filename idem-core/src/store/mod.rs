@@ -108,6 +108,11 @@ pub enum Completion {
 /// `Arc<S>` and `Box<S>` for any store `S`. See the [module docs](self) for the
 /// protocol each operation follows; [`memory::MemoryStore`] is the reference
 /// implementation.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an idem store",
+    label = "`store = …` takes a store",
+    note = "a store is a `MemoryStore`, a Redis store or an `Arc<dyn idem_core::Store>`, or a reference to one"
+)]
 pub trait Store: Send + Sync {
     /// Claims `key` for `token` unless a live claim or record exists.
     ///

@@ -1,0 +1,181 @@
+//! The `#[idempotent]` attribute's documentation, on its re-export.
+
+/// Makes an `async fn` safe to retry.
+///
+/// The attribute rewrites the function to derive its key, claim the key
+/// atomically in a store, run the body once, store the result (serialized
+/// with `serde_json`) and hand every retry the same result. It expands to a
+/// call of [`Idempotency`](crate::Idempotency), which code without the
+/// attribute can call itself.
+///
+/// ```
+/// use idem_core::idempotent;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct ChargeRequest { idempotency_key: String, customer: u64, amount_cents: u64 }
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// struct Receipt { charge_id: u64 }
+///
+/// #[derive(Debug)]
+/// enum PaymentError { Idem(idem_core::Error) }
+/// impl From<idem_core::Error> for PaymentError {
+///     fn from(e: idem_core::Error) -> Self { Self::Idem(e) }
+/// }
+///
+/// struct Payments { store: idem_core::MemoryStore }
+///
+/// impl Payments {
+///     #[idempotent(key = req.idempotency_key, scope = req.customer, ttl = "24h", store = self.store)]
+///     async fn charge(&self, req: ChargeRequest) -> Result<Receipt, PaymentError> {
+///         Ok(Receipt { charge_id: 4711 })
+///     }
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), PaymentError> {
+/// let payments = Payments { store: idem_core::MemoryStore::new() };
+/// let req = || ChargeRequest { idempotency_key: "order-17".into(), customer: 7, amount_cents: 100 };
+/// assert_eq!(payments.charge(req()).await?, payments.charge(req()).await?);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Requirements
+///
+/// The function is `async` (or an `#[async_trait]` method) and returns
+/// `Result<T, E>` (a type alias of `Result` works) with
+/// `T: Serialize + DeserializeOwned` and `E: From<idem_core::Error>`, plus
+/// `E: Serialize + DeserializeOwned` when errors are cached. The arguments
+/// that take part in the fingerprint implement `Serialize`. Each of these is
+/// checked at compile time and reported at the offending token.
+///
+/// # Arguments
+///
+/// | argument | meaning | default |
+/// |---|---|---|
+/// | `key = EXPR` | the idempotency key: any `Serialize` value, evaluated by reference before the body runs | the fingerprint of the arguments (content-based dedup) |
+/// | `scope = EXPR` | a tenant or user: equal keys in different scopes never meet | none |
+/// | `ttl = "24h"` or `ttl = EXPR` | how long a completed result is kept; a literal is checked at compile time (`500ms`, `90s`, `15m`, `24h`, `7d`, `1h30m`), an expression must be a `Duration` | `24h` |
+/// | `lease = "30s"` | how long an in-progress claim holds before another caller may take over; renewed while the body runs; shorter than `ttl` | `60s` |
+/// | `on_conflict = wait` or `reject` | another call holds the key: wait for its result, or fail at once with `Error::InProgress` | `wait` |
+/// | `wait_timeout = "10s"` | the longest a waiting call waits (only with `wait`) | the lease |
+/// | `cache_errors = true` or `= path` | also store `Err` results: all, or those a `fn(&E) -> bool` accepts | `false` |
+/// | `skip(arg, …)` | arguments left out of the fingerprint (handles, pools, clients); `self` always is | none |
+/// | `fingerprint = false` | do not check that a reused key comes with the same arguments | checked |
+/// | `name = "payments.charge"` | the operation's stable name in the key | `module_path!()::fn_name` |
+/// | `store = EXPR` | the store: anything whose reference implements [`Store`](crate::Store), e.g. a [`MemoryStore`](crate::MemoryStore) or an `Arc<dyn Store>` | [`default_store()`](crate::default_store) |
+/// | `crate = "path"` | where the `idem_core` crate is, for crates that re-export it | `::idem_core` |
+///
+/// ## `key` and `scope`
+///
+/// Any `Serialize` expression over the arguments, evaluated by reference
+/// before the body runs: a field, a `Uuid`, a tuple.
+///
+/// ```
+/// # use idem_core::idempotent;
+/// # #[derive(Debug)] struct Error;
+/// # impl From<idem_core::Error> for Error { fn from(_: idem_core::Error) -> Self { Error } }
+/// #[idempotent(key = (order_id, attempt), scope = tenant)]
+/// async fn ship(tenant: &str, order_id: u64, attempt: u32) -> Result<u64, Error> {
+///     Ok(order_id)
+/// }
+/// ```
+///
+/// Without `key`, the arguments themselves are the key: equal calls are one
+/// call.
+///
+/// ```
+/// # use idem_core::idempotent;
+/// # #[derive(Debug)] struct Error;
+/// # impl From<idem_core::Error> for Error { fn from(_: idem_core::Error) -> Self { Error } }
+/// #[idempotent(ttl = "1h")]
+/// async fn send_welcome_email(user_id: u64) -> Result<(), Error> {
+///     Ok(())
+/// }
+/// ```
+///
+/// ## `ttl`, `lease` and `wait_timeout`
+///
+/// ```
+/// # use idem_core::idempotent;
+/// # use std::time::Duration;
+/// # #[derive(Debug)] struct Error;
+/// # impl From<idem_core::Error> for Error { fn from(_: idem_core::Error) -> Self { Error } }
+/// # fn retention() -> Duration { Duration::from_secs(3600) }
+/// #[idempotent(key = id, ttl = "7d", lease = "30s", wait_timeout = "10s")]
+/// async fn import(id: u64) -> Result<u32, Error> { Ok(1) }
+///
+/// #[idempotent(key = id, ttl = retention())]
+/// async fn export(id: u64) -> Result<u32, Error> { Ok(1) }
+/// ```
+///
+/// ## `on_conflict`
+///
+/// `reject` answers a concurrent duplicate with
+/// [`Error::InProgress { retry_after }`](crate::Error::InProgress) (HTTP 409)
+/// instead of making it wait.
+///
+/// ```
+/// # use idem_core::idempotent;
+/// # #[derive(Debug)] struct Error;
+/// # impl From<idem_core::Error> for Error { fn from(_: idem_core::Error) -> Self { Error } }
+/// #[idempotent(key = id, on_conflict = reject)]
+/// async fn transfer(id: String) -> Result<u64, Error> { Ok(1) }
+/// ```
+///
+/// ## `cache_errors`
+///
+/// ```
+/// # use idem_core::idempotent;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// enum PaymentError { Declined, Timeout, Idem(String) }
+/// impl From<idem_core::Error> for PaymentError {
+///     fn from(e: idem_core::Error) -> Self { Self::Idem(e.to_string()) }
+/// }
+/// impl PaymentError {
+///     fn is_permanent(&self) -> bool { matches!(self, Self::Declined) }
+/// }
+///
+/// // A decline is final and replays; a timeout is retried.
+/// #[idempotent(key = id, cache_errors = PaymentError::is_permanent)]
+/// async fn charge(id: String) -> Result<u64, PaymentError> { Err(PaymentError::Declined) }
+/// ```
+///
+/// ## `skip`, `fingerprint` and `name`
+///
+/// ```
+/// # use idem_core::idempotent;
+/// # #[derive(Debug)] struct Error;
+/// # impl From<idem_core::Error> for Error { fn from(_: idem_core::Error) -> Self { Error } }
+/// # struct Pool;
+/// #[idempotent(key = id, skip(pool), name = "orders.create")]
+/// async fn create(pool: &Pool, id: u64, items: Vec<String>) -> Result<u64, Error> { Ok(id) }
+///
+/// #[idempotent(key = id, fingerprint = false)]
+/// async fn touch(id: u64, now: u64) -> Result<(), Error> { Ok(()) }
+/// ```
+///
+/// ## `store` and `crate`
+///
+/// ```
+/// # use idem_core::idempotent;
+/// # use std::sync::Arc;
+/// # #[derive(Debug)] struct Error;
+/// # impl From<idem_core::Error> for Error { fn from(_: idem_core::Error) -> Self { Error } }
+/// struct Service { idem: Arc<dyn idem_core::Store> }
+///
+/// impl Service {
+///     #[idempotent(key = id, store = self.idem)]
+///     async fn handle(&self, id: u64) -> Result<u64, Error> { Ok(id) }
+/// }
+///
+/// mod reexported { pub use idem_core as idem; }
+///
+/// #[idempotent(key = id, crate = "reexported::idem")]
+/// async fn elsewhere(id: u64) -> Result<u64, Error> { Ok(id) }
+/// ```
+#[doc(inline)]
+pub use idem_macros::idempotent;
