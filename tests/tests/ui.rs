@@ -1,0 +1,10 @@
+//! Compile-time behaviour of `#[idempotent]`: every misuse is a spanned error
+//! (`ui/fail`, one rule a file, with its reviewed `.stderr`), and valid uses
+//! compile (`ui/pass`).
+
+#[test]
+fn ui() {
+    let cases = trybuild::TestCases::new();
+    cases.pass("ui/pass/*.rs");
+    cases.compile_fail("ui/fail/*.rs");
+}
