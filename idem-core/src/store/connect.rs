@@ -36,6 +36,11 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     })?;
     match scheme {
         "memory" => Ok(Arc::new(memory_from_url(rest)?)),
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
+            Ok(Arc::new(super::redis::RedisStore::connect(url).await?))
+        }
+        #[cfg(not(feature = "redis"))]
         "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Err(config(format!(
             "`{scheme}://` stores need the `redis` feature of idem-core: \
              idem-core = {{ version = \"{}\", features = [\"redis\"] }}",
@@ -150,6 +155,7 @@ mod tests {
         );
     }
 
+    #[cfg(not(feature = "redis"))]
     #[tokio::test]
     async fn redis_without_its_feature_names_the_feature() {
         for url in ["redis://127.0.0.1:6379", "redis+cluster://127.0.0.1:7000"] {

@@ -27,6 +27,8 @@ use crate::key::{Fingerprint, Key};
 mod connect;
 pub mod memory;
 mod record;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 pub use connect::{connect, default_store, set_default_store};
 pub use record::{Outcome, Record};

@@ -1,0 +1,538 @@
+//! The Redis store, for a single node or a Redis Cluster (feature `redis`).
+//!
+//! Each of the four operations is one Lua script, run atomically by the
+//! server in one round trip. A record is one hash under
+//! `{prefix}:{hex}`, with the hex in a hash tag so that, on a cluster, every
+//! key of a record maps to one slot. Its fields:
+//!
+//! | field | holds |
+//! |---|---|
+//! | `s` | `p` while in progress, `c` once completed |
+//! | `t` | the claim's token (16 bytes) |
+//! | `f` | the call's fingerprint (32 bytes) |
+//! | `r` | the encoded [`Record`], once completed |
+//!
+//! The key's own expiry is the lease while in progress and the TTL once
+//! completed, so Redis reclaims both by itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{RedisError, Script, Value};
+
+use super::{Begin, Completion, Record, Store, StoreFuture, Token};
+use crate::error::{StoreError, StoreErrorKind};
+use crate::key::{Fingerprint, Key};
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "idem";
+
+/// The default time a store operation may take before it fails with
+/// [`StoreErrorKind::Timeout`].
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The default time a connection attempt may take.
+pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `KEYS[1]` the record; `ARGV` fingerprint, token, lease in ms.
+/// Answers `{0}` claimed, `{1, record}` completed, `{2, ms}` in progress,
+/// `{3}` mismatch, `{4}` not an idem record.
+const BEGIN: &str = r"
+local state = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'r')
+if not state[1] then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    return {4}
+  end
+  redis.call('HSET', KEYS[1], 's', 'p', 't', ARGV[2], 'f', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {0}
+end
+if (state[1] ~= 'p' and state[1] ~= 'c') or not state[2] or not state[3] then
+  return {4}
+end
+if state[3] ~= ARGV[1] then
+  return {3}
+end
+if state[1] == 'c' then
+  if not state[4] then return {4} end
+  return {1, state[4]}
+end
+if state[2] == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {0}
+end
+return {2, redis.call('PTTL', KEYS[1])}
+";
+
+/// `KEYS[1]` the record; `ARGV` token, record, TTL in ms. Answers 1 stored,
+/// 0 lost.
+const COMPLETE: &str = r"
+local state = redis.call('HMGET', KEYS[1], 's', 't')
+if state[2] ~= ARGV[1] then
+  return 0
+end
+if state[1] == 'c' then
+  return 1
+end
+redis.call('HSET', KEYS[1], 's', 'c', 'r', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// `KEYS[1]` the record; `ARGV` token. Deletes a claim that is ours.
+const RELEASE: &str = r"
+local state = redis.call('HMGET', KEYS[1], 's', 't')
+if state[1] == 'p' and state[2] == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// `KEYS[1]` the record; `ARGV` token, lease in ms. Answers 1 renewed, 0 not
+/// ours.
+const RENEW: &str = r"
+local state = redis.call('HMGET', KEYS[1], 's', 't')
+if state[1] == 'p' and state[2] == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+struct Scripts {
+    begin: Script,
+    complete: Script,
+    release: Script,
+    renew: Script,
+}
+
+static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+    begin: Script::new(BEGIN),
+    complete: Script::new(COMPLETE),
+    release: Script::new(RELEASE),
+    renew: Script::new(RENEW),
+});
+
+/// A [`Store`] on Redis: a single node or a Redis Cluster.
+///
+/// # Round trips
+///
+/// Every operation is one Lua script (`EVALSHA`), so a replayed hit costs one
+/// round trip, a first run two (`begin`, `complete`) and a failed run two
+/// (`begin`, `release`); a body longer than a third of its lease adds one
+/// `renew` per third. After `SCRIPT FLUSH` or a server restart the first call
+/// of each script also loads it (`NOSCRIPT` is handled).
+///
+/// # Guarantees
+///
+/// Each operation is atomic on the server. A claim is fenced by its token: a
+/// holder whose lease lapsed cannot complete over the one who took over. An
+/// operation whose connection dropped is retried once on a fresh connection,
+/// which is safe because every operation is harmless to repeat with the same
+/// token. A server that does not answer within the response timeout fails the
+/// call with [`StoreErrorKind::Timeout`]; the body does not run.
+///
+/// # Limits: replication and persistence
+///
+/// Redis replicates asynchronously. A claim or record written to a primary
+/// that fails *unexpectedly* before its replica received the write is lost
+/// with it: a retry after the failover may run the body again. A coordinated
+/// `CLUSTER FAILOVER` (without `FORCE`) waits for the replica to catch up and
+/// loses nothing. To narrow the window, run replicas with `min-replicas-to-write 1`
+/// and, for records that must survive a restart, enable AOF persistence
+/// (`appendonly yes`, `appendfsync everysec` or `always`); a server restarted
+/// without persistence forgets every record, and retries then run again.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_core::StoreError> {
+/// use std::time::Duration;
+/// use idem_core::store::redis::RedisStore;
+///
+/// let node = RedisStore::node("redis://127.0.0.1:6379/0")
+///     .prefix("payments:idem")
+///     .response_timeout(Duration::from_millis(250))
+///     .connect()
+///     .await?;
+/// let cluster = RedisStore::cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
+///     .connect()
+///     .await?;
+/// # let _ = (node, cluster);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connection: Connection,
+    prefix: String,
+}
+
+#[derive(Clone)]
+enum Connection {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Configures a [`RedisStore`]; made by [`RedisStore::node`] or
+/// [`RedisStore::cluster`].
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    nodes: Vec<String>,
+    cluster: bool,
+    prefix: String,
+    response_timeout: Duration,
+    connection_timeout: Duration,
+}
+
+impl RedisStore {
+    /// Connects to the store a URL names: `redis://host:port/db` (a single
+    /// node) or `redis+cluster://host:port,host:port` (a cluster, given any of
+    /// its nodes), with the default settings.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Config`] for a URL of another scheme, and the
+    /// connection's error when the server cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder_for_url(url)?.connect().await
+    }
+
+    /// Starts configuring a store on the single node at `url`
+    /// (`redis://host:port/db`).
+    pub fn node(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder::new(vec![url.into()], false)
+    }
+
+    /// Starts configuring a store on the Redis Cluster that these nodes
+    /// (`redis://host:port` each) belong to.
+    pub fn cluster<I, U>(nodes: I) -> RedisStoreBuilder
+    where
+        I: IntoIterator<Item = U>,
+        U: Into<String>,
+    {
+        RedisStoreBuilder::new(nodes.into_iter().map(Into::into).collect(), true)
+    }
+
+    pub(crate) fn builder_for_url(url: &str) -> Result<RedisStoreBuilder, StoreError> {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        match scheme {
+            "redis" | "rediss" => Ok(Self::node(url)),
+            "redis+cluster" | "rediss+cluster" => {
+                let node_scheme = scheme.trim_end_matches("+cluster");
+                let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let nodes: Vec<String> = hosts
+                    .split(',')
+                    .filter(|h| !h.is_empty())
+                    .map(|host| match path {
+                        "" => format!("{node_scheme}://{host}"),
+                        path => format!("{node_scheme}://{host}/{path}"),
+                    })
+                    .collect();
+                if nodes.is_empty() {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Config,
+                        format!(
+                            "`{url}` names no cluster node; write `redis+cluster://host:port,host:port`"
+                        ),
+                    ));
+                }
+                Ok(Self::cluster(nodes))
+            }
+            _ => Err(StoreError::new(
+                StoreErrorKind::Config,
+                format!(
+                    "`{url}` is not a Redis URL; write `redis://host:port/db` or `redis+cluster://host:port,host:port`"
+                ),
+            )),
+        }
+    }
+
+    /// The key a record is stored under.
+    #[must_use]
+    pub fn record_key(&self, key: &Key) -> String {
+        key.to_store_key(&self.inner.prefix)
+    }
+
+    async fn invoke(
+        &self,
+        op: &'static str,
+        script: &Script,
+        key: &Key,
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(self.record_key(key));
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let attempt = |mut connection: Connection| {
+            let invocation = &invocation;
+            async move {
+                match &mut connection {
+                    Connection::Node(c) => invocation.invoke_async::<Value>(c).await,
+                    Connection::Cluster(c) => invocation.invoke_async::<Value>(c).await,
+                }
+            }
+        };
+        match attempt(self.inner.connection.clone()).await {
+            Ok(value) => Ok(value),
+            // A dropped connection is replaced; every operation is safe to
+            // repeat with the same token, so try once more on the new one.
+            Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                attempt(self.inner.connection.clone())
+                    .await
+                    .map_err(|e| store_error(op, &e))
+            }
+            Err(e) => Err(store_error(op, &e)),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let topology = match self.inner.connection {
+            Connection::Node(_) => "node",
+            Connection::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisStore")
+            .field("topology", &topology)
+            .field("prefix", &self.inner.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStoreBuilder {
+    fn new(nodes: Vec<String>, cluster: bool) -> Self {
+        Self {
+            nodes,
+            cluster,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+        }
+    }
+
+    /// The prefix of every key the store writes. Default
+    /// [`DEFAULT_PREFIX`]; give each application its own.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long an operation may take. Default
+    /// [`DEFAULT_RESPONSE_TIMEOUT`].
+    #[must_use]
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How long a connection attempt may take. Default
+    /// [`DEFAULT_CONNECTION_TIMEOUT`].
+    #[must_use]
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// Connects. The connection is re-established by itself when it drops,
+    /// so a store outlives server restarts.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Config`] for a malformed URL, and
+    /// [`StoreErrorKind::Unavailable`] when no server answers.
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        let connection = if self.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+                .response_timeout(self.response_timeout)
+                .connection_timeout(self.connection_timeout)
+                .retries(2)
+                .build()
+                .map_err(|e| config_error(&self.nodes, &e))?;
+            let connection = client
+                .get_async_connection()
+                .await
+                .map_err(|e| store_error("connect", &e))?;
+            Connection::Cluster(connection)
+        } else {
+            let client = redis::Client::open(self.nodes[0].as_str())
+                .map_err(|e| config_error(&self.nodes, &e))?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(self.response_timeout))
+                .set_connection_timeout(Some(self.connection_timeout))
+                .set_number_of_retries(2);
+            let connection = ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(|e| store_error("connect", &e))?;
+            Connection::Node(connection)
+        };
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                connection,
+                prefix: self.prefix,
+            }),
+        })
+    }
+}
+
+fn config_error(nodes: &[String], error: &RedisError) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Config,
+        format!("bad Redis address {}", nodes.join(", ")),
+    )
+    .with_source(error.clone())
+}
+
+fn store_error(op: &'static str, error: &RedisError) -> StoreError {
+    let kind = if error.is_timeout() {
+        StoreErrorKind::Timeout
+    } else if error.code() == Some("WRONGTYPE") {
+        StoreErrorKind::Corrupt
+    } else if error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_cluster_error()
+        || matches!(
+            error.code(),
+            Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY")
+        )
+    {
+        StoreErrorKind::Unavailable
+    } else {
+        StoreErrorKind::Other
+    };
+    let message = match kind {
+        StoreErrorKind::Corrupt => {
+            format!("redis {op}: a record key holds something that is not an idem record")
+        }
+        _ => format!("redis {op} failed"),
+    };
+    StoreError::new(kind, message).with_source(error.clone())
+}
+
+fn unexpected(op: &'static str, value: &Value) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Other,
+        format!("redis {op}: unexpected answer {value:?}"),
+    )
+}
+
+fn not_a_record() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Corrupt,
+        "redis begin: a record key holds a hash that is not an idem record",
+    )
+}
+
+fn millis(duration: Duration) -> Vec<u8> {
+    // At least 1 ms: PEXPIRE 0 would delete the key at once.
+    duration
+        .as_millis()
+        .clamp(1, i64::MAX as u128)
+        .to_string()
+        .into_bytes()
+}
+
+fn as_int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    }
+}
+
+// Kept out of "other types implement `Store`" hints, so diagnostics read the
+// same with or without the `redis` feature.
+#[diagnostic::do_not_recommend]
+impl Store for RedisStore {
+    fn begin(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, Begin> {
+        Box::pin(async move {
+            let token = token.as_u128().to_be_bytes();
+            let value = self
+                .invoke(
+                    "begin",
+                    &SCRIPTS.begin,
+                    &key,
+                    &[fingerprint.digest(), &token, &millis(lease)],
+                )
+                .await?;
+            let Value::Array(parts) = &value else {
+                return Err(unexpected("begin", &value));
+            };
+            match (parts.first().and_then(as_int), parts.get(1)) {
+                (Some(0), _) => Ok(Begin::Claimed),
+                (Some(1), Some(Value::BulkString(bytes))) => {
+                    Ok(Begin::Completed(Record::decode(bytes.clone())?))
+                }
+                (Some(2), Some(Value::Int(ms))) => Ok(Begin::InProgress {
+                    retry_after: Duration::from_millis(u64::try_from(*ms).unwrap_or(0).max(1)),
+                }),
+                (Some(3), _) => Ok(Begin::Mismatch),
+                (Some(4), _) => Err(not_a_record()),
+                _ => Err(unexpected("begin", &value)),
+            }
+        })
+    }
+
+    fn complete(
+        &self,
+        key: Key,
+        token: Token,
+        record: Record,
+        ttl: Duration,
+    ) -> StoreFuture<'_, Completion> {
+        Box::pin(async move {
+            let token = token.as_u128().to_be_bytes();
+            let record = record.encode();
+            let value = self
+                .invoke(
+                    "complete",
+                    &SCRIPTS.complete,
+                    &key,
+                    &[&token, &record, &millis(ttl)],
+                )
+                .await?;
+            match as_int(&value) {
+                Some(1) => Ok(Completion::Stored),
+                Some(0) => Ok(Completion::Lost),
+                _ => Err(unexpected("complete", &value)),
+            }
+        })
+    }
+
+    fn release(&self, key: Key, token: Token) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let token = token.as_u128().to_be_bytes();
+            self.invoke("release", &SCRIPTS.release, &key, &[&token])
+                .await
+                .map(drop)
+        })
+    }
+
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let token = token.as_u128().to_be_bytes();
+            let value = self
+                .invoke("renew", &SCRIPTS.renew, &key, &[&token, &millis(lease)])
+                .await?;
+            match as_int(&value) {
+                Some(n) => Ok(n == 1),
+                None => Err(unexpected("renew", &value)),
+            }
+        })
+    }
+
+    fn instance_id(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+}
