@@ -2,3 +2,6 @@
 //! and small helpers for the integration tests under `tests/`.
 
 pub mod conformance;
+
+#[cfg(feature = "redis")]
+pub mod redis_server;

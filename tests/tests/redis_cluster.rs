@@ -1,0 +1,184 @@
+//! The Redis store on a real Redis Cluster (three primaries, one replica
+//! each): the conformance suite, exactly-once across OS processes, keys
+//! spread over the primaries, and a coordinated failover under load.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use idem_core::store::redis::RedisStore;
+use idem_core::{Fingerprint, Idempotency, Key, Store, Token};
+use tests::conformance::{Backend, Failure, Runs, Timing};
+use tests::redis_server::{RedisCluster, RedisServer, shared_cluster};
+
+struct Cluster;
+
+impl Backend for Cluster {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(connect(shared_cluster()).await)
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            lease: Duration::from_millis(1200),
+            ttl: Duration::from_secs(4),
+        }
+    }
+
+    fn follows_tokio_clock(&self) -> bool {
+        false
+    }
+}
+
+mod conformance {
+    tests::conformance_suite!(super::Cluster);
+}
+
+async fn connect(cluster: &RedisCluster) -> RedisStore {
+    RedisStore::connect(&cluster.url())
+        .await
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", cluster.url()))
+}
+
+#[test]
+fn exactly_once_across_four_processes() {
+    let cluster = shared_cluster();
+    let counter = RedisServer::start();
+    let operation = format!("storm.cluster.{}", Token::random());
+    let processes: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_idem-storm"))
+                .args([
+                    &cluster.url(),
+                    &operation,
+                    "250",
+                    &counter.url(),
+                    &operation,
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a storm process")
+        })
+        .collect();
+    let mut results = Vec::new();
+    for process in processes {
+        let output = process.wait_with_output().expect("a storm process ends");
+        assert!(
+            output.status.success(),
+            "a storm process failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        results.extend(
+            String::from_utf8(output.stdout)
+                .unwrap()
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    assert_eq!(results.len(), 1000);
+    assert!(
+        results.iter().all(|r| *r == results[0]),
+        "identical results"
+    );
+    assert_eq!(
+        counter.cli(&["GET", &operation]).trim(),
+        "1",
+        "one run in all"
+    );
+}
+
+#[tokio::test]
+async fn keys_spread_over_every_primary() {
+    let cluster = shared_cluster();
+    let store = connect(cluster).await;
+    let idem = Idempotency::new(&store);
+    let name = format!("spread.{}", Token::random());
+    for i in 0..300 {
+        let key = Key::new(&name, &i).unwrap();
+        idem.run(key, Fingerprint::of(&i).unwrap(), async {
+            Ok::<_, Failure>(i)
+        })
+        .await
+        .unwrap();
+    }
+    for primary in cluster.primaries() {
+        let keys: u64 = primary.cli(&["DBSIZE"]).trim().parse().unwrap();
+        assert!(keys > 0, "primary {} holds no record", primary.port());
+    }
+}
+
+/// A coordinated `CLUSTER FAILOVER` while calls run: every record completed
+/// before it is still completed after it, and replays without running again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_records_survive_a_coordinated_failover() {
+    let cluster = RedisCluster::start();
+    let store: Arc<dyn Store> = Arc::new(connect(&cluster).await);
+    let name = format!("failover.{}", Token::random());
+    let runs = Runs::default();
+    let call = {
+        let (store, runs, name) = (Arc::clone(&store), runs.clone(), name.clone());
+        move |i: u32| {
+            let (store, runs, name) = (Arc::clone(&store), runs.clone(), name.clone());
+            async move {
+                let key = Key::new(&name, &i).unwrap();
+                Idempotency::new(store)
+                    .run(key, Fingerprint::of(&i).unwrap(), async move {
+                        runs.mark();
+                        Ok::<_, Failure>(i * 10)
+                    })
+                    .await
+            }
+        }
+    };
+    for i in 0..100 {
+        assert_eq!(call(i).await.unwrap(), i * 10);
+    }
+    assert_eq!(runs.count(), 100);
+
+    // Load continues on new keys while a replica takes over its primary.
+    let load = {
+        let call = call.clone();
+        tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(4);
+            let mut i = 1000;
+            while Instant::now() < deadline {
+                outcomes.push(call(i).await.is_ok());
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            outcomes
+        })
+    };
+    let replica = cluster
+        .nodes
+        .iter()
+        .find(|n| n.cli(&["ROLE"]).starts_with("slave"))
+        .expect("a replica");
+    assert_eq!(replica.cli(&["CLUSTER", "FAILOVER"]).trim(), "OK");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !replica.cli(&["ROLE"]).starts_with("master") {
+        assert!(Instant::now() < deadline, "the replica did not take over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.wait_until_ok();
+    let outcomes = load.await.unwrap();
+    assert!(
+        outcomes.iter().any(|ok| *ok),
+        "calls went on around the failover"
+    );
+
+    let before = runs.count();
+    for i in 0..100 {
+        let mut replay = call(i).await;
+        for _ in 0..50 {
+            if replay.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            replay = call(i).await;
+        }
+        assert_eq!(replay.expect("a replay after the failover"), i * 10);
+    }
+    assert_eq!(runs.count(), before, "no completed call ran again");
+}

@@ -1,0 +1,468 @@
+//! The Redis store on a single node: the conformance suite, round trips
+//! counted by the server, exactly-once across OS processes, and real faults
+//! (a killed server, killed connections, flushed scripts, a paused server,
+//! records that are not ours).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_core::store::redis::RedisStore;
+use idem_core::{
+    Begin, Error, Fingerprint, Idempotency, Key, OnConflict, Outcome, Record, Store,
+    StoreErrorKind, Token,
+};
+use tests::conformance::{Backend, Failure, Runs, Timing, fresh};
+use tests::redis_server::{RedisServer, shared_node};
+
+struct Node;
+
+impl Backend for Node {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(connect(&shared_node().url()).await)
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            lease: Duration::from_millis(1200),
+            ttl: Duration::from_secs(4),
+        }
+    }
+
+    fn follows_tokio_clock(&self) -> bool {
+        false
+    }
+}
+
+mod conformance {
+    tests::conformance_suite!(super::Node);
+}
+
+async fn connect(url: &str) -> RedisStore {
+    RedisStore::node(url)
+        .response_timeout(Duration::from_millis(500))
+        .connection_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// Commands run inside our scripts; everything else a client sent.
+const SCRIPT_INTERNAL: [&str; 6] = ["hmget", "hset", "pexpire", "pttl", "del", "exists"];
+
+fn client_commands(server: &RedisServer) -> HashMap<String, u64> {
+    server
+        .command_calls()
+        .into_iter()
+        .filter(|(name, _)| !SCRIPT_INTERNAL.contains(&name.as_str()) && name != "info")
+        .collect()
+}
+
+fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> (u64, Vec<String>) {
+    let mut total = 0;
+    let mut names = Vec::new();
+    for (name, calls) in after {
+        let d = calls - before.get(name).copied().unwrap_or(0);
+        if d > 0 {
+            total += d;
+            names.push(format!("{name}×{d}"));
+        }
+    }
+    (total, names)
+}
+
+#[tokio::test]
+async fn round_trips_per_call_are_one_two_and_two() {
+    let server = RedisServer::start();
+    let store = connect(&server.url()).await;
+    let idem = Idempotency::new(&store);
+    // Load every script once, so the counts below are steady-state.
+    let (key, fp) = fresh("warm-up");
+    idem.run(key, fp, async { Ok::<_, Failure>(1) })
+        .await
+        .unwrap();
+    idem.run(key, fp, async { Ok::<_, Failure>(1) })
+        .await
+        .unwrap();
+    let (key, fp) = fresh("warm-up-failed");
+    let _ = idem
+        .run(key, fp, async { Err::<u8, _>(Failure::Body(1)) })
+        .await;
+
+    let (key, fp) = fresh("first-run");
+    let before = client_commands(&server);
+    idem.run(key, fp, async { Ok::<_, Failure>("r".to_owned()) })
+        .await
+        .unwrap();
+    let (first_run, names) = delta(&before, &client_commands(&server));
+    assert_eq!(first_run, 2, "a first run is begin + complete: {names:?}");
+
+    let before = client_commands(&server);
+    idem.run(key, fp, async { Ok::<_, Failure>("other".to_owned()) })
+        .await
+        .unwrap();
+    let (hit, names) = delta(&before, &client_commands(&server));
+    assert_eq!(hit, 1, "a replayed hit is one round trip: {names:?}");
+
+    let (key, fp) = fresh("failed-run");
+    let before = client_commands(&server);
+    let _ = idem
+        .run(key, fp, async { Err::<u8, _>(Failure::Body(2)) })
+        .await;
+    let (failed, names) = delta(&before, &client_commands(&server));
+    assert_eq!(failed, 2, "a failed run is begin + release: {names:?}");
+}
+
+fn storm(store_url: &str, counter: &RedisServer, operation: &str) {
+    let processes: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_idem-storm"))
+                .args([store_url, operation, "250", &counter.url(), operation])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start a storm process")
+        })
+        .collect();
+    let mut results = Vec::new();
+    for process in processes {
+        let output = process.wait_with_output().expect("a storm process ends");
+        assert!(
+            output.status.success(),
+            "a storm process failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        results.extend(
+            String::from_utf8(output.stdout)
+                .expect("utf-8")
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    assert_eq!(results.len(), 1000, "4 processes × 250 callers");
+    assert!(
+        results.iter().all(|r| *r == results[0]),
+        "identical results"
+    );
+    let runs = counter.cli(&["GET", operation]);
+    assert_eq!(runs.trim(), "1", "the body ran once across the processes");
+}
+
+#[test]
+fn exactly_once_across_four_processes() {
+    let server = RedisServer::start();
+    storm(
+        &server.url(),
+        &server,
+        &format!("storm.node.{}", Token::random()),
+    );
+}
+
+#[tokio::test]
+async fn a_killed_server_fails_closed_then_recovers() {
+    let mut server = RedisServer::start();
+    let store: Arc<dyn Store> = Arc::new(connect(&server.url()).await);
+    let idem = || Idempotency::new(Arc::clone(&store));
+    let runs = Runs::default();
+    let (key, fp) = fresh("before-outage");
+    idem()
+        .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        .await
+        .unwrap();
+
+    // Killed in the middle of a call: the holder's own caller gets its result;
+    // the record cannot be stored and the claim dies with the server.
+    let (key, fp) = fresh("mid-call");
+    let (tell, began) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (store, runs) = (Arc::clone(&store), runs.clone());
+        tokio::spawn(async move {
+            Idempotency::new(store)
+                .run(key, fp, async move {
+                    runs.mark();
+                    let _ = tell.send(());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, Failure>("finished".to_owned())
+                })
+                .await
+        })
+    };
+    began.await.unwrap();
+    server.kill();
+    assert_eq!(holder.await.unwrap().unwrap(), "finished");
+    assert_eq!(runs.count(), 2);
+
+    for _ in 0..3 {
+        let (key, fp) = fresh("during-outage");
+        let result = idem()
+            .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+            .await;
+        match result {
+            Err(Failure::Idem(Error::Store(e))) => {
+                assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e}")
+            }
+            other => panic!("expected a store error during the outage, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.count(), 2, "no body ran unguarded during the outage");
+
+    server.restart();
+    let (key, fp) = fresh("after-restart");
+    let mut result = idem()
+        .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        .await;
+    // The connection manager may still be between reconnect attempts.
+    for _ in 0..20 {
+        if result.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        result = idem()
+            .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+            .await;
+    }
+    assert_eq!(result.expect("the same store works after the restart"), 3);
+}
+
+#[tokio::test]
+async fn a_killed_connection_is_replaced_by_the_next_call() {
+    let server = RedisServer::start();
+    let store = connect(&server.url()).await;
+    let idem = Idempotency::new(&store);
+    let (key, fp) = fresh("client-kill");
+    assert_eq!(
+        idem.run(key, fp, async { Ok::<_, Failure>(1) })
+            .await
+            .unwrap(),
+        1
+    );
+    let killed = server.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    assert!(
+        killed.trim().parse::<u32>().unwrap_or(0) >= 1,
+        "killed {killed}"
+    );
+    assert_eq!(
+        idem.run(key, fp, async { Ok::<_, Failure>(2) })
+            .await
+            .unwrap(),
+        1
+    );
+    let (key, fp) = fresh("client-kill-new");
+    assert_eq!(
+        idem.run(key, fp, async { Ok::<_, Failure>(3) })
+            .await
+            .unwrap(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn flushed_scripts_are_loaded_again() {
+    let server = RedisServer::start();
+    let store = connect(&server.url()).await;
+    let idem = Idempotency::new(&store);
+    let (key, fp) = fresh("script-flush");
+    assert_eq!(
+        idem.run(key, fp, async { Ok::<_, Failure>(1) })
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+    assert_eq!(
+        idem.run(key, fp, async { Ok::<_, Failure>(2) })
+            .await
+            .unwrap(),
+        1
+    );
+    let (key, fp) = fresh("script-flush-new");
+    assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+    assert_eq!(
+        idem.run(key, fp, async { Ok::<_, Failure>(3) })
+            .await
+            .unwrap(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_paused_server_times_out_without_granting_a_second_claim() {
+    let server = RedisServer::start();
+    let store = RedisStore::node(server.url())
+        .response_timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    let (key, fp) = fresh("paused");
+    let holder = Token::random();
+    let lease = Duration::from_secs(10);
+    assert_eq!(
+        store.begin(key, fp, holder, lease).await.unwrap(),
+        Begin::Claimed
+    );
+
+    assert_eq!(server.cli(&["CLIENT", "PAUSE", "1500", "ALL"]).trim(), "OK");
+    let runs = Runs::default();
+    let during = Idempotency::new(&store)
+        .on_conflict(OnConflict::Reject)
+        .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        .await;
+    match during {
+        Err(Failure::Idem(Error::Store(e))) => assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}"),
+        other => panic!("expected a timeout while paused, got {other:?}"),
+    }
+    assert_eq!(runs.count(), 0);
+
+    // SIGSTOP freezes the whole server the same way.
+    server.cli(&["CLIENT", "UNPAUSE"]);
+    server.signal("-STOP");
+    let frozen = store.begin(key, fp, Token::random(), lease).await;
+    server.signal("-CONT");
+    assert_eq!(frozen.unwrap_err().kind(), StoreErrorKind::Timeout);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        matches!(
+            store.begin(key, fp, Token::random(), lease).await.unwrap(),
+            Begin::InProgress { .. }
+        ),
+        "the live claim still holds"
+    );
+    assert!(
+        store.renew(key, holder, lease).await.unwrap(),
+        "and it is still the holder's"
+    );
+}
+
+async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn records_that_are_not_ours_are_clear_errors() {
+    let server = RedisServer::start();
+    let store = connect(&server.url()).await;
+    let mut raw = raw_connection(&server).await;
+    let lease = Duration::from_secs(5);
+    let runs = Runs::default();
+
+    // Garbage of another type under a record key.
+    let (key, fp) = fresh("wrong-type");
+    redis::cmd("SET")
+        .arg(store.record_key(&key))
+        .arg("garbage")
+        .exec_async(&mut raw)
+        .await
+        .unwrap();
+    let err = store
+        .begin(key, fp, Token::random(), lease)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
+    let result = Idempotency::new(&store)
+        .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        .await;
+    assert!(
+        matches!(result, Err(Failure::Idem(Error::Store(_)))),
+        "{result:?}"
+    );
+    assert_eq!(runs.count(), 0);
+
+    // A hash that is not an idem record.
+    let (key, fp) = fresh("foreign-hash");
+    redis::cmd("HSET")
+        .arg(store.record_key(&key))
+        .arg("name")
+        .arg("someone else's")
+        .exec_async(&mut raw)
+        .await
+        .unwrap();
+    let err = store
+        .begin(key, fp, Token::random(), lease)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
+
+    // A completed record whose bytes are garbage, or from a newer format.
+    for (bytes, says) in [
+        (&b"garbage"[..], "not an idem record"),
+        (b"\x09o{}", "newer"),
+    ] {
+        let (key, fp) = fresh("bad-record");
+        let token = Token::random();
+        assert_eq!(
+            store.begin(key, fp, token, lease).await.unwrap(),
+            Begin::Claimed
+        );
+        store
+            .complete(key, token, Record::new(Outcome::Ok, &b"1"[..]), lease)
+            .await
+            .unwrap();
+        redis::cmd("HSET")
+            .arg(store.record_key(&key))
+            .arg("r")
+            .arg(bytes)
+            .exec_async(&mut raw)
+            .await
+            .unwrap();
+        let err = store
+            .begin(key, fp, Token::random(), lease)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn stored_keys_are_prefixed_hash_tagged_digests() {
+    let server = RedisServer::start();
+    let store = RedisStore::node(server.url())
+        .prefix("shop:idem")
+        .connect()
+        .await
+        .unwrap();
+    let key = Key::new("orders.create", "customer-secret-42").unwrap();
+    Idempotency::new(&store)
+        .run(key, Fingerprint::of(&()).unwrap(), async {
+            Ok::<_, Failure>(())
+        })
+        .await
+        .unwrap();
+    let keys = server.cli(&["KEYS", "*"]);
+    let stored = keys.trim();
+    assert_eq!(stored, format!("shop:idem:{{{key}}}"));
+    assert!(
+        !stored.contains("secret"),
+        "user bytes never reach the store"
+    );
+}
+
+#[tokio::test]
+async fn connect_by_url() {
+    let server = RedisServer::start();
+    let store = idem_core::connect(&format!("{}/0", server.url()))
+        .await
+        .unwrap();
+    let (key, fp) = fresh("by-url");
+    let result = Idempotency::new(store)
+        .run(key, fp, async { Ok::<_, Failure>(5) })
+        .await;
+    assert_eq!(result.unwrap(), 5);
+
+    let port = tests::redis_server::free_port();
+    let err = idem_core::connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .err()
+        .expect("nothing listens");
+    assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
+    let err = idem_core::connect("redis+cluster://")
+        .await
+        .err()
+        .expect("no nodes");
+    assert_eq!(err.kind(), StoreErrorKind::Config, "{err}");
+}
