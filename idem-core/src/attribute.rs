@@ -172,7 +172,7 @@
 ///     async fn handle(&self, id: u64) -> Result<u64, Error> { Ok(id) }
 /// }
 ///
-/// mod reexported { pub use idem_core as idem; }
+/// mod reexported { pub use ::idem_core as idem; }
 ///
 /// #[idempotent(key = id, crate = "reexported::idem")]
 /// async fn elsewhere(id: u64) -> Result<u64, Error> { Ok(id) }

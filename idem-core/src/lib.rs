@@ -9,10 +9,42 @@
 //! 3. run the body once and store its result, serialized with `serde_json`,
 //! 4. replay that result to every retry, across tasks, processes and machines.
 //!
-//! The [`Idempotency`] engine does the work; the `#[idempotent]` attribute
-//! (feature `macros`, on by default) writes the call for you.
+//! # Quickstart
 //!
-//! # Quickstart without the attribute
+//! ```
+//! use idem_core::idempotent;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct ChargeRequest { idempotency_key: String, amount_cents: u64 }
+//!
+//! #[derive(Debug, PartialEq, Serialize, Deserialize)]
+//! struct Receipt { charge_id: u64 }
+//!
+//! #[derive(Debug)]
+//! enum PaymentError { Idem(idem_core::Error) }
+//! impl From<idem_core::Error> for PaymentError {
+//!     fn from(e: idem_core::Error) -> Self { Self::Idem(e) }
+//! }
+//!
+//! #[idempotent(key = req.idempotency_key, ttl = "24h")]
+//! async fn charge(req: ChargeRequest) -> Result<Receipt, PaymentError> {
+//!     Ok(Receipt { charge_id: 4711 }) // runs once per key
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), PaymentError> {
+//! let req = || ChargeRequest { idempotency_key: "order-17".into(), amount_cents: 100 };
+//! let first = charge(req()).await?;
+//! let retry = charge(req()).await?; // replayed, not charged again
+//! assert_eq!(first, retry);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The attribute ([`idempotent`], feature `macros`, on by default) expands to
+//! a call of the [`Idempotency`] engine, which code without the attribute
+//! (closures, keys computed at run time) calls itself:
 //!
 //! ```
 //! use idem_core::{Fingerprint, Idempotency, Key};
@@ -46,7 +78,8 @@
 //! | `redis+cluster://h1:p1,h2:p2` | a Redis Cluster | `redis` |
 //!
 //! [`connect`] opens one by URL; [`set_default_store`] makes it the store of
-//! every call that names none.
+//! every call that names none. With the `axum` feature, `idem_core::http`
+//! extracts the `Idempotency-Key` header and turns [`Error`]s into responses.
 //!
 //! # Errors
 //!
@@ -59,7 +92,11 @@ mod engine;
 mod error;
 mod flight;
 mod key;
+mod replayable;
 pub mod store;
+
+#[cfg(feature = "axum")]
+pub mod http;
 
 #[doc(hidden)]
 pub mod __private;
@@ -72,6 +109,7 @@ pub use attribute::idempotent;
 pub use engine::{DEFAULT_LEASE, DEFAULT_TTL, Idempotency, OnConflict};
 pub use error::{Error, Source, StoreError, StoreErrorKind};
 pub use key::{Fingerprint, Key};
+pub use replayable::Replayable;
 pub use store::memory::MemoryStore;
 pub use store::{
     Begin, Completion, Outcome, Record, Store, StoreFuture, Token, Watch, connect, default_store,
