@@ -1,65 +1,23 @@
-//! A payment service whose clients retry, on the embedded memory store.
+//! A payment service whose clients retry; idem makes every charge happen once.
 //!
 //! The client loses a response and retries with the same key (one charge),
 //! fires 100 concurrent duplicates (one charge), reuses a key with another
-//! amount (refused), and hits a declined card (not cached: the retry runs
-//! again). The program exits non-zero if any of that breaks.
+//! amount (refused), and hits a declined card (not cached: the retry asks the
+//! bank again). The report ends with the ledger's charge count, and the
+//! program exits non-zero if any invariant broke.
 //!
-//! Run it with `cargo run -p examples --example payments`.
+//! Run it on the embedded memory store:
+//!
+//!     cargo run -p examples --example payments
+//!
+//! or on Redis (the `redis` feature):
+//!
+//!     cargo run -p examples --features redis --example payments -- --store redis://127.0.0.1:6379
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
-use idem_core::idempotent;
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ChargeRequest {
-    idempotency_key: String,
-    card: String,
-    amount_cents: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Receipt {
-    charge_id: u32,
-    amount_cents: u64,
-}
-
-#[derive(Debug)]
-enum PaymentError {
-    Declined,
-    Idem(idem_core::Error),
-}
-
-impl From<idem_core::Error> for PaymentError {
-    fn from(error: idem_core::Error) -> Self {
-        Self::Idem(error)
-    }
-}
-
-#[derive(Default)]
-struct Payments {
-    charges: AtomicU32,
-    declines: AtomicU32,
-}
-
-impl Payments {
-    #[idempotent(key = req.idempotency_key, ttl = "24h")]
-    async fn charge(&self, req: ChargeRequest) -> Result<Receipt, PaymentError> {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        if req.card == "4000-0000-0000-0002" {
-            self.declines.fetch_add(1, Ordering::SeqCst);
-            return Err(PaymentError::Declined);
-        }
-        let charge_id = self.charges.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(Receipt {
-            charge_id,
-            amount_cents: req.amount_cents,
-        })
-    }
-}
+use examples::payments::{ChargeRequest, DECLINED_CARD, GOOD_CARD, PaymentError, Payments};
 
 fn request(key: &str, card: &str, amount_cents: u64) -> ChargeRequest {
     ChargeRequest {
@@ -69,75 +27,122 @@ fn request(key: &str, card: &str, amount_cents: u64) -> ChargeRequest {
     }
 }
 
-const CARD: &str = "4242-4242-4242-4242";
+/// Keys of their own for this run, so that a shared Redis holds no old ones.
+fn key(name: &str, run: &str) -> String {
+    format!("{name}-{run}")
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let payments = Arc::new(Payments::default());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let url = match args.as_slice() {
+        [] => "memory://".to_owned(),
+        [flag, url] if flag == "--store" => url.clone(),
+        _ => {
+            eprintln!(
+                "usage: payments [--store URL]   (memory:// by default, or redis://host:port)"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let store = match idem_core::connect(&url).await {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("cannot open the store {url}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("idempotency store: {url}\n");
+    let payments = Arc::new(Payments::new(store));
+    let run = idem_core::Token::random().to_string();
     let mut broken = Vec::new();
-    let mut check = |ok: bool, what: &str| {
-        println!("  {} {what}", if ok { "ok  " } else { "FAIL" });
+    let mut check = |ok: bool, what: String| {
+        println!("   {} {what}", if ok { "ok  " } else { "FAIL" });
         if !ok {
-            broken.push(what.to_owned());
+            broken.push(what);
         }
     };
 
-    println!("1. A response is lost; the client retries with the same key.");
-    let first = payments.charge(request("order-1", CARD, 10_000)).await;
-    let retry = payments.charge(request("order-1", CARD, 10_000)).await;
+    println!("1. The response to a charge is lost; the client retries with the same key.");
+    let first = payments
+        .charge(request(&key("order-1", &run), GOOD_CARD, 10_000))
+        .await;
+    let retry = payments
+        .charge(request(&key("order-1", &run), GOOD_CARD, 10_000))
+        .await;
     match (&first, &retry) {
-        (Ok(a), Ok(b)) => check(a == b, &format!("the retry got the same receipt ({a:?})")),
-        _ => check(false, &format!("both calls succeed: {first:?}, {retry:?}")),
+        (Ok(a), Ok(b)) => {
+            check(
+                **a == **b,
+                format!("the retry got the first receipt: {:?}", **b),
+            );
+            check(b.is_replay(), "and knows it is a replay".to_owned());
+        }
+        _ => check(false, format!("both calls succeed: {first:?}, {retry:?}")),
     }
 
-    println!("2. 100 concurrent duplicates of one request.");
-    let before = payments.charges.load(Ordering::SeqCst);
+    println!("2. 100 concurrent duplicates of one charge.");
+    let before = payments.charges();
     let mut storm = tokio::task::JoinSet::new();
     for _ in 0..100 {
-        let payments = Arc::clone(&payments);
-        storm.spawn(async move { payments.charge(request("order-2", CARD, 2_500)).await });
+        let (payments, key) = (Arc::clone(&payments), key("order-2", &run));
+        storm.spawn(async move { payments.charge(request(&key, GOOD_CARD, 2_500)).await });
     }
-    let receipts: Vec<_> = storm.join_all().await;
-    let charged = payments.charges.load(Ordering::SeqCst) - before;
+    let receipts = storm.join_all().await;
+    let charged = payments.charges() - before;
     let identical = receipts
         .iter()
-        .all(|r| matches!((r, &receipts[0]), (Ok(a), Ok(b)) if a == b));
+        .all(|r| matches!((r, &receipts[0]), (Ok(a), Ok(b)) if **a == **b));
     check(
         charged == 1,
-        &format!("one charge for 100 requests (charged {charged})"),
+        format!("one charge for 100 requests (charged {charged})"),
     );
-    check(identical, "all 100 callers got the identical receipt");
+    check(
+        identical,
+        "all 100 callers got the identical receipt".to_owned(),
+    );
 
-    println!("3. The same key is reused with a different amount.");
-    let reused = payments.charge(request("order-1", CARD, 99_999)).await;
+    println!("3. The key of charge 1 is reused with a different amount.");
+    let reused = payments
+        .charge(request(&key("order-1", &run), GOOD_CARD, 99_999))
+        .await;
     check(
         matches!(reused, Err(PaymentError::Idem(idem_core::Error::KeyReused))),
-        "refused with KeyReused (HTTP 422)",
+        format!(
+            "refused: {}",
+            reused
+                .as_ref()
+                .map_or_else(ToString::to_string, |r| format!("{:?}", **r))
+        ),
     );
 
-    println!("4. A declined card, then a retry.");
+    println!("4. A card is declined; the customer retries.");
+    let attempts = payments.attempts();
     let declined = payments
-        .charge(request("order-3", "4000-0000-0000-0002", 500))
+        .charge(request(&key("order-3", &run), DECLINED_CARD, 500))
         .await;
     let again = payments
-        .charge(request("order-3", "4000-0000-0000-0002", 500))
+        .charge(request(&key("order-3", &run), DECLINED_CARD, 500))
         .await;
     check(
         matches!(
-            (declined, again),
+            (&declined, &again),
             (Err(PaymentError::Declined), Err(PaymentError::Declined))
         ),
-        "declined both times",
+        "declined both times".to_owned(),
     );
-    let declines = payments.declines.load(Ordering::SeqCst);
+    let asked = payments.attempts() - attempts;
     check(
-        declines == 2,
-        &format!("errors are not cached: the retry ran again ({declines} attempts)"),
+        asked == 2,
+        format!("a decline is not cached: the bank was asked {asked} times"),
     );
 
-    let charges = payments.charges.load(Ordering::SeqCst);
-    println!("ledger: {charges} charges for 103 requests");
-    check(charges == 2, "the ledger holds exactly 2 charges");
+    let charges = payments.charges();
+    println!("\nledger: {charges} charges for 104 requests");
+    check(
+        charges == 2,
+        "the ledger holds exactly 2 charges".to_owned(),
+    );
     if broken.is_empty() {
         println!("every invariant held");
         ExitCode::SUCCESS
