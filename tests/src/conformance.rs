@@ -19,7 +19,7 @@ use idem_core::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 /// A store backend under test.
 pub trait Backend: Sync {
@@ -235,9 +235,28 @@ fn idem(store: &Arc<dyn Store>, timing: Timing) -> Idempotency<Arc<dyn Store>> {
         .ttl(timing.ttl)
 }
 
-/// Waits until a spawned body reports that it started.
-async fn started(signal: oneshot::Receiver<()>) {
-    signal.await.expect("the body started");
+/// Starts `idem.run(key, fingerprint, body)` on a task of its own and returns
+/// once the body runs, that is, once the key is claimed.
+async fn hold<T, B>(
+    idem: Idempotency<Arc<dyn Store>>,
+    key: Key,
+    fingerprint: Fingerprint,
+    body: B,
+) -> JoinHandle<Result<T, Failure>>
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+    B: Future<Output = Result<T, Failure>> + Send + 'static,
+{
+    let (tell, began) = oneshot::channel();
+    let holder = tokio::spawn(async move {
+        idem.run(key, fingerprint, async move {
+            let _ = tell.send(());
+            body.await
+        })
+        .await
+    });
+    began.await.expect("the body started");
+    holder
 }
 
 /// 1000 concurrent same-key calls: the body runs once and every caller gets
@@ -283,22 +302,16 @@ pub async fn reject_lets_exactly_one_run<B: Backend>(backend: &B) {
     let (key, fp) = fresh("reject");
     let runs = Runs::default();
     let (go, gate) = oneshot::channel::<()>();
-    let (tell, began) = oneshot::channel();
     let holder = {
-        let (store, runs) = (Arc::clone(&store), runs.clone());
-        tokio::spawn(async move {
-            idem(&store, timing)
-                .on_conflict(OnConflict::Reject)
-                .run(key, fp, async move {
-                    runs.mark();
-                    let _ = tell.send(());
-                    let _ = gate.await;
-                    Ok::<_, Failure>(7_u32)
-                })
-                .await
+        let runs = runs.clone();
+        let reject = idem(&store, timing).on_conflict(OnConflict::Reject);
+        hold(reject, key, fp, async move {
+            runs.mark();
+            let _ = gate.await;
+            Ok(7_u32)
         })
+        .await
     };
-    started(began).await;
     for _ in 0..20 {
         let refused = idem(&store, timing)
             .on_conflict(OnConflict::Reject)
@@ -355,20 +368,11 @@ pub async fn concurrent_reuse_with_other_arguments_is_refused<B: Backend>(backen
     let timing = backend.timing();
     let (key, fp) = fresh("reuse-in-flight");
     let (go, gate) = oneshot::channel::<()>();
-    let (tell, began) = oneshot::channel();
-    let holder = {
-        let store = Arc::clone(&store);
-        tokio::spawn(async move {
-            idem(&store, timing)
-                .run(key, fp, async move {
-                    let _ = tell.send(());
-                    let _ = gate.await;
-                    Ok::<_, Failure>(1_u8)
-                })
-                .await
-        })
-    };
-    started(began).await;
+    let holder = hold(idem(&store, timing), key, fp, async move {
+        let _ = gate.await;
+        Ok(1_u8)
+    })
+    .await;
     for store in [Arc::clone(&store), Arc::new(Elsewhere(Arc::clone(&store)))] {
         let reused = idem(&store, timing)
             .run(key, other_fingerprint(), async { Ok::<_, Failure>(2_u8) })
@@ -495,18 +499,12 @@ pub async fn stalled_holder_loses_to_a_takeover<B: Backend>(backend: &B) {
     let store = backend.store().await;
     let timing = backend.timing();
     let (key, fp) = fresh("takeover");
-    let (tell, began) = oneshot::channel();
     let stalled: Arc<dyn Store> = Arc::new(Stalled(Arc::clone(&store)));
-    let holder = tokio::spawn(async move {
-        idem(&stalled, timing)
-            .run(key, fp, async move {
-                let _ = tell.send(());
-                tokio::time::sleep(timing.lease * 3).await;
-                Ok::<_, Failure>("stale".to_owned())
-            })
-            .await
-    });
-    started(began).await;
+    let holder = hold(idem(&stalled, timing), key, fp, async move {
+        tokio::time::sleep(timing.lease * 3).await;
+        Ok("stale".to_owned())
+    })
+    .await;
     tokio::time::sleep(timing.lease + timing.lease / 2).await;
     let other: Arc<dyn Store> = Arc::new(Elsewhere(Arc::clone(&store)));
     let taken = idem(&other, timing)
@@ -691,20 +689,14 @@ pub async fn dropped_caller_leaves_claim_to_lapse<B: Backend>(backend: &B) {
     let timing = backend.timing();
     let (key, fp) = fresh("dropped");
     let runs = Runs::default();
-    let (tell, began) = oneshot::channel();
     let doomed = {
-        let (store, runs) = (Arc::clone(&store), runs.clone());
-        tokio::spawn(async move {
-            idem(&store, timing)
-                .run(key, fp, async move {
-                    runs.mark();
-                    let _ = tell.send(());
-                    std::future::pending::<Result<u32, Failure>>().await
-                })
-                .await
+        let runs = runs.clone();
+        hold(idem(&store, timing), key, fp, async move {
+            runs.mark();
+            std::future::pending::<Result<u32, Failure>>().await
         })
+        .await
     };
-    started(began).await;
     doomed.abort();
     assert!(doomed.await.unwrap_err().is_cancelled());
 
@@ -730,21 +722,15 @@ pub async fn renewal_keeps_a_long_call_claimed<B: Backend>(backend: &B) {
     let timing = backend.timing();
     let (key, fp) = fresh("renewal");
     let runs = Runs::default();
-    let (tell, began) = oneshot::channel();
     let holder = {
-        let (store, runs) = (Arc::clone(&store), runs.clone());
-        tokio::spawn(async move {
-            idem(&store, timing)
-                .run(key, fp, async move {
-                    runs.mark();
-                    let _ = tell.send(());
-                    tokio::time::sleep(timing.lease * 3).await;
-                    Ok::<_, Failure>(runs.count())
-                })
-                .await
+        let runs = runs.clone();
+        hold(idem(&store, timing), key, fp, async move {
+            runs.mark();
+            tokio::time::sleep(timing.lease * 3).await;
+            Ok(runs.count())
         })
+        .await
     };
-    started(began).await;
     let other: Arc<dyn Store> = Arc::new(Elsewhere(Arc::clone(&store)));
     for _ in 0..4 {
         tokio::time::sleep(timing.lease / 2).await;
@@ -767,20 +753,11 @@ pub async fn waiting_gives_up_after_wait_timeout<B: Backend>(backend: &B) {
     let timing = backend.timing();
     let (key, fp) = fresh("wait-timeout");
     let (go, gate) = oneshot::channel::<()>();
-    let (tell, began) = oneshot::channel();
-    let holder = {
-        let store = Arc::clone(&store);
-        tokio::spawn(async move {
-            idem(&store, timing)
-                .run(key, fp, async move {
-                    let _ = tell.send(());
-                    let _ = gate.await;
-                    Ok::<_, Failure>(1_u8)
-                })
-                .await
-        })
-    };
-    started(began).await;
+    let holder = hold(idem(&store, timing), key, fp, async move {
+        let _ = gate.await;
+        Ok(1_u8)
+    })
+    .await;
     for store in [Arc::clone(&store), Arc::new(Elsewhere(Arc::clone(&store)))] {
         let gave_up = idem(&store, timing)
             .wait_timeout(timing.lease / 4)
@@ -804,21 +781,15 @@ pub async fn waiter_elsewhere_gets_the_holders_result<B: Backend>(backend: &B) {
     let timing = backend.timing();
     let (key, fp) = fresh("wait-elsewhere");
     let runs = Runs::default();
-    let (tell, began) = oneshot::channel();
     let holder = {
-        let (store, runs) = (Arc::clone(&store), runs.clone());
-        tokio::spawn(async move {
-            idem(&store, timing)
-                .run(key, fp, async move {
-                    runs.mark();
-                    let _ = tell.send(());
-                    tokio::time::sleep(timing.lease / 2).await;
-                    Ok::<_, Failure>("holder's".to_owned())
-                })
-                .await
+        let runs = runs.clone();
+        hold(idem(&store, timing), key, fp, async move {
+            runs.mark();
+            tokio::time::sleep(timing.lease / 2).await;
+            Ok("holder's".to_owned())
         })
+        .await
     };
-    started(began).await;
     let other: Arc<dyn Store> = Arc::new(Elsewhere(Arc::clone(&store)));
     let waited = idem(&other, timing)
         .run(key, fp, async {

@@ -293,6 +293,13 @@ impl RedisCluster {
     }
 }
 
+/// The lease and TTL of the conformance suite on Redis: real time, with room
+/// for a busy machine.
+pub const TIMING: crate::conformance::Timing = crate::conformance::Timing {
+    lease: Duration::from_millis(1200),
+    ttl: Duration::from_secs(4),
+};
+
 /// A node shared by the tests of one test binary.
 pub fn shared_node() -> &'static RedisServer {
     static NODE: OnceLock<RedisServer> = OnceLock::new();

@@ -18,10 +18,7 @@ impl Backend for Cluster {
     }
 
     fn timing(&self) -> Timing {
-        Timing {
-            lease: Duration::from_millis(1200),
-            ttl: Duration::from_secs(4),
-        }
+        tests::redis_server::TIMING
     }
 
     fn follows_tokio_clock(&self) -> bool {

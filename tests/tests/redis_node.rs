@@ -23,10 +23,7 @@ impl Backend for Node {
     }
 
     fn timing(&self) -> Timing {
-        Timing {
-            lease: Duration::from_millis(1200),
-            ttl: Duration::from_secs(4),
-        }
+        tests::redis_server::TIMING
     }
 
     fn follows_tokio_clock(&self) -> bool {
@@ -334,30 +331,34 @@ async fn a_paused_server_times_out_without_granting_a_second_claim() {
     );
 }
 
-async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
+/// Runs a raw command on `server`, bypassing the store.
+async fn raw(server: &RedisServer, args: &[&[u8]]) {
+    let mut connection = redis::Client::open(server.url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
-        .unwrap()
+        .unwrap();
+    let mut command = redis::cmd(std::str::from_utf8(args[0]).unwrap());
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command.exec_async(&mut connection).await.unwrap();
 }
 
 #[tokio::test]
 async fn records_that_are_not_ours_are_clear_errors() {
     let server = RedisServer::start();
     let store = connect(&server.url()).await;
-    let mut raw = raw_connection(&server).await;
     let lease = Duration::from_secs(5);
     let runs = Runs::default();
 
     // Garbage of another type under a record key.
     let (key, fp) = fresh("wrong-type");
-    redis::cmd("SET")
-        .arg(store.record_key(&key))
-        .arg("garbage")
-        .exec_async(&mut raw)
-        .await
-        .unwrap();
+    raw(
+        &server,
+        &[b"SET", store.record_key(&key).as_bytes(), b"garbage"],
+    )
+    .await;
     let err = store
         .begin(key, fp, Token::random(), lease)
         .await
@@ -374,13 +375,16 @@ async fn records_that_are_not_ours_are_clear_errors() {
 
     // A hash that is not an idem record.
     let (key, fp) = fresh("foreign-hash");
-    redis::cmd("HSET")
-        .arg(store.record_key(&key))
-        .arg("name")
-        .arg("someone else's")
-        .exec_async(&mut raw)
-        .await
-        .unwrap();
+    raw(
+        &server,
+        &[
+            b"HSET",
+            store.record_key(&key).as_bytes(),
+            b"name",
+            b"someone",
+        ],
+    )
+    .await;
     let err = store
         .begin(key, fp, Token::random(), lease)
         .await
@@ -402,13 +406,11 @@ async fn records_that_are_not_ours_are_clear_errors() {
             .complete(key, token, Record::new(Outcome::Ok, &b"1"[..]), lease)
             .await
             .unwrap();
-        redis::cmd("HSET")
-            .arg(store.record_key(&key))
-            .arg("r")
-            .arg(bytes)
-            .exec_async(&mut raw)
-            .await
-            .unwrap();
+        raw(
+            &server,
+            &[b"HSET", store.record_key(&key).as_bytes(), b"r", bytes],
+        )
+        .await;
         let err = store
             .begin(key, fp, Token::random(), lease)
             .await
