@@ -44,8 +44,9 @@ async fn connect(url: &str) -> RedisStore {
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
-/// Commands run inside our scripts; everything else a client sent.
-const SCRIPT_INTERNAL: [&str; 6] = ["hmget", "hset", "pexpire", "pttl", "del", "exists"];
+/// Commands run inside our scripts (which write with PSETEX, never SET);
+/// everything else a client sent.
+const SCRIPT_INTERNAL: [&str; 3] = ["get", "psetex", "del"];
 
 fn client_commands(server: &RedisServer) -> HashMap<String, u64> {
     server
@@ -331,13 +332,27 @@ async fn a_paused_server_times_out_without_granting_a_second_claim() {
     );
 }
 
-/// Runs a raw command on `server`, bypassing the store.
-async fn raw(server: &RedisServer, args: &[&[u8]]) {
-    let mut connection = redis::Client::open(server.url())
+async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The raw bytes under `key`, bypassing the store.
+async fn raw_get(server: &RedisServer, key: &str) -> Vec<u8> {
+    let mut connection = raw_connection(server).await;
+    redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
+/// Runs a raw command on `server`, bypassing the store.
+async fn raw(server: &RedisServer, args: &[&[u8]]) {
+    let mut connection = raw_connection(server).await;
     let mut command = redis::cmd(std::str::from_utf8(args[0]).unwrap());
     for arg in &args[1..] {
         command.arg(*arg);
@@ -406,11 +421,12 @@ async fn records_that_are_not_ours_are_clear_errors() {
             .complete(key, token, Record::new(Outcome::Ok, &b"1"[..]), lease)
             .await
             .unwrap();
-        raw(
-            &server,
-            &[b"HSET", store.record_key(&key).as_bytes(), b"r", bytes],
-        )
-        .await;
+        // Keep the state, token and fingerprint; replace the record after them.
+        let record_key = store.record_key(&key);
+        let mut value = raw_get(&server, &record_key).await;
+        value.truncate(1 + 16 + 32);
+        value.extend_from_slice(bytes);
+        raw(&server, &[b"SET", record_key.as_bytes(), &value]).await;
         let err = store
             .begin(key, fp, Token::random(), lease)
             .await
@@ -418,6 +434,19 @@ async fn records_that_are_not_ours_are_clear_errors() {
         assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
         assert!(err.to_string().contains(says), "{err}");
     }
+
+    // Too short to be a record.
+    let (key, fp) = fresh("short");
+    raw(
+        &server,
+        &[b"SET", store.record_key(&key).as_bytes(), b"c123"],
+    )
+    .await;
+    let err = store
+        .begin(key, fp, Token::random(), lease)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
 }
 
 #[tokio::test]

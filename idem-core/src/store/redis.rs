@@ -1,19 +1,22 @@
 //! The Redis store, for a single node or a Redis Cluster (feature `redis`).
 //!
-//! Each of the four operations is one Lua script, run atomically by the
-//! server in one round trip. A record is one hash under
-//! `{prefix}:{hex}`, with the hex in a hash tag so that, on a cluster, every
-//! key of a record maps to one slot. Its fields:
+//! A record is one binary string under `{prefix}:{hex}`, with the hex in a
+//! hash tag so that, on a cluster, a record maps to one slot:
 //!
-//! | field | holds |
-//! |---|---|
-//! | `s` | `p` while in progress, `c` once completed |
-//! | `t` | the claim's token (16 bytes) |
-//! | `f` | the call's fingerprint (32 bytes) |
-//! | `r` | the encoded [`Record`], once completed |
+//! | bytes | in progress | completed |
+//! |---|---|---|
+//! | 0 | `p` | `c` |
+//! | 1..17 | the claim's token | the token that completed it |
+//! | 17..49 | the call's fingerprint | the call's fingerprint |
+//! | 49.. | the lease's deadline, Unix ms (8 bytes) | the encoded [`Record`] |
 //!
-//! The key's own expiry is the lease while in progress and the TTL once
-//! completed, so Redis reclaims both by itself.
+//! The key's expiry is the lease while in progress and the TTL once
+//! completed, so Redis reclaims both by itself. `begin` is one plain
+//! `SET key claim NX GET PX lease`: it claims an absent key and answers what
+//! a present one holds, so a replayed hit costs one cheap command and no
+//! script. `complete`, `release` and `renew` compare the token first, so they
+//! are Lua scripts (which write with `PSETEX`, never `SET`, so server
+//! statistics tell the two apart).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,80 +39,50 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The default time a connection attempt may take.
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// `KEYS[1]` the record; `ARGV` fingerprint, token, lease in ms.
-/// Answers `{0}` claimed, `{1, record}` completed, `{2, ms}` in progress,
-/// `{3}` mismatch, `{4}` not an idem record.
-const BEGIN: &str = r"
-local state = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'r')
-if not state[1] then
-  if redis.call('EXISTS', KEYS[1]) == 1 then
-    return {4}
-  end
-  redis.call('HSET', KEYS[1], 's', 'p', 't', ARGV[2], 'f', ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {0}
-end
-if (state[1] ~= 'p' and state[1] ~= 'c') or not state[2] or not state[3] then
-  return {4}
-end
-if state[3] ~= ARGV[1] then
-  return {3}
-end
-if state[1] == 'c' then
-  if not state[4] then return {4} end
-  return {1, state[4]}
-end
-if state[2] == ARGV[2] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {0}
-end
-return {2, redis.call('PTTL', KEYS[1])}
-";
+/// The length of a record's header: state, token and fingerprint.
+const HEADER: usize = 1 + 16 + 32;
 
-/// `KEYS[1]` the record; `ARGV` token, record, TTL in ms. Answers 1 stored,
-/// 0 lost.
+/// `KEYS[1]` the record; `ARGV` token, encoded record, TTL in ms. Answers 1
+/// stored, 0 lost.
 const COMPLETE: &str = r"
-local state = redis.call('HMGET', KEYS[1], 's', 't')
-if state[2] ~= ARGV[1] then
+local held = redis.call('GET', KEYS[1])
+if not held or string.sub(held, 2, 17) ~= ARGV[1] then
   return 0
 end
-if state[1] == 'c' then
+if string.sub(held, 1, 1) == 'c' then
   return 1
 end
-redis.call('HSET', KEYS[1], 's', 'c', 'r', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PSETEX', KEYS[1], ARGV[3], 'c' .. string.sub(held, 2, 49) .. ARGV[2])
 return 1
 ";
 
 /// `KEYS[1]` the record; `ARGV` token. Deletes a claim that is ours.
 const RELEASE: &str = r"
-local state = redis.call('HMGET', KEYS[1], 's', 't')
-if state[1] == 'p' and state[2] == ARGV[1] then
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, 1) == 'p' and string.sub(held, 2, 17) == ARGV[1] then
   redis.call('DEL', KEYS[1])
 end
 return 0
 ";
 
-/// `KEYS[1]` the record; `ARGV` token, lease in ms. Answers 1 renewed, 0 not
-/// ours.
+/// `KEYS[1]` the record; `ARGV` token, lease in ms, new deadline (8 bytes).
+/// Answers 1 renewed, 0 not ours.
 const RENEW: &str = r"
-local state = redis.call('HMGET', KEYS[1], 's', 't')
-if state[1] == 'p' and state[2] == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, 1) == 'p' and string.sub(held, 2, 17) == ARGV[1] then
+  redis.call('PSETEX', KEYS[1], ARGV[2], string.sub(held, 1, 49) .. ARGV[3])
   return 1
 end
 return 0
 ";
 
 struct Scripts {
-    begin: Script,
     complete: Script,
     release: Script,
     renew: Script,
 }
 
 static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
-    begin: Script::new(BEGIN),
     complete: Script::new(COMPLETE),
     release: Script::new(RELEASE),
     renew: Script::new(RENEW),
@@ -119,11 +92,17 @@ static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scrip
 ///
 /// # Round trips
 ///
-/// Every operation is one Lua script (`EVALSHA`), so a replayed hit costs one
-/// round trip, a first run two (`begin`, `complete`) and a failed run two
-/// (`begin`, `release`); a body longer than a third of its lease adds one
-/// `renew` per third. After `SCRIPT FLUSH` or a server restart the first call
-/// of each script also loads it (`NOSCRIPT` is handled).
+/// Every operation is one command: a replayed hit costs one round trip (a
+/// plain `SET … NX GET`, no script), a first run two (`begin`, then the
+/// `complete` script) and a failed run two (`begin`, then the `release`
+/// script); a body longer than a third of its lease adds one `renew` per
+/// third. After `SCRIPT FLUSH` or a server restart the first call of each
+/// script also loads it (`NOSCRIPT` is handled). Redis 7.0 or newer is
+/// required (`SET` with both `NX` and `GET`).
+///
+/// The time left on another holder's claim (`retry_after`) is computed from
+/// the deadline that holder wrote with its own clock, clamped to the lease;
+/// keep the clocks of a service's machines in sync (NTP) for it to be exact.
 ///
 /// # Guarantees
 ///
@@ -269,19 +248,36 @@ impl RedisStore {
         for arg in args {
             invocation.arg(*arg);
         }
-        let attempt = |mut connection: Connection| {
-            let invocation = &invocation;
-            async move {
-                match &mut connection {
-                    Connection::Node(c) => invocation.invoke_async::<Value>(c).await,
-                    Connection::Cluster(c) => invocation.invoke_async::<Value>(c).await,
-                }
+        let invocation = &invocation;
+        self.retrying(op, |mut connection| async move {
+            match &mut connection {
+                Connection::Node(c) => invocation.invoke_async::<Value>(c).await,
+                Connection::Cluster(c) => invocation.invoke_async::<Value>(c).await,
             }
-        };
+        })
+        .await
+    }
+
+    async fn query(&self, op: &'static str, command: &redis::Cmd) -> Result<Value, StoreError> {
+        self.retrying(op, |mut connection| async move {
+            match &mut connection {
+                Connection::Node(c) => command.query_async::<Value>(c).await,
+                Connection::Cluster(c) => command.query_async::<Value>(c).await,
+            }
+        })
+        .await
+    }
+
+    /// Runs `attempt` on the connection; a dropped connection is replaced, and
+    /// since every operation is safe to repeat with the same token, the
+    /// attempt is made once more on the new one.
+    async fn retrying<F, Fut>(&self, op: &'static str, attempt: F) -> Result<Value, StoreError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<Value, RedisError>>,
+    {
         match attempt(self.inner.connection.clone()).await {
             Ok(value) => Ok(value),
-            // A dropped connection is replaced; every operation is safe to
-            // repeat with the same token, so try once more on the new one.
             Err(e) if e.is_connection_dropped() || e.is_io_error() => {
                 attempt(self.inner.connection.clone())
                     .await
@@ -425,8 +421,20 @@ fn unexpected(op: &'static str, value: &Value) -> StoreError {
 fn not_a_record() -> StoreError {
     StoreError::new(
         StoreErrorKind::Corrupt,
-        "redis begin: a record key holds a hash that is not an idem record",
+        "redis begin: a record key holds a value that is not an idem record",
     )
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// When a lease taken now ends, in Unix ms, as 8 big-endian bytes.
+fn deadline_after(lease: Duration) -> [u8; 8] {
+    let lease = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+    unix_millis().saturating_add(lease).to_be_bytes()
 }
 
 fn millis(duration: Duration) -> Vec<u8> {
@@ -458,29 +466,48 @@ impl Store for RedisStore {
     ) -> StoreFuture<'_, Begin> {
         Box::pin(async move {
             let token = token.as_u128().to_be_bytes();
-            let value = self
-                .invoke(
-                    "begin",
-                    &SCRIPTS.begin,
-                    &key,
-                    &[fingerprint.digest(), &token, &millis(lease)],
-                )
-                .await?;
-            let Value::Array(parts) = &value else {
-                return Err(unexpected("begin", &value));
+            let mut claim = Vec::with_capacity(HEADER + 8);
+            claim.push(b'p');
+            claim.extend_from_slice(&token);
+            claim.extend_from_slice(fingerprint.digest());
+            claim.extend_from_slice(&deadline_after(lease));
+            let mut command = redis::cmd("SET");
+            command
+                .arg(self.record_key(&key))
+                .arg(claim)
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(millis(lease));
+            let held = self.query("begin", &command).await?;
+            let held = match held {
+                Value::Nil => return Ok(Begin::Claimed),
+                Value::BulkString(bytes) => bytes,
+                other => return Err(unexpected("begin", &other)),
             };
-            match (parts.first().and_then(as_int), parts.get(1)) {
-                (Some(0), _) => Ok(Begin::Claimed),
-                (Some(1), Some(Value::BulkString(bytes))) => {
-                    Ok(Begin::Completed(Record::decode(bytes.clone())?))
-                }
-                (Some(2), Some(Value::Int(ms))) => Ok(Begin::InProgress {
-                    retry_after: Duration::from_millis(u64::try_from(*ms).unwrap_or(0).max(1)),
-                }),
-                (Some(3), _) => Ok(Begin::Mismatch),
-                (Some(4), _) => Err(not_a_record()),
-                _ => Err(unexpected("begin", &value)),
+            if held.len() < HEADER || (held[0] != b'p' && held[0] != b'c') {
+                return Err(not_a_record());
             }
+            if held[17..HEADER] != fingerprint.digest()[..] {
+                return Ok(Begin::Mismatch);
+            }
+            if held[0] == b'c' {
+                return Ok(Begin::Completed(Record::decode(
+                    bytes::Bytes::from(held).slice(HEADER..),
+                )?));
+            }
+            if held[1..17] == token {
+                return Ok(Begin::Claimed);
+            }
+            let deadline = held
+                .get(HEADER..HEADER + 8)
+                .and_then(|d| <[u8; 8]>::try_from(d).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(not_a_record)?;
+            let left = deadline.saturating_sub(unix_millis());
+            Ok(Begin::InProgress {
+                retry_after: Duration::from_millis(left).clamp(Duration::from_millis(1), lease),
+            })
         })
     }
 
@@ -523,7 +550,12 @@ impl Store for RedisStore {
         Box::pin(async move {
             let token = token.as_u128().to_be_bytes();
             let value = self
-                .invoke("renew", &SCRIPTS.renew, &key, &[&token, &millis(lease)])
+                .invoke(
+                    "renew",
+                    &SCRIPTS.renew,
+                    &key,
+                    &[&token, &millis(lease), &deadline_after(lease)],
+                )
                 .await?;
             match as_int(&value) {
                 Some(n) => Ok(n == 1),
