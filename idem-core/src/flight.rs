@@ -6,12 +6,14 @@
 //! vacated (the leader released its claim, gave up waiting, or was dropped), in
 //! which case they contend again.
 
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::pin;
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::Error;
@@ -20,7 +22,30 @@ use crate::store::Record;
 
 type FlightKey = (usize, Key);
 
-static FLIGHTS: LazyLock<DashMap<FlightKey, Arc<Flight>>> = LazyLock::new(DashMap::new);
+/// Keys are SHA-256 digests already: their bytes are hash enough.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = self.0.rotate_left(5) ^ n as u64;
+    }
+}
+
+static FLIGHTS: LazyLock<DashMap<FlightKey, Arc<Flight>, BuildHasherDefault<DigestHasher>>> =
+    LazyLock::new(DashMap::default);
 
 /// What a flight's leader hands its followers.
 #[derive(Clone)]
@@ -35,7 +60,8 @@ pub(crate) enum Landing {
 
 pub(crate) struct Flight {
     fingerprint: Fingerprint,
-    landing: watch::Sender<Option<Landing>>,
+    landing: OnceLock<Landing>,
+    landed: Notify,
     /// When the claim the flight waits on lapses at the latest.
     retry_at: Mutex<Instant>,
 }
@@ -53,7 +79,8 @@ pub(crate) fn join(store_id: usize, key: Key, fingerprint: Fingerprint, lease: D
         Entry::Vacant(vacant) => {
             let flight = Arc::new(Flight {
                 fingerprint,
-                landing: watch::Sender::new(None),
+                landing: OnceLock::new(),
+                landed: Notify::new(),
                 retry_at: Mutex::new(Instant::now() + lease),
             });
             vacant.insert(Arc::clone(&flight));
@@ -79,11 +106,14 @@ impl Flight {
 
     /// Waits for the leader's landing.
     pub(crate) async fn landed(&self) -> Landing {
-        let mut landing = self.landing.subscribe();
-        match landing.wait_for(Option::is_some).await {
-            Ok(landed) => landed.clone().unwrap_or(Landing::Vacated),
-            // Unreachable while `self` owns the sender; contending again is safe.
-            Err(_) => Landing::Vacated,
+        loop {
+            let mut notified = pin!(self.landed.notified());
+            // Registered before the check, so a landing in between still wakes us.
+            notified.as_mut().enable();
+            if let Some(landing) = self.landing.get() {
+                return landing.clone();
+            }
+            notified.await;
         }
     }
 }
@@ -114,7 +144,8 @@ impl Leader {
         }
         self.landed = true;
         FLIGHTS.remove_if(&self.key, |_, flight| Arc::ptr_eq(flight, &self.flight));
-        self.flight.landing.send_replace(Some(landing));
+        let _ = self.flight.landing.set(landing);
+        self.flight.landed.notify_waiters();
     }
 }
 
