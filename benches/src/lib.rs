@@ -1,0 +1,240 @@
+//! The workload and the measuring tools of idem's benchmark (`cargo bench -p
+//! benches`): a realistic request (~200 bytes of arguments) and result (~100
+//! bytes), latency histograms, fixed-time throughput, and the report's tables
+//! and chart.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// A payment request: about 200 bytes as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChargeRequest {
+    /// The client's idempotency key.
+    pub idempotency_key: String,
+    /// Who pays.
+    pub customer: String,
+    /// The card.
+    pub card: String,
+    /// How much, in cents.
+    pub amount_cents: u64,
+    /// The currency.
+    pub currency: String,
+    /// What for.
+    pub description: String,
+}
+
+/// A payment receipt: about 100 bytes as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The charge's id.
+    pub charge_id: String,
+    /// Its state.
+    pub status: String,
+    /// How much, in cents.
+    pub amount_cents: u64,
+    /// When, in Unix seconds.
+    pub created: u64,
+}
+
+/// The error of the benchmarked functions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BenchError {
+    /// The simulated bank declined.
+    Declined,
+    /// idem or a peer failed.
+    Failed(String),
+}
+
+impl From<idem_core::Error> for BenchError {
+    fn from(error: idem_core::Error) -> Self {
+        Self::Failed(error.to_string())
+    }
+}
+
+/// The request with idempotency key number `n`.
+pub fn request(n: u64) -> ChargeRequest {
+    ChargeRequest {
+        idempotency_key: format!("7c9e6679-7425-40de-944b-{n:012}"),
+        customer: "cus_9s6XKzkNRiz8i3".to_owned(),
+        card: "card_1MvoiELkdIwHu7ixOeFh8mE7".to_owned(),
+        amount_cents: 2_000 + n % 100,
+        currency: "eur".to_owned(),
+        description: "Order #100-4711: two tickets, row 7, seats 12 and 13".to_owned(),
+    }
+}
+
+/// What every benchmarked function does: turn a request into a receipt.
+pub fn charge(req: &ChargeRequest) -> Receipt {
+    Receipt {
+        charge_id: format!("ch_3MmlLrLkdIwHu7ix0snN0B15{}", req.amount_cents),
+        status: "succeeded".to_owned(),
+        amount_cents: req.amount_cents,
+        created: 1_680_000_000,
+    }
+}
+
+/// Latency percentiles of one measurement, in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    /// The median.
+    pub p50: f64,
+    /// The 99th percentile.
+    pub p99: f64,
+}
+
+/// Runs `op` `n` times one after another (after `n / 10` warm-up runs) and
+/// records each call's latency.
+pub async fn latency<F, Fut>(n: u64, mut op: F) -> Latency
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    for i in 0..n / 10 {
+        op(u64::MAX - i).await;
+    }
+    let mut histogram = Histogram::<u64>::new(3).expect("a histogram");
+    for i in 0..n {
+        let start = Instant::now();
+        op(i).await;
+        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        histogram
+            .record(nanos.max(1))
+            .expect("a recordable latency");
+    }
+    Latency {
+        p50: histogram.value_at_quantile(0.5) as f64 / 1_000.0,
+        p99: histogram.value_at_quantile(0.99) as f64 / 1_000.0,
+    }
+}
+
+/// The median cost of one call, in nanoseconds, for calls too fast to time
+/// one by one: `batches` batches of `batch` calls each are timed, and the
+/// median batch's mean is reported.
+pub async fn per_call_nanos<F, Fut>(batches: u64, batch: u64, mut op: F) -> f64
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut means = Vec::new();
+    let mut i = 0;
+    for round in 0..batches + batches / 10 {
+        let start = Instant::now();
+        for _ in 0..batch {
+            op(i).await;
+            i += 1;
+        }
+        if round >= batches / 10 {
+            means.push(start.elapsed().as_nanos() as f64 / batch as f64);
+        }
+    }
+    means.sort_by(f64::total_cmp);
+    means[means.len() / 2]
+}
+
+/// Calls per second of `tasks` concurrent tasks calling `op` for `window`.
+/// Task `t` gets call numbers `t`, `t + tasks`, `t + 2 × tasks`, …
+pub async fn throughput<F, Fut>(tasks: u64, window: Duration, op: F) -> f64
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + window;
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        let (op, done) = (Arc::clone(&op), Arc::clone(&done));
+        set.spawn(async move {
+            let mut i = t;
+            while Instant::now() < deadline {
+                op(i).await;
+                i += tasks;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    set.join_all().await;
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A markdown table.
+#[derive(Debug, Default)]
+pub struct Table {
+    out: String,
+}
+
+impl Table {
+    /// A table with these column heads.
+    pub fn new(heads: &[&str]) -> Self {
+        let mut out = format!("| {} |\n|", heads.join(" | "));
+        out.push_str(&"---|".repeat(heads.len()));
+        out.push('\n');
+        Self { out }
+    }
+
+    /// Adds a row.
+    pub fn row(&mut self, cells: &[String]) {
+        let _ = writeln!(self.out, "| {} |", cells.join(" | "));
+    }
+
+    /// The table's markdown.
+    pub fn render(&self) -> &str {
+        &self.out
+    }
+}
+
+/// A horizontal bar chart as SVG: one bar per `(label, value)`, in `unit`.
+pub fn bar_chart(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
+    let (width, label_width, bar_height, top) = (760.0, 300.0, 22.0, 40.0);
+    let max = bars
+        .iter()
+        .map(|(_, v)| *v)
+        .fold(0.0, f64::max)
+        .max(f64::MIN_POSITIVE);
+    let height = top + bars.len() as f64 * (bar_height + 8.0) + 20.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"13\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"24\" font-size=\"16\" font-weight=\"bold\">{title}</text>\n"
+    );
+    for (i, (label, value)) in bars.iter().enumerate() {
+        let y = top + i as f64 * (bar_height + 8.0);
+        let length = (width - label_width - 110.0) * value / max;
+        let fill = if label.starts_with("idem") {
+            "#2b6cb0"
+        } else {
+            "#a0aec0"
+        };
+        let _ = write!(
+            svg,
+            "<text x=\"{x}\" y=\"{ty}\" text-anchor=\"end\">{label}</text>\n\
+             <rect x=\"{bx}\" y=\"{y}\" width=\"{length:.1}\" height=\"{bar_height}\" fill=\"{fill}\"/>\n\
+             <text x=\"{vx:.1}\" y=\"{ty}\">{value:.1} {unit}</text>\n",
+            x = label_width - 8.0,
+            ty = y + 16.0,
+            bx = label_width,
+            vx = label_width + length + 6.0,
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// This process's resident memory, in bytes (Linux).
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
