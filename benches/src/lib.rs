@@ -88,31 +88,6 @@ pub struct Latency {
     pub p99: f64,
 }
 
-/// Runs `op` `n` times one after another (after `n / 10` warm-up runs) and
-/// records each call's latency.
-pub async fn latency<F, Fut>(n: u64, mut op: F) -> Latency
-where
-    F: FnMut(u64) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    for i in 0..n / 10 {
-        op(u64::MAX - i).await;
-    }
-    let mut histogram = Histogram::<u64>::new(3).expect("a histogram");
-    for i in 0..n {
-        let start = Instant::now();
-        op(i).await;
-        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        histogram
-            .record(nanos.max(1))
-            .expect("a recordable latency");
-    }
-    Latency {
-        p50: histogram.value_at_quantile(0.5) as f64 / 1_000.0,
-        p99: histogram.value_at_quantile(0.99) as f64 / 1_000.0,
-    }
-}
-
 /// The median cost of one call, in nanoseconds, for calls too fast to time
 /// one by one: `batches` batches of `batch` calls each are timed, and the
 /// median batch's mean is reported.
@@ -135,6 +110,44 @@ where
     }
     means.sort_by(f64::total_cmp);
     means[means.len() / 2]
+}
+
+/// One operation of an interleaved latency measurement.
+pub type Op = Box<dyn Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Measures several operations fairly on a noisy machine: `rounds` rounds,
+/// each running every operation `per_round` times in turn, so that drift in
+/// the machine's load touches them all alike. Call numbers are distinct
+/// across rounds. Answers each operation's latency over all its calls.
+pub async fn interleaved(ops: &[(&str, Op)], rounds: u64, per_round: u64) -> Vec<Latency> {
+    let mut histograms: Vec<Histogram<u64>> = ops
+        .iter()
+        .map(|_| Histogram::new(3).expect("a histogram"))
+        .collect();
+    for (_, op) in ops {
+        for i in 0..per_round / 10 {
+            op(u64::MAX - i).await;
+        }
+    }
+    for round in 0..rounds {
+        for ((_, op), histogram) in ops.iter().zip(&mut histograms) {
+            for i in 0..per_round {
+                let start = Instant::now();
+                op(round * per_round + i).await;
+                let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                histogram
+                    .record(nanos.max(1))
+                    .expect("a recordable latency");
+            }
+        }
+    }
+    histograms
+        .iter()
+        .map(|h| Latency {
+            p50: h.value_at_quantile(0.5) as f64 / 1_000.0,
+            p99: h.value_at_quantile(0.99) as f64 / 1_000.0,
+        })
+        .collect()
 }
 
 /// Calls per second of `tasks` concurrent tasks calling `op` for `window`.
@@ -208,7 +221,7 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
     for (i, (label, value)) in bars.iter().enumerate() {
         let y = top + i as f64 * (bar_height + 8.0);
         let length = (width - label_width - 110.0) * value / max;
-        let fill = if label.starts_with("idem") {
+        let fill = if label.starts_with("idem ") {
             "#2b6cb0"
         } else {
             "#a0aec0"
