@@ -293,6 +293,52 @@ impl RedisCluster {
     }
 }
 
+/// Runs 4 processes of the `idem-storm` binary (at `binary`), 250 concurrent
+/// callers each, on one key of the store at `store_url`, and checks that the
+/// body ran once in all (a counter on `counter`) and that all 1000 callers got
+/// the identical result.
+pub fn exactly_once_across_processes(
+    binary: &str,
+    store_url: &str,
+    counter: &RedisServer,
+    operation: &str,
+) {
+    let processes: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(binary)
+                .args([store_url, operation, "250", &counter.url(), operation])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start a storm process")
+        })
+        .collect();
+    let mut results = Vec::new();
+    for process in processes {
+        let output = process.wait_with_output().expect("a storm process ends");
+        assert!(
+            output.status.success(),
+            "a storm process failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        results.extend(
+            String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    assert_eq!(results.len(), 1000, "4 processes × 250 callers");
+    assert!(
+        results.iter().all(|r| *r == results[0]),
+        "identical results"
+    );
+    assert_eq!(
+        counter.cli(&["GET", operation]).trim(),
+        "1",
+        "the body ran once across the processes"
+    );
+}
+
 /// The lease and TTL of the conformance suite on Redis: real time, with room
 /// for a busy machine.
 pub const TIMING: crate::conformance::Timing = crate::conformance::Timing {

@@ -38,49 +38,12 @@ async fn connect(cluster: &RedisCluster) -> RedisStore {
 
 #[test]
 fn exactly_once_across_four_processes() {
-    let cluster = shared_cluster();
     let counter = RedisServer::start();
-    let operation = format!("storm.cluster.{}", Token::random());
-    let processes: Vec<_> = (0..4)
-        .map(|_| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_idem-storm"))
-                .args([
-                    &cluster.url(),
-                    &operation,
-                    "250",
-                    &counter.url(),
-                    &operation,
-                ])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("start a storm process")
-        })
-        .collect();
-    let mut results = Vec::new();
-    for process in processes {
-        let output = process.wait_with_output().expect("a storm process ends");
-        assert!(
-            output.status.success(),
-            "a storm process failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        results.extend(
-            String::from_utf8(output.stdout)
-                .unwrap()
-                .lines()
-                .map(str::to_owned),
-        );
-    }
-    assert_eq!(results.len(), 1000);
-    assert!(
-        results.iter().all(|r| *r == results[0]),
-        "identical results"
-    );
-    assert_eq!(
-        counter.cli(&["GET", &operation]).trim(),
-        "1",
-        "one run in all"
+    tests::redis_server::exactly_once_across_processes(
+        env!("CARGO_BIN_EXE_idem-storm"),
+        &shared_cluster().url(),
+        &counter,
+        &format!("storm.cluster.{}", Token::random()),
     );
 }
 

@@ -111,45 +111,11 @@ async fn round_trips_per_call_are_one_two_and_two() {
     assert_eq!(failed, 2, "a failed run is begin + release: {names:?}");
 }
 
-fn storm(store_url: &str, counter: &RedisServer, operation: &str) {
-    let processes: Vec<_> = (0..4)
-        .map(|_| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_idem-storm"))
-                .args([store_url, operation, "250", &counter.url(), operation])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("start a storm process")
-        })
-        .collect();
-    let mut results = Vec::new();
-    for process in processes {
-        let output = process.wait_with_output().expect("a storm process ends");
-        assert!(
-            output.status.success(),
-            "a storm process failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        results.extend(
-            String::from_utf8(output.stdout)
-                .expect("utf-8")
-                .lines()
-                .map(str::to_owned),
-        );
-    }
-    assert_eq!(results.len(), 1000, "4 processes × 250 callers");
-    assert!(
-        results.iter().all(|r| *r == results[0]),
-        "identical results"
-    );
-    let runs = counter.cli(&["GET", operation]);
-    assert_eq!(runs.trim(), "1", "the body ran once across the processes");
-}
-
 #[test]
 fn exactly_once_across_four_processes() {
     let server = RedisServer::start();
-    storm(
+    tests::redis_server::exactly_once_across_processes(
+        env!("CARGO_BIN_EXE_idem-storm"),
         &server.url(),
         &server,
         &format!("storm.node.{}", Token::random()),
