@@ -17,7 +17,6 @@ fn allowances() -> TokenStream {
             unused_qualifications,
             clippy::used_underscore_binding,
             clippy::needless_borrow,
-            clippy::redundant_closure_call,
             clippy::no_effect_underscore_binding,
         )]
     }
