@@ -196,7 +196,8 @@ impl Report {
     }
 }
 
-async fn redis_figures(report: &mut Report) {
+/// The Redis tables; answers the Redis row of the duplicate-storm table.
+async fn redis_figures(report: &mut Report) -> StormRow {
     let server = RedisServer::start();
     let url = server.url();
     let idem = RedisStore::node(&url)
@@ -509,27 +510,17 @@ async fn redis_figures(report: &mut Report) {
     })
     .await;
     let commands = client_commands(&server) - before;
-    let mut table = Table::new(&[
-        "store",
-        "executions",
-        "caller p50 ms",
-        "caller p99 ms",
-        "Redis commands",
-    ]);
-    table.row(&[
+    [
         "Redis".to_owned(),
         runs.load(Ordering::SeqCst).to_string(),
         format!("{p50:.1}"),
         format!("{p99:.1}"),
         commands.to_string(),
-    ]);
-    STORM_ROWS
-        .lock()
-        .unwrap()
-        .push(table.render().lines().last().unwrap().to_owned());
+    ]
 }
 
-static STORM_ROWS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// A row of the duplicate-storm table: store, executions, p50, p99, commands.
+type StormRow = [String; 5];
 
 /// 1000 concurrent same-key callers; each caller's latency, p50 and p99 in ms.
 async fn storm<F, Fut>(call: F) -> (f64, f64)
@@ -555,7 +546,8 @@ where
     (latencies[499], latencies[989])
 }
 
-async fn memory_figures(report: &mut Report) {
+/// The memory tables; answers the memory row of the duplicate-storm table.
+async fn memory_figures(report: &mut Report) -> StormRow {
     let store: &'static dyn Store = Box::leak(Box::new(MemoryStore::new()));
     let (batches, batch) = (200, 2_000);
     let bare_hit = per_call_nanos(batches, batch, |_| async {
@@ -657,13 +649,13 @@ async fn memory_figures(report: &mut Report) {
         idem_storm(store, request(8_888), runs).await.unwrap();
     })
     .await;
-    STORM_ROWS.lock().unwrap().insert(
-        0,
-        format!(
-            "| memory | {} | {p50:.1} | {p99:.1} | — |",
-            runs.load(Ordering::SeqCst)
-        ),
-    );
+    [
+        "memory".to_owned(),
+        runs.load(Ordering::SeqCst).to_string(),
+        format!("{p50:.1}"),
+        format!("{p99:.1}"),
+        "—".to_owned(),
+    ]
 }
 
 async fn footprint_and_fingerprints(report: &mut Report) {
@@ -790,8 +782,8 @@ async fn main() {
         markdown: String::new(),
         bars: Vec::new(),
     };
-    memory_figures(&mut report).await;
-    redis_figures(&mut report).await;
+    let memory_storm = memory_figures(&mut report).await;
+    let redis_storm = redis_figures(&mut report).await;
     let mut storms = Table::new(&[
         "1000 same-key callers",
         "executions",
@@ -799,14 +791,8 @@ async fn main() {
         "caller p99 ms",
         "Redis commands",
     ]);
-    for row in STORM_ROWS.lock().unwrap().iter() {
-        storms.row(
-            &row.trim_matches('|')
-                .split('|')
-                .map(|c| c.trim().to_owned())
-                .collect::<Vec<_>>(),
-        );
-    }
+    storms.row(&memory_storm);
+    storms.row(&redis_storm);
     report.section(
         "Duplicate storm: 1000 concurrent callers of one key, body takes 5 ms",
         &storms,
