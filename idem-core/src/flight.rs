@@ -87,7 +87,6 @@ pub(crate) fn join(store_id: usize, key: Key, fingerprint: Fingerprint, lease: D
             Role::Leader(Leader {
                 key: (store_id, key),
                 flight,
-                landed: false,
             })
         }
     }
@@ -122,7 +121,6 @@ impl Flight {
 pub(crate) struct Leader {
     key: FlightKey,
     flight: Arc<Flight>,
-    landed: bool,
 }
 
 impl Leader {
@@ -134,15 +132,15 @@ impl Leader {
             .unwrap_or_else(PoisonError::into_inner) = at;
     }
 
-    pub(crate) fn land(mut self, landing: Landing) {
+    pub(crate) fn land(self, landing: Landing) {
         self.finish(landing);
     }
 
-    fn finish(&mut self, landing: Landing) {
-        if self.landed {
+    /// Lands the flight once; a later call (the drop after `land`) does nothing.
+    fn finish(&self, landing: Landing) {
+        if self.flight.landing.get().is_some() {
             return;
         }
-        self.landed = true;
         FLIGHTS.remove_if(&self.key, |_, flight| Arc::ptr_eq(flight, &self.flight));
         let _ = self.flight.landing.set(landing);
         self.flight.landed.notify_waiters();
