@@ -22,7 +22,9 @@ use examples::payments::Payments;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
-    let payments = Arc::new(Payments::new(idem_core::connect("memory://").await?));
+    let payments = Arc::new(Payments::new(
+        idem_core::Idempotency::connect("memory://").await?,
+    ));
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!(
         "payments API on http://{}; POST /payments with an Idempotency-Key header",

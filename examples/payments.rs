@@ -45,16 +45,16 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store = match idem_core::connect(&url).await {
-        Ok(store) => store,
+    let idem = match idem_core::Idempotency::connect(&url).await {
+        Ok(idem) => idem,
         Err(error) => {
             eprintln!("cannot open the store {url}: {error}");
             return ExitCode::FAILURE;
         }
     };
     println!("idempotency store: {url}\n");
-    let payments = Arc::new(Payments::new(store));
-    let run = idem_core::Token::random().to_string();
+    let payments = Arc::new(Payments::new(idem));
+    let run = idem_core::store::Token::random().to_string();
     let mut broken = Vec::new();
     let mut check = |ok: bool, what: String| {
         println!("   {} {what}", if ok { "ok  " } else { "FAIL" });

@@ -21,12 +21,12 @@ use benches::{
 };
 use cached::ConcurrentCachedAsync as _;
 use cached::proc_macro::cached;
-use idem_core::store::redis::RedisStore;
-use idem_core::{Fingerprint, Key, MemoryStore, Outcome, Record, Store, Token, idempotent};
+use idem_core::store::{Outcome, Record, Store, Token};
+use idem_core::{Fingerprint, Idempotency, Key, MemoryStore, RedisStore, idempotent};
+use idem_test::redis_server::RedisServer;
 use idempotent::store::{IdempotencyStore, InsertResult};
 use redis::aio::ConnectionManager;
 use sha2::{Digest as _, Sha256};
-use tests::redis_server::RedisServer;
 
 const SEQUENTIAL: u64 = 4_000;
 const ROUNDS: u64 = 8;
@@ -34,20 +34,20 @@ const TASKS: u64 = 64;
 const WINDOW: Duration = Duration::from_secs(2);
 const HIT: u64 = 1;
 
-#[idempotent(key = req.idempotency_key, store = store, skip(store), name = "bench.charge")]
-async fn idem_charge(store: &dyn Store, req: ChargeRequest) -> Result<Receipt, BenchError> {
+#[idempotent(key = req.idempotency_key, store = idem, skip(idem), name = "bench.charge")]
+async fn idem_charge(idem: &Idempotency, req: ChargeRequest) -> Result<Receipt, BenchError> {
     Ok(charge(&req))
 }
 
-#[idempotent(key = req.idempotency_key, store = store, skip(store), name = "bench.decline")]
-async fn idem_decline(store: &dyn Store, req: ChargeRequest) -> Result<Receipt, BenchError> {
+#[idempotent(key = req.idempotency_key, store = idem, skip(idem), name = "bench.decline")]
+async fn idem_decline(idem: &Idempotency, req: ChargeRequest) -> Result<Receipt, BenchError> {
     black_box(&req);
     Err(BenchError::Declined)
 }
 
-#[idempotent(key = req.idempotency_key, store = store, skip(store, runs), name = "bench.storm")]
+#[idempotent(key = req.idempotency_key, store = idem, skip(idem, runs), name = "bench.storm")]
 async fn idem_storm(
-    store: &dyn Store,
+    idem: &Idempotency,
     req: ChargeRequest,
     runs: &AtomicU64,
 ) -> Result<Receipt, BenchError> {
@@ -200,11 +200,11 @@ impl Report {
 async fn redis_figures(report: &mut Report) -> StormRow {
     let server = RedisServer::start();
     let url = server.url();
-    let idem = RedisStore::node(&url)
+    let store = RedisStore::node(&url)
         .connect()
         .await
         .expect("idem on redis");
-    let store: &'static dyn Store = Box::leak(Box::new(idem));
+    let store: &'static Idempotency = Box::leak(Box::new(Idempotency::new(store)));
     let conn = ConnectionManager::new(redis::Client::open(url.as_str()).unwrap())
         .await
         .expect("a raw connection");
@@ -548,7 +548,7 @@ where
 
 /// The memory tables; answers the memory row of the duplicate-storm table.
 async fn memory_figures(report: &mut Report) -> StormRow {
-    let store: &'static dyn Store = Box::leak(Box::new(MemoryStore::new()));
+    let store: &'static Idempotency = Box::leak(Box::new(Idempotency::memory()));
     let (batches, batch) = (200, 2_000);
     let bare_hit = per_call_nanos(batches, batch, |_| async {
         black_box(bare_charge(request(HIT)).await.unwrap());

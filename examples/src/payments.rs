@@ -1,11 +1,10 @@
 //! A payment service whose `charge` is idempotent: the same request with the
 //! same key charges once, whatever the retries.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idem_core::{Replayable, Store, idempotent};
+use idem_core::{Idempotency, Replayable, idempotent};
 use serde::{Deserialize, Serialize};
 
 /// A card that the simulated bank declines.
@@ -65,14 +64,15 @@ impl std::error::Error for PaymentError {}
 
 /// The payment service and its ledger.
 pub struct Payments {
-    idem: Arc<dyn Store>,
+    idem: Idempotency,
     charges: AtomicU32,
     attempts: AtomicU32,
 }
 
 impl Payments {
-    /// A service that keeps its idempotency records in `idem`.
-    pub fn new(idem: Arc<dyn Store>) -> Self {
+    /// A service that runs its charges on the handle `idem`, made once at
+    /// start-up.
+    pub fn new(idem: Idempotency) -> Self {
         Self {
             idem,
             charges: AtomicU32::new(0),

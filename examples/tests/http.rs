@@ -12,7 +12,7 @@ use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 
 async fn serve() -> (SocketAddr, Arc<Payments>) {
-    let payments = Arc::new(Payments::new(Arc::new(idem_core::MemoryStore::new())));
+    let payments = Arc::new(Payments::new(idem_core::Idempotency::memory()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let app = router(Arc::clone(&payments));

@@ -11,10 +11,29 @@ use std::future::Future;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-pub use crate::engine::{Idempotency, OnConflict};
 use crate::error::Error;
+pub use crate::handle::default_handle;
+use crate::handle::{AsIdempotency, Idempotency};
 use crate::key::{Fingerprint, Fingerprinter, Key, KeyHasher};
-pub use crate::store::{Store, default_store};
+pub use crate::settings::{ConfigError, OnConflict, Settings};
+
+/// The handle `store = …` names.
+pub fn handle<H: AsIdempotency + ?Sized>(handle: &H) -> &Idempotency {
+    handle.as_idempotency()
+}
+
+/// The operation name of a function, from the type name of an item nested in
+/// it: `crate::module::Type::method::__idem_operation` gives
+/// `crate::module::Type::method`, so that two methods of one name in one
+/// module (on two types) never share records.
+#[must_use]
+pub fn operation_name(nested: &'static str) -> &'static str {
+    let mut name = nested.strip_suffix("::__idem_operation").unwrap_or(nested);
+    while let Some(outer) = name.strip_suffix("::{{closure}}") {
+        name = outer;
+    }
+    name
+}
 
 /// A call's key and fingerprint, or why they could not be computed.
 pub type Prepared = Result<(Key, Fingerprint), Error>;
@@ -254,26 +273,31 @@ fn unwrap<R: Returns>(result: Result<Stored<R::Ok>, Failure<R::Err>>) -> R {
 }
 
 /// Runs an `#[idempotent]` fn's body; `Err` results release the claim.
-pub async fn run<R, S, F>(idem: Idempotency<S>, prepared: Prepared, body: F) -> R
+pub async fn run<R, F>(
+    idem: &Idempotency,
+    settings: Result<Settings, ConfigError>,
+    prepared: Prepared,
+    body: F,
+) -> R
 where
     R: Returns,
     R::Ok: StoredValue,
     R::Err: IdemError,
-    S: Store,
     F: Future<Output = R>,
 {
-    let (key, fingerprint) = match prepared {
-        Ok(prepared) => prepared,
+    let (settings, key, fingerprint) = match ready(settings, prepared) {
+        Ok(ready) => ready,
         Err(error) => return R::from_result(Err(R::Err::from_idem(error))),
     };
     let body = async { wrap(body.await.into_result()) };
-    unwrap(idem.run(key, fingerprint, body).await)
+    unwrap(idem.run(&settings, key, fingerprint, body).await)
 }
 
 /// Runs an `#[idempotent]` fn's body; `Err` results that `cache` accepts are
 /// stored.
-pub async fn run_caching_errors<R, S, F, P>(
-    idem: Idempotency<S>,
+pub async fn run_caching_errors<R, F, P>(
+    idem: &Idempotency,
+    settings: Result<Settings, ConfigError>,
     prepared: Prepared,
     cache: P,
     body: F,
@@ -282,17 +306,28 @@ where
     R: Returns,
     R::Ok: StoredValue,
     R::Err: IdemError + CachedError,
-    S: Store,
     F: Future<Output = R>,
     P: FnOnce(&R::Err) -> bool,
 {
-    let (key, fingerprint) = match prepared {
-        Ok(prepared) => prepared,
+    let (settings, key, fingerprint) = match ready(settings, prepared) {
+        Ok(ready) => ready,
         Err(error) => return R::from_result(Err(R::Err::from_idem(error))),
     };
     let body = async { wrap(body.await.into_result()) };
     let cache = move |failure: &Failure<R::Err>| cache(&failure.0);
-    unwrap(idem.run_caching_errors(key, fingerprint, cache, body).await)
+    unwrap(
+        idem.run_caching_errors(&settings, key, fingerprint, cache, body)
+            .await,
+    )
+}
+
+fn ready(
+    settings: Result<Settings, ConfigError>,
+    prepared: Prepared,
+) -> Result<(Settings, Key, Fingerprint), Error> {
+    let settings = settings?;
+    let (key, fingerprint) = prepared?;
+    Ok((settings, key, fingerprint))
 }
 
 /// The predicate of `cache_errors = true`.
@@ -305,4 +340,19 @@ pub fn cache_all<E>(_: &E) -> bool {
 #[must_use]
 pub const fn millis(millis: u64) -> std::time::Duration {
     std::time::Duration::from_millis(millis)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn operation_names_drop_the_nested_item_and_closures() {
+        assert_eq!(
+            super::operation_name("app::Mailer::handle::__idem_operation"),
+            "app::Mailer::handle"
+        );
+        assert_eq!(
+            super::operation_name("<app::A as app::T>::f::{{closure}}::__idem_operation"),
+            "<app::A as app::T>::f"
+        );
+    }
 }

@@ -5,8 +5,8 @@
 /// The attribute rewrites the function to derive its key, claim the key
 /// atomically in a store, run the body once, store the result (serialized
 /// with `serde_json`) and hand every retry the same result. It expands to a
-/// call of [`Idempotency`](crate::Idempotency), which code without the
-/// attribute can call itself.
+/// call of an [`Idempotency`](crate::Idempotency) handle, which code without
+/// the attribute can call itself.
 ///
 /// ```
 /// use idem_core::idempotent;
@@ -24,17 +24,17 @@
 ///     fn from(e: idem_core::Error) -> Self { Self::Idem(e) }
 /// }
 ///
-/// struct Payments { store: idem_core::MemoryStore }
+/// struct Payments { idem: idem_core::Idempotency }
 ///
 /// impl Payments {
-///     #[idempotent(key = req.idempotency_key, scope = req.customer, ttl = "24h", store = self.store)]
+///     #[idempotent(key = req.idempotency_key, scope = req.customer, ttl = "24h", store = self.idem)]
 ///     async fn charge(&self, req: ChargeRequest) -> Result<Receipt, PaymentError> {
 ///         Ok(Receipt { charge_id: 4711 })
 ///     }
 /// }
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), PaymentError> {
-/// let payments = Payments { store: idem_core::MemoryStore::new() };
+/// let payments = Payments { idem: idem_core::Idempotency::memory() };
 /// let req = || ChargeRequest { idempotency_key: "order-17".into(), customer: 7, amount_cents: 100 };
 /// assert_eq!(payments.charge(req()).await?, payments.charge(req()).await?);
 /// # Ok(())
@@ -63,8 +63,8 @@
 /// | `cache_errors = true` or `= path` | also store `Err` results: all, or those a `fn(&E) -> bool` accepts | `false` |
 /// | `skip(arg, …)` | arguments left out of the fingerprint (handles, pools, clients); `self` always is | none |
 /// | `fingerprint = false` | do not check that a reused key comes with the same arguments | checked |
-/// | `name = "payments.charge"` | the operation's stable name in the key | `module_path!()::fn_name` |
-/// | `store = EXPR` | the store: anything whose reference implements [`Store`](crate::Store), e.g. a [`MemoryStore`](crate::MemoryStore) or an `Arc<dyn Store>` | [`default_store()`](crate::default_store) |
+/// | `name = "payments.charge"` | the operation's stable name in the key; pin it to survive moving code | the function's path, e.g. `shop::Payments::charge` |
+/// | `store = EXPR` | the long-lived [`Idempotency`](crate::Idempotency) handle to run against (or a reference, `Arc` or `LazyLock` of one), never one built per call | [`default_handle()`](crate::default_handle) |
 /// | `crate = "path"` | where the `idem_core` crate is, for crates that re-export it | `::idem_core` |
 ///
 /// ## `key` and `scope`
@@ -146,6 +146,13 @@
 ///
 /// ## `skip`, `fingerprint` and `name`
 ///
+/// By default an operation is named after the function's path, its impl
+/// type included (`shop::EmailConsumer::handle` and `shop::SmsConsumer::handle`
+/// never share records). That name is part of every stored key, so moving or
+/// renaming the function, or a compiler that prints paths differently,
+/// changes its keys: a retry that arrives across such a deploy runs again.
+/// Pin `name` for operations whose records must survive such changes.
+///
 /// ```
 /// # use idem_core::idempotent;
 /// # #[derive(Debug)] struct Error;
@@ -162,17 +169,17 @@
 ///
 /// ```
 /// # use idem_core::idempotent;
-/// # use std::sync::Arc;
 /// # #[derive(Debug)] struct Error;
 /// # impl From<idem_core::Error> for Error { fn from(_: idem_core::Error) -> Self { Error } }
-/// struct Service { idem: Arc<dyn idem_core::Store> }
+/// // Built once, at start-up: it owns the store and the calls in flight.
+/// struct Service { idem: idem_core::Idempotency }
 ///
 /// impl Service {
 ///     #[idempotent(key = id, store = self.idem)]
 ///     async fn handle(&self, id: u64) -> Result<u64, Error> { Ok(id) }
 /// }
 ///
-/// mod reexported { pub use ::idem_core as idem; }
+/// mod reexported { pub(crate) use ::idem_core as idem; }
 ///
 /// #[idempotent(key = id, crate = "reexported::idem")]
 /// async fn elsewhere(id: u64) -> Result<u64, Error> { Ok(id) }

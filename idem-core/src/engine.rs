@@ -1,8 +1,9 @@
 //! The protocol: claim → run → complete or release, with waiting and lease
 //! renewal.
 //!
-//! [`Idempotency`] is what `#[idempotent]` expands to, and what code without
-//! the macro calls directly (closures, keys computed at run time).
+//! These are the [`Idempotency`] handle's `run` methods: what `#[idempotent]`
+//! expands to, and what code without the macro calls directly (closures,
+//! keys computed at run time).
 
 use std::future::Future;
 use std::pin::pin;
@@ -13,151 +14,76 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use crate::error::{Error, Source};
-use crate::flight::{self, Landing, Leader, Role};
+use crate::error::Error;
+use crate::flight::{Landing, Leader, Role};
+use crate::handle::Idempotency;
 use crate::key::{Fingerprint, Key};
-use crate::store::{Begin, Completion, Outcome, Record, Store, Token};
+use crate::settings::{OnConflict, Settings};
+use crate::store::{Begin, Completion, Outcome, Record, Token};
 
-/// The default time a completed result is kept: 24 hours.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-
-/// The default lease of an in-progress claim: 60 seconds.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
-
-/// What a call does when another call holds its key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnConflict {
-    /// Wait for the holder's result, up to the wait timeout.
-    #[default]
-    Wait,
-    /// Fail at once with [`Error::InProgress`].
-    Reject,
-}
-
-/// Runs async bodies at most once per key, replaying their stored result.
-///
-/// Build one per call site (it is a few words and borrows nothing but the
-/// store) and [`run`](Idempotency::run) a body under a [`Key`] and the
-/// [`Fingerprint`] of its arguments:
-///
-/// ```
-/// use std::time::Duration;
-/// use idem_core::{Fingerprint, Idempotency, Key, MemoryStore, OnConflict};
-///
-/// #[derive(Debug)]
-/// enum ChargeError { Idem(idem_core::Error) }
-/// impl From<idem_core::Error> for ChargeError {
-///     fn from(e: idem_core::Error) -> Self { Self::Idem(e) }
-/// }
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), ChargeError> {
-/// let store = MemoryStore::new();
-/// let idem = Idempotency::new(&store)
-///     .ttl(Duration::from_secs(3600))
-///     .lease(Duration::from_secs(30))
-///     .on_conflict(OnConflict::Wait);
-///
-/// let (customer, amount) = (7_u64, 100_u32);
-/// let key = Key::scoped("payments.charge", &customer, &"order-17")?;
-/// let fingerprint = Fingerprint::of(&(&customer, &amount))?;
-/// let receipt: u64 = idem.run(key, fingerprint, async { Ok::<_, ChargeError>(4711) }).await?;
-/// let again: u64 = idem.run(key, fingerprint, async { Ok::<_, ChargeError>(9999) }).await?;
-/// assert_eq!(receipt, again, "the retry replays the first result");
-/// # Ok(())
-/// # }
-/// ```
-#[derive(Debug, Clone)]
-pub struct Idempotency<S> {
-    store: S,
-    ttl: Duration,
-    lease: Duration,
-    on_conflict: OnConflict,
-    wait_timeout: Option<Duration>,
-}
-
-impl<S: Store> Idempotency<S> {
-    /// Runs calls against `store` with a TTL of [`DEFAULT_TTL`], a lease of
-    /// [`DEFAULT_LEASE`] and [`OnConflict::Wait`].
-    pub fn new(store: S) -> Self {
-        Self {
-            store,
-            ttl: DEFAULT_TTL,
-            lease: DEFAULT_LEASE,
-            on_conflict: OnConflict::Wait,
-            wait_timeout: None,
-        }
-    }
-
-    /// How long a completed result is kept.
-    ///
-    /// # Panics
-    /// If `ttl` is zero.
-    #[must_use]
-    pub fn ttl(mut self, ttl: Duration) -> Self {
-        assert!(!ttl.is_zero(), "an idempotency TTL must be positive");
-        self.ttl = ttl;
-        self
-    }
-
-    /// How long an in-progress claim holds before another caller may take
-    /// over. It is renewed every third of itself while the body runs, so it
-    /// lapses only when the holder stalls or dies.
-    ///
-    /// # Panics
-    /// If `lease` is zero.
-    #[must_use]
-    pub fn lease(mut self, lease: Duration) -> Self {
-        assert!(!lease.is_zero(), "an idempotency lease must be positive");
-        self.lease = lease;
-        self
-    }
-
-    /// What to do when another call holds the key.
-    #[must_use]
-    pub fn on_conflict(mut self, on_conflict: OnConflict) -> Self {
-        self.on_conflict = on_conflict;
-        self
-    }
-
-    /// The longest a call waits for another's result under
-    /// [`OnConflict::Wait`]; by default the lease.
-    #[must_use]
-    pub fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
-        self.wait_timeout = Some(wait_timeout);
-        self
-    }
-
-    /// The store calls run against.
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
+impl Idempotency {
     /// Runs `body` once for `key`, or replays the result of the call that did.
     ///
     /// An `Ok` result is stored for the TTL. An `Err` is not: the claim is
     /// released, so a retry runs the body again (see
     /// [`run_caching_errors`](Self::run_caching_errors)).
     ///
+    /// ```
+    /// use std::time::Duration;
+    /// use idem_core::{Fingerprint, Idempotency, Key, OnConflict, Settings};
+    ///
+    /// #[derive(Debug)]
+    /// enum ChargeError { Idem(idem_core::Error) }
+    /// impl From<idem_core::Error> for ChargeError {
+    ///     fn from(e: idem_core::Error) -> Self { Self::Idem(e) }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), ChargeError> {
+    /// let idem = Idempotency::memory();
+    /// let settings = Settings::builder()
+    ///     .ttl(Duration::from_secs(3600))
+    ///     .lease(Duration::from_secs(30))
+    ///     .on_conflict(OnConflict::Wait)
+    ///     .build()
+    ///     .map_err(idem_core::Error::from)?;
+    ///
+    /// let (customer, amount) = (7_u64, 100_u32);
+    /// let key = Key::scoped("payments.charge", &customer, &"order-17")?;
+    /// let fingerprint = Fingerprint::of(&(&customer, &amount))?;
+    /// let receipt: u64 = idem.run(&settings, key, fingerprint, async { Ok::<_, ChargeError>(4711) }).await?;
+    /// let again: u64 = idem.run(&settings, key, fingerprint, async { Ok::<_, ChargeError>(9999) }).await?;
+    /// assert_eq!(receipt, again, "the retry replays the first result");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// The body's own error, or one converted from [`Error`]: `InProgress`
     /// when the key stays held past the wait, `KeyReused` when `fingerprint`
     /// differs from the stored one, `Store` when the store fails (the body
     /// then does not run), `Decode` when a stored result no longer decodes.
-    pub async fn run<T, E, F>(&self, key: Key, fingerprint: Fingerprint, body: F) -> Result<T, E>
+    pub async fn run<T, E, F>(
+        &self,
+        settings: &Settings,
+        key: Key,
+        fingerprint: Fingerprint,
+        body: F,
+    ) -> Result<T, E>
     where
         F: Future<Output = Result<T, E>>,
         T: Serialize + DeserializeOwned,
         E: From<Error>,
     {
-        self.execute(key, fingerprint, body, ReleaseErrors).await
+        self.execute(settings, key, fingerprint, body, ReleaseErrors)
+            .await
     }
 
     /// Like [`run`](Self::run), but an `Err` that `cache` accepts is stored
     /// and replayed like an `Ok`.
     ///
     /// ```
-    /// # use idem_core::{Fingerprint, Idempotency, Key, MemoryStore};
+    /// # use idem_core::{Fingerprint, Idempotency, Key, Settings};
     /// #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     /// enum PayError { Declined, Idem(String) }
     /// impl From<idem_core::Error> for PayError {
@@ -165,14 +91,16 @@ impl<S: Store> Idempotency<S> {
     /// }
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), idem_core::Error> {
-    /// let store = MemoryStore::new();
-    /// let idem = Idempotency::new(&store);
+    /// let idem = Idempotency::memory();
+    /// let settings = Settings::default();
     /// let (key, fp) = (Key::new("pay", &1)?, Fingerprint::of(&())?);
     /// let declined = |e: &PayError| *e == PayError::Declined;
-    /// let first: Result<u32, _> =
-    ///     idem.run_caching_errors(key, fp, declined, async { Err(PayError::Declined) }).await;
-    /// let retry: Result<u32, _> =
-    ///     idem.run_caching_errors(key, fp, declined, async { Ok(1) }).await;
+    /// let first: Result<u32, _> = idem
+    ///     .run_caching_errors(&settings, key, fp, declined, async { Err(PayError::Declined) })
+    ///     .await;
+    /// let retry: Result<u32, _> = idem
+    ///     .run_caching_errors(&settings, key, fp, declined, async { Ok(1) })
+    ///     .await;
     /// assert_eq!(retry, Err(PayError::Declined));
     /// # let _ = first;
     /// # Ok(())
@@ -183,6 +111,7 @@ impl<S: Store> Idempotency<S> {
     /// As [`run`](Self::run), plus replayed errors.
     pub async fn run_caching_errors<T, E, F, P>(
         &self,
+        settings: &Settings,
         key: Key,
         fingerprint: Fingerprint,
         cache: P,
@@ -194,12 +123,13 @@ impl<S: Store> Idempotency<S> {
         E: From<Error> + Serialize + DeserializeOwned,
         P: FnOnce(&E) -> bool,
     {
-        self.execute(key, fingerprint, body, CacheErrors(cache))
+        self.execute(settings, key, fingerprint, body, CacheErrors(cache))
             .await
     }
 
     async fn execute<T, E, F, P>(
         &self,
+        settings: &Settings,
         key: Key,
         fingerprint: Fingerprint,
         body: F,
@@ -211,15 +141,25 @@ impl<S: Store> Idempotency<S> {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
-        if self.on_conflict == OnConflict::Reject {
-            return self.lead(None, key, fingerprint, body, policy, None).await;
+        if settings.on_conflict() == OnConflict::Reject {
+            return self
+                .lead(settings, None, key, fingerprint, body, policy, None)
+                .await;
         }
-        let deadline = Instant::now() + self.wait_timeout.unwrap_or(self.lease);
+        let deadline = Instant::now() + settings.wait_timeout();
         loop {
-            match flight::join(self.store.instance_id(), key, fingerprint, self.lease) {
+            match self.shared.flights.join(key, fingerprint, settings.lease()) {
                 Role::Leader(leader) => {
                     return self
-                        .lead(Some(leader), key, fingerprint, body, policy, Some(deadline))
+                        .lead(
+                            settings,
+                            Some(leader),
+                            key,
+                            fingerprint,
+                            body,
+                            policy,
+                            Some(deadline),
+                        )
                         .await;
                 }
                 Role::Follower(flight) => {
@@ -245,9 +185,11 @@ impl<S: Store> Idempotency<S> {
 
     /// Claims the key (waiting for another holder until `deadline`, or not at
     /// all without one), runs the body and records its outcome.
+    #[allow(clippy::too_many_arguments)]
     async fn lead<T, E, F, P>(
         &self,
-        leader: Option<Leader>,
+        settings: &Settings,
+        leader: Option<Leader<'_>>,
         key: Key,
         fingerprint: Fingerprint,
         body: F,
@@ -269,7 +211,11 @@ impl<S: Store> Idempotency<S> {
             .without_max_times()
             .build();
         loop {
-            let begin = self.store.begin(key, fingerprint, token, self.lease).await;
+            let begin = self
+                .shared
+                .store
+                .begin(key, fingerprint, token, settings.lease())
+                .await;
             match begin.map_err(Error::Store) {
                 Err(error) => return Err(herald.fail(error).into()),
                 Ok(Begin::Claimed) => break,
@@ -287,7 +233,7 @@ impl<S: Store> Idempotency<S> {
                     };
                     herald.set_retry_at(now + retry_after);
                     let cap = retry_after.min(deadline - now);
-                    match self.store.watch(key) {
+                    match self.shared.store.watch(key) {
                         Some(change) => {
                             let _ = tokio::time::timeout(cap, change).await;
                         }
@@ -300,14 +246,14 @@ impl<S: Store> Idempotency<S> {
             }
         }
 
-        herald.set_retry_at(Instant::now() + self.lease);
-        let (result, held) = self.run_renewing(key, token, body, &herald).await;
+        herald.set_retry_at(Instant::now() + settings.lease());
+        let (result, held) = self.run_renewing(settings, key, token, body, &herald).await;
         let (outcome, payload) = match &result {
             Ok(value) => (Outcome::Ok, serde_json::to_vec(value)),
             Err(error) => match policy.keep(error) {
                 Some(payload) => (Outcome::Err, payload),
                 None => {
-                    if let Err(error) = self.store.release(key, token).await {
+                    if let Err(error) = self.shared.store.release(key, token).await {
                         tracing::warn!(%key, %error, "could not release an idempotency claim; it lapses with its lease");
                     }
                     herald.land(Landing::Vacated);
@@ -326,8 +272,9 @@ impl<S: Store> Idempotency<S> {
         };
         if held {
             match self
+                .shared
                 .store
-                .complete(key, token, record.clone(), self.ttl)
+                .complete(key, token, record.clone(), settings.ttl())
                 .await
             {
                 Ok(Completion::Stored) => {}
@@ -347,17 +294,18 @@ impl<S: Store> Idempotency<S> {
     /// lease. Answers the body's output and whether the claim is still held.
     async fn run_renewing<F: Future>(
         &self,
+        settings: &Settings,
         key: Key,
         token: Token,
         body: F,
-        herald: &Herald,
+        herald: &Herald<'_>,
     ) -> (F::Output, bool) {
-        let every = self.lease / 3;
+        let every = settings.lease() / 3;
         let renewal = async {
             loop {
                 tokio::time::sleep(every).await;
-                match self.store.renew(key, token, self.lease).await {
-                    Ok(true) => herald.set_retry_at(Instant::now() + self.lease),
+                match self.shared.store.renew(key, token, settings.lease()).await {
+                    Ok(true) => herald.set_retry_at(Instant::now() + settings.lease()),
                     Ok(false) => {
                         tracing::warn!(%key, "an idempotency claim was lost while its call ran; its result will not be stored");
                         return;
@@ -397,9 +345,9 @@ where
 }
 
 /// Tells followers, if any, how the leader's attempt ended.
-struct Herald(Option<Leader>);
+struct Herald<'a>(Option<Leader<'a>>);
 
-impl Herald {
+impl Herald<'_> {
     fn set_retry_at(&self, at: Instant) {
         if let Some(leader) = &self.0 {
             leader.set_retry_at(at);
@@ -436,7 +384,7 @@ impl<E> ErrorPolicy<E> for ReleaseErrors {
     fn replay(&self, _: &[u8]) -> Result<E, Error> {
         let message = "the stored result is an error, but this call does not cache errors; \
                        a call with this key and `cache_errors` stored it";
-        Err(Error::Decode(Source::from(Box::<
+        Err(Error::Decode(std::sync::Arc::from(Box::<
             dyn std::error::Error + Send + Sync,
         >::from(message))))
     }

@@ -8,8 +8,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::settings::ConfigError;
+
 /// A boxed error behind an [`Error`] or a [`StoreError`]; cheap to clone.
-pub type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why an idempotent call did not produce its result.
 ///
@@ -46,7 +48,7 @@ pub enum Error {
     /// The stored result no longer decodes as the function's return type,
     /// e.g. after the type changed between releases.
     #[error("the stored result of this call no longer decodes as its return type: {0}")]
-    Decode(#[source] Source),
+    Decode(#[source] Arc<dyn std::error::Error + Send + Sync + 'static>),
 
     /// A key, scope, argument or result could not be serialized.
     #[error("could not serialize the {what} of an idempotent call: {source}")]
@@ -55,16 +57,22 @@ pub enum Error {
         what: &'static str,
         /// The serializer's error.
         #[source]
-        source: Source,
+        source: Arc<dyn std::error::Error + Send + Sync + 'static>,
     },
 
     /// An idempotency key was required (e.g. by an HTTP endpoint) but the
-    /// request carried none, or an unusable one.
-    #[error("missing or malformed idempotency key: {reason}")]
-    MissingKey {
+    /// request carried none, or an unusable one (empty, too long, malformed,
+    /// given twice).
+    #[error("missing or invalid idempotency key: {reason}")]
+    InvalidKey {
         /// What was wrong with the key.
         reason: Cow<'static, str>,
     },
+
+    /// The call's settings break one of idem's rules, e.g. a `lease` not
+    /// shorter than the `ttl` given as an expression. The body did not run.
+    #[error("invalid idempotency settings: {0}")]
+    Config(#[from] ConfigError),
 }
 
 impl Error {
@@ -83,8 +91,8 @@ impl Error {
     }
 
     /// The HTTP status for this error, per the IETF Idempotency-Key draft:
-    /// `InProgress` → 409, `KeyReused` → 422, `MissingKey` → 400,
-    /// `Store` → 503, `Decode` and `Encode` → 500.
+    /// `InProgress` → 409, `KeyReused` → 422, `InvalidKey` → 400,
+    /// `Store` → 503, `Decode`, `Encode` and `Config` → 500.
     ///
     /// ```
     /// use std::time::Duration;
@@ -98,9 +106,9 @@ impl Error {
         match self {
             Self::InProgress { .. } => 409,
             Self::KeyReused => 422,
-            Self::MissingKey { .. } => 400,
+            Self::InvalidKey { .. } => 400,
             Self::Store(_) => 503,
-            Self::Decode(_) | Self::Encode { .. } => 500,
+            Self::Decode(_) | Self::Encode { .. } | Self::Config(_) => 500,
         }
     }
 
@@ -206,7 +214,7 @@ mod tests {
         let store = StoreError::new(StoreErrorKind::Unavailable, "down");
         assert_eq!(Error::Store(store).http_status(), 503);
         assert_eq!(
-            Error::MissingKey {
+            Error::InvalidKey {
                 reason: "absent".into()
             }
             .http_status(),

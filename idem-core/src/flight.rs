@@ -1,4 +1,8 @@
-//! In-process coalescing: same-key callers on one store share one claim.
+//! In-process coalescing: same-key callers on one handle share one claim.
+//!
+//! Each [`Idempotency`](crate::Idempotency) handle owns one [`Flights`]
+//! table, the way a cache owns its in-flight initializers: coalescing is a
+//! property of the handle the user created, not of a process-wide table.
 //!
 //! The first caller for a key becomes the *leader* and talks to the store; the
 //! ones that arrive while it works become *followers* and wait for what it
@@ -8,7 +12,7 @@
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::pin;
-use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -19,8 +23,6 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::store::Record;
-
-type FlightKey = (usize, Key);
 
 /// Keys are SHA-256 digests already: their bytes are hash enough.
 #[derive(Default)]
@@ -38,14 +40,13 @@ impl Hasher for DigestHasher {
             self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
         }
     }
-
-    fn write_usize(&mut self, n: usize) {
-        self.0 = self.0.rotate_left(5) ^ n as u64;
-    }
 }
 
-static FLIGHTS: LazyLock<DashMap<FlightKey, Arc<Flight>, BuildHasherDefault<DigestHasher>>> =
-    LazyLock::new(DashMap::default);
+/// The flights under way on one handle.
+#[derive(Default)]
+pub(crate) struct Flights {
+    map: DashMap<Key, Arc<Flight>, BuildHasherDefault<DigestHasher>>,
+}
 
 /// What a flight's leader hands its followers.
 #[derive(Clone)]
@@ -66,28 +67,30 @@ pub(crate) struct Flight {
     retry_at: Mutex<Instant>,
 }
 
-pub(crate) enum Role {
-    Leader(Leader),
+pub(crate) enum Role<'a> {
+    Leader(Leader<'a>),
     Follower(Arc<Flight>),
 }
 
-/// Joins the flight for `key` on the store `store_id`, leading it if none is
-/// under way.
-pub(crate) fn join(store_id: usize, key: Key, fingerprint: Fingerprint, lease: Duration) -> Role {
-    match FLIGHTS.entry((store_id, key)) {
-        Entry::Occupied(flight) => Role::Follower(Arc::clone(flight.get())),
-        Entry::Vacant(vacant) => {
-            let flight = Arc::new(Flight {
-                fingerprint,
-                landing: OnceLock::new(),
-                landed: Notify::new(),
-                retry_at: Mutex::new(Instant::now() + lease),
-            });
-            vacant.insert(Arc::clone(&flight));
-            Role::Leader(Leader {
-                key: (store_id, key),
-                flight,
-            })
+impl Flights {
+    /// Joins the flight for `key`, leading it if none is under way.
+    pub(crate) fn join(&self, key: Key, fingerprint: Fingerprint, lease: Duration) -> Role<'_> {
+        match self.map.entry(key) {
+            Entry::Occupied(flight) => Role::Follower(Arc::clone(flight.get())),
+            Entry::Vacant(vacant) => {
+                let flight = Arc::new(Flight {
+                    fingerprint,
+                    landing: OnceLock::new(),
+                    landed: Notify::new(),
+                    retry_at: Mutex::new(Instant::now() + lease),
+                });
+                vacant.insert(Arc::clone(&flight));
+                Role::Leader(Leader {
+                    flights: self,
+                    key,
+                    flight,
+                })
+            }
         }
     }
 }
@@ -118,12 +121,13 @@ impl Flight {
 }
 
 /// The leader's handle on its flight; dropping it unlanded vacates the flight.
-pub(crate) struct Leader {
-    key: FlightKey,
+pub(crate) struct Leader<'a> {
+    flights: &'a Flights,
+    key: Key,
     flight: Arc<Flight>,
 }
 
-impl Leader {
+impl Leader<'_> {
     pub(crate) fn set_retry_at(&self, at: Instant) {
         *self
             .flight
@@ -141,13 +145,15 @@ impl Leader {
         if self.flight.landing.get().is_some() {
             return;
         }
-        FLIGHTS.remove_if(&self.key, |_, flight| Arc::ptr_eq(flight, &self.flight));
+        self.flights
+            .map
+            .remove_if(&self.key, |_, flight| Arc::ptr_eq(flight, &self.flight));
         let _ = self.flight.landing.set(landing);
         self.flight.landed.notify_waiters();
     }
 }
 
-impl Drop for Leader {
+impl Drop for Leader<'_> {
     fn drop(&mut self) {
         self.finish(Landing::Vacated);
     }

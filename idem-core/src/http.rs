@@ -60,8 +60,22 @@ pub const MAX_KEY_LEN: usize = 255;
 /// malformed one. It serializes as its text, so it can be the `key` of an
 /// `#[idempotent]` fn.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(into = "String", try_from = "String")]
 pub struct IdempotencyKey(String);
+
+impl TryFrom<String> for IdempotencyKey {
+    type Error = Error;
+
+    fn try_from(value: String) -> Result<Self, Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<IdempotencyKey> for String {
+    fn from(key: IdempotencyKey) -> Self {
+        key.0
+    }
+}
 
 impl IdempotencyKey {
     /// Parses a header value.
@@ -75,7 +89,7 @@ impl IdempotencyKey {
     /// ```
     ///
     /// # Errors
-    /// [`Error::MissingKey`] for an empty, overlong or non-ASCII key.
+    /// [`Error::InvalidKey`] for an empty, overlong or non-ASCII key.
     pub fn parse(value: &str) -> Result<Self, Error> {
         let value = value.trim();
         let unquoted = value
@@ -122,7 +136,7 @@ impl IdempotencyKey {
 }
 
 fn missing(reason: impl Into<std::borrow::Cow<'static, str>>) -> Error {
-    Error::MissingKey {
+    Error::InvalidKey {
         reason: reason.into(),
     }
 }
@@ -175,7 +189,7 @@ impl IntoResponse for Error {
         let title = match &self {
             Error::InProgress { .. } => "A request with this Idempotency-Key is in progress",
             Error::KeyReused => "This Idempotency-Key was used with a different request",
-            Error::MissingKey { .. } => "Missing or malformed Idempotency-Key",
+            Error::InvalidKey { .. } => "Missing or invalid Idempotency-Key",
             Error::Store(_) => "The idempotency store is unavailable",
             _ => "The request's stored result cannot be used",
         };
@@ -221,7 +235,7 @@ mod tests {
     use axum::http::Request;
 
     use super::*;
-    use crate::error::{StoreError, StoreErrorKind};
+    use crate::store::{StoreError, StoreErrorKind};
 
     async fn extract(headers: &[(&str, &str)]) -> Result<Option<IdempotencyKey>, Error> {
         let mut request = Request::builder();
@@ -289,6 +303,19 @@ mod tests {
                 .unwrap()
                 .contains("connection refused")
         );
+    }
+
+    #[test]
+    fn a_deserialized_key_is_validated() {
+        let key: IdempotencyKey = serde_json::from_str("\"abc\"").unwrap();
+        assert_eq!(key.as_str(), "abc");
+        assert_eq!(serde_json::to_string(&key).unwrap(), "\"abc\"");
+        for bad in ["\"\"", "\"has space\""] {
+            assert!(
+                serde_json::from_str::<IdempotencyKey>(bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 //! first call's result:
 //!
 //! 1. derive the call's [`Key`] (and the [`Fingerprint`] of its arguments),
-//! 2. claim the key atomically in a [`Store`],
+//! 2. claim the key atomically in a [store](store::Store),
 //! 3. run the body once and store its result, serialized with `serde_json`,
 //! 4. replay that result to every retry, across tasks, processes and machines.
 //!
@@ -43,21 +43,21 @@
 //! ```
 //!
 //! The attribute ([`idempotent`], feature `macros`, on by default) expands to
-//! a call of the [`Idempotency`] engine, which code without the attribute
+//! a call of an [`Idempotency`] handle, which code without the attribute
 //! (closures, keys computed at run time) calls itself:
 //!
 //! ```
-//! use idem_core::{Fingerprint, Idempotency, Key};
+//! use idem_core::{Fingerprint, Idempotency, Key, Settings};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), idem_core::Error> {
-//! let idem = Idempotency::new(idem_core::default_store());
+//! let idem = Idempotency::memory(); // once, at start-up
 //! let key = Key::new("emails.send", &"welcome-42")?;
 //! let fingerprint = Fingerprint::of(&("ada@example.com",))?;
 //! let mut sent = 0;
 //! for _attempt in 0..3 {
 //!     let id: u64 = idem
-//!         .run(key, fingerprint, async {
+//!         .run(&Settings::default(), key, fingerprint, async {
 //!             sent += 1;
 //!             Ok::<_, idem_core::Error>(42)
 //!         })
@@ -69,7 +69,11 @@
 //! # }
 //! ```
 //!
-//! # Stores
+//! # Handles and stores
+//!
+//! An [`Idempotency`] handle is made once per store, at start-up, and kept;
+//! it owns the store and the calls in flight on it (callers of one key share
+//! one claim). Stores, by URL:
 //!
 //! | URL | backend | Cargo feature |
 //! |---|---|---|
@@ -77,9 +81,11 @@
 //! | `redis://host:port/db` | a Redis node | `redis` |
 //! | `redis+cluster://h1:p1,h2:p2` | a Redis Cluster | `redis` |
 //!
-//! [`connect`] opens one by URL; [`set_default_store`] makes it the store of
-//! every call that names none. With the `axum` feature, `idem_core::http`
-//! extracts the `Idempotency-Key` header and turns [`Error`]s into responses.
+//! [`Idempotency::connect`] opens one by URL; [`set_default`] makes a handle
+//! the one every `#[idempotent]` fn without `store = …` uses. With the `axum`
+//! feature, [`http`] extracts the `Idempotency-Key` header and turns
+//! [`Error`]s into responses. Backend authors find the store protocol in
+//! [`store`].
 //!
 //! # Errors
 //!
@@ -88,14 +94,20 @@
 //! maps to the HTTP status of the IETF Idempotency-Key draft
 //! ([`Error::http_status`]).
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod canonical;
 mod engine;
 mod error;
 mod flight;
+mod handle;
 mod key;
 mod replayable;
+mod settings;
 pub mod store;
 
 #[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod http;
 
 #[doc(hidden)]
@@ -104,14 +116,19 @@ pub mod __private;
 #[cfg(feature = "macros")]
 mod attribute;
 #[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 pub use attribute::idempotent;
 
-pub use engine::{DEFAULT_LEASE, DEFAULT_TTL, Idempotency, OnConflict};
-pub use error::{Error, Source, StoreError, StoreErrorKind};
+pub use error::Error;
+pub use handle::{AsIdempotency, Idempotency, SetDefaultError, default_handle, set_default};
 pub use key::{Fingerprint, Key};
 pub use replayable::Replayable;
-pub use store::memory::MemoryStore;
-pub use store::{
-    Begin, Completion, Outcome, Record, Store, StoreFuture, Token, Watch, connect, default_store,
-    set_default_store,
+pub use settings::{
+    ConfigError, DEFAULT_LEASE, DEFAULT_TTL, MAX_DURATION, MIN_LEASE, OnConflict, Settings,
+    SettingsBuilder,
 };
+pub use store::connect::connect;
+pub use store::memory::MemoryStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::redis::RedisStore;

@@ -1,4 +1,7 @@
 //! Parsing `#[idempotent(...)]`'s arguments, each kept with its span.
+//!
+//! Every argument lives in one table, [`ARGUMENTS`]: its name, how it is
+//! written, its parser and the names users reach for when they mean it.
 
 use proc_macro2::Span;
 use syn::ext::IdentExt as _;
@@ -6,29 +9,13 @@ use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::{Expr, Ident, Lit, LitBool, LitStr, Path, Token};
 
-use crate::ttl;
-
-/// Every argument the attribute takes, in the order the docs list them.
-pub(crate) const ARGUMENTS: [&str; 12] = [
-    "key",
-    "scope",
-    "ttl",
-    "lease",
-    "on_conflict",
-    "wait_timeout",
-    "cache_errors",
-    "skip",
-    "fingerprint",
-    "name",
-    "store",
-    "crate",
-];
+use crate::duration;
 
 /// The attribute's arguments as written.
 #[derive(Default)]
 pub(crate) struct Args {
-    pub(crate) key: Option<Expr>,
-    pub(crate) scope: Option<Expr>,
+    pub(crate) key: Option<Arg<Expr>>,
+    pub(crate) scope: Option<Arg<Expr>>,
     pub(crate) ttl: Option<Arg<Duration>>,
     pub(crate) lease: Option<Arg<Duration>>,
     pub(crate) on_conflict: Option<Arg<OnConflict>>,
@@ -36,9 +23,9 @@ pub(crate) struct Args {
     pub(crate) cache_errors: Option<Arg<CacheErrors>>,
     pub(crate) skip: Option<Arg<Vec<Ident>>>,
     pub(crate) fingerprint: Option<Arg<bool>>,
-    pub(crate) name: Option<LitStr>,
-    pub(crate) store: Option<Expr>,
-    pub(crate) krate: Option<Path>,
+    pub(crate) name: Option<Arg<LitStr>>,
+    pub(crate) store: Option<Arg<Expr>>,
+    pub(crate) krate: Option<Arg<Path>>,
 }
 
 /// An argument's value and the span of its name.
@@ -55,6 +42,16 @@ pub(crate) enum Duration {
     Expr(Expr),
 }
 
+impl Duration {
+    /// The literal's milliseconds, if it is one.
+    pub(crate) fn literal(&self) -> Option<u64> {
+        match self {
+            Self::Literal { millis, .. } => Some(*millis),
+            Self::Expr(_) => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OnConflict {
     Wait,
@@ -67,35 +64,175 @@ pub(crate) enum CacheErrors {
     Predicate(Path),
 }
 
+/// How an argument is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Form {
+    /// `name = value`
+    Value,
+    /// `name(a, b)`
+    List,
+}
+
+/// One argument of the attribute.
+pub(crate) struct Spec {
+    pub(crate) name: &'static str,
+    pub(crate) form: Form,
+    parse: fn(&mut Args, &Ident, ParseStream<'_>) -> syn::Result<()>,
+    /// Names users write when they mean this argument.
+    hints: &'static [&'static str],
+}
+
+/// Every argument the attribute takes, in the order the docs list them.
+pub(crate) const ARGUMENTS: &[Spec] = &[
+    Spec {
+        name: "key",
+        form: Form::Value,
+        parse: |args, name, input| set(&mut args.key, name, input.parse()?),
+        hints: &["idempotency_key", "id"],
+    },
+    Spec {
+        name: "scope",
+        form: Form::Value,
+        parse: |args, name, input| set(&mut args.scope, name, input.parse()?),
+        hints: &["tenant", "namespace", "partition"],
+    },
+    Spec {
+        name: "ttl",
+        form: Form::Value,
+        parse: |args, name, input| set(&mut args.ttl, name, parse_duration(name, input)?),
+        hints: &[
+            "ttl_secs",
+            "ttl_seconds",
+            "ttl_ms",
+            "expire",
+            "expires",
+            "expiry",
+            "expiration",
+            "expires_in",
+            "retention",
+            "keep",
+        ],
+    },
+    Spec {
+        name: "lease",
+        form: Form::Value,
+        parse: |args, name, input| set(&mut args.lease, name, parse_duration(name, input)?),
+        hints: &["lock", "lock_ttl", "lease_ttl", "lock_timeout"],
+    },
+    Spec {
+        name: "on_conflict",
+        form: Form::Value,
+        parse: |args, name, input| set(&mut args.on_conflict, name, parse_on_conflict(input)?),
+        hints: &["conflict", "on_busy", "mode"],
+    },
+    Spec {
+        name: "wait_timeout",
+        form: Form::Value,
+        parse: |args, name, input| set(&mut args.wait_timeout, name, parse_duration(name, input)?),
+        hints: &["timeout", "wait", "max_wait"],
+    },
+    Spec {
+        name: "cache_errors",
+        form: Form::Value,
+        parse: |args, name, input| set(&mut args.cache_errors, name, parse_cache_errors(input)?),
+        hints: &["cache_error", "cache_err", "errors"],
+    },
+    Spec {
+        name: "skip",
+        form: Form::List,
+        parse: |args, name, input| {
+            let content;
+            syn::parenthesized!(content in input);
+            let names =
+                Punctuated::<Ident, Token![,]>::parse_terminated_with(&content, Ident::parse_any)?;
+            set(&mut args.skip, name, names.into_iter().collect())
+        },
+        hints: &["ignore", "exclude", "skip_args"],
+    },
+    Spec {
+        name: "fingerprint",
+        form: Form::Value,
+        parse: |args, name, input| {
+            let value = parse_bool(input, "`fingerprint` is `true` (the default) or `false`")?;
+            set(&mut args.fingerprint, name, value)
+        },
+        hints: &["check_fingerprint", "check_args"],
+    },
+    Spec {
+        name: "name",
+        form: Form::Value,
+        parse: |args, name, input| {
+            let lit = parse_string(
+                input,
+                "`name` takes a string literal, e.g. `name = \"payments.charge\"`",
+            )?;
+            if lit.value().trim().is_empty() {
+                return Err(syn::Error::new(lit.span(), "`name` must not be empty"));
+            }
+            set(&mut args.name, name, lit)
+        },
+        hints: &["operation", "op", "label"],
+    },
+    Spec {
+        name: "store",
+        form: Form::Value,
+        parse: |args, name, input| set(&mut args.store, name, input.parse()?),
+        hints: &["backend", "cache", "handle"],
+    },
+    Spec {
+        name: "crate",
+        form: Form::Value,
+        parse: |args, name, input| {
+            let hint = "`crate` takes the path of the idem runtime as a string, \
+                        e.g. `crate = \"my_crate::idem\"`";
+            let lit = parse_string(input, hint)?;
+            let path = lit
+                .parse_with(Path::parse_mod_style)
+                .map_err(|_| syn::Error::new(lit.span(), hint))?;
+            set(&mut args.krate, name, path)
+        },
+        hints: &["krate"],
+    },
+];
+
+/// The names of every argument, for messages.
+pub(crate) fn names() -> String {
+    ARGUMENTS
+        .iter()
+        .map(|spec| spec.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Parse for Args {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         let mut args = Self::default();
         while !input.is_empty() {
             let name = input.call(Ident::parse_any)?;
-            let span = name.span();
             let text = name.to_string();
-            match text.as_str() {
-                "skip" => {
-                    let content;
-                    syn::parenthesized!(content in input);
-                    let names = Punctuated::<Ident, Token![,]>::parse_terminated_with(
-                        &content,
-                        Ident::parse_any,
-                    )?;
-                    set(&mut args.skip, &name, names.into_iter().collect())?;
-                }
-                _ if ARGUMENTS.contains(&text.as_str()) => {
+            let Some(spec) = ARGUMENTS.iter().find(|spec| spec.name == text) else {
+                return Err(unknown_argument(&name));
+            };
+            match spec.form {
+                Form::Value => {
                     if !input.peek(Token![=]) {
                         return Err(syn::Error::new(
-                            span,
+                            name.span(),
                             format!("`{text}` needs a value: `{text} = …`"),
                         ));
                     }
                     input.parse::<Token![=]>()?;
-                    args.parse_value(&name, input)?;
                 }
-                _ => return Err(unknown_argument(&name)),
+                Form::List => {
+                    if !input.peek(syn::token::Paren) {
+                        return Err(syn::Error::new(
+                            name.span(),
+                            format!("`{text}` takes a list: `{text}(a, b)`"),
+                        ));
+                    }
+                }
             }
+            (spec.parse)(&mut args, &name, input)?;
             if !input.is_empty() {
                 input.parse::<Token![,]>()?;
             }
@@ -104,68 +241,17 @@ impl Parse for Args {
     }
 }
 
-impl Args {
-    fn parse_value(&mut self, name: &Ident, input: ParseStream<'_>) -> syn::Result<()> {
-        match name.to_string().as_str() {
-            "key" => set_plain(&mut self.key, name, input.parse()?),
-            "scope" => set_plain(&mut self.scope, name, input.parse()?),
-            "store" => set_plain(&mut self.store, name, input.parse()?),
-            "ttl" => set(&mut self.ttl, name, parse_duration(name, input)?),
-            "lease" => set(&mut self.lease, name, parse_duration(name, input)?),
-            "wait_timeout" => set(&mut self.wait_timeout, name, parse_duration(name, input)?),
-            "on_conflict" => set(&mut self.on_conflict, name, parse_on_conflict(input)?),
-            "cache_errors" => set(&mut self.cache_errors, name, parse_cache_errors(input)?),
-            "fingerprint" => {
-                let value = parse_bool(input, "`fingerprint` is `true` (the default) or `false`")?;
-                set(&mut self.fingerprint, name, value)
-            }
-            "name" => {
-                let lit = parse_string(
-                    input,
-                    "`name` takes a string literal, e.g. `name = \"payments.charge\"`",
-                )?;
-                if lit.value().trim().is_empty() {
-                    return Err(syn::Error::new(lit.span(), "`name` must not be empty"));
-                }
-                set_plain(&mut self.name, name, lit)
-            }
-            "crate" => {
-                let hint = "`crate` takes the path of the idem runtime as a string, \
-                            e.g. `crate = \"my_crate::idem\"`";
-                let lit = parse_string(input, hint)?;
-                let path = lit
-                    .parse_with(Path::parse_mod_style)
-                    .map_err(|_| syn::Error::new(lit.span(), hint))?;
-                set_plain(&mut self.krate, name, path)
-            }
-            other => unreachable!("`{other}` is listed in ARGUMENTS but not parsed"),
-        }
-    }
-}
-
-fn duplicate(name: &Ident) -> syn::Error {
-    syn::Error::new(
-        name.span(),
-        format!("duplicate `{name}` argument; give it once"),
-    )
-}
-
 fn set<T>(slot: &mut Option<Arg<T>>, name: &Ident, value: T) -> syn::Result<()> {
     if slot.is_some() {
-        return Err(duplicate(name));
+        return Err(syn::Error::new(
+            name.span(),
+            format!("duplicate `{name}` argument; give it once"),
+        ));
     }
     *slot = Some(Arg {
         span: name.span(),
         value,
     });
-    Ok(())
-}
-
-fn set_plain<T>(slot: &mut Option<T>, name: &Ident, value: T) -> syn::Result<()> {
-    if slot.is_some() {
-        return Err(duplicate(name));
-    }
-    *slot = Some(value);
     Ok(())
 }
 
@@ -188,7 +274,7 @@ fn parse_bool(input: ParseStream<'_>, hint: &str) -> syn::Result<bool> {
 fn parse_duration(name: &Ident, input: ParseStream<'_>) -> syn::Result<Duration> {
     if input.peek(LitStr) {
         let lit: LitStr = input.parse()?;
-        let millis = ttl::parse_millis(&lit.value(), &name.to_string())
+        let millis = duration::parse_millis(&lit.value(), &name.to_string())
             .map_err(|msg| syn::Error::new(lit.span(), msg))?;
         return Ok(Duration::Literal {
             millis,
@@ -207,7 +293,7 @@ fn parse_duration(name: &Ident, input: ParseStream<'_>) -> syn::Result<Duration>
             .ok()
             .and_then(|secs| secs.checked_mul(1000))
             .filter(|millis| *millis > 0)
-            .map_or_else(|| "24h".to_owned(), ttl::display_millis);
+            .map_or_else(|| "24h".to_owned(), duration::display_millis);
         return Err(syn::Error::new(
             lit.span(),
             format!(
@@ -273,67 +359,27 @@ fn parse_cache_errors(input: ParseStream<'_>) -> syn::Result<CacheErrors> {
     }
 }
 
-/// The names users reach for, and the argument they mean.
-const HINTS: &[(&str, &str)] = &[
-    ("ttl_secs", "ttl"),
-    ("ttl_seconds", "ttl"),
-    ("ttl_ms", "ttl"),
-    ("expire", "ttl"),
-    ("expires", "ttl"),
-    ("expiry", "ttl"),
-    ("expiration", "ttl"),
-    ("expires_in", "ttl"),
-    ("retention", "ttl"),
-    ("keep", "ttl"),
-    ("idempotency_key", "key"),
-    ("id", "key"),
-    ("tenant", "scope"),
-    ("namespace", "scope"),
-    ("partition", "scope"),
-    ("lock", "lease"),
-    ("lock_ttl", "lease"),
-    ("lease_ttl", "lease"),
-    ("lock_timeout", "lease"),
-    ("conflict", "on_conflict"),
-    ("on_busy", "on_conflict"),
-    ("mode", "on_conflict"),
-    ("timeout", "wait_timeout"),
-    ("wait", "wait_timeout"),
-    ("max_wait", "wait_timeout"),
-    ("cache_error", "cache_errors"),
-    ("cache_err", "cache_errors"),
-    ("errors", "cache_errors"),
-    ("ignore", "skip"),
-    ("exclude", "skip"),
-    ("skip_args", "skip"),
-    ("backend", "store"),
-    ("cache", "store"),
-    ("operation", "name"),
-    ("op", "name"),
-    ("label", "name"),
-    ("check_fingerprint", "fingerprint"),
-    ("check_args", "fingerprint"),
-    ("krate", "crate"),
-];
-
 fn unknown_argument(name: &Ident) -> syn::Error {
     let text = name.to_string();
-    let suggestion = HINTS
+    let suggestion = ARGUMENTS
         .iter()
-        .find(|(wrong, _)| *wrong == text)
-        .map(|(_, right)| *right)
+        .find(|spec| spec.hints.contains(&text.as_str()))
         .or_else(|| {
             ARGUMENTS
                 .iter()
-                .map(|known| (strsim::levenshtein(known, &text), *known))
+                .map(|spec| (strsim::levenshtein(spec.name, &text), spec))
                 .filter(|(distance, _)| *distance <= 2)
-                .min()
-                .map(|(_, known)| known)
+                .min_by_key(|(distance, _)| *distance)
+                .map(|(_, spec)| spec)
         });
     let mut message = format!("unknown argument `{text}`");
-    if let Some(right) = suggestion {
-        message.push_str(&format!("; did you mean `{right}`?"));
+    if let Some(spec) = suggestion {
+        let example = match spec.form {
+            Form::Value => format!("{} = …", spec.name),
+            Form::List => format!("{}(…)", spec.name),
+        };
+        message.push_str(&format!("; did you mean `{example}`?"));
     }
-    message.push_str(&format!(" expected one of: {}", ARGUMENTS.join(", ")));
+    message.push_str(&format!(" expected one of: {}", names()));
     syn::Error::new(name.span(), message)
 }

@@ -7,7 +7,8 @@ use syn::spanned::Spanned as _;
 use syn::{AttrStyle, Expr, Ident, ItemFn, Path, Type};
 
 use crate::args::{Args, CacheErrors, Duration, OnConflict};
-use crate::valid::{Fingerprinted, Shape};
+use crate::func::Shape;
+use crate::valid::Checked;
 
 /// Lints the generated statements may trip in a user's crate; the user's own
 /// tokens (block, expressions) keep every lint.
@@ -27,106 +28,84 @@ fn hidden(name: &str) -> Ident {
 }
 
 /// The rewritten function.
-pub(crate) fn expand(
-    args: &Args,
-    func: &ItemFn,
-    shape: Shape,
-    arguments: &[Fingerprinted],
-) -> TokenStream {
+pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStream {
+    let Checked {
+        shape,
+        fingerprinted,
+    } = checked;
     let krate: Path = args
         .krate
-        .clone()
-        .unwrap_or_else(|| syn::parse_quote!(::idem_core));
+        .as_ref()
+        .map_or_else(|| syn::parse_quote!(::idem_core), |arg| arg.value.clone());
     let allow = allowances();
-    let store = hidden("__idem_store");
+    let handle = hidden("__idem_handle");
+    let settings = hidden("__idem_settings");
     let call = hidden("__idem_call");
     let prepared = hidden("__idem_prepared");
     let body = hidden("__idem_body");
     let fake = hidden("__idem_return");
 
-    let store_expr = match &args.store {
-        Some(expr) => quote_spanned!(expr.span()=> &(#expr)),
-        None => quote!(#krate::__private::default_store()),
+    let handle_expr = match &args.store {
+        Some(store) => {
+            let expr = &store.value;
+            quote_spanned!(expr.span()=> #krate::__private::handle(&(#expr)))
+        }
+        None => quote!(#krate::__private::default_handle()),
     };
     let name = match &args.name {
-        Some(lit) => lit.to_token_stream(),
-        None => {
-            let ident = func.sig.ident.to_string();
-            quote!(::core::concat!(::core::module_path!(), "::", #ident))
-        }
+        Some(name) => name.value.to_token_stream(),
+        None => quote! {{
+            fn __idem_operation() {}
+            #krate::__private::operation_name(::core::any::type_name_of_val(&__idem_operation))
+        }},
     };
-    let fingerprint = arguments.iter().flat_map(|argument| {
+    let fingerprint = fingerprinted.iter().flat_map(|param| {
         let call = &call;
-        argument
+        param
             .bindings
             .iter()
-            .map(move |binding| quote_spanned!(argument.span=> #call.argument(&#binding);))
+            .map(move |binding| quote_spanned!(param.span=> #call.argument(&#binding);))
     });
-    let scope = args.scope.as_ref().map(|expr| {
+    let scope = args.scope.as_ref().map(|arg| {
+        let expr = &arg.value;
         let scope = by_reference(expr);
         quote_spanned!(expr.span()=> #call.scope(#scope);)
     });
-    let key = args.key.as_ref().map(|expr| {
+    let key = args.key.as_ref().map(|arg| {
+        let expr = &arg.value;
         let key = by_reference(expr);
         quote_spanned!(expr.span()=> #call.key(#key);)
     });
     let keyed = args.key.is_some();
     let checked = args.fingerprint.as_ref().is_none_or(|f| f.value);
+    let settings_expr = settings_expr(&krate, args);
 
-    let store_span = args
-        .store
-        .as_ref()
-        .map_or_else(Span::call_site, |expr| expr.span());
-    let mut engine = quote_spanned!(store_span=> #krate::__private::Idempotency::new(#store));
-    let duration = |d: &Duration| match d {
-        Duration::Literal { millis, span } => {
-            quote_spanned!(*span=> #krate::__private::millis(#millis))
-        }
-        Duration::Expr(expr) => expr.to_token_stream(),
-    };
-    if let Some(ttl) = &args.ttl {
-        let ttl = duration(&ttl.value);
-        engine.extend(quote!(.ttl(#ttl)));
-    }
-    if let Some(lease) = &args.lease {
-        let lease = duration(&lease.value);
-        engine.extend(quote!(.lease(#lease)));
-    }
-    if let Some(wait_timeout) = &args.wait_timeout {
-        let wait_timeout = duration(&wait_timeout.value);
-        engine.extend(quote!(.wait_timeout(#wait_timeout)));
-    }
-    if args
-        .on_conflict
-        .as_ref()
-        .is_some_and(|c| c.value == OnConflict::Reject)
-    {
-        engine.extend(quote!(.on_conflict(#krate::__private::OnConflict::Reject)));
-    }
-
-    let (ret, user_body) = match &shape {
-        Shape::Async { ret } => {
+    let ret = shape.ret();
+    let user_body = match &shape {
+        Shape::Async { .. } => {
             let block = &func.block;
-            let body = quote! {
+            quote! {
                 if let ::core::option::Option::Some(#fake) = ::core::option::Option::None::<#ret> {
                     #[allow(unreachable_code)]
                     return #fake;
                 }
                 #block
-            };
-            (ret, body)
+            }
         }
-        Shape::AsyncTrait { ret, stmts } => (ret, quote!(#(#stmts)*)),
+        Shape::AsyncTrait { stmts, .. } => quote!(#(#stmts)*),
     };
     let (run, predicate) = run_call(&krate, ret, args);
     let predicate = predicate.map(|p| quote!(#p,));
     // The whole call, `.await` included, is spanned at the return type: an
     // unfit return type is reported there, once.
-    let run = quote_spanned!(ret.span()=> #run(#engine, #prepared, #predicate #body).await);
+    let run =
+        quote_spanned!(ret.span()=> #run(#handle, #settings, #prepared, #predicate #body).await);
 
     let statements = quote! {
         #allow
-        let #store = #store_expr;
+        let #handle = #handle_expr;
+        #allow
+        let #settings = #settings_expr;
         #allow
         let #prepared = {
             let mut #call = #krate::__private::Call::new(#name);
@@ -164,6 +143,43 @@ pub(crate) fn expand(
     }
 }
 
+/// The call's settings: checked at compile time by the runtime's own rules
+/// (a `const` block) when every duration is a literal, at run time otherwise.
+fn settings_expr(krate: &Path, args: &Args) -> TokenStream {
+    let duration = |d: &Duration| match d {
+        Duration::Literal { millis, span } => {
+            quote_spanned!(*span=> #krate::__private::millis(#millis))
+        }
+        Duration::Expr(expr) => expr.to_token_stream(),
+    };
+    let mut builder = quote!(#krate::__private::Settings::builder());
+    let mut literal = true;
+    for (method, arg) in [
+        ("ttl", &args.ttl),
+        ("lease", &args.lease),
+        ("wait_timeout", &args.wait_timeout),
+    ] {
+        if let Some(arg) = arg {
+            let method = Ident::new(method, arg.span);
+            let value = duration(&arg.value);
+            literal &= arg.value.literal().is_some();
+            builder.extend(quote!(.#method(#value)));
+        }
+    }
+    if args
+        .on_conflict
+        .as_ref()
+        .is_some_and(|c| c.value == OnConflict::Reject)
+    {
+        builder.extend(quote!(.on_conflict(#krate::__private::OnConflict::Reject)));
+    }
+    if literal {
+        quote!(const { #builder.build() })
+    } else {
+        quote!(#builder.build())
+    }
+}
+
 /// `__private::run::<R, …>` (or its error-caching sibling) spanned at the
 /// return type, so that an unfit return type is reported there, and the
 /// caching predicate to pass before the body, if any.
@@ -176,11 +192,11 @@ fn run_call(krate: &Path, ret: &Type, args: &Args) -> (TokenStream, Option<Token
     };
     match predicate {
         None => (
-            quote_spanned!(span=> #krate::__private::run::<#ret, _, _>),
+            quote_spanned!(span=> #krate::__private::run::<#ret, _>),
             None,
         ),
         Some(predicate) => (
-            quote_spanned!(span=> #krate::__private::run_caching_errors::<#ret, _, _, _>),
+            quote_spanned!(span=> #krate::__private::run_caching_errors::<#ret, _, _>),
             Some(predicate),
         ),
     }
@@ -201,10 +217,4 @@ fn by_reference(expr: &Expr) -> TokenStream {
         }
         _ => quote_spanned!(expr.span()=> &(#expr)),
     }
-}
-
-/// The unchanged function, for when its arguments are wrong: callers then
-/// see the argument error alone, not errors of their own.
-pub(crate) fn unchanged(func: &ItemFn) -> TokenStream {
-    func.to_token_stream()
 }

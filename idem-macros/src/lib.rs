@@ -1,8 +1,9 @@
 //! The `#[idempotent]` attribute of [idem](https://docs.rs/idem-core). Use it
 //! through `idem-core`, which re-exports it and documents every argument.
 //!
-//! The crate parses the attribute (`args`, `ttl`), checks it against the
-//! function (`valid`) and rewrites the function (`expand`) into a call of
+//! The crate parses the attribute (`args`, `duration`), models the function
+//! (`func`), checks the two together (`valid`, mirroring the runtime's rules
+//! in `rules`) and rewrites the function (`expand`) into a call of
 //! `idem_core`'s runtime API. A mistake is reported at the offending token,
 //! and the function is still emitted unchanged so that its callers see no
 //! follow-on errors.
@@ -11,8 +12,10 @@ use proc_macro::TokenStream;
 use quote::ToTokens as _;
 
 mod args;
+mod duration;
 mod expand;
-mod ttl;
+mod func;
+mod rules;
 mod valid;
 
 /// (The attribute is implemented in the `idem-macros` crate and used through
@@ -37,13 +40,24 @@ fn idempotent_impl(
     let checked = syn::parse2::<args::Args>(args)
         .and_then(|args| valid::validate(&args, &func).map(|checked| (args, checked)));
     match checked {
-        Ok((args, (shape, arguments))) => expand::expand(&args, &func, shape, &arguments),
+        Ok((args, checked)) => expand::expand(&args, &func, checked),
         Err(error) => {
+            // The function, unchanged, so that its callers see the argument
+            // error alone and no errors of their own.
             let mut out = error.to_compile_error();
-            out.extend(expand::unchanged(&func));
+            out.extend(func.to_token_stream());
             out
         }
     }
+}
+
+/// The macro's copies of the runtime's rules, as a tuple: default TTL,
+/// default lease, minimum lease and maximum duration, in milliseconds. Only
+/// the test that pins them to the runtime's constants uses it.
+#[doc(hidden)]
+#[proc_macro]
+pub fn __rules(_: TokenStream) -> TokenStream {
+    rules::tokens().into()
 }
 
 /// The annotated function, or an error saying what the attribute is on

@@ -1,58 +1,36 @@
-//! Checks that need the function and the arguments together, and the shape of
-//! the function the expansion rewrites.
+//! Checks of the arguments against each other and against the function,
+//! each reported at the offending token in the attribute's words.
 
 use proc_macro2::Span;
 use syn::spanned::Spanned as _;
 use syn::visit::Visit;
-use syn::{
-    Expr, FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReturnType, Stmt, Type,
-    TypeParamBound,
-};
+use syn::{Expr, ItemFn, Type};
 
-use crate::args::{Args, Duration, OnConflict};
-use crate::ttl::display_millis;
+use crate::args::{Args, OnConflict};
+use crate::duration::display_millis;
+use crate::func::{self, Param, Shape};
+use crate::rules::{DEFAULT_LEASE_MILLIS, DEFAULT_TTL_MILLIS, MIN_LEASE_MILLIS};
 
-const DEFAULT_TTL_MILLIS: u64 = 24 * 60 * 60 * 1000;
-const DEFAULT_LEASE_MILLIS: u64 = 60 * 1000;
-
-/// How the function's body is reached.
-pub(crate) enum Shape {
-    /// An `async fn`: its block becomes the body.
-    Async { ret: Type },
-    /// A method `#[async_trait]` already rewrote into
-    /// `fn …(…) -> Pin<Box<dyn Future<Output = R> + …>> { Box::pin(async move { … }) }`:
-    /// the inner async block's statements become the body.
-    AsyncTrait { ret: Type, stmts: Vec<Stmt> },
+/// What the expansion needs once the checks passed.
+pub(crate) struct Checked {
+    pub(crate) shape: Shape,
+    /// The parameters that take part in the fingerprint, with their skipped
+    /// bindings removed.
+    pub(crate) fingerprinted: Vec<Param>,
 }
 
-/// An argument that takes part in the fingerprint: the names its pattern
-/// binds, and its span for diagnostics.
-pub(crate) struct Fingerprinted {
-    pub(crate) bindings: Vec<Ident>,
-    pub(crate) span: Span,
-}
-
-/// Checks `args` against `func`; answers the function's shape and the
-/// arguments that are fingerprinted.
-pub(crate) fn validate(args: &Args, func: &ItemFn) -> syn::Result<(Shape, Vec<Fingerprinted>)> {
+/// Checks `args` against `func`.
+pub(crate) fn validate(args: &Args, func: &ItemFn) -> syn::Result<Checked> {
     let mut errors = Errors::default();
     let shape = errors.keep(shape(func));
-    let arguments = errors.keep(arguments(args, func));
+    let fingerprinted = errors.keep(fingerprinted(args, func));
     errors.keep(durations(args));
-    if let (Some(wait_timeout), Some(on_conflict)) = (&args.wait_timeout, &args.on_conflict)
-        && on_conflict.value == OnConflict::Reject
-    {
-        errors.push(syn::Error::new(
-            wait_timeout.span,
-            "`wait_timeout` needs `on_conflict = wait`: with `on_conflict = reject` a call \
-             never waits; remove one of them",
-        ));
-    }
+    errors.keep(store(args));
     errors.finish()?;
-    Ok((
-        shape.expect("no errors, so a shape"),
-        arguments.expect("no errors, so arguments"),
-    ))
+    Ok(Checked {
+        shape: shape.expect("no errors, so a shape"),
+        fingerprinted: fingerprinted.expect("no errors, so parameters"),
+    })
 }
 
 #[derive(Default)]
@@ -85,7 +63,7 @@ fn shape(func: &ItemFn) -> syn::Result<Shape> {
         ));
     }
     if sig.asyncness.is_none() {
-        if let Some(shape) = async_trait_shape(func) {
+        if let Some(shape) = func::async_trait_shape(func) {
             return Ok(shape);
         }
         return Err(syn::Error::new(
@@ -96,21 +74,18 @@ fn shape(func: &ItemFn) -> syn::Result<Shape> {
             ),
         ));
     }
-    let ret = match &sig.output {
-        ReturnType::Type(_, ty) => (**ty).clone(),
-        ReturnType::Default => {
-            return Err(syn::Error::new(
-                sig.paren_token.span.close(),
-                format!(
-                    "`{}` returns nothing; an `#[idempotent]` fn returns `Result<T, E>` so that \
-                     idem can store `T` and report its own failures through `E`",
-                    sig.ident
-                ),
-            ));
-        }
+    let Some(ret) = func::declared_return(func) else {
+        return Err(syn::Error::new(
+            sig.paren_token.span.close(),
+            format!(
+                "`{}` returns nothing; an `#[idempotent]` fn returns `Result<T, E>` so that \
+                 idem can store `T` and report its own failures through `E`",
+                sig.ident
+            ),
+        ));
     };
-    no_impl_trait(&ret)?;
-    Ok(Shape::Async { ret })
+    no_impl_trait(ret)?;
+    Ok(Shape::Async { ret: ret.clone() })
 }
 
 fn no_impl_trait(ret: &Type) -> syn::Result<()> {
@@ -132,86 +107,13 @@ fn no_impl_trait(ret: &Type) -> syn::Result<()> {
     }
 }
 
-/// Recognises a method `#[async_trait]` rewrote.
-fn async_trait_shape(func: &ItemFn) -> Option<Shape> {
-    let ReturnType::Type(_, ty) = &func.sig.output else {
-        return None;
-    };
-    let ret = future_output(ty)?;
-    let [Stmt::Expr(Expr::Call(call), None)] = func.block.stmts.as_slice() else {
-        return None;
-    };
-    let Expr::Path(callee) = &*call.func else {
-        return None;
-    };
-    if callee.path.segments.last()?.ident != "pin" || call.args.len() != 1 {
-        return None;
-    }
-    let Expr::Async(inner) = call.args.first()? else {
-        return None;
-    };
-    inner.capture?;
-    Some(Shape::AsyncTrait {
-        ret,
-        stmts: inner.block.stmts.clone(),
-    })
-}
-
-/// `R` of `Pin<Box<dyn Future<Output = R> + …>>`.
-fn future_output(ty: &Type) -> Option<Type> {
-    let inner = only_generic(ty, "Pin")?;
-    let inner = only_generic(&inner, "Box")?;
-    let Type::TraitObject(object) = inner else {
-        return None;
-    };
-    object.bounds.iter().find_map(|bound| {
-        let TypeParamBound::Trait(bound) = bound else {
-            return None;
-        };
-        let segment = bound.path.segments.last()?;
-        if segment.ident != "Future" {
-            return None;
-        }
-        let PathArguments::AngleBracketed(args) = &segment.arguments else {
-            return None;
-        };
-        args.args.iter().find_map(|arg| match arg {
-            GenericArgument::AssocType(assoc) if assoc.ident == "Output" => Some(assoc.ty.clone()),
-            _ => None,
-        })
-    })
-}
-
-fn only_generic(ty: &Type, name: &str) -> Option<Type> {
-    let Type::Path(path) = ty else { return None };
-    let segment = path.path.segments.last()?;
-    if segment.ident != name {
-        return None;
-    }
-    let PathArguments::AngleBracketed(args) = &segment.arguments else {
-        return None;
-    };
-    match args.args.first()? {
-        GenericArgument::Type(ty) => Some(ty.clone()),
-        _ => None,
-    }
-}
-
-fn arguments(args: &Args, func: &ItemFn) -> syn::Result<Vec<Fingerprinted>> {
+fn fingerprinted(args: &Args, func: &ItemFn) -> syn::Result<Vec<Param>> {
+    let mut params = func::params(func);
+    let names: Vec<String> = params
+        .iter()
+        .flat_map(|param| param.bindings.iter().map(ToString::to_string))
+        .collect();
     let mut errors = Errors::default();
-    let mut all = Vec::new();
-    let mut names = Vec::new();
-    for input in &func.sig.inputs {
-        if let FnArg::Typed(typed) = input {
-            let mut bindings = Vec::new();
-            collect_bindings(&typed.pat, &mut bindings);
-            names.extend(bindings.iter().map(ToString::to_string));
-            all.push(Fingerprinted {
-                bindings,
-                span: typed.span(),
-            });
-        }
-    }
     let mut skipped: Vec<String> = Vec::new();
     if let Some(skip) = &args.skip {
         for ident in &skip.value {
@@ -244,39 +146,47 @@ fn arguments(args: &Args, func: &ItemFn) -> syn::Result<Vec<Fingerprinted>> {
         }
     }
     errors.finish()?;
-    for argument in &mut all {
-        argument
+    for param in &mut params {
+        param
             .bindings
             .retain(|binding| !skipped.contains(&binding.to_string()));
     }
-    all.retain(|argument| !argument.bindings.is_empty());
-    Ok(all)
+    params.retain(|param| !param.bindings.is_empty());
+    Ok(params)
 }
 
-/// The names a pattern binds, in order.
-fn collect_bindings(pat: &Pat, out: &mut Vec<Ident>) {
-    struct Bindings<'a>(&'a mut Vec<Ident>);
-    impl Visit<'_> for Bindings<'_> {
-        fn visit_pat_ident(&mut self, pat: &syn::PatIdent) {
-            self.0.push(pat.ident.clone());
-            syn::visit::visit_pat_ident(self, pat);
-        }
-    }
-    Bindings(out).visit_pat(pat);
-}
-
+/// The runtime's rules on durations, for literals (the runtime checks
+/// expressions with the same rules and the same words).
 fn durations(args: &Args) -> syn::Result<()> {
-    let literal = |d: &Duration| match d {
-        Duration::Literal { millis, .. } => Some(*millis),
-        Duration::Expr(_) => None,
-    };
+    if let Some(lease) = &args.lease
+        && let Some(millis) = lease.value.literal()
+        && millis < MIN_LEASE_MILLIS
+    {
+        return Err(syn::Error::new(
+            lease.span,
+            format!(
+                "`lease` ({}) is shorter than the minimum of {}",
+                display_millis(millis),
+                display_millis(MIN_LEASE_MILLIS)
+            ),
+        ));
+    }
+    if let (Some(wait_timeout), Some(on_conflict)) = (&args.wait_timeout, &args.on_conflict)
+        && on_conflict.value == OnConflict::Reject
+    {
+        return Err(syn::Error::new(
+            wait_timeout.span,
+            "`wait_timeout` needs `on_conflict = wait`: with `on_conflict = reject` a call \
+             never waits; remove one of them",
+        ));
+    }
     let ttl = match &args.ttl {
-        Some(ttl) => literal(&ttl.value),
+        Some(ttl) => ttl.value.literal(),
         None => Some(DEFAULT_TTL_MILLIS),
     };
     let Some(ttl) = ttl else { return Ok(()) };
     match &args.lease {
-        Some(lease) => match literal(&lease.value) {
+        Some(lease) => match lease.value.literal() {
             Some(millis) if millis >= ttl => Err(syn::Error::new(
                 lease.span,
                 format!(
@@ -297,7 +207,79 @@ fn durations(args: &Args) -> syn::Result<()> {
                  set a shorter one, e.g. `lease = \"{}\"`",
                 display_millis(ttl),
                 display_millis(DEFAULT_LEASE_MILLIS),
-                display_millis((ttl / 3).max(1)),
+                display_millis((ttl / 3).max(MIN_LEASE_MILLIS)),
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Names of calls that build a store or a handle.
+const CONSTRUCTORS: &[&str] = &[
+    "new", "default", "builder", "build", "connect", "memory", "from_arc", "open",
+];
+
+/// `store = …` is evaluated on every call: a handle built there would be new
+/// each time, and would dedup nothing.
+fn store(args: &Args) -> syn::Result<()> {
+    let Some(store) = &args.store else {
+        return Ok(());
+    };
+    let fix = "build the handle once at start-up, keep it (a field, a `static`), and name it \
+               here, e.g. `store = self.idem`";
+    if let Expr::Lit(syn::ExprLit {
+        lit: syn::Lit::Str(url),
+        ..
+    }) = &store.value
+    {
+        return Err(syn::Error::new(
+            url.span(),
+            format!(
+                "`store = \"{}\"` names a URL, but `store = …` takes a handle; {fix}, built \
+                 with `Idempotency::connect(\"{}\").await?`",
+                url.value(),
+                url.value()
+            ),
+        ));
+    }
+    struct Builder(Option<Span>);
+    impl Visit<'_> for Builder {
+        fn visit_expr_call(&mut self, call: &syn::ExprCall) {
+            if let Expr::Path(path) = &*call.func
+                && path
+                    .path
+                    .segments
+                    .last()
+                    .is_some_and(|last| CONSTRUCTORS.contains(&last.ident.to_string().as_str()))
+            {
+                self.0.get_or_insert(call.span());
+            }
+            syn::visit::visit_expr_call(self, call);
+        }
+
+        fn visit_expr_method_call(&mut self, call: &syn::ExprMethodCall) {
+            if CONSTRUCTORS.contains(&call.method.to_string().as_str()) {
+                self.0.get_or_insert(call.span());
+            }
+            syn::visit::visit_expr_method_call(self, call);
+        }
+
+        fn visit_expr_struct(&mut self, literal: &syn::ExprStruct) {
+            self.0.get_or_insert(literal.span());
+        }
+
+        fn visit_expr_await(&mut self, expr: &syn::ExprAwait) {
+            self.0.get_or_insert(expr.span());
+        }
+    }
+    let mut builder = Builder(None);
+    builder.visit_expr(&store.value);
+    match builder.0 {
+        Some(span) => Err(syn::Error::new(
+            span,
+            format!(
+                "`store = …` is evaluated on every call, so a store or handle built here is \
+                 new each time and dedups nothing; {fix}"
             ),
         )),
         None => Ok(()),

@@ -1,7 +1,65 @@
-//! Shared test code: the store conformance suite that every backend passes,
-//! and small helpers for the integration tests under `tests/`.
+//! The conformance kit of [idem](https://docs.rs/idem-core): the store
+//! conformance suite that every built-in backend passes, for any backend to
+//! run, and harnesses that start real servers for tests.
+//!
+//! # Proving a store
+//!
+//! A store written outside idem proves itself with the same suite as the
+//! memory and Redis stores: implement
+//! [`Backend`](conformance::Backend) (open a store, say what lease and TTL
+//! the suite may wait out) and invoke
+//! [`conformance_suite!`] once. It writes one `#[test]` per behaviour:
+//! exactly-once under a thousand concurrent callers, fencing of stale
+//! holders, replay of falsy results, expiry, renewal, waiting, and more.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use idem_core::store::Store;
+//! use idem_test::conformance::{Backend, Timing};
+//!
+//! // Your store; here the memory store stands in for it.
+//! fn my_store() -> Arc<dyn Store> {
+//!     Arc::new(idem_core::MemoryStore::new())
+//! }
+//!
+//! struct MyBackend;
+//!
+//! impl Backend for MyBackend {
+//!     async fn store(&self) -> Arc<dyn Store> {
+//!         my_store()
+//!     }
+//!
+//!     fn timing(&self) -> Timing {
+//!         Timing { lease: Duration::from_secs(2), ttl: Duration::from_secs(10) }
+//!     }
+//!
+//!     // `true` if the store reads tokio's clock, so that the suite can pause
+//!     // it and skip waiting; `false` for a store on a server's clock.
+//!     fn follows_tokio_clock(&self) -> bool {
+//!         true
+//!     }
+//! }
+//!
+//! mod conformance {
+//!     idem_test::conformance_suite!(super::MyBackend);
+//! }
+//! # fn main() {}
+//! ```
+//!
+//! `cargo test` then runs each behaviour as its own test,
+//! `conformance::reject_lets_exactly_one_run` and so on.
+//!
+//! # Real servers
+//!
+//! With the `redis` feature, [`redis_server`] starts `redis-server`
+//! processes (single nodes and a six-node cluster) on free loopback ports,
+//! each watched so that it dies with the test process.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod conformance;
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis_server;

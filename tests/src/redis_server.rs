@@ -5,6 +5,11 @@
 //! that kills it if the test process dies first, so nothing outlives a test
 //! run; dropping a [`RedisServer`] stops it at once. Nothing here touches the
 //! machine's own Redis. A server that cannot start is a panic, never a skip.
+//!
+//! The binaries are `redis-server` and `redis-cli` from `PATH`, or the ones
+//! the environment variables `IDEM_REDIS_SERVER` and `IDEM_REDIS_CLI` name.
+//! The server must be Redis 7.0 or newer (the store's `SET … NX GET`);
+//! an older one is a panic that says so.
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -12,6 +17,55 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// The oldest Redis the store works with.
+pub const MIN_VERSION: (u32, u32) = (7, 0);
+
+/// The `redis-server` binary: `$IDEM_REDIS_SERVER`, or `redis-server` on
+/// `PATH`.
+pub fn server_binary() -> String {
+    std::env::var("IDEM_REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned())
+}
+
+/// The `redis-cli` binary: `$IDEM_REDIS_CLI`, or `redis-cli` on `PATH`.
+pub fn cli_binary() -> String {
+    std::env::var("IDEM_REDIS_CLI").unwrap_or_else(|_| "redis-cli".to_owned())
+}
+
+/// Checks once that the server binary runs and is new enough.
+fn check_version() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let binary = server_binary();
+        let output = Command::new(&binary)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run `{binary}` ({e}); install redis-server (`apt-get install \
+                 redis-server redis-tools`, as .ci/run does) or set IDEM_REDIS_SERVER"
+                )
+            });
+        let text = String::from_utf8_lossy(&output.stdout);
+        let version = parse_version(&text)
+            .unwrap_or_else(|| panic!("cannot read the version of `{binary}`: {text}"));
+        assert!(
+            version >= MIN_VERSION,
+            "`{binary}` is Redis {}.{}; idem needs {}.{} or newer: {text}",
+            version.0,
+            version.1,
+            MIN_VERSION.0,
+            MIN_VERSION.1
+        );
+    });
+}
+
+/// `(major, minor)` of `redis-server --version`'s `v=7.0.15`.
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let version = text.split_whitespace().find_map(|w| w.strip_prefix("v="))?;
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
 
 /// A running `redis-server`.
 pub struct RedisServer {
@@ -62,7 +116,8 @@ impl RedisServer {
     }
 
     fn launch(&mut self) {
-        let mut command = Command::new("redis-server");
+        check_version();
+        let mut command = Command::new(server_binary());
         command
             .arg("--port")
             .arg(self.port.to_string())
@@ -75,12 +130,9 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = command.spawn().unwrap_or_else(|e| {
-            panic!(
-                "cannot run redis-server ({e}); install it (`apt-get install redis-server \
-                 redis-tools`, as .ci/run does)"
-            )
-        });
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run `{}` ({e})", server_binary()));
         watch(child.id());
         self.child = Some(child);
         self.wait_until_ready();
@@ -175,11 +227,16 @@ impl Drop for RedisServer {
 
 /// Runs `redis-cli -p port args…`.
 pub fn cli(port: u16, args: &[&str]) -> String {
-    let output = Command::new("redis-cli")
+    let output = Command::new(cli_binary())
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); install redis-tools"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `{}` ({e}); install redis-tools or set IDEM_REDIS_CLI",
+                cli_binary()
+            )
+        });
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -195,8 +252,9 @@ fn ping(port: u16) -> bool {
     matches!(stream.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
 }
 
-/// Kills `pid` when this test process exits, however it exits.
-fn watch(pid: u32) {
+/// Kills `pid` when this test process exits, however it exits: a watchdog
+/// for any server a harness starts.
+pub fn watch(pid: u32) {
     let parent = std::process::id();
     let script = format!(
         "while kill -0 {parent} 2>/dev/null && kill -0 {pid} 2>/dev/null; do sleep 0.3; done; \
@@ -233,7 +291,7 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let output = Command::new("redis-cli")
+        let output = Command::new(cli_binary())
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -356,4 +414,15 @@ pub fn shared_node() -> &'static RedisServer {
 pub fn shared_cluster() -> &'static RedisCluster {
     static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
     CLUSTER.get_or_init(RedisCluster::start)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_are_read_from_the_banner() {
+        let banner = "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64";
+        assert_eq!(super::parse_version(banner), Some((7, 0)));
+        assert_eq!(super::parse_version("v=6.2.1"), Some((6, 2)));
+        assert_eq!(super::parse_version("garbage"), None);
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idem_core::{MemoryStore, Store, idempotent};
+use idem_core::{Idempotency, idempotent};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug)]
@@ -55,24 +55,24 @@ async fn free_functions_run_once_and_check_arguments() {
 
 #[derive(Default)]
 struct Service {
-    store: MemoryStore,
+    idem: Idempotency,
     runs: AtomicU32,
     calls_made: u32,
 }
 
 impl Service {
-    #[idempotent(key = key, store = self.store)]
+    #[idempotent(key = key, store = self.idem)]
     async fn by_ref(&self, key: u64) -> AppResult<u32> {
         Ok(self.runs.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
-    #[idempotent(key = key, store = self.store)]
+    #[idempotent(key = key, store = self.idem)]
     async fn by_mut(&mut self, key: u64) -> AppResult<u32> {
         self.calls_made += 1;
         Ok(self.calls_made)
     }
 
-    #[idempotent(key = key, store = self.store)]
+    #[idempotent(key = key, store = self.idem)]
     async fn by_arc(self: Arc<Self>, key: u64) -> AppResult<u32> {
         Ok(self.runs.fetch_add(1, Ordering::SeqCst) + 100)
     }
@@ -217,13 +217,13 @@ trait BoxedLedger {
 
 #[derive(Default)]
 struct Books {
-    store: MemoryStore,
+    idem: Idempotency,
     runs: AtomicU32,
 }
 
 impl Ledger for Books {
     /// Doc comments and other attributes are kept.
-    #[idempotent(key = entry, store = self.store)]
+    #[idempotent(key = entry, store = self.idem)]
     #[allow(clippy::unused_async)]
     async fn record(&self, entry: u64) -> AppResult<u64> {
         self.runs.fetch_add(1, Ordering::SeqCst);
@@ -233,7 +233,7 @@ impl Ledger for Books {
 
 #[async_trait::async_trait]
 impl BoxedLedger for Books {
-    #[idempotent(key = entry, name = "books.boxed", store = self.store)]
+    #[idempotent(key = entry, name = "books.boxed", store = self.idem)]
     async fn record(&self, entry: u64, memo: String) -> AppResult<u64> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         Ok(entry * 100 + memo.len() as u64)
@@ -327,25 +327,26 @@ async fn cached_errors_replay() {
 }
 
 /// Reject instead of waiting, with a `Duration` expression for the TTL.
-#[idempotent(key = key, on_conflict = reject, ttl = Duration::from_secs(30), lease = "5s", store = store, skip(store, gate))]
-async fn rejecting(store: &MemoryStore, key: u8, gate: Arc<tokio::sync::Notify>) -> AppResult<u8> {
+#[idempotent(key = key, on_conflict = reject, ttl = Duration::from_secs(30), lease = "5s", store = idem, skip(idem, gate))]
+async fn rejecting(idem: &Idempotency, key: u8, gate: Arc<tokio::sync::Notify>) -> AppResult<u8> {
     gate.notified().await;
     Ok(key)
 }
 
 #[tokio::test]
 async fn on_conflict_reject_refuses_concurrent_duplicates() {
-    let store = MemoryStore::new();
+    let store = idem_core::MemoryStore::new();
+    let idem = Idempotency::new(store.clone());
     let gate = Arc::new(tokio::sync::Notify::new());
     let holder = {
-        let (store, gate) = (store.clone(), Arc::clone(&gate));
-        tokio::spawn(async move { rejecting(&store, 1, gate).await })
+        let (idem, gate) = (idem.clone(), Arc::clone(&gate));
+        tokio::spawn(async move { rejecting(&idem, 1, gate).await })
     };
     tokio::task::yield_now().await;
     while store.is_empty() {
         tokio::task::yield_now().await;
     }
-    match rejecting(&store, 1, Arc::clone(&gate)).await {
+    match rejecting(&idem, 1, Arc::clone(&gate)).await {
         Err(AppError::Idem(idem_core::Error::InProgress { retry_after })) => {
             assert!(retry_after <= Duration::from_secs(5));
         }
@@ -367,15 +368,15 @@ async fn fingerprint_false_replays_for_other_arguments() {
     assert_eq!(unchecked(1, "x".into(), other).await.unwrap(), first);
 }
 
-#[idempotent(key = key, store = store, skip(store))]
-async fn with_dyn_store(store: Arc<dyn Store>, key: u8) -> AppResult<u8> {
+#[idempotent(key = key, store = idem, skip(idem))]
+async fn with_shared_handle(idem: Arc<Idempotency>, key: u8) -> AppResult<u8> {
     Ok(key)
 }
 
 #[tokio::test]
 async fn the_returned_future_is_send() {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let handle = tokio::spawn(with_dyn_store(Arc::clone(&store), 7));
+    let idem = Arc::new(Idempotency::memory());
+    let handle = tokio::spawn(with_shared_handle(Arc::clone(&idem), 7));
     assert_eq!(handle.await.unwrap().unwrap(), 7);
     let books = Arc::new(Books::default());
     let handle = tokio::spawn(async move { Ledger::record(&*books, 2).await });

@@ -2,13 +2,14 @@
 //! memory store promises: bounded size and background reclaiming.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use idem_core::{
-    Begin, Completion, Error, Fingerprint, Idempotency, Key, MemoryStore, Record, Store,
-    StoreError, StoreErrorKind, StoreFuture, Token,
+use idem_core::store::{
+    Begin, Completion, Record, Store, StoreError, StoreErrorKind, StoreFuture, Token,
 };
-use tests::conformance::{Backend, Failure, Runs, Timing, fresh};
+use idem_core::{Error, Fingerprint, Idempotency, Key, MemoryStore, OnConflict, Settings};
+use idem_test::conformance::{Backend, Caller, Failure, Runs, Timing, fresh};
 
 struct Memory;
 
@@ -30,7 +31,7 @@ impl Backend for Memory {
 }
 
 mod conformance {
-    tests::conformance_suite!(super::Memory);
+    idem_test::conformance_suite!(super::Memory);
 }
 
 #[tokio::test(start_paused = true)]
@@ -38,11 +39,16 @@ async fn expired_records_are_reclaimed_without_callers() {
     let store = MemoryStore::builder()
         .sweep_interval(Duration::from_secs(1))
         .build();
-    let idem = Idempotency::new(&store).ttl(Duration::from_secs(10));
+    let idem = Idempotency::new(store.clone());
+    let settings = Settings::builder()
+        .ttl(Duration::from_secs(10))
+        .lease(Duration::from_secs(3))
+        .build()
+        .unwrap();
     for i in 0..100 {
         let key = Key::new("reclaim", &i).unwrap();
         let fp = Fingerprint::of(&i).unwrap();
-        idem.run(key, fp, async { Ok::<_, Failure>(i) })
+        idem.run(&settings, key, fp, async { Ok::<_, Failure>(i) })
             .await
             .unwrap();
     }
@@ -89,10 +95,13 @@ async fn a_full_store_refuses_new_keys_and_keeps_old_ones() {
     assert!(err.to_string().contains("max_records"), "{err}");
     assert_eq!(store.len(), 2);
 
-    let result = Idempotency::new(&store)
-        .run(Key::new("cap", &3).unwrap(), fp, async {
-            Ok::<_, Failure>(())
-        })
+    let result = Idempotency::new(store.clone())
+        .run(
+            &Settings::DEFAULT,
+            Key::new("cap", &3).unwrap(),
+            fp,
+            async { Ok::<_, Failure>(()) },
+        )
         .await;
     match result {
         Err(Failure::Idem(e)) => assert_eq!(e.http_status(), 503),
@@ -101,16 +110,12 @@ async fn a_full_store_refuses_new_keys_and_keeps_old_ones() {
 }
 
 #[tokio::test]
-async fn clones_share_records_and_coalesce() {
+async fn clones_share_records() {
     let store = MemoryStore::new();
     let clone = store.clone();
-    assert_eq!(store.instance_id(), clone.instance_id());
-    assert_eq!(store.instance_id(), Store::instance_id(&&store));
-    let arc: Arc<dyn Store> = Arc::new(store.clone());
-    assert_eq!(store.instance_id(), arc.instance_id());
     let (key, fp) = fresh("clones");
-    Idempotency::new(&store)
-        .run(key, fp, async { Ok::<_, Failure>(1) })
+    Idempotency::new(store)
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
         .await
         .unwrap();
     assert_eq!(clone.len(), 1);
@@ -145,10 +150,14 @@ impl Store for Down {
 async fn a_failing_store_fails_closed() {
     let runs = Runs::default();
     let (key, fp) = fresh("down");
-    for on_conflict in [idem_core::OnConflict::Wait, idem_core::OnConflict::Reject] {
-        let result = Idempotency::new(Down)
+    let idem = Idempotency::new(Down);
+    for on_conflict in [OnConflict::Wait, OnConflict::Reject] {
+        let settings = Settings::builder()
             .on_conflict(on_conflict)
-            .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+            .build()
+            .unwrap();
+        let result = idem
+            .run(&settings, key, fp, async { Ok::<_, Failure>(runs.mark()) })
             .await;
         match result {
             Err(Failure::Idem(Error::Store(e))) => {
@@ -164,13 +173,14 @@ async fn a_failing_store_fails_closed() {
 async fn a_storm_on_a_failing_store_shares_the_failure() {
     let runs = Runs::default();
     let (key, fp) = fresh("down-storm");
-    let store = Arc::new(Down);
+    let idem = Idempotency::new(Down);
     let calls = (0..50).map(|_| {
-        let (store, runs) = (Arc::clone(&store), runs.clone());
+        let (idem, runs) = (idem.clone(), runs.clone());
         async move {
-            Idempotency::new(store)
-                .run(key, fp, async move { Ok::<_, Failure>(runs.mark()) })
-                .await
+            idem.run(&Settings::DEFAULT, key, fp, async move {
+                Ok::<_, Failure>(runs.mark())
+            })
+            .await
         }
     });
     for result in futures_join_all(calls).await {
@@ -192,21 +202,123 @@ where
 }
 
 #[tokio::test]
-async fn the_default_store_is_an_in_process_memory_store() {
-    let store = idem_core::default_store();
+async fn the_default_handle_is_an_in_process_memory_store() {
     let (key, fp) = fresh("default");
-    let first = Idempotency::new(store)
+    let caller = Caller::new(
+        idem_core::default_handle(),
+        Timing {
+            lease: Duration::from_secs(3),
+            ttl: Duration::from_secs(60),
+        },
+    );
+    let first = caller
         .run(key, fp, async { Ok::<_, Failure>(5) })
         .await
         .unwrap();
-    let again = Idempotency::new(idem_core::default_store())
+    let again = caller
         .run(key, fp, async { Ok::<_, Failure>(6) })
         .await
         .unwrap();
     assert_eq!((first, again), (5, 5));
-    let replacement = idem_core::connect("memory://").await.unwrap();
+    let replacement = Idempotency::connect("memory://").await.unwrap();
+    let refused = idem_core::set_default(replacement).expect_err("fixed once used");
     assert!(
-        idem_core::set_default_store(replacement).is_err(),
-        "the default store is fixed once used"
+        refused.to_string().contains("already set or used"),
+        "{refused}"
+    );
+}
+
+/// Counts `begin`s, the round trips a claim or replay costs.
+struct Counting(MemoryStore, Arc<AtomicUsize>);
+
+impl Store for Counting {
+    fn begin(
+        &self,
+        key: Key,
+        fp: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, Begin> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.begin(key, fp, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: Key,
+        token: Token,
+        record: Record,
+        ttl: Duration,
+    ) -> StoreFuture<'_, Completion> {
+        self.0.complete(key, token, record, ttl)
+    }
+
+    fn release(&self, key: Key, token: Token) -> StoreFuture<'_, ()> {
+        self.0.release(key, token)
+    }
+
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        self.0.renew(key, token, lease)
+    }
+
+    fn watch(&self, key: Key) -> Option<idem_core::store::Watch> {
+        self.0.watch(key)
+    }
+}
+
+/// A handle owns its flights: 100 concurrent callers on one handle cost one
+/// `begin`; on two handles (two "processes") the second handle's callers
+/// reach the store on their own, and the body still runs once.
+#[tokio::test(start_paused = true)]
+async fn handles_own_their_flights() {
+    let begins = Arc::new(AtomicUsize::new(0));
+    let store: Arc<dyn Store> = Arc::new(Counting(MemoryStore::new(), Arc::clone(&begins)));
+    let timing = Memory.timing();
+    let storm = |handles: Vec<Idempotency>, runs: Runs| async move {
+        let (key, fp) = fresh("own-flights");
+        let mut callers = tokio::task::JoinSet::new();
+        for i in 0..100 {
+            let (caller, runs) = (
+                Caller::new(&handles[i % handles.len()], timing),
+                runs.clone(),
+            );
+            callers.spawn(async move {
+                caller
+                    .run(key, fp, async move {
+                        runs.mark();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok::<_, Failure>(7_u8)
+                    })
+                    .await
+            });
+        }
+        assert!(
+            callers
+                .join_all()
+                .await
+                .into_iter()
+                .all(|r| r.unwrap() == 7)
+        );
+    };
+
+    let runs = Runs::default();
+    storm(
+        vec![Idempotency::from_arc(Arc::clone(&store))],
+        runs.clone(),
+    )
+    .await;
+    assert_eq!(runs.count(), 1);
+    assert_eq!(begins.swap(0, Ordering::SeqCst), 1, "one handle: one begin");
+
+    let runs = Runs::default();
+    let two = vec![
+        Idempotency::from_arc(Arc::clone(&store)),
+        Idempotency::from_arc(Arc::clone(&store)),
+    ];
+    storm(two, runs.clone()).await;
+    assert_eq!(runs.count(), 1, "the store still runs the key once");
+    assert!(
+        begins.load(Ordering::SeqCst) >= 3,
+        "the second handle claims, waits and replays on its own: {begins:?}"
     );
 }

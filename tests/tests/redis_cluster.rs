@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_core::store::redis::RedisStore;
-use idem_core::{Fingerprint, Idempotency, Key, Store, Token};
-use tests::conformance::{Backend, Failure, Runs, Timing};
-use tests::redis_server::{RedisCluster, RedisServer, shared_cluster};
+use idem_core::store::{Store, Token};
+use idem_core::{Fingerprint, Idempotency, Key, RedisStore, Settings};
+use idem_test::conformance::{Backend, Failure, Runs, Timing};
+use idem_test::redis_server::{RedisCluster, RedisServer, shared_cluster};
 
 struct Cluster;
 
@@ -18,7 +18,7 @@ impl Backend for Cluster {
     }
 
     fn timing(&self) -> Timing {
-        tests::redis_server::TIMING
+        idem_test::redis_server::TIMING
     }
 
     fn follows_tokio_clock(&self) -> bool {
@@ -27,7 +27,7 @@ impl Backend for Cluster {
 }
 
 mod conformance {
-    tests::conformance_suite!(super::Cluster);
+    idem_test::conformance_suite!(super::Cluster);
 }
 
 async fn connect(cluster: &RedisCluster) -> RedisStore {
@@ -39,7 +39,7 @@ async fn connect(cluster: &RedisCluster) -> RedisStore {
 #[test]
 fn exactly_once_across_four_processes() {
     let counter = RedisServer::start();
-    tests::redis_server::exactly_once_across_processes(
+    idem_test::redis_server::exactly_once_across_processes(
         env!("CARGO_BIN_EXE_idem-storm"),
         &shared_cluster().url(),
         &counter,
@@ -51,13 +51,16 @@ fn exactly_once_across_four_processes() {
 async fn keys_spread_over_every_primary() {
     let cluster = shared_cluster();
     let store = connect(cluster).await;
-    let idem = Idempotency::new(&store);
+    let idem = Idempotency::new(store);
     let name = format!("spread.{}", Token::random());
     for i in 0..300 {
         let key = Key::new(&name, &i).unwrap();
-        idem.run(key, Fingerprint::of(&i).unwrap(), async {
-            Ok::<_, Failure>(i)
-        })
+        idem.run(
+            &Settings::DEFAULT,
+            key,
+            Fingerprint::of(&i).unwrap(),
+            async { Ok::<_, Failure>(i) },
+        )
         .await
         .unwrap();
     }
@@ -72,21 +75,25 @@ async fn keys_spread_over_every_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completed_records_survive_a_coordinated_failover() {
     let cluster = RedisCluster::start();
-    let store: Arc<dyn Store> = Arc::new(connect(&cluster).await);
+    let idem = Idempotency::new(connect(&cluster).await);
     let name = format!("failover.{}", Token::random());
     let runs = Runs::default();
     let call = {
-        let (store, runs, name) = (Arc::clone(&store), runs.clone(), name.clone());
+        let (idem, runs, name) = (idem.clone(), runs.clone(), name.clone());
         move |i: u32| {
-            let (store, runs, name) = (Arc::clone(&store), runs.clone(), name.clone());
+            let (idem, runs, name) = (idem.clone(), runs.clone(), name.clone());
             async move {
                 let key = Key::new(&name, &i).unwrap();
-                Idempotency::new(store)
-                    .run(key, Fingerprint::of(&i).unwrap(), async move {
+                idem.run(
+                    &Settings::DEFAULT,
+                    key,
+                    Fingerprint::of(&i).unwrap(),
+                    async move {
                         runs.mark();
                         Ok::<_, Failure>(i * 10)
-                    })
-                    .await
+                    },
+                )
+                .await
             }
         }
     };

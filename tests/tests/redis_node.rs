@@ -7,13 +7,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::store::redis::RedisStore;
-use idem_core::{
-    Begin, Error, Fingerprint, Idempotency, Key, OnConflict, Outcome, Record, Store,
-    StoreErrorKind, Token,
-};
-use tests::conformance::{Backend, Failure, Runs, Timing, fresh};
-use tests::redis_server::{RedisServer, shared_node};
+use idem_core::store::redis::envelope;
+use idem_core::store::{Begin, Outcome, Record, Store, StoreErrorKind, Token};
+use idem_core::{Error, Fingerprint, Idempotency, Key, OnConflict, RedisStore, Settings};
+use idem_test::conformance::{Backend, Failure, Runs, Timing, fresh};
+use idem_test::redis_server::{RedisServer, shared_node};
 
 struct Node;
 
@@ -23,7 +21,7 @@ impl Backend for Node {
     }
 
     fn timing(&self) -> Timing {
-        tests::redis_server::TIMING
+        idem_test::redis_server::TIMING
     }
 
     fn follows_tokio_clock(&self) -> bool {
@@ -32,7 +30,7 @@ impl Backend for Node {
 }
 
 mod conformance {
-    tests::conformance_suite!(super::Node);
+    idem_test::conformance_suite!(super::Node);
 }
 
 async fn connect(url: &str) -> RedisStore {
@@ -73,39 +71,47 @@ fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> (u64, V
 async fn round_trips_per_call_are_one_two_and_two() {
     let server = RedisServer::start();
     let store = connect(&server.url()).await;
-    let idem = Idempotency::new(&store);
+    let idem = Idempotency::new(store.clone());
     // Load every script once, so the counts below are steady-state.
     let (key, fp) = fresh("warm-up");
-    idem.run(key, fp, async { Ok::<_, Failure>(1) })
+    idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
         .await
         .unwrap();
-    idem.run(key, fp, async { Ok::<_, Failure>(1) })
+    idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
         .await
         .unwrap();
     let (key, fp) = fresh("warm-up-failed");
     let _ = idem
-        .run(key, fp, async { Err::<u8, _>(Failure::Body(1)) })
+        .run(&Settings::DEFAULT, key, fp, async {
+            Err::<u8, _>(Failure::Body(1))
+        })
         .await;
 
     let (key, fp) = fresh("first-run");
     let before = client_commands(&server);
-    idem.run(key, fp, async { Ok::<_, Failure>("r".to_owned()) })
-        .await
-        .unwrap();
+    idem.run(&Settings::DEFAULT, key, fp, async {
+        Ok::<_, Failure>("r".to_owned())
+    })
+    .await
+    .unwrap();
     let (first_run, names) = delta(&before, &client_commands(&server));
     assert_eq!(first_run, 2, "a first run is begin + complete: {names:?}");
 
     let before = client_commands(&server);
-    idem.run(key, fp, async { Ok::<_, Failure>("other".to_owned()) })
-        .await
-        .unwrap();
+    idem.run(&Settings::DEFAULT, key, fp, async {
+        Ok::<_, Failure>("other".to_owned())
+    })
+    .await
+    .unwrap();
     let (hit, names) = delta(&before, &client_commands(&server));
     assert_eq!(hit, 1, "a replayed hit is one round trip: {names:?}");
 
     let (key, fp) = fresh("failed-run");
     let before = client_commands(&server);
     let _ = idem
-        .run(key, fp, async { Err::<u8, _>(Failure::Body(2)) })
+        .run(&Settings::DEFAULT, key, fp, async {
+            Err::<u8, _>(Failure::Body(2))
+        })
         .await;
     let (failed, names) = delta(&before, &client_commands(&server));
     assert_eq!(failed, 2, "a failed run is begin + release: {names:?}");
@@ -114,7 +120,7 @@ async fn round_trips_per_call_are_one_two_and_two() {
 #[test]
 fn exactly_once_across_four_processes() {
     let server = RedisServer::start();
-    tests::redis_server::exactly_once_across_processes(
+    idem_test::redis_server::exactly_once_across_processes(
         env!("CARGO_BIN_EXE_idem-storm"),
         &server.url(),
         &server,
@@ -125,30 +131,29 @@ fn exactly_once_across_four_processes() {
 #[tokio::test]
 async fn a_killed_server_fails_closed_then_recovers() {
     let mut server = RedisServer::start();
-    let store: Arc<dyn Store> = Arc::new(connect(&server.url()).await);
-    let idem = || Idempotency::new(Arc::clone(&store));
+    let idem = Idempotency::new(connect(&server.url()).await);
     let runs = Runs::default();
     let (key, fp) = fresh("before-outage");
-    idem()
-        .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
-        .await
-        .unwrap();
+    idem.run(&Settings::DEFAULT, key, fp, async {
+        Ok::<_, Failure>(runs.mark())
+    })
+    .await
+    .unwrap();
 
     // Killed in the middle of a call: the holder's own caller gets its result;
     // the record cannot be stored and the claim dies with the server.
     let (key, fp) = fresh("mid-call");
     let (tell, began) = tokio::sync::oneshot::channel();
     let holder = {
-        let (store, runs) = (Arc::clone(&store), runs.clone());
+        let (idem, runs) = (idem.clone(), runs.clone());
         tokio::spawn(async move {
-            Idempotency::new(store)
-                .run(key, fp, async move {
-                    runs.mark();
-                    let _ = tell.send(());
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    Ok::<_, Failure>("finished".to_owned())
-                })
-                .await
+            idem.run(&Settings::DEFAULT, key, fp, async move {
+                runs.mark();
+                let _ = tell.send(());
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, Failure>("finished".to_owned())
+            })
+            .await
         })
     };
     began.await.unwrap();
@@ -158,8 +163,10 @@ async fn a_killed_server_fails_closed_then_recovers() {
 
     for _ in 0..3 {
         let (key, fp) = fresh("during-outage");
-        let result = idem()
-            .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        let result = idem
+            .run(&Settings::DEFAULT, key, fp, async {
+                Ok::<_, Failure>(runs.mark())
+            })
             .await;
         match result {
             Err(Failure::Idem(Error::Store(e))) => {
@@ -172,8 +179,10 @@ async fn a_killed_server_fails_closed_then_recovers() {
 
     server.restart();
     let (key, fp) = fresh("after-restart");
-    let mut result = idem()
-        .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+    let mut result = idem
+        .run(&Settings::DEFAULT, key, fp, async {
+            Ok::<_, Failure>(runs.mark())
+        })
         .await;
     // The connection manager may still be between reconnect attempts.
     for _ in 0..20 {
@@ -181,8 +190,10 @@ async fn a_killed_server_fails_closed_then_recovers() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        result = idem()
-            .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        result = idem
+            .run(&Settings::DEFAULT, key, fp, async {
+                Ok::<_, Failure>(runs.mark())
+            })
             .await;
     }
     assert_eq!(result.expect("the same store works after the restart"), 3);
@@ -192,10 +203,10 @@ async fn a_killed_server_fails_closed_then_recovers() {
 async fn a_killed_connection_is_replaced_by_the_next_call() {
     let server = RedisServer::start();
     let store = connect(&server.url()).await;
-    let idem = Idempotency::new(&store);
+    let idem = Idempotency::new(store.clone());
     let (key, fp) = fresh("client-kill");
     assert_eq!(
-        idem.run(key, fp, async { Ok::<_, Failure>(1) })
+        idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
             .await
             .unwrap(),
         1
@@ -206,14 +217,14 @@ async fn a_killed_connection_is_replaced_by_the_next_call() {
         "killed {killed}"
     );
     assert_eq!(
-        idem.run(key, fp, async { Ok::<_, Failure>(2) })
+        idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
             .await
             .unwrap(),
         1
     );
     let (key, fp) = fresh("client-kill-new");
     assert_eq!(
-        idem.run(key, fp, async { Ok::<_, Failure>(3) })
+        idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(3) })
             .await
             .unwrap(),
         3
@@ -224,17 +235,17 @@ async fn a_killed_connection_is_replaced_by_the_next_call() {
 async fn flushed_scripts_are_loaded_again() {
     let server = RedisServer::start();
     let store = connect(&server.url()).await;
-    let idem = Idempotency::new(&store);
+    let idem = Idempotency::new(store.clone());
     let (key, fp) = fresh("script-flush");
     assert_eq!(
-        idem.run(key, fp, async { Ok::<_, Failure>(1) })
+        idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
             .await
             .unwrap(),
         1
     );
     assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
     assert_eq!(
-        idem.run(key, fp, async { Ok::<_, Failure>(2) })
+        idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
             .await
             .unwrap(),
         1
@@ -242,7 +253,7 @@ async fn flushed_scripts_are_loaded_again() {
     let (key, fp) = fresh("script-flush-new");
     assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
     assert_eq!(
-        idem.run(key, fp, async { Ok::<_, Failure>(3) })
+        idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(3) })
             .await
             .unwrap(),
         3
@@ -267,9 +278,12 @@ async fn a_paused_server_times_out_without_granting_a_second_claim() {
 
     assert_eq!(server.cli(&["CLIENT", "PAUSE", "1500", "ALL"]).trim(), "OK");
     let runs = Runs::default();
-    let during = Idempotency::new(&store)
+    let reject = Settings::builder()
         .on_conflict(OnConflict::Reject)
-        .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        .build()
+        .unwrap();
+    let during = Idempotency::new(store.clone())
+        .run(&reject, key, fp, async { Ok::<_, Failure>(runs.mark()) })
         .await;
     match during {
         Err(Failure::Idem(Error::Store(e))) => assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}"),
@@ -345,8 +359,10 @@ async fn records_that_are_not_ours_are_clear_errors() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
-    let result = Idempotency::new(&store)
-        .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+    let result = Idempotency::new(store.clone())
+        .run(&Settings::DEFAULT, key, fp, async {
+            Ok::<_, Failure>(runs.mark())
+        })
         .await;
     assert!(
         matches!(result, Err(Failure::Idem(Error::Store(_)))),
@@ -387,10 +403,10 @@ async fn records_that_are_not_ours_are_clear_errors() {
             .complete(key, token, Record::new(Outcome::Ok, &b"1"[..]), lease)
             .await
             .unwrap();
-        // Keep the state, token and fingerprint; replace the record after them.
+        // Keep the header; replace the record after it.
         let record_key = store.record_key(&key);
         let mut value = raw_get(&server, &record_key).await;
-        value.truncate(1 + 16 + 32);
+        value.truncate(envelope::HEADER);
         value.extend_from_slice(bytes);
         raw(&server, &[b"SET", record_key.as_bytes(), &value]).await;
         let err = store
@@ -424,10 +440,13 @@ async fn stored_keys_are_prefixed_hash_tagged_digests() {
         .await
         .unwrap();
     let key = Key::new("orders.create", "customer-secret-42").unwrap();
-    Idempotency::new(&store)
-        .run(key, Fingerprint::of(&()).unwrap(), async {
-            Ok::<_, Failure>(())
-        })
+    Idempotency::new(store)
+        .run(
+            &Settings::DEFAULT,
+            key,
+            Fingerprint::of(&()).unwrap(),
+            async { Ok::<_, Failure>(()) },
+        )
         .await
         .unwrap();
     let keys = server.cli(&["KEYS", "*"]);
@@ -442,16 +461,16 @@ async fn stored_keys_are_prefixed_hash_tagged_digests() {
 #[tokio::test]
 async fn connect_by_url() {
     let server = RedisServer::start();
-    let store = idem_core::connect(&format!("{}/0", server.url()))
+    let idem = Idempotency::connect(&format!("{}/0", server.url()))
         .await
         .unwrap();
     let (key, fp) = fresh("by-url");
-    let result = Idempotency::new(store)
-        .run(key, fp, async { Ok::<_, Failure>(5) })
+    let result = idem
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(5) })
         .await;
     assert_eq!(result.unwrap(), 5);
 
-    let port = tests::redis_server::free_port();
+    let port = idem_test::redis_server::free_port();
     let err = idem_core::connect(&format!("redis://127.0.0.1:{port}"))
         .await
         .err()

@@ -1,12 +1,10 @@
-//! Choosing a store: by URL at run time, and the process-wide default.
+//! Choosing a store by URL at run time.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use super::Store;
 use super::memory::MemoryStore;
 use crate::error::{StoreError, StoreErrorKind};
-
-static DEFAULT_STORE: OnceLock<Arc<dyn Store>> = OnceLock::new();
 
 /// Opens the store a URL names.
 ///
@@ -18,12 +16,16 @@ static DEFAULT_STORE: OnceLock<Arc<dyn Store>> = OnceLock::new();
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), idem_core::StoreError> {
+/// # async fn main() -> Result<(), idem_core::store::StoreError> {
 /// let store = idem_core::connect("memory://").await?;
-/// # let _ = store;
+/// let idem = idem_core::Idempotency::from_arc(store);
+/// # let _ = idem;
 /// # Ok(())
 /// # }
 /// ```
+///
+/// [`Idempotency::connect`](crate::Idempotency::connect) opens a store and
+/// wraps it in a handle in one step.
 ///
 /// # Errors
 /// A [`StoreErrorKind::Config`] error for a URL that is malformed, whose
@@ -38,7 +40,7 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         "memory" => Ok(Arc::new(memory_from_url(rest)?)),
         #[cfg(feature = "redis")]
         "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
-            Ok(Arc::new(super::redis::RedisStore::connect(url).await?))
+            Ok(Arc::new(crate::RedisStore::connect(url).await?))
         }
         #[cfg(not(feature = "redis"))]
         "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Err(config(format!(
@@ -87,31 +89,6 @@ fn memory_from_url(rest: &str) -> Result<MemoryStore, StoreError> {
 
 fn config(message: String) -> StoreError {
     StoreError::new(StoreErrorKind::Config, message)
-}
-
-/// Sets the process-wide store that `#[idempotent]` functions without a
-/// `store = …` argument use. Call it once, at start-up, before any such call.
-///
-/// ```
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// idem_core::set_default_store(idem_core::connect("memory://?max_records=1000").await?)
-///     .map_err(|_| "the default store was already set")?;
-/// # Ok(())
-/// # }
-/// ```
-///
-/// # Errors
-/// Gives `store` back when the default store was already set, or already
-/// used (which fixes it to an in-process memory store).
-pub fn set_default_store(store: Arc<dyn Store>) -> Result<(), Arc<dyn Store>> {
-    DEFAULT_STORE.set(store)
-}
-
-/// The process-wide store: the one given to [`set_default_store`], or else an
-/// in-process [`MemoryStore`] made on first use.
-pub fn default_store() -> &'static Arc<dyn Store> {
-    DEFAULT_STORE.get_or_init(|| Arc::new(MemoryStore::new()))
 }
 
 #[cfg(test)]

@@ -28,10 +28,10 @@ pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// An in-process [`Store`]: claims and records kept in this process's memory.
 ///
-/// It is the store `#[idempotent]` uses when none is given and
-/// [`set_default_store`](crate::set_default_store) was not called. It
-/// deduplicates calls within one process only; services with more than one
-/// process need a shared store such as Redis.
+/// It is the store of the default handle, which `#[idempotent]` uses when
+/// no `store = …` is given and [`set_default`](crate::set_default) was not
+/// called. It deduplicates calls within one process only; services with more
+/// than one process need a shared store such as Redis.
 ///
 /// Memory is bounded: expired records are reclaimed in the background, and a
 /// new key beyond [`max_records`](MemoryStoreBuilder::max_records) live records
@@ -42,18 +42,19 @@ pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 ///
 /// ```
 /// use std::time::Duration;
-/// use idem_core::{Idempotency, Key, Fingerprint, MemoryStore};
+/// use idem_core::{Idempotency, Key, Fingerprint, MemoryStore, Settings};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), idem_core::Error> {
 /// let store = MemoryStore::builder().max_records(10_000).build();
-/// let idem = Idempotency::new(&store).ttl(Duration::from_secs(60));
+/// let idem = Idempotency::new(store.clone());
+/// let settings = Settings::builder().ttl(Duration::from_secs(120)).build()?;
 /// let key = Key::new("greet", &"req-1")?;
 /// let fp = Fingerprint::of(&"world")?;
 /// let first: Result<String, idem_core::Error> =
-///     idem.run(key, fp, async { Ok("hello world".to_string()) }).await;
+///     idem.run(&settings, key, fp, async { Ok("hello world".to_string()) }).await;
 /// let replay: Result<String, idem_core::Error> =
-///     idem.run(key, fp, async { unreachable!("replayed") }).await;
+///     idem.run(&settings, key, fp, async { unreachable!("replayed") }).await;
 /// assert_eq!(first?, replay?);
 /// assert_eq!(store.len(), 1);
 /// # Ok(())
@@ -463,9 +464,5 @@ impl Store for MemoryStore {
 
     fn watch(&self, key: Key) -> Option<Watch> {
         Some(self.inner.watch(key))
-    }
-
-    fn instance_id(&self) -> usize {
-        Arc::as_ptr(&self.inner) as usize
     }
 }

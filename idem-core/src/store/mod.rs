@@ -1,8 +1,15 @@
-//! The store protocol: four atomic operations every backend implements.
+//! The store protocol, for backend authors: four atomic operations every
+//! backend implements, and the types they exchange.
 //!
-//! A store keeps, per [`Key`], either an *in-progress claim* (the holder's
-//! [`Token`], the call's [`Fingerprint`] and a lease deadline) or a *completed
-//! record* (the fingerprint and the serialized [`Record`], kept for a TTL).
+//! Users pick a store ([`MemoryStore`](crate::MemoryStore), a Redis store,
+//! or one by URL with [`connect`](crate::connect)) and hand it to an
+//! [`Idempotency`](crate::Idempotency) handle; they need nothing else from
+//! this module. This module is for those who write a store.
+//!
+//! A store keeps, per [`Key`], either an *in-progress claim*
+//! (the holder's [`Token`], the call's [`Fingerprint`]
+//! and a lease deadline) or a *completed record* (the fingerprint and the
+//! serialized [`Record`], kept for a TTL).
 //!
 //! | operation | does | answers |
 //! |---|---|---|
@@ -14,23 +21,49 @@
 //! Each operation is atomic and, on a networked backend, one round trip.
 //! Repeating an operation with the same token is harmless: a `begin` by the
 //! current holder claims again, a `complete` of a record already completed by
-//! that token answers [`Completion::Stored`].
+//! that token answers [`Completion::Stored`], a second `release` does
+//! nothing. The engine relies on this to retry operations whose outcome it
+//! could not see (a timeout).
+//!
+//! In-process coalescing (callers of one key in one process sharing one
+//! claim) is not a store's concern: the [`Idempotency`](crate::Idempotency)
+//! handle does it. A store that can tell when a claim ends offers
+//! [`watch`](Store::watch), so that waiting callers wake at once instead of
+//! polling.
+//!
+//! # Implementing a store
+//!
+//! Implement [`Store`] on your backend, following the table above; map the
+//! backend's failures to a [`StoreError`] of the right [`StoreErrorKind`]
+//! (an outage is [`Unavailable`](StoreErrorKind::Unavailable) or
+//! [`Timeout`](StoreErrorKind::Timeout), so that callers fail closed);
+//! keep [`Record`]s as the bytes [`Record::encode`] gives. Then prove the
+//! store with the same conformance suite the built-in stores pass, from the
+//! `idem-test` crate, in one line of a test file:
+//!
+//! ```ignore
+//! idem_test::conformance_suite!(MyBackend);
+//! ```
+//!
+//! where `MyBackend` implements `idem_test::conformance::Backend` (it opens
+//! a store and says what lease and TTL the suite may wait out).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::StoreError;
 use crate::key::{Fingerprint, Key};
 
-mod connect;
+pub(crate) mod connect;
 pub mod memory;
 mod record;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 
-pub use connect::{connect, default_store, set_default_store};
+pub use crate::error::{StoreError, StoreErrorKind};
+pub(crate) use connect::connect;
 pub use record::{Outcome, Record};
 
 /// The future a [`Store`] operation returns.
@@ -79,6 +112,7 @@ impl std::fmt::Debug for Token {
 
 /// What [`Store::begin`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Begin {
     /// The key was free (absent, or its lease or TTL had run out) and is now
     /// claimed with the caller's token; or the caller already held it.
@@ -96,6 +130,7 @@ pub enum Begin {
 
 /// What [`Store::complete`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Completion {
     /// The record is stored (now, or by an earlier attempt with this token).
     Stored,
@@ -110,11 +145,6 @@ pub enum Completion {
 /// `Arc<S>` and `Box<S>` for any store `S`. See the [module docs](self) for the
 /// protocol each operation follows; [`memory::MemoryStore`] is the reference
 /// implementation.
-#[diagnostic::on_unimplemented(
-    message = "`{Self}` is not an idem store",
-    label = "`store = …` takes a store",
-    note = "a store is a `MemoryStore`, a Redis store or an `Arc<dyn idem_core::Store>`, or a reference to one"
-)]
 pub trait Store: Send + Sync {
     /// Claims `key` for `token` unless a live claim or record exists.
     ///
@@ -155,13 +185,6 @@ pub trait Store: Send + Sync {
         let _ = key;
         None
     }
-
-    /// Identifies the underlying store instance, so that calls on one store
-    /// (through any number of `&`, `Arc` or `Box` wrappers) coalesce in
-    /// process. Wrappers forward it; other stores keep the default.
-    fn instance_id(&self) -> usize {
-        std::ptr::from_ref(self).cast::<()>() as usize
-    }
 }
 
 macro_rules! forward_store {
@@ -197,10 +220,6 @@ macro_rules! forward_store {
 
             fn watch(&self, key: Key) -> Option<Watch> {
                 (**self).watch(key)
-            }
-
-            fn instance_id(&self) -> usize {
-                (**self).instance_id()
             }
         }
     )*};

@@ -6,6 +6,7 @@ use crate::error::{StoreError, StoreErrorKind};
 
 /// Whether a stored result was the function's `Ok` or its `Err`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// The payload is the serialized `T` of `Ok(T)`.
     Ok,
@@ -71,12 +72,12 @@ impl Record {
     /// that a newer version of idem wrote.
     ///
     /// ```
-    /// use idem_core::{Outcome, Record};
+    /// use idem_core::store::{Outcome, Record};
     ///
     /// let record = Record::new(Outcome::Ok, &b"null"[..]);
     /// assert_eq!(Record::decode(record.encode())?, record);
     /// assert!(Record::decode(&b"garbage"[..]).is_err());
-    /// # Ok::<(), idem_core::StoreError>(())
+    /// # Ok::<(), idem_core::store::StoreError>(())
     /// ```
     pub fn decode(bytes: impl Into<Bytes>) -> Result<Self, StoreError> {
         let mut bytes: Bytes = bytes.into();

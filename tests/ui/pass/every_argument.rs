@@ -1,9 +1,8 @@
 //! Every argument at once, on a method, compiles.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::{Store, idempotent};
+use idem_core::{Idempotency, idempotent};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -25,7 +24,7 @@ fn is_permanent(error: &Error) -> bool {
 struct Client;
 
 struct Payments {
-    idem: Arc<dyn Store>,
+    idem: Idempotency,
 }
 
 impl Payments {
@@ -63,7 +62,7 @@ async fn content_keyed(a: u8) -> Result<(), Error> {
 
 fn main() {
     let payments = Payments {
-        idem: Arc::new(idem_core::MemoryStore::new()),
+        idem: Idempotency::memory(),
     };
     let _ = payments.charge(&Client, 1, "o".into(), 0);
     let _ = content_keyed(1);

@@ -1,6 +1,8 @@
 //! Duration literals (`"500ms"`, `"90s"`, `"1h30m"`, `"7d"`), checked at
 //! compile time.
 
+use crate::rules::MAX_DURATION_MILLIS;
+
 /// Units from largest to smallest, with their length in milliseconds.
 const UNITS: [(&str, u64); 5] = [
     ("d", 86_400_000),
@@ -55,13 +57,17 @@ pub(crate) fn parse_millis(text: &str, arg: &str) -> Result<u64, String> {
             ));
         }
         last_unit = Some(position);
-        let too_long = || format!("`{arg} = \"{text}\"` is too long to represent");
+        let too_long = || {
+            format!(
+                "`{arg} = \"{text}\"` is longer than the maximum of {}",
+                display_millis(MAX_DURATION_MILLIS)
+            )
+        };
         let number: u64 = number.parse().map_err(|_| too_long())?;
         total = number
             .checked_mul(UNITS[position].1)
             .and_then(|part| total.checked_add(part))
-            // Stores keep milliseconds as signed 64-bit numbers.
-            .filter(|total| i64::try_from(*total).is_ok())
+            .filter(|total| *total <= MAX_DURATION_MILLIS)
             .ok_or_else(too_long)?;
         rest = after;
     }
@@ -120,8 +126,8 @@ mod tests {
             ("0h0m", "zero"),
             ("30m1h", "largest to smallest"),
             ("1h1h", "largest to smallest"),
-            ("99999999999999999999d", "too long"),
-            ("9999999999999d", "too long"),
+            ("99999999999999999999d", "longer than the maximum of 3650d"),
+            ("3651d", "longer than the maximum"),
             ("h", "expected a number"),
             ("-1s", "expected a number"),
         ] {

@@ -1,33 +1,29 @@
 //! The Redis store, for a single node or a Redis Cluster (feature `redis`).
 //!
 //! A record is one binary string under `{prefix}:{hex}`, with the hex in a
-//! hash tag so that, on a cluster, a record maps to one slot:
-//!
-//! | bytes | in progress | completed |
-//! |---|---|---|
-//! | 0 | `p` | `c` |
-//! | 1..17 | the claim's token | the token that completed it |
-//! | 17..49 | the call's fingerprint | the call's fingerprint |
-//! | 49.. | the lease's deadline, Unix ms (8 bytes) | the encoded [`Record`] |
-//!
-//! The key's expiry is the lease while in progress and the TTL once
-//! completed, so Redis reclaims both by itself. `begin` is one plain
-//! `SET key claim NX GET PX lease`: it claims an absent key and answers what
-//! a present one holds, so a replayed hit costs one cheap command and no
-//! script. `complete`, `release` and `renew` compare the token first, so they
-//! are Lua scripts (which write with `PSETEX`, never `SET`, so server
-//! statistics tell the two apart).
+//! hash tag so that, on a cluster, a record maps to one slot; its layout is
+//! in [`envelope`]. `begin` is one plain `SET key claim NX GET PX lease`: it
+//! claims an absent key and answers what a present one holds, so a replayed
+//! hit costs one cheap command and no script. `complete`, `release` and
+//! `renew` compare the token first, so they are Lua scripts.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
 use redis::{RedisError, Script, Value};
 
 use super::{Begin, Completion, Record, Store, StoreFuture, Token};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::{Fingerprint, Key};
+
+mod connection;
+pub mod envelope;
+mod scripts;
+
+use connection::Connection;
+use envelope::Held;
+use scripts::SCRIPTS;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "idem";
@@ -38,55 +34,6 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The default time a connection attempt may take.
 pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The length of a record's header: state, token and fingerprint.
-const HEADER: usize = 1 + 16 + 32;
-
-/// `KEYS[1]` the record; `ARGV` token, encoded record, TTL in ms. Answers 1
-/// stored, 0 lost.
-const COMPLETE: &str = r"
-local held = redis.call('GET', KEYS[1])
-if not held or string.sub(held, 2, 17) ~= ARGV[1] then
-  return 0
-end
-if string.sub(held, 1, 1) == 'c' then
-  return 1
-end
-redis.call('PSETEX', KEYS[1], ARGV[3], 'c' .. string.sub(held, 2, 49) .. ARGV[2])
-return 1
-";
-
-/// `KEYS[1]` the record; `ARGV` token. Deletes a claim that is ours.
-const RELEASE: &str = r"
-local held = redis.call('GET', KEYS[1])
-if held and string.sub(held, 1, 1) == 'p' and string.sub(held, 2, 17) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-end
-return 0
-";
-
-/// `KEYS[1]` the record; `ARGV` token, lease in ms, new deadline (8 bytes).
-/// Answers 1 renewed, 0 not ours.
-const RENEW: &str = r"
-local held = redis.call('GET', KEYS[1])
-if held and string.sub(held, 1, 1) == 'p' and string.sub(held, 2, 17) == ARGV[1] then
-  redis.call('PSETEX', KEYS[1], ARGV[2], string.sub(held, 1, 49) .. ARGV[3])
-  return 1
-end
-return 0
-";
-
-struct Scripts {
-    complete: Script,
-    release: Script,
-    renew: Script,
-}
-
-static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
-    complete: Script::new(COMPLETE),
-    release: Script::new(RELEASE),
-    renew: Script::new(RENEW),
-});
 
 /// A [`Store`] on Redis: a single node or a Redis Cluster.
 ///
@@ -125,9 +72,9 @@ static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scrip
 /// without persistence forgets every record, and retries then run again.
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), idem_core::StoreError> {
+/// # async fn demo() -> Result<(), idem_core::store::StoreError> {
 /// use std::time::Duration;
-/// use idem_core::store::redis::RedisStore;
+/// use idem_core::RedisStore;
 ///
 /// let node = RedisStore::node("redis://127.0.0.1:6379/0")
 ///     .prefix("payments:idem")
@@ -149,12 +96,6 @@ pub struct RedisStore {
 struct Inner {
     connection: Connection,
     prefix: String,
-}
-
-#[derive(Clone)]
-enum Connection {
-    Node(ConnectionManager),
-    Cluster(ClusterConnection),
 }
 
 /// Configures a [`RedisStore`]; made by [`RedisStore::node`] or
@@ -250,20 +191,14 @@ impl RedisStore {
         }
         let invocation = &invocation;
         self.retrying(op, |mut connection| async move {
-            match &mut connection {
-                Connection::Node(c) => invocation.invoke_async::<Value>(c).await,
-                Connection::Cluster(c) => invocation.invoke_async::<Value>(c).await,
-            }
+            invocation.invoke_async::<Value>(&mut connection).await
         })
         .await
     }
 
     async fn query(&self, op: &'static str, command: &redis::Cmd) -> Result<Value, StoreError> {
         self.retrying(op, |mut connection| async move {
-            match &mut connection {
-                Connection::Node(c) => command.query_async::<Value>(c).await,
-                Connection::Cluster(c) => command.query_async::<Value>(c).await,
-            }
+            command.query_async::<Value>(&mut connection).await
         })
         .await
     }
@@ -290,12 +225,8 @@ impl RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let topology = match self.inner.connection {
-            Connection::Node(_) => "node",
-            Connection::Cluster(_) => "cluster",
-        };
         f.debug_struct("RedisStore")
-            .field("topology", &topology)
+            .field("topology", &self.inner.connection.topology())
             .field("prefix", &self.inner.prefix)
             .finish_non_exhaustive()
     }
@@ -418,23 +349,16 @@ fn unexpected(op: &'static str, value: &Value) -> StoreError {
     )
 }
 
-fn not_a_record() -> StoreError {
-    StoreError::new(
-        StoreErrorKind::Corrupt,
-        "redis begin: a record key holds a value that is not an idem record",
-    )
-}
-
 fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// When a lease taken now ends, in Unix ms, as 8 big-endian bytes.
-fn deadline_after(lease: Duration) -> [u8; 8] {
+/// When a lease taken now ends, in Unix ms.
+fn deadline_after(lease: Duration) -> u64 {
     let lease = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-    unix_millis().saturating_add(lease).to_be_bytes()
+    unix_millis().saturating_add(lease)
 }
 
 fn millis(duration: Duration) -> Vec<u8> {
@@ -465,12 +389,7 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> StoreFuture<'_, Begin> {
         Box::pin(async move {
-            let token = token.as_u128().to_be_bytes();
-            let mut claim = Vec::with_capacity(HEADER + 8);
-            claim.push(b'p');
-            claim.extend_from_slice(&token);
-            claim.extend_from_slice(fingerprint.digest());
-            claim.extend_from_slice(&deadline_after(lease));
+            let claim = envelope::claim(token, fingerprint, deadline_after(lease));
             let mut command = redis::cmd("SET");
             command
                 .arg(self.record_key(&key))
@@ -479,34 +398,27 @@ impl Store for RedisStore {
                 .arg("GET")
                 .arg("PX")
                 .arg(millis(lease));
-            let held = self.query("begin", &command).await?;
-            let held = match held {
+            let held = match self.query("begin", &command).await? {
                 Value::Nil => return Ok(Begin::Claimed),
-                Value::BulkString(bytes) => bytes,
+                Value::BulkString(bytes) => envelope::parse(bytes)?,
                 other => return Err(unexpected("begin", &other)),
             };
-            if held.len() < HEADER || (held[0] != b'p' && held[0] != b'c') {
-                return Err(not_a_record());
-            }
-            if held[17..HEADER] != fingerprint.digest()[..] {
-                return Ok(Begin::Mismatch);
-            }
-            if held[0] == b'c' {
-                return Ok(Begin::Completed(Record::decode(
-                    bytes::Bytes::from(held).slice(HEADER..),
-                )?));
-            }
-            if held[1..17] == token {
-                return Ok(Begin::Claimed);
-            }
-            let deadline = held
-                .get(HEADER..HEADER + 8)
-                .and_then(|d| <[u8; 8]>::try_from(d).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(not_a_record)?;
-            let left = deadline.saturating_sub(unix_millis());
-            Ok(Begin::InProgress {
-                retry_after: Duration::from_millis(left).clamp(Duration::from_millis(1), lease),
+            Ok(match held {
+                Held::Claimed {
+                    fingerprint: held, ..
+                }
+                | Held::Completed {
+                    fingerprint: held, ..
+                } if held != fingerprint => Begin::Mismatch,
+                Held::Completed { record, .. } => Begin::Completed(record),
+                Held::Claimed { token: holder, .. } if holder == token => Begin::Claimed,
+                Held::Claimed { deadline, .. } => {
+                    let left = deadline.saturating_sub(unix_millis());
+                    Begin::InProgress {
+                        retry_after: Duration::from_millis(left)
+                            .clamp(Duration::from_millis(1), lease),
+                    }
+                }
             })
         })
     }
@@ -521,12 +433,13 @@ impl Store for RedisStore {
         Box::pin(async move {
             let token = token.as_u128().to_be_bytes();
             let record = record.encode();
+            let stored_at = unix_millis().to_be_bytes();
             let value = self
                 .invoke(
                     "complete",
                     &SCRIPTS.complete,
                     &key,
-                    &[&token, &record, &millis(ttl)],
+                    &[&token, &record, &millis(ttl), &stored_at],
                 )
                 .await?;
             match as_int(&value) {
@@ -549,12 +462,13 @@ impl Store for RedisStore {
     fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             let token = token.as_u128().to_be_bytes();
+            let deadline = deadline_after(lease).to_be_bytes();
             let value = self
                 .invoke(
                     "renew",
                     &SCRIPTS.renew,
                     &key,
-                    &[&token, &millis(lease), &deadline_after(lease)],
+                    &[&token, &millis(lease), &deadline],
                 )
                 .await?;
             match as_int(&value) {
@@ -562,9 +476,5 @@ impl Store for RedisStore {
                 None => Err(unexpected("renew", &value)),
             }
         })
-    }
-
-    fn instance_id(&self) -> usize {
-        Arc::as_ptr(&self.inner) as usize
     }
 }

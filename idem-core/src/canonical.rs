@@ -1,0 +1,453 @@
+//! The canonical encoding that keys and fingerprints hash.
+//!
+//! A small tagged binary format, written straight into a hasher by a serde
+//! `Serializer`, in which equal values always encode equal:
+//!
+//! - one tag byte starts every value, so the encoding is self-delimiting;
+//!   sequences and maps need no length prefix, only an end tag;
+//! - integers encode by value whatever their width (`5u8` and `5i64` are
+//!   equal), `-0.0` as `0.0`, every NaN as one NaN;
+//! - map entries are encoded one by one and written sorted, so a `HashMap`
+//!   encodes the same whatever its iteration order;
+//! - struct and enum *type* names are left out, as in JSON; field and variant
+//!   names are kept.
+//!
+//! Only map entries are buffered; everything else goes to the hasher through
+//! a small stack buffer.
+
+use std::fmt;
+
+use serde::Serialize;
+use serde::ser;
+use sha2::{Digest as _, Sha256};
+
+/// Writes the canonical encoding of `value` into `hasher`.
+pub(crate) fn hash<T: Serialize + ?Sized>(
+    hasher: &mut Sha256,
+    value: &T,
+) -> Result<(), EncodeError> {
+    encode(&mut Buffered::new(hasher), value)
+}
+
+/// Writes the canonical encoding of `value` into `sink`.
+fn encode<S: Sink, T: Serialize + ?Sized>(sink: &mut S, value: &T) -> Result<(), EncodeError> {
+    value.serialize(&mut Canonical { sink })
+}
+
+/// Where canonical bytes go: a hasher, or a buffer for a map entry.
+trait Sink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+/// A hasher behind a small stack buffer: the canonical encoding is many tiny
+/// writes, and feeding them to SHA-256 in blocks is several times cheaper
+/// than one `update` each. Nothing is allocated.
+struct Buffered<'a> {
+    hasher: &'a mut Sha256,
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl<'a> Buffered<'a> {
+    fn new(hasher: &'a mut Sha256) -> Self {
+        Self {
+            hasher,
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+}
+
+impl Sink for Buffered<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() > self.buf.len() {
+            self.hasher.update(&self.buf[..self.len]);
+            self.len = 0;
+            if bytes.len() > self.buf.len() {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
+impl Drop for Buffered<'_> {
+    fn drop(&mut self) {
+        self.hasher.update(&self.buf[..self.len]);
+    }
+}
+
+impl Sink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// A value's `Serialize` implementation reported an error.
+#[derive(Debug)]
+pub(crate) struct EncodeError(String);
+
+impl fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for EncodeError {}
+
+impl ser::Error for EncodeError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        Self(msg.to_string())
+    }
+}
+
+// One tag byte starts every value, so the encoding is self-delimiting:
+// sequences and maps need no length prefix, only an end tag.
+pub(crate) mod tag {
+    pub(crate) const FALSE: u8 = b'0';
+    pub(crate) const TRUE: u8 = b'1';
+    pub(crate) const INT: u8 = b'i';
+    pub(crate) const BIG_UINT: u8 = b'U';
+    pub(crate) const FLOAT: u8 = b'f';
+    pub(crate) const STR: u8 = b's';
+    pub(crate) const BYTES: u8 = b'y';
+    pub(crate) const NONE: u8 = b'n';
+    pub(crate) const SOME: u8 = b'?';
+    pub(crate) const UNIT: u8 = b'u';
+    pub(crate) const VARIANT: u8 = b'e';
+    pub(crate) const SEQ: u8 = b'[';
+    pub(crate) const SEQ_END: u8 = b']';
+    pub(crate) const MAP: u8 = b'{';
+    pub(crate) const STRUCT: u8 = b'(';
+    pub(crate) const FIELDS_END: u8 = b'}';
+}
+
+struct Canonical<'a, S> {
+    sink: &'a mut S,
+}
+
+impl<S: Sink> Canonical<'_, S> {
+    fn put_str(&mut self, tag: u8, bytes: &[u8]) {
+        self.sink.put(&[tag]);
+        self.sink.put(&(bytes.len() as u64).to_le_bytes());
+        self.sink.put(bytes);
+    }
+
+    fn put_int(&mut self, v: i128) {
+        self.sink.put(&[tag::INT]);
+        self.sink.put(&v.to_le_bytes());
+    }
+
+    fn put_variant(&mut self, variant: &str) {
+        self.put_str(tag::VARIANT, variant.as_bytes());
+    }
+}
+
+impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
+    type Ok = ();
+    type Error = EncodeError;
+    type SerializeSeq = Self;
+    type SerializeTuple = Self;
+    type SerializeTupleStruct = Self;
+    type SerializeTupleVariant = Self;
+    type SerializeMap = MapEntries<'a, 'b, S>;
+    type SerializeStruct = Self;
+    type SerializeStructVariant = Self;
+
+    fn serialize_bool(self, v: bool) -> Result<(), EncodeError> {
+        self.sink.put(&[if v { tag::TRUE } else { tag::FALSE }]);
+        Ok(())
+    }
+
+    fn serialize_i8(self, v: i8) -> Result<(), EncodeError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i16(self, v: i16) -> Result<(), EncodeError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i32(self, v: i32) -> Result<(), EncodeError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i64(self, v: i64) -> Result<(), EncodeError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_i128(self, v: i128) -> Result<(), EncodeError> {
+        self.put_int(v);
+        Ok(())
+    }
+
+    fn serialize_u8(self, v: u8) -> Result<(), EncodeError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_u16(self, v: u16) -> Result<(), EncodeError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_u32(self, v: u32) -> Result<(), EncodeError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_u64(self, v: u64) -> Result<(), EncodeError> {
+        self.serialize_i128(v.into())
+    }
+
+    fn serialize_u128(self, v: u128) -> Result<(), EncodeError> {
+        match i128::try_from(v) {
+            Ok(v) => self.put_int(v),
+            Err(_) => {
+                self.sink.put(&[tag::BIG_UINT]);
+                self.sink.put(&v.to_le_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn serialize_f32(self, v: f32) -> Result<(), EncodeError> {
+        self.serialize_f64(v.into())
+    }
+
+    fn serialize_f64(self, v: f64) -> Result<(), EncodeError> {
+        // Equal floats hash equal: -0.0 == 0.0, and every NaN is one NaN.
+        let v = if v == 0.0 {
+            0.0
+        } else if v.is_nan() {
+            f64::NAN
+        } else {
+            v
+        };
+        self.sink.put(&[tag::FLOAT]);
+        self.sink.put(&v.to_bits().to_le_bytes());
+        Ok(())
+    }
+
+    fn serialize_char(self, v: char) -> Result<(), EncodeError> {
+        self.serialize_str(v.encode_utf8(&mut [0; 4]))
+    }
+
+    fn serialize_str(self, v: &str) -> Result<(), EncodeError> {
+        self.put_str(tag::STR, v.as_bytes());
+        Ok(())
+    }
+
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), EncodeError> {
+        self.put_str(tag::BYTES, v);
+        Ok(())
+    }
+
+    fn serialize_none(self) -> Result<(), EncodeError> {
+        self.sink.put(&[tag::NONE]);
+        Ok(())
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), EncodeError> {
+        self.sink.put(&[tag::SOME]);
+        value.serialize(self)
+    }
+
+    fn serialize_unit(self) -> Result<(), EncodeError> {
+        self.sink.put(&[tag::UNIT]);
+        Ok(())
+    }
+
+    fn serialize_unit_struct(self, _name: &'static str) -> Result<(), EncodeError> {
+        self.serialize_unit()
+    }
+
+    fn serialize_unit_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+    ) -> Result<(), EncodeError> {
+        self.put_variant(variant);
+        self.serialize_unit()
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        value: &T,
+    ) -> Result<(), EncodeError> {
+        value.serialize(self)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<(), EncodeError> {
+        self.put_variant(variant);
+        value.serialize(self)
+    }
+
+    fn serialize_seq(self, _len: Option<usize>) -> Result<Self, EncodeError> {
+        self.sink.put(&[tag::SEQ]);
+        Ok(self)
+    }
+
+    fn serialize_tuple(self, len: usize) -> Result<Self, EncodeError> {
+        self.serialize_seq(Some(len))
+    }
+
+    fn serialize_tuple_struct(self, _name: &'static str, len: usize) -> Result<Self, EncodeError> {
+        self.serialize_seq(Some(len))
+    }
+
+    fn serialize_tuple_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<Self, EncodeError> {
+        self.put_variant(variant);
+        self.serialize_seq(Some(len))
+    }
+
+    fn serialize_map(self, len: Option<usize>) -> Result<MapEntries<'a, 'b, S>, EncodeError> {
+        Ok(MapEntries {
+            out: self,
+            entries: Vec::with_capacity(len.unwrap_or(0)),
+            pending_key: None,
+        })
+    }
+
+    fn serialize_struct(self, _name: &'static str, _len: usize) -> Result<Self, EncodeError> {
+        self.sink.put(&[tag::STRUCT]);
+        Ok(self)
+    }
+
+    fn serialize_struct_variant(
+        self,
+        _name: &'static str,
+        _index: u32,
+        variant: &'static str,
+        len: usize,
+    ) -> Result<Self, EncodeError> {
+        self.put_variant(variant);
+        self.serialize_struct("", len)
+    }
+}
+
+impl<S: Sink> ser::SerializeSeq for &mut Canonical<'_, S> {
+    type Ok = ();
+    type Error = EncodeError;
+
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+        value.serialize(&mut **self)
+    }
+
+    fn end(self) -> Result<(), EncodeError> {
+        self.sink.put(&[tag::SEQ_END]);
+        Ok(())
+    }
+}
+
+macro_rules! seq_like {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl<S: Sink> ser::$trait for &mut Canonical<'_, S> {
+            type Ok = ();
+            type Error = EncodeError;
+
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+                ser::SerializeSeq::serialize_element(self, value)
+            }
+
+            fn end(self) -> Result<(), EncodeError> {
+                ser::SerializeSeq::end(self)
+            }
+        }
+    )*};
+}
+seq_like!(
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
+
+impl<S: Sink> ser::SerializeStruct for &mut Canonical<'_, S> {
+    type Ok = ();
+    type Error = EncodeError;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), EncodeError> {
+        self.put_str(tag::STR, name.as_bytes());
+        value.serialize(&mut **self)
+    }
+
+    fn end(self) -> Result<(), EncodeError> {
+        self.sink.put(&[tag::FIELDS_END]);
+        Ok(())
+    }
+}
+
+impl<S: Sink> ser::SerializeStructVariant for &mut Canonical<'_, S> {
+    type Ok = ();
+    type Error = EncodeError;
+
+    fn serialize_field<T: Serialize + ?Sized>(
+        &mut self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<(), EncodeError> {
+        ser::SerializeStruct::serialize_field(self, name, value)
+    }
+
+    fn end(self) -> Result<(), EncodeError> {
+        ser::SerializeStruct::end(self)
+    }
+}
+
+/// A map's entries, encoded one by one and written sorted when the map ends.
+struct MapEntries<'a, 'b, S> {
+    out: &'a mut Canonical<'b, S>,
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    pending_key: Option<Vec<u8>>,
+}
+
+impl<S: Sink> ser::SerializeMap for MapEntries<'_, '_, S> {
+    type Ok = ();
+    type Error = EncodeError;
+
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), EncodeError> {
+        let mut buf = Vec::new();
+        encode(&mut buf, key)?;
+        self.pending_key = Some(buf);
+        Ok(())
+    }
+
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), EncodeError> {
+        let key = self
+            .pending_key
+            .take()
+            .ok_or_else(|| <EncodeError as ser::Error>::custom("map value without a key"))?;
+        let mut buf = Vec::new();
+        encode(&mut buf, value)?;
+        self.entries.push((key, buf));
+        Ok(())
+    }
+
+    fn end(mut self) -> Result<(), EncodeError> {
+        self.entries.sort_unstable();
+        let sink = &mut *self.out.sink;
+        sink.put(&[tag::MAP]);
+        for (key, value) in &self.entries {
+            sink.put(key);
+            sink.put(value);
+        }
+        sink.put(&[tag::FIELDS_END]);
+        Ok(())
+    }
+}

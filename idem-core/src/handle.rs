@@ -1,0 +1,199 @@
+//! The handle users create once: a store and the calls in flight on it.
+
+use std::fmt;
+use std::sync::{Arc, LazyLock, OnceLock};
+
+use crate::flight::Flights;
+use crate::store::memory::MemoryStore;
+use crate::store::{Store, StoreError};
+
+/// A long-lived handle on a store: what `#[idempotent(store = …)]` names,
+/// and what code without the attribute runs calls on.
+///
+/// Create one per store at start-up and keep it (a field of your service, a
+/// `static`); clones are cheap and share everything. Besides the store, a
+/// handle owns the calls in flight on it: callers of one key on one handle
+/// share one claim, so a thousand concurrent duplicates cost the store two
+/// operations. Two handles on one store do not coalesce with each other, as
+/// two processes would not; they still run each key once, through the store.
+///
+/// ```
+/// use idem_core::{Fingerprint, Idempotency, Key, MemoryStore, Settings};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idem_core::Error> {
+/// let idem = Idempotency::new(MemoryStore::new());
+/// let settings = Settings::default();
+/// let key = Key::new("greet", &"req-1")?;
+/// let fingerprint = Fingerprint::of(&"world")?;
+/// let first: String = idem
+///     .run(&settings, key, fingerprint, async { Ok::<_, idem_core::Error>("hello".into()) })
+///     .await?;
+/// let retry: String = idem
+///     .run(&settings, key, fingerprint, async { Ok::<_, idem_core::Error>("again".into()) })
+///     .await?;
+/// assert_eq!(retry, "hello", "replayed, not run again");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Idempotency {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) flights: Flights,
+}
+
+impl Idempotency {
+    /// A handle on `store`.
+    pub fn new<S: Store + 'static>(store: S) -> Self {
+        Self::from_arc(Arc::new(store))
+    }
+
+    /// A handle on a store that is already shared, e.g. one
+    /// [`connect`](crate::connect) opened.
+    pub fn from_arc(store: Arc<dyn Store>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                flights: Flights::default(),
+            }),
+        }
+    }
+
+    /// A handle on a new in-process [`MemoryStore`].
+    #[must_use]
+    pub fn memory() -> Self {
+        Self::new(MemoryStore::new())
+    }
+
+    /// Opens the store a URL names (see [`connect`](crate::connect)) and
+    /// returns a handle on it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), idem_core::store::StoreError> {
+    /// let idem = idem_core::Idempotency::connect("memory://").await?;
+    /// # let _ = idem;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`connect`](crate::connect).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        crate::store::connect(url).await.map(Self::from_arc)
+    }
+
+    /// The store calls run against.
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+}
+
+/// A handle on a new in-process [`MemoryStore`], as [`Idempotency::memory`].
+impl Default for Idempotency {
+    fn default() -> Self {
+        Self::memory()
+    }
+}
+
+impl fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency").finish_non_exhaustive()
+    }
+}
+
+/// Anything that names an [`Idempotency`] handle: the handle itself, a
+/// reference to one, or an `Arc` or `Box` of one. `#[idempotent(store = …)]`
+/// takes any of these.
+#[diagnostic::on_unimplemented(
+    message = "`store = …` takes an `idem_core::Idempotency` handle, not `{Self}`",
+    label = "not an `Idempotency` handle",
+    note = "build the handle once at start-up, e.g. `Idempotency::new(store)` or `Idempotency::connect(url).await?`, keep it (a field, a `static`), and name it: `store = self.idem`"
+)]
+pub trait AsIdempotency {
+    /// The handle.
+    fn as_idempotency(&self) -> &Idempotency;
+}
+
+impl AsIdempotency for Idempotency {
+    fn as_idempotency(&self) -> &Idempotency {
+        self
+    }
+}
+
+macro_rules! forward_handle {
+    ($($ty:ty),*) => {$(
+        impl<H: AsIdempotency + ?Sized> AsIdempotency for $ty {
+            fn as_idempotency(&self) -> &Idempotency {
+                (**self).as_idempotency()
+            }
+        }
+    )*};
+}
+forward_handle!(&H, Arc<H>, Box<H>);
+
+/// A handle in a `static`:
+///
+/// ```
+/// use std::sync::LazyLock;
+/// use idem_core::{Idempotency, idempotent};
+///
+/// static IDEM: LazyLock<Idempotency> = LazyLock::new(Idempotency::memory);
+///
+/// #[idempotent(key = id, store = IDEM)]
+/// async fn ship(id: u64) -> Result<u64, idem_core::Error> {
+///     Ok(id)
+/// }
+/// ```
+impl<H: AsIdempotency, F: FnOnce() -> H> AsIdempotency for LazyLock<H, F> {
+    fn as_idempotency(&self) -> &Idempotency {
+        LazyLock::force(self).as_idempotency()
+    }
+}
+
+static DEFAULT: OnceLock<Idempotency> = OnceLock::new();
+
+/// Sets the process-wide handle that `#[idempotent]` functions without a
+/// `store = …` argument use. Call it once, at start-up, before any such call.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let idem = idem_core::Idempotency::connect("memory://?max_records=1000").await?;
+/// idem_core::set_default(idem).expect("set once, at start-up");
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+/// [`SetDefaultError`] when the default was already set, or already used
+/// (which fixes it to an in-process memory store).
+pub fn set_default(idem: Idempotency) -> Result<(), SetDefaultError> {
+    DEFAULT.set(idem).map_err(|_| SetDefaultError(()))
+}
+
+/// The process-wide handle: the one given to [`set_default`], or else a
+/// handle on an in-process [`MemoryStore`] made on first use.
+pub fn default_handle() -> &'static Idempotency {
+    DEFAULT.get_or_init(Idempotency::memory)
+}
+
+/// [`set_default`] was called after the default handle was set or used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetDefaultError(());
+
+impl fmt::Display for SetDefaultError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the default idempotency handle was already set or used; \
+             call `idem_core::set_default` once, at start-up, before any call that uses it",
+        )
+    }
+}
+
+impl std::error::Error for SetDefaultError {}

@@ -1,0 +1,80 @@
+//! The Lua scripts of the fenced operations, written from the
+//! [envelope](super::envelope) layout so that the two cannot drift apart.
+//!
+//! `complete`, `release` and `renew` must compare the token before they
+//! write, so each is one script. They write with `PSETEX`, never `SET`, so
+//! server statistics tell them apart from `begin`'s plain `SET … NX GET`.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use super::envelope::{
+    CLAIMED, COMPLETED, CURRENT_VERSION, FINGERPRINT, STATE, TOKEN, VERSION, lua_sub,
+};
+
+/// The three scripts, loaded once per process.
+pub(crate) struct Scripts {
+    /// `KEYS[1]` the record; `ARGV` token, encoded record, TTL in ms, the
+    /// completion time (8 bytes). Answers 1 stored, 0 lost.
+    pub(crate) complete: Script,
+    /// `KEYS[1]` the record; `ARGV` token. Deletes a claim that is ours.
+    pub(crate) release: Script,
+    /// `KEYS[1]` the record; `ARGV` token, lease in ms, new deadline (8
+    /// bytes). Answers 1 renewed, 0 not ours.
+    pub(crate) renew: Script,
+}
+
+pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
+    let ours = |state: u8| {
+        format!(
+            "held and string.byte(held, {version}) == {current} \
+             and string.byte(held, {state_at}) == {state} \
+             and string.sub(held, {token}) == ARGV[1]",
+            version = VERSION + 1,
+            current = CURRENT_VERSION,
+            state_at = STATE + 1,
+            token = lua_sub(&TOKEN),
+        )
+    };
+    let prefix = |state: u8| {
+        format!(
+            "string.char({CURRENT_VERSION}, {state}) .. string.sub(held, {})",
+            lua_sub(&(TOKEN.start..FINGERPRINT.end))
+        )
+    };
+    Scripts {
+        complete: Script::new(&format!(
+            "local held = redis.call('GET', KEYS[1])
+if {completed} then
+  return 1
+end
+if not ({claimed}) then
+  return 0
+end
+redis.call('PSETEX', KEYS[1], ARGV[3], {prefix} .. ARGV[4] .. ARGV[2])
+return 1",
+            completed = ours(COMPLETED),
+            claimed = ours(CLAIMED),
+            prefix = prefix(COMPLETED),
+        )),
+        release: Script::new(&format!(
+            "local held = redis.call('GET', KEYS[1])
+if {claimed} then
+  redis.call('DEL', KEYS[1])
+end
+return 0",
+            claimed = ours(CLAIMED),
+        )),
+        renew: Script::new(&format!(
+            "local held = redis.call('GET', KEYS[1])
+if {claimed} then
+  redis.call('PSETEX', KEYS[1], ARGV[2], {prefix} .. ARGV[3])
+  return 1
+end
+return 0",
+            claimed = ours(CLAIMED),
+            prefix = prefix(CLAIMED),
+        )),
+    }
+});

@@ -1,0 +1,554 @@
+//! The suite's tests. Each is written once, inside `suite!`, which defines it
+//! as a public function and lists it in
+//! [`conformance_suite!`](crate::conformance_suite): a test cannot exist
+//! without running.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_core::store::{Begin, Completion, Outcome, Record, Store, Token};
+use idem_core::{Error, Fingerprint, Idempotency};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+
+use super::{Backend, Cached, Caller, Failure, Runs, Stalled, Timing, fresh, other_fingerprint};
+
+/// Defines each test as `pub async fn name<B: Backend>(backend: &B)` and
+/// exports `conformance_suite!`, which writes one `#[test]` per test. `$d`
+/// is a `$`, so that the inner macro can have metavariables of its own.
+macro_rules! suite {
+    ($d:tt $(
+        $(#[$meta:meta])*
+        $runtime:ident fn $name:ident($backend:ident) $body:block
+    )*) => {
+        $(
+            $(#[$meta])*
+            pub async fn $name<B: Backend>($backend: &B) $body
+        )*
+
+        /// Writes one `#[test]` per conformance behaviour for the backend
+        /// `$backend` (an expression evaluated in each test, whose type
+        /// implements [`Backend`](crate::conformance::Backend)).
+        ///
+        /// ```ignore
+        /// mod conformance {
+        ///     idem_test::conformance_suite!(super::MyBackend);
+        /// }
+        /// ```
+        #[macro_export]
+        macro_rules! conformance_suite {
+            ($d backend:expr) => {
+                $(
+                    #[test]
+                    fn $name() {
+                        let backend = $d backend;
+                        $d crate::conformance::block_on(
+                            &backend,
+                            $d crate::conformance::Runtime::$runtime,
+                            $d crate::conformance::$name(&backend),
+                        );
+                    }
+                )*
+            };
+        }
+    };
+}
+
+fn handle(store: &Arc<dyn Store>) -> Idempotency {
+    Idempotency::from_arc(Arc::clone(store))
+}
+
+async fn replays_exactly<T>(idem: &Caller, value: T, other: T)
+where
+    T: Serialize + DeserializeOwned + PartialEq + Debug + Clone,
+{
+    let (key, fp) = fresh(std::any::type_name::<T>());
+    let first = idem
+        .run(key, fp, async { Ok::<_, Failure>(value.clone()) })
+        .await
+        .expect("first");
+    let replay = idem
+        .run(key, fp, async { Ok::<_, Failure>(other) })
+        .await
+        .expect("replay");
+    assert_eq!(first, value);
+    assert_eq!(
+        replay,
+        value,
+        "{} replays as returned",
+        std::any::type_name::<T>()
+    );
+}
+
+suite! { $
+
+/// 1000 concurrent same-key calls on one handle: the body runs once and
+/// every caller gets the identical result.
+MultiThread fn thousand_concurrent_callers_share_one_run(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing()).wait_timeout(Duration::from_secs(30));
+    let (key, fp) = fresh("storm");
+    let runs = Runs::default();
+    let mut callers = JoinSet::new();
+    for _ in 0..1000 {
+        let (caller, runs) = (caller.clone(), runs.clone());
+        callers.spawn(async move {
+            caller
+                .run(key, fp, async move {
+                    runs.mark();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok::<_, Failure>(Token::random().to_string())
+                })
+                .await
+        });
+    }
+    let results: Vec<String> = callers
+        .join_all()
+        .await
+        .into_iter()
+        .map(|r| r.expect("every caller gets the result"))
+        .collect();
+    assert_eq!(runs.count(), 1, "the body ran once");
+    assert_eq!(results.len(), 1000);
+    assert!(results.iter().all(|r| *r == results[0]), "identical results");
+}
+
+/// `on_conflict = reject`: exactly one call runs; the others get `InProgress`
+/// with a `retry_after` no longer than the lease.
+CurrentThread fn reject_lets_exactly_one_run(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let caller = Caller::new(&handle(&store), timing).reject();
+    let (key, fp) = fresh("reject");
+    let runs = Runs::default();
+    let (go, gate) = oneshot::channel::<()>();
+    let holder = {
+        let runs = runs.clone();
+        caller
+            .hold(key, fp, async move {
+                runs.mark();
+                let _ = gate.await;
+                Ok(7_u32)
+            })
+            .await
+    };
+    for _ in 0..20 {
+        let refused = caller
+            .run(key, fp, async { Ok::<_, Failure>(runs.mark() as u32) })
+            .await;
+        match refused {
+            Err(Failure::Idem(Error::InProgress { retry_after })) => {
+                assert!(retry_after <= timing.lease, "{retry_after:?}");
+            }
+            other => panic!("expected InProgress, got {other:?}"),
+        }
+    }
+    go.send(()).expect("the holder waits");
+    assert_eq!(holder.await.expect("holder").expect("holder's result"), 7);
+    let replay = caller.run(key, fp, async { Ok::<_, Failure>(0_u32) }).await;
+    assert_eq!(replay.expect("a replay"), 7);
+    assert_eq!(runs.count(), 1);
+}
+
+/// A completed key reused with other arguments is refused; an identical retry
+/// still replays (the fingerprint survives completion).
+CurrentThread fn reused_key_with_other_arguments_is_refused(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, fp) = fresh("reuse");
+    let runs = Runs::default();
+    let body = || async { Ok::<_, Failure>(format!("run {}", runs.mark())) };
+    let first = caller.run(key, fp, body()).await.expect("first");
+    let reused = caller.run(key, other_fingerprint(), body()).await;
+    assert!(matches!(reused, Err(Failure::Idem(Error::KeyReused))), "{reused:?}");
+    let retry = caller.run(key, fp, body()).await.expect("retry");
+    assert_eq!(first, retry);
+    assert_eq!(runs.count(), 1);
+}
+
+/// A key reused with other arguments while the first call runs is refused at
+/// once, not made to wait, in the same process and in another.
+CurrentThread fn concurrent_reuse_with_other_arguments_is_refused(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let here = handle(&store);
+    let (key, fp) = fresh("reuse-in-flight");
+    let (go, gate) = oneshot::channel::<()>();
+    let holder = Caller::new(&here, timing)
+        .hold(key, fp, async move {
+            let _ = gate.await;
+            Ok(1_u8)
+        })
+        .await;
+    for idem in [here.clone(), handle(&store)] {
+        let reused = Caller::new(&idem, timing)
+            .run(key, other_fingerprint(), async { Ok::<_, Failure>(2_u8) })
+            .await;
+        assert!(matches!(reused, Err(Failure::Idem(Error::KeyReused))), "{reused:?}");
+    }
+    go.send(()).expect("the holder waits");
+    assert_eq!(holder.await.expect("holder").expect("result"), 1);
+}
+
+/// By default an `Err` releases the claim: a retry runs the body again.
+CurrentThread fn errors_are_not_cached_by_default(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, fp) = fresh("errors-released");
+    let runs = Runs::default();
+    let failed: Result<u32, _> = caller
+        .run(key, fp, async { Err(Failure::Body(runs.mark() as u32)) })
+        .await;
+    assert!(matches!(failed, Err(Failure::Body(1))), "{failed:?}");
+    let retried = caller
+        .run(key, fp, async { Ok::<_, Failure>(runs.mark() as u32) })
+        .await;
+    assert_eq!(retried.expect("the retry runs"), 2);
+}
+
+/// With errors cached, a retry replays the `Err`.
+CurrentThread fn errors_are_cached_when_asked(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, fp) = fresh("errors-cached");
+    let runs = Runs::default();
+    for _ in 0..3 {
+        let result: Result<u32, Cached> = caller
+            .run_caching_errors(key, fp, |_| true, async {
+                Err(Cached::Declined(runs.mark() as u32))
+            })
+            .await;
+        assert_eq!(result, Err(Cached::Declined(1)));
+    }
+    assert_eq!(runs.count(), 1);
+}
+
+/// The caching predicate decides which errors are stored.
+CurrentThread fn error_predicate_picks_what_is_cached(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, fp) = fresh("errors-predicate");
+    let runs = Runs::default();
+    let permanent = |e: &Cached| matches!(e, Cached::Declined(_));
+    let run = |outcome: Result<u32, Cached>| {
+        let (runs, caller) = (runs.clone(), caller.clone());
+        async move {
+            caller
+                .run_caching_errors(key, fp, permanent, async move {
+                    runs.mark();
+                    outcome
+                })
+                .await
+        }
+    };
+    assert_eq!(run(Err(Cached::Transient)).await, Err(Cached::Transient));
+    assert_eq!(run(Err(Cached::Declined(9))).await, Err(Cached::Declined(9)));
+    assert_eq!(run(Ok(1)).await, Err(Cached::Declined(9)));
+    assert_eq!(runs.count(), 2, "the transient error was retried, the decline replayed");
+}
+
+/// Raw protocol: a holder whose lease lapsed is fenced. A second token takes
+/// over; the stale `complete` is `Lost` and does not overwrite the newer
+/// record.
+CurrentThread fn stale_holder_is_fenced_in_the_store(backend) {
+    let store = backend.store().await;
+    let Timing { lease, ttl } = backend.timing();
+    let (key, fp) = fresh("fencing");
+    let (stale, fresh_token, reader) = (Token::random(), Token::random(), Token::random());
+    let stale_record = Record::new(Outcome::Ok, &b"\"stale\""[..]);
+    let newer_record = Record::new(Outcome::Ok, &b"\"newer\""[..]);
+
+    assert_eq!(store.begin(key, fp, stale, lease).await.unwrap(), Begin::Claimed);
+    tokio::time::sleep(lease + lease / 2).await;
+    assert_eq!(store.begin(key, fp, fresh_token, lease).await.unwrap(), Begin::Claimed);
+    assert!(!store.renew(key, stale, lease).await.unwrap(), "stale renew refused");
+    store.release(key, stale).await.unwrap();
+    assert_eq!(
+        store.complete(key, stale, stale_record, ttl).await.unwrap(),
+        Completion::Lost
+    );
+    assert_eq!(
+        store.complete(key, fresh_token, newer_record.clone(), ttl).await.unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        store.begin(key, fp, reader, lease).await.unwrap(),
+        Begin::Completed(newer_record)
+    );
+}
+
+/// Through the engine: a holder that stalls past its lease without renewing
+/// loses the key to a caller in another process, and its late result is not
+/// stored.
+CurrentThread fn stalled_holder_loses_to_a_takeover(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let (key, fp) = fresh("takeover");
+    let stalled = Idempotency::new(Stalled(Arc::clone(&store)));
+    let holder = Caller::new(&stalled, timing)
+        .hold(key, fp, async move {
+            tokio::time::sleep(timing.lease * 3).await;
+            Ok("stale".to_owned())
+        })
+        .await;
+    tokio::time::sleep(timing.lease + timing.lease / 2).await;
+    let taken = Caller::new(&handle(&store), timing)
+        .reject()
+        .run(key, fp, async { Ok::<_, Failure>("newer".to_owned()) })
+        .await;
+    assert_eq!(taken.expect("the takeover runs"), "newer");
+    // The stale holder finishes: its own caller gets its result, the store
+    // keeps the newer one.
+    assert_eq!(holder.await.expect("holder").expect("result"), "stale");
+    let replay = Caller::new(&handle(&store), timing)
+        .run(key, fp, async { Ok::<_, Failure>("third".to_owned()) })
+        .await;
+    assert_eq!(replay.expect("replay"), "newer");
+}
+
+/// Each protocol operation, repeated with the same token, is harmless.
+CurrentThread fn store_operations_are_safe_to_repeat(backend) {
+    let store = backend.store().await;
+    let Timing { lease, ttl } = backend.timing();
+    let (key, fp) = fresh("repeat");
+    let token = Token::random();
+    let record = Record::new(Outcome::Ok, &b"[]"[..]);
+    assert_eq!(store.begin(key, fp, token, lease).await.unwrap(), Begin::Claimed);
+    assert_eq!(store.begin(key, fp, token, lease).await.unwrap(), Begin::Claimed);
+    assert!(store.renew(key, token, lease).await.unwrap());
+    assert!(store.renew(key, token, lease).await.unwrap());
+    for _ in 0..2 {
+        assert_eq!(
+            store.complete(key, token, record.clone(), ttl).await.unwrap(),
+            Completion::Stored
+        );
+    }
+    assert!(!store.renew(key, token, lease).await.unwrap(), "completed, not renewable");
+    store.release(key, token).await.unwrap();
+    assert_eq!(
+        store.begin(key, fp, Token::random(), lease).await.unwrap(),
+        Begin::Completed(record),
+        "release does not touch a completed record"
+    );
+
+    let (key, fp) = fresh("repeat-release");
+    assert_eq!(store.begin(key, fp, token, lease).await.unwrap(), Begin::Claimed);
+    store.release(key, Token::random()).await.unwrap();
+    assert!(
+        matches!(
+            store.begin(key, fp, Token::random(), lease).await.unwrap(),
+            Begin::InProgress { .. }
+        ),
+        "a stranger's release does nothing"
+    );
+    store.release(key, token).await.unwrap();
+    store.release(key, token).await.unwrap();
+    assert_eq!(store.begin(key, fp, Token::random(), lease).await.unwrap(), Begin::Claimed);
+}
+
+/// `begin` on a held key reports the holder's remaining lease, or a mismatch
+/// for other arguments.
+CurrentThread fn in_progress_reports_what_is_left_of_the_lease(backend) {
+    let store = backend.store().await;
+    let Timing { lease, .. } = backend.timing();
+    let (key, fp) = fresh("retry-after");
+    assert_eq!(store.begin(key, fp, Token::random(), lease).await.unwrap(), Begin::Claimed);
+    tokio::time::sleep(lease / 4).await;
+    match store.begin(key, fp, Token::random(), lease).await.unwrap() {
+        Begin::InProgress { retry_after } => {
+            assert!(retry_after <= lease - lease / 4, "{retry_after:?}");
+            assert!(retry_after > Duration::ZERO);
+        }
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    assert_eq!(
+        store.begin(key, other_fingerprint(), Token::random(), lease).await.unwrap(),
+        Begin::Mismatch
+    );
+}
+
+/// After its TTL a completed key runs again.
+CurrentThread fn completed_records_expire_after_their_ttl(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let caller = Caller::new(&handle(&store), timing);
+    let (key, fp) = fresh("ttl");
+    let runs = Runs::default();
+    let run = || async {
+        caller.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await
+    };
+    assert_eq!(run().await.unwrap(), 1);
+    tokio::time::sleep(timing.ttl / 2).await;
+    assert_eq!(run().await.unwrap(), 1, "still within the TTL");
+    tokio::time::sleep(timing.ttl).await;
+    assert_eq!(run().await.unwrap(), 2, "the TTL ran out");
+}
+
+/// `()`, `None`, `0`, `""`, `[]`, `false` and `0.0` replay exactly.
+CurrentThread fn falsy_results_replay_exactly(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    replays_exactly(&caller, (), ()).await;
+    replays_exactly(&caller, None, Some(1_u8)).await;
+    replays_exactly(&caller, 0_i64, 1).await;
+    replays_exactly(&caller, String::new(), "x".to_owned()).await;
+    replays_exactly(&caller, Vec::<u8>::new(), vec![1]).await;
+    replays_exactly(&caller, false, true).await;
+    replays_exactly(&caller, 0.0_f64, 1.0).await;
+}
+
+/// A stored result that no longer decodes as `T` is `Error::Decode`, never a
+/// panic, and the body does not run.
+CurrentThread fn undecodable_record_is_a_decode_error(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, fp) = fresh("decode");
+    let stored = caller
+        .run(key, fp, async { Ok::<_, Failure>("not a number".to_owned()) })
+        .await;
+    assert_eq!(stored.unwrap(), "not a number");
+    let runs = Runs::default();
+    let changed: Result<u64, _> = caller.run(key, fp, async { Ok(runs.mark() as u64) }).await;
+    assert!(matches!(changed, Err(Failure::Idem(Error::Decode(_)))), "{changed:?}");
+    assert_eq!(runs.count(), 0);
+}
+
+/// A caller dropped mid-body leaves its claim: others see `InProgress` until
+/// the lease lapses, then one of them runs.
+CurrentThread fn dropped_caller_leaves_claim_to_lapse(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let caller = Caller::new(&handle(&store), timing);
+    let (key, fp) = fresh("dropped");
+    let runs = Runs::default();
+    let doomed = {
+        let runs = runs.clone();
+        caller
+            .hold(key, fp, async move {
+                runs.mark();
+                std::future::pending::<Result<u32, Failure>>().await
+            })
+            .await
+    };
+    doomed.abort();
+    assert!(doomed.await.unwrap_err().is_cancelled());
+
+    let refused = caller
+        .clone()
+        .reject()
+        .run(key, fp, async { Ok::<_, Failure>(0_u32) })
+        .await;
+    assert!(matches!(refused, Err(Failure::Idem(Error::InProgress { .. }))), "{refused:?}");
+    // A waiter outlasts the abandoned lease, then runs the body itself.
+    let waited = caller
+        .clone()
+        .wait_timeout(timing.lease * 3)
+        .run(key, fp, async { Ok::<_, Failure>(runs.mark() as u32) })
+        .await;
+    assert_eq!(waited.expect("runs after the lease lapsed"), 2);
+}
+
+/// A body that runs for several leases keeps its claim through renewal.
+CurrentThread fn renewal_keeps_a_long_call_claimed(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let (key, fp) = fresh("renewal");
+    let runs = Runs::default();
+    let holder = {
+        let runs = runs.clone();
+        Caller::new(&handle(&store), timing)
+            .hold(key, fp, async move {
+                runs.mark();
+                tokio::time::sleep(timing.lease * 3).await;
+                Ok(runs.count())
+            })
+            .await
+    };
+    let elsewhere = Caller::new(&handle(&store), timing).reject();
+    for _ in 0..4 {
+        tokio::time::sleep(timing.lease / 2).await;
+        let refused = elsewhere
+            .run(key, fp, async { Ok::<_, Failure>(runs.mark()) })
+            .await;
+        assert!(matches!(refused, Err(Failure::Idem(Error::InProgress { .. }))), "{refused:?}");
+    }
+    assert_eq!(holder.await.expect("holder").expect("result"), 1);
+    assert_eq!(runs.count(), 1);
+}
+
+/// A waiter gives up with `InProgress` after its wait timeout, in the same
+/// process and in another.
+CurrentThread fn waiting_gives_up_after_wait_timeout(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let here = handle(&store);
+    let (key, fp) = fresh("wait-timeout");
+    let (go, gate) = oneshot::channel::<()>();
+    let holder = Caller::new(&here, timing)
+        .hold(key, fp, async move {
+            let _ = gate.await;
+            Ok(1_u8)
+        })
+        .await;
+    for idem in [here.clone(), handle(&store)] {
+        let gave_up = Caller::new(&idem, timing)
+            .wait_timeout(timing.lease / 4)
+            .run(key, fp, async { Ok::<_, Failure>(2_u8) })
+            .await;
+        match gave_up {
+            Err(Failure::Idem(Error::InProgress { retry_after })) => {
+                assert!(retry_after <= timing.lease, "{retry_after:?}");
+            }
+            other => panic!("expected InProgress, got {other:?}"),
+        }
+    }
+    go.send(()).expect("the holder waits");
+    assert_eq!(holder.await.expect("holder").expect("result"), 1);
+}
+
+/// A waiter in another process (another handle: no in-process coalescing)
+/// gets the holder's result through the store once it completes.
+CurrentThread fn waiter_elsewhere_gets_the_holders_result(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let (key, fp) = fresh("wait-elsewhere");
+    let runs = Runs::default();
+    let holder = {
+        let runs = runs.clone();
+        Caller::new(&handle(&store), timing)
+            .hold(key, fp, async move {
+                runs.mark();
+                tokio::time::sleep(timing.lease / 2).await;
+                Ok("holder's".to_owned())
+            })
+            .await
+    };
+    let waited = Caller::new(&handle(&store), timing)
+        .run(key, fp, async { Ok::<_, Failure>(format!("waiter's {}", runs.mark())) })
+        .await;
+    assert_eq!(waited.expect("the holder's result"), "holder's");
+    assert_eq!(holder.await.expect("holder").expect("result"), "holder's");
+    assert_eq!(runs.count(), 1);
+}
+
+/// Map arguments fingerprint by content: a retry whose `HashMap` was built in
+/// another order replays instead of being refused.
+CurrentThread fn map_arguments_fingerprint_by_content(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, _) = fresh("map-args");
+    let forward: HashMap<String, u32> = (0..50).map(|i| (format!("item-{i}"), i)).collect();
+    let backward: HashMap<String, u32> = (0..50).rev().map(|i| (format!("item-{i}"), i)).collect();
+    let runs = Runs::default();
+    for args in [&forward, &backward] {
+        let fp = Fingerprint::of(&(args,)).expect("a fingerprint");
+        let result = caller.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await;
+        assert_eq!(result.expect("ran or replayed"), 1);
+    }
+}
+
+}

@@ -1,0 +1,173 @@
+//! A store written outside idem, from scratch on a `Mutex<HashMap>`, proves
+//! itself with the conformance kit in one line, as a backend in another crate
+//! would.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use idem_core::store::{Begin, Completion, Record, Store, StoreFuture, Token};
+use idem_core::{Fingerprint, Key};
+use idem_test::conformance::{Backend, Timing};
+use tokio::time::Instant;
+
+/// What one key holds.
+enum Entry {
+    Claimed {
+        token: Token,
+        fingerprint: Fingerprint,
+        until: Instant,
+    },
+    Completed {
+        token: Token,
+        fingerprint: Fingerprint,
+        record: Record,
+        until: Instant,
+    },
+}
+
+impl Entry {
+    fn until(&self) -> Instant {
+        match self {
+            Self::Claimed { until, .. } | Self::Completed { until, .. } => *until,
+        }
+    }
+}
+
+/// The simplest correct store: one lock over a map, on tokio's clock.
+#[derive(Default)]
+struct TableStore(Mutex<HashMap<Key, Entry>>);
+
+impl TableStore {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<Key, Entry>, Instant) -> T) -> T {
+        let mut table = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        table.retain(|_, entry| entry.until() > now);
+        f(&mut table, now)
+    }
+}
+
+impl Store for TableStore {
+    fn begin(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, Begin> {
+        let begin = self.with(|table, now| match table.get_mut(&key) {
+            None => {
+                let until = now + lease;
+                table.insert(
+                    key,
+                    Entry::Claimed {
+                        token,
+                        fingerprint,
+                        until,
+                    },
+                );
+                Begin::Claimed
+            }
+            Some(
+                Entry::Claimed {
+                    fingerprint: held, ..
+                }
+                | Entry::Completed {
+                    fingerprint: held, ..
+                },
+            ) if *held != fingerprint => Begin::Mismatch,
+            Some(Entry::Completed { record, .. }) => Begin::Completed(record.clone()),
+            Some(Entry::Claimed {
+                token: holder,
+                until,
+                ..
+            }) if *holder == token => {
+                *until = now + lease;
+                Begin::Claimed
+            }
+            Some(Entry::Claimed { until, .. }) => Begin::InProgress {
+                retry_after: *until - now,
+            },
+        });
+        Box::pin(std::future::ready(Ok(begin)))
+    }
+
+    fn complete(
+        &self,
+        key: Key,
+        token: Token,
+        record: Record,
+        ttl: Duration,
+    ) -> StoreFuture<'_, Completion> {
+        let completion = self.with(|table, now| match table.get(&key) {
+            Some(Entry::Claimed {
+                token: holder,
+                fingerprint,
+                ..
+            }) if *holder == token => {
+                let fingerprint = *fingerprint;
+                table.insert(
+                    key,
+                    Entry::Completed {
+                        token,
+                        fingerprint,
+                        record,
+                        until: now + ttl,
+                    },
+                );
+                Completion::Stored
+            }
+            Some(Entry::Completed { token: holder, .. }) if *holder == token => Completion::Stored,
+            _ => Completion::Lost,
+        });
+        Box::pin(std::future::ready(Ok(completion)))
+    }
+
+    fn release(&self, key: Key, token: Token) -> StoreFuture<'_, ()> {
+        self.with(|table, _| {
+            if matches!(table.get(&key), Some(Entry::Claimed { token: holder, .. }) if *holder == token)
+            {
+                table.remove(&key);
+            }
+        });
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        let renewed = self.with(|table, now| match table.get_mut(&key) {
+            Some(Entry::Claimed {
+                token: holder,
+                until,
+                ..
+            }) if *holder == token => {
+                *until = now + lease;
+                true
+            }
+            _ => false,
+        });
+        Box::pin(std::future::ready(Ok(renewed)))
+    }
+}
+
+struct Table;
+
+impl Backend for Table {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(TableStore::default())
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            lease: Duration::from_secs(2),
+            ttl: Duration::from_secs(30),
+        }
+    }
+
+    fn follows_tokio_clock(&self) -> bool {
+        true
+    }
+}
+
+mod conformance {
+    idem_test::conformance_suite!(super::Table);
+}
