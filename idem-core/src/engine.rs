@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use backon::BackoffBuilder as _;
@@ -14,11 +15,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use crate::error::Error;
+use crate::error::{Error, StoreError, StoreErrorKind};
 use crate::flight::{Landing, Leader, Role};
 use crate::handle::Idempotency;
 use crate::key::{Fingerprint, Key};
-use crate::settings::{OnConflict, Settings};
+use crate::settings::{ConfigError, OnConflict, Settings};
 use crate::store::{Begin, Completion, Outcome, Record, Token};
 
 impl Idempotency {
@@ -141,6 +142,7 @@ impl Idempotency {
         E: From<Error>,
         P: ErrorPolicy<E>,
     {
+        self.check(settings)?;
         if settings.on_conflict() == OnConflict::Reject {
             return self
                 .lead(settings, None, key, fingerprint, body, policy, None)
@@ -183,6 +185,17 @@ impl Idempotency {
         }
     }
 
+    /// Checks the settings against what the store promises: a renewal that
+    /// times out must be retried before the lease lapses.
+    fn check(&self, settings: &Settings) -> Result<(), Error> {
+        match self.shared.limits.response_timeout {
+            Some(timeout) if settings.lease() < timeout.saturating_mul(3) => Err(Error::Config(
+                ConfigError::lease_too_short_for_store(settings.lease(), timeout),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Claims the key (waiting for another holder until `deadline`, or not at
     /// all without one), runs the body and records its outcome.
     #[allow(clippy::too_many_arguments)]
@@ -204,36 +217,65 @@ impl Idempotency {
     {
         let mut herald = Herald(leader);
         let token = Token::random();
-        let mut backoff = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(5))
-            .with_max_delay(Duration::from_secs(1))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        match self
+            .claim(settings, key, fingerprint, token, deadline, &herald)
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(record)) => {
+                let replayed = replay(&record, &policy);
+                herald.land(Landing::Record(record));
+                return replayed;
+            }
+            Err(error) => return Err(herald.fail(error).into()),
+        }
+
+        let lease = Lease::new(settings.lease());
+        herald.set_retry_at(lease.until());
+        let work = async {
+            let result = body.await;
+            let record = to_record(key, &result, policy);
+            let landing = self.settle(settings, key, token, &lease, record).await;
+            (result, landing)
+        };
+        let (result, landing) = self
+            .renewing(settings, key, token, &lease, &herald, work)
+            .await;
+        herald.land(landing);
+        result
+    }
+
+    /// Claims `key`: `None` once claimed, or the completed record to replay.
+    async fn claim(
+        &self,
+        settings: &Settings,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        deadline: Option<Instant>,
+        herald: &Herald<'_>,
+    ) -> Result<Option<Record>, Error> {
+        let store = &self.shared.store;
+        let mut backoff = backoff(Duration::from_millis(5), Duration::from_secs(1));
         loop {
-            let begin = self
-                .shared
-                .store
-                .begin(key, fingerprint, token, settings.lease())
-                .await;
-            match begin.map_err(Error::Store) {
-                Err(error) => return Err(herald.fail(error).into()),
-                Ok(Begin::Claimed) => break,
-                Ok(Begin::Completed(record)) => {
-                    let replayed = replay(&record, &policy);
-                    herald.land(Landing::Record(record));
-                    return replayed;
+            let begin = store.begin(key, fingerprint, token, settings.lease()).await;
+            match begin {
+                Err(error) => {
+                    self.clear_unknown_claim(key, token, &error);
+                    return Err(Error::Store(error));
                 }
-                Ok(Begin::Mismatch) => return Err(herald.fail(Error::KeyReused).into()),
+                Ok(Begin::Claimed) => return Ok(None),
+                Ok(Begin::Completed(record)) => return Ok(Some(record)),
+                Ok(Begin::Mismatch) => return Err(Error::KeyReused),
                 Ok(Begin::InProgress { retry_after }) => {
                     let now = Instant::now();
                     let refused = Error::InProgress { retry_after };
                     let Some(deadline) = deadline.filter(|d| *d > now) else {
-                        return Err(refused.into());
+                        return Err(refused);
                     };
                     herald.set_retry_at(now + retry_after);
                     let cap = retry_after.min(deadline - now);
-                    match self.shared.store.watch(key) {
+                    match store.watch(key) {
                         Some(change) => {
                             let _ = tokio::time::timeout(cap, change).await;
                         }
@@ -245,88 +287,312 @@ impl Idempotency {
                 }
             }
         }
-
-        herald.set_retry_at(Instant::now() + settings.lease());
-        let (result, held) = self.run_renewing(settings, key, token, body, &herald).await;
-        let (outcome, payload) = match &result {
-            Ok(value) => (Outcome::Ok, serde_json::to_vec(value)),
-            Err(error) => match policy.keep(error) {
-                Some(payload) => (Outcome::Err, payload),
-                None => {
-                    if let Err(error) = self.shared.store.release(key, token).await {
-                        tracing::warn!(%key, %error, "could not release an idempotency claim; it lapses with its lease");
-                    }
-                    herald.land(Landing::Vacated);
-                    return result;
-                }
-            },
-        };
-        let record = match payload {
-            Ok(payload) => Record::new(outcome, payload),
-            Err(error) => {
-                // The body ran but its result cannot be stored. The claim is
-                // kept until its lease lapses, so a retry does not run at once.
-                tracing::error!(%key, %error, "the result of an idempotent call does not serialize");
-                return Err(herald.fail(Error::encode("result", error)).into());
-            }
-        };
-        if held {
-            match self
-                .shared
-                .store
-                .complete(key, token, record.clone(), settings.ttl())
-                .await
-            {
-                Ok(Completion::Stored) => {}
-                Ok(Completion::Lost) => {
-                    tracing::warn!(%key, "an idempotency claim lapsed while its call ran; its result was not stored");
-                }
-                Err(error) => {
-                    tracing::error!(%key, %error, "the result of an idempotent call could not be stored; its claim lapses with its lease");
-                }
-            }
-        }
-        herald.land(Landing::Record(record));
-        result
     }
 
-    /// Polls `body` to completion while renewing the claim every third of the
-    /// lease. Answers the body's output and whether the claim is still held.
-    async fn run_renewing<F: Future>(
+    /// A `begin` that failed may still have landed (a timeout: the command
+    /// was sent, the answer never came) and left a claim nobody owns, which
+    /// would lock the key out for a lease. Release it, fenced by the token, in
+    /// the background; on a connection that keeps order it runs after the
+    /// `begin` it follows.
+    fn clear_unknown_claim(&self, key: Key, token: Token, error: &StoreError) {
+        let unknown = matches!(
+            error.kind(),
+            StoreErrorKind::Timeout | StoreErrorKind::Unavailable | StoreErrorKind::Other
+        );
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if unknown {
+            let store = Arc::clone(&self.shared.store);
+            runtime.spawn(async move {
+                if let Err(error) = store.release(key, token).await {
+                    tracing::debug!(%key, %error, "could not clear a claim whose begin timed out; it lapses with its lease");
+                }
+            });
+        }
+    }
+
+    /// Records the body's outcome: completes the claim with its record, or,
+    /// with none, releases it. Answers what the flight's followers get.
+    ///
+    /// An operation whose outcome is unknown (a timeout, a dropped
+    /// connection) is retried in the background, renewing the claim
+    /// meanwhile, while the lease as it stood when the body returned allows:
+    /// the operations are fenced and safe to repeat, and one lost answer must
+    /// not lose a result (or lock a key out for a lease). The caller does not
+    /// wait for those retries.
+    async fn settle(
         &self,
         settings: &Settings,
         key: Key,
         token: Token,
-        body: F,
+        lease: &Lease,
+        record: Option<Record>,
+    ) -> Landing {
+        if lease.lost() {
+            if record.is_some() {
+                tracing::warn!(%key, "an idempotency claim was taken over while its call ran; its result was not stored");
+            }
+        } else {
+            match self.record(settings, key, token, record.as_ref()).await {
+                Ok(Completion::Stored) => {}
+                Ok(Completion::Lost) => {
+                    tracing::warn!(%key, "an idempotency claim lapsed while its call ran; its result was not stored");
+                }
+                Err(error) if retryable(&error) => {
+                    self.record_later(settings, key, token, lease, record.clone(), error);
+                }
+                Err(error) => {
+                    tracing::error!(%key, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
+                }
+            }
+        }
+        match record {
+            Some(record) => Landing::Record(record),
+            None => Landing::Failed(Error::AttemptFailed),
+        }
+    }
+
+    /// Completes the claim with `record`, or releases it without one.
+    async fn record(
+        &self,
+        settings: &Settings,
+        key: Key,
+        token: Token,
+        record: Option<&Record>,
+    ) -> Result<Completion, StoreError> {
+        let store = &self.shared.store;
+        match record {
+            Some(record) => {
+                store
+                    .complete(key, token, record.clone(), settings.ttl())
+                    .await
+            }
+            None => store.release(key, token).await.map(|()| Completion::Stored),
+        }
+    }
+
+    /// Retries [`record`](Self::record) in the background, renewing the
+    /// claim meanwhile, until it succeeds or the lease (as it stands now)
+    /// runs out. Without a tokio runtime to run on, gives up at once.
+    fn record_later(
+        &self,
+        settings: &Settings,
+        key: Key,
+        token: Token,
+        lease: &Lease,
+        record: Option<Record>,
+        error: StoreError,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(%key, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
+            return;
+        };
+        tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
+        let (this, settings, lease) = (self.clone(), *settings, lease.clone());
+        runtime.spawn(async move {
+            let until = lease.until();
+            let attempts = retrying(key, until, &lease, || {
+                this.record(&settings, key, token, record.as_ref())
+            });
+            let recorded = this
+                .renewing(&settings, key, token, &lease, &Herald(None), attempts)
+                .await;
+            match recorded {
+                Ok(Completion::Stored) => {
+                    tracing::info!(%key, "recorded the outcome of an idempotent call after retrying");
+                }
+                Ok(Completion::Lost) => {
+                    tracing::warn!(%key, "an idempotency claim lapsed before its outcome could be recorded");
+                }
+                Err(error) => {
+                    tracing::error!(%key, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
+                }
+            }
+        });
+    }
+
+    /// Polls `work` to completion while renewing the claim every third of the
+    /// lease. A renewal that fails is retried at once, with a short backoff,
+    /// until the lease runs out.
+    async fn renewing<W: Future>(
+        &self,
+        settings: &Settings,
+        key: Key,
+        token: Token,
+        lease: &Lease,
         herald: &Herald<'_>,
-    ) -> (F::Output, bool) {
+        work: W,
+    ) -> W::Output {
+        let store = &self.shared.store;
         let every = settings.lease() / 3;
         let renewal = async {
             loop {
-                tokio::time::sleep(every).await;
-                match self.shared.store.renew(key, token, settings.lease()).await {
-                    Ok(true) => herald.set_retry_at(Instant::now() + settings.lease()),
-                    Ok(false) => {
-                        tracing::warn!(%key, "an idempotency claim was lost while its call ran; its result will not be stored");
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%key, %error, "could not renew an idempotency claim; retrying");
+                tokio::time::sleep_until(lease.renewed_at() + every).await;
+                let mut pauses = backoff(Duration::from_millis(10), every / 2);
+                loop {
+                    match store.renew(key, token, settings.lease()).await {
+                        Ok(true) => {
+                            lease.renew(settings.lease());
+                            herald.set_retry_at(lease.until());
+                            break;
+                        }
+                        Ok(false) => {
+                            tracing::warn!(%key, "an idempotency claim was lost while its call ran; its result will not be stored");
+                            lease.lose();
+                            return;
+                        }
+                        Err(error) => {
+                            let pause = pauses.next().unwrap_or(every);
+                            if Instant::now() + pause >= lease.until() {
+                                tracing::error!(%key, %error, "could not renew an idempotency claim before its lease ran out");
+                                return;
+                            }
+                            tracing::warn!(%key, %error, "could not renew an idempotency claim; retrying");
+                            tokio::time::sleep(pause).await;
+                        }
                     }
                 }
             }
         };
-        let mut body = pin!(body);
+        let mut work = pin!(work);
         let mut renewal = pin!(renewal);
-        let mut held = true;
+        let mut renewing = true;
         loop {
             tokio::select! {
                 biased;
-                output = &mut body => return (output, held),
-                () = &mut renewal, if held => held = false,
+                output = &mut work => return output,
+                () = &mut renewal, if renewing => renewing = false,
             }
         }
     }
+}
+
+/// What the stored record of a body's result is: `None` for an `Err` the
+/// policy does not keep, a record of `Unserializable` for a value that does
+/// not serialize.
+fn to_record<T, E, P>(key: Key, result: &Result<T, E>, policy: P) -> Option<Record>
+where
+    T: Serialize,
+    P: ErrorPolicy<E>,
+{
+    let (outcome, payload) = match result {
+        Ok(value) => (Outcome::Ok, serde_json::to_vec(value)),
+        Err(error) => (Outcome::Err, policy.keep(error)?),
+    };
+    Some(match payload {
+        Ok(payload) => Record::new(outcome, payload),
+        Err(error) => {
+            tracing::error!(%key, %error, "the result of an idempotent call does not serialize; retries get Error::NotReplayable and do not run it again");
+            Record::unserializable(&error.to_string())
+        }
+    })
+}
+
+/// What the holder knows of its lease. Shared by the renewal and the body's
+/// settlement, which run in one task.
+struct Lease(Mutex<LeaseState>);
+
+impl Clone for Lease {
+    fn clone(&self) -> Self {
+        Self(Mutex::new(self.state()))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct LeaseState {
+    renewed_at: Instant,
+    until: Instant,
+    lost: bool,
+}
+
+impl Lease {
+    fn new(lease: Duration) -> Self {
+        let now = Instant::now();
+        Self(Mutex::new(LeaseState {
+            renewed_at: now,
+            until: now + lease,
+            lost: false,
+        }))
+    }
+
+    fn state(&self) -> LeaseState {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut LeaseState)) {
+        change(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn renewed_at(&self) -> Instant {
+        self.state().renewed_at
+    }
+
+    /// When the claim lapses at the latest, as far as the holder knows.
+    fn until(&self) -> Instant {
+        self.state().until
+    }
+
+    fn renew(&self, lease: Duration) {
+        let now = Instant::now();
+        self.update(|state| {
+            state.renewed_at = now;
+            state.until = now + lease;
+        });
+    }
+
+    /// Whether the store said the claim is no longer ours.
+    fn lost(&self) -> bool {
+        self.state().lost
+    }
+
+    fn lose(&self) {
+        self.update(|state| state.lost = true);
+    }
+}
+
+/// Repeats a fenced store operation that already failed once, while its
+/// outcome stays unknown (a timeout, a dropped connection), with a bounded
+/// backoff, until `until` or until the store says the claim is lost.
+async fn retrying<T, O>(
+    key: Key,
+    until: Instant,
+    lease: &Lease,
+    mut attempt: impl FnMut() -> O,
+) -> Result<T, StoreError>
+where
+    O: Future<Output = Result<T, StoreError>>,
+{
+    let mut pauses = backoff(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        let pause = pauses.next().unwrap_or(Duration::from_secs(1));
+        tokio::time::sleep(pause).await;
+        match attempt().await {
+            Ok(answer) => return Ok(answer),
+            Err(error) if retryable(&error) && !lease.lost() && Instant::now() + pause < until => {
+                tracing::debug!(%key, %error, "idempotency store operation failed again; retrying");
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Whether a failed operation may have failed for a passing reason, so that
+/// repeating it may succeed.
+fn retryable(error: &StoreError) -> bool {
+    matches!(
+        error.kind(),
+        StoreErrorKind::Timeout | StoreErrorKind::Unavailable | StoreErrorKind::Other
+    )
+}
+
+fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max.max(min))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Decodes a stored record as the call's result.
@@ -341,6 +607,10 @@ where
             serde_json::from_slice(record.payload()).map_err(|e| Error::decode(e).into())
         }
         Outcome::Err => Err(policy.replay(record.payload())?),
+        Outcome::Unserializable => Err(Error::NotReplayable {
+            reason: String::from_utf8_lossy(record.payload()).into_owned(),
+        }
+        .into()),
     }
 }
 
@@ -384,7 +654,7 @@ impl<E> ErrorPolicy<E> for ReleaseErrors {
     fn replay(&self, _: &[u8]) -> Result<E, Error> {
         let message = "the stored result is an error, but this call does not cache errors; \
                        a call with this key and `cache_errors` stored it";
-        Err(Error::Decode(std::sync::Arc::from(Box::<
+        Err(Error::Decode(Arc::from(Box::<
             dyn std::error::Error + Send + Sync,
         >::from(message))))
     }

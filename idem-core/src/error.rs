@@ -69,6 +69,27 @@ pub enum Error {
         reason: Cow<'static, str>,
     },
 
+    /// The call with this key already ran, but its result could not be
+    /// serialized, so it cannot be replayed. The body does not run again
+    /// until the record expires; fix the result type (or its `Serialize`).
+    #[error(
+        "the call with this idempotency key already ran, but its result could not be stored, \
+         so it cannot be replayed: {reason}"
+    )]
+    NotReplayable {
+        /// Why the result could not be serialized.
+        reason: String,
+    },
+
+    /// This call waited for another call with its key (in this process),
+    /// and that call failed without storing a result. Nothing was stored, so
+    /// a retry runs the body again.
+    #[error(
+        "the call with this idempotency key that this one waited for failed and stored no \
+         result; retry to run it again"
+    )]
+    AttemptFailed,
+
     /// The call's settings break one of idem's rules, e.g. a `lease` not
     /// shorter than the `ttl` given as an expression. The body did not run.
     #[error("invalid idempotency settings: {0}")]
@@ -92,7 +113,10 @@ impl Error {
 
     /// The HTTP status for this error, per the IETF Idempotency-Key draft:
     /// `InProgress` → 409, `KeyReused` → 422, `InvalidKey` → 400,
-    /// `Store` → 503, `Decode`, `Encode` and `Config` → 500.
+    /// `Store` → 503 when the store is down or slow (a retry may succeed)
+    /// and 500 when a record is corrupt or the store misconfigured (a retry
+    /// would fail the same way), `AttemptFailed` → 503, `Decode`, `Encode`,
+    /// `NotReplayable` and `Config` → 500.
     ///
     /// ```
     /// use std::time::Duration;
@@ -107,8 +131,15 @@ impl Error {
             Self::InProgress { .. } => 409,
             Self::KeyReused => 422,
             Self::InvalidKey { .. } => 400,
-            Self::Store(_) => 503,
-            Self::Decode(_) | Self::Encode { .. } | Self::Config(_) => 500,
+            Self::Store(error) => match error.kind() {
+                StoreErrorKind::Corrupt | StoreErrorKind::Config => 500,
+                _ => 503,
+            },
+            Self::AttemptFailed => 503,
+            Self::Decode(_)
+            | Self::Encode { .. }
+            | Self::NotReplayable { .. }
+            | Self::Config(_) => 500,
         }
     }
 
@@ -222,6 +253,25 @@ mod tests {
         );
         let decode = serde_json::from_str::<u8>("x").unwrap_err();
         assert_eq!(Error::decode(decode).http_status(), 500);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_not_a_retryable_outage() {
+        for (kind, status) in [
+            (StoreErrorKind::Unavailable, 503),
+            (StoreErrorKind::Timeout, 503),
+            (StoreErrorKind::Full, 503),
+            (StoreErrorKind::Corrupt, 500),
+            (StoreErrorKind::Config, 500),
+        ] {
+            let error = Error::Store(StoreError::new(kind, "x"));
+            assert_eq!(error.http_status(), status, "{kind:?}");
+        }
+        assert_eq!(Error::AttemptFailed.http_status(), 503);
+        let gone = Error::NotReplayable {
+            reason: "key must be a string".into(),
+        };
+        assert_eq!(gone.http_status(), 500);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::{Arc, LazyLock, OnceLock};
 
 use crate::flight::Flights;
 use crate::store::memory::MemoryStore;
-use crate::store::{Store, StoreError};
+use crate::store::{Limits, Store, StoreError};
 
 /// A long-lived handle on a store: what `#[idempotent(store = …)]` names,
 /// and what code without the attribute runs calls on.
@@ -44,6 +44,7 @@ pub struct Idempotency {
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) flights: Flights,
+    pub(crate) limits: Limits,
 }
 
 impl Idempotency {
@@ -57,6 +58,7 @@ impl Idempotency {
     pub fn from_arc(store: Arc<dyn Store>) -> Self {
         Self {
             shared: Arc::new(Shared {
+                limits: store.limits(),
                 store,
                 flights: Flights::default(),
             }),

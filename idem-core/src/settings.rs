@@ -259,9 +259,22 @@ enum Rule {
         lease_is_default: bool,
     },
     WaitTimeoutWithReject,
+    LeaseTooShortForStore {
+        lease: Duration,
+        response_timeout: Duration,
+    },
 }
 
 impl ConfigError {
+    /// The lease is too short for the store to renew it in time: a renewal
+    /// must be able to time out once and be retried within the lease.
+    pub(crate) fn lease_too_short_for_store(lease: Duration, response_timeout: Duration) -> Self {
+        Self(Rule::LeaseTooShortForStore {
+            lease,
+            response_timeout,
+        })
+    }
+
     /// The setting at fault: `"ttl"`, `"lease"` or `"wait_timeout"`.
     #[must_use]
     pub fn setting(&self) -> &'static str {
@@ -279,6 +292,7 @@ impl ConfigError {
                 }
             }
             Rule::WaitTimeoutWithReject => "wait_timeout",
+            Rule::LeaseTooShortForStore { .. } => "lease",
         }
     }
 }
@@ -331,6 +345,17 @@ impl fmt::Display for ConfigError {
             Rule::WaitTimeoutWithReject => f.write_str(
                 "`wait_timeout` needs `on_conflict = wait`: with `on_conflict = reject` a call \
                  never waits; remove one of them",
+            ),
+            Rule::LeaseTooShortForStore {
+                lease,
+                response_timeout,
+            } => write!(
+                f,
+                "`lease` ({}) must be at least three times the store's response timeout ({}), \
+                 so that a renewal that times out can be retried before the lease lapses; \
+                 lengthen the lease or shorten the store's response timeout",
+                display(lease),
+                display(response_timeout)
             ),
         }
     }

@@ -139,6 +139,28 @@ pub enum Completion {
     Lost,
 }
 
+/// What a store promises about its own timing, for the engine to check
+/// settings against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Limits {
+    /// The longest one operation may take before it fails with
+    /// [`StoreErrorKind::Timeout`]; `None` for a store that answers in
+    /// process. A lease must be at least three times as long, so that a
+    /// renewal that times out can be retried before the lease lapses.
+    pub response_timeout: Option<Duration>,
+}
+
+impl Limits {
+    /// Limits of a store whose operations time out after `response_timeout`.
+    #[must_use]
+    pub const fn with_response_timeout(response_timeout: Duration) -> Self {
+        Self {
+            response_timeout: Some(response_timeout),
+        }
+    }
+}
+
 /// A backend that keeps idempotency claims and records.
 ///
 /// The trait is object-safe: `Arc<dyn Store>` is a store, and so are `&S`,
@@ -185,6 +207,12 @@ pub trait Store: Send + Sync {
         let _ = key;
         None
     }
+
+    /// What this store promises about its timing. By default nothing: a
+    /// store that answers in process.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
 }
 
 macro_rules! forward_store {
@@ -220,6 +248,10 @@ macro_rules! forward_store {
 
             fn watch(&self, key: Key) -> Option<Watch> {
                 (**self).watch(key)
+            }
+
+            fn limits(&self) -> Limits {
+                (**self).limits()
             }
         }
     )*};

@@ -12,13 +12,19 @@ pub enum Outcome {
     Ok,
     /// The payload is the serialized `E` of `Err(E)` (only when errors are cached).
     Err,
+    /// The call completed, but its result could not be serialized; the
+    /// payload is the serializer's message. Retries get
+    /// [`Error::NotReplayable`](crate::Error::NotReplayable), and the body
+    /// does not run again until the record expires.
+    Unserializable,
 }
 
 /// The result of a completed call, as a store keeps it: an [`Outcome`] and the
 /// value serialized with `serde_json`.
 ///
 /// On the wire ([`encode`](Record::encode)) a record is two header bytes, the
-/// format version and `o`/`e` for the outcome, followed by the JSON payload.
+/// format version and `o`, `e` or `u` for the outcome, followed by the
+/// payload.
 /// `()`, `None`, `0`, `""` and `[]` are payloads like any other and replay
 /// exactly as they were returned. One limit is JSON's own: `Some(None)` of an
 /// `Option<Option<T>>` is `null`, and replays as `None`.
@@ -46,7 +52,17 @@ impl Record {
         self.outcome
     }
 
-    /// The serialized value, as JSON.
+    /// The record of a call whose result could not be serialized: `reason`
+    /// is the serializer's message.
+    pub fn unserializable(reason: &str) -> Self {
+        Self::new(
+            Outcome::Unserializable,
+            Bytes::copy_from_slice(reason.as_bytes()),
+        )
+    }
+
+    /// The serialized value, as JSON (or, for
+    /// [`Outcome::Unserializable`], the serializer's message).
     #[must_use]
     pub fn payload(&self) -> &Bytes {
         &self.payload
@@ -60,6 +76,7 @@ impl Record {
         out.put_u8(match self.outcome {
             Outcome::Ok => b'o',
             Outcome::Err => b'e',
+            Outcome::Unserializable => b'u',
         });
         out.put_slice(&self.payload);
         out.freeze()
@@ -99,6 +116,7 @@ impl Record {
         let outcome = match header[1] {
             b'o' => Outcome::Ok,
             b'e' => Outcome::Err,
+            b'u' => Outcome::Unserializable,
             _ => return Err(corrupt("a stored record has an unknown outcome marker")),
         };
         Ok(Self {
@@ -118,7 +136,7 @@ mod tests {
 
     #[test]
     fn round_trips_both_outcomes() {
-        for outcome in [Outcome::Ok, Outcome::Err] {
+        for outcome in [Outcome::Ok, Outcome::Err, Outcome::Unserializable] {
             let record = Record::new(outcome, &b"{\"a\":1}"[..]);
             assert_eq!(Record::decode(record.encode()).unwrap(), record);
         }
