@@ -8,12 +8,16 @@
 //! - integers encode by value whatever their width (`5u8` and `5i64` are
 //!   equal), `-0.0` as `0.0`, every NaN as one NaN;
 //! - map entries are encoded one by one and written sorted, so a `HashMap`
-//!   encodes the same whatever its iteration order;
+//!   encodes the same whatever its iteration order; so are the elements of
+//!   unordered sets (`HashSet`, hashbrown's, `IndexSet`), told by their type
+//!   name because serde hands them over as plain sequences. A `Vec`'s order
+//!   counts. A hand-written `Serialize` that writes an unordered collection
+//!   with `serialize_seq` is not recognised: it must sort what it writes;
 //! - struct and enum *type* names are left out, as in JSON; field and variant
 //!   names are kept.
 //!
-//! Only map entries are buffered; everything else goes to the hasher through
-//! a small stack buffer.
+//! Only map entries and set elements are buffered; everything else goes to
+//! the hasher through a small stack buffer.
 
 use std::fmt;
 
@@ -83,6 +87,17 @@ impl Sink for Vec<u8> {
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
     }
+}
+
+/// Whether a type, by its name, is a set whose iteration order is not part of
+/// its value: std's and hashbrown's `HashSet` (and sets named like them, such
+/// as `AHashSet` or `FxHashSet`) and indexmap's `IndexSet`, whose equality
+/// ignores order. `BTreeSet` iterates in order already.
+fn is_unordered_set(type_name: &str) -> bool {
+    let name = type_name.trim_start_matches('&').trim_start_matches("mut ");
+    let path = name.split('<').next().unwrap_or(name);
+    let last = path.rsplit("::").next().unwrap_or(path);
+    last.ends_with("HashSet") || last == "IndexSet"
 }
 
 /// A value's `Serialize` implementation reported an error.
@@ -287,6 +302,38 @@ impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
     ) -> Result<(), EncodeError> {
         self.put_variant(variant);
         value.serialize(self)
+    }
+
+    /// Sequences of unordered sets are written sorted, like map entries, so
+    /// that equal sets encode equal whatever their iteration order. serde
+    /// hands a set to the serializer as a plain sequence, so the set is told
+    /// by its type: the collection `collect_seq` is given.
+    fn collect_seq<I>(self, iter: I) -> Result<(), EncodeError>
+    where
+        I: IntoIterator,
+        I::Item: Serialize,
+    {
+        if !is_unordered_set(std::any::type_name::<I>()) {
+            self.sink.put(&[tag::SEQ]);
+            for item in iter {
+                item.serialize(&mut *self)?;
+            }
+            self.sink.put(&[tag::SEQ_END]);
+            return Ok(());
+        }
+        let mut items: Vec<Vec<u8>> = Vec::new();
+        for item in iter {
+            let mut buf = Vec::new();
+            encode(&mut buf, &item)?;
+            items.push(buf);
+        }
+        items.sort_unstable();
+        self.sink.put(&[tag::SEQ]);
+        for item in &items {
+            self.sink.put(item);
+        }
+        self.sink.put(&[tag::SEQ_END]);
+        Ok(())
     }
 
     fn serialize_seq(self, _len: Option<usize>) -> Result<Self, EncodeError> {

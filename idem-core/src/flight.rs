@@ -10,7 +10,6 @@
 //! vacated (the leader released its claim, gave up waiting, or was dropped), in
 //! which case they contend again.
 
-use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -21,31 +20,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::Error;
-use crate::key::{Fingerprint, Key};
+use crate::key::{DigestHasher, Fingerprint, Key};
 use crate::store::Record;
-
-/// Keys are SHA-256 digests already: their bytes are hash enough.
-#[derive(Default)]
-struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
-        }
-    }
-}
 
 /// The flights under way on one handle.
 #[derive(Default)]
 pub(crate) struct Flights {
-    map: DashMap<Key, Arc<Flight>, BuildHasherDefault<DigestHasher>>,
+    map: DashMap<Key, Arc<Flight>, DigestHasher>,
 }
 
 /// What a flight's leader hands its followers.

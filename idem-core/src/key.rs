@@ -6,6 +6,7 @@
 //! reach a store: a store sees only the digest.
 
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use serde::Serialize;
 use serde::ser;
@@ -29,8 +30,43 @@ use crate::canonical::{hash, tag};
 /// assert_eq!(a, Key::new("payments.charge", &String::from("order-17"))?);
 /// # Ok::<(), idem_core::Error>(())
 /// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key([u8; 32]);
+
+/// A key is a SHA-256 digest already: eight of its bytes are hash enough.
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from_le_bytes([
+            self.0[0], self.0[1], self.0[2], self.0[3], self.0[4], self.0[5], self.0[6], self.0[7],
+        ]));
+    }
+}
+
+/// Hashes a [`Key`] for in-process maps: its hash is eight of its digest's
+/// bytes, kept as they are.
+pub(crate) type DigestHasher = BuildHasherDefault<Digest64>;
+
+/// The hasher behind [`DigestHasher`].
+#[derive(Default)]
+pub(crate) struct Digest64(u64);
+
+impl Hasher for Digest64 {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// The digest of the arguments a call was made with.
 ///
@@ -306,6 +342,76 @@ mod tests {
             .collect();
         let b: HashMap<u8, _> = [(2, inner_a), (1, inner_b)].into_iter().collect();
         assert_eq!(fp(&vec![a]), fp(&vec![b]));
+    }
+
+    /// Inserts `0..n` forwards and backwards into two sets of type `S`, which
+    /// then iterate in different orders.
+    fn two_orders<S: Default + Extend<u32>>(n: u32) -> (S, S) {
+        let (mut forward, mut backward) = (S::default(), S::default());
+        forward.extend(0..n);
+        backward.extend((0..n).rev());
+        (forward, backward)
+    }
+
+    #[test]
+    fn equal_sets_fingerprint_equal_in_any_order() {
+        #[derive(Serialize)]
+        struct Nested<S> {
+            set: S,
+            list: Vec<S>,
+            map: BTreeMap<u8, S>,
+        }
+        fn check<S: Serialize + Default + Extend<u32> + Clone>() {
+            let (a, b) = two_orders::<S>(200);
+            assert_eq!(fp(&a), fp(&b), "{}", std::any::type_name::<S>());
+            let nest = |s: &S| Nested {
+                set: s.clone(),
+                list: vec![s.clone(), s.clone()],
+                map: [(1, s.clone())].into(),
+            };
+            assert_eq!(fp(&nest(&a)), fp(&nest(&b)));
+            assert_eq!(fp(&(&a, 1)), fp(&(&b, 1)));
+        }
+        check::<std::collections::HashSet<u32>>();
+        check::<hashbrown::HashSet<u32>>();
+        check::<indexmap::IndexSet<u32>>();
+        let (a, b) = two_orders::<std::collections::HashSet<u32>>(200);
+        assert_ne!(
+            a.iter().collect::<Vec<_>>(),
+            b.iter().collect::<Vec<_>>(),
+            "the sets really iterate in different orders"
+        );
+    }
+
+    #[test]
+    fn sets_differ_by_content_and_sequences_by_order() {
+        let (a, _) = two_orders::<std::collections::HashSet<u32>>(10);
+        let (c, _) = two_orders::<std::collections::HashSet<u32>>(11);
+        assert_ne!(fp(&a), fp(&c));
+        assert_ne!(
+            fp(&vec![1, 2, 3]),
+            fp(&vec![3, 2, 1]),
+            "a Vec's order counts"
+        );
+    }
+
+    /// The documented limit: a hand-written `Serialize` that writes a hash
+    /// set as a plain sequence, unsorted, is not recognised.
+    #[test]
+    fn a_hand_written_unsorted_sequence_is_not_recognised() {
+        struct Bag(std::collections::HashSet<u32>);
+        impl Serialize for Bag {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeSeq as _;
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for item in &self.0 {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+        }
+        let (a, b) = two_orders(200);
+        assert_ne!(fp(&Bag(a)), fp(&Bag(b)));
     }
 
     #[test]
