@@ -10,7 +10,7 @@ use crate::error::{StoreError, StoreErrorKind};
 ///
 /// | URL | store | feature |
 /// |---|---|---|
-/// | `memory://` or `memory://?max_records=N` | [`MemoryStore`] | always |
+/// | `memory://`, `memory://?max_records=N&max_bytes=N` | [`MemoryStore`] | always |
 /// | `redis://host:port/db` | a single Redis node | `redis` |
 /// | `redis+cluster://host:port,host:port` | a Redis Cluster | `redis` |
 ///
@@ -62,24 +62,26 @@ fn memory_from_url(rest: &str) -> Result<MemoryStore, StoreError> {
         _ => {
             return Err(config(format!(
                 "`memory://{rest}` names a location, but the memory store has none; \
-                 write `memory://` or `memory://?max_records=N`"
+                 write `memory://` or `memory://?max_records=N&max_bytes=N`"
             )));
         }
     };
     let mut builder = MemoryStore::builder();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some(("max_records", n)) => {
+            Some((option @ ("max_records" | "max_bytes"), n)) => {
                 let n = n.parse().map_err(|_| {
-                    config(format!(
-                        "`max_records={n}` in a memory:// URL is not a count"
-                    ))
+                    config(format!("`{option}={n}` in a memory:// URL is not a count"))
                 })?;
-                builder = builder.max_records(n);
+                builder = match option {
+                    "max_records" => builder.max_records(n),
+                    _ => builder.max_bytes(n),
+                };
             }
             _ => {
                 return Err(config(format!(
-                    "unknown memory:// URL option `{pair}`; the only option is `max_records=N`"
+                    "unknown memory:// URL option `{pair}`; the options are `max_records=N` \
+                     and `max_bytes=N`"
                 )));
             }
         }
@@ -109,6 +111,9 @@ mod tests {
     async fn memory_urls() {
         connect("memory://").await.unwrap();
         connect("memory://?max_records=10").await.unwrap();
+        connect("memory://?max_records=10&max_bytes=4096")
+            .await
+            .unwrap();
         assert!(
             error_of("memory://?max_records=ten")
                 .await
