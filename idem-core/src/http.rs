@@ -182,22 +182,50 @@ struct Problem<'a> {
     detail: String,
 }
 
+/// The title and the detail a client sees for `error`. Only errors about the
+/// request itself say more than their status; the rest are logged in full
+/// and answered in general words, so that no store address, key or message
+/// of a backend reaches a client.
+fn describe(error: &Error) -> (&'static str, String) {
+    match error {
+        Error::InProgress { .. } => (
+            "A request with this Idempotency-Key is in progress",
+            error.to_string(),
+        ),
+        Error::KeyReused => (
+            "This Idempotency-Key was used with a different request",
+            error.to_string(),
+        ),
+        Error::InvalidKey { .. } => ("Missing or invalid Idempotency-Key", error.to_string()),
+        Error::AttemptFailed => (
+            "A request with this Idempotency-Key failed",
+            error.to_string(),
+        ),
+        Error::Store(_) if error.http_status() == 503 => (
+            "The idempotency store is unavailable",
+            "The request was not processed; retry it later with the same Idempotency-Key."
+                .to_owned(),
+        ),
+        _ => (
+            "The request's stored result cannot be used",
+            "The server cannot answer this request with its stored result.".to_owned(),
+        ),
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let title = match &self {
-            Error::InProgress { .. } => "A request with this Idempotency-Key is in progress",
-            Error::KeyReused => "This Idempotency-Key was used with a different request",
-            Error::InvalidKey { .. } => "Missing or invalid Idempotency-Key",
-            Error::Store(_) => "The idempotency store is unavailable",
-            _ => "The request's stored result cannot be used",
-        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "an idempotent request failed");
+        }
+        let (title, detail) = describe(&self);
         let body = Problem {
             r#type: "about:blank",
             title,
             status: status.as_u16(),
-            detail: self.to_string(),
+            detail,
         };
         let body = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (status, body).into_response();
@@ -294,15 +322,22 @@ mod tests {
         assert_eq!(body["status"], 409);
         let (status, retry, _) = problem(Error::KeyReused).await;
         assert_eq!((status.as_u16(), retry), (422, None));
-        let down = StoreError::new(StoreErrorKind::Unavailable, "connection refused");
-        let (status, _, body) = problem(Error::Store(down)).await;
-        assert_eq!(status.as_u16(), 503);
-        assert!(
-            body["detail"]
-                .as_str()
-                .unwrap()
-                .contains("connection refused")
+        let down = StoreError::new(
+            StoreErrorKind::Unavailable,
+            "redis begin failed: connection refused (10.0.0.7:6379)",
         );
+        let (status, _, unavailable) = problem(Error::Store(down)).await;
+        assert_eq!(status.as_u16(), 503);
+        let detail = unavailable["detail"].as_str().unwrap();
+        assert!(detail.contains("retry it later"), "{detail}");
+        let corrupt = StoreError::new(StoreErrorKind::Corrupt, "WRONGTYPE at idem:{abc}");
+        let (status, _, corrupt) = problem(Error::Store(corrupt)).await;
+        assert_eq!(status.as_u16(), 500, "a corrupt record is not retried");
+        for body in [unavailable.to_string(), corrupt.to_string()] {
+            for internal in ["10.0.0.7", "redis", "WRONGTYPE", "idem:{"] {
+                assert!(!body.contains(internal), "{body}");
+            }
+        }
     }
 
     #[test]

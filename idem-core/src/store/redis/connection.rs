@@ -13,15 +13,6 @@ pub(crate) enum Connection {
     Cluster(ClusterConnection),
 }
 
-impl Connection {
-    pub(crate) fn topology(&self) -> &'static str {
-        match self {
-            Self::Node(_) => "node",
-            Self::Cluster(_) => "cluster",
-        }
-    }
-}
-
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

@@ -10,30 +10,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisError, Script, Value};
 
-use super::{Begin, Completion, Record, Store, StoreFuture, Token};
-use crate::error::{StoreError, StoreErrorKind};
+use super::{Begin, Completion, Limits, Record, Store, StoreFuture, Token};
+use crate::error::StoreError;
 use crate::key::{Fingerprint, Key};
 
+mod builder;
 mod connection;
 pub mod envelope;
+mod errors;
 mod scripts;
 
+pub use builder::{
+    DEFAULT_CONNECTION_TIMEOUT, DEFAULT_PREFIX, DEFAULT_RESPONSE_TIMEOUT, EvictionCheck,
+    RedisStoreBuilder,
+};
 use connection::Connection;
 use envelope::Held;
+use errors::{config, redact, store_error, unexpected};
 use scripts::SCRIPTS;
-
-/// The default key prefix.
-pub const DEFAULT_PREFIX: &str = "idem";
-
-/// The default time a store operation may take before it fails with
-/// [`StoreErrorKind::Timeout`].
-pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The default time a connection attempt may take.
-pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A [`Store`] on Redis: a single node or a Redis Cluster.
 ///
@@ -58,9 +54,16 @@ pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
 /// operation whose connection dropped is retried once on a fresh connection,
 /// which is safe because every operation is harmless to repeat with the same
 /// token. A server that does not answer within the response timeout fails the
-/// call with [`StoreErrorKind::Timeout`]; the body does not run.
+/// call with [`StoreErrorKind::Timeout`](crate::store::StoreErrorKind::Timeout); the body does not run.
 ///
-/// # Limits: replication and persistence
+/// # Deployment: eviction, replication and persistence
+///
+/// A Redis that evicts keys when full (a `maxmemory` limit with a policy
+/// other than `noeviction`) can evict a live claim and let two calls run; the
+/// store refuses to connect to one unless told otherwise (see
+/// [`EvictionCheck`]). Run idem's Redis with `maxmemory-policy noeviction`:
+/// when it is full, calls then fail closed.
+///
 ///
 /// Redis replicates asynchronously. A claim or record written to a primary
 /// that fails *unexpectedly* before its replica received the write is lost
@@ -94,19 +97,11 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    connection: Connection,
-    prefix: String,
-}
-
-/// Configures a [`RedisStore`]; made by [`RedisStore::node`] or
-/// [`RedisStore::cluster`].
-#[derive(Debug, Clone)]
-pub struct RedisStoreBuilder {
-    nodes: Vec<String>,
-    cluster: bool,
+    /// Opened on first use (at once, unless connected lazily).
+    connection: tokio::sync::OnceCell<Connection>,
+    opener: RedisStoreBuilder,
     prefix: String,
     response_timeout: Duration,
-    connection_timeout: Duration,
 }
 
 impl RedisStore {
@@ -115,7 +110,7 @@ impl RedisStore {
     /// its nodes), with the default settings.
     ///
     /// # Errors
-    /// [`StoreErrorKind::Config`] for a URL of another scheme, and the
+    /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a URL of another scheme, and the
     /// connection's error when the server cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::builder_for_url(url)?.connect().await
@@ -153,22 +148,28 @@ impl RedisStore {
                     })
                     .collect();
                 if nodes.is_empty() {
-                    return Err(StoreError::new(
-                        StoreErrorKind::Config,
-                        format!(
-                            "`{url}` names no cluster node; write `redis+cluster://host:port,host:port`"
-                        ),
-                    ));
+                    return Err(config(format!(
+                        "`{}` names no cluster node; write `redis+cluster://host:port,host:port`",
+                        redact(url)
+                    )));
                 }
                 Ok(Self::cluster(nodes))
             }
-            _ => Err(StoreError::new(
-                StoreErrorKind::Config,
-                format!(
-                    "`{url}` is not a Redis URL; write `redis://host:port/db` or `redis+cluster://host:port,host:port`"
-                ),
-            )),
+            _ => Err(config(format!(
+                "`{}` is not a Redis URL; write `redis://host:port/db` or \
+                 `redis+cluster://host:port,host:port`",
+                redact(url)
+            ))),
         }
+    }
+
+    /// The connection, opened now if it is not yet.
+    async fn connection(&self) -> Result<Connection, StoreError> {
+        self.inner
+            .connection
+            .get_or_try_init(|| self.inner.opener.open())
+            .await
+            .cloned()
     }
 
     /// The key a record is stored under.
@@ -211,12 +212,11 @@ impl RedisStore {
         F: Fn(Connection) -> Fut,
         Fut: std::future::Future<Output = Result<Value, RedisError>>,
     {
-        match attempt(self.inner.connection.clone()).await {
+        let connection = self.connection().await?;
+        match attempt(connection.clone()).await {
             Ok(value) => Ok(value),
             Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                attempt(self.inner.connection.clone())
-                    .await
-                    .map_err(|e| store_error(op, &e))
+                attempt(connection).await.map_err(|e| store_error(op, &e))
             }
             Err(e) => Err(store_error(op, &e)),
         }
@@ -225,128 +225,16 @@ impl RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let topology = if self.inner.opener.cluster {
+            "cluster"
+        } else {
+            "node"
+        };
         f.debug_struct("RedisStore")
-            .field("topology", &self.inner.connection.topology())
+            .field("topology", &topology)
             .field("prefix", &self.inner.prefix)
             .finish_non_exhaustive()
     }
-}
-
-impl RedisStoreBuilder {
-    fn new(nodes: Vec<String>, cluster: bool) -> Self {
-        Self {
-            nodes,
-            cluster,
-            prefix: DEFAULT_PREFIX.to_owned(),
-            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
-            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
-        }
-    }
-
-    /// The prefix of every key the store writes. Default
-    /// [`DEFAULT_PREFIX`]; give each application its own.
-    #[must_use]
-    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// How long an operation may take. Default
-    /// [`DEFAULT_RESPONSE_TIMEOUT`].
-    #[must_use]
-    pub fn response_timeout(mut self, timeout: Duration) -> Self {
-        self.response_timeout = timeout;
-        self
-    }
-
-    /// How long a connection attempt may take. Default
-    /// [`DEFAULT_CONNECTION_TIMEOUT`].
-    #[must_use]
-    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
-        self.connection_timeout = timeout;
-        self
-    }
-
-    /// Connects. The connection is re-established by itself when it drops,
-    /// so a store outlives server restarts.
-    ///
-    /// # Errors
-    /// [`StoreErrorKind::Config`] for a malformed URL, and
-    /// [`StoreErrorKind::Unavailable`] when no server answers.
-    pub async fn connect(self) -> Result<RedisStore, StoreError> {
-        let connection = if self.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
-                .response_timeout(self.response_timeout)
-                .connection_timeout(self.connection_timeout)
-                .retries(2)
-                .build()
-                .map_err(|e| config_error(&self.nodes, &e))?;
-            let connection = client
-                .get_async_connection()
-                .await
-                .map_err(|e| store_error("connect", &e))?;
-            Connection::Cluster(connection)
-        } else {
-            let client = redis::Client::open(self.nodes[0].as_str())
-                .map_err(|e| config_error(&self.nodes, &e))?;
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_response_timeout(Some(self.response_timeout))
-                .set_connection_timeout(Some(self.connection_timeout))
-                .set_number_of_retries(2);
-            let connection = ConnectionManager::new_with_config(client, config)
-                .await
-                .map_err(|e| store_error("connect", &e))?;
-            Connection::Node(connection)
-        };
-        Ok(RedisStore {
-            inner: Arc::new(Inner {
-                connection,
-                prefix: self.prefix,
-            }),
-        })
-    }
-}
-
-fn config_error(nodes: &[String], error: &RedisError) -> StoreError {
-    StoreError::new(
-        StoreErrorKind::Config,
-        format!("bad Redis address {}", nodes.join(", ")),
-    )
-    .with_source(error.clone())
-}
-
-fn store_error(op: &'static str, error: &RedisError) -> StoreError {
-    let kind = if error.is_timeout() {
-        StoreErrorKind::Timeout
-    } else if error.code() == Some("WRONGTYPE") {
-        StoreErrorKind::Corrupt
-    } else if error.is_io_error()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || error.is_cluster_error()
-        || matches!(
-            error.code(),
-            Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY")
-        )
-    {
-        StoreErrorKind::Unavailable
-    } else {
-        StoreErrorKind::Other
-    };
-    let message = match kind {
-        StoreErrorKind::Corrupt => {
-            format!("redis {op}: a record key holds something that is not an idem record")
-        }
-        _ => format!("redis {op} failed"),
-    };
-    StoreError::new(kind, message).with_source(error.clone())
-}
-
-fn unexpected(op: &'static str, value: &Value) -> StoreError {
-    StoreError::new(
-        StoreErrorKind::Other,
-        format!("redis {op}: unexpected answer {value:?}"),
-    )
 }
 
 fn unix_millis() -> u64 {
@@ -457,6 +345,10 @@ impl Store for RedisStore {
                 .await
                 .map(drop)
         })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits::with_response_timeout(self.inner.response_timeout)
     }
 
     fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {

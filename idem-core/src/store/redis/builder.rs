@@ -1,0 +1,332 @@
+//! Configuring and opening a [`RedisStore`]: addresses, timeouts, the key
+//! prefix, lazy connection, and the check that Redis will not evict claims.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+
+use super::connection::Connection;
+use super::errors::{config, redact_all, store_error};
+use super::{Inner, RedisStore};
+use crate::error::StoreError;
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "idem";
+
+/// The default time a store operation may take before it fails with
+/// [`StoreErrorKind::Timeout`](crate::store::StoreErrorKind::Timeout). A
+/// lease must be at least three times as long.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The default time a connection attempt may take.
+pub const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What to do when Redis may evict keys: a Redis with a `maxmemory` limit and
+/// an eviction policy other than `noeviction` (`allkeys-lru`, `volatile-ttl`,
+/// …) can evict a live claim under memory pressure and let a second call run
+/// the body.
+///
+/// The check reads `CONFIG GET maxmemory*` when connecting (on a cluster,
+/// from every primary). Where `CONFIG` is not allowed (some managed Redis
+/// services rename it), idem cannot tell, logs a warning and connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum EvictionCheck {
+    /// Refuse to connect, with a [`Config`](crate::store::StoreErrorKind::Config)
+    /// error that says how to fix the server. The default: a store that can
+    /// lose claims does not keep idem's promise.
+    #[default]
+    Refuse,
+    /// Connect, and log a warning.
+    Warn,
+    /// Do not check.
+    Skip,
+}
+
+/// Configures a [`RedisStore`]; made by [`RedisStore::node`] or
+/// [`RedisStore::cluster`].
+#[derive(Clone)]
+pub struct RedisStoreBuilder {
+    pub(super) nodes: Vec<String>,
+    pub(super) cluster: bool,
+    prefix: String,
+    response_timeout: Duration,
+    connection_timeout: Duration,
+    eviction_check: EvictionCheck,
+}
+
+impl RedisStoreBuilder {
+    pub(super) fn new(nodes: Vec<String>, cluster: bool) -> Self {
+        Self {
+            nodes,
+            cluster,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+            eviction_check: EvictionCheck::default(),
+        }
+    }
+
+    /// The prefix of every key the store writes. Default
+    /// [`DEFAULT_PREFIX`]; give each application its own.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long an operation may take. Default
+    /// [`DEFAULT_RESPONSE_TIMEOUT`]. Leases must be at least three times as
+    /// long (a call with a shorter one fails with
+    /// [`Error::Config`](crate::Error::Config)), so that a renewal that times
+    /// out can be retried before its lease lapses.
+    #[must_use]
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How long a connection attempt may take. Default
+    /// [`DEFAULT_CONNECTION_TIMEOUT`].
+    #[must_use]
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// What to do when Redis may evict keys; see [`EvictionCheck`]. Default
+    /// [`EvictionCheck::Refuse`].
+    #[must_use]
+    pub fn eviction_check(mut self, check: EvictionCheck) -> Self {
+        self.eviction_check = check;
+        self
+    }
+
+    /// Connects now. The connection is re-established by itself when it
+    /// drops, so a store outlives server restarts.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
+    /// malformed URL or a Redis that may evict keys (see [`EvictionCheck`]),
+    /// and [`StoreErrorKind::Unavailable`](crate::store::StoreErrorKind::Unavailable)
+    /// when no server answers.
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        let store = self.connect_lazy()?;
+        store.connection().await?;
+        Ok(store)
+    }
+
+    /// A store that connects on its first call instead of now, so that a
+    /// service can start while Redis is down. Until a connection succeeds,
+    /// every call fails closed with
+    /// [`StoreErrorKind::Unavailable`](crate::store::StoreErrorKind::Unavailable)
+    /// (the body does not run), and the next call tries again.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
+    /// malformed URL.
+    pub fn connect_lazy(self) -> Result<RedisStore, StoreError> {
+        for node in &self.nodes {
+            redis::IntoConnectionInfo::into_connection_info(node.as_str()).map_err(|e| {
+                config(format!(
+                    "`{}` is not a Redis address ({e}); write `redis://host:port/db`",
+                    redact_all(std::slice::from_ref(node))
+                ))
+            })?;
+        }
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                connection: tokio::sync::OnceCell::new(),
+                prefix: self.prefix.clone(),
+                response_timeout: self.response_timeout,
+                opener: self,
+            }),
+        })
+    }
+
+    /// Opens a connection and checks the server's eviction policy.
+    pub(super) async fn open(&self) -> Result<Connection, StoreError> {
+        let mut connection = if self.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+                .response_timeout(self.response_timeout)
+                .connection_timeout(self.connection_timeout)
+                .retries(2)
+                .build()
+                .map_err(|e| {
+                    config(format!(
+                        "bad Redis address {}: {e}",
+                        redact_all(&self.nodes)
+                    ))
+                })?;
+            let connection = client
+                .get_async_connection()
+                .await
+                .map_err(|e| store_error("connect", &e))?;
+            Connection::Cluster(connection)
+        } else {
+            let client = redis::Client::open(self.nodes[0].as_str()).map_err(|e| {
+                config(format!(
+                    "bad Redis address {}: {e}",
+                    redact_all(&self.nodes)
+                ))
+            })?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(Some(self.response_timeout))
+                .set_connection_timeout(Some(self.connection_timeout))
+                .set_number_of_retries(2);
+            let connection = ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(|e| store_error("connect", &e))?;
+            Connection::Node(connection)
+        };
+        self.check_eviction(&mut connection).await?;
+        Ok(connection)
+    }
+
+    async fn check_eviction(&self, connection: &mut Connection) -> Result<(), StoreError> {
+        if self.eviction_check == EvictionCheck::Skip {
+            return Ok(());
+        }
+        let mut command = redis::cmd("CONFIG");
+        command.arg("GET").arg("maxmemory*");
+        let answer = match connection {
+            Connection::Node(c) => command.query_async::<Value>(c).await,
+            Connection::Cluster(c) => {
+                let primaries = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                c.route_command(command, primaries).await
+            }
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::warn!(
+                    nodes = %redact_all(&self.nodes),
+                    %error,
+                    "cannot read Redis's eviction policy (CONFIG GET is not allowed); make sure it is `maxmemory-policy noeviction`, or an evicted claim can let a call run twice"
+                );
+                return Ok(());
+            }
+        };
+        let Some((maxmemory, policy)) = eviction_risk(&answer) else {
+            return Ok(());
+        };
+        let message = format!(
+            "Redis at {} evicts keys when full (maxmemory {maxmemory} with maxmemory-policy \
+             {policy}); an evicted claim lets a second call run the body. Set \
+             `maxmemory-policy noeviction` (a full Redis then fails calls closed), or accept \
+             the risk with `.eviction_check(EvictionCheck::Warn)`",
+            redact_all(&self.nodes)
+        );
+        match self.eviction_check {
+            EvictionCheck::Refuse => Err(config(message)),
+            _ => {
+                tracing::warn!("{message}");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("nodes", &redact_all(&self.nodes))
+            .field("cluster", &self.cluster)
+            .field("prefix", &self.prefix)
+            .field("response_timeout", &self.response_timeout)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("eviction_check", &self.eviction_check)
+            .finish()
+    }
+}
+
+/// The `maxmemory` and `maxmemory-policy` of the first node (of those in
+/// `CONFIG GET maxmemory*`'s answer) that may evict keys: one with a memory
+/// limit and a policy other than `noeviction`.
+fn eviction_risk(answer: &Value) -> Option<(String, String)> {
+    let mut configs = Vec::new();
+    collect_configs(answer, &mut configs);
+    configs.into_iter().find_map(|config| {
+        let maxmemory = config.get("maxmemory")?;
+        let policy = config.get("maxmemory-policy")?;
+        let limited = maxmemory.parse::<u64>().is_ok_and(|bytes| bytes > 0);
+        (limited && policy != "noeviction").then(|| (maxmemory.clone(), policy.clone()))
+    })
+}
+
+/// Each node's `CONFIG GET` answer as a map: a flat array or a map of
+/// strings (RESP2 or RESP3), or, from a cluster, such answers nested under
+/// node addresses.
+fn collect_configs(value: &Value, out: &mut Vec<HashMap<String, String>>) {
+    fn text(value: &Value) -> Option<String> {
+        match value {
+            Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+            Value::SimpleString(text) => Some(text.clone()),
+            _ => None,
+        }
+    }
+    match value {
+        Value::Array(items) if items.len() % 2 == 0 && items.iter().all(|i| text(i).is_some()) => {
+            let pairs = items
+                .chunks(2)
+                .filter_map(|pair| Some((text(&pair[0])?, text(&pair[1])?)));
+            out.push(pairs.collect());
+        }
+        Value::Map(entries)
+            if entries
+                .iter()
+                .all(|(k, v)| text(k).is_some() && text(v).is_some()) =>
+        {
+            let pairs = entries
+                .iter()
+                .filter_map(|(k, v)| Some((text(k)?, text(v)?)));
+            out.push(pairs.collect());
+        }
+        Value::Array(items) => items.iter().for_each(|item| collect_configs(item, out)),
+        Value::Map(entries) => entries.iter().for_each(|(_, v)| collect_configs(v, out)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::Value;
+
+    use super::eviction_risk;
+
+    fn bulk(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    fn config(maxmemory: &str, policy: &str) -> Value {
+        Value::Array(vec![
+            bulk("maxmemory"),
+            bulk(maxmemory),
+            bulk("maxmemory-policy"),
+            bulk(policy),
+        ])
+    }
+
+    #[test]
+    fn only_a_limited_evicting_redis_is_a_risk() {
+        assert_eq!(eviction_risk(&config("0", "allkeys-lru")), None);
+        assert_eq!(eviction_risk(&config("1000", "noeviction")), None);
+        assert_eq!(
+            eviction_risk(&config("1000", "volatile-ttl")),
+            Some(("1000".into(), "volatile-ttl".into()))
+        );
+        let cluster = Value::Map(vec![
+            (bulk("10.0.0.1:7000"), config("0", "noeviction")),
+            (bulk("10.0.0.2:7000"), config("5", "allkeys-lru")),
+        ]);
+        assert_eq!(
+            eviction_risk(&cluster),
+            Some(("5".into(), "allkeys-lru".into()))
+        );
+    }
+}
