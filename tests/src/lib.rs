@@ -50,6 +50,11 @@
 //! `cargo test` then runs each behaviour as its own test,
 //! `conformance::reject_lets_exactly_one_run` and so on.
 //!
+//! # Faults
+//!
+//! [`faults::Flaky`] wraps any store and makes its next operations fail as a
+//! network would: refused, or carried out with the answer lost.
+//!
 //! # Real servers
 //!
 //! With the `redis` feature, [`redis_server`] starts `redis-server`
@@ -59,6 +64,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod conformance;
+pub mod faults;
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

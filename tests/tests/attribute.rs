@@ -406,3 +406,122 @@ async fn crate_points_at_a_reexport() {
 async fn never_called(key: u8) -> AppResult<u8> {
     Ok(key)
 }
+
+mod consumers {
+    //! Two types with a `handle` method in one module.
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use idem_core::idempotent;
+
+    use super::AppResult;
+
+    pub(super) static EMAILS: AtomicU32 = AtomicU32::new(0);
+    pub(super) static TEXTS: AtomicU32 = AtomicU32::new(0);
+
+    pub(super) struct EmailConsumer;
+    pub(super) struct SmsConsumer;
+
+    impl EmailConsumer {
+        #[idempotent(key = id)]
+        pub(super) async fn handle(&self, id: u64) -> AppResult<String> {
+            EMAILS.fetch_add(1, Ordering::SeqCst);
+            Ok(format!("email {id}"))
+        }
+    }
+
+    impl SmsConsumer {
+        #[idempotent(key = id)]
+        pub(super) async fn handle(&self, id: u64) -> AppResult<String> {
+            TEXTS.fetch_add(1, Ordering::SeqCst);
+            Ok(format!("sms {id}"))
+        }
+    }
+}
+
+/// Same-named methods of two types in one module never share records.
+#[tokio::test]
+async fn same_named_methods_of_two_types_do_not_meet() {
+    use consumers::{EMAILS, EmailConsumer, SmsConsumer, TEXTS};
+    assert_eq!(EmailConsumer.handle(7).await.unwrap(), "email 7");
+    assert_eq!(SmsConsumer.handle(7).await.unwrap(), "sms 7");
+    assert_eq!(SmsConsumer.handle(7).await.unwrap(), "sms 7", "replayed");
+    assert_eq!(EMAILS.load(Ordering::SeqCst), 1);
+    assert_eq!(TEXTS.load(Ordering::SeqCst), 1);
+}
+
+/// The default operation names, as they are stored: a compiler that printed
+/// paths differently would change every default key, and fail this test.
+#[test]
+fn default_operation_names_are_the_functions_paths() {
+    fn __idem_operation() {}
+    assert_eq!(
+        idem_core::__private::operation_name(std::any::type_name_of_val(&__idem_operation)),
+        "attribute::default_operation_names_are_the_functions_paths"
+    );
+}
+
+static SET_RUNS: AtomicU32 = AtomicU32::new(0);
+
+/// Without `key`, the arguments are the key: equal sets built in other orders
+/// are one call.
+#[idempotent]
+async fn tag(tags: std::collections::HashSet<String>, order: Vec<u32>) -> AppResult<u32> {
+    Ok(SET_RUNS.fetch_add(1, Ordering::SeqCst) + order.len() as u32)
+}
+
+#[tokio::test]
+async fn equal_set_arguments_are_one_call() {
+    let forward: std::collections::HashSet<String> = (0..50).map(|i| format!("t{i}")).collect();
+    let mut backward = std::collections::HashSet::with_capacity(1);
+    for i in (0..50).rev() {
+        backward.insert(format!("t{i}"));
+    }
+    let first = tag(forward.clone(), vec![1, 2]).await.unwrap();
+    assert_eq!(tag(backward, vec![1, 2]).await.unwrap(), first);
+    assert_eq!(SET_RUNS.load(Ordering::SeqCst), 1);
+    tag(forward, vec![2, 1]).await.unwrap();
+    assert_eq!(SET_RUNS.load(Ordering::SeqCst), 2, "a Vec's order counts");
+}
+
+fn forever() -> Duration {
+    Duration::MAX
+}
+
+#[idempotent(key = id, ttl = forever())]
+async fn kept_forever(id: u8) -> AppResult<u8> {
+    Ok(id)
+}
+
+#[idempotent(key = id, ttl = Duration::ZERO)]
+async fn kept_never(id: u8) -> AppResult<u8> {
+    Ok(id)
+}
+
+#[idempotent(key = id, ttl = Duration::from_secs(30), lease = Duration::from_secs(60))]
+async fn lease_outlives_ttl(id: u8) -> AppResult<u8> {
+    Ok(id)
+}
+
+/// Durations given as expressions are checked by the runtime with the rules
+/// literals are checked with at compile time: an error naming the argument,
+/// never a panic, and the body does not run.
+#[tokio::test]
+async fn duration_expressions_break_rules_with_errors_not_panics() {
+    for (result, setting) in [
+        (kept_forever(1).await, "ttl"),
+        (kept_never(1).await, "ttl"),
+        (lease_outlives_ttl(1).await, "lease"),
+    ] {
+        match result {
+            Err(AppError::Idem(idem_core::Error::Config(error))) => {
+                assert_eq!(error.setting(), setting, "{error}");
+                assert!(
+                    error.to_string().contains(&format!("`{setting}`")),
+                    "{error}"
+                );
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+}

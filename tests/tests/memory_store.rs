@@ -109,6 +109,141 @@ async fn a_full_store_refuses_new_keys_and_keeps_old_ones() {
     }
 }
 
+/// A full store reclaims expired records before it refuses a new key, with
+/// no sweeper to do it.
+#[tokio::test(start_paused = true)]
+async fn a_full_store_reclaims_expired_records_before_refusing() {
+    let store = MemoryStore::builder()
+        .max_records(2)
+        .sweep_interval(Duration::from_secs(3600))
+        .build();
+    let fp = Fingerprint::of(&()).unwrap();
+    let lease = Duration::from_secs(1);
+    for i in 0..2 {
+        let key = Key::new("reclaim-when-full", &i).unwrap();
+        assert_eq!(
+            store.begin(key, fp, Token::random(), lease).await.unwrap(),
+            Begin::Claimed
+        );
+    }
+    let third = Key::new("reclaim-when-full", &2).unwrap();
+    let full = store
+        .begin(third, fp, Token::random(), lease)
+        .await
+        .unwrap_err();
+    assert_eq!(full.kind(), StoreErrorKind::Full, "the claims are live");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(store.len(), 2, "no sweeper ran");
+    assert_eq!(
+        store
+            .begin(third, fp, Token::random(), lease)
+            .await
+            .unwrap(),
+        Begin::Claimed,
+        "the expired claims were reclaimed to make room"
+    );
+    assert_eq!(store.len(), 1);
+}
+
+/// The byte cap counts results: a store whose results fill its bytes refuses
+/// new keys, and takes them again once those results expire.
+#[tokio::test(start_paused = true)]
+async fn a_byte_cap_bounds_results() {
+    let store = MemoryStore::builder().max_bytes(16 * 1024).build();
+    let idem = Idempotency::new(store.clone());
+    let settings = Settings::builder()
+        .ttl(Duration::from_secs(10))
+        .lease(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let big = "x".repeat(4096);
+    let mut refused = None;
+    for i in 0..10 {
+        let key = Key::new("bytes", &i).unwrap();
+        let result = idem
+            .run(&settings, key, Fingerprint::of(&i).unwrap(), async {
+                Ok::<_, Failure>(big.clone())
+            })
+            .await;
+        if let Err(Failure::Idem(Error::Store(e))) = result {
+            assert_eq!(e.kind(), StoreErrorKind::Full);
+            assert!(e.to_string().contains("max_bytes"), "{e}");
+            refused = Some(i);
+            break;
+        }
+    }
+    let refused = refused.expect("16 KiB do not hold ten 4 KiB results");
+    assert!((2..=4).contains(&refused), "refused the {refused}th");
+    assert!(store.bytes() <= 16 * 1024 + 4096);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let key = Key::new("bytes", &99).unwrap();
+    let result = idem
+        .run(&settings, key, Fingerprint::of(&99).unwrap(), async {
+            Ok::<_, Failure>(1)
+        })
+        .await;
+    assert_eq!(result.unwrap(), 1, "expired results made room");
+}
+
+/// The sweeper visits one shard at a time and yields in between, so that it
+/// never holds every shard's lock for a whole scan.
+#[tokio::test(start_paused = true)]
+async fn the_sweeper_reclaims_one_shard_at_a_time() {
+    let store = MemoryStore::builder()
+        .sweep_interval(Duration::from_secs(1))
+        .build();
+    let fp = Fingerprint::of(&()).unwrap();
+    let n = 64 * 200;
+    for i in 0..n {
+        let key = Key::new("sweep-shards", &i).unwrap();
+        store
+            .begin(key, fp, Token::random(), Duration::from_millis(100))
+            .await
+            .unwrap();
+    }
+    // The sweeper's first tick passes at once; let it finish and park on its
+    // next one, then move the clock past the leases and that tick.
+    for _ in 0..2 * 64 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(store.len(), n, "nothing had expired yet");
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
+    let left = store.len();
+    assert!(left < n, "the sweeper started");
+    assert!(
+        left > n / 2,
+        "after one shard the sweeper yielded to other tasks: {left} of {n} left"
+    );
+    for _ in 0..2 * 64 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(store.len(), 0, "and went on to the other shards");
+}
+
+/// A store asked for the longest durations saturates instead of
+/// overflowing its clock.
+#[tokio::test]
+async fn the_longest_durations_do_not_overflow() {
+    let store = MemoryStore::new();
+    let (key, fp) = fresh("max-durations");
+    let token = Token::random();
+    assert_eq!(
+        store.begin(key, fp, token, Duration::MAX).await.unwrap(),
+        Begin::Claimed
+    );
+    assert!(store.renew(key, token, Duration::MAX).await.unwrap());
+    let record = Record::new(idem_core::store::Outcome::Ok, &b"1"[..]);
+    assert_eq!(
+        store
+            .complete(key, token, record, Duration::MAX)
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+}
+
 #[tokio::test]
 async fn clones_share_records() {
     let store = MemoryStore::new();

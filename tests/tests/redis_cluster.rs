@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use idem_core::store::{Store, Token};
 use idem_core::{Fingerprint, Idempotency, Key, RedisStore, Settings};
 use idem_test::conformance::{Backend, Failure, Runs, Timing};
-use idem_test::redis_server::{RedisCluster, RedisServer, shared_cluster};
+use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisCluster, RedisServer, shared_cluster};
 
 struct Cluster;
 
@@ -31,7 +31,10 @@ mod conformance {
 }
 
 async fn connect(cluster: &RedisCluster) -> RedisStore {
-    RedisStore::connect(&cluster.url())
+    let nodes = cluster.nodes.iter().map(RedisServer::url);
+    RedisStore::cluster(nodes)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .connect()
         .await
         .unwrap_or_else(|e| panic!("connect to {}: {e}", cluster.url()))
 }
@@ -148,4 +151,38 @@ async fn completed_records_survive_a_coordinated_failover() {
         assert_eq!(replay.expect("a replay after the failover"), i * 10);
     }
     assert_eq!(runs.count(), before, "no completed call ran again");
+}
+
+/// On a cluster, the eviction policy is read from every primary: one that
+/// may evict keys is enough to refuse the cluster.
+#[tokio::test]
+async fn a_cluster_with_an_evicting_primary_is_refused() {
+    let cluster = RedisCluster::start();
+    let primary = cluster.primaries()[1];
+    assert_eq!(
+        primary.cli(&["CONFIG", "SET", "maxmemory", "64mb"]).trim(),
+        "OK"
+    );
+    assert_eq!(
+        primary
+            .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lfu"])
+            .trim(),
+        "OK"
+    );
+    let nodes = cluster.nodes.iter().map(RedisServer::url);
+    let err = RedisStore::cluster(nodes.clone())
+        .connect()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        idem_core::store::StoreErrorKind::Config,
+        "{err}"
+    );
+    assert!(err.to_string().contains("allkeys-lfu"), "{err}");
+    RedisStore::cluster(nodes)
+        .eviction_check(idem_core::store::redis::EvictionCheck::Warn)
+        .connect()
+        .await
+        .expect("accepted when told");
 }

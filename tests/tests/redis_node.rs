@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::store::redis::envelope;
+use idem_core::store::redis::{EvictionCheck, envelope};
 use idem_core::store::{Begin, Outcome, Record, Store, StoreErrorKind, Token};
 use idem_core::{Error, Fingerprint, Idempotency, Key, OnConflict, RedisStore, Settings};
 use idem_test::conformance::{Backend, Failure, Runs, Timing, fresh};
-use idem_test::redis_server::{RedisServer, shared_node};
+use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisServer, shared_node};
 
 struct Node;
 
@@ -35,8 +35,8 @@ mod conformance {
 
 async fn connect(url: &str) -> RedisStore {
     RedisStore::node(url)
-        .response_timeout(Duration::from_millis(500))
-        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(RESPONSE_TIMEOUT)
+        .connection_timeout(RESPONSE_TIMEOUT)
         .connect()
         .await
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
@@ -364,10 +364,16 @@ async fn records_that_are_not_ours_are_clear_errors() {
             Ok::<_, Failure>(runs.mark())
         })
         .await;
-    assert!(
-        matches!(result, Err(Failure::Idem(Error::Store(_)))),
-        "{result:?}"
-    );
+    match result {
+        Err(Failure::Idem(error @ Error::Store(_))) => {
+            assert_eq!(
+                error.http_status(),
+                500,
+                "not an outage a client should retry"
+            );
+        }
+        other => panic!("expected a store error, got {other:?}"),
+    }
     assert_eq!(runs.count(), 0);
 
     // A hash that is not an idem record.
@@ -481,4 +487,196 @@ async fn connect_by_url() {
         .err()
         .expect("no nodes");
     assert_eq!(err.kind(), StoreErrorKind::Config, "{err}");
+}
+
+/// A `begin` sent to a frozen server times out (the caller gets a 503) but
+/// lands when the server resumes; the claim it leaves is cleared, so the
+/// caller's retry runs at once instead of waiting out the lease.
+#[tokio::test]
+async fn a_begin_lost_to_a_frozen_server_does_not_lock_the_key() {
+    let server = RedisServer::start();
+    let store = RedisStore::node(server.url())
+        .response_timeout(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    let idem = Idempotency::new(store);
+    let reject = Settings::builder()
+        .on_conflict(OnConflict::Reject)
+        .lease(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (key, fp) = fresh("frozen-begin");
+    let runs = Runs::default();
+
+    server.signal("-STOP");
+    let frozen = idem
+        .run(&reject, key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        .await;
+    server.signal("-CONT");
+    match frozen {
+        Err(Failure::Idem(Error::Store(e))) => {
+            assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+            assert_eq!(Error::Store(e).http_status(), 503);
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert_eq!(runs.count(), 0);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let retried = idem
+        .run(&reject, key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        .await;
+    assert_eq!(retried.expect("the retry runs at once"), 1);
+}
+
+/// A Redis that may evict keys under memory pressure could evict a live
+/// claim; the store refuses it unless told to accept the risk.
+#[tokio::test]
+async fn a_redis_that_may_evict_claims_is_refused_unless_told() {
+    let evicting =
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]);
+    let err = RedisStore::node(evicting.url())
+        .connect()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Config, "{err}");
+    for says in [
+        "allkeys-lru",
+        "maxmemory-policy noeviction",
+        "EvictionCheck::Warn",
+    ] {
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    let by_url = idem_core::connect(&evicting.url())
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(by_url.kind(), StoreErrorKind::Config);
+    RedisStore::node(evicting.url())
+        .eviction_check(EvictionCheck::Warn)
+        .connect()
+        .await
+        .expect("accepted when told");
+
+    let limited =
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "noeviction"]);
+    RedisStore::node(limited.url())
+        .connect()
+        .await
+        .expect("noeviction is safe");
+}
+
+/// A lazy store lets a service start while Redis is down: calls fail closed
+/// (the body never runs) until Redis is up, then work.
+#[tokio::test]
+async fn a_lazy_store_starts_while_redis_is_down() {
+    let mut server = RedisServer::start();
+    server.kill();
+    let store = RedisStore::node(server.url())
+        .connection_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(200))
+        .connect_lazy()
+        .expect("no connection is made yet");
+    let idem = Idempotency::new(store);
+    let runs = Runs::default();
+    let (key, fp) = fresh("lazy");
+    for _ in 0..3 {
+        let down = idem
+            .run(&Settings::DEFAULT, key, fp, async {
+                Ok::<_, Failure>(runs.mark())
+            })
+            .await;
+        match down {
+            Err(Failure::Idem(Error::Store(e))) => {
+                assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e}")
+            }
+            other => panic!("expected a store error, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.count(), 0, "nothing ran unguarded");
+    server.restart();
+    let up = idem
+        .run(&Settings::DEFAULT, key, fp, async {
+            Ok::<_, Failure>(runs.mark())
+        })
+        .await;
+    assert_eq!(up.expect("works once Redis is up"), 1);
+}
+
+/// Captures what idem logs while `f` runs on this thread.
+async fn logs_of<F: std::future::Future>(f: F) -> (F::Output, String) {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    let output = f.await;
+    drop(guard);
+    let logs = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    (output, logs)
+}
+
+/// A password in a Redis URL never appears in an error, a `Debug` rendering
+/// or a log line.
+#[tokio::test]
+async fn passwords_in_urls_are_never_printed() {
+    let server = RedisServer::start_with(&[
+        "--requirepass",
+        "s3cret-pw",
+        "--maxmemory",
+        "64mb",
+        "--maxmemory-policy",
+        "volatile-ttl",
+    ]);
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{}", server.port());
+    let (refused, logs) = logs_of(RedisStore::node(&url).connect()).await;
+    let refused = refused.expect_err("an evicting Redis");
+    let (warned, warn_logs) = logs_of(
+        RedisStore::node(&url)
+            .eviction_check(EvictionCheck::Warn)
+            .connect(),
+    )
+    .await;
+    let store = warned.expect("accepted when told");
+    assert!(warn_logs.contains("evicts keys"), "{warn_logs}");
+    let wrong = format!("redis://:wrong-pw@127.0.0.1:{}", server.port());
+    let denied = RedisStore::node(&wrong)
+        .connect()
+        .await
+        .expect_err("a wrong password");
+    let no_nodes = idem_core::connect("redis+cluster://:s3cret-pw@/0")
+        .await
+        .err()
+        .expect("no nodes");
+    let printed = [
+        refused.to_string(),
+        format!("{refused:?}"),
+        logs,
+        warn_logs,
+        denied.to_string(),
+        format!("{store:?}"),
+        format!("{:?}", RedisStore::node(&url)),
+        no_nodes.to_string(),
+    ];
+    for text in printed {
+        assert!(
+            !text.contains("s3cret-pw") && !text.contains("wrong-pw"),
+            "{text}"
+        );
+    }
+    assert!(refused.to_string().contains(":***@"), "{refused}");
 }

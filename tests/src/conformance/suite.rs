@@ -3,12 +3,12 @@
 //! [`conformance_suite!`](crate::conformance_suite): a test cannot exist
 //! without running.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::store::{Begin, Completion, Outcome, Record, Store, Token};
+use idem_core::store::{Begin, Completion, Outcome, Record, Store, StoreErrorKind, Token};
 use idem_core::{Error, Fingerprint, Idempotency};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use super::{Backend, Cached, Caller, Failure, Runs, Stalled, Timing, fresh, other_fingerprint};
+use crate::faults::{Fault, Flaky, Op};
 
 /// Defines each test as `pub async fn name<B: Backend>(backend: &B)` and
 /// exports `conformance_suite!`, which writes one `#[test]` per test. `$d`
@@ -60,6 +61,36 @@ macro_rules! suite {
 
 fn handle(store: &Arc<dyn Store>) -> Idempotency {
     Idempotency::from_arc(Arc::clone(store))
+}
+
+/// A store whose `complete` fails as injected: the call is still recorded
+/// once, and every retry replays.
+async fn a_failed_complete_is_retried<B: Backend>(backend: &B, flaky: Arc<Flaky>) {
+    let timing = backend.timing();
+    let (key, fp) = fresh("complete-retried");
+    let runs = Runs::default();
+    let caller = Caller::new(&Idempotency::from_arc(flaky.clone()), timing);
+    let first = caller
+        .run(key, fp, async {
+            Ok::<_, Failure>(format!("charge {}", runs.mark()))
+        })
+        .await;
+    assert_eq!(first.expect("its caller gets the result"), "charge 1");
+    assert!(flaky.struck(Op::Complete) >= 1);
+    // Past the lease: had the record been lost, the claim would have lapsed.
+    tokio::time::sleep(timing.lease + timing.lease / 2).await;
+    for idem in [
+        caller.clone(),
+        Caller::new(&Idempotency::from_arc(flaky.clone()), timing).reject(),
+    ] {
+        let retry = idem
+            .run(key, fp, async {
+                Ok::<_, Failure>(format!("charge {}", runs.mark()))
+            })
+            .await;
+        assert_eq!(retry.expect("a replay"), "charge 1");
+    }
+    assert_eq!(runs.count(), 1, "the body ran once");
 }
 
 async fn replays_exactly<T>(idem: &Caller, value: T, other: T)
@@ -549,6 +580,222 @@ CurrentThread fn map_arguments_fingerprint_by_content(backend) {
         let result = caller.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await;
         assert_eq!(result.expect("ran or replayed"), 1);
     }
+}
+
+/// A `complete` whose answer is lost (it landed, the caller saw a timeout)
+/// is retried: retries replay and the body ran once.
+CurrentThread fn a_complete_whose_answer_is_lost_is_retried(backend) {
+    let flaky = Arc::new(Flaky::new(backend.store().await));
+    flaky.inject(Op::Complete, Fault::AnswerLost);
+    a_failed_complete_is_retried(backend, flaky).await;
+}
+
+/// A `complete` that never reached the store is retried: retries replay and
+/// the body ran once.
+CurrentThread fn a_complete_that_times_out_is_retried(backend) {
+    let flaky = Arc::new(Flaky::new(backend.store().await));
+    flaky.inject(Op::Complete, Fault::Refused);
+    flaky.inject(Op::Complete, Fault::Refused);
+    a_failed_complete_is_retried(backend, flaky).await;
+}
+
+/// A `release` that fails once is retried, so a retry of the failed call
+/// runs at once instead of waiting out the lease.
+CurrentThread fn a_release_that_fails_is_retried(backend) {
+    let flaky = Arc::new(Flaky::new(backend.store().await));
+    flaky.inject(Op::Release, Fault::Refused);
+    let caller = Caller::new(&Idempotency::from_arc(flaky.clone()), backend.timing()).reject();
+    let (key, fp) = fresh("release-retried");
+    let runs = Runs::default();
+    let failed: Result<u32, _> = caller
+        .run(key, fp, async { Err(Failure::Body(runs.mark() as u32)) })
+        .await;
+    assert!(matches!(failed, Err(Failure::Body(1))), "{failed:?}");
+    assert_eq!(flaky.struck(Op::Release), 1);
+    // A client's retry comes a moment later; without retried releases the key
+    // would stay locked for the whole lease.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let retried = caller
+        .run(key, fp, async { Ok::<_, Failure>(runs.mark() as u32) })
+        .await;
+    assert_eq!(retried.expect("the retry runs at once"), 2);
+}
+
+/// A `begin` whose answer is lost may have left a claim nobody owns; it is
+/// cleared, so the caller's retry runs at once instead of waiting out the
+/// lease.
+CurrentThread fn a_begin_whose_answer_is_lost_does_not_lock_the_key(backend) {
+    let flaky = Arc::new(Flaky::new(backend.store().await));
+    flaky.inject(Op::Begin, Fault::AnswerLost);
+    let caller = Caller::new(&Idempotency::from_arc(flaky.clone()), backend.timing()).reject();
+    let (key, fp) = fresh("begin-lost");
+    let runs = Runs::default();
+    let failed = caller.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await;
+    match failed {
+        Err(Failure::Idem(Error::Store(e))) => assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}"),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    assert_eq!(runs.count(), 0, "the body did not run unguarded");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let retried = caller.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await;
+    assert_eq!(retried.expect("the retry runs at once"), 1);
+}
+
+/// Renewals that fail are retried at once: two failures in a row do not let
+/// another process take over while the body still runs.
+CurrentThread fn a_renewal_that_fails_is_retried_at_once(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let flaky = Arc::new(Flaky::new(Arc::clone(&store)));
+    flaky.inject(Op::Renew, Fault::Refused);
+    flaky.inject(Op::Renew, Fault::Refused);
+    let (key, fp) = fresh("renew-retried");
+    let runs = Runs::default();
+    let holder = {
+        let runs = runs.clone();
+        Caller::new(&Idempotency::from_arc(flaky.clone()), timing)
+            .hold(key, fp, async move {
+                runs.mark();
+                tokio::time::sleep(timing.lease * 2).await;
+                Ok(runs.count())
+            })
+            .await
+    };
+    let elsewhere = Caller::new(&handle(&store), timing).reject();
+    // Without prompt retries the lease would lapse after one lease: probe
+    // until one and a half, well before the body ends at two.
+    for _ in 0..6 {
+        tokio::time::sleep(timing.lease / 4).await;
+        let refused = elsewhere.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await;
+        assert!(matches!(refused, Err(Failure::Idem(Error::InProgress { .. }))), "{refused:?}");
+    }
+    assert_eq!(holder.await.expect("holder").expect("result"), 1);
+    assert_eq!(flaky.struck(Op::Renew), 2);
+    assert_eq!(runs.count(), 1, "nobody took over");
+}
+
+/// A result that does not serialize is recorded as such: its own caller gets
+/// it, retries get `NotReplayable`, and the body does not run again.
+CurrentThread fn an_unserializable_result_is_recorded_not_run_again(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, fp) = fresh("unserializable");
+    let runs = Runs::default();
+    // JSON keys are strings: a map keyed by tuples does not serialize.
+    let value = || HashMap::from([((1_u8, 2_u8), runs.mark() as u8)]);
+    let first = caller.run(key, fp, async { Ok::<_, Failure>(value()) }).await;
+    assert_eq!(first.expect("its own caller gets the result"), HashMap::from([((1, 2), 1)]));
+    for idem in [caller.clone(), Caller::new(&handle(&store), backend.timing())] {
+        let retry = idem.run(key, fp, async { Ok::<_, Failure>(value()) }).await;
+        match retry {
+            Err(Failure::Idem(error @ Error::NotReplayable { .. })) => {
+                assert_eq!(error.http_status(), 500);
+                assert!(error.to_string().contains("key must be a string"), "{error}");
+            }
+            other => panic!("expected NotReplayable, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.count(), 1, "the body ran once");
+}
+
+/// With errors cached, an `Err` that does not serialize comes back to its
+/// caller as itself, not as an encoding error; it is recorded like an
+/// unserializable result.
+CurrentThread fn an_unserializable_cached_error_comes_back_as_itself(backend) {
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    enum Odd {
+        Detail(HashMap<(u8, u8), u8>),
+        Idem(String),
+    }
+    impl From<Error> for Odd {
+        fn from(error: Error) -> Self {
+            Self::Idem(error.to_string())
+        }
+    }
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, fp) = fresh("unserializable-error");
+    let runs = Runs::default();
+    let odd = || Odd::Detail(HashMap::from([((1, 1), runs.mark() as u8)]));
+    let first: Result<u8, Odd> = caller.run_caching_errors(key, fp, |_| true, async { Err(odd()) }).await;
+    assert_eq!(first, Err(Odd::Detail(HashMap::from([((1, 1), 1)]))));
+    let retry: Result<u8, Odd> = caller.run_caching_errors(key, fp, |_| true, async { Err(odd()) }).await;
+    assert!(matches!(&retry, Err(Odd::Idem(m)) if m.contains("could not be stored")), "{retry:?}");
+    assert_eq!(runs.count(), 1);
+}
+
+/// Callers that joined a failing attempt get its outcome at once instead of
+/// each running the body in turn; a later retry runs it again.
+CurrentThread fn waiters_share_a_failed_attempt(backend) {
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, fp) = fresh("shared-failure");
+    let runs = Runs::default();
+    let mut waiters = JoinSet::new();
+    for _ in 0..10 {
+        let (caller, runs) = (caller.clone(), runs.clone());
+        waiters.spawn(async move {
+            caller
+                .run(key, fp, async move {
+                    runs.mark();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err::<u8, _>(Failure::Body(7))
+                })
+                .await
+        });
+    }
+    let outcomes = waiters.join_all().await;
+    assert_eq!(runs.count(), 1, "one attempt for ten concurrent callers");
+    let (leader, followers): (Vec<_>, Vec<_>) = outcomes
+        .iter()
+        .partition(|outcome| matches!(outcome, Err(Failure::Body(7))));
+    assert_eq!(leader.len(), 1, "{outcomes:?}");
+    for follower in followers {
+        match follower {
+            Err(Failure::Idem(error @ Error::AttemptFailed)) => assert_eq!(error.http_status(), 503),
+            other => panic!("expected AttemptFailed, got {other:?}"),
+        }
+    }
+    let later = caller.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await;
+    assert_eq!(later.expect("a later retry runs again"), 2);
+}
+
+/// Set arguments fingerprint by content: equal `HashSet`s (alone, in a
+/// struct, in a `Vec`) built in other orders replay, while a `Vec`'s order
+/// still counts.
+CurrentThread fn set_arguments_fingerprint_by_content(backend) {
+    #[derive(Serialize)]
+    struct Order<'a> {
+        tags: &'a HashSet<String>,
+        lines: Vec<&'a HashSet<String>>,
+    }
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, _) = fresh("set-args");
+    let forward: HashSet<String> = (0..64).map(|i| format!("tag-{i}")).collect();
+    let mut backward = HashSet::with_capacity(1);
+    for i in (0..64).rev() {
+        backward.insert(format!("tag-{i}"));
+    }
+    assert_ne!(
+        forward.iter().collect::<Vec<_>>(),
+        backward.iter().collect::<Vec<_>>(),
+        "the two sets iterate in different orders"
+    );
+    let runs = Runs::default();
+    for set in [&forward, &backward] {
+        let fp = Fingerprint::of(&(set, Order { tags: set, lines: vec![set, set] })).expect("a fingerprint");
+        let result = caller.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await;
+        assert_eq!(result.expect("ran or replayed"), 1);
+    }
+    let sorted: BTreeSet<&String> = forward.iter().collect();
+    let ascending: Vec<&String> = sorted.iter().copied().collect();
+    let descending: Vec<&String> = sorted.iter().rev().copied().collect();
+    assert_ne!(
+        Fingerprint::of(&ascending).unwrap(),
+        Fingerprint::of(&descending).unwrap(),
+        "a Vec's order counts"
+    );
 }
 
 }
