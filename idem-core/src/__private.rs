@@ -1,39 +1,20 @@
 //! Items only the `#[idempotent]` expansion uses. Not public API: they change
 //! without notice.
 //!
-//! The traits here exist for their diagnostics: each carries a
-//! `#[diagnostic::on_unimplemented]` message in the attribute's terms, and the
-//! expansion spans its use at the user's token (the return type, an argument,
-//! the `key` expression), so a type error lands where it was made.
+//! The expansion checks each requirement on the user's types through the
+//! traits of [`requirements`](crate::requirements), at the user's tokens;
+//! what those checks produce (codecs, conversions) is passed here as plain
+//! values, so that nothing here bounds the user's types a second time.
 
 use std::future::Future;
 
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
+pub use crate::codec::Codec;
+use crate::codec::Parts;
 use crate::error::Error;
+use crate::handle::Idempotency;
 pub use crate::handle::default_handle;
-use crate::handle::{AsIdempotency, Idempotency};
 use crate::key::{Fingerprint, Fingerprinter, Key, KeyHasher};
 pub use crate::settings::{ConfigError, OnConflict, Settings};
-
-/// The handle `store = …` names.
-pub fn handle<H: AsIdempotency + ?Sized>(handle: &H) -> &Idempotency {
-    handle.as_idempotency()
-}
-
-/// The operation name of a function, from the type name of an item nested in
-/// it: `crate::module::Type::method::__idem_operation` gives
-/// `crate::module::Type::method`, so that two methods of one name in one
-/// module (on two types) never share records.
-#[must_use]
-pub fn operation_name(nested: &'static str) -> &'static str {
-    let mut name = nested.strip_suffix("::__idem_operation").unwrap_or(nested);
-    while let Some(outer) = name.strip_suffix("::{{closure}}") {
-        name = outer;
-    }
-    name
-}
 
 /// A call's key and fingerprint, or why they could not be computed.
 pub type Prepared = Result<(Key, Fingerprint), Error>;
@@ -55,18 +36,33 @@ impl Call {
     }
 
     /// Adds an argument to the fingerprint.
-    pub fn argument<A: Argument + ?Sized>(&mut self, argument: &A) {
+    pub fn argument<A: serde::Serialize + ?Sized>(&mut self, argument: &A) {
         self.arguments.argument(argument);
     }
 
     /// Sets the scope.
-    pub fn scope<S: ScopeValue + ?Sized>(&mut self, scope: &S) {
+    pub fn scope<S: serde::Serialize + ?Sized>(&mut self, scope: &S) {
         self.key.scope(scope);
     }
 
     /// Sets the key value.
-    pub fn key<K: KeyValue + ?Sized>(&mut self, key: &K) {
+    pub fn key<K: serde::Serialize + ?Sized>(&mut self, key: &K) {
         self.key.value(key);
+    }
+
+    /// Starts a tuple key value, given element by element.
+    pub fn key_tuple(&mut self) {
+        self.key.value_tuple();
+    }
+
+    /// Adds the next element of a tuple key value.
+    pub fn key_element<K: serde::Serialize + ?Sized>(&mut self, element: &K) {
+        self.key.value_element(element);
+    }
+
+    /// Closes a tuple key value.
+    pub fn key_tuple_end(&mut self) {
+        self.key.value_tuple_end();
     }
 
     /// The key and fingerprint. Without a `key` value the key is the
@@ -87,238 +83,94 @@ impl Call {
     }
 }
 
-/// A value hashed into the stored key.
-#[diagnostic::on_unimplemented(
-    message = "the `key` of an `#[idempotent]` fn must implement `serde::Serialize`; `{Self}` does not",
-    label = "this key is hashed into the stored key",
-    note = "use a `String`, an integer, a `Uuid` or a tuple of them, or derive `serde::Serialize`"
-)]
-pub trait KeyValue: Serialize {}
-#[diagnostic::do_not_recommend]
-impl<T: Serialize + ?Sized> KeyValue for T {}
-
-/// A value that scopes the stored key.
-#[diagnostic::on_unimplemented(
-    message = "the `scope` of an `#[idempotent]` fn must implement `serde::Serialize`; `{Self}` does not",
-    label = "this scope is hashed into the stored key",
-    note = "use a tenant or user id: a `String`, an integer or a `Uuid`"
-)]
-pub trait ScopeValue: Serialize {}
-#[diagnostic::do_not_recommend]
-impl<T: Serialize + ?Sized> ScopeValue for T {}
-
-/// An argument that takes part in the fingerprint.
-#[diagnostic::on_unimplemented(
-    message = "this argument is part of the `#[idempotent]` fingerprint, but `{Self}` does not implement `serde::Serialize`",
-    label = "not `Serialize`",
-    note = "derive `serde::Serialize` for it, or leave it out of the fingerprint with `skip(name)` (for handles, pools and clients)"
-)]
-pub trait Argument: Serialize {}
-#[diagnostic::do_not_recommend]
-impl<T: Serialize + ?Sized> Argument for T {}
-
-/// The return type of an `#[idempotent]` fn.
-#[diagnostic::on_unimplemented(
-    message = "an `#[idempotent]` fn must return `Result<T, E>`, not `{Self}`",
-    label = "not a `Result`",
-    note = "idem stores the `Ok` value for retries, and reports its own failures through `E: From<idem_core::Error>`"
-)]
-pub trait Returns: Sized {
-    /// `T`.
-    type Ok;
-    /// `E`.
-    type Err;
-    /// The value as a `Result`.
-    fn into_result(self) -> Result<Self::Ok, Self::Err>;
-    /// The value from a `Result`.
-    fn from_result(result: Result<Self::Ok, Self::Err>) -> Self;
-}
-
-impl<T, E> Returns for Result<T, E> {
-    type Ok = T;
-    type Err = E;
-
-    fn into_result(self) -> Self {
-        self
+/// The operation name of a function, from the type name of an item nested in
+/// it: `crate::module::Type::method::__idem_operation` gives
+/// `crate::module::Type::method`, so that two methods of one name in one
+/// module (on two types) never share records.
+#[must_use]
+pub fn operation_name(nested: &'static str) -> &'static str {
+    let mut name = nested.strip_suffix("::__idem_operation").unwrap_or(nested);
+    while let Some(outer) = name.strip_suffix("::{{closure}}") {
+        name = outer;
     }
-
-    fn from_result(result: Self) -> Self {
-        result
-    }
+    name
 }
 
-/// The `Ok` type of an `#[idempotent]` fn.
-///
-/// It has no supertraits on purpose: a failed bound is then reported as this
-/// trait, with this message, and not again as a bare `Serialize` bound.
-#[diagnostic::on_unimplemented(
-    message = "the `Ok` type `{Self}` of an `#[idempotent]` fn must implement `Serialize` and `DeserializeOwned`",
-    label = "the result is stored and replayed to retries",
-    note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`"
-)]
-pub trait StoredValue: Sized {
-    /// Serializes the value.
-    ///
-    /// # Errors
-    /// The serializer's.
-    fn serialize_stored<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error>;
-    /// Deserializes a value.
-    ///
-    /// # Errors
-    /// The deserializer's.
-    fn deserialize_stored<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error>;
-}
-
-#[diagnostic::do_not_recommend]
-impl<T: Serialize + DeserializeOwned> StoredValue for T {
-    fn serialize_stored<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.serialize(serializer)
-    }
-
-    fn deserialize_stored<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        T::deserialize(deserializer)
-    }
-}
-
-/// The error type of an `#[idempotent]` fn.
-#[diagnostic::on_unimplemented(
-    message = "the error type `{Self}` of an `#[idempotent]` fn must implement `From<idem_core::Error>`",
-    label = "idem reports its own failures (key reused, in progress, store down) through this type",
-    note = "add `impl From<idem_core::Error> for {Self}`, e.g. a variant `Idem(#[from] idem_core::Error)` with thiserror"
-)]
-pub trait IdemError: Sized {
-    /// Converts idem's error.
-    fn from_idem(error: Error) -> Self;
-}
-
-#[diagnostic::do_not_recommend]
-impl<E: From<Error>> IdemError for E {
-    fn from_idem(error: Error) -> Self {
-        error.into()
-    }
-}
-
-/// The error type of an `#[idempotent]` fn that caches errors.
-#[diagnostic::on_unimplemented(
-    message = "`cache_errors` stores the error type `{Self}`, so it must implement `Serialize` and `DeserializeOwned`",
-    label = "cached errors are stored and replayed to retries",
-    note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`, or drop `cache_errors`"
-)]
-pub trait CachedError: Sized {
-    /// Serializes the error.
-    ///
-    /// # Errors
-    /// The serializer's.
-    fn serialize_cached<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error>;
-    /// Deserializes an error.
-    ///
-    /// # Errors
-    /// The deserializer's.
-    fn deserialize_cached<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error>;
-}
-
-#[diagnostic::do_not_recommend]
-impl<E: Serialize + DeserializeOwned> CachedError for E {
-    fn serialize_cached<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.serialize(serializer)
-    }
-
-    fn deserialize_cached<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        E::deserialize(deserializer)
-    }
-}
-
-/// An `Ok` value on its way to or from the store.
-struct Stored<T>(T);
-
-impl<T: StoredValue> Serialize for Stored<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize_stored(serializer)
-    }
-}
-
-impl<'de, T: StoredValue> Deserialize<'de> for Stored<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        T::deserialize_stored(deserializer).map(Self)
-    }
-}
-
-/// An `Err` value, converted from idem's errors and, when cached, stored.
-struct Failure<E>(E);
-
-impl<E: IdemError> From<Error> for Failure<E> {
-    fn from(error: Error) -> Self {
-        Self(E::from_idem(error))
-    }
-}
-
-impl<E: CachedError> Serialize for Failure<E> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize_cached(serializer)
-    }
-}
-
-impl<'de, E: CachedError> Deserialize<'de> for Failure<E> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        E::deserialize_cached(deserializer).map(Self)
-    }
-}
-
-fn wrap<T, E>(result: Result<T, E>) -> Result<Stored<T>, Failure<E>> {
-    result.map(Stored).map_err(Failure)
-}
-
-fn unwrap<R: Returns>(result: Result<Stored<R::Ok>, Failure<R::Err>>) -> R {
-    R::from_result(result.map(|ok| ok.0).map_err(|err| err.0))
+/// How a return type `R` is a `Result<T, E>`: identity for `Result` and its
+/// aliases.
+pub struct Shape<R, T, E> {
+    /// `R` as a `Result`.
+    pub into_result: fn(R) -> Result<T, E>,
+    /// A `Result` as `R`.
+    pub from_result: fn(Result<T, E>) -> R,
 }
 
 /// Runs an `#[idempotent]` fn's body; `Err` results release the claim.
-pub async fn run<R, F>(
+#[allow(clippy::too_many_arguments)]
+pub async fn run<R, T, E, F>(
     idem: &Idempotency,
     settings: Result<Settings, ConfigError>,
     prepared: Prepared,
+    shape: Shape<R, T, E>,
+    ok: Codec<T>,
+    from_idem: fn(Error) -> E,
     body: F,
 ) -> R
 where
-    R: Returns,
-    R::Ok: StoredValue,
-    R::Err: IdemError,
     F: Future<Output = R>,
 {
-    let (settings, key, fingerprint) = match ready(settings, prepared) {
-        Ok(ready) => ready,
-        Err(error) => return R::from_result(Err(R::Err::from_idem(error))),
+    let codec = Parts {
+        ok,
+        from_idem,
+        cache: None::<(Codec<E>, fn(&E) -> bool)>,
     };
-    let body = async { wrap(body.await.into_result()) };
-    unwrap(idem.run(&settings, key, fingerprint, body).await)
+    execute(idem, settings, prepared, shape, codec, body).await
 }
 
 /// Runs an `#[idempotent]` fn's body; `Err` results that `cache` accepts are
-/// stored.
-pub async fn run_caching_errors<R, F, P>(
+/// stored with `cached`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_caching_errors<R, T, E, F, P>(
     idem: &Idempotency,
     settings: Result<Settings, ConfigError>,
     prepared: Prepared,
+    shape: Shape<R, T, E>,
+    ok: Codec<T>,
+    from_idem: fn(Error) -> E,
+    cached: Codec<E>,
     cache: P,
     body: F,
 ) -> R
 where
-    R: Returns,
-    R::Ok: StoredValue,
-    R::Err: IdemError + CachedError,
     F: Future<Output = R>,
-    P: FnOnce(&R::Err) -> bool,
+    P: FnOnce(&E) -> bool,
+{
+    let codec = Parts {
+        ok,
+        from_idem,
+        cache: Some((cached, cache)),
+    };
+    execute(idem, settings, prepared, shape, codec, body).await
+}
+
+async fn execute<R, T, E, F, P>(
+    idem: &Idempotency,
+    settings: Result<Settings, ConfigError>,
+    prepared: Prepared,
+    shape: Shape<R, T, E>,
+    codec: Parts<T, E, P>,
+    body: F,
+) -> R
+where
+    F: Future<Output = R>,
+    P: FnOnce(&E) -> bool,
 {
     let (settings, key, fingerprint) = match ready(settings, prepared) {
         Ok(ready) => ready,
-        Err(error) => return R::from_result(Err(R::Err::from_idem(error))),
+        Err(error) => return (shape.from_result)(Err((codec.from_idem)(error))),
     };
-    let body = async { wrap(body.await.into_result()) };
-    let cache = move |failure: &Failure<R::Err>| cache(&failure.0);
-    unwrap(
-        idem.run_caching_errors(&settings, key, fingerprint, cache, body)
-            .await,
-    )
+    let body = async { (shape.into_result)(body.await) };
+    (shape.from_result)(idem.execute(&settings, key, fingerprint, body, codec).await)
 }
 
 fn ready(

@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
+use crate::codec::{ResultCodec, Serde, SerdeCaching};
 use crate::error::{Error, StoreError, StoreErrorKind};
 use crate::flight::{Landing, Leader, Role};
 use crate::handle::Idempotency;
@@ -76,8 +77,7 @@ impl Idempotency {
         T: Serialize + DeserializeOwned,
         E: From<Error>,
     {
-        self.execute(settings, key, fingerprint, body, ReleaseErrors)
-            .await
+        self.execute(settings, key, fingerprint, body, Serde).await
     }
 
     /// Like [`run`](Self::run), but an `Err` that `cache` accepts is stored
@@ -124,28 +124,30 @@ impl Idempotency {
         E: From<Error> + Serialize + DeserializeOwned,
         P: FnOnce(&E) -> bool,
     {
-        self.execute(settings, key, fingerprint, body, CacheErrors(cache))
+        self.execute(settings, key, fingerprint, body, SerdeCaching(cache))
             .await
     }
 
-    async fn execute<T, E, F, P>(
+    /// Runs `body` once for `key` with results stored by `codec`: what
+    /// every `run` comes down to, the attribute's included.
+    pub(crate) async fn execute<T, E, F, C>(
         &self,
         settings: &Settings,
         key: Key,
         fingerprint: Fingerprint,
         body: F,
-        policy: P,
+        codec: C,
     ) -> Result<T, E>
     where
         F: Future<Output = Result<T, E>>,
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        P: ErrorPolicy<E>,
+        C: ResultCodec<T, E>,
     {
-        self.check(settings)?;
+        if let Err(error) = self.check(settings) {
+            return Err(codec.idem_error(error));
+        }
         if settings.on_conflict() == OnConflict::Reject {
             return self
-                .lead(settings, None, key, fingerprint, body, policy, None)
+                .lead(settings, None, key, fingerprint, body, codec, None)
                 .await;
         }
         let deadline = Instant::now() + settings.wait_timeout();
@@ -159,25 +161,24 @@ impl Idempotency {
                             key,
                             fingerprint,
                             body,
-                            policy,
+                            codec,
                             Some(deadline),
                         )
                         .await;
                 }
                 Role::Follower(flight) => {
                     if flight.fingerprint() != fingerprint {
-                        return Err(Error::KeyReused.into());
+                        return Err(codec.idem_error(Error::KeyReused));
                     }
                     let landed = tokio::time::timeout_at(deadline, flight.landed()).await;
                     match landed {
                         Err(_elapsed) => {
-                            return Err(Error::InProgress {
+                            return Err(codec.idem_error(Error::InProgress {
                                 retry_after: flight.retry_after(),
-                            }
-                            .into());
+                            }));
                         }
-                        Ok(Landing::Record(record)) => return replay(&record, &policy),
-                        Ok(Landing::Failed(error)) => return Err(error.into()),
+                        Ok(Landing::Record(record)) => return replay(&record, &codec),
+                        Ok(Landing::Failed(error)) => return Err(codec.idem_error(error)),
                         Ok(Landing::Vacated) => {}
                     }
                 }
@@ -199,21 +200,19 @@ impl Idempotency {
     /// Claims the key (waiting for another holder until `deadline`, or not at
     /// all without one), runs the body and records its outcome.
     #[allow(clippy::too_many_arguments)]
-    async fn lead<T, E, F, P>(
+    async fn lead<T, E, F, C>(
         &self,
         settings: &Settings,
         leader: Option<Leader<'_>>,
         key: Key,
         fingerprint: Fingerprint,
         body: F,
-        policy: P,
+        codec: C,
         deadline: Option<Instant>,
     ) -> Result<T, E>
     where
         F: Future<Output = Result<T, E>>,
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        P: ErrorPolicy<E>,
+        C: ResultCodec<T, E>,
     {
         let mut herald = Herald(leader);
         let token = Token::random();
@@ -223,18 +222,18 @@ impl Idempotency {
         {
             Ok(None) => {}
             Ok(Some(record)) => {
-                let replayed = replay(&record, &policy);
+                let replayed = replay(&record, &codec);
                 herald.land(Landing::Record(record));
                 return replayed;
             }
-            Err(error) => return Err(herald.fail(error).into()),
+            Err(error) => return Err(codec.idem_error(herald.fail(error))),
         }
 
         let lease = Lease::new(settings.lease());
         herald.set_retry_at(lease.until());
         let work = async {
             let result = body.await;
-            let record = to_record(key, &result, policy);
+            let record = to_record(key, &result, codec);
             let landing = self.settle(settings, key, token, &lease, record).await;
             (result, landing)
         };
@@ -471,14 +470,13 @@ impl Idempotency {
 /// What the stored record of a body's result is: `None` for an `Err` the
 /// policy does not keep, a record of `Unserializable` for a value that does
 /// not serialize.
-fn to_record<T, E, P>(key: Key, result: &Result<T, E>, policy: P) -> Option<Record>
+fn to_record<T, E, C>(key: Key, result: &Result<T, E>, codec: C) -> Option<Record>
 where
-    T: Serialize,
-    P: ErrorPolicy<E>,
+    C: ResultCodec<T, E>,
 {
     let (outcome, payload) = match result {
-        Ok(value) => (Outcome::Ok, serde_json::to_vec(value)),
-        Err(error) => (Outcome::Err, policy.keep(error)?),
+        Ok(value) => (Outcome::Ok, codec.encode_ok(value)),
+        Err(error) => (Outcome::Err, codec.keep_err(error)?),
     };
     Some(match payload {
         Ok(payload) => Record::new(outcome, payload),
@@ -596,21 +594,20 @@ fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
 }
 
 /// Decodes a stored record as the call's result.
-fn replay<T, E, P>(record: &Record, policy: &P) -> Result<T, E>
+fn replay<T, E, C>(record: &Record, codec: &C) -> Result<T, E>
 where
-    T: DeserializeOwned,
-    E: From<Error>,
-    P: ErrorPolicy<E>,
+    C: ResultCodec<T, E>,
 {
     match record.outcome() {
-        Outcome::Ok => {
-            serde_json::from_slice(record.payload()).map_err(|e| Error::decode(e).into())
-        }
-        Outcome::Err => Err(policy.replay(record.payload())?),
-        Outcome::Unserializable => Err(Error::NotReplayable {
+        Outcome::Ok => codec
+            .decode_ok(record.payload())
+            .map_err(|e| codec.idem_error(Error::decode(e))),
+        Outcome::Err => Err(codec
+            .decode_err(record.payload())
+            .unwrap_or_else(|e| codec.idem_error(e))),
+        Outcome::Unserializable => Err(codec.idem_error(Error::NotReplayable {
             reason: String::from_utf8_lossy(record.payload()).into_owned(),
-        }
-        .into()),
+        })),
     }
 }
 
@@ -633,45 +630,5 @@ impl Herald<'_> {
     fn fail(&mut self, error: Error) -> Error {
         self.land(Landing::Failed(error.clone()));
         error
-    }
-}
-
-/// Whether an `Err` is stored, and how a stored one is read back.
-trait ErrorPolicy<E> {
-    /// The error's payload if it is to be stored.
-    fn keep(self, error: &E) -> Option<Result<Vec<u8>, serde_json::Error>>;
-    /// Reads a stored error back.
-    fn replay(&self, payload: &[u8]) -> Result<E, Error>;
-}
-
-struct ReleaseErrors;
-
-impl<E> ErrorPolicy<E> for ReleaseErrors {
-    fn keep(self, _: &E) -> Option<Result<Vec<u8>, serde_json::Error>> {
-        None
-    }
-
-    fn replay(&self, _: &[u8]) -> Result<E, Error> {
-        let message = "the stored result is an error, but this call does not cache errors; \
-                       a call with this key and `cache_errors` stored it";
-        Err(Error::Decode(Arc::from(Box::<
-            dyn std::error::Error + Send + Sync,
-        >::from(message))))
-    }
-}
-
-struct CacheErrors<P>(P);
-
-impl<E, P> ErrorPolicy<E> for CacheErrors<P>
-where
-    E: Serialize + DeserializeOwned,
-    P: FnOnce(&E) -> bool,
-{
-    fn keep(self, error: &E) -> Option<Result<Vec<u8>, serde_json::Error>> {
-        (self.0)(error).then(|| serde_json::to_vec(error))
-    }
-
-    fn replay(&self, payload: &[u8]) -> Result<E, Error> {
-        serde_json::from_slice(payload).map_err(Error::decode)
     }
 }

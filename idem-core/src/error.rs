@@ -154,6 +154,33 @@ impl Error {
     }
 }
 
+/// The error's message, so that `Result<T, String>` functions can be
+/// `#[idempotent]`.
+impl From<Error> for String {
+    fn from(error: Error) -> Self {
+        error.to_string()
+    }
+}
+
+/// The error as an I/O error of the matching kind, so that
+/// `std::io::Result<T>` functions can be `#[idempotent]`.
+impl From<Error> for std::io::Error {
+    fn from(error: Error) -> Self {
+        use std::io::ErrorKind;
+        let kind = match &error {
+            Error::InProgress { .. } => ErrorKind::ResourceBusy,
+            Error::KeyReused | Error::InvalidKey { .. } | Error::Config(_) => {
+                ErrorKind::InvalidInput
+            }
+            Error::Store(store) if store.kind() == StoreErrorKind::Timeout => ErrorKind::TimedOut,
+            Error::Store(_) | Error::AttemptFailed => ErrorKind::Other,
+            Error::Decode(_) | Error::NotReplayable { .. } => ErrorKind::InvalidData,
+            Error::Encode { .. } => ErrorKind::InvalidInput,
+        };
+        Self::new(kind, error)
+    }
+}
+
 /// A store backend failed.
 ///
 /// Backends build one with [`StoreError::new`] and say what kind of failure it

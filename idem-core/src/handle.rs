@@ -130,6 +130,7 @@ impl AsIdempotency for Idempotency {
 
 macro_rules! forward_handle {
     ($($ty:ty),*) => {$(
+        #[diagnostic::do_not_recommend]
         impl<H: AsIdempotency + ?Sized> AsIdempotency for $ty {
             fn as_idempotency(&self) -> &Idempotency {
                 (**self).as_idempotency()
@@ -152,6 +153,7 @@ forward_handle!(&H, Arc<H>, Box<H>);
 ///     Ok(id)
 /// }
 /// ```
+#[diagnostic::do_not_recommend]
 impl<H: AsIdempotency, F: FnOnce() -> H> AsIdempotency for LazyLock<H, F> {
     fn as_idempotency(&self) -> &Idempotency {
         LazyLock::force(self).as_idempotency()

@@ -234,6 +234,29 @@ impl KeyHasher {
         }
     }
 
+    /// Starts a key value that is a tuple, given element by element with
+    /// [`value_element`](Self::value_element) and closed with
+    /// [`value_tuple_end`](Self::value_tuple_end): the key is the one of the
+    /// whole tuple.
+    pub(crate) fn value_tuple(&mut self) {
+        if !self.scoped {
+            self.hasher.update([0]);
+        }
+        self.hasher.update([tag::SEQ]);
+    }
+
+    /// Adds the next element of a tuple key value.
+    pub(crate) fn value_element<K: Serialize + ?Sized>(&mut self, element: &K) {
+        if let Err(e) = hash(&mut self.hasher, element) {
+            self.error.get_or_insert(crate::Error::encode("key", e));
+        }
+    }
+
+    /// Closes a tuple key value.
+    pub(crate) fn value_tuple_end(&mut self) {
+        self.hasher.update([tag::SEQ_END]);
+    }
+
     /// The key, or the first serialization error.
     ///
     /// # Errors
@@ -510,6 +533,32 @@ mod tests {
             super::Fingerprinter::new().finish().unwrap(),
             fp(&[0_u8; 0])
         );
+    }
+
+    #[test]
+    fn a_tuple_key_given_element_by_element_is_the_tuples_key() {
+        for scope in [None, Some("tenant")] {
+            let whole = {
+                let mut hasher = super::KeyHasher::new("op");
+                if let Some(scope) = scope {
+                    hasher.scope(scope);
+                }
+                hasher.value(&("order", 7_u32));
+                hasher.finish().unwrap()
+            };
+            let parts = {
+                let mut hasher = super::KeyHasher::new("op");
+                if let Some(scope) = scope {
+                    hasher.scope(scope);
+                }
+                hasher.value_tuple();
+                hasher.value_element("order");
+                hasher.value_element(&7_u32);
+                hasher.value_tuple_end();
+                hasher.finish().unwrap()
+            };
+            assert_eq!(whole, parts);
+        }
     }
 
     #[test]

@@ -97,12 +97,14 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod canonical;
+mod codec;
 mod engine;
 mod error;
 mod flight;
 mod handle;
 mod key;
 mod replayable;
+pub mod requirements;
 mod settings;
 pub mod store;
 

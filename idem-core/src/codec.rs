@@ -1,0 +1,156 @@
+//! How one call's result goes to the store and back: its `Ok` value encoded
+//! and decoded, its `Err` kept or not, and idem's own errors turned into the
+//! caller's error type.
+//!
+//! The public `run` methods build a codec from serde bounds; the attribute's
+//! expansion builds one from function pointers that its checks produced, so
+//! that an unfit type is reported once, where the user wrote it, and not
+//! again by the engine's bounds.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::Error;
+
+/// What the engine needs to know about a call's `Result<T, E>`.
+pub(crate) trait ResultCodec<T, E> {
+    /// `T` as stored bytes.
+    fn encode_ok(&self, value: &T) -> serde_json::Result<Vec<u8>>;
+    /// `T` from stored bytes.
+    fn decode_ok(&self, bytes: &[u8]) -> serde_json::Result<T>;
+    /// idem's own failure as the caller's error.
+    fn idem_error(&self, error: Error) -> E;
+    /// The error's stored bytes, if it is to be stored.
+    fn keep_err(self, error: &E) -> Option<serde_json::Result<Vec<u8>>>;
+    /// A stored error read back.
+    fn decode_err(&self, bytes: &[u8]) -> Result<E, Error>;
+}
+
+/// The codec of [`Idempotency::run`](crate::Idempotency::run): serde for
+/// `T`, `From` for `E`, errors never stored.
+pub(crate) struct Serde;
+
+impl<T, E> ResultCodec<T, E> for Serde
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+{
+    fn encode_ok(&self, value: &T) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(value)
+    }
+
+    fn decode_ok(&self, bytes: &[u8]) -> serde_json::Result<T> {
+        serde_json::from_slice(bytes)
+    }
+
+    fn idem_error(&self, error: Error) -> E {
+        error.into()
+    }
+
+    fn keep_err(self, _: &E) -> Option<serde_json::Result<Vec<u8>>> {
+        None
+    }
+
+    fn decode_err(&self, _: &[u8]) -> Result<E, Error> {
+        Err(stored_error_not_cached())
+    }
+}
+
+/// The codec of
+/// [`Idempotency::run_caching_errors`](crate::Idempotency::run_caching_errors):
+/// serde for both, errors stored when `P` accepts them.
+pub(crate) struct SerdeCaching<P>(pub(crate) P);
+
+impl<T, E, P> ResultCodec<T, E> for SerdeCaching<P>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error> + Serialize + DeserializeOwned,
+    P: FnOnce(&E) -> bool,
+{
+    fn encode_ok(&self, value: &T) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(value)
+    }
+
+    fn decode_ok(&self, bytes: &[u8]) -> serde_json::Result<T> {
+        serde_json::from_slice(bytes)
+    }
+
+    fn idem_error(&self, error: Error) -> E {
+        error.into()
+    }
+
+    fn keep_err(self, error: &E) -> Option<serde_json::Result<Vec<u8>>> {
+        (self.0)(error).then(|| serde_json::to_vec(error))
+    }
+
+    fn decode_err(&self, bytes: &[u8]) -> Result<E, Error> {
+        serde_json::from_slice(bytes).map_err(Error::decode)
+    }
+}
+
+/// A value's encoding and decoding, as plain functions.
+#[doc(hidden)]
+pub struct Codec<T> {
+    encode: fn(&T) -> serde_json::Result<Vec<u8>>,
+    decode: fn(&[u8]) -> serde_json::Result<T>,
+}
+
+impl<T> Clone for Codec<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Codec<T> {}
+
+impl<T: Serialize + DeserializeOwned> Codec<T> {
+    /// serde_json's encoding of `T`.
+    pub(crate) fn serde() -> Self {
+        Self {
+            encode: |value| serde_json::to_vec(value),
+            decode: |bytes| serde_json::from_slice(bytes),
+        }
+    }
+}
+
+/// The codec the attribute's expansion builds from its checks.
+pub(crate) struct Parts<T, E, P> {
+    pub(crate) ok: Codec<T>,
+    pub(crate) from_idem: fn(Error) -> E,
+    /// With `cache_errors`: the error's codec and which errors to keep.
+    pub(crate) cache: Option<(Codec<E>, P)>,
+}
+
+impl<T, E, P: FnOnce(&E) -> bool> ResultCodec<T, E> for Parts<T, E, P> {
+    fn encode_ok(&self, value: &T) -> serde_json::Result<Vec<u8>> {
+        (self.ok.encode)(value)
+    }
+
+    fn decode_ok(&self, bytes: &[u8]) -> serde_json::Result<T> {
+        (self.ok.decode)(bytes)
+    }
+
+    fn idem_error(&self, error: Error) -> E {
+        (self.from_idem)(error)
+    }
+
+    fn keep_err(self, error: &E) -> Option<serde_json::Result<Vec<u8>>> {
+        let (codec, keep) = self.cache?;
+        keep(error).then(|| (codec.encode)(error))
+    }
+
+    fn decode_err(&self, bytes: &[u8]) -> Result<E, Error> {
+        match &self.cache {
+            Some((codec, _)) => (codec.decode)(bytes).map_err(Error::decode),
+            None => Err(stored_error_not_cached()),
+        }
+    }
+}
+
+fn stored_error_not_cached() -> Error {
+    let message = "the stored result is an error, but this call does not cache errors; \
+                   a call with this key and `cache_errors` stored it";
+    Error::Decode(std::sync::Arc::from(Box::<
+        dyn std::error::Error + Send + Sync,
+    >::from(message)))
+}

@@ -1,0 +1,209 @@
+//! What `#[idempotent]` requires of a function's types.
+//!
+//! Each trait here is implemented for every type that fits, and nothing
+//! needs to implement or name them. They exist for their error messages: the
+//! attribute checks each requirement once, at the token where the type or
+//! expression was written, so a type that does not fit is reported there,
+//! once, in the attribute's words:
+//!
+//! | trait | required of | because |
+//! |---|---|---|
+//! | [`StoredValue`] | the `Ok` type `T` | it is stored, and decoded for replays: `Serialize + DeserializeOwned` |
+//! | [`FromIdemError`] | the error type `E` | idem reports its own failures through it: `From<idem_core::Error>` |
+//! | [`CachedError`] | `E`, with `cache_errors` | stored errors are replayed: `Serialize + DeserializeOwned` |
+//! | [`CachePredicate`] | `cache_errors = path` | it picks the errors to store: `Fn(&E) -> bool` |
+//! | [`Argument`] | each fingerprinted argument | it is hashed: `Serialize` |
+//! | [`KeyValue`], [`ScopeValue`] | `key = …`, `scope = …` | they are hashed: `Serialize` |
+//! | [`Returns`] | the return type | it is a `Result<T, E>` |
+//! | [`DurationValue`] | `ttl = expr`, `lease = expr`, `wait_timeout = expr` | it is a `std::time::Duration` |
+//! | [`AsIdempotency`](crate::AsIdempotency) | `store = …` | it names a handle |
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::__private::{Call, Shape};
+use crate::codec::Codec;
+use crate::error::Error;
+
+/// An argument that takes part in the fingerprint: `Serialize`.
+#[diagnostic::on_unimplemented(
+    message = "this argument is part of the `#[idempotent]` fingerprint, but `{Self}` does not implement `serde::Serialize`",
+    label = "not `Serialize`",
+    note = "derive `serde::Serialize` for it, or leave it out of the fingerprint with `skip(name)` (for handles, pools and clients)"
+)]
+pub trait Argument {
+    #[doc(hidden)]
+    fn fingerprint(&self, call: &mut Call);
+}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + ?Sized> Argument for T {
+    fn fingerprint(&self, call: &mut Call) {
+        call.argument(self);
+    }
+}
+
+/// The value of `key = …`: `Serialize`.
+#[diagnostic::on_unimplemented(
+    message = "the `key` of an `#[idempotent]` fn must implement `serde::Serialize`; `{Self}` does not",
+    label = "this key is hashed into the stored key",
+    note = "use a `String`, an integer, a `Uuid` or a tuple of them, or derive `serde::Serialize`"
+)]
+pub trait KeyValue {
+    #[doc(hidden)]
+    fn key(&self, call: &mut Call);
+    #[doc(hidden)]
+    fn key_element(&self, call: &mut Call);
+}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + ?Sized> KeyValue for T {
+    fn key(&self, call: &mut Call) {
+        call.key(self);
+    }
+
+    fn key_element(&self, call: &mut Call) {
+        call.key_element(self);
+    }
+}
+
+/// The value of `scope = …`: `Serialize`.
+#[diagnostic::on_unimplemented(
+    message = "the `scope` of an `#[idempotent]` fn must implement `serde::Serialize`; `{Self}` does not",
+    label = "this scope is hashed into the stored key",
+    note = "use a tenant or user id: a `String`, an integer or a `Uuid`"
+)]
+pub trait ScopeValue {
+    #[doc(hidden)]
+    fn scope(&self, call: &mut Call);
+}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + ?Sized> ScopeValue for T {
+    fn scope(&self, call: &mut Call) {
+        call.scope(self);
+    }
+}
+
+/// The `Ok` type of an `#[idempotent]` fn: `Serialize + DeserializeOwned`.
+#[diagnostic::on_unimplemented(
+    message = "the `Ok` type `{Self}` of an `#[idempotent]` fn must implement `Serialize` and `DeserializeOwned`",
+    label = "the result is stored and replayed to retries",
+    note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`"
+)]
+pub trait StoredValue: Sized {
+    #[doc(hidden)]
+    fn codec() -> Codec<Self>;
+}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + DeserializeOwned> StoredValue for T {
+    fn codec() -> Codec<Self> {
+        Codec::serde()
+    }
+}
+
+/// The error type of an `#[idempotent]` fn: `From<idem_core::Error>`.
+///
+/// `String`, `std::io::Error`, `Box<dyn std::error::Error + Send + Sync>`
+/// and `anyhow::Error` have it already; a type of your own gets it from a
+/// variant such as `Idem(#[from] idem_core::Error)` (thiserror).
+#[diagnostic::on_unimplemented(
+    message = "the error type `{Self}` of an `#[idempotent]` fn must implement `From<idem_core::Error>`",
+    label = "idem reports its own failures (key reused, in progress, store down) through this type",
+    note = "give your error type a variant `Idem(#[from] idem_core::Error)` (thiserror) or an `impl From<idem_core::Error>`; another crate's error type cannot have that impl, so wrap it in an error type of your own, or return `String`, `std::io::Error` or `Box<dyn std::error::Error + Send + Sync>`, which have it"
+)]
+pub trait FromIdemError: Sized {
+    #[doc(hidden)]
+    fn converter() -> fn(Error) -> Self;
+}
+
+#[diagnostic::do_not_recommend]
+impl<E: From<Error>> FromIdemError for E {
+    fn converter() -> fn(Error) -> Self {
+        E::from
+    }
+}
+
+/// The error type of an `#[idempotent]` fn that caches errors:
+/// `Serialize + DeserializeOwned`.
+#[diagnostic::on_unimplemented(
+    message = "`cache_errors` stores the error type `{Self}`, so it must implement `Serialize` and `DeserializeOwned`",
+    label = "cached errors are stored and replayed to retries",
+    note = "derive them: `#[derive(serde::Serialize, serde::Deserialize)]`, or drop `cache_errors`"
+)]
+pub trait CachedError: Sized {
+    #[doc(hidden)]
+    fn codec() -> Codec<Self>;
+}
+
+#[diagnostic::do_not_recommend]
+impl<E: Serialize + DeserializeOwned> CachedError for E {
+    fn codec() -> Codec<Self> {
+        Codec::serde()
+    }
+}
+
+/// The predicate of `cache_errors = path`: a `fn(&E) -> bool`.
+#[diagnostic::on_unimplemented(
+    message = "`cache_errors = …` takes a `fn(&{E}) -> bool` that picks the errors to store",
+    label = "not a `fn(&{E}) -> bool`",
+    note = "take the error by reference and answer a `bool`, e.g. `fn is_permanent(error: &{E}) -> bool`, and name it: `cache_errors = is_permanent`"
+)]
+pub trait CachePredicate<E> {
+    #[doc(hidden)]
+    fn caches(&self, error: &E) -> bool;
+}
+
+#[diagnostic::do_not_recommend]
+impl<E, F: Fn(&E) -> bool> CachePredicate<E> for F {
+    fn caches(&self, error: &E) -> bool {
+        self(error)
+    }
+}
+
+/// The value of `ttl = …`, `lease = …` or `wait_timeout = …` given as an
+/// expression: a `std::time::Duration`.
+#[diagnostic::on_unimplemented(
+    message = "a duration argument of `#[idempotent]` takes a `std::time::Duration`, not `{Self}`",
+    label = "not a `Duration`",
+    note = "write a literal such as `\"24h\"`, or a `Duration` such as `Duration::from_secs(…)`"
+)]
+pub trait DurationValue {
+    #[doc(hidden)]
+    fn duration(self) -> std::time::Duration;
+}
+
+impl DurationValue for std::time::Duration {
+    fn duration(self) -> std::time::Duration {
+        self
+    }
+}
+
+/// The return type of an `#[idempotent]` fn: a `Result<T, E>`, or an alias
+/// of one.
+#[diagnostic::on_unimplemented(
+    message = "an `#[idempotent]` fn must return `Result<T, E>`, not `{Self}`",
+    label = "not a `Result`",
+    note = "idem stores the `Ok` value for retries, and reports its own failures through `E: From<idem_core::Error>`"
+)]
+pub trait Returns: Sized {
+    /// `T`.
+    type Ok;
+    /// `E`.
+    type Err;
+    #[doc(hidden)]
+    fn shape() -> Shape<Self, Self::Ok, Self::Err>;
+}
+
+impl<T, E> Returns for Result<T, E> {
+    type Ok = T;
+    type Err = E;
+
+    fn shape() -> Shape<Self, T, E> {
+        Shape {
+            into_result: |result| result,
+            from_result: |result| result,
+        }
+    }
+}
