@@ -10,6 +10,7 @@ use syn::punctuated::Punctuated;
 use syn::{Expr, Ident, Lit, LitBool, LitStr, Path, Token};
 
 use crate::duration;
+use crate::rules::{DEFAULT_LEASE_MILLIS, MAX_DURATION_MILLIS, MIN_LEASE_MILLIS};
 
 /// The attribute's arguments as written.
 #[derive(Default)]
@@ -38,16 +39,29 @@ pub(crate) struct Arg<T> {
 pub(crate) enum Duration {
     /// A string literal, already checked, in milliseconds.
     Literal { millis: u64, span: Span },
+    /// A `Duration` constant the macro can read (`Duration::from_secs(90)`),
+    /// in milliseconds, checked with the other arguments.
+    Const { millis: u128, expr: Expr },
     /// An expression that must be a `std::time::Duration`.
     Expr(Expr),
 }
 
 impl Duration {
-    /// The literal's milliseconds, if it is one.
+    /// The milliseconds, if the macro knows them (a literal or a constant
+    /// within the bounds every duration has).
     pub(crate) fn literal(&self) -> Option<u64> {
         match self {
             Self::Literal { millis, .. } => Some(*millis),
+            Self::Const { millis, .. } => u64::try_from(*millis).ok(),
             Self::Expr(_) => None,
+        }
+    }
+
+    /// The user's expression, if the duration is one.
+    pub(crate) fn expr(&self) -> Option<&Expr> {
+        match self {
+            Self::Const { expr, .. } | Self::Expr(expr) => Some(expr),
+            Self::Literal { .. } => None,
         }
     }
 }
@@ -143,9 +157,41 @@ pub(crate) const ARGUMENTS: &[Spec] = &[
         parse: |args, name, input| {
             let content;
             syn::parenthesized!(content in input);
-            let names =
-                Punctuated::<Ident, Token![,]>::parse_terminated_with(&content, Ident::parse_any)?;
-            set(&mut args.skip, name, names.into_iter().collect())
+            let items = Punctuated::<Expr, Token![,]>::parse_terminated(&content)?;
+            let mut names = Vec::new();
+            for item in items {
+                match &item {
+                    Expr::Path(path) if path.path.get_ident().is_some() => {
+                        names.push(path.path.get_ident().cloned().expect("checked"));
+                    }
+                    Expr::Path(path) if path.path.is_ident("self") => {
+                        names.push(Ident::new("self", path.path.segments[0].ident.span()));
+                    }
+                    Expr::Field(field) => return Err(skip_field(field)),
+                    other => {
+                        return Err(syn::Error::new_spanned(
+                            other,
+                            "`skip(…)` takes the names of arguments, e.g. `skip(pool, client)`",
+                        ));
+                    }
+                }
+            }
+            if let Some(earlier) = &args.skip {
+                let merged: Vec<String> = earlier
+                    .value
+                    .iter()
+                    .chain(&names)
+                    .map(ToString::to_string)
+                    .collect();
+                return Err(syn::Error::new(
+                    name.span(),
+                    format!(
+                        "`skip` is given twice; give one list: `skip({})`",
+                        merged.join(", ")
+                    ),
+                ));
+            }
+            set(&mut args.skip, name, names)
         },
         hints: &["ignore", "exclude", "skip_args"],
     },
@@ -208,6 +254,17 @@ impl Parse for Args {
     fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
         let mut args = Self::default();
         while !input.is_empty() {
+            if input.peek(LitStr) {
+                let lit: LitStr = input.parse()?;
+                return Err(syn::Error::new(
+                    lit.span(),
+                    format!(
+                        "the attribute's arguments are named; to name the operation, write \
+                         `name = \"{}\"`",
+                        lit.value()
+                    ),
+                ));
+            }
             let name = input.call(Ident::parse_any)?;
             let text = name.to_string();
             let Some(spec) = ARGUMENTS.iter().find(|spec| spec.name == text) else {
@@ -225,9 +282,22 @@ impl Parse for Args {
                 }
                 Form::List => {
                     if !input.peek(syn::token::Paren) {
+                        let example = if input.peek(Token![=]) {
+                            input.parse::<Token![=]>()?;
+                            let value: Expr = input.parse()?;
+                            let value = quote::ToTokens::to_token_stream(&value).to_string();
+                            value
+                                .trim_start_matches('[')
+                                .trim_end_matches(']')
+                                .trim_start_matches('(')
+                                .trim_end_matches(')')
+                                .to_owned()
+                        } else {
+                            "a, b".to_owned()
+                        };
                         return Err(syn::Error::new(
                             name.span(),
-                            format!("`{text}` takes a list: `{text}(a, b)`"),
+                            format!("`{text}` takes a list: `{text}({example})`"),
                         ));
                     }
                 }
@@ -288,22 +358,85 @@ fn parse_duration(name: &Ident, input: ParseStream<'_>) -> syn::Result<Duration>
             Lit::Float(float) => float.base10_digits().to_owned(),
             _ => unreachable!("peeked a number"),
         };
-        let as_seconds = number
-            .parse::<u64>()
-            .ok()
-            .and_then(|secs| secs.checked_mul(1000))
-            .filter(|millis| *millis > 0)
-            .map_or_else(|| "24h".to_owned(), duration::display_millis);
         return Err(syn::Error::new(
             lit.span(),
             format!(
-                "`{name} = {number}` has no unit; write a duration string such as \
-                 `{name} = \"{as_seconds}\"` (units ms, s, m, h, d), or a `Duration` \
-                 expression such as `{name} = Duration::from_secs({number})`"
+                "`{name} = {number}` has no unit; write {}",
+                unitless_suggestion(&name.to_string(), &number)
             ),
         ));
     }
-    Ok(Duration::Expr(input.parse()?))
+    let expr: Expr = input.parse()?;
+    Ok(match const_millis(&expr) {
+        Some(millis) => Duration::Const { millis, expr },
+        None => Duration::Expr(expr),
+    })
+}
+
+/// What to write instead of a duration given as a bare number of seconds:
+/// suggestions that compile and that the rules accept.
+fn unitless_suggestion(arg: &str, number: &str) -> String {
+    let Some(millis) = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|secs| secs.checked_mul(1000))
+        .filter(|millis| *millis > 0 && *millis <= MAX_DURATION_MILLIS)
+    else {
+        return format!("a duration string such as `{arg} = \"24h\"` (units ms, s, m, h, d)");
+    };
+    let text = duration::display_millis(millis);
+    // A TTL no longer than the default lease needs a shorter lease too.
+    let lease = (arg == "ttl" && millis <= DEFAULT_LEASE_MILLIS)
+        .then(|| duration::display_millis((millis / 3).max(MIN_LEASE_MILLIS)));
+    match lease {
+        Some(lease) => format!(
+            "a duration string, with a lease shorter than it, such as `{arg} = \"{text}\", \
+             lease = \"{lease}\"` (units ms, s, m, h, d), or a `Duration`, such as \
+             `{arg} = Duration::from_secs({number}), lease = Duration::from_secs({})`",
+            (millis / 3000).max(1)
+        ),
+        None => format!(
+            "a duration string such as `{arg} = \"{text}\"` (units ms, s, m, h, d), or a \
+             `Duration`, such as `{arg} = Duration::from_secs({number})`"
+        ),
+    }
+}
+
+/// The milliseconds of a `Duration` written as a constant the macro can
+/// read (`Duration::ZERO`, `Duration::MAX`, `Duration::from_secs(90)`,
+/// `Duration::from_millis(500)`), so that it is checked at compile time like
+/// a string literal. Any other expression is checked at run time.
+fn const_millis(expr: &Expr) -> Option<u128> {
+    let is_duration = |path: &Path, last: &str| {
+        let segments: Vec<String> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+        segments.len() >= 2
+            && segments[segments.len() - 2] == "Duration"
+            && segments[segments.len() - 1] == last
+    };
+    match expr {
+        Expr::Path(path) if is_duration(&path.path, "ZERO") => Some(0),
+        Expr::Path(path) if is_duration(&path.path, "MAX") => Some(u128::MAX),
+        Expr::Call(call) if call.args.len() == 1 => {
+            let Expr::Path(callee) = &*call.func else {
+                return None;
+            };
+            let Expr::Lit(syn::ExprLit {
+                lit: Lit::Int(int), ..
+            }) = &call.args[0]
+            else {
+                return None;
+            };
+            let n: u128 = int.base10_parse().ok()?;
+            if is_duration(&callee.path, "from_secs") {
+                Some(n * 1000)
+            } else if is_duration(&callee.path, "from_millis") {
+                Some(n)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
 }
 
 fn parse_on_conflict(input: ParseStream<'_>) -> syn::Result<OnConflict> {
@@ -319,15 +452,31 @@ fn parse_on_conflict(input: ParseStream<'_>) -> syn::Result<OnConflict> {
             ),
         ));
     }
-    let value: Ident = input
-        .call(Ident::parse_any)
-        .map_err(|e| syn::Error::new(e.span(), hint))?;
-    match value.to_string().as_str() {
-        "wait" => Ok(OnConflict::Wait),
-        "reject" => Ok(OnConflict::Reject),
-        _ => Err(syn::Error::new(
-            value.span(),
-            format!("unknown `on_conflict = {value}`; {hint}"),
+    let value: Expr = input.parse().map_err(|e| syn::Error::new(e.span(), hint))?;
+    let Expr::Path(path) = &value else {
+        return Err(syn::Error::new_spanned(value, hint));
+    };
+    let last = path
+        .path
+        .segments
+        .last()
+        .map(|segment| segment.ident.to_string().to_lowercase())
+        .unwrap_or_default();
+    match (path.path.get_ident().is_some(), last.as_str()) {
+        (true, "wait") => Ok(OnConflict::Wait),
+        (true, "reject") => Ok(OnConflict::Reject),
+        (false, word @ ("wait" | "reject")) => Err(syn::Error::new_spanned(
+            value,
+            format!("`on_conflict` takes a bare word: write `on_conflict = {word}`"),
+        )),
+        _ => Err(syn::Error::new_spanned(
+            &value,
+            format!(
+                "unknown `on_conflict = {}`; {hint}",
+                quote::ToTokens::to_token_stream(&value)
+                    .to_string()
+                    .replace(" :: ", "::")
+            ),
         )),
     }
 }
@@ -359,8 +508,31 @@ fn parse_cache_errors(input: ParseStream<'_>) -> syn::Result<CacheErrors> {
     }
 }
 
+/// `skip(req.amount)`: a field cannot be skipped on its own.
+fn skip_field(field: &syn::ExprField) -> syn::Error {
+    let whole = quote::ToTokens::to_token_stream(&field.base).to_string();
+    let member = quote::ToTokens::to_token_stream(&field.member).to_string();
+    syn::Error::new_spanned(
+        field,
+        format!(
+            "`skip(…)` takes whole arguments, not fields: leave `{member}` out of the \
+             fingerprint by marking the field `#[serde(skip_serializing)]`, or skip the \
+             whole argument with `skip({whole})` (and name what identifies the call with \
+             `key = …`)"
+        ),
+    )
+}
+
 fn unknown_argument(name: &Ident) -> syn::Error {
     let text = name.to_string();
+    if text == "skip_all" {
+        return syn::Error::new(
+            name.span(),
+            "`skip_all` is tracing's; `#[idempotent]` fingerprints every argument except those \
+             listed in `skip(…)`: to check no arguments at all, write `fingerprint = false` \
+             beside a `key = …`; to leave some out, list them: `skip(pool, client)`",
+        );
+    }
     let suggestion = ARGUMENTS
         .iter()
         .find(|spec| spec.hints.contains(&text.as_str()))
@@ -379,7 +551,11 @@ fn unknown_argument(name: &Ident) -> syn::Error {
             Form::List => format!("{}(…)", spec.name),
         };
         message.push_str(&format!("; did you mean `{example}`?"));
+        return syn::Error::new(
+            name.span(),
+            format!("{message} The arguments are: {}", names()),
+        );
     }
-    message.push_str(&format!(" expected one of: {}", names()));
+    message.push_str(&format!("; expected one of: {}", names()));
     syn::Error::new(name.span(), message)
 }

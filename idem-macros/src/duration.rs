@@ -24,6 +24,19 @@ pub(crate) fn parse_millis(text: &str, arg: &str) -> Result<u64, String> {
             "`{arg} = \"{text}\"` has a fraction; write whole units, e.g. \"1h30m\" or \"1500ms\""
         ));
     }
+    if text.trim() != text || text.contains(char::is_whitespace) {
+        let tight: String = text.split_whitespace().collect();
+        let fixed = word_units(&tight).unwrap_or(tight);
+        return Err(format!(
+            "`{arg} = \"{text}\"` has spaces; write it without them: `{arg} = \"{fixed}\"`"
+        ));
+    }
+    if let Some(fixed) = word_units(text) {
+        return Err(format!(
+            "`{arg} = \"{text}\"` spells its units out; units are ms, s, m, h and d: \
+             `{arg} = \"{fixed}\"`"
+        ));
+    }
     let mut rest = text;
     let mut total: u64 = 0;
     let mut last_unit: Option<usize> = None;
@@ -71,12 +84,66 @@ pub(crate) fn parse_millis(text: &str, arg: &str) -> Result<u64, String> {
             .ok_or_else(too_long)?;
         rest = after;
     }
-    if total == 0 {
+    check(arg, &format!("\"{text}\""), u128::from(total))
+}
+
+/// Checks a duration of `millis` written `written` against the bounds every
+/// duration has: positive, at most the maximum.
+pub(crate) fn check(arg: &str, written: &str, millis: u128) -> Result<u64, String> {
+    if millis == 0 {
         return Err(format!(
-            "`{arg} = \"{text}\"` is zero; an idempotency {arg} must be positive"
+            "`{arg} = {written}` is zero; an idempotency {arg} must be positive"
         ));
     }
-    Ok(total)
+    match u64::try_from(millis) {
+        Ok(millis) if millis <= MAX_DURATION_MILLIS => Ok(millis),
+        _ => Err(format!(
+            "`{arg} = {written}` is longer than the maximum of {}",
+            display_millis(MAX_DURATION_MILLIS)
+        )),
+    }
+}
+
+/// `text` with spelled-out units (`1day`, `30secs`, `2weeks`) in the literal
+/// syntax, if it has any and is otherwise well formed.
+fn word_units(text: &str) -> Option<String> {
+    const WORDS: &[(&[&str], &str, u64)] = &[
+        (&["w", "wk", "wks", "week", "weeks"], "d", 7),
+        (&["day", "days"], "d", 1),
+        (&["hr", "hrs", "hour", "hours"], "h", 1),
+        (&["min", "mins", "minute", "minutes"], "m", 1),
+        (&["sec", "secs", "second", "seconds"], "s", 1),
+        (
+            &["msec", "msecs", "millis", "millisecond", "milliseconds"],
+            "ms",
+            1,
+        ),
+    ];
+    let mut out = String::new();
+    let mut rest = text;
+    let mut changed = false;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let (number, after) = rest.split_at(digits);
+        let number: u64 = number.parse().ok()?;
+        let letters = after.len()
+            - after
+                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                .len();
+        let (unit, after) = after.split_at(letters);
+        match WORDS.iter().find(|(words, _, _)| words.contains(&unit)) {
+            Some((_, short, times)) => {
+                out.push_str(&format!("{}{short}", number.checked_mul(*times)?));
+                changed = true;
+            }
+            None if UNITS.iter().any(|(name, _)| *name == unit) => {
+                out.push_str(&format!("{number}{unit}"));
+            }
+            None => return None,
+        }
+        rest = after;
+    }
+    changed.then_some(out)
 }
 
 /// Renders milliseconds back in the literal syntax, for messages.
@@ -119,8 +186,17 @@ mod tests {
             ("", "empty"),
             ("  ", "empty"),
             ("10", "has no unit"),
-            ("10 s", "`10` has no unit"),
-            ("5w", "unknown unit `w`"),
+            ("10 s", "has spaces; write it without them: `ttl = \"10s\"`"),
+            ("24 h", "`ttl = \"24h\"`"),
+            ("1 day", "`ttl = \"1d\"`"),
+            (
+                "30secs",
+                "spells its units out; units are ms, s, m, h and d: `ttl = \"30s\"`",
+            ),
+            ("2weeks", "`ttl = \"14d\"`"),
+            ("1h 30min", "`ttl = \"1h30m\"`"),
+            ("5w", "`ttl = \"35d\"`"),
+            ("5y", "unknown unit `y`"),
             ("1.5h", "has a fraction"),
             ("0s", "zero"),
             ("0h0m", "zero"),

@@ -1,17 +1,24 @@
 //! Rewriting the function: its signature stays, its body becomes a call of
-//! the runtime's `__private::run` with the user's block as the body future.
+//! the runtime's `__private::run` with the user's statements as the body
+//! future.
+//!
+//! Every requirement on the user's types is checked once, by a call of one
+//! of `idem_core::requirements`' traits spanned at the token the user wrote
+//! (the `Ok` type, the error type, an argument, the `key`, the `store`); what
+//! the checks produce is passed to `run` as plain values, so that no bound is
+//! checked twice and each mistake is one error, at its token.
 
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens as _, quote, quote_spanned};
 use syn::spanned::Spanned as _;
-use syn::{AttrStyle, Expr, Ident, ItemFn, Path, Type};
+use syn::{Expr, Ident, ItemFn, Path, Type};
 
 use crate::args::{Args, CacheErrors, Duration, OnConflict};
-use crate::func::Shape;
+use crate::func::{self, Shape};
 use crate::valid::Checked;
 
 /// Lints the generated statements may trip in a user's crate; the user's own
-/// tokens (block, expressions) keep every lint.
+/// tokens (statements, expressions) keep every lint.
 fn allowances() -> TokenStream {
     quote! {
         #[allow(
@@ -19,6 +26,7 @@ fn allowances() -> TokenStream {
             clippy::used_underscore_binding,
             clippy::needless_borrow,
             clippy::no_effect_underscore_binding,
+            clippy::items_after_statements,
         )]
     }
 }
@@ -44,11 +52,16 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     let prepared = hidden("__idem_prepared");
     let body = hidden("__idem_body");
     let fake = hidden("__idem_return");
+    let ok_codec = hidden("__idem_ok");
+    let from_idem = hidden("__idem_from");
+    let shape_of = hidden("__idem_shape");
 
     let handle_expr = match &args.store {
         Some(store) => {
             let expr = &store.value;
-            quote_spanned!(expr.span()=> #krate::__private::handle(&(#expr)))
+            let path = respan(quote!(#krate::AsIdempotency::as_idempotency), expr.span());
+            let arg = by_reference(expr);
+            quote_spanned!(expr.span()=> #path(#arg))
         }
         None => quote!(#krate::__private::default_handle()),
     };
@@ -60,46 +73,104 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         }},
     };
     let fingerprint = fingerprinted.iter().flat_map(|param| {
-        let call = &call;
-        param
-            .bindings
-            .iter()
-            .map(move |binding| quote_spanned!(param.span=> #call.argument(&#binding);))
+        let (call, krate, cfgs) = (&call, &krate, &param.cfgs);
+        param.bindings.iter().map(move |binding| {
+            quote_spanned! {param.span=>
+                #(#cfgs)*
+                #krate::requirements::Argument::fingerprint(&#binding, &mut #call);
+            }
+        })
     });
     let scope = args.scope.as_ref().map(|arg| {
         let expr = &arg.value;
+        let path = respan(quote!(#krate::requirements::ScopeValue::scope), expr.span());
         let scope = by_reference(expr);
-        quote_spanned!(expr.span()=> #call.scope(#scope);)
+        quote_spanned!(expr.span()=> #path(#scope, &mut #call);)
     });
-    let key = args.key.as_ref().map(|arg| {
-        let expr = &arg.value;
-        let key = by_reference(expr);
-        quote_spanned!(expr.span()=> #call.key(#key);)
+    let key = args.key.as_ref().map(|arg| match &arg.value {
+        // A tuple key is hashed element by element (as the whole tuple
+        // would be), so that an unfit element is reported at its token.
+        Expr::Tuple(tuple) if !tuple.elems.is_empty() => {
+            let elements = tuple.elems.iter().map(|elem| {
+                let path = respan(
+                    quote!(#krate::requirements::KeyValue::key_element),
+                    elem.span(),
+                );
+                let element = by_reference(elem);
+                quote_spanned!(elem.span()=> #path(#element, &mut #call);)
+            });
+            quote! {
+                #call.key_tuple();
+                #(#elements)*
+                #call.key_tuple_end();
+            }
+        }
+        expr => {
+            let path = respan(quote!(#krate::requirements::KeyValue::key), expr.span());
+            let key = by_reference(expr);
+            quote_spanned!(expr.span()=> #path(#key, &mut #call);)
+        }
     });
     let keyed = args.key.is_some();
     let checked = args.fingerprint.as_ref().is_none_or(|f| f.value);
     let settings_expr = settings_expr(&krate, args);
 
     let ret = shape.ret();
+    let (ok, err) = result_types(ret);
     let user_body = match &shape {
         Shape::Async { .. } => {
-            let block = &func.block;
+            // The user's statements, in a scope of their own, without braces
+            // of ours around them (which would trip `unused_braces`). A
+            // never-taken return of the declared type drives inference of
+            // `?` and early returns.
+            let stmts = &func.block.stmts;
             quote! {
                 if let ::core::option::Option::Some(#fake) = ::core::option::Option::None::<#ret> {
                     #[allow(unreachable_code)]
                     return #fake;
                 }
-                #block
+                #(#stmts)*
             }
         }
         Shape::AsyncTrait { stmts, .. } => quote!(#(#stmts)*),
     };
-    let (run, predicate) = run_call(&krate, ret, args);
-    let predicate = predicate.map(|p| quote!(#p,));
-    // The whole call, `.await` included, is spanned at the return type: an
-    // unfit return type is reported there, once.
-    let run =
-        quote_spanned!(ret.span()=> #run(#handle, #settings, #prepared, #predicate #body).await);
+    let shape_check = quote_spanned!(ret.span()=> <#ret as #krate::requirements::Returns>::shape());
+    let ok_check = quote_spanned!(ok.span()=> <#ok as #krate::requirements::StoredValue>::codec());
+    let err_check =
+        quote_spanned!(err.span()=> <#err as #krate::requirements::FromIdemError>::converter());
+    let run = match args.cache_errors.as_ref().map(|c| &c.value) {
+        None | Some(CacheErrors::None) => quote! {
+            #krate::__private::run(
+                #handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #body,
+            ).await
+        },
+        Some(predicate) => {
+            let predicate = match predicate {
+                CacheErrors::Predicate(path) => path.to_token_stream(),
+                _ => quote!(#krate::__private::cache_all),
+            };
+            let cached = hidden("__idem_cached");
+            let caches = hidden("__idem_caches");
+            let error = hidden("__idem_error");
+            let cached_check =
+                quote_spanned!(err.span()=> <#err as #krate::requirements::CachedError>::codec());
+            let span = predicate.span();
+            let caches_path = respan(quote!(#krate::requirements::CachePredicate), span);
+            let predicate_check = quote_spanned! {span=>
+                move |#error: &#err| #caches_path::<#err>::caches(&#predicate, #error)
+            };
+            quote! {
+                #allow
+                let #cached = #cached_check;
+                #allow
+                let #caches = #predicate_check;
+                #krate::__private::run_caching_errors(
+                    #handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #cached,
+                    #caches, #body,
+                ).await
+            }
+        }
+    };
 
     let statements = quote! {
         #allow
@@ -115,6 +186,12 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             #call.finish(#keyed, #checked)
         };
         #allow
+        let #shape_of = #shape_check;
+        #allow
+        let #ok_codec = #ok_check;
+        #allow
+        let #from_idem = #err_check;
+        #allow
         let #body = async { #user_body };
         #run
     };
@@ -122,7 +199,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     let (inner_attrs, outer_attrs): (Vec<_>, Vec<_>) = func
         .attrs
         .iter()
-        .partition(|attr| matches!(attr.style, AttrStyle::Inner(_)));
+        .partition(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
     let vis = &func.vis;
     let sig = &func.sig;
     let statements = match shape {
@@ -133,13 +210,63 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     };
     // The body keeps the user's braces, so the item's span stays the user's
     // and lints about the item itself (`dead_code`) still reach them.
-    let mut body = TokenStream::new();
-    func.block.brace_token.surround(&mut body, |body| {
-        body.extend(quote!(#(#inner_attrs)* #statements));
+    let mut out_body = TokenStream::new();
+    func.block.brace_token.surround(&mut out_body, |out| {
+        out.extend(quote!(#(#inner_attrs)* #statements));
     });
     quote! {
         #(#outer_attrs)*
-        #vis #sig #body
+        #vis #sig #out_body
+    }
+}
+
+/// The function unchanged, for when the attribute is wrong, with the
+/// attribute's expressions referenced in a block that never runs, so that
+/// what they use (an imported `Duration`, a predicate) raises no warnings of
+/// its own beside the attribute's error.
+pub(crate) fn unchanged(args: &Args, func: &ItemFn) -> TokenStream {
+    let mut exprs: Vec<TokenStream> = Vec::new();
+    for arg in [&args.key, &args.scope, &args.store].into_iter().flatten() {
+        exprs.push(arg.value.to_token_stream());
+    }
+    for arg in [&args.ttl, &args.lease, &args.wait_timeout]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(expr) = arg.value.expr() {
+            exprs.push(expr.to_token_stream());
+        }
+    }
+    if let Some(arg) = &args.cache_errors
+        && let CacheErrors::Predicate(path) = &arg.value
+    {
+        exprs.push(path.to_token_stream());
+    }
+    if exprs.is_empty() || func.sig.constness.is_some() {
+        return func.to_token_stream();
+    }
+    let (attrs, vis, sig, stmts) = (&func.attrs, &func.vis, &func.sig, &func.block.stmts);
+    let mut body = TokenStream::new();
+    func.block.brace_token.surround(&mut body, |out| {
+        out.extend(quote! {
+            #[allow(unused, clippy::all)]
+            let _ = async { #(let _ = &(#exprs);)* };
+            #(#stmts)*
+        });
+    });
+    quote!(#(#attrs)* #vis #sig #body)
+}
+
+/// `T` and `E` of the return type: the tokens the user wrote for
+/// `Result<T, E>`, so that each check is reported at its own token, or, for
+/// an alias, `_`, inferred from the return type's shape and spanned at it.
+fn result_types(ret: &Type) -> (TokenStream, TokenStream) {
+    match func::result_parts(ret) {
+        Some((ok, err)) => (ok.to_token_stream(), err.to_token_stream()),
+        None => (
+            quote_spanned!(ret.span()=> _),
+            quote_spanned!(ret.span()=> _),
+        ),
     }
 }
 
@@ -150,7 +277,14 @@ fn settings_expr(krate: &Path, args: &Args) -> TokenStream {
         Duration::Literal { millis, span } => {
             quote_spanned!(*span=> #krate::__private::millis(#millis))
         }
-        Duration::Expr(expr) => expr.to_token_stream(),
+        Duration::Const { expr, .. } => expr.to_token_stream(),
+        Duration::Expr(expr) => {
+            let path = respan(
+                quote!(#krate::requirements::DurationValue::duration),
+                expr.span(),
+            );
+            quote_spanned!(expr.span()=> #path(#expr))
+        }
     };
     let mut builder = quote!(#krate::__private::Settings::builder());
     let mut literal = true;
@@ -180,41 +314,43 @@ fn settings_expr(krate: &Path, args: &Args) -> TokenStream {
     }
 }
 
-/// `__private::run::<R, …>` (or its error-caching sibling) spanned at the
-/// return type, so that an unfit return type is reported there, and the
-/// caching predicate to pass before the body, if any.
-fn run_call(krate: &Path, ret: &Type, args: &Args) -> (TokenStream, Option<TokenStream>) {
-    let span = ret.span();
-    let predicate = match args.cache_errors.as_ref().map(|c| &c.value) {
-        None | Some(CacheErrors::None) => None,
-        Some(CacheErrors::All) => Some(quote!(#krate::__private::cache_all)),
-        Some(CacheErrors::Predicate(path)) => Some(path.to_token_stream()),
-    };
-    match predicate {
-        None => (
-            quote_spanned!(span=> #krate::__private::run::<#ret, _>),
-            None,
-        ),
-        Some(predicate) => (
-            quote_spanned!(span=> #krate::__private::run_caching_errors::<#ret, _, _>),
-            Some(predicate),
-        ),
-    }
-}
-
 /// A reference to the value of `expr`, taken without moving out of the
 /// arguments: a tuple `(a, b)` becomes `&(&a, &b)`, which serializes the
-/// same.
+/// same. Where precedence allows, no parentheses of ours surround the user's
+/// tokens, so that an error about the value spans all of them.
 fn by_reference(expr: &Expr) -> TokenStream {
     match expr {
         Expr::Paren(inner) => by_reference(&inner.expr),
         Expr::Tuple(tuple) if !tuple.elems.is_empty() => {
-            let elems = tuple
-                .elems
-                .iter()
-                .map(|elem| quote_spanned!(elem.span()=> &(#elem)));
+            let elems = tuple.elems.iter().map(by_reference);
             quote_spanned!(expr.span()=> &(#(#elems,)*))
         }
+        Expr::Path(_)
+        | Expr::Field(_)
+        | Expr::MethodCall(_)
+        | Expr::Call(_)
+        | Expr::Index(_)
+        | Expr::Lit(_)
+        | Expr::Macro(_) => quote_spanned!(expr.span()=> &#expr),
         _ => quote_spanned!(expr.span()=> &(#expr)),
     }
+}
+
+/// `tokens` with every span set to `span`: a path of ours reported where
+/// the user's expression is, not at the attribute.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tree| {
+            if let proc_macro2::TokenTree::Group(group) = &tree {
+                let mut inner =
+                    proc_macro2::Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                tree = inner.into();
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
 }

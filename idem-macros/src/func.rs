@@ -6,8 +6,8 @@ use proc_macro2::Span;
 use syn::spanned::Spanned as _;
 use syn::visit::Visit;
 use syn::{
-    Expr, FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReturnType, Stmt, Type,
-    TypeParamBound,
+    Attribute, Expr, FnArg, GenericArgument, Ident, ItemFn, Pat, PathArguments, ReturnType, Stmt,
+    Type, TypeParamBound,
 };
 
 /// How the function's body is reached.
@@ -29,9 +29,11 @@ impl Shape {
     }
 }
 
-/// A typed parameter: the names its pattern binds, and its span.
+/// A typed parameter: the names its pattern binds, its `cfg` attributes
+/// (a parameter compiled out is not fingerprinted either), and its span.
 pub(crate) struct Param {
     pub(crate) bindings: Vec<Ident>,
+    pub(crate) cfgs: Vec<Attribute>,
     pub(crate) span: Span,
 }
 
@@ -44,8 +46,15 @@ pub(crate) fn params(func: &ItemFn) -> Vec<Param> {
             FnArg::Typed(typed) => {
                 let mut bindings = Vec::new();
                 collect_bindings(&typed.pat, &mut bindings);
+                let cfgs = typed
+                    .attrs
+                    .iter()
+                    .filter(|attr| attr.path().is_ident("cfg"))
+                    .cloned()
+                    .collect();
                 Some(Param {
                     bindings,
+                    cfgs,
                     span: typed.span(),
                 })
             }
@@ -64,6 +73,51 @@ fn collect_bindings(pat: &Pat, out: &mut Vec<Ident>) {
         }
     }
     Bindings(out).visit_pat(pat);
+}
+
+/// `T` and `E` of a return type written `Result<T, E>` (any path ending in
+/// `Result` with two type arguments), so that each can be checked at its
+/// own token. An alias (`io::Result<T>`, `AppResult<T>`) answers `None`.
+pub(crate) fn result_parts(ret: &Type) -> Option<(&Type, &Type)> {
+    let Type::Path(path) = ret else { return None };
+    let segment = path.path.segments.last()?;
+    if segment.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &segment.arguments else {
+        return None;
+    };
+    let mut types = args.args.iter().filter_map(|arg| match arg {
+        GenericArgument::Type(ty) => Some(ty),
+        _ => None,
+    });
+    match (types.next(), types.next(), types.next()) {
+        (Some(ok), Some(err), None) => Some((ok, err)),
+        _ => None,
+    }
+}
+
+/// What a return type is, when it is plainly not a `Result` (nor an alias of
+/// one): a reference, a tuple, an array, or a well-known type.
+pub(crate) fn plainly_not_result(ret: &Type) -> Option<String> {
+    const NOT_RESULTS: &[&str] = &[
+        "Option", "Vec", "String", "Box", "Arc", "Rc", "HashMap", "BTreeMap", "HashSet", "bool",
+        "char", "str", "u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64",
+        "i128", "isize", "f32", "f64", "Json", "Response",
+    ];
+    match ret {
+        Type::Reference(_) => Some("a reference".to_owned()),
+        Type::Tuple(tuple) if tuple.elems.is_empty() => Some("`()`".to_owned()),
+        Type::Tuple(_) => Some("a tuple".to_owned()),
+        Type::Array(_) | Type::Slice(_) => Some("an array".to_owned()),
+        Type::Path(path) if path.qself.is_none() => {
+            let last = path.path.segments.last()?;
+            NOT_RESULTS
+                .contains(&last.ident.to_string().as_str())
+                .then(|| format!("`{}`", type_text(ret)))
+        }
+        _ => None,
+    }
 }
 
 /// The declared return type of an `async fn`, if it declares one.
@@ -137,4 +191,23 @@ fn only_generic(ty: &Type, name: &str) -> Option<Type> {
         GenericArgument::Type(ty) => Some(ty.clone()),
         _ => None,
     }
+}
+
+/// A type as its user wrote it, without the spaces of a token stream.
+pub(crate) fn type_text(ty: &Type) -> String {
+    let mut text = quote::ToTokens::to_token_stream(ty).to_string();
+    for (spaced, tight) in [
+        (" < ", "<"),
+        (" <", "<"),
+        ("< ", "<"),
+        (" >", ">"),
+        (" :: ", "::"),
+        (":: ", "::"),
+        (" ,", ","),
+        ("& ", "&"),
+        ("' ", "'"),
+    ] {
+        text = text.replace(spaced, tight);
+    }
+    text
 }

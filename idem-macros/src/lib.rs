@@ -37,15 +37,21 @@ fn idempotent_impl(
             return out;
         }
     };
-    let checked = syn::parse2::<args::Args>(args)
-        .and_then(|args| valid::validate(&args, &func).map(|checked| (args, checked)));
-    match checked {
-        Ok((args, checked)) => expand::expand(&args, &func, checked),
+    // On a mistake the function is emitted unchanged, so that its callers
+    // see the attribute's error alone and no errors of their own.
+    let args = match syn::parse2::<args::Args>(args) {
+        Ok(args) => args,
         Err(error) => {
-            // The function, unchanged, so that its callers see the argument
-            // error alone and no errors of their own.
             let mut out = error.to_compile_error();
             out.extend(func.to_token_stream());
+            return out;
+        }
+    };
+    match valid::validate(&args, &func) {
+        Ok(checked) => expand::expand(&args, &func, checked),
+        Err(error) => {
+            let mut out = error.to_compile_error();
+            out.extend(expand::unchanged(&args, &func));
             out
         }
     }

@@ -4,9 +4,9 @@
 use proc_macro2::Span;
 use syn::spanned::Spanned as _;
 use syn::visit::Visit;
-use syn::{Expr, ItemFn, Type};
+use syn::{Expr, ItemFn, Type, TypeParamBound};
 
-use crate::args::{Args, OnConflict};
+use crate::args::{Args, Duration, OnConflict};
 use crate::duration::display_millis;
 use crate::func::{self, Param, Shape};
 use crate::rules::{DEFAULT_LEASE_MILLIS, DEFAULT_TTL_MILLIS, MIN_LEASE_MILLIS};
@@ -22,8 +22,15 @@ pub(crate) struct Checked {
 /// Checks `args` against `func`.
 pub(crate) fn validate(args: &Args, func: &ItemFn) -> syn::Result<Checked> {
     let mut errors = Errors::default();
+    errors.keep(once(func));
     let shape = errors.keep(shape(func));
+    if let Some(shape) = &shape {
+        errors.keep(returns(func, shape.ret()));
+    }
     let fingerprinted = errors.keep(fingerprinted(args, func));
+    if let Some(fingerprinted) = &fingerprinted {
+        errors.keep(something_keys(args, func, fingerprinted));
+    }
     errors.keep(durations(args));
     errors.keep(store(args));
     errors.finish()?;
@@ -50,6 +57,23 @@ impl Errors {
 
     fn finish(self) -> syn::Result<()> {
         self.0.map_or(Ok(()), Err)
+    }
+}
+
+/// The attribute is given once: twice, each call would wait on itself.
+fn once(func: &ItemFn) -> syn::Result<()> {
+    match func.attrs.iter().find(|attr| {
+        attr.path()
+            .segments
+            .last()
+            .is_some_and(|last| last.ident == "idempotent")
+    }) {
+        Some(again) => Err(syn::Error::new_spanned(
+            again,
+            "`#[idempotent]` is given twice on this fn; each call would wait for its own claim. \
+             Keep one, with every argument in it",
+        )),
+        None => Ok(()),
     }
 }
 
@@ -107,6 +131,148 @@ fn no_impl_trait(ret: &Type) -> syn::Result<()> {
     }
 }
 
+/// What the return type's shape tells before type checking: a type that is
+/// plainly not a `Result`, a borrowed `Ok` type, or a generic `Ok` type
+/// whose bounds leave out what replays need.
+fn returns(func: &ItemFn, ret: &Type) -> syn::Result<()> {
+    if let Some(what) = func::plainly_not_result(ret) {
+        return Err(syn::Error::new_spanned(
+            ret,
+            format!(
+                "an `#[idempotent]` fn must return `Result<T, E>`, not {what}: idem stores `T` \
+                 for retries and reports its own failures through `E: From<idem_core::Error>`"
+            ),
+        ));
+    }
+    let Some((ok, _)) = func::result_parts(ret) else {
+        return Ok(());
+    };
+    if let Type::Reference(reference) = ok {
+        let owned = match &*reference.elem {
+            Type::Path(path) if path.path.is_ident("str") => "String".to_owned(),
+            Type::Slice(slice) => format!("Vec<{}>", func::type_text(&slice.elem)),
+            other => func::type_text(other),
+        };
+        return Err(syn::Error::new_spanned(
+            ok,
+            format!(
+                "the `Ok` type `{}` is borrowed, but a replayed result is decoded from the \
+                 store, so it must be owned: return `{owned}`",
+                func::type_text(ok)
+            ),
+        ));
+    }
+    generic_ok(func, ok)
+}
+
+/// A generic `Ok` type must be bounded by `Serialize` and
+/// `DeserializeOwned`. Only bounds made of serde's and std's traits are
+/// judged here; others may imply them and are left to the type checker.
+fn generic_ok(func: &ItemFn, ok: &Type) -> syn::Result<()> {
+    const NEUTRAL: &[&str] = &[
+        "Clone",
+        "Copy",
+        "Send",
+        "Sync",
+        "Debug",
+        "Display",
+        "PartialEq",
+        "Eq",
+        "PartialOrd",
+        "Ord",
+        "Hash",
+        "Default",
+        "Sized",
+        "Unpin",
+        "Serialize",
+        "Deserialize",
+        "DeserializeOwned",
+    ];
+    let Type::Path(path) = ok else { return Ok(()) };
+    let Some(param) = path.path.get_ident() else {
+        return Ok(());
+    };
+    let generics = &func.sig.generics;
+    if !generics.type_params().any(|p| p.ident == *param) {
+        return Ok(());
+    }
+    let mut bounds: Vec<String> = Vec::new();
+    let mut collect = |list: &syn::punctuated::Punctuated<TypeParamBound, syn::Token![+]>| {
+        for bound in list {
+            if let TypeParamBound::Trait(bound) = bound
+                && let Some(last) = bound.path.segments.last()
+            {
+                bounds.push(last.ident.to_string());
+            }
+        }
+    };
+    for p in generics.type_params().filter(|p| p.ident == *param) {
+        collect(&p.bounds);
+    }
+    if let Some(clause) = &generics.where_clause {
+        for predicate in &clause.predicates {
+            if let syn::WherePredicate::Type(predicate) = predicate
+                && let Type::Path(bounded) = &predicate.bounded_ty
+                && bounded.path.is_ident(param)
+            {
+                collect(&predicate.bounds);
+            }
+        }
+    }
+    if bounds.iter().any(|b| !NEUTRAL.contains(&b.as_str())) {
+        return Ok(());
+    }
+    let has = |name: &str| bounds.iter().any(|b| b == name);
+    let missing: Vec<&str> = [
+        (!has("Serialize")).then_some("serde::Serialize"),
+        (!has("DeserializeOwned") && !has("Deserialize")).then_some("serde::de::DeserializeOwned"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(syn::Error::new_spanned(
+        ok,
+        format!(
+            "the `Ok` type `{param}` is stored and decoded for replays, so it needs {}; add {} to \
+             its bounds: `{param}: {}`",
+            missing.join(" and "),
+            if missing.len() == 1 { "it" } else { "them" },
+            bounds
+                .iter()
+                .map(String::as_str)
+                .chain(missing.iter().copied())
+                .collect::<Vec<_>>()
+                .join(" + ")
+        ),
+    ))
+}
+
+/// Without `key`, the arguments are the key: there must be some.
+fn something_keys(args: &Args, func: &ItemFn, fingerprinted: &[Param]) -> syn::Result<()> {
+    if args.key.is_some() || !fingerprinted.is_empty() {
+        return Ok(());
+    }
+    let why = if func.sig.inputs.is_empty() {
+        "takes no arguments"
+    } else if args.skip.is_some() {
+        "fingerprints none of its arguments (`self` never is, and `skip(…)` leaves out the rest)"
+    } else {
+        "fingerprints none of its arguments (`self` and `_` never are)"
+    };
+    Err(syn::Error::new(
+        Span::call_site(),
+        format!(
+            "without `key = …` the arguments are the key, but `{}` {why}: every call would share \
+             one key for the whole TTL. Name the key, e.g. `key = order_id`, or, for an operation \
+             meant to run once per TTL, a constant such as `key = \"nightly-report\"`",
+            func.sig.ident
+        ),
+    ))
+}
+
 fn fingerprinted(args: &Args, func: &ItemFn) -> syn::Result<Vec<Param>> {
     let mut params = func::params(func);
     let names: Vec<String> = params
@@ -146,6 +312,10 @@ fn fingerprinted(args: &Args, func: &ItemFn) -> syn::Result<Vec<Param>> {
         }
     }
     errors.finish()?;
+    // With a key and `fingerprint = false`, the arguments take no part.
+    if args.key.is_some() && args.fingerprint.as_ref().is_some_and(|f| !f.value) {
+        return Ok(Vec::new());
+    }
     for param in &mut params {
         param
             .bindings
@@ -158,6 +328,22 @@ fn fingerprinted(args: &Args, func: &ItemFn) -> syn::Result<Vec<Param>> {
 /// The runtime's rules on durations, for literals (the runtime checks
 /// expressions with the same rules and the same words).
 fn durations(args: &Args) -> syn::Result<()> {
+    for (name, arg) in [
+        ("ttl", &args.ttl),
+        ("lease", &args.lease),
+        ("wait_timeout", &args.wait_timeout),
+    ] {
+        if let Some(arg) = arg
+            && let Duration::Const { millis, expr } = &arg.value
+        {
+            let written = quote::ToTokens::to_token_stream(expr)
+                .to_string()
+                .replace(" :: ", "::")
+                .replace(" (", "(");
+            crate::duration::check(name, &written, *millis)
+                .map_err(|msg| syn::Error::new_spanned(expr, msg))?;
+        }
+    }
     if let Some(lease) = &args.lease
         && let Some(millis) = lease.value.literal()
         && millis < MIN_LEASE_MILLIS
