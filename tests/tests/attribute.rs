@@ -493,19 +493,24 @@ async fn kept_forever(id: u8) -> AppResult<u8> {
     Ok(id)
 }
 
-#[idempotent(key = id, ttl = Duration::ZERO)]
+fn seconds(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[idempotent(key = id, ttl = seconds(0))]
 async fn kept_never(id: u8) -> AppResult<u8> {
     Ok(id)
 }
 
-#[idempotent(key = id, ttl = Duration::from_secs(30), lease = Duration::from_secs(60))]
+#[idempotent(key = id, ttl = seconds(30), lease = seconds(60))]
 async fn lease_outlives_ttl(id: u8) -> AppResult<u8> {
     Ok(id)
 }
 
-/// Durations given as expressions are checked by the runtime with the rules
-/// literals are checked with at compile time: an error naming the argument,
-/// never a panic, and the body does not run.
+/// Durations given as expressions the macro cannot read are checked by the
+/// runtime with the rules literals (and `Duration::from_secs(30)`) are
+/// checked with at compile time: an error naming the argument, never a
+/// panic, and the body does not run.
 #[tokio::test]
 async fn duration_expressions_break_rules_with_errors_not_panics() {
     for (result, setting) in [
@@ -524,4 +529,47 @@ async fn duration_expressions_break_rules_with_errors_not_panics() {
             other => panic!("expected a config error, got {other:?}"),
         }
     }
+}
+
+#[idempotent(key = key)]
+async fn with_string_error(key: u8, amount: u32) -> Result<u32, String> {
+    Ok(amount)
+}
+
+#[idempotent(key = key)]
+async fn with_io_error(key: u8, amount: u32) -> std::io::Result<u32> {
+    Ok(amount)
+}
+
+/// `String` and `std::io::Error` carry idem's own errors, so functions that
+/// return them need no error type of their own.
+#[tokio::test]
+async fn string_and_io_errors_receive_idems_errors() {
+    assert_eq!(with_string_error(1, 10).await, Ok(10));
+    let reused = with_string_error(1, 11).await.unwrap_err();
+    assert!(
+        reused.contains("already used with different arguments"),
+        "{reused}"
+    );
+    assert_eq!(with_io_error(1, 10).await.unwrap(), 10);
+    let reused = with_io_error(1, 11).await.unwrap_err();
+    assert_eq!(reused.kind(), std::io::ErrorKind::InvalidInput);
+    let inner = reused.into_inner().unwrap();
+    assert!(inner.downcast_ref::<idem_core::Error>().is_some());
+}
+
+static CFG_RUNS: AtomicU32 = AtomicU32::new(0);
+
+/// A parameter compiled out by `cfg` is not fingerprinted: the function
+/// compiles and keys by the rest.
+#[idempotent]
+async fn configured(id: u32, #[cfg(any())] trace: String) -> AppResult<u32> {
+    Ok(CFG_RUNS.fetch_add(1, Ordering::SeqCst) + id)
+}
+
+#[tokio::test]
+async fn parameters_compiled_out_are_not_fingerprinted() {
+    assert_eq!(configured(5).await.unwrap(), 5);
+    assert_eq!(configured(5).await.unwrap(), 5);
+    assert_eq!(CFG_RUNS.load(Ordering::SeqCst), 1);
 }

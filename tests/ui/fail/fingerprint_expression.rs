@@ -1,0 +1,19 @@
+use idem_core::idempotent;
+
+#[derive(Debug)]
+struct Error;
+
+impl From<idem_core::Error> for Error {
+    fn from(_: idem_core::Error) -> Self {
+        Error
+    }
+}
+
+const CHECK: bool = false;
+
+#[idempotent(key = id, fingerprint = CHECK)]
+async fn charge(id: u64) -> Result<u64, Error> {
+    Ok(id)
+}
+
+fn main() {}

@@ -1,0 +1,21 @@
+use idem_core::idempotent;
+
+#[derive(Debug)]
+struct Error;
+
+impl From<idem_core::Error> for Error {
+    fn from(_: idem_core::Error) -> Self {
+        Error
+    }
+}
+
+#[idempotent(key = id)]
+async fn echo<T>(id: u64, value: T) -> Result<T, Error>
+where
+    T: Clone + Send + serde::Serialize,
+{
+    let _ = id;
+    Ok(value.clone())
+}
+
+fn main() {}

@@ -1,0 +1,19 @@
+use idem_core::idempotent;
+
+#[derive(Debug)]
+struct Error;
+
+impl From<idem_core::Error> for Error {
+    fn from(_: idem_core::Error) -> Self {
+        Error
+    }
+}
+
+use std::time::Duration;
+
+#[idempotent(key = id, ttl = Duration::ZERO)]
+async fn charge(id: u64) -> Result<u64, Error> {
+    Ok(id)
+}
+
+fn main() {}
