@@ -8,8 +8,7 @@
 
 use std::future::Future;
 
-pub use crate::codec::Codec;
-use crate::codec::Parts;
+pub use crate::codec::{Codec, Parts};
 use crate::error::Error;
 use crate::handle::Idempotency;
 pub use crate::handle::default_handle;
@@ -122,7 +121,7 @@ where
     let codec = Parts {
         ok,
         from_idem,
-        cache: None::<(Codec<E>, fn(&E) -> bool)>,
+        cache: None::<(Codec<E>, Option<fn(&E) -> bool>)>,
     };
     execute(idem, settings, prepared, shape, codec, body).await
 }
@@ -148,7 +147,7 @@ where
     let codec = Parts {
         ok,
         from_idem,
-        cache: Some((cached, cache)),
+        cache: Some((cached, Some(cache))),
     };
     execute(idem, settings, prepared, shape, codec, body).await
 }
@@ -171,6 +170,58 @@ where
     };
     let body = async { (shape.into_result)(body.await) };
     (shape.from_result)(idem.execute(&settings, key, fingerprint, body, codec).await)
+}
+
+/// The codec of an `#[idempotent]` fn, from its checks.
+#[must_use]
+pub fn codec<T, E, P>(
+    ok: Codec<T>,
+    from_idem: fn(Error) -> E,
+    cache: Option<(Codec<E>, P)>,
+) -> Parts<T, E, P> {
+    Parts {
+        ok,
+        from_idem,
+        cache: cache.map(|(codec, keep)| (codec, Some(keep))),
+    }
+}
+
+#[cfg(feature = "postgres")]
+pub use crate::store::postgres::transaction::{Claim, Opened};
+
+/// Opens a transactional `#[idempotent]` call: replayed or refused, or
+/// claimed in a new transaction.
+#[cfg(feature = "postgres")]
+pub async fn transaction_open<T, E, P>(
+    store: &crate::PostgresStore,
+    settings: Result<Settings, ConfigError>,
+    prepared: Prepared,
+    codec: &Parts<T, E, P>,
+) -> Opened<T, E>
+where
+    P: FnOnce(&E) -> bool,
+{
+    use crate::codec::ResultCodec as _;
+    let (settings, key, fingerprint) = match ready(settings, prepared) {
+        Ok(ready) => ready,
+        Err(error) => return Opened::Done(Err(codec.idem_error(error))),
+    };
+    store
+        .open(&settings, key, fingerprint, codec, codec.cache.is_some())
+        .await
+}
+
+/// Records a transactional call's result and commits, or rolls back.
+#[cfg(feature = "postgres")]
+pub async fn transaction_finish<T, E, P>(
+    claim: Claim,
+    result: Result<T, E>,
+    codec: Parts<T, E, P>,
+) -> Result<T, E>
+where
+    P: FnOnce(&E) -> bool,
+{
+    claim.finish(result, codec).await
 }
 
 fn ready(

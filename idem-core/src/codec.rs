@@ -20,8 +20,8 @@ pub(crate) trait ResultCodec<T, E> {
     fn decode_ok(&self, bytes: &[u8]) -> serde_json::Result<T>;
     /// idem's own failure as the caller's error.
     fn idem_error(&self, error: Error) -> E;
-    /// The error's stored bytes, if it is to be stored.
-    fn keep_err(self, error: &E) -> Option<serde_json::Result<Vec<u8>>>;
+    /// The error's stored bytes, if it is to be stored. Asked once per call.
+    fn keep_err(&mut self, error: &E) -> Option<serde_json::Result<Vec<u8>>>;
     /// A stored error read back.
     fn decode_err(&self, bytes: &[u8]) -> Result<E, Error>;
 }
@@ -47,7 +47,7 @@ where
         error.into()
     }
 
-    fn keep_err(self, _: &E) -> Option<serde_json::Result<Vec<u8>>> {
+    fn keep_err(&mut self, _: &E) -> Option<serde_json::Result<Vec<u8>>> {
         None
     }
 
@@ -59,7 +59,13 @@ where
 /// The codec of
 /// [`Idempotency::run_caching_errors`](crate::Idempotency::run_caching_errors):
 /// serde for both, errors stored when `P` accepts them.
-pub(crate) struct SerdeCaching<P>(pub(crate) P);
+pub(crate) struct SerdeCaching<P>(Option<P>);
+
+impl<P> SerdeCaching<P> {
+    pub(crate) fn new(predicate: P) -> Self {
+        Self(Some(predicate))
+    }
+}
 
 impl<T, E, P> ResultCodec<T, E> for SerdeCaching<P>
 where
@@ -79,8 +85,9 @@ where
         error.into()
     }
 
-    fn keep_err(self, error: &E) -> Option<serde_json::Result<Vec<u8>>> {
-        (self.0)(error).then(|| serde_json::to_vec(error))
+    fn keep_err(&mut self, error: &E) -> Option<serde_json::Result<Vec<u8>>> {
+        let keep = self.0.take()?;
+        keep(error).then(|| serde_json::to_vec(error))
     }
 
     fn decode_err(&self, bytes: &[u8]) -> Result<E, Error> {
@@ -114,11 +121,12 @@ impl<T: Serialize + DeserializeOwned> Codec<T> {
 }
 
 /// The codec the attribute's expansion builds from its checks.
-pub(crate) struct Parts<T, E, P> {
+#[doc(hidden)]
+pub struct Parts<T, E, P> {
     pub(crate) ok: Codec<T>,
     pub(crate) from_idem: fn(Error) -> E,
     /// With `cache_errors`: the error's codec and which errors to keep.
-    pub(crate) cache: Option<(Codec<E>, P)>,
+    pub(crate) cache: Option<(Codec<E>, Option<P>)>,
 }
 
 impl<T, E, P: FnOnce(&E) -> bool> ResultCodec<T, E> for Parts<T, E, P> {
@@ -134,8 +142,9 @@ impl<T, E, P: FnOnce(&E) -> bool> ResultCodec<T, E> for Parts<T, E, P> {
         (self.from_idem)(error)
     }
 
-    fn keep_err(self, error: &E) -> Option<serde_json::Result<Vec<u8>>> {
-        let (codec, keep) = self.cache?;
+    fn keep_err(&mut self, error: &E) -> Option<serde_json::Result<Vec<u8>>> {
+        let (codec, keep) = self.cache.as_mut()?;
+        let keep = keep.take()?;
         keep(error).then(|| (codec.encode)(error))
     }
 

@@ -124,7 +124,7 @@ impl Idempotency {
         E: From<Error> + Serialize + DeserializeOwned,
         P: FnOnce(&E) -> bool,
     {
-        self.execute(settings, key, fingerprint, body, SerdeCaching(cache))
+        self.execute(settings, key, fingerprint, body, SerdeCaching::new(cache))
             .await
     }
 
@@ -207,7 +207,7 @@ impl Idempotency {
         key: Key,
         fingerprint: Fingerprint,
         body: F,
-        codec: C,
+        mut codec: C,
         deadline: Option<Instant>,
     ) -> Result<T, E>
     where
@@ -233,7 +233,7 @@ impl Idempotency {
         herald.set_retry_at(lease.until());
         let work = async {
             let result = body.await;
-            let record = to_record(key, &result, codec);
+            let record = to_record(key, &result, &mut codec);
             let landing = self.settle(settings, key, token, &lease, record).await;
             (result, landing)
         };
@@ -470,7 +470,7 @@ impl Idempotency {
 /// What the stored record of a body's result is: `None` for an `Err` the
 /// policy does not keep, a record of `Unserializable` for a value that does
 /// not serialize.
-fn to_record<T, E, C>(key: Key, result: &Result<T, E>, codec: C) -> Option<Record>
+pub(crate) fn to_record<T, E, C>(key: Key, result: &Result<T, E>, codec: &mut C) -> Option<Record>
 where
     C: ResultCodec<T, E>,
 {
@@ -594,7 +594,7 @@ fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
 }
 
 /// Decodes a stored record as the call's result.
-fn replay<T, E, C>(record: &Record, codec: &C) -> Result<T, E>
+pub(crate) fn replay<T, E, C>(record: &Record, codec: &C) -> Result<T, E>
 where
     C: ResultCodec<T, E>,
 {

@@ -80,6 +80,7 @@
 //! | `memory://` | [`MemoryStore`], in-process (the default) | always |
 //! | `redis://host:port/db` | a Redis node | `redis` |
 //! | `redis+cluster://h1:p1,h2:p2` | a Redis Cluster | `redis` |
+//! | `postgres://user@host/db` | a PostgreSQL table, and a transactional mode | `postgres` |
 //!
 //! [`Idempotency::connect`] opens one by URL; [`set_default`] makes a handle
 //! the one every `#[idempotent]` fn without `store = …` uses. With the `axum`
@@ -131,6 +132,9 @@ pub use settings::{
 };
 pub use store::connect::connect;
 pub use store::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;

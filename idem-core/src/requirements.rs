@@ -17,6 +17,7 @@
 //! | [`Returns`] | the return type | it is a `Result<T, E>` |
 //! | [`DurationValue`] | `ttl = expr`, `lease = expr`, `wait_timeout = expr` | it is a `std::time::Duration` |
 //! | [`AsIdempotency`](crate::AsIdempotency) | `store = …` | it names a handle |
+//! | `TransactionalStore` | `store = …` with `transaction = tx` | it names a `PostgresStore` (feature `postgres`) |
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -177,6 +178,43 @@ pub trait DurationValue {
 impl DurationValue for std::time::Duration {
     fn duration(self) -> std::time::Duration {
         self
+    }
+}
+
+/// The store of `#[idempotent(transaction = tx)]`: a
+/// [`PostgresStore`](crate::PostgresStore), or a reference or `Arc` of one.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[diagnostic::on_unimplemented(
+    message = "`transaction = …` runs on a `PostgresStore`, so `store = …` must name one, not `{Self}`",
+    label = "not a `PostgresStore`",
+    note = "keep the `PostgresStore` the service's handle was made from, e.g. `store = self.pg` with `pg: PostgresStore`"
+)]
+pub trait TransactionalStore {
+    #[doc(hidden)]
+    fn postgres(&self) -> &crate::PostgresStore;
+}
+
+#[cfg(feature = "postgres")]
+impl TransactionalStore for crate::PostgresStore {
+    fn postgres(&self) -> &crate::PostgresStore {
+        self
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[diagnostic::do_not_recommend]
+impl<S: TransactionalStore + ?Sized> TransactionalStore for &S {
+    fn postgres(&self) -> &crate::PostgresStore {
+        (**self).postgres()
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[diagnostic::do_not_recommend]
+impl<S: TransactionalStore + ?Sized> TransactionalStore for std::sync::Arc<S> {
+    fn postgres(&self) -> &crate::PostgresStore {
+        (**self).postgres()
     }
 }
 

@@ -13,6 +13,7 @@ use crate::error::{StoreError, StoreErrorKind};
 /// | `memory://`, `memory://?max_records=N&max_bytes=N` | [`MemoryStore`] | always |
 /// | `redis://host:port/db` | a single Redis node | `redis` |
 /// | `redis+cluster://host:port,host:port` | a Redis Cluster | `redis` |
+/// | `postgres://user@host/db` or `postgresql://…` | a PostgreSQL table | `postgres` |
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -33,7 +34,8 @@ use crate::error::{StoreError, StoreErrorKind};
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
         config(format!(
-            "`{url}` is not a store URL; expected e.g. `memory://` or `redis://127.0.0.1:6379`"
+            "`{}` is not a store URL; expected e.g. `memory://` or `redis://127.0.0.1:6379`",
+            redact(url)
         ))
     })?;
     match scheme {
@@ -48,9 +50,17 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
              idem-core = {{ version = \"{}\", features = [\"redis\"] }}",
             env!("CARGO_PKG_VERSION")
         ))),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Arc::new(crate::PostgresStore::connect(url).await?)),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" | "postgresql" => Err(config(format!(
+            "`{scheme}://` stores need the `postgres` feature of idem-core: \
+             idem-core = {{ version = \"{}\", features = [\"postgres\"] }}",
+            env!("CARGO_PKG_VERSION")
+        ))),
         other => Err(config(format!(
-            "unknown store URL scheme `{other}://`; expected `memory://`, `redis://` or \
-             `redis+cluster://`"
+            "unknown store URL scheme `{other}://`; expected `memory://`, `redis://`, \
+             `redis+cluster://` or `postgres://`"
         ))),
     }
 }
@@ -89,6 +99,32 @@ fn memory_from_url(rest: &str) -> Result<MemoryStore, StoreError> {
     Ok(builder.build())
 }
 
+/// `url` with the password of its user info replaced by `***`:
+/// `redis://app:s3cret@host:6379/0` is printed `redis://app:***@host:6379/0`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    // A cluster URL has several hosts but one user info, before the first '@'.
+    match authority.rsplit_once('@') {
+        Some((user_info, hosts)) => {
+            let user = user_info
+                .split_once(':')
+                .map_or(user_info, |(user, _)| user);
+            let shown = if user_info.contains(':') {
+                format!("{user}:***")
+            } else {
+                // A lone user info is a password for Redis URLs (`redis://pw@h`).
+                "***".to_owned()
+            };
+            format!("{scheme}://{shown}@{hosts}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 fn config(message: String) -> StoreError {
     StoreError::new(StoreErrorKind::Config, message)
 }
@@ -96,6 +132,28 @@ fn config(message: String) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_never_printed() {
+        for (url, shown) in [
+            (
+                "redis://app:s3cret@host:6379/0",
+                "redis://app:***@host:6379/0",
+            ),
+            ("redis://:s3cret@host", "redis://:***@host"),
+            ("redis://s3cret@host/1", "redis://***@host/1"),
+            ("rediss://u:p%40ss@h:1?x=1", "rediss://u:***@h:1?x=1"),
+            (
+                "postgres://app:s3cret@db/payments",
+                "postgres://app:***@db/payments",
+            ),
+            ("redis://host:6379", "redis://host:6379"),
+            ("no scheme", "no scheme"),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+            assert!(!redact(url).contains("s3cret"));
+        }
+    }
 
     async fn error_of(url: &str) -> String {
         match connect(url).await {
@@ -131,10 +189,18 @@ mod tests {
     async fn bad_urls_say_what_to_write() {
         assert!(error_of("localhost:6379").await.contains("not a store URL"));
         assert!(
-            error_of("postgres://x")
+            error_of("mongodb://x")
                 .await
                 .contains("unknown store URL scheme")
         );
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    #[tokio::test]
+    async fn postgres_without_its_feature_names_the_feature() {
+        for url in ["postgres://db/x", "postgresql://db/x"] {
+            assert!(error_of(url).await.contains("`postgres` feature"), "{url}");
+        }
     }
 
     #[cfg(not(feature = "redis"))]

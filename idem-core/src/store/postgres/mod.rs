@@ -1,0 +1,594 @@
+//! The PostgreSQL store (feature `postgres`, on sqlx): the store protocol on
+//! one table, and a transactional mode that commits the record with the
+//! caller's own writes.
+//!
+//! - [`PostgresStore`] implements the [`Store`] protocol on a table (see
+//!   the schema below) and passes the conformance suite like the memory and
+//!   Redis stores: a replayed hit is one read-only statement, a first run
+//!   two. Expiries come from the database's clock. Waiters in other
+//!   processes are woken by `LISTEN/NOTIFY`; expired rows are purged in the
+//!   background in bounded batches.
+//! - [`PostgresStore::run_in_transaction`] (and `#[idempotent(transaction =
+//!   tx)]`) runs the body inside a transaction that also holds the claim and,
+//!   at commit, the result: the body's writes and the record commit
+//!   together, or neither does. See [`transaction`].
+//!
+//! # The table
+//!
+//! ```sql
+//! CREATE TABLE idempotency_keys (
+//!     key         bytea PRIMARY KEY,      -- the SHA-256 of name, scope and key value
+//!     fingerprint bytea NOT NULL,         -- the SHA-256 of the arguments
+//!     token       bytea NOT NULL,         -- the claim's holder, then its completer
+//!     record      bytea,                  -- NULL while in progress; the encoded result once done
+//!     stored_at   timestamptz,
+//!     expires_at  timestamptz NOT NULL    -- the lease's end, then the TTL's end
+//! );
+//! CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
+//! ```
+//!
+//! The primary key serves every operation; the index on `expires_at` serves
+//! the purge. The store creates both (`CREATE … IF NOT EXISTS`, under an
+//! advisory lock, so concurrent starts do not race) when it connects, unless
+//! told not to ([`PostgresStoreBuilder::migrate`]); [`PostgresStore::migrate`]
+//! does it on demand. The schema and table names are configurable.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row};
+
+use super::{Begin, Completion, Limits, Record, Store, StoreFuture, Token, Watch};
+use crate::error::{StoreError, StoreErrorKind};
+use crate::key::{Fingerprint, Key};
+use crate::store::connect::redact;
+
+mod listen;
+mod sql;
+pub mod transaction;
+
+use listen::Watchers;
+use sql::Statements;
+
+/// The default schema of the table.
+pub const DEFAULT_SCHEMA: &str = "public";
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "idempotency_keys";
+
+/// The default time an operation may take before it fails with
+/// [`StoreErrorKind::Timeout`]. A lease must be at least three times as
+/// long.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The default time between two purges of expired rows.
+pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The default number of rows a purge deletes per statement.
+pub const DEFAULT_PURGE_BATCH: u32 = 1000;
+
+/// A [`Store`] on a PostgreSQL table.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), idem_core::store::StoreError> {
+/// use idem_core::{Idempotency, PostgresStore};
+///
+/// // By URL, with the defaults: table `public.idempotency_keys`, created if missing.
+/// let idem = Idempotency::connect("postgres://app@db/payments").await?;
+///
+/// // Or on the service's own pool, with a table of its own.
+/// # let pool: sqlx::PgPool = todo!();
+/// let store = PostgresStore::with_pool(pool).schema("billing").table("idem").connect().await?;
+/// let idem = Idempotency::new(store.clone());
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Clones share the pool, the listener and the purge task.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    sql: Statements,
+    response_timeout: Duration,
+    purge_interval: Duration,
+    purge_batch: u32,
+    watchers: Arc<Watchers>,
+    listening: AtomicBool,
+    purging: AtomicBool,
+}
+
+enum Source {
+    Url(String),
+    Pool(PgPool),
+}
+
+/// Configures a [`PostgresStore`]; made by [`PostgresStore::builder`] or
+/// [`PostgresStore::with_pool`].
+pub struct PostgresStoreBuilder {
+    source: Source,
+    schema: String,
+    table: String,
+    response_timeout: Duration,
+    connect_timeout: Duration,
+    max_connections: u32,
+    migrate: bool,
+    purge_interval: Duration,
+    purge_batch: u32,
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://…` or
+    /// `postgresql://…`) with the default settings, creating the table if it
+    /// is missing.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Config`] for a malformed URL,
+    /// [`StoreErrorKind::Unavailable`] when the database cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder(url).connect().await
+    }
+
+    /// Starts configuring a store on its own pool of connections to `url`.
+    pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
+        PostgresStoreBuilder::new(Source::Url(url.into()))
+    }
+
+    /// Starts configuring a store on an existing pool, e.g. the service's
+    /// own.
+    pub fn with_pool(pool: PgPool) -> PostgresStoreBuilder {
+        PostgresStoreBuilder::new(Source::Pool(pool))
+    }
+
+    /// The pool the store runs on.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Creates the schema, the table and its index if they are missing. Safe
+    /// to run from several processes at once.
+    ///
+    /// # Errors
+    /// The database's, e.g. when the role may not create tables.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.timed("migrate", async {
+            let mut tx = self.inner.pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                .bind(&self.inner.sql.channel)
+                .execute(&mut *tx)
+                .await?;
+            for statement in &self.inner.sql.create {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        })
+        .await
+    }
+
+    /// Deletes expired rows now, in batches, and answers how many. The store
+    /// does this by itself every [`PostgresStoreBuilder::purge_interval`].
+    ///
+    /// # Errors
+    /// The database's.
+    pub async fn purge(&self) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let batch = self
+                .timed("purge", async {
+                    sqlx::query(&self.inner.sql.purge)
+                        .bind(i64::from(self.inner.purge_batch))
+                        .execute(&self.inner.pool)
+                        .await
+                })
+                .await?
+                .rows_affected();
+            deleted += batch;
+            if batch < u64::from(self.inner.purge_batch) {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Runs `query` within the response timeout, mapping its failure.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        query: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.response_timeout, query).await {
+            Ok(result) => result.map_err(|e| store_error(op, &e)),
+            Err(_elapsed) => Err(StoreError::new(
+                StoreErrorKind::Timeout,
+                format!(
+                    "postgres {op} took longer than {:?}",
+                    self.inner.response_timeout
+                ),
+            )),
+        }
+    }
+
+    async fn in_progress(&self, key: Key) -> Result<bool, StoreError> {
+        self.timed("watch", async {
+            sqlx::query_scalar::<_, bool>(&self.inner.sql.in_progress)
+                .bind(key.digest().as_slice())
+                .fetch_one(&self.inner.pool)
+                .await
+        })
+        .await
+    }
+
+    /// Starts the listener and the purge task on the current runtime, once.
+    fn ensure_background(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.inner.purging.swap(true, Ordering::AcqRel) {
+            let store = Arc::downgrade(&self.inner);
+            runtime.spawn(purge_forever(store, self.inner.purge_interval));
+        }
+    }
+
+    fn ensure_listener(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.inner.listening.swap(true, Ordering::AcqRel) {
+            runtime.spawn(listen::listen(
+                self.inner.pool.clone(),
+                self.inner.sql.channel.clone(),
+                Arc::downgrade(&self.inner.watchers),
+            ));
+        }
+    }
+}
+
+async fn purge_forever(store: Weak<Inner>, every: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(inner) = store.upgrade() else {
+            return;
+        };
+        let store = PostgresStore { inner };
+        if let Err(error) = store.purge().await {
+            tracing::debug!(%error, "could not purge expired idempotency records; retrying later");
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("channel", &self.inner.sql.channel)
+            .field("response_timeout", &self.inner.response_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStoreBuilder {
+    fn new(source: Source) -> Self {
+        Self {
+            source,
+            schema: DEFAULT_SCHEMA.to_owned(),
+            table: DEFAULT_TABLE.to_owned(),
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            connect_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            max_connections: 10,
+            migrate: true,
+            purge_interval: DEFAULT_PURGE_INTERVAL,
+            purge_batch: DEFAULT_PURGE_BATCH,
+        }
+    }
+
+    /// The table's schema. Default [`DEFAULT_SCHEMA`].
+    #[must_use]
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The table's name. Default [`DEFAULT_TABLE`].
+    #[must_use]
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// How long an operation may take. Default
+    /// [`DEFAULT_RESPONSE_TIMEOUT`]; leases must be at least three times as
+    /// long.
+    #[must_use]
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How long getting a connection from the pool may take (only for a
+    /// store with a pool of its own). Default one second.
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The size of the store's own pool. Default 10.
+    #[must_use]
+    pub fn max_connections(mut self, connections: u32) -> Self {
+        self.max_connections = connections.max(1);
+        self
+    }
+
+    /// Whether connecting creates the table if it is missing. Default
+    /// `true`; turn it off where the schema is managed elsewhere (the
+    /// statements are in the module docs).
+    #[must_use]
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+
+    /// How often expired rows are purged. Default
+    /// [`DEFAULT_PURGE_INTERVAL`].
+    #[must_use]
+    pub fn purge_interval(mut self, interval: Duration) -> Self {
+        self.purge_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How many rows one purge statement deletes at most. Default
+    /// [`DEFAULT_PURGE_BATCH`].
+    #[must_use]
+    pub fn purge_batch(mut self, rows: u32) -> Self {
+        self.purge_batch = rows.max(1);
+        self
+    }
+
+    /// Connects (or takes the pool), and creates the table unless told not
+    /// to.
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Config`] for a malformed URL or table name,
+    /// [`StoreErrorKind::Unavailable`] when the database cannot be reached.
+    pub async fn connect(self) -> Result<PostgresStore, StoreError> {
+        let sql = Statements::new(&self.schema, &self.table)?;
+        let pool = match self.source {
+            Source::Pool(pool) => pool,
+            Source::Url(url) => {
+                let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(|e| {
+                    StoreError::new(
+                        StoreErrorKind::Config,
+                        format!("`{}` is not a PostgreSQL URL: {e}", redact(&url)),
+                    )
+                })?;
+                PgPoolOptions::new()
+                    .max_connections(self.max_connections)
+                    .acquire_timeout(self.connect_timeout)
+                    .connect_with(options)
+                    .await
+                    .map_err(|e| store_error("connect", &e))?
+            }
+        };
+        let store = PostgresStore {
+            inner: Arc::new(Inner {
+                pool,
+                sql,
+                response_timeout: self.response_timeout,
+                purge_interval: self.purge_interval,
+                purge_batch: self.purge_batch,
+                watchers: Arc::default(),
+                listening: AtomicBool::new(false),
+                purging: AtomicBool::new(false),
+            }),
+        };
+        if self.migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+}
+
+/// A sqlx failure as a store error of the right kind.
+pub(crate) fn store_error(op: &'static str, error: &sqlx::Error) -> StoreError {
+    let kind = match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreErrorKind::Unavailable,
+        sqlx::Error::Configuration(_) => StoreErrorKind::Config,
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // Connection exceptions, shutdowns, a database starting up.
+            Some(code) if code.starts_with("08") || code.starts_with("57P") => {
+                StoreErrorKind::Unavailable
+            }
+            Some("53300") => StoreErrorKind::Unavailable,
+            Some("42P01" | "3F000") => StoreErrorKind::Config,
+            _ => StoreErrorKind::Other,
+        },
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StoreErrorKind::Corrupt,
+        _ => StoreErrorKind::Other,
+    };
+    let message = match kind {
+        StoreErrorKind::Config if matches!(error, sqlx::Error::Database(_)) => format!(
+            "postgres {op}: the idempotency table or schema is missing; connect with \
+             migrate(true) or run PostgresStore::migrate"
+        ),
+        _ => format!("postgres {op} failed"),
+    };
+    StoreError::new(kind, message).with_source(SqlxError(error.to_string()))
+}
+
+/// A sqlx error, as text: sqlx errors are not `Clone`.
+#[derive(Debug)]
+struct SqlxError(String);
+
+impl std::fmt::Display for SqlxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SqlxError {}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+fn token_bytes(token: Token) -> [u8; 16] {
+    token.as_u128().to_be_bytes()
+}
+
+/// Reads the row of a claim-or-read statement.
+fn begin_answer(
+    row: &PgRow,
+    fingerprint: Fingerprint,
+    lease: Duration,
+) -> Result<Begin, StoreError> {
+    let corrupt = |e: sqlx::Error| store_error("begin", &e);
+    if row.try_get::<bool, _>("claimed").map_err(corrupt)? {
+        return Ok(Begin::Claimed);
+    }
+    let held: Vec<u8> = row.try_get("fingerprint").map_err(corrupt)?;
+    if held != fingerprint.digest() {
+        return Ok(Begin::Mismatch);
+    }
+    if let Some(record) = row
+        .try_get::<Option<Vec<u8>>, _>("record")
+        .map_err(corrupt)?
+    {
+        return Ok(Begin::Completed(Record::decode(record)?));
+    }
+    let left: i64 = row
+        .try_get::<Option<i64>, _>("left_ms")
+        .map_err(corrupt)?
+        .unwrap_or(1);
+    Ok(Begin::InProgress {
+        retry_after: Duration::from_millis(u64::try_from(left).unwrap_or(1))
+            .clamp(Duration::from_millis(1), lease),
+    })
+}
+
+#[diagnostic::do_not_recommend]
+impl Store for PostgresStore {
+    fn begin(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, Begin> {
+        self.ensure_background();
+        Box::pin(async move {
+            // No row: a concurrent writer came between the statement's read
+            // and its insert. Asking again sees what it wrote.
+            for _ in 0..3 {
+                let row = self
+                    .timed("begin", async {
+                        sqlx::query::<Postgres>(&self.inner.sql.begin)
+                            .bind(key.digest().as_slice())
+                            .bind(fingerprint.digest().as_slice())
+                            .bind(token_bytes(token).as_slice())
+                            .bind(millis(lease))
+                            .fetch_optional(&self.inner.pool)
+                            .await
+                    })
+                    .await?;
+                if let Some(row) = row {
+                    return begin_answer(&row, fingerprint, lease);
+                }
+            }
+            Ok(Begin::InProgress {
+                retry_after: Duration::from_millis(10),
+            })
+        })
+    }
+
+    fn complete(
+        &self,
+        key: Key,
+        token: Token,
+        record: Record,
+        ttl: Duration,
+    ) -> StoreFuture<'_, Completion> {
+        Box::pin(async move {
+            let stored = self
+                .timed("complete", async {
+                    sqlx::query_scalar::<_, bool>(&self.inner.sql.complete)
+                        .bind(key.digest().as_slice())
+                        .bind(token_bytes(token).as_slice())
+                        .bind(record.encode().as_ref())
+                        .bind(millis(ttl))
+                        .bind(&self.inner.sql.channel)
+                        .fetch_one(&self.inner.pool)
+                        .await
+                })
+                .await?;
+            Ok(if stored {
+                Completion::Stored
+            } else {
+                Completion::Lost
+            })
+        })
+    }
+
+    fn release(&self, key: Key, token: Token) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.timed("release", async {
+                sqlx::query_scalar::<_, i64>(&self.inner.sql.release)
+                    .bind(key.digest().as_slice())
+                    .bind(token_bytes(token).as_slice())
+                    .bind(&self.inner.sql.channel)
+                    .fetch_one(&self.inner.pool)
+                    .await
+            })
+            .await
+            .map(drop)
+        })
+    }
+
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let renewed = self
+                .timed("renew", async {
+                    sqlx::query(&self.inner.sql.renew)
+                        .bind(key.digest().as_slice())
+                        .bind(token_bytes(token).as_slice())
+                        .bind(millis(lease))
+                        .execute(&self.inner.pool)
+                        .await
+                })
+                .await?;
+            Ok(renewed.rows_affected() == 1)
+        })
+    }
+
+    fn watch(&self, key: Key) -> Option<Watch> {
+        self.ensure_listener();
+        let notify = self.inner.watchers.register(key);
+        let mut woken = Box::pin(notify.notified_owned());
+        // Registered before the check below: a change after it is notified,
+        // a change before it is seen by the check.
+        woken.as_mut().enable();
+        let store = self.clone();
+        Some(Box::pin(async move {
+            if let Ok(false) = store.in_progress(key).await {
+                return;
+            }
+            woken.await;
+        }))
+    }
+
+    fn limits(&self) -> Limits {
+        Limits::with_response_timeout(self.inner.response_timeout)
+    }
+}

@@ -1,0 +1,196 @@
+//! The table and the statements of the PostgreSQL store, written once per
+//! store from its (validated, quoted) schema and table names.
+//!
+//! ```sql
+//! CREATE TABLE idempotency_keys (
+//!     key         bytea PRIMARY KEY,      -- the SHA-256 of name, scope and key value
+//!     fingerprint bytea NOT NULL,         -- the SHA-256 of the arguments
+//!     token       bytea NOT NULL,         -- the claim's holder, then its completer
+//!     record      bytea,                  -- NULL while in progress; the encoded Record once done
+//!     stored_at   timestamptz,            -- when the record was stored
+//!     expires_at  timestamptz NOT NULL    -- the lease's end, then the TTL's end
+//! );
+//! CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
+//! ```
+//!
+//! The primary key serves every operation; the index on `expires_at` serves
+//! the purge of expired rows. Every time is the database's own (`now()`),
+//! never a client's.
+
+use crate::error::{StoreError, StoreErrorKind};
+
+/// The statements of one store.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub(crate) create: Vec<String>,
+    pub(crate) begin: String,
+    pub(crate) complete: String,
+    pub(crate) release: String,
+    pub(crate) renew: String,
+    pub(crate) in_progress: String,
+    /// A live completed record, read without a transaction.
+    pub(crate) read: String,
+    pub(crate) purge: String,
+    /// The LISTEN/NOTIFY channel.
+    pub(crate) channel: String,
+    /// `BEGIN`'s claim inside a caller's transaction.
+    pub(crate) claim_in_transaction: String,
+    pub(crate) complete_in_transaction: String,
+}
+
+/// `name` as a quoted SQL identifier, if it is one PostgreSQL accepts.
+pub(crate) fn identifier(what: &str, name: &str) -> Result<String, StoreError> {
+    if name.is_empty() || name.len() > 63 || name.contains('\0') {
+        return Err(StoreError::new(
+            StoreErrorKind::Config,
+            format!("`{name}` is not a PostgreSQL {what} name: 1 to 63 bytes, no NUL"),
+        ));
+    }
+    Ok(format!("\"{}\"", name.replace('"', "\"\"")))
+}
+
+impl Statements {
+    pub(crate) fn new(schema: &str, table: &str) -> Result<Self, StoreError> {
+        let (schema_q, table_q) = (identifier("schema", schema)?, identifier("table", table)?);
+        let index = identifier("index", &format!("{table}_expires_at"))?;
+        let t = format!("{schema_q}.{table_q}");
+        let ms = "* interval '1 millisecond'";
+        Ok(Self {
+            create: vec![
+                format!("CREATE SCHEMA IF NOT EXISTS {schema_q}"),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (
+                        key bytea PRIMARY KEY,
+                        fingerprint bytea NOT NULL,
+                        token bytea NOT NULL,
+                        record bytea,
+                        stored_at timestamptz,
+                        expires_at timestamptz NOT NULL
+                    )"
+                ),
+                format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
+            ],
+            // Claim-or-read in one statement. A live record or another's
+            // live claim is only read (a replay takes no lock and writes
+            // nothing); an absent or expired key is claimed, or re-claimed by
+            // its own holder. No row at all means a concurrent writer came
+            // between the read and the insert: the caller asks again.
+            begin: format!(
+                "WITH current AS (
+                    SELECT fingerprint, token, record, expires_at FROM {t} WHERE key = $1
+                ), claimed AS (
+                    INSERT INTO {t} AS r (key, fingerprint, token, record, stored_at, expires_at)
+                    SELECT $1, $2, $3, NULL, NULL, now() + $4::bigint {ms}
+                    WHERE NOT EXISTS (
+                        SELECT 1 FROM current c WHERE c.expires_at > now()
+                        AND NOT (c.record IS NULL AND c.token = $3 AND c.fingerprint = $2)
+                    )
+                    ON CONFLICT (key) DO UPDATE SET
+                        fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+                        record = NULL, stored_at = NULL, expires_at = EXCLUDED.expires_at
+                    WHERE r.expires_at <= now()
+                        OR (r.record IS NULL AND r.token = EXCLUDED.token
+                            AND r.fingerprint = EXCLUDED.fingerprint)
+                    RETURNING 1
+                )
+                SELECT true AS claimed, NULL::bytea AS fingerprint, NULL::bytea AS record,
+                       NULL::bigint AS left_ms
+                FROM claimed
+                UNION ALL
+                SELECT false, c.fingerprint, c.record,
+                       ceil(extract(epoch FROM c.expires_at - now()) * 1000)::bigint
+                FROM current c
+                WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()"
+            ),
+            // Stored now, or stored earlier by this token: both are `Stored`.
+            complete: format!(
+                "WITH done AS (
+                    UPDATE {t} SET record = $3, stored_at = now(), expires_at = now() + $4::bigint {ms}
+                    WHERE key = $1 AND token = $2 AND record IS NULL AND expires_at > now()
+                    RETURNING key
+                ), woken AS (
+                    SELECT pg_notify($5, encode(key, 'hex')) FROM done
+                )
+                SELECT (SELECT count(*) FROM woken) > 0 OR EXISTS (
+                    SELECT 1 FROM {t} WHERE key = $1 AND token = $2 AND record IS NOT NULL
+                    AND expires_at > now()
+                )"
+            ),
+            release: format!(
+                "WITH gone AS (
+                    DELETE FROM {t} WHERE key = $1 AND token = $2 AND record IS NULL
+                    RETURNING key
+                )
+                SELECT count(*) FROM (SELECT pg_notify($3, encode(key, 'hex')) FROM gone) woken"
+            ),
+            renew: format!(
+                "UPDATE {t} SET expires_at = now() + $3::bigint {ms}
+                WHERE key = $1 AND token = $2 AND record IS NULL AND expires_at > now()"
+            ),
+            in_progress: format!(
+                "SELECT EXISTS (
+                    SELECT 1 FROM {t} WHERE key = $1 AND record IS NULL AND expires_at > now()
+                )"
+            ),
+            read: format!(
+                "SELECT fingerprint, record FROM {t} WHERE key = $1 AND record IS NOT NULL \
+                 AND expires_at > now()"
+            ),
+            purge: format!(
+                "DELETE FROM {t} WHERE key IN (
+                    SELECT key FROM {t} WHERE expires_at < now()
+                    ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
+                )"
+            ),
+            channel: format!("idem:{schema}.{table}"),
+            // Inside the caller's transaction, under the key's advisory
+            // lock: claim an absent or expired key, or read what is there.
+            claim_in_transaction: format!(
+                "WITH current AS (
+                    SELECT fingerprint, record, expires_at FROM {t} WHERE key = $1
+                ), claimed AS (
+                    INSERT INTO {t} AS r (key, fingerprint, token, record, stored_at, expires_at)
+                    SELECT $1, $2, $3, NULL, NULL, now() + $4::bigint {ms}
+                    WHERE NOT EXISTS (SELECT 1 FROM current c WHERE c.expires_at > now())
+                    ON CONFLICT (key) DO UPDATE SET
+                        fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+                        record = NULL, stored_at = NULL, expires_at = EXCLUDED.expires_at
+                    WHERE r.expires_at <= now()
+                    RETURNING 1
+                )
+                SELECT true AS claimed, NULL::bytea AS fingerprint, NULL::bytea AS record,
+                       NULL::bigint AS left_ms
+                FROM claimed
+                UNION ALL
+                SELECT false, c.fingerprint, c.record,
+                       ceil(extract(epoch FROM c.expires_at - now()) * 1000)::bigint
+                FROM current c
+                WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()"
+            ),
+            complete_in_transaction: format!(
+                "UPDATE {t} SET record = $3, stored_at = now(), expires_at = now() + $4::bigint {ms}
+                WHERE key = $1 AND token = $2"
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_quoted_and_checked() {
+        assert_eq!(identifier("table", "keys").unwrap(), "\"keys\"");
+        assert_eq!(identifier("table", "we\"ird").unwrap(), "\"we\"\"ird\"");
+        for bad in ["", &"x".repeat(64), "nul\0"] {
+            assert_eq!(
+                identifier("table", bad).unwrap_err().kind(),
+                StoreErrorKind::Config
+            );
+        }
+        let statements = Statements::new("idem", "keys").unwrap();
+        assert!(statements.begin.contains("\"idem\".\"keys\""));
+        assert_eq!(statements.channel, "idem:idem.keys");
+    }
+}

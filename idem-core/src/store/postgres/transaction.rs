@@ -1,0 +1,381 @@
+//! Transactional mode: the claim, the body's own writes and the stored
+//! result commit in one transaction, or none of them does.
+//!
+//! ```no_run
+//! use idem_core::{Fingerprint, Key, PostgresStore, Settings};
+//!
+//! # async fn demo(store: PostgresStore) -> Result<(), idem_core::Error> {
+//! let (key, fingerprint) = (Key::new("charges.create", &"order-17")?, Fingerprint::of(&1000)?);
+//! let charge_id: i64 = store
+//!     .run_in_transaction(&Settings::default(), key, fingerprint, |tx| {
+//!         Box::pin(async move {
+//!             let id: i64 = sqlx::query_scalar("INSERT INTO charges (amount) VALUES (1000) RETURNING id")
+//!                 .fetch_one(&mut *tx)
+//!                 .await
+//!                 .map_err(|e| idem_core::Error::Store(
+//!                     idem_core::store::StoreError::new(idem_core::store::StoreErrorKind::Other, e.to_string()),
+//!                 ))?;
+//!             Ok::<_, idem_core::Error>(id)
+//!         })
+//!     })
+//!     .await?;
+//! # let _ = charge_id;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What it promises
+//!
+//! - **A crash leaves nothing.** If the process dies or its connection is
+//!   cut mid-body, PostgreSQL rolls the transaction back: neither the body's
+//!   writes nor the claim remain, and a retry runs cleanly. No lease is
+//!   involved.
+//! - **Concurrent duplicates** take the key's advisory lock
+//!   (`pg_advisory_xact_lock` on 64 bits of the key's digest), held until the
+//!   holder commits or rolls back. With `on_conflict = wait` they block on it
+//!   (at most `wait_timeout`, through `lock_timeout`), then replay the
+//!   committed result; with `reject` they try the lock
+//!   (`pg_try_advisory_xact_lock`) and get `InProgress` at once, without
+//!   blocking and without aborting their transaction, which is why an
+//!   advisory lock is used rather than `NOWAIT` on the row. The advisory lock
+//!   space is shared with the application's own advisory locks; keys are
+//!   64-bit digests, so a collision with them is unlikely but possible.
+//! - **A body `Err`** rolls the body's writes back with the claim, so a retry
+//!   runs again; with `cache_errors`, the writes are rolled back to a
+//!   savepoint taken before the body and the error is stored and committed,
+//!   so a retry replays it.
+//! - **A reused key with other arguments** gets `KeyReused`.
+//!
+//! # Isolation and serialization failures
+//!
+//! The transaction runs at the database's default isolation level, usually
+//! `READ COMMITTED`; the body may raise it (`SET TRANSACTION ISOLATION LEVEL
+//! …` as its first statement). A serialization failure or deadlock, in the
+//! body or at commit, rolls everything back: the call returns the error (an
+//! `Error::Store` when it happens at commit), nothing was recorded, and a
+//! retry runs the body again. A connection lost during `COMMIT` leaves the
+//! outcome unknown to the caller, who gets `Error::Store`; the database knows,
+//! and the retry replays or runs accordingly.
+//!
+//! Claims made by the store protocol ([`PostgresStore`]'s [`Store`]
+//! operations) and transactional calls share the table; use one mode per
+//! operation name.
+//!
+//! [`Store`]: crate::store::Store
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::postgres::PgConnection;
+use sqlx::{Postgres, Transaction};
+
+use super::{PostgresStore, begin_answer, millis, store_error, token_bytes};
+use crate::codec::{ResultCodec, Serde, SerdeCaching};
+use crate::engine::to_record;
+use crate::error::{Error, StoreError, StoreErrorKind};
+use crate::key::{Fingerprint, Key};
+use crate::settings::{OnConflict, Settings};
+use crate::store::{Begin, Outcome, Record, Token};
+
+/// The future a transactional body returns: it borrows the transaction's
+/// connection.
+pub type TxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
+
+/// How a transactional call opened.
+#[doc(hidden)]
+pub enum Opened<T, E> {
+    /// The call is decided without running the body: a replay, or idem's
+    /// refusal.
+    Done(Result<T, E>),
+    /// The key is claimed in a new transaction; run the body on
+    /// [`Claim::connection`], then [`Claim::finish`].
+    Claimed(Claim),
+}
+
+/// A key claimed inside an open transaction. Dropping it rolls the
+/// transaction back, claim included.
+#[doc(hidden)]
+pub struct Claim {
+    tx: Transaction<'static, Postgres>,
+    store: PostgresStore,
+    key: Key,
+    token: Token,
+    ttl: Duration,
+    savepoint: bool,
+}
+
+impl Claim {
+    /// The transaction's connection, for the body's own statements.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+}
+
+impl PostgresStore {
+    /// Runs `body` in a new transaction that also holds the claim on `key`
+    /// and, at commit, the body's `Ok` result; replays the result of a
+    /// committed call; rolls back on an `Err`. See the [module
+    /// docs](self) for what it promises.
+    ///
+    /// # Errors
+    /// The body's own error, or one converted from [`Error`]: `InProgress`
+    /// when the key stays locked past the wait (or at once with
+    /// [`OnConflict::Reject`]), `KeyReused`, `Store` when the database fails
+    /// (the body then did not run, or its writes were rolled back).
+    pub async fn run_in_transaction<T, E, F>(
+        &self,
+        settings: &Settings,
+        key: Key,
+        fingerprint: Fingerprint,
+        body: F,
+    ) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection) -> TxFuture<'c, Result<T, E>>,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+    {
+        self.transactional(settings, key, fingerprint, body, Serde, false)
+            .await
+    }
+
+    /// Like [`run_in_transaction`](Self::run_in_transaction), but an `Err`
+    /// that `cache` accepts is stored (the body's writes rolled back to a
+    /// savepoint) and replayed like an `Ok`.
+    ///
+    /// # Errors
+    /// As [`run_in_transaction`](Self::run_in_transaction), plus replayed
+    /// errors.
+    pub async fn run_in_transaction_caching_errors<T, E, F, P>(
+        &self,
+        settings: &Settings,
+        key: Key,
+        fingerprint: Fingerprint,
+        cache: P,
+        body: F,
+    ) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection) -> TxFuture<'c, Result<T, E>>,
+        T: Serialize + DeserializeOwned,
+        E: From<Error> + Serialize + DeserializeOwned,
+        P: FnOnce(&E) -> bool,
+    {
+        self.transactional(
+            settings,
+            key,
+            fingerprint,
+            body,
+            SerdeCaching::new(cache),
+            true,
+        )
+        .await
+    }
+
+    pub(crate) async fn transactional<T, E, F, C>(
+        &self,
+        settings: &Settings,
+        key: Key,
+        fingerprint: Fingerprint,
+        body: F,
+        codec: C,
+        caching: bool,
+    ) -> Result<T, E>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection) -> TxFuture<'c, Result<T, E>>,
+        C: ResultCodec<T, E>,
+    {
+        match self.open(settings, key, fingerprint, &codec, caching).await {
+            Opened::Done(result) => result,
+            Opened::Claimed(mut claim) => {
+                let result = body(claim.connection()).await;
+                claim.finish(result, codec).await
+            }
+        }
+    }
+
+    /// Opens a transactional call: replays a committed call, refuses, or
+    /// claims the key in a new transaction.
+    pub(crate) async fn open<T, E, C: ResultCodec<T, E>>(
+        &self,
+        settings: &Settings,
+        key: Key,
+        fingerprint: Fingerprint,
+        codec: &C,
+        savepoint: bool,
+    ) -> Opened<T, E> {
+        match self.claim(settings, key, fingerprint, savepoint).await {
+            Ok(Ok(claim)) => Opened::Claimed(claim),
+            Ok(Err(record)) => Opened::Done(crate::engine::replay(&record, codec)),
+            Err(error) => Opened::Done(Err(codec.idem_error(error))),
+        }
+    }
+
+    /// The claim, or the committed record to replay.
+    async fn claim(
+        &self,
+        settings: &Settings,
+        key: Key,
+        fingerprint: Fingerprint,
+        savepoint: bool,
+    ) -> Result<Result<Claim, Record>, Error> {
+        // A committed call is replayed without a transaction: one statement.
+        if let Some(done) = self.read_committed(key, fingerprint).await? {
+            return Ok(Err(done));
+        }
+        let mut tx = self.timed("begin", self.inner.pool.begin()).await?;
+        let lock_id = i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8]));
+        let locked = match settings.on_conflict() {
+            OnConflict::Reject => {
+                self.timed("lock", async {
+                    sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_xact_lock($1)")
+                        .bind(lock_id)
+                        .fetch_one(&mut *tx)
+                        .await
+                })
+                .await?
+            }
+            _ => {
+                let wait = settings.wait_timeout();
+                let locking = async {
+                    sqlx::query(
+                        "SELECT set_config('lock_timeout', $2, true), pg_advisory_xact_lock($1)",
+                    )
+                    .bind(lock_id)
+                    .bind(format!("{}ms", millis(wait)))
+                    .execute(&mut *tx)
+                    .await
+                };
+                // The lock's own timeout, plus the statement's.
+                match tokio::time::timeout(wait + self.inner.response_timeout, locking).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(error)) if lock_timed_out(&error) => false,
+                    Ok(Err(error)) => return Err(Error::Store(store_error("lock", &error))),
+                    Err(_elapsed) => false,
+                }
+            }
+        };
+        if !locked {
+            return Err(Error::InProgress {
+                retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
+            });
+        }
+        let token = Token::random();
+        let row = self
+            .timed("claim", async {
+                sqlx::query(&self.inner.sql.claim_in_transaction)
+                    .bind(key.digest().as_slice())
+                    .bind(fingerprint.digest().as_slice())
+                    .bind(token_bytes(token).as_slice())
+                    .bind(millis(settings.lease()))
+                    .fetch_optional(&mut *tx)
+                    .await
+            })
+            .await?;
+        let row = row.ok_or_else(|| {
+            Error::Store(StoreError::new(
+                StoreErrorKind::Other,
+                "postgres claim: the key changed under its advisory lock",
+            ))
+        })?;
+        match begin_answer(&row, fingerprint, settings.lease())? {
+            Begin::Claimed => {}
+            Begin::Completed(record) => return Ok(Err(record)),
+            Begin::Mismatch => return Err(Error::KeyReused),
+            Begin::InProgress { retry_after } => return Err(Error::InProgress { retry_after }),
+        }
+        if savepoint {
+            self.timed("savepoint", async {
+                sqlx::query("SAVEPOINT idem_body").execute(&mut *tx).await
+            })
+            .await?;
+        }
+        Ok(Ok(Claim {
+            tx,
+            store: self.clone(),
+            key,
+            token,
+            ttl: settings.ttl(),
+            savepoint,
+        }))
+    }
+
+    /// A live, committed record of `key`, if there is one: read without a
+    /// transaction. A reused key is refused here too.
+    async fn read_committed(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+    ) -> Result<Option<Record>, Error> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .timed("read", async {
+                sqlx::query_as(&self.inner.sql.read)
+                    .bind(key.digest().as_slice())
+                    .fetch_optional(&self.inner.pool)
+                    .await
+            })
+            .await?;
+        match row {
+            None => Ok(None),
+            Some((held, _)) if held != fingerprint.digest() => Err(Error::KeyReused),
+            Some((_, record)) => Ok(Some(Record::decode(record)?)),
+        }
+    }
+}
+
+impl Claim {
+    /// Records the body's `result` and commits, or rolls back: an `Ok` (or
+    /// a cached `Err`) is stored and committed with the body's writes; an
+    /// `Err` that is not cached rolls everything back. Answers the result,
+    /// or the store's error when the commit failed: the body's writes were
+    /// then rolled back with the record, so the result must not be taken as
+    /// done.
+    pub(crate) async fn finish<T, E, C: ResultCodec<T, E>>(
+        self,
+        result: Result<T, E>,
+        mut codec: C,
+    ) -> Result<T, E> {
+        let key = self.key;
+        let Some(record) = to_record(key, &result, &mut codec) else {
+            if let Err(error) = self.tx.rollback().await {
+                tracing::debug!(%key, %error, "rolling back a failed idempotent call failed; the database rolls it back itself");
+            }
+            return result;
+        };
+        match self.commit(&record).await {
+            Ok(()) => result,
+            Err(error) => Err(codec.idem_error(Error::Store(error))),
+        }
+    }
+
+    async fn commit(mut self, record: &Record) -> Result<(), StoreError> {
+        let store = self.store;
+        if self.savepoint && record.outcome() == Outcome::Err {
+            store
+                .timed("rollback to savepoint", async {
+                    sqlx::query("ROLLBACK TO SAVEPOINT idem_body")
+                        .execute(&mut *self.tx)
+                        .await
+                })
+                .await?;
+        }
+        store
+            .timed("complete", async {
+                sqlx::query(&store.inner.sql.complete_in_transaction)
+                    .bind(self.key.digest().as_slice())
+                    .bind(token_bytes(self.token).as_slice())
+                    .bind(record.encode().as_ref())
+                    .bind(millis(self.ttl))
+                    .execute(&mut *self.tx)
+                    .await
+            })
+            .await?;
+        store.timed("commit", self.tx.commit()).await
+    }
+}
+
+/// Whether a statement failed on `lock_timeout`.
+fn lock_timed_out(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
