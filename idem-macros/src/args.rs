@@ -26,6 +26,7 @@ pub(crate) struct Args {
     pub(crate) fingerprint: Option<Arg<bool>>,
     pub(crate) name: Option<Arg<LitStr>>,
     pub(crate) store: Option<Arg<Expr>>,
+    pub(crate) transaction: Option<Arg<Ident>>,
     pub(crate) krate: Option<Arg<Path>>,
 }
 
@@ -224,6 +225,17 @@ pub(crate) const ARGUMENTS: &[Spec] = &[
         form: Form::Value,
         parse: |args, name, input| set(&mut args.store, name, input.parse()?),
         hints: &["backend", "cache", "handle"],
+    },
+    Spec {
+        name: "transaction",
+        form: Form::Value,
+        parse: |args, name, input| {
+            let hint = "`transaction` names the parameter that gets the transaction, e.g. \
+                        `transaction = tx` with a parameter `tx: &mut sqlx::PgConnection`";
+            let value: Ident = input.parse().map_err(|e| syn::Error::new(e.span(), hint))?;
+            set(&mut args.transaction, name, value)
+        },
+        hints: &["tx", "txn", "transactional", "in_transaction"],
     },
     Spec {
         name: "crate",

@@ -40,6 +40,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     let Checked {
         shape,
         fingerprinted,
+        transaction,
     } = checked;
     let krate: Path = args
         .krate
@@ -56,10 +57,16 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     let from_idem = hidden("__idem_from");
     let shape_of = hidden("__idem_shape");
 
+    // The handle, or with `transaction = tx` the PostgreSQL store.
     let handle_expr = match &args.store {
         Some(store) => {
             let expr = &store.value;
-            let path = respan(quote!(#krate::AsIdempotency::as_idempotency), expr.span());
+            let path = if transaction.is_some() {
+                quote!(#krate::requirements::TransactionalStore::postgres)
+            } else {
+                quote!(#krate::AsIdempotency::as_idempotency)
+            };
+            let path = respan(path, expr.span());
             let arg = by_reference(expr);
             quote_spanned!(expr.span()=> #path(#arg))
         }
@@ -138,19 +145,17 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     let ok_check = quote_spanned!(ok.span()=> <#ok as #krate::requirements::StoredValue>::codec());
     let err_check =
         quote_spanned!(err.span()=> <#err as #krate::requirements::FromIdemError>::converter());
-    let run = match args.cache_errors.as_ref().map(|c| &c.value) {
-        None | Some(CacheErrors::None) => quote! {
-            #krate::__private::run(
-                #handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #body,
-            ).await
-        },
-        Some(predicate) => {
+    // With `cache_errors`: the error's codec and the predicate, each
+    // checked at the user's token.
+    let cached = hidden("__idem_cached");
+    let caches = hidden("__idem_caches");
+    let caching = args.cache_errors.as_ref().and_then(|c| match &c.value {
+        CacheErrors::None => None,
+        predicate => {
             let predicate = match predicate {
                 CacheErrors::Predicate(path) => path.to_token_stream(),
                 _ => quote!(#krate::__private::cache_all),
             };
-            let cached = hidden("__idem_cached");
-            let caches = hidden("__idem_caches");
             let error = hidden("__idem_error");
             let cached_check =
                 quote_spanned!(err.span()=> <#err as #krate::requirements::CachedError>::codec());
@@ -159,15 +164,66 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             let predicate_check = quote_spanned! {span=>
                 move |#error: &#err| #caches_path::<#err>::caches(&#predicate, #error)
             };
-            quote! {
+            Some(quote! {
                 #allow
                 let #cached = #cached_check;
                 #allow
                 let #caches = #predicate_check;
-                #krate::__private::run_caching_errors(
-                    #handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #cached,
-                    #caches, #body,
-                ).await
+            })
+        }
+    });
+    let run = match (transaction, &caching) {
+        (None, None) => quote! {
+            #allow
+            let #body = async { #user_body };
+            #krate::__private::run(
+                #handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #body,
+            ).await
+        },
+        (None, Some(caching)) => quote! {
+            #caching
+            #allow
+            let #body = async { #user_body };
+            #krate::__private::run_caching_errors(
+                #handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #cached,
+                #caches, #body,
+            ).await
+        },
+        (Some(index), _) => {
+            let codec = hidden("__idem_codec");
+            let claim = hidden("__idem_claim");
+            let done = hidden("__idem_done");
+            let result = hidden("__idem_result");
+            let cache = match &caching {
+                Some(_) => quote!(::core::option::Option::Some((#cached, #caches))),
+                None => quote!(::core::option::Option::<(_, fn(&_) -> bool)>::None),
+            };
+            let syn::FnArg::Typed(tx) = &func.sig.inputs[index] else {
+                unreachable!("validated: a typed parameter")
+            };
+            let (tx_pat, tx_ty) = (&tx.pat, &tx.ty);
+            quote! {
+                #caching
+                #allow
+                let #codec = #krate::__private::codec(#ok_codec, #from_idem, #cache);
+                match #krate::__private::transaction_open(#handle, #settings, #prepared, &#codec).await {
+                    #krate::__private::Opened::Done(#done) => (#shape_of.from_result)(#done),
+                    #krate::__private::Opened::Claimed(mut #claim) => {
+                        #allow
+                        let #result = {
+                            let #tx_pat: #tx_ty = #claim.connection();
+                            async { #user_body }.await
+                        };
+                        (#shape_of.from_result)(
+                            #krate::__private::transaction_finish(
+                                #claim,
+                                (#shape_of.into_result)(#result),
+                                #codec,
+                            )
+                            .await,
+                        )
+                    }
+                }
             }
         }
     };
@@ -191,8 +247,6 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         let #ok_codec = #ok_check;
         #allow
         let #from_idem = #err_check;
-        #allow
-        let #body = async { #user_body };
         #run
     };
 
@@ -201,7 +255,17 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         .iter()
         .partition(|attr| matches!(attr.style, syn::AttrStyle::Inner(_)));
     let vis = &func.vis;
-    let sig = &func.sig;
+    // With `transaction = tx`, idem provides `tx`: it leaves the signature.
+    let mut sig = func.sig.clone();
+    if let Some(index) = transaction {
+        sig.inputs = sig
+            .inputs
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(_, input)| input)
+            .collect();
+    }
     let statements = match shape {
         Shape::Async { .. } => statements,
         Shape::AsyncTrait { .. } => {
@@ -325,6 +389,8 @@ fn by_reference(expr: &Expr) -> TokenStream {
             let elems = tuple.elems.iter().map(by_reference);
             quote_spanned!(expr.span()=> &(#(#elems,)*))
         }
+        // Already a reference: taking another would borrow a temporary.
+        Expr::Reference(reference) if reference.mutability.is_none() => expr.to_token_stream(),
         Expr::Path(_)
         | Expr::Field(_)
         | Expr::MethodCall(_)

@@ -17,6 +17,8 @@ pub(crate) struct Checked {
     /// The parameters that take part in the fingerprint, with their skipped
     /// bindings removed.
     pub(crate) fingerprinted: Vec<Param>,
+    /// With `transaction = tx`: where the parameter is in the signature.
+    pub(crate) transaction: Option<usize>,
 }
 
 /// Checks `args` against `func`.
@@ -33,10 +35,17 @@ pub(crate) fn validate(args: &Args, func: &ItemFn) -> syn::Result<Checked> {
     }
     errors.keep(durations(args));
     errors.keep(store(args));
+    let transaction = errors.keep(transaction(args, func, shape.as_ref()));
     errors.finish()?;
+    let transaction = transaction.flatten();
+    let mut fingerprinted = fingerprinted.expect("no errors, so parameters");
+    if let Some(tx) = &args.transaction {
+        fingerprinted.retain(|param| !param.bindings.contains(&tx.value));
+    }
     Ok(Checked {
         shape: shape.expect("no errors, so a shape"),
-        fingerprinted: fingerprinted.expect("no errors, so parameters"),
+        fingerprinted,
+        transaction,
     })
 }
 
@@ -397,6 +406,61 @@ fn durations(args: &Args) -> syn::Result<()> {
             ),
         )),
         None => Ok(()),
+    }
+}
+
+/// `transaction = tx` names a `&mut` parameter of a plain `async fn`, and
+/// needs a store to open the transaction on. Answers the parameter's index.
+fn transaction(args: &Args, func: &ItemFn, shape: Option<&Shape>) -> syn::Result<Option<usize>> {
+    let Some(tx) = &args.transaction else {
+        return Ok(None);
+    };
+    let name = &tx.value;
+    let example = format!("`{name}: &mut sqlx::PgConnection`");
+    if args.store.is_none() {
+        return Err(syn::Error::new(
+            tx.span,
+            format!(
+                "`transaction = {name}` opens the transaction on a `PostgresStore`: name it with \
+                 `store = …`, e.g. `store = self.pg`"
+            ),
+        ));
+    }
+    if let Some(Shape::AsyncTrait { .. }) = shape {
+        return Err(syn::Error::new(
+            tx.span,
+            "`transaction = …` takes its parameter out of the signature, which a trait method \
+             cannot do; call an inherent `async fn` with `transaction = …` from the trait method",
+        ));
+    }
+    let found = func
+        .sig
+        .inputs
+        .iter()
+        .enumerate()
+        .find_map(|(index, input)| match input {
+            syn::FnArg::Typed(typed) => match &*typed.pat {
+                syn::Pat::Ident(ident) if ident.ident == *name => Some((index, typed)),
+                _ => None,
+            },
+            syn::FnArg::Receiver(_) => None,
+        });
+    let Some((index, typed)) = found else {
+        return Err(syn::Error::new(
+            name.span(),
+            format!(
+                "`transaction = {name}` names no parameter of `{}`; add the parameter that gets \
+                 the transaction: {example}",
+                func.sig.ident
+            ),
+        ));
+    };
+    match &*typed.ty {
+        Type::Reference(reference) if reference.mutability.is_some() => Ok(Some(index)),
+        other => Err(syn::Error::new_spanned(
+            other,
+            format!("the transaction parameter is a mutable connection: {example}"),
+        )),
     }
 }
 
