@@ -57,14 +57,21 @@
 //!
 //! # Real servers
 //!
-//! With the `redis` feature, [`redis_server`] starts `redis-server`
-//! processes (single nodes and a six-node cluster) on free loopback ports,
-//! each watched so that it dies with the test process.
+//! With the `redis` feature, `redis_server` starts `redis-server` processes
+//! (single nodes and a six-node cluster) on free loopback ports; with
+//! `postgres`, `postgres_server` runs `initdb` and a `postgres` server in a
+//! temporary directory. Each server is watched so that it dies with the test
+//! process.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod conformance;
 pub mod faults;
+pub mod process;
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres_server;
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

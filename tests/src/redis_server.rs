@@ -18,6 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::process::watch;
+
 /// The oldest Redis the store works with.
 pub const MIN_VERSION: (u32, u32) = (7, 0);
 
@@ -251,25 +253,6 @@ fn ping(port: u16) -> bool {
     let mut buf = [0u8; 16];
     // A server that wants a password answers too, with an error.
     matches!(stream.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
-}
-
-/// Kills `pid` when this test process exits, however it exits: a watchdog
-/// for any server a harness starts.
-pub fn watch(pid: u32) {
-    let parent = std::process::id();
-    let script = format!(
-        "while kill -0 {parent} 2>/dev/null && kill -0 {pid} 2>/dev/null; do sleep 0.3; done; \
-         kill -9 {pid} 2>/dev/null"
-    );
-    let mut watchdog = Command::new("sh")
-        .args(["-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn the server's watchdog");
-    // Reaped when it ends, so it leaves no zombie behind.
-    std::thread::spawn(move || watchdog.wait());
 }
 
 impl RedisCluster {

@@ -8,3 +8,12 @@ fn ui() {
     cases.pass("ui/pass/*.rs");
     cases.compile_fail("ui/fail/*.rs");
 }
+
+/// `transaction = tx` (feature `postgres`).
+#[cfg(feature = "postgres")]
+#[test]
+fn ui_postgres() {
+    let cases = trybuild::TestCases::new();
+    cases.pass("ui/postgres/pass/*.rs");
+    cases.compile_fail("ui/postgres/fail/*.rs");
+}

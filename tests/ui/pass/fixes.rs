@@ -186,6 +186,12 @@ impl Payments {
     async fn charge(&self, id: u64) -> Result<u64, Error> {
         Ok(id)
     }
+
+    // An explicit reference is taken as it is.
+    #[idempotent(key = id, store = &self.idem)]
+    async fn refund(&self, id: u64) -> Result<u64, Error> {
+        Ok(id)
+    }
 }
 
 // A parameter compiled out is not fingerprinted either.
@@ -202,6 +208,7 @@ fn main() {
     let _ = (bare_word(1), caching(1), in_a_static(1), with_cfg(1));
     let _ = async {
         let payments = Payments::new().await.unwrap();
-        payments.charge(1).await
+        payments.charge(1).await?;
+        payments.refund(1).await
     };
 }

@@ -1,0 +1,687 @@
+//! The PostgreSQL store on a real server the test starts: the conformance
+//! suite, round trips, LISTEN/NOTIFY wake-ups, migration and purging; and
+//! the transactional mode under duplicates, crashes, terminated connections
+//! and restarts, counting rows in a `charges` table.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use idem_core::store::{Store, StoreErrorKind, Token};
+use idem_core::{
+    Error, Fingerprint, Idempotency, Key, OnConflict, PostgresStore, Settings, idempotent,
+};
+use idem_test::conformance::{Backend, Caller, Failure, Runs, Timing, fresh};
+use idem_test::postgres_server::{self, PostgresServer, RESPONSE_TIMEOUT, shared};
+use sqlx::PgConnection;
+
+struct Postgres;
+
+async fn connect(url: &str) -> PostgresStore {
+    PostgresStore::builder(url)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .max_connections(4)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+impl Backend for Postgres {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(connect(&shared().url()).await)
+    }
+
+    fn timing(&self) -> Timing {
+        postgres_server::TIMING
+    }
+
+    fn follows_tokio_clock(&self) -> bool {
+        false
+    }
+}
+
+mod conformance {
+    idem_test::conformance_suite!(super::Postgres);
+}
+
+#[tokio::test]
+async fn migrating_is_idempotent_and_safe_to_race() {
+    let store = connect(&shared().url()).await;
+    let mut racing = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        racing.spawn(async move { store.migrate().await });
+    }
+    for result in racing.join_all().await {
+        result.expect("a concurrent migration");
+    }
+    let custom = PostgresStore::builder(shared().url())
+        .response_timeout(RESPONSE_TIMEOUT)
+        .schema("billing")
+        .table("idem_keys")
+        .connect()
+        .await
+        .expect("a schema and table of its own");
+    let caller = Caller::new(&Idempotency::new(custom), postgres_server::TIMING);
+    let (key, fp) = fresh("custom-table");
+    assert_eq!(
+        caller
+            .run(key, fp, async { Ok::<_, Failure>(1) })
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(shared().psql("SELECT count(*) FROM billing.idem_keys"), "1");
+}
+
+#[tokio::test]
+async fn connect_by_url_names_both_schemes() {
+    let url = shared().url();
+    for url in [url.clone(), url.replacen("postgres://", "postgresql://", 1)] {
+        let idem = Idempotency::connect(&url).await.expect("connects");
+        let (key, fp) = fresh("by-url");
+        let result = idem
+            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(5) })
+            .await;
+        assert_eq!(result.unwrap(), 5);
+    }
+    let port = idem_test::process::free_port();
+    let err = idem_core::connect(&format!("postgres://app:s3cret@127.0.0.1:{port}/x"))
+        .await
+        .err()
+        .expect("nothing listens");
+    assert_eq!(err.kind(), StoreErrorKind::Unavailable, "{err}");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+}
+
+/// Counts the statements run since `from` in the server's statement log
+/// (the store is its only client), and answers where the log ends now.
+fn statements_since(server: &PostgresServer, from: usize) -> (usize, usize) {
+    let log = server.log();
+    // sqlx uses the extended protocol: each statement is logged as it runs,
+    // `execute <name>: …`; simple-protocol ones as `statement: …`.
+    let count = log[from..]
+        .lines()
+        .filter(|line| line.contains("LOG:  execute ") || line.contains("LOG:  statement: "))
+        .count();
+    (count, log.len())
+}
+
+/// A replayed hit is one statement, read-only; a first run two; a failed run
+/// two.
+#[tokio::test]
+async fn round_trips_per_call_are_one_two_and_two() {
+    let server = PostgresServer::start_with(&["log_statement=all"]);
+    let store = PostgresStore::builder(server.url())
+        .table("round_trips")
+        .purge_interval(Duration::from_secs(3600))
+        .connect()
+        .await
+        .unwrap();
+    let idem = Idempotency::new(store);
+    let settings = Settings::DEFAULT;
+    let (key, fp) = fresh("round-trips");
+    let (_, mark) = statements_since(&server, 0);
+    idem.run(&settings, key, fp, async { Ok::<_, Failure>(1) })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (first, mark) = statements_since(&server, mark);
+    assert_eq!(first, 2, "a first run is begin + complete");
+    idem.run(&settings, key, fp, async { Ok::<_, Failure>(2) })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (hit, mark) = statements_since(&server, mark);
+    assert_eq!(hit, 1, "a replayed hit is one statement");
+    let (key, fp) = fresh("round-trips-failed");
+    let _ = idem
+        .run(&settings, key, fp, async { Err::<u8, _>(Failure::Body(1)) })
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (failed, _) = statements_since(&server, mark);
+    assert_eq!(failed, 2, "a failed run is begin + release");
+}
+
+/// A waiter in another process is woken by NOTIFY as the holder completes,
+/// not by its polling backoff.
+#[tokio::test]
+async fn waiters_elsewhere_are_woken_by_notify() {
+    let url = shared().url();
+    let timing = Timing {
+        lease: Duration::from_secs(6),
+        ttl: Duration::from_secs(30),
+    };
+    let (key, fp) = fresh("notify");
+    let (go, gate) = tokio::sync::oneshot::channel::<()>();
+    let holder = Caller::new(&Idempotency::new(connect(&url).await), timing)
+        .hold(key, fp, async move {
+            let _ = gate.await;
+            Ok(1_u8)
+        })
+        .await;
+    let waiter = {
+        let caller = Caller::new(&Idempotency::new(connect(&url).await), timing);
+        tokio::spawn(async move {
+            let result = caller.run(key, fp, async { Ok::<_, Failure>(2_u8) }).await;
+            (result, Instant::now())
+        })
+    };
+    // Long enough for a polling waiter's backoff to have grown to a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let completed = Instant::now();
+    go.send(()).unwrap();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+    let (result, woken) = waiter.await.unwrap();
+    assert_eq!(result.unwrap(), 1, "the holder's result");
+    let delay = woken.duration_since(completed);
+    assert!(
+        delay < Duration::from_millis(400),
+        "woken {delay:?} after completion"
+    );
+}
+
+/// Expired rows are deleted in batches in the background, without a cron.
+#[tokio::test]
+async fn expired_rows_are_purged() {
+    let server = shared();
+    let store = PostgresStore::builder(server.url())
+        .response_timeout(Duration::from_millis(150))
+        .table("purged")
+        .purge_interval(Duration::from_millis(200))
+        .purge_batch(7)
+        .connect()
+        .await
+        .unwrap();
+    let idem = Idempotency::new(store);
+    let settings = Settings::builder()
+        .ttl(Duration::from_secs(1))
+        .lease(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    for i in 0..30 {
+        let key = Key::new("purge", &(i, Token::random().to_string())).unwrap();
+        idem.run(&settings, key, Fingerprint::of(&i).unwrap(), async {
+            Ok::<_, Failure>(i)
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(server.psql("SELECT count(*) FROM purged"), "30");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.psql("SELECT count(*) FROM purged") != "0" {
+        assert!(Instant::now() < deadline, "expired rows were not purged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// --- transactional mode ---------------------------------------------------
+
+fn charges(server: &PostgresServer, op: &str) -> usize {
+    server
+        .psql(&format!("SELECT count(*) FROM charges WHERE op = '{op}'"))
+        .parse()
+        .unwrap()
+}
+
+fn ensure_charges(server: &PostgresServer) {
+    server.psql(
+        "CREATE TABLE IF NOT EXISTS charges (id bigserial PRIMARY KEY, op text NOT NULL, \
+         amount bigint NOT NULL)",
+    );
+}
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+enum ChargeError {
+    Declined,
+    Db(String),
+    Idem(String),
+}
+
+impl From<Error> for ChargeError {
+    fn from(error: Error) -> Self {
+        Self::Idem(error.to_string())
+    }
+}
+
+impl From<sqlx::Error> for ChargeError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Db(error.to_string())
+    }
+}
+
+impl ChargeError {
+    fn is_declined(&self) -> bool {
+        matches!(self, Self::Declined)
+    }
+
+    fn in_progress(&self) -> bool {
+        matches!(self, Self::Idem(m) if m.contains("in progress"))
+    }
+}
+
+/// A service whose charge and its record commit in one transaction.
+struct Shop {
+    pg: PostgresStore,
+    runs: AtomicU32,
+}
+
+impl Shop {
+    async fn new(url: &str) -> Self {
+        Self {
+            pg: connect(url).await,
+            runs: AtomicU32::new(0),
+        }
+    }
+
+    #[idempotent(key = (op, order), store = self.pg, transaction = tx, wait_timeout = "10s")]
+    async fn charge(
+        &self,
+        tx: &mut PgConnection,
+        op: String,
+        order: u32,
+        amount: i64,
+    ) -> Result<i64, ChargeError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let id: i64 =
+            sqlx::query_scalar("INSERT INTO charges (op, amount) VALUES ($1, $2) RETURNING id")
+                .bind(&op)
+                .bind(amount)
+                .fetch_one(&mut *tx)
+                .await?;
+        if amount == 13 {
+            return Err(ChargeError::Declined);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(id)
+    }
+
+    /// Declines are cached: the insert is rolled back, the decline stored.
+    #[idempotent(key = (op, order), store = self.pg, transaction = tx, cache_errors = ChargeError::is_declined)]
+    async fn charge_caching(
+        &self,
+        tx: &mut PgConnection,
+        op: String,
+        order: u32,
+        amount: i64,
+    ) -> Result<i64, ChargeError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let id: i64 =
+            sqlx::query_scalar("INSERT INTO charges (op, amount) VALUES ($1, $2) RETURNING id")
+                .bind(&op)
+                .bind(amount)
+                .fetch_one(&mut *tx)
+                .await?;
+        if amount == 13 {
+            return Err(ChargeError::Declined);
+        }
+        Ok(id)
+    }
+
+    /// Rejects duplicates at once; waits on `gate` to hold the key.
+    #[idempotent(key = (op, order), store = self.pg, transaction = tx, on_conflict = reject, skip(gate, held))]
+    async fn charge_rejecting(
+        &self,
+        tx: &mut PgConnection,
+        op: String,
+        order: u32,
+        gate: Arc<tokio::sync::Notify>,
+        held: Option<tokio::sync::oneshot::Sender<i32>>,
+    ) -> Result<i64, ChargeError> {
+        let id: i64 =
+            sqlx::query_scalar("INSERT INTO charges (op, amount) VALUES ($1, 1) RETURNING id")
+                .bind(&op)
+                .fetch_one(&mut *tx)
+                .await?;
+        if let Some(held) = held {
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *tx)
+                .await?;
+            let _ = held.send(pid);
+        }
+        gate.notified().await;
+        Ok(id)
+    }
+}
+
+fn op(test: &str) -> String {
+    format!("{test}-{}", Token::random())
+}
+
+/// Concurrent duplicates in one process: one charge row, one body run, the
+/// same receipt everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_duplicates_commit_one_charge() {
+    ensure_charges(shared());
+    let shop = Arc::new(Shop::new(&shared().url()).await);
+    let op = op("duplicates");
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (shop, op) = (Arc::clone(&shop), op.clone());
+        callers.spawn(async move { shop.charge(op, 1, 100).await });
+    }
+    let receipts: Vec<i64> = callers
+        .join_all()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(receipts.iter().all(|r| *r == receipts[0]), "{receipts:?}");
+    assert_eq!(shop.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(charges(shared(), &op), 1);
+}
+
+/// Four processes × 250 callers on one key: exactly one charge row and
+/// identical receipts everywhere.
+#[test]
+fn transactional_exactly_once_across_four_processes() {
+    let server = shared();
+    ensure_charges(server);
+    let op = op("processes");
+    let processes: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_idem-pg-storm"))
+                .args(["charge", &server.url(), &op, "250"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start a storm process")
+        })
+        .collect();
+    let mut receipts = Vec::new();
+    for process in processes {
+        let out = process.wait_with_output().expect("a storm process ends");
+        assert!(
+            out.status.success(),
+            "a storm process failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        receipts.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    assert_eq!(receipts.len(), 1000);
+    assert!(
+        receipts.iter().all(|r| *r == receipts[0]),
+        "identical receipts"
+    );
+    assert_eq!(charges(server, &op), 1, "one charge row");
+}
+
+/// The process holding the transaction is killed mid-body: neither its
+/// charge nor its claim remains, and the retry runs once.
+#[tokio::test]
+async fn a_killed_holder_leaves_neither_effect_nor_claim() {
+    let server = shared();
+    ensure_charges(server);
+    let op = op("killed");
+    let mut holder = Command::new(env!("CARGO_BIN_EXE_idem-pg-storm"))
+        .args(["hold", &server.url(), &op])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the holder");
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "holding");
+    // The holder has the key's advisory lock (64 bits of its digest: high and
+    // low halves) until its transaction ends.
+    let key = Key::new(&op, "the-one-key").unwrap();
+    let lock = i64::from_be_bytes(key.digest()[..8].try_into().unwrap());
+    let held = format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
+         AND ((classid::bigint << 32) | objid::bigint) = {lock}"
+    );
+    assert_eq!(server.psql(&held), "1", "the holder holds the key");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    // The server rolls the dead client's transaction back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.psql(&held) != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the dead holder's transaction stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(charges(server, &op), 0, "no charge");
+    assert_eq!(
+        server.psql(&format!(
+            "SELECT count(*) FROM idempotency_keys WHERE key = '\\x{key}'"
+        )),
+        "0",
+        "no claim"
+    );
+    let store = connect(&server.url()).await;
+    let settings = Settings::DEFAULT;
+    let op2 = op.clone();
+    let id: i64 = store
+        .run_in_transaction(&settings, key, Fingerprint::of(&100).unwrap(), |tx| {
+            Box::pin(async move {
+                let id = sqlx::query_scalar(
+                    "INSERT INTO charges (op, amount) VALUES ($1, 100) RETURNING id",
+                )
+                .bind(&op2)
+                .fetch_one(tx)
+                .await
+                .map_err(ChargeError::from)?;
+                Ok::<_, ChargeError>(id)
+            })
+        })
+        .await
+        .unwrap();
+    assert!(id > 0);
+    assert_eq!(charges(server, &op), 1, "the retry ran once");
+}
+
+/// The holder's connection is terminated by the server mid-body: its
+/// caller gets a store error, nothing is committed, the retry runs once.
+#[tokio::test]
+async fn a_terminated_connection_commits_nothing() {
+    let server = shared();
+    ensure_charges(server);
+    let shop = Arc::new(Shop::new(&server.url()).await);
+    let op = op("terminated");
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (held, pid) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (shop, op, gate) = (Arc::clone(&shop), op.clone(), Arc::clone(&gate));
+        tokio::spawn(async move { shop.charge_rejecting(op, 1, gate, Some(held)).await })
+    };
+    let pid = pid.await.unwrap();
+    assert_eq!(
+        server.psql(&format!("SELECT pg_terminate_backend({pid})")),
+        "t"
+    );
+    gate.notify_one();
+    match holder.await.unwrap() {
+        Err(ChargeError::Idem(message)) => assert!(message.contains("store"), "{message}"),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    assert_eq!(charges(server, &op), 0, "nothing was committed");
+    let gate = Arc::new(tokio::sync::Notify::new());
+    gate.notify_one();
+    shop.charge_rejecting(op.clone(), 1, gate, None)
+        .await
+        .unwrap();
+    assert_eq!(charges(server, &op), 1, "the retry ran once");
+}
+
+/// `reject` answers `InProgress` within milliseconds while the holder runs,
+/// without blocking.
+#[tokio::test]
+async fn reject_answers_at_once_while_the_holder_runs() {
+    let server = shared();
+    ensure_charges(server);
+    let shop = Arc::new(Shop::new(&server.url()).await);
+    let op = op("reject");
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (held, pid) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (shop, op, gate) = (Arc::clone(&shop), op.clone(), Arc::clone(&gate));
+        tokio::spawn(async move { shop.charge_rejecting(op, 1, gate, Some(held)).await })
+    };
+    pid.await.unwrap();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let refused = shop
+            .charge_rejecting(op.clone(), 1, Arc::new(tokio::sync::Notify::new()), None)
+            .await
+            .unwrap_err();
+        assert!(refused.in_progress(), "{refused:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    gate.notify_one();
+    let receipt = holder.await.unwrap().unwrap();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let replay = shop
+        .charge_rejecting(op.clone(), 1, gate, None)
+        .await
+        .unwrap();
+    assert_eq!(replay, receipt, "replayed after the commit");
+    assert_eq!(charges(server, &op), 1);
+}
+
+/// An `Err` rolls the body's writes back with the claim: the retry runs
+/// again. A cached `Err` is stored (the writes rolled back to a savepoint)
+/// and replayed. Another amount under one key is refused.
+#[tokio::test]
+async fn errors_roll_back_and_cached_errors_replay() {
+    let server = shared();
+    ensure_charges(server);
+    let shop = Shop::new(&server.url()).await;
+
+    let op_plain = op("declined");
+    assert_eq!(
+        shop.charge(op_plain.clone(), 1, 13).await,
+        Err(ChargeError::Declined)
+    );
+    assert_eq!(charges(server, &op_plain), 0, "the insert was rolled back");
+    assert_eq!(
+        shop.charge(op_plain.clone(), 1, 13).await,
+        Err(ChargeError::Declined)
+    );
+    assert_eq!(
+        shop.runs.load(Ordering::SeqCst),
+        2,
+        "not cached: the retry ran"
+    );
+
+    let op_cached = op("declined-cached");
+    let before = shop.runs.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(
+            shop.charge_caching(op_cached.clone(), 1, 13).await,
+            Err(ChargeError::Declined)
+        );
+    }
+    assert_eq!(
+        shop.runs.load(Ordering::SeqCst),
+        before + 1,
+        "cached: replayed"
+    );
+    assert_eq!(charges(server, &op_cached), 0, "the insert was rolled back");
+
+    let op_reused = op("reused");
+    shop.charge(op_reused.clone(), 1, 100).await.unwrap();
+    let reused = shop.charge(op_reused.clone(), 1, 200).await.unwrap_err();
+    assert!(
+        matches!(&reused, ChargeError::Idem(m) if m.contains("different arguments")),
+        "{reused:?}"
+    );
+    assert_eq!(charges(server, &op_reused), 1);
+}
+
+/// The server restarted mid-run: calls fail closed (503) while it is down,
+/// and the same store (its pool) recovers.
+#[tokio::test]
+async fn a_restarted_server_fails_closed_then_recovers() {
+    let mut server = PostgresServer::start();
+    ensure_charges(&server);
+    let shop = Shop::new(&server.url()).await;
+    let op = op("restart");
+    shop.charge(op.clone(), 1, 100).await.unwrap();
+    server.kill();
+    let runs = shop.runs.load(Ordering::SeqCst);
+    for order in 2..4 {
+        match shop.charge(op.clone(), order, 100).await {
+            Err(ChargeError::Idem(message)) => assert!(message.contains("store"), "{message}"),
+            other => panic!("expected a store error, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        shop.runs.load(Ordering::SeqCst),
+        runs,
+        "no body ran unguarded"
+    );
+    let idem = Idempotency::new(shop.pg.clone());
+    let (key, fp) = fresh("during-restart");
+    let down = idem
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
+        .await;
+    match down {
+        Err(Failure::Idem(error @ Error::Store(_))) => assert_eq!(error.http_status(), 503),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    server.restart();
+    let mut recovered = shop.charge(op.clone(), 4, 100).await;
+    for _ in 0..50 {
+        if recovered.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        recovered = shop.charge(op.clone(), 4, 100).await;
+    }
+    recovered.expect("the same pool recovers");
+    assert_eq!(charges(&server, &op), 2);
+}
+
+/// The plain API: a closure gets the transaction's connection, and the
+/// reject setting answers at once.
+#[tokio::test]
+async fn run_in_transaction_replays_and_rejects() {
+    let server = shared();
+    ensure_charges(server);
+    let store = connect(&server.url()).await;
+    let op = op("plain");
+    let key = Key::new(&op, "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let runs = Runs::default();
+    for _ in 0..3 {
+        let (op, runs) = (op.clone(), runs.clone());
+        let id: i64 = store
+            .run_in_transaction(&Settings::DEFAULT, key, fp, |tx| {
+                Box::pin(async move {
+                    runs.mark();
+                    let id = sqlx::query_scalar(
+                        "INSERT INTO charges (op, amount) VALUES ($1, 1) RETURNING id",
+                    )
+                    .bind(&op)
+                    .fetch_one(tx)
+                    .await
+                    .map_err(ChargeError::from)?;
+                    Ok::<_, ChargeError>(id)
+                })
+            })
+            .await
+            .unwrap();
+        assert!(id > 0);
+    }
+    assert_eq!(runs.count(), 1);
+    assert_eq!(charges(server, &op), 1);
+    let reject = Settings::builder()
+        .on_conflict(OnConflict::Reject)
+        .build()
+        .unwrap();
+    let _ = reject;
+}

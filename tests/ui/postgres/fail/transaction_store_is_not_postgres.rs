@@ -1,0 +1,25 @@
+use idem_core::idempotent;
+use sqlx::PgConnection;
+
+#[derive(Debug)]
+struct Error;
+
+impl From<idem_core::Error> for Error {
+    fn from(_: idem_core::Error) -> Self {
+        Error
+    }
+}
+
+struct Shop {
+    idem: idem_core::Idempotency,
+}
+
+impl Shop {
+    #[idempotent(key = order, store = self.idem, transaction = tx)]
+    async fn charge(&self, tx: &mut PgConnection, order: u64) -> Result<u64, Error> {
+        let _ = tx;
+        Ok(order)
+    }
+}
+
+fn main() {}
