@@ -10,9 +10,10 @@
 //!
 //!     cargo run -p examples --example payments
 //!
-//! or on Redis (the `redis` feature):
+//! or on Redis or PostgreSQL (the `redis` and `postgres` features):
 //!
 //!     cargo run -p examples --features redis --example payments -- --store redis://127.0.0.1:6379
+//!     cargo run -p examples --features postgres --example payments -- --store postgres://postgres@127.0.0.1/postgres
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -40,7 +41,8 @@ async fn main() -> ExitCode {
         [flag, url] if flag == "--store" => url.clone(),
         _ => {
             eprintln!(
-                "usage: payments [--store URL]   (memory:// by default, or redis://host:port)"
+                "usage: payments [--store URL]   (memory:// by default, redis://host:port or \
+                 postgres://user@host/db)"
             );
             return ExitCode::FAILURE;
         }

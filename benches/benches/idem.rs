@@ -22,7 +22,10 @@ use benches::{
 use cached::ConcurrentCachedAsync as _;
 use cached::proc_macro::cached;
 use idem_core::store::{Outcome, Record, Store, Token};
-use idem_core::{Fingerprint, Idempotency, Key, MemoryStore, RedisStore, idempotent};
+use idem_core::{
+    Fingerprint, Idempotency, Key, MemoryStore, PostgresStore, RedisStore, idempotent,
+};
+use idem_test::postgres_server::PostgresServer;
 use idem_test::redis_server::RedisServer;
 use idempotent::store::{IdempotencyStore, InsertResult};
 use redis::aio::ConnectionManager;
@@ -546,6 +549,153 @@ where
     (latencies[499], latencies[989])
 }
 
+#[idempotent(key = req.idempotency_key, store = idem, skip(idem), name = "bench.pg")]
+async fn idem_pg_charge(idem: &Idempotency, req: ChargeRequest) -> Result<Receipt, BenchError> {
+    Ok(charge(&req))
+}
+
+/// The sequence a service writes by hand on one table: claim with `INSERT …
+/// ON CONFLICT DO NOTHING`, read back on a conflict, run, store with
+/// `UPDATE`.
+async fn manual_pg_charge(pool: &sqlx::PgPool, req: ChargeRequest) -> Result<Receipt, BenchError> {
+    let claimed = sqlx::query(
+        "INSERT INTO manual_keys (key, response, expires_at) VALUES ($1, NULL, now() + interval '1 day') \
+         ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(&req.idempotency_key)
+    .execute(pool)
+    .await
+    .map_err(failed)?
+    .rows_affected()
+        == 1;
+    if !claimed {
+        let stored: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT response FROM manual_keys WHERE key = $1")
+                .bind(&req.idempotency_key)
+                .fetch_one(pool)
+                .await
+                .map_err(failed)?;
+        return match stored {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(failed),
+            None => Err(BenchError::Failed("in progress".to_owned())),
+        };
+    }
+    let receipt = charge(&req);
+    sqlx::query("UPDATE manual_keys SET response = $2 WHERE key = $1")
+        .bind(&req.idempotency_key)
+        .bind(serde_json::to_vec(&receipt).map_err(failed)?)
+        .execute(pool)
+        .await
+        .map_err(failed)?;
+    Ok(receipt)
+}
+
+/// The PostgreSQL table: latency against a `SELECT 1` round trip on the same
+/// pool, and against the hand-written sequence.
+async fn postgres_figures(report: &mut Report) {
+    let server = PostgresServer::start();
+    let store = PostgresStore::builder(server.url())
+        .max_connections(4)
+        .connect()
+        .await
+        .expect("idem on postgres");
+    let pool = store.pool().clone();
+    let idem: &'static Idempotency = Box::leak(Box::new(Idempotency::new(store)));
+    let pool: &'static sqlx::PgPool = Box::leak(Box::new(pool));
+    sqlx::query(
+        "CREATE TABLE manual_keys (key text PRIMARY KEY, response bytea, expires_at timestamptz)",
+    )
+    .execute(pool)
+    .await
+    .expect("the hand-written table");
+    idem_pg_charge(idem, request(HIT)).await.unwrap();
+    manual_pg_charge(pool, request(HIT)).await.unwrap();
+    let ops: Vec<(&str, benches::Op)> = vec![
+        (
+            "SELECT 1",
+            Box::new(move |_| {
+                Box::pin(async move {
+                    let one: i32 = sqlx::query_scalar("SELECT 1")
+                        .fetch_one(pool)
+                        .await
+                        .unwrap();
+                    black_box(one);
+                })
+            }),
+        ),
+        (
+            "idem hit",
+            Box::new(move |_| {
+                Box::pin(async move {
+                    black_box(idem_pg_charge(idem, request(HIT)).await.unwrap());
+                })
+            }),
+        ),
+        (
+            "idem first",
+            Box::new(move |i| {
+                Box::pin(async move {
+                    black_box(idem_pg_charge(idem, request(6_000_000 + i)).await.unwrap());
+                })
+            }),
+        ),
+        (
+            "manual hit",
+            Box::new(move |_| {
+                Box::pin(async move {
+                    black_box(manual_pg_charge(pool, request(HIT)).await.unwrap());
+                })
+            }),
+        ),
+        (
+            "manual first",
+            Box::new(move |i| {
+                Box::pin(async move {
+                    black_box(
+                        manual_pg_charge(pool, request(7_000_000 + i))
+                            .await
+                            .unwrap(),
+                    );
+                })
+            }),
+        ),
+    ];
+    let measured = interleaved(&ops, ROUNDS, 2_000 / ROUNDS).await;
+    let [floor, hit, first, manual_hit, manual_first] = measured[..] else {
+        unreachable!("one latency per operation")
+    };
+    let mut table = Table::new(&["operation", "p50 µs", "p99 µs", "p50 ÷ SELECT 1", "target"]);
+    for (name, latency, target) in [
+        ("`SELECT 1` on the same pool (floor)", floor, ""),
+        ("idem replayed hit", hit, "≤ 1.2×"),
+        ("idem first run", first, "≤ 2.5×"),
+        (
+            "hand-written hit (INSERT … ON CONFLICT DO NOTHING, SELECT)",
+            manual_hit,
+            "",
+        ),
+        (
+            "hand-written first run (INSERT … ON CONFLICT, UPDATE)",
+            manual_first,
+            "",
+        ),
+    ] {
+        table.row(
+            &[
+                [name.to_owned()].as_slice(),
+                &us(latency),
+                &[ratio(latency.p50, floor.p50), target.to_owned()],
+            ]
+            .concat(),
+        );
+    }
+    report.section(
+        "PostgreSQL, 1 task: latency against a `SELECT 1` round trip",
+        &table,
+        "idem's hit is one read-only statement and its first run two (claim-or-read, then complete), against the hand-written sequence's two and three. PostgreSQL runs on the same two cores, with `fsync=off`.",
+    );
+}
+
 /// The memory tables; answers the memory row of the duplicate-storm table.
 async fn memory_figures(report: &mut Report) -> StormRow {
     let store: &'static Idempotency = Box::leak(Box::new(Idempotency::memory()));
@@ -784,6 +934,7 @@ async fn main() {
     };
     let memory_storm = memory_figures(&mut report).await;
     let redis_storm = redis_figures(&mut report).await;
+    postgres_figures(&mut report).await;
     let mut storms = Table::new(&[
         "1000 same-key callers",
         "executions",
