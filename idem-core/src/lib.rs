@@ -83,10 +83,11 @@
 //! | `postgres://user@host/db` | a PostgreSQL table, and a transactional mode | `postgres` |
 //!
 //! [`Idempotency::connect`] opens one by URL; [`set_default`] makes a handle
-//! the one every `#[idempotent]` fn without `store = …` uses. With the `axum`
-//! feature, [`http`] extracts the `Idempotency-Key` header and turns
-//! [`Error`]s into responses. Backend authors find the store protocol in
-//! [`store`].
+//! the one every `#[idempotent]` fn without `store = …` uses. With the
+//! `tower` feature, `http::IdempotencyLayer` makes any tower HTTP service
+//! idempotent (with `axum`, `http` also extracts the `Idempotency-Key` header
+//! and turns [`Error`]s into responses). Backend authors find the store
+//! protocol in [`store`].
 //!
 //! # Errors
 //!
@@ -109,8 +110,8 @@ pub mod requirements;
 mod settings;
 pub mod store;
 
-#[cfg(feature = "axum")]
-#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod http;
 
 #[doc(hidden)]

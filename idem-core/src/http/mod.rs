@@ -1,0 +1,113 @@
+//! HTTP (feature `tower`; `axum` adds the extractor and responses):
+//! idempotent endpoints after
+//! [draft-ietf-httpapi-idempotency-key-header](https://datatracker.ietf.org/doc/draft-ietf-httpapi-idempotency-key-header/)
+//! and Stripe's API.
+//!
+//! - [`IdempotencyLayer`] makes any tower HTTP service idempotent: put it in
+//!   front of the routes and every `POST` and `PATCH` runs once per key,
+//!   replaying the stored response to retries.
+//! - For handlers that call `#[idempotent]` functions themselves (feature
+//!   `axum`): [`IdempotencyKey`] extracts the header, [`Error`](crate::Error)
+//!   is a problem response, and [`Replayable`](crate::Replayable) marks
+//!   replays. Both paths answer with the same problem responses.
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use idem_core::http::IdempotencyLayer;
+//! use idem_core::{Idempotency, Settings};
+//! # use std::time::Duration;
+//!
+//! let idem = Idempotency::memory(); // once, at start-up; a Redis or PostgreSQL store in production
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|| async { (axum::http::StatusCode::CREATED, "charged") }))
+//!     .layer(
+//!         IdempotencyLayer::scoped_by(idem, |request| {
+//!             request.headers.get("x-api-key")?.to_str().ok().map(str::to_owned)
+//!         })
+//!         .settings(Settings::builder().ttl(Duration::from_secs(24 * 3600)).build().unwrap()),
+//!     );
+//! ```
+//!
+//! # The draft's requirements, and what the layer does
+//!
+//! | draft | requirement | the layer |
+//! |---|---|---|
+//! | MUST | the key is an `Idempotency-Key` header, a structured-field string | parsed as one (a bare token is accepted too); 1–255 characters |
+//! | SHOULD | the server documents which resources need a key | [`methods`](IdempotencyLayer::methods), [`routes`](IdempotencyLayer::routes); `POST` and `PATCH` by default |
+//! | MUST | a missing key where one is required is a `400` | `400`, [`#missing-key`](#missing-key) |
+//! | — | a malformed or repeated key | `400`, [`#invalid-key`](#invalid-key) |
+//! | SHOULD | the server publishes an expiry policy | records are kept for the TTL, sent in `Idempotency-Retention` (seconds) on every guarded response |
+//! | MAY | a fingerprint of the request | method, path, query, chosen headers and body (SHA-256) |
+//! | MUST | a key reused with another request is a `422` | `422`, [`#key-reused`](#key-reused) |
+//! | MUST | a request while the first is in progress is a `409` | with `on_conflict = reject`: `409` with `Retry-After`, [`#in-progress`](#in-progress); by default it waits for the first's response |
+//! | SHOULD | the error responses are problem details (RFC 9457) with a documentation link | `application/problem+json` with a `type` under these docs and `Link: <…>; rel="describedby"` |
+//! | — | a retry gets the first response | status, the [replayed headers](IdempotencyLayer::replay_headers) and the body, byte for byte, with `Idempotent-Replayed: true` |
+//!
+//! Keys are scoped per client by the function given to
+//! [`IdempotencyLayer::scoped_by`], so that two clients that pick the same
+//! key never share a record; [`IdempotencyLayer::unscoped`] is the explicit
+//! opt-out.
+//!
+//! # Which responses are stored
+//!
+//! By [`default_store_status`]: 2xx and 4xx responses are stored and
+//! replayed, except 408, 409, 425 and 429; 5xx are not, so a retry runs
+//! again (the attribute stores `Ok` results and only the errors that
+//! `cache_errors` deems final, alike). A response larger than
+//! [`max_response_bytes`](IdempotencyLayer::max_response_bytes) is returned
+//! but not stored.
+//!
+//! # Problems
+//!
+//! The problem responses' `type`s point here.
+//!
+//! ## missing-key
+//! `400`: the request must carry an `Idempotency-Key` header. Send a fresh
+//! UUID per operation, and the same one on every retry of it.
+//!
+//! ## invalid-key
+//! `400`: the `Idempotency-Key` header is empty, longer than 255 characters,
+//! malformed, or given twice.
+//!
+//! ## missing-scope
+//! `400`: nothing in the request identifies its client (such as
+//! credentials), so its key cannot be kept apart from other clients'.
+//!
+//! ## unreadable-body
+//! `400`: the request's body could not be read.
+//!
+//! ## payload-too-large
+//! `413`: the body is larger than an idempotent request may be.
+//!
+//! ## key-reused
+//! `422`: the key was used before with a different request (method, path,
+//! query or body). Send the original request again, or use a new key.
+//!
+//! ## in-progress
+//! `409`: a request with this key is still running. Retry after
+//! `Retry-After` seconds, with the same key.
+//!
+//! ## attempt-failed
+//! `503`: the request this one waited for failed and stored nothing. Retry
+//! with the same key: it runs again.
+//!
+//! ## store-unavailable
+//! `503`: the idempotency store could not be reached, so the request was not
+//! processed. Retry later with the same key.
+//!
+//! ## unreplayable
+//! `500`: the stored result of this key cannot be used.
+
+#[cfg(feature = "axum")]
+mod axum;
+mod key;
+mod layer;
+mod problem;
+mod stored;
+
+pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey, MAX_KEY_LEN};
+pub use layer::{
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REPLAY_HEADERS,
+    IDEMPOTENCY_RETENTION, IdempotencyLayer, IdempotencyService, default_store_status,
+};
+pub use problem::DEFAULT_DOCS;

@@ -1,0 +1,173 @@
+//! RFC 9457 problem details: the one mapping of idem's errors (and the
+//! layer's own refusals) to HTTP responses, shared by the
+//! [`IdempotencyLayer`](super::IdempotencyLayer) and, with the `axum`
+//! feature, by `IntoResponse for Error`.
+//!
+//! Only what concerns the request itself is said in a response; a store's
+//! own messages (addresses, keys) are logged, never sent.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, LINK, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+use serde::Serialize;
+
+use crate::error::Error;
+
+/// Where the problem types are described, by default: the docs of
+/// [`idem_core::http`](super). A problem's `type` is this with a fragment
+/// (`#key-reused`).
+pub const DEFAULT_DOCS: &str = "https://docs.rs/idem-core/latest/idem_core/http/index.html";
+
+/// A problem a client is told about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    MissingKey,
+    InvalidKey,
+    MissingScope,
+    UnreadableBody,
+    PayloadTooLarge,
+    InProgress,
+    KeyReused,
+    AttemptFailed,
+    StoreUnavailable,
+    Unreplayable,
+}
+
+impl Kind {
+    fn of(error: &Error) -> Self {
+        match error {
+            Error::InProgress { .. } => Self::InProgress,
+            Error::KeyReused => Self::KeyReused,
+            Error::InvalidKey { .. } => Self::InvalidKey,
+            Error::AttemptFailed => Self::AttemptFailed,
+            Error::Store(_) if error.http_status() == 503 => Self::StoreUnavailable,
+            _ => Self::Unreplayable,
+        }
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Self::MissingKey | Self::InvalidKey | Self::MissingScope | Self::UnreadableBody => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InProgress => StatusCode::CONFLICT,
+            Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::AttemptFailed | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unreplayable => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The fragment of the problem type, as documented in [`super`].
+    fn fragment(self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing-key",
+            Self::InvalidKey => "invalid-key",
+            Self::MissingScope => "missing-scope",
+            Self::UnreadableBody => "unreadable-body",
+            Self::PayloadTooLarge => "payload-too-large",
+            Self::InProgress => "in-progress",
+            Self::KeyReused => "key-reused",
+            Self::AttemptFailed => "attempt-failed",
+            Self::StoreUnavailable => "store-unavailable",
+            Self::Unreplayable => "unreplayable",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Self::MissingKey => "This request needs an Idempotency-Key header",
+            Self::InvalidKey => "The Idempotency-Key header is invalid",
+            Self::MissingScope => "This request cannot be scoped",
+            Self::UnreadableBody => "The request body could not be read",
+            Self::PayloadTooLarge => "The request is too large to be idempotent",
+            Self::InProgress => "A request with this Idempotency-Key is in progress",
+            Self::KeyReused => "This Idempotency-Key was used with a different request",
+            Self::AttemptFailed => "A request with this Idempotency-Key failed",
+            Self::StoreUnavailable => "The idempotency store is unavailable",
+            Self::Unreplayable => "The request's stored result cannot be used",
+        }
+    }
+}
+
+/// A problem response's parts, before its body type is chosen.
+pub(crate) struct Problem {
+    kind: Kind,
+    detail: String,
+    retry_after: Option<Duration>,
+}
+
+impl Problem {
+    pub(crate) fn new(kind: Kind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The problem of an idem error: its status, and a detail that says
+    /// nothing of the store's internals.
+    pub(crate) fn of(error: &Error) -> Self {
+        let kind = Kind::of(error);
+        if kind.status().is_server_error() {
+            tracing::error!(%error, "an idempotent request failed");
+        }
+        let detail = match kind {
+            Kind::StoreUnavailable => {
+                "The request was not processed; retry it later with the same Idempotency-Key."
+                    .to_owned()
+            }
+            Kind::Unreplayable => {
+                "The server cannot answer this request with its stored result.".to_owned()
+            }
+            _ => error.to_string(),
+        };
+        Self {
+            kind,
+            detail,
+            retry_after: error.retry_after().or(match kind {
+                Kind::AttemptFailed | Kind::StoreUnavailable => Some(Duration::from_secs(1)),
+                _ => None,
+            }),
+        }
+    }
+
+    /// The response: `application/problem+json`, with a `type` under `docs`,
+    /// `Link: <docs>; rel="describedby"`, and `Retry-After` where a retry is
+    /// due later.
+    pub(crate) fn response<B: From<Bytes>>(&self, docs: &str) -> Response<B> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            r#type: String,
+            title: &'a str,
+            status: u16,
+            detail: &'a str,
+        }
+        let status = self.kind.status();
+        let body = Body {
+            r#type: format!("{docs}#{}", self.kind.fragment()),
+            title: self.kind.title(),
+            status: status.as_u16(),
+            detail: &self.detail,
+        };
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = Response::new(B::from(Bytes::from(body)));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Ok(link) = HeaderValue::from_str(&format!("<{docs}>; rel=\"describedby\"")) {
+            headers.insert(LINK, link);
+        }
+        if let Some(retry_after) = self.retry_after {
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        response
+    }
+}
