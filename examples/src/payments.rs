@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// A card that the simulated bank declines.
 pub const DECLINED_CARD: &str = "4000-0000-0000-0002";
 
-/// A card that the simulated bank takes three seconds to charge.
+/// A card that the simulated bank takes a second and a half to charge.
 pub const SLOW_CARD: &str = "4000-0000-0000-0077";
 
 /// A card that is charged at once.
@@ -85,17 +85,29 @@ impl Payments {
     /// with another request is refused with `KeyReused`.
     #[idempotent(key = req.idempotency_key, ttl = "24h", lease = "30s", wait_timeout = "1s", store = self.idem)]
     pub async fn charge(&self, req: ChargeRequest) -> Result<Replayable<Receipt>, PaymentError> {
+        self.charge_card(&req.card, req.amount_cents)
+            .await
+            .map(Replayable::new)
+    }
+
+    /// Asks the bank to charge a card: not idempotent by itself (the HTTP
+    /// API runs it behind the idempotency layer).
+    pub async fn charge_card(
+        &self,
+        card: &str,
+        amount_cents: u64,
+    ) -> Result<Receipt, PaymentError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
-        let latency = if req.card == SLOW_CARD { 3_000 } else { 20 };
+        let latency = if card == SLOW_CARD { 1_500 } else { 20 };
         tokio::time::sleep(Duration::from_millis(latency)).await;
-        if req.card == DECLINED_CARD {
+        if card == DECLINED_CARD {
             return Err(PaymentError::Declined);
         }
         let charge_id = self.charges.fetch_add(1, Ordering::SeqCst) + 1;
-        Ok(Replayable::new(Receipt {
+        Ok(Receipt {
             charge_id,
-            amount_cents: req.amount_cents,
-        }))
+            amount_cents,
+        })
     }
 
     /// How many charges the ledger holds.

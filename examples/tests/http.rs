@@ -8,14 +8,20 @@ use std::time::Duration;
 
 use examples::api::router;
 use examples::payments::{DECLINED_CARD, GOOD_CARD, Payments, SLOW_CARD};
+use idem_core::{OnConflict, Settings};
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{Value, json};
 
 async fn serve() -> (SocketAddr, Arc<Payments>) {
-    let payments = Arc::new(Payments::new(idem_core::Idempotency::memory()));
+    serve_with(Settings::default()).await
+}
+
+async fn serve_with(settings: Settings) -> (SocketAddr, Arc<Payments>) {
+    let idem = idem_core::Idempotency::memory();
+    let payments = Arc::new(Payments::new(idem.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = router(Arc::clone(&payments));
+    let app = router(Arc::clone(&payments), idem, settings);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (addr, payments)
 }
@@ -29,6 +35,7 @@ async fn pay(
 ) -> Response {
     let mut request = client
         .post(format!("http://{addr}/payments"))
+        .header("x-api-key", "shop-1")
         .json(&json!({ "card": card, "amount_cents": amount }));
     if let Some(key) = key {
         request = request.header("Idempotency-Key", key);
@@ -145,7 +152,12 @@ async fn a_reused_key_with_another_body_is_422() {
 
 #[tokio::test]
 async fn a_duplicate_of_a_running_request_is_409_with_retry_after() {
-    let (addr, payments) = serve().await;
+    let reject = Settings::builder()
+        .on_conflict(OnConflict::Reject)
+        .lease(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (addr, payments) = serve_with(reject).await;
     let client = Client::new();
     let slow = {
         let client = client.clone();
@@ -174,13 +186,36 @@ async fn a_duplicate_of_a_running_request_is_409_with_retry_after() {
 }
 
 #[tokio::test]
-async fn a_decline_is_402_and_not_cached() {
+async fn a_decline_is_402_and_replayed() {
     let (addr, payments) = serve().await;
     let client = Client::new();
     for _ in 0..2 {
         let response = pay(&client, addr, Some("order-3"), DECLINED_CARD, 500).await;
         assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
     }
-    assert_eq!(payments.attempts(), 2, "the retry asked the bank again");
+    assert_eq!(
+        payments.attempts(),
+        1,
+        "a 4xx is stored: the bank was asked once"
+    );
     assert_eq!(payments.charges(), 0);
+}
+
+#[tokio::test]
+async fn keys_are_scoped_by_the_api_key() {
+    let (addr, payments) = serve().await;
+    let client = Client::new();
+    for shop in ["shop-1", "shop-2"] {
+        let response = client
+            .post(format!("http://{addr}/payments"))
+            .header("x-api-key", shop)
+            .header("Idempotency-Key", "order-shared")
+            .json(&json!({ "card": GOOD_CARD, "amount_cents": 700 }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        assert!(!replayed(&response), "{shop} gets its own charge");
+    }
+    assert_eq!(payments.charges(), 2);
 }
