@@ -86,8 +86,10 @@
 //! the one every `#[idempotent]` fn without `store = …` uses. With the
 //! `tower` feature, `http::IdempotencyLayer` makes any tower HTTP service
 //! idempotent (with `axum`, `http` also extracts the `Idempotency-Key` header
-//! and turns [`Error`]s into responses). Backend authors find the store
-//! protocol in [`store`].
+//! and turns [`Error`]s into responses). With `client`, `client` retries
+//! requests safely: one key per operation, jittered backoff, a retry budget
+//! and circuit breakers. Backend authors find the store protocol in
+//! [`store`].
 //!
 //! # Errors
 //!
@@ -110,6 +112,9 @@ pub mod requirements;
 mod settings;
 pub mod store;
 
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod http;

@@ -1,0 +1,627 @@
+//! Circuit breakers: stop calling a dependency that keeps failing, and probe
+//! it after a cool-down.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{PolicyError, Verdict};
+
+/// When a [`CircuitBreaker`] opens, and for how long.
+///
+/// It opens after `consecutive_failures` failures in a row, or when at least
+/// `min_calls` calls ended in the last `window` and `failure_ratio` of them
+/// failed; it stays open for `cool_down`, then lets one probe through.
+///
+/// ```
+/// use std::time::Duration;
+/// use idem_core::client::BreakerConfig;
+///
+/// let config = BreakerConfig::default()
+///     .consecutive_failures(3)
+///     .failure_ratio(0.5, 20)
+///     .cool_down(Duration::from_secs(10));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[must_use]
+pub struct BreakerConfig {
+    consecutive_failures: u32,
+    failure_ratio: f64,
+    min_calls: u32,
+    window: Duration,
+    cool_down: Duration,
+}
+
+impl Default for BreakerConfig {
+    /// Open after 5 failures in a row, or half of at least 20 calls in 10 s;
+    /// probe after 5 s.
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            failure_ratio: 0.5,
+            min_calls: 20,
+            window: Duration::from_secs(10),
+            cool_down: Duration::from_secs(5),
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Open after this many failures in a row (default 5).
+    pub const fn consecutive_failures(mut self, failures: u32) -> Self {
+        self.consecutive_failures = failures;
+        self
+    }
+
+    /// Open when this fraction (0 to 1] of the calls in the window failed,
+    /// once at least `min_calls` calls ended in it (default 0.5 of 20).
+    pub const fn failure_ratio(mut self, ratio: f64, min_calls: u32) -> Self {
+        self.failure_ratio = ratio;
+        self.min_calls = min_calls;
+        self
+    }
+
+    /// The sliding window the ratio is taken over (default 10 s).
+    pub const fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// How long the circuit stays open before a probe (default 5 s).
+    pub const fn cool_down(mut self, cool_down: Duration) -> Self {
+        self.cool_down = cool_down;
+        self
+    }
+
+    fn check(&self) -> Result<(), PolicyError> {
+        if self.consecutive_failures == 0 {
+            return Err(PolicyError::new(
+                "consecutive_failures",
+                "must be at least 1",
+            ));
+        }
+        if !(self.failure_ratio > 0.0 && self.failure_ratio <= 1.0) {
+            return Err(PolicyError::new(
+                "failure_ratio",
+                "must be a number above 0 and at most 1",
+            ));
+        }
+        if self.min_calls == 0 {
+            return Err(PolicyError::new(
+                "failure_ratio",
+                "min_calls must be at least 1",
+            ));
+        }
+        if self.window < Duration::from_millis(10) {
+            return Err(PolicyError::new("window", "must be at least 10 ms"));
+        }
+        if self.cool_down.is_zero() {
+            return Err(PolicyError::new("cool_down", "must be longer than zero"));
+        }
+        Ok(())
+    }
+}
+
+/// A circuit breaker's state, as [`CircuitBreaker::state`] and
+/// [`CircuitBreaker::subscribe`] report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BreakerState {
+    /// Calls go through; failures are counted.
+    Closed,
+    /// Calls fail fast with [`CircuitOpen`], without reaching the dependency.
+    Open,
+    /// The cool-down is over: the next call goes through as a probe (one at
+    /// a time); its success closes the circuit, its failure opens it again.
+    HalfOpen,
+}
+
+/// A call was not made because the dependency's circuit is open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the circuit for `{dependency}` is open; calls resume in {} ms", retry_in.as_millis())]
+pub struct CircuitOpen {
+    dependency: Arc<str>,
+    retry_in: Duration,
+}
+
+impl CircuitOpen {
+    /// The dependency's name (for the reqwest middleware, `host:port`).
+    #[must_use]
+    pub fn dependency(&self) -> &str {
+        &self.dependency
+    }
+
+    /// How long until a probe may go through; zero while a probe is out.
+    #[must_use]
+    pub fn retry_in(&self) -> Duration {
+        self.retry_in
+    }
+}
+
+/// A circuit breaker for one dependency: closed → open after failures →
+/// half-open (one probe) after a cool-down → closed on the probe's success.
+///
+/// Cheap to clone; clones share the state. Failures are what
+/// [`Verdict::is_failure`] says: connection errors, timeouts, 5xx; a 4xx or
+/// a 409 proves the dependency alive.
+///
+/// ```
+/// use idem_core::client::{BreakerConfig, BreakerState, CircuitBreaker};
+///
+/// let breaker = CircuitBreaker::new("ledger", BreakerConfig::default())?;
+/// assert_eq!(breaker.state(), BreakerState::Closed);
+/// # Ok::<(), idem_core::client::PolicyError>(())
+/// ```
+#[derive(Clone)]
+pub struct CircuitBreaker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: Arc<str>,
+    config: BreakerConfig,
+    inner: Mutex<Inner>,
+    state: watch::Sender<BreakerState>,
+}
+
+struct Inner {
+    phase: Phase,
+    consecutive_failures: u32,
+    buckets: [Bucket; BUCKETS],
+    epoch: Instant,
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+/// The window is kept as this many buckets, each a tenth of it.
+const BUCKETS: usize = 10;
+
+#[derive(Clone, Copy, Default)]
+struct Bucket {
+    slot: u64,
+    successes: u32,
+    failures: u32,
+}
+
+impl CircuitBreaker {
+    /// A closed breaker for the dependency `name`.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError`] when a setting of `config` is out of range.
+    pub fn new(name: impl Into<Arc<str>>, config: BreakerConfig) -> Result<Self, PolicyError> {
+        config.check()?;
+        Ok(Self::checked(name.into(), config))
+    }
+
+    fn checked(name: Arc<str>, config: BreakerConfig) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                name,
+                config,
+                inner: Mutex::new(Inner {
+                    phase: Phase::Closed,
+                    consecutive_failures: 0,
+                    buckets: [Bucket::default(); BUCKETS],
+                    epoch: Instant::now(),
+                }),
+                state: watch::Sender::new(BreakerState::Closed),
+            }),
+        }
+    }
+
+    /// The dependency's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The state now. An open circuit whose cool-down is over reports
+    /// [`HalfOpen`](BreakerState::HalfOpen): the next call is the probe.
+    #[must_use]
+    pub fn state(&self) -> BreakerState {
+        match self.lock().phase {
+            Phase::Closed => BreakerState::Closed,
+            Phase::Open { until } if Instant::now() < until => BreakerState::Open,
+            Phase::Open { .. } | Phase::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// A receiver of the state's changes, for a health endpoint or a gauge.
+    /// An open circuit becomes half-open here when its probe is admitted.
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
+        self.shared.state.subscribe()
+    }
+
+    /// Asks to make a call: a [`Permit`] to report its outcome with, or
+    /// [`CircuitOpen`] when the call must not be made.
+    ///
+    /// # Errors
+    ///
+    /// [`CircuitOpen`] while the circuit is open, or half-open with its
+    /// probe still out.
+    pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let probe = match inner.phase {
+            Phase::Closed => false,
+            Phase::Open { until } if now < until => {
+                return Err(self.open(until - now));
+            }
+            Phase::Open { .. } | Phase::HalfOpen { probing: false } => {
+                inner.phase = Phase::HalfOpen { probing: true };
+                self.publish(BreakerState::HalfOpen);
+                true
+            }
+            Phase::HalfOpen { probing: true } => return Err(self.open(Duration::ZERO)),
+        };
+        Ok(Permit {
+            breaker: self.clone(),
+            probe,
+            recorded: false,
+        })
+    }
+
+    fn open(&self, retry_in: Duration) -> CircuitOpen {
+        CircuitOpen {
+            dependency: self.shared.name.clone(),
+            retry_in,
+        }
+    }
+
+    fn record(&self, probe: bool, failure: bool) {
+        let now = Instant::now();
+        let config = &self.shared.config;
+        let mut inner = self.lock();
+        if probe {
+            if failure {
+                inner.phase = Phase::Open {
+                    until: now + config.cool_down,
+                };
+                self.publish(BreakerState::Open);
+            } else {
+                inner.phase = Phase::Closed;
+                inner.consecutive_failures = 0;
+                inner.buckets = [Bucket::default(); BUCKETS];
+                self.publish(BreakerState::Closed);
+            }
+            return;
+        }
+        let slot = inner.slot(now, config.window);
+        let bucket = &mut inner.buckets[(slot % BUCKETS as u64) as usize];
+        if bucket.slot != slot {
+            *bucket = Bucket {
+                slot,
+                ..Bucket::default()
+            };
+        }
+        if failure {
+            bucket.failures = bucket.failures.saturating_add(1);
+            inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
+        } else {
+            bucket.successes = bucket.successes.saturating_add(1);
+            inner.consecutive_failures = 0;
+        }
+        if failure && matches!(inner.phase, Phase::Closed) && inner.tripped(slot, config) {
+            inner.phase = Phase::Open {
+                until: now + config.cool_down,
+            };
+            self.publish(BreakerState::Open);
+        }
+    }
+
+    fn abandon_probe(&self) {
+        let mut inner = self.lock();
+        if matches!(inner.phase, Phase::HalfOpen { probing: true }) {
+            inner.phase = Phase::HalfOpen { probing: false };
+        }
+    }
+
+    fn publish(&self, state: BreakerState) {
+        let changed = self.shared.state.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state;
+            changed
+        });
+        if changed {
+            tracing::info!(dependency = %self.shared.name, ?state, "idem: circuit breaker changed state");
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The state stays consistent between statements; a panic elsewhere
+        // while holding the lock leaves it usable.
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    fn slot(&self, now: Instant, window: Duration) -> u64 {
+        let width = (window / BUCKETS as u32).as_nanos().max(1);
+        u64::try_from(now.duration_since(self.epoch).as_nanos() / width).unwrap_or(u64::MAX)
+    }
+
+    fn tripped(&self, slot: u64, config: &BreakerConfig) -> bool {
+        if self.consecutive_failures >= config.consecutive_failures {
+            return true;
+        }
+        let (calls, failures) = self
+            .buckets
+            .iter()
+            .filter(|bucket| bucket.slot <= slot && slot - bucket.slot < BUCKETS as u64)
+            .fold((0u64, 0u64), |(calls, failures), bucket| {
+                (
+                    calls + u64::from(bucket.successes) + u64::from(bucket.failures),
+                    failures + u64::from(bucket.failures),
+                )
+            });
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^52
+        let ratio = failures as f64 / calls.max(1) as f64;
+        calls >= u64::from(config.min_calls) && ratio >= config.failure_ratio
+    }
+}
+
+impl fmt::Debug for CircuitBreaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("name", &self.shared.name)
+            .field("state", &self.state())
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+/// Leave to make one call through a [`CircuitBreaker`]; report how it ended
+/// with [`record`](Self::record). A permit dropped unreported (the call was
+/// cancelled) counts as nothing, and frees the probe's place.
+#[must_use = "report the call's outcome with `record`"]
+pub struct Permit {
+    breaker: CircuitBreaker,
+    probe: bool,
+    recorded: bool,
+}
+
+impl Permit {
+    /// Reports the call's outcome: a [failure](Verdict::is_failure) counts
+    /// against the dependency, anything else for it.
+    pub fn record(mut self, verdict: Verdict) {
+        self.recorded = true;
+        self.breaker.record(self.probe, verdict.is_failure());
+    }
+
+    /// Whether this call is the half-open circuit's probe.
+    #[must_use]
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.probe && !self.recorded {
+            self.breaker.abandon_probe();
+        }
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("dependency", &self.breaker.name())
+            .field("probe", &self.probe)
+            .finish()
+    }
+}
+
+/// One [`CircuitBreaker`] per dependency, made on first use with one
+/// configuration: the reqwest middleware keeps one per `host:port`.
+///
+/// Cheap to clone; clones share the breakers. The default configuration is
+/// [`BreakerConfig::default`].
+#[derive(Clone, Default)]
+pub struct Breakers {
+    config: BreakerConfig,
+    breakers: Arc<Mutex<HashMap<Arc<str>, CircuitBreaker>>>,
+}
+
+impl Breakers {
+    /// Breakers configured by `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError`] when a setting of `config` is out of range.
+    pub fn new(config: BreakerConfig) -> Result<Self, PolicyError> {
+        config.check()?;
+        Ok(Self {
+            config,
+            breakers: Arc::default(),
+        })
+    }
+
+    /// The breaker of `dependency`, made closed on first use.
+    #[must_use]
+    pub fn get(&self, dependency: &str) -> CircuitBreaker {
+        let mut breakers = self.breakers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(breaker) = breakers.get(dependency) {
+            return breaker.clone();
+        }
+        let name: Arc<str> = dependency.into();
+        let breaker = CircuitBreaker::checked(name.clone(), self.config);
+        breakers.insert(name, breaker.clone());
+        breaker
+    }
+
+    /// Every dependency seen so far and its breaker's state, by name.
+    #[must_use]
+    pub fn states(&self) -> Vec<(String, BreakerState)> {
+        let breakers: Vec<_> = self
+            .breakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut states: Vec<_> = breakers
+            .iter()
+            .map(|breaker| (breaker.name().to_owned(), breaker.state()))
+            .collect();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        states
+    }
+}
+
+impl fmt::Debug for Breakers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breakers")
+            .field("config", &self.config)
+            .field("states", &self.states())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAIL: Verdict = Verdict::Failed { retry_after: None };
+
+    fn breaker(config: BreakerConfig) -> CircuitBreaker {
+        CircuitBreaker::new("dependency", config).unwrap()
+    }
+
+    fn call(breaker: &CircuitBreaker, verdict: Verdict) -> Result<(), CircuitOpen> {
+        breaker.try_acquire()?.record(verdict);
+        Ok(())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn it_opens_probes_and_closes() {
+        let cool_down = Duration::from_secs(5);
+        let breaker = breaker(
+            BreakerConfig::default()
+                .consecutive_failures(3)
+                .cool_down(cool_down),
+        );
+        let mut states = breaker.subscribe();
+        for _ in 0..2 {
+            call(&breaker, FAIL).unwrap();
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        call(&breaker, FAIL).unwrap();
+        assert_eq!(breaker.state(), BreakerState::Open);
+        assert!(states.has_changed().unwrap());
+        assert_eq!(*states.borrow_and_update(), BreakerState::Open);
+        let open = call(&breaker, Verdict::Success).unwrap_err();
+        assert_eq!(open.retry_in(), cool_down);
+        assert_eq!(open.dependency(), "dependency");
+
+        tokio::time::advance(cool_down).await;
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        let probe = breaker.try_acquire().unwrap();
+        assert!(probe.is_probe());
+        assert!(breaker.try_acquire().is_err(), "one probe at a time");
+        probe.record(FAIL);
+        assert_eq!(breaker.state(), BreakerState::Open);
+
+        tokio::time::advance(cool_down).await;
+        call(&breaker, Verdict::Success).unwrap();
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        assert_eq!(*states.borrow_and_update(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_and_alive_answers_reset_the_run_of_failures() {
+        let breaker = breaker(BreakerConfig::default().consecutive_failures(3));
+        for verdict in [
+            FAIL,
+            FAIL,
+            Verdict::Rejected,
+            FAIL,
+            FAIL,
+            Verdict::Busy { retry_after: None },
+        ] {
+            call(&breaker, verdict).unwrap();
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_ratio_over_the_window_opens_it() {
+        let config = BreakerConfig::default()
+            .consecutive_failures(100)
+            .failure_ratio(0.5, 10)
+            .window(Duration::from_secs(10));
+        let breaker = breaker(config);
+        for _ in 0..5 {
+            call(&breaker, Verdict::Success).unwrap();
+            call(&breaker, FAIL).unwrap();
+        }
+        assert_eq!(breaker.state(), BreakerState::Open);
+
+        let breaker = CircuitBreaker::new("old", config).unwrap();
+        for _ in 0..5 {
+            call(&breaker, FAIL).unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        for _ in 0..5 {
+            call(&breaker, Verdict::Success).unwrap();
+        }
+        call(&breaker, FAIL).unwrap();
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "old failures left the window"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_frees_its_place() {
+        let breaker = breaker(BreakerConfig::default().consecutive_failures(1));
+        call(&breaker, FAIL).unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        drop(breaker.try_acquire().unwrap());
+        assert!(breaker.try_acquire().unwrap().is_probe());
+    }
+
+    #[test]
+    fn settings_out_of_range_are_errors() {
+        let setting = |config| CircuitBreaker::new("x", config).unwrap_err().setting();
+        let config = BreakerConfig::default();
+        assert_eq!(
+            setting(config.consecutive_failures(0)),
+            "consecutive_failures"
+        );
+        assert_eq!(setting(config.failure_ratio(1.5, 10)), "failure_ratio");
+        assert_eq!(setting(config.failure_ratio(f64::NAN, 10)), "failure_ratio");
+        assert_eq!(setting(config.failure_ratio(0.5, 0)), "failure_ratio");
+        assert_eq!(setting(config.window(Duration::ZERO)), "window");
+        assert_eq!(setting(config.cool_down(Duration::ZERO)), "cool_down");
+    }
+
+    #[test]
+    fn breakers_are_kept_per_dependency() {
+        let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(1)).unwrap();
+        call(&breakers.get("a:443"), FAIL).unwrap();
+        assert_eq!(breakers.get("a:443").state(), BreakerState::Open);
+        assert_eq!(breakers.get("b:443").state(), BreakerState::Closed);
+        assert_eq!(
+            breakers.states(),
+            [
+                ("a:443".to_owned(), BreakerState::Open),
+                ("b:443".to_owned(), BreakerState::Closed)
+            ]
+        );
+    }
+}

@@ -1,0 +1,229 @@
+//! Retries for reqwest, as a `reqwest-middleware` middleware.
+
+use std::sync::Arc;
+
+use http::{Extensions, HeaderValue, Method};
+use reqwest::{Request, Response};
+use reqwest_middleware::{Middleware, Next};
+
+use super::retry::Retries;
+use super::{Breakers, Classify, RetryPolicy, new_key};
+use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
+
+/// Retries reqwest requests safely: one idempotency key per request, the
+/// same on every attempt; backoff with full jitter and `Retry-After`; a
+/// retry budget; a circuit breaker per `host:port`.
+///
+/// A `POST` or `PATCH` (see [`key_methods`](Self::key_methods)) without an
+/// `Idempotency-Key` header gets one, a fresh UUID, sent as a
+/// structured-field string on every attempt; a key the caller set is kept.
+/// Requests are retried when they carry a key or their method is idempotent
+/// (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`); any other is sent
+/// once, as is a request whose body cannot be cloned (a stream). Which
+/// outcomes are retried is [`classify_status`](super::classify_status)'s
+/// table, and reqwest's errors as [`Classify`] says.
+///
+/// The final response carries a [`RetryReport`] in its extensions: the
+/// attempts made, the key, and whether the server replayed a stored
+/// response (`Idempotent-Replayed: true`). A request to a host whose
+/// circuit is open fails at once with a middleware error whose source is a
+/// [`CircuitOpen`](super::CircuitOpen).
+///
+/// ```no_run
+/// use idem_core::client::{RetryMiddleware, RetryPolicy, RetryReport};
+///
+/// # async fn charge() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(RetryMiddleware::new(RetryPolicy::default()))
+///     .build();
+/// let response = client
+///     .post("https://payments.example/v1/charges")
+///     .header("x-api-key", "shop-1")
+///     .body(r#"{"amount_cents":100}"#)
+///     .send()
+///     .await?;
+/// let report = response.extensions().get::<RetryReport>().unwrap();
+/// println!("{} attempt(s), replayed: {}", report.attempts(), report.replayed());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RetryMiddleware {
+    policy: RetryPolicy,
+    breakers: Option<Breakers>,
+    key_methods: Arc<[Method]>,
+}
+
+impl RetryMiddleware {
+    /// Retries by `policy`, with a breaker per host configured by
+    /// [`BreakerConfig::default`](super::BreakerConfig::default), and keys
+    /// added to `POST` and `PATCH` requests.
+    #[must_use]
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self {
+            policy,
+            breakers: Some(Breakers::default()),
+            key_methods: Arc::new([Method::POST, Method::PATCH]),
+        }
+    }
+
+    /// Uses these breakers (e.g. to share them among clients, or to read
+    /// their states).
+    #[must_use]
+    pub fn breakers(mut self, breakers: Breakers) -> Self {
+        self.breakers = Some(breakers);
+        self
+    }
+
+    /// No circuit breaking.
+    #[must_use]
+    pub fn without_breakers(mut self) -> Self {
+        self.breakers = None;
+        self
+    }
+
+    /// The methods whose requests get an `Idempotency-Key` when they have
+    /// none (default `POST` and `PATCH`, as the draft and idem's
+    /// [layer](crate::http::IdempotencyLayer) guard).
+    #[must_use]
+    pub fn key_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.key_methods = methods.into_iter().collect();
+        self
+    }
+}
+
+/// How a request went, in the final response's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryReport {
+    attempts: u32,
+    key: Option<String>,
+    replayed: bool,
+}
+
+impl RetryReport {
+    /// How many attempts were sent, the last included.
+    #[must_use]
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The request's idempotency key, if it had one.
+    #[must_use]
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// Whether the server replayed a stored response
+    /// (`Idempotent-Replayed: true`), as it does when an earlier attempt was
+    /// processed but its response lost.
+    #[must_use]
+    pub fn replayed(&self) -> bool {
+        self.replayed
+    }
+}
+
+/// Whether a response is a replay (`Idempotent-Replayed: true`).
+#[must_use]
+pub fn replayed(response: &Response) -> bool {
+    response
+        .headers()
+        .get(IDEMPOTENT_REPLAYED)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true") || value == "?1")
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+#[async_trait::async_trait]
+impl Middleware for RetryMiddleware {
+    async fn handle(
+        &self,
+        mut request: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        let key = match request.headers().get(IDEMPOTENCY_KEY) {
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(|value| IdempotencyKey::parse(value).ok())
+                .map(|key| key.as_str().to_owned()),
+            None if self.key_methods.contains(request.method()) => {
+                let key = new_key();
+                let value = HeaderValue::try_from(format!("\"{key}\""))
+                    .expect("a UUID is a valid header value");
+                request.headers_mut().insert(IDEMPOTENCY_KEY, value);
+                Some(key)
+            }
+            None => None,
+        };
+        let retryable = key.is_some() || is_idempotent(request.method());
+        let url = request.url();
+        let dependency = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or_default()
+        );
+        let breaker = self
+            .breakers
+            .as_ref()
+            .map(|breakers| breakers.get(&dependency));
+        let mut retries = Retries::start(&self.policy);
+        let mut attempts = 0;
+        loop {
+            let (attempt, kept) = match retryable.then(|| request.try_clone()).flatten() {
+                Some(copy) => (copy, Some(request)),
+                None => (request, None),
+            };
+            let permit = match &breaker {
+                Some(breaker) => Some(
+                    breaker
+                        .try_acquire()
+                        .map_err(reqwest_middleware::Error::middleware)?,
+                ),
+                None => None,
+            };
+            attempts += 1;
+            let outcome = next.clone().run(attempt, extensions).await;
+            let verdict = match &outcome {
+                Ok(response) => response.classify(),
+                Err(error) => error.classify(),
+            };
+            if let Some(permit) = permit {
+                permit.record(verdict);
+            }
+            let delay = (verdict.is_retryable() && kept.is_some())
+                .then(|| retries.next_delay(attempts, verdict.retry_after()).ok())
+                .flatten();
+            let (Some(delay), Some(kept)) = (delay, kept) else {
+                return outcome.map(|mut response| {
+                    let report = RetryReport {
+                        attempts,
+                        key,
+                        replayed: replayed(&response),
+                    };
+                    response.extensions_mut().insert(report);
+                    response
+                });
+            };
+            tracing::debug!(
+                attempt = attempts,
+                ?verdict,
+                ?delay,
+                "idem: retrying a request"
+            );
+            drop(outcome);
+            tokio::time::sleep(delay).await;
+            request = kept;
+        }
+    }
+}
