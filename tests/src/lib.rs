@@ -55,6 +55,12 @@
 //! [`faults::Flaky`] wraps any store and makes its next operations fail as a
 //! network would: refused, or carried out with the answer lost.
 //!
+//! # A flaky network
+//!
+//! [`proxy::Proxy`] sits between a client and a server on loopback and
+//! loses responses, delays them or refuses connections, one connection at a
+//! time: the lost response after a charge, for testing retrying clients.
+//!
 //! # Real servers
 //!
 //! With the `redis` feature, `redis_server` starts `redis-server` processes
@@ -68,6 +74,7 @@
 pub mod conformance;
 pub mod faults;
 pub mod process;
+pub mod proxy;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

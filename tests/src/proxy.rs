@@ -1,0 +1,141 @@
+//! A TCP proxy on loopback that loses, delays or refuses what passes
+//! through it, one connection at a time: a flaky network for testing
+//! clients.
+//!
+//! ```no_run
+//! use idem_test::proxy::{Fault, Proxy};
+//!
+//! # async fn demo(server: std::net::SocketAddr) -> std::io::Result<()> {
+//! // The first connection loses its response after the server answered.
+//! let proxy = Proxy::start(server, |connection| {
+//!     if connection == 0 { Fault::DropResponse } else { Fault::Pass }
+//! })
+//! .await?;
+//! let url = format!("http://{}/payments", proxy.addr());
+//! # Ok(())
+//! # }
+//! ```
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// What the proxy does to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forwards both ways.
+    Pass,
+    /// Forwards the request; when the server starts answering, closes the
+    /// client's connection without a byte of the answer: the request was
+    /// processed and its response lost.
+    DropResponse,
+    /// Forwards the request, and the answer after this delay.
+    Delay(Duration),
+    /// Closes the client's connection at once, before anything reaches the
+    /// server.
+    Refuse,
+}
+
+/// A running proxy; stops when dropped.
+#[derive(Debug)]
+pub struct Proxy {
+    addr: SocketAddr,
+    connections: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `upstream`, treating
+    /// connection `n` (counted from 0) as `plan(n)` says.
+    ///
+    /// # Errors
+    ///
+    /// When no loopback port can be bound.
+    pub async fn start<P>(upstream: SocketAddr, plan: P) -> io::Result<Self>
+    where
+        P: Fn(u64) -> Fault + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let connections = Arc::new(AtomicU64::new(0));
+        let counter = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let fault = plan(counter.fetch_add(1, Ordering::SeqCst));
+                tokio::spawn(async move {
+                    // A connection that fails only ends early, as on a network.
+                    let _ = relay(client, upstream, fault).await;
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            connections,
+            task,
+        })
+    }
+
+    /// The address clients connect to.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// How many connections were accepted.
+    #[must_use]
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay(client: TcpStream, upstream: SocketAddr, fault: Fault) -> io::Result<()> {
+    if fault == Fault::Refuse {
+        return Ok(());
+    }
+    let server = TcpStream::connect(upstream).await?;
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let requests = async {
+        tokio::io::copy(&mut client_read, &mut server_write).await?;
+        let _ = server_write.shutdown().await;
+        // The client is done sending; the connection lasts until the answer ends.
+        std::future::pending::<io::Result<()>>().await
+    };
+    let responses = async {
+        let mut buffer = vec![0; 16 * 1024];
+        let mut first = true;
+        loop {
+            let read = server_read.read(&mut buffer).await?;
+            if read == 0 {
+                return client_write.shutdown().await;
+            }
+            if first {
+                first = false;
+                match fault {
+                    Fault::DropResponse => return Ok(()),
+                    Fault::Delay(delay) => tokio::time::sleep(delay).await,
+                    Fault::Pass | Fault::Refuse => {}
+                }
+            }
+            client_write.write_all(&buffer[..read]).await?;
+        }
+    };
+    // The connection ends when the answers end (or are dropped), or when
+    // copying a request fails.
+    tokio::select! {
+        answered = responses => answered,
+        failed = requests => failed,
+    }
+}

@@ -1,0 +1,506 @@
+//! The retrying client end to end against idem's own HTTP edge: a real axum
+//! server behind `IdempotencyLayer` on loopback, a real reqwest client with
+//! `RetryMiddleware`, and a proxy that loses responses.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use idem_core::Idempotency;
+use idem_core::client::{
+    BreakerConfig, BreakerState, Breakers, CircuitOpen, RetryBudget, RetryMiddleware, RetryPolicy,
+    RetryReport,
+};
+use idem_core::http::IdempotencyLayer;
+use idem_test::proxy::{Fault, Proxy};
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+
+/// The server's side of the story: every request that reached it, and the
+/// charges made.
+#[derive(Default)]
+struct Server {
+    /// `(Idempotency-Key, arrival)` of every request, replays included.
+    arrivals: Mutex<Vec<(String, Instant)>>,
+    /// Charges made, per idempotency key.
+    charges: Mutex<HashMap<String, u32>>,
+    /// The next this many charges fail with `failure` instead.
+    failures_left: AtomicU64,
+    failure: Mutex<Option<(StatusCode, Option<&'static str>)>>,
+    /// While set, every request fails with 503.
+    down: AtomicBool,
+}
+
+impl Server {
+    fn fail_next(&self, count: u64, status: StatusCode, retry_after: Option<&'static str>) {
+        *self.failure.lock().unwrap() = Some((status, retry_after));
+        self.failures_left.store(count, Ordering::SeqCst);
+    }
+
+    fn arrivals(&self) -> usize {
+        self.arrivals.lock().unwrap().len()
+    }
+
+    fn charges(&self) -> HashMap<String, u32> {
+        self.charges.lock().unwrap().clone()
+    }
+}
+
+async fn record(State(server): State<Arc<Server>>, request: Request, next: Next) -> Response {
+    let key = request
+        .headers()
+        .get("idempotency-key")
+        .map(|key| key.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    server.arrivals.lock().unwrap().push((key, Instant::now()));
+    next.run(request).await
+}
+
+async fn charge(State(server): State<Arc<Server>>, headers: HeaderMap, body: String) -> Response {
+    if server.down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let failing = server
+        .failures_left
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+            left.checked_sub(1)
+        })
+        .is_ok();
+    if failing {
+        let (status, retry_after) = server.failure.lock().unwrap().unwrap();
+        return match retry_after {
+            Some(after) => (status, [(header::RETRY_AFTER, after)]).into_response(),
+            None => status.into_response(),
+        };
+    }
+    let key = headers["idempotency-key"].to_str().unwrap().to_owned();
+    let mut charges = server.charges.lock().unwrap();
+    *charges.entry(key.clone()).or_default() += 1;
+    let receipt = format!(
+        r#"{{"charge":{},"for":{body:?}}}"#,
+        charges.values().sum::<u32>()
+    );
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        receipt,
+    )
+        .into_response()
+}
+
+/// Serves `POST /charges` behind the idempotency layer (scoped by
+/// `x-api-key`), recording every arrival in front of the layer.
+async fn serve() -> (SocketAddr, Arc<Server>) {
+    let server = Arc::new(Server::default());
+    let app = Router::new()
+        .route("/charges", post(charge))
+        .with_state(server.clone())
+        .layer(IdempotencyLayer::scoped_by(
+            Idempotency::memory(),
+            |request| {
+                request
+                    .headers
+                    .get("x-api-key")?
+                    .to_str()
+                    .ok()
+                    .map(str::to_owned)
+            },
+        ))
+        .layer(middleware::from_fn_with_state(server.clone(), record));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, server)
+}
+
+fn fast() -> idem_core::client::RetryPolicyBuilder {
+    RetryPolicy::builder()
+        .base(Duration::from_millis(20))
+        .cap(Duration::from_millis(200))
+        .max_attempts(5)
+}
+
+fn client(policy: RetryPolicy, breakers: Breakers) -> ClientWithMiddleware {
+    ClientBuilder::new(reqwest::Client::new())
+        .with(RetryMiddleware::new(policy).breakers(breakers))
+        .build()
+}
+
+async fn charge_via(
+    client: &ClientWithMiddleware,
+    addr: SocketAddr,
+    body: &str,
+) -> reqwest_middleware::Result<reqwest::Response> {
+    client
+        .post(format!("http://{addr}/charges"))
+        .header("x-api-key", "shop-1")
+        .body(body.to_owned())
+        .send()
+        .await
+}
+
+fn report(response: &reqwest::Response) -> RetryReport {
+    response.extensions().get::<RetryReport>().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_lost_response_is_retried_with_its_key_and_replayed() {
+    let (server_addr, server) = serve().await;
+    let proxy = Proxy::start(server_addr, |connection| {
+        if connection == 0 {
+            Fault::DropResponse
+        } else {
+            Fault::Pass
+        }
+    })
+    .await
+    .unwrap();
+    let client = client(fast().build().unwrap(), Breakers::default());
+
+    let response = charge_via(&client, proxy.addr(), "100 cents")
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let report = report(&response);
+    assert_eq!(report.attempts(), 2);
+    assert!(report.replayed(), "the retry got the stored receipt");
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        response.text().await.unwrap(),
+        r#"{"charge":1,"for":"100 cents"}"#
+    );
+    let key = report.key().unwrap().to_owned();
+    assert_eq!(uuid_version(&key), 4);
+    let arrivals: Vec<_> = server
+        .arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(
+        arrivals,
+        [format!("\"{key}\""), format!("\"{key}\"")],
+        "one key on every attempt"
+    );
+    assert_eq!(
+        server.charges().into_values().collect::<Vec<_>>(),
+        [1],
+        "exactly one charge"
+    );
+    assert_eq!(proxy.connections(), 2);
+}
+
+fn uuid_version(key: &str) -> u32 {
+    let version = key.split('-').nth(2).unwrap();
+    version[..1].parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_503_is_retried_and_charges_once() {
+    let (addr, server) = serve().await;
+    server.fail_next(1, StatusCode::SERVICE_UNAVAILABLE, None);
+    let client = client(fast().build().unwrap(), Breakers::default());
+
+    let response = charge_via(&client, addr, "100 cents").await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(report(&response).attempts(), 2);
+    assert!(!report(&response).replayed());
+    assert_eq!(server.arrivals(), 2);
+    assert_eq!(server.charges().into_values().collect::<Vec<_>>(), [1]);
+}
+
+#[tokio::test]
+async fn a_422_is_not_retried_and_a_callers_key_is_kept() {
+    let (addr, server) = serve().await;
+    let client = client(fast().build().unwrap(), Breakers::default());
+    let send = |body: &'static str| {
+        client
+            .post(format!("http://{addr}/charges"))
+            .header("x-api-key", "shop-1")
+            .header("idempotency-key", "order-17")
+            .body(body)
+            .send()
+    };
+
+    let first = send("100 cents").await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(report(&first).key(), Some("order-17"));
+    let reused = send("999 cents").await.unwrap();
+
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(report(&reused).attempts(), 1, "a 422 is never retried");
+    assert_eq!(server.arrivals(), 2);
+    assert_eq!(server.charges()["order-17"], 1);
+}
+
+#[tokio::test]
+async fn other_client_errors_are_not_retried() {
+    let (addr, server) = serve().await;
+    let client = client(fast().build().unwrap(), Breakers::default());
+    for status in [
+        StatusCode::BAD_REQUEST,
+        StatusCode::FORBIDDEN,
+        StatusCode::NOT_FOUND,
+    ] {
+        server.fail_next(1, status, None);
+        let before = server.arrivals();
+        let response = charge_via(&client, addr, "100 cents").await.unwrap();
+        assert_eq!(response.status(), status);
+        assert_eq!(server.arrivals() - before, 1, "{status} is final");
+    }
+}
+
+#[tokio::test]
+async fn a_409_is_retried_no_sooner_than_its_retry_after() {
+    let (addr, server) = serve().await;
+    server.fail_next(1, StatusCode::CONFLICT, Some("1"));
+    let client = client(fast().build().unwrap(), Breakers::default());
+
+    let response = charge_via(&client, addr, "100 cents").await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let arrivals = server.arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), 2);
+    let waited = arrivals[1].1 - arrivals[0].1;
+    assert!(waited >= Duration::from_secs(1), "retried after {waited:?}");
+    assert_eq!(server.charges().into_values().sum::<u32>(), 1);
+}
+
+#[tokio::test]
+async fn a_hundred_clients_spread_their_retries_and_each_charges_once() {
+    const CLIENTS: usize = 100;
+    const FAILURES: usize = 50;
+    let (addr, server) = serve().await;
+    server.fail_next(FAILURES as u64, StatusCode::SERVICE_UNAVAILABLE, None);
+    // One policy (and budget) shared by all; retries wait up to 200 ms.
+    let policy = RetryPolicy::builder()
+        .base(Duration::from_millis(200))
+        .max_attempts(5)
+        .build()
+        .unwrap();
+
+    let operations: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let client = client(policy.clone(), Breakers::default());
+            tokio::spawn(async move { charge_via(&client, addr, &format!("order {i}")).await })
+        })
+        .collect();
+    for operation in operations {
+        assert_eq!(
+            operation.await.unwrap().unwrap().status(),
+            StatusCode::CREATED
+        );
+    }
+
+    let charges = server.charges();
+    assert_eq!(charges.len(), CLIENTS);
+    assert!(
+        charges.values().all(|&n| n == 1),
+        "every operation charged exactly once"
+    );
+    assert_eq!(
+        server.arrivals(),
+        CLIENTS + FAILURES,
+        "each failed attempt retried once"
+    );
+
+    // The retries' waits: full jitter spreads them over [0, 200 ms].
+    let mut by_key: HashMap<String, Vec<Instant>> = HashMap::new();
+    for (key, at) in server.arrivals.lock().unwrap().iter() {
+        by_key.entry(key.clone()).or_default().push(*at);
+    }
+    let waits: Vec<f64> = by_key
+        .values()
+        .flat_map(|arrivals| arrivals.windows(2))
+        .map(|pair| (pair[1] - pair[0]).as_secs_f64() * 1000.0)
+        .collect();
+    assert_eq!(waits.len(), FAILURES);
+    let mean = waits.iter().sum::<f64>() / waits.len() as f64;
+    let sd = (waits.iter().map(|w| (w - mean).powi(2)).sum::<f64>() / waits.len() as f64).sqrt();
+    let mut buckets = [0usize; 12];
+    for wait in &waits {
+        buckets[((wait / 20.0) as usize).min(11)] += 1;
+    }
+    println!(
+        "waits before a retry: mean {mean:.0} ms, sd {sd:.0} ms, per 20 ms (the last: 220 ms or more): {buckets:?}"
+    );
+    // Uniform over 200 ms has sd ≈ 58 ms; lockstep would be near 0.
+    assert!(sd > 25.0, "retries in lockstep: sd {sd:.1} ms");
+    assert!(
+        buckets.iter().all(|&n| n <= FAILURES / 3),
+        "clustered: {buckets:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_retry_budget_caps_attempts_when_everything_fails() {
+    const CLIENTS: usize = 100;
+    let (addr, server) = serve().await;
+    server.down.store(true, Ordering::SeqCst);
+    // Up to 10 attempts each, but retries may add only 10% (+1 a second).
+    let budget = RetryBudget::new(0.1, Duration::from_secs(1), 1).unwrap();
+    let policy = fast().max_attempts(10).budget(budget).build().unwrap();
+
+    let operations: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let client = client(policy.clone(), Breakers::default());
+            tokio::spawn(async move { charge_via(&client, addr, &format!("order {i}")).await })
+        })
+        .collect();
+    for operation in operations {
+        let response = operation.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    let attempts = server.arrivals();
+    println!(
+        "{CLIENTS} operations against a dead server: {attempts} attempts (unbudgeted: {})",
+        CLIENTS * 10
+    );
+    assert!(attempts >= CLIENTS);
+    assert!(
+        attempts <= CLIENTS + 20,
+        "{attempts} attempts: the budget did not hold"
+    );
+    assert!(server.charges().is_empty());
+}
+
+fn circuit_open(error: &reqwest_middleware::Error) -> Option<&CircuitOpen> {
+    match error {
+        reqwest_middleware::Error::Middleware(error) => error.downcast_ref::<CircuitOpen>(),
+        reqwest_middleware::Error::Reqwest(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn the_breaker_opens_probes_and_closes_again() {
+    let (addr, server) = serve().await;
+    let cool_down = Duration::from_millis(300);
+    let breakers = Breakers::new(
+        BreakerConfig::default()
+            .consecutive_failures(3)
+            .cool_down(cool_down),
+    )
+    .unwrap();
+    let client = client(fast().max_attempts(1).build().unwrap(), breakers.clone());
+    let breaker = breakers.get(&format!("127.0.0.1:{}", addr.port()));
+    let mut states = breaker.subscribe();
+    server.down.store(true, Ordering::SeqCst);
+
+    for _ in 0..3 {
+        let response = charge_via(&client, addr, "100 cents").await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(breaker.state(), BreakerState::Open);
+    assert_eq!(*states.borrow_and_update(), BreakerState::Open);
+    assert_eq!(
+        breakers.states(),
+        [(format!("127.0.0.1:{}", addr.port()), BreakerState::Open)]
+    );
+
+    // Open: calls fail fast, without a request.
+    let error = charge_via(&client, addr, "100 cents").await.unwrap_err();
+    assert!(
+        circuit_open(&error).is_some_and(|open| open.retry_in() <= cool_down),
+        "{error}"
+    );
+    assert_eq!(server.arrivals(), 3);
+
+    // After the cool-down, one probe; the server is still down.
+    tokio::time::sleep(cool_down).await;
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    let probe = charge_via(&client, addr, "100 cents").await.unwrap();
+    assert_eq!(probe.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(server.arrivals(), 4);
+    assert_eq!(breaker.state(), BreakerState::Open);
+    assert!(charge_via(&client, addr, "100 cents").await.is_err());
+    assert_eq!(server.arrivals(), 4);
+
+    // The server is back: the next probe closes the circuit.
+    server.down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(cool_down).await;
+    let response = charge_via(&client, addr, "100 cents").await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    assert_eq!(*states.borrow_and_update(), BreakerState::Closed);
+    let response = charge_via(&client, addr, "100 cents").await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(server.arrivals(), 6);
+}
+
+#[tokio::test]
+async fn a_server_that_refuses_connections_opens_the_breaker() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(2)).unwrap();
+    let client = client(fast().max_attempts(1).build().unwrap(), breakers.clone());
+
+    for _ in 0..2 {
+        let error = charge_via(&client, addr, "100 cents").await.unwrap_err();
+        assert!(
+            circuit_open(&error).is_none(),
+            "a connection error: {error}"
+        );
+    }
+    let error = charge_via(&client, addr, "100 cents").await.unwrap_err();
+    assert!(circuit_open(&error).is_some(), "{error}");
+}
+
+#[tokio::test]
+async fn the_retry_helper_shares_policy_and_breaker_with_any_call() {
+    use idem_core::client::{CircuitBreaker, StopReason, retry};
+    let breaker =
+        CircuitBreaker::new("ledger", BreakerConfig::default().consecutive_failures(3)).unwrap();
+    let policy = fast()
+        .max_attempts(3)
+        .breaker(breaker.clone())
+        .build()
+        .unwrap();
+    let (addr, server) = serve().await;
+    server.fail_next(1, StatusCode::SERVICE_UNAVAILABLE, None);
+    let plain = reqwest::Client::new();
+
+    // A plain reqwest call, its key made once by `retry` and sent on every attempt.
+    let receipt = retry(&policy, |attempt| {
+        let request = plain
+            .post(format!("http://{addr}/charges"))
+            .header("x-api-key", "shop-1")
+            .header("idempotency-key", attempt.key())
+            .body("100 cents")
+            .send();
+        async move { request.await?.error_for_status()?.text().await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(receipt, r#"{"charge":1,"for":"100 cents"}"#);
+    assert_eq!(server.arrivals(), 2);
+
+    server.down.store(true, Ordering::SeqCst);
+    let error = retry(&policy, |_| {
+        let request = plain
+            .post(format!("http://{addr}/charges"))
+            .header("x-api-key", "shop-1")
+            .header("idempotency-key", "k")
+            .send();
+        async move { request.await?.error_for_status() }
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(error.attempts(), 3);
+    assert_eq!(breaker.state(), BreakerState::Open);
+    let error = retry(&policy, |_| async { Ok::<_, reqwest::Error>(()) })
+        .await
+        .unwrap_err();
+    assert!(matches!(error.reason(), StopReason::CircuitOpen(_)));
+}
