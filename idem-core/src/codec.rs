@@ -24,6 +24,13 @@ pub(crate) trait ResultCodec<T, E> {
     fn keep_err(&mut self, error: &E) -> Option<serde_json::Result<Vec<u8>>>;
     /// A stored error read back.
     fn decode_err(&self, bytes: &[u8]) -> Result<E, Error>;
+    /// Whether the caller must not get the outcome before it is recorded
+    /// (a consumer acknowledges a message only then): a record whose store
+    /// answer was lost is retried before returning instead of in the
+    /// background.
+    fn awaits_record(&self) -> bool {
+        false
+    }
 }
 
 /// The codec of [`Idempotency::run`](crate::Idempotency::run): serde for

@@ -234,7 +234,9 @@ impl Idempotency {
         let work = async {
             let result = body.await;
             let record = to_record(key, &result, &mut codec);
-            let landing = self.settle(settings, key, token, &lease, record).await;
+            let landing = self
+                .settle(settings, key, token, &lease, record, codec.awaits_record())
+                .await;
             (result, landing)
         };
         let (result, landing) = self
@@ -327,6 +329,7 @@ impl Idempotency {
         token: Token,
         lease: &Lease,
         record: Option<Record>,
+        awaited: bool,
     ) -> Landing {
         if lease.lost() {
             if record.is_some() {
@@ -337,6 +340,12 @@ impl Idempotency {
                 Ok(Completion::Stored) => {}
                 Ok(Completion::Lost) => {
                     tracing::warn!(%key, "an idempotency claim lapsed while its call ran; its result was not stored");
+                }
+                Err(error) if retryable(&error) && awaited => {
+                    tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
+                    self.clone()
+                        .record_retrying(*settings, key, token, lease.clone(), record.clone())
+                        .await;
                 }
                 Err(error) if retryable(&error) => {
                     self.record_later(settings, key, token, lease, record.clone(), error);
@@ -388,27 +397,40 @@ impl Idempotency {
             return;
         };
         tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
-        let (this, settings, lease) = (self.clone(), *settings, lease.clone());
-        runtime.spawn(async move {
-            let until = lease.until();
-            let attempts = retrying(key, until, &lease, || {
-                this.record(&settings, key, token, record.as_ref())
-            });
-            let recorded = this
-                .renewing(&settings, key, token, &lease, &Herald(None), attempts)
-                .await;
-            match recorded {
-                Ok(Completion::Stored) => {
-                    tracing::info!(%key, "recorded the outcome of an idempotent call after retrying");
-                }
-                Ok(Completion::Lost) => {
-                    tracing::warn!(%key, "an idempotency claim lapsed before its outcome could be recorded");
-                }
-                Err(error) => {
-                    tracing::error!(%key, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
-                }
-            }
+        runtime.spawn(
+            self.clone()
+                .record_retrying(*settings, key, token, lease.clone(), record),
+        );
+    }
+
+    /// Retries [`record`](Self::record), renewing the claim meanwhile, until
+    /// it succeeds or the lease (as it stands now) runs out.
+    async fn record_retrying(
+        self,
+        settings: Settings,
+        key: Key,
+        token: Token,
+        lease: Lease,
+        record: Option<Record>,
+    ) {
+        let until = lease.until();
+        let attempts = retrying(key, until, &lease, || {
+            self.record(&settings, key, token, record.as_ref())
         });
+        let recorded = self
+            .renewing(&settings, key, token, &lease, &Herald(None), attempts)
+            .await;
+        match recorded {
+            Ok(Completion::Stored) => {
+                tracing::info!(%key, "recorded the outcome of an idempotent call after retrying");
+            }
+            Ok(Completion::Lost) => {
+                tracing::warn!(%key, "an idempotency claim lapsed before its outcome could be recorded");
+            }
+            Err(error) => {
+                tracing::error!(%key, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
+            }
+        }
     }
 
     /// Polls `work` to completion while renewing the claim every third of the
