@@ -88,8 +88,9 @@
 //! idempotent (with `axum`, `http` also extracts the `Idempotency-Key` header
 //! and turns [`Error`]s into responses). With `client`, `client` retries
 //! requests safely: one key per operation, jittered backoff, a retry budget
-//! and circuit breakers. Backend authors find the store protocol in
-//! [`store`].
+//! and circuit breakers. With `consumer` (and `nats` for JetStream),
+//! `consumer` processes each broker message once per message id. Backend
+//! authors find the store protocol in [`store`].
 //!
 //! # Errors
 //!
@@ -115,6 +116,9 @@ pub mod store;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
+#[cfg(feature = "consumer")]
+#[cfg_attr(docsrs, doc(cfg(feature = "consumer")))]
+pub mod consumer;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod http;

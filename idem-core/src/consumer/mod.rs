@@ -1,0 +1,712 @@
+//! Message consumers (feature `consumer`; `nats` adds JetStream): each
+//! message's side effect happens once, however often the broker delivers it.
+//!
+//! Brokers deliver at least once: after a consumer crash, an ack lost on the
+//! wire, an ack deadline that passed, or a publisher that retried, a message
+//! comes again. A [`Consumer`] runs a message's handler once per message id
+//! and hands redeliveries the first outcome:
+//!
+//! 1. the message id (from the broker: `Nats-Msg-Id`, or a key of the
+//!    user's choice) is the idempotency key, in the consumer's name;
+//! 2. the handler runs once per id; its `Ok` is stored for the TTL
+//!    (default 24 h; keep it longer than the broker may redeliver);
+//! 3. the message is acknowledged only after the outcome is recorded, so a
+//!    lost ack or a crash before it leads to a redelivery that is replayed:
+//!    skipped and acknowledged;
+//! 4. a redelivery that arrives while the first delivery is still running
+//!    waits for its outcome (in this process, or polling another's), and
+//!    never runs in parallel; while a handler runs, the consumer tells the
+//!    broker it is in progress (a heartbeat), so its ack deadline does not
+//!    pass.
+//!
+//! # What happens to each outcome
+//!
+//! | outcome | the message is |
+//! |---|---|
+//! | the handler returned `Ok` (or an earlier delivery did: a replay) | acknowledged |
+//! | the handler returned `Err`, delivery `n` < `max_deliveries` (5) | nak'ed, redelivered after a backoff: 1 s · 2ⁿ⁻¹, at most 60 s |
+//! | the handler returned `Err` on the last delivery | dead-lettered: published to the dead-letter subject when one is set, and terminated |
+//! | another delivery of the id is running elsewhere past the wait | nak'ed, redelivered after that delivery's remaining lease |
+//! | the idempotency store is down | nak'ed with the backoff; never dead-lettered, never run unguarded |
+//! | the id was used before with another payload | dead-lettered: it is another message under a taken id |
+//! | the message has no id | dead-lettered |
+//! | it ran before, but its outcome cannot be replayed (no longer decodes) | acknowledged: its side effect happened |
+//!
+//! Handler errors are never stored: the next delivery runs the handler
+//! again.
+//!
+//! # Ordering and batching
+//!
+//! idem's promise is per message: each id's side effect happens once. It
+//! adds no ordering beyond the broker's: messages are processed
+//! `concurrency` at a time (default 16; 1 keeps the broker's delivery
+//! order, except that a nak'ed message comes back later), and a redelivery
+//! is processed whenever the broker sends it. Batches are the broker's
+//! business too: each message of a batch is claimed, run, recorded and
+//! acknowledged on its own, so a crash mid-batch replays the messages that
+//! were recorded and runs the others.
+//!
+//! # Other brokers
+//!
+//! The core is broker-neutral: an integration implements [`Message`] for its
+//! broker's message type (read the id, payload and delivery count; ack,
+//! nak, dead-letter, heartbeat) and hands a stream of them to
+//! [`Consumer::run`]. The JetStream integration ([`jetstream`], feature
+//! `nats`) is such an adapter; one for RabbitMQ (`lapin`) or Kafka would be
+//! the same few methods:
+//!
+//! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use idem_core::consumer::{AckError, Delivery, Message};
+//!
+//! /// A message of some broker whose client acknowledges by delivery tag.
+//! struct Incoming { id: String, body: Bytes, redelivered: bool, tag: u64 }
+//!
+//! impl Message for Incoming {
+//!     fn delivery(&self) -> Result<Delivery, String> {
+//!         Ok(Delivery::new(self.id.clone(), self.body.clone())
+//!             .deliveries(if self.redelivered { 2 } else { 1 }))
+//!     }
+//!     async fn ack(&self) -> Result<(), AckError> {
+//!         Ok(()) // channel.basic_ack(self.tag, …)
+//!     }
+//!     async fn nak(&self, _delay: Duration) -> Result<(), AckError> {
+//!         Ok(()) // channel.basic_nack(self.tag, requeue = true)
+//!     }
+//!     async fn dead_letter(&self, _reason: &str) -> Result<(), AckError> {
+//!         Ok(()) // channel.basic_reject(self.tag, requeue = false) to a dead-letter exchange
+//!     }
+//! }
+//! ```
+
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod jetstream;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt as _};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest as _, Sha256};
+
+use crate::codec::ResultCodec;
+use crate::{Error, Fingerprint, Idempotency, Key, Settings};
+
+/// A message as a handler sees it: its id, payload and delivery count.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    id: Arc<str>,
+    subject: Arc<str>,
+    payload: Bytes,
+    deliveries: u32,
+}
+
+impl Delivery {
+    /// A first delivery of the message `id` with `payload`.
+    pub fn new(id: impl Into<Arc<str>>, payload: Bytes) -> Self {
+        Self {
+            id: id.into(),
+            subject: Arc::from(""),
+            payload,
+            deliveries: 1,
+        }
+    }
+
+    /// The subject, topic or queue it came from.
+    #[must_use]
+    pub fn subject(mut self, subject: impl Into<Arc<str>>) -> Self {
+        self.subject = subject.into();
+        self
+    }
+
+    /// Which delivery of the message this is: 1 for the first.
+    #[must_use]
+    pub fn deliveries(mut self, deliveries: u32) -> Self {
+        self.deliveries = deliveries.max(1);
+        self
+    }
+
+    /// The message id: the idempotency key.
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The subject, topic or queue it came from (empty if unknown).
+    #[must_use]
+    pub fn subject_name(&self) -> &str {
+        &self.subject
+    }
+
+    /// The payload.
+    #[must_use]
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Which delivery of the message this is: 1 for the first.
+    #[must_use]
+    pub fn delivery_count(&self) -> u32 {
+        self.deliveries
+    }
+}
+
+/// What to tell the broker about a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done: do not deliver it again.
+    Ack,
+    /// Not done: deliver it again after `delay`.
+    Nak {
+        /// When to deliver it again.
+        delay: Duration,
+    },
+    /// It will never succeed: publish it to the dead-letter destination, if
+    /// any, and do not deliver it again.
+    DeadLetter {
+        /// Why, for the dead letter and the log.
+        reason: String,
+    },
+}
+
+/// How a delivery was handled.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Handled<T> {
+    /// The handler ran and returned this.
+    Ran(T),
+    /// An earlier delivery's outcome, replayed; the handler did not run.
+    Replayed(T),
+    /// The handler ran and failed with this error (its `Display`).
+    Failed(String),
+    /// idem did not run the handler (the store is down, another delivery is
+    /// running, the id was reused) or could not replay it.
+    NotRun(Error),
+}
+
+impl<T> Handled<T> {
+    /// The handler's value, run now or replayed.
+    #[must_use]
+    pub fn value(&self) -> Option<&T> {
+        match self {
+            Self::Ran(value) | Self::Replayed(value) => Some(value),
+            Self::Failed(_) | Self::NotRun(_) => None,
+        }
+    }
+
+    /// Whether this delivery's handler ran (and failed or not).
+    #[must_use]
+    pub fn ran(&self) -> bool {
+        matches!(self, Self::Ran(_) | Self::Failed(_))
+    }
+}
+
+/// How a delivery was handled, and what to tell the broker.
+#[derive(Debug, Clone)]
+pub struct Outcome<T> {
+    /// How it was handled.
+    pub handled: Handled<T>,
+    /// What to tell the broker.
+    pub disposition: Disposition,
+}
+
+/// Counts of what a [`Consumer`] did, since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Deliveries processed.
+    pub delivered: u64,
+    /// Handler runs (side effects).
+    pub ran: u64,
+    /// Deliveries answered with an earlier delivery's outcome.
+    pub replayed: u64,
+    /// Handler runs that failed.
+    pub failed: u64,
+    /// Deliveries nak'ed for redelivery.
+    pub naked: u64,
+    /// Deliveries dead-lettered.
+    pub dead_lettered: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    delivered: AtomicU64,
+    ran: AtomicU64,
+    replayed: AtomicU64,
+    failed: AtomicU64,
+    naked: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// An error from a broker while acknowledging, nak'ing, dead-lettering or
+/// reading messages.
+pub type AckError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A broker's message, as [`Consumer::run`] handles it: the one trait a
+/// broker integration implements.
+pub trait Message: Send + Sync {
+    /// The message's id, payload and delivery count; `Err` with the reason
+    /// when it has no usable id (it is then dead-lettered).
+    ///
+    /// # Errors
+    ///
+    /// Why the message has no id.
+    fn delivery(&self) -> Result<Delivery, String>;
+
+    /// Acknowledges it: done, never deliver again.
+    fn ack(&self) -> impl Future<Output = Result<(), AckError>> + Send;
+
+    /// Asks for it to be delivered again after `delay`.
+    fn nak(&self, delay: Duration) -> impl Future<Output = Result<(), AckError>> + Send;
+
+    /// Publishes it to a dead-letter destination (if the integration has
+    /// one) and stops its delivery.
+    fn dead_letter(&self, reason: &str) -> impl Future<Output = Result<(), AckError>> + Send;
+
+    /// Tells the broker it is still being worked on, so that its ack
+    /// deadline does not pass; sent every [`heartbeat`](Consumer::heartbeat)
+    /// while the handler runs. The default does nothing.
+    fn in_progress(&self) -> impl Future<Output = Result<(), AckError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// Processes messages once per message id on an [`Idempotency`] handle.
+///
+/// ```
+/// use bytes::Bytes;
+/// use idem_core::Idempotency;
+/// use idem_core::consumer::{Consumer, Delivery, Disposition, Handled};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let consumer = Consumer::new(Idempotency::memory(), "emails.welcome");
+/// let message = Delivery::new("msg-1", Bytes::from_static(b"ada@example.com"));
+/// let send = |delivery: Delivery| async move {
+///     // send the email …
+///     Ok::<_, std::io::Error>(delivery.payload().len())
+/// };
+/// let first = consumer.process(message.clone(), send).await;
+/// assert!(matches!(first.handled, Handled::Ran(15)));
+/// let again = consumer.process(message.deliveries(2), send).await;
+/// assert!(matches!(again.handled, Handled::Replayed(15))); // not sent twice
+/// assert_eq!(again.disposition, Disposition::Ack);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Consumer {
+    idem: Idempotency,
+    name: Arc<str>,
+    settings: Settings,
+    max_deliveries: u32,
+    backoff: (Duration, Duration),
+    heartbeat: Option<Duration>,
+    concurrency: usize,
+    counters: Arc<Counters>,
+}
+
+impl Consumer {
+    /// The default delivery limit for handler errors: 5.
+    pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
+    /// The default first nak delay: 1 s; it doubles per delivery.
+    pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
+    /// The default largest nak delay: 60 s.
+    pub const DEFAULT_BACKOFF_CAP: Duration = Duration::from_secs(60);
+    /// The default heartbeat: every 10 s (a third of JetStream's default
+    /// ack wait).
+    pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+    /// The default number of messages processed at once: 16.
+    pub const DEFAULT_CONCURRENCY: usize = 16;
+
+    /// A consumer named `name` (the keys' namespace: two consumers of one
+    /// stream with different names each process every message once) on
+    /// `idem`, with the default [`Settings`].
+    pub fn new(idem: Idempotency, name: impl Into<Arc<str>>) -> Self {
+        Self {
+            idem,
+            name: name.into(),
+            settings: Settings::DEFAULT,
+            max_deliveries: Self::DEFAULT_MAX_DELIVERIES,
+            backoff: (Self::DEFAULT_BACKOFF_BASE, Self::DEFAULT_BACKOFF_CAP),
+            heartbeat: Some(Self::DEFAULT_HEARTBEAT),
+            concurrency: Self::DEFAULT_CONCURRENCY,
+            counters: Arc::default(),
+        }
+    }
+
+    /// The settings of every message's call: its TTL (how long a processed
+    /// id is remembered: longer than the broker may redeliver), lease and
+    /// conflict policy.
+    #[must_use]
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// After this many deliveries that failed in the handler, the message
+    /// is dead-lettered (default 5; at least 1).
+    #[must_use]
+    pub fn max_deliveries(mut self, deliveries: u32) -> Self {
+        self.max_deliveries = deliveries.max(1);
+        self
+    }
+
+    /// The nak delay after a failed delivery `n`: `base · 2ⁿ⁻¹`, at most
+    /// `cap` (default 1 s and 60 s).
+    #[must_use]
+    pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
+        self.backoff = (base, cap.max(base));
+        self
+    }
+
+    /// How often to tell the broker that a message is still in progress
+    /// while its handler runs (default 10 s; keep it below the ack wait),
+    /// or `None` for never.
+    #[must_use]
+    pub fn heartbeat(mut self, every: Option<Duration>) -> Self {
+        self.heartbeat = every.filter(|every| !every.is_zero());
+        self
+    }
+
+    /// How many messages [`run`](Self::run) processes at once (default 16;
+    /// at least 1).
+    #[must_use]
+    pub fn concurrency(mut self, messages: usize) -> Self {
+        self.concurrency = messages.max(1);
+        self
+    }
+
+    /// The consumer's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What this consumer (and its clones) did so far.
+    #[must_use]
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            delivered: c.delivered.load(Ordering::Relaxed),
+            ran: c.ran.load(Ordering::Relaxed),
+            replayed: c.replayed.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            naked: c.naked.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Handles one delivery: runs `handler` once per message id (and
+    /// payload), returning how it went and what to tell the broker. Returns
+    /// only after the outcome is recorded.
+    pub async fn process<T, E, F, Fut>(&self, delivery: Delivery, handler: F) -> Outcome<T>
+    where
+        F: FnOnce(Delivery) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned,
+        E: fmt::Display,
+    {
+        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        let outcome = self.decide(delivery, handler).await;
+        let counters = &self.counters;
+        match &outcome.handled {
+            Handled::Ran(_) => {
+                counters.ran.fetch_add(1, Ordering::Relaxed);
+            }
+            Handled::Replayed(_) => {
+                counters.replayed.fetch_add(1, Ordering::Relaxed);
+            }
+            Handled::Failed(_) => {
+                counters.ran.fetch_add(1, Ordering::Relaxed);
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Handled::NotRun(_) => {}
+        }
+        match outcome.disposition {
+            Disposition::Ack => {}
+            Disposition::Nak { .. } => {
+                self.counters.naked.fetch_add(1, Ordering::Relaxed);
+            }
+            Disposition::DeadLetter { .. } => {
+                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        outcome
+    }
+
+    async fn decide<T, E, F, Fut>(&self, delivery: Delivery, handler: F) -> Outcome<T>
+    where
+        F: FnOnce(Delivery) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned,
+        E: fmt::Display,
+    {
+        let deliveries = delivery.delivery_count();
+        let key = match Key::new(&self.name, delivery.id()) {
+            Ok(key) => key,
+            Err(error) => return self.not_run(error, deliveries),
+        };
+        let fingerprint = Fingerprint::from_digest(Sha256::digest(delivery.payload()).into());
+        let ran = AtomicBool::new(false);
+        let body = async {
+            ran.store(true, Ordering::Relaxed);
+            handler(delivery)
+                .await
+                .map_err(|error| Failure::Handler(error.to_string()))
+        };
+        let result = self
+            .idem
+            .execute(&self.settings, key, fingerprint, body, ConsumerCodec)
+            .await;
+        let ran = ran.load(Ordering::Relaxed);
+        match result {
+            Ok(value) if ran => Outcome {
+                handled: Handled::Ran(value),
+                disposition: Disposition::Ack,
+            },
+            Ok(value) => Outcome {
+                handled: Handled::Replayed(value),
+                disposition: Disposition::Ack,
+            },
+            Err(Failure::Handler(error)) => {
+                let disposition = if deliveries >= self.max_deliveries {
+                    Disposition::DeadLetter {
+                        reason: format!("the handler failed on delivery {deliveries}: {error}"),
+                    }
+                } else {
+                    Disposition::Nak {
+                        delay: self.backoff_after(deliveries),
+                    }
+                };
+                Outcome {
+                    handled: Handled::Failed(error),
+                    disposition,
+                }
+            }
+            Err(Failure::Idem(error)) => self.not_run(error, deliveries),
+        }
+    }
+
+    fn not_run<T>(&self, error: Error, deliveries: u32) -> Outcome<T> {
+        let disposition = match &error {
+            Error::InProgress { retry_after } => Disposition::Nak {
+                delay: *retry_after,
+            },
+            Error::KeyReused => Disposition::DeadLetter {
+                reason: "the message id was used before with another payload".to_owned(),
+            },
+            Error::InvalidKey { reason } => Disposition::DeadLetter {
+                reason: format!("the message id is unusable: {reason}"),
+            },
+            Error::Encode { .. } => Disposition::DeadLetter {
+                reason: error.to_string(),
+            },
+            // It ran before; only its outcome cannot be replayed.
+            Error::NotReplayable { .. } | Error::Decode(_) => {
+                tracing::warn!(%error, "idem: a redelivered message ran before but cannot be replayed; acknowledging it");
+                Disposition::Ack
+            }
+            _ => Disposition::Nak {
+                delay: self.backoff_after(deliveries),
+            },
+        };
+        Outcome {
+            handled: Handled::NotRun(error),
+            disposition,
+        }
+    }
+
+    fn backoff_after(&self, deliveries: u32) -> Duration {
+        let (base, cap) = self.backoff;
+        let doublings = deliveries.saturating_sub(1).min(31);
+        base.saturating_mul(1 << doublings).min(cap)
+    }
+
+    /// Handles one broker message: reads its delivery, runs
+    /// [`process`](Self::process) while sending heartbeats, then acks, naks
+    /// or dead-letters it.
+    ///
+    /// # Errors
+    ///
+    /// When the broker refused the ack, nak or dead letter; the message is
+    /// then redelivered in time, and replayed.
+    pub async fn handle<M, T, E, F, Fut>(
+        &self,
+        message: &M,
+        handler: F,
+    ) -> Result<Outcome<T>, AckError>
+    where
+        M: Message,
+        F: FnOnce(Delivery) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned,
+        E: fmt::Display,
+    {
+        let delivery = match message.delivery() {
+            Ok(delivery) => delivery,
+            Err(reason) => {
+                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("the message has no id: {reason}");
+                tracing::error!(%reason, "idem: dead-lettering a message");
+                message.dead_letter(&reason).await?;
+                return Ok(Outcome {
+                    handled: Handled::NotRun(Error::InvalidKey {
+                        reason: reason.into(),
+                    }),
+                    disposition: Disposition::DeadLetter {
+                        reason: "the message has no id".to_owned(),
+                    },
+                });
+            }
+        };
+        let outcome = {
+            let processing = std::pin::pin!(self.process(delivery, handler));
+            match self.heartbeat {
+                None => processing.await,
+                Some(every) => heartbeating(message, every, processing).await,
+            }
+        };
+        match &outcome.disposition {
+            Disposition::Ack => message.ack().await?,
+            Disposition::Nak { delay } => message.nak(*delay).await?,
+            Disposition::DeadLetter { reason } => {
+                tracing::error!(%reason, "idem: dead-lettering a message");
+                message.dead_letter(reason).await?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Handles every message of `messages`, [`concurrency`](Self::concurrency)
+    /// at a time, until the stream ends.
+    ///
+    /// A message whose ack, nak or dead letter fails is logged and left to
+    /// the broker to redeliver (it is then replayed).
+    ///
+    /// # Errors
+    ///
+    /// The first error of the stream itself (the connection to the broker).
+    pub async fn run<S, M, ME, T, E, F, Fut>(&self, messages: S, handler: F) -> Result<(), ME>
+    where
+        S: Stream<Item = Result<M, ME>>,
+        M: Message,
+        F: Fn(Delivery) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned,
+        E: fmt::Display,
+    {
+        let failed = std::sync::Mutex::new(None);
+        let handler = &handler;
+        messages
+            .map(|message| {
+                message
+                    .map_err(|error| {
+                        *failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(error);
+                    })
+                    .ok()
+            })
+            .take_while(|message| std::future::ready(message.is_some()))
+            .for_each_concurrent(self.concurrency, |message| async move {
+                if let Some(message) = message
+                    && let Err(error) = self.handle(&message, handler).await
+                {
+                    tracing::warn!(%error, "idem: could not settle a message with the broker; it will be redelivered");
+                }
+            })
+            .await;
+        match failed
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Consumer")
+            .field("name", &self.name)
+            .field("settings", &self.settings)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("backoff", &self.backoff)
+            .field("heartbeat", &self.heartbeat)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Polls `processing` to completion, telling the broker every `every` that
+/// the message is in progress.
+async fn heartbeating<M: Message, O>(
+    message: &M,
+    every: Duration,
+    mut processing: std::pin::Pin<&mut impl Future<Output = O>>,
+) -> O {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            outcome = &mut processing => return outcome,
+            _ = ticks.tick() => {
+                if let Err(error) = message.in_progress().await {
+                    tracing::debug!(%error, "idem: could not send a message's heartbeat");
+                }
+            }
+        }
+    }
+}
+
+/// A message call's error: the handler's (as text, never stored) or idem's.
+enum Failure {
+    Handler(String),
+    Idem(Error),
+}
+
+/// The codec of a message's call: serde for `T`, errors never stored, and
+/// the outcome recorded before the call returns, so that the message is
+/// acknowledged only after.
+struct ConsumerCodec;
+
+impl<T: Serialize + DeserializeOwned> ResultCodec<T, Failure> for ConsumerCodec {
+    fn encode_ok(&self, value: &T) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(value)
+    }
+
+    fn decode_ok(&self, bytes: &[u8]) -> serde_json::Result<T> {
+        serde_json::from_slice(bytes)
+    }
+
+    fn idem_error(&self, error: Error) -> Failure {
+        Failure::Idem(error)
+    }
+
+    fn keep_err(&mut self, _: &Failure) -> Option<serde_json::Result<Vec<u8>>> {
+        None
+    }
+
+    fn decode_err(&self, _: &[u8]) -> Result<Failure, Error> {
+        Err(Error::Decode(Arc::from(Box::<
+            dyn std::error::Error + Send + Sync,
+        >::from(
+            "a consumer stores no errors"
+        ))))
+    }
+
+    fn awaits_record(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests;
