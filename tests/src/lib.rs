@@ -66,7 +66,8 @@
 //! With the `redis` feature, `redis_server` starts `redis-server` processes
 //! (single nodes and a six-node cluster) on free loopback ports; with
 //! `postgres`, `postgres_server` runs `initdb` and a `postgres` server in a
-//! temporary directory. Each server is watched so that it dies with the test
+//! temporary directory; with `nats`, `nats_server` starts a `nats-server`
+//! with JetStream. Each server is watched so that it dies with the test
 //! process.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -75,6 +76,10 @@ pub mod conformance;
 pub mod faults;
 pub mod process;
 pub mod proxy;
+
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats_server;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -1,0 +1,151 @@
+//! A real `nats-server` with JetStream for the consumer tests, on a free
+//! loopback port with its store in a temporary directory.
+//!
+//! The server is a child of the test process, watched so that it dies with
+//! it; dropping a [`NatsServer`] stops it. Nothing here touches the
+//! machine's own NATS. A server that cannot start is a panic, never a skip.
+//! The binary is `nats-server` from `PATH` (or `/usr/sbin`, where Debian
+//! puts it), or the one `IDEM_NATS_SERVER` names; it must be 2.2 or newer
+//! (JetStream).
+
+use std::io::{BufRead as _, BufReader};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::process::{free_port, watch};
+
+/// The oldest `nats-server` with JetStream.
+pub const MIN_VERSION: (u32, u32) = (2, 2);
+
+/// The `nats-server` binary: `$IDEM_NATS_SERVER`, `nats-server` on `PATH`,
+/// or `/usr/sbin/nats-server`.
+pub fn server_binary() -> String {
+    if let Ok(binary) = std::env::var("IDEM_NATS_SERVER") {
+        return binary;
+    }
+    let on_path = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !on_path && Path::new("/usr/sbin/nats-server").exists() {
+        return "/usr/sbin/nats-server".to_owned();
+    }
+    "nats-server".to_owned()
+}
+
+fn check_version() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        let binary = server_binary();
+        let output = Command::new(&binary)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run `{binary}` ({e}); install nats-server (`apt-get install \
+                     nats-server`, as .ci/run does) or set IDEM_NATS_SERVER"
+                )
+            });
+        let text = String::from_utf8_lossy(&output.stdout);
+        let version = parse_version(&text)
+            .unwrap_or_else(|| panic!("cannot read the version of `{binary}`: {text}"));
+        assert!(
+            version >= MIN_VERSION,
+            "`{binary}` is nats-server {}.{}; JetStream needs {}.{} or newer",
+            version.0,
+            version.1,
+            MIN_VERSION.0,
+            MIN_VERSION.1
+        );
+    });
+}
+
+/// `(major, minor)` of `nats-server: v2.9.10`.
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let version = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// A running `nats-server -js`.
+pub struct NatsServer {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream on a free loopback port.
+    pub fn start() -> Self {
+        check_version();
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let port = free_port();
+        let child = Command::new(server_binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .arg("-sd")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run `{}` ({e})", server_binary()));
+        watch(child.id());
+        let mut server = Self {
+            port,
+            child,
+            _dir: dir,
+        };
+        server.wait_until_ready();
+        server
+    }
+
+    fn wait_until_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let mut line = String::new();
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO") {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut log = String::new();
+                if let Some(stderr) = self.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut log);
+                }
+                panic!(
+                    "nats-server on port {} exited with {status}: {log}",
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "nats-server on port {} did not answer within 10 s",
+            self.port
+        );
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
