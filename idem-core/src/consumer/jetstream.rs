@@ -51,7 +51,7 @@ use futures_util::StreamExt as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{AckError, Consumer, Delivery, Message};
+use super::{AckError, BrokerError, Consumer, Delivery, Message};
 
 /// Where a message's id (its idempotency key) comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -132,7 +132,7 @@ impl JetStream {
         consumer: &Consumer,
         pull: &PullConsumer,
         handler: F,
-    ) -> Result<(), AckError>
+    ) -> Result<(), BrokerError>
     where
         F: Fn(Delivery) -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -150,10 +150,15 @@ impl JetStream {
                 "idem: the consumer's heartbeat is not shorter than the JetStream ack wait; slow handlers' messages will be redelivered while they run (and wait for them)"
             );
         }
-        let messages = pull.messages().await?;
+        let messages = pull
+            .messages()
+            .await
+            .map_err(|error| BrokerError(error.into()))?;
         let messages = messages.map(|message| message.map(|message| self.message(message)));
-        consumer.run(messages, handler).await?;
-        Ok(())
+        consumer
+            .run(messages, handler)
+            .await
+            .map_err(|error| BrokerError(error.into()))
     }
 }
 

@@ -245,9 +245,22 @@ struct Counters {
     dead_lettered: AtomicU64,
 }
 
-/// An error from a broker while acknowledging, nak'ing, dead-lettering or
-/// reading messages.
+/// What a [`Message`] implementation's methods fail with: any error of the
+/// broker's client.
 pub type AckError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The broker failed: an ack, nak or dead letter was refused, or messages
+/// could not be read. (A message left unsettled is redelivered in time, and
+/// replayed.)
+#[derive(Debug, thiserror::Error)]
+#[error("the message broker failed: {0}")]
+pub struct BrokerError(#[source] pub AckError);
+
+impl From<AckError> for BrokerError {
+    fn from(error: AckError) -> Self {
+        Self(error)
+    }
+}
 
 /// A broker's message, as [`Consumer::run`] handles it: the one trait a
 /// broker integration implements.
