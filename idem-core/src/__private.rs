@@ -13,13 +13,19 @@ use crate::error::Error;
 use crate::handle::Idempotency;
 pub use crate::handle::default_handle;
 use crate::key::{Fingerprint, Fingerprinter, Key, KeyHasher};
+use crate::observe::Operation;
 pub use crate::settings::{ConfigError, OnConflict, Settings};
 
-/// A call's key and fingerprint, or why they could not be computed.
-pub type Prepared = Result<(Key, Fingerprint), Error>;
+/// A call's operation name, and its key and fingerprint or why they could
+/// not be computed.
+pub struct Prepared {
+    name: &'static str,
+    parts: Result<(Key, Fingerprint), Error>,
+}
 
 /// Gathers a call's key and fingerprint from its parts.
 pub struct Call {
+    name: &'static str,
     key: KeyHasher,
     arguments: Fingerprinter,
 }
@@ -27,8 +33,9 @@ pub struct Call {
 impl Call {
     /// Starts a call of the operation `name`.
     #[must_use]
-    pub fn new(name: &str) -> Self {
+    pub fn new(name: &'static str) -> Self {
         Self {
+            name,
             key: KeyHasher::new(name),
             arguments: Fingerprinter::new(),
         }
@@ -68,17 +75,24 @@ impl Call {
     /// arguments' fingerprint; without fingerprint checks the fingerprint is
     /// [`Fingerprint::UNCHECKED`].
     pub fn finish(self, keyed: bool, checked: bool) -> Prepared {
-        let fingerprint = self.arguments.finish()?;
-        let mut key = self.key;
-        if !keyed {
-            key.value(&fingerprint);
+        let (key, arguments) = (self.key, self.arguments);
+        let parts = (|| {
+            let fingerprint = arguments.finish()?;
+            let mut key = key;
+            if !keyed {
+                key.value(&fingerprint);
+            }
+            let checked = if checked {
+                fingerprint
+            } else {
+                Fingerprint::UNCHECKED
+            };
+            Ok((key.finish()?, checked))
+        })();
+        Prepared {
+            name: self.name,
+            parts,
         }
-        let checked = if checked {
-            fingerprint
-        } else {
-            Fingerprint::UNCHECKED
-        };
-        Ok((key.finish()?, checked))
     }
 }
 
@@ -164,12 +178,17 @@ where
     F: Future<Output = R>,
     P: FnOnce(&E) -> bool,
 {
+    let name = prepared.name;
     let (settings, key, fingerprint) = match ready(settings, prepared) {
         Ok(ready) => ready,
         Err(error) => return (shape.from_result)(Err((codec.from_idem)(error))),
     };
     let body = async { (shape.into_result)(body.await) };
-    (shape.from_result)(idem.execute(&settings, key, fingerprint, body, codec).await)
+    let operation = Operation::from(name);
+    (shape.from_result)(
+        idem.execute(&settings, operation, key, fingerprint, body, codec)
+            .await,
+    )
 }
 
 /// The codec of an `#[idempotent]` fn, from its checks.
@@ -229,7 +248,7 @@ fn ready(
     prepared: Prepared,
 ) -> Result<(Settings, Key, Fingerprint), Error> {
     let settings = settings?;
-    let (key, fingerprint) = prepared?;
+    let (key, fingerprint) = prepared.parts?;
     Ok((settings, key, fingerprint))
 }
 

@@ -14,12 +14,14 @@ use backon::BackoffBuilder as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::codec::{ResultCodec, Serde, SerdeCaching};
 use crate::error::{Error, StoreError, StoreErrorKind};
 use crate::flight::{Landing, Leader, Role};
 use crate::handle::Idempotency;
 use crate::key::{Fingerprint, Key};
+use crate::observe::{self, Call, Operation, Traced};
 use crate::settings::{ConfigError, OnConflict, Settings};
 use crate::store::{Begin, Completion, Outcome, Record, Token};
 
@@ -77,7 +79,15 @@ impl Idempotency {
         T: Serialize + DeserializeOwned,
         E: From<Error>,
     {
-        self.execute(settings, key, fingerprint, body, Serde).await
+        self.execute(
+            settings,
+            Operation::of_body::<F>(),
+            key,
+            fingerprint,
+            body,
+            Serde,
+        )
+        .await
     }
 
     /// Like [`run`](Self::run), but an `Err` that `cache` accepts is stored
@@ -124,15 +134,50 @@ impl Idempotency {
         E: From<Error> + Serialize + DeserializeOwned,
         P: FnOnce(&E) -> bool,
     {
-        self.execute(settings, key, fingerprint, body, SerdeCaching::new(cache))
-            .await
+        self.execute(
+            settings,
+            Operation::of_body::<F>(),
+            key,
+            fingerprint,
+            body,
+            SerdeCaching::new(cache),
+        )
+        .await
     }
 
     /// Runs `body` once for `key` with results stored by `codec`: what
-    /// every `run` comes down to, the attribute's included.
+    /// every `run` comes down to, the attribute's included. The call runs in
+    /// an `idem.call` span and is counted as `operation`.
     pub(crate) async fn execute<T, E, F, C>(
         &self,
         settings: &Settings,
+        operation: Operation,
+        key: Key,
+        fingerprint: Fingerprint,
+        body: F,
+        codec: C,
+    ) -> Result<T, E>
+    where
+        F: Future<Output = Result<T, E>>,
+        C: ResultCodec<T, E>,
+    {
+        let call = Call::new(operation, key);
+        let codec = Traced {
+            inner: codec,
+            call: &call,
+        };
+        let result = self
+            .observed(settings, &call, key, fingerprint, body, codec)
+            .instrument(call.span().clone())
+            .await;
+        call.finish();
+        result
+    }
+
+    async fn observed<T, E, F, C>(
+        &self,
+        settings: &Settings,
+        call: &Call,
         key: Key,
         fingerprint: Fingerprint,
         body: F,
@@ -147,7 +192,7 @@ impl Idempotency {
         }
         if settings.on_conflict() == OnConflict::Reject {
             return self
-                .lead(settings, None, key, fingerprint, body, codec, None)
+                .lead(settings, call, None, key, fingerprint, body, codec, None)
                 .await;
         }
         let deadline = Instant::now() + settings.wait_timeout();
@@ -157,6 +202,7 @@ impl Idempotency {
                     return self
                         .lead(
                             settings,
+                            call,
                             Some(leader),
                             key,
                             fingerprint,
@@ -170,7 +216,9 @@ impl Idempotency {
                     if flight.fingerprint() != fingerprint {
                         return Err(codec.idem_error(Error::KeyReused));
                     }
+                    let waiting = Instant::now();
                     let landed = tokio::time::timeout_at(deadline, flight.landed()).await;
+                    call.waited(waiting.elapsed());
                     match landed {
                         Err(_elapsed) => {
                             return Err(codec.idem_error(Error::InProgress {
@@ -203,6 +251,7 @@ impl Idempotency {
     async fn lead<T, E, F, C>(
         &self,
         settings: &Settings,
+        call: &Call,
         leader: Option<Leader<'_>>,
         key: Key,
         fingerprint: Fingerprint,
@@ -217,7 +266,7 @@ impl Idempotency {
         let mut herald = Herald(leader);
         let token = Token::random();
         match self
-            .claim(settings, key, fingerprint, token, deadline, &herald)
+            .claim(settings, call, key, fingerprint, token, deadline, &herald)
             .await
         {
             Ok(None) => {}
@@ -232,10 +281,21 @@ impl Idempotency {
         let lease = Lease::new(settings.lease());
         herald.set_retry_at(lease.until());
         let work = async {
+            let started = Instant::now();
             let result = body.await;
+            let took = started.elapsed();
             let record = to_record(key, &result, &mut codec);
+            call.ran(took, record.is_some());
             let landing = self
-                .settle(settings, key, token, &lease, record, codec.awaits_record())
+                .settle(
+                    settings,
+                    call.operation(),
+                    key,
+                    token,
+                    &lease,
+                    record,
+                    codec.awaits_record(),
+                )
                 .await;
             (result, landing)
         };
@@ -247,9 +307,11 @@ impl Idempotency {
     }
 
     /// Claims `key`: `None` once claimed, or the completed record to replay.
+    #[allow(clippy::too_many_arguments)]
     async fn claim(
         &self,
         settings: &Settings,
+        call: &Call,
         key: Key,
         fingerprint: Fingerprint,
         token: Token,
@@ -259,6 +321,7 @@ impl Idempotency {
         let store = &self.shared.store;
         let mut backoff = backoff(Duration::from_millis(5), Duration::from_secs(1));
         loop {
+            call.attempt();
             let begin = store.begin(key, fingerprint, token, settings.lease()).await;
             match begin {
                 Err(error) => {
@@ -285,6 +348,7 @@ impl Idempotency {
                             tokio::time::sleep(pause).await;
                         }
                     }
+                    call.waited(now.elapsed());
                 }
             }
         }
@@ -322,9 +386,11 @@ impl Idempotency {
     /// the operations are fenced and safe to repeat, and one lost answer must
     /// not lose a result (or lock a key out for a lease). The caller does not
     /// wait for those retries.
+    #[allow(clippy::too_many_arguments)]
     async fn settle(
         &self,
         settings: &Settings,
+        operation: &Operation,
         key: Key,
         token: Token,
         lease: &Lease,
@@ -333,22 +399,40 @@ impl Idempotency {
     ) -> Landing {
         if lease.lost() {
             if record.is_some() {
+                observe::claim_lost(operation);
                 tracing::warn!(%key, "an idempotency claim was taken over while its call ran; its result was not stored");
             }
         } else {
             match self.record(settings, key, token, record.as_ref()).await {
                 Ok(Completion::Stored) => {}
                 Ok(Completion::Lost) => {
+                    observe::claim_lost(operation);
                     tracing::warn!(%key, "an idempotency claim lapsed while its call ran; its result was not stored");
                 }
                 Err(error) if retryable(&error) && awaited => {
                     tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
+                    observe::record_retried(operation);
                     self.clone()
-                        .record_retrying(*settings, key, token, lease.clone(), record.clone())
+                        .record_retrying(
+                            *settings,
+                            operation.clone(),
+                            key,
+                            token,
+                            lease.clone(),
+                            record.clone(),
+                        )
                         .await;
                 }
                 Err(error) if retryable(&error) => {
-                    self.record_later(settings, key, token, lease, record.clone(), error);
+                    self.record_later(
+                        settings,
+                        operation,
+                        key,
+                        token,
+                        lease,
+                        record.clone(),
+                        error,
+                    );
                 }
                 Err(error) => {
                     tracing::error!(%key, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
@@ -383,9 +467,11 @@ impl Idempotency {
     /// Retries [`record`](Self::record) in the background, renewing the
     /// claim meanwhile, until it succeeds or the lease (as it stands now)
     /// runs out. Without a tokio runtime to run on, gives up at once.
+    #[allow(clippy::too_many_arguments)]
     fn record_later(
         &self,
         settings: &Settings,
+        operation: &Operation,
         key: Key,
         token: Token,
         lease: &Lease,
@@ -397,10 +483,15 @@ impl Idempotency {
             return;
         };
         tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
-        runtime.spawn(
-            self.clone()
-                .record_retrying(*settings, key, token, lease.clone(), record),
-        );
+        observe::record_retried(operation);
+        runtime.spawn(self.clone().record_retrying(
+            *settings,
+            operation.clone(),
+            key,
+            token,
+            lease.clone(),
+            record,
+        ));
     }
 
     /// Retries [`record`](Self::record), renewing the claim meanwhile, until
@@ -408,6 +499,7 @@ impl Idempotency {
     async fn record_retrying(
         self,
         settings: Settings,
+        operation: Operation,
         key: Key,
         token: Token,
         lease: Lease,
@@ -425,9 +517,11 @@ impl Idempotency {
                 tracing::info!(%key, "recorded the outcome of an idempotent call after retrying");
             }
             Ok(Completion::Lost) => {
+                observe::record_lost(&operation);
                 tracing::warn!(%key, "an idempotency claim lapsed before its outcome could be recorded");
             }
             Err(error) => {
+                observe::record_lost(&operation);
                 tracing::error!(%key, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
             }
         }

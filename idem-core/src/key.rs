@@ -87,6 +87,15 @@ impl Hasher for Digest64 {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Fingerprint([u8; 32]);
 
+/// The first bytes of a key's digest, shown in hex.
+struct ShortHash([u8; 6]);
+
+impl fmt::Display for ShortHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+    }
+}
+
 const KEY_DOMAIN: &[u8] = b"idem/key/v1\0";
 const FINGERPRINT_DOMAIN: &[u8] = b"idem/fingerprint/v1\0";
 
@@ -138,6 +147,23 @@ impl Key {
         &self.0
     }
 
+    /// The key's short hash, as logs, spans and `inspect` output show it:
+    /// the first 6 bytes of its digest, in hex. It says which key without
+    /// saying what the key or the arguments were.
+    ///
+    /// ```
+    /// let key = idem_core::Key::new("op", &1)?;
+    /// assert_eq!(key.short().to_string().len(), 12);
+    /// assert!(key.to_string().starts_with(&key.short().to_string()));
+    /// # Ok::<(), idem_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn short(&self) -> impl fmt::Display + use<> {
+        ShortHash([
+            self.0[0], self.0[1], self.0[2], self.0[3], self.0[4], self.0[5],
+        ])
+    }
+
     /// The key as a store writes it: `{prefix}:{hex}`, with the hex inside a
     /// `{…}` hash tag so that every key of one record lands in one Redis
     /// Cluster slot.
@@ -183,6 +209,23 @@ impl Fingerprint {
     #[must_use]
     pub const fn digest(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// The key's short hash, as logs, spans and `inspect` output show it:
+    /// the first 6 bytes of its digest, in hex. It says which key without
+    /// saying what the key or the arguments were.
+    ///
+    /// ```
+    /// let key = idem_core::Key::new("op", &1)?;
+    /// assert_eq!(key.short().to_string().len(), 12);
+    /// assert!(key.to_string().starts_with(&key.short().to_string()));
+    /// # Ok::<(), idem_core::Error>(())
+    /// ```
+    #[must_use]
+    pub fn short(&self) -> impl fmt::Display + use<> {
+        ShortHash([
+            self.0[0], self.0[1], self.0[2], self.0[3], self.0[4], self.0[5],
+        ])
     }
 }
 

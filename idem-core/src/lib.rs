@@ -108,6 +108,7 @@ mod error;
 mod flight;
 mod handle;
 mod key;
+pub mod observe;
 mod replayable;
 pub mod requirements;
 mod settings;

@@ -97,6 +97,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest as _, Sha256};
 
 use crate::codec::ResultCodec;
+use crate::observe::Operation;
 use crate::{Error, Fingerprint, Idempotency, Key, Settings};
 
 /// A message as a handler sees it: its id, payload and delivery count.
@@ -476,7 +477,14 @@ impl Consumer {
         };
         let result = self
             .idem
-            .execute(&self.settings, key, fingerprint, body, ConsumerCodec)
+            .execute(
+                &self.settings,
+                Operation::from(Arc::clone(&self.name)),
+                key,
+                fingerprint,
+                body,
+                ConsumerCodec,
+            )
             .await;
         let ran = ran.load(Ordering::Relaxed);
         match result {

@@ -1,6 +1,7 @@
 //! [`IdempotencyLayer`]: makes a tower HTTP service idempotent, as the IETF
 //! Idempotency-Key draft and Stripe's API specify.
 
+use crate::observe::Operation;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -111,7 +112,7 @@ pub struct IdempotencyLayer {
 struct Config {
     idem: Idempotency,
     scope: Option<ScopeFn>,
-    name: String,
+    name: Arc<str>,
     methods: Vec<Method>,
     routes: Option<RouteFn>,
     key_required: bool,
@@ -149,7 +150,7 @@ impl IdempotencyLayer {
             config: Arc::new(Config {
                 idem,
                 scope,
-                name: "http".to_owned(),
+                name: Arc::from("http"),
                 methods: vec![Method::POST, Method::PATCH],
                 routes: None,
                 key_required: true,
@@ -176,7 +177,7 @@ impl IdempotencyLayer {
     /// two APIs on one store names of their own.
     #[must_use]
     pub fn name(self, name: impl Into<String>) -> Self {
-        let name = name.into();
+        let name: Arc<str> = name.into().into();
         self.with(|c| c.name = name)
     }
 
@@ -586,7 +587,14 @@ where
     };
     config
         .idem
-        .execute(&config.settings, key, fingerprint, body, HttpCodec)
+        .execute(
+            &config.settings,
+            Operation::from(Arc::clone(&config.name)),
+            key,
+            fingerprint,
+            body,
+            HttpCodec,
+        )
         .await
 }
 

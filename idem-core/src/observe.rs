@@ -1,0 +1,426 @@
+//! What each call did, told through `tracing` and (feature `metrics`) the
+//! `metrics` facade.
+//!
+//! Every call of [`Idempotency::run`](crate::Idempotency::run) (and so of
+//! every `#[idempotent]` fn, the HTTP layer and the consumer) runs in an
+//! `idem.call` span (level `INFO`) with these fields:
+//!
+//! | field | value |
+//! |---|---|
+//! | `operation` | the operation's name: the attribute's `name` (by default the fn's path), the layer's or consumer's name, or for `run` the path of the fn that calls it |
+//! | `key` | the key's short hash ([`Key::short`](crate::Key::short)): never the raw key or arguments |
+//! | `outcome` | one of the [outcomes](#outcomes) below |
+//! | `attempts` | how many times the key was claimed (`begin`), 0 when another call in this process did |
+//! | `wait_ms` | how long the call waited for another holder |
+//! | `body_ms` | how long the body ran, when it ran |
+//!
+//! When the call ends, one event (target `idem`) tells its outcome:
+//! `DEBUG` for `ran`, `failed`, `replayed`, `waited`, `in_progress` and
+//! `attempt_failed`; `INFO` for `key_reused`; `WARN` for `store_error`;
+//! `ERROR` for `decode_error` and `config_error`.
+//!
+//! # Outcomes
+//!
+//! | outcome | the call |
+//! |---|---|
+//! | `ran` | ran the body; its result (an `Ok`, or a cached `Err`) was stored |
+//! | `failed` | ran the body, which returned an `Err` that is not stored (the claim was released) |
+//! | `replayed` | found a completed record and replayed it |
+//! | `waited` | waited for another call with the key, then replayed its result |
+//! | `in_progress` | gave up on another holder: `Error::InProgress` (409) |
+//! | `key_reused` | came with other arguments than the key's first call: `Error::KeyReused` (422) |
+//! | `store_error` | could not reach the store (or read a record): the body did not run |
+//! | `decode_error` | found a record it cannot replay: `Error::Decode` or `Error::NotReplayable` |
+//! | `attempt_failed` | waited for a call in this process whose body failed |
+//! | `config_error` | had settings that break a rule, or a key or arguments that do not serialize |
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature, through the [`metrics`](https://docs.rs/metrics)
+//! facade (so any exporter — Prometheus, OpenTelemetry, StatsD — records
+//! them); `observe::describe_metrics()` registers their
+//! descriptions and units:
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `idem_calls_total` | counter | `operation`, `outcome` | calls, by [outcome](#outcomes): `ran` against `replayed` + `waited` tells fresh work from retries |
+//! | `idem_wait_seconds` | histogram | `operation` | time calls spent waiting for another holder of their key |
+//! | `idem_body_seconds` | histogram | `operation` | time bodies ran |
+//! | `idem_claims_lost_total` | counter | `operation` | bodies whose claim lapsed or was taken over while they ran: their results were not stored (a lease too short for the body) |
+//! | `idem_record_retries_total` | counter | `operation` | results whose recording failed once and was retried |
+//! | `idem_records_lost_total` | counter | `operation` | results that could not be recorded before their lease ran out: a retry will run the body again |
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tracing::Span;
+
+use crate::codec::ResultCodec;
+use crate::error::Error;
+use crate::key::Key;
+
+/// An operation's name, as spans and metrics label it.
+#[derive(Clone, Debug)]
+pub(crate) enum Operation {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Operation {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Self::Static(name) => name,
+            Self::Shared(name) => name,
+        }
+    }
+
+    /// The path of the fn that `F` (a closure or async block) was written
+    /// in, for calls of `run` that name no operation.
+    pub(crate) fn of_body<F>() -> Self {
+        let mut name = std::any::type_name::<F>();
+        while let Some(outer) = name.strip_suffix("::{{closure}}") {
+            name = outer;
+        }
+        Self::Static(name)
+    }
+
+    #[cfg(feature = "metrics")]
+    fn label(&self) -> metrics::SharedString {
+        match self {
+            Self::Static(name) => metrics::SharedString::const_str(name),
+            Self::Shared(name) => metrics::SharedString::from_shared(Arc::clone(name)),
+        }
+    }
+}
+
+impl From<&'static str> for Operation {
+    fn from(name: &'static str) -> Self {
+        Self::Static(name)
+    }
+}
+
+impl From<Arc<str>> for Operation {
+    fn from(name: Arc<str>) -> Self {
+        Self::Shared(name)
+    }
+}
+
+/// How a call ended; the `outcome` field and label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum CallOutcome {
+    Ran = 1,
+    Failed,
+    Replayed,
+    Waited,
+    InProgress,
+    KeyReused,
+    StoreError,
+    DecodeError,
+    AttemptFailed,
+    ConfigError,
+}
+
+impl CallOutcome {
+    const ALL: [Self; 10] = [
+        Self::Ran,
+        Self::Failed,
+        Self::Replayed,
+        Self::Waited,
+        Self::InProgress,
+        Self::KeyReused,
+        Self::StoreError,
+        Self::DecodeError,
+        Self::AttemptFailed,
+        Self::ConfigError,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Ran => "ran",
+            Self::Failed => "failed",
+            Self::Replayed => "replayed",
+            Self::Waited => "waited",
+            Self::InProgress => "in_progress",
+            Self::KeyReused => "key_reused",
+            Self::StoreError => "store_error",
+            Self::DecodeError => "decode_error",
+            Self::AttemptFailed => "attempt_failed",
+            Self::ConfigError => "config_error",
+        }
+    }
+
+    fn of(error: &Error) -> Self {
+        match error {
+            Error::InProgress { .. } => Self::InProgress,
+            Error::KeyReused => Self::KeyReused,
+            Error::Store(_) => Self::StoreError,
+            Error::Decode(_) | Error::NotReplayable { .. } => Self::DecodeError,
+            Error::AttemptFailed => Self::AttemptFailed,
+            Error::Encode { .. } | Error::InvalidKey { .. } | Error::Config(_) => Self::ConfigError,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|outcome| *outcome as u8 == code)
+    }
+}
+
+/// One call as it goes: filled in by the engine, told when it ends.
+pub(crate) struct Call {
+    operation: Operation,
+    span: Span,
+    error: AtomicU8,
+    ran: AtomicU8,
+    waited: AtomicU8,
+    attempts: AtomicU32,
+    wait_nanos: AtomicU64,
+    body_nanos: AtomicU64,
+}
+
+const RAN: u8 = 1;
+const FAILED: u8 = 2;
+
+impl Call {
+    pub(crate) fn new(operation: Operation, key: Key) -> Self {
+        let span = tracing::info_span!(
+            target: "idem",
+            "idem.call",
+            operation = operation.as_str(),
+            key = %key.short(),
+            outcome = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            wait_ms = tracing::field::Empty,
+            body_ms = tracing::field::Empty,
+        );
+        Self {
+            operation,
+            span,
+            error: AtomicU8::new(0),
+            ran: AtomicU8::new(0),
+            waited: AtomicU8::new(0),
+            attempts: AtomicU32::new(0),
+            wait_nanos: AtomicU64::new(0),
+            body_nanos: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn span(&self) -> &Span {
+        &self.span
+    }
+
+    pub(crate) fn operation(&self) -> &Operation {
+        &self.operation
+    }
+
+    /// A `begin` is about to be sent.
+    pub(crate) fn attempt(&self) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The call waited `wait` for another holder.
+    pub(crate) fn waited(&self, wait: Duration) {
+        self.waited.store(1, Ordering::Relaxed);
+        self.wait_nanos.fetch_add(nanos(wait), Ordering::Relaxed);
+    }
+
+    /// The body ran for `took`; its result was stored (`Some` record) or not.
+    pub(crate) fn ran(&self, took: Duration, stored: bool) {
+        self.body_nanos.store(nanos(took), Ordering::Relaxed);
+        self.ran
+            .store(if stored { RAN } else { FAILED }, Ordering::Relaxed);
+    }
+
+    /// idem answered the caller with `error`.
+    pub(crate) fn error(&self, error: &Error) {
+        self.error
+            .store(CallOutcome::of(error) as u8, Ordering::Relaxed);
+    }
+
+    fn outcome(&self) -> CallOutcome {
+        if let Some(outcome) = CallOutcome::from_code(self.error.load(Ordering::Relaxed)) {
+            return outcome;
+        }
+        match self.ran.load(Ordering::Relaxed) {
+            RAN => CallOutcome::Ran,
+            FAILED => CallOutcome::Failed,
+            _ if self.waited.load(Ordering::Relaxed) != 0 => CallOutcome::Waited,
+            _ => CallOutcome::Replayed,
+        }
+    }
+
+    /// Records the outcome in the span, tells it in an event and counts it.
+    pub(crate) fn finish(&self) {
+        let outcome = self.outcome();
+        let wait = Duration::from_nanos(self.wait_nanos.load(Ordering::Relaxed));
+        let body = (self.ran.load(Ordering::Relaxed) != 0)
+            .then(|| Duration::from_nanos(self.body_nanos.load(Ordering::Relaxed)));
+        let attempts = self.attempts.load(Ordering::Relaxed);
+        let span = &self.span;
+        if !span.is_disabled() {
+            span.record("outcome", outcome.as_str());
+            span.record("attempts", attempts);
+            span.record("wait_ms", millis(wait));
+            if let Some(body) = body {
+                span.record("body_ms", millis(body));
+            }
+        }
+        let _entered = span.enter();
+        let outcome_name = outcome.as_str();
+        match outcome {
+            CallOutcome::KeyReused => {
+                tracing::info!(target: "idem", outcome = outcome_name, "an idempotency key was reused with other arguments");
+            }
+            CallOutcome::StoreError => {
+                tracing::warn!(target: "idem", outcome = outcome_name, "the idempotency store failed; the call did not run");
+            }
+            CallOutcome::DecodeError => {
+                tracing::error!(target: "idem", outcome = outcome_name, "a stored result cannot be replayed");
+            }
+            CallOutcome::ConfigError => {
+                tracing::error!(target: "idem", outcome = outcome_name, "an idempotent call was misconfigured and did not run");
+            }
+            _ => {
+                tracing::debug!(target: "idem", outcome = outcome_name, "idempotent call finished");
+            }
+        }
+        #[cfg(feature = "metrics")]
+        {
+            let operation = self.operation.label();
+            metrics::counter!(CALLS, "operation" => operation.clone(), "outcome" => outcome_name)
+                .increment(1);
+            if self.waited.load(Ordering::Relaxed) != 0 {
+                metrics::histogram!(WAIT, "operation" => operation.clone())
+                    .record(wait.as_secs_f64());
+            }
+            if let Some(body) = body {
+                metrics::histogram!(BODY, "operation" => operation).record(body.as_secs_f64());
+            }
+        }
+    }
+}
+
+/// A body's claim lapsed or was taken over while it ran.
+pub(crate) fn claim_lost(operation: &Operation) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(CLAIMS_LOST, "operation" => operation.label()).increment(1);
+    let _ = operation;
+}
+
+/// Recording a result failed once and is being retried.
+pub(crate) fn record_retried(operation: &Operation) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(RECORD_RETRIES, "operation" => operation.label()).increment(1);
+    let _ = operation;
+}
+
+/// A result could not be recorded before its lease ran out.
+pub(crate) fn record_lost(operation: &Operation) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(RECORDS_LOST, "operation" => operation.label()).increment(1);
+    let _ = operation;
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+#[cfg(feature = "metrics")]
+const CALLS: &str = "idem_calls_total";
+#[cfg(feature = "metrics")]
+const WAIT: &str = "idem_wait_seconds";
+#[cfg(feature = "metrics")]
+const BODY: &str = "idem_body_seconds";
+#[cfg(feature = "metrics")]
+const CLAIMS_LOST: &str = "idem_claims_lost_total";
+#[cfg(feature = "metrics")]
+const RECORD_RETRIES: &str = "idem_record_retries_total";
+#[cfg(feature = "metrics")]
+const RECORDS_LOST: &str = "idem_records_lost_total";
+
+/// Registers the descriptions and units of idem's metrics with the
+/// installed recorder (feature `metrics`); call it once after installing
+/// one. The metrics are listed in the [`observe`](crate::observe) docs.
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub fn describe_metrics() {
+    use metrics::Unit;
+    metrics::describe_counter!(
+        CALLS,
+        Unit::Count,
+        "Idempotent calls, by operation and outcome (ran, replayed, waited, in_progress, key_reused, store_error, …)."
+    );
+    metrics::describe_histogram!(
+        WAIT,
+        Unit::Seconds,
+        "Time idempotent calls waited for another holder of their key."
+    );
+    metrics::describe_histogram!(
+        BODY,
+        Unit::Seconds,
+        "Time the bodies of idempotent calls ran."
+    );
+    metrics::describe_counter!(
+        CLAIMS_LOST,
+        Unit::Count,
+        "Bodies whose claim lapsed or was taken over while they ran; their results were not stored."
+    );
+    metrics::describe_counter!(
+        RECORD_RETRIES,
+        Unit::Count,
+        "Results whose recording failed once and was retried."
+    );
+    metrics::describe_counter!(
+        RECORDS_LOST,
+        Unit::Count,
+        "Results that could not be recorded before their lease ran out."
+    );
+}
+
+/// A codec that tells the call which idem errors it answered with.
+pub(crate) struct Traced<'a, C> {
+    pub(crate) inner: C,
+    pub(crate) call: &'a Call,
+}
+
+impl<T, E, C: ResultCodec<T, E>> ResultCodec<T, E> for Traced<'_, C> {
+    fn encode_ok(&self, value: &T) -> serde_json::Result<Vec<u8>> {
+        self.inner.encode_ok(value)
+    }
+
+    fn decode_ok(&self, bytes: &[u8]) -> serde_json::Result<T> {
+        self.inner.decode_ok(bytes)
+    }
+
+    fn idem_error(&self, error: Error) -> E {
+        self.call.error(&error);
+        self.inner.idem_error(error)
+    }
+
+    fn keep_err(&mut self, error: &E) -> Option<serde_json::Result<Vec<u8>>> {
+        self.inner.keep_err(error)
+    }
+
+    fn decode_err(&self, bytes: &[u8]) -> Result<E, Error> {
+        self.inner.decode_err(bytes)
+    }
+
+    fn awaits_record(&self) -> bool {
+        self.inner.awaits_record()
+    }
+}
+
+impl fmt::Debug for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call")
+            .field("operation", &self.operation)
+            .field("outcome", &self.outcome())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,278 @@
+//! What idem tells about each call through `tracing`: the `idem.call`
+//! span's fields for every outcome and the events' levels, captured by a
+//! test subscriber. (The scenarios run one after another in one test:
+//! `tracing` caches which callsites are enabled process-wide, and
+//! subscribers set per thread in concurrent tests can race that cache.)
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idem_core::store::{
+    Begin, Completion, Record, Store, StoreError, StoreErrorKind, StoreFuture, Token,
+};
+use idem_core::{Fingerprint, Idempotency, Key, OnConflict, Settings, idempotent};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record as SpanRecord};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, SubscriberExt as _};
+use tracing_subscriber::registry::LookupSpan;
+
+type FieldMap = HashMap<String, String>;
+
+/// Every `idem.call` span's fields when it closed, and every event's level
+/// and fields.
+#[derive(Clone, Default)]
+struct Captured {
+    spans: Arc<Mutex<Vec<FieldMap>>>,
+    events: Arc<Mutex<Vec<(Level, FieldMap)>>>,
+}
+
+struct Fields(HashMap<String, String>);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+}
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Captured {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let mut fields = Fields(HashMap::new());
+        attrs.record(&mut fields);
+        fields
+            .0
+            .insert("name".into(), attrs.metadata().name().into());
+        ctx.span(id).unwrap().extensions_mut().insert(fields);
+    }
+
+    fn on_record(&self, id: &Id, values: &SpanRecord<'_>, ctx: Context<'_, S>) {
+        let span = ctx.span(id).unwrap();
+        let mut extensions = span.extensions_mut();
+        values.record(extensions.get_mut::<Fields>().unwrap());
+    }
+
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let mut fields = Fields(HashMap::new());
+        event.record(&mut fields);
+        self.events
+            .lock()
+            .unwrap()
+            .push((*event.metadata().level(), fields.0));
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let span = ctx.span(&id).unwrap();
+        let fields = span.extensions_mut().remove::<Fields>().unwrap().0;
+        if fields["name"] == "idem.call" {
+            self.spans.lock().unwrap().push(fields);
+        }
+    }
+}
+
+/// Runs `script` on a current-thread runtime under the capturing subscriber.
+fn traced<F: std::future::Future<Output = ()>>(script: impl FnOnce() -> F) -> Captured {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::registry().with(captured.clone());
+    tracing::subscriber::with_default(subscriber, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(script());
+    });
+    captured
+}
+
+impl Captured {
+    fn spans(&self) -> Vec<HashMap<String, String>> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    fn outcomes(&self) -> Vec<String> {
+        self.spans()
+            .iter()
+            .map(|span| span["outcome"].clone())
+            .collect()
+    }
+}
+
+fn key() -> Key {
+    Key::new("orders.charge", &"order-17").unwrap()
+}
+
+fn args(amount: u64) -> Fingerprint {
+    Fingerprint::of(&amount).unwrap()
+}
+
+async fn charge(
+    idem: &Idempotency,
+    settings: &Settings,
+    amount: u64,
+    sleep: u64,
+) -> Result<u64, idem_core::Error> {
+    idem.run(settings, key(), args(amount), async move {
+        tokio::time::sleep(Duration::from_millis(sleep)).await;
+        Ok(amount)
+    })
+    .await
+}
+
+fn each_outcome_is_a_span_with_safe_fields() {
+    let captured = traced(|| async {
+        let idem = Idempotency::memory();
+        let settings = Settings::default();
+        charge(&idem, &settings, 100, 20).await.unwrap(); // ran
+        charge(&idem, &settings, 100, 0).await.unwrap(); // replayed
+        charge(&idem, &settings, 999, 0).await.unwrap_err(); // key_reused
+    });
+    let spans = captured.spans();
+    assert_eq!(captured.outcomes(), ["ran", "replayed", "key_reused"]);
+    let ran = &spans[0];
+    assert_eq!(ran["operation"], "observe::charge");
+    assert_eq!(ran["key"], key().short().to_string());
+    assert_eq!(ran["attempts"], "1");
+    assert_eq!(ran["body_ms"], "20.0");
+    assert!(!spans[1].contains_key("body_ms"), "a replay runs no body");
+    let everything = format!("{spans:?} {:?}", captured.events.lock().unwrap());
+    assert!(
+        !everything.contains("order-17"),
+        "the raw key never appears"
+    );
+
+    let events = captured.events.lock().unwrap();
+    let level_of = |outcome: &str| {
+        events
+            .iter()
+            .find(|(_, fields)| fields.get("outcome").is_some_and(|o| o == outcome))
+            .unwrap()
+            .0
+    };
+    assert_eq!(level_of("replayed"), Level::DEBUG);
+    assert_eq!(level_of("key_reused"), Level::INFO);
+}
+
+fn waits_rejections_and_failures_are_told_apart() {
+    let captured = traced(|| async {
+        let idem = Idempotency::memory();
+        let settings = Settings::default();
+        let reject = Settings::builder()
+            .on_conflict(OnConflict::Reject)
+            .build()
+            .unwrap();
+        // A holder, a waiter, and a caller that rejects.
+        let (a, b, c) = tokio::join!(
+            charge(&idem, &settings, 100, 1_000),
+            async {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                charge(&idem, &settings, 100, 0).await
+            },
+            async {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                charge(&idem, &reject, 100, 0).await
+            }
+        );
+        a.unwrap();
+        b.unwrap();
+        c.unwrap_err();
+        // A body that fails.
+        let failing = Key::new("orders.refund", &1).unwrap();
+        let _ = idem
+            .run(&settings, failing, args(1), async {
+                Err::<u64, _>(idem_core::Error::AttemptFailed)
+            })
+            .await;
+    });
+    let spans = captured.spans();
+    let by_outcome: HashMap<_, _> = spans
+        .iter()
+        .map(|span| (span["outcome"].as_str(), span))
+        .collect();
+    assert_eq!(by_outcome.len(), 4, "{:?}", captured.outcomes());
+    let waited = by_outcome["waited"];
+    assert_eq!(
+        waited["attempts"], "0",
+        "it waited on the holder in this process"
+    );
+    let wait_ms: f64 = waited["wait_ms"].parse().unwrap();
+    assert!((980.0..=1000.0).contains(&wait_ms), "{wait_ms}");
+    assert!(by_outcome.contains_key("in_progress"));
+    assert!(by_outcome.contains_key("failed"));
+    assert_eq!(by_outcome["ran"]["body_ms"], "1000.0");
+}
+
+/// A store that cannot be reached.
+struct Down;
+
+fn down<T>() -> StoreFuture<'static, T> {
+    Box::pin(async {
+        Err(StoreError::new(
+            StoreErrorKind::Unavailable,
+            "connection refused",
+        ))
+    })
+}
+
+impl Store for Down {
+    fn begin(&self, _: Key, _: Fingerprint, _: Token, _: Duration) -> StoreFuture<'_, Begin> {
+        down()
+    }
+    fn complete(&self, _: Key, _: Token, _: Record, _: Duration) -> StoreFuture<'_, Completion> {
+        down()
+    }
+    fn release(&self, _: Key, _: Token) -> StoreFuture<'_, ()> {
+        down()
+    }
+    fn renew(&self, _: Key, _: Token, _: Duration) -> StoreFuture<'_, bool> {
+        down()
+    }
+}
+
+#[idempotent(key = order, name = "orders.ship", store = IDEM)]
+async fn ship(order: u64) -> Result<String, idem_core::Error> {
+    Ok(format!("shipped {order}"))
+}
+
+static IDEM: std::sync::LazyLock<Idempotency> = std::sync::LazyLock::new(Idempotency::memory);
+
+fn store_and_decode_errors_warn_and_the_attribute_names_its_operation() {
+    let captured = traced(|| async {
+        let down = Idempotency::new(Down);
+        charge(&down, &Settings::default(), 1, 0).await.unwrap_err();
+        let idem = Idempotency::memory();
+        charge(&idem, &Settings::default(), 100, 0).await.unwrap();
+        let as_text: Result<String, idem_core::Error> = idem
+            .run(&Settings::default(), key(), args(100), async {
+                Ok("never".to_owned())
+            })
+            .await;
+        as_text.unwrap_err();
+        ship(7).await.unwrap();
+    });
+    assert_eq!(
+        captured.outcomes(),
+        ["store_error", "ran", "decode_error", "ran"]
+    );
+    assert_eq!(captured.spans()[3]["operation"], "orders.ship");
+    let events = captured.events.lock().unwrap();
+    let level_of = |outcome: &str| {
+        events
+            .iter()
+            .find(|(_, fields)| fields.get("outcome").is_some_and(|o| o == outcome))
+            .unwrap()
+            .0
+    };
+    assert_eq!(level_of("store_error"), Level::WARN);
+    assert_eq!(level_of("decode_error"), Level::ERROR);
+}
+
+#[test]
+fn spans_and_events_tell_each_outcome() {
+    each_outcome_is_a_span_with_safe_fields();
+    waits_rejections_and_failures_are_told_apart();
+    store_and_decode_errors_warn_and_the_attribute_names_its_operation();
+}
