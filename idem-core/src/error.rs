@@ -132,7 +132,9 @@ impl Error {
             Self::KeyReused => 422,
             Self::InvalidKey { .. } => 400,
             Self::Store(error) => match error.kind() {
-                StoreErrorKind::Corrupt | StoreErrorKind::Config => 500,
+                StoreErrorKind::Corrupt | StoreErrorKind::Config | StoreErrorKind::Unsupported => {
+                    500
+                }
                 _ => 503,
             },
             Self::AttemptFailed => 503,
@@ -207,6 +209,9 @@ pub enum StoreErrorKind {
     Full,
     /// The store was configured wrongly, e.g. a bad URL or a missing feature.
     Config,
+    /// The store does not offer this operation (e.g. `inspect` on a store
+    /// written before it existed).
+    Unsupported,
     /// Any other backend failure.
     Other,
 }

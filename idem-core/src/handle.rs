@@ -2,10 +2,13 @@
 
 use std::fmt;
 use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::Duration;
 
+use crate::error::Error;
 use crate::flight::Flights;
+use crate::key::Key;
 use crate::store::memory::MemoryStore;
-use crate::store::{Limits, Store, StoreError};
+use crate::store::{HeldClaim, Inspection, Limits, Store, StoreError};
 
 /// A long-lived handle on a store: what `#[idempotent(store = …)]` names,
 /// and what code without the attribute runs calls on.
@@ -93,6 +96,65 @@ impl Idempotency {
     #[must_use]
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
+    }
+
+    /// What `key` holds now: nothing, a claim in progress (how long it has
+    /// been held, when it lapses) or a completed record (its outcome, when it
+    /// was stored, when it expires, its size), without decoding the result.
+    ///
+    /// ```
+    /// use idem_core::{Fingerprint, Idempotency, Inspection, Key, Settings};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), idem_core::Error> {
+    /// let idem = Idempotency::memory();
+    /// let key = Key::new("emails.send", &"welcome-42")?;
+    /// assert_eq!(idem.inspect(key).await?, Inspection::Absent);
+    /// idem.run(&Settings::default(), key, Fingerprint::UNCHECKED, async { Ok::<_, idem_core::Error>(1) })
+    ///     .await?;
+    /// assert!(matches!(idem.inspect(key).await?, Inspection::Completed { .. }));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails or cannot inspect
+    /// ([`StoreErrorKind::Unsupported`](crate::store::StoreErrorKind::Unsupported)).
+    pub async fn inspect(&self, key: Key) -> Result<Inspection, Error> {
+        Ok(self.shared.store.inspect(key).await?)
+    }
+
+    /// Deletes whatever `key` holds — a completed record or a claim in
+    /// progress — and answers whether there was anything.
+    ///
+    /// **Risk.** This is for repairs after an incident. A forgotten
+    /// *completed* key runs its body again on the next call: the retry it
+    /// was protecting against is no longer recognized. A forgotten *claim*
+    /// lets the next caller run while the holder may still be running (the
+    /// holder's result is then not stored: it finds its claim lost). Forget
+    /// a claim only when its holder is known to be dead or hung, e.g. one
+    /// that [`claims_older_than`](Self::claims_older_than) lists far past
+    /// any plausible run time.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails or cannot forget.
+    pub async fn forget(&self, key: Key) -> Result<bool, Error> {
+        Ok(self.shared.store.forget(key).await?)
+    }
+
+    /// Up to `limit` claims in progress made more than `age` ago, however
+    /// often renewed since: calls that may be stuck. The memory store scans
+    /// its map, Redis `SCAN`s the store's keys (every primary of a
+    /// cluster), PostgreSQL queries its table.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails or cannot list claims.
+    pub async fn claims_older_than(
+        &self,
+        age: Duration,
+        limit: usize,
+    ) -> Result<Vec<HeldClaim>, Error> {
+        Ok(self.shared.store.claims_older_than(age, limit).await?)
     }
 }
 

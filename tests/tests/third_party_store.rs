@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use idem_core::store::{Begin, Completion, Record, Store, StoreFuture, Token};
+use idem_core::HeldClaim;
+use idem_core::store::{Begin, Completion, Inspection, Record, Store, StoreFuture, Token};
 use idem_core::{Fingerprint, Key};
 use idem_test::conformance::{Backend, Timing};
 use tokio::time::Instant;
@@ -17,12 +18,14 @@ enum Entry {
         token: Token,
         fingerprint: Fingerprint,
         until: Instant,
+        since: Instant,
     },
     Completed {
         token: Token,
         fingerprint: Fingerprint,
         record: Record,
         until: Instant,
+        since: Instant,
     },
 }
 
@@ -64,6 +67,7 @@ impl Store for TableStore {
                         token,
                         fingerprint,
                         until,
+                        since: now,
                     },
                 );
                 Begin::Claimed
@@ -113,6 +117,7 @@ impl Store for TableStore {
                         fingerprint,
                         record,
                         until: now + ttl,
+                        since: now,
                     },
                 );
                 Completion::Stored
@@ -146,6 +151,65 @@ impl Store for TableStore {
             _ => false,
         });
         Box::pin(std::future::ready(Ok(renewed)))
+    }
+
+    fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
+        let inspection = self.with(|table, now| match table.get(&key) {
+            None => Inspection::Absent,
+            Some(Entry::Claimed {
+                fingerprint,
+                until,
+                since,
+                ..
+            }) => Inspection::InProgress {
+                fingerprint: *fingerprint,
+                expires_in: *until - now,
+                held_for: Some(now - *since),
+            },
+            Some(Entry::Completed {
+                fingerprint,
+                record,
+                until,
+                since,
+                ..
+            }) => Inspection::Completed {
+                outcome: record.outcome(),
+                fingerprint: *fingerprint,
+                stored_at: SystemTime::now().checked_sub(now - *since),
+                expires_in: *until - now,
+                size: record.payload().len(),
+            },
+        });
+        Box::pin(std::future::ready(Ok(inspection)))
+    }
+
+    fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
+        let forgotten = self.with(|table, _| table.remove(&key).is_some());
+        Box::pin(std::future::ready(Ok(forgotten)))
+    }
+
+    fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
+        let claims = self.with(|table, now| {
+            table
+                .iter()
+                .filter_map(|(key, entry)| match entry {
+                    Entry::Claimed {
+                        fingerprint,
+                        until,
+                        since,
+                        ..
+                    } if now - *since > age => Some(HeldClaim::new(
+                        *key,
+                        *fingerprint,
+                        now - *since,
+                        *until - now,
+                    )),
+                    _ => None,
+                })
+                .take(limit)
+                .collect()
+        });
+        Box::pin(std::future::ready(Ok(claims)))
     }
 }
 

@@ -12,12 +12,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Begin, Completion, Record, Store, StoreFuture, Token, Watch};
+use super::{Begin, Completion, HeldClaim, Inspection, Record, Store, StoreFuture, Token, Watch};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::{DigestHasher, Fingerprint, Key};
 use crate::settings::MAX_DURATION;
@@ -115,6 +115,8 @@ struct Slot {
     fingerprint: Fingerprint,
     /// The lease's or the TTL's end.
     deadline: Instant,
+    /// When the claim was made, then when the record was stored.
+    since: Instant,
     state: State,
 }
 
@@ -412,6 +414,7 @@ impl Inner {
             token,
             fingerprint,
             deadline: deadline(now, lease),
+            since: now,
             state: State::Claimed { woken: None },
         };
         for attempt in 0..2 {
@@ -486,6 +489,7 @@ impl Inner {
                 .fetch_add(record.payload().len(), Ordering::Relaxed);
             slot.state = State::Completed(record);
             slot.deadline = deadline(now, ttl);
+            slot.since = now;
             self.expires(shard, slot.deadline);
         }
         Completion::Stored
@@ -519,6 +523,69 @@ impl Inner {
             }
             _ => false,
         }
+    }
+
+    fn inspect(&self, key: Key) -> Inspection {
+        let now = Instant::now();
+        let slots = self
+            .shard(&key)
+            .slots
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match slots.get(&key) {
+            Some(slot) if slot.is_live(now) => match &slot.state {
+                State::Claimed { .. } => Inspection::InProgress {
+                    fingerprint: slot.fingerprint,
+                    expires_in: slot.deadline - now,
+                    held_for: Some(now - slot.since),
+                },
+                State::Completed(record) => Inspection::Completed {
+                    outcome: record.outcome(),
+                    fingerprint: slot.fingerprint,
+                    stored_at: SystemTime::now().checked_sub(now - slot.since),
+                    expires_in: slot.deadline - now,
+                    size: record.payload().len(),
+                },
+            },
+            _ => Inspection::Absent,
+        }
+    }
+
+    fn forget(&self, key: Key) -> bool {
+        let now = Instant::now();
+        let mut slots = self.write(self.shard(&key));
+        let Some(mut slot) = slots.remove(&key) else {
+            return false;
+        };
+        slot.wake();
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(slot.bytes(), Ordering::Relaxed);
+        slot.is_live(now)
+    }
+
+    fn claims_older_than(&self, age: Duration, limit: usize) -> Vec<HeldClaim> {
+        let now = Instant::now();
+        let mut claims = Vec::new();
+        for shard in self.shards.iter() {
+            let slots = shard.slots.read().unwrap_or_else(PoisonError::into_inner);
+            for (key, slot) in slots.iter() {
+                if claims.len() == limit {
+                    return claims;
+                }
+                if matches!(slot.state, State::Claimed { .. })
+                    && slot.is_live(now)
+                    && now - slot.since > age
+                {
+                    claims.push(HeldClaim::new(
+                        *key,
+                        slot.fingerprint,
+                        now - slot.since,
+                        slot.deadline - now,
+                    ));
+                }
+            }
+        }
+        claims
     }
 
     fn watch(&self, key: Key) -> Watch {
@@ -577,5 +644,19 @@ impl Store for MemoryStore {
 
     fn watch(&self, key: Key) -> Option<Watch> {
         Some(self.inner.watch(key))
+    }
+
+    fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
+        Box::pin(std::future::ready(Ok(self.inner.inspect(key))))
+    }
+
+    fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Ok(self.inner.forget(key))))
+    }
+
+    fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
+        Box::pin(std::future::ready(Ok(self
+            .inner
+            .claims_older_than(age, limit))))
     }
 }

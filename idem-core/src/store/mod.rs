@@ -18,6 +18,12 @@
 //! | [`release`](Store::release) | only while the claim is ours: delete it | |
 //! | [`renew`](Store::renew) | only while the claim is ours: extend its lease | `bool` |
 //!
+//! For operators, three more: [`inspect`](Store::inspect) says what a key
+//! holds without decoding its result, [`forget`](Store::forget) deletes it
+//! whatever it holds, and [`claims_older_than`](Store::claims_older_than)
+//! lists claims held for longer than an age. A store that cannot do them
+//! answers [`StoreErrorKind::Unsupported`] (the default).
+//!
 //! Each operation is atomic and, on a networked backend, one round trip.
 //! Repeating an operation with the same token is harmless: a `begin` by the
 //! current holder claims again, a `complete` of a record already completed by
@@ -51,7 +57,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::key::{Fingerprint, Key};
 
@@ -216,6 +222,104 @@ pub trait Store: Send + Sync {
     fn limits(&self) -> Limits {
         Limits::default()
     }
+
+    /// What `key` holds now: nothing, a claim in progress or a completed
+    /// record, without decoding the record's payload. Expired entries are
+    /// absent. By default [`StoreErrorKind::Unsupported`].
+    fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
+        let _ = key;
+        unsupported("inspect")
+    }
+
+    /// Deletes whatever `key` holds, claim or record, whoever holds it;
+    /// answers whether there was anything. A holder whose claim is forgotten
+    /// finds it lost when it renews or completes. By default
+    /// [`StoreErrorKind::Unsupported`].
+    fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
+        let _ = key;
+        unsupported("forget")
+    }
+
+    /// Up to `limit` claims in progress that were made more than `age` ago
+    /// (however often renewed since): calls that may be stuck. By default
+    /// [`StoreErrorKind::Unsupported`].
+    fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
+        let _ = (age, limit);
+        unsupported("claims_older_than")
+    }
+}
+
+fn unsupported<T>(operation: &'static str) -> StoreFuture<'static, T> {
+    Box::pin(async move {
+        Err(StoreError::new(
+            StoreErrorKind::Unsupported,
+            format!("this store does not support `{operation}`"),
+        ))
+    })
+}
+
+/// What a key holds, as [`Store::inspect`] and
+/// [`Idempotency::inspect`](crate::Idempotency::inspect) answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Inspection {
+    /// Nothing: never claimed, released, forgotten or expired.
+    Absent,
+    /// A call holds the key and has not finished.
+    InProgress {
+        /// The call's fingerprint.
+        fingerprint: Fingerprint,
+        /// When the claim lapses unless renewed.
+        expires_in: Duration,
+        /// How long ago the claim was made, when the store knows.
+        held_for: Option<Duration>,
+    },
+    /// The call finished; its record is kept.
+    Completed {
+        /// What the record holds: an `Ok`, a cached `Err`, or a result that
+        /// could not be stored.
+        outcome: Outcome,
+        /// The call's fingerprint.
+        fingerprint: Fingerprint,
+        /// When the record was stored, when the store knows.
+        stored_at: Option<SystemTime>,
+        /// When the record expires.
+        expires_in: Duration,
+        /// The payload's size in bytes.
+        size: usize,
+    },
+}
+
+/// A claim in progress, as [`Store::claims_older_than`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeldClaim {
+    /// The claimed key.
+    pub key: Key,
+    /// The call's fingerprint.
+    pub fingerprint: Fingerprint,
+    /// How long ago the claim was made.
+    pub held_for: Duration,
+    /// When the claim lapses unless renewed.
+    pub expires_in: Duration,
+}
+
+impl HeldClaim {
+    /// A listed claim.
+    #[must_use]
+    pub const fn new(
+        key: Key,
+        fingerprint: Fingerprint,
+        held_for: Duration,
+        expires_in: Duration,
+    ) -> Self {
+        Self {
+            key,
+            fingerprint,
+            held_for,
+            expires_in,
+        }
+    }
 }
 
 macro_rules! forward_store {
@@ -255,6 +359,18 @@ macro_rules! forward_store {
 
             fn limits(&self) -> Limits {
                 (**self).limits()
+            }
+
+            fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
+                (**self).inspect(key)
+            }
+
+            fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
+                (**self).forget(key)
+            }
+
+            fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
+                (**self).claims_older_than(age, limit)
             }
         }
     )*};

@@ -8,7 +8,9 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idem_core::store::{Begin, Completion, Outcome, Record, Store, StoreErrorKind, Token};
+use idem_core::store::{
+    Begin, Completion, Inspection, Outcome, Record, Store, StoreErrorKind, Token,
+};
 use idem_core::{Error, Fingerprint, Idempotency};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -796,6 +798,97 @@ CurrentThread fn set_arguments_fingerprint_by_content(backend) {
         Fingerprint::of(&descending).unwrap(),
         "a Vec's order counts"
     );
+}
+
+
+/// `inspect` tells an absent key, a claim in progress and a completed record
+/// apart, with their fingerprints and expiries, without decoding the result.
+CurrentThread fn inspect_tells_what_a_key_holds(backend) {
+    let store = backend.store().await;
+    let Timing { lease, ttl } = backend.timing();
+    let (key, fp) = fresh("inspect");
+    assert_eq!(store.inspect(key).await.unwrap(), Inspection::Absent);
+    let token = Token::random();
+    assert_eq!(store.begin(key, fp, token, lease).await.unwrap(), Begin::Claimed);
+    tokio::time::sleep(lease / 4).await;
+    match store.inspect(key).await.unwrap() {
+        Inspection::InProgress { fingerprint, expires_in, held_for } => {
+            assert_eq!(fingerprint, fp);
+            assert!(expires_in > Duration::ZERO && expires_in <= lease - lease / 4 + Duration::from_millis(5), "{expires_in:?}");
+            if let Some(held_for) = held_for {
+                assert!(held_for + Duration::from_millis(5) >= lease / 4 && held_for <= lease, "{held_for:?}");
+            }
+        }
+        other => panic!("expected a claim in progress, got {other:?}"),
+    }
+    let record = Record::new(Outcome::Ok, b"\"done\"".to_vec());
+    assert_eq!(store.complete(key, token, record, ttl).await.unwrap(), Completion::Stored);
+    match handle(&store).inspect(key).await.unwrap() {
+        Inspection::Completed { outcome, fingerprint, stored_at, expires_in, size } => {
+            assert_eq!((outcome, fingerprint, size), (Outcome::Ok, fp, 6));
+            assert!(expires_in > ttl / 2 && expires_in <= ttl, "{expires_in:?}");
+            if let Some(stored_at) = stored_at {
+                let skew = match std::time::SystemTime::now().duration_since(stored_at) {
+                    Ok(ago) => ago,
+                    Err(ahead) => ahead.duration(),
+                };
+                assert!(skew < Duration::from_secs(60), "stored {skew:?} away from now");
+            }
+        }
+        other => panic!("expected a completed record, got {other:?}"),
+    }
+}
+
+/// `forget` deletes a completed record (the next call runs again) and a
+/// claim (the next caller claims at once; the old holder finds it lost).
+CurrentThread fn forget_deletes_records_and_claims(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let idem = handle(&store);
+    let caller = Caller::new(&idem, timing);
+    let (key, fp) = fresh("forget");
+    let runs = Runs::default();
+    let run = || async { caller.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await };
+    assert_eq!(run().await.unwrap(), 1);
+    assert_eq!(run().await.unwrap(), 1, "replayed");
+    assert!(idem.forget(key).await.unwrap(), "there was a record");
+    assert_eq!(idem.inspect(key).await.unwrap(), Inspection::Absent);
+    assert!(!idem.forget(key).await.unwrap(), "nothing left to forget");
+    assert_eq!(run().await.unwrap(), 2, "a forgotten key runs again");
+
+    let (claimed, fp) = fresh("forget-claim");
+    let holder = Token::random();
+    assert_eq!(store.begin(claimed, fp, holder, timing.lease).await.unwrap(), Begin::Claimed);
+    assert!(store.forget(claimed).await.unwrap(), "there was a claim");
+    assert_eq!(store.begin(claimed, fp, Token::random(), timing.lease).await.unwrap(), Begin::Claimed);
+    let record = Record::new(Outcome::Ok, b"1".to_vec());
+    assert_eq!(
+        store.complete(claimed, holder, record, timing.ttl).await.unwrap(),
+        Completion::Lost,
+        "the forgotten holder is fenced"
+    );
+}
+
+/// Claims made more than an age ago are listed however often renewed;
+/// younger claims and completed records are not.
+CurrentThread fn old_claims_are_listed(backend) {
+    let store = backend.store().await;
+    let Timing { lease, ttl } = backend.timing();
+    let (key, fp) = fresh("old-claims");
+    let token = Token::random();
+    assert_eq!(store.begin(key, fp, token, lease).await.unwrap(), Begin::Claimed);
+    tokio::time::sleep(lease / 2).await;
+    assert!(store.renew(key, token, lease).await.unwrap());
+    let listed = |claims: Vec<idem_core::HeldClaim>| claims.into_iter().find(|claim| claim.key == key);
+    let old = listed(store.claims_older_than(lease / 4, 100_000).await.unwrap())
+        .expect("a claim held for half a lease is older than a quarter");
+    assert_eq!(old.fingerprint, fp);
+    assert!(old.held_for + Duration::from_millis(5) >= lease / 2, "{:?}", old.held_for);
+    assert!(old.expires_in > lease / 2, "renewed: {:?}", old.expires_in);
+    assert!(listed(store.claims_older_than(lease * 100, 100_000).await.unwrap()).is_none());
+    let record = Record::new(Outcome::Ok, b"1".to_vec());
+    assert_eq!(store.complete(key, token, record, ttl).await.unwrap(), Completion::Stored);
+    assert!(listed(store.claims_older_than(Duration::ZERO, 100_000).await.unwrap()).is_none());
 }
 
 }

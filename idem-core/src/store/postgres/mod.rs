@@ -40,7 +40,9 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row};
 
-use super::{Begin, Completion, Limits, Record, Store, StoreFuture, Token, Watch};
+use super::{
+    Begin, Completion, HeldClaim, Inspection, Limits, Record, Store, StoreFuture, Token, Watch,
+};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::{Fingerprint, Key};
 use crate::store::connect::redact;
@@ -591,4 +593,119 @@ impl Store for PostgresStore {
     fn limits(&self) -> Limits {
         Limits::with_response_timeout(self.inner.response_timeout)
     }
+
+    fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
+        Box::pin(async move {
+            let row = self
+                .timed("inspect", async {
+                    sqlx::query::<Postgres>(&self.inner.sql.inspect)
+                        .bind(key.digest().as_slice())
+                        .fetch_optional(&self.inner.pool)
+                        .await
+                })
+                .await?;
+            let Some(row) = row else {
+                return Ok(Inspection::Absent);
+            };
+            let corrupt = |e: sqlx::Error| store_error("inspect", &e);
+            let fingerprint =
+                fingerprint_of(&row.try_get::<Vec<u8>, _>("fingerprint").map_err(corrupt)?)?;
+            let expires_in = ms(row.try_get::<Option<i64>, _>("left_ms").map_err(corrupt)?);
+            let age = row
+                .try_get::<Option<i64>, _>("age_ms")
+                .map_err(corrupt)?
+                .map(|a| ms(Some(a)));
+            Ok(
+                match row
+                    .try_get::<Option<Vec<u8>>, _>("record")
+                    .map_err(corrupt)?
+                {
+                    None => Inspection::InProgress {
+                        fingerprint,
+                        expires_in,
+                        held_for: age,
+                    },
+                    Some(record) => {
+                        let record = Record::decode(record)?;
+                        let stored_at = row
+                            .try_get::<Option<f64>, _>("stored_at")
+                            .map_err(corrupt)?
+                            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                            .and_then(|since| std::time::UNIX_EPOCH.checked_add(since));
+                        Inspection::Completed {
+                            outcome: record.outcome(),
+                            fingerprint,
+                            stored_at,
+                            expires_in,
+                            size: record.payload().len(),
+                        }
+                    }
+                },
+            )
+        })
+    }
+
+    fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            self.timed("forget", async {
+                sqlx::query_scalar::<_, bool>(&self.inner.sql.forget)
+                    .bind(key.digest().as_slice())
+                    .bind(&self.inner.sql.channel)
+                    .fetch_optional(&self.inner.pool)
+                    .await
+            })
+            .await
+            .map(|live| live.unwrap_or(false))
+        })
+    }
+
+    fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
+        Box::pin(async move {
+            let rows = self
+                .timed("claims_older_than", async {
+                    sqlx::query::<Postgres>(&self.inner.sql.claims_older_than)
+                        .bind(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .fetch_all(&self.inner.pool)
+                        .await
+                })
+                .await?;
+            let corrupt = |e: sqlx::Error| store_error("claims_older_than", &e);
+            rows.iter()
+                .map(|row| {
+                    let key: Vec<u8> = row.try_get("key").map_err(corrupt)?;
+                    let key = <[u8; 32]>::try_from(key.as_slice()).map_err(|_| {
+                        StoreError::new(
+                            StoreErrorKind::Corrupt,
+                            "a key row is not a 32-byte digest",
+                        )
+                    })?;
+                    Ok(HeldClaim::new(
+                        Key::from_digest(key),
+                        fingerprint_of(
+                            &row.try_get::<Vec<u8>, _>("fingerprint").map_err(corrupt)?,
+                        )?,
+                        ms(row.try_get::<Option<i64>, _>("age_ms").map_err(corrupt)?),
+                        ms(row.try_get::<Option<i64>, _>("left_ms").map_err(corrupt)?),
+                    ))
+                })
+                .collect()
+        })
+    }
+}
+
+/// A non-negative count of milliseconds, or zero.
+fn ms(millis: Option<i64>) -> Duration {
+    Duration::from_millis(millis.unwrap_or(0).max(0).unsigned_abs())
+}
+
+fn fingerprint_of(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(Fingerprint::from_digest)
+        .map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Corrupt,
+                "a fingerprint is not a 32-byte digest",
+            )
+        })
 }

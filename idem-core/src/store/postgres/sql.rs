@@ -7,14 +7,16 @@
 //!     fingerprint bytea NOT NULL,         -- the SHA-256 of the arguments
 //!     token       bytea NOT NULL,         -- the claim's holder, then its completer
 //!     record      bytea,                  -- NULL while in progress; the encoded Record once done
-//!     stored_at   timestamptz,            -- when the record was stored
+//!     stored_at   timestamptz,            -- when the claim was made, then when the record was stored
 //!     expires_at  timestamptz NOT NULL    -- the lease's end, then the TTL's end
 //! );
 //! CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
+//! CREATE INDEX idempotency_keys_claimed ON idempotency_keys (stored_at) WHERE record IS NULL;
 //! ```
 //!
 //! The primary key serves every operation; the index on `expires_at` serves
-//! the purge of expired rows. Every time is the database's own (`now()`),
+//! the purge of expired rows, and the partial index on claims in progress
+//! the listing of old claims. Every time is the database's own (`now()`),
 //! never a client's.
 
 use crate::error::{StoreError, StoreErrorKind};
@@ -36,6 +38,12 @@ pub(crate) struct Statements {
     /// `BEGIN`'s claim inside a caller's transaction.
     pub(crate) claim_in_transaction: String,
     pub(crate) complete_in_transaction: String,
+    /// What a key holds, for operators.
+    pub(crate) inspect: String,
+    /// Deletes a key's row, waking its waiters.
+    pub(crate) forget: String,
+    /// Claims in progress made before an age.
+    pub(crate) claims_older_than: String,
 }
 
 /// `name` as a quoted SQL identifier, if it is one PostgreSQL accepts.
@@ -53,6 +61,7 @@ impl Statements {
     pub(crate) fn new(schema: &str, table: &str) -> Result<Self, StoreError> {
         let (schema_q, table_q) = (identifier("schema", schema)?, identifier("table", table)?);
         let index = identifier("index", &format!("{table}_expires_at"))?;
+        let claims_index = identifier("index", &format!("{table}_claimed"))?;
         let t = format!("{schema_q}.{table_q}");
         let ms = "* interval '1 millisecond'";
         Ok(Self {
@@ -69,6 +78,10 @@ impl Statements {
                     )"
                 ),
                 format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
+                format!(
+                    "CREATE INDEX IF NOT EXISTS {claims_index} ON {t} (stored_at) \
+                     WHERE record IS NULL"
+                ),
             ],
             // Claim-or-read in one statement. A live record or another's
             // live claim is only read (a replay takes no lock and writes
@@ -80,14 +93,16 @@ impl Statements {
                     SELECT fingerprint, token, record, expires_at FROM {t} WHERE key = $1
                 ), claimed AS (
                     INSERT INTO {t} AS r (key, fingerprint, token, record, stored_at, expires_at)
-                    SELECT $1, $2, $3, NULL, NULL, now() + $4::bigint {ms}
+                    SELECT $1, $2, $3, NULL, now(), now() + $4::bigint {ms}
                     WHERE NOT EXISTS (
                         SELECT 1 FROM current c WHERE c.expires_at > now()
                         AND NOT (c.record IS NULL AND c.token = $3 AND c.fingerprint = $2)
                     )
                     ON CONFLICT (key) DO UPDATE SET
                         fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
-                        record = NULL, stored_at = NULL, expires_at = EXCLUDED.expires_at
+                        record = NULL,
+                        stored_at = CASE WHEN r.expires_at <= now() THEN now() ELSE r.stored_at END,
+                        expires_at = EXCLUDED.expires_at
                     WHERE r.expires_at <= now()
                         OR (r.record IS NULL AND r.token = EXCLUDED.token
                             AND r.fingerprint = EXCLUDED.fingerprint)
@@ -150,11 +165,11 @@ impl Statements {
                     SELECT fingerprint, record, expires_at FROM {t} WHERE key = $1
                 ), claimed AS (
                     INSERT INTO {t} AS r (key, fingerprint, token, record, stored_at, expires_at)
-                    SELECT $1, $2, $3, NULL, NULL, now() + $4::bigint {ms}
+                    SELECT $1, $2, $3, NULL, now(), now() + $4::bigint {ms}
                     WHERE NOT EXISTS (SELECT 1 FROM current c WHERE c.expires_at > now())
                     ON CONFLICT (key) DO UPDATE SET
                         fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
-                        record = NULL, stored_at = NULL, expires_at = EXCLUDED.expires_at
+                        record = NULL, stored_at = now(), expires_at = EXCLUDED.expires_at
                     WHERE r.expires_at <= now()
                     RETURNING 1
                 )
@@ -170,6 +185,30 @@ impl Statements {
             complete_in_transaction: format!(
                 "UPDATE {t} SET record = $3, stored_at = now(), expires_at = now() + $4::bigint {ms}
                 WHERE key = $1 AND token = $2"
+            ),
+            inspect: format!(
+                "SELECT fingerprint, record,
+                    extract(epoch FROM stored_at)::float8 AS stored_at,
+                    ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint AS left_ms,
+                    floor(extract(epoch FROM now() - stored_at) * 1000)::bigint AS age_ms
+                FROM {t} WHERE key = $1 AND expires_at > now()"
+            ),
+            forget: format!(
+                "WITH gone AS (
+                    DELETE FROM {t} WHERE key = $1 RETURNING key, expires_at > now() AS live
+                ), woken AS (
+                    SELECT pg_notify($2, encode(key, 'hex')) FROM gone
+                )
+                SELECT coalesce(bool_or(live), false) FROM gone, (SELECT count(*) FROM woken) w"
+            ),
+            claims_older_than: format!(
+                "SELECT key, fingerprint,
+                    floor(extract(epoch FROM now() - stored_at) * 1000)::bigint AS age_ms,
+                    ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint AS left_ms
+                FROM {t}
+                WHERE record IS NULL AND expires_at > now()
+                    AND stored_at < now() - $1::bigint {ms}
+                ORDER BY stored_at LIMIT $2"
             ),
         })
     }

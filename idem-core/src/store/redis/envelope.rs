@@ -10,7 +10,7 @@
 //! | [`TOKEN`] | the claim's token | the token that completed it |
 //! | [`FINGERPRINT`] | the call's fingerprint | the call's fingerprint |
 //! | [`STAMP`] | the lease's deadline, Unix ms | when the record was stored, Unix ms |
-//! | [`HEADER`]`..` | nothing | the encoded [`Record`] |
+//! | [`HEADER`]`..` | [`CLAIMED_AT`]: when the claim was made, Unix ms | the encoded [`Record`] |
 //!
 //! Tokens and Unix milliseconds are big-endian. The key's expiry is the lease
 //! while in progress and the TTL once completed, so Redis reclaims both by
@@ -43,6 +43,9 @@ pub const FINGERPRINT: Range<usize> = 18..50;
 pub const STAMP: Range<usize> = 50..58;
 /// The length of the header; a completed record's [`Record`] follows it.
 pub const HEADER: usize = 58;
+/// Where a claim keeps when it was made (renewals keep it), right after the
+/// header.
+pub const CLAIMED_AT: Range<usize> = 58..66;
 
 /// What a record key holds.
 #[derive(Debug)]
@@ -53,22 +56,27 @@ pub(crate) enum Held {
         fingerprint: Fingerprint,
         /// The lease's deadline, Unix ms.
         deadline: u64,
+        /// When the claim was made, Unix ms.
+        claimed_at: Option<u64>,
     },
     /// A completed record.
     Completed {
         fingerprint: Fingerprint,
         record: Record,
+        /// When it was stored, Unix ms.
+        stored_at: u64,
     },
 }
 
-/// The value of a new claim.
-pub(crate) fn claim(token: Token, fingerprint: Fingerprint, deadline: u64) -> Vec<u8> {
-    let mut value = Vec::with_capacity(HEADER);
+/// The value of a new claim, made at `now` (Unix ms).
+pub(crate) fn claim(token: Token, fingerprint: Fingerprint, deadline: u64, now: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(CLAIMED_AT.end);
     value.push(CURRENT_VERSION);
     value.push(CLAIMED);
     value.extend_from_slice(&token.as_u128().to_be_bytes());
     value.extend_from_slice(fingerprint.digest());
     value.extend_from_slice(&deadline.to_be_bytes());
+    value.extend_from_slice(&now.to_be_bytes());
     value
 }
 
@@ -100,10 +108,14 @@ pub(crate) fn parse(value: Vec<u8>) -> Result<Held, StoreError> {
             )),
             fingerprint,
             deadline: stamp,
+            claimed_at: value
+                .get(CLAIMED_AT)
+                .and_then(|bytes| Some(u64::from_be_bytes(bytes.try_into().ok()?))),
         }),
         COMPLETED => Ok(Held::Completed {
             fingerprint,
             record: Record::decode(Bytes::from(value).slice(HEADER..))?,
+            stored_at: stamp,
         }),
         _ => Err(not_a_record()),
     }
@@ -132,6 +144,7 @@ mod tests {
         assert_eq!(FINGERPRINT.start, TOKEN.end);
         assert_eq!(STAMP.start, FINGERPRINT.end);
         assert_eq!(HEADER, STAMP.end);
+        assert_eq!(CLAIMED_AT.start, HEADER);
         assert_eq!(TOKEN.len(), 16);
         assert_eq!(FINGERPRINT.len(), 32);
     }
@@ -144,17 +157,21 @@ mod tests {
             token: t,
             fingerprint: f,
             deadline,
-        } = parse(claim(token, fingerprint, 42)).unwrap()
+            claimed_at,
+        } = parse(claim(token, fingerprint, 42, 7)).unwrap()
         else {
             panic!("a claim")
         };
-        assert_eq!((t, f, deadline), (token, fingerprint, 42));
+        assert_eq!(
+            (t, f, deadline, claimed_at),
+            (token, fingerprint, 42, Some(7))
+        );
         assert_eq!(lua_sub(&TOKEN), "3, 18");
     }
 
     #[test]
     fn foreign_values_are_corrupt() {
-        let mut newer = claim(Token::random(), Fingerprint::of(&1).unwrap(), 1);
+        let mut newer = claim(Token::random(), Fingerprint::of(&1).unwrap(), 1, 0);
         newer[VERSION] = 9;
         for value in [b"garbage".to_vec(), vec![0; HEADER], newer] {
             assert_eq!(parse(value).unwrap_err().kind(), StoreErrorKind::Corrupt);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redis::{RedisError, Script, Value};
 
-use super::{Begin, Completion, Limits, Record, Store, StoreFuture, Token};
+use super::{Begin, Completion, HeldClaim, Inspection, Limits, Record, Store, StoreFuture, Token};
 use crate::error::StoreError;
 use crate::key::{Fingerprint, Key};
 
@@ -237,6 +237,61 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+impl RedisStore {
+    /// The claim a scanned key holds, if it holds one that says when it
+    /// was made.
+    async fn held_claim(
+        &self,
+        connection: &mut Connection,
+        prefix: &str,
+        record_key: Vec<u8>,
+    ) -> Result<Option<HeldClaim>, StoreError> {
+        let failed = |e: RedisError| store_error("claims_older_than", &e);
+        let Some(digest) = std::str::from_utf8(&record_key)
+            .ok()
+            .and_then(|k| k.strip_prefix(prefix)?.strip_suffix('}'))
+            .and_then(|hex| <[u8; 32]>::try_from(hex::decode(hex).ok()?).ok())
+        else {
+            return Ok(None);
+        };
+        let mut pipeline = redis::pipe();
+        pipeline
+            .cmd("GET")
+            .arg(&record_key)
+            .cmd("PTTL")
+            .arg(&record_key);
+        let (held, ttl): (Option<Vec<u8>>, i64) =
+            pipeline.query_async(connection).await.map_err(failed)?;
+        let Some(held) = held else { return Ok(None) };
+        let Ok(Held::Claimed {
+            fingerprint,
+            claimed_at: Some(claimed_at),
+            ..
+        }) = envelope::parse(held)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(HeldClaim::new(
+            Key::from_digest(digest),
+            fingerprint,
+            Duration::from_millis(unix_millis().saturating_sub(claimed_at)),
+            Duration::from_millis(ttl.max(0).unsigned_abs()),
+        )))
+    }
+}
+
+/// `text` with Redis glob's special characters escaped.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
 fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -277,7 +332,8 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> StoreFuture<'_, Begin> {
         Box::pin(async move {
-            let claim = envelope::claim(token, fingerprint, deadline_after(lease));
+            let now = unix_millis();
+            let claim = envelope::claim(token, fingerprint, deadline_after(lease), now);
             let mut command = redis::cmd("SET");
             command
                 .arg(self.record_key(&key))
@@ -349,6 +405,112 @@ impl Store for RedisStore {
 
     fn limits(&self) -> Limits {
         Limits::with_response_timeout(self.inner.response_timeout)
+    }
+
+    fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
+        Box::pin(async move {
+            let record_key = self.record_key(&key);
+            let mut pipeline = redis::pipe();
+            pipeline
+                .cmd("GET")
+                .arg(&record_key)
+                .cmd("PTTL")
+                .arg(&record_key);
+            let pipeline = &pipeline;
+            let answer = self
+                .retrying("inspect", |mut connection| async move {
+                    pipeline.query_async::<Value>(&mut connection).await
+                })
+                .await?;
+            let Value::Array(mut answers) = answer else {
+                return Err(unexpected("inspect", &answer));
+            };
+            let (held, ttl) = match (answers.pop(), answers.pop()) {
+                (Some(ttl), Some(held)) => (held, ttl),
+                _ => return Err(unexpected("inspect", &Value::Array(answers))),
+            };
+            let expires_in = match as_int(&ttl) {
+                Some(ms) if ms > 0 => Duration::from_millis(ms.unsigned_abs()),
+                _ => Duration::ZERO,
+            };
+            let held = match held {
+                Value::Nil => return Ok(Inspection::Absent),
+                Value::BulkString(bytes) => envelope::parse(bytes)?,
+                other => return Err(unexpected("inspect", &other)),
+            };
+            let now = unix_millis();
+            Ok(match held {
+                Held::Claimed {
+                    fingerprint,
+                    claimed_at,
+                    ..
+                } => Inspection::InProgress {
+                    fingerprint,
+                    expires_in,
+                    held_for: claimed_at.map(|at| Duration::from_millis(now.saturating_sub(at))),
+                },
+                Held::Completed {
+                    fingerprint,
+                    record,
+                    stored_at,
+                } => Inspection::Completed {
+                    outcome: record.outcome(),
+                    fingerprint,
+                    stored_at: std::time::UNIX_EPOCH.checked_add(Duration::from_millis(stored_at)),
+                    expires_in,
+                    size: record.payload().len(),
+                },
+            })
+        })
+    }
+
+    fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let mut command = redis::cmd("DEL");
+            command.arg(self.record_key(&key));
+            let value = self.query("forget", &command).await?;
+            match as_int(&value) {
+                Some(n) => Ok(n > 0),
+                None => Err(unexpected("forget", &value)),
+            }
+        })
+    }
+
+    fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
+        Box::pin(async move {
+            let failed = |e: RedisError| store_error("claims_older_than", &e);
+            let mut connection = self.connection().await?;
+            let prefix = format!("{}:{{", self.inner.prefix);
+            let pattern = format!("{}*", glob_escape(&prefix));
+            let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+            let mut claims = Vec::new();
+            for target in connection.scan_targets().await.map_err(failed)? {
+                let mut cursor = 0;
+                loop {
+                    let (next, keys) = connection
+                        .scan(&target, cursor, &pattern)
+                        .await
+                        .map_err(failed)?;
+                    for key in keys {
+                        if claims.len() == limit {
+                            return Ok(claims);
+                        }
+                        let Some(claim) = self.held_claim(&mut connection, &prefix, key).await?
+                        else {
+                            continue;
+                        };
+                        if u64::try_from(claim.held_for.as_millis()).unwrap_or(u64::MAX) > age_ms {
+                            claims.push(claim);
+                        }
+                    }
+                    cursor = next;
+                    if cursor == 0 {
+                        break;
+                    }
+                }
+            }
+            Ok(claims)
+        })
     }
 
     fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {

@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use redis::Script;
 
 use super::envelope::{
-    CLAIMED, COMPLETED, CURRENT_VERSION, FINGERPRINT, STATE, TOKEN, VERSION, lua_sub,
+    CLAIMED, COMPLETED, CURRENT_VERSION, FINGERPRINT, HEADER, STATE, TOKEN, VERSION, lua_sub,
 };
 
 /// The three scripts, loaded once per process.
@@ -21,7 +21,8 @@ pub(crate) struct Scripts {
     /// `KEYS[1]` the record; `ARGV` token. Deletes a claim that is ours.
     pub(crate) release: Script,
     /// `KEYS[1]` the record; `ARGV` token, lease in ms, new deadline (8
-    /// bytes). Answers 1 renewed, 0 not ours.
+    /// bytes); what follows the header (when the claim was made) is kept.
+    /// Answers 1 renewed, 0 not ours.
     pub(crate) renew: Script,
 }
 
@@ -69,12 +70,13 @@ return 0",
         renew: Script::new(&format!(
             "local held = redis.call('GET', KEYS[1])
 if {claimed} then
-  redis.call('PSETEX', KEYS[1], ARGV[2], {prefix} .. ARGV[3])
+  redis.call('PSETEX', KEYS[1], ARGV[2], {prefix} .. ARGV[3] .. string.sub(held, {after}))
   return 1
 end
 return 0",
             claimed = ours(CLAIMED),
             prefix = prefix(CLAIMED),
+            after = HEADER + 1,
         )),
     }
 });
