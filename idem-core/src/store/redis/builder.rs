@@ -58,6 +58,8 @@ pub struct RedisStoreBuilder {
     response_timeout: Duration,
     connection_timeout: Duration,
     eviction_check: EvictionCheck,
+    #[cfg(feature = "tls")]
+    tls: redis::TlsCertificates,
 }
 
 impl RedisStoreBuilder {
@@ -69,7 +71,44 @@ impl RedisStoreBuilder {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
             eviction_check: EvictionCheck::default(),
+            #[cfg(feature = "tls")]
+            tls: redis::TlsCertificates {
+                client_tls: None,
+                root_cert: None,
+            },
         }
+    }
+
+    /// Trusts the certificate authority `pem` (PEM) for `rediss://`
+    /// connections, instead of the system's roots: for a server whose
+    /// certificate a private CA signed.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    #[must_use]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_cert = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate and key (PEM) to a server that
+    /// asks for one (mutual TLS).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    #[must_use]
+    pub fn tls_client_certificate(
+        mut self,
+        certificate: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client_tls = Some(redis::ClientTlsConfig {
+            client_cert: certificate.into(),
+            client_key: key.into(),
+        });
+        self
+    }
+
+    fn uses_tls(&self) -> bool {
+        self.nodes.iter().any(|node| node.starts_with("rediss://"))
     }
 
     /// The prefix of every key the store writes. Default
@@ -131,6 +170,13 @@ impl RedisStoreBuilder {
     /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
     /// malformed URL.
     pub fn connect_lazy(self) -> Result<RedisStore, StoreError> {
+        if self.uses_tls() && cfg!(not(feature = "tls")) {
+            return Err(config(format!(
+                "{} asks for TLS (`rediss://`), which needs the `tls` feature of idem-core: \
+                 `idem-core = {{ version = \"…\", features = [\"redis\", \"tls\"] }}`",
+                redact_all(&self.nodes)
+            )));
+        }
         for node in &self.nodes {
             redis::IntoConnectionInfo::into_connection_info(node.as_str()).map_err(|e| {
                 config(format!(
@@ -151,25 +197,45 @@ impl RedisStoreBuilder {
 
     /// Opens a connection and checks the server's eviction policy.
     pub(super) async fn open(&self) -> Result<Connection, StoreError> {
+        #[cfg(feature = "tls")]
+        if self.uses_tls() {
+            // rustls needs a process-wide crypto provider; one installed by
+            // the application is kept.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let mut connection = if self.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+            let builder = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
                 .response_timeout(self.response_timeout)
                 .connection_timeout(self.connection_timeout)
-                .retries(2)
-                .build()
-                .map_err(|e| {
-                    config(format!(
-                        "bad Redis address {}: {e}",
-                        redact_all(&self.nodes)
-                    ))
-                })?;
+                .retries(2);
+            #[cfg(feature = "tls")]
+            let builder = if self.uses_tls() {
+                builder.certs(self.tls.clone())
+            } else {
+                builder
+            };
+            let client = builder.build().map_err(|e| {
+                config(format!(
+                    "bad Redis address {}: {e}",
+                    redact_all(&self.nodes)
+                ))
+            })?;
             let connection = client
                 .get_async_connection()
                 .await
                 .map_err(|e| store_error("connect", &e))?;
             Connection::Cluster(connection)
         } else {
-            let client = redis::Client::open(self.nodes[0].as_str()).map_err(|e| {
+            let node = self.nodes[0].as_str();
+            #[cfg(feature = "tls")]
+            let client = if self.uses_tls() {
+                redis::Client::build_with_tls(node, self.tls.clone())
+            } else {
+                redis::Client::open(node)
+            };
+            #[cfg(not(feature = "tls"))]
+            let client = redis::Client::open(node);
+            let client = client.map_err(|e| {
                 config(format!(
                     "bad Redis address {}: {e}",
                     redact_all(&self.nodes)
@@ -328,5 +394,26 @@ mod tests {
             eviction_risk(&cluster),
             Some(("5".into(), "allkeys-lru".into()))
         );
+    }
+}
+
+#[cfg(all(test, not(feature = "tls")))]
+mod without_tls {
+    use crate::RedisStore;
+    use crate::store::StoreErrorKind;
+
+    #[test]
+    fn rediss_without_the_tls_feature_is_a_clear_error() {
+        for url in [
+            "rediss://127.0.0.1:6380",
+            "rediss+cluster://127.0.0.1:7000,127.0.0.1:7001",
+        ] {
+            let error = RedisStore::builder_for_url(url)
+                .unwrap()
+                .connect_lazy()
+                .unwrap_err();
+            assert_eq!(error.kind(), StoreErrorKind::Config);
+            assert!(error.to_string().contains("the `tls` feature"), "{error}");
+        }
     }
 }

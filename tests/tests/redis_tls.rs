@@ -1,0 +1,119 @@
+//! The Redis store over TLS (`rediss://`, feature `tls`) against a
+//! `redis-server` started with TLS on loopback, with a certificate authority
+//! and a server certificate this test generates.
+
+use std::path::Path;
+use std::time::Duration;
+
+use idem_core::store::StoreErrorKind;
+use idem_core::{Fingerprint, Idempotency, Key, RedisStore, Settings};
+use idem_test::process::free_port;
+use idem_test::redis_server::RedisServer;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+
+/// A CA, and a certificate it signed for `127.0.0.1` and `localhost`, as
+/// PEM files in `dir`; answers the CA's PEM.
+fn certificates(dir: &Path) -> String {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "idem test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut server =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
+    let server = server.signed_by(&server_key, &ca).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    ca.pem()
+}
+
+/// A server listening with TLS on the returned port (and in plain text on
+/// its own, for the harness's readiness check).
+fn tls_server(dir: &Path) -> (RedisServer, u16) {
+    let port = free_port();
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let server = RedisServer::start_with(&[
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &path("server.pem"),
+        "--tls-key-file",
+        &path("server.key"),
+        "--tls-ca-cert-file",
+        &path("ca.pem"),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    (server, port)
+}
+
+#[tokio::test]
+async fn rediss_connects_with_the_servers_ca_and_runs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = certificates(dir.path());
+    let (_server, port) = tls_server(dir.path());
+
+    let store = RedisStore::node(format!("rediss://127.0.0.1:{port}"))
+        .tls_root_certificate(ca)
+        .connect()
+        .await
+        .expect("a TLS connection");
+    let idem = Idempotency::new(store);
+    let key = Key::new("tls.charge", &"order-1").unwrap();
+    let fingerprint = Fingerprint::of(&100).unwrap();
+    let mut runs = 0;
+    for _ in 0..3 {
+        let receipt: u32 = idem
+            .run(&Settings::default(), key, fingerprint, async {
+                runs += 1;
+                Ok::<_, idem_core::Error>(7)
+            })
+            .await
+            .unwrap();
+        assert_eq!(receipt, 7);
+    }
+    assert_eq!(runs, 1);
+}
+
+#[tokio::test]
+async fn a_server_certificate_nobody_trusts_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let (_server, port) = tls_server(dir.path());
+
+    // The system's roots do not include the test's CA.
+    let refused = RedisStore::node(format!("rediss://127.0.0.1:{port}"))
+        .connection_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect_err("an untrusted certificate");
+    assert_eq!(refused.kind(), StoreErrorKind::Unavailable, "{refused}");
+
+    // Another CA is not this server's either.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = certificates(other.path());
+    let refused = RedisStore::node(format!("rediss://127.0.0.1:{port}"))
+        .tls_root_certificate(other_ca)
+        .connect()
+        .await
+        .expect_err("a certificate of another CA");
+    assert_eq!(refused.kind(), StoreErrorKind::Unavailable, "{refused}");
+}
+
+#[tokio::test]
+async fn a_plain_text_client_does_not_reach_a_tls_port() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let (_server, port) = tls_server(dir.path());
+    let store = RedisStore::node(format!("redis://127.0.0.1:{port}"))
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(500))
+        .connect()
+        .await;
+    assert!(store.is_err(), "redis:// must not talk to a TLS port");
+}
