@@ -4,9 +4,10 @@
 //! `Serializer`, in which equal values always encode equal:
 //!
 //! - one tag byte starts every value, so the encoding is self-delimiting;
-//!   sequences and maps need no length prefix, only an end tag;
+//!   sequences and maps need no length prefix, only an end tag; strings and
+//!   bytes carry their length as a LEB128 varint (one byte up to 127);
 //! - integers encode by value whatever their width (`5u8` and `5i64` are
-//!   equal), `-0.0` as `0.0`, every NaN as one NaN;
+//!   equal), as a zigzag varint, `-0.0` as `0.0`, every NaN as one NaN;
 //! - map entries are encoded one by one and written sorted, so a `HashMap`
 //!   encodes the same whatever its iteration order; so are the elements of
 //!   unordered sets (`HashSet`, hashbrown's, `IndexSet`), told by their type
@@ -143,16 +144,39 @@ struct Canonical<'a, S> {
     sink: &'a mut S,
 }
 
+/// `tag` followed by `n` as a LEB128 varint: 7 bits a byte, low bits first,
+/// the high bit set on every byte but the last. Written as one slice.
+pub(crate) fn header(tag: u8, mut n: u128) -> ([u8; 20], usize) {
+    let mut out = [0; 20];
+    out[0] = tag;
+    let mut len = 1;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out[len] = byte;
+            return (out, len + 1);
+        }
+        out[len] = byte | 0x80;
+        len += 1;
+    }
+}
+
 impl<S: Sink> Canonical<'_, S> {
+    /// A tag, the length as a varint, and the bytes.
     fn put_str(&mut self, tag: u8, bytes: &[u8]) {
-        self.sink.put(&[tag]);
-        self.sink.put(&(bytes.len() as u64).to_le_bytes());
+        let (head, len) = header(tag, bytes.len() as u128);
+        self.sink.put(&head[..len]);
         self.sink.put(bytes);
     }
 
+    /// An integer of any width, by value: the tag and its zigzag varint
+    /// (`0, -1, 1, -2, …` as `0, 1, 2, 3, …`), so that small magnitudes of
+    /// either sign take one byte.
     fn put_int(&mut self, v: i128) {
-        self.sink.put(&[tag::INT]);
-        self.sink.put(&v.to_le_bytes());
+        let zigzag = ((v << 1) ^ (v >> 127)).cast_unsigned();
+        let (head, len) = header(tag::INT, zigzag);
+        self.sink.put(&head[..len]);
     }
 
     fn put_variant(&mut self, variant: &str) {
@@ -496,5 +520,41 @@ impl<S: Sink> ser::SerializeMap for MapEntries<'_, '_, S> {
         }
         sink.put(&[tag::FIELDS_END]);
         Ok(())
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(&mut out, value).unwrap();
+        out
+    }
+
+    #[test]
+    fn lengths_and_integers_are_varints() {
+        assert_eq!(encoded("ab"), [tag::STR, 2, b'a', b'b']);
+        let long = "x".repeat(300);
+        assert_eq!(encoded(long.as_str())[..3], [tag::STR, 0xac, 0x02]);
+        assert_eq!(encoded(&0u8), [tag::INT, 0]);
+        assert_eq!(encoded(&-1i64), [tag::INT, 1]);
+        assert_eq!(encoded(&1u64), [tag::INT, 2]);
+        assert_eq!(encoded(&300u16), [tag::INT, 0xd8, 0x04]);
+        assert_eq!(encoded(&i128::MIN).len(), 1 + 19);
+        assert_eq!(encoded(&u128::MAX)[0], tag::BIG_UINT);
+    }
+
+    #[test]
+    fn equal_values_of_other_widths_encode_equal_and_others_differ() {
+        assert_eq!(encoded(&5u8), encoded(&5i64));
+        assert_eq!(encoded(&-7i8), encoded(&-7i128));
+        assert_ne!(encoded(&5u8), encoded(&-5i8));
+        assert_ne!(
+            encoded(&(i128::MAX as u128)),
+            encoded(&(i128::MAX as u128 + 1))
+        );
+        // Prefix-free: a string's length keeps ("ab", "c") from ("a", "bc").
+        assert_ne!(encoded(&("ab", "c")), encoded(&("a", "bc")));
     }
 }

@@ -96,8 +96,12 @@ impl fmt::Display for ShortHash {
     }
 }
 
-const KEY_DOMAIN: &[u8] = b"idem/key/v1\0";
-const FINGERPRINT_DOMAIN: &[u8] = b"idem/fingerprint/v1\0";
+/// What keys hash first: separates them from fingerprints, and names the
+/// encoding's version (2: varint lengths and integers). Two bytes, so that a
+/// typical key (a name and a UUID) fits one SHA-256 block.
+const KEY_DOMAIN: &[u8] = b"k2";
+/// What fingerprints hash first; see [`KEY_DOMAIN`].
+const FINGERPRINT_DOMAIN: &[u8] = b"f2";
 
 impl Key {
     /// The key of the operation `name` for the key value `value`.
@@ -249,7 +253,8 @@ impl KeyHasher {
     pub(crate) fn new(name: &str) -> Self {
         let mut hasher = Sha256::new();
         hasher.update(KEY_DOMAIN);
-        hasher.update((name.len() as u64).to_le_bytes());
+        let (head, len) = crate::canonical::header(tag::STR, name.len() as u128);
+        hasher.update(&head[..len]);
         hasher.update(name.as_bytes());
         Self {
             hasher,

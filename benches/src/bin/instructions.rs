@@ -1,0 +1,92 @@
+//! Instruction counts of idem's in-memory path, for `callgrind`, whose
+//! counts (unlike times on a shared machine) repeat from run to run:
+//!
+//! ```sh
+//! cargo build --release -p benches --bin instructions
+//! valgrind --tool=callgrind --toggle-collect='*measured*' \
+//!     target/release/instructions hit 20000
+//! ```
+//!
+//! Each mode runs its operation `N` times inside a function whose name holds
+//! `measured`, so that callgrind counts that loop alone; divide the total by
+//! `N`. Modes: `hit` (a replayed hit on the memory store), `first` (a first
+//! run), `bare` (the bare call), `fingerprint` (the arguments' fingerprint),
+//! `key` (the key).
+
+use std::hint::black_box;
+
+use benches::{BenchError, ChargeRequest, Receipt, charge, request};
+use idem_core::{Fingerprint, Idempotency, Key, idempotent};
+
+#[idempotent(key = req.idempotency_key, store = idem, skip(idem), name = "bench.charge")]
+async fn idem_charge(idem: &Idempotency, req: ChargeRequest) -> Result<Receipt, BenchError> {
+    Ok(charge(&req))
+}
+
+#[inline(never)]
+async fn bare_charge(req: ChargeRequest) -> Result<Receipt, BenchError> {
+    Ok(charge(&req))
+}
+
+#[inline(never)]
+fn measured_hits(
+    runtime: &tokio::runtime::Runtime,
+    idem: &Idempotency,
+    requests: &[ChargeRequest],
+) {
+    runtime.block_on(async {
+        for req in requests {
+            black_box(idem_charge(idem, req.clone()).await.unwrap());
+        }
+    });
+}
+
+#[inline(never)]
+fn measured_bare(runtime: &tokio::runtime::Runtime, requests: &[ChargeRequest]) {
+    runtime.block_on(async {
+        for req in requests {
+            black_box(bare_charge(req.clone()).await.unwrap());
+        }
+    });
+}
+
+#[inline(never)]
+fn measured_fingerprints(requests: &[ChargeRequest]) {
+    for req in requests {
+        black_box(Fingerprint::of(&(req,)).unwrap());
+    }
+}
+
+#[inline(never)]
+fn measured_keys(requests: &[ChargeRequest]) {
+    for req in requests {
+        black_box(Key::new("bench.charge", &req.idempotency_key).unwrap());
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_else(|| "hit".to_owned());
+    let n: u64 = args.next().and_then(|n| n.parse().ok()).unwrap_or(10_000);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let idem = Idempotency::memory();
+    match mode.as_str() {
+        "hit" => {
+            let requests = vec![request(1); n as usize];
+            // Stored once, then replayed `n` times.
+            runtime.block_on(idem_charge(&idem, request(1))).unwrap();
+            measured_hits(&runtime, &idem, &requests);
+        }
+        "first" => {
+            let requests: Vec<_> = (0..n).map(request).collect();
+            measured_hits(&runtime, &idem, &requests);
+        }
+        "bare" => measured_bare(&runtime, &vec![request(1); n as usize]),
+        "fingerprint" => measured_fingerprints(&vec![request(1); n as usize]),
+        "key" => measured_keys(&vec![request(1); n as usize]),
+        other => panic!("unknown mode `{other}`: hit, first, bare, fingerprint or key"),
+    }
+}
