@@ -217,7 +217,7 @@ impl Idempotency {
                         return Err(codec.idem_error(Error::KeyReused));
                     }
                     let waiting = Instant::now();
-                    let landed = tokio::time::timeout_at(deadline, flight.landed()).await;
+                    let landed = Box::pin(tokio::time::timeout_at(deadline, flight.landed())).await;
                     call.waited(waiting.elapsed());
                     match landed {
                         Err(_elapsed) => {
@@ -299,9 +299,10 @@ impl Idempotency {
                 .await;
             (result, landing)
         };
-        let (result, landing) = self
-            .renewing(settings, key, token, &lease, &herald, work)
-            .await;
+        // Boxed: a replay never gets here, and every call's future (moved
+        // whole on each call) would otherwise be as large as this path's.
+        let (result, landing) =
+            Box::pin(self.renewing(settings, key, token, &lease, &herald, work)).await;
         herald.land(landing);
         result
     }
@@ -339,13 +340,15 @@ impl Idempotency {
                     };
                     herald.set_retry_at(now + retry_after);
                     let cap = retry_after.min(deadline - now);
+                    // Boxed, as the body's path is: only waiting calls pay for
+                    // the timer.
                     match store.watch(key) {
                         Some(change) => {
-                            let _ = tokio::time::timeout(cap, change).await;
+                            let _ = Box::pin(tokio::time::timeout(cap, change)).await;
                         }
                         None => {
                             let pause = backoff.next().unwrap_or(cap).min(cap);
-                            tokio::time::sleep(pause).await;
+                            Box::pin(tokio::time::sleep(pause)).await;
                         }
                     }
                     call.waited(now.elapsed());
@@ -412,16 +415,15 @@ impl Idempotency {
                 Err(error) if retryable(&error) && awaited => {
                     tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
                     observe::record_retried(operation);
-                    self.clone()
-                        .record_retrying(
-                            *settings,
-                            operation.clone(),
-                            key,
-                            token,
-                            lease.clone(),
-                            record.clone(),
-                        )
-                        .await;
+                    Box::pin(self.clone().record_retrying(
+                        *settings,
+                        operation.clone(),
+                        key,
+                        token,
+                        lease.clone(),
+                        record.clone(),
+                    ))
+                    .await;
                 }
                 Err(error) if retryable(&error) => {
                     self.record_later(

@@ -87,6 +87,10 @@ fn main() {
         "bare" => measured_bare(&runtime, &vec![request(1); n as usize]),
         "fingerprint" => measured_fingerprints(&vec![request(1); n as usize]),
         "key" => measured_keys(&vec![request(1); n as usize]),
+        "sizes" => {
+            let call = idem_charge(&idem, request(1));
+            println!("the attribute's future: {} bytes", size_of_val(&call));
+        }
         other => panic!("unknown mode `{other}`: hit, first, bare, fingerprint or key"),
     }
 }
