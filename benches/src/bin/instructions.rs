@@ -87,6 +87,28 @@ fn main() {
         "bare" => measured_bare(&runtime, &vec![request(1); n as usize]),
         "fingerprint" => measured_fingerprints(&vec![request(1); n as usize]),
         "key" => measured_keys(&vec![request(1); n as usize]),
+        "footprint" => {
+            use idem_core::store::{Outcome, Record, Store, Token};
+            let store = idem_core::MemoryStore::builder()
+                .max_records(2 * n as usize)
+                .build();
+            let fingerprint = Fingerprint::of(&request(0)).unwrap();
+            let before = benches::resident_bytes();
+            runtime.block_on(async {
+                for i in 0..n {
+                    let key = Key::new("footprint", &i).unwrap();
+                    let token = Token::random();
+                    let lease = std::time::Duration::from_secs(60);
+                    store.begin(key, fingerprint, token, lease).await.unwrap();
+                    let payload = serde_json::to_vec(&charge(&request(i))).unwrap();
+                    let record = Record::new(Outcome::Ok, payload);
+                    let ttl = std::time::Duration::from_secs(3_600);
+                    store.complete(key, token, record, ttl).await.unwrap();
+                }
+            });
+            let per_record = (benches::resident_bytes() - before) as f64 / n as f64;
+            println!("{n} records: {per_record:.0} resident bytes each");
+        }
         "sizes" => {
             let call = idem_charge(&idem, request(1));
             println!("the attribute's future: {} bytes", size_of_val(&call));

@@ -11,9 +11,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard, Weak};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -104,58 +105,121 @@ struct Inner {
 }
 
 struct Shard {
-    slots: RwLock<HashMap<Key, Slot, DigestHasher>>,
-    /// The earliest deadline in the shard, in ms since the epoch: a shard
+    table: RwLock<Table>,
+    /// The earliest deadline in the shard, in µs since the epoch: a shard
     /// whose earliest deadline is in the future holds nothing to reclaim.
     next_expiry: AtomicU64,
 }
 
-struct Slot {
-    token: Token,
-    fingerprint: Fingerprint,
-    /// The lease's or the TTL's end.
-    deadline: Instant,
-    /// When the claim was made, then when the record was stored.
-    since: Instant,
-    state: State,
+#[derive(Default)]
+struct Table {
+    slots: HashMap<Key, Slot, DigestHasher>,
+    /// Who waits for a claim to end, by key: rare, so kept beside the slots
+    /// rather than in each.
+    watchers: HashMap<Key, Arc<Notify>, DigestHasher>,
 }
 
-enum State {
-    Claimed {
-        /// Present once somebody watches the claim.
-        woken: Option<Arc<Notify>>,
-    },
-    Completed(Record),
-}
-
-impl Slot {
-    fn is_live(&self, now: Instant) -> bool {
-        self.deadline > now
-    }
-
-    /// What the slot counts against the byte cap.
-    fn bytes(&self) -> usize {
-        ENTRY_BYTES
-            + match &self.state {
-                State::Claimed { .. } => 0,
-                State::Completed(record) => record.payload().len(),
-            }
-    }
-
-    /// Wakes whoever watches this slot's claim; called as the claim ends.
-    fn wake(&mut self) {
-        if let State::Claimed { woken } = &mut self.state
-            && let Some(notify) = woken.take()
+impl Table {
+    /// Wakes whoever watches `key`'s claim; called as the claim ends.
+    fn wake(&mut self, key: &Key) {
+        if !self.watchers.is_empty()
+            && let Some(notify) = self.watchers.remove(key)
         {
             notify.notify_waiters();
         }
     }
 }
 
-/// `now + duration`, or as far as idem ever looks ahead.
-fn deadline(now: Instant, duration: Duration) -> Instant {
-    now.checked_add(duration.min(MAX_DURATION))
-        .unwrap_or(now + MAX_DURATION)
+/// One key's claim or record, in as few bytes as it can be: a deadline and
+/// one allocation (at the workload of the benchmark, a completed record with
+/// a 109-byte result takes under 300 bytes of memory, the table's share
+/// included).
+struct Slot {
+    /// The lease's or the TTL's end, in µs since the store's epoch.
+    deadline: u64,
+    /// When the claim was made (then when the record was stored), the
+    /// holder's token, the call's fingerprint and, once the call completed,
+    /// its encoded [`Record`].
+    data: Box<[u8]>,
+}
+
+/// Where a slot's data keeps each part.
+const SINCE_AT: std::ops::Range<usize> = 0..8;
+const TOKEN_AT: std::ops::Range<usize> = 8..24;
+const FINGERPRINT_AT: std::ops::Range<usize> = 24..56;
+const RECORD_AT: usize = 56;
+
+impl Slot {
+    fn claim(token: Token, fingerprint: Fingerprint, deadline: u64, since: u64) -> Self {
+        let mut data = Vec::with_capacity(RECORD_AT);
+        data.extend_from_slice(&since.to_le_bytes());
+        data.extend_from_slice(&token.as_u128().to_le_bytes());
+        data.extend_from_slice(fingerprint.digest());
+        Self {
+            deadline,
+            data: data.into_boxed_slice(),
+        }
+    }
+
+    /// When the claim was made, or the record stored, in µs since the epoch.
+    fn since(&self) -> u64 {
+        let mut bytes = [0; 8];
+        bytes.copy_from_slice(&self.data[SINCE_AT]);
+        u64::from_le_bytes(bytes)
+    }
+
+    fn token(&self) -> Token {
+        let mut bytes = [0; 16];
+        bytes.copy_from_slice(&self.data[TOKEN_AT]);
+        Token::from_u128(u128::from_le_bytes(bytes))
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        let mut digest = [0; 32];
+        digest.copy_from_slice(&self.data[FINGERPRINT_AT]);
+        Fingerprint::from_digest(digest)
+    }
+
+    fn holds(&self, fingerprint: Fingerprint) -> bool {
+        self.data[FINGERPRINT_AT] == fingerprint.digest()[..]
+    }
+
+    fn is_completed(&self) -> bool {
+        self.data.len() > RECORD_AT
+    }
+
+    /// The completed record, read back from its bytes.
+    fn record(&self) -> Option<Record> {
+        if !self.is_completed() {
+            return None;
+        }
+        // A record this store encoded always decodes.
+        Record::decode(Bytes::copy_from_slice(&self.data[RECORD_AT..])).ok()
+    }
+
+    fn complete(&mut self, record: &Record, deadline: u64, since: u64) {
+        let encoded = record.encode();
+        let mut data = Vec::with_capacity(RECORD_AT + encoded.len());
+        data.extend_from_slice(&since.to_le_bytes());
+        data.extend_from_slice(&self.data[TOKEN_AT.start..RECORD_AT]);
+        data.extend_from_slice(&encoded);
+        self.data = data.into_boxed_slice();
+        self.deadline = deadline;
+    }
+
+    fn is_live(&self, now: u64) -> bool {
+        self.deadline > now
+    }
+
+    /// What the slot counts against the byte cap.
+    fn bytes(&self) -> usize {
+        ENTRY_BYTES + self.data.len()
+    }
+}
+
+/// `duration` in µs, as far as idem ever looks ahead at most.
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.min(MAX_DURATION).as_micros()).unwrap_or(u64::MAX)
 }
 
 impl MemoryStore {
@@ -272,7 +336,7 @@ impl MemoryStoreBuilder {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS)
                     .map(|_| Shard {
-                        slots: RwLock::default(),
+                        table: RwLock::default(),
                         next_expiry: AtomicU64::new(u64::MAX),
                     })
                     .collect(),
@@ -324,37 +388,46 @@ impl Inner {
         &self.shards[usize::from(key.digest()[31]) % SHARDS]
     }
 
-    fn millis(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    /// `at` in µs since the store's epoch.
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
     }
 
-    fn write<'a>(
-        &self,
-        shard: &'a Shard,
-    ) -> RwLockWriteGuard<'a, HashMap<Key, Slot, DigestHasher>> {
-        shard.slots.write().unwrap_or_else(PoisonError::into_inner)
+    /// `now + duration`, in µs since the epoch.
+    fn deadline(now: u64, duration: Duration) -> u64 {
+        now.saturating_add(micros(duration))
     }
 
-    /// Notes that `shard` holds something that expires at `at`.
-    fn expires(&self, shard: &Shard, at: Instant) {
-        shard
-            .next_expiry
-            .fetch_min(self.millis(at), Ordering::Relaxed);
+    fn write<'a>(&self, shard: &'a Shard) -> RwLockWriteGuard<'a, Table> {
+        shard.table.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read<'a>(&self, shard: &'a Shard) -> RwLockReadGuard<'a, Table> {
+        shard.table.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes that `shard` holds something that expires at `at` (µs).
+    fn expires(shard: &Shard, at: u64) {
+        shard.next_expiry.fetch_min(at, Ordering::Relaxed);
     }
 
     /// Reclaims the expired entries of `shard`, if it may hold any.
     fn sweep_shard(&self, shard: &Shard, now: Instant) {
-        if shard.next_expiry.load(Ordering::Relaxed) > self.millis(now) {
+        let now = self.micros(now);
+        if shard.next_expiry.load(Ordering::Relaxed) > now {
             return;
         }
-        let mut slots = self.write(shard);
+        let mut table = self.write(shard);
+        let Table { slots, watchers } = &mut *table;
         let mut next = u64::MAX;
-        slots.retain(|_, slot| {
+        slots.retain(|key, slot| {
             if slot.is_live(now) {
-                next = next.min(self.millis(slot.deadline));
+                next = next.min(slot.deadline);
                 return true;
             }
-            slot.wake();
+            if let Some(notify) = watchers.remove(key) {
+                notify.notify_waiters();
+            }
             self.len.fetch_sub(1, Ordering::Relaxed);
             self.bytes.fetch_sub(slot.bytes(), Ordering::Relaxed);
             false
@@ -395,55 +468,53 @@ impl Inner {
         lease: Duration,
     ) -> Result<Begin, StoreError> {
         let shard = self.shard(&key);
-        let now = Instant::now();
+        let now = self.micros(Instant::now());
         // Replays are the common case: answer them under a shared lock.
         {
-            let slots = shard.slots.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(slot) = slots.get(&key)
-                && let State::Completed(record) = &slot.state
+            let table = self.read(shard);
+            if let Some(slot) = table.slots.get(&key)
+                && slot.is_completed()
                 && slot.is_live(now)
             {
-                return Ok(if slot.fingerprint == fingerprint {
-                    Begin::Completed(record.clone())
-                } else {
-                    Begin::Mismatch
-                });
+                if !slot.holds(fingerprint) {
+                    return Ok(Begin::Mismatch);
+                }
+                if let Some(record) = slot.record() {
+                    return Ok(Begin::Completed(record));
+                }
             }
         }
-        let claim = || Slot {
-            token,
-            fingerprint,
-            deadline: deadline(now, lease),
-            since: now,
-            state: State::Claimed { woken: None },
-        };
+        let claim = || Slot::claim(token, fingerprint, Self::deadline(now, lease), now);
         for attempt in 0..2 {
             {
-                let mut slots = self.write(shard);
-                if let Some(slot) = slots.get_mut(&key) {
+                let mut table = self.write(shard);
+                if let Some(slot) = table.slots.get_mut(&key) {
                     let begin = if slot.is_live(now) {
                         Self::begin_on_live(slot, fingerprint, token, lease, now)
                     } else {
-                        slot.wake();
                         self.bytes.fetch_sub(slot.bytes(), Ordering::Relaxed);
                         *slot = claim();
                         self.bytes.fetch_add(slot.bytes(), Ordering::Relaxed);
                         Begin::Claimed
                     };
-                    self.expires(shard, slot.deadline);
+                    Self::expires(shard, slot.deadline);
+                    if begin == Begin::Claimed {
+                        // A lapsed claim was replaced: its watchers retry.
+                        table.wake(&key);
+                    }
                     return Ok(begin);
                 }
-                if self.try_reserve(ENTRY_BYTES) {
+                if self.try_reserve(ENTRY_BYTES + RECORD_AT) {
                     let slot = claim();
-                    self.expires(shard, slot.deadline);
-                    slots.insert(key, slot);
+                    Self::expires(shard, slot.deadline);
+                    table.slots.insert(key, slot);
                     return Ok(Begin::Claimed);
                 }
             }
             // Full: reclaim what has expired everywhere, then try once more.
             if attempt == 0 {
                 for shard in self.shards.iter() {
-                    self.sweep_shard(shard, now);
+                    self.sweep_shard(shard, Instant::now());
                 }
             }
         }
@@ -456,53 +527,52 @@ impl Inner {
         fingerprint: Fingerprint,
         token: Token,
         lease: Duration,
-        now: Instant,
+        now: u64,
     ) -> Begin {
-        if slot.fingerprint != fingerprint {
+        if !slot.holds(fingerprint) {
             return Begin::Mismatch;
         }
-        match &slot.state {
-            State::Completed(record) => Begin::Completed(record.clone()),
-            State::Claimed { .. } if slot.token == token => {
-                slot.deadline = deadline(now, lease);
-                Begin::Claimed
-            }
-            State::Claimed { .. } => Begin::InProgress {
-                retry_after: slot.deadline - now,
-            },
+        if let Some(record) = slot.record() {
+            return Begin::Completed(record);
+        }
+        if slot.token() == token {
+            slot.deadline = Self::deadline(now, lease);
+            return Begin::Claimed;
+        }
+        Begin::InProgress {
+            retry_after: Duration::from_micros(slot.deadline - now),
         }
     }
 
     fn complete(&self, key: Key, token: Token, record: Record, ttl: Duration) -> Completion {
         let shard = self.shard(&key);
-        let now = Instant::now();
-        let mut slots = self.write(shard);
-        let Some(slot) = slots.get_mut(&key) else {
+        let now = self.micros(Instant::now());
+        let mut table = self.write(shard);
+        let Some(slot) = table.slots.get_mut(&key) else {
             return Completion::Lost;
         };
-        if slot.token != token || !slot.is_live(now) {
+        if slot.token() != token || !slot.is_live(now) {
             return Completion::Lost;
         }
-        if let State::Claimed { .. } = slot.state {
-            slot.wake();
+        if !slot.is_completed() {
+            let before = slot.bytes();
+            slot.complete(&record, Self::deadline(now, ttl), now);
             self.bytes
-                .fetch_add(record.payload().len(), Ordering::Relaxed);
-            slot.state = State::Completed(record);
-            slot.deadline = deadline(now, ttl);
-            slot.since = now;
-            self.expires(shard, slot.deadline);
+                .fetch_add(slot.bytes() - before, Ordering::Relaxed);
+            Self::expires(shard, slot.deadline);
+            table.wake(&key);
         }
         Completion::Stored
     }
 
     fn release(&self, key: Key, token: Token) {
-        let shard = self.shard(&key);
-        let mut slots = self.write(shard);
-        let ours = slots
+        let mut table = self.write(self.shard(&key));
+        let ours = table
+            .slots
             .get(&key)
-            .is_some_and(|slot| slot.token == token && matches!(slot.state, State::Claimed { .. }));
-        if ours && let Some(mut slot) = slots.remove(&key) {
-            slot.wake();
+            .is_some_and(|slot| slot.token() == token && !slot.is_completed());
+        if ours && let Some(slot) = table.slots.remove(&key) {
+            table.wake(&key);
             self.len.fetch_sub(1, Ordering::Relaxed);
             self.bytes.fetch_sub(slot.bytes(), Ordering::Relaxed);
         }
@@ -510,15 +580,11 @@ impl Inner {
 
     fn renew(&self, key: Key, token: Token, lease: Duration) -> bool {
         let shard = self.shard(&key);
-        let now = Instant::now();
-        let mut slots = self.write(shard);
-        match slots.get_mut(&key) {
-            Some(slot)
-                if slot.token == token
-                    && slot.is_live(now)
-                    && matches!(slot.state, State::Claimed { .. }) =>
-            {
-                slot.deadline = deadline(now, lease);
+        let now = self.micros(Instant::now());
+        let mut table = self.write(shard);
+        match table.slots.get_mut(&key) {
+            Some(slot) if slot.token() == token && slot.is_live(now) && !slot.is_completed() => {
+                slot.deadline = Self::deadline(now, lease);
                 true
             }
             _ => false,
@@ -526,61 +592,58 @@ impl Inner {
     }
 
     fn inspect(&self, key: Key) -> Inspection {
-        let now = Instant::now();
-        let slots = self
-            .shard(&key)
-            .slots
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        match slots.get(&key) {
-            Some(slot) if slot.is_live(now) => match &slot.state {
-                State::Claimed { .. } => Inspection::InProgress {
-                    fingerprint: slot.fingerprint,
-                    expires_in: slot.deadline - now,
-                    held_for: Some(now - slot.since),
-                },
-                State::Completed(record) => Inspection::Completed {
-                    outcome: record.outcome(),
-                    fingerprint: slot.fingerprint,
-                    stored_at: SystemTime::now().checked_sub(now - slot.since),
-                    expires_in: slot.deadline - now,
-                    size: record.payload().len(),
-                },
+        let now = self.micros(Instant::now());
+        let table = self.read(self.shard(&key));
+        let Some(slot) = table.slots.get(&key).filter(|slot| slot.is_live(now)) else {
+            return Inspection::Absent;
+        };
+        let expires_in = Duration::from_micros(slot.deadline - now);
+        let age = Duration::from_micros(now.saturating_sub(slot.since()));
+        match slot.record() {
+            None => Inspection::InProgress {
+                fingerprint: slot.fingerprint(),
+                expires_in,
+                held_for: Some(age),
             },
-            _ => Inspection::Absent,
+            Some(record) => Inspection::Completed {
+                outcome: record.outcome(),
+                fingerprint: slot.fingerprint(),
+                stored_at: SystemTime::now().checked_sub(age),
+                expires_in,
+                size: record.payload().len(),
+            },
         }
     }
 
     fn forget(&self, key: Key) -> bool {
-        let now = Instant::now();
-        let mut slots = self.write(self.shard(&key));
-        let Some(mut slot) = slots.remove(&key) else {
+        let now = self.micros(Instant::now());
+        let mut table = self.write(self.shard(&key));
+        let Some(slot) = table.slots.remove(&key) else {
             return false;
         };
-        slot.wake();
+        table.wake(&key);
         self.len.fetch_sub(1, Ordering::Relaxed);
         self.bytes.fetch_sub(slot.bytes(), Ordering::Relaxed);
         slot.is_live(now)
     }
 
     fn claims_older_than(&self, age: Duration, limit: usize) -> Vec<HeldClaim> {
-        let now = Instant::now();
+        let now = self.micros(Instant::now());
+        let age = micros(age);
         let mut claims = Vec::new();
         for shard in self.shards.iter() {
-            let slots = shard.slots.read().unwrap_or_else(PoisonError::into_inner);
-            for (key, slot) in slots.iter() {
+            let table = self.read(shard);
+            for (key, slot) in &table.slots {
                 if claims.len() == limit {
                     return claims;
                 }
-                if matches!(slot.state, State::Claimed { .. })
-                    && slot.is_live(now)
-                    && now - slot.since > age
-                {
+                let held = now.saturating_sub(slot.since());
+                if !slot.is_completed() && slot.is_live(now) && held > age {
                     claims.push(HeldClaim::new(
                         *key,
-                        slot.fingerprint,
-                        now - slot.since,
-                        slot.deadline - now,
+                        slot.fingerprint(),
+                        Duration::from_micros(held),
+                        Duration::from_micros(slot.deadline - now),
                     ));
                 }
             }
@@ -589,22 +652,21 @@ impl Inner {
     }
 
     fn watch(&self, key: Key) -> Watch {
-        let now = Instant::now();
-        let mut slots = self.write(self.shard(&key));
-        match slots.get_mut(&key) {
-            Some(slot) if slot.is_live(now) => match &mut slot.state {
-                State::Claimed { woken } => {
-                    let notify = woken.get_or_insert_with(Arc::default).clone();
-                    let mut notified = Box::pin(notify.notified_owned());
-                    // Registered while the shard is locked: no wake-up can
-                    // slip between this check and the wait.
-                    notified.as_mut().enable();
-                    notified
-                }
-                State::Completed(_) => Box::pin(std::future::ready(())),
-            },
-            _ => Box::pin(std::future::ready(())),
+        let now = self.micros(Instant::now());
+        let mut table = self.write(self.shard(&key));
+        let claimed = table
+            .slots
+            .get(&key)
+            .is_some_and(|slot| slot.is_live(now) && !slot.is_completed());
+        if !claimed {
+            return Box::pin(std::future::ready(()));
         }
+        let notify = table.watchers.entry(key).or_default().clone();
+        let mut notified = Box::pin(notify.notified_owned());
+        // Registered while the shard is locked: no wake-up can slip between
+        // this check and the wait.
+        notified.as_mut().enable();
+        notified
     }
 }
 
