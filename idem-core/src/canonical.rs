@@ -14,8 +14,10 @@
 //!   name because serde hands them over as plain sequences. A `Vec`'s order
 //!   counts. A hand-written `Serialize` that writes an unordered collection
 //!   with `serialize_seq` is not recognised: it must sort what it writes;
-//! - struct and enum *type* names are left out, as in JSON; field and variant
-//!   names are kept.
+//! - struct and enum *type* names are left out, as in JSON; a struct's field
+//!   names (and which fields serde skipped) are folded into one 64-bit digest
+//!   at its end, so that structs of other types with equal values still
+//!   differ, without hashing every name; variant names and map keys are kept.
 //!
 //! Only map entries and set elements are buffered; everything else goes to
 //! the hasher through a small stack buffer.
@@ -42,6 +44,11 @@ fn encode<S: Sink, T: Serialize + ?Sized>(sink: &mut S, value: &T) -> Result<(),
 /// Where canonical bytes go: a hasher, or a buffer for a map entry.
 trait Sink {
     fn put(&mut self, bytes: &[u8]);
+
+    /// One byte: a tag.
+    fn put_byte(&mut self, byte: u8) {
+        self.put(&[byte]);
+    }
 }
 
 /// A hasher behind a small stack buffer: the canonical encoding is many tiny
@@ -63,18 +70,35 @@ impl<'a> Buffered<'a> {
     }
 }
 
-impl Sink for Buffered<'_> {
-    fn put(&mut self, bytes: &[u8]) {
-        if self.len + bytes.len() > self.buf.len() {
+impl Buffered<'_> {
+    /// Makes room for `n` more bytes, flushing the buffer into the hasher;
+    /// `false` when `n` is more than the buffer holds at all.
+    #[inline]
+    fn room(&mut self, n: usize) -> bool {
+        if self.len + n > self.buf.len() {
             self.hasher.update(&self.buf[..self.len]);
             self.len = 0;
-            if bytes.len() > self.buf.len() {
-                self.hasher.update(bytes);
-                return;
-            }
+        }
+        n <= self.buf.len()
+    }
+}
+
+impl Sink for Buffered<'_> {
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        if !self.room(bytes.len()) {
+            self.hasher.update(bytes);
+            return;
         }
         self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
         self.len += bytes.len();
+    }
+
+    #[inline]
+    fn put_byte(&mut self, byte: u8) {
+        self.room(1);
+        self.buf[self.len] = byte;
+        self.len += 1;
     }
 }
 
@@ -87,6 +111,10 @@ impl Drop for Buffered<'_> {
 impl Sink for Vec<u8> {
     fn put(&mut self, bytes: &[u8]) {
         self.extend_from_slice(bytes);
+    }
+
+    fn put_byte(&mut self, byte: u8) {
+        self.push(byte);
     }
 }
 
@@ -146,9 +174,14 @@ struct Canonical<'a, S> {
 
 /// `tag` followed by `n` as a LEB128 varint: 7 bits a byte, low bits first,
 /// the high bit set on every byte but the last. Written as one slice.
+#[inline]
 pub(crate) fn header(tag: u8, mut n: u128) -> ([u8; 20], usize) {
     let mut out = [0; 20];
     out[0] = tag;
+    if n < 0x80 {
+        out[1] = n as u8;
+        return (out, 2);
+    }
     let mut len = 1;
     loop {
         let byte = (n & 0x7f) as u8;
@@ -164,9 +197,15 @@ pub(crate) fn header(tag: u8, mut n: u128) -> ([u8; 20], usize) {
 
 impl<S: Sink> Canonical<'_, S> {
     /// A tag, the length as a varint, and the bytes.
+    #[inline]
     fn put_str(&mut self, tag: u8, bytes: &[u8]) {
-        let (head, len) = header(tag, bytes.len() as u128);
-        self.sink.put(&head[..len]);
+        if let Ok(len @ 0..0x80) = u8::try_from(bytes.len()) {
+            self.sink.put_byte(tag);
+            self.sink.put_byte(len);
+        } else {
+            let (head, len) = header(tag, bytes.len() as u128);
+            self.sink.put(&head[..len]);
+        }
         self.sink.put(bytes);
     }
 
@@ -192,11 +231,11 @@ impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
     type SerializeTupleStruct = Self;
     type SerializeTupleVariant = Self;
     type SerializeMap = MapEntries<'a, 'b, S>;
-    type SerializeStruct = Self;
-    type SerializeStructVariant = Self;
+    type SerializeStruct = StructFields<'a, 'b, S>;
+    type SerializeStructVariant = StructFields<'a, 'b, S>;
 
     fn serialize_bool(self, v: bool) -> Result<(), EncodeError> {
-        self.sink.put(&[if v { tag::TRUE } else { tag::FALSE }]);
+        self.sink.put_byte(if v { tag::TRUE } else { tag::FALSE });
         Ok(())
     }
 
@@ -241,7 +280,7 @@ impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
         match i128::try_from(v) {
             Ok(v) => self.put_int(v),
             Err(_) => {
-                self.sink.put(&[tag::BIG_UINT]);
+                self.sink.put_byte(tag::BIG_UINT);
                 self.sink.put(&v.to_le_bytes());
             }
         }
@@ -261,7 +300,7 @@ impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
         } else {
             v
         };
-        self.sink.put(&[tag::FLOAT]);
+        self.sink.put_byte(tag::FLOAT);
         self.sink.put(&v.to_bits().to_le_bytes());
         Ok(())
     }
@@ -281,17 +320,17 @@ impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
     }
 
     fn serialize_none(self) -> Result<(), EncodeError> {
-        self.sink.put(&[tag::NONE]);
+        self.sink.put_byte(tag::NONE);
         Ok(())
     }
 
     fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), EncodeError> {
-        self.sink.put(&[tag::SOME]);
+        self.sink.put_byte(tag::SOME);
         value.serialize(self)
     }
 
     fn serialize_unit(self) -> Result<(), EncodeError> {
-        self.sink.put(&[tag::UNIT]);
+        self.sink.put_byte(tag::UNIT);
         Ok(())
     }
 
@@ -338,11 +377,11 @@ impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
         I::Item: Serialize,
     {
         if !is_unordered_set(std::any::type_name::<I>()) {
-            self.sink.put(&[tag::SEQ]);
+            self.sink.put_byte(tag::SEQ);
             for item in iter {
                 item.serialize(&mut *self)?;
             }
-            self.sink.put(&[tag::SEQ_END]);
+            self.sink.put_byte(tag::SEQ_END);
             return Ok(());
         }
         let mut items: Vec<Vec<u8>> = Vec::new();
@@ -352,16 +391,16 @@ impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
             items.push(buf);
         }
         items.sort_unstable();
-        self.sink.put(&[tag::SEQ]);
+        self.sink.put_byte(tag::SEQ);
         for item in &items {
             self.sink.put(item);
         }
-        self.sink.put(&[tag::SEQ_END]);
+        self.sink.put_byte(tag::SEQ_END);
         Ok(())
     }
 
     fn serialize_seq(self, _len: Option<usize>) -> Result<Self, EncodeError> {
-        self.sink.put(&[tag::SEQ]);
+        self.sink.put_byte(tag::SEQ);
         Ok(self)
     }
 
@@ -392,9 +431,16 @@ impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
         })
     }
 
-    fn serialize_struct(self, _name: &'static str, _len: usize) -> Result<Self, EncodeError> {
-        self.sink.put(&[tag::STRUCT]);
-        Ok(self)
+    fn serialize_struct(
+        self,
+        _name: &'static str,
+        _len: usize,
+    ) -> Result<StructFields<'a, 'b, S>, EncodeError> {
+        self.sink.put_byte(tag::STRUCT);
+        Ok(StructFields {
+            out: self,
+            names: NAMES_SEED,
+        })
     }
 
     fn serialize_struct_variant(
@@ -403,7 +449,7 @@ impl<'a, 'b, S: Sink> ser::Serializer for &'a mut Canonical<'b, S> {
         _index: u32,
         variant: &'static str,
         len: usize,
-    ) -> Result<Self, EncodeError> {
+    ) -> Result<StructFields<'a, 'b, S>, EncodeError> {
         self.put_variant(variant);
         self.serialize_struct("", len)
     }
@@ -418,7 +464,7 @@ impl<S: Sink> ser::SerializeSeq for &mut Canonical<'_, S> {
     }
 
     fn end(self) -> Result<(), EncodeError> {
-        self.sink.put(&[tag::SEQ_END]);
+        self.sink.put_byte(tag::SEQ_END);
         Ok(())
     }
 }
@@ -445,7 +491,40 @@ seq_like!(
     SerializeTupleVariant::serialize_field
 );
 
-impl<S: Sink> ser::SerializeStruct for &mut Canonical<'_, S> {
+/// A struct's fields: their values go to the hash as they come; their names
+/// (and which ones serde skipped) are folded into a 64-bit digest written
+/// once at the struct's end. A struct of another type with equal values thus
+/// still encodes differently, for 8 bytes instead of every name's bytes: the
+/// names are the type's, not data, so a fast non-cryptographic mix suffices.
+pub(crate) struct StructFields<'a, 'b, S> {
+    out: &'a mut Canonical<'b, S>,
+    names: u64,
+}
+
+const NAMES_SEED: u64 = 0x243f_6a88_85a3_08d3;
+
+/// Folds `name` (and a marker telling a field from a skipped one) into
+/// `names`, 8 bytes at a time.
+fn fold_name(names: u64, marker: u64, name: &str) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mix = |h: u64, word: u64| (h.rotate_left(5) ^ word).wrapping_mul(K);
+    let mut h = mix(names, marker ^ name.len() as u64);
+    let mut chunks = name.as_bytes().chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        h = mix(h, u64::from_le_bytes(word));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut word = [0; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        h = mix(h, u64::from_le_bytes(word));
+    }
+    h
+}
+
+impl<S: Sink> ser::SerializeStruct for StructFields<'_, '_, S> {
     type Ok = ();
     type Error = EncodeError;
 
@@ -454,17 +533,23 @@ impl<S: Sink> ser::SerializeStruct for &mut Canonical<'_, S> {
         name: &'static str,
         value: &T,
     ) -> Result<(), EncodeError> {
-        self.put_str(tag::STR, name.as_bytes());
-        value.serialize(&mut **self)
+        self.names = fold_name(self.names, 1, name);
+        value.serialize(&mut *self.out)
+    }
+
+    fn skip_field(&mut self, name: &'static str) -> Result<(), EncodeError> {
+        self.names = fold_name(self.names, 2, name);
+        Ok(())
     }
 
     fn end(self) -> Result<(), EncodeError> {
-        self.sink.put(&[tag::FIELDS_END]);
+        self.out.sink.put_byte(tag::FIELDS_END);
+        self.out.sink.put(&self.names.to_le_bytes());
         Ok(())
     }
 }
 
-impl<S: Sink> ser::SerializeStructVariant for &mut Canonical<'_, S> {
+impl<S: Sink> ser::SerializeStructVariant for StructFields<'_, '_, S> {
     type Ok = ();
     type Error = EncodeError;
 
@@ -474,6 +559,10 @@ impl<S: Sink> ser::SerializeStructVariant for &mut Canonical<'_, S> {
         value: &T,
     ) -> Result<(), EncodeError> {
         ser::SerializeStruct::serialize_field(self, name, value)
+    }
+
+    fn skip_field(&mut self, name: &'static str) -> Result<(), EncodeError> {
+        ser::SerializeStruct::skip_field(self, name)
     }
 
     fn end(self) -> Result<(), EncodeError> {
@@ -513,12 +602,12 @@ impl<S: Sink> ser::SerializeMap for MapEntries<'_, '_, S> {
     fn end(mut self) -> Result<(), EncodeError> {
         self.entries.sort_unstable();
         let sink = &mut *self.out.sink;
-        sink.put(&[tag::MAP]);
+        sink.put_byte(tag::MAP);
         for (key, value) in &self.entries {
             sink.put(key);
             sink.put(value);
         }
-        sink.put(&[tag::FIELDS_END]);
+        sink.put_byte(tag::FIELDS_END);
         Ok(())
     }
 }
@@ -543,6 +632,47 @@ mod tests {
         assert_eq!(encoded(&300u16), [tag::INT, 0xd8, 0x04]);
         assert_eq!(encoded(&i128::MIN).len(), 1 + 19);
         assert_eq!(encoded(&u128::MAX)[0], tag::BIG_UINT);
+    }
+
+    #[test]
+    fn struct_names_are_one_digest_and_skipped_fields_count() {
+        #[derive(Serialize)]
+        struct Order {
+            id: u64,
+            note: &'static str,
+        }
+        #[derive(Serialize)]
+        struct Optional {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            a: Option<u8>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            b: Option<u8>,
+        }
+        let order = encoded(&Order { id: 7, note: "x" });
+        assert_eq!(
+            order[..7],
+            [
+                tag::STRUCT,
+                tag::INT,
+                14,
+                tag::STR,
+                1,
+                b'x',
+                tag::FIELDS_END
+            ]
+        );
+        assert_eq!(order.len(), 7 + 8, "the names' digest closes the struct");
+        assert_ne!(
+            encoded(&Optional {
+                a: Some(1),
+                b: None
+            }),
+            encoded(&Optional {
+                a: None,
+                b: Some(1)
+            }),
+            "which field a value belongs to is kept when others are skipped"
+        );
     }
 
     #[test]
