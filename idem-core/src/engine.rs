@@ -166,10 +166,13 @@ impl Idempotency {
             inner: codec,
             call: &call,
         };
-        let result = self
-            .observed(settings, &call, key, fingerprint, body, codec)
-            .instrument(call.span().clone())
-            .await;
+        // Boxed once here, so that the callers' futures, moved whole at each
+        // level of nesting, stay small.
+        let result = Box::pin(
+            self.observed(settings, &call, key, fingerprint, body, codec)
+                .instrument(call.span().clone()),
+        )
+        .await;
         call.finish();
         result
     }
@@ -195,7 +198,7 @@ impl Idempotency {
                 .lead(settings, call, None, key, fingerprint, body, codec, None)
                 .await;
         }
-        let deadline = Instant::now() + settings.wait_timeout();
+        let deadline = WaitUntil::new(settings.wait_timeout());
         loop {
             match self.shared.flights.join(key, fingerprint, settings.lease()) {
                 Role::Leader(leader) => {
@@ -208,7 +211,7 @@ impl Idempotency {
                             fingerprint,
                             body,
                             codec,
-                            Some(deadline),
+                            Some(&deadline),
                         )
                         .await;
                 }
@@ -217,7 +220,8 @@ impl Idempotency {
                         return Err(codec.idem_error(Error::KeyReused));
                     }
                     let waiting = Instant::now();
-                    let landed = Box::pin(tokio::time::timeout_at(deadline, flight.landed())).await;
+                    let landed =
+                        Box::pin(tokio::time::timeout_at(deadline.at(), flight.landed())).await;
                     call.waited(waiting.elapsed());
                     match landed {
                         Err(_elapsed) => {
@@ -257,7 +261,7 @@ impl Idempotency {
         fingerprint: Fingerprint,
         body: F,
         mut codec: C,
-        deadline: Option<Instant>,
+        deadline: Option<&WaitUntil>,
     ) -> Result<T, E>
     where
         F: Future<Output = Result<T, E>>,
@@ -316,11 +320,11 @@ impl Idempotency {
         key: Key,
         fingerprint: Fingerprint,
         token: Token,
-        deadline: Option<Instant>,
+        deadline: Option<&WaitUntil>,
         herald: &Herald<'_>,
     ) -> Result<Option<Record>, Error> {
         let store = &self.shared.store;
-        let mut backoff = backoff(Duration::from_millis(5), Duration::from_secs(1));
+        let mut polls = 0;
         loop {
             call.attempt();
             let begin = store.begin(key, fingerprint, token, settings.lease()).await;
@@ -335,7 +339,7 @@ impl Idempotency {
                 Ok(Begin::InProgress { retry_after }) => {
                     let now = Instant::now();
                     let refused = Error::InProgress { retry_after };
-                    let Some(deadline) = deadline.filter(|d| *d > now) else {
+                    let Some(deadline) = deadline.map(WaitUntil::at).filter(|d| *d > now) else {
                         return Err(refused);
                     };
                     herald.set_retry_at(now + retry_after);
@@ -347,7 +351,8 @@ impl Idempotency {
                             let _ = Box::pin(tokio::time::timeout(cap, change)).await;
                         }
                         None => {
-                            let pause = backoff.next().unwrap_or(cap).min(cap);
+                            let pause = poll_pause(polls).min(cap);
+                            polls += 1;
                             Box::pin(tokio::time::sleep(pause)).await;
                         }
                     }
@@ -702,6 +707,18 @@ fn retryable(error: &StoreError) -> bool {
     )
 }
 
+/// How long a caller that polls a store for another holder's claim waits
+/// before poll `n` (from 0): 5 ms doubling to 1 s, each with up to half of
+/// itself added at random, so that waiters do not poll in step. A counter
+/// rather than an iterator keeps every call's future small.
+fn poll_pause(n: u32) -> Duration {
+    let base = Duration::from_millis(5)
+        .saturating_mul(1 << n.min(8))
+        .min(Duration::from_secs(1));
+    let half = u64::try_from(base.as_micros() / 2).unwrap_or(u64::MAX);
+    base + Duration::from_micros(rand::random_range(0..=half))
+}
+
 fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
         .with_min_delay(min)
@@ -726,6 +743,27 @@ where
         Outcome::Unserializable => Err(codec.idem_error(Error::NotReplayable {
             reason: String::from_utf8_lossy(record.payload()).into_owned(),
         })),
+    }
+}
+
+/// When a call stops waiting for another holder: its wait timeout from the
+/// moment it first waits, read off the clock only then (a replay never
+/// does).
+struct WaitUntil {
+    wait: Duration,
+    at: std::sync::OnceLock<Instant>,
+}
+
+impl WaitUntil {
+    fn new(wait: Duration) -> Self {
+        Self {
+            wait,
+            at: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn at(&self) -> Instant {
+        *self.at.get_or_init(|| Instant::now() + self.wait)
     }
 }
 

@@ -139,6 +139,29 @@ fn main() {
                 "fingerprint {fingerprint:.0} ns, SHA-256 of the JSON {sha:.0} ns ({:.2}x); key {key:.0} ns",
                 fingerprint / sha
             );
+            runtime.block_on(idem_charge(&idem, request(1))).unwrap();
+            let timed = |hit: bool| {
+                (0..9)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        runtime.block_on(async {
+                            for _ in 0..n {
+                                if hit {
+                                    black_box(idem_charge(&idem, request(1)).await.unwrap());
+                                } else {
+                                    black_box(bare_charge(request(1)).await.unwrap());
+                                }
+                            }
+                        });
+                        start.elapsed().as_nanos() as f64 / n as f64
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let (bare, hit) = (timed(false), timed(true));
+            println!(
+                "memory hit {hit:.0} ns, bare call {bare:.0} ns: +{:.0} ns",
+                hit - bare
+            );
         }
         "sizes" => {
             let call = idem_charge(&idem, request(1));
