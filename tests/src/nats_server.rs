@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::process::{free_port, watch};
+use crate::process::{free_port, require_version, watch};
 
 /// The oldest `nats-server` with JetStream.
 pub const MIN_VERSION: (u32, u32) = (2, 2);
@@ -41,35 +41,15 @@ pub fn server_binary() -> String {
 fn check_version() {
     static CHECKED: OnceLock<()> = OnceLock::new();
     CHECKED.get_or_init(|| {
-        let binary = server_binary();
-        let output = Command::new(&binary)
-            .arg("--version")
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run `{binary}` ({e}); install nats-server (`apt-get install \
-                     nats-server`, as .ci/run does) or set IDEM_NATS_SERVER"
-                )
-            });
-        let text = String::from_utf8_lossy(&output.stdout);
-        let version = parse_version(&text)
-            .unwrap_or_else(|| panic!("cannot read the version of `{binary}`: {text}"));
-        assert!(
-            version >= MIN_VERSION,
-            "`{binary}` is nats-server {}.{}; JetStream needs {}.{} or newer",
-            version.0,
-            version.1,
-            MIN_VERSION.0,
-            MIN_VERSION.1
+        require_version(
+            &server_binary(),
+            "v",
+            MIN_VERSION,
+            "nats-server",
+            "install nats-server (`apt-get install nats-server`, as .ci/run does) or set \
+             IDEM_NATS_SERVER",
         );
     });
-}
-
-/// `(major, minor)` of `nats-server: v2.9.10`.
-fn parse_version(text: &str) -> Option<(u32, u32)> {
-    let version = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
-    let mut parts = version.split('.');
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// A running `nats-server -js`.

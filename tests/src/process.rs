@@ -36,3 +36,47 @@ pub fn running_as_root() -> bool {
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }
+
+/// Panics, saying how to install it, unless `binary --version` runs and
+/// reports (after `marker`, e.g. `v=` in `v=7.0.15`) a version of at least
+/// `min`. `what` names the server in messages; `install` says how to get it.
+pub fn require_version(binary: &str, marker: &str, min: (u32, u32), what: &str, install: &str) {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{binary}` ({e}); {install}"));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let version = parse_version(&text, marker)
+        .unwrap_or_else(|| panic!("cannot read the version of `{binary}`: {text}"));
+    assert!(
+        version >= min,
+        "`{binary}` is {what} {}.{}; idem's tests need {}.{} or newer: {text}",
+        version.0,
+        version.1,
+        min.0,
+        min.1
+    );
+}
+
+/// `(major, minor)` of the first word of `text` that starts with `marker`.
+fn parse_version(text: &str, marker: &str) -> Option<(u32, u32)> {
+    let version = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(marker))?;
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_are_read_after_their_marker() {
+        let redis = "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64";
+        assert_eq!(super::parse_version(redis, "v="), Some((7, 0)));
+        assert_eq!(
+            super::parse_version("nats-server: v2.9.10", "v"),
+            Some((2, 9))
+        );
+        assert_eq!(super::parse_version("no version here", "v="), None);
+    }
+}

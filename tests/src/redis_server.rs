@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::process::watch;
+use crate::process::{require_version, watch};
 
 /// The oldest Redis the store works with.
 pub const MIN_VERSION: (u32, u32) = (7, 0);
@@ -38,35 +38,15 @@ pub fn cli_binary() -> String {
 fn check_version() {
     static CHECKED: OnceLock<()> = OnceLock::new();
     CHECKED.get_or_init(|| {
-        let binary = server_binary();
-        let output = Command::new(&binary)
-            .arg("--version")
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run `{binary}` ({e}); install redis-server (`apt-get install \
-                 redis-server redis-tools`, as .ci/run does) or set IDEM_REDIS_SERVER"
-                )
-            });
-        let text = String::from_utf8_lossy(&output.stdout);
-        let version = parse_version(&text)
-            .unwrap_or_else(|| panic!("cannot read the version of `{binary}`: {text}"));
-        assert!(
-            version >= MIN_VERSION,
-            "`{binary}` is Redis {}.{}; idem needs {}.{} or newer: {text}",
-            version.0,
-            version.1,
-            MIN_VERSION.0,
-            MIN_VERSION.1
+        require_version(
+            &server_binary(),
+            "v=",
+            MIN_VERSION,
+            "Redis",
+            "install redis-server (`apt-get install redis-server redis-tools`, as .ci/run does) \
+             or set IDEM_REDIS_SERVER",
         );
     });
-}
-
-/// `(major, minor)` of `redis-server --version`'s `v=7.0.15`.
-fn parse_version(text: &str) -> Option<(u32, u32)> {
-    let version = text.split_whitespace().find_map(|w| w.strip_prefix("v="))?;
-    let mut parts = version.split('.');
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// A running `redis-server`.
@@ -402,15 +382,4 @@ pub fn shared_node() -> &'static RedisServer {
 pub fn shared_cluster() -> &'static RedisCluster {
     static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
     CLUSTER.get_or_init(RedisCluster::start)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn versions_are_read_from_the_banner() {
-        let banner = "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64";
-        assert_eq!(super::parse_version(banner), Some((7, 0)));
-        assert_eq!(super::parse_version("v=6.2.1"), Some((6, 2)));
-        assert_eq!(super::parse_version("garbage"), None);
-    }
 }

@@ -254,14 +254,10 @@ impl RedisStore {
         else {
             return Ok(None);
         };
-        let mut pipeline = redis::pipe();
-        pipeline
-            .cmd("GET")
-            .arg(&record_key)
-            .cmd("PTTL")
-            .arg(&record_key);
-        let (held, ttl): (Option<Vec<u8>>, i64) =
-            pipeline.query_async(connection).await.map_err(failed)?;
+        let (held, ttl): (Option<Vec<u8>>, i64) = read_with_ttl(&record_key)
+            .query_async(connection)
+            .await
+            .map_err(failed)?;
         let Some(held) = held else { return Ok(None) };
         let Ok(Held::Claimed {
             fingerprint,
@@ -278,6 +274,17 @@ impl RedisStore {
             Duration::from_millis(ttl.max(0).unsigned_abs()),
         )))
     }
+}
+
+/// `GET` and `PTTL` of one record key, in one round trip.
+fn read_with_ttl(record_key: &[u8]) -> redis::Pipeline {
+    let mut pipeline = redis::pipe();
+    pipeline
+        .cmd("GET")
+        .arg(record_key)
+        .cmd("PTTL")
+        .arg(record_key);
+    pipeline
 }
 
 /// `text` with Redis glob's special characters escaped.
@@ -409,14 +416,7 @@ impl Store for RedisStore {
 
     fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
         Box::pin(async move {
-            let record_key = self.record_key(&key);
-            let mut pipeline = redis::pipe();
-            pipeline
-                .cmd("GET")
-                .arg(&record_key)
-                .cmd("PTTL")
-                .arg(&record_key);
-            let pipeline = &pipeline;
+            let pipeline = &read_with_ttl(self.record_key(&key).as_bytes());
             let answer = self
                 .retrying("inspect", |mut connection| async move {
                     pipeline.query_async::<Value>(&mut connection).await
