@@ -22,9 +22,10 @@ pub const MAX_KEY_LEN: usize = 255;
 /// The IETF draft makes the header a structured-field string
 /// (`Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`, with `\"` and
 /// `\\` escapes); a bare token of visible ASCII (`Idempotency-Key: 8e03…`),
-/// as Stripe takes it, is accepted too. It serializes as its text, and
-/// deserializes through [`parse`](Self::parse), so it can be the `key` of an
-/// `#[idempotent]` fn and never holds an invalid key.
+/// as Stripe takes it, is accepted too. It serializes as its text and
+/// deserializes through [`new`](Self::new), which checks that text, so it can
+/// be the `key` of an `#[idempotent]` fn, round-trips through serde and never
+/// holds an invalid key.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub struct IdempotencyKey(String);
@@ -59,10 +60,36 @@ impl IdempotencyKey {
                 value.to_owned()
             }
         };
+        Self::new(text)
+    }
+
+    /// A key from its text, as [`as_str`](Self::as_str) gives it (and as a
+    /// quoted header carries it once unescaped): 1 to [`MAX_KEY_LEN`]
+    /// characters, each visible ASCII or a space.
+    ///
+    /// ```
+    /// use idem_core::http::IdempotencyKey;
+    ///
+    /// assert_eq!(IdempotencyKey::new("order 17 \"b\"")?.as_str(), "order 17 \"b\"");
+    /// assert!(IdempotencyKey::new("").is_err());
+    /// assert!(IdempotencyKey::new("tab\there").is_err());
+    /// # Ok::<(), idem_core::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] for an empty or overlong text, or one with other
+    /// characters.
+    pub fn new(text: impl Into<String>) -> Result<Self, Error> {
+        let text = text.into();
         if text.is_empty() {
             return Err(invalid("the Idempotency-Key header is empty"));
         }
-        if text.chars().count() > MAX_KEY_LEN {
+        if !text.bytes().all(|b| matches!(b, b' '..=b'~')) {
+            return Err(invalid(
+                "the Idempotency-Key header may hold visible ASCII characters and spaces only",
+            ));
+        }
+        if text.len() > MAX_KEY_LEN {
             return Err(invalid(format!(
                 "the Idempotency-Key header is longer than {MAX_KEY_LEN} characters"
             )));
@@ -142,7 +169,7 @@ impl TryFrom<String> for IdempotencyKey {
     type Error = Error;
 
     fn try_from(value: String) -> Result<Self, Error> {
-        Self::parse(&value)
+        Self::new(value)
     }
 }
 
@@ -223,11 +250,29 @@ mod tests {
         let key: IdempotencyKey = serde_json::from_str("\"abc\"").unwrap();
         assert_eq!(key.as_str(), "abc");
         assert_eq!(serde_json::to_string(&key).unwrap(), "\"abc\"");
-        for bad in ["\"\"", "\"has space\""] {
+        for bad in ["\"\"", "\"tab\\there\"", "\"caf\u{e9}\""] {
             assert!(
                 serde_json::from_str::<IdempotencyKey>(bad).is_err(),
                 "{bad}"
             );
+        }
+        let long = format!("\"{}\"", "k".repeat(MAX_KEY_LEN + 1));
+        assert!(serde_json::from_str::<IdempotencyKey>(&long).is_err());
+    }
+
+    #[test]
+    fn every_key_a_header_gives_round_trips_through_serde() {
+        for header in [
+            "abc",
+            "\"a b\"",
+            "\"q\\\"uote\\\\\"",
+            "\" lead\"",
+            "\"\\\"x\\\"\"",
+        ] {
+            let key = IdempotencyKey::parse(header).unwrap();
+            let json = serde_json::to_string(&key).unwrap();
+            let back: IdempotencyKey = serde_json::from_str(&json).unwrap();
+            assert_eq!(back, key, "{header} as {json}");
         }
     }
 }
