@@ -32,8 +32,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         [mode, url, operation, ..] => (mode.as_str(), url.clone(), operation.clone()),
         _ => return Err(usage.into()),
     };
+    // Callers that wait for the key's lock hold a pooled connection while
+    // they wait, so most of the 250 wait for a connection first: a generous
+    // timeout keeps a loaded machine from failing them closed.
     let store = PostgresStore::builder(&url)
         .max_connections(20)
+        .connect_timeout(Duration::from_secs(5))
+        .response_timeout(Duration::from_secs(5))
         .connect()
         .await?;
     let key = Key::new(&operation, "the-one-key")?;
