@@ -215,32 +215,40 @@ pub async fn transaction_open<T, E, P>(
     store: &crate::PostgresStore,
     settings: Result<Settings, ConfigError>,
     prepared: Prepared,
-    codec: &Parts<T, E, P>,
+    codec: &mut Parts<T, E, P>,
 ) -> Opened<T, E>
 where
     P: FnOnce(&E) -> bool,
 {
     use crate::codec::ResultCodec as _;
+    let operation = Operation::from(prepared.name);
     let (settings, key, fingerprint) = match ready(settings, prepared) {
         Ok(ready) => ready,
         Err(error) => return Opened::Done(Err(codec.idem_error(error))),
     };
+    let savepoint = codec.cache.is_some();
     store
-        .open(&settings, key, fingerprint, codec, codec.cache.is_some())
+        .open(&settings, operation, key, fingerprint, codec, savepoint)
         .await
+}
+
+/// A transactional `#[idempotent]` fn's body, run in its call's span.
+#[cfg(feature = "postgres")]
+pub fn in_span<F: Future>(span: tracing::Span, body: F) -> tracing::instrument::Instrumented<F> {
+    tracing::Instrument::instrument(body, span)
 }
 
 /// Records a transactional call's result and commits, or rolls back.
 #[cfg(feature = "postgres")]
 pub async fn transaction_finish<T, E, P>(
-    claim: Claim,
+    claim: Box<Claim>,
     result: Result<T, E>,
     codec: Parts<T, E, P>,
 ) -> Result<T, E>
 where
     P: FnOnce(&E) -> bool,
 {
-    claim.finish(result, codec).await
+    (*claim).finish(result, codec).await
 }
 
 fn ready(

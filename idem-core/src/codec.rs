@@ -33,6 +33,34 @@ pub(crate) trait ResultCodec<T, E> {
     }
 }
 
+/// A codec lent to a step that answers for it (the transactional mode's
+/// opening, which hands the codec back to the caller for the finish).
+impl<T, E, C: ResultCodec<T, E> + ?Sized> ResultCodec<T, E> for &mut C {
+    fn encode_ok(&self, value: &T) -> serde_json::Result<Vec<u8>> {
+        (**self).encode_ok(value)
+    }
+
+    fn decode_ok(&self, bytes: &[u8]) -> serde_json::Result<T> {
+        (**self).decode_ok(bytes)
+    }
+
+    fn idem_error(&self, error: Error) -> E {
+        (**self).idem_error(error)
+    }
+
+    fn keep_err(&mut self, error: &E) -> Option<serde_json::Result<Vec<u8>>> {
+        (**self).keep_err(error)
+    }
+
+    fn decode_err(&self, bytes: &[u8]) -> Result<E, Error> {
+        (**self).decode_err(bytes)
+    }
+
+    fn awaits_record(&self) -> bool {
+        (**self).awaits_record()
+    }
+}
+
 /// The codec of [`Idempotency::run`](crate::Idempotency::run): serde for
 /// `T`, `From` for `E`, errors never stored.
 pub(crate) struct Serde;

@@ -2,8 +2,10 @@
 //! `metrics` facade.
 //!
 //! Every call of [`Idempotency::run`](crate::Idempotency::run) (and so of
-//! every `#[idempotent]` fn, the HTTP layer and the consumer) runs in an
-//! `idem.call` span (level `INFO`) with these fields:
+//! every `#[idempotent]` fn, the HTTP layer and the consumer), and every
+//! transactional call on PostgreSQL (`transaction = tx`,
+//! `PostgresStore::run_in_transaction`), runs in an `idem.call` span (level
+//! `INFO`) with these fields:
 //!
 //! | field | value |
 //! |---|---|

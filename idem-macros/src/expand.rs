@@ -194,6 +194,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             let claim = hidden("__idem_claim");
             let done = hidden("__idem_done");
             let result = hidden("__idem_result");
+            let span = hidden("__idem_span");
             let cache = match &caching {
                 Some(_) => quote!(::core::option::Option::Some((#cached, #caches))),
                 None => quote!(::core::option::Option::<(_, fn(&_) -> bool)>::None),
@@ -205,14 +206,15 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             quote! {
                 #caching
                 #allow
-                let #codec = #krate::__private::codec(#ok_codec, #from_idem, #cache);
-                match #krate::__private::transaction_open(#handle, #settings, #prepared, &#codec).await {
+                let mut #codec = #krate::__private::codec(#ok_codec, #from_idem, #cache);
+                match #krate::__private::transaction_open(#handle, #settings, #prepared, &mut #codec).await {
                     #krate::__private::Opened::Done(#done) => (#shape_of.from_result)(#done),
                     #krate::__private::Opened::Claimed(mut #claim) => {
+                        let #span = #claim.span();
                         #allow
                         let #result = {
                             let #tx_pat: #tx_ty = #claim.connection();
-                            async { #user_body }.await
+                            #krate::__private::in_span(#span, async { #user_body }).await
                         };
                         (#shape_of.from_result)(
                             #krate::__private::transaction_finish(

@@ -227,6 +227,12 @@ fn charges(server: &PostgresServer, op: &str) -> usize {
 }
 
 fn ensure_charges(server: &PostgresServer) {
+    // Concurrent `CREATE TABLE IF NOT EXISTS` can still collide in the
+    // catalog: the tests of this process create it one at a time.
+    static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = CREATING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     server.psql(
         "CREATE TABLE IF NOT EXISTS charges (id bigserial PRIMARY KEY, op text NOT NULL, \
          amount bigint NOT NULL)",
@@ -679,9 +685,150 @@ async fn run_in_transaction_replays_and_rejects() {
     }
     assert_eq!(runs.count(), 1);
     assert_eq!(charges(server, &op), 1);
+
+    // While a holder's transaction runs, `reject` answers `InProgress` at
+    // once, and nothing of the refused call runs.
     let reject = Settings::builder()
         .on_conflict(OnConflict::Reject)
         .build()
         .unwrap();
-    let _ = reject;
+    let key = Key::new(&op, "held").unwrap();
+    let (gate, (held, claimed)) = (
+        Arc::new(tokio::sync::Notify::new()),
+        tokio::sync::oneshot::channel(),
+    );
+    let holder = {
+        let (store, reject, gate) = (store.clone(), reject, Arc::clone(&gate));
+        tokio::spawn(async move {
+            store
+                .run_in_transaction(&reject, key, fp, |_tx| {
+                    Box::pin(async move {
+                        let _ = held.send(());
+                        gate.notified().await;
+                        Ok::<_, ChargeError>(7_i64)
+                    })
+                })
+                .await
+        })
+    };
+    claimed.await.unwrap();
+    let started = Instant::now();
+    let refused = store
+        .run_in_transaction(&reject, key, fp, |_tx| {
+            Box::pin(async move { Ok::<_, ChargeError>(8_i64) })
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.in_progress(), "{refused:?}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), 7);
+    let replayed = store
+        .run_in_transaction(&reject, key, fp, |_tx| {
+            Box::pin(async move { Ok::<_, ChargeError>(9_i64) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed, 7, "the holder's committed result");
+}
+
+/// Output of a `fmt` subscriber, kept for the test to read.
+#[derive(Clone, Default)]
+struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Transactional calls are told like every other call: each runs in an
+/// `idem.call` span that ends with its outcome, and is counted by outcome,
+/// with its body's time.
+#[test]
+fn transactional_calls_are_traced_and_counted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use tracing_subscriber::fmt::format::FmtSpan;
+
+    let server = shared();
+    ensure_charges(server);
+    let url = server.url();
+    let op = op("observed");
+    let log = Log::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let log = log.clone();
+            move || log.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_span_events(FmtSpan::CLOSE)
+        .finish();
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    tracing::subscriber::with_default(subscriber, || {
+        metrics::with_local_recorder(&recorder, || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let shop = Shop::new(&url).await;
+                    shop.charge(op.clone(), 1, 100).await.unwrap(); // ran
+                    shop.charge(op.clone(), 1, 100).await.unwrap(); // replayed
+                    shop.charge(op.clone(), 1, 200).await.unwrap_err(); // key_reused
+                    shop.charge(op.clone(), 2, 13).await.unwrap_err(); // failed
+                });
+        });
+    });
+
+    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("idem.call") && line.contains("close"))
+        .collect();
+    assert_eq!(closed.len(), 4, "{log}");
+    for (line, outcome) in closed
+        .iter()
+        .zip(["ran", "replayed", "key_reused", "failed"])
+    {
+        assert!(line.contains(&format!("outcome=\"{outcome}\"")), "{line}");
+        assert!(
+            line.contains("operation=\"postgres::Shop::charge\""),
+            "{line}"
+        );
+        assert!(!line.contains(&op), "no raw key in {line}");
+    }
+
+    let snapshot = snapshotter.snapshot().into_hashmap();
+    let counted = |outcome: &str| {
+        snapshot
+            .iter()
+            .find(|(key, _)| {
+                let labels: Vec<_> = key.key().labels().map(|l| (l.key(), l.value())).collect();
+                key.key().name() == "idem_calls_total"
+                    && labels.contains(&("outcome", outcome))
+                    && labels.contains(&("operation", "postgres::Shop::charge"))
+            })
+            .map_or(0, |(_, (_, _, value))| match value {
+                DebugValue::Counter(n) => *n,
+                other => panic!("not a counter: {other:?}"),
+            })
+    };
+    for outcome in ["ran", "replayed", "key_reused", "failed"] {
+        assert_eq!(counted(outcome), 1, "{outcome}");
+    }
+    let bodies = snapshot
+        .iter()
+        .find(|(key, _)| key.key().name() == "idem_body_seconds")
+        .map(|(_, (_, _, value))| match value {
+            DebugValue::Histogram(samples) => samples.len(),
+            other => panic!("not a histogram: {other:?}"),
+        });
+    assert_eq!(bodies, Some(2), "the run and the failure");
 }

@@ -65,18 +65,20 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::PgConnection;
 use sqlx::{Postgres, Transaction};
+use tracing::Instrument as _;
 
 use super::{PostgresStore, begin_answer, millis, store_error, token_bytes};
 use crate::codec::{ResultCodec, Serde, SerdeCaching};
 use crate::engine::to_record;
 use crate::error::{Error, StoreError, StoreErrorKind};
 use crate::key::{Fingerprint, Key};
+use crate::observe::{Call, Operation, Traced};
 use crate::settings::{OnConflict, Settings};
 use crate::store::{Begin, Outcome, Record, Token};
 
@@ -92,13 +94,20 @@ pub enum Opened<T, E> {
     Done(Result<T, E>),
     /// The key is claimed in a new transaction; run the body on
     /// [`Claim::connection`], then [`Claim::finish`].
-    Claimed(Claim),
+    Claimed(Box<Claim>),
 }
 
 /// A key claimed inside an open transaction. Dropping it rolls the
 /// transaction back, claim included.
 #[doc(hidden)]
 pub struct Claim {
+    held: Held,
+    call: Call,
+    started: Instant,
+}
+
+/// The open transaction that holds a claim.
+struct Held {
     tx: Transaction<'static, Postgres>,
     store: PostgresStore,
     key: Key,
@@ -110,7 +119,12 @@ pub struct Claim {
 impl Claim {
     /// The transaction's connection, for the body's own statements.
     pub fn connection(&mut self) -> &mut PgConnection {
-        &mut self.tx
+        &mut self.held.tx
+    }
+
+    /// The call's `idem.call` span, for the body to run in.
+    pub fn span(&self) -> tracing::Span {
+        self.call.span().clone()
     }
 }
 
@@ -186,45 +200,79 @@ impl PostgresStore {
         F: for<'c> FnOnce(&'c mut PgConnection) -> TxFuture<'c, Result<T, E>>,
         C: ResultCodec<T, E>,
     {
-        match self.open(settings, key, fingerprint, &codec, caching).await {
+        let mut codec = codec;
+        let operation = Operation::of_body::<F>();
+        match self
+            .open(settings, operation, key, fingerprint, &mut codec, caching)
+            .await
+        {
             Opened::Done(result) => result,
             Opened::Claimed(mut claim) => {
-                let result = body(claim.connection()).await;
-                claim.finish(result, codec).await
+                let span = claim.span();
+                let result = body(claim.connection()).instrument(span).await;
+                (*claim).finish(result, codec).await
             }
         }
     }
 
     /// Opens a transactional call: replays a committed call, refuses, or
-    /// claims the key in a new transaction.
+    /// claims the key in a new transaction. The call runs in an `idem.call`
+    /// span named `operation`, told when it ends (here, or at
+    /// [`Claim::finish`]).
     pub(crate) async fn open<T, E, C: ResultCodec<T, E>>(
         &self,
         settings: &Settings,
+        operation: Operation,
         key: Key,
         fingerprint: Fingerprint,
-        codec: &C,
+        codec: &mut C,
         savepoint: bool,
     ) -> Opened<T, E> {
-        match self.claim(settings, key, fingerprint, savepoint).await {
-            Ok(Ok(claim)) => Opened::Claimed(claim),
-            Ok(Err(record)) => Opened::Done(crate::engine::replay(&record, codec)),
-            Err(error) => Opened::Done(Err(codec.idem_error(error))),
-        }
+        let call = Call::new(operation, key);
+        let answer = self
+            .claim(settings, &call, key, fingerprint, savepoint)
+            .instrument(call.span().clone())
+            .await;
+        let done = match answer {
+            Ok(Ok(held)) => {
+                return Opened::Claimed(Box::new(Claim {
+                    held,
+                    call,
+                    started: Instant::now(),
+                }));
+            }
+            Ok(Err(record)) => crate::engine::replay(
+                &record,
+                &Traced {
+                    inner: codec,
+                    call: &call,
+                },
+            ),
+            Err(error) => {
+                call.error(&error);
+                Err(codec.idem_error(error))
+            }
+        };
+        call.finish();
+        Opened::Done(done)
     }
 
     /// The claim, or the committed record to replay.
     async fn claim(
         &self,
         settings: &Settings,
+        call: &Call,
         key: Key,
         fingerprint: Fingerprint,
         savepoint: bool,
-    ) -> Result<Result<Claim, Record>, Error> {
+    ) -> Result<Result<Held, Record>, Error> {
         // A committed call is replayed without a transaction: one statement.
         if let Some(done) = self.read_committed(key, fingerprint).await? {
             return Ok(Err(done));
         }
+        call.attempt();
         let mut tx = self.timed("begin", self.inner.pool.begin()).await?;
+        let locking_since = Instant::now();
         let lock_id = i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8]));
         let locked = match settings.on_conflict() {
             OnConflict::Reject => {
@@ -281,7 +329,13 @@ impl PostgresStore {
         })?;
         match begin_answer(&row, fingerprint, settings.lease())? {
             Begin::Claimed => {}
-            Begin::Completed(record) => return Ok(Err(record)),
+            Begin::Completed(record) => {
+                // Committed by the holder whose lock this call waited for.
+                if settings.on_conflict() != OnConflict::Reject {
+                    call.waited(locking_since.elapsed());
+                }
+                return Ok(Err(record));
+            }
             Begin::Mismatch => return Err(Error::KeyReused),
             Begin::InProgress { retry_after } => return Err(Error::InProgress { retry_after }),
         }
@@ -291,7 +345,7 @@ impl PostgresStore {
             })
             .await?;
         }
-        Ok(Ok(Claim {
+        Ok(Ok(Held {
             tx,
             store: self.clone(),
             key,
@@ -330,22 +384,57 @@ impl Claim {
     /// `Err` that is not cached rolls everything back. Answers the result,
     /// or the store's error when the commit failed: the body's writes were
     /// then rolled back with the record, so the result must not be taken as
-    /// done.
+    /// done. Ends the call's span with its outcome.
     pub(crate) async fn finish<T, E, C: ResultCodec<T, E>>(
         self,
         result: Result<T, E>,
+        codec: C,
+    ) -> Result<T, E> {
+        let Self {
+            held,
+            call,
+            started,
+        } = self;
+        let took = started.elapsed();
+        let codec = Traced {
+            inner: codec,
+            call: &call,
+        };
+        let span = call.span().clone();
+        let answer = held
+            .finish(result, codec, took, &call)
+            .instrument(span)
+            .await;
+        call.finish();
+        answer
+    }
+}
+
+impl Held {
+    async fn finish<T, E, C: ResultCodec<T, E>>(
+        self,
+        result: Result<T, E>,
         mut codec: C,
+        took: Duration,
+        call: &Call,
     ) -> Result<T, E> {
         let key = self.key;
         let Some(record) = to_record(key, &result, &mut codec) else {
+            call.ran(took, false);
             if let Err(error) = self.tx.rollback().await {
                 tracing::debug!(%key, %error, "rolling back a failed idempotent call failed; the database rolls it back itself");
             }
             return result;
         };
         match self.commit(&record).await {
-            Ok(()) => result,
-            Err(error) => Err(codec.idem_error(Error::Store(error))),
+            Ok(()) => {
+                call.ran(took, true);
+                result
+            }
+            Err(error) => {
+                call.ran(took, false);
+                Err(codec.idem_error(Error::Store(error)))
+            }
         }
     }
 
