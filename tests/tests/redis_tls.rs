@@ -1,14 +1,16 @@
-//! The Redis store over TLS (`rediss://`, feature `tls`) against a
-//! `redis-server` started with TLS on loopback, with a certificate authority
-//! and a server certificate this test generates.
+//! The Redis store over TLS (`rediss://` and `rediss+cluster://`, feature
+//! `tls`) against a `redis-server`, and a Redis Cluster, started with TLS on
+//! loopback, with a certificate authority and a server certificate this
+//! test generates.
 
 use std::path::Path;
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use idem_core::store::StoreErrorKind;
 use idem_core::{Fingerprint, Idempotency, Key, RedisStore, Settings};
 use idem_test::process::free_port;
-use idem_test::redis_server::RedisServer;
+use idem_test::redis_server::{self, RedisServer};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 /// A CA, and a certificate it signed for `127.0.0.1` and `localhost`, as
@@ -116,4 +118,109 @@ async fn a_plain_text_client_does_not_reach_a_tls_port() {
         .connect()
         .await;
     assert!(store.is_err(), "redis:// must not talk to a TLS port");
+}
+
+/// A Redis Cluster of three primaries that speak TLS to clients and to each
+/// other (`tls-cluster yes`), created over TLS; answers the nodes and their
+/// TLS ports. Each node keeps a plain-text port for the harness, where it
+/// announces plain-text ports, while TLS clients are told TLS ports.
+fn tls_cluster(dir: &Path) -> (Vec<RedisServer>, Vec<u16>) {
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let (mut nodes, mut ports) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        // The cluster bus listens on the TLS port + 10000: free too.
+        let port = redis_server::free_port();
+        nodes.push(RedisServer::start_with(&[
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &path("server.pem"),
+            "--tls-key-file",
+            &path("server.key"),
+            "--tls-ca-cert-file",
+            &path("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "3000",
+        ]));
+        ports.push(port);
+    }
+    let output = Command::new(redis_server::cli_binary())
+        .args(["--tls", "--cacert", &path("ca.pem"), "--cluster", "create"])
+        .args(ports.iter().map(|port| format!("127.0.0.1:{port}")))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("run redis-cli --cluster create");
+    assert!(
+        output.status.success(),
+        "redis-cli --tls --cluster create failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|node| {
+        let info = node.cli(&["CLUSTER", "INFO"]);
+        info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the TLS cluster did not become ok in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (nodes, ports)
+}
+
+#[tokio::test]
+async fn a_tls_cluster_is_reached_on_every_primary_and_runs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = certificates(dir.path());
+    let (nodes, ports) = tls_cluster(dir.path());
+
+    // The URL form reaches the nodes over TLS: here their certificate is
+    // not trusted (the test's CA is not a system root), which is a refusal
+    // to connect, not a configuration error.
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let untrusted = Idempotency::connect(&format!("rediss+cluster://{}", hosts.join(",")))
+        .await
+        .expect_err("the test's CA is not trusted by default");
+    assert_eq!(untrusted.kind(), StoreErrorKind::Unavailable, "{untrusted}");
+
+    let store = RedisStore::cluster(ports.iter().map(|p| format!("rediss://127.0.0.1:{p}")))
+        .tls_root_certificate(ca)
+        .connect()
+        .await
+        .expect("a TLS cluster connection");
+    let idem = Idempotency::new(store);
+    let mut runs = 0;
+    for order in 0..30 {
+        let key = Key::new("tls.cluster.charge", &order).unwrap();
+        let fingerprint = Fingerprint::of(&100).unwrap();
+        for _ in 0..2 {
+            let receipt: u32 = idem
+                .run(&Settings::default(), key, fingerprint, async {
+                    runs += 1;
+                    Ok::<_, idem_core::Error>(order)
+                })
+                .await
+                .unwrap();
+            assert_eq!(receipt, order);
+        }
+    }
+    assert_eq!(runs, 30, "each key ran once");
+    // 30 keys spread over the slots: every primary was reached over TLS,
+    // by redirection from the first.
+    for node in &nodes {
+        let keys: u64 = node.cli(&["DBSIZE"]).trim().parse().unwrap();
+        assert!(keys > 0, "a primary holds no record");
+    }
 }
