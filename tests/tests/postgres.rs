@@ -76,6 +76,42 @@ async fn migrating_is_idempotent_and_safe_to_race() {
     assert_eq!(shared().psql("SELECT count(*) FROM billing.idem_keys"), "1");
 }
 
+/// Connecting (which migrates) does not wait for calls in flight: a
+/// transactional call holding its transaction open has written to the
+/// table, and creating an index that exists already would wait for it.
+#[tokio::test]
+async fn connecting_does_not_wait_for_transactions_in_flight() {
+    let server = shared();
+    let store = connect(&server.url()).await;
+    let key = Key::new(&op("migrating"), "held").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (held, claimed) = tokio::sync::oneshot::channel();
+    let holder = {
+        let gate = Arc::clone(&gate);
+        tokio::spawn(async move {
+            store
+                .run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
+                    Box::pin(async move {
+                        let _ = held.send(());
+                        gate.notified().await;
+                        Ok::<_, ChargeError>(1_i64)
+                    })
+                })
+                .await
+        })
+    };
+    claimed.await.unwrap();
+    // Within RESPONSE_TIMEOUT (500 ms), while the holder's claim is open.
+    let second = connect(&server.url()).await;
+    second
+        .migrate()
+        .await
+        .expect("a migration beside a call in flight");
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+}
+
 #[tokio::test]
 async fn connect_by_url_names_both_schemes() {
     let url = shared().url();

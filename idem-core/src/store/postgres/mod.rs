@@ -25,13 +25,18 @@
 //!     expires_at  timestamptz NOT NULL    -- the lease's end, then the TTL's end
 //! );
 //! CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
+//! CREATE INDEX idempotency_keys_claimed ON idempotency_keys (stored_at) WHERE record IS NULL;
 //! ```
 //!
 //! The primary key serves every operation; the index on `expires_at` serves
-//! the purge. The store creates both (`CREATE … IF NOT EXISTS`, under an
-//! advisory lock, so concurrent starts do not race) when it connects, unless
-//! told not to ([`PostgresStoreBuilder::migrate`]); [`PostgresStore::migrate`]
-//! does it on demand. The schema and table names are configurable.
+//! the purge, and the partial index on claims in progress serves
+//! [`claims_older_than`](crate::Idempotency::claims_older_than). The store
+//! creates what is missing (`CREATE … IF NOT EXISTS` under an advisory lock,
+//! so concurrent starts do not race; an index only when the catalog lacks
+//! it, so a start does not wait for the writes of calls in flight) when it
+//! connects, unless told not to ([`PostgresStoreBuilder::migrate`]);
+//! [`PostgresStore::migrate`] does it on demand. The schema and table names
+//! are configurable.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -167,6 +172,17 @@ impl PostgresStore {
                 .await?;
             for statement in &self.inner.sql.create {
                 sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            // Checked first: creating an index locks the table against the
+            // writes of calls in flight, even when it exists already.
+            for (name, statement) in &self.inner.sql.indexes {
+                let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                    .bind(name)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                if !exists {
+                    sqlx::query(statement).execute(&mut *tx).await?;
+                }
             }
             tx.commit().await
         })

@@ -25,6 +25,10 @@ use crate::error::{StoreError, StoreErrorKind};
 #[derive(Debug)]
 pub(crate) struct Statements {
     pub(crate) create: Vec<String>,
+    /// Each index's qualified name and the statement that creates it, run
+    /// only when it is missing: `CREATE INDEX IF NOT EXISTS` takes a lock on
+    /// the table that waits for every open transaction that wrote to it.
+    pub(crate) indexes: Vec<(String, String)>,
     pub(crate) begin: String,
     pub(crate) complete: String,
     pub(crate) release: String,
@@ -77,10 +81,18 @@ impl Statements {
                         expires_at timestamptz NOT NULL
                     )"
                 ),
-                format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
-                format!(
-                    "CREATE INDEX IF NOT EXISTS {claims_index} ON {t} (stored_at) \
-                     WHERE record IS NULL"
+            ],
+            indexes: vec![
+                (
+                    format!("{schema_q}.{index}"),
+                    format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
+                ),
+                (
+                    format!("{schema_q}.{claims_index}"),
+                    format!(
+                        "CREATE INDEX IF NOT EXISTS {claims_index} ON {t} (stored_at) \
+                         WHERE record IS NULL"
+                    ),
                 ),
             ],
             // Claim-or-read in one statement. A live record or another's
