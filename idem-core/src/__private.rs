@@ -211,12 +211,12 @@ pub use crate::store::postgres::transaction::{Claim, Opened};
 /// Opens a transactional `#[idempotent]` call: replayed or refused, or
 /// claimed in a new transaction.
 #[cfg(feature = "postgres")]
-pub async fn transaction_open<T, E, P>(
-    store: &crate::PostgresStore,
+pub async fn transaction_open<'s, T, E, P>(
+    store: &'s crate::PostgresStore,
     settings: Result<Settings, ConfigError>,
     prepared: Prepared,
     codec: &mut Parts<T, E, P>,
-) -> Opened<T, E>
+) -> Opened<'s, T, E>
 where
     P: FnOnce(&E) -> bool,
 {
@@ -241,7 +241,7 @@ pub fn in_span<F: Future>(span: tracing::Span, body: F) -> tracing::instrument::
 /// Records a transactional call's result and commits, or rolls back.
 #[cfg(feature = "postgres")]
 pub async fn transaction_finish<T, E, P>(
-    claim: Box<Claim>,
+    claim: Box<Claim<'_>>,
     result: Result<T, E>,
     codec: Parts<T, E, P>,
 ) -> Result<T, E>

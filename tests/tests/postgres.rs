@@ -768,6 +768,78 @@ async fn run_in_transaction_replays_and_rejects() {
     assert_eq!(replayed, 7, "the holder's committed result");
 }
 
+/// Same-key duplicates in one process wait for the first call's outcome
+/// instead of each holding a pooled connection while it waits for the key's
+/// lock: 200 of them on a pool of 4, behind a body slower than the pool's
+/// one-second acquire timeout, all get the one receipt. Duplicates of an
+/// attempt that fails share its failure instead of running in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_in_one_process_wait_without_holding_connections() {
+    let server = shared();
+    ensure_charges(server);
+    let store = connect(&server.url()).await;
+    let op = op("coalesced");
+    let fp = Fingerprint::of(&1).unwrap();
+    let runs = Runs::default();
+    let call = |key: Key, fail: bool| {
+        let (store, op, runs) = (store.clone(), op.clone(), runs.clone());
+        async move {
+            store
+                .run_in_transaction(&Settings::DEFAULT, key, fp, |tx| {
+                    Box::pin(async move {
+                        runs.mark();
+                        let id: i64 = sqlx::query_scalar(
+                            "INSERT INTO charges (op, amount) VALUES ($1, 1) RETURNING id",
+                        )
+                        .bind(&op)
+                        .fetch_one(tx)
+                        .await?;
+                        tokio::time::sleep(Duration::from_millis(if fail { 300 } else { 1500 }))
+                            .await;
+                        if fail {
+                            return Err(ChargeError::Declined);
+                        }
+                        Ok::<_, ChargeError>(id)
+                    })
+                })
+                .await
+        }
+    };
+
+    let key = Key::new(&op, "slow").unwrap();
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        callers.spawn(call(key, false));
+    }
+    let receipts: Vec<i64> = callers
+        .join_all()
+        .await
+        .into_iter()
+        .map(|receipt| receipt.expect("every duplicate gets the receipt"))
+        .collect();
+    assert!(receipts.iter().all(|r| *r == receipts[0]), "one receipt");
+    assert_eq!(runs.count(), 1);
+    assert_eq!(charges(server, &op), 1);
+
+    let key = Key::new(&op, "declined").unwrap();
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        callers.spawn(call(key, true));
+    }
+    let answers = callers.join_all().await;
+    assert_eq!(runs.count(), 2, "the failing body ran once");
+    let declined = answers
+        .iter()
+        .filter(|a| matches!(a, Err(ChargeError::Declined)))
+        .count();
+    let shared_failure = answers
+        .iter()
+        .filter(|a| matches!(a, Err(ChargeError::Idem(m)) if m.contains("waited for failed")))
+        .count();
+    assert_eq!((declined, shared_failure), (1, 19), "{answers:?}");
+    assert_eq!(charges(server, &op), 1, "the declined insert rolled back");
+}
+
 /// Output of a `fmt` subscriber, kept for the test to read.
 #[derive(Clone, Default)]
 struct Log(Arc<std::sync::Mutex<Vec<u8>>>);

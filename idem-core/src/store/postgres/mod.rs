@@ -108,6 +108,9 @@ struct Inner {
     watchers: Arc<Watchers>,
     listening: AtomicBool,
     purging: AtomicBool,
+    /// Transactional calls under way, so that same-key duplicates in this
+    /// process wait for one of them without holding a connection each.
+    flights: crate::flight::Flights,
 }
 
 enum Source {
@@ -403,6 +406,7 @@ impl PostgresStoreBuilder {
                 watchers: Arc::default(),
                 listening: AtomicBool::new(false),
                 purging: AtomicBool::new(false),
+                flights: crate::flight::Flights::default(),
             }),
         };
         if self.migrate {

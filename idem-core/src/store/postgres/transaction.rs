@@ -40,6 +40,10 @@
 //!   advisory lock is used rather than `NOWAIT` on the row. The advisory lock
 //!   space is shared with the application's own advisory locks; keys are
 //!   64-bit digests, so a collision with them is unlikely but possible.
+//!   Within one process, duplicates on one [`PostgresStore`] (and its
+//!   clones) first wait for the call under way there, holding no connection
+//!   while they wait: they replay its committed result, or share its
+//!   failure (`Error::AttemptFailed`) instead of running the body in turn.
 //! - **A body `Err`** rolls the body's writes back with the claim, so a retry
 //!   runs again; with `cache_errors`, the writes are rolled back to a
 //!   savepoint taken before the body and the error is stored and committed,
@@ -77,6 +81,7 @@ use super::{PostgresStore, begin_answer, millis, store_error, token_bytes};
 use crate::codec::{ResultCodec, Serde, SerdeCaching};
 use crate::engine::to_record;
 use crate::error::{Error, StoreError, StoreErrorKind};
+use crate::flight::{Landing, Leader, Role};
 use crate::key::{Fingerprint, Key};
 use crate::observe::{Call, Operation, Traced};
 use crate::settings::{OnConflict, Settings};
@@ -88,20 +93,22 @@ pub type TxFuture<'c, T> = Pin<Box<dyn Future<Output = T> + Send + 'c>>;
 
 /// How a transactional call opened.
 #[doc(hidden)]
-pub enum Opened<T, E> {
+pub enum Opened<'s, T, E> {
     /// The call is decided without running the body: a replay, or idem's
     /// refusal.
     Done(Result<T, E>),
     /// The key is claimed in a new transaction; run the body on
     /// [`Claim::connection`], then [`Claim::finish`].
-    Claimed(Box<Claim>),
+    Claimed(Box<Claim<'s>>),
 }
 
 /// A key claimed inside an open transaction. Dropping it rolls the
 /// transaction back, claim included.
 #[doc(hidden)]
-pub struct Claim {
+pub struct Claim<'s> {
     held: Held,
+    /// Leads this process's duplicates, who wait for what it lands.
+    leader: Option<Leader<'s>>,
     call: Call,
     started: Instant,
 }
@@ -116,7 +123,7 @@ struct Held {
     savepoint: bool,
 }
 
-impl Claim {
+impl Claim<'_> {
     /// The transaction's connection, for the body's own statements.
     pub fn connection(&mut self) -> &mut PgConnection {
         &mut self.held.tx
@@ -227,16 +234,17 @@ impl PostgresStore {
         fingerprint: Fingerprint,
         codec: &mut C,
         savepoint: bool,
-    ) -> Opened<T, E> {
+    ) -> Opened<'_, T, E> {
         let call = Call::new(operation, key);
         let answer = self
-            .claim(settings, &call, key, fingerprint, savepoint)
+            .coalesced(settings, &call, key, fingerprint, savepoint)
             .instrument(call.span().clone())
             .await;
         let done = match answer {
-            Ok(Ok(held)) => {
+            Ok(Ok((held, leader))) => {
                 return Opened::Claimed(Box::new(Claim {
                     held,
+                    leader,
                     call,
                     started: Instant::now(),
                 }));
@@ -255,6 +263,66 @@ impl PostgresStore {
         };
         call.finish();
         Opened::Done(done)
+    }
+
+    /// The claim (with the lead of this process's duplicates), or the
+    /// committed record to replay. Same-key calls in this process wait for
+    /// the first one's outcome instead of each holding a connection while
+    /// it waits for the key's lock; with `reject` there is nothing to wait
+    /// for.
+    async fn coalesced(
+        &self,
+        settings: &Settings,
+        call: &Call,
+        key: Key,
+        fingerprint: Fingerprint,
+        savepoint: bool,
+    ) -> Result<Result<(Held, Option<Leader<'_>>), Record>, Error> {
+        if settings.on_conflict() == OnConflict::Reject {
+            let claimed = self
+                .claim(settings, call, key, fingerprint, savepoint)
+                .await?;
+            return Ok(claimed.map(|held| (held, None)));
+        }
+        let deadline = tokio::time::Instant::now() + settings.wait_timeout();
+        loop {
+            match self.inner.flights.join(key, fingerprint, settings.lease()) {
+                Role::Leader(leader) => {
+                    return match self
+                        .claim(settings, call, key, fingerprint, savepoint)
+                        .await
+                    {
+                        Ok(Ok(held)) => Ok(Ok((held, Some(leader)))),
+                        Ok(Err(record)) => {
+                            leader.land(Landing::Record(record.clone()));
+                            Ok(Err(record))
+                        }
+                        Err(error) => {
+                            leader.land(Landing::Failed(error.clone()));
+                            Err(error)
+                        }
+                    };
+                }
+                Role::Follower(flight) => {
+                    if flight.fingerprint() != fingerprint {
+                        return Err(Error::KeyReused);
+                    }
+                    let waiting = Instant::now();
+                    let landed = tokio::time::timeout_at(deadline, flight.landed()).await;
+                    call.waited(waiting.elapsed());
+                    match landed {
+                        Err(_elapsed) => {
+                            return Err(Error::InProgress {
+                                retry_after: flight.retry_after(),
+                            });
+                        }
+                        Ok(Landing::Record(record)) => return Ok(Err(record)),
+                        Ok(Landing::Failed(error)) => return Err(error),
+                        Ok(Landing::Vacated) => {}
+                    }
+                }
+            }
+        }
     }
 
     /// The claim, or the committed record to replay.
@@ -378,13 +446,14 @@ impl PostgresStore {
     }
 }
 
-impl Claim {
+impl Claim<'_> {
     /// Records the body's `result` and commits, or rolls back: an `Ok` (or
     /// a cached `Err`) is stored and committed with the body's writes; an
     /// `Err` that is not cached rolls everything back. Answers the result,
     /// or the store's error when the commit failed: the body's writes were
     /// then rolled back with the record, so the result must not be taken as
-    /// done. Ends the call's span with its outcome.
+    /// done. Hands the outcome to the duplicates that waited for it and ends
+    /// the call's span.
     pub(crate) async fn finish<T, E, C: ResultCodec<T, E>>(
         self,
         result: Result<T, E>,
@@ -392,6 +461,7 @@ impl Claim {
     ) -> Result<T, E> {
         let Self {
             held,
+            leader,
             call,
             started,
         } = self;
@@ -401,39 +471,47 @@ impl Claim {
             call: &call,
         };
         let span = call.span().clone();
-        let answer = held
+        let (answer, landing) = held
             .finish(result, codec, took, &call)
             .instrument(span)
             .await;
+        if let Some(leader) = leader {
+            leader.land(landing);
+        }
         call.finish();
         answer
     }
 }
 
 impl Held {
+    /// The caller's answer, and what the duplicates that waited get: the
+    /// committed record, or the attempt's failure (they do not run the body
+    /// in turn; a later retry does).
     async fn finish<T, E, C: ResultCodec<T, E>>(
         self,
         result: Result<T, E>,
         mut codec: C,
         took: Duration,
         call: &Call,
-    ) -> Result<T, E> {
+    ) -> (Result<T, E>, Landing) {
         let key = self.key;
         let Some(record) = to_record(key, &result, &mut codec) else {
             call.ran(took, false);
             if let Err(error) = self.tx.rollback().await {
                 tracing::debug!(%key, %error, "rolling back a failed idempotent call failed; the database rolls it back itself");
             }
-            return result;
+            return (result, Landing::Failed(Error::AttemptFailed));
         };
         match self.commit(&record).await {
             Ok(()) => {
                 call.ran(took, true);
-                result
+                (result, Landing::Record(record))
             }
             Err(error) => {
                 call.ran(took, false);
-                Err(codec.idem_error(Error::Store(error)))
+                let error = Error::Store(error);
+                let landing = Landing::Failed(error.clone());
+                (Err(codec.idem_error(error)), landing)
             }
         }
     }
