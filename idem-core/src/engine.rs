@@ -216,22 +216,10 @@ impl Idempotency {
                         .await;
                 }
                 Role::Follower(flight) => {
-                    if flight.fingerprint() != fingerprint {
-                        return Err(codec.idem_error(Error::KeyReused));
-                    }
-                    let waiting = Instant::now();
-                    let landed =
-                        Box::pin(tokio::time::timeout_at(deadline.at(), flight.landed())).await;
-                    call.waited(waiting.elapsed());
-                    match landed {
-                        Err(_elapsed) => {
-                            return Err(codec.idem_error(Error::InProgress {
-                                retry_after: flight.retry_after(),
-                            }));
-                        }
-                        Ok(Landing::Record(record)) => return replay(&record, &codec),
-                        Ok(Landing::Failed(error)) => return Err(codec.idem_error(error)),
-                        Ok(Landing::Vacated) => {}
+                    match Box::pin(flight.follow(fingerprint, deadline.at(), call)).await {
+                        Ok(Some(record)) => return replay(&record, &codec),
+                        Ok(None) => {}
+                        Err(error) => return Err(codec.idem_error(error)),
                     }
                 }
             }

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::key::{DigestHasher, Fingerprint, Key};
+use crate::observe::Call;
 use crate::store::Record;
 
 /// The flights under way on one handle.
@@ -77,18 +78,41 @@ impl Flights {
 }
 
 impl Flight {
-    pub(crate) fn fingerprint(&self) -> Fingerprint {
-        self.fingerprint
-    }
-
     /// How long until the claim this flight waits on lapses at the latest.
-    pub(crate) fn retry_after(&self) -> Duration {
+    fn retry_after(&self) -> Duration {
         let at = *self.retry_at.lock().unwrap_or_else(PoisonError::into_inner);
         at.saturating_duration_since(Instant::now())
     }
 
+    /// Follows the flight until `deadline`: the record its leader landed,
+    /// `None` when the flight was vacated (contend for the key again), or
+    /// the error to answer: other arguments with the key, the leader's
+    /// shared failure, or the key still in progress at the deadline. Tells
+    /// `call` how long it waited.
+    pub(crate) async fn follow(
+        &self,
+        fingerprint: Fingerprint,
+        deadline: Instant,
+        call: &Call,
+    ) -> Result<Option<Record>, Error> {
+        if self.fingerprint != fingerprint {
+            return Err(Error::KeyReused);
+        }
+        let waiting = Instant::now();
+        let landed = tokio::time::timeout_at(deadline, self.landed()).await;
+        call.waited(waiting.elapsed());
+        match landed {
+            Err(_elapsed) => Err(Error::InProgress {
+                retry_after: self.retry_after(),
+            }),
+            Ok(Landing::Record(record)) => Ok(Some(record)),
+            Ok(Landing::Failed(error)) => Err(error),
+            Ok(Landing::Vacated) => Ok(None),
+        }
+    }
+
     /// Waits for the leader's landing.
-    pub(crate) async fn landed(&self) -> Landing {
+    async fn landed(&self) -> Landing {
         loop {
             let mut notified = pin!(self.landed.notified());
             // Registered before the check, so a landing in between still wakes us.

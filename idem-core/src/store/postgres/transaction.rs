@@ -304,21 +304,8 @@ impl PostgresStore {
                     };
                 }
                 Role::Follower(flight) => {
-                    if flight.fingerprint() != fingerprint {
-                        return Err(Error::KeyReused);
-                    }
-                    let waiting = Instant::now();
-                    let landed = tokio::time::timeout_at(deadline, flight.landed()).await;
-                    call.waited(waiting.elapsed());
-                    match landed {
-                        Err(_elapsed) => {
-                            return Err(Error::InProgress {
-                                retry_after: flight.retry_after(),
-                            });
-                        }
-                        Ok(Landing::Record(record)) => return Ok(Err(record)),
-                        Ok(Landing::Failed(error)) => return Err(error),
-                        Ok(Landing::Vacated) => {}
+                    if let Some(record) = flight.follow(fingerprint, deadline, call).await? {
+                        return Ok(Err(record));
                     }
                 }
             }
