@@ -1,5 +1,6 @@
 //! A store wrapper that injects the faults a network causes: an operation
-//! that never reaches the store, and one that does but whose answer is lost.
+//! that never reaches the store, and one that does but whose answer is lost;
+//! and a store that is down altogether.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -162,5 +163,56 @@ impl Store for Flaky {
 
     fn limits(&self) -> Limits {
         self.inner.limits()
+    }
+}
+
+/// A store that is down: every operation fails with
+/// [`StoreErrorKind::Unavailable`], as an unreachable backend's do. Its
+/// message names an internal address, so that a test can check it is never
+/// shown to a client.
+///
+/// ```
+/// use idem_core::{Fingerprint, Idempotency, Key, Settings};
+/// use idem_test::faults::Down;
+///
+/// # block_on(async {
+/// let idem = Idempotency::new(Down);
+/// let (key, fp) = (Key::new("down", &1).unwrap(), Fingerprint::of(&1).unwrap());
+/// let outcome: Result<u32, idem_core::Error> =
+///     idem.run(&Settings::default(), key, fp, async { unreachable!("fails closed") }).await;
+/// assert!(matches!(outcome, Err(idem_core::Error::Store(_))));
+/// # });
+/// # fn block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Down;
+
+impl Down {
+    /// The error of every operation.
+    pub fn error() -> StoreError {
+        StoreError::new(
+            StoreErrorKind::Unavailable,
+            "connection refused to 10.0.0.9:6379",
+        )
+    }
+}
+
+impl Store for Down {
+    fn begin(&self, _: Key, _: Fingerprint, _: Token, _: Duration) -> StoreFuture<'_, Begin> {
+        Box::pin(std::future::ready(Err(Self::error())))
+    }
+
+    fn complete(&self, _: Key, _: Token, _: Record, _: Duration) -> StoreFuture<'_, Completion> {
+        Box::pin(std::future::ready(Err(Self::error())))
+    }
+
+    fn release(&self, _: Key, _: Token) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Err(Self::error())))
+    }
+
+    fn renew(&self, _: Key, _: Token, _: Duration) -> StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Err(Self::error())))
     }
 }

@@ -14,6 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use idem_core::http::IdempotencyLayer;
 use idem_core::{Idempotency, OnConflict, Settings};
+use idem_test::faults::Down;
 use reqwest::{Client, Response};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt as _;
@@ -346,53 +347,6 @@ async fn a_client_that_hangs_up_gets_its_response_on_retry(idem: Idempotency) {
 
 fn rand_key() -> String {
     idem_core::store::Token::random().to_string()
-}
-
-/// A store that is down: every operation fails.
-struct Down;
-
-impl idem_core::store::Store for Down {
-    fn begin(
-        &self,
-        _: idem_core::Key,
-        _: idem_core::Fingerprint,
-        _: idem_core::store::Token,
-        _: Duration,
-    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
-        Box::pin(async {
-            Err(idem_core::store::StoreError::new(
-                idem_core::store::StoreErrorKind::Unavailable,
-                "connection refused to 10.0.0.9:6379",
-            ))
-        })
-    }
-
-    fn complete(
-        &self,
-        _: idem_core::Key,
-        _: idem_core::store::Token,
-        _: idem_core::store::Record,
-        _: Duration,
-    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
-        unreachable!("nothing is claimed")
-    }
-
-    fn release(
-        &self,
-        _: idem_core::Key,
-        _: idem_core::store::Token,
-    ) -> idem_core::store::StoreFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn renew(
-        &self,
-        _: idem_core::Key,
-        _: idem_core::store::Token,
-        _: Duration,
-    ) -> idem_core::store::StoreFuture<'_, bool> {
-        unreachable!("nothing is claimed")
-    }
 }
 
 #[tokio::test]

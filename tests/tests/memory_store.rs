@@ -5,11 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use idem_core::store::{
-    Begin, Completion, Record, Store, StoreError, StoreErrorKind, StoreFuture, Token,
-};
+use idem_core::store::{Begin, Completion, Record, Store, StoreErrorKind, StoreFuture, Token};
 use idem_core::{Error, Fingerprint, Idempotency, Key, MemoryStore, OnConflict, Settings};
 use idem_test::conformance::{Backend, Caller, Failure, Runs, Timing, fresh};
+use idem_test::faults::Down;
 
 struct Memory;
 
@@ -254,31 +253,6 @@ async fn clones_share_records() {
         .await
         .unwrap();
     assert_eq!(clone.len(), 1);
-}
-
-/// A store whose every operation fails, as an unreachable backend does.
-struct Down;
-
-fn outage() -> StoreError {
-    StoreError::new(StoreErrorKind::Unavailable, "connection refused")
-}
-
-impl Store for Down {
-    fn begin(&self, _: Key, _: Fingerprint, _: Token, _: Duration) -> StoreFuture<'_, Begin> {
-        Box::pin(async { Err(outage()) })
-    }
-
-    fn complete(&self, _: Key, _: Token, _: Record, _: Duration) -> StoreFuture<'_, Completion> {
-        Box::pin(async { Err(outage()) })
-    }
-
-    fn release(&self, _: Key, _: Token) -> StoreFuture<'_, ()> {
-        Box::pin(async { Err(outage()) })
-    }
-
-    fn renew(&self, _: Key, _: Token, _: Duration) -> StoreFuture<'_, bool> {
-        Box::pin(async { Err(outage()) })
-    }
 }
 
 #[tokio::test]

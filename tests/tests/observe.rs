@@ -8,10 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem_core::store::{
-    Begin, Completion, Record, Store, StoreError, StoreErrorKind, StoreFuture, Token,
-};
 use idem_core::{Fingerprint, Idempotency, Key, OnConflict, Settings, idempotent};
+use idem_test::faults::Down;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record as SpanRecord};
 use tracing::{Event, Level, Subscriber};
@@ -203,33 +201,6 @@ fn waits_rejections_and_failures_are_told_apart() {
     assert!(by_outcome.contains_key("in_progress"));
     assert!(by_outcome.contains_key("failed"));
     assert_eq!(by_outcome["ran"]["body_ms"], "1000.0");
-}
-
-/// A store that cannot be reached.
-struct Down;
-
-fn down<T>() -> StoreFuture<'static, T> {
-    Box::pin(async {
-        Err(StoreError::new(
-            StoreErrorKind::Unavailable,
-            "connection refused",
-        ))
-    })
-}
-
-impl Store for Down {
-    fn begin(&self, _: Key, _: Fingerprint, _: Token, _: Duration) -> StoreFuture<'_, Begin> {
-        down()
-    }
-    fn complete(&self, _: Key, _: Token, _: Record, _: Duration) -> StoreFuture<'_, Completion> {
-        down()
-    }
-    fn release(&self, _: Key, _: Token) -> StoreFuture<'_, ()> {
-        down()
-    }
-    fn renew(&self, _: Key, _: Token, _: Duration) -> StoreFuture<'_, bool> {
-        down()
-    }
 }
 
 #[idempotent(key = order, name = "orders.ship", store = IDEM)]
