@@ -58,7 +58,8 @@ pub struct RedisServer {
     _scratch: Option<tempfile::TempDir>,
 }
 
-/// A Redis Cluster of three primaries, each with one replica.
+/// A Redis Cluster: [`RedisCluster::start`] makes three primaries, each
+/// with one replica; a test may join other nodes its own way and wrap them.
 pub struct RedisCluster {
     /// Primaries first, then replicas, as created.
     pub nodes: Vec<RedisServer>,
@@ -272,16 +273,17 @@ impl RedisCluster {
         cluster
     }
 
-    /// Waits until every node reports `cluster_state:ok` and knows all six, and
-    /// every replica's link to its primary is up.
+    /// Waits until every node reports `cluster_state:ok` and knows all the
+    /// others, and every replica's link to its primary is up.
     pub fn wait_until_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let known = format!("cluster_known_nodes:{}", self.nodes.len());
         loop {
             let ready = self.nodes.iter().all(|node| {
                 let info = node.cli(&["CLUSTER", "INFO"]);
                 let replication = node.cli(&["INFO", "replication"]);
                 info.contains("cluster_state:ok")
-                    && info.contains("cluster_known_nodes:6")
+                    && info.contains(&known)
                     && (replication.contains("role:master")
                         || replication.contains("master_link_status:up"))
             });

@@ -5,12 +5,12 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use idem_core::store::StoreErrorKind;
 use idem_core::{Fingerprint, Idempotency, Key, RedisStore, Settings};
 use idem_test::process::free_port;
-use idem_test::redis_server::{self, RedisServer};
+use idem_test::redis_server::{self, RedisCluster, RedisServer};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 /// A CA, and a certificate it signed for `127.0.0.1` and `localhost`, as
@@ -38,20 +38,30 @@ fn certificates(dir: &Path) -> String {
 /// its own, for the harness's readiness check).
 fn tls_server(dir: &Path) -> (RedisServer, u16) {
     let port = free_port();
-    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
-    let server = RedisServer::start_with(&[
-        "--tls-port",
-        &port.to_string(),
-        "--tls-cert-file",
-        &path("server.pem"),
-        "--tls-key-file",
-        &path("server.key"),
-        "--tls-ca-cert-file",
-        &path("ca.pem"),
-        "--tls-auth-clients",
-        "no",
-    ]);
+    let server = RedisServer::start_with(&as_strs(&tls_args(dir, port)));
     (server, port)
+}
+
+/// The `redis-server` arguments for TLS on `port`, with the certificates in
+/// `dir`, clients not asked for theirs.
+fn tls_args(dir: &Path, port: u16) -> Vec<String> {
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    vec![
+        "--tls-port".into(),
+        port.to_string(),
+        "--tls-cert-file".into(),
+        path("server.pem"),
+        "--tls-key-file".into(),
+        path("server.key"),
+        "--tls-ca-cert-file".into(),
+        path("ca.pem"),
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ]
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 #[tokio::test]
@@ -121,41 +131,42 @@ async fn a_plain_text_client_does_not_reach_a_tls_port() {
 }
 
 /// A Redis Cluster of three primaries that speak TLS to clients and to each
-/// other (`tls-cluster yes`), created over TLS; answers the nodes and their
+/// other (`tls-cluster yes`), created over TLS; answers the cluster and its
 /// TLS ports. Each node keeps a plain-text port for the harness, where it
 /// announces plain-text ports, while TLS clients are told TLS ports.
-fn tls_cluster(dir: &Path) -> (Vec<RedisServer>, Vec<u16>) {
-    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+fn tls_cluster(dir: &Path) -> (RedisCluster, Vec<u16>) {
     let (mut nodes, mut ports) = (Vec::new(), Vec::new());
     for _ in 0..3 {
         // The cluster bus listens on the TLS port + 10000: free too.
         let port = redis_server::free_port();
-        nodes.push(RedisServer::start_with(&[
-            "--tls-port",
-            &port.to_string(),
-            "--tls-cert-file",
-            &path("server.pem"),
-            "--tls-key-file",
-            &path("server.key"),
-            "--tls-ca-cert-file",
-            &path("ca.pem"),
-            "--tls-auth-clients",
-            "no",
-            "--tls-cluster",
-            "yes",
-            "--tls-replication",
-            "yes",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "3000",
-        ]));
+        let mut args = tls_args(dir, port);
+        args.extend(
+            [
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "3000",
+            ]
+            .map(String::from),
+        );
+        nodes.push(RedisServer::start_with(&as_strs(&args)));
         ports.push(port);
     }
+    let ca = dir.join("ca.pem");
     let output = Command::new(redis_server::cli_binary())
-        .args(["--tls", "--cacert", &path("ca.pem"), "--cluster", "create"])
+        .args([
+            "--tls",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--cluster",
+            "create",
+        ])
         .args(ports.iter().map(|port| format!("127.0.0.1:{port}")))
         .args(["--cluster-replicas", "0", "--cluster-yes"])
         .output()
@@ -166,25 +177,16 @@ fn tls_cluster(dir: &Path) -> (Vec<RedisServer>, Vec<u16>) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !nodes.iter().all(|node| {
-        let info = node.cli(&["CLUSTER", "INFO"]);
-        info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "the TLS cluster did not become ok in 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    (nodes, ports)
+    let cluster = RedisCluster { nodes };
+    cluster.wait_until_ok();
+    (cluster, ports)
 }
 
 #[tokio::test]
 async fn a_tls_cluster_is_reached_on_every_primary_and_runs_once() {
     let dir = tempfile::tempdir().unwrap();
     let ca = certificates(dir.path());
-    let (nodes, ports) = tls_cluster(dir.path());
+    let (cluster, ports) = tls_cluster(dir.path());
 
     // The URL form reaches the nodes over TLS: here their certificate is
     // not trusted (the test's CA is not a system root), which is a refusal
@@ -219,7 +221,7 @@ async fn a_tls_cluster_is_reached_on_every_primary_and_runs_once() {
     assert_eq!(runs, 30, "each key ran once");
     // 30 keys spread over the slots: every primary was reached over TLS,
     // by redirection from the first.
-    for node in &nodes {
+    for node in &cluster.nodes {
         let keys: u64 = node.cli(&["DBSIZE"]).trim().parse().unwrap();
         assert!(keys > 0, "a primary holds no record");
     }
