@@ -195,15 +195,8 @@ impl PostgresServer {
     fn wait_until_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            let ready = Command::new(bin_dir().join("pg_isready"))
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    "postgres",
-                ])
+            let ready = self
+                .client("pg_isready")
                 .stdout(Stdio::null())
                 .status()
                 .is_ok_and(|status| status.success());
@@ -275,17 +268,19 @@ impl PostgresServer {
         self.launch();
     }
 
+    /// A PostgreSQL client `program` (`psql`, `pg_isready`) pointed at this
+    /// server as the `postgres` user.
+    fn client(&self, program: &str) -> Command {
+        let mut command = Command::new(bin_dir().join(program));
+        command.args(["-h", "127.0.0.1", "-U", "postgres", "-p"]);
+        command.arg(self.port.to_string());
+        command
+    }
+
     /// Runs SQL with `psql` and returns its unaligned output.
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new(bin_dir().join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
+        let out = self
+            .client("psql")
             .args(["-d", "postgres", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .output()
             .unwrap_or_else(|e| panic!("cannot run psql ({e})"));
