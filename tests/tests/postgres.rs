@@ -85,23 +85,7 @@ async fn connecting_does_not_wait_for_transactions_in_flight() {
     let store = connect(&server.url()).await;
     let key = Key::new(&op("migrating"), "held").unwrap();
     let fp = Fingerprint::of(&1).unwrap();
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let (held, claimed) = tokio::sync::oneshot::channel();
-    let holder = {
-        let gate = Arc::clone(&gate);
-        tokio::spawn(async move {
-            store
-                .run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
-                    Box::pin(async move {
-                        let _ = held.send(());
-                        gate.notified().await;
-                        Ok::<_, ChargeError>(1_i64)
-                    })
-                })
-                .await
-        })
-    };
-    claimed.await.unwrap();
+    let (holder, gate) = hold_in_transaction(&store, Settings::DEFAULT, key, fp, 1).await;
     // Within RESPONSE_TIMEOUT (500 ms), while the holder's claim is open.
     let second = connect(&server.url()).await;
     second
@@ -388,6 +372,57 @@ impl Shop {
     }
 }
 
+/// A `charge_rejecting` call of `op` that holds its key mid-body, in its
+/// transaction, until the answered gate opens; with its backend's pid.
+async fn hold_rejecting(
+    shop: &Arc<Shop>,
+    op: &str,
+) -> (
+    tokio::task::JoinHandle<Result<i64, ChargeError>>,
+    Arc<tokio::sync::Notify>,
+    i32,
+) {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (held, pid) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (shop, op, gate) = (Arc::clone(shop), op.to_owned(), Arc::clone(&gate));
+        tokio::spawn(async move { shop.charge_rejecting(op, 1, gate, Some(held)).await })
+    };
+    (holder, gate, pid.await.unwrap())
+}
+
+/// A `run_in_transaction` call that holds `key` with its transaction open
+/// until the answered gate opens, then answers `receipt`.
+async fn hold_in_transaction(
+    store: &PostgresStore,
+    settings: Settings,
+    key: Key,
+    fingerprint: Fingerprint,
+    receipt: i64,
+) -> (
+    tokio::task::JoinHandle<Result<i64, ChargeError>>,
+    Arc<tokio::sync::Notify>,
+) {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (held, claimed) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (store, gate) = (store.clone(), Arc::clone(&gate));
+        tokio::spawn(async move {
+            store
+                .run_in_transaction(&settings, key, fingerprint, |_tx| {
+                    Box::pin(async move {
+                        let _ = held.send(());
+                        gate.notified().await;
+                        Ok::<_, ChargeError>(receipt)
+                    })
+                })
+                .await
+        })
+    };
+    claimed.await.unwrap();
+    (holder, gate)
+}
+
 fn op(test: &str) -> String {
     format!("{test}-{}", Token::random())
 }
@@ -530,13 +565,7 @@ async fn a_terminated_connection_commits_nothing() {
     ensure_charges(server);
     let shop = Arc::new(Shop::new(&server.url()).await);
     let op = op("terminated");
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let (held, pid) = tokio::sync::oneshot::channel();
-    let holder = {
-        let (shop, op, gate) = (Arc::clone(&shop), op.clone(), Arc::clone(&gate));
-        tokio::spawn(async move { shop.charge_rejecting(op, 1, gate, Some(held)).await })
-    };
-    let pid = pid.await.unwrap();
+    let (holder, gate, pid) = hold_rejecting(&shop, &op).await;
     assert_eq!(
         server.psql(&format!("SELECT pg_terminate_backend({pid})")),
         "t"
@@ -563,13 +592,7 @@ async fn reject_answers_at_once_while_the_holder_runs() {
     ensure_charges(server);
     let shop = Arc::new(Shop::new(&server.url()).await);
     let op = op("reject");
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let (held, pid) = tokio::sync::oneshot::channel();
-    let holder = {
-        let (shop, op, gate) = (Arc::clone(&shop), op.clone(), Arc::clone(&gate));
-        tokio::spawn(async move { shop.charge_rejecting(op, 1, gate, Some(held)).await })
-    };
-    pid.await.unwrap();
+    let (holder, gate, _pid) = hold_rejecting(&shop, &op).await;
     for _ in 0..5 {
         let started = Instant::now();
         let refused = shop
@@ -729,25 +752,7 @@ async fn run_in_transaction_replays_and_rejects() {
         .build()
         .unwrap();
     let key = Key::new(&op, "held").unwrap();
-    let (gate, (held, claimed)) = (
-        Arc::new(tokio::sync::Notify::new()),
-        tokio::sync::oneshot::channel(),
-    );
-    let holder = {
-        let (store, reject, gate) = (store.clone(), reject, Arc::clone(&gate));
-        tokio::spawn(async move {
-            store
-                .run_in_transaction(&reject, key, fp, |_tx| {
-                    Box::pin(async move {
-                        let _ = held.send(());
-                        gate.notified().await;
-                        Ok::<_, ChargeError>(7_i64)
-                    })
-                })
-                .await
-        })
-    };
-    claimed.await.unwrap();
+    let (holder, gate) = hold_in_transaction(&store, reject, key, fp, 7).await;
     let started = Instant::now();
     let refused = store
         .run_in_transaction(&reject, key, fp, |_tx| {
