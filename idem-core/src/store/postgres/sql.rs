@@ -68,6 +68,17 @@ impl Statements {
         let claims_index = identifier("index", &format!("{table}_claimed"))?;
         let t = format!("{schema_q}.{table_q}");
         let ms = "* interval '1 millisecond'";
+        // What a claim-or-read answers, as `begin_answer` reads it: the claim
+        // made, or what holds the key (the live record, or another's claim
+        // and how long it has left).
+        let answer = "SELECT true AS claimed, NULL::bytea AS fingerprint, NULL::bytea AS record,
+                       NULL::bigint AS left_ms
+                FROM claimed
+                UNION ALL
+                SELECT false, c.fingerprint, c.record,
+                       ceil(extract(epoch FROM c.expires_at - now()) * 1000)::bigint
+                FROM current c
+                WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()";
         Ok(Self {
             create: vec![
                 format!("CREATE SCHEMA IF NOT EXISTS {schema_q}"),
@@ -120,14 +131,7 @@ impl Statements {
                             AND r.fingerprint = EXCLUDED.fingerprint)
                     RETURNING 1
                 )
-                SELECT true AS claimed, NULL::bytea AS fingerprint, NULL::bytea AS record,
-                       NULL::bigint AS left_ms
-                FROM claimed
-                UNION ALL
-                SELECT false, c.fingerprint, c.record,
-                       ceil(extract(epoch FROM c.expires_at - now()) * 1000)::bigint
-                FROM current c
-                WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()"
+                {answer}"
             ),
             // Stored now, or stored earlier by this token: both are `Stored`.
             complete: format!(
@@ -185,14 +189,7 @@ impl Statements {
                     WHERE r.expires_at <= now()
                     RETURNING 1
                 )
-                SELECT true AS claimed, NULL::bytea AS fingerprint, NULL::bytea AS record,
-                       NULL::bigint AS left_ms
-                FROM claimed
-                UNION ALL
-                SELECT false, c.fingerprint, c.record,
-                       ceil(extract(epoch FROM c.expires_at - now()) * 1000)::bigint
-                FROM current c
-                WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()"
+                {answer}"
             ),
             complete_in_transaction: format!(
                 "UPDATE {t} SET record = $3, stored_at = now(), expires_at = now() + $4::bigint {ms}
