@@ -97,6 +97,17 @@ impl Captured {
             .map(|span| span["outcome"].clone())
             .collect()
     }
+
+    /// The level of the event that told `outcome`.
+    fn level_of(&self, outcome: &str) -> Level {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, fields)| fields.get("outcome").is_some_and(|o| o == outcome))
+            .unwrap()
+            .0
+    }
 }
 
 fn key() -> Key {
@@ -142,16 +153,8 @@ fn each_outcome_is_a_span_with_safe_fields() {
         "the raw key never appears"
     );
 
-    let events = captured.events.lock().unwrap();
-    let level_of = |outcome: &str| {
-        events
-            .iter()
-            .find(|(_, fields)| fields.get("outcome").is_some_and(|o| o == outcome))
-            .unwrap()
-            .0
-    };
-    assert_eq!(level_of("replayed"), Level::DEBUG);
-    assert_eq!(level_of("key_reused"), Level::INFO);
+    assert_eq!(captured.level_of("replayed"), Level::DEBUG);
+    assert_eq!(captured.level_of("key_reused"), Level::INFO);
 }
 
 fn waits_rejections_and_failures_are_told_apart() {
@@ -229,16 +232,8 @@ fn store_and_decode_errors_warn_and_the_attribute_names_its_operation() {
         ["store_error", "ran", "decode_error", "ran"]
     );
     assert_eq!(captured.spans()[3]["operation"], "orders.ship");
-    let events = captured.events.lock().unwrap();
-    let level_of = |outcome: &str| {
-        events
-            .iter()
-            .find(|(_, fields)| fields.get("outcome").is_some_and(|o| o == outcome))
-            .unwrap()
-            .0
-    };
-    assert_eq!(level_of("store_error"), Level::WARN);
-    assert_eq!(level_of("decode_error"), Level::ERROR);
+    assert_eq!(captured.level_of("store_error"), Level::WARN);
+    assert_eq!(captured.level_of("decode_error"), Level::ERROR);
 }
 
 #[test]
