@@ -237,20 +237,22 @@ fn ping(port: u16) -> bool {
 }
 
 impl RedisCluster {
+    /// The `redis-server` arguments of a cluster node (failure detection in
+    /// three seconds).
+    pub const NODE_ARGS: [&str; 6] = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "3000",
+    ];
+
     /// Starts six servers and joins them into a cluster with
     /// `redis-cli --cluster create … --cluster-replicas 1`.
     pub fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..6)
-            .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "3000",
-                ])
-            })
+            .map(|_| RedisServer::start_with(&Self::NODE_ARGS))
             .collect();
         let addresses: Vec<String> = nodes
             .iter()

@@ -141,19 +141,10 @@ fn tls_cluster(dir: &Path) -> (RedisCluster, Vec<u16>) {
         let port = redis_server::free_port();
         let mut args = tls_args(dir, port);
         args.extend(
-            [
-                "--tls-cluster",
-                "yes",
-                "--tls-replication",
-                "yes",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "3000",
-            ]
-            .map(String::from),
+            ["--tls-cluster", "yes", "--tls-replication", "yes"]
+                .into_iter()
+                .chain(RedisCluster::NODE_ARGS)
+                .map(String::from),
         );
         nodes.push(RedisServer::start_with(&as_strs(&args)));
         ports.push(port);
