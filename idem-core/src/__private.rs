@@ -6,8 +6,13 @@
 //! what those checks produce (codecs, conversions) is passed here as plain
 //! values, so that nothing here bounds the user's types a second time.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{LazyLock, Mutex, OnceLock, PoisonError};
 
+/// The runtime's root, which every path of an expansion goes through (one
+/// import, so that a wrong `crate = "…"` is one error).
+pub use crate as runtime;
 pub use crate::codec::{Codec, Parts};
 use crate::error::Error;
 use crate::handle::Idempotency;
@@ -26,6 +31,7 @@ pub struct Prepared {
 /// Gathers a call's key and fingerprint from its parts.
 pub struct Call {
     name: &'static str,
+    refused: Option<ConfigError>,
     key: KeyHasher,
     arguments: Fingerprinter,
 }
@@ -36,9 +42,19 @@ impl Call {
     pub fn new(name: &'static str) -> Self {
         Self {
             name,
+            refused: None,
             key: KeyHasher::new(name),
             arguments: Fingerprinter::new(),
         }
+    }
+
+    /// Starts a call of a function whose `name = "…"` is pinned: refused
+    /// when another function pinned the same name first.
+    #[must_use]
+    pub fn pinned(pin: &'static Pinned) -> Self {
+        let mut call = Self::new(pin.name);
+        call.refused = pin.check().err();
+        call
     }
 
     /// Adds an argument to the fingerprint.
@@ -76,7 +92,11 @@ impl Call {
     /// [`Fingerprint::UNCHECKED`].
     pub fn finish(self, keyed: bool, checked: bool) -> Prepared {
         let (key, arguments) = (self.key, self.arguments);
+        let refused = self.refused;
         let parts = (|| {
+            if let Some(refused) = refused {
+                return Err(Error::Config(refused));
+            }
             let fingerprint = arguments.finish()?;
             let mut key = key;
             if !keyed {
@@ -96,13 +116,54 @@ impl Call {
     }
 }
 
-/// The operation name of a function, from the type name of an item nested in
-/// it: `crate::module::Type::method::__idem_operation` gives
-/// `crate::module::Type::method`, so that two methods of one name in one
-/// module (on two types) never share records.
+/// A function's pinned `name = "…"`, with the place it was written: the
+/// first call of each such function registers it, and a second function with
+/// the same name is refused (its calls fail with `Error::Config`, and an
+/// error is logged once), so two functions never share records by accident.
+pub struct Pinned {
+    name: &'static str,
+    site: &'static str,
+    checked: OnceLock<Result<(), ConfigError>>,
+}
+
+/// Pinned names registered in this process, with the function each belongs to.
+static PINNED: LazyLock<Mutex<HashMap<&'static str, &'static str>>> = LazyLock::new(Mutex::default);
+
+impl Pinned {
+    /// The pinned `name` of the function at `site`.
+    #[must_use]
+    pub const fn new(name: &'static str, site: &'static str) -> Self {
+        Self {
+            name,
+            site,
+            checked: OnceLock::new(),
+        }
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        *self.checked.get_or_init(|| {
+            let mut pinned = PINNED.lock().unwrap_or_else(PoisonError::into_inner);
+            let first = *pinned.entry(self.name).or_insert(self.site);
+            if first == self.site {
+                return Ok(());
+            }
+            let error = ConfigError::pinned_twice(self.name, first, self.site);
+            tracing::error!(target: "idem", %error, "an operation name is pinned twice");
+            Err(error)
+        })
+    }
+}
+
+/// The operation name of a function instance, from the type name of a
+/// closure in its body: `shop::Repo<shop::Invoice>::create::{{closure}}`
+/// (and, in an `async fn`, one `{{closure}}` more for its body) gives
+/// `shop::Repo<shop::Invoice>::create`. The name keeps the `Self` type and
+/// every generic argument, so two instances that may run different code or
+/// return different types never share records, and two methods of one name
+/// on two types never meet.
 #[must_use]
-pub fn operation_name(nested: &'static str) -> &'static str {
-    let mut name = nested.strip_suffix("::__idem_operation").unwrap_or(nested);
+pub fn operation_name(closure: &'static str) -> &'static str {
+    let mut name = closure;
     while let Some(outer) = name.strip_suffix("::{{closure}}") {
         name = outer;
     }
@@ -251,6 +312,78 @@ where
     (*claim).finish(result, codec).await
 }
 
+/// Without the `postgres` feature, `transaction = tx` expands against these
+/// stand-ins, so that the one error a user sees is the missing feature
+/// (`requirements::PostgresFeature`), not a cascade of unresolved items.
+#[cfg(not(feature = "postgres"))]
+mod without_postgres {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::marker::PhantomData;
+
+    use super::{ConfigError, Parts, Prepared, Settings};
+
+    /// What `store = …` names in a transactional call without the feature.
+    #[derive(Clone)]
+    pub struct NoPostgres(Infallible);
+
+    /// The connection a transactional body would get without the feature.
+    pub enum NoConnection {}
+
+    /// How a transactional call opened (never, without the feature).
+    pub enum Opened<'s, T, E> {
+        /// Decided without the body.
+        Done(Result<T, E>),
+        /// Claimed.
+        Claimed(Box<Claim<'s>>),
+    }
+
+    /// A claim (never held, without the feature).
+    pub struct Claim<'s>(Infallible, PhantomData<&'s ()>);
+
+    impl Claim<'_> {
+        /// The transaction's connection.
+        pub fn connection(&mut self) -> &mut NoConnection {
+            match self.0 {}
+        }
+
+        /// The call's span.
+        pub fn span(&self) -> tracing::Span {
+            match self.0 {}
+        }
+    }
+
+    /// Opens a transactional call (never, without the feature).
+    pub async fn transaction_open<'s, T, E, P>(
+        store: &'s NoPostgres,
+        _: Result<Settings, ConfigError>,
+        _: Prepared,
+        _: &mut Parts<T, E, P>,
+    ) -> Opened<'s, T, E> {
+        match store.0 {}
+    }
+
+    /// A transactional body, in its span.
+    pub fn in_span<F: Future>(
+        span: tracing::Span,
+        body: F,
+    ) -> tracing::instrument::Instrumented<F> {
+        tracing::Instrument::instrument(body, span)
+    }
+
+    /// Records a transactional call's result (never, without the feature).
+    pub async fn transaction_finish<T, E, P>(
+        claim: Box<Claim<'_>>,
+        _: Result<T, E>,
+        _: Parts<T, E, P>,
+    ) -> Result<T, E> {
+        match claim.0 {}
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+pub use without_postgres::*;
+
 fn ready(
     settings: Result<Settings, ConfigError>,
     prepared: Prepared,
@@ -275,14 +408,36 @@ pub const fn millis(millis: u64) -> std::time::Duration {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn operation_names_drop_the_nested_item_and_closures() {
+    fn a_name_pinned_by_two_functions_is_refused_for_the_second() {
+        static FIRST: super::Pinned = super::Pinned::new("tests.pinned", "shop::a (a.rs:1)");
+        static AGAIN: super::Pinned = super::Pinned::new("tests.pinned", "shop::a (a.rs:1)");
+        static SECOND: super::Pinned = super::Pinned::new("tests.pinned", "shop::b (b.rs:9)");
+        assert!(FIRST.check().is_ok());
+        assert!(
+            AGAIN.check().is_ok(),
+            "one function, two statics (a generic's instances)"
+        );
+        let error = SECOND.check().unwrap_err().to_string();
+        assert!(
+            error.contains("shop::a (a.rs:1)") && error.contains("shop::b (b.rs:9)"),
+            "{error}"
+        );
+        assert!(FIRST.check().is_ok(), "the first keeps working");
+    }
+
+    #[test]
+    fn operation_names_drop_the_closures() {
         assert_eq!(
-            super::operation_name("app::Mailer::handle::__idem_operation"),
+            super::operation_name("app::Mailer::handle::{{closure}}::{{closure}}"),
             "app::Mailer::handle"
         );
         assert_eq!(
-            super::operation_name("<app::A as app::T>::f::{{closure}}::__idem_operation"),
+            super::operation_name("<app::A as app::T>::f::{{closure}}"),
             "<app::A as app::T>::f"
+        );
+        assert_eq!(
+            super::operation_name("app::Repo<app::Invoice>::create::{{closure}}"),
+            "app::Repo<app::Invoice>::create"
         );
     }
 }

@@ -31,6 +31,47 @@ pub(crate) trait ResultCodec<T, E> {
     fn awaits_record(&self) -> bool {
         false
     }
+    /// The type tag of records holding a `T`.
+    fn ok_tag(&self) -> u64 {
+        type_tag::<T>()
+    }
+    /// The type tag of records holding an `E`.
+    fn err_tag(&self) -> u64 {
+        type_tag::<E>()
+    }
+}
+
+/// The tag a record of a `T` carries: FNV-1a (64 bits) of `T`'s type name
+/// with every path cut to its last segment, so `alloc::vec::Vec<shop::Receipt>`
+/// is tagged as `Vec<Receipt>`. Moving a type to another module keeps its
+/// tag (a retry across that deploy still replays); renaming it, or changing
+/// its generic arguments, changes the tag, and records of the old type are
+/// then refused rather than decoded as the new one.
+pub(crate) fn type_tag<T: ?Sized>() -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    fn mix(mut hash: u64, bytes: &[u8]) -> u64 {
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(PRIME);
+        }
+        hash
+    }
+    let mut hash = OFFSET;
+    let mut rest = std::any::type_name::<T>();
+    while !rest.is_empty() {
+        let end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        let (path, tail) = rest.split_at(end);
+        hash = mix(hash, path.rsplit("::").next().unwrap_or(path).as_bytes());
+        let mut chars = tail.chars();
+        if let Some(delimiter) = chars.next() {
+            hash = mix(hash, delimiter.encode_utf8(&mut [0; 4]).as_bytes());
+        }
+        rest = chars.as_str();
+    }
+    hash
 }
 
 /// A codec lent to a step that answers for it (the transactional mode's
@@ -58,6 +99,14 @@ impl<T, E, C: ResultCodec<T, E> + ?Sized> ResultCodec<T, E> for &mut C {
 
     fn awaits_record(&self) -> bool {
         (**self).awaits_record()
+    }
+
+    fn ok_tag(&self) -> u64 {
+        (**self).ok_tag()
+    }
+
+    fn err_tag(&self) -> u64 {
+        (**self).err_tag()
     }
 }
 
@@ -197,4 +246,37 @@ fn stored_error_not_cached() -> Error {
     Error::Decode(std::sync::Arc::from(Box::<
         dyn std::error::Error + Send + Sync,
     >::from(message)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::type_tag;
+
+    mod shop {
+        pub(super) struct Receipt;
+        pub(super) mod moved {
+            pub(in super::super) struct Receipt;
+        }
+        pub(super) struct Refund;
+    }
+
+    #[test]
+    fn type_tags_follow_the_type_not_its_module() {
+        assert_eq!(
+            type_tag::<shop::Receipt>(),
+            type_tag::<shop::moved::Receipt>()
+        );
+        assert_eq!(
+            type_tag::<Vec<shop::Receipt>>(),
+            type_tag::<Vec<shop::moved::Receipt>>()
+        );
+        assert_ne!(type_tag::<shop::Receipt>(), type_tag::<shop::Refund>());
+        assert_ne!(
+            type_tag::<Vec<shop::Receipt>>(),
+            type_tag::<Vec<shop::Refund>>()
+        );
+        assert_ne!(type_tag::<String>(), type_tag::<u32>());
+        assert_ne!(type_tag::<Option<u32>>(), type_tag::<Vec<u32>>());
+        assert_ne!(type_tag::<(u32, String)>(), type_tag::<(String, u32)>());
+    }
 }

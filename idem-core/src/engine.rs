@@ -145,6 +145,11 @@ impl Idempotency {
         .await
     }
 
+    /// This handle's identity in the re-entry check.
+    fn holder(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
     /// Runs `body` once for `key` with results stored by `codec`: what
     /// every `run` comes down to, the attribute's included. The call runs in
     /// an `idem.call` span and is counted as `operation`.
@@ -161,6 +166,7 @@ impl Idempotency {
         F: Future<Output = Result<T, E>>,
         C: ResultCodec<T, E>,
     {
+        let body = crate::reentry::holding(self.holder(), key, body);
         let call = Call::new(operation, key);
         let codec = Traced {
             inner: codec,
@@ -192,6 +198,11 @@ impl Idempotency {
     {
         if let Err(error) = self.check(settings) {
             return Err(codec.idem_error(error));
+        }
+        if crate::reentry::reentered(self.holder(), key) {
+            return Err(codec.idem_error(Error::Reentered {
+                operation: call.operation().as_str().to_owned().into(),
+            }));
         }
         if settings.on_conflict() == OnConflict::Reject {
             return self
@@ -585,15 +596,15 @@ pub(crate) fn to_record<T, E, C>(key: Key, result: &Result<T, E>, codec: &mut C)
 where
     C: ResultCodec<T, E>,
 {
-    let (outcome, payload) = match result {
-        Ok(value) => (Outcome::Ok, codec.encode_ok(value)),
-        Err(error) => (Outcome::Err, codec.keep_err(error)?),
+    let (outcome, payload, tag) = match result {
+        Ok(value) => (Outcome::Ok, codec.encode_ok(value), codec.ok_tag()),
+        Err(error) => (Outcome::Err, codec.keep_err(error)?, codec.err_tag()),
     };
     Some(match payload {
-        Ok(payload) => Record::new(outcome, payload),
+        Ok(payload) => Record::new(outcome, payload).with_type_tag(tag),
         Err(error) => {
             tracing::error!(%key, %error, "the result of an idempotent call does not serialize; retries get Error::NotReplayable and do not run it again");
-            Record::unserializable(&error.to_string())
+            Record::unserializable(&error.to_string()).with_type_tag(codec.ok_tag())
         }
     })
 }
@@ -721,6 +732,16 @@ pub(crate) fn replay<T, E, C>(record: &Record, codec: &C) -> Result<T, E>
 where
     C: ResultCodec<T, E>,
 {
+    let expected = match record.outcome() {
+        Outcome::Err => codec.err_tag(),
+        _ => codec.ok_tag(),
+    };
+    if record.type_tag().is_some_and(|tag| tag != expected) {
+        return Err(codec.idem_error(Error::other_type(match record.outcome() {
+            Outcome::Err => std::any::type_name::<E>(),
+            _ => std::any::type_name::<T>(),
+        })));
+    }
     match record.outcome() {
         Outcome::Ok => codec
             .decode_ok(record.payload())

@@ -45,8 +45,11 @@ pub enum Error {
     #[error("idempotency store error: {0}")]
     Store(#[from] StoreError),
 
-    /// The stored result no longer decodes as the function's return type,
-    /// e.g. after the type changed between releases.
+    /// The stored result does not decode as the function's return type: the
+    /// type changed between releases, or the record was written for another
+    /// result type (its type tag differs: two functions pinned to one
+    /// `name`, or a return type renamed). The message never quotes the
+    /// stored value.
     #[error("the stored result of this call no longer decodes as its return type: {0}")]
     Decode(#[source] Arc<dyn std::error::Error + Send + Sync + 'static>),
 
@@ -90,6 +93,20 @@ pub enum Error {
     )]
     AttemptFailed,
 
+    /// The call was made, with the same key on the same handle, from inside
+    /// the body of the call that holds that key (directly, or through other
+    /// functions awaited in it): it would wait for itself until its
+    /// `wait_timeout`. The inner call fails at once; the body did not run
+    /// again. Give the inner operation a key of its own.
+    #[error(
+        "an idempotent call was made from inside the body that holds its own key ({operation}); \
+         it would wait for itself: give the inner call a key of its own"
+    )]
+    Reentered {
+        /// The operation whose key was re-entered.
+        operation: Cow<'static, str>,
+    },
+
     /// The call's settings break one of idem's rules, e.g. a `lease` not
     /// shorter than the `ttl` given as an expression. The body did not run.
     #[error("invalid idempotency settings: {0}")]
@@ -107,8 +124,33 @@ impl Error {
         }
     }
 
+    /// A stored value that does not decode. serde_json's own message quotes
+    /// the offending value (`invalid type: string "…"`), which may be a
+    /// secret, so only its category and position are kept.
     pub(crate) fn decode(source: serde_json::Error) -> Self {
-        Self::Decode(Arc::new(source))
+        let what = match source.classify() {
+            serde_json::error::Category::Io => "an I/O error",
+            serde_json::error::Category::Syntax => "malformed JSON",
+            serde_json::error::Category::Data => "a value of another type or shape",
+            serde_json::error::Category::Eof => "a truncated value",
+        };
+        Self::Decode(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+            format!(
+                "the stored data holds {what} (at line {} column {})",
+                source.line(),
+                source.column()
+            ),
+        )))
+    }
+
+    /// A stored record whose type tag is not `expected`'s.
+    pub(crate) fn other_type(expected: &'static str) -> Self {
+        Self::Decode(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+            format!(
+                "the record under this key was written for another result type than `{expected}` \
+                 (two functions share the key's operation name, or the type was renamed)"
+            ),
+        )))
     }
 
     /// The HTTP status for this error, per the IETF Idempotency-Key draft:
@@ -116,7 +158,7 @@ impl Error {
     /// `Store` → 503 when the store is down or slow (a retry may succeed)
     /// and 500 when a record is corrupt or the store misconfigured (a retry
     /// would fail the same way), `AttemptFailed` → 503, `Decode`, `Encode`,
-    /// `NotReplayable` and `Config` → 500.
+    /// `NotReplayable`, `Reentered` and `Config` → 500.
     ///
     /// ```
     /// use std::time::Duration;
@@ -138,6 +180,7 @@ impl Error {
                 _ => 503,
             },
             Self::AttemptFailed => 503,
+            Self::Reentered { .. } => 500,
             Self::Decode(_)
             | Self::Encode { .. }
             | Self::NotReplayable { .. }
@@ -174,6 +217,7 @@ impl From<Error> for std::io::Error {
             Error::KeyReused | Error::InvalidKey { .. } | Error::Config(_) => {
                 ErrorKind::InvalidInput
             }
+            Error::Reentered { .. } => ErrorKind::Deadlock,
             Error::Store(store) if store.kind() == StoreErrorKind::Timeout => ErrorKind::TimedOut,
             Error::Store(_) | Error::AttemptFailed => ErrorKind::Other,
             Error::Decode(_) | Error::NotReplayable { .. } => ErrorKind::InvalidData,
@@ -285,6 +329,18 @@ mod tests {
         );
         let decode = serde_json::from_str::<u8>("x").unwrap_err();
         assert_eq!(Error::decode(decode).http_status(), 500);
+    }
+
+    #[test]
+    fn decode_errors_never_quote_the_stored_value() {
+        let error = serde_json::from_str::<u32>("\"card 4242 4242\"").unwrap_err();
+        assert!(
+            error.to_string().contains("4242"),
+            "serde_json quotes it: {error}"
+        );
+        let message = Error::decode(error).to_string();
+        assert!(!message.contains("4242"), "{message}");
+        assert!(message.contains("another type"), "{message}");
     }
 
     #[test]

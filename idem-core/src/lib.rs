@@ -109,6 +109,7 @@ mod flight;
 mod handle;
 mod key;
 pub mod observe;
+mod reentry;
 mod replayable;
 pub mod requirements;
 mod settings;

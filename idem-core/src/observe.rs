@@ -34,7 +34,7 @@
 //! | `store_error` | could not reach the store (or read a record): the body did not run |
 //! | `decode_error` | found a record it cannot replay: `Error::Decode` or `Error::NotReplayable` |
 //! | `attempt_failed` | waited for a call in this process whose body failed |
-//! | `config_error` | had settings that break a rule, or a key or arguments that do not serialize |
+//! | `config_error` | had settings that break a rule, a key or arguments that do not serialize, or re-entered its own key |
 //!
 //! # Metrics
 //!
@@ -161,7 +161,10 @@ impl CallOutcome {
             Error::Store(_) => Self::StoreError,
             Error::Decode(_) | Error::NotReplayable { .. } => Self::DecodeError,
             Error::AttemptFailed => Self::AttemptFailed,
-            Error::Encode { .. } | Error::InvalidKey { .. } | Error::Config(_) => Self::ConfigError,
+            Error::Encode { .. }
+            | Error::InvalidKey { .. }
+            | Error::Config(_)
+            | Error::Reentered { .. } => Self::ConfigError,
         }
     }
 

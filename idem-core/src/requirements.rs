@@ -13,11 +13,14 @@
 //! | [`CachedError`] | `E`, with `cache_errors` | stored errors are replayed: `Serialize + DeserializeOwned` |
 //! | [`CachePredicate`] | `cache_errors = path` | it picks the errors to store: `Fn(&E) -> bool` |
 //! | [`Argument`] | each fingerprinted argument | it is hashed: `Serialize` |
+//! | [`serialize_or_skip`] | a fingerprinted argument of a generic type | it is hashed: `Serialize` |
 //! | [`KeyValue`], [`ScopeValue`] | `key = …`, `scope = …` | they are hashed: `Serialize` |
 //! | [`Returns`] | the return type | it is a `Result<T, E>` |
 //! | [`DurationValue`] | `ttl = expr`, `lease = expr`, `wait_timeout = expr` | it is a `std::time::Duration` |
 //! | [`AsIdempotency`](crate::AsIdempotency) | `store = …` | it names a handle |
 //! | `TransactionalStore` | `store = …` with `transaction = tx` | it names a `PostgresStore` (feature `postgres`) |
+//! | [`PostgresFeature`] | `transaction = tx` | the transactional mode needs the `postgres` feature |
+//! | [`TransactionParameter`] | the parameter `transaction = tx` names | it is `&mut sqlx::PgConnection` |
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -42,6 +45,18 @@ impl<T: Serialize + ?Sized> Argument for T {
     fn fingerprint(&self, call: &mut Call) {
         call.argument(self);
     }
+}
+
+/// An argument of a generic type (a type parameter of the fn, or an `impl
+/// Trait`) that takes part in the fingerprint: `Serialize`, or leave it out
+/// with `skip(name)`.
+///
+/// Checked through this fn rather than [`Argument`], so that rustc's help
+/// for an unfit type parameter restricts it with `Serialize`. For a
+/// parameter that callers pass closures or clients to, the fix is
+/// `skip(name)`, not the bound.
+pub fn serialize_or_skip<A: Serialize + ?Sized>(argument: &A, call: &mut Call) {
+    call.argument(argument);
 }
 
 /// The value of `key = …`: `Serialize`.
@@ -215,6 +230,76 @@ impl<S: TransactionalStore + ?Sized> TransactionalStore for &S {
 impl<S: TransactionalStore + ?Sized> TransactionalStore for std::sync::Arc<S> {
     fn postgres(&self) -> &crate::PostgresStore {
         (**self).postgres()
+    }
+}
+
+/// `#[idempotent(transaction = tx)]` needs the `postgres` feature.
+#[diagnostic::on_unimplemented(
+    message = "`transaction = …` needs the `postgres` feature of idem-core",
+    label = "the transactional mode runs on PostgreSQL",
+    note = "enable it in Cargo.toml: `idem-core = {{ version = \"0.1\", features = [\"postgres\"] }}`"
+)]
+pub trait PostgresFeature {
+    #[doc(hidden)]
+    fn enabled() {}
+}
+
+/// The transactional mode, as `transaction = …` asks for it.
+#[doc(hidden)]
+pub struct TransactionalMode;
+
+#[cfg(feature = "postgres")]
+impl PostgresFeature for TransactionalMode {}
+
+/// The connection a transactional body gets: `sqlx::PgConnection` (with the
+/// `postgres` feature).
+#[cfg(feature = "postgres")]
+#[doc(hidden)]
+pub type Connection = sqlx::PgConnection;
+#[cfg(not(feature = "postgres"))]
+#[doc(hidden)]
+pub type Connection = crate::__private::NoConnection;
+
+/// The parameter that `transaction = tx` names: `&mut sqlx::PgConnection`.
+#[diagnostic::on_unimplemented(
+    message = "the parameter named by `transaction = …` must be `&mut sqlx::PgConnection`, not `{Self}`",
+    label = "idem hands the body its transaction's connection here",
+    note = "declare it as `tx: &mut sqlx::PgConnection` and run the body's queries on `&mut *tx`; idem opens, commits and rolls back the transaction itself"
+)]
+pub trait TransactionParameter<'c>: Sized {
+    #[doc(hidden)]
+    fn from_connection(connection: &'c mut Connection) -> Self;
+}
+
+#[cfg(feature = "postgres")]
+#[diagnostic::do_not_recommend]
+impl<'c> TransactionParameter<'c> for &'c mut sqlx::PgConnection {
+    fn from_connection(connection: &'c mut Connection) -> Self {
+        connection
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+#[diagnostic::do_not_recommend]
+impl<T> TransactionParameter<'_> for T {
+    fn from_connection(connection: &mut Connection) -> Self {
+        match *connection {}
+    }
+}
+
+/// Without the `postgres` feature any store passes this check: the one error
+/// is the missing feature ([`PostgresFeature`]).
+#[cfg(not(feature = "postgres"))]
+#[doc(hidden)]
+pub trait TransactionalStore {
+    #[doc(hidden)]
+    fn postgres(&self) -> &crate::__private::NoPostgres;
+}
+
+#[cfg(not(feature = "postgres"))]
+impl<T: ?Sized> TransactionalStore for T {
+    fn postgres(&self) -> &crate::__private::NoPostgres {
+        unreachable!("`transaction = …` does not compile without the `postgres` feature")
     }
 }
 

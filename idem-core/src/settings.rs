@@ -263,6 +263,11 @@ enum Rule {
         lease: Duration,
         response_timeout: Duration,
     },
+    PinnedTwice {
+        name: &'static str,
+        first: &'static str,
+        second: &'static str,
+    },
 }
 
 impl ConfigError {
@@ -275,7 +280,22 @@ impl ConfigError {
         })
     }
 
-    /// The setting at fault: `"ttl"`, `"lease"` or `"wait_timeout"`.
+    /// Two functions pin one operation `name`: the second one to run is
+    /// refused, so that they never share records by accident.
+    pub(crate) fn pinned_twice(
+        name: &'static str,
+        first: &'static str,
+        second: &'static str,
+    ) -> Self {
+        Self(Rule::PinnedTwice {
+            name,
+            first,
+            second,
+        })
+    }
+
+    /// The setting at fault: `"ttl"`, `"lease"`, `"wait_timeout"` or
+    /// `"name"`.
     #[must_use]
     pub fn setting(&self) -> &'static str {
         match self.0 {
@@ -293,6 +313,7 @@ impl ConfigError {
             }
             Rule::WaitTimeoutWithReject => "wait_timeout",
             Rule::LeaseTooShortForStore { .. } => "lease",
+            Rule::PinnedTwice { .. } => "name",
         }
     }
 }
@@ -356,6 +377,15 @@ impl fmt::Display for ConfigError {
                  lengthen the lease or shorten the store's response timeout",
                 display(lease),
                 display(response_timeout)
+            ),
+            Rule::PinnedTwice {
+                name,
+                first,
+                second,
+            } => write!(
+                f,
+                "`name = \"{name}\"` is pinned by two functions, {first} and {second}; \
+                 functions of one name share records, so give each its own `name`"
             ),
         }
     }

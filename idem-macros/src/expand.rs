@@ -42,10 +42,20 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         fingerprinted,
         transaction,
     } = checked;
-    let krate: Path = args
-        .krate
-        .as_ref()
-        .map_or_else(|| syn::parse_quote!(::idem_core), |arg| arg.value.clone());
+    // Every generated path goes through one import of the runtime, spanned
+    // at `crate = "…"`: a path that is not idem's runtime is one error there,
+    // and the paths through the failed import raise none of their own.
+    let (runtime_path, runtime_span) = args.krate.as_ref().map_or_else(
+        || (syn::parse_quote!(::idem_core), Span::call_site()),
+        |arg| (arg.value.clone(), arg.value.span()),
+    );
+    let runtime_path: Path = runtime_path;
+    let runtime = Ident::new("__idem_runtime", Span::call_site());
+    let import = respan(
+        quote!(use #runtime_path::__private::runtime as #runtime;),
+        runtime_span,
+    );
+    let krate: Path = syn::parse_quote!(#runtime);
     let allow = allowances();
     let handle = hidden("__idem_handle");
     let settings = hidden("__idem_settings");
@@ -68,23 +78,60 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             };
             let path = respan(path, expr.span());
             let arg = by_reference(expr);
-            quote_spanned!(expr.span()=> #path(#arg))
+            // An owned clone (a reference count), so that no borrow of the
+            // handle's place (`self.idem`) outlives this statement: a
+            // `&mut self` body may use `self` freely, and `store =
+            // self.idem.clone()` borrows no temporary past it.
+            let clone = respan(quote!(::core::clone::Clone::clone), expr.span());
+            quote_spanned!(expr.span()=> #clone(#path(#arg)))
         }
-        None => quote!(#krate::__private::default_handle()),
+        None => quote!(::core::clone::Clone::clone(#krate::__private::default_handle())),
     };
-    let name = match &args.name {
-        Some(name) => name.value.to_token_stream(),
-        None => quote! {{
-            fn __idem_operation() {}
-            #krate::__private::operation_name(::core::any::type_name_of_val(&__idem_operation))
-        }},
+    let start = match &args.name {
+        // A pinned name is registered with the function it belongs to, so
+        // that a second function pinning it is refused.
+        Some(name) => {
+            let name = &name.value;
+            let pin = hidden("__IDEM_PINNED");
+            let ident = func.sig.ident.to_string();
+            quote! {{
+                static #pin: #krate::__private::Pinned = #krate::__private::Pinned::new(
+                    #name,
+                    ::core::concat!(
+                        ::core::module_path!(), "::", #ident,
+                        " (", ::core::file!(), ":", ::core::line!(), ")"
+                    ),
+                );
+                #krate::__private::Call::pinned(&#pin)
+            }}
+        }
+        // A closure's type name carries the path of the function it is in,
+        // with the `Self` type and every generic argument of this instance:
+        // `shop::Repo<shop::Invoice>::create`, `<shop::Card as
+        // shop::Ledger>::record`, `shop::publish<shop::Shipped>`.
+        None => {
+            let site = hidden("__idem_site");
+            quote! {{
+                let #site = || ();
+                #krate::__private::Call::new(#krate::__private::operation_name(
+                    ::core::any::type_name_of_val(&#site),
+                ))
+            }}
+        }
     };
     let fingerprint = fingerprinted.iter().flat_map(|param| {
         let (call, krate, cfgs) = (&call, &krate, &param.cfgs);
         param.bindings.iter().map(move |binding| {
-            quote_spanned! {param.span=>
-                #(#cfgs)*
-                #krate::requirements::Argument::fingerprint(&#binding, &mut #call);
+            if param.generic {
+                quote_spanned! {param.span=>
+                    #(#cfgs)*
+                    #krate::requirements::serialize_or_skip(&#binding, &mut #call);
+                }
+            } else {
+                quote_spanned! {param.span=>
+                    #(#cfgs)*
+                    #krate::requirements::Argument::fingerprint(&#binding, &mut #call);
+                }
             }
         })
     });
@@ -139,7 +186,10 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
                 #(#stmts)*
             }
         }
-        Shape::AsyncTrait { stmts, .. } => quote!(#(#stmts)*),
+        Shape::AsyncTrait { stmts, .. } => {
+            let stmts = quiet_moves(stmts, &attribute_idents(args));
+            quote!(#(#stmts)*)
+        }
     };
     let shape_check = quote_spanned!(ret.span()=> <#ret as #krate::requirements::Returns>::shape());
     let ok_check = quote_spanned!(ok.span()=> <#ok as #krate::requirements::StoredValue>::codec());
@@ -175,17 +225,21 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     let run = match (transaction, &caching) {
         (None, None) => quote! {
             #allow
-            let #body = async { #user_body };
+            // `move`: the arguments were read for the key and fingerprint
+            // already; the body owns them, as an `async fn` body does.
+            let #body = async move { #user_body };
             #krate::__private::run(
-                #handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #body,
+                &#handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #body,
             ).await
         },
         (None, Some(caching)) => quote! {
             #caching
             #allow
-            let #body = async { #user_body };
+            // `move`: the arguments were read for the key and fingerprint
+            // already; the body owns them, as an `async fn` body does.
+            let #body = async move { #user_body };
             #krate::__private::run_caching_errors(
-                #handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #cached,
+                &#handle, #settings, #prepared, #shape_of, #ok_codec, #from_idem, #cached,
                 #caches, #body,
             ).await
         },
@@ -203,17 +257,33 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
                 unreachable!("validated: a typed parameter")
             };
             let (tx_pat, tx_ty) = (&tx.pat, &tx.ty);
+            let parameter = respan(
+                quote!(#krate::requirements::TransactionParameter),
+                tx_ty.span(),
+            );
+            let connection = quote_spanned! {tx_ty.span()=>
+                <#tx_ty as #parameter<'_>>::from_connection(#claim.connection())
+            };
+            let feature_span = args
+                .transaction
+                .as_ref()
+                .map_or_else(Span::call_site, |t| t.span);
+            let feature = respan(
+                quote!(<#krate::requirements::TransactionalMode as #krate::requirements::PostgresFeature>::enabled),
+                feature_span,
+            );
             quote! {
                 #caching
                 #allow
+                #feature();
                 let mut #codec = #krate::__private::codec(#ok_codec, #from_idem, #cache);
-                match #krate::__private::transaction_open(#handle, #settings, #prepared, &mut #codec).await {
+                match #krate::__private::transaction_open(&#handle, #settings, #prepared, &mut #codec).await {
                     #krate::__private::Opened::Done(#done) => (#shape_of.from_result)(#done),
                     #krate::__private::Opened::Claimed(mut #claim) => {
                         let #span = #claim.span();
                         #allow
                         let #result = {
-                            let #tx_pat: #tx_ty = #claim.connection();
+                            let #tx_pat: #tx_ty = #connection;
                             #krate::__private::in_span(#span, async { #user_body }).await
                         };
                         (#shape_of.from_result)(
@@ -231,13 +301,15 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     };
 
     let statements = quote! {
+        #[allow(unused_imports)]
+        #import
         #allow
         let #handle = #handle_expr;
         #allow
         let #settings = #settings_expr;
         #allow
         let #prepared = {
-            let mut #call = #krate::__private::Call::new(#name);
+            let mut #call = #start;
             #(#fingerprint)*
             #scope
             #key
@@ -308,13 +380,45 @@ pub(crate) fn unchanged(args: &Args, func: &ItemFn) -> TokenStream {
     {
         exprs.push(path.to_token_stream());
     }
-    if exprs.is_empty() || func.sig.constness.is_some() {
+    // `transaction = tx` takes `tx` out of the signature: it stays out, so
+    // that callers written for the fixed function raise no errors of their
+    // own, and the body gets a stand-in of its type (never run).
+    let mut sig = func.sig.clone();
+    let mut stand_in = TokenStream::new();
+    if let Some(tx) = &args.transaction
+        && func.sig.constness.is_none()
+    {
+        let position = sig.inputs.iter().position(|input| match input {
+            syn::FnArg::Typed(typed) => {
+                matches!(&*typed.pat, syn::Pat::Ident(ident) if ident.ident == tx.value)
+            }
+            syn::FnArg::Receiver(_) => false,
+        });
+        if let Some(position) = position {
+            let removed: Vec<_> = std::mem::take(&mut sig.inputs).into_iter().collect();
+            for (i, input) in removed.into_iter().enumerate() {
+                if i == position {
+                    if let syn::FnArg::Typed(typed) = input {
+                        let (pat, ty) = (&typed.pat, &typed.ty);
+                        stand_in = quote! {
+                            #[allow(unused, clippy::all)]
+                            let #pat: #ty = (|| ::core::panic!())();
+                        };
+                    }
+                } else {
+                    sig.inputs.push(input);
+                }
+            }
+        }
+    }
+    if (exprs.is_empty() && stand_in.is_empty()) || func.sig.constness.is_some() {
         return func.to_token_stream();
     }
-    let (attrs, vis, sig, stmts) = (&func.attrs, &func.vis, &func.sig, &func.block.stmts);
+    let (attrs, vis, stmts) = (&func.attrs, &func.vis, &func.block.stmts);
     let mut body = TokenStream::new();
     func.block.brace_token.surround(&mut body, |out| {
         out.extend(quote! {
+            #stand_in
             #[allow(unused, clippy::all)]
             let _ = async { #(let _ = &(#exprs);)* };
             #(#stmts)*
@@ -419,6 +523,52 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
                 tree.set_span(span);
             }
             tree
+        })
+        .collect()
+}
+
+/// The names the attribute's expressions (`key`, `scope`, `store`) use.
+fn attribute_idents(args: &Args) -> std::collections::HashSet<String> {
+    fn walk(tokens: TokenStream, out: &mut std::collections::HashSet<String>) {
+        for tree in tokens {
+            match tree {
+                proc_macro2::TokenTree::Ident(ident) => {
+                    out.insert(ident.to_string());
+                }
+                proc_macro2::TokenTree::Group(group) => walk(group.stream(), out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = std::collections::HashSet::new();
+    for arg in [&args.key, &args.scope, &args.store].into_iter().flatten() {
+        walk(arg.value.to_token_stream(), &mut out);
+    }
+    out
+}
+
+/// `#[async_trait]` moves each argument into its future with `let x = x;`;
+/// an argument that only the attribute uses (`key = key`) is read before
+/// that move, so the moved binding is unused. Those moves, and only those,
+/// are allowed to be unused: an argument nobody uses still warns.
+fn quiet_moves(stmts: &[syn::Stmt], used: &std::collections::HashSet<String>) -> Vec<syn::Stmt> {
+    stmts
+        .iter()
+        .map(|stmt| {
+            let mut stmt = stmt.clone();
+            if let syn::Stmt::Local(local) = &mut stmt
+                && let Some(init) = &local.init
+                && let Expr::Path(from) = &*init.expr
+                && let Some(from) = from.path.get_ident()
+                && let syn::Pat::Ident(to) = &local.pat
+                && to.ident == *from
+                && used.contains(&from.to_string())
+            {
+                local
+                    .attrs
+                    .push(syn::parse_quote!(#[allow(unused_variables)]));
+            }
+            stmt
         })
         .collect()
 }

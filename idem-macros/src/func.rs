@@ -35,6 +35,10 @@ pub(crate) struct Param {
     pub(crate) bindings: Vec<Ident>,
     pub(crate) cfgs: Vec<Attribute>,
     pub(crate) span: Span,
+    /// Whether its type is (or names) one of the fn's type parameters or an
+    /// `impl Trait`: rustc's help for an unfit generic then restricts it with
+    /// the trait checked, which must be `Serialize`, not an idem trait.
+    pub(crate) generic: bool,
 }
 
 /// The typed parameters of `func` (not `self`), in order.
@@ -56,11 +60,41 @@ pub(crate) fn params(func: &ItemFn) -> Vec<Param> {
                     bindings,
                     cfgs,
                     span: typed.span(),
+                    generic: names_generic(&typed.ty, &func.sig.generics),
                 })
             }
             FnArg::Receiver(_) => None,
         })
         .collect()
+}
+
+/// Whether `ty` is or contains an `impl Trait` or one of `generics`' type
+/// parameters.
+fn names_generic(ty: &Type, generics: &syn::Generics) -> bool {
+    struct Finder<'a> {
+        params: Vec<&'a Ident>,
+        found: bool,
+    }
+    impl Visit<'_> for Finder<'_> {
+        fn visit_type_impl_trait(&mut self, _: &syn::TypeImplTrait) {
+            self.found = true;
+        }
+        fn visit_type_path(&mut self, ty: &syn::TypePath) {
+            if ty.qself.is_none()
+                && let Some(first) = ty.path.segments.first()
+                && self.params.contains(&&first.ident)
+            {
+                self.found = true;
+            }
+            syn::visit::visit_type_path(self, ty);
+        }
+    }
+    let mut finder = Finder {
+        params: generics.type_params().map(|param| &param.ident).collect(),
+        found: false,
+    };
+    finder.visit_type(ty);
+    finder.found
 }
 
 /// The names a pattern binds, in order.

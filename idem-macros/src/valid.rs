@@ -99,6 +99,24 @@ fn shape(func: &ItemFn) -> syn::Result<Shape> {
         if let Some(shape) = func::async_trait_shape(func) {
             return Ok(shape);
         }
+        // `fn f() -> impl Future<Output = R>`: the fix is `async fn f() -> R`,
+        // not `async fn` with the same return type (which returns a future
+        // of a future).
+        if let Some(output) = func::declared_return(func).and_then(impl_future_output) {
+            return Err(syn::Error::new(
+                sig.fn_token.span,
+                format!(
+                    "`#[idempotent]` works on `async fn`; write `async fn {}(…) -> {}` instead \
+                     of returning `impl Future`",
+                    sig.ident,
+                    quote::ToTokens::to_token_stream(&output)
+                        .to_string()
+                        .replace(" < ", "<")
+                        .replace(" >", ">")
+                        .replace(" ,", ",")
+                ),
+            ));
+        }
         return Err(syn::Error::new(
             sig.fn_token.span,
             format!(
@@ -119,6 +137,29 @@ fn shape(func: &ItemFn) -> syn::Result<Shape> {
     };
     no_impl_trait(ret)?;
     Ok(Shape::Async { ret: ret.clone() })
+}
+
+/// `R` of a return type `impl Future<Output = R> (+ …)`.
+fn impl_future_output(ret: &Type) -> Option<Type> {
+    let Type::ImplTrait(ty) = ret else {
+        return None;
+    };
+    ty.bounds.iter().find_map(|bound| {
+        let syn::TypeParamBound::Trait(bound) = bound else {
+            return None;
+        };
+        let segment = bound.path.segments.last()?;
+        let syn::PathArguments::AngleBracketed(args) = &segment.arguments else {
+            return None;
+        };
+        (segment.ident == "Future").then_some(())?;
+        args.args.iter().find_map(|arg| match arg {
+            syn::GenericArgument::AssocType(assoc) if assoc.ident == "Output" => {
+                Some(assoc.ty.clone())
+            }
+            _ => None,
+        })
+    })
 }
 
 fn no_impl_trait(ret: &Type) -> syn::Result<()> {
@@ -445,6 +486,20 @@ fn transaction(args: &Args, func: &ItemFn, shape: Option<&Shape>) -> syn::Result
             },
             syn::FnArg::Receiver(_) => None,
         });
+    // The key and scope are computed before the transaction opens.
+    for (what, arg) in [("key", &args.key), ("scope", &args.scope)] {
+        if let Some(arg) = arg
+            && let Some(used) = find_ident(quote::ToTokens::to_token_stream(&arg.value), name)
+        {
+            return Err(syn::Error::new(
+                used,
+                format!(
+                    "`{what}` cannot use `{name}`: idem computes the {what} before it opens the \
+                     transaction that `{name}` gets; compute it from the other arguments"
+                ),
+            ));
+        }
+    }
     let Some((index, typed)) = found else {
         return Err(syn::Error::new(
             name.span(),
@@ -462,6 +517,15 @@ fn transaction(args: &Args, func: &ItemFn, shape: Option<&Shape>) -> syn::Result
             format!("the transaction parameter is a mutable connection: {example}"),
         )),
     }
+}
+
+/// Where `name` is used in `tokens`.
+fn find_ident(tokens: proc_macro2::TokenStream, name: &syn::Ident) -> Option<Span> {
+    tokens.into_iter().find_map(|tree| match tree {
+        proc_macro2::TokenTree::Ident(ident) if ident == *name => Some(ident.span()),
+        proc_macro2::TokenTree::Group(group) => find_ident(group.stream(), name),
+        _ => None,
+    })
 }
 
 /// Names of calls that build a store or a handle.

@@ -454,11 +454,54 @@ async fn same_named_methods_of_two_types_do_not_meet() {
 /// paths differently would change every default key, and fail this test.
 #[test]
 fn default_operation_names_are_the_functions_paths() {
-    fn __idem_operation() {}
+    fn name_in<F>(_: &F) -> &'static str {
+        idem_core::__private::operation_name(std::any::type_name::<F>())
+    }
+    let site = || ();
     assert_eq!(
-        idem_core::__private::operation_name(std::any::type_name_of_val(&__idem_operation)),
+        name_in(&site),
         "attribute::default_operation_names_are_the_functions_paths"
     );
+}
+
+mod names {
+    use idem_core::{Idempotency, Key, idempotent, store::Inspection};
+
+    pub(super) struct Repo<T>(pub(super) Idempotency, pub(super) std::marker::PhantomData<T>);
+
+    impl<T: Default + serde::Serialize + serde::de::DeserializeOwned> Repo<T> {
+        #[idempotent(key = id, store = self.0)]
+        pub(super) async fn create(&self, id: u64) -> Result<T, String> {
+            Ok(T::default())
+        }
+    }
+
+    #[idempotent(key = id, store = idem, skip(idem, value))]
+    pub(super) async fn publish<V: serde::Serialize>(
+        idem: &Idempotency,
+        id: u64,
+        value: V,
+    ) -> Result<u32, String> {
+        let _ = value;
+        Ok(1)
+    }
+
+    /// The stored key of each shape, from the name the docs give for it.
+    #[tokio::test]
+    async fn default_names_carry_the_self_type_and_generic_arguments() {
+        let idem = Idempotency::memory();
+        let repo = Repo::<u32>(idem.clone(), std::marker::PhantomData);
+        repo.create(7).await.unwrap();
+        publish(&idem, 7, "x").await.unwrap();
+        for name in [
+            "attribute::names::Repo<u32>::create",
+            "attribute::names::publish<&str>",
+        ] {
+            let key = Key::new(name, &7u64).unwrap();
+            let found = idem.inspect(key).await.unwrap();
+            assert!(matches!(found, Inspection::Completed { .. }), "{name}: {found:?}");
+        }
+    }
 }
 
 static SET_RUNS: AtomicU32 = AtomicU32::new(0);

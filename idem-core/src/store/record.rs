@@ -22,28 +22,59 @@ pub enum Outcome {
 /// The result of a completed call, as a store keeps it: an [`Outcome`] and the
 /// value serialized with `serde_json`.
 ///
+/// A record written by a call carries the [type tag](Record::type_tag) of the
+/// value it holds, so that it is never decoded as another type, whatever got
+/// it under a key (two functions pinned to one `name`, a deploy that changed
+/// a return type).
+///
 /// On the wire ([`encode`](Record::encode)) a record is two header bytes, the
-/// format version and `o`, `e` or `u` for the outcome, followed by the
-/// payload.
+/// format version and `o`, `e` or `u` for the outcome, then (format 2) the
+/// eight bytes of the type tag, then the payload. Format 1, written before
+/// records had a tag (and still for a record without one), has no tag and is
+/// read as untagged.
 /// `()`, `None`, `0`, `""` and `[]` are payloads like any other and replay
 /// exactly as they were returned. One limit is JSON's own: `Some(None)` of an
 /// `Option<Option<T>>` is `null`, and replays as `None`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     outcome: Outcome,
+    type_tag: Option<u64>,
     payload: Bytes,
 }
 
 impl Record {
-    /// The record format this version of idem writes and reads.
-    pub const FORMAT_VERSION: u8 = 1;
+    /// The newest record format this version of idem writes and reads: 2,
+    /// a record with a type tag. It reads format 1 too.
+    pub const FORMAT_VERSION: u8 = 2;
 
-    /// A record of `outcome` with an already serialized JSON `payload`.
+    /// An untagged record (format 1 on the wire).
+    const UNTAGGED_VERSION: u8 = 1;
+
+    /// A record of `outcome` with an already serialized JSON `payload`, and
+    /// no type tag.
     pub fn new(outcome: Outcome, payload: impl Into<Bytes>) -> Self {
         Self {
             outcome,
+            type_tag: None,
             payload: payload.into(),
         }
+    }
+
+    /// The record with the type tag of the value it holds: calls refuse to
+    /// decode a record whose tag is not their result type's.
+    #[must_use]
+    pub fn with_type_tag(mut self, tag: u64) -> Self {
+        self.type_tag = Some(tag);
+        self
+    }
+
+    /// The tag of the type the payload was serialized from, if the record
+    /// has one (records written before tags existed do not). idem computes
+    /// it from the type's name without module paths (see the crate docs'
+    /// "Identity" section); stores keep it as they keep the payload.
+    #[must_use]
+    pub fn type_tag(&self) -> Option<u64> {
+        self.type_tag
     }
 
     /// Whether the call returned `Ok` or `Err`.
@@ -71,13 +102,19 @@ impl Record {
     /// The record as bytes, for stores that keep bytes.
     #[must_use]
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(2 + self.payload.len());
-        out.put_u8(Self::FORMAT_VERSION);
+        let mut out = BytesMut::with_capacity(10 + self.payload.len());
+        out.put_u8(match self.type_tag {
+            Some(_) => Self::FORMAT_VERSION,
+            None => Self::UNTAGGED_VERSION,
+        });
         out.put_u8(match self.outcome {
             Outcome::Ok => b'o',
             Outcome::Err => b'e',
             Outcome::Unserializable => b'u',
         });
+        if let Some(tag) = self.type_tag {
+            out.put_u64_le(tag);
+        }
         out.put_slice(&self.payload);
         out.freeze()
     }
@@ -102,8 +139,9 @@ impl Record {
             return Err(corrupt("a stored record is too short to be an idem record"));
         }
         let header = bytes.split_to(2);
-        match header[0] {
-            Self::FORMAT_VERSION => {}
+        let tagged = match header[0] {
+            Self::UNTAGGED_VERSION => false,
+            Self::FORMAT_VERSION => true,
             v if v > Self::FORMAT_VERSION && v < b' ' => {
                 return Err(corrupt(format!(
                     "a stored record has format version {v}, newer than this idem reads ({}); \
@@ -112,7 +150,16 @@ impl Record {
                 )));
             }
             _ => return Err(corrupt("a stored record is not an idem record")),
-        }
+        };
+        let type_tag = if tagged {
+            if bytes.len() < 8 {
+                return Err(corrupt("a stored record is too short to be an idem record"));
+            }
+            let tag = bytes.split_to(8);
+            Some(u64::from_le_bytes(tag[..].try_into().unwrap_or([0; 8])))
+        } else {
+            None
+        };
         let outcome = match header[1] {
             b'o' => Outcome::Ok,
             b'e' => Outcome::Err,
@@ -121,6 +168,7 @@ impl Record {
         };
         Ok(Self {
             outcome,
+            type_tag,
             payload: bytes,
         })
     }
@@ -143,8 +191,23 @@ mod tests {
     }
 
     #[test]
+    fn round_trips_type_tags_and_reads_untagged_records() {
+        let tagged = Record::new(Outcome::Ok, &b"7"[..]).with_type_tag(0x0123_4567_89ab_cdef);
+        let bytes = tagged.encode();
+        assert_eq!(bytes[0], Record::FORMAT_VERSION);
+        assert_eq!(Record::decode(bytes).unwrap(), tagged);
+        // A record written before tags existed: format 1, no tag.
+        let old = Record::decode(&[1, b'o', b'7'][..]).unwrap();
+        assert_eq!(old.type_tag(), None);
+        assert_eq!(old.payload().as_ref(), b"7");
+        assert_eq!(Record::new(Outcome::Ok, &b"7"[..]).encode()[0], 1);
+        // A tagged header cut short is corrupt, not a short tag.
+        assert!(Record::decode(&[2, b'o', 1, 2, 3][..]).is_err());
+    }
+
+    #[test]
     fn rejects_what_it_cannot_read() {
-        let newer = Record::decode(&[2, b'o', b'1'][..]).unwrap_err();
+        let newer = Record::decode(&[3, b'o', b'1'][..]).unwrap_err();
         assert_eq!(newer.kind(), StoreErrorKind::Corrupt);
         assert!(newer.to_string().contains("newer"), "{newer}");
         for garbage in [&b""[..], b"\x01", b"{\"json\":true}", b"\x01x1"] {

@@ -1,0 +1,423 @@
+//! What makes two calls "the same": the default operation name tells every
+//! function instance apart (the `Self` type and the generic arguments), a
+//! record is never decoded as another type, a name pinned by two functions
+//! is refused, and a call that re-enters its own key fails at once. Every
+//! case runs on the memory store and on a Redis node.
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use idem_core::{Error, Fingerprint, Idempotency, Key, Settings, idempotent};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A fresh key value per test run, so that runs against a shared Redis never
+/// meet.
+fn fresh(label: &str) -> String {
+    format!("{label}-{}", rand_suffix())
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    hasher.finish()
+}
+
+// --- a generic fn deduplicated by content --------------------------------
+
+trait Event: Serialize {
+    const NAME: &'static str;
+}
+
+#[derive(Serialize)]
+struct OrderShipped {
+    order_id: u64,
+}
+
+#[derive(Serialize)]
+struct OrderCancelled {
+    order_id: u64,
+}
+
+impl Event for OrderShipped {
+    const NAME: &'static str = "OrderShipped";
+}
+
+impl Event for OrderCancelled {
+    const NAME: &'static str = "OrderCancelled";
+}
+
+#[idempotent(store = idem, skip(idem, published))]
+async fn publish<E: Event>(
+    idem: &Idempotency,
+    published: &AtomicU32,
+    event: E,
+) -> Result<String, Error> {
+    let _ = &event;
+    published.fetch_add(1, Ordering::SeqCst);
+    Ok(E::NAME.to_owned())
+}
+
+async fn generic_fns_by_content_are_told_apart(idem: &Idempotency) {
+    let published = AtomicU32::new(0);
+    let order_id = rand_suffix();
+    let shipped = publish(idem, &published, OrderShipped { order_id }).await;
+    let cancelled = publish(idem, &published, OrderCancelled { order_id }).await;
+    assert_eq!(shipped.unwrap(), "OrderShipped");
+    assert_eq!(
+        cancelled.unwrap(),
+        "OrderCancelled",
+        "the cancellation is published"
+    );
+    assert_eq!(published.load(Ordering::SeqCst), 2);
+    // Each instance still deduplicates its own retries.
+    let again = publish(idem, &published, OrderShipped { order_id }).await;
+    assert_eq!(again.unwrap(), "OrderShipped");
+    assert_eq!(published.load(Ordering::SeqCst), 2);
+}
+
+// --- a generic fn with a key ------------------------------------------------
+
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Invoice {
+    invoice_no: u64,
+    lines: Vec<String>,
+}
+
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Refund {
+    invoice_no: u64,
+    lines: Vec<String>,
+}
+
+trait Document: Default + Serialize + DeserializeOwned {
+    fn numbered(no: u64) -> Self;
+}
+
+impl Document for Invoice {
+    fn numbered(no: u64) -> Self {
+        Self {
+            invoice_no: no,
+            lines: vec!["invoice".into()],
+        }
+    }
+}
+
+impl Document for Refund {
+    fn numbered(no: u64) -> Self {
+        Self {
+            invoice_no: no,
+            lines: vec!["refund".into()],
+        }
+    }
+}
+
+#[idempotent(key = id, store = idem, skip(idem, created))]
+async fn create<T: Document>(
+    idem: &Idempotency,
+    created: &AtomicU32,
+    id: &str,
+) -> Result<T, Error> {
+    created.fetch_add(1, Ordering::SeqCst);
+    Ok(T::numbered(7))
+}
+
+async fn generic_fns_with_a_key_are_told_apart(idem: &Idempotency) {
+    let created = AtomicU32::new(0);
+    let id = fresh("create");
+    let invoice: Invoice = create(idem, &created, &id).await.unwrap();
+    let refund: Refund = create(idem, &created, &id).await.unwrap();
+    assert_eq!(invoice, Invoice::numbered(7));
+    assert_eq!(
+        refund,
+        Refund::numbered(7),
+        "not the invoice decoded as a refund"
+    );
+    assert_eq!(created.load(Ordering::SeqCst), 2);
+}
+
+// --- methods of a generic impl ----------------------------------------------
+
+trait Channel {
+    const NAME: &'static str;
+}
+
+struct Email;
+struct Sms;
+
+impl Channel for Email {
+    const NAME: &'static str = "email";
+}
+
+impl Channel for Sms {
+    const NAME: &'static str = "sms";
+}
+
+struct Notifier<C> {
+    idem: Idempotency,
+    sent: AtomicU32,
+    channel: PhantomData<C>,
+}
+
+impl<C: Channel> Notifier<C> {
+    fn new(idem: &Idempotency) -> Self {
+        Self {
+            idem: idem.clone(),
+            sent: AtomicU32::new(0),
+            channel: PhantomData,
+        }
+    }
+
+    #[idempotent(key = order, store = self.idem)]
+    async fn notify(&self, order: &str) -> Result<String, Error> {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        Ok(format!("{} for {order}", C::NAME))
+    }
+
+    /// An associated fn that names neither `self` nor `Self`: still told
+    /// apart by the impl's generic argument.
+    #[idempotent(key = order, store = idem, skip(idem, sent))]
+    async fn announce(idem: &Idempotency, sent: &AtomicU32, order: &str) -> Result<String, Error> {
+        sent.fetch_add(1, Ordering::SeqCst);
+        Ok(format!("{} announces {order}", C::NAME))
+    }
+}
+
+async fn methods_of_a_generic_impl_are_told_apart(idem: &Idempotency) {
+    let order = fresh("notify");
+    let (email, sms) = (Notifier::<Email>::new(idem), Notifier::<Sms>::new(idem));
+    assert_eq!(
+        email.notify(&order).await.unwrap(),
+        format!("email for {order}")
+    );
+    assert_eq!(
+        sms.notify(&order).await.unwrap(),
+        format!("sms for {order}")
+    );
+    assert_eq!(
+        email.notify(&order).await.unwrap(),
+        format!("email for {order}")
+    );
+    assert_eq!(email.sent.load(Ordering::SeqCst), 1);
+    assert_eq!(sms.sent.load(Ordering::SeqCst), 1, "the SMS is sent");
+
+    let sent = AtomicU32::new(0);
+    let by_email = Notifier::<Email>::announce(idem, &sent, &order).await;
+    let by_sms = Notifier::<Sms>::announce(idem, &sent, &order).await;
+    assert_eq!(by_email.unwrap(), format!("email announces {order}"));
+    assert_eq!(by_sms.unwrap(), format!("sms announces {order}"));
+    assert_eq!(sent.load(Ordering::SeqCst), 2);
+}
+
+// --- trait default methods ----------------------------------------------------
+
+trait Ledger {
+    const KIND: &'static str;
+    fn idem(&self) -> &Idempotency;
+    fn recorded(&self) -> &AtomicU32;
+
+    #[idempotent(key = (entry, amount), store = self.idem())]
+    async fn record(&self, entry: &str, amount: u64) -> Result<String, Error> {
+        self.recorded().fetch_add(1, Ordering::SeqCst);
+        Ok(format!("{} {amount}", Self::KIND))
+    }
+}
+
+struct CashLedger(Idempotency, AtomicU32);
+struct CardLedger(Idempotency, AtomicU32);
+
+impl Ledger for CashLedger {
+    const KIND: &'static str = "cash";
+    fn idem(&self) -> &Idempotency {
+        &self.0
+    }
+    fn recorded(&self) -> &AtomicU32 {
+        &self.1
+    }
+}
+
+impl Ledger for CardLedger {
+    const KIND: &'static str = "card";
+    fn idem(&self) -> &Idempotency {
+        &self.0
+    }
+    fn recorded(&self) -> &AtomicU32 {
+        &self.1
+    }
+}
+
+async fn trait_default_methods_are_told_apart_by_implementor(idem: &Idempotency) {
+    let entry = fresh("ledger");
+    let cash = CashLedger(idem.clone(), AtomicU32::new(0));
+    let card = CardLedger(idem.clone(), AtomicU32::new(0));
+    assert_eq!(cash.record(&entry, 5).await.unwrap(), "cash 5");
+    assert_eq!(card.record(&entry, 5).await.unwrap(), "card 5");
+    assert_eq!(card.record(&entry, 5).await.unwrap(), "card 5");
+    assert_eq!(cash.1.load(Ordering::SeqCst), 1);
+    assert_eq!(card.1.load(Ordering::SeqCst), 1);
+}
+
+// --- a pinned generic: one name, records checked by type ----------------------
+
+#[idempotent(key = id, name = "tests.identity.pinned_document", store = idem, skip(idem, created))]
+async fn pinned_document<T: Document>(
+    idem: &Idempotency,
+    created: &AtomicU32,
+    id: &str,
+) -> Result<T, Error> {
+    created.fetch_add(1, Ordering::SeqCst);
+    Ok(T::numbered(9))
+}
+
+async fn a_record_is_never_decoded_as_another_type(idem: &Idempotency) {
+    // Pinned on purpose: every instance of `pinned_document` shares one
+    // name, so an invoice's record is under the refund's key. It is
+    // refused, never returned as a `Refund`.
+    let created = AtomicU32::new(0);
+    let id = fresh("pinned");
+    let invoice: Invoice = pinned_document(idem, &created, &id).await.unwrap();
+    assert_eq!(invoice, Invoice::numbered(9));
+    let refund: Result<Refund, Error> = pinned_document(idem, &created, &id).await;
+    match refund {
+        Err(Error::Decode(reason)) => {
+            let reason = reason.to_string();
+            assert!(reason.contains("another result type"), "{reason}");
+            assert!(reason.contains("Refund"), "{reason}");
+        }
+        other => panic!("expected a refused record, got {other:?}"),
+    }
+    assert_eq!(created.load(Ordering::SeqCst), 1, "the refund did not run");
+
+    // The plain API: one key, two result types.
+    let settings = Settings::default();
+    let key = Key::new("tests.identity.plain", &fresh("plain")).unwrap();
+    let fingerprint = Fingerprint::of(&()).unwrap();
+    let first: Result<u32, Error> = idem.run(&settings, key, fingerprint, async { Ok(5) }).await;
+    assert_eq!(first.unwrap(), 5);
+    let second: Result<String, Error> = idem
+        .run(&settings, key, fingerprint, async { Ok("x".to_owned()) })
+        .await;
+    assert!(matches!(second, Err(Error::Decode(_))), "{second:?}");
+}
+
+// --- a name pinned by two functions --------------------------------------------
+
+#[idempotent(key = id, name = "tests.identity.pinned_twice", store = idem, skip(idem))]
+async fn pinned_first(idem: &Idempotency, id: &str) -> Result<u32, Error> {
+    Ok(1)
+}
+
+#[idempotent(key = id, name = "tests.identity.pinned_twice", store = idem, skip(idem))]
+async fn pinned_second(idem: &Idempotency, id: &str) -> Result<u32, Error> {
+    Ok(2)
+}
+
+#[tokio::test]
+async fn a_name_pinned_by_two_functions_is_refused() {
+    let idem = Idempotency::memory();
+    let id = fresh("twice");
+    assert_eq!(pinned_first(&idem, &id).await.unwrap(), 1);
+    match pinned_second(&idem, &id).await {
+        Err(Error::Config(error)) => {
+            let message = error.to_string();
+            assert_eq!(error.setting(), "name");
+            assert!(
+                message.contains("pinned_first") && message.contains("pinned_second"),
+                "{message}"
+            );
+        }
+        other => panic!("expected the second pin refused, got {other:?}"),
+    }
+    // The first function keeps working, and the refusal is stable.
+    assert_eq!(pinned_first(&idem, &fresh("twice")).await.unwrap(), 1);
+    assert!(pinned_second(&idem, &fresh("twice")).await.is_err());
+}
+
+// --- re-entry ---------------------------------------------------------------
+
+struct Ledgers {
+    idem: Idempotency,
+    runs: AtomicU32,
+}
+
+impl Ledgers {
+    #[idempotent(key = id, store = self.idem, lease = "30s")]
+    async fn settle(&self, id: &str, depth: u32) -> Result<u32, Error> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        if depth > 0 {
+            // The same key, from inside its own body.
+            return Box::pin(self.via(id, depth - 1)).await;
+        }
+        Ok(0)
+    }
+
+    async fn via(&self, id: &str, depth: u32) -> Result<u32, Error> {
+        self.settle(id, depth).await
+    }
+
+    #[idempotent(key = id, store = self.idem)]
+    async fn outer(&self, id: &str) -> Result<u32, Error> {
+        // Another key on the same handle is no re-entry.
+        Box::pin(self.settle(&format!("{id}-inner"), 0)).await
+    }
+}
+
+async fn a_call_that_reenters_its_key_fails_at_once(idem: &Idempotency) {
+    let ledgers = Ledgers {
+        idem: idem.clone(),
+        runs: AtomicU32::new(0),
+    };
+    let id = fresh("reenter");
+    let answer = tokio::time::timeout(Duration::from_secs(20), ledgers.settle(&id, 1))
+        .await
+        .expect("re-entry fails at once, without waiting for the lease");
+    match answer {
+        Err(Error::Reentered { operation }) => {
+            assert!(operation.contains("Ledgers::settle"), "{operation}");
+        }
+        other => panic!("expected Reentered, got {other:?}"),
+    }
+    assert_eq!(
+        ledgers.runs.load(Ordering::SeqCst),
+        1,
+        "the inner call ran nothing"
+    );
+    // The failed outer call released its key: a retry that does not re-enter runs.
+    assert_eq!(ledgers.settle(&id, 0).await.unwrap(), 0);
+    assert_eq!(ledgers.outer(&fresh("outer")).await.unwrap(), 0);
+}
+
+// --- the runs ---------------------------------------------------------------
+
+async fn every_case(idem: &Idempotency) {
+    generic_fns_by_content_are_told_apart(idem).await;
+    generic_fns_with_a_key_are_told_apart(idem).await;
+    methods_of_a_generic_impl_are_told_apart(idem).await;
+    trait_default_methods_are_told_apart_by_implementor(idem).await;
+    a_record_is_never_decoded_as_another_type(idem).await;
+    a_call_that_reenters_its_key_fails_at_once(idem).await;
+}
+
+#[tokio::test]
+async fn instances_are_told_apart_on_the_memory_store() {
+    every_case(&Idempotency::memory()).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn instances_are_told_apart_on_redis() {
+    let url = idem_test::redis_server::shared_node().url();
+    let store = idem_core::RedisStore::node(&url)
+        .response_timeout(idem_test::redis_server::RESPONSE_TIMEOUT)
+        .connect()
+        .await
+        .unwrap();
+    every_case(&Idempotency::new(store)).await;
+}
