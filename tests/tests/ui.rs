@@ -17,3 +17,12 @@ fn ui_postgres() {
     cases.pass("ui/postgres/pass/*.rs");
     cases.compile_fail("ui/postgres/fail/*.rs");
 }
+
+/// `transaction = tx` without the `postgres` feature: one error, naming the
+/// feature. (`.ci/run` runs it without features.)
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn ui_without_postgres() {
+    let cases = trybuild::TestCases::new();
+    cases.compile_fail("ui/without_postgres/*.rs");
+}

@@ -1,0 +1,30 @@
+use idem_core::{PostgresStore, idempotent};
+
+#[derive(Debug)]
+struct Error;
+
+impl From<idem_core::Error> for Error {
+    fn from(_: idem_core::Error) -> Self {
+        Error
+    }
+}
+
+struct Shop {
+    pg: PostgresStore,
+}
+
+impl Shop {
+    #[idempotent(key = order, store = self.pg, transaction = tx)]
+    async fn charge(&self, tx: &mut String, order: u64) -> Result<u64, Error> {
+        tx.push('x');
+        Ok(order)
+    }
+}
+
+async fn caller(shop: &Shop) -> Result<u64, Error> {
+    shop.charge(7).await
+}
+
+fn main() {
+    let _ = caller;
+}
