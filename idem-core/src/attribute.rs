@@ -63,8 +63,9 @@
 /// | `cache_errors = true` or `= path` | also store `Err` results: all, or those a `fn(&E) -> bool` accepts | `false` |
 /// | `skip(arg, …)` | arguments left out of the fingerprint (handles, pools, clients); `self` always is | none |
 /// | `fingerprint = false` | do not check that a reused key comes with the same arguments | checked |
-/// | `name = "payments.charge"` | the operation's stable name in the key; pin it to survive moving code | the function's path, e.g. `shop::Payments::charge` |
-/// | `store = EXPR` | the long-lived [`Idempotency`](crate::Idempotency) handle to run against (or a reference, `Arc` or `LazyLock` of one), never one built per call | [`default_handle()`](crate::default_handle) |
+/// | `name = "payments.charge"` | the operation's stable name in the key; pin it to survive moving code (one function per name: a second function pinning it is refused) | the function instance's path, `Self` type and generic arguments included, e.g. `shop::Payments::charge`, `shop::Repo<shop::Invoice>::create` |
+/// | `store = EXPR` | the long-lived [`Idempotency`](crate::Idempotency) handle to run against (or a reference, `Arc` or `LazyLock` of one), never one built per call; with `transaction`, the [`PostgresStore`](crate::store::postgres::PostgresStore) | [`default_handle()`](crate::default_handle) |
+/// | `transaction = tx` | (feature `postgres`) the body's `tx: &mut sqlx::PgConnection` parameter: idem opens the transaction on `store`'s pool, claims the key in it, and commits the result with the body's writes; `tx` leaves the signature | none |
 /// | `crate = "path"` | where the `idem_core` crate is, for crates that re-export it | `::idem_core` |
 ///
 /// ## `key` and `scope`
@@ -146,12 +147,39 @@
 ///
 /// ## `skip`, `fingerprint` and `name`
 ///
-/// By default an operation is named after the function's path, its impl
-/// type included (`shop::EmailConsumer::handle` and `shop::SmsConsumer::handle`
-/// never share records). That name is part of every stored key, so moving or
-/// renaming the function, or a compiler that prints paths differently,
-/// changes its keys: a retry that arrives across such a deploy runs again.
-/// Pin `name` for operations whose records must survive such changes.
+/// By default an operation is named after the function *instance*: its
+/// path with the `Self` type and every generic argument, as
+/// [`core::any::type_name`] prints them. `shop::EmailConsumer::handle` and
+/// `shop::SmsConsumer::handle` never share records, nor do
+/// `shop::Notifier<shop::Email>::notify` and `shop::Notifier<shop::Sms>::notify`,
+/// `<shop::Card as shop::Ledger>::record` and `<shop::Cash as
+/// shop::Ledger>::record` (a trait's default method), or `shop::publish<shop::Shipped>`
+/// and `shop::publish<shop::Cancelled>`. A generic argument that is a
+/// closure type names the closure's place, so each call site of a fn that
+/// takes `impl Fn` is an operation of its own.
+///
+/// That name is part of every stored key. Unchanged code keeps it across
+/// rebuilds; what changes it, so that a retry arriving across the deploy
+/// runs again, is moving or renaming the function, its impl type or a type
+/// in its generic arguments, and a compiler that prints type names
+/// differently (rustc has printed them alike for years, but does not
+/// promise it). Pin `name` for operations whose records must survive such
+/// changes. A pinned name belongs to one function: a second function that
+/// pins the same name is refused (its calls fail with `Error::Config`,
+/// naming both); every instance of one generic function shares its pinned
+/// name. To share records between two functions on purpose, call
+/// [`Idempotency::run`](crate::Idempotency::run) with one
+/// [`Key`](crate::Key) from both.
+///
+/// Whatever gets a record under a key, it is never decoded as another type:
+/// each record carries a tag of its value's type name (module paths left
+/// out, so moving a type keeps it; renaming it does not), and a record of
+/// another type answers [`Error::Decode`](crate::Error::Decode). Records
+/// written by idem versions without tags are read untagged.
+///
+/// A call made from inside the body that holds its own key (on the same
+/// handle, directly or through functions it awaits) would wait for itself;
+/// it fails at once with [`Error::Reentered`](crate::Error::Reentered).
 ///
 /// ```
 /// # use idem_core::idempotent;

@@ -150,4 +150,6 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
-pub use store::{HeldClaim, Inspection};
+/// What users match on: the store failure inside [`Error::Store`] and its
+/// kind, and the stored outcome an [`Inspection::Completed`] reports.
+pub use store::{HeldClaim, Inspection, Outcome, StoreError, StoreErrorKind};
