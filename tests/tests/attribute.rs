@@ -467,7 +467,10 @@ fn default_operation_names_are_the_functions_paths() {
 mod names {
     use idem_core::{Idempotency, Key, idempotent, store::Inspection};
 
-    pub(super) struct Repo<T>(pub(super) Idempotency, pub(super) std::marker::PhantomData<T>);
+    pub(super) struct Repo<T>(
+        pub(super) Idempotency,
+        pub(super) std::marker::PhantomData<T>,
+    );
 
     impl<T: Default + serde::Serialize + serde::de::DeserializeOwned> Repo<T> {
         #[idempotent(key = id, store = self.0)]
@@ -499,7 +502,10 @@ mod names {
         ] {
             let key = Key::new(name, &7u64).unwrap();
             let found = idem.inspect(key).await.unwrap();
-            assert!(matches!(found, Inspection::Completed { .. }), "{name}: {found:?}");
+            assert!(
+                matches!(found, Inspection::Completed { .. }),
+                "{name}: {found:?}"
+            );
         }
     }
 }

@@ -945,3 +945,167 @@ fn transactional_calls_are_traced_and_counted() {
         });
     assert_eq!(bodies, Some(2), "the run and the failure");
 }
+
+// --- names, TTLs and timeouts at their limits ---------------------------------
+
+/// A schema and table whose `idem:schema.table` channel is over PostgreSQL's
+/// 63 bytes: results are stored, failed claims released, keys forgotten,
+/// and waiters in another store woken, as with short names.
+#[tokio::test]
+async fn long_schema_and_table_names_store_results_and_wake_waiters() {
+    let (schema, table) = (
+        format!("s{}", "c".repeat(39)),
+        format!("t{}", "k".repeat(19)),
+    );
+    let open = || {
+        PostgresStore::builder(shared().url())
+            .response_timeout(RESPONSE_TIMEOUT)
+            .schema(&schema)
+            .table(&table)
+            .connect()
+    };
+    let (a, b) = (
+        Idempotency::new(open().await.unwrap()),
+        Idempotency::new(open().await.unwrap()),
+    );
+    let settings = Settings::builder()
+        .lease(Duration::from_millis(1500))
+        .ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let runs = Runs::default();
+    let (key, fp) = fresh("long-names");
+    let first: Result<u32, Failure> = a
+        .run(&settings, key, fp, {
+            let runs = runs.clone();
+            async move {
+                runs.mark();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(1)
+            }
+        })
+        .await;
+    assert_eq!(first.unwrap(), 1);
+    // Another store replays it; a waiter there is woken by the holder's NOTIFY.
+    let again: Result<u32, Failure> = b.run(&settings, key, fp, async { Ok(2) }).await;
+    assert_eq!(again.unwrap(), 1);
+    assert_eq!(runs.count(), 1);
+
+    let (failing, fp) = fresh("long-names-err");
+    let failed: Result<u32, Failure> = a
+        .run(&settings, failing, fp, async { Err(Failure::Body(1)) })
+        .await;
+    assert!(failed.is_err());
+    let retried: Result<u32, Failure> = b.run(&settings, failing, fp, async { Ok(3) }).await;
+    assert_eq!(
+        retried.unwrap(),
+        3,
+        "the failed call's claim was released at once"
+    );
+    assert!(a.forget(key).await.unwrap());
+    let rows = shared().psql(&format!("SELECT count(*) FROM \"{schema}\".\"{table}\""));
+    assert_eq!(rows, "1");
+}
+
+/// Inside the caller's transaction, the record's TTL counts from when it is
+/// written, not from when the transaction began: a body longer than the TTL
+/// still leaves a live record, and the retry replays it.
+#[tokio::test]
+async fn a_transactional_records_ttl_counts_from_its_commit() {
+    let server = shared();
+    ensure_charges(server);
+    let store = connect(&server.url()).await;
+    let settings = Settings::builder()
+        .ttl(Duration::from_secs(3))
+        .lease(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let op = op("ttl-from-commit");
+    let key = Key::new(&op, "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let runs = Runs::default();
+    for pause in [Duration::from_millis(3500), Duration::ZERO] {
+        let (op, runs) = (op.clone(), runs.clone());
+        let id: i64 = store
+            .run_in_transaction(&settings, key, fp, |tx| {
+                Box::pin(async move {
+                    runs.mark();
+                    let id = sqlx::query_scalar(
+                        "INSERT INTO charges (op, amount) VALUES ($1, 1) RETURNING id",
+                    )
+                    .bind(&op)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(ChargeError::from)?;
+                    tokio::time::sleep(pause).await;
+                    Ok::<_, ChargeError>(id)
+                })
+            })
+            .await
+            .unwrap();
+        assert!(id > 0);
+    }
+    assert_eq!(runs.count(), 1, "the retry replayed the record");
+    assert_eq!(charges(server, &op), 1);
+}
+
+/// A duplicate that waited for the key's lock runs its body with the
+/// session's own `lock_timeout`, not the wait's; and a `wait_timeout` over
+/// PostgreSQL's 24.8-day limit waits instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_the_lock_leaves_the_bodys_lock_timeout_alone() {
+    let server = shared();
+    let url = server.url();
+    // Two stores: duplicates on one store would wait for each other in
+    // process, never on the lock.
+    let (holder_store, waiter_store) = (connect(&url).await, connect(&url).await);
+    for wait in [Duration::from_secs(10), Duration::from_secs(30 * 86_400)] {
+        let settings = Settings::builder().wait_timeout(wait).build().unwrap();
+        let op = op("lock-timeout");
+        let key = Key::new(&op, "k").unwrap();
+        let fp = Fingerprint::of(&1).unwrap();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (held, claimed) = tokio::sync::oneshot::channel();
+        let holder = {
+            let (store, gate) = (holder_store.clone(), Arc::clone(&gate));
+            tokio::spawn(async move {
+                store
+                    .run_in_transaction(&settings, key, fp, |_tx| {
+                        Box::pin(async move {
+                            let _ = held.send(());
+                            gate.notified().await;
+                            // Fails, and is not cached: the waiter runs next.
+                            Err::<String, _>(ChargeError::Declined)
+                        })
+                    })
+                    .await
+            })
+        };
+        claimed.await.unwrap();
+        let waiter = {
+            let store = waiter_store.clone();
+            tokio::spawn(async move {
+                store
+                    .run_in_transaction(&settings, key, fp, |tx| {
+                        Box::pin(async move {
+                            let timeout: String = sqlx::query_scalar("SHOW lock_timeout")
+                                .fetch_one(&mut *tx)
+                                .await
+                                .map_err(ChargeError::from)?;
+                            Ok::<_, ChargeError>(timeout)
+                        })
+                    })
+                    .await
+            })
+        };
+        // Let the waiter reach the lock, then let the holder fail.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        gate.notify_one();
+        assert_eq!(holder.await.unwrap(), Err(ChargeError::Declined));
+        assert_eq!(
+            waiter.await.unwrap().unwrap(),
+            "0",
+            "the session's lock_timeout (wait {wait:?})"
+        );
+    }
+}

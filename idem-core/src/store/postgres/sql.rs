@@ -61,11 +61,37 @@ pub(crate) fn identifier(what: &str, name: &str) -> Result<String, StoreError> {
     Ok(format!("\"{}\"", name.replace('"', "\"\"")))
 }
 
+/// PostgreSQL's longest identifier (and `NOTIFY` channel), in bytes.
+const MAX_IDENTIFIER: usize = 63;
+
+/// `base` followed by `suffix` if that fits an identifier; otherwise a name
+/// made of `prefix` and a digest of both, so that every schema and table
+/// name the store accepts gives names PostgreSQL accepts, and two long names
+/// never share one.
+fn derived_name(base: &str, suffix: &str, prefix: &str) -> String {
+    let name = format!("{base}{suffix}");
+    if name.len() <= MAX_IDENTIFIER {
+        return name;
+    }
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::digest(name.as_bytes());
+    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{hex}{suffix}")
+}
+
+/// The `LISTEN/NOTIFY` channel of a store's table: `idem:schema.table`, or
+/// when that is longer than PostgreSQL's 63 bytes, `idem:` and a digest of
+/// it (a longer channel name makes `pg_notify` fail, and with it every
+/// statement that wakes waiters).
+pub(crate) fn channel(schema: &str, table: &str) -> String {
+    derived_name(&format!("idem:{schema}.{table}"), "", "idem:")
+}
+
 impl Statements {
     pub(crate) fn new(schema: &str, table: &str) -> Result<Self, StoreError> {
         let (schema_q, table_q) = (identifier("schema", schema)?, identifier("table", table)?);
-        let index = identifier("index", &format!("{table}_expires_at"))?;
-        let claims_index = identifier("index", &format!("{table}_claimed"))?;
+        let index = identifier("index", &derived_name(table, "_expires_at", "idem_"))?;
+        let claims_index = identifier("index", &derived_name(table, "_claimed", "idem_"))?;
         let t = format!("{schema_q}.{table_q}");
         let ms = "* interval '1 millisecond'";
         // What a claim-or-read answers, as `begin_answer` reads it: the claim
@@ -173,7 +199,7 @@ impl Statements {
                     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
                 )"
             ),
-            channel: format!("idem:{schema}.{table}"),
+            channel: channel(schema, table),
             // Inside the caller's transaction, under the key's advisory
             // lock: claim an absent or expired key, or read what is there.
             claim_in_transaction: format!(
@@ -191,8 +217,12 @@ impl Statements {
                 )
                 {answer}"
             ),
+            // `clock_timestamp()`, not `now()`: inside the caller's
+            // transaction `now()` is when the transaction began, so a body
+            // longer than the TTL would commit a record already expired.
             complete_in_transaction: format!(
-                "UPDATE {t} SET record = $3, stored_at = now(), expires_at = now() + $4::bigint {ms}
+                "UPDATE {t} SET record = $3, stored_at = clock_timestamp(),
+                    expires_at = clock_timestamp() + $4::bigint {ms}
                 WHERE key = $1 AND token = $2"
             ),
             inspect: format!(
@@ -240,5 +270,33 @@ mod tests {
         let statements = Statements::new("idem", "keys").unwrap();
         assert!(statements.begin.contains("\"idem\".\"keys\""));
         assert_eq!(statements.channel, "idem:idem.keys");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_accepted_name_gives_names_postgres_accepts() {
+        let (schema, table) = ("s".repeat(63), "t".repeat(63));
+        let statements = Statements::new(&schema, &table).unwrap();
+        assert!(
+            statements.channel.len() <= MAX_IDENTIFIER,
+            "{}",
+            statements.channel
+        );
+        for (name, _) in &statements.indexes {
+            let index = name.rsplit('.').next().unwrap().trim_matches('"');
+            assert!(index.len() <= MAX_IDENTIFIER, "{index}");
+        }
+        // Short names keep the names earlier versions used.
+        assert_eq!(
+            channel("public", "idempotency_keys"),
+            "idem:public.idempotency_keys"
+        );
+        assert_eq!(derived_name("keys", "_claimed", "idem_"), "keys_claimed");
+        // Long names that differ get different channels.
+        assert_ne!(channel(&schema, &table), channel(&schema, &"u".repeat(63)));
     }
 }

@@ -33,7 +33,10 @@
 //! - **Concurrent duplicates** take the key's advisory lock
 //!   (`pg_advisory_xact_lock` on 64 bits of the key's digest), held until the
 //!   holder commits or rolls back. With `on_conflict = wait` they block on it
-//!   (at most `wait_timeout`, through `lock_timeout`), then replay the
+//!   (at most `wait_timeout`, through a `lock_timeout` that holds for the
+//!   lock's statement only, so the body keeps the session's own; a
+//!   `wait_timeout` over PostgreSQL's limit of 24.8 days waits that long),
+//!   then replay the
 //!   committed result; with `reject` they try the lock
 //!   (`pg_try_advisory_xact_lock`) and get `InProgress` at once, without
 //!   blocking and without aborting their transaction, which is why an
@@ -340,23 +343,21 @@ impl PostgresStore {
                 .await?
             }
             _ => {
-                let wait = settings.wait_timeout();
-                let locking = async {
-                    sqlx::query(
-                        "SELECT set_config('lock_timeout', $2, true), pg_advisory_xact_lock($1)",
-                    )
-                    .bind(lock_id)
-                    .bind(format!("{}ms", millis(wait)))
-                    .execute(&mut *tx)
-                    .await
-                };
-                // The lock's own timeout, plus the statement's.
-                match tokio::time::timeout(wait + self.inner.response_timeout, locking).await {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(error)) if lock_timed_out(&error) => false,
-                    Ok(Err(error)) => return Err(Error::Store(store_error("lock", &error))),
-                    Err(_elapsed) => false,
-                }
+                // Uncontended, the lock is free: one statement, and the
+                // session's `lock_timeout` (read with it) untouched.
+                let (free, session_timeout) = self
+                    .timed("lock", async {
+                        sqlx::query_as::<_, (bool, String)>(
+                            "SELECT pg_try_advisory_xact_lock($1), current_setting('lock_timeout')",
+                        )
+                        .bind(lock_id)
+                        .fetch_one(&mut *tx)
+                        .await
+                    })
+                    .await?;
+                free || self
+                    .wait_for_lock(&mut tx, lock_id, settings.wait_timeout(), &session_timeout)
+                    .await?
             }
         };
         if !locked {
@@ -408,6 +409,42 @@ impl PostgresStore {
             ttl: settings.ttl(),
             savepoint,
         }))
+    }
+
+    /// Waits for the key's advisory lock for at most `wait`, through a
+    /// `lock_timeout` that holds for this statement only: the session's value
+    /// is set back before the body runs, so the body's own lock waits are not
+    /// cut short. Answers whether the lock was taken.
+    async fn wait_for_lock(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        lock_id: i64,
+        wait: Duration,
+        session_timeout: &str,
+    ) -> Result<bool, Error> {
+        // PostgreSQL takes at most `i32::MAX` ms (24.8 days); a longer wait
+        // is that long.
+        let wait_ms = millis(wait).min(i64::from(i32::MAX));
+        let locking = async {
+            sqlx::query(
+                "SELECT set_config('lock_timeout', $2, true), pg_advisory_xact_lock($1), \
+                 set_config('lock_timeout', $3, true)",
+            )
+            .bind(lock_id)
+            .bind(format!("{wait_ms}ms"))
+            .bind(session_timeout)
+            .execute(&mut **tx)
+            .await
+        };
+        // The lock's own timeout, plus the statement's.
+        let bound = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0))
+            .saturating_add(self.inner.response_timeout);
+        match tokio::time::timeout(bound, locking).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(error)) if lock_timed_out(&error) => Ok(false),
+            Ok(Err(error)) => Err(Error::Store(store_error("lock", &error))),
+            Err(_elapsed) => Ok(false),
+        }
     }
 
     /// A live, committed record of `key`, if there is one: read without a
