@@ -271,11 +271,6 @@ mod tests {
         assert!(statements.begin.contains("\"idem\".\"keys\""));
         assert_eq!(statements.channel, "idem:idem.keys");
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn every_accepted_name_gives_names_postgres_accepts() {
