@@ -1109,3 +1109,100 @@ async fn waiting_for_the_lock_leaves_the_bodys_lock_timeout_alone() {
         );
     }
 }
+
+/// Under `REPEATABLE READ` or `SERIALIZABLE` as the database's default, a
+/// duplicate that waited for the holder's lock replays the holder's result
+/// (its wait's snapshot predates the commit, so it starts over in a new
+/// transaction) instead of failing with a serialization error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_replay_under_every_isolation_level() {
+    let server = shared();
+    for level in ["repeatable read", "serializable"] {
+        let database = format!("iso_{}", level.replace(' ', "_"));
+        server.psql(&format!("CREATE DATABASE {database}"));
+        server.psql(&format!(
+            "ALTER DATABASE {database} SET default_transaction_isolation TO '{level}'"
+        ));
+        let url = format!("{}/{database}", server.url().rsplit_once('/').unwrap().0);
+        let (holder_store, waiter_store) = (connect(&url).await, connect(&url).await);
+        let settings = Settings::builder()
+            .wait_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let key = Key::new("isolation", level).unwrap();
+        let fp = Fingerprint::of(&1).unwrap();
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (held, claimed) = tokio::sync::oneshot::channel();
+        let runs = Runs::default();
+        let holder = {
+            let (store, gate, runs) = (holder_store.clone(), Arc::clone(&gate), runs.clone());
+            tokio::spawn(async move {
+                store
+                    .run_in_transaction(&settings, key, fp, |tx| {
+                        Box::pin(async move {
+                            runs.mark();
+                            let level: String = sqlx::query_scalar("SHOW transaction_isolation")
+                                .fetch_one(&mut *tx)
+                                .await
+                                .map_err(ChargeError::from)?;
+                            let _ = held.send(());
+                            gate.notified().await;
+                            Ok::<_, ChargeError>(level)
+                        })
+                    })
+                    .await
+            })
+        };
+        claimed.await.unwrap();
+        let waiter = {
+            let (store, runs) = (waiter_store.clone(), runs.clone());
+            tokio::spawn(async move {
+                store
+                    .run_in_transaction(&settings, key, fp, |_tx| {
+                        Box::pin(async move {
+                            runs.mark();
+                            Ok::<_, ChargeError>("the duplicate ran".to_owned())
+                        })
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        gate.notify_one();
+        assert_eq!(holder.await.unwrap().unwrap(), level);
+        assert_eq!(
+            waiter.await.unwrap().unwrap(),
+            level,
+            "the holder's result, replayed"
+        );
+        assert_eq!(runs.count(), 1);
+    }
+}
+
+/// A body that ends idem's transaction itself (`COMMIT` or `ROLLBACK`)
+/// records nothing, and its caller gets an error that says so, not `Ok`.
+#[tokio::test]
+async fn a_body_that_ends_the_transaction_gets_an_error() {
+    let store = connect(&shared().url()).await;
+    for statement in ["COMMIT", "ROLLBACK"] {
+        let key = Key::new(&op("ends-transaction"), statement).unwrap();
+        let fp = Fingerprint::of(&1).unwrap();
+        let answer = store
+            .run_in_transaction(&Settings::DEFAULT, key, fp, |tx| {
+                Box::pin(async move {
+                    sqlx::query(statement)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(ChargeError::from)?;
+                    Ok::<_, ChargeError>(1_i64)
+                })
+            })
+            .await;
+        match answer {
+            Err(ChargeError::Idem(message)) => {
+                assert!(message.contains("ended idem's transaction"), "{message}");
+            }
+            other => panic!("{statement}: expected an error, got {other:?}"),
+        }
+    }
+}

@@ -220,10 +220,15 @@ impl Statements {
             // `clock_timestamp()`, not `now()`: inside the caller's
             // transaction `now()` is when the transaction began, so a body
             // longer than the TTL would commit a record already expired.
+            // Inside the transaction idem began, the claim's write gave it a
+            // transaction id already: a body that ended it (`COMMIT`,
+            // `ROLLBACK`) leaves this statement in a transaction of its own,
+            // with none yet, which updates nothing, and the call answers an
+            // error.
             complete_in_transaction: format!(
                 "UPDATE {t} SET record = $3, stored_at = clock_timestamp(),
                     expires_at = clock_timestamp() + $4::bigint {ms}
-                WHERE key = $1 AND token = $2"
+                WHERE key = $1 AND token = $2 AND txid_current_if_assigned() IS NOT NULL"
             ),
             inspect: format!(
                 "SELECT fingerprint, record,

@@ -60,9 +60,12 @@
 //! …` as its first statement). A serialization failure or deadlock, in the
 //! body or at commit, rolls everything back: the call returns the error (an
 //! `Error::Store` when it happens at commit), nothing was recorded, and a
-//! retry runs the body again. A connection lost during `COMMIT` leaves the
-//! outcome unknown to the caller, who gets `Error::Store`; the database knows,
-//! and the retry replays or runs accordingly.
+//! retry runs the body again. A `COMMIT` that times out or loses its
+//! connection leaves the outcome unknown to the caller, who gets
+//! `Error::Store` saying so; the database knows, and the retry replays (it
+//! committed) or runs (it did not). A body must not end the transaction
+//! itself (`COMMIT`, `ROLLBACK`): the call then records nothing and answers
+//! `Error::Store` of kind `Config`; use savepoints inside the body instead.
 //!
 //! Claims made by the store protocol ([`PostgresStore`]'s [`Store`]
 //! operations) and transactional calls share the table; use one mode per
@@ -324,47 +327,72 @@ impl PostgresStore {
         fingerprint: Fingerprint,
         savepoint: bool,
     ) -> Result<Result<Held, Record>, Error> {
-        // A committed call is replayed without a transaction: one statement.
-        if let Some(done) = self.read_committed(key, fingerprint).await? {
-            return Ok(Err(done));
-        }
-        call.attempt();
-        let mut tx = self.timed("begin", self.inner.pool.begin()).await?;
-        let locking_since = Instant::now();
         let lock_id = i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8]));
-        let locked = match settings.on_conflict() {
-            OnConflict::Reject => {
-                self.timed("lock", async {
-                    sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_xact_lock($1)")
-                        .bind(lock_id)
-                        .fetch_one(&mut *tx)
-                        .await
-                })
-                .await?
+        let locking_since = Instant::now();
+        let deadline = locking_since + settings.wait_timeout();
+        let mut waited = false;
+        let mut tx = loop {
+            // A committed call is replayed without a transaction: one
+            // statement.
+            if let Some(done) = self.read_committed(key, fingerprint).await? {
+                if waited {
+                    call.waited(locking_since.elapsed());
+                }
+                return Ok(Err(done));
             }
-            _ => {
-                // Uncontended, the lock is free: one statement, and the
-                // session's `lock_timeout` (read with it) untouched.
-                let (free, session_timeout) = self
+            call.attempt();
+            let mut tx = self.timed("begin", self.inner.pool.begin()).await?;
+            if settings.on_conflict() == OnConflict::Reject {
+                let locked = self
                     .timed("lock", async {
-                        sqlx::query_as::<_, (bool, String)>(
-                            "SELECT pg_try_advisory_xact_lock($1), current_setting('lock_timeout')",
-                        )
-                        .bind(lock_id)
-                        .fetch_one(&mut *tx)
-                        .await
+                        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_xact_lock($1)")
+                            .bind(lock_id)
+                            .fetch_one(&mut *tx)
+                            .await
                     })
                     .await?;
-                free || self
-                    .wait_for_lock(&mut tx, lock_id, settings.wait_timeout(), &session_timeout)
+                if !locked {
+                    return Err(Error::InProgress {
+                        retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
+                    });
+                }
+                break tx;
+            }
+            // Uncontended, the lock is free: one statement, and the
+            // session's `lock_timeout` (read with it) untouched.
+            let (free, session_timeout) = self
+                .timed("lock", async {
+                    sqlx::query_as::<_, (bool, String)>(
+                        "SELECT pg_try_advisory_xact_lock($1), current_setting('lock_timeout')",
+                    )
+                    .bind(lock_id)
+                    .fetch_one(&mut *tx)
+                    .await
+                })
+                .await?;
+            if free {
+                break tx;
+            }
+            // Another transaction holds the key: wait for it, then start
+            // over in a new transaction. This one's snapshot was taken before
+            // the holder committed, so under `REPEATABLE READ` or
+            // `SERIALIZABLE` it could neither see the holder's record nor
+            // claim the key without a serialization failure.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero()
+                || !self
+                    .wait_for_lock(&mut tx, lock_id, left, &session_timeout)
                     .await?
+            {
+                return Err(Error::InProgress {
+                    retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
+                });
+            }
+            waited = true;
+            if let Err(error) = tx.rollback().await {
+                tracing::debug!(%key, %error, "ending a transaction that waited for a key's lock failed; the database ends it");
             }
         };
-        if !locked {
-            return Err(Error::InProgress {
-                retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
-            });
-        }
         let token = Token::random();
         let row = self
             .timed("claim", async {
@@ -386,8 +414,8 @@ impl PostgresStore {
         match begin_answer(&row, fingerprint, settings.lease())? {
             Begin::Claimed => {}
             Begin::Completed(record) => {
-                // Committed by the holder whose lock this call waited for.
-                if settings.on_conflict() != OnConflict::Reject {
+                // Committed between the read and the claim.
+                if waited {
                     call.waited(locking_since.elapsed());
                 }
                 return Ok(Err(record));
@@ -474,9 +502,11 @@ impl Claim<'_> {
     /// Records the body's `result` and commits, or rolls back: an `Ok` (or
     /// a cached `Err`) is stored and committed with the body's writes; an
     /// `Err` that is not cached rolls everything back. Answers the result,
-    /// or the store's error when the commit failed: the body's writes were
-    /// then rolled back with the record, so the result must not be taken as
-    /// done. Hands the outcome to the duplicates that waited for it and ends
+    /// or the store's error when recording or committing failed. A commit
+    /// that failed outright rolled the body's writes back with the record;
+    /// one that timed out or lost its connection may have committed them, so
+    /// its outcome is unknown to the caller: the retry's answer (a replay if
+    /// it committed) is how to learn it. Hands the outcome to the duplicates that waited for it and ends
     /// the call's span.
     pub(crate) async fn finish<T, E, C: ResultCodec<T, E>>(
         self,
@@ -551,7 +581,7 @@ impl Held {
                 })
                 .await?;
         }
-        store
+        let stored = store
             .timed("complete", async {
                 sqlx::query(&store.inner.sql.complete_in_transaction)
                     .bind(self.key.digest().as_slice())
@@ -562,7 +592,31 @@ impl Held {
                     .await
             })
             .await?;
-        store.timed("commit", self.tx.commit()).await
+        if stored.rows_affected() != 1 {
+            // The body ran `COMMIT` or `ROLLBACK` itself: the claim, the
+            // record and the body's writes are no longer one transaction.
+            let _ = store.timed("rollback", self.tx.rollback()).await;
+            return Err(StoreError::new(
+                StoreErrorKind::Config,
+                "the body of a transactional call ended idem's transaction (COMMIT or ROLLBACK); \
+                 its result was not recorded: leave the transaction to idem, or use savepoints",
+            ));
+        }
+        store
+            .timed("commit", self.tx.commit())
+            .await
+            .map_err(|error| {
+                // A commit that timed out or lost its connection may have
+                // committed: the database knows, and a retry learns it (it
+                // replays a committed result, or runs if nothing was).
+                StoreError::new(
+                    error.kind(),
+                    format!(
+                        "{error}; the transaction may or may not have committed: retry the \
+                         call to learn which (a committed result replays)"
+                    ),
+                )
+            })
     }
 }
 
