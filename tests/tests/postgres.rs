@@ -1206,3 +1206,61 @@ async fn a_body_that_ends_the_transaction_gets_an_error() {
         }
     }
 }
+
+/// A waiter that misses the notification (here the key is freed behind the
+/// store's back, as by an operator, without a `NOTIFY`) looks again within
+/// about a second instead of sleeping the holder's whole lease; and the
+/// listener does not take a connection from a store's pool of one.
+#[tokio::test]
+async fn a_missed_notification_costs_a_second_not_the_lease() {
+    let url = shared().url();
+    let holder_store = connect(&url).await;
+    let waiter_store = PostgresStore::builder(&url)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .max_connections(1)
+        .connect()
+        .await
+        .unwrap();
+    let (key, fp) = fresh("missed-notify");
+    let claimed = holder_store
+        .begin(key, fp, Token::random(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(claimed, idem_core::store::Begin::Claimed));
+    let settings = Settings::builder()
+        .lease(Duration::from_secs(60))
+        .wait_timeout(Duration::from_secs(50))
+        .build()
+        .unwrap();
+    let waiter = {
+        let idem = Idempotency::new(waiter_store.clone());
+        tokio::spawn(async move {
+            idem.run(&settings, key, fp, async { Ok::<_, Error>(2_u8) })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let freed = Instant::now();
+    let hex: String = key.digest().iter().map(|b| format!("{b:02x}")).collect();
+    shared().psql(&format!(
+        "DELETE FROM idempotency_keys WHERE key = '\\x{hex}'::bytea"
+    ));
+    assert_eq!(
+        waiter.await.unwrap().unwrap(),
+        2,
+        "the waiter ran once the key was free"
+    );
+    let waited = freed.elapsed();
+    assert!(
+        waited < Duration::from_secs(20),
+        "waited {waited:?} after the key was freed: the holder's lease, not a second"
+    );
+    // The one pooled connection still serves calls while the listener listens.
+    let (other, fp) = fresh("missed-notify-after");
+    let answer = Idempotency::new(waiter_store)
+        .run(&Settings::DEFAULT, other, fp, async {
+            Ok::<_, Error>(3_u8)
+        })
+        .await;
+    assert_eq!(answer.unwrap(), 3);
+}

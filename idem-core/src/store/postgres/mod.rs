@@ -6,8 +6,16 @@
 //!   the schema below) and passes the conformance suite like the memory and
 //!   Redis stores: a replayed hit is one read-only statement, a first run
 //!   two. Expiries come from the database's clock. Waiters in other
-//!   processes are woken by `LISTEN/NOTIFY`; expired rows are purged in the
+//!   processes are woken by `LISTEN/NOTIFY`, on a connection of the
+//!   store's own outside its pool, and look again at least every second
+//!   whatever they hear, so a missed notification (a listener reconnecting,
+//!   PgBouncer in transaction mode, which does not carry `LISTEN`) costs a
+//!   second, not the holder's lease; expired rows are purged in the
 //!   background in bounded batches.
+//!
+//! Every schema and table name the store accepts (1 to 63 bytes) works: the
+//! `NOTIFY` channel (`idem:schema.table`) and index names that would pass
+//! PostgreSQL's 63 bytes are derived from a digest instead.
 //! - [`PostgresStore::run_in_transaction`] (and `#[idempotent(transaction =
 //!   tx)]`) runs the body inside a transaction that also holds the claim and,
 //!   at commit, the result: the body's writes and the record commit
@@ -260,8 +268,15 @@ impl PostgresStore {
             return;
         };
         if !self.inner.listening.swap(true, Ordering::AcqRel) {
+            // A connection of its own, outside the store's pool: the
+            // listener holds it for good, and must not starve the calls.
+            let options = self.inner.pool.connect_options().as_ref().clone();
+            let own = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .min_connections(0)
+                .connect_lazy_with(options);
             runtime.spawn(listen::listen(
-                self.inner.pool.clone(),
+                own,
                 self.inner.sql.channel.clone(),
                 Arc::downgrade(&self.inner.watchers),
             ));
@@ -460,6 +475,9 @@ impl std::fmt::Display for SqlxError {
 
 impl std::error::Error for SqlxError {}
 
+/// The longest a waiter relies on `NOTIFY` before it looks at the key again.
+const WATCH_FALLBACK: Duration = Duration::from_secs(1);
+
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis())
         .unwrap_or(i64::MAX)
@@ -606,7 +624,10 @@ impl Store for PostgresStore {
             if let Ok(false) = store.in_progress(key).await {
                 return;
             }
-            woken.await;
+            // A notification can be missed (the listener not yet listening,
+            // reconnecting, or behind a pooler that drops `LISTEN`): the
+            // waiter looks again after at most a second, as on Redis.
+            let _ = tokio::time::timeout(WATCH_FALLBACK, woken).await;
         }))
     }
 
