@@ -1264,3 +1264,57 @@ async fn a_missed_notification_costs_a_second_not_the_lease() {
         .await;
     assert_eq!(answer.unwrap(), 3);
 }
+
+/// A store connected lazily lets a service start while PostgreSQL is down:
+/// calls fail closed (the body never runs) until the database is up, then
+/// the first call creates the table and runs.
+#[tokio::test]
+async fn a_lazy_store_starts_while_the_database_is_down() {
+    let mut server = PostgresServer::start();
+    let url = server.url();
+    server.kill();
+    let store = PostgresStore::builder(&url)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .schema("lazy")
+        .connect_lazy()
+        .expect("no connection needed to build it");
+    assert!(
+        PostgresStore::builder(&url)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .connect()
+            .await
+            .is_err(),
+        "connect, unlike connect_lazy, needs the database"
+    );
+    let idem = Idempotency::new(store);
+    let runs = Runs::default();
+    let (key, fp) = fresh("lazy");
+    let call = || {
+        let runs = runs.clone();
+        idem.run(&Settings::DEFAULT, key, fp, async move {
+            runs.mark();
+            Ok::<_, Failure>(7)
+        })
+    };
+    match call().await {
+        Err(Failure::Idem(error @ Error::Store(_))) => assert_eq!(error.http_status(), 503),
+        other => panic!("expected the store down, got {other:?}"),
+    }
+    assert_eq!(runs.count(), 0, "nothing ran unguarded");
+    server.restart();
+    let mut answer = call().await;
+    for _ in 0..100 {
+        if answer.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        answer = call().await;
+    }
+    assert_eq!(answer.unwrap(), 7);
+    assert_eq!(call().await.unwrap(), 7, "replayed");
+    assert_eq!(runs.count(), 1);
+    assert_eq!(
+        server.psql("SELECT count(*) FROM lazy.idempotency_keys"),
+        "1"
+    );
+}

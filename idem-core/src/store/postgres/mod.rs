@@ -119,6 +119,9 @@ struct Inner {
     /// Transactional calls under way, so that same-key duplicates in this
     /// process wait for one of them without holding a connection each.
     flights: crate::flight::Flights,
+    /// A store connected lazily creates its table on its first call that
+    /// reaches the database (and the next call tries again if that fails).
+    migrated: Option<tokio::sync::OnceCell<()>>,
 }
 
 enum Source {
@@ -239,6 +242,29 @@ impl PostgresStore {
                     self.inner.response_timeout
                 ),
             )),
+        }
+    }
+
+    /// A first connection, so that `connect` fails when the database cannot
+    /// be reached.
+    async fn connected(&self) -> Result<(), StoreError> {
+        self.inner
+            .pool
+            .acquire()
+            .await
+            .map(drop)
+            .map_err(|e| store_error("connect", &e))
+    }
+
+    /// For a lazily connected store: the table, created on the first call
+    /// that reaches the database.
+    pub(crate) async fn ready(&self) -> Result<(), StoreError> {
+        match &self.inner.migrated {
+            Some(migrated) => migrated
+                .get_or_try_init(|| self.migrate())
+                .await
+                .map(|()| ()),
+            None => Ok(()),
         }
     }
 
@@ -393,6 +419,38 @@ impl PostgresStoreBuilder {
     /// [`StoreErrorKind::Config`] for a malformed URL or table name,
     /// [`StoreErrorKind::Unavailable`] when the database cannot be reached.
     pub async fn connect(self) -> Result<PostgresStore, StoreError> {
+        let migrate = self.migrate;
+        let store = self.build(false)?;
+        store.connected().await?;
+        if migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    /// A store that connects on its first call instead of now, so that a
+    /// service can start while the database is down. Until the database
+    /// answers (and, unless told not to, the table exists), every call fails
+    /// closed with [`StoreErrorKind::Unavailable`] or the database's error
+    /// (the body does not run), and the next call tries again: the table is
+    /// created by the first call that reaches the database.
+    ///
+    /// Call it inside a tokio runtime (the pool's upkeep runs on it).
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::Config`] for a malformed URL or table name, or when
+    /// called outside a tokio runtime.
+    pub fn connect_lazy(self) -> Result<PostgresStore, StoreError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StoreError::new(
+                StoreErrorKind::Config,
+                "PostgresStore::connect_lazy needs a tokio runtime: call it inside one",
+            ));
+        }
+        self.build(true)
+    }
+
+    fn build(self, lazy: bool) -> Result<PostgresStore, StoreError> {
         let sql = Statements::new(&self.schema, &self.table)?;
         let pool = match self.source {
             Source::Pool(pool) => pool,
@@ -406,12 +464,10 @@ impl PostgresStoreBuilder {
                 PgPoolOptions::new()
                     .max_connections(self.max_connections)
                     .acquire_timeout(self.connect_timeout)
-                    .connect_with(options)
-                    .await
-                    .map_err(|e| store_error("connect", &e))?
+                    .connect_lazy_with(options)
             }
         };
-        let store = PostgresStore {
+        Ok(PostgresStore {
             inner: Arc::new(Inner {
                 pool,
                 sql,
@@ -422,12 +478,9 @@ impl PostgresStoreBuilder {
                 listening: AtomicBool::new(false),
                 purging: AtomicBool::new(false),
                 flights: crate::flight::Flights::default(),
+                migrated: (lazy && self.migrate).then(tokio::sync::OnceCell::new),
             }),
-        };
-        if self.migrate {
-            store.migrate().await?;
-        }
-        Ok(store)
+        })
     }
 }
 
@@ -529,6 +582,7 @@ impl Store for PostgresStore {
     ) -> StoreFuture<'_, Begin> {
         self.ensure_background();
         Box::pin(async move {
+            self.ready().await?;
             // No row: a concurrent writer came between the statement's read
             // and its insert. Asking again sees what it wrote.
             for _ in 0..3 {
@@ -637,6 +691,7 @@ impl Store for PostgresStore {
 
     fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
         Box::pin(async move {
+            self.ready().await?;
             let row = self
                 .timed("inspect", async {
                     sqlx::query::<Postgres>(&self.inner.sql.inspect)
@@ -688,6 +743,7 @@ impl Store for PostgresStore {
 
     fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
         Box::pin(async move {
+            self.ready().await?;
             self.timed("forget", async {
                 sqlx::query_scalar::<_, bool>(&self.inner.sql.forget)
                     .bind(key.digest().as_slice())
@@ -702,6 +758,7 @@ impl Store for PostgresStore {
 
     fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
         Box::pin(async move {
+            self.ready().await?;
             let rows = self
                 .timed("claims_older_than", async {
                     sqlx::query::<Postgres>(&self.inner.sql.claims_older_than)

@@ -327,6 +327,7 @@ impl PostgresStore {
         fingerprint: Fingerprint,
         savepoint: bool,
     ) -> Result<Result<Held, Record>, Error> {
+        self.ready().await?;
         let lock_id = i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8]));
         let locking_since = Instant::now();
         let deadline = locking_since + settings.wait_timeout();
