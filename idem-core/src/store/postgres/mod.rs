@@ -260,10 +260,7 @@ impl PostgresStore {
     /// that reaches the database.
     pub(crate) async fn ready(&self) -> Result<(), StoreError> {
         match &self.inner.migrated {
-            Some(migrated) => migrated
-                .get_or_try_init(|| self.migrate())
-                .await
-                .map(|()| ()),
+            Some(migrated) => migrated.get_or_try_init(|| self.migrate()).await.copied(),
             None => Ok(()),
         }
     }
