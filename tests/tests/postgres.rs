@@ -1024,7 +1024,9 @@ async fn a_transactional_records_ttl_counts_from_its_commit() {
     let key = Key::new(&op, "k").unwrap();
     let fp = Fingerprint::of(&1).unwrap();
     let runs = Runs::default();
-    for pause in [Duration::from_millis(3500), Duration::ZERO] {
+    // Four steps of 0.9 s: longer than the TTL in all, each shorter than
+    // the lease a transaction may sit idle for.
+    for steps in [4, 0] {
         let (op, runs) = (op.clone(), runs.clone());
         let id: i64 = store
             .run_in_transaction(&settings, key, fp, |tx| {
@@ -1037,7 +1039,13 @@ async fn a_transactional_records_ttl_counts_from_its_commit() {
                     .fetch_one(&mut *tx)
                     .await
                     .map_err(ChargeError::from)?;
-                    tokio::time::sleep(pause).await;
+                    for _ in 0..steps {
+                        tokio::time::sleep(Duration::from_millis(900)).await;
+                        sqlx::query("SELECT 1")
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(ChargeError::from)?;
+                    }
                     Ok::<_, ChargeError>(id)
                 })
             })
@@ -1317,4 +1325,79 @@ async fn a_lazy_store_starts_while_the_database_is_down() {
         server.psql("SELECT count(*) FROM lazy.idempotency_keys"),
         "1"
     );
+}
+
+/// A holder that stalls mid-body with its transaction idle (a frozen
+/// process, a partition without a reset) is ended by the database within
+/// its lease: its writes are rolled back, the key is freed, and a duplicate
+/// waiting elsewhere runs, long before the stalled body wakes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_holder_frees_the_key_within_its_lease() {
+    let server = shared();
+    ensure_charges(server);
+    let url = server.url();
+    let (holder_store, waiter_store) = (connect(&url).await, connect(&url).await);
+    let settings = Settings::builder()
+        .lease(Duration::from_millis(1500))
+        .wait_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let op = op("stalled");
+    let key = Key::new(&op, "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let (held, claimed) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (store, op) = (holder_store.clone(), op.clone());
+        tokio::spawn(async move {
+            store
+                .run_in_transaction(&settings, key, fp, |tx| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO charges (op, amount) VALUES ($1, 1)")
+                            .bind(&op)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(ChargeError::from)?;
+                        let _ = held.send(());
+                        // Stalled, with the transaction idle, for six leases.
+                        tokio::time::sleep(Duration::from_secs(9)).await;
+                        Ok::<_, ChargeError>("stalled holder".to_owned())
+                    })
+                })
+                .await
+        })
+    };
+    claimed.await.unwrap();
+    let waiter = {
+        let (store, op) = (waiter_store.clone(), op.clone());
+        tokio::spawn(async move {
+            store
+                .run_in_transaction(&settings, key, fp, |tx| {
+                    Box::pin(async move {
+                        sqlx::query("INSERT INTO charges (op, amount) VALUES ($1, 1)")
+                            .bind(&op)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(ChargeError::from)?;
+                        Ok::<_, ChargeError>("duplicate".to_owned())
+                    })
+                })
+                .await
+        })
+    };
+    assert_eq!(waiter.await.unwrap().unwrap(), "duplicate");
+    assert!(
+        !holder.is_finished(),
+        "the duplicate ran while the holder still stalled"
+    );
+    assert_eq!(
+        charges(server, &op),
+        1,
+        "the stalled holder's write was rolled back"
+    );
+    let stalled = holder.await.unwrap();
+    assert!(
+        stalled.is_err(),
+        "the stalled holder learns its transaction ended: {stalled:?}"
+    );
+    assert_eq!(charges(server, &op), 1);
 }

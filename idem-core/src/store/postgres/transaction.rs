@@ -28,8 +28,18 @@
 //!
 //! - **A crash leaves nothing.** If the process dies or its connection is
 //!   cut mid-body, PostgreSQL rolls the transaction back: neither the body's
-//!   writes nor the claim remain, and a retry runs cleanly. No lease is
-//!   involved.
+//!   writes nor the claim remain, and a retry runs cleanly.
+//! - **A stuck holder is bounded by the lease.** A holder that freezes or is
+//!   cut off by a partition without a reset would keep its transaction (and
+//!   the key's lock) until TCP gives up, hours by default. idem sets the
+//!   transaction's `idle_in_transaction_session_timeout` to the lease, so
+//!   the database ends a holder that sat idle in it for a lease, rolling
+//!   its writes back and freeing the key; a body must therefore not keep
+//!   its transaction idle (waiting on something else) longer than the
+//!   lease. A statement the body itself runs is bounded by the session's
+//!   `statement_timeout`, which idem leaves as it is. Every statement idem
+//!   issues (the rollback of a failed body included) is bounded by the
+//!   store's response timeout.
 //! - **Concurrent duplicates** take the key's advisory lock
 //!   (`pg_advisory_xact_lock` on 64 bits of the key's digest), held until the
 //!   holder commits or rolls back. With `on_conflict = wait` they block on it
@@ -344,12 +354,16 @@ impl PostgresStore {
             call.attempt();
             let mut tx = self.timed("begin", self.inner.pool.begin()).await?;
             if settings.on_conflict() == OnConflict::Reject {
-                let locked = self
+                let (locked, _) = self
                     .timed("lock", async {
-                        sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_xact_lock($1)")
-                            .bind(lock_id)
-                            .fetch_one(&mut *tx)
-                            .await
+                        sqlx::query_as::<_, (bool, String)>(
+                            "SELECT pg_try_advisory_xact_lock($1), \
+                             set_config('idle_in_transaction_session_timeout', $2, true)",
+                        )
+                        .bind(lock_id)
+                        .bind(idle_limit(settings.lease()))
+                        .fetch_one(&mut *tx)
+                        .await
                     })
                     .await?;
                 if !locked {
@@ -360,13 +374,19 @@ impl PostgresStore {
                 break tx;
             }
             // Uncontended, the lock is free: one statement, and the
-            // session's `lock_timeout` (read with it) untouched.
-            let (free, session_timeout) = self
+            // session's `lock_timeout` (read with it) untouched. The same
+            // statement bounds how long this transaction may sit idle by the
+            // lease: a holder that froze or lost the network mid-body is
+            // ended by the database within its lease, which frees the key,
+            // instead of when TCP gives up.
+            let (free, session_timeout, _) = self
                 .timed("lock", async {
-                    sqlx::query_as::<_, (bool, String)>(
-                        "SELECT pg_try_advisory_xact_lock($1), current_setting('lock_timeout')",
+                    sqlx::query_as::<_, (bool, String, String)>(
+                        "SELECT pg_try_advisory_xact_lock($1), current_setting('lock_timeout'), \
+                         set_config('idle_in_transaction_session_timeout', $2, true)",
                     )
                     .bind(lock_id)
+                    .bind(idle_limit(settings.lease()))
                     .fetch_one(&mut *tx)
                     .await
                 })
@@ -390,7 +410,7 @@ impl PostgresStore {
                 });
             }
             waited = true;
-            if let Err(error) = tx.rollback().await {
+            if let Err(error) = self.timed("rollback", tx.rollback()).await {
                 tracing::debug!(%key, %error, "ending a transaction that waited for a key's lock failed; the database ends it");
             }
         };
@@ -552,7 +572,10 @@ impl Held {
         let key = self.key;
         let Some(record) = to_record(key, &result, &mut codec) else {
             call.ran(took, false);
-            if let Err(error) = self.tx.rollback().await {
+            // Bounded like every statement idem issues: during a partition
+            // the caller gets its answer after the response timeout, and the
+            // database rolls the transaction back when the session ends.
+            if let Err(error) = self.store.timed("rollback", self.tx.rollback()).await {
                 tracing::debug!(%key, %error, "rolling back a failed idempotent call failed; the database rolls it back itself");
             }
             return (result, Landing::Failed(Error::AttemptFailed));
@@ -619,6 +642,12 @@ impl Held {
                 )
             })
     }
+}
+
+/// `idle_in_transaction_session_timeout` for a transaction held for `lease`
+/// (PostgreSQL takes at most `i32::MAX` ms).
+fn idle_limit(lease: Duration) -> String {
+    format!("{}ms", millis(lease).min(i64::from(i32::MAX)))
 }
 
 /// Whether a statement failed on `lock_timeout`.
