@@ -64,7 +64,7 @@
 /// | `skip(arg, …)` | arguments left out of the fingerprint (handles, pools, clients); `self` always is | none |
 /// | `fingerprint = false` | do not check that a reused key comes with the same arguments | checked |
 /// | `name = "payments.charge"` | the operation's stable name in the key; pin it to survive moving code (one function per name: a second function pinning it is refused) | the function instance's path, `Self` type and generic arguments included, e.g. `shop::Payments::charge`, `shop::Repo<shop::Invoice>::create` |
-/// | `store = EXPR` | the long-lived [`Idempotency`](crate::Idempotency) handle to run against (or a reference, `Arc` or `LazyLock` of one), never one built per call; with `transaction`, the [`PostgresStore`](crate::store::postgres::PostgresStore) | [`default_handle()`](crate::default_handle) |
+/// | `store = EXPR` | the long-lived [`Idempotency`](crate::Idempotency) handle to run against (or a reference, `Arc` or `LazyLock` of one), never one built per call; with `transaction`, the `PostgresStore` | [`default_handle()`](crate::default_handle) |
 /// | `transaction = tx` | (feature `postgres`) the body's `tx: &mut sqlx::PgConnection` parameter: idem opens the transaction on `store`'s pool, claims the key in it, and commits the result with the body's writes; `tx` leaves the signature | none |
 /// | `crate = "path"` | where the `idem_core` crate is, for crates that re-export it | `::idem_core` |
 ///

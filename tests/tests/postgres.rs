@@ -1401,3 +1401,38 @@ async fn a_stalled_holder_frees_the_key_within_its_lease() {
     );
     assert_eq!(charges(server, &op), 1);
 }
+
+/// The stuck-key runbook works on transactional claims: `inspect` shows the
+/// holder (its claim row is not committed, so only its lock tells), and
+/// `forget` ends its session, rolling its transaction back, so the next
+/// call runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_claims_are_visible_and_forgettable() {
+    let server = shared();
+    let store = connect(&server.url()).await;
+    let key = Key::new(&op("runbook"), "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let (holder, gate) = hold_in_transaction(&store, Settings::DEFAULT, key, fp, 1).await;
+    let operator = Idempotency::new(connect(&server.url()).await);
+    match operator.inspect(key).await.unwrap() {
+        idem_core::Inspection::InProgress { held_for, .. } => assert!(held_for.is_some()),
+        other => panic!("expected the transactional claim, got {other:?}"),
+    }
+    assert!(operator.forget(key).await.unwrap(), "the holder was ended");
+    // The holder's body goes on until it next talks to the database.
+    gate.notify_one();
+    assert!(
+        holder.await.unwrap().is_err(),
+        "the ended holder committed nothing"
+    );
+    assert_eq!(
+        operator.inspect(key).await.unwrap(),
+        idem_core::Inspection::Absent
+    );
+    let rerun = store
+        .run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
+            Box::pin(async move { Ok::<_, ChargeError>(2_i64) })
+        })
+        .await;
+    assert_eq!(rerun.unwrap(), 2);
+}

@@ -265,6 +265,24 @@ impl PostgresStore {
         }
     }
 
+    /// How long the session holding `key`'s transactional lock has been in
+    /// its transaction, if one holds it.
+    async fn transactional_holder(&self, key: Key) -> Result<Option<Duration>, StoreError> {
+        let held = self
+            .timed("inspect", async {
+                sqlx::query_scalar::<_, Option<i64>>(&format!(
+                    "SELECT floor(extract(epoch FROM now() - a.xact_start) * 1000)::bigint \
+                     {HOLDER_LOCK} LIMIT 1"
+                ))
+                .bind(transaction::lock_id(key))
+                .fetch_optional(&self.inner.pool)
+                .await
+            })
+            .await?;
+        Ok(held
+            .map(|ms| Duration::from_millis(ms.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0))))
+    }
+
     async fn in_progress(&self, key: Key) -> Result<bool, StoreError> {
         self.timed("watch", async {
             sqlx::query_scalar::<_, bool>(&self.inner.sql.in_progress)
@@ -525,6 +543,15 @@ impl std::fmt::Display for SqlxError {
 
 impl std::error::Error for SqlxError {}
 
+/// The session that holds a key's transactional lock (`$1`, as
+/// [`transaction::lock_id`] makes it): `pg_advisory_xact_lock(bigint)` is
+/// listed with the high 32 bits as `classid`, the low as `objid`.
+const HOLDER_LOCK: &str = "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND l.classid = (($1::bigint >> 32) & 4294967295)::oid \
+     AND l.objid = ($1::bigint & 4294967295)::oid";
+
 /// The longest a waiter relies on `NOTIFY` before it looks at the key again.
 const WATCH_FALLBACK: Duration = Duration::from_secs(1);
 
@@ -698,7 +725,16 @@ impl Store for PostgresStore {
                 })
                 .await?;
             let Some(row) = row else {
-                return Ok(Inspection::Absent);
+                // A transactional claim is a row not yet committed, which no
+                // other session sees: its holder holds the key's lock.
+                return Ok(match self.transactional_holder(key).await? {
+                    Some(held_for) => Inspection::InProgress {
+                        fingerprint: Fingerprint::UNCHECKED,
+                        expires_in: Duration::ZERO,
+                        held_for: Some(held_for),
+                    },
+                    None => Inspection::Absent,
+                });
             };
             let corrupt = |e: sqlx::Error| store_error("inspect", &e);
             let fingerprint =
@@ -741,15 +777,30 @@ impl Store for PostgresStore {
     fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             self.ready().await?;
-            self.timed("forget", async {
-                sqlx::query_scalar::<_, bool>(&self.inner.sql.forget)
-                    .bind(key.digest().as_slice())
-                    .bind(&self.inner.sql.channel)
-                    .fetch_optional(&self.inner.pool)
+            let live = self
+                .timed("forget", async {
+                    sqlx::query_scalar::<_, bool>(&self.inner.sql.forget)
+                        .bind(key.digest().as_slice())
+                        .bind(&self.inner.sql.channel)
+                        .fetch_optional(&self.inner.pool)
+                        .await
+                })
+                .await?
+                .unwrap_or(false);
+            // A transactional holder is ended: its session is terminated,
+            // which rolls its transaction back (its writes with it).
+            let ended = self
+                .timed("forget", async {
+                    sqlx::query_scalar::<_, Option<bool>>(&format!(
+                        "SELECT bool_or(pg_terminate_backend(l.pid)) {HOLDER_LOCK}"
+                    ))
+                    .bind(transaction::lock_id(key))
+                    .fetch_one(&self.inner.pool)
                     .await
-            })
-            .await
-            .map(|live| live.unwrap_or(false))
+                })
+                .await?
+                .unwrap_or(false);
+            Ok(live || ended)
         })
     }
 

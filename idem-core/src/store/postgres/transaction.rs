@@ -338,7 +338,7 @@ impl PostgresStore {
         savepoint: bool,
     ) -> Result<Result<Held, Record>, Error> {
         self.ready().await?;
-        let lock_id = i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8]));
+        let lock_id = lock_id(key);
         let locking_since = Instant::now();
         let deadline = locking_since + settings.wait_timeout();
         let mut waited = false;
@@ -642,6 +642,11 @@ impl Held {
                 )
             })
     }
+}
+
+/// The key's advisory lock: 64 bits of its digest.
+pub(crate) fn lock_id(key: Key) -> i64 {
+    i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8]))
 }
 
 /// `idle_in_transaction_session_timeout` for a transaction held for `lease`
