@@ -330,35 +330,37 @@ pub trait Message: Send + Sync {
 /// The longest `reason` that [`Message::dead_letter`] gets, in bytes.
 pub const MAX_REASON_LEN: usize = 1024;
 
-/// `text` made safe for a header value (NATS, HTTP, AMQP): backslashes,
-/// line breaks, tabs and other control characters escaped (`\\`, `\n`,
-/// `\r`, `\t`, `\u{7f}`), and cut at a character boundary to at most
-/// [`MAX_REASON_LEN`] bytes, ending in `…` when cut.
+/// `text` made safe for a header value (NATS, HTTP, AMQP): line breaks,
+/// tabs and other control characters escaped (`\n`, `\r`, `\t`,
+/// `\u{7f}`), and cut at a character boundary to at most
+/// [`MAX_REASON_LEN`] bytes, ending in `…` when cut. Applying it twice
+/// changes nothing more.
 #[must_use]
 pub fn header_text(text: &str) -> String {
+    use fmt::Write as _;
     const CUT: &str = "…";
     let mut safe = String::with_capacity(text.len().min(MAX_REASON_LEN));
     for c in text.chars() {
-        let escaped;
-        let piece = match c {
-            '\\' => "\\\\",
-            '\n' => "\\n",
-            '\r' => "\\r",
-            '\t' => "\\t",
-            c if c.is_control() => {
-                escaped = format!("\\u{{{:x}}}", u32::from(c));
-                &escaped
-            }
-            c => {
-                escaped = c.to_string();
-                &escaped
-            }
-        };
-        if safe.len() + piece.len() > MAX_REASON_LEN - CUT.len() {
-            safe.push_str(CUT);
-            return safe;
+        if safe.len() > MAX_REASON_LEN {
+            break;
         }
-        safe.push_str(piece);
+        match c {
+            '\n' => safe.push_str("\\n"),
+            '\r' => safe.push_str("\\r"),
+            '\t' => safe.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(safe, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => safe.push(c),
+        }
+    }
+    if safe.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN - CUT.len();
+        while !safe.is_char_boundary(end) {
+            end -= 1;
+        }
+        safe.truncate(end);
+        safe.push_str(CUT);
     }
     safe
 }

@@ -384,9 +384,13 @@ async fn run_stops_at_the_streams_first_error() {
 fn header_text_escapes_control_characters_and_cuts_long_text() {
     assert_eq!(header_text("plain text"), "plain text");
     assert_eq!(
-        header_text("line 1\nline 2\r\n\tend\u{7}\\"),
-        "line 1\\nline 2\\r\\n\\tend\\u{7}\\\\"
+        header_text("line 1\nline 2\r\n\tend\u{7}"),
+        "line 1\\nline 2\\r\\n\\tend\\u{7}"
     );
+    let safe = header_text(&format!("a\\b\n{}", "x".repeat(5_000)));
+    assert_eq!(header_text(&safe), safe, "idempotent");
+    let fits = "y".repeat(MAX_REASON_LEN);
+    assert_eq!(header_text(&fits), fits, "not cut when it fits");
     let long = header_text(&"é".repeat(5_000));
     assert!(long.len() <= MAX_REASON_LEN, "{}", long.len());
     assert!(long.ends_with('…'));
