@@ -56,7 +56,7 @@ fn check_version() {
 pub struct NatsServer {
     port: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl NatsServer {
@@ -65,23 +65,26 @@ impl NatsServer {
         check_version();
         let dir = tempfile::tempdir().expect("a scratch directory");
         let port = free_port();
-        let child = Command::new(server_binary())
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-            .arg("-sd")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run `{}` ({e})", server_binary()));
-        watch(child.id());
-        let mut server = Self {
-            port,
-            child,
-            _dir: dir,
-        };
+        let child = spawn(port, dir.path());
+        let mut server = Self { port, child, dir };
         server.wait_until_ready();
         server
+    }
+
+    /// Kills the server (`SIGKILL`): a broker outage. Its store stays, for
+    /// [`restart`](Self::restart).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on its port and store, after
+    /// [`stop`](Self::stop): streams and durable consumers on file storage
+    /// come back with their messages.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn(self.port, self.dir.path());
+        self.wait_until_ready();
     }
 
     fn wait_until_ready(&mut self) {
@@ -121,6 +124,20 @@ impl NatsServer {
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+}
+
+fn spawn(port: u16, dir: &Path) -> Child {
+    let child = Command::new(server_binary())
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+        .arg("-sd")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{}` ({e})", server_binary()));
+    watch(child.id());
+    child
 }
 
 impl Drop for NatsServer {
