@@ -40,6 +40,43 @@
 //! handler runs, `+WPI` tells the server it is in progress every
 //! [`heartbeat`](super::Consumer::heartbeat): keep that below the consumer's
 //! `ack_wait`.
+//!
+//! [`consume`](JetStream::consume) refuses to start with settings that
+//! cannot work ([`ConsumeError`]), and runs until the JetStream consumer is
+//! deleted: a broker outage of any length (missed idle heartbeats, failed
+//! pulls) is logged and ridden out while async-nats reconnects.
+//!
+//! # What JetStream adds
+//!
+//! - **Versions.** Tested with nats-server 2.9.10 and async-nats 0.50 (the
+//!   harness refuses an older server). async-nats 0.50 follows the 2.10+
+//!   API and cannot read some replies of nats-server 2.9; what idem uses
+//!   (consumer info, pulls, acks, publishes) works on 2.9.10, but prefer
+//!   nats-server 2.10 or newer.
+//! - **The duplicate window.** A stream drops a publish whose `Nats-Msg-Id`
+//!   it stored within its duplicate window (2 min by default): such a
+//!   message never reaches the consumer, and a publisher that reuses an id
+//!   for *another* message inside the window loses it (its `PubAck` says
+//!   `duplicate`). idem's own record of an id lasts the consumer's TTL
+//!   (24 h by default), well past the window. Dead letters rely on the
+//!   dead-letter stream's window: a dead letter published again after it
+//!   (e.g. a `+TERM` that failed and a redelivery more than 2 min later)
+//!   is stored twice.
+//! - **Late acks.** The server tracks acknowledgements per stored message,
+//!   not per delivery: an ack sent after `ack_wait`, when the message was
+//!   already redelivered, acknowledges the redelivery too, even while it
+//!   is still being handled. idem acknowledges only recorded outcomes, so
+//!   that redelivery is a replay; but a handler must never ack, nak or
+//!   terminate the message itself, and `heartbeat` must stay below
+//!   `ack_wait` so that slow handlers are not redelivered.
+//! - **`max_deliver`.** The server stops redelivering a message after the
+//!   consumer's `max_deliver` deliveries (default: no limit), without a
+//!   dead letter; `consume` refuses a `max_deliver` below
+//!   [`max_deliveries`](super::Consumer::max_deliveries). Leave room for
+//!   [`dead_letter_attempts`](super::Consumer::dead_letter_attempts) too.
+//! - **Stream incarnations.** [`MessageKey::StreamSequence`] keys a message
+//!   by its stream, sequence and storage time, since a recreated stream
+//!   numbers its messages from 1 again.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -24,16 +24,25 @@
 //! | outcome | the message is |
 //! |---|---|
 //! | the handler returned `Ok` (or an earlier delivery did: a replay) | acknowledged |
-//! | the handler returned `Err`, delivery `n` < `max_deliveries` (5) | nak'ed, redelivered after a backoff: 1 s · 2ⁿ⁻¹, at most 60 s |
-//! | the handler returned `Err` on the last delivery | dead-lettered: published to the dead-letter subject when one is set, and terminated |
+//! | the handler returned `Err` or panicked, delivery `n` < `max_deliveries` (5) | nak'ed, redelivered after a backoff: 1 s · 2ⁿ⁻¹, at most 60 s; a panic releases the claim at once like an `Err` |
+//! | the handler returned `Err` or panicked on the last delivery | dead-lettered: published to the dead-letter subject when one is set, and terminated; the failure is recorded |
+//! | an earlier delivery failed for good (recorded) | dead-lettered again, without running the handler |
+//! | its dead letter cannot be published | nak'ed with the backoff and only the dead letter tried again, through delivery `max_deliveries + dead_letter_attempts - 1` (a message without an id: once); then terminated without one (logged) |
+//! | the handler ran but its outcome could not be recorded before the lease ended | nak'ed with the backoff, never acknowledged |
 //! | another delivery of the id is running elsewhere past the wait | nak'ed, redelivered after that delivery's remaining lease |
 //! | the idempotency store is down | nak'ed with the backoff; never dead-lettered, never run unguarded |
 //! | the id was used before with another payload | dead-lettered: it is another message under a taken id |
 //! | the message has no id | dead-lettered |
 //! | it ran before, but its outcome cannot be replayed (no longer decodes) | acknowledged: its side effect happened |
 //!
-//! Handler errors are never stored: the next delivery runs the handler
-//! again.
+//! Handler errors before the last delivery are never stored: the next
+//! delivery runs the handler again. Error texts and panic messages of any
+//! shape (newlines, control characters, 10 KB) reach the dead letter as
+//! one [header-safe](header_text) line of at most [`MAX_REASON_LEN`]
+//! bytes. Nothing a message does (a panic, odd text, a broker that refuses
+//! its ack or dead letter) stops [`Consumer::run`] or the other messages in
+//! flight. After each run, the consumer reads the record back (one store
+//! read) to acknowledge only a recorded outcome.
 //!
 //! # Ordering and batching
 //!
@@ -502,8 +511,8 @@ impl Consumer {
     /// Checks the settings against the store's limits (a lease at least
     /// three times the store's response timeout, so that a renewal that
     /// times out can be retried): settings that fail it would nak every
-    /// message without running it. [`jetstream::JetStream::consume`] checks
-    /// at start.
+    /// message without running it. The JetStream integration's `consume`
+    /// checks at start.
     ///
     /// # Errors
     ///
