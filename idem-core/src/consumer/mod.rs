@@ -108,7 +108,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::codec::ResultCodec;
 use crate::observe::Operation;
-use crate::store::Inspection;
+use crate::store::{Inspection, StoreErrorKind};
 use crate::{Error, Fingerprint, Idempotency, Key, Settings};
 
 /// A message as a handler sees it: its id, payload and delivery count.
@@ -495,6 +495,11 @@ impl Consumer {
     /// logged at `ERROR` and counted in [`Stats::dead_letters_failed`].
     /// (The broker must allow those deliveries: a JetStream `max_deliver`
     /// below them ends the retries sooner.)
+    ///
+    /// The recorded failure lasts the TTL: a message with the same id and
+    /// payload published again (a dead letter sent back to be retried) is
+    /// dead-lettered again without running, until its key is
+    /// [forgotten](Idempotency::forget).
     #[must_use]
     pub fn dead_letter_attempts(mut self, attempts: u32) -> Self {
         self.dead_letter_attempts = attempts.max(1);
@@ -646,10 +651,18 @@ impl Consumer {
         let ran = ran.load(Ordering::Relaxed);
         match result {
             Ok(value) if ran => match self.idem.inspect(key).await {
+                // A store that cannot inspect (one written before
+                // `inspect`) cannot say: its outcome is taken as recorded.
                 Ok(Inspection::Completed { .. }) => Outcome {
                     handled: Handled::Ran(value),
                     disposition: Disposition::Ack,
                 },
+                Err(Error::Store(error)) if error.kind() == StoreErrorKind::Unsupported => {
+                    Outcome {
+                        handled: Handled::Ran(value),
+                        disposition: Disposition::Ack,
+                    }
+                }
                 inspected => {
                     // Acknowledging it would let a message whose outcome is
                     // not recorded go; the redelivery replays it if the

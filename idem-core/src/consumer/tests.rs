@@ -644,3 +644,42 @@ fn settings_that_cannot_work_with_the_store_fail_the_check() {
     );
     assert!(Consumer::new(idem, "orders").check().is_ok());
 }
+
+/// A memory store as a store written before `inspect` sees it.
+struct Uninspectable(crate::MemoryStore);
+
+impl Store for Uninspectable {
+    fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+        self.0.begin(k, f, t, l)
+    }
+    fn complete(&self, k: Key, t: Token, r: Record, ttl: Duration) -> StoreFuture<'_, Completion> {
+        self.0.complete(k, t, r, ttl)
+    }
+    fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+        self.0.release(k, t)
+    }
+    fn renew(&self, k: Key, t: Token, l: Duration) -> StoreFuture<'_, bool> {
+        self.0.renew(k, t, l)
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_inspect_still_gets_its_messages_acknowledged() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let idem = Idempotency::new(Uninspectable(crate::MemoryStore::new()));
+    let consumer = Consumer::new(idem, "orders");
+    for delivery in 1..=2 {
+        consumer
+            .handle(&message(&broker, "m1", b"abc", delivery), |d| {
+                effects.apply(d)
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        broker.told(),
+        [("m1".into(), Told::Ack), ("m1".into(), Told::Ack)]
+    );
+    assert_eq!(effects.runs("m1"), 1);
+    assert_eq!(consumer.stats().unrecorded, 0);
+}
