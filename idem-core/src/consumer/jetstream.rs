@@ -173,9 +173,11 @@ impl JetStream {
     pub const DEFAULT_IDLE_HEARTBEAT: Duration = Duration::from_secs(15);
 
     /// How often the server tells an idle pull that it is alive (default
-    /// 15 s). Two missed in a row are reported as a missed heartbeat, which
-    /// [`consume`](Self::consume) logs and rides out (the client reconnects
-    /// and pulls again).
+    /// 15 s); each pull request lasts twice as long (30 s by default). Two
+    /// missed heartbeats in a row are reported as a missed heartbeat, which
+    /// [`consume`](Self::consume) logs and rides out: the client
+    /// reconnects, and messages flow again by the next pull request, at
+    /// most one request's time after the server is back.
     #[must_use]
     pub fn idle_heartbeat(mut self, every: Duration) -> Self {
         self.idle_heartbeat = every.max(Duration::from_millis(100));
@@ -273,11 +275,7 @@ impl JetStream {
         let messages = pull
             .stream()
             .heartbeat(self.idle_heartbeat)
-            .expires(
-                self.idle_heartbeat
-                    .saturating_mul(2)
-                    .max(Duration::from_secs(30)),
-            )
+            .expires(self.idle_heartbeat.saturating_mul(2))
             .messages()
             .await
             .map_err(|error| BrokerError(error.into()))?;
