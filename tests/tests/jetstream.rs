@@ -920,3 +920,26 @@ async fn a_broker_outage_does_not_end_consume() {
     let runs = effects.runs();
     assert_eq!((runs["1"], runs["2"]), (1, 1), "{runs:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_ends_with_an_error_when_the_connection_fails_for_good() {
+    let mut server = NatsServer::start();
+    let client = async_nats::ConnectOptions::new()
+        .max_reconnects(Some(2))
+        .connect(server.url())
+        .await
+        .unwrap();
+    let context = jetstream::new(client);
+    let pull = orders(&context, Duration::from_secs(30)).await;
+    let consumer = Consumer::new(Idempotency::memory(), "billing");
+    let js = JetStream::new(context.clone()).idle_heartbeat(Duration::from_millis(500));
+    let running = consuming(js, &consumer, &pull, &Arc::default(), |_| Ok(()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.stop();
+    let ended = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("consume ended once the client gave up")
+        .unwrap();
+    let error = ended.unwrap_err();
+    assert!(matches!(error, ConsumeError::Broker(_)), "{error}");
+}

@@ -43,8 +43,9 @@
 //!
 //! [`consume`](JetStream::consume) refuses to start with settings that
 //! cannot work ([`ConsumeError`]), and runs until the JetStream consumer is
-//! deleted: a broker outage of any length (missed idle heartbeats, failed
-//! pulls) is logged and ridden out while async-nats reconnects.
+//! deleted or the connection fails for good: a broker outage of any length
+//! (missed idle heartbeats, failed pulls) is logged and ridden out while
+//! async-nats reconnects.
 //!
 //! # What JetStream adds
 //!
@@ -220,8 +221,9 @@ impl JetStream {
     }
 
     /// Processes the messages of `pull` with `consumer` and `handler` until
-    /// the consumer is deleted or the connection closes; see
-    /// [`Consumer::run`].
+    /// the consumer is deleted or the connection fails for good (the
+    /// client's reconnects are exhausted, or it is closed); see
+    /// [`Consumer::run`]. It never returns `Ok`.
     ///
     /// Checks first that the settings can work ([`Consumer::check`]), and
     /// refuses a JetStream consumer whose `max_deliver` is below
@@ -234,8 +236,8 @@ impl JetStream {
     ///
     /// [`ConsumeError::Settings`], [`ConsumeError::MaxDeliver`] or
     /// [`ConsumeError::KeyHeader`] at start; [`ConsumeError::Broker`] when
-    /// the messages cannot be pulled: the consumer is gone, or is not a
-    /// pull consumer.
+    /// the messages cannot be pulled: the consumer is gone or is not a pull
+    /// consumer, or the connection failed for good.
     pub async fn consume<T, E, F, Fut>(
         &self,
         consumer: &Consumer,
@@ -294,7 +296,12 @@ impl JetStream {
         consumer
             .run(messages, handler)
             .await
-            .map_err(|error| ConsumeError::Broker(BrokerError(error.into())))
+            .map_err(|error| ConsumeError::Broker(BrokerError(error.into())))?;
+        // The messages end only with the client: its connection failed for
+        // good (reconnects exhausted) or it was closed.
+        Err(ConsumeError::Broker(BrokerError(
+            "the connection to the NATS server closed for good".into(),
+        )))
     }
 }
 
