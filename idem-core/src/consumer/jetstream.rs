@@ -263,6 +263,15 @@ impl JetStream {
                 max_deliveries: consumer.max_deliveries,
             });
         }
+        if config.max_deliver > 0
+            && config.max_deliver < i64::from(consumer.last_dead_letter_delivery())
+        {
+            tracing::warn!(
+                max_deliver = config.max_deliver,
+                last_attempt = consumer.last_dead_letter_delivery(),
+                "idem: the JetStream consumer's max_deliver leaves fewer deliveries than dead_letter_attempts for a dead letter that cannot be published"
+            );
+        }
         let ack_wait = config.ack_wait;
         if let Some(heartbeat) = consumer.heartbeat
             && !ack_wait.is_zero()

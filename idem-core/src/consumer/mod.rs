@@ -850,6 +850,9 @@ impl Consumer {
         T: Serialize + DeserializeOwned,
         E: fmt::Display,
     {
+        if let Err(error) = self.check() {
+            tracing::error!(%error, "idem: the consumer's settings cannot work; every message will be nak'ed without running");
+        }
         let failed = std::sync::Mutex::new(None);
         let handler = &handler;
         messages
