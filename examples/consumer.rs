@@ -58,6 +58,9 @@ impl Message for LossyAcks {
     async fn dead_letter(&self, reason: &str) -> Result<(), AckError> {
         self.message.dead_letter(reason).await
     }
+    async fn terminate(&self) -> Result<(), AckError> {
+        self.message.terminate().await
+    }
     async fn in_progress(&self) -> Result<(), AckError> {
         self.message.in_progress().await
     }
@@ -175,6 +178,7 @@ async fn run(
                         Handled::Ran(email) => format!("ran: {email}"),
                         Handled::Replayed(_) => "replayed: no email".to_owned(),
                         Handled::Failed(error) => format!("failed: {error}"),
+                        Handled::FailedBefore(reason) => format!("failed before: {reason}"),
                         Handled::NotRun(error) => format!("not run: {error}"),
                         _ => "handled".to_owned(),
                     };

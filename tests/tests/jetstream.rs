@@ -1,7 +1,9 @@
 //! The consumer on a real `nats-server` with JetStream (started by the
 //! harness on a free port): duplicates, redelivery while a handler runs,
-//! dead letters, a consumer process killed with `kill -9` mid-batch, and two
-//! consumer processes on one durable consumer with a Redis store.
+//! dead letters, a consumer process killed with `kill -9` mid-batch, two
+//! consumer processes on one durable consumer with a Redis store, and what
+//! must not stop consumption: panics, multi-line errors, dead letters that
+//! cannot be published, a broker outage, a recreated stream.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead as _, BufReader};
@@ -14,8 +16,8 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull, stream};
 use futures_util::StreamExt as _;
 use idem_core::Idempotency;
-use idem_core::consumer::jetstream::{JetStream, MessageKey};
-use idem_core::consumer::{Consumer, Delivery};
+use idem_core::consumer::jetstream::{ConsumeError, JetStream, MessageKey};
+use idem_core::consumer::{Consumer, Delivery, Message as _};
 use idem_test::nats_server::NatsServer;
 use idem_test::redis_server::RedisServer;
 use tokio::time::Instant;
@@ -83,15 +85,18 @@ fn with_duplicates(distinct: u64, duplicates: u64) -> Vec<u64> {
 async fn drained(pull: &mut PullConsumer, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let info = pull.info().await.unwrap();
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            return;
-        }
+        // An error (the server restarting) is "not yet".
+        let state = match pull.info().await {
+            Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => return,
+            Ok(info) => format!(
+                "{} pending, {} unacknowledged",
+                info.num_pending, info.num_ack_pending
+            ),
+            Err(error) => error.to_string(),
+        };
         assert!(
             Instant::now() < deadline,
-            "not drained within {within:?}: {} pending, {} unacknowledged",
-            info.num_pending,
-            info.num_ack_pending
+            "not drained within {within:?}: {state}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -466,4 +471,475 @@ async fn two_consumer_processes_on_one_durable_consumer_run_each_message_once() 
     assert_eq!(a.0 + b.0, 1_600);
     assert!(a.2 > 0 && b.2 > 0, "both processes consumed");
     assert!(a.2 + b.2 >= 2_000);
+}
+
+/// A `DEAD` stream capturing `dead.>`.
+async fn dead_letters(context: &jetstream::Context) -> stream::Stream {
+    context
+        .create_stream(stream::Config {
+            name: "DEAD".into(),
+            subjects: vec!["dead.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// Every message of `stream` (at most 100), read with a fresh consumer.
+async fn letters(stream: &stream::Stream) -> Vec<jetstream::Message> {
+    let mut messages = stream
+        .create_consumer(pull::Config::default())
+        .await
+        .unwrap()
+        .fetch()
+        .max_messages(100)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .unwrap();
+    let mut letters = Vec::new();
+    while let Some(letter) = messages.next().await {
+        letters.push(letter.unwrap());
+    }
+    letters
+}
+
+fn reason(letter: &jetstream::Message) -> String {
+    letter
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get("Idem-Dead-Letter-Reason"))
+        .expect("a dead-letter reason")
+        .as_str()
+        .to_owned()
+}
+
+/// Runs `consume` in a task with a handler that records each run and fails
+/// (`Err` or a panic) as `fail` says for the delivery.
+fn consuming(
+    js: JetStream,
+    consumer: &Consumer,
+    pull: &PullConsumer,
+    effects: &Arc<Effects>,
+    fail: fn(&Delivery) -> Result<(), String>,
+) -> tokio::task::JoinHandle<Result<(), ConsumeError>> {
+    let (consumer, pull, effects) = (consumer.clone(), pull.clone(), effects.clone());
+    tokio::spawn(async move {
+        js.consume(&consumer, &pull, |delivery| {
+            let effects = effects.clone();
+            async move {
+                effects.apply(&delivery);
+                fail(&delivery)
+            }
+        })
+        .await
+    })
+}
+
+/// Polls `done` every 50 ms until it holds, for at most `within`.
+async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_line_error_is_dead_lettered_as_one_line_and_consumption_goes_on() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let mut pull = orders(&context, Duration::from_secs(30)).await;
+    let dead = dead_letters(&context).await;
+    publish(&context, &[1, 2, 3]).await;
+
+    let consumer = Consumer::new(Idempotency::memory(), "billing").max_deliveries(1);
+    let effects = Arc::new(Effects::default());
+    let js = JetStream::new(context.clone())
+        .key(MessageKey::Header("Event-Id".into()))
+        .dead_letter("dead.orders");
+    let running = consuming(js, &consumer, &pull, &effects, |delivery| {
+        if delivery.id() == "1" {
+            Err(format!("line one\nline two\r\n\u{0}{}", "x".repeat(20_000)))
+        } else {
+            Ok(())
+        }
+    });
+    drained(&mut pull, Duration::from_secs(30)).await;
+    assert!(!running.is_finished(), "consume ended: {running:?}");
+    running.abort();
+
+    let runs = effects.runs();
+    assert_eq!((runs["1"], runs["2"], runs["3"]), (1, 1, 1));
+    let letters = letters(&dead).await;
+    assert_eq!(letters.len(), 1);
+    let reason = reason(&letters[0]);
+    assert!(
+        reason.starts_with("the handler failed on delivery 1: line one\\nline two\\r\\n\\u{0}xxx"),
+        "{reason}"
+    );
+    assert!(reason.len() <= idem_core::consumer::MAX_REASON_LEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_its_message_and_consumption_goes_on() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let mut pull = orders(&context, Duration::from_secs(30)).await;
+    let dead = dead_letters(&context).await;
+    publish(&context, &[1, 2, 3]).await;
+
+    let consumer = Consumer::new(Idempotency::memory(), "billing")
+        .max_deliveries(3)
+        .backoff(Duration::from_millis(50), Duration::from_millis(200));
+    let effects = Arc::new(Effects::default());
+    let js = JetStream::new(context.clone())
+        .key(MessageKey::Header("Event-Id".into()))
+        .dead_letter("dead.orders");
+    let running = consuming(js, &consumer, &pull, &effects, |delivery| {
+        assert_ne!(delivery.id(), "2", "a bug in the handler");
+        Ok(())
+    });
+    drained(&mut pull, Duration::from_secs(30)).await;
+    assert!(!running.is_finished(), "consume ended: {running:?}");
+    running.abort();
+
+    let runs = effects.runs();
+    assert_eq!(
+        (runs["1"], runs["2"], runs["3"]),
+        (1, 3, 1),
+        "the panicking message ran on each delivery, up to max_deliveries"
+    );
+    let stats = consumer.stats();
+    assert_eq!(
+        (stats.panicked, stats.naked, stats.dead_lettered),
+        (3, 2, 1),
+        "{stats:?}"
+    );
+    let letters = letters(&dead).await;
+    assert_eq!(letters.len(), 1);
+    assert!(
+        reason(&letters[0]).contains(
+            "the handler panicked: assertion `left != right` failed: a bug in the handler"
+        ),
+        "{}",
+        reason(&letters[0])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_streams_message_is_not_taken_for_an_old_one() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let consumer = Consumer::new(Idempotency::memory(), "billing");
+    let effects = Arc::new(Effects::default());
+    for incarnation in 1..=2 {
+        if incarnation == 2 {
+            context.delete_stream("ORDERS").await.unwrap();
+        }
+        let mut pull = orders(&context, Duration::from_secs(30)).await;
+        publish(&context, &[incarnation]).await;
+        let js = JetStream::new(context.clone()).key(MessageKey::StreamSequence);
+        let running = consuming(js, &consumer, &pull, &effects, |_| Ok(()));
+        drained(&mut pull, Duration::from_secs(30)).await;
+        running.abort();
+    }
+    let runs = effects.runs();
+    assert_eq!(runs.len(), 2, "two messages at sequence 1: {runs:?}");
+    assert!(runs.values().all(|&n| n == 1));
+    assert!(
+        runs.keys().all(|id| id.starts_with("ORDERS:1:")),
+        "{runs:?}"
+    );
+    let stats = consumer.stats();
+    assert_eq!((stats.ran, stats.replayed), (2, 0), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_published_is_retried_without_the_handler() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let mut pull = orders(&context, Duration::from_secs(30)).await;
+    publish(&context, &[1]).await;
+
+    // No stream captures `dead.>` yet: the dead letter cannot be published.
+    let consumer = Consumer::new(Idempotency::memory(), "billing")
+        .max_deliveries(2)
+        .dead_letter_attempts(100)
+        .backoff(Duration::from_millis(100), Duration::from_millis(100));
+    let effects = Arc::new(Effects::default());
+    let js = JetStream::new(context.clone())
+        .key(MessageKey::Header("Event-Id".into()))
+        .dead_letter("dead.orders");
+    let running = consuming(js, &consumer, &pull, &effects, |_| {
+        Err("card declined".to_owned())
+    });
+    eventually("two dead letters failed", Duration::from_secs(30), || {
+        consumer.stats().dead_letters_failed >= 2
+    })
+    .await;
+    let dead = dead_letters(&context).await;
+    drained(&mut pull, Duration::from_secs(30)).await;
+    assert!(!running.is_finished(), "consume ended: {running:?}");
+    running.abort();
+
+    assert_eq!(
+        effects.runs()["1"],
+        2,
+        "the handler ran max_deliveries times"
+    );
+    let letters = letters(&dead).await;
+    assert_eq!(letters.len(), 1);
+    assert!(reason(&letters[0]).contains("delivery 2: card declined"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_published_twice_is_stored_once() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let pull = orders(&context, Duration::from_secs(30)).await;
+    let dead = dead_letters(&context).await;
+    publish(&context, &[1]).await;
+
+    let js = JetStream::new(context.clone())
+        .key(MessageKey::Header("Event-Id".into()))
+        .dead_letter("dead.orders");
+    let message = pull
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .unwrap()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    let message = js.message(message);
+    // As after a `+TERM` that failed: the redelivery dead-letters it again.
+    message.dead_letter("card declined").await.unwrap();
+    message.dead_letter("card declined").await.unwrap();
+    let letters = letters(&dead).await;
+    assert_eq!(letters.len(), 1, "the second publish was a duplicate");
+    let id = letters[0]
+        .headers
+        .as_ref()
+        .unwrap()
+        .get("Nats-Msg-Id")
+        .unwrap();
+    assert!(
+        id.as_str().starts_with("idem-dead-letter:ORDERS:1:"),
+        "{id}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_refuses_a_max_deliver_below_max_deliveries() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let stream = context
+        .create_stream(stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pull = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("billing".into()),
+            max_deliver: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let js = JetStream::new(context.clone());
+    let handler = |_: Delivery| async { Ok::<_, String>(()) };
+
+    let error = js
+        .consume(
+            &Consumer::new(Idempotency::memory(), "billing"),
+            &pull,
+            handler,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConsumeError::MaxDeliver {
+                max_deliver: 3,
+                max_deliveries: 5
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("max_deliver (3)"), "{error}");
+
+    // Within the server's limit, it starts.
+    let fits = Consumer::new(Idempotency::memory(), "billing").max_deliveries(3);
+    let running = tokio::time::timeout(
+        Duration::from_millis(500),
+        js.consume(&fits, &pull, handler),
+    );
+    assert!(running.await.is_err(), "consume started and kept running");
+}
+
+/// A memory store that claims to answer within 1 s, as a network store does.
+struct Remote(idem_core::MemoryStore);
+
+impl idem_core::store::Store for Remote {
+    fn begin(
+        &self,
+        key: idem_core::Key,
+        fingerprint: idem_core::Fingerprint,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
+        self.0.begin(key, fingerprint, token, lease)
+    }
+    fn complete(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        record: idem_core::store::Record,
+        ttl: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+        self.0.complete(key, token, record, ttl)
+    }
+    fn release(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+    ) -> idem_core::store::StoreFuture<'_, ()> {
+        self.0.release(key, token)
+    }
+    fn renew(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, bool> {
+        self.0.renew(key, token, lease)
+    }
+    fn limits(&self) -> idem_core::store::Limits {
+        idem_core::store::Limits::with_response_timeout(Duration::from_secs(1))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_refuses_settings_that_cannot_work_at_start() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let pull = orders(&context, Duration::from_secs(30)).await;
+    publish(&context, &[1]).await;
+    let short = idem_core::Settings::builder()
+        .lease(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let consumer = Consumer::new(
+        Idempotency::new(Remote(idem_core::MemoryStore::new())),
+        "billing",
+    )
+    .settings(short);
+    let effects = Arc::new(Effects::default());
+    let js = JetStream::new(context.clone()).key(MessageKey::Header("Event-Id".into()));
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        consuming(js, &consumer, &pull, &effects, |_| Ok(())),
+    )
+    .await
+    .expect("consume returned at start")
+    .unwrap();
+    let error = ended.unwrap_err();
+    assert!(matches!(error, ConsumeError::Settings(_)), "{error}");
+    assert!(error.to_string().contains("lease"), "{error}");
+    assert_eq!(consumer.stats().delivered, 0);
+
+    let bad_header = JetStream::new(context.clone()).key(MessageKey::Header("Event Id".into()));
+    let error = consuming(
+        bad_header,
+        &Consumer::new(Idempotency::memory(), "billing"),
+        &pull,
+        &effects,
+        |_| Ok(()),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(matches!(error, ConsumeError::KeyHeader(_)), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_does_not_end_consume() {
+    let mut server = NatsServer::start();
+    let context = context(&server).await;
+    // A short ack wait: the server killed may not have kept message 1's ack,
+    // and redelivers it (a replay) after the ack wait.
+    let mut pull = orders(&context, Duration::from_secs(2)).await;
+    publish(&context, &[1]).await;
+
+    let consumer =
+        Consumer::new(Idempotency::memory(), "billing").heartbeat(Some(Duration::from_millis(500)));
+    let effects = Arc::new(Effects::default());
+    // Two missed idle heartbeats (1 s) end the pull with `MissingHeartbeat`.
+    let js = JetStream::new(context.clone())
+        .key(MessageKey::Header("Event-Id".into()))
+        .idle_heartbeat(Duration::from_millis(500));
+    let running = consuming(js, &consumer, &pull, &effects, |_| Ok(()));
+    drained(&mut pull, Duration::from_secs(30)).await;
+
+    server.stop();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !running.is_finished(),
+        "consume ended in the outage: {running:?}"
+    );
+    server.restart();
+    // Published once the restarted server's JetStream takes it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut headers = HeaderMap::new();
+        headers.insert("Event-Id", "2");
+        let published = async {
+            context
+                .publish_with_headers("orders.new", headers, "order 2".into())
+                .await?
+                .await?;
+            Ok::<_, async_nats::Error>(())
+        };
+        match published.await {
+            Ok(()) => break,
+            Err(error) => assert!(Instant::now() < deadline, "cannot publish: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drained(&mut pull, Duration::from_secs(60)).await;
+    assert!(!running.is_finished(), "consume ended: {running:?}");
+    running.abort();
+
+    let runs = effects.runs();
+    assert_eq!((runs["1"], runs["2"]), (1, 1), "{runs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_ends_with_an_error_when_the_connection_fails_for_good() {
+    let mut server = NatsServer::start();
+    let client = async_nats::ConnectOptions::new()
+        .max_reconnects(Some(2))
+        .connect(server.url())
+        .await
+        .unwrap();
+    let context = jetstream::new(client);
+    let pull = orders(&context, Duration::from_secs(30)).await;
+    let consumer = Consumer::new(Idempotency::memory(), "billing");
+    let js = JetStream::new(context.clone()).idle_heartbeat(Duration::from_millis(500));
+    let running = consuming(js, &consumer, &pull, &Arc::default(), |_| Ok(()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.stop();
+    let ended = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("consume ended once the client gave up")
+        .unwrap();
+    let error = ended.unwrap_err();
+    assert!(matches!(error, ConsumeError::Broker(_)), "{error}");
 }

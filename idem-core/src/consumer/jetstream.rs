@@ -40,18 +40,59 @@
 //! handler runs, `+WPI` tells the server it is in progress every
 //! [`heartbeat`](super::Consumer::heartbeat): keep that below the consumer's
 //! `ack_wait`.
+//!
+//! [`consume`](JetStream::consume) refuses to start with settings that
+//! cannot work ([`ConsumeError`]), and runs until the JetStream consumer is
+//! deleted or the connection fails for good: a broker outage of any length
+//! (missed idle heartbeats, failed pulls) is logged and ridden out while
+//! async-nats reconnects.
+//!
+//! # What JetStream adds
+//!
+//! - **Versions.** Tested with nats-server 2.9.10 and async-nats 0.50 (the
+//!   harness refuses an older server). async-nats 0.50 follows the 2.10+
+//!   API and cannot read some replies of nats-server 2.9; what idem uses
+//!   (consumer info, pulls, acks, publishes) works on 2.9.10, but prefer
+//!   nats-server 2.10 or newer.
+//! - **The duplicate window.** A stream drops a publish whose `Nats-Msg-Id`
+//!   it stored within its duplicate window (2 min by default): such a
+//!   message never reaches the consumer, and a publisher that reuses an id
+//!   for *another* message inside the window loses it (its `PubAck` says
+//!   `duplicate`). idem's own record of an id lasts the consumer's TTL
+//!   (24 h by default), well past the window. Dead letters rely on the
+//!   dead-letter stream's window: a dead letter published again after it
+//!   (e.g. a `+TERM` that failed and a redelivery more than 2 min later)
+//!   is stored twice.
+//! - **Late acks.** The server tracks acknowledgements per stored message,
+//!   not per delivery: an ack sent after `ack_wait`, when the message was
+//!   already redelivered, acknowledges the redelivery too, even while it
+//!   is still being handled. idem acknowledges only recorded outcomes, so
+//!   that redelivery is a replay; but a handler must never ack, nak or
+//!   terminate the message itself, and `heartbeat` must stay below
+//!   `ack_wait` so that slow handlers are not redelivered.
+//! - **`max_deliver`.** The server stops redelivering a message after the
+//!   consumer's `max_deliver` deliveries (default: no limit), without a
+//!   dead letter; `consume` refuses a `max_deliver` below
+//!   [`max_deliveries`](super::Consumer::max_deliveries). Leave room for
+//!   [`dead_letter_attempts`](super::Consumer::dead_letter_attempts) too.
+//! - **Stream incarnations.** [`MessageKey::StreamSequence`] keys a message
+//!   by its stream, sequence and storage time, since a recreated stream
+//!   numbers its messages from 1 again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
-use async_nats::{HeaderMap, HeaderValue};
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use futures_util::StreamExt as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{AckError, BrokerError, Consumer, Delivery, Message};
+use super::{AckError, BrokerError, Consumer, Delivery, Message, header_text};
+
+const NATS_MSG_ID: &str = "Nats-Msg-Id";
 
 /// Where a message's id (its idempotency key) comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -65,9 +106,14 @@ pub enum MessageKey {
     /// A header of the application's choice (e.g. `Event-Id`). A message
     /// without it is dead-lettered.
     Header(String),
-    /// The message's stream sequence: the same on every redelivery of one
-    /// stored message, but different for a message published twice. It
-    /// guards against redelivery, not against publishers that retry.
+    /// The message's place in its stream: the stream's name, the message's
+    /// sequence and the time the stream stored it (to the nanosecond), as
+    /// `ORDERS:1:1733472000123456789`. The same on every redelivery of one
+    /// stored message, but different for a message published twice, and
+    /// for a message of a recreated stream (deleted and added again, a
+    /// memory stream after a server restart, a lost file store) that gets
+    /// an old message's sequence. It guards against redelivery, not against
+    /// publishers that retry.
     StreamSequence,
 }
 
@@ -77,6 +123,38 @@ pub struct JetStream {
     context: jetstream::Context,
     key: MessageKey,
     dead_letter: Option<Arc<str>>,
+    idle_heartbeat: Duration,
+}
+
+/// Why [`JetStream::consume`] refused to start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumeError {
+    /// The consumer's settings break a rule (e.g. a lease shorter than
+    /// three times the store's response timeout): every message would be
+    /// nak'ed without running. See [`Consumer::check`].
+    #[error("the consumer's settings cannot work: {0}")]
+    Settings(#[source] crate::Error),
+    /// The JetStream consumer's `max_deliver` is below the consumer's
+    /// `max_deliveries`: the server would stop redelivering a failing
+    /// message before idem dead-letters it, and it would be dropped without
+    /// a dead letter.
+    #[error(
+        "the JetStream consumer's max_deliver ({max_deliver}) is below idem's max_deliveries ({max_deliveries}): a failing message would be dropped without a dead letter; raise max_deliver (or -1 for no limit) or lower Consumer::max_deliveries"
+    )]
+    MaxDeliver {
+        /// The JetStream consumer's `max_deliver`.
+        max_deliver: i64,
+        /// The consumer's [`max_deliveries`](Consumer::max_deliveries).
+        max_deliveries: u32,
+    },
+    /// The header [`MessageKey::Header`] names is not a valid header name.
+    #[error("the message key header `{0}` is not a valid header name")]
+    KeyHeader(String),
+    /// The broker failed for good: the consumer was deleted, or the
+    /// connection closed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 impl JetStream {
@@ -88,7 +166,23 @@ impl JetStream {
             context,
             key: MessageKey::default(),
             dead_letter: None,
+            idle_heartbeat: Self::DEFAULT_IDLE_HEARTBEAT,
         }
+    }
+
+    /// The default idle heartbeat of the pull requests: 15 s (async-nats's).
+    pub const DEFAULT_IDLE_HEARTBEAT: Duration = Duration::from_secs(15);
+
+    /// How often the server tells an idle pull that it is alive (default
+    /// 15 s); each pull request lasts twice as long (30 s by default). Two
+    /// missed heartbeats in a row are reported as a missed heartbeat, which
+    /// [`consume`](Self::consume) logs and rides out: the client
+    /// reconnects, and messages flow again by the next pull request, at
+    /// most one request's time after the server is back.
+    #[must_use]
+    pub fn idle_heartbeat(mut self, every: Duration) -> Self {
+        self.idle_heartbeat = every.max(Duration::from_millis(100));
+        self
     }
 
     /// Where each message's id comes from.
@@ -99,8 +193,14 @@ impl JetStream {
     }
 
     /// Publishes dead letters to `subject` (through JetStream: a stream
-    /// must capture it) before terminating them. Should publishing fail,
-    /// the message is nak'ed instead, so none is lost.
+    /// must capture it) before terminating them. Each dead letter carries a
+    /// `Nats-Msg-Id` derived from the message's stream, sequence and time
+    /// (`idem-dead-letter:ORDERS:1:1733472000123456789`), so the dead-letter
+    /// stream drops a second publish of it within its duplicate window
+    /// (2 min by default) — e.g. after a `+TERM` that failed. Should
+    /// publishing fail, the message is nak'ed and the dead letter alone
+    /// tried again on later deliveries (the handler does not run again);
+    /// see [`Consumer::dead_letter_attempts`].
     #[must_use]
     pub fn dead_letter(mut self, subject: impl Into<Arc<str>>) -> Self {
         self.dead_letter = Some(subject.into());
@@ -121,25 +221,58 @@ impl JetStream {
     }
 
     /// Processes the messages of `pull` with `consumer` and `handler` until
-    /// the message stream fails; see [`Consumer::run`].
+    /// the consumer is deleted or the connection fails for good (the
+    /// client's reconnects are exhausted, or it is closed); see
+    /// [`Consumer::run`]. It never returns `Ok`.
+    ///
+    /// Checks first that the settings can work ([`Consumer::check`]), and
+    /// refuses a JetStream consumer whose `max_deliver` is below
+    /// [`max_deliveries`](Consumer::max_deliveries) (the server would drop a
+    /// failing message before idem dead-letters it). A broker outage does
+    /// not end it: missed heartbeats and failed pull requests are logged
+    /// while the client reconnects.
     ///
     /// # Errors
     ///
-    /// When the messages cannot be pulled: the consumer is gone, or the
-    /// connection failed for good.
+    /// [`ConsumeError::Settings`], [`ConsumeError::MaxDeliver`] or
+    /// [`ConsumeError::KeyHeader`] at start; [`ConsumeError::Broker`] when
+    /// the messages cannot be pulled: the consumer is gone or is not a pull
+    /// consumer, or the connection failed for good.
     pub async fn consume<T, E, F, Fut>(
         &self,
         consumer: &Consumer,
         pull: &PullConsumer,
         handler: F,
-    ) -> Result<(), BrokerError>
+    ) -> Result<(), ConsumeError>
     where
         F: Fn(Delivery) -> Fut,
         Fut: Future<Output = Result<T, E>>,
         T: Serialize + DeserializeOwned,
         E: std::fmt::Display,
     {
-        let ack_wait = pull.cached_info().config.ack_wait;
+        consumer.check().map_err(ConsumeError::Settings)?;
+        if let MessageKey::Header(name) = &self.key
+            && name.parse::<HeaderName>().is_err()
+        {
+            return Err(ConsumeError::KeyHeader(name.clone()));
+        }
+        let config = &pull.cached_info().config;
+        if config.max_deliver > 0 && config.max_deliver < i64::from(consumer.max_deliveries) {
+            return Err(ConsumeError::MaxDeliver {
+                max_deliver: config.max_deliver,
+                max_deliveries: consumer.max_deliveries,
+            });
+        }
+        if config.max_deliver > 0
+            && config.max_deliver < i64::from(consumer.last_dead_letter_delivery())
+        {
+            tracing::warn!(
+                max_deliver = config.max_deliver,
+                last_attempt = consumer.last_dead_letter_delivery(),
+                "idem: the JetStream consumer's max_deliver leaves fewer deliveries than dead_letter_attempts for a dead letter that cannot be published"
+            );
+        }
+        let ack_wait = config.ack_wait;
         if let Some(heartbeat) = consumer.heartbeat
             && !ack_wait.is_zero()
             && heartbeat >= ack_wait
@@ -151,15 +284,43 @@ impl JetStream {
             );
         }
         let messages = pull
+            .stream()
+            .heartbeat(self.idle_heartbeat)
+            .expires(self.idle_heartbeat.saturating_mul(2))
             .messages()
             .await
             .map_err(|error| BrokerError(error.into()))?;
-        let messages = messages.map(|message| message.map(|message| self.message(message)));
+        let messages = messages.filter_map(|message| {
+            std::future::ready(match message {
+                Ok(message) => Some(Ok(self.message(message))),
+                // async-nats goes on after these: an outage (missed
+                // heartbeats, failed pulls) is ridden out.
+                Err(error) if !ends_the_stream(error.kind()) => {
+                    tracing::warn!(%error, "idem: the JetStream message stream failed; waiting for the connection to come back");
+                    None
+                }
+                Err(error) => Some(Err(error)),
+            })
+        });
         consumer
             .run(messages, handler)
             .await
-            .map_err(|error| BrokerError(error.into()))
+            .map_err(|error| ConsumeError::Broker(BrokerError(error.into())))?;
+        // The messages end only with the client: its connection failed for
+        // good (reconnects exhausted) or it was closed.
+        Err(ConsumeError::Broker(BrokerError(
+            "the connection to the NATS server closed for good".into(),
+        )))
     }
+}
+
+/// Whether async-nats ends a pull consumer's message stream after `kind`:
+/// the consumer was deleted or is not a pull consumer.
+fn ends_the_stream(kind: MessagesErrorKind) -> bool {
+    matches!(
+        kind,
+        MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::PushBasedConsumer
+    )
 }
 
 /// A JetStream message as [`Consumer::handle`] takes it.
@@ -178,6 +339,7 @@ impl JetStreamMessage {
     }
 
     fn header(&self, name: &str) -> Option<&HeaderValue> {
+        let name = name.parse::<HeaderName>().ok()?;
         self.message.headers.as_ref()?.get(name)
     }
 }
@@ -187,14 +349,14 @@ impl Message for JetStreamMessage {
         let info = self.message.info().map_err(|error| error.to_string())?;
         let id = match &self.key {
             MessageKey::NatsMsgId => self
-                .header("Nats-Msg-Id")
+                .header(NATS_MSG_ID)
                 .map(|id| id.as_str().to_owned())
                 .ok_or("it has no `Nats-Msg-Id` header")?,
             MessageKey::Header(name) => self
                 .header(name)
                 .map(|id| id.as_str().to_owned())
                 .ok_or_else(|| format!("it has no `{name}` header"))?,
-            MessageKey::StreamSequence => format!("{}:{}", info.stream, info.stream_sequence),
+            MessageKey::StreamSequence => place(&info),
         };
         if id.is_empty() {
             return Err("its id is empty".to_owned());
@@ -214,40 +376,55 @@ impl Message for JetStreamMessage {
 
     async fn dead_letter(&self, reason: &str) -> Result<(), AckError> {
         if let Some((context, subject)) = &self.dead_letter {
-            let mut headers = self.message.headers.clone().unwrap_or_default();
-            headers.insert("Idem-Dead-Letter-Reason", reason);
-            headers.insert("Idem-Original-Subject", self.message.subject.as_str());
-            if let Ok(info) = self.message.info() {
-                headers.insert(
-                    "Idem-Stream-Sequence",
-                    info.stream_sequence.to_string().as_str(),
-                );
-            }
+            let info = self.message.info().ok();
             // The dead letter is a new message: the stream must not drop it
-            // as a duplicate of the original.
-            let headers = without(headers, "Nats-Msg-Id");
-            let published = async {
-                context
-                    .publish_with_headers(
-                        subject.to_string(),
-                        headers,
-                        self.message.payload.clone(),
-                    )
-                    .await?
-                    .await?;
-                Ok::<_, AckError>(())
+            // as a duplicate of the original, but a second publish of it
+            // (after a `+TERM` that failed) is a duplicate.
+            let mut headers = without(
+                self.message.headers.clone().unwrap_or_default(),
+                NATS_MSG_ID,
+            );
+            let mut set = |name: &'static str, text: &str| match header_text(text)
+                .parse::<HeaderValue>()
+            {
+                Ok(value) => headers.insert(name, value),
+                Err(error) => {
+                    tracing::warn!(%error, header = name, "idem: a dead letter's header could not be written; publishing it without");
+                }
             };
-            if let Err(error) = published.await {
-                tracing::error!(%error, "idem: could not publish a dead letter; nak'ing the message instead");
-                return self.nak(Duration::from_secs(5)).await;
+            set("Idem-Dead-Letter-Reason", reason);
+            set("Idem-Original-Subject", self.message.subject.as_str());
+            if let Some(info) = &info {
+                set("Idem-Stream-Sequence", &info.stream_sequence.to_string());
+                set(NATS_MSG_ID, &format!("idem-dead-letter:{}", place(info)));
             }
+            context
+                .publish_with_headers(subject.to_string(), headers, self.message.payload.clone())
+                .await?
+                .await?;
         }
+        self.message.ack_with(AckKind::Term).await
+    }
+
+    async fn terminate(&self) -> Result<(), AckError> {
         self.message.ack_with(AckKind::Term).await
     }
 
     async fn in_progress(&self) -> Result<(), AckError> {
         self.message.ack_with(AckKind::Progress).await
     }
+}
+
+/// The message's place in its stream, the same on every redelivery and
+/// never that of another message, in this or an earlier incarnation of the
+/// stream: `STREAM:sequence:stored-at-nanos`.
+fn place(info: &async_nats::jetstream::message::Info<'_>) -> String {
+    format!(
+        "{}:{}:{}",
+        info.stream,
+        info.stream_sequence,
+        info.published.unix_timestamp_nanos()
+    )
 }
 
 fn without(headers: HeaderMap, name: &str) -> HeaderMap {

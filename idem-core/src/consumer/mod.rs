@@ -24,16 +24,25 @@
 //! | outcome | the message is |
 //! |---|---|
 //! | the handler returned `Ok` (or an earlier delivery did: a replay) | acknowledged |
-//! | the handler returned `Err`, delivery `n` < `max_deliveries` (5) | nak'ed, redelivered after a backoff: 1 s · 2ⁿ⁻¹, at most 60 s |
-//! | the handler returned `Err` on the last delivery | dead-lettered: published to the dead-letter subject when one is set, and terminated |
+//! | the handler returned `Err` or panicked, delivery `n` < `max_deliveries` (5) | nak'ed, redelivered after a backoff: 1 s · 2ⁿ⁻¹, at most 60 s; a panic releases the claim at once like an `Err` |
+//! | the handler returned `Err` or panicked on the last delivery | dead-lettered: published to the dead-letter subject when one is set, and terminated; the failure is recorded |
+//! | an earlier delivery failed for good (recorded) | dead-lettered again, without running the handler |
+//! | its dead letter cannot be published | nak'ed with the backoff and only the dead letter tried again, through delivery `max_deliveries + dead_letter_attempts - 1` (a message without an id: once); then terminated without one (logged) |
+//! | the handler ran but its outcome could not be recorded before the lease ended | nak'ed with the backoff, never acknowledged |
 //! | another delivery of the id is running elsewhere past the wait | nak'ed, redelivered after that delivery's remaining lease |
 //! | the idempotency store is down | nak'ed with the backoff; never dead-lettered, never run unguarded |
 //! | the id was used before with another payload | dead-lettered: it is another message under a taken id |
 //! | the message has no id | dead-lettered |
 //! | it ran before, but its outcome cannot be replayed (no longer decodes) | acknowledged: its side effect happened |
 //!
-//! Handler errors are never stored: the next delivery runs the handler
-//! again.
+//! Handler errors before the last delivery are never stored: the next
+//! delivery runs the handler again. Error texts and panic messages of any
+//! shape (newlines, control characters, 10 KB) reach the dead letter as
+//! one [header-safe](header_text) line of at most [`MAX_REASON_LEN`]
+//! bytes. Nothing a message does (a panic, odd text, a broker that refuses
+//! its ack or dead letter) stops [`Consumer::run`] or the other messages in
+//! flight. After each run, the consumer reads the record back (one store
+//! read) to acknowledge only a recorded outcome.
 //!
 //! # Ordering and batching
 //!
@@ -86,18 +95,20 @@ pub mod jetstream;
 
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt as _};
+use futures_util::{FutureExt as _, Stream, StreamExt as _};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest as _, Sha256};
 
 use crate::codec::ResultCodec;
 use crate::observe::Operation;
+use crate::store::{Inspection, StoreErrorKind};
 use crate::{Error, Fingerprint, Idempotency, Key, Settings};
 
 /// A message as a handler sees it: its id, payload and delivery count.
@@ -185,8 +196,14 @@ pub enum Handled<T> {
     Ran(T),
     /// An earlier delivery's outcome, replayed; the handler did not run.
     Replayed(T),
-    /// The handler ran and failed with this error (its `Display`).
+    /// The handler ran and failed with this error (its `Display`), or
+    /// panicked (`the handler panicked: …`).
     Failed(String),
+    /// An earlier delivery failed for good (on the last delivery): its
+    /// failure is recorded, the handler did not run again, and the message
+    /// is dead-lettered once more (its dead letter may not have been
+    /// published).
+    FailedBefore(String),
     /// idem did not run the handler (the store is down, another delivery is
     /// running, the id was reused) or could not replay it.
     NotRun(Error),
@@ -198,7 +215,7 @@ impl<T> Handled<T> {
     pub fn value(&self) -> Option<&T> {
         match self {
             Self::Ran(value) | Self::Replayed(value) => Some(value),
-            Self::Failed(_) | Self::NotRun(_) => None,
+            Self::Failed(_) | Self::FailedBefore(_) | Self::NotRun(_) => None,
         }
     }
 
@@ -234,10 +251,21 @@ pub struct Stats {
     pub naked: u64,
     /// Deliveries dead-lettered.
     pub dead_lettered: u64,
+    /// Handler runs that panicked (also counted as failed).
+    pub panicked: u64,
+    /// Dead letters that could not be published (the message was nak'ed
+    /// to try again, or terminated after the last attempt).
+    pub dead_letters_failed: u64,
+    /// Handler runs whose outcome could not be recorded (the message was
+    /// nak'ed, not acknowledged).
+    pub unrecorded: u64,
 }
 
 #[derive(Default)]
 struct Counters {
+    panicked: AtomicU64,
+    dead_letters_failed: AtomicU64,
+    unrecorded: AtomicU64,
     delivered: AtomicU64,
     ran: AtomicU64,
     replayed: AtomicU64,
@@ -281,8 +309,24 @@ pub trait Message: Send + Sync {
     fn nak(&self, delay: Duration) -> impl Future<Output = Result<(), AckError>> + Send;
 
     /// Publishes it to a dead-letter destination (if the integration has
-    /// one) and stops its delivery.
+    /// one) and stops its delivery. `reason` is one line of at most
+    /// [`MAX_REASON_LEN`] bytes without control characters (see
+    /// [`header_text`]), safe to put in a header.
+    ///
+    /// An `Err` means the dead letter was not published and the message not
+    /// settled: the consumer naks it and tries again on the next delivery,
+    /// without running the handler again (see
+    /// [`dead_letter_attempts`](Consumer::dead_letter_attempts)). A dead
+    /// letter may be published again after an `Err` (when only stopping the
+    /// delivery failed): publish it idempotently if the broker can.
     fn dead_letter(&self, reason: &str) -> impl Future<Output = Result<(), AckError>> + Send;
+
+    /// Stops its delivery without a dead letter: for a message whose dead
+    /// letter could not be published after the last attempt. The default
+    /// acknowledges it; JetStream terminates it (`+TERM`).
+    fn terminate(&self) -> impl Future<Output = Result<(), AckError>> + Send {
+        self.ack()
+    }
 
     /// Tells the broker it is still being worked on, so that its ack
     /// deadline does not pass; sent every [`heartbeat`](Consumer::heartbeat)
@@ -290,6 +334,44 @@ pub trait Message: Send + Sync {
     fn in_progress(&self) -> impl Future<Output = Result<(), AckError>> + Send {
         async { Ok(()) }
     }
+}
+
+/// The longest `reason` that [`Message::dead_letter`] gets, in bytes.
+pub const MAX_REASON_LEN: usize = 1024;
+
+/// `text` made safe for a header value (NATS, HTTP, AMQP): line breaks,
+/// tabs and other control characters escaped (`\n`, `\r`, `\t`,
+/// `\u{7f}`), and cut at a character boundary to at most
+/// [`MAX_REASON_LEN`] bytes, ending in `…` when cut. Applying it twice
+/// changes nothing more.
+#[must_use]
+pub fn header_text(text: &str) -> String {
+    use fmt::Write as _;
+    const CUT: &str = "…";
+    let mut safe = String::with_capacity(text.len().min(MAX_REASON_LEN));
+    for c in text.chars() {
+        if safe.len() > MAX_REASON_LEN {
+            break;
+        }
+        match c {
+            '\n' => safe.push_str("\\n"),
+            '\r' => safe.push_str("\\r"),
+            '\t' => safe.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(safe, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => safe.push(c),
+        }
+    }
+    if safe.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN - CUT.len();
+        while !safe.is_char_boundary(end) {
+            end -= 1;
+        }
+        safe.truncate(end);
+        safe.push_str(CUT);
+    }
+    safe
 }
 
 /// Processes messages once per message id on an [`Idempotency`] handle.
@@ -323,6 +405,7 @@ pub struct Consumer {
     backoff: (Duration, Duration),
     heartbeat: Option<Duration>,
     concurrency: usize,
+    dead_letter_attempts: u32,
     counters: Arc<Counters>,
 }
 
@@ -338,6 +421,9 @@ impl Consumer {
     pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
     /// The default number of messages processed at once: 16.
     pub const DEFAULT_CONCURRENCY: usize = 16;
+    /// The default number of deliveries on which a dead letter that cannot
+    /// be published is tried: 5.
+    pub const DEFAULT_DEAD_LETTER_ATTEMPTS: u32 = 5;
 
     /// A consumer named `name` (the keys' namespace: two consumers of one
     /// stream with different names each process every message once) on
@@ -351,6 +437,7 @@ impl Consumer {
             backoff: (Self::DEFAULT_BACKOFF_BASE, Self::DEFAULT_BACKOFF_CAP),
             heartbeat: Some(Self::DEFAULT_HEARTBEAT),
             concurrency: Self::DEFAULT_CONCURRENCY,
+            dead_letter_attempts: Self::DEFAULT_DEAD_LETTER_ATTEMPTS,
             counters: Arc::default(),
         }
     }
@@ -397,6 +484,55 @@ impl Consumer {
         self
     }
 
+    /// How many deliveries a dead letter that cannot be published is tried
+    /// on (default 5; at least 1). A message fails for good on delivery
+    /// `max_deliveries`; that failure is recorded, so the handler does not
+    /// run again. When the dead letter cannot be published (no stream
+    /// captures its subject, the stream is full), the message is nak'ed with
+    /// the backoff and the dead letter alone is tried again on the next
+    /// delivery, through delivery `max_deliveries + attempts - 1`; after
+    /// that the message is [terminated](Message::terminate) without one,
+    /// logged at `ERROR` and counted in [`Stats::dead_letters_failed`].
+    /// (The broker must allow those deliveries: a JetStream `max_deliver`
+    /// below them ends the retries sooner.)
+    ///
+    /// The recorded failure lasts the TTL: a message with the same id and
+    /// payload published again (a dead letter sent back to be retried) is
+    /// dead-lettered again without running, until its key is
+    /// [forgotten](Idempotency::forget).
+    #[must_use]
+    pub fn dead_letter_attempts(mut self, attempts: u32) -> Self {
+        self.dead_letter_attempts = attempts.max(1);
+        self
+    }
+
+    /// The last delivery on which a dead letter is tried.
+    fn last_dead_letter_delivery(&self) -> u32 {
+        self.max_deliveries
+            .saturating_add(self.dead_letter_attempts)
+            .saturating_sub(1)
+    }
+
+    /// Checks the settings against the store's limits (a lease at least
+    /// three times the store's response timeout, so that a renewal that
+    /// times out can be retried): settings that fail it would nak every
+    /// message without running it. The JetStream integration's `consume`
+    /// checks at start.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the rule that is broken.
+    pub fn check(&self) -> Result<(), Error> {
+        match self.idem.shared.limits.response_timeout {
+            Some(timeout) if self.settings.lease() < timeout.saturating_mul(3) => {
+                Err(Error::Config(
+                    crate::ConfigError::lease_too_short_for_store(self.settings.lease(), timeout),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The consumer's name.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -414,6 +550,9 @@ impl Consumer {
             failed: c.failed.load(Ordering::Relaxed),
             naked: c.naked.load(Ordering::Relaxed),
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+            panicked: c.panicked.load(Ordering::Relaxed),
+            dead_letters_failed: c.dead_letters_failed.load(Ordering::Relaxed),
+            unrecorded: c.unrecorded.load(Ordering::Relaxed),
         }
     }
 
@@ -441,7 +580,7 @@ impl Consumer {
                 counters.ran.fetch_add(1, Ordering::Relaxed);
                 counters.failed.fetch_add(1, Ordering::Relaxed);
             }
-            Handled::NotRun(_) => {}
+            Handled::FailedBefore(_) | Handled::NotRun(_) => {}
         }
         match outcome.disposition {
             Disposition::Ack => {}
@@ -469,11 +608,34 @@ impl Consumer {
         };
         let fingerprint = Fingerprint::from_digest(Sha256::digest(delivery.payload()).into());
         let ran = AtomicBool::new(false);
+        let last = deliveries >= self.max_deliveries;
         let body = async {
             ran.store(true, Ordering::Relaxed);
-            handler(delivery)
-                .await
-                .map_err(|error| Failure::Handler(error.to_string()))
+            // A panic is this delivery's failure: the claim is released at
+            // once and the loop serving other messages goes on.
+            let result = AssertUnwindSafe(async move { handler(delivery).await })
+                .catch_unwind()
+                .await;
+            let error = match result {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error.to_string(),
+                Err(panic) => {
+                    self.counters.panicked.fetch_add(1, Ordering::Relaxed);
+                    let error = format!("the handler panicked: {}", panic_message(&*panic));
+                    tracing::error!(%error, "idem: a message handler panicked");
+                    error
+                }
+            };
+            Err(if last {
+                // Recorded: its redeliveries are dead-lettered again without
+                // running the handler.
+                Failure::Final {
+                    reason: format!("the handler failed on delivery {deliveries}: {error}"),
+                    error,
+                }
+            } else {
+                Failure::Handler(error)
+            })
         };
         let result = self
             .idem
@@ -488,29 +650,59 @@ impl Consumer {
             .await;
         let ran = ran.load(Ordering::Relaxed);
         match result {
-            Ok(value) if ran => Outcome {
-                handled: Handled::Ran(value),
-                disposition: Disposition::Ack,
+            Ok(value) if ran => match self.idem.inspect(key).await {
+                // A store that cannot inspect (one written before
+                // `inspect`) cannot say: its outcome is taken as recorded.
+                Ok(Inspection::Completed { .. }) => Outcome {
+                    handled: Handled::Ran(value),
+                    disposition: Disposition::Ack,
+                },
+                Err(Error::Store(error)) if error.kind() == StoreErrorKind::Unsupported => {
+                    Outcome {
+                        handled: Handled::Ran(value),
+                        disposition: Disposition::Ack,
+                    }
+                }
+                inspected => {
+                    // Acknowledging it would let a message whose outcome is
+                    // not recorded go; the redelivery replays it if the
+                    // record landed after all.
+                    self.counters.unrecorded.fetch_add(1, Ordering::Relaxed);
+                    let state = match inspected {
+                        Ok(inspection) => format!("{inspection:?}"),
+                        Err(error) => error.to_string(),
+                    };
+                    tracing::error!(
+                        %key,
+                        %state,
+                        "idem: a message's handler ran but its outcome was not recorded; nak'ing it instead of acknowledging it"
+                    );
+                    Outcome {
+                        handled: Handled::Ran(value),
+                        disposition: Disposition::Nak {
+                            delay: self.backoff_after(deliveries),
+                        },
+                    }
+                }
             },
             Ok(value) => Outcome {
                 handled: Handled::Replayed(value),
                 disposition: Disposition::Ack,
             },
-            Err(Failure::Handler(error)) => {
-                let disposition = if deliveries >= self.max_deliveries {
-                    Disposition::DeadLetter {
-                        reason: format!("the handler failed on delivery {deliveries}: {error}"),
-                    }
-                } else {
-                    Disposition::Nak {
-                        delay: self.backoff_after(deliveries),
-                    }
-                };
-                Outcome {
-                    handled: Handled::Failed(error),
-                    disposition,
-                }
-            }
+            Err(Failure::Handler(error)) => Outcome {
+                handled: Handled::Failed(error),
+                disposition: Disposition::Nak {
+                    delay: self.backoff_after(deliveries),
+                },
+            },
+            Err(Failure::Final { reason, error }) if ran => Outcome {
+                handled: Handled::Failed(error),
+                disposition: Disposition::DeadLetter { reason },
+            },
+            Err(Failure::Final { reason, .. }) => Outcome {
+                handled: Handled::FailedBefore(reason.clone()),
+                disposition: Disposition::DeadLetter { reason },
+            },
             Err(Failure::Idem(error)) => self.not_run(error, deliveries),
         }
     }
@@ -577,18 +769,23 @@ impl Consumer {
                 self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("the message has no id: {reason}");
                 tracing::error!(%reason, "idem: dead-lettering a message");
-                message.dead_letter(&reason).await?;
+                // Without an id, the delivery count is unknown: one attempt.
+                let disposition = self
+                    .dead_letter(message, &reason, self.last_dead_letter_delivery())
+                    .await?
+                    .unwrap_or(Disposition::DeadLetter {
+                        reason: "the message has no id".to_owned(),
+                    });
                 return Ok(Outcome {
                     handled: Handled::NotRun(Error::InvalidKey {
                         reason: reason.into(),
                     }),
-                    disposition: Disposition::DeadLetter {
-                        reason: "the message has no id".to_owned(),
-                    },
+                    disposition,
                 });
             }
         };
-        let outcome = {
+        let deliveries = delivery.delivery_count();
+        let mut outcome = {
             let processing = std::pin::pin!(self.process(delivery, handler));
             match self.heartbeat {
                 None => processing.await,
@@ -600,10 +797,39 @@ impl Consumer {
             Disposition::Nak { delay } => message.nak(*delay).await?,
             Disposition::DeadLetter { reason } => {
                 tracing::error!(%reason, "idem: dead-lettering a message");
-                message.dead_letter(reason).await?;
+                if let Some(nak) = self.dead_letter(message, reason, deliveries).await? {
+                    outcome.disposition = nak;
+                }
             }
         }
         Ok(outcome)
+    }
+
+    /// Dead-letters `message`; when its dead letter cannot be published,
+    /// naks it to try again on a later delivery (returning that nak), or
+    /// terminates it after the last attempt.
+    async fn dead_letter<M: Message>(
+        &self,
+        message: &M,
+        reason: &str,
+        deliveries: u32,
+    ) -> Result<Option<Disposition>, AckError> {
+        let Err(error) = message.dead_letter(&header_text(reason)).await else {
+            return Ok(None);
+        };
+        self.counters
+            .dead_letters_failed
+            .fetch_add(1, Ordering::Relaxed);
+        if deliveries < self.last_dead_letter_delivery() {
+            let delay = self.backoff_after(deliveries);
+            tracing::error!(%error, ?delay, deliveries, "idem: could not publish a dead letter; nak'ing the message to try the dead letter alone again");
+            message.nak(delay).await?;
+            Ok(Some(Disposition::Nak { delay }))
+        } else {
+            tracing::error!(%error, deliveries, %reason, "idem: could not publish a dead letter on its last attempt; terminating the message without one");
+            message.terminate().await?;
+            Ok(None)
+        }
     }
 
     /// Handles every message of `messages`, [`concurrency`](Self::concurrency)
@@ -624,6 +850,9 @@ impl Consumer {
         T: Serialize + DeserializeOwned,
         E: fmt::Display,
     {
+        if let Err(error) = self.check() {
+            tracing::error!(%error, "idem: the consumer's settings cannot work; every message will be nak'ed without running");
+        }
         let failed = std::sync::Mutex::new(None);
         let handler = &handler;
         messages
@@ -637,10 +866,21 @@ impl Consumer {
             })
             .take_while(|message| std::future::ready(message.is_some()))
             .for_each_concurrent(self.concurrency, |message| async move {
-                if let Some(message) = message
-                    && let Err(error) = self.handle(&message, handler).await
+                let Some(message) = message else { return };
+                // The handler's panics are caught in `process`; this catches
+                // an integration's (settling a message), which must not stop
+                // the other messages either.
+                match AssertUnwindSafe(self.handle(&message, handler))
+                    .catch_unwind()
+                    .await
                 {
-                    tracing::warn!(%error, "idem: could not settle a message with the broker; it will be redelivered");
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "idem: could not settle a message with the broker; it will be redelivered");
+                    }
+                    Err(panic) => {
+                        tracing::error!(panic = panic_message(&*panic), "idem: settling a message panicked; it will be redelivered");
+                    }
                 }
             })
             .await;
@@ -663,6 +903,7 @@ impl fmt::Debug for Consumer {
             .field("backoff", &self.backoff)
             .field("heartbeat", &self.heartbeat)
             .field("concurrency", &self.concurrency)
+            .field("dead_letter_attempts", &self.dead_letter_attempts)
             .finish_non_exhaustive()
     }
 }
@@ -688,10 +929,24 @@ async fn heartbeating<M: Message, O>(
     }
 }
 
-/// A message call's error: the handler's (as text, never stored) or idem's.
+/// A message call's error: the handler's (as text, never stored), its
+/// final one (on the last delivery: stored, so that redeliveries are
+/// dead-lettered without running it), or idem's.
 enum Failure {
     Handler(String),
+    Final { reason: String, error: String },
     Idem(Error),
+}
+
+/// A panic's message, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        message
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message
+    } else {
+        "(no message)"
+    }
 }
 
 /// The codec of a message's call: serde for `T`, errors never stored, and
@@ -712,16 +967,19 @@ impl<T: Serialize + DeserializeOwned> ResultCodec<T, Failure> for ConsumerCodec 
         Failure::Idem(error)
     }
 
-    fn keep_err(&mut self, _: &Failure) -> Option<serde_json::Result<Vec<u8>>> {
-        None
+    fn keep_err(&mut self, failure: &Failure) -> Option<serde_json::Result<Vec<u8>>> {
+        match failure {
+            Failure::Final { reason, .. } => Some(serde_json::to_vec(reason)),
+            Failure::Handler(_) | Failure::Idem(_) => None,
+        }
     }
 
-    fn decode_err(&self, _: &[u8]) -> Result<Failure, Error> {
-        Err(Error::Decode(Arc::from(Box::<
-            dyn std::error::Error + Send + Sync,
-        >::from(
-            "a consumer stores no errors"
-        ))))
+    fn decode_err(&self, bytes: &[u8]) -> Result<Failure, Error> {
+        let reason: String = serde_json::from_slice(bytes).map_err(Error::decode)?;
+        Ok(Failure::Final {
+            error: reason.clone(),
+            reason,
+        })
     }
 
     fn awaits_record(&self) -> bool {

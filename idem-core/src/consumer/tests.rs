@@ -17,11 +17,14 @@ enum Told {
     Nak(Duration),
     DeadLetter(String),
     InProgress,
+    Terminate,
 }
 
 #[derive(Default)]
 struct Broker {
     told: Mutex<Vec<(String, Told)>>,
+    /// How many dead letters to refuse (a dead-letter target missing).
+    refuse_dead_letters: std::sync::atomic::AtomicU32,
 }
 
 impl Broker {
@@ -62,7 +65,19 @@ impl Message for Incoming {
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), AckError> {
+        let refuse = &self.broker.refuse_dead_letters;
+        if refuse
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err("no stream captures the dead-letter subject".into());
+        }
         self.tell(Told::DeadLetter(reason.to_owned()));
+        Ok(())
+    }
+
+    async fn terminate(&self) -> Result<(), AckError> {
+        self.tell(Told::Terminate);
         Ok(())
     }
 
@@ -363,4 +378,308 @@ async fn run_stops_at_the_streams_first_error() {
         .unwrap_err();
     assert_eq!(error.to_string(), "connection lost");
     assert_eq!(consumer.stats().delivered, 1);
+}
+
+#[test]
+fn header_text_escapes_control_characters_and_cuts_long_text() {
+    assert_eq!(header_text("plain text"), "plain text");
+    assert_eq!(
+        header_text("line 1\nline 2\r\n\tend\u{7}"),
+        "line 1\\nline 2\\r\\n\\tend\\u{7}"
+    );
+    let safe = header_text(&format!("a\\b\n{}", "x".repeat(5_000)));
+    assert_eq!(header_text(&safe), safe, "idempotent");
+    let fits = "y".repeat(MAX_REASON_LEN);
+    assert_eq!(header_text(&fits), fits, "not cut when it fits");
+    let long = header_text(&"é".repeat(5_000));
+    assert!(long.len() <= MAX_REASON_LEN, "{}", long.len());
+    assert!(long.ends_with('…'));
+    let long_lines = header_text(&"x\n".repeat(5_000));
+    assert!(long_lines.len() <= MAX_REASON_LEN);
+    assert!(!long_lines.chars().any(char::is_control));
+}
+
+#[tokio::test]
+async fn a_multi_line_error_reaches_the_dead_letter_as_one_safe_line() {
+    let broker = Arc::new(Broker::default());
+    let consumer = Consumer::new(Idempotency::memory(), "orders").max_deliveries(1);
+    let error = format!("line one\nline two\r\n{}", "x".repeat(10_000));
+    let outcome = consumer
+        .handle(&message(&broker, "m1", b"abc", 1), |_| async {
+            Err::<(), _>(error.clone())
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        outcome.disposition,
+        Disposition::DeadLetter { .. }
+    ));
+    let told = broker.told();
+    let Told::DeadLetter(reason) = &told[0].1 else {
+        panic!("{told:?}")
+    };
+    assert!(reason.contains("line one\\nline two\\r\\n"), "{reason}");
+    assert!(reason.len() <= MAX_REASON_LEN);
+    assert!(!reason.chars().any(char::is_control));
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_its_delivery_and_the_run_goes_on() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let settings = Settings::builder()
+        .on_conflict(OnConflict::Reject)
+        .build()
+        .unwrap();
+    let consumer = Consumer::new(Idempotency::memory(), "orders")
+        .settings(settings)
+        .max_deliveries(2)
+        .backoff(Duration::from_secs(1), Duration::from_secs(60))
+        .concurrency(4);
+    let handler = |d: Delivery| {
+        let effects = &effects;
+        async move {
+            let len = effects.apply(d.clone()).await?;
+            if d.payload().as_ref() == b"boom" {
+                panic!("index out of bounds\nat line 2");
+            }
+            Ok::<_, String>(len)
+        }
+    };
+    let messages: Vec<Result<Incoming, std::io::Error>> = vec![
+        Ok(message(&broker, "a", b"abc", 1)),
+        Ok(message(&broker, "bad", b"boom", 1)),
+        Ok(message(&broker, "b", b"abcd", 1)),
+    ];
+    consumer
+        .run(futures_util::stream::iter(messages), handler)
+        .await
+        .unwrap();
+    let mut told = broker.told();
+    told.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        told,
+        [
+            ("a".into(), Told::Ack),
+            ("b".into(), Told::Ack),
+            ("bad".into(), Told::Nak(Duration::from_secs(1))),
+        ]
+    );
+
+    // Its claim was released at once: the redelivery runs (and panics) again
+    // instead of finding the key in progress, and is dead-lettered.
+    let outcome = consumer
+        .handle(&message(&broker, "bad", b"boom", 2), handler)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome.handled, Handled::Failed(e) if e.contains("the handler panicked: index out of bounds")),
+        "{outcome:?}"
+    );
+    assert!(
+        matches!(&broker.told()[3].1, Told::DeadLetter(reason) if reason.contains("panicked") && !reason.contains('\n')),
+        "{:?}",
+        broker.told()
+    );
+    assert_eq!(effects.runs("bad"), 2);
+    let stats = consumer.stats();
+    assert_eq!((stats.panicked, stats.failed, stats.ran), (2, 2, 4));
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_cannot_be_published_is_retried_without_the_handler() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let consumer = Consumer::new(Idempotency::memory(), "orders")
+        .max_deliveries(2)
+        .dead_letter_attempts(3)
+        .backoff(Duration::from_secs(1), Duration::from_secs(60));
+    broker.refuse_dead_letters.store(2, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for delivery in 1..=4 {
+        outcomes.push(
+            consumer
+                .handle(&message(&broker, "bad", b"poison", delivery), |d| {
+                    effects.apply(d)
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        effects.runs("bad"),
+        2,
+        "the handler ran max_deliveries times"
+    );
+    assert!(matches!(outcomes[2].handled, Handled::FailedBefore(_)));
+    let told: Vec<_> = broker.told().into_iter().map(|(_, told)| told).collect();
+    assert_eq!(told.len(), 4, "{told:?}");
+    assert_eq!(
+        told[..3],
+        [
+            Told::Nak(Duration::from_secs(1)),
+            Told::Nak(Duration::from_secs(2)),
+            Told::Nak(Duration::from_secs(4)),
+        ]
+    );
+    assert!(
+        matches!(&told[3], Told::DeadLetter(reason) if reason.contains("delivery 2") && reason.contains("cannot parse")),
+        "{told:?}"
+    );
+    assert_eq!(consumer.stats().dead_letters_failed, 2);
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_keeps_failing_ends_in_a_termination() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let consumer = Consumer::new(Idempotency::memory(), "orders")
+        .max_deliveries(1)
+        .dead_letter_attempts(2);
+    broker
+        .refuse_dead_letters
+        .store(u32::MAX, Ordering::Relaxed);
+    for delivery in 1..=2 {
+        consumer
+            .handle(&message(&broker, "bad", b"poison", delivery), |d| {
+                effects.apply(d)
+            })
+            .await
+            .unwrap();
+    }
+    let told: Vec<_> = broker.told().into_iter().map(|(_, told)| told).collect();
+    assert!(
+        matches!(told[..], [Told::Nak(_), Told::Terminate]),
+        "{told:?}"
+    );
+    assert_eq!(effects.runs("bad"), 1);
+    assert_eq!(consumer.stats().dead_letters_failed, 2);
+}
+
+/// A memory store whose `complete` never answers in time.
+struct Unrecording(crate::MemoryStore);
+
+impl Store for Unrecording {
+    fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+        self.0.begin(k, f, t, l)
+    }
+    fn complete(&self, _: Key, _: Token, _: Record, _: Duration) -> StoreFuture<'_, Completion> {
+        Box::pin(async {
+            Err(StoreError::new(
+                StoreErrorKind::Timeout,
+                "no answer within 1 s",
+            ))
+        })
+    }
+    fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+        self.0.release(k, t)
+    }
+    fn renew(&self, k: Key, t: Token, l: Duration) -> StoreFuture<'_, bool> {
+        self.0.renew(k, t, l)
+    }
+    fn inspect(&self, k: Key) -> StoreFuture<'_, crate::store::Inspection> {
+        self.0.inspect(k)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_whose_outcome_was_not_recorded_is_naked() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let settings = Settings::builder()
+        .lease(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let consumer = Consumer::new(
+        Idempotency::new(Unrecording(crate::MemoryStore::new())),
+        "orders",
+    )
+    .settings(settings)
+    .heartbeat(None);
+    let outcome = consumer
+        .handle(&message(&broker, "m1", b"abc", 1), |d| effects.apply(d))
+        .await
+        .unwrap();
+    assert!(matches!(outcome.handled, Handled::Ran(3)));
+    assert_eq!(
+        broker.told(),
+        [("m1".into(), Told::Nak(Duration::from_secs(1)))]
+    );
+    let stats = consumer.stats();
+    assert_eq!((stats.unrecorded, stats.naked), (1, 1));
+}
+
+#[test]
+fn settings_that_cannot_work_with_the_store_fail_the_check() {
+    struct Slow(crate::MemoryStore);
+    impl Store for Slow {
+        fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+            self.0.begin(k, f, t, l)
+        }
+        fn complete(
+            &self,
+            k: Key,
+            t: Token,
+            r: Record,
+            ttl: Duration,
+        ) -> StoreFuture<'_, Completion> {
+            self.0.complete(k, t, r, ttl)
+        }
+        fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+            self.0.release(k, t)
+        }
+        fn renew(&self, k: Key, t: Token, l: Duration) -> StoreFuture<'_, bool> {
+            self.0.renew(k, t, l)
+        }
+        fn limits(&self) -> crate::store::Limits {
+            crate::store::Limits::with_response_timeout(Duration::from_secs(1))
+        }
+    }
+    let short = Settings::builder()
+        .lease(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let idem = Idempotency::new(Slow(crate::MemoryStore::new()));
+    let consumer = Consumer::new(idem.clone(), "orders").settings(short);
+    assert!(
+        matches!(consumer.check(), Err(Error::Config(_))),
+        "{:?}",
+        consumer.check()
+    );
+    assert!(Consumer::new(idem, "orders").check().is_ok());
+}
+
+/// A memory store as a store written before `inspect` sees it.
+struct Uninspectable(crate::MemoryStore);
+
+impl Store for Uninspectable {
+    fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+        self.0.begin(k, f, t, l)
+    }
+    fn complete(&self, k: Key, t: Token, r: Record, ttl: Duration) -> StoreFuture<'_, Completion> {
+        self.0.complete(k, t, r, ttl)
+    }
+    fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+        self.0.release(k, t)
+    }
+    fn renew(&self, k: Key, t: Token, l: Duration) -> StoreFuture<'_, bool> {
+        self.0.renew(k, t, l)
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_inspect_still_gets_its_messages_acknowledged() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let idem = Idempotency::new(Uninspectable(crate::MemoryStore::new()));
+    let consumer = Consumer::new(idem, "orders");
+    for delivery in 1..=2 {
+        consumer
+            .handle(&message(&broker, "m1", b"abc", delivery), |d| {
+                effects.apply(d)
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        broker.told(),
+        [("m1".into(), Told::Ack), ("m1".into(), Told::Ack)]
+    );
+    assert_eq!(effects.runs("m1"), 1);
+    assert_eq!(consumer.stats().unrecorded, 0);
 }
