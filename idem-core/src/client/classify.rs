@@ -139,14 +139,18 @@ impl Classify for reqwest::Error {
     }
 }
 
-/// A reqwest error as above; an error of a middleware is
-/// [`Rejected`](Verdict::Rejected) (an open circuit among them: this
-/// operation does not wait for it).
+/// A reqwest error as above, also when a middleware wrapped it (as
+/// [`RetryMiddleware`](super::RetryMiddleware) wraps its final errors with
+/// their [`RetryReport`](super::RetryReport)); any other error of a
+/// middleware is [`Rejected`](Verdict::Rejected) (an open circuit among
+/// them: this operation does not wait for it).
 impl Classify for reqwest_middleware::Error {
     fn classify(&self) -> Verdict {
         match self {
             Self::Reqwest(error) => error.classify(),
-            Self::Middleware(_) => Verdict::Rejected,
+            Self::Middleware(error) => error
+                .downcast_ref::<reqwest::Error>()
+                .map_or(Verdict::Rejected, Classify::classify),
         }
     }
 }

@@ -58,6 +58,8 @@ mod retry;
 
 pub use breaker::{BreakerConfig, BreakerState, Breakers, CircuitBreaker, CircuitOpen, Permit};
 pub use classify::{Classify, Verdict, classify_status, retry_after};
-pub use middleware::{RetryMiddleware, RetryReport, replayed};
+pub use middleware::{RetryMiddleware, replayed};
 pub use policy::{PolicyError, RetryBudget, RetryPolicy, RetryPolicyBuilder};
-pub use retry::{Attempt, RetryError, StopReason, new_key, retry, retry_if};
+pub use retry::{
+    Attempt, RetryError, RetryReport, StopReason, new_key, retry, retry_if, retry_with_key,
+};
