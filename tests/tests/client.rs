@@ -504,3 +504,248 @@ async fn the_retry_helper_shares_policy_and_breaker_with_any_call() {
         .unwrap_err();
     assert!(matches!(error.reason(), StopReason::CircuitOpen(_)));
 }
+
+// ---- Hardening (issue 27) ----
+
+/// Serves `POST /charges` with no idempotency layer, recording arrivals.
+async fn serve_plain() -> (SocketAddr, Arc<Server>) {
+    let server = Arc::new(Server::default());
+    let app = Router::new()
+        .route("/charges", post(charge))
+        .with_state(server.clone())
+        .layer(middleware::from_fn_with_state(server.clone(), record));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, server)
+}
+
+/// A server that accepts connections and never answers; counts them.
+async fn serve_silent() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(connection);
+        }
+    });
+    (addr, accepted)
+}
+
+fn final_report(error: &reqwest_middleware::Error) -> RetryReport {
+    RetryReport::of(error)
+        .unwrap_or_else(|| panic!("no report in {error:?}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn every_final_error_carries_the_key_and_a_report() {
+    let (server_addr, server) = serve().await;
+    // Connections closed at once: reset before anything reaches the server.
+    let proxy = Proxy::start(server_addr, |_| Fault::Refuse).await.unwrap();
+    let resetting = client(fast().max_attempts(3).build().unwrap(), Breakers::default());
+    let error = charge_via(&resetting, proxy.addr(), "100 cents")
+        .await
+        .unwrap_err();
+    let report = final_report(&error);
+    assert_eq!(report.attempts(), 3);
+    let key = report.key().unwrap().to_owned();
+    assert_eq!(uuid_version(&key), 4);
+    assert!(
+        matches!(&error, reqwest_middleware::Error::Middleware(e) if e.downcast_ref::<reqwest::Error>().is_some()),
+        "the cause stays reachable: {error:?}"
+    );
+    assert!(
+        idem_core::client::Classify::classify(&error).is_retryable(),
+        "an outer retry sees a retryable error"
+    );
+
+    // The outer retry sends the same key; the server charges once.
+    let outer = client_with_key_methods(fast().build().unwrap());
+    let response = outer
+        .post(format!("http://{server_addr}/charges"))
+        .header("x-api-key", "shop-1")
+        .header("idempotency-key", format!("\"{key}\""))
+        .body("100 cents")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(report_of(&response).key(), Some(key.as_str()));
+    assert_eq!(server.charges().into_values().collect::<Vec<_>>(), [1]);
+
+    // A timeout after the last attempt.
+    let (silent, _) = serve_silent().await;
+    let timing_out = ClientBuilder::new(
+        reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap(),
+    )
+    .with(RetryMiddleware::new(
+        fast().max_attempts(2).build().unwrap(),
+    ))
+    .build();
+    let error = charge_via(&timing_out, silent, "100 cents")
+        .await
+        .unwrap_err();
+    let report = final_report(&error);
+    assert_eq!(report.attempts(), 2);
+    assert!(report.key().is_some());
+
+    // An open circuit, before any attempt.
+    let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(1)).unwrap();
+    let client = client(fast().max_attempts(1).build().unwrap(), breakers);
+    let _ = charge_via(&client, proxy.addr(), "100 cents").await;
+    let error = client
+        .post(format!("http://{}/charges", proxy.addr()))
+        .header("x-api-key", "shop-1")
+        .header("idempotency-key", "\"mine\"")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(circuit_open(&error).is_some(), "{error:?}");
+    let report = final_report(&error);
+    assert_eq!((report.attempts(), report.key()), (0, Some("mine")));
+}
+
+fn client_with_key_methods(policy: RetryPolicy) -> ClientWithMiddleware {
+    ClientBuilder::new(reqwest::Client::new())
+        .with(RetryMiddleware::new(policy))
+        .build()
+}
+
+fn report_of(response: &reqwest::Response) -> RetryReport {
+    report(response)
+}
+
+#[tokio::test]
+async fn a_key_idem_would_not_parse_is_sent_as_given_and_retried() {
+    let (addr, server) = serve_plain().await;
+    server.fail_next(1, StatusCode::SERVICE_UNAVAILABLE, None);
+    let client = client(fast().build().unwrap(), Breakers::default());
+    let response = client
+        .post(format!("http://{addr}/charges"))
+        .header("idempotency-key", "order 17")
+        .body("100 cents")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let report = report(&response);
+    assert_eq!(report.attempts(), 2);
+    assert_eq!(report.key(), Some("order 17"));
+    let arrivals: Vec<_> = server
+        .arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(key, _)| key.clone())
+        .collect();
+    assert_eq!(arrivals, ["order 17", "order 17"]);
+}
+
+#[tokio::test]
+async fn a_probe_that_never_answers_does_not_hold_the_circuit_open() {
+    let (addr, accepted) = serve_silent().await;
+    let cool_down = Duration::from_millis(200);
+    let probe_timeout = Duration::from_secs(2);
+    let breakers = Breakers::new(
+        BreakerConfig::default()
+            .consecutive_failures(1)
+            .cool_down(cool_down)
+            .probe_timeout(probe_timeout),
+    )
+    .unwrap();
+    let policy = fast().max_attempts(1).build().unwrap();
+    let with_timeout = ClientBuilder::new(
+        reqwest::Client::builder()
+            .timeout(Duration::from_millis(100))
+            .build()
+            .unwrap(),
+    )
+    .with(RetryMiddleware::new(policy.clone()).breakers(breakers.clone()))
+    .build();
+    // No timeout of its own: its probe hangs for as long as the test runs.
+    let patient = client(policy, breakers.clone());
+
+    assert!(charge_via(&with_timeout, addr, "1").await.is_err());
+    let breaker = breakers.get(&format!("127.0.0.1:{}", addr.port()));
+    assert_eq!(breaker.state(), BreakerState::Open);
+    tokio::time::sleep(cool_down).await;
+    let hung = tokio::spawn(async move { charge_via(&patient, addr, "2").await });
+    while accepted.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let error = charge_via(&with_timeout, addr, "3").await.unwrap_err();
+    assert!(circuit_open(&error).is_some(), "one probe at a time");
+
+    // After the probe's deadline and a cool-down, calls are let through again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let error = charge_via(&with_timeout, addr, "4").await.unwrap_err();
+        if circuit_open(&error).is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hung probe held the circuit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(accepted.load(Ordering::SeqCst) >= 3);
+    assert!(!hung.is_finished(), "the first probe still hangs");
+    hung.abort();
+}
+
+#[tokio::test]
+async fn a_reject_mode_server_is_polled_until_the_replay() {
+    use idem_core::{OnConflict, Settings};
+    let server = Arc::new(Server::default());
+    let settings = Settings::builder()
+        .on_conflict(OnConflict::Reject)
+        .lease(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let slow_charge = |state: State<Arc<Server>>, headers: HeaderMap, body: String| async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        charge(state, headers, body).await
+    };
+    let app = Router::new()
+        .route("/charges", post(slow_charge))
+        .with_state(server.clone())
+        .layer(
+            IdempotencyLayer::scoped_by(Idempotency::memory(), |request| {
+                request
+                    .headers
+                    .get("x-api-key")?
+                    .to_str()
+                    .ok()
+                    .map(str::to_owned)
+            })
+            .settings(settings),
+        )
+        .layer(middleware::from_fn_with_state(server.clone(), record));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let policy = fast().max_elapsed(Duration::from_secs(5)).build().unwrap();
+    let client = ClientBuilder::new(
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .unwrap(),
+    )
+    .with(RetryMiddleware::new(policy).breakers(Breakers::default()))
+    .build();
+
+    let response = charge_via(&client, addr, "100 cents").await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let report = report(&response);
+    assert!(report.replayed(), "{report:?}");
+    assert!(report.attempts() >= 3, "{report:?}");
+    assert_eq!(server.charges().into_values().collect::<Vec<_>>(), [1]);
+}
