@@ -406,7 +406,11 @@ where
             None => Some(operation(&attempt).await),
         };
         let Some(outcome) = outcome else {
-            drop(permit);
+            // The probe failed: the circuit opens again, and this
+            // operation stops as any other finding it open.
+            if let Some(permit) = permit {
+                permit.record(Verdict::Failed { retry_after: None });
+            }
             let open = policy
                 .breaker
                 .as_ref()
@@ -647,6 +651,65 @@ mod tests {
         .unwrap_err();
         assert_eq!((calls, error.attempts()), (2, 0));
         assert!(error.last_error().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_probe_is_abandoned_at_its_deadline() {
+        let breaker = CircuitBreaker::new(
+            "ledger",
+            BreakerConfig::default()
+                .consecutive_failures(1)
+                .probe_timeout(Duration::from_secs(3)),
+        )
+        .unwrap();
+        let guarded = policy().breaker(breaker.clone()).build().unwrap();
+        let _ = retry(&guarded, |_| async { Err::<(), _>(refused()) }).await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let start = Instant::now();
+        let error = retry(&guarded, |_| {
+            std::future::pending::<Result<(), io::Error>>()
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert_eq!(error.attempts(), 1);
+        assert!(
+            matches!(error.reason(), StopReason::CircuitOpen(_)),
+            "{error}"
+        );
+        assert_eq!(breaker.state(), crate::client::BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_409_past_the_time_limit_is_polled_before_it() {
+        let start = Instant::now();
+        let busy = crate::Error::InProgress {
+            retry_after: Duration::from_secs(59),
+        };
+        let limited = policy()
+            .max_elapsed(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let (_, report) = retry_with_key(
+            &limited,
+            "k",
+            |outcome: &Result<(), crate::Error>| match outcome {
+                Ok(()) => Verdict::Success,
+                Err(error) => error.classify(),
+            },
+            |attempt| {
+                let outcome = if attempt.is_retry() {
+                    Ok(())
+                } else {
+                    Err(busy.clone())
+                };
+                async move { outcome }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!((report.attempts(), report.key()), (2, Some("k")));
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]
