@@ -206,7 +206,7 @@ impl Classify for reqwest::Error {
     }
 }
 
-/// A reqwest error as above, also when a middleware wrapped it (as
+/// A reqwest or `std::io` error as below, also when a middleware wrapped it (as
 /// [`RetryMiddleware`](super::RetryMiddleware) wraps its final errors with
 /// their [`RetryReport`](super::RetryReport)); any other error of a
 /// middleware is [`Rejected`](Verdict::Rejected) (an open circuit among
@@ -215,9 +215,15 @@ impl Classify for reqwest_middleware::Error {
     fn classify(&self) -> Verdict {
         match self {
             Self::Reqwest(error) => error.classify(),
-            Self::Middleware(error) => error
-                .downcast_ref::<reqwest::Error>()
-                .map_or(Verdict::Rejected, Classify::classify),
+            Self::Middleware(error) => {
+                if let Some(error) = error.downcast_ref::<reqwest::Error>() {
+                    error.classify()
+                } else if let Some(error) = error.downcast_ref::<std::io::Error>() {
+                    error.classify()
+                } else {
+                    Verdict::Rejected
+                }
+            }
         }
     }
 }

@@ -182,7 +182,25 @@ impl Middleware for RetryMiddleware {
                 None => None,
             };
             attempts += 1;
-            let outcome = next.clone().run(attempt, extensions).await;
+            let probe_timeout = permit
+                .as_ref()
+                .filter(|permit| permit.is_probe())
+                .and(breaker.as_ref())
+                .map(CircuitBreaker::probe_timeout);
+            let run = next.clone().run(attempt, extensions);
+            let outcome = match probe_timeout {
+                // A probe that hangs is abandoned at its deadline and counts
+                // as failed; the request may have run, so its key is kept.
+                Some(timeout) => tokio::time::timeout(timeout, run)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(reqwest_middleware::Error::middleware(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the circuit breaker's probe got no answer in time",
+                        )))
+                    }),
+                None => run.await,
+            };
             let verdict = match &outcome {
                 Ok(response) => response.classify(),
                 Err(error) => error.classify(),
