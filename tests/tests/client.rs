@@ -551,9 +551,9 @@ async fn every_final_error_carries_the_key_and_a_report() {
     let error = charge_via(&resetting, proxy.addr(), "100 cents")
         .await
         .unwrap_err();
-    let report = final_report(&error);
-    assert_eq!(report.attempts(), 3);
-    let key = report.key().unwrap().to_owned();
+    let got = final_report(&error);
+    assert_eq!(got.attempts(), 3);
+    let key = got.key().unwrap().to_owned();
     assert_eq!(uuid_version(&key), 4);
     assert!(
         matches!(&error, reqwest_middleware::Error::Middleware(e) if e.downcast_ref::<reqwest::Error>().is_some()),
@@ -565,7 +565,7 @@ async fn every_final_error_carries_the_key_and_a_report() {
     );
 
     // The outer retry sends the same key; the server charges once.
-    let outer = client_with_key_methods(fast().build().unwrap());
+    let outer = client(fast().build().unwrap(), Breakers::default());
     let response = outer
         .post(format!("http://{server_addr}/charges"))
         .header("x-api-key", "shop-1")
@@ -575,7 +575,7 @@ async fn every_final_error_carries_the_key_and_a_report() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    assert_eq!(report_of(&response).key(), Some(key.as_str()));
+    assert_eq!(report(&response).key(), Some(key.as_str()));
     assert_eq!(server.charges().into_values().collect::<Vec<_>>(), [1]);
 
     // A timeout after the last attempt.
@@ -593,9 +593,9 @@ async fn every_final_error_carries_the_key_and_a_report() {
     let error = charge_via(&timing_out, silent, "100 cents")
         .await
         .unwrap_err();
-    let report = final_report(&error);
-    assert_eq!(report.attempts(), 2);
-    assert!(report.key().is_some());
+    let got = final_report(&error);
+    assert_eq!(got.attempts(), 2);
+    assert!(got.key().is_some());
 
     // An open circuit, before any attempt.
     let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(1)).unwrap();
@@ -609,18 +609,8 @@ async fn every_final_error_carries_the_key_and_a_report() {
         .await
         .unwrap_err();
     assert!(circuit_open(&error).is_some(), "{error:?}");
-    let report = final_report(&error);
-    assert_eq!((report.attempts(), report.key()), (0, Some("mine")));
-}
-
-fn client_with_key_methods(policy: RetryPolicy) -> ClientWithMiddleware {
-    ClientBuilder::new(reqwest::Client::new())
-        .with(RetryMiddleware::new(policy))
-        .build()
-}
-
-fn report_of(response: &reqwest::Response) -> RetryReport {
-    report(response)
+    let got = final_report(&error);
+    assert_eq!((got.attempts(), got.key()), (0, Some("mine")));
 }
 
 #[tokio::test]
@@ -753,4 +743,131 @@ async fn a_reject_mode_server_is_polled_until_the_replay() {
     assert!(report.replayed(), "{report:?}");
     assert!(report.attempts() >= 3, "{report:?}");
     assert_eq!(server.charges().into_values().collect::<Vec<_>>(), [1]);
+}
+
+#[tokio::test]
+async fn failures_of_calls_started_during_the_outage_do_not_reopen_the_circuit() {
+    // 503 at once, or (body "slow") 503 once released.
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let down = Arc::new(AtomicBool::new(true));
+    let arrived = Arc::new(AtomicU64::new(0));
+    let (release_, down_, arrived_) = (release.clone(), down.clone(), arrived.clone());
+    let app = Router::new().route(
+        "/charges",
+        post(move |body: String| {
+            let (release, down, arrived) = (release_.clone(), down_.clone(), arrived_.clone());
+            async move {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                if body == "slow" {
+                    release.acquire().await.unwrap().forget();
+                }
+                if down.load(Ordering::SeqCst) || body == "slow" {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::CREATED
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let cool_down = Duration::from_millis(200);
+    let breakers = Breakers::new(
+        BreakerConfig::default()
+            .consecutive_failures(3)
+            .cool_down(cool_down),
+    )
+    .unwrap();
+    let client = client(fast().max_attempts(1).build().unwrap(), breakers.clone());
+    let breaker = breakers.get(&format!("127.0.0.1:{}", addr.port()));
+
+    // Five calls start during the outage and hang on.
+    let stragglers: Vec<_> = (0..5)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { charge_via(&client, addr, "slow").await })
+        })
+        .collect();
+    while arrived.load(Ordering::SeqCst) < 5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..3 {
+        let response = charge_via(&client, addr, "fast").await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(breaker.state(), BreakerState::Open);
+
+    // The dependency recovers; a probe closes the circuit.
+    down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(cool_down).await;
+    let probe = charge_via(&client, addr, "fast").await.unwrap();
+    assert_eq!(probe.status(), StatusCode::CREATED);
+    assert_eq!(breaker.state(), BreakerState::Closed);
+
+    // The outage's stragglers fail now: they do not reopen it.
+    release.add_permits(5);
+    for straggler in stragglers {
+        let response = straggler.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    let response = charge_via(&client, addr, "fast").await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn breakers_for_many_hosts_stay_within_their_bound() {
+    let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(1))
+        .unwrap()
+        .max_dependencies(10);
+    let client = client(fast().max_attempts(1).build().unwrap(), breakers.clone());
+    // Fifty dependencies, each a loopback port nothing listens on.
+    for _ in 0..50 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        assert!(charge_via(&client, addr, "1").await.is_err());
+        assert!(breakers.len() <= 10, "{} breakers", breakers.len());
+    }
+    assert!(breakers.states().len() <= 10);
+}
+
+#[tokio::test]
+async fn the_extremes_of_every_setting_work_or_are_refused() {
+    assert_eq!(
+        RetryBudget::new(0.2, Duration::from_secs(10), i32::MAX as u32)
+            .unwrap_err()
+            .setting(),
+        "budget min_per_sec"
+    );
+    let budget = RetryBudget::new(1000.0, Duration::from_secs(60), i32::MAX as u32 - 1).unwrap();
+    let breakers = Breakers::new(
+        BreakerConfig::default()
+            .consecutive_failures(1)
+            .window(Duration::MAX)
+            .cool_down(Duration::MAX)
+            .probe_timeout(Duration::MAX),
+    )
+    .unwrap()
+    .idle(Duration::MAX)
+    .max_dependencies(usize::MAX);
+    let policy = RetryPolicy::builder()
+        .base(Duration::from_millis(1))
+        .cap(Duration::MAX)
+        .max_attempts(2)
+        .max_elapsed(Duration::MAX)
+        .budget(budget)
+        .build()
+        .unwrap();
+    let client = client(policy, breakers.clone());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+
+    let error = charge_via(&client, addr, "1").await.unwrap_err();
+    assert!(circuit_open(&error).is_some(), "opened for good: {error}");
+    let error = charge_via(&client, addr, "1").await.unwrap_err();
+    let open = circuit_open(&error).unwrap();
+    assert!(open.retry_in() > Duration::from_secs(365 * 24 * 3600));
 }
