@@ -50,6 +50,20 @@ use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 ///     .await?;
 /// let report = response.extensions().get::<RetryReport>().unwrap();
 /// println!("{} attempt(s), replayed: {}", report.attempts(), report.replayed());
+///
+/// // An error: the charge may have run. Keep the key for the next try.
+/// let next_try = client
+///     .post("https://payments.example/v1/charges")
+///     .header("x-api-key", "shop-1")
+///     .body(r#"{"amount_cents":250}"#)
+///     .send()
+///     .await;
+/// if let Err(error) = &next_try
+///     && let Some(report) = RetryReport::of(error)
+/// {
+///     let key = report.key().unwrap(); // send it as `Idempotency-Key` next time
+///     # let _ = key;
+/// }
 /// # Ok(())
 /// # }
 /// ```
