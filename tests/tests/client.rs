@@ -504,3 +504,370 @@ async fn the_retry_helper_shares_policy_and_breaker_with_any_call() {
         .unwrap_err();
     assert!(matches!(error.reason(), StopReason::CircuitOpen(_)));
 }
+
+// ---- Hardening (issue 27) ----
+
+/// Serves `POST /charges` with no idempotency layer, recording arrivals.
+async fn serve_plain() -> (SocketAddr, Arc<Server>) {
+    let server = Arc::new(Server::default());
+    let app = Router::new()
+        .route("/charges", post(charge))
+        .with_state(server.clone())
+        .layer(middleware::from_fn_with_state(server.clone(), record));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, server)
+}
+
+/// A server that accepts connections and never answers; counts them.
+async fn serve_silent() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(connection);
+        }
+    });
+    (addr, accepted)
+}
+
+fn final_report(error: &reqwest_middleware::Error) -> RetryReport {
+    RetryReport::of(error)
+        .unwrap_or_else(|| panic!("no report in {error:?}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn every_final_error_carries_the_key_and_a_report() {
+    let (server_addr, server) = serve().await;
+    // Connections closed at once: reset before anything reaches the server.
+    let proxy = Proxy::start(server_addr, |_| Fault::Refuse).await.unwrap();
+    let resetting = client(fast().max_attempts(3).build().unwrap(), Breakers::default());
+    let error = charge_via(&resetting, proxy.addr(), "100 cents")
+        .await
+        .unwrap_err();
+    let got = final_report(&error);
+    assert_eq!(got.attempts(), 3);
+    let key = got.key().unwrap().to_owned();
+    assert_eq!(uuid_version(&key), 4);
+    assert!(
+        matches!(&error, reqwest_middleware::Error::Middleware(e) if e.downcast_ref::<reqwest::Error>().is_some()),
+        "the cause stays reachable: {error:?}"
+    );
+    assert!(
+        idem_core::client::Classify::classify(&error).is_retryable(),
+        "an outer retry sees a retryable error"
+    );
+
+    // The outer retry sends the same key; the server charges once.
+    let outer = client(fast().build().unwrap(), Breakers::default());
+    let response = outer
+        .post(format!("http://{server_addr}/charges"))
+        .header("x-api-key", "shop-1")
+        .header("idempotency-key", format!("\"{key}\""))
+        .body("100 cents")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(report(&response).key(), Some(key.as_str()));
+    assert_eq!(server.charges().into_values().collect::<Vec<_>>(), [1]);
+
+    // A timeout after the last attempt.
+    let (silent, _) = serve_silent().await;
+    let timing_out = ClientBuilder::new(
+        reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap(),
+    )
+    .with(RetryMiddleware::new(
+        fast().max_attempts(2).build().unwrap(),
+    ))
+    .build();
+    let error = charge_via(&timing_out, silent, "100 cents")
+        .await
+        .unwrap_err();
+    let got = final_report(&error);
+    assert_eq!(got.attempts(), 2);
+    assert!(got.key().is_some());
+
+    // An open circuit, before any attempt.
+    let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(1)).unwrap();
+    let client = client(fast().max_attempts(1).build().unwrap(), breakers);
+    let _ = charge_via(&client, proxy.addr(), "100 cents").await;
+    let error = client
+        .post(format!("http://{}/charges", proxy.addr()))
+        .header("x-api-key", "shop-1")
+        .header("idempotency-key", "\"mine\"")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(circuit_open(&error).is_some(), "{error:?}");
+    let got = final_report(&error);
+    assert_eq!((got.attempts(), got.key()), (0, Some("mine")));
+}
+
+#[tokio::test]
+async fn a_key_idem_would_not_parse_is_sent_as_given_and_retried() {
+    let (addr, server) = serve_plain().await;
+    server.fail_next(1, StatusCode::SERVICE_UNAVAILABLE, None);
+    let client = client(fast().build().unwrap(), Breakers::default());
+    let response = client
+        .post(format!("http://{addr}/charges"))
+        .header("idempotency-key", "order 17")
+        .body("100 cents")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let report = report(&response);
+    assert_eq!(report.attempts(), 2);
+    assert_eq!(report.key(), Some("order 17"));
+    let arrivals: Vec<_> = server
+        .arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(key, _)| key.clone())
+        .collect();
+    assert_eq!(arrivals, ["order 17", "order 17"]);
+}
+
+#[tokio::test]
+async fn a_probe_that_never_answers_does_not_hold_the_circuit_open() {
+    let (addr, accepted) = serve_silent().await;
+    let cool_down = Duration::from_millis(200);
+    let probe_timeout = Duration::from_secs(2);
+    let breakers = Breakers::new(
+        BreakerConfig::default()
+            .consecutive_failures(1)
+            .cool_down(cool_down)
+            .probe_timeout(probe_timeout),
+    )
+    .unwrap();
+    let policy = fast().max_attempts(1).build().unwrap();
+    let with_timeout = ClientBuilder::new(
+        reqwest::Client::builder()
+            .timeout(Duration::from_millis(100))
+            .build()
+            .unwrap(),
+    )
+    .with(RetryMiddleware::new(policy.clone()).breakers(breakers.clone()))
+    .build();
+    // No timeout of its own: its probe hangs for as long as the test runs.
+    let patient = client(policy, breakers.clone());
+
+    assert!(charge_via(&with_timeout, addr, "1").await.is_err());
+    let breaker = breakers.get(&format!("127.0.0.1:{}", addr.port()));
+    assert_eq!(breaker.state(), BreakerState::Open);
+    tokio::time::sleep(cool_down).await;
+    let hung = tokio::spawn(async move { charge_via(&patient, addr, "2").await });
+    while accepted.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let error = charge_via(&with_timeout, addr, "3").await.unwrap_err();
+    assert!(circuit_open(&error).is_some(), "one probe at a time");
+
+    // After the probe's deadline and a cool-down, calls are let through again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let error = charge_via(&with_timeout, addr, "4").await.unwrap_err();
+        if circuit_open(&error).is_none() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hung probe held the circuit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(accepted.load(Ordering::SeqCst) >= 3);
+    // The hung probe's caller got an error at the deadline, with its key.
+    let error = tokio::time::timeout(Duration::from_secs(20), hung)
+        .await
+        .expect("the probe was abandoned at its deadline")
+        .unwrap()
+        .unwrap_err();
+    assert!(final_report(&error).key().is_some());
+}
+
+#[tokio::test]
+async fn a_reject_mode_server_is_polled_until_the_replay() {
+    use idem_core::{OnConflict, Settings};
+    let server = Arc::new(Server::default());
+    let settings = Settings::builder()
+        .on_conflict(OnConflict::Reject)
+        .lease(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let slow_charge = |state: State<Arc<Server>>, headers: HeaderMap, body: String| async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        charge(state, headers, body).await
+    };
+    let app = Router::new()
+        .route("/charges", post(slow_charge))
+        .with_state(server.clone())
+        .layer(
+            IdempotencyLayer::scoped_by(Idempotency::memory(), |request| {
+                request
+                    .headers
+                    .get("x-api-key")?
+                    .to_str()
+                    .ok()
+                    .map(str::to_owned)
+            })
+            .settings(settings),
+        )
+        .layer(middleware::from_fn_with_state(server.clone(), record));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let policy = fast().max_elapsed(Duration::from_secs(5)).build().unwrap();
+    let client = ClientBuilder::new(
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .unwrap(),
+    )
+    .with(RetryMiddleware::new(policy).breakers(Breakers::default()))
+    .build();
+
+    let response = charge_via(&client, addr, "100 cents").await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let report = report(&response);
+    assert!(report.replayed(), "{report:?}");
+    assert!(report.attempts() >= 3, "{report:?}");
+    assert_eq!(server.charges().into_values().collect::<Vec<_>>(), [1]);
+}
+
+#[tokio::test]
+async fn failures_of_calls_started_during_the_outage_do_not_reopen_the_circuit() {
+    // 503 at once, or (body "slow") 503 once released.
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let down = Arc::new(AtomicBool::new(true));
+    let arrived = Arc::new(AtomicU64::new(0));
+    let (release_, down_, arrived_) = (release.clone(), down.clone(), arrived.clone());
+    let app = Router::new().route(
+        "/charges",
+        post(move |body: String| {
+            let (release, down, arrived) = (release_.clone(), down_.clone(), arrived_.clone());
+            async move {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                if body == "slow" {
+                    release.acquire().await.unwrap().forget();
+                }
+                if down.load(Ordering::SeqCst) || body == "slow" {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::CREATED
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let cool_down = Duration::from_millis(200);
+    let breakers = Breakers::new(
+        BreakerConfig::default()
+            .consecutive_failures(3)
+            .cool_down(cool_down),
+    )
+    .unwrap();
+    let client = client(fast().max_attempts(1).build().unwrap(), breakers.clone());
+    let breaker = breakers.get(&format!("127.0.0.1:{}", addr.port()));
+
+    // Five calls start during the outage and hang on.
+    let stragglers: Vec<_> = (0..5)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { charge_via(&client, addr, "slow").await })
+        })
+        .collect();
+    while arrived.load(Ordering::SeqCst) < 5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..3 {
+        let response = charge_via(&client, addr, "fast").await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(breaker.state(), BreakerState::Open);
+
+    // The dependency recovers; a probe closes the circuit.
+    down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(cool_down).await;
+    let probe = charge_via(&client, addr, "fast").await.unwrap();
+    assert_eq!(probe.status(), StatusCode::CREATED);
+    assert_eq!(breaker.state(), BreakerState::Closed);
+
+    // The outage's stragglers fail now: they do not reopen it.
+    release.add_permits(5);
+    for straggler in stragglers {
+        let response = straggler.await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    let response = charge_via(&client, addr, "fast").await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn breakers_for_many_hosts_stay_within_their_bound() {
+    let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(1))
+        .unwrap()
+        .max_dependencies(10);
+    let client = client(fast().max_attempts(1).build().unwrap(), breakers.clone());
+    // Fifty dependencies, each a loopback port nothing listens on.
+    for _ in 0..50 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        assert!(charge_via(&client, addr, "1").await.is_err());
+        assert!(breakers.len() <= 10, "{} breakers", breakers.len());
+    }
+    assert!(breakers.states().len() <= 10);
+}
+
+#[tokio::test]
+async fn the_extremes_of_every_setting_work_or_are_refused() {
+    assert_eq!(
+        RetryBudget::new(0.2, Duration::from_secs(10), i32::MAX as u32)
+            .unwrap_err()
+            .setting(),
+        "budget min_per_sec"
+    );
+    let budget = RetryBudget::new(1000.0, Duration::from_secs(60), i32::MAX as u32 - 1).unwrap();
+    let breakers = Breakers::new(
+        BreakerConfig::default()
+            .consecutive_failures(1)
+            .window(Duration::MAX)
+            .cool_down(Duration::MAX)
+            .probe_timeout(Duration::MAX),
+    )
+    .unwrap()
+    .idle(Duration::MAX)
+    .max_dependencies(usize::MAX);
+    let policy = RetryPolicy::builder()
+        .base(Duration::from_millis(1))
+        .cap(Duration::MAX)
+        .max_attempts(2)
+        .max_elapsed(Duration::MAX)
+        .budget(budget)
+        .build()
+        .unwrap();
+    let client = client(policy, breakers.clone());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+
+    let error = charge_via(&client, addr, "1").await.unwrap_err();
+    assert!(circuit_open(&error).is_some(), "opened for good: {error}");
+    let error = charge_via(&client, addr, "1").await.unwrap_err();
+    let open = circuit_open(&error).unwrap();
+    assert!(open.retry_in() > Duration::from_secs(365 * 24 * 3600));
+}

@@ -15,7 +15,15 @@ use super::{PolicyError, Verdict};
 ///
 /// It opens after `consecutive_failures` failures in a row, or when at least
 /// `min_calls` calls ended in the last `window` and `failure_ratio` of them
-/// failed; it stays open for `cool_down`, then lets one probe through.
+/// failed; it stays open for `cool_down`, then lets one probe through. A
+/// probe with no answer after `probe_timeout` counts as failed: the circuit
+/// opens again for another cool-down and a later call probes afresh, so a
+/// probe that hangs never holds the circuit open for longer.
+///
+/// Only calls started in the breaker's current state count: a call that
+/// began before the circuit opened (or before a probe closed it) and ends
+/// after is not counted, so the stragglers of an outage cannot reopen a
+/// circuit that a probe has just closed.
 ///
 /// ```
 /// use std::time::Duration;
@@ -34,6 +42,7 @@ pub struct BreakerConfig {
     min_calls: u32,
     window: Duration,
     cool_down: Duration,
+    probe_timeout: Duration,
 }
 
 impl Default for BreakerConfig {
@@ -46,6 +55,7 @@ impl Default for BreakerConfig {
             min_calls: 20,
             window: Duration::from_secs(10),
             cool_down: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -77,6 +87,13 @@ impl BreakerConfig {
         self
     }
 
+    /// How long a probe may go unanswered before it counts as failed
+    /// (default 10 s).
+    pub const fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = timeout;
+        self
+    }
+
     fn check(&self) -> Result<(), PolicyError> {
         if self.consecutive_failures == 0 {
             return Err(PolicyError::new(
@@ -101,6 +118,12 @@ impl BreakerConfig {
         }
         if self.cool_down.is_zero() {
             return Err(PolicyError::new("cool_down", "must be longer than zero"));
+        }
+        if self.probe_timeout.is_zero() {
+            return Err(PolicyError::new(
+                "probe_timeout",
+                "must be longer than zero",
+            ));
         }
         Ok(())
     }
@@ -169,6 +192,9 @@ struct Shared {
 
 struct Inner {
     phase: Phase,
+    /// Bumped on every change of phase and every probe admitted; a permit
+    /// of another generation is not counted.
+    generation: u64,
     consecutive_failures: u32,
     buckets: [Bucket; BUCKETS],
     epoch: Instant,
@@ -177,8 +203,13 @@ struct Inner {
 #[derive(Clone, Copy)]
 enum Phase {
     Closed,
-    Open { until: Instant },
-    HalfOpen { probing: bool },
+    Open {
+        until: Instant,
+    },
+    /// `probing`: the deadline of the probe that is out, if one is.
+    HalfOpen {
+        probing: Option<Instant>,
+    },
 }
 
 /// The window is kept as this many buckets, each a tenth of it.
@@ -209,6 +240,7 @@ impl CircuitBreaker {
                 config,
                 inner: Mutex::new(Inner {
                     phase: Phase::Closed,
+                    generation: 0,
                     consecutive_failures: 0,
                     buckets: [Bucket::default(); BUCKETS],
                     epoch: Instant::now(),
@@ -251,24 +283,49 @@ impl CircuitBreaker {
     /// probe still out.
     pub fn try_acquire(&self) -> Result<Permit, CircuitOpen> {
         let now = Instant::now();
+        let config = &self.shared.config;
         let mut inner = self.lock();
+        if let Phase::HalfOpen {
+            probing: Some(deadline),
+        } = inner.phase
+            && now >= deadline
+        {
+            // The probe never answered: a failed probe.
+            tracing::warn!(dependency = %self.shared.name, timeout = ?config.probe_timeout, "idem: a circuit breaker's probe timed out");
+            self.trip(&mut inner, now);
+        }
         let probe = match inner.phase {
             Phase::Closed => false,
             Phase::Open { until } if now < until => {
                 return Err(self.open(until - now));
             }
-            Phase::Open { .. } | Phase::HalfOpen { probing: false } => {
-                inner.phase = Phase::HalfOpen { probing: true };
+            Phase::Open { .. } | Phase::HalfOpen { probing: None } => {
+                inner.phase = Phase::HalfOpen {
+                    probing: Some(later(now, config.probe_timeout)),
+                };
+                inner.generation = inner.generation.wrapping_add(1);
                 self.publish(BreakerState::HalfOpen);
                 true
             }
-            Phase::HalfOpen { probing: true } => return Err(self.open(Duration::ZERO)),
+            Phase::HalfOpen {
+                probing: Some(deadline),
+            } => return Err(self.open(deadline - now)),
         };
         Ok(Permit {
             breaker: self.clone(),
             probe,
+            generation: inner.generation,
             recorded: false,
         })
+    }
+
+    /// Opens the circuit for a cool-down from `now`.
+    fn trip(&self, inner: &mut Inner, now: Instant) {
+        inner.phase = Phase::Open {
+            until: later(now, self.shared.config.cool_down),
+        };
+        inner.generation = inner.generation.wrapping_add(1);
+        self.publish(BreakerState::Open);
     }
 
     fn open(&self, retry_in: Duration) -> CircuitOpen {
@@ -278,18 +335,21 @@ impl CircuitBreaker {
         }
     }
 
-    fn record(&self, probe: bool, failure: bool) {
+    fn record(&self, probe: bool, generation: u64, failure: bool) {
         let now = Instant::now();
         let config = &self.shared.config;
         let mut inner = self.lock();
+        if generation != inner.generation {
+            // Started in an earlier state (before the circuit opened, or a
+            // probe that timed out): it says nothing about this one.
+            return;
+        }
         if probe {
             if failure {
-                inner.phase = Phase::Open {
-                    until: now + config.cool_down,
-                };
-                self.publish(BreakerState::Open);
+                self.trip(&mut inner, now);
             } else {
                 inner.phase = Phase::Closed;
+                inner.generation = inner.generation.wrapping_add(1);
                 inner.consecutive_failures = 0;
                 inner.buckets = [Bucket::default(); BUCKETS];
                 self.publish(BreakerState::Closed);
@@ -312,18 +372,24 @@ impl CircuitBreaker {
             inner.consecutive_failures = 0;
         }
         if failure && matches!(inner.phase, Phase::Closed) && inner.tripped(slot, config) {
-            inner.phase = Phase::Open {
-                until: now + config.cool_down,
-            };
-            self.publish(BreakerState::Open);
+            inner.consecutive_failures = 0;
+            inner.buckets = [Bucket::default(); BUCKETS];
+            self.trip(&mut inner, now);
         }
     }
 
-    fn abandon_probe(&self) {
+    fn abandon_probe(&self, generation: u64) {
         let mut inner = self.lock();
-        if matches!(inner.phase, Phase::HalfOpen { probing: true }) {
-            inner.phase = Phase::HalfOpen { probing: false };
+        if generation == inner.generation
+            && matches!(inner.phase, Phase::HalfOpen { probing: Some(_) })
+        {
+            inner.phase = Phase::HalfOpen { probing: None };
         }
+    }
+
+    /// The probe timeout, for callers that bound the probe's call as well.
+    pub(super) fn probe_timeout(&self) -> Duration {
+        self.shared.config.probe_timeout
     }
 
     fn publish(&self, state: BreakerState) {
@@ -345,6 +411,22 @@ impl CircuitBreaker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// `now + duration`, or as far ahead as the clock goes: a `Duration::MAX`
+/// cool-down means "until a probe is let through by nothing but the end of
+/// time", never a panic.
+fn later(now: Instant, duration: Duration) -> Instant {
+    now.checked_add(duration).unwrap_or_else(|| {
+        // About 30 years, then less until the clock can hold it.
+        let mut step = Duration::from_secs(30 * 365 * 24 * 3600);
+        loop {
+            if let Some(instant) = now.checked_add(step) {
+                return instant;
+            }
+            step /= 2;
+        }
+    })
 }
 
 impl Inner {
@@ -390,6 +472,7 @@ impl fmt::Debug for CircuitBreaker {
 pub struct Permit {
     breaker: CircuitBreaker,
     probe: bool,
+    generation: u64,
     recorded: bool,
 }
 
@@ -398,7 +481,8 @@ impl Permit {
     /// against the dependency, anything else for it.
     pub fn record(mut self, verdict: Verdict) {
         self.recorded = true;
-        self.breaker.record(self.probe, verdict.is_failure());
+        self.breaker
+            .record(self.probe, self.generation, verdict.is_failure());
     }
 
     /// Whether this call is the half-open circuit's probe.
@@ -411,7 +495,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.probe && !self.recorded {
-            self.breaker.abandon_probe();
+            self.breaker.abandon_probe(self.generation);
         }
     }
 }
@@ -428,15 +512,54 @@ impl fmt::Debug for Permit {
 /// One [`CircuitBreaker`] per dependency, made on first use with one
 /// configuration: the reqwest middleware keeps one per `host:port`.
 ///
+/// **Bounded.** A client that calls many hosts (a webhook sender) must not
+/// keep a breaker for every host it ever saw. A breaker that is closed and
+/// has not been asked for in [`idle`](Self::idle) (default 10 minutes) is
+/// forgotten, and at most [`max_dependencies`](Self::max_dependencies)
+/// (default 10 000) are kept: when a new one would exceed it, the least
+/// recently used tenth is forgotten, closed ones first. A forgotten
+/// dependency starts again with a closed breaker.
+///
 /// Cheap to clone; clones share the breakers. The default configuration is
 /// [`BreakerConfig::default`].
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Breakers {
     config: BreakerConfig,
-    breakers: Arc<Mutex<HashMap<Arc<str>, CircuitBreaker>>>,
+    idle: Duration,
+    max: usize,
+    breakers: Arc<Mutex<Table>>,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<Arc<str>, Entry>,
+    /// New entries since idle ones were last swept.
+    inserted: usize,
+}
+
+struct Entry {
+    breaker: CircuitBreaker,
+    used: Instant,
+}
+
+impl Default for Breakers {
+    fn default() -> Self {
+        Self {
+            config: BreakerConfig::default(),
+            idle: Self::DEFAULT_IDLE,
+            max: Self::DEFAULT_MAX_DEPENDENCIES,
+            breakers: Arc::default(),
+        }
+    }
 }
 
 impl Breakers {
+    /// How long a closed breaker may go unused before it is forgotten: 10
+    /// minutes.
+    pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
+    /// How many breakers are kept at most: 10 000.
+    pub const DEFAULT_MAX_DEPENDENCIES: usize = 10_000;
+
     /// Breakers configured by `config`.
     ///
     /// # Errors
@@ -446,32 +569,97 @@ impl Breakers {
         config.check()?;
         Ok(Self {
             config,
-            breakers: Arc::default(),
+            ..Self::default()
         })
+    }
+
+    /// Forget a closed breaker after this long unused (default 10 minutes).
+    #[must_use]
+    pub fn idle(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    /// Keep at most this many breakers (default 10 000; at least 1).
+    #[must_use]
+    pub fn max_dependencies(mut self, max: usize) -> Self {
+        self.max = max.max(1);
+        self
     }
 
     /// The breaker of `dependency`, made closed on first use.
     #[must_use]
     pub fn get(&self, dependency: &str) -> CircuitBreaker {
-        let mut breakers = self.breakers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(breaker) = breakers.get(dependency) {
-            return breaker.clone();
+        let now = Instant::now();
+        let mut table = self.breakers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = table.entries.get_mut(dependency) {
+            entry.used = now;
+            return entry.breaker.clone();
+        }
+        if table.inserted >= SWEEP_EVERY || table.entries.len() >= self.max {
+            table.inserted = 0;
+            let idle = self.idle;
+            table.entries.retain(|_, entry| {
+                now.saturating_duration_since(entry.used) < idle
+                    || entry.breaker.state() != BreakerState::Closed
+            });
+        }
+        if table.entries.len() >= self.max {
+            // Forget the least recently used tenth, closed breakers first.
+            let mut by_age: Vec<_> = table
+                .entries
+                .iter()
+                .map(|(name, entry)| {
+                    let open = entry.breaker.state() != BreakerState::Closed;
+                    (open, entry.used, name.clone())
+                })
+                .collect();
+            by_age.sort_unstable();
+            let excess = table.entries.len() + 1 - self.max;
+            let forget = excess.max(self.max / 10);
+            for (_, _, name) in by_age.into_iter().take(forget) {
+                table.entries.remove(&name);
+            }
         }
         let name: Arc<str> = dependency.into();
         let breaker = CircuitBreaker::checked(name.clone(), self.config);
-        breakers.insert(name, breaker.clone());
+        table.entries.insert(
+            name,
+            Entry {
+                breaker: breaker.clone(),
+                used: now,
+            },
+        );
+        table.inserted += 1;
         breaker
     }
 
-    /// Every dependency seen so far and its breaker's state, by name.
+    /// How many breakers are kept now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.breakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entries
+            .len()
+    }
+
+    /// Whether no breaker is kept.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every dependency kept and its breaker's state, by name.
     #[must_use]
     pub fn states(&self) -> Vec<(String, BreakerState)> {
         let breakers: Vec<_> = self
             .breakers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .entries
             .values()
-            .cloned()
+            .map(|entry| entry.breaker.clone())
             .collect();
         let mut states: Vec<_> = breakers
             .iter()
@@ -481,6 +669,9 @@ impl Breakers {
         states
     }
 }
+
+/// Idle breakers are swept after this many new ones.
+const SWEEP_EVERY: usize = 1024;
 
 impl fmt::Debug for Breakers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -608,6 +799,122 @@ mod tests {
         assert_eq!(setting(config.failure_ratio(0.5, 0)), "failure_ratio");
         assert_eq!(setting(config.window(Duration::ZERO)), "window");
         assert_eq!(setting(config.cool_down(Duration::ZERO)), "cool_down");
+        assert_eq!(
+            setting(config.probe_timeout(Duration::ZERO)),
+            "probe_timeout"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_answers_times_out() {
+        let breaker = breaker(
+            BreakerConfig::default()
+                .consecutive_failures(1)
+                .cool_down(Duration::from_secs(5))
+                .probe_timeout(Duration::from_secs(2)),
+        );
+        call(&breaker, FAIL).unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let hung = breaker.try_acquire().unwrap();
+        assert!(hung.is_probe());
+        let open = breaker.try_acquire().unwrap_err();
+        assert_eq!(
+            open.retry_in(),
+            Duration::from_secs(2),
+            "until the probe's deadline"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // The hung probe counts as failed: open again for a cool-down...
+        assert!(breaker.try_acquire().is_err());
+        assert_eq!(breaker.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // ...then a new probe, whose success closes it; the hung one's late
+        // answer changes nothing.
+        let probe = breaker.try_acquire().unwrap();
+        assert!(probe.is_probe());
+        probe.record(Verdict::Success);
+        hung.record(FAIL);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_calls_started_in_the_current_state_count() {
+        let breaker = breaker(BreakerConfig::default().consecutive_failures(3));
+        // Ten calls start during the outage; three fail and open the circuit.
+        let mut stragglers: Vec<_> = (0..10).map(|_| breaker.try_acquire().unwrap()).collect();
+        for permit in stragglers.drain(..3) {
+            permit.record(FAIL);
+        }
+        assert_eq!(breaker.state(), BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        breaker.try_acquire().unwrap().record(Verdict::Success);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        // The rest of the outage's calls fail now: they do not reopen it.
+        for permit in stragglers {
+            permit.record(FAIL);
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        for _ in 0..2 {
+            call(&breaker, FAIL).unwrap();
+        }
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        call(&breaker, FAIL).unwrap();
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Open,
+            "new failures still count"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_settings_never_panic() {
+        let breaker = breaker(
+            BreakerConfig::default()
+                .consecutive_failures(1)
+                .window(Duration::MAX)
+                .cool_down(Duration::MAX)
+                .probe_timeout(Duration::MAX),
+        );
+        call(&breaker, FAIL).unwrap();
+        assert_eq!(breaker.state(), BreakerState::Open);
+        assert!(breaker.try_acquire().unwrap_err().retry_in() > Duration::from_secs(86_400));
+        let breaker = CircuitBreaker::new(
+            "x",
+            BreakerConfig::default()
+                .consecutive_failures(u32::MAX)
+                .failure_ratio(f64::MIN_POSITIVE, u32::MAX)
+                .window(Duration::from_millis(10))
+                .cool_down(Duration::from_nanos(1))
+                .probe_timeout(Duration::from_nanos(1)),
+        )
+        .unwrap();
+        call(&breaker, FAIL).unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        call(&breaker, Verdict::Success).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breakers_are_bounded() {
+        let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(1))
+            .unwrap()
+            .max_dependencies(1000)
+            .idle(Duration::from_secs(60));
+        call(&breakers.get("down:443"), FAIL).unwrap();
+        for host in 0..100_000 {
+            let _ = breakers.get(&format!("host-{host}.example:443"));
+            assert!(breakers.len() <= 1000);
+        }
+        assert_eq!(
+            breakers.get("down:443").state(),
+            BreakerState::Open,
+            "an open circuit is forgotten last"
+        );
+        // Idle closed breakers are forgotten once enough new ones came.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        for host in 0..SWEEP_EVERY {
+            let _ = breakers.get(&format!("new-{host}.example:443"));
+        }
+        assert!(breakers.len() <= SWEEP_EVERY + 1, "{}", breakers.len());
     }
 
     #[test]

@@ -62,9 +62,11 @@ impl Verdict {
 ///
 /// Implemented for [`reqwest::Error`], [`reqwest::Response`],
 /// [`reqwest_middleware::Error`], [`std::io::Error`] and idem's own
-/// [`Error`](crate::Error). For other errors (a gRPC status, a queue
-/// client's error), implement it, or pass a function to
-/// [`retry_if`](super::retry_if).
+/// [`Error`](crate::Error). For your own error types, implement it. For
+/// another crate's (a `tonic::Status`, an `async_nats` error), which Rust
+/// does not let you implement it for, pass a classifier to
+/// [`retry_if`](super::retry_if) — [`classify_grpc_code`] is one for gRPC
+/// status codes.
 pub trait Classify {
     /// The verdict on this outcome.
     fn classify(&self) -> Verdict;
@@ -96,6 +98,71 @@ pub fn classify_status(status: StatusCode, headers: &HeaderMap) -> Verdict {
         408 | 500 | 502 | 503 | 504 => Verdict::Failed {
             retry_after: retry_after(),
         },
+        _ => Verdict::Rejected,
+    }
+}
+
+/// The verdict on a gRPC status code (`tonic::Code as i32`, or the number
+/// any gRPC or NATS client reports), for [`retry_if`](super::retry_if)'s
+/// classifier: the supported way to retry calls whose error type is another
+/// crate's, for which [`Classify`] cannot be implemented outside that crate.
+///
+/// | code | verdict |
+/// |---|---|
+/// | 0 `OK` | [`Success`](Verdict::Success) |
+/// | 14 `UNAVAILABLE`, 4 `DEADLINE_EXCEEDED` | [`Failed`](Verdict::Failed): retried, counts against the breaker |
+/// | 8 `RESOURCE_EXHAUSTED`, 10 `ABORTED` | [`Busy`](Verdict::Busy): retried, the dependency is alive |
+/// | every other code (`INVALID_ARGUMENT`, `NOT_FOUND`, `ALREADY_EXISTS`, `INTERNAL`, …) | [`Rejected`](Verdict::Rejected) |
+///
+/// `DEADLINE_EXCEEDED` is retried because a retry sends the operation's
+/// one key, so a call that did run is not run again by a server that
+/// deduplicates by it; without such a server, do not retry it.
+///
+/// ```
+/// use idem_core::client::{RetryPolicy, Verdict, classify_grpc_code, retry_if};
+///
+/// // A stand-in for `tonic::Status`: another crate's error type.
+/// # mod tonic {
+/// #     #[derive(Debug, Clone, Copy, PartialEq)]
+/// #     pub enum Code { Ok = 0, Unavailable = 14, InvalidArgument = 3 }
+/// #     #[derive(Debug)]
+/// #     pub struct Status(Code);
+/// #     impl Status {
+/// #         pub fn unavailable(_: &str) -> Self { Status(Code::Unavailable) }
+/// #         pub fn code(&self) -> Code { self.0 }
+/// #     }
+/// # }
+/// # async fn charge(_key: &str, attempt: u32) -> Result<&'static str, tonic::Status> {
+/// #     if attempt == 1 { Err(tonic::Status::unavailable("down")) } else { Ok("charged") }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let policy = RetryPolicy::default();
+/// let receipt = retry_if(
+///     &policy,
+///     |outcome: &Result<_, tonic::Status>| match outcome {
+///         Ok(_) => Verdict::Success,
+///         Err(status) => classify_grpc_code(status.code() as i32),
+///     },
+///     // The key goes in the request's metadata, e.g. `idempotency-key`.
+///     |attempt| {
+///         let key = attempt.key().to_owned();
+///         let number = attempt.number();
+///         async move { charge(&key, number).await }
+///     },
+/// )
+/// .await
+/// .map_err(|error| format!("{error:?}"))?;
+/// assert_eq!(receipt, "charged");
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub const fn classify_grpc_code(code: i32) -> Verdict {
+    match code {
+        0 => Verdict::Success,
+        4 | 14 => Verdict::Failed { retry_after: None },
+        8 | 10 => Verdict::Busy { retry_after: None },
         _ => Verdict::Rejected,
     }
 }
@@ -139,14 +206,24 @@ impl Classify for reqwest::Error {
     }
 }
 
-/// A reqwest error as above; an error of a middleware is
-/// [`Rejected`](Verdict::Rejected) (an open circuit among them: this
-/// operation does not wait for it).
+/// A reqwest or `std::io` error as below, also when a middleware wrapped it (as
+/// [`RetryMiddleware`](super::RetryMiddleware) wraps its final errors with
+/// their [`RetryReport`](super::RetryReport)); any other error of a
+/// middleware is [`Rejected`](Verdict::Rejected) (an open circuit among
+/// them: this operation does not wait for it).
 impl Classify for reqwest_middleware::Error {
     fn classify(&self) -> Verdict {
         match self {
             Self::Reqwest(error) => error.classify(),
-            Self::Middleware(_) => Verdict::Rejected,
+            Self::Middleware(error) => {
+                if let Some(error) = error.downcast_ref::<reqwest::Error>() {
+                    error.classify()
+                } else if let Some(error) = error.downcast_ref::<std::io::Error>() {
+                    error.classify()
+                } else {
+                    Verdict::Rejected
+                }
+            }
         }
     }
 }

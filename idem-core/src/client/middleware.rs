@@ -7,7 +7,7 @@ use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
 use super::retry::Retries;
-use super::{Breakers, Classify, RetryPolicy, new_key};
+use super::{Breakers, CircuitBreaker, Classify, RetryPolicy, RetryReport, new_key};
 use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 
 /// Retries reqwest requests safely: one idempotency key per request, the
@@ -16,7 +16,9 @@ use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 ///
 /// A `POST` or `PATCH` (see [`key_methods`](Self::key_methods)) without an
 /// `Idempotency-Key` header gets one, a fresh UUID, sent as a
-/// structured-field string on every attempt; a key the caller set is kept.
+/// structured-field string on every attempt. A key the caller set is kept
+/// and sent exactly as given, whatever its form (`order 17` as well as
+/// `"order-17"`: the server judges it, not the client).
 /// Requests are retried when they carry a key or their method is idempotent
 /// (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`); any other is sent
 /// once, as is a request whose body cannot be cloned (a stream). Which
@@ -25,9 +27,13 @@ use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 ///
 /// The final response carries a [`RetryReport`] in its extensions: the
 /// attempts made, the key, and whether the server replayed a stored
-/// response (`Idempotent-Replayed: true`). A request to a host whose
-/// circuit is open fails at once with a middleware error whose source is a
-/// [`CircuitOpen`](super::CircuitOpen).
+/// response (`Idempotent-Replayed: true`). So does every final error
+/// ([`RetryReport::of`]): the error after the last attempt (a timeout, a
+/// reset connection) and a request to a host whose circuit is open, which
+/// fails at once. Such an error is a middleware error whose cause stays
+/// reachable: `downcast_ref::<reqwest::Error>()`, or
+/// `downcast_ref::<CircuitOpen>()` for an open circuit. Keep the key until
+/// the outcome is known: an outer retry sends `report.key()` again.
 ///
 /// ```no_run
 /// use idem_core::client::{RetryMiddleware, RetryPolicy, RetryReport};
@@ -44,6 +50,20 @@ use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 ///     .await?;
 /// let report = response.extensions().get::<RetryReport>().unwrap();
 /// println!("{} attempt(s), replayed: {}", report.attempts(), report.replayed());
+///
+/// // An error: the charge may have run. Keep the key for the next try.
+/// let next_try = client
+///     .post("https://payments.example/v1/charges")
+///     .header("x-api-key", "shop-1")
+///     .body(r#"{"amount_cents":250}"#)
+///     .send()
+///     .await;
+/// if let Err(error) = &next_try
+///     && let Some(report) = RetryReport::of(error)
+/// {
+///     let key = report.key().unwrap(); // send it as `Idempotency-Key` next time
+///     # let _ = key;
+/// }
 /// # Ok(())
 /// # }
 /// ```
@@ -92,36 +112,6 @@ impl RetryMiddleware {
     }
 }
 
-/// How a request went, in the final response's extensions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryReport {
-    attempts: u32,
-    key: Option<String>,
-    replayed: bool,
-}
-
-impl RetryReport {
-    /// How many attempts were sent, the last included.
-    #[must_use]
-    pub fn attempts(&self) -> u32 {
-        self.attempts
-    }
-
-    /// The request's idempotency key, if it had one.
-    #[must_use]
-    pub fn key(&self) -> Option<&str> {
-        self.key.as_deref()
-    }
-
-    /// Whether the server replayed a stored response
-    /// (`Idempotent-Replayed: true`), as it does when an earlier attempt was
-    /// processed but its response lost.
-    #[must_use]
-    pub fn replayed(&self) -> bool {
-        self.replayed
-    }
-}
-
 /// Whether a response is a replay (`Idempotent-Replayed: true`).
 #[must_use]
 pub fn replayed(response: &Response) -> bool {
@@ -152,11 +142,18 @@ impl Middleware for RetryMiddleware {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<Response> {
         let key = match request.headers().get(IDEMPOTENCY_KEY) {
-            Some(value) => value
-                .to_str()
-                .ok()
-                .and_then(|value| IdempotencyKey::parse(value).ok())
-                .map(|key| key.as_str().to_owned()),
+            // The caller's key is sent as it is; the report names it as
+            // the server will read it when idem can parse it, else as sent.
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|text| IdempotencyKey::parse(text).ok())
+                    .map_or_else(
+                        || String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                        |key| key.as_str().to_owned(),
+                    ),
+            ),
             None if self.key_methods.contains(request.method()) => {
                 let key = new_key();
                 let value = HeaderValue::try_from(format!("\"{key}\""))
@@ -184,16 +181,40 @@ impl Middleware for RetryMiddleware {
                 Some(copy) => (copy, Some(request)),
                 None => (request, None),
             };
-            let permit = match &breaker {
-                Some(breaker) => Some(
-                    breaker
-                        .try_acquire()
-                        .map_err(reqwest_middleware::Error::middleware)?,
-                ),
+            let permit = match breaker.as_ref().map(CircuitBreaker::try_acquire) {
+                Some(Ok(permit)) => Some(permit),
+                Some(Err(open)) => {
+                    let report = RetryReport {
+                        attempts,
+                        key,
+                        replayed: false,
+                    };
+                    return Err(reqwest_middleware::Error::Middleware(
+                        anyhow::Error::new(open).context(report),
+                    ));
+                }
                 None => None,
             };
             attempts += 1;
-            let outcome = next.clone().run(attempt, extensions).await;
+            let probe_timeout = permit
+                .as_ref()
+                .filter(|permit| permit.is_probe())
+                .and(breaker.as_ref())
+                .map(CircuitBreaker::probe_timeout);
+            let run = next.clone().run(attempt, extensions);
+            let outcome = match probe_timeout {
+                // A probe that hangs is abandoned at its deadline and counts
+                // as failed; the request may have run, so its key is kept.
+                Some(timeout) => tokio::time::timeout(timeout, run)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(reqwest_middleware::Error::middleware(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the circuit breaker's probe got no answer in time",
+                        )))
+                    }),
+                None => run.await,
+            };
             let verdict = match &outcome {
                 Ok(response) => response.classify(),
                 Err(error) => error.classify(),
@@ -202,18 +223,32 @@ impl Middleware for RetryMiddleware {
                 permit.record(verdict);
             }
             let delay = (verdict.is_retryable() && kept.is_some())
-                .then(|| retries.next_delay(attempts, verdict.retry_after()).ok())
+                .then(|| retries.next_delay(attempts, verdict).ok())
                 .flatten();
             let (Some(delay), Some(kept)) = (delay, kept) else {
-                return outcome.map(|mut response| {
-                    let report = RetryReport {
-                        attempts,
-                        key,
-                        replayed: replayed(&response),
-                    };
-                    response.extensions_mut().insert(report);
-                    response
-                });
+                return match outcome {
+                    Ok(mut response) => {
+                        let report = RetryReport {
+                            attempts,
+                            key,
+                            replayed: replayed(&response),
+                        };
+                        response.extensions_mut().insert(report);
+                        Ok(response)
+                    }
+                    Err(error) => {
+                        let report = RetryReport {
+                            attempts,
+                            key,
+                            replayed: false,
+                        };
+                        let error = match error {
+                            reqwest_middleware::Error::Reqwest(error) => anyhow::Error::new(error),
+                            reqwest_middleware::Error::Middleware(error) => error,
+                        };
+                        Err(reqwest_middleware::Error::Middleware(error.context(report)))
+                    }
+                };
             };
             tracing::debug!(
                 attempt = attempts,

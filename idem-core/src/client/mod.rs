@@ -14,7 +14,9 @@
 //!   `Idempotency-Key`; the final response says how many attempts were made
 //!   and whether it was a replay ([`RetryReport`]).
 //! - [`retry`] and [`retry_if`]: the same policy and breaker for any async
-//!   call — a gRPC request, a queue publish.
+//!   call — a gRPC request, a queue publish. For an error type of another
+//!   crate (`tonic::Status`), give [`retry_if`] a classifier such as
+//!   [`classify_grpc_code`]; [`retry_with_key`] runs under a key you keep.
 //! - [`RetryPolicy`]: backoff, limits and [`RetryBudget`];
 //!   [`CircuitBreaker`] and [`Breakers`]: per dependency, observable.
 //!
@@ -24,7 +26,7 @@
 //! |---|---|---|
 //! | 2xx, 3xx | no: done | no |
 //! | connection refused or reset, timeout, connection closed before the response | yes | yes |
-//! | 409 (the first request with the key is still running) | yes, after `Retry-After` | no |
+//! | 409 (the first request with the key is still running) | yes, after `Retry-After`, cut to the time left | no |
 //! | 425, 429 | yes, after `Retry-After` when present | no |
 //! | 408, 500, 502, 503, 504 | yes, after `Retry-After` when present | yes |
 //! | 400, 401, 403, 404, 413, 422 and every other 4xx | never | no |
@@ -33,6 +35,13 @@
 //! ([`classify_status`] is the table; [`Classify`] says how errors of
 //! reqwest, `std::io` and idem map to it.)
 //!
+//! Every final outcome carries the operation's key and a [`RetryReport`]:
+//! a response in its extensions, the middleware's final error (the last
+//! attempt's, an open circuit's) through [`RetryReport::of`], and
+//! [`RetryError::key`]. **Keep the key until the outcome is known**: an
+//! error may follow a request that did run, so a later retry (a job
+//! queue's, a user clicking again) sends the same key and gets the replay.
+//!
 //! # Waiting
 //!
 //! Retry `n` waits a uniformly random time in `[0, min(cap, base · 2ⁿ⁻¹)]`
@@ -40,15 +49,20 @@
 //! the server sent plus a random `[0, base]`. It stops after `max_attempts`
 //! (4), when the next wait would end after `max_elapsed` (30 s), or when the
 //! budget (20% of the operations of the last 10 s, plus 10 a second) has no
-//! retry left — and returns the last outcome.
+//! retry left — and returns the last outcome. A 409 whose `Retry-After`
+//! would end after `max_elapsed` is looked at once more just before it
+//! instead, so a slow first request still ends in its replay.
 //!
 //! # Circuit breakers
 //!
 //! A breaker opens after 5 failures in a row, or when half of at least 20
 //! calls in 10 s failed; open, it fails calls at once without sending them;
 //! after a 5 s cool-down it lets one probe through, which closes it on
-//! success and opens it again on failure. [`CircuitBreaker::state`] and
-//! [`CircuitBreaker::subscribe`] observe it.
+//! success and opens it again on failure, or when it has not answered in
+//! 10 s. Only calls started in its current state count. [`Breakers`] keeps
+//! one per `host:port`, forgets closed ones idle for 10 minutes and keeps at
+//! most 10 000. [`CircuitBreaker::state`] and [`CircuitBreaker::subscribe`]
+//! observe them.
 
 mod breaker;
 mod classify;
@@ -57,7 +71,9 @@ mod policy;
 mod retry;
 
 pub use breaker::{BreakerConfig, BreakerState, Breakers, CircuitBreaker, CircuitOpen, Permit};
-pub use classify::{Classify, Verdict, classify_status, retry_after};
-pub use middleware::{RetryMiddleware, RetryReport, replayed};
+pub use classify::{Classify, Verdict, classify_grpc_code, classify_status, retry_after};
+pub use middleware::{RetryMiddleware, replayed};
 pub use policy::{PolicyError, RetryBudget, RetryPolicy, RetryPolicyBuilder};
-pub use retry::{Attempt, RetryError, StopReason, new_key, retry, retry_if};
+pub use retry::{
+    Attempt, RetryError, RetryReport, StopReason, new_key, retry, retry_if, retry_with_key,
+};

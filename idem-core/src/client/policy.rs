@@ -246,7 +246,7 @@ impl RetryBudget {
     /// # Errors
     ///
     /// [`PolicyError`] when `window` is not between 1 and 60 s, `ratio` is
-    /// not a number between 0 and 1000, or `min_per_sec` is above
+    /// not a number between 0 and 1000, or `min_per_sec` is not below
     /// `i32::MAX`.
     pub fn new(ratio: f32, window: Duration, min_per_sec: u32) -> Result<Self, PolicyError> {
         if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&window) {
@@ -261,10 +261,11 @@ impl RetryBudget {
                 "must be a number between 0 and 1000",
             ));
         }
-        if i32::try_from(min_per_sec).is_err() {
+        // tower's budget asserts `min_per_sec < i32::MAX`.
+        if i32::try_from(min_per_sec).is_err() || min_per_sec == i32::MAX.unsigned_abs() {
             return Err(PolicyError::new(
                 "budget min_per_sec",
-                "must be at most i32::MAX",
+                "must be below i32::MAX",
             ));
         }
         Ok(Self {
@@ -397,6 +398,34 @@ mod tests {
             budget(0.1, Duration::from_secs(1), u32::MAX),
             "budget min_per_sec"
         );
+        assert_eq!(
+            budget(0.2, Duration::from_secs(10), i32::MAX.unsigned_abs()),
+            "budget min_per_sec"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_accepted_extreme_works() {
+        for (ratio, window, min_per_sec) in [
+            (0.0, Duration::from_secs(1), 0),
+            (1000.0, Duration::from_secs(60), i32::MAX.unsigned_abs() - 1),
+            (f32::MIN_POSITIVE, Duration::from_secs(60), 0),
+            (1.0, Duration::from_secs(1), 1),
+        ] {
+            let budget = RetryBudget::new(ratio, window, min_per_sec).unwrap();
+            budget.deposit();
+            let _ = budget.withdraw();
+        }
+        let policy = RetryPolicy::builder()
+            .base(Duration::MAX)
+            .cap(Duration::MAX)
+            .max_attempts(u32::MAX)
+            .max_elapsed(Duration::MAX)
+            .build()
+            .unwrap();
+        let _ = policy.delay(u32::MAX, None);
+        let _ = policy.delay(1, Some(Duration::MAX));
+        assert_eq!(policy.backoff_bound(64), Duration::MAX);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,6 +9,71 @@ use tokio::time::Instant;
 
 use super::{CircuitBreaker, CircuitOpen, Classify, RetryPolicy, Verdict};
 
+/// How an operation went: the attempts made, its idempotency key, and
+/// whether the server replayed a stored response. The reqwest middleware
+/// puts it in the final response's extensions (and in its final error, see
+/// [`RetryReport::of`]); [`retry`]'s [`RetryError`] carries it, and
+/// [`retry_with_key`] returns it with the value.
+///
+/// **Keep the key until the outcome is known.** An operation that ended in
+/// an error (a timeout, a reset connection, an open circuit, the last
+/// attempt's 503) may have run. A later retry of it — a job queue's, a user
+/// clicking again — must send the same key, taken from the report, so that
+/// the server replays it instead of running it twice; only a success or a
+/// definite rejection (a 4xx) lets the key go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryReport {
+    pub(super) attempts: u32,
+    pub(super) key: Option<String>,
+    pub(super) replayed: bool,
+}
+
+impl RetryReport {
+    /// How many attempts were sent, the last included (0 when the circuit
+    /// was open from the start).
+    #[must_use]
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// The operation's idempotency key, if it had one: the one made for it,
+    /// or the caller's own, exactly as it was sent.
+    #[must_use]
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// Whether the server replayed a stored response
+    /// (`Idempotent-Replayed: true`), as it does when an earlier attempt was
+    /// processed but its response lost.
+    #[must_use]
+    pub fn replayed(&self) -> bool {
+        self.replayed
+    }
+
+    /// The report in a final error of the reqwest middleware, if it made
+    /// that error (it wraps every error after its attempts so that the key
+    /// is never lost; the original error stays reachable with
+    /// `downcast_ref::<reqwest::Error>()` or `::<CircuitOpen>()`).
+    #[must_use]
+    pub fn of(error: &reqwest_middleware::Error) -> Option<&Self> {
+        match error {
+            reqwest_middleware::Error::Middleware(error) => error.downcast_ref::<Self>(),
+            reqwest_middleware::Error::Reqwest(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for RetryReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "gave up after {} attempt(s)", self.attempts)?;
+        if let Some(key) = &self.key {
+            write!(f, " with idempotency key {key:?} (send it again to retry)")?;
+        }
+        Ok(())
+    }
+}
+
 /// A fresh idempotency key: a random (version 4) UUID, hyphenated.
 #[must_use]
 pub fn new_key() -> String {
@@ -75,12 +140,16 @@ impl fmt::Display for StopReason {
     }
 }
 
-/// An operation that [`retry`] gave up on: why, after how many attempts, and
-/// the last attempt's error (none when the circuit was open from the start).
+/// An operation that [`retry`] gave up on: why, after how many attempts,
+/// under which key, and the last attempt's error (none when the circuit was
+/// open from the start).
+///
+/// Its [`key`](Self::key) is the operation's: the outcome is not known, so
+/// a later retry must reuse it ([`retry_with_key`]).
 #[derive(Debug)]
 pub struct RetryError<E> {
     reason: StopReason,
-    attempts: u32,
+    report: RetryReport,
     last: Option<E>,
 }
 
@@ -94,7 +163,19 @@ impl<E> RetryError<E> {
     /// How many attempts were made (0 when the circuit was open).
     #[must_use]
     pub fn attempts(&self) -> u32 {
-        self.attempts
+        self.report.attempts
+    }
+
+    /// The operation's idempotency key: keep it until the outcome is known.
+    #[must_use]
+    pub fn key(&self) -> &str {
+        self.report.key.as_deref().unwrap_or_default()
+    }
+
+    /// The attempts and the key.
+    #[must_use]
+    pub fn report(&self) -> &RetryReport {
+        &self.report
     }
 
     /// The last attempt's error.
@@ -114,8 +195,10 @@ impl<E: fmt::Display> fmt::Display for RetryError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "gave up after {} attempt(s): {}",
-            self.attempts, self.reason
+            "gave up after {} attempt(s) with idempotency key {:?}: {}",
+            self.report.attempts,
+            self.key(),
+            self.reason
         )?;
         if let Some(last) = &self.last {
             write!(f, "; last error: {last}")?;
@@ -225,8 +308,61 @@ where
 pub async fn retry_if<T, E, F, Fut, C>(
     policy: &RetryPolicy,
     classify: C,
-    mut operation: F,
+    operation: F,
 ) -> Result<T, RetryError<E>>
+where
+    C: Fn(&Result<T, E>) -> Verdict,
+    F: FnMut(&Attempt) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    retry_with_key(policy, new_key(), classify, operation)
+        .await
+        .map(|(value, _)| value)
+}
+
+/// [`retry_if`] under a key the caller keeps, returning the
+/// [`RetryReport`] with the value: the form for an operation that may be
+/// retried again later (by a job queue, by a user) and so must keep one
+/// key until its outcome is known. Make the key once with [`new_key`] (or
+/// take the one a [`RetryError`] carries) and pass it to every run.
+///
+/// ```
+/// use idem_core::client::{RetryPolicy, Verdict, new_key, retry_with_key};
+/// use std::io;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let policy = RetryPolicy::builder().max_attempts(1).build().unwrap();
+/// let classify = |outcome: &Result<(), io::Error>| match outcome {
+///     Ok(()) => Verdict::Success,
+///     Err(_) => Verdict::Failed { retry_after: None },
+/// };
+/// let key = new_key(); // stored with the job, before the first run
+/// let first = retry_with_key(&policy, key.clone(), classify, |_| async {
+///     Err(io::Error::from(io::ErrorKind::TimedOut)) // did it run? unknown
+/// })
+/// .await
+/// .unwrap_err();
+/// assert_eq!(first.key(), key); // so the next run sends the same key
+/// let (_, report) = retry_with_key(&policy, first.key(), classify, |attempt| {
+///     assert_eq!(attempt.key(), key);
+///     async { Ok(()) }
+/// })
+/// .await
+/// .unwrap();
+/// assert_eq!(report.key(), Some(key.as_str()));
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// As [`retry`].
+pub async fn retry_with_key<T, E, F, Fut, C>(
+    policy: &RetryPolicy,
+    key: impl Into<Arc<str>>,
+    classify: C,
+    mut operation: F,
+) -> Result<(T, RetryReport), RetryError<E>>
 where
     C: Fn(&Result<T, E>) -> Verdict,
     F: FnMut(&Attempt) -> Fut,
@@ -234,7 +370,12 @@ where
 {
     let mut attempt = Attempt {
         number: 0,
-        key: new_key().into(),
+        key: key.into(),
+    };
+    let report = |attempt: &Attempt, attempts: u32| RetryReport {
+        attempts,
+        key: Some(attempt.key.to_string()),
+        replayed: false,
     };
     let mut retries = Retries::start(policy);
     let mut last = None;
@@ -244,25 +385,62 @@ where
             Some(Err(open)) => {
                 return Err(RetryError {
                     reason: StopReason::CircuitOpen(open),
-                    attempts: attempt.number - 1,
+                    report: report(&attempt, attempt.number - 1),
                     last,
                 });
             }
             Some(Ok(permit)) => Some(permit),
             None => None,
         };
-        let outcome = operation(&attempt).await;
+        let probe_timeout = permit
+            .as_ref()
+            .filter(|permit| permit.is_probe())
+            .map(|_| policy.breaker.as_ref().map(CircuitBreaker::probe_timeout));
+        let outcome = match probe_timeout.flatten() {
+            // A probe that hangs is abandoned at its deadline: the breaker
+            // has counted it as failed, and this operation's next attempt
+            // (with the same key) finds the circuit open again.
+            Some(timeout) => tokio::time::timeout(timeout, operation(&attempt))
+                .await
+                .ok(),
+            None => Some(operation(&attempt).await),
+        };
+        let Some(outcome) = outcome else {
+            // The probe failed: the circuit opens again, and this
+            // operation stops as any other finding it open.
+            if let Some(permit) = permit {
+                permit.record(Verdict::Failed { retry_after: None });
+            }
+            let open = policy
+                .breaker
+                .as_ref()
+                .map(CircuitBreaker::try_acquire)
+                .and_then(Result::err);
+            return Err(RetryError {
+                reason: open.map_or(StopReason::MaxElapsed, StopReason::CircuitOpen),
+                report: report(&attempt, attempt.number),
+                last,
+            });
+        };
         let verdict = classify(&outcome);
         if let Some(permit) = permit {
             permit.record(verdict);
         }
         let stop = match verdict {
             Verdict::Success => {
-                return outcome.map_err(|error| stopped(StopReason::NotRetryable, &attempt, error));
+                let report = report(&attempt, attempt.number);
+                return match outcome {
+                    Ok(value) => Ok((value, report)),
+                    Err(error) => Err(RetryError {
+                        reason: StopReason::NotRetryable,
+                        report,
+                        last: Some(error),
+                    }),
+                };
             }
             Verdict::Rejected => Err(StopReason::NotRetryable),
-            Verdict::Busy { retry_after } | Verdict::Failed { retry_after } => {
-                retries.next_delay(attempt.number, retry_after)
+            Verdict::Busy { .. } | Verdict::Failed { .. } => {
+                retries.next_delay(attempt.number, verdict)
             }
         };
         match (stop, outcome) {
@@ -274,17 +452,15 @@ where
                 last = None;
                 tokio::time::sleep(delay).await;
             }
-            (Err(_), Ok(value)) => return Ok(value),
-            (Err(reason), Err(error)) => return Err(stopped(reason, &attempt, error)),
+            (Err(_), Ok(value)) => return Ok((value, report(&attempt, attempt.number))),
+            (Err(reason), Err(error)) => {
+                return Err(RetryError {
+                    reason,
+                    report: report(&attempt, attempt.number),
+                    last: Some(error),
+                });
+            }
         }
-    }
-}
-
-fn stopped<E>(reason: StopReason, attempt: &Attempt, error: E) -> RetryError<E> {
-    RetryError {
-        reason,
-        attempts: attempt.number,
-        last: Some(error),
     }
 }
 
@@ -307,19 +483,30 @@ impl<'a> Retries<'a> {
         }
     }
 
-    /// The wait before the attempt after `attempts` attempts, or why there is
-    /// none.
+    /// The wait before the attempt after `attempts` attempts ended in
+    /// `verdict`, or why there is none.
+    ///
+    /// A [`Busy`](Verdict::Busy) dependency (a 409 while the operation's
+    /// first request still runs) is polled within the time limit: when its
+    /// `Retry-After` would end past the limit, the wait is cut to what is
+    /// left, so the operation's last look comes before it gives up instead
+    /// of never. Other waits that would end past the limit stop it.
     pub(super) fn next_delay(
         &mut self,
         attempts: u32,
-        retry_after: Option<Duration>,
+        verdict: Verdict,
     ) -> Result<Duration, StopReason> {
         if attempts >= self.policy.max_attempts {
             return Err(StopReason::MaxAttempts);
         }
-        let delay = self.policy.delay(attempts, retry_after);
-        if self.started.elapsed().saturating_add(delay) > self.policy.max_elapsed {
-            return Err(StopReason::MaxElapsed);
+        let mut delay = self.policy.delay(attempts, verdict.retry_after());
+        let elapsed = self.started.elapsed();
+        if elapsed.saturating_add(delay) > self.policy.max_elapsed {
+            let left = self.policy.max_elapsed.saturating_sub(elapsed);
+            if !matches!(verdict, Verdict::Busy { .. }) || left.is_zero() {
+                return Err(StopReason::MaxElapsed);
+            }
+            delay = left;
         }
         if let Some(budget) = &self.policy.budget
             && !budget.withdraw()
@@ -464,6 +651,65 @@ mod tests {
         .unwrap_err();
         assert_eq!((calls, error.attempts()), (2, 0));
         assert!(error.last_error().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_probe_is_abandoned_at_its_deadline() {
+        let breaker = CircuitBreaker::new(
+            "ledger",
+            BreakerConfig::default()
+                .consecutive_failures(1)
+                .probe_timeout(Duration::from_secs(3)),
+        )
+        .unwrap();
+        let guarded = policy().breaker(breaker.clone()).build().unwrap();
+        let _ = retry(&guarded, |_| async { Err::<(), _>(refused()) }).await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let start = Instant::now();
+        let error = retry(&guarded, |_| {
+            std::future::pending::<Result<(), io::Error>>()
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert_eq!(error.attempts(), 1);
+        assert!(
+            matches!(error.reason(), StopReason::CircuitOpen(_)),
+            "{error}"
+        );
+        assert_eq!(breaker.state(), crate::client::BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_409_past_the_time_limit_is_polled_before_it() {
+        let start = Instant::now();
+        let busy = crate::Error::InProgress {
+            retry_after: Duration::from_secs(59),
+        };
+        let limited = policy()
+            .max_elapsed(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let (_, report) = retry_with_key(
+            &limited,
+            "k",
+            |outcome: &Result<(), crate::Error>| match outcome {
+                Ok(()) => Verdict::Success,
+                Err(error) => error.classify(),
+            },
+            |attempt| {
+                let outcome = if attempt.is_retry() {
+                    Ok(())
+                } else {
+                    Err(busy.clone())
+                };
+                async move { outcome }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!((report.attempts(), report.key()), (2, Some("k")));
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]
