@@ -7,23 +7,33 @@ use axum::http::HeaderValue;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
-use super::key::{IDEMPOTENT_REPLAYED, IdempotencyKey, invalid};
+use super::key::{IDEMPOTENT_REPLAYED, IdempotencyKey, MISSING, invalid};
 use super::problem::{DEFAULT_DOCS, Problem};
 use crate::error::Error;
 use crate::replayable::Replayable;
 
-/// Rejects a request without a usable key with a `400`;
-/// `Option<IdempotencyKey>` makes the key optional but still rejects a
-/// malformed one.
+/// Rejects a request without a usable key with a `400`, of the same problem
+/// types as the [`IdempotencyLayer`](super::IdempotencyLayer)'s
+/// (`#missing-key`, `#invalid-key`); `Option<IdempotencyKey>` makes the key
+/// optional but still rejects a malformed one.
+///
+/// A handler that takes the key and calls an `#[idempotent]` fn is dropped
+/// by hyper when its client hangs up: the call stops at its next `.await`
+/// and its claim stays until its lease lapses, so the client's retry waits
+/// for the lease and runs the body again. The layer runs a handler on a
+/// task of its own and has no such gap; with the extractor, spawn the call
+/// so that it finishes and records its result without the handler:
+///
+/// ```ignore
+/// async fn pay(key: IdempotencyKey, Json(order): Json<Order>) -> Result<Replayable<Receipt>, PayError> {
+///     tokio::spawn(charge(key, order)).await.expect("charge does not panic")
+/// }
+/// ```
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
-        Self::from_headers(&parts.headers)?.ok_or_else(|| {
-            invalid(
-                "this endpoint needs an Idempotency-Key header, e.g. a fresh UUID per operation",
-            )
-        })
+        Self::from_headers(&parts.headers)?.ok_or_else(|| invalid(MISSING))
     }
 }
 
@@ -46,6 +56,12 @@ impl IntoResponse for Error {
 
 /// The value's response, with `Idempotent-Replayed: true` when it was
 /// replayed.
+///
+/// An error is marked only when it was stored as the value: a fn that
+/// returns `Result<Replayable<Result<Receipt, Declined>>, Error>` stores its
+/// declined payments and marks their replays, as the layer marks a replayed
+/// `402`; an `Err` of the fn itself (idem's errors, errors not stored) is
+/// never a replay.
 impl<T: IntoResponse> IntoResponse for Replayable<T> {
     fn into_response(self) -> Response {
         let replayed = self.is_replay();
@@ -136,6 +152,18 @@ mod tests {
                 assert!(!body.contains(internal), "{body}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_missing_key_is_the_same_problem_as_the_layers() {
+        let (mut parts, ()) = Request::builder().body(()).unwrap().into_parts();
+        let missing =
+            <IdempotencyKey as FromRequestParts<()>>::from_request_parts(&mut parts, &()).await;
+        let (status, _, body) = problem(missing.unwrap_err()).await;
+        assert_eq!(status, 400);
+        assert!(body["type"].as_str().unwrap().ends_with("#missing-key"));
+        let (_, _, body) = problem(IdempotencyKey::parse("").unwrap_err()).await;
+        assert!(body["type"].as_str().unwrap().ends_with("#invalid-key"));
     }
 
     #[tokio::test]
