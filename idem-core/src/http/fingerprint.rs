@@ -13,7 +13,7 @@ use crate::key::Fingerprint;
 struct Print<'a> {
     method: &'a str,
     path: &'a str,
-    query: Vec<(Vec<u8>, Vec<u8>)>,
+    query: &'a str,
     headers: Vec<(&'a str, &'a [u8])>,
     body: &'a [u8],
 }
@@ -32,12 +32,7 @@ impl Serialize for Print<'_> {
         let mut tuple = serializer.serialize_tuple(5)?;
         tuple.serialize_element(self.method)?;
         tuple.serialize_element(self.path)?;
-        let query: Vec<(Raw<'_>, Raw<'_>)> = self
-            .query
-            .iter()
-            .map(|(name, value)| (Raw(name), Raw(value)))
-            .collect();
-        tuple.serialize_element(&query)?;
+        tuple.serialize_element(self.query)?;
         let headers: Vec<(&str, Raw<'_>)> = self
             .headers
             .iter()
@@ -50,7 +45,7 @@ impl Serialize for Print<'_> {
 }
 
 /// The request's fingerprint: SHA-256 of its method, the path the client
-/// sent, its [normalised query](query_pairs), the values of the headers
+/// sent, its [normal query](normal_query), the values of the headers
 /// `names` and its body.
 pub(crate) fn fingerprint(
     parts: &Parts,
@@ -71,7 +66,7 @@ pub(crate) fn fingerprint(
     Fingerprint::of(&Print {
         method: parts.method.as_str(),
         path: uri.path(),
-        query: query_pairs(uri.query().unwrap_or("")),
+        query: &normal_query(uri.query().unwrap_or("")),
         headers,
         body,
     })
@@ -91,10 +86,36 @@ pub(crate) fn sent_uri(parts: &Parts) -> &http::Uri {
 
 /// A query as the fingerprint sees it: its `name=value` pairs, each
 /// percent-decoded with `+` read as a space (as HTML forms, axum's `Query`
-/// and serde_urlencoded read them), sorted by name. Pairs with equal names
-/// keep their order, which may mean something (`tag=a&tag=b`); empty pieces
-/// (`a=1&&b=2`) are dropped.
-pub(crate) fn query_pairs(query: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+/// and serde_urlencoded read them), sorted by name, and written again
+/// with every byte but the unreserved ones percent-encoded. Pairs with
+/// equal names keep their order, which may mean something
+/// (`tag=a&tag=b`); empty pieces (`a=1&&b=2`) are dropped. A query written
+/// that way already (`a=1&b=2`, and no query at all) is left as it is, so
+/// its fingerprint is the one it had before queries were normalised.
+pub(crate) fn normal_query(query: &str) -> String {
+    let mut out = String::with_capacity(query.len());
+    for (name, value) in query_pairs(query) {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        percent_encode(&name, &mut out);
+        out.push('=');
+        percent_encode(&value, &mut out);
+    }
+    out
+}
+
+fn percent_encode(bytes: &[u8], out: &mut String) {
+    for &byte in bytes {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+}
+
+fn query_pairs(query: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = query
         .split('&')
         .filter(|piece| !piece.is_empty())
@@ -151,6 +172,14 @@ mod tests {
         assert_eq!(print("/a?q=%41"), print("/a?q=A"));
         assert_eq!(print("/a?x=1&&y=2"), print("/a?x=1&y=2"));
         assert_eq!(print("/a?"), print("/a"));
+    }
+
+    #[test]
+    fn a_query_in_normal_form_is_kept() {
+        assert_eq!(normal_query("a=1&b=x_y"), "a=1&b=x_y");
+        assert_eq!(normal_query(""), "");
+        assert_eq!(normal_query("b=x+y&a=%31"), "a=1&b=x%20y");
+        assert_eq!(normal_query("q=%C3%A9&flag"), "flag=&q=%C3%A9");
     }
 
     #[test]
