@@ -572,6 +572,40 @@ async fn equal_queries_replay(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
+/// Serves `app` over HTTP/2 without TLS (h2c, as gRPC inside a mesh).
+async fn serve_h2c(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/2 client connection to `addr`.
+async fn h2c_client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
+    let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(socket),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 /// Item 10: a gRPC-shaped answer over h2c (`grpc-status` in the trailers)
 /// keeps its trailers through the layer, the first time and on replay.
 async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
@@ -601,28 +635,8 @@ async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
         )
         .with_state(Arc::clone(&runs))
         .layer(layer(idem));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (socket, _) = listener.accept().await.unwrap();
-            let service = hyper_util::service::TowerToHyperService::new(app.clone());
-            tokio::spawn(async move {
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
-                        .await;
-            });
-        }
-    });
-    let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(socket),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let addr = serve_h2c(app).await;
+    let mut sender = h2c_client(addr).await;
     let key = key();
     let mut answers = Vec::new();
     for _ in 0..2 {
@@ -648,6 +662,99 @@ async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
     assert_eq!(first["grpc-message"], "order 1 precondition");
     assert_eq!(second, first);
     assert_eq!(second_body, first_body);
+    assert_eq!(runs.get(), 1);
+}
+
+/// A client that hangs up while its stream is sent: the layer copies the
+/// rest without it, and the retry replays the whole response.
+async fn a_client_that_hangs_up_mid_stream_gets_it_all_on_retry(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let (routes, queue) = streaming(&runs);
+    let addr = serve(routes.layer(layer(idem))).await;
+    let (chunks, receiver): (Chunks, _) = mpsc::channel(1);
+    queue.send(receiver).unwrap();
+    let key = key();
+    let mut first = post_to(addr, "/export", &key).send().await.unwrap();
+    chunks
+        .send(Ok(Bytes::from_static(b"row 1\n")))
+        .await
+        .unwrap();
+    assert_eq!(first.chunk().await.unwrap().unwrap(), "row 1\n");
+    drop(first);
+    for row in ["row 2\n", "row 3\n"] {
+        chunks.send(Ok(Bytes::from(row))).await.unwrap();
+    }
+    drop(chunks);
+    let retry = post_to(addr, "/export", &key).send().await.unwrap();
+    assert!(replayed(&retry), "the duplicate waited for the record");
+    assert_eq!(retry.text().await.unwrap(), "row 1\nrow 2\nrow 3\n");
+    assert_eq!(runs.get(), 1);
+}
+
+/// Notifies when dropped: tells the test that the server dropped a handler.
+struct Dropped(Arc<tokio::sync::Notify>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+/// Item 11: the function-level path, as the extractor's docs advise. The
+/// client resets its h2 stream while the handler runs, and the server drops
+/// the handler; the handler had spawned its idempotent call, which finishes
+/// without it, and the retry gets its result, marked as a replay. (Awaited
+/// in the handler instead, the call would stop there and hold its key for
+/// the lease: the retry would wait for it, then charge again.)
+async fn a_spawned_function_call_survives_a_hang_up(idem: Idempotency) {
+    use idem_core::http::IdempotencyKey;
+    use idem_core::{Fingerprint, Key, Replayable};
+    let runs = Arc::new(Runs::default());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let dropped = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (runs, started, gate) = (Arc::clone(&runs), Arc::clone(&started), Arc::clone(&gate));
+        let dropped = Arc::clone(&dropped);
+        move |key: IdempotencyKey| async move {
+            let _guard = Dropped(dropped);
+            let call = async move {
+                let key = Key::new("charge", key.as_str())?;
+                let body = async move {
+                    started.notify_one();
+                    let _open = gate.acquire().await;
+                    Ok::<_, idem_core::Error>(Replayable::new(format!("charge {}", runs.bump())))
+                };
+                idem.run(&Settings::DEFAULT, key, Fingerprint::of(&())?, body)
+                    .await
+            };
+            match tokio::spawn(call).await {
+                Ok(charged) => charged.into_response(),
+                Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            }
+        }
+    };
+    let addr = serve_h2c(Router::new().route("/charge", post(handler))).await;
+    let key = key();
+    let request = || {
+        hyper::Request::post(format!("http://{addr}/charge"))
+            .header("idempotency-key", &key)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let mut sender = h2c_client(addr).await;
+    let first = tokio::spawn(sender.send_request(request()));
+    started.notified().await;
+    first.abort();
+    dropped.notified().await;
+    gate.add_permits(1);
+    let retry = sender.send_request(request()).await.unwrap();
+    assert!(
+        retry.headers().contains_key("idempotent-replayed"),
+        "the first call was recorded"
+    );
+    let body = retry.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "charge 1");
     assert_eq!(runs.get(), 1);
 }
 
@@ -693,4 +800,6 @@ on_each_store!(
     unsolicited_keys_behave_as_documented,
     equal_queries_replay,
     trailers_pass_through_and_replay_over_h2c,
+    a_client_that_hangs_up_mid_stream_gets_it_all_on_retry,
+    a_spawned_function_call_survives_a_hang_up,
 );
