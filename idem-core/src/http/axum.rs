@@ -17,10 +17,11 @@ use crate::replayable::Replayable;
 /// (`#missing-key`, `#invalid-key`); `Option<IdempotencyKey>` makes the key
 /// optional but still rejects a malformed one.
 ///
-/// A handler that takes the key and calls an `#[idempotent]` fn is dropped
-/// by hyper when its client hangs up: the call stops at its next `.await`
-/// and its claim stays until its lease lapses, so the client's retry waits
-/// for the lease and runs the body again. The layer runs a handler on a
+/// A handler that takes the key and awaits an `#[idempotent]` fn is
+/// dropped when its client goes away (an HTTP/2 client resets its stream,
+/// a timeout layer gives up): the call stops at its next `.await` and its
+/// claim stays until its lease lapses, so the client's retry waits for the
+/// lease and runs the body again. The layer runs a handler on a
 /// task of its own and has no such gap; with the extractor, spawn the call
 /// so that it finishes and records its result without the handler:
 ///
