@@ -660,7 +660,9 @@ where
 {
     let mut held = None;
     let body = async {
-        let response = match catching(inner.call(request)).await {
+        // `call` itself runs inside the catch too: a service may panic
+        // before its future exists.
+        let response = match catching(async { inner.call(request).await }).await {
             Ok(response) => response.map_err(Failure::Inner)?,
             Err(panic) => return Err(Failure::Panicked(panic)),
         };
@@ -919,6 +921,8 @@ fn respond<RB>(config: &Config, answer: Answer) -> Response<ResponseBody<RB>> {
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::Full;
+
     use super::*;
 
     #[test]
@@ -939,6 +943,55 @@ mod tests {
                 "{not}"
             );
         }
+    }
+
+    /// A service that panics in `call` itself, before its future exists,
+    /// on its first request.
+    #[derive(Clone, Default)]
+    struct PanicsFirst(Arc<std::sync::atomic::AtomicU32>);
+
+    impl Service<Request<Full<Bytes>>> for PanicsFirst {
+        type Response = Response<Full<Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            assert!(n > 1, "the service panics in call");
+            let mut response = Response::new(Full::new(Bytes::from(n.to_string())));
+            *response.status_mut() = StatusCode::CREATED;
+            std::future::ready(Ok(response))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_service_that_panics_in_call_frees_its_key() {
+        let settings = Settings::builder()
+            .on_conflict(crate::OnConflict::Reject)
+            .build()
+            .unwrap();
+        let layer = IdempotencyLayer::unscoped(Idempotency::memory()).settings(settings);
+        let service = layer.layer(PanicsFirst::default());
+        let request = || {
+            Request::post("/charge")
+                .header("idempotency-key", "k1")
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        let first = tokio::spawn(service.clone().call(request())).await;
+        assert!(first.unwrap_err().is_panic(), "the panic goes on");
+        let retry = service.clone().call(request()).await.unwrap();
+        assert_eq!(
+            retry.status(),
+            StatusCode::CREATED,
+            "not 409: the key is free"
+        );
+        let body = retry.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "2");
     }
 
     #[test]
