@@ -25,10 +25,37 @@ use crate::replayable::Replayable;
 /// task of its own and has no such gap; with the extractor, spawn the call
 /// so that it finishes and records its result without the handler:
 ///
-/// ```ignore
-/// async fn pay(key: IdempotencyKey, Json(order): Json<Order>) -> Result<Replayable<Receipt>, PayError> {
-///     tokio::spawn(charge(key, order)).await.expect("charge does not panic")
+/// ```
+/// use axum::Json;
+/// use idem_core::http::IdempotencyKey;
+/// use idem_core::{Replayable, idempotent};
+/// # #[derive(serde::Serialize, serde::Deserialize)]
+/// # struct Receipt(u64);
+/// # enum PayError { Idem(idem_core::Error), Crashed }
+/// # impl From<idem_core::Error> for PayError {
+/// #     fn from(error: idem_core::Error) -> Self { Self::Idem(error) }
+/// # }
+/// # impl axum::response::IntoResponse for PayError {
+/// #     fn into_response(self) -> axum::response::Response {
+/// #         match self {
+/// #             Self::Idem(error) => error.into_response(),
+/// #             Self::Crashed => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+/// #         }
+/// #     }
+/// # }
+///
+/// #[idempotent(key = key)]
+/// async fn charge(key: IdempotencyKey, cents: u64) -> Result<Replayable<Receipt>, PayError> {
+///     Ok(Replayable::new(Receipt(cents)))
 /// }
+///
+/// async fn pay(key: IdempotencyKey, Json(cents): Json<u64>) -> Result<Replayable<Json<Receipt>>, PayError> {
+///     // Spawned: the call finishes and records its result even if this
+///     // handler is dropped.
+///     let receipt = tokio::spawn(charge(key, cents)).await.map_err(|_| PayError::Crashed)??;
+///     Ok(receipt.map(Json))
+/// }
+/// # let _: axum::Router = axum::Router::new().route("/pay", axum::routing::post(pay));
 /// ```
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = Error;
@@ -173,6 +200,21 @@ mod tests {
         assert!(fresh.headers().get(&IDEMPOTENT_REPLAYED).is_none());
         let replay: Replayable<String> = serde_json::from_str("\"body\"").unwrap();
         let replay = replay.into_response();
+        assert_eq!(replay.headers()[&IDEMPOTENT_REPLAYED], "true");
+        // An error stored as the value is marked on replay, as the layer
+        // marks a replayed 4xx.
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Declined;
+        impl IntoResponse for Declined {
+            fn into_response(self) -> Response {
+                (StatusCode::PAYMENT_REQUIRED, "declined").into_response()
+            }
+        }
+        let stored: Replayable<Result<String, Declined>> = Replayable::new(Err(Declined));
+        let json = serde_json::to_string(&stored).unwrap();
+        let replay: Replayable<Result<String, Declined>> = serde_json::from_str(&json).unwrap();
+        let replay = replay.into_response();
+        assert_eq!(replay.status(), StatusCode::PAYMENT_REQUIRED);
         assert_eq!(replay.headers()[&IDEMPOTENT_REPLAYED], "true");
     }
 }
