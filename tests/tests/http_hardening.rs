@@ -105,7 +105,7 @@ fn key() -> String {
     idem_core::store::Token::random().to_string()
 }
 
-/// Item 1: post/redirect/get. The `303` reports a created order: stored, and
+/// Post/redirect/get. The `303` reports a created order: stored, and
 /// the retry is sent to the same order.
 async fn a_redirect_after_a_post_is_replayed(idem: Idempotency) {
     let runs = Arc::new(Runs::default());
@@ -134,7 +134,7 @@ async fn a_redirect_after_a_post_is_replayed(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
-/// Item 5: a handler that panics frees its key at once: the retry runs (it
+/// A handler that panics frees its key at once: the retry runs (it
 /// is not refused as in progress for the lease).
 async fn a_panicking_handler_frees_its_key(idem: Idempotency) {
     let runs = Arc::new(Runs::default());
@@ -202,7 +202,7 @@ fn streaming(runs: &Arc<Runs>) -> (Router, Queue) {
     (Router::new().route("/export", post(handler)), queue)
 }
 
-/// Item 3: a streamed response reaches its client chunk by chunk while the
+/// A streamed response reaches its client chunk by chunk while the
 /// layer copies it: the client reads the first chunk before the second is
 /// produced. Under the cap it is stored and replayed whole.
 async fn a_stream_flows_through_and_is_replayed(idem: Idempotency) {
@@ -237,7 +237,7 @@ async fn a_stream_flows_through_and_is_replayed(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
-/// Item 3: past `max_response_bytes` the rest flows to the client uncopied,
+/// Past `max_response_bytes` the rest flows to the client uncopied,
 /// and retries are told the response cannot be replayed: never a re-run.
 async fn a_stream_over_the_cap_flows_and_is_not_run_again(idem: Idempotency) {
     let runs = Arc::new(Runs::default());
@@ -267,7 +267,7 @@ async fn a_stream_over_the_cap_flows_and_is_not_run_again(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
-/// Item 2: the handler answered 201 and its body failed midway: the client
+/// The handler answered 201 and its body failed midway: the client
 /// sees the failure, and retries are told the request ran but cannot be
 /// replayed. It never runs again, and the key is not released.
 async fn a_body_that_fails_midway_is_not_run_again(idem: Idempotency) {
@@ -302,7 +302,7 @@ async fn a_body_that_fails_midway_is_not_run_again(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
-/// Item 4: a gzip body from tower-http's compression inside the layer is
+/// A gzip body from tower-http's compression inside the layer is
 /// replayed with its `Content-Encoding` and `Vary`; `Set-Cookie` never is.
 async fn compressed_responses_replay_their_encoding(idem: Idempotency) {
     let runs = Arc::new(Runs::default());
@@ -357,7 +357,7 @@ async fn compressed_responses_replay_their_encoding(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
-/// Item 6: every guarded answer says how long its key is honoured: the
+/// Every guarded answer says how long its key is honoured: the
 /// problems and the responses that are passed through unstored.
 async fn every_guarded_answer_carries_retention(idem: Idempotency) {
     let runs = Arc::new(Runs::default());
@@ -409,7 +409,7 @@ async fn every_guarded_answer_carries_retention(idem: Idempotency) {
     assert_eq!(runs.get(), 2);
 }
 
-/// Item 9: one layer inside two nested routers, each with `POST /create`:
+/// One layer inside two nested routers, each with `POST /create`:
 /// the same client and key on both are two requests, not a replay; and the
 /// same with merged routers.
 async fn nested_routers_do_not_share_replays(idem: Idempotency) {
@@ -463,7 +463,7 @@ async fn nested_routers_do_not_share_replays(idem: Idempotency) {
     );
 }
 
-/// Item 7: a `401` or `403` is not stored: the client that fixes its
+/// A `401` or `403` is not stored: the client that fixes its
 /// credentials is answered afresh under the same key.
 async fn refusals_for_credentials_are_not_stored(idem: Idempotency) {
     let runs = Arc::new(Runs::default());
@@ -498,7 +498,7 @@ async fn refusals_for_credentials_are_not_stored(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
-/// Item 8: a key a client sends unasked: on a request the layer does not
+/// A key a client sends unasked: on a request the layer does not
 /// guard it is ignored; with `key_optional`, a keyed request is guarded and
 /// a request without one runs unguarded.
 async fn unsolicited_keys_behave_as_documented(idem: Idempotency) {
@@ -542,7 +542,7 @@ async fn unsolicited_keys_behave_as_documented(idem: Idempotency) {
     assert_eq!(runs.get(), 5);
 }
 
-/// Item 13: the query is compared as form pairs: the order of different
+/// The query is compared as form pairs: the order of different
 /// names and `+` against `%20` do not make another request.
 async fn equal_queries_replay(idem: Idempotency) {
     let runs = Arc::new(Runs::default());
@@ -606,7 +606,7 @@ async fn h2c_client(
     sender
 }
 
-/// Item 10: a gRPC-shaped answer over h2c (`grpc-status` in the trailers)
+/// A gRPC-shaped answer over h2c (`grpc-status` in the trailers)
 /// keeps its trailers through the layer, the first time and on replay.
 async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
     let runs = Arc::new(Runs::default());
@@ -700,7 +700,7 @@ impl Drop for Dropped {
     }
 }
 
-/// Item 11: the function-level path, as the extractor's docs advise. The
+/// The function-level path, as the extractor's docs advise. The
 /// client resets its h2 stream while the handler runs, and the server drops
 /// the handler; the handler had spawned its idempotent call, which finishes
 /// without it, and the retry gets its result, marked as a replay. (Awaited
