@@ -665,6 +665,64 @@ async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
+/// gRPC says how a call went in `grpc-status` under HTTP `200`: an
+/// `UNAVAILABLE` in the trailers, or in the headers of a trailers-only
+/// answer, is a failure, so its key is released and the retry runs again.
+async fn grpc_failures_are_not_stored(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/pkg.Orders/Create",
+            post(
+                |State(runs): State<Arc<Runs>>, headers: HeaderMap| async move {
+                    runs.bump();
+                    let mut unavailable = HeaderMap::new();
+                    unavailable.insert("grpc-status", "14".parse().unwrap());
+                    if headers.contains_key("x-trailers-only") {
+                        let mut response = Response::new(Body::empty());
+                        response.headers_mut().extend(unavailable);
+                        return response;
+                    }
+                    let frames = vec![
+                        Ok::<_, Infallible>(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+                        Ok(Frame::trailers(unavailable)),
+                    ];
+                    Response::new(Body::new(StreamBody::new(futures_util::stream::iter(
+                        frames,
+                    ))))
+                },
+            ),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(layer(idem));
+    let addr = serve_h2c(app).await;
+    let mut sender = h2c_client(addr).await;
+    for trailers_only in [false, true] {
+        let key = key();
+        for _ in 0..2 {
+            let mut request = hyper::Request::post(format!("http://{addr}/pkg.Orders/Create"))
+                .header("x-api-key", "client-a")
+                .header("idempotency-key", &key)
+                .header("te", "trailers");
+            if trailers_only {
+                request = request.header("x-trailers-only", "1");
+            }
+            let request = request
+                .body(http_body_util::Full::new(Bytes::from_static(&[
+                    0, 0, 0, 0, 0,
+                ])))
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert!(!response.headers().contains_key("idempotent-replayed"));
+            let status = response.headers().get("grpc-status").cloned();
+            let collected = response.into_body().collect().await.unwrap();
+            let status = status.or_else(|| collected.trailers()?.get("grpc-status").cloned());
+            assert_eq!(status.unwrap(), "14");
+        }
+    }
+    assert_eq!(runs.get(), 4, "each retry ran again");
+}
+
 /// A client that hangs up while its stream is sent: the layer copies the
 /// rest without it, and the retry replays the whole response.
 async fn a_client_that_hangs_up_mid_stream_gets_it_all_on_retry(idem: Idempotency) {
@@ -800,6 +858,7 @@ on_each_store!(
     unsolicited_keys_behave_as_documented,
     equal_queries_replay,
     trailers_pass_through_and_replay_over_h2c,
+    grpc_failures_are_not_stored,
     a_client_that_hangs_up_mid_stream_gets_it_all_on_retry,
     a_spawned_function_call_survives_a_hang_up,
 );

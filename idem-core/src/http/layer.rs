@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HeaderName};
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt as _;
 use tokio::sync::oneshot;
@@ -110,6 +110,22 @@ pub fn default_store_status(status: StatusCode) -> bool {
     }
 }
 
+/// The default gRPC status policy: gRPC answers with HTTP `200` and says
+/// how the call went in `grpc-status`, so a gRPC method's outcome is
+/// judged by it, as [`default_store_status`] judges HTTP statuses.
+///
+/// | code | stored | why |
+/// |---|---|---|
+/// | 0 `OK` | yes | the call happened |
+/// | 3 `INVALID_ARGUMENT`, 5 `NOT_FOUND`, 6 `ALREADY_EXISTS`, 9 `FAILED_PRECONDITION`, 11 `OUT_OF_RANGE` | yes | refused for what the request is, as a 4xx |
+/// | 7 `PERMISSION_DENIED`, 16 `UNAUTHENTICATED` | no | refused for who sent it, as 401 and 403 |
+/// | 12 `UNIMPLEMENTED` | no | refused before any handler ran, as 405 |
+/// | 1 `CANCELLED`, 2 `UNKNOWN`, 4 `DEADLINE_EXCEEDED`, 8 `RESOURCE_EXHAUSTED`, 10 `ABORTED`, 13 `INTERNAL`, 14 `UNAVAILABLE`, 15 `DATA_LOSS`, others | no | a failure, or one that may pass: a retry runs again, as after a 5xx or a 429 |
+#[must_use]
+pub fn default_store_grpc_status(code: u32) -> bool {
+    matches!(code, 0 | 3 | 5 | 6 | 9 | 11)
+}
+
 /// Makes a tower HTTP service (an axum `Router`, tonic's HTTP server, a
 /// hyper service) idempotent, following
 /// [draft-ietf-httpapi-idempotency-key-header](https://datatracker.ietf.org/doc/draft-ietf-httpapi-idempotency-key-header/).
@@ -206,6 +222,7 @@ struct Config {
     max_response: usize,
     replay_headers: Vec<HeaderName>,
     store_status: fn(StatusCode) -> bool,
+    store_grpc_status: fn(u32) -> bool,
     settings: Settings,
     docs: String,
 }
@@ -244,6 +261,7 @@ impl IdempotencyLayer {
                 max_response: DEFAULT_MAX_RESPONSE_BYTES,
                 replay_headers: DEFAULT_REPLAY_HEADERS.to_vec(),
                 store_status: default_store_status,
+                store_grpc_status: default_store_grpc_status,
                 settings: Settings::DEFAULT,
                 docs: DEFAULT_DOCS.to_owned(),
             }),
@@ -349,6 +367,15 @@ impl IdempotencyLayer {
         self.with(|c| c.store_status = policy)
     }
 
+    /// Which gRPC statuses (`grpc-status`, in a response's headers or
+    /// trailers) are stored and replayed; the others release the key, as a
+    /// status [`store_status`](Self::store_status) refuses does. Default
+    /// [`default_store_grpc_status`].
+    #[must_use]
+    pub fn store_grpc_status(self, policy: fn(u32) -> bool) -> Self {
+        self.with(|c| c.store_grpc_status = policy)
+    }
+
     /// Where the problem types are documented: each problem's `type` is this
     /// URL with a fragment, and each problem response links it with
     /// `rel="describedby"`. Default the docs of [`idem_core::http`](super).
@@ -378,6 +405,15 @@ pub struct IdempotencyService<S> {
 }
 
 impl Config {
+    /// Whether a response with these headers (or trailers) may be stored,
+    /// by its gRPC status; `true` without one.
+    fn stores_grpc(&self, fields: &HeaderMap) -> bool {
+        let code = fields
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+        code.is_none_or(self.store_grpc_status)
+    }
+
     fn guards(&self, parts: &Parts) -> bool {
         self.methods.contains(&parts.method) && self.routes.as_ref().is_none_or(|r| r(parts))
     }
@@ -406,6 +442,12 @@ enum Failure<E, RB> {
     /// The response is returned as it came: its status is not one that is
     /// stored.
     Passthrough(Response<RB>),
+    /// The response was read whole, and its trailers' gRPC status is not
+    /// one that is stored.
+    Unstored(http::response::Parts, Bytes, Option<HeaderMap>),
+    /// The response streamed to its client, and its trailers' gRPC status
+    /// is not one that is stored.
+    Streamed,
     /// The inner service failed.
     Inner(E),
     /// The inner service panicked; the panic goes on once the key is free.
@@ -604,6 +646,13 @@ where
                     config.retention(&mut response);
                     response
                 }
+                Err(Failure::Unstored(parts, body, trailers)) => {
+                    let mut response =
+                        Response::from_parts(parts, ResponseBody::full(body, trailers));
+                    config.retention(&mut response);
+                    response
+                }
+                Err(Failure::Streamed) => streamed_already(),
                 Err(Failure::Inner(error)) => return Err(error),
                 Err(Failure::Panicked(panic)) => std::panic::resume_unwind(panic),
             })
@@ -666,12 +715,12 @@ where
             Ok(response) => response.map_err(Failure::Inner)?,
             Err(panic) => return Err(Failure::Panicked(panic)),
         };
-        if !(config.store_status)(response.status()) {
+        if !(config.store_status)(response.status()) || !config.stores_grpc(response.headers()) {
             return Err(Failure::Passthrough(response));
         }
         let (parts, body) = response.into_parts();
         let relay = Relay::new(&config, &parts);
-        Ok(relay.run(&config, parts, body, head, &mut held).await)
+        relay.run(&config, parts, body, head, &mut held).await
     };
     let outcome = config
         .idem
@@ -744,14 +793,14 @@ impl Relay {
     /// the cap is read whole and answered with its record; any other is
     /// streamed to the client (through `head`) while a copy of at most the
     /// cap is kept.
-    async fn run<RB>(
+    async fn run<E, RB>(
         mut self,
         config: &Config,
         parts: http::response::Parts,
         body: RB,
         head: oneshot::Sender<Response<ResponseBody<RB>>>,
         held: &mut Option<Held>,
-    ) -> Answer
+    ) -> Result<Answer, Failure<E, RB>>
     where
         RB: Body,
         RB::Error: Into<BoxError>,
@@ -824,6 +873,25 @@ impl Relay {
                 }
             }
         }
+        let failure = failed.is_none() && trailers.as_ref().is_some_and(|t| !config.stores_grpc(t));
+        if failure {
+            // A gRPC failure, like a 5xx: the key is released.
+            return Err(match (parts, head, sender) {
+                (Some(parts), Some(_), None) => {
+                    let data = self.data.map(BytesMut::freeze).unwrap_or_default();
+                    Failure::Unstored(parts, data, trailers)
+                }
+                (_, _, sender) => {
+                    if let Some(to) = sender {
+                        *held = Some(Held {
+                            sender: to,
+                            last: trailers.map(|t| Ok(Frame::trailers(t))),
+                        });
+                    }
+                    Failure::Streamed
+                }
+            });
+        }
         let record = match (failed, self.data) {
             (Some(error), _) => {
                 tracing::error!(%error, status = %self.status, "an idempotent response's body failed after {sent} bytes; retries are told it cannot be replayed");
@@ -856,13 +924,13 @@ impl Relay {
                 last: trailers.map(|t| Ok(Frame::trailers(t))),
             });
         }
-        Answer {
+        Ok(Answer {
             first: match parts {
                 Some(parts) if head.is_some() => First::Whole(parts),
                 _ => First::Streamed,
             },
             record,
-        }
+        })
     }
 
     /// Sends the response's head to its client with a body streamed from the
@@ -885,6 +953,14 @@ impl Relay {
     }
 }
 
+/// Cannot happen: a streamed response reached its client before its call
+/// ended, and is taken first. An empty answer, should it ever be asked for.
+fn streamed_already<RB>() -> Response<ResponseBody<RB>> {
+    let mut response = Response::new(ResponseBody::from(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
 /// The response of a recorded or replayed answer.
 fn respond<RB>(config: &Config, answer: Answer) -> Response<ResponseBody<RB>> {
     let Answer { record, first } = answer;
@@ -902,13 +978,7 @@ fn respond<RB>(config: &Config, answer: Answer) -> Response<ResponseBody<RB>> {
             headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
             response
         }
-        // Cannot happen: a streamed response reached its client before the
-        // call ended, and is taken first.
-        (_, First::Streamed) => {
-            let mut response = Response::new(ResponseBody::from(Bytes::new()));
-            *response.status_mut() = StatusCode::NO_CONTENT;
-            response
-        }
+        (_, First::Streamed) => return streamed_already(),
         // A whole body that failed while it was read: its client is told as
         // its retries will be.
         (Err(reason), _) => {
@@ -992,6 +1062,16 @@ mod tests {
         );
         let body = retry.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "2");
+    }
+
+    #[test]
+    fn the_default_grpc_policy_stores_final_answers_only() {
+        for stored in [0, 3, 5, 6, 9, 11] {
+            assert!(default_store_grpc_status(stored), "{stored}");
+        }
+        for not in [1, 2, 4, 7, 8, 10, 12, 13, 14, 15, 16, 17] {
+            assert!(!default_store_grpc_status(not), "{not}");
+        }
     }
 
     #[test]

@@ -72,8 +72,13 @@
 //! # gRPC
 //!
 //! Trailers (gRPC's `grpc-status` and `grpc-message`) pass through, are
-//! stored and are replayed, over HTTP/1.1 and HTTP/2. A gRPC method is
-//! guarded like any `POST`: a unary call runs once per key; a streaming
+//! stored and are replayed (over HTTP/1.1, hyper sends them to clients that
+//! ask with `TE: trailers`). A gRPC method is guarded like any `POST`, and
+//! its outcome is judged by its `grpc-status` (in the trailers, or the
+//! headers of a trailers-only answer) as well as its HTTP status: by
+//! [`default_store_grpc_status`], `UNAVAILABLE`, `INTERNAL` and the other
+//! failures release the key like a 5xx. A unary call runs once per key; a
+//! streaming
 //! response is copied up to the cap like any other, and a request stream is
 //! read whole (up to `max_body_bytes`) before the method runs, so
 //! client-streaming and bidirectional methods are left out with
@@ -138,6 +143,6 @@ pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey, MAX_KEY_LEN}
 pub use layer::{
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REPLAY_HEADERS,
     IDEMPOTENCY_RETENTION, IdempotencyLayer, IdempotencyService, NEVER_REPLAYED,
-    default_store_status,
+    default_store_grpc_status, default_store_status,
 };
 pub use problem::DEFAULT_DOCS;
