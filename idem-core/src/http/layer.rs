@@ -229,9 +229,11 @@ struct Config {
 
 impl IdempotencyLayer {
     /// A layer on the handle `idem` whose keys are scoped by `scope`: a
-    /// function of the request's parts that names its client (an API key, an
-    /// authenticated principal in the extensions). A guarded request with no
-    /// scope (`None`) is refused with a `400`.
+    /// function of the request's parts that names its client. Best the
+    /// principal an authentication layer outside this one put in the
+    /// extensions (see [where it sits](Self#where-it-sits)): a value read from
+    /// a header is only as good as the check that it belongs to the client.
+    /// A guarded request with no scope (`None`) is refused with a `400`.
     pub fn scoped_by<F>(idem: Idempotency, scope: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,

@@ -46,7 +46,9 @@
 //! Keys are scoped per client by the function given to
 //! [`IdempotencyLayer::scoped_by`], so that two clients that pick the same
 //! key never share a record; [`IdempotencyLayer::unscoped`] is the explicit
-//! opt-out.
+//! opt-out. A replay is answered before the inner service runs: put the
+//! layer behind authentication and scope by the principal it found
+//! ([where it sits](IdempotencyLayer#where-it-sits)).
 //!
 //! # Which responses are stored
 //!
