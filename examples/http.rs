@@ -1,7 +1,9 @@
 //! The payment service behind an HTTP API (axum) made idempotent by
 //! `IdempotencyLayer`: `POST /payments` takes an `Idempotency-Key` header, as
 //! the IETF Idempotency-Key draft and Stripe do, and an `X-Api-Key` header
-//! that scopes the key to its client.
+//! that authenticates its client (`shop-1`, `shop-2` or `shop-3`). The
+//! idempotency layer sits behind authentication and scopes each key to the
+//! shop authentication found, so a replay never skips the credential check.
 //!
 //! Run it with
 //!
@@ -15,7 +17,8 @@
 //!
 //! The same command again answers the same receipt with `Idempotent-Replayed:
 //! true`; another amount under the same key answers 422, no key 400, another
-//! `X-Api-Key` with the same key charges anew. Set `ADDR` to listen elsewhere
+//! `X-Api-Key` with the same key charges anew, and an unknown one answers
+//! 401 without a replay. Set `ADDR` to listen elsewhere
 //! (default `127.0.0.1:3000`) and `STORE` to use another store (default
 //! `memory://`).
 

@@ -219,3 +219,24 @@ async fn keys_are_scoped_by_the_api_key() {
     }
     assert_eq!(payments.charges(), 2);
 }
+
+#[tokio::test]
+async fn unknown_clients_are_refused_before_any_replay() {
+    let (addr, payments) = serve().await;
+    let client = Client::new();
+    let first = pay(&client, addr, Some("order-auth"), GOOD_CARD, 900).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    for api_key in [None, Some("shop-9")] {
+        let mut request = client
+            .post(format!("http://{addr}/payments"))
+            .header("Idempotency-Key", "order-auth")
+            .json(&json!({ "card": GOOD_CARD, "amount_cents": 900 }));
+        if let Some(api_key) = api_key {
+            request = request.header("x-api-key", api_key);
+        }
+        let refused = request.send().await.unwrap();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "{api_key:?}");
+        assert!(!replayed(&refused), "no replay without credentials");
+    }
+    assert_eq!(payments.charges(), 1);
+}

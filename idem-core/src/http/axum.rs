@@ -7,23 +7,61 @@ use axum::http::HeaderValue;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
-use super::key::{IDEMPOTENT_REPLAYED, IdempotencyKey, invalid};
+use super::key::{IDEMPOTENT_REPLAYED, IdempotencyKey, MISSING, invalid};
 use super::problem::{DEFAULT_DOCS, Problem};
 use crate::error::Error;
 use crate::replayable::Replayable;
 
-/// Rejects a request without a usable key with a `400`;
-/// `Option<IdempotencyKey>` makes the key optional but still rejects a
-/// malformed one.
+/// Rejects a request without a usable key with a `400`, of the same problem
+/// types as the [`IdempotencyLayer`](super::IdempotencyLayer)'s
+/// (`#missing-key`, `#invalid-key`); `Option<IdempotencyKey>` makes the key
+/// optional but still rejects a malformed one.
+///
+/// A handler that takes the key and awaits an `#[idempotent]` fn is
+/// dropped when its client goes away (an HTTP/2 client resets its stream,
+/// a timeout layer gives up): the call stops at its next `.await` and its
+/// claim stays until its lease lapses, so the client's retry waits for the
+/// lease and runs the body again. The layer runs a handler on a
+/// task of its own and has no such gap; with the extractor, spawn the call
+/// so that it finishes and records its result without the handler:
+///
+/// ```
+/// use axum::Json;
+/// use idem_core::http::IdempotencyKey;
+/// use idem_core::{Replayable, idempotent};
+/// # #[derive(serde::Serialize, serde::Deserialize)]
+/// # struct Receipt(u64);
+/// # enum PayError { Idem(idem_core::Error), Crashed }
+/// # impl From<idem_core::Error> for PayError {
+/// #     fn from(error: idem_core::Error) -> Self { Self::Idem(error) }
+/// # }
+/// # impl axum::response::IntoResponse for PayError {
+/// #     fn into_response(self) -> axum::response::Response {
+/// #         match self {
+/// #             Self::Idem(error) => error.into_response(),
+/// #             Self::Crashed => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+/// #         }
+/// #     }
+/// # }
+///
+/// #[idempotent(key = key)]
+/// async fn charge(key: IdempotencyKey, cents: u64) -> Result<Replayable<Receipt>, PayError> {
+///     Ok(Replayable::new(Receipt(cents)))
+/// }
+///
+/// async fn pay(key: IdempotencyKey, Json(cents): Json<u64>) -> Result<Replayable<Json<Receipt>>, PayError> {
+///     // Spawned: the call finishes and records its result even if this
+///     // handler is dropped.
+///     let receipt = tokio::spawn(charge(key, cents)).await.map_err(|_| PayError::Crashed)??;
+///     Ok(receipt.map(Json))
+/// }
+/// # let _: axum::Router = axum::Router::new().route("/pay", axum::routing::post(pay));
+/// ```
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
-        Self::from_headers(&parts.headers)?.ok_or_else(|| {
-            invalid(
-                "this endpoint needs an Idempotency-Key header, e.g. a fresh UUID per operation",
-            )
-        })
+        Self::from_headers(&parts.headers)?.ok_or_else(|| invalid(MISSING))
     }
 }
 
@@ -46,6 +84,12 @@ impl IntoResponse for Error {
 
 /// The value's response, with `Idempotent-Replayed: true` when it was
 /// replayed.
+///
+/// An error is marked only when it was stored as the value: a fn that
+/// returns `Result<Replayable<Result<Receipt, Declined>>, Error>` stores its
+/// declined payments and marks their replays, as the layer marks a replayed
+/// `402`; an `Err` of the fn itself (idem's errors, errors not stored) is
+/// never a replay.
 impl<T: IntoResponse> IntoResponse for Replayable<T> {
     fn into_response(self) -> Response {
         let replayed = self.is_replay();
@@ -139,11 +183,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_missing_key_is_the_same_problem_as_the_layers() {
+        let (mut parts, ()) = Request::builder().body(()).unwrap().into_parts();
+        let missing =
+            <IdempotencyKey as FromRequestParts<()>>::from_request_parts(&mut parts, &()).await;
+        let (status, _, body) = problem(missing.unwrap_err()).await;
+        assert_eq!(status, 400);
+        assert!(body["type"].as_str().unwrap().ends_with("#missing-key"));
+        let (_, _, body) = problem(IdempotencyKey::parse("").unwrap_err()).await;
+        assert!(body["type"].as_str().unwrap().ends_with("#invalid-key"));
+    }
+
+    #[tokio::test]
     async fn replays_are_marked() {
         let fresh = Replayable::new("body").into_response();
         assert!(fresh.headers().get(&IDEMPOTENT_REPLAYED).is_none());
         let replay: Replayable<String> = serde_json::from_str("\"body\"").unwrap();
         let replay = replay.into_response();
+        assert_eq!(replay.headers()[&IDEMPOTENT_REPLAYED], "true");
+        // An error stored as the value is marked on replay, as the layer
+        // marks a replayed 4xx.
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Declined;
+        impl IntoResponse for Declined {
+            fn into_response(self) -> Response {
+                (StatusCode::PAYMENT_REQUIRED, "declined").into_response()
+            }
+        }
+        let stored: Replayable<Result<String, Declined>> = Replayable::new(Err(Declined));
+        let json = serde_json::to_string(&stored).unwrap();
+        let replay: Replayable<Result<String, Declined>> = serde_json::from_str(&json).unwrap();
+        let replay = replay.into_response();
+        assert_eq!(replay.status(), StatusCode::PAYMENT_REQUIRED);
         assert_eq!(replay.headers()[&IDEMPOTENT_REPLAYED], "true");
     }
 }

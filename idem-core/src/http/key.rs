@@ -159,6 +159,11 @@ fn sf_string(rest: &str) -> Result<String, Error> {
     Err(invalid("the Idempotency-Key header has no closing quote"))
 }
 
+/// The reason of the [`Error::InvalidKey`] of a request that carries no key
+/// where one is needed: a `400` of type `#missing-key`, on both paths.
+pub(crate) const MISSING: &str = "this endpoint needs an Idempotency-Key header: a fresh UUID per operation, sent again \
+     on every retry of it";
+
 pub(crate) fn invalid(reason: impl Into<std::borrow::Cow<'static, str>>) -> Error {
     Error::InvalidKey {
         reason: reason.into(),

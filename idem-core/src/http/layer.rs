@@ -1,22 +1,25 @@
 //! [`IdempotencyLayer`]: makes a tower HTTP service idempotent, as the IETF
 //! Idempotency-Key draft and Stripe's API specify.
 
-use crate::observe::Operation;
+use std::any::Any;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf as _, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, HeaderName};
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body::Body;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
 use http_body_util::BodyExt as _;
-use serde::ser::{Serialize, SerializeTuple as _, Serializer};
+use tokio::sync::oneshot;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::body::{BoxError, FrameSender, ResponseBody};
+use super::fingerprint::{fingerprint, sent_uri};
 use super::key::{IDEMPOTENT_REPLAYED, IdempotencyKey};
 use super::problem::{DEFAULT_DOCS, Kind, Problem};
 use super::stored::StoredResponse;
@@ -24,9 +27,9 @@ use crate::codec::ResultCodec;
 use crate::error::Error;
 use crate::handle::Idempotency;
 use crate::key::{Fingerprint, Key};
+use crate::observe::Operation;
 use crate::settings::Settings;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ScopeFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 type RouteFn = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
 
@@ -40,26 +43,87 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// the TTL of the records the layer stores.
 pub const IDEMPOTENCY_RETENTION: HeaderName = HeaderName::from_static("idempotency-retention");
 
-/// The response headers replayed by default. `Set-Cookie` is never among
-/// them: a replay must not hand a session to whoever retries.
+/// The response headers replayed by default: the representation metadata
+/// that says what the body is and how it may be cached (`Content-Type`,
+/// `Content-Encoding`, `Content-Language`, `Content-Location`, `Location`,
+/// `ETag`, `Last-Modified`, `Vary`, `Cache-Control`, `Link`). A gzip body is
+/// replayed with the `Content-Encoding` that says so.
+///
+/// [`NEVER_REPLAYED`] headers are not replayed even when listed.
 pub const DEFAULT_REPLAY_HEADERS: &[HeaderName] = &[
     http::header::CONTENT_TYPE,
+    http::header::CONTENT_ENCODING,
     http::header::CONTENT_LANGUAGE,
     http::header::CONTENT_LOCATION,
     http::header::LOCATION,
     http::header::ETAG,
     http::header::LAST_MODIFIED,
+    http::header::VARY,
+    http::header::CACHE_CONTROL,
     http::header::LINK,
 ];
 
-/// The default status policy: 2xx and 4xx responses are stored and replayed,
-/// except 408, 409, 425 and 429 (the request may succeed later); 1xx, 3xx and
-/// 5xx are not (a retry runs again). It mirrors the attribute, where an `Ok`
-/// is stored and only errors that `cache_errors` deems final are.
+/// The response headers never stored nor replayed, whatever
+/// [`replay_headers`](IdempotencyLayer::replay_headers) lists: `Set-Cookie`
+/// (a replay must not hand a session to whoever retries), the hop-by-hop
+/// headers of one connection (`Connection`, `Keep-Alive`,
+/// `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`),
+/// and `Content-Length`, which is the replayed body's own.
+pub const NEVER_REPLAYED: &[&str] = &[
+    "set-cookie",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// The default status policy: which responses are final answers to the
+/// request, stored and replayed to its retries.
+///
+/// | status | stored | why |
+/// |---|---|---|
+/// | 2xx | yes | the operation happened |
+/// | 3xx except 304 | yes | a redirect after a `POST` (`303 See Other` to what it created) reports an operation that happened |
+/// | 4xx | yes | the request was refused for what it is (`400`, `402`, `404`, `422`): it will be refused again |
+/// | 401, 403, 407 | no | refused for who sent it: fixed credentials or permissions must get a fresh answer, and nothing about the client is kept |
+/// | 405 | no | refused by routing, before any handler ran |
+/// | 408, 409, 425, 429 | no | the same request may succeed later |
+/// | 1xx, 304, 5xx | no | no answer to the operation, or a failure: the key is released at once and a retry runs again |
+///
+/// A handler that may have had its effect must not answer `5xx` under this
+/// policy; Stripe, which stores every response once a handler has started,
+/// is [`store_status`](IdempotencyLayer::store_status)`(|s| !matches!(s.as_u16(), 401 | 403 | 405 | 407 | 408 | 409 | 425 | 429))`
+/// away. It mirrors the attribute, where an `Ok` is stored and only errors
+/// that `cache_errors` deems final are.
 #[must_use]
 pub fn default_store_status(status: StatusCode) -> bool {
-    (status.is_success() || status.is_client_error())
-        && !matches!(status.as_u16(), 408 | 409 | 425 | 429)
+    let code = status.as_u16();
+    match code {
+        200..=299 => true,
+        300..=399 => code != 304,
+        400..=499 => !matches!(code, 401 | 403 | 405 | 407 | 408 | 409 | 425 | 429),
+        _ => false,
+    }
+}
+
+/// The default gRPC status policy: gRPC answers with HTTP `200` and says
+/// how the call went in `grpc-status`, so a gRPC method's outcome is
+/// judged by it, as [`default_store_status`] judges HTTP statuses.
+///
+/// | code | stored | why |
+/// |---|---|---|
+/// | 0 `OK` | yes | the call happened |
+/// | 3 `INVALID_ARGUMENT`, 5 `NOT_FOUND`, 6 `ALREADY_EXISTS`, 9 `FAILED_PRECONDITION`, 11 `OUT_OF_RANGE` | yes | refused for what the request is, as a 4xx |
+/// | 7 `PERMISSION_DENIED`, 16 `UNAUTHENTICATED` | no | refused for who sent it, as 401 and 403 |
+/// | 12 `UNIMPLEMENTED` | no | refused before any handler ran, as 405 |
+/// | 1 `CANCELLED`, 2 `UNKNOWN`, 4 `DEADLINE_EXCEEDED`, 8 `RESOURCE_EXHAUSTED`, 10 `ABORTED`, 13 `INTERNAL`, 14 `UNAVAILABLE`, 15 `DATA_LOSS`, others | no | a failure, or one that may pass: a retry runs again, as after a 5xx or a 429 |
+#[must_use]
+pub fn default_store_grpc_status(code: u32) -> bool {
+    matches!(code, 0 | 3 | 5 | 6 | 9 | 11)
 }
 
 /// Makes a tower HTTP service (an axum `Router`, tonic's HTTP server, a
@@ -73,20 +137,39 @@ pub fn default_store_status(status: StatusCode) -> bool {
 /// 2. the key is scoped by the function given to
 ///    [`scoped_by`](Self::scoped_by) (an API key, a principal), so two clients
 ///    never share records;
-/// 3. the request is fingerprinted (method, path, query, the chosen headers
-///    and the body, up to a cap: `413` beyond it); a key reused with another
-///    request is a `422`;
+/// 3. the request is fingerprinted (method, the path the client sent, the
+///    query as form pairs, the chosen headers and the body, up to a cap:
+///    `413` beyond it); a key reused with another request is a `422`;
 /// 4. the inner service runs once per key; its response (status, the
-///    replayed headers, the body) is stored for the TTL when the status policy
-///    says so, and replayed byte for byte, with `Idempotent-Replayed: true`;
+///    replayed headers, the body, the trailers) is stored for the TTL when
+///    the [status policy](default_store_status) says so, and replayed byte
+///    for byte, with `Idempotent-Replayed: true`;
 /// 5. a duplicate of a request in progress waits for its response, or with
 ///    [`OnConflict::Reject`](crate::OnConflict::Reject) gets `409` with
 ///    `Retry-After`;
 /// 6. a store that is down is a `503`: nothing runs unguarded.
 ///
-/// The inner call runs on a task of its own: once it started, its response
-/// is recorded even if the client hangs up, so the client's retry replays it
-/// instead of waiting out a lease and running it again.
+/// Once the inner service has started, its side effects may have happened,
+/// so it never runs again for the key unless the status policy says its
+/// answer was a failure:
+///
+/// - it runs on a task of its own: its response is recorded even if the
+///   client hangs up, so the client's retry replays it instead of waiting
+///   out a lease and running it again;
+/// - a response whose body fails midway, or is larger than
+///   [`max_response_bytes`](Self::max_response_bytes), is recorded as run
+///   but not replayable: retries get a `500` problem
+///   ([`#unreplayable`](super#unreplayable)) until the TTL ends or an
+///   operator forgets the key;
+/// - a handler that panics releases the key at once (a duplicate waiting
+///   for it gets a `503` [`#attempt-failed`](super#attempt-failed), a retry
+///   runs), and its panic goes on as it would without the layer.
+///
+/// A response whose length is known and under the cap (a `Full` body) is
+/// read whole, recorded, then sent. Any other streams to its client as it
+/// comes, through a buffer of a few frames, while the layer copies at most
+/// `max_response_bytes` of it; its end (and its trailers) reach the client
+/// once it is recorded.
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -101,9 +184,27 @@ pub fn default_store_status(status: StatusCode) -> bool {
 ///     }));
 /// ```
 ///
-/// Request and response bodies keep their types: the layer needs only that
-/// each can be made from [`Bytes`] (axum's `Body` and `Full<Bytes>` can).
-/// Guarded requests and stored responses are buffered, up to their caps.
+/// The request body keeps its type: the layer needs only that it can be
+/// made from [`Bytes`] (axum's `Body` and `Full<Bytes>` can); a guarded
+/// request is read whole, up to its cap, to fingerprint it. Responses come
+/// in a [`ResponseBody`], the inner body itself when the layer passes it
+/// through.
+///
+/// # Where it sits
+///
+/// A replay is answered before the inner service runs, so whatever the
+/// inner service checks is skipped for it. Put the layer *after*
+/// authentication (authentication layers outside it, i.e. added after it
+/// with axum's `.layer`), and scope keys by the authenticated principal (a
+/// type the authentication layer puts in the request's extensions), never
+/// by a header a client could pick for another. Refusals for who sent the
+/// request (`401`, `403`, `407`) are not stored by default, so a client
+/// that fixes its credentials gets a fresh answer.
+///
+/// In an axum router nested under a prefix (`Router::nest`), the request's
+/// URI lacks the prefix; the fingerprint uses the one the client sent
+/// (axum's `OriginalUri`), but a [`routes`](Self::routes) filter and
+/// [`scoped_by`](Self::scoped_by) see the parts as the layer gets them.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     config: Arc<Config>,
@@ -121,15 +222,18 @@ struct Config {
     max_response: usize,
     replay_headers: Vec<HeaderName>,
     store_status: fn(StatusCode) -> bool,
+    store_grpc_status: fn(u32) -> bool,
     settings: Settings,
     docs: String,
 }
 
 impl IdempotencyLayer {
     /// A layer on the handle `idem` whose keys are scoped by `scope`: a
-    /// function of the request's parts that names its client (an API key, an
-    /// authenticated principal in the extensions). A guarded request with no
-    /// scope (`None`) is refused with a `400`.
+    /// function of the request's parts that names its client. Best the
+    /// principal an authentication layer outside this one put in the
+    /// extensions (see [where it sits](Self#where-it-sits)): a value read from
+    /// a header is only as good as the check that it belongs to the client.
+    /// A guarded request with no scope (`None`) is refused with a `400`.
     pub fn scoped_by<F>(idem: Idempotency, scope: F) -> Self
     where
         F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
@@ -159,6 +263,7 @@ impl IdempotencyLayer {
                 max_response: DEFAULT_MAX_RESPONSE_BYTES,
                 replay_headers: DEFAULT_REPLAY_HEADERS.to_vec(),
                 store_status: default_store_status,
+                store_grpc_status: default_store_grpc_status,
                 settings: Settings::DEFAULT,
                 docs: DEFAULT_DOCS.to_owned(),
             }),
@@ -206,14 +311,20 @@ impl IdempotencyLayer {
     }
 
     /// Lets guarded requests without an `Idempotency-Key` pass through,
-    /// unguarded, instead of refusing them with a `400`.
+    /// unguarded, instead of refusing them with a `400`. A request that
+    /// carries a key (some clients attach one unasked) is still guarded:
+    /// it runs once per key, and a malformed key is still a `400`. Requests
+    /// of methods or routes the layer does not guard pass through whatever
+    /// key they carry.
     #[must_use]
     pub fn key_optional(self) -> Self {
         self.with(|c| c.key_required = false)
     }
 
     /// Request headers that take part in the fingerprint, beside the method,
-    /// path, query and body. Default none.
+    /// path, query and body. Default none; e.g. `Accept-Encoding` when a
+    /// compression layer inside this one answers clients differently, so
+    /// that a retry that asks for another encoding is not handed the first's.
     #[must_use]
     pub fn fingerprint_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         let names = names.into_iter().collect();
@@ -227,28 +338,44 @@ impl IdempotencyLayer {
         self.with(|c| c.max_body = bytes)
     }
 
-    /// The largest response body the layer stores. A larger response is
-    /// returned to its client but not stored: its claim is released and a
-    /// retry runs again. Default [`DEFAULT_MAX_RESPONSE_BYTES`].
+    /// The largest response body the layer stores. A larger response flows
+    /// to its client whole (the layer stops copying it at the cap), and is
+    /// recorded as run but too large to replay: its retries get a `500`
+    /// [`#unreplayable`](super#unreplayable) problem, and it does not run
+    /// again. Default [`DEFAULT_MAX_RESPONSE_BYTES`].
     #[must_use]
     pub fn max_response_bytes(self, bytes: usize) -> Self {
         self.with(|c| c.max_response = bytes)
     }
 
     /// The response headers stored and replayed. Default
-    /// [`DEFAULT_REPLAY_HEADERS`]; the first response always carries all of
-    /// its headers.
+    /// [`DEFAULT_REPLAY_HEADERS`]; [`NEVER_REPLAYED`] ones are left out
+    /// whatever the list says. The first response always carries all of its
+    /// headers.
     #[must_use]
     pub fn replay_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        let names = names.into_iter().collect();
+        let names = names
+            .into_iter()
+            .filter(|name| !NEVER_REPLAYED.contains(&name.as_str()))
+            .collect();
         self.with(|c| c.replay_headers = names)
     }
 
     /// Which statuses are stored and replayed; the others release the key so
-    /// that a retry runs again. Default [`default_store_status`].
+    /// that a retry runs again, and are passed through as they came (with
+    /// `Idempotency-Retention`). Default [`default_store_status`].
     #[must_use]
     pub fn store_status(self, policy: fn(StatusCode) -> bool) -> Self {
         self.with(|c| c.store_status = policy)
+    }
+
+    /// Which gRPC statuses (`grpc-status`, in a response's headers or
+    /// trailers) are stored and replayed; the others release the key, as a
+    /// status [`store_status`](Self::store_status) refuses does. Default
+    /// [`default_store_grpc_status`].
+    #[must_use]
+    pub fn store_grpc_status(self, policy: fn(u32) -> bool) -> Self {
+        self.with(|c| c.store_grpc_status = policy)
     }
 
     /// Where the problem types are documented: each problem's `type` is this
@@ -280,35 +407,72 @@ pub struct IdempotencyService<S> {
 }
 
 impl Config {
+    /// Whether a response with these headers (or trailers) may be stored,
+    /// by its gRPC status; `true` without one.
+    fn stores_grpc(&self, fields: &HeaderMap) -> bool {
+        let code = fields
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+        code.is_none_or(self.store_grpc_status)
+    }
+
     fn guards(&self, parts: &Parts) -> bool {
         self.methods.contains(&parts.method) && self.routes.as_ref().is_none_or(|r| r(parts))
     }
 
-    fn problem<B: From<Bytes>>(&self, problem: &Problem) -> Response<B> {
-        problem.response(&self.docs)
+    /// A problem response, with `Idempotency-Retention` as every guarded
+    /// response has.
+    fn problem<RB>(&self, problem: &Problem) -> Response<ResponseBody<RB>> {
+        let mut response = problem.response(&self.docs);
+        self.retention(&mut response);
+        response
+    }
+
+    /// Says on a guarded response how long its key is honoured.
+    fn retention<B>(&self, response: &mut Response<B>) {
+        response.headers_mut().insert(
+            IDEMPOTENCY_RETENTION,
+            HeaderValue::from(self.settings.ttl().as_secs()),
+        );
     }
 }
 
-/// Why an inner call's response is not stored, or how it failed.
+/// How a guarded call ended, other than with a response to record.
 enum Failure<E, RB> {
     /// idem refused or failed.
     Idem(Error),
-    /// The response is returned as it came, unread: its status is not one
-    /// that is stored, or it is declared larger than the cap.
+    /// The response is returned as it came: its status is not one that is
+    /// stored.
     Passthrough(Response<RB>),
-    /// The response was read, but is larger than the cap.
-    Unstored(http::response::Parts, Bytes),
+    /// The response was read whole, and its trailers' gRPC status is not
+    /// one that is stored.
+    Unstored(http::response::Parts, Bytes, Option<HeaderMap>),
+    /// The response streamed to its client, and its trailers' gRPC status
+    /// is not one that is stored.
+    Streamed,
     /// The inner service failed.
     Inner(E),
-    /// The response body could not be read.
-    Body(BoxError),
+    /// The inner service panicked; the panic goes on once the key is free.
+    Panicked(Box<dyn Any + Send>),
 }
 
-/// The first response, whole, and its stored form.
+/// What a guarded call records, and what its own client gets.
 struct Answer {
-    stored: StoredResponse,
-    /// The first response's own parts (all its headers); `None` on a replay.
-    parts: Option<http::response::Parts>,
+    /// The stored response, or why the call ran but cannot be replayed.
+    record: Result<StoredResponse, String>,
+    /// Who gets the response, and how.
+    first: First,
+}
+
+/// How a response goes to the client of the call that produced it.
+enum First {
+    /// Not at all: this is a replay.
+    Replay,
+    /// Whole, once recorded, with the inner response's own parts (all its
+    /// headers).
+    Whole(http::response::Parts),
+    /// Already sent: it streamed while it was copied.
+    Streamed,
 }
 
 /// How the layer's results go to the store and back.
@@ -316,7 +480,12 @@ struct HttpCodec;
 
 impl<E, RB> ResultCodec<Answer, Failure<E, RB>> for HttpCodec {
     fn encode_ok(&self, value: &Answer) -> serde_json::Result<Vec<u8>> {
-        Ok(value.stored.encode())
+        match &value.record {
+            Ok(stored) => Ok(stored.encode()),
+            // Recorded as a result that ran but does not replay: retries get
+            // `Error::NotReplayable` with this reason, never a second run.
+            Err(reason) => Err(<serde_json::Error as serde::ser::Error>::custom(reason)),
+        }
     }
 
     fn decode_ok(&self, bytes: &[u8]) -> serde_json::Result<Answer> {
@@ -324,8 +493,8 @@ impl<E, RB> ResultCodec<Answer, Failure<E, RB>> for HttpCodec {
             <serde_json::Error as serde::de::Error>::custom("not a stored HTTP response")
         })?;
         Ok(Answer {
-            stored,
-            parts: None,
+            record: Ok(stored),
+            first: First::Replay,
         })
     }
 
@@ -346,61 +515,6 @@ impl<E, RB> ResultCodec<Answer, Failure<E, RB>> for HttpCodec {
     }
 }
 
-/// The parts of a request that its fingerprint is made of.
-struct Print<'a> {
-    method: &'a str,
-    path: &'a str,
-    query: &'a str,
-    headers: Vec<(&'a str, &'a [u8])>,
-    body: &'a [u8],
-}
-
-/// Bytes, serialized as bytes (one tag and length), not as a sequence.
-struct Raw<'a>(&'a [u8]);
-
-impl Serialize for Raw<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(self.0)
-    }
-}
-
-impl Serialize for Print<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut tuple = serializer.serialize_tuple(5)?;
-        tuple.serialize_element(self.method)?;
-        tuple.serialize_element(self.path)?;
-        tuple.serialize_element(self.query)?;
-        let headers: Vec<(&str, Raw<'_>)> = self
-            .headers
-            .iter()
-            .map(|(name, value)| (*name, Raw(value)))
-            .collect();
-        tuple.serialize_element(&headers)?;
-        tuple.serialize_element(&Raw(self.body))?;
-        tuple.end()
-    }
-}
-
-fn fingerprint(parts: &Parts, names: &[HeaderName], body: &[u8]) -> Result<Fingerprint, Error> {
-    let headers = names
-        .iter()
-        .flat_map(|name| {
-            parts
-                .headers
-                .get_all(name)
-                .iter()
-                .map(move |value| (name.as_str(), value.as_bytes()))
-        })
-        .collect();
-    Fingerprint::of(&Print {
-        method: parts.method.as_str(),
-        path: parts.uri.path(),
-        query: parts.uri.query().unwrap_or(""),
-        headers,
-        body,
-    })
-}
-
 /// Reads a body up to `max` bytes: `None` when it is larger.
 async fn read_limited<B>(body: B, max: usize) -> Result<Option<Bytes>, BoxError>
 where
@@ -414,7 +528,7 @@ where
     }
 }
 
-fn declared_length(headers: &http::HeaderMap) -> Option<usize> {
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
     headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
@@ -426,13 +540,13 @@ where
     B: Body + From<Bytes> + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
-    RB: Body + From<Bytes> + Send + 'static,
+    RB: Body + Send + 'static,
     RB::Data: Send,
     RB::Error: Into<BoxError>,
 {
-    type Response = Response<RB>;
+    type Response = Response<ResponseBody<RB>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -446,19 +560,21 @@ where
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             if !config.guards(&parts) {
-                return inner.call(Request::from_parts(parts, body)).await;
+                let response = inner.call(Request::from_parts(parts, body)).await?;
+                return Ok(response.map(ResponseBody::inner));
             }
             let key = match IdempotencyKey::from_headers(&parts.headers) {
                 Ok(Some(key)) => key,
                 Ok(None) if !config.key_required => {
-                    return inner.call(Request::from_parts(parts, body)).await;
+                    let response = inner.call(Request::from_parts(parts, body)).await?;
+                    return Ok(response.map(ResponseBody::inner));
                 }
                 Ok(None) => {
                     let detail = format!(
                         "{} {} needs an Idempotency-Key header: a fresh UUID per operation, \
                          sent again on every retry of it",
                         parts.method,
-                        parts.uri.path()
+                        sent_uri(&parts).path()
                     );
                     return Ok(config.problem(&Problem::new(Kind::MissingKey, detail)));
                 }
@@ -503,68 +619,155 @@ where
             let request = Request::from_parts(parts, B::from(body));
             // On a task of its own: a client that hangs up drops this future,
             // not the call, which goes on and records its response.
-            let task = tokio::spawn(guarded(
+            let (head, mut streamed) = oneshot::channel();
+            let mut task = tokio::spawn(guarded(
                 Arc::clone(&config),
                 inner,
                 request,
                 key,
                 fingerprint,
+                head,
             ));
-            let outcome = match task.await {
+            // A response streamed while it is copied comes as soon as its
+            // head is known (and before the call ends); every other answer
+            // when the call is recorded.
+            let outcome = tokio::select! {
+                biased;
+                Ok(response) = &mut streamed => return Ok(response),
+                outcome = &mut task => outcome,
+            };
+            let outcome = match outcome {
                 Ok(outcome) => outcome,
-                Err(join) => match join.try_into_panic() {
-                    Ok(panic) => std::panic::resume_unwind(panic),
-                    Err(_) => Err(Failure::Idem(Error::AttemptFailed)),
-                },
+                Err(_) => Err(Failure::Idem(Error::AttemptFailed)),
             };
             Ok(match outcome {
                 Ok(answer) => respond(&config, answer),
-                Err(Failure::Idem(error)) => config.problem(&Problem::of(&error)),
-                Err(Failure::Passthrough(response)) => response,
-                Err(Failure::Unstored(parts, body)) => Response::from_parts(parts, RB::from(body)),
-                Err(Failure::Inner(error)) => return Err(error),
-                Err(Failure::Body(error)) => {
-                    tracing::error!(%error, "could not read an idempotent response's body");
-                    config.problem(&Problem::new(
-                        Kind::Unreplayable,
-                        "The server could not complete its response.",
-                    ))
+                Err(Failure::Idem(error)) => config.problem(&unreplayable_problem(&error)),
+                Err(Failure::Passthrough(response)) => {
+                    let mut response = response.map(ResponseBody::inner);
+                    config.retention(&mut response);
+                    response
                 }
+                Err(Failure::Unstored(parts, body, trailers)) => {
+                    let mut response =
+                        Response::from_parts(parts, ResponseBody::full(body, trailers));
+                    config.retention(&mut response);
+                    response
+                }
+                Err(Failure::Streamed) => streamed_already(),
+                Err(Failure::Inner(error)) => return Err(error),
+                Err(Failure::Panicked(panic)) => std::panic::resume_unwind(panic),
             })
         })
     }
 }
 
-/// Claims the key, calls the inner service and records its response.
+/// The problem of an idem error; for a call that ran but cannot be replayed,
+/// one that says so.
+fn unreplayable_problem(error: &Error) -> Problem {
+    match error {
+        Error::NotReplayable { reason } => {
+            tracing::warn!(%reason, "a retry of an idempotent request that ran but cannot be replayed");
+            Problem::new(
+                Kind::Unreplayable,
+                format!(
+                    "The request with this Idempotency-Key was processed, but its response \
+                     cannot be replayed ({reason}). It is not processed again under this key."
+                ),
+            )
+        }
+        error => Problem::of(error),
+    }
+}
+
+/// Polls `future`, turning a panic into `Err` with its payload.
+async fn catching<F: Future>(future: F) -> Result<F::Output, Box<dyn Any + Send>> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    })
+    .await
+}
+
+/// Claims the key, calls the inner service and records its response. A
+/// response that streams is sent on `head` as soon as its head is known, and
+/// its end (and trailers) only once its outcome is recorded.
 async fn guarded<S, B, RB>(
     config: Arc<Config>,
     mut inner: S,
     request: Request<B>,
     key: Key,
     fingerprint: Fingerprint,
+    head: oneshot::Sender<Response<ResponseBody<RB>>>,
 ) -> Result<Answer, Failure<S::Error, RB>>
 where
     S: Service<Request<B>, Response = Response<RB>>,
     RB: Body,
     RB::Error: Into<BoxError>,
 {
+    let mut held = None;
     let body = async {
-        let response = inner.call(request).await.map_err(Failure::Inner)?;
-        let declared = declared_length(response.headers());
-        if !(config.store_status)(response.status())
-            || declared.is_some_and(|length| length > config.max_response)
-        {
+        // `call` itself runs inside the catch too: a service may panic
+        // before its future exists.
+        let response = match catching(async { inner.call(request).await }).await {
+            Ok(response) => response.map_err(Failure::Inner)?,
+            Err(panic) => return Err(Failure::Panicked(panic)),
+        };
+        if !(config.store_status)(response.status()) || !config.stores_grpc(response.headers()) {
             return Err(Failure::Passthrough(response));
         }
         let (parts, body) = response.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| Failure::Body(e.into()))?
-            .to_bytes();
-        if body.len() > config.max_response {
-            return Err(Failure::Unstored(parts, body));
+        let relay = Relay::new(&config, &parts);
+        relay.run(&config, parts, body, head, &mut held).await
+    };
+    let outcome = config
+        .idem
+        .execute(
+            &config.settings,
+            Operation::from(Arc::clone(&config.name)),
+            key,
+            fingerprint,
+            body,
+            HttpCodec,
+        )
+        .await;
+    // The streamed response ends once its outcome is recorded, so that a
+    // retry after it finds the record.
+    if let Some(Held { sender, last }) = held {
+        if let Some(last) = last {
+            let _ = sender.send(last).await;
         }
+        drop(sender);
+    }
+    outcome
+}
+
+/// The end of a streamed response, held back until its outcome is recorded:
+/// the sender (the stream ends when it is dropped) and the last frame to
+/// send (its trailers, or the error it failed with).
+struct Held {
+    sender: FrameSender,
+    last: Option<Result<Frame<Bytes>, BoxError>>,
+}
+
+/// The copy of a response body the layer keeps while it sends it on.
+struct Relay {
+    /// The stored response's headers.
+    headers: Vec<(HeaderName, HeaderValue)>,
+    status: StatusCode,
+    /// The body copied so far; `None` once it is over the cap.
+    data: Option<BytesMut>,
+    /// Whether the response is sent whole once read (its length is known and
+    /// under the cap) rather than streamed as it comes.
+    whole: bool,
+}
+
+impl Relay {
+    fn new(config: &Config, parts: &http::response::Parts) -> Self {
         let headers = config
             .replay_headers
             .iter()
@@ -576,35 +779,199 @@ where
                     .map(move |value| (name.clone(), value.clone()))
             })
             .collect();
+        let max = config.max_response as u64;
+        let declared = declared_length(&parts.headers);
+        Self {
+            headers,
+            status: parts.status,
+            data: declared
+                .is_none_or(|length| length <= max)
+                .then(BytesMut::new),
+            whole: false,
+        }
+    }
+
+    /// Reads the body to its end: a body whose length is known and under
+    /// the cap is read whole and answered with its record; any other is
+    /// streamed to the client (through `head`) while a copy of at most the
+    /// cap is kept.
+    async fn run<E, RB>(
+        mut self,
+        config: &Config,
+        parts: http::response::Parts,
+        body: RB,
+        head: oneshot::Sender<Response<ResponseBody<RB>>>,
+        held: &mut Option<Held>,
+    ) -> Result<Answer, Failure<E, RB>>
+    where
+        RB: Body,
+        RB::Error: Into<BoxError>,
+    {
+        let mut body = Box::pin(body);
+        let max = config.max_response;
+        self.whole = self.data.is_some()
+            && body
+                .size_hint()
+                .exact()
+                .is_some_and(|length| length <= max as u64);
+        let mut parts = Some(parts);
+        let mut head = Some(head);
+        let mut sender: Option<FrameSender> = None;
+        if !self.whole {
+            sender = self.start(&mut parts, &mut head, Bytes::new()).await;
+        }
+        let mut trailers = None;
+        let mut failed = None;
+        let mut sent = 0usize;
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                let frame = body.as_mut().poll_frame(cx);
+                frame.map(|frame| frame.map(|frame| frame.map_err(Into::into)))
+            });
+            let frame = catching(next).await;
+            let frame = match frame {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(None) => break,
+                Ok(Some(Err(error))) => {
+                    failed = Some(error);
+                    break;
+                }
+                Err(_) => {
+                    failed = Some(BoxError::from("the response body panicked"));
+                    break;
+                }
+            };
+            let frame = match frame.into_data() {
+                Ok(mut data) => {
+                    let data = data.copy_to_bytes(data.remaining());
+                    sent += data.len();
+                    if let Some(copy) = &mut self.data {
+                        if copy.len() + data.len() <= max {
+                            copy.extend_from_slice(&data);
+                        } else if self.whole {
+                            // Longer than it said: streamed from here on.
+                            self.whole = false;
+                            let so_far = std::mem::take(copy).freeze();
+                            sender = self.start(&mut parts, &mut head, so_far).await;
+                            self.data = None;
+                        } else {
+                            self.data = None;
+                        }
+                    }
+                    Frame::data(data)
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(map) => {
+                        trailers = Some(map);
+                        continue;
+                    }
+                    Err(_) => continue,
+                },
+            };
+            if let Some(to) = &sender {
+                // A client that hung up no longer reads: the copy goes on.
+                if to.send(Ok(frame)).await.is_err() {
+                    sender = None;
+                }
+            }
+        }
+        let failure = failed.is_none() && trailers.as_ref().is_some_and(|t| !config.stores_grpc(t));
+        if failure {
+            // A gRPC failure, like a 5xx: the key is released.
+            return Err(match (parts, head, sender) {
+                (Some(parts), Some(_), None) => {
+                    let data = self.data.map(BytesMut::freeze).unwrap_or_default();
+                    Failure::Unstored(parts, data, trailers)
+                }
+                (_, _, sender) => {
+                    if let Some(to) = sender {
+                        *held = Some(Held {
+                            sender: to,
+                            last: trailers.map(|t| Ok(Frame::trailers(t))),
+                        });
+                    }
+                    Failure::Streamed
+                }
+            });
+        }
+        let record = match (failed, self.data) {
+            (Some(error), _) => {
+                tracing::error!(%error, status = %self.status, "an idempotent response's body failed after {sent} bytes; retries are told it cannot be replayed");
+                if let Some(to) = sender.take() {
+                    *held = Some(Held {
+                        sender: to,
+                        last: Some(Err(error)),
+                    });
+                }
+                Err(format!(
+                    "its response body failed after {sent} bytes had been sent"
+                ))
+            }
+            (None, None) => {
+                tracing::warn!(status = %self.status, "an idempotent response is larger than max_response_bytes ({max}); retries are told it cannot be replayed");
+                Err(format!(
+                    "its response is larger than the {max} bytes a stored response may have"
+                ))
+            }
+            (None, Some(data)) => Ok(StoredResponse {
+                status: self.status,
+                headers: self.headers,
+                body: data.freeze(),
+                trailers: trailers.clone(),
+            }),
+        };
+        if let Some(to) = sender {
+            *held = Some(Held {
+                sender: to,
+                last: trailers.map(|t| Ok(Frame::trailers(t))),
+            });
+        }
         Ok(Answer {
-            stored: StoredResponse {
-                status: parts.status,
-                headers,
-                body,
+            first: match parts {
+                Some(parts) if head.is_some() => First::Whole(parts),
+                _ => First::Streamed,
             },
-            parts: Some(parts),
+            record,
         })
-    };
-    config
-        .idem
-        .execute(
-            &config.settings,
-            Operation::from(Arc::clone(&config.name)),
-            key,
-            fingerprint,
-            body,
-            HttpCodec,
-        )
-        .await
+    }
+
+    /// Sends the response's head to its client with a body streamed from the
+    /// returned sender, which `so_far` starts. `None` once the client is gone.
+    async fn start<RB>(
+        &self,
+        parts: &mut Option<http::response::Parts>,
+        head: &mut Option<oneshot::Sender<Response<ResponseBody<RB>>>>,
+        so_far: Bytes,
+    ) -> Option<FrameSender> {
+        let (Some(parts), Some(head)) = (parts.take(), head.take()) else {
+            return None;
+        };
+        let (sender, body) = ResponseBody::stream();
+        head.send(Response::from_parts(parts, body)).ok()?;
+        if !so_far.is_empty() {
+            sender.send(Ok(Frame::data(so_far))).await.ok()?;
+        }
+        Some(sender)
+    }
 }
 
-/// The response of a stored or replayed answer.
-fn respond<RB: From<Bytes>>(config: &Config, answer: Answer) -> Response<RB> {
-    let Answer { stored, parts } = answer;
-    let mut response = match parts {
-        Some(parts) => Response::from_parts(parts, RB::from(stored.body)),
-        None => {
-            let mut response = Response::new(RB::from(stored.body));
+/// Cannot happen: a streamed response reached its client before its call
+/// ended, and is taken first. An empty answer, should it ever be asked for.
+fn streamed_already<RB>() -> Response<ResponseBody<RB>> {
+    let mut response = Response::new(ResponseBody::from(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
+/// The response of a recorded or replayed answer.
+fn respond<RB>(config: &Config, answer: Answer) -> Response<ResponseBody<RB>> {
+    let Answer { record, first } = answer;
+    let mut response = match (record, first) {
+        (Ok(stored), First::Whole(parts)) => {
+            Response::from_parts(parts, ResponseBody::full(stored.body, stored.trailers))
+        }
+        (Ok(stored), First::Replay) => {
+            let mut response = Response::new(ResponseBody::full(stored.body, stored.trailers));
             *response.status_mut() = stored.status;
             let headers = response.headers_mut();
             for (name, value) in stored.headers {
@@ -613,27 +980,36 @@ fn respond<RB: From<Bytes>>(config: &Config, answer: Answer) -> Response<RB> {
             headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
             response
         }
+        (_, First::Streamed) => return streamed_already(),
+        // A whole body that failed while it was read: its client is told as
+        // its retries will be.
+        (Err(reason), _) => {
+            return config.problem(&unreplayable_problem(&Error::NotReplayable { reason }));
+        }
     };
-    response.headers_mut().insert(
-        IDEMPOTENCY_RETENTION,
-        HeaderValue::from(config.settings.ttl().as_secs()),
-    );
+    config.retention(&mut response);
     response
 }
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::Full;
+
     use super::*;
 
     #[test]
     fn the_default_policy_stores_final_answers_only() {
-        for stored in [200, 201, 204, 400, 402, 404, 410, 422] {
+        for stored in [
+            200, 201, 204, 301, 302, 303, 307, 308, 400, 402, 404, 410, 422,
+        ] {
             assert!(
                 default_store_status(StatusCode::from_u16(stored).unwrap()),
                 "{stored}"
             );
         }
-        for not in [100, 301, 304, 408, 409, 425, 429, 500, 502, 503, 504] {
+        for not in [
+            100, 304, 401, 403, 405, 407, 408, 409, 425, 429, 500, 502, 503, 504,
+        ] {
             assert!(
                 !default_store_status(StatusCode::from_u16(not).unwrap()),
                 "{not}"
@@ -641,9 +1017,75 @@ mod tests {
         }
     }
 
+    /// A service that panics in `call` itself, before its future exists,
+    /// on its first request.
+    #[derive(Clone, Default)]
+    struct PanicsFirst(Arc<std::sync::atomic::AtomicU32>);
+
+    impl Service<Request<Full<Bytes>>> for PanicsFirst {
+        type Response = Response<Full<Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            assert!(n > 1, "the service panics in call");
+            let mut response = Response::new(Full::new(Bytes::from(n.to_string())));
+            *response.status_mut() = StatusCode::CREATED;
+            std::future::ready(Ok(response))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_service_that_panics_in_call_frees_its_key() {
+        let settings = Settings::builder()
+            .on_conflict(crate::OnConflict::Reject)
+            .build()
+            .unwrap();
+        let layer = IdempotencyLayer::unscoped(Idempotency::memory()).settings(settings);
+        let service = layer.layer(PanicsFirst::default());
+        let request = || {
+            Request::post("/charge")
+                .header("idempotency-key", "k1")
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        let first = tokio::spawn(service.clone().call(request())).await;
+        assert!(first.unwrap_err().is_panic(), "the panic goes on");
+        let retry = service.clone().call(request()).await.unwrap();
+        assert_eq!(
+            retry.status(),
+            StatusCode::CREATED,
+            "not 409: the key is free"
+        );
+        let body = retry.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "2");
+    }
+
+    #[test]
+    fn the_default_grpc_policy_stores_final_answers_only() {
+        for stored in [0, 3, 5, 6, 9, 11] {
+            assert!(default_store_grpc_status(stored), "{stored}");
+        }
+        for not in [1, 2, 4, 7, 8, 10, 12, 13, 14, 15, 16, 17] {
+            assert!(!default_store_grpc_status(not), "{not}");
+        }
+    }
+
     #[test]
     fn cookies_are_never_replayed_by_default() {
         assert!(!DEFAULT_REPLAY_HEADERS.contains(&http::header::SET_COOKIE));
         assert!(DEFAULT_REPLAY_HEADERS.contains(&http::header::CONTENT_TYPE));
+        assert!(DEFAULT_REPLAY_HEADERS.contains(&http::header::CONTENT_ENCODING));
+        let layer = IdempotencyLayer::unscoped(Idempotency::memory()).replay_headers([
+            http::header::SET_COOKIE,
+            http::header::TRANSFER_ENCODING,
+            http::header::ETAG,
+        ]);
+        assert_eq!(layer.config.replay_headers, [http::header::ETAG]);
     }
 }

@@ -37,25 +37,54 @@
 //! | MUST | a missing key where one is required is a `400` | `400`, [`#missing-key`](#missing-key) |
 //! | — | a malformed or repeated key | `400`, [`#invalid-key`](#invalid-key) |
 //! | SHOULD | the server publishes an expiry policy | records are kept for the TTL, sent in `Idempotency-Retention` (seconds) on every guarded response |
-//! | MAY | a fingerprint of the request | method, path, query, chosen headers and body (SHA-256) |
+//! | MAY | a fingerprint of the request | method, the path the client sent, the query as form pairs, chosen headers and body (SHA-256) |
 //! | MUST | a key reused with another request is a `422` | `422`, [`#key-reused`](#key-reused) |
 //! | MUST | a request while the first is in progress is a `409` | with `on_conflict = reject`: `409` with `Retry-After`, [`#in-progress`](#in-progress); by default it waits for the first's response |
 //! | SHOULD | the error responses are problem details (RFC 9457) with a documentation link | `application/problem+json` with a `type` under these docs and `Link: <…>; rel="describedby"` |
-//! | — | a retry gets the first response | status, the [replayed headers](IdempotencyLayer::replay_headers) and the body, byte for byte, with `Idempotent-Replayed: true` |
+//! | — | a retry gets the first response | status, the [replayed headers](IdempotencyLayer::replay_headers), the body byte for byte and the trailers, with `Idempotent-Replayed: true` |
 //!
 //! Keys are scoped per client by the function given to
 //! [`IdempotencyLayer::scoped_by`], so that two clients that pick the same
 //! key never share a record; [`IdempotencyLayer::unscoped`] is the explicit
-//! opt-out.
+//! opt-out. A replay is answered before the inner service runs: put the
+//! layer behind authentication and scope by the principal it found
+//! ([where it sits](IdempotencyLayer#where-it-sits)).
 //!
 //! # Which responses are stored
 //!
-//! By [`default_store_status`]: 2xx and 4xx responses are stored and
-//! replayed, except 408, 409, 425 and 429; 5xx are not, so a retry runs
-//! again (the attribute stores `Ok` results and only the errors that
-//! `cache_errors` deems final, alike). A response larger than
-//! [`max_response_bytes`](IdempotencyLayer::max_response_bytes) is returned
-//! but not stored.
+//! By [`default_store_status`]: 2xx, 3xx (but `304`) and 4xx responses are
+//! stored and replayed, except `401`, `403`, `405`, `407`, `408`, `409`,
+//! `425` and `429`; 5xx are not, so a retry runs again (the attribute stores
+//! `Ok` results and only the errors that `cache_errors` deems final, alike).
+//! A response the layer cannot replay — larger than
+//! [`max_response_bytes`](IdempotencyLayer::max_response_bytes), or whose
+//! body failed midway — is recorded as run: its retries get
+//! [`#unreplayable`](#unreplayable), never a second run.
+//!
+//! # The fingerprint
+//!
+//! Two requests under one key are the same request when their method, path
+//! (as the client sent it, before any router stripped a prefix), query,
+//! [`fingerprint_headers`](IdempotencyLayer::fingerprint_headers) and body
+//! are. The query is compared as `name=value` pairs, percent-decoded with
+//! `+` as a space, in the order of their names: `?a=1&b=2` and `?b=2&a=1`
+//! are one request, as are `?q=a+b` and `?q=a%20b`; `?tag=x&tag=y` and
+//! `?tag=y&tag=x` are two, since the order of a repeated name can matter.
+//!
+//! # gRPC
+//!
+//! Trailers (gRPC's `grpc-status` and `grpc-message`) pass through, are
+//! stored and are replayed (over HTTP/1.1, hyper sends them to clients that
+//! ask with `TE: trailers`). A gRPC method is guarded like any `POST`, and
+//! its outcome is judged by its `grpc-status` (in the trailers, or the
+//! headers of a trailers-only answer) as well as its HTTP status: by
+//! [`default_store_grpc_status`], `UNAVAILABLE`, `INTERNAL` and the other
+//! failures release the key like a 5xx. A unary call runs once per key; a
+//! streaming
+//! response is copied up to the cap like any other, and a request stream is
+//! read whole (up to `max_body_bytes`) before the method runs, so
+//! client-streaming and bidirectional methods are left out with
+//! [`routes`](IdempotencyLayer::routes).
 //!
 //! # Problems
 //!
@@ -88,26 +117,34 @@
 //! `Retry-After` seconds, with the same key.
 //!
 //! ## attempt-failed
-//! `503`: the request this one waited for failed and stored nothing. Retry
-//! with the same key: it runs again.
+//! `503`: the request this one waited for failed (an error status, a
+//! panic) and stored nothing. Retry with the same key: it runs again.
 //!
 //! ## store-unavailable
 //! `503`: the idempotency store could not be reached, so the request was not
 //! processed. Retry later with the same key.
 //!
 //! ## unreplayable
-//! `500`: the stored result of this key cannot be used.
+//! `500`: the request with this key was processed, but its response cannot
+//! be replayed: it was larger than the server stores, its body failed while
+//! it was sent, or its stored form can no longer be read. It is not
+//! processed again under this key; check its outcome another way (e.g. list
+//! the resources it creates) before sending it with a new key.
 
 #[cfg(feature = "axum")]
 mod axum;
+mod body;
+mod fingerprint;
 mod key;
 mod layer;
 mod problem;
 mod stored;
 
+pub use body::ResponseBody;
 pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey, MAX_KEY_LEN};
 pub use layer::{
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REPLAY_HEADERS,
-    IDEMPOTENCY_RETENTION, IdempotencyLayer, IdempotencyService, default_store_status,
+    IDEMPOTENCY_RETENTION, IdempotencyLayer, IdempotencyService, NEVER_REPLAYED,
+    default_store_grpc_status, default_store_status,
 };
 pub use problem::DEFAULT_DOCS;

@@ -40,6 +40,7 @@ impl Kind {
         match error {
             Error::InProgress { .. } => Self::InProgress,
             Error::KeyReused => Self::KeyReused,
+            Error::InvalidKey { reason } if reason == super::key::MISSING => Self::MissingKey,
             Error::InvalidKey { .. } => Self::InvalidKey,
             Error::AttemptFailed => Self::AttemptFailed,
             Error::Store(_) if error.http_status() == 503 => Self::StoreUnavailable,

@@ -1,0 +1,864 @@
+//! How the HTTP layer answers when a response does not end as a plain body:
+//! redirects, panics, bodies that fail or stream or grow past the cap,
+//! compression, trailers over h2c, nested routers, authentication, optional
+//! keys and queries. Over real loopback HTTP (axum and hyper servers,
+//! reqwest and hyper clients), on the memory store and a Redis node,
+//! counting handler runs. Nothing here waits on a clock: a test that steps
+//! a stream hands each chunk over a channel.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, StreamBody};
+use hyper::body::Frame;
+use idem_core::http::IdempotencyLayer;
+use idem_core::{Idempotency, OnConflict, Settings};
+use reqwest::Client;
+use serde_json::Value;
+use tokio::sync::{Mutex, mpsc};
+
+/// Handler runs, shared by a test's routes.
+#[derive(Default)]
+struct Runs(AtomicU32);
+
+impl Runs {
+    fn bump(&self) -> u32 {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn get(&self) -> u32 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn layer(idem: Idempotency) -> IdempotencyLayer {
+    IdempotencyLayer::scoped_by(idem, |request| {
+        request
+            .headers
+            .get("x-api-key")?
+            .to_str()
+            .ok()
+            .map(str::to_owned)
+    })
+}
+
+/// A layer whose duplicates in flight are refused at once: a key held when
+/// it should be free shows as a `409`, not as a wait.
+fn rejecting(idem: Idempotency) -> IdempotencyLayer {
+    layer(idem).settings(
+        Settings::builder()
+            .on_conflict(OnConflict::Reject)
+            .lease(Duration::from_secs(60))
+            .build()
+            .unwrap(),
+    )
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn client() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+fn post_to(addr: SocketAddr, path: &str, key: &str) -> reqwest::RequestBuilder {
+    client()
+        .post(format!("http://{addr}{path}"))
+        .header("x-api-key", "client-a")
+        .header("idempotency-key", key)
+}
+
+fn replayed(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true")
+}
+
+async fn problem(response: reqwest::Response, status: u16, kind: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    assert_eq!(response.headers()["idempotency-retention"], "86400");
+    let body: Value = response.json().await.unwrap();
+    let kind_of = body["type"].as_str().unwrap();
+    assert!(kind_of.ends_with(&format!("#{kind}")), "{body}");
+    body
+}
+
+fn key() -> String {
+    idem_core::store::Token::random().to_string()
+}
+
+/// Post/redirect/get. The `303` reports a created order: stored, and
+/// the retry is sent to the same order.
+async fn a_redirect_after_a_post_is_replayed(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(|State(runs): State<Arc<Runs>>| async move {
+                let n = runs.bump();
+                (
+                    StatusCode::SEE_OTHER,
+                    [(header::LOCATION, format!("/orders/{n}"))],
+                )
+            }),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(layer(idem));
+    let addr = serve(app).await;
+    let key = key();
+    let first = post_to(addr, "/orders", &key).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::SEE_OTHER);
+    assert_eq!(first.headers()["location"], "/orders/1");
+    let retry = post_to(addr, "/orders", &key).send().await.unwrap();
+    assert_eq!(retry.status(), StatusCode::SEE_OTHER);
+    assert!(replayed(&retry));
+    assert_eq!(retry.headers()["location"], "/orders/1", "the same order");
+    assert_eq!(runs.get(), 1);
+}
+
+/// A handler that panics frees its key at once: the retry runs (it
+/// is not refused as in progress for the lease).
+async fn a_panicking_handler_frees_its_key(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/charge",
+            post(|State(runs): State<Arc<Runs>>| async move {
+                if runs.bump() == 1 {
+                    panic!("the card processor's client panicked");
+                }
+                (StatusCode::CREATED, "charged")
+            }),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(rejecting(idem));
+    let addr = serve(app).await;
+    let key = key();
+    let first = post_to(addr, "/charge", &key).send().await;
+    assert!(
+        first.is_err() || first.unwrap().status().is_server_error(),
+        "the panic is the server's own answer"
+    );
+    let retry = post_to(addr, "/charge", &key).send().await.unwrap();
+    assert_eq!(
+        retry.status(),
+        StatusCode::CREATED,
+        "not 409: the key is free"
+    );
+    assert!(!replayed(&retry));
+    let again = post_to(addr, "/charge", &key).send().await.unwrap();
+    assert!(replayed(&again));
+    assert_eq!(runs.get(), 2);
+}
+
+/// A body fed chunk by chunk from the test, ended by dropping the sender,
+/// or failed by sending an error.
+type Chunks = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+type Queue = mpsc::UnboundedSender<mpsc::Receiver<Result<Bytes, std::io::Error>>>;
+
+/// A route whose response streams what the test sends on the handler's
+/// channel: each run takes the next channel the test queued.
+fn streaming(runs: &Arc<Runs>) -> (Router, Queue) {
+    let (queue, receivers) =
+        mpsc::unbounded_channel::<mpsc::Receiver<Result<Bytes, std::io::Error>>>();
+    let receivers = Arc::new(Mutex::new(receivers));
+    let runs = Arc::clone(runs);
+    let handler = move || {
+        let receivers = Arc::clone(&receivers);
+        let runs = Arc::clone(&runs);
+        async move {
+            runs.bump();
+            let chunks = receivers.lock().await.recv().await.unwrap();
+            let body =
+                Body::from_stream(futures_util::stream::unfold(chunks, |mut chunks| async {
+                    chunks.recv().await.map(|chunk| (chunk, chunks))
+                }));
+            (
+                StatusCode::CREATED,
+                [(header::CONTENT_TYPE, "text/plain")],
+                body,
+            )
+        }
+    };
+    (Router::new().route("/export", post(handler)), queue)
+}
+
+/// A streamed response reaches its client chunk by chunk while the
+/// layer copies it: the client reads the first chunk before the second is
+/// produced. Under the cap it is stored and replayed whole.
+async fn a_stream_flows_through_and_is_replayed(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let (routes, queue) = streaming(&runs);
+    let addr = serve(routes.layer(rejecting(idem))).await;
+    let (chunks, receiver): (Chunks, _) = mpsc::channel(1);
+    queue.send(receiver).unwrap();
+    let key = key();
+    let mut first = post_to(addr, "/export", &key).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    chunks
+        .send(Ok(Bytes::from_static(b"progress 1\n")))
+        .await
+        .unwrap();
+    assert_eq!(first.chunk().await.unwrap().unwrap(), "progress 1\n");
+    chunks
+        .send(Ok(Bytes::from_static(b"progress 2\n")))
+        .await
+        .unwrap();
+    assert_eq!(first.chunk().await.unwrap().unwrap(), "progress 2\n");
+    drop(chunks);
+    assert!(first.chunk().await.unwrap().is_none());
+    let retry = post_to(addr, "/export", &key).send().await.unwrap();
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert!(
+        replayed(&retry),
+        "the stream ended only once it was recorded"
+    );
+    assert_eq!(retry.headers()["content-type"], "text/plain");
+    assert_eq!(retry.text().await.unwrap(), "progress 1\nprogress 2\n");
+    assert_eq!(runs.get(), 1);
+}
+
+/// Past `max_response_bytes` the rest flows to the client uncopied,
+/// and retries are told the response cannot be replayed: never a re-run.
+async fn a_stream_over_the_cap_flows_and_is_not_run_again(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let (routes, queue) = streaming(&runs);
+    let addr = serve(routes.layer(rejecting(idem).max_response_bytes(16))).await;
+    let (chunks, receiver): (Chunks, _) = mpsc::channel(1);
+    queue.send(receiver).unwrap();
+    let key = key();
+    let mut first = post_to(addr, "/export", &key).send().await.unwrap();
+    let mut got = Vec::new();
+    for part in ["0123456789", "abcdefghij", "ABCDEFGHIJ"] {
+        chunks.send(Ok(Bytes::from(part))).await.unwrap();
+        got.extend_from_slice(&first.chunk().await.unwrap().unwrap());
+    }
+    drop(chunks);
+    assert!(first.chunk().await.unwrap().is_none());
+    assert_eq!(
+        got, b"0123456789abcdefghijABCDEFGHIJ",
+        "all of it, past the cap"
+    );
+    for _ in 0..2 {
+        let retry = post_to(addr, "/export", &key).send().await.unwrap();
+        let body = problem(retry, 500, "unreplayable").await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains("larger than the 16 bytes"), "{detail}");
+    }
+    assert_eq!(runs.get(), 1);
+}
+
+/// The handler answered 201 and its body failed midway: the client
+/// sees the failure, and retries are told the request ran but cannot be
+/// replayed. It never runs again, and the key is not released.
+async fn a_body_that_fails_midway_is_not_run_again(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let (routes, queue) = streaming(&runs);
+    let addr = serve(routes.layer(rejecting(idem))).await;
+    let (chunks, receiver): (Chunks, _) = mpsc::channel(1);
+    queue.send(receiver).unwrap();
+    let key = key();
+    let mut first = post_to(addr, "/export", &key).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    chunks
+        .send(Ok(Bytes::from_static(b"charged; receipt: ")))
+        .await
+        .unwrap();
+    assert_eq!(first.chunk().await.unwrap().unwrap(), "charged; receipt: ");
+    chunks
+        .send(Err(std::io::Error::other("the receipt service went away")))
+        .await
+        .unwrap();
+    assert!(first.chunk().await.is_err(), "the client sees the failure");
+    for _ in 0..2 {
+        let retry = post_to(addr, "/export", &key).send().await.unwrap();
+        let body = problem(retry, 500, "unreplayable").await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains("failed after 18 bytes"), "{detail}");
+        assert!(
+            !detail.contains("receipt service"),
+            "no internals: {detail}"
+        );
+    }
+    assert_eq!(runs.get(), 1);
+}
+
+/// A gzip body from tower-http's compression inside the layer is
+/// replayed with its `Content-Encoding` and `Vary`; `Set-Cookie` never is.
+async fn compressed_responses_replay_their_encoding(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/report",
+            post(|State(runs): State<Arc<Runs>>| async move {
+                let n = runs.bump();
+                (
+                    StatusCode::CREATED,
+                    [
+                        (header::CONTENT_TYPE, "text/plain".to_owned()),
+                        (header::SET_COOKIE, format!("session={n}")),
+                        (header::ETAG, "\"r1\"".to_owned()),
+                        (header::CACHE_CONTROL, "no-store".to_owned()),
+                        (header::CONTENT_LANGUAGE, "en".to_owned()),
+                    ],
+                    "a report that compresses well, ".repeat(50),
+                )
+            }),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(tower_http::compression::CompressionLayer::new())
+        .layer(layer(idem));
+    let addr = serve(app).await;
+    let key = key();
+    let send = || {
+        post_to(addr, "/report", &key)
+            .header(header::ACCEPT_ENCODING, "gzip")
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.headers()["content-encoding"], "gzip");
+    assert!(first.headers().contains_key("set-cookie"));
+    let first_headers = first.headers().clone();
+    let first_body = first.bytes().await.unwrap();
+    assert_eq!(&first_body[..2], b"\x1f\x8b", "gzip");
+    let retry = send().await.unwrap();
+    assert!(replayed(&retry));
+    for name in [
+        "content-encoding",
+        "content-type",
+        "vary",
+        "etag",
+        "cache-control",
+        "content-language",
+    ] {
+        assert_eq!(retry.headers().get(name), first_headers.get(name), "{name}");
+    }
+    assert!(!retry.headers().contains_key("set-cookie"));
+    assert_eq!(retry.bytes().await.unwrap(), first_body);
+    assert_eq!(runs.get(), 1);
+}
+
+/// Every guarded answer says how long its key is honoured: the
+/// problems and the responses that are passed through unstored.
+async fn every_guarded_answer_carries_retention(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/charge",
+            post(|State(runs): State<Arc<Runs>>, body: String| async move {
+                runs.bump();
+                if body == "fail" {
+                    return StatusCode::BAD_GATEWAY.into_response();
+                }
+                (StatusCode::CREATED, body).into_response()
+            }),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(layer(idem).max_body_bytes(8));
+    let addr = serve(app).await;
+    let key = key();
+    let first = post_to(addr, "/charge", &key)
+        .body("a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.headers()["idempotency-retention"], "86400");
+    let reused = post_to(addr, "/charge", &key)
+        .body("b")
+        .send()
+        .await
+        .unwrap();
+    problem(reused, 422, "key-reused").await;
+    let large = post_to(addr, "/charge", &self::key())
+        .body("123456789")
+        .send();
+    problem(large.await.unwrap(), 413, "payload-too-large").await;
+    let missing = client()
+        .post(format!("http://{addr}/charge"))
+        .header("x-api-key", "client-a")
+        .send();
+    problem(missing.await.unwrap(), 400, "missing-key").await;
+    let unscoped = client()
+        .post(format!("http://{addr}/charge"))
+        .header("idempotency-key", "k")
+        .send();
+    problem(unscoped.await.unwrap(), 400, "missing-scope").await;
+    let failed = post_to(addr, "/charge", &self::key()).body("fail").send();
+    let failed = failed.await.unwrap();
+    assert_eq!(failed.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(failed.headers()["idempotency-retention"], "86400");
+    assert_eq!(runs.get(), 2);
+}
+
+/// One layer inside two nested routers, each with `POST /create`:
+/// the same client and key on both are two requests, not a replay; and the
+/// same with merged routers.
+async fn nested_routers_do_not_share_replays(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let layer = layer(idem);
+    let route = |what: &'static str| {
+        Router::new()
+            .route(
+                "/create",
+                post(move |State(runs): State<Arc<Runs>>| async move {
+                    let n = runs.bump();
+                    (StatusCode::CREATED, format!("{what} {n} created"))
+                }),
+            )
+            .with_state(Arc::clone(&runs))
+            .layer(layer.clone())
+    };
+    let nested = Router::new()
+        .nest("/orders", route("order"))
+        .nest("/refunds", route("refund"));
+    let merged = Router::new()
+        .merge(Router::new().nest("/v2/orders", route("order")))
+        .merge(Router::new().nest("/v2/refunds", route("refund")));
+    let addr = serve(nested.merge(merged)).await;
+    for (orders, refunds) in [("/orders", "/refunds"), ("/v2/orders", "/v2/refunds")] {
+        let key = key();
+        let order = post_to(addr, &format!("{orders}/create"), &key)
+            .send()
+            .await
+            .unwrap();
+        assert!(order.text().await.unwrap().starts_with("order"));
+        let refund = post_to(addr, &format!("{refunds}/create"), &key)
+            .send()
+            .await;
+        let refund = refund.unwrap();
+        assert_eq!(
+            refund.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{refunds}"
+        );
+        let again = post_to(addr, &format!("{orders}/create"), &key)
+            .send()
+            .await
+            .unwrap();
+        assert!(replayed(&again));
+    }
+    assert_eq!(
+        runs.get(),
+        2,
+        "one order per prefix; no refund ran under an order's key"
+    );
+}
+
+/// A `401` or `403` is not stored: the client that fixes its
+/// credentials is answered afresh under the same key.
+async fn refusals_for_credentials_are_not_stored(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/charge",
+            post(
+                |State(runs): State<Arc<Runs>>, headers: HeaderMap| async move {
+                    match headers.get("authorization").map(|v| v.as_bytes()) {
+                        None => StatusCode::UNAUTHORIZED.into_response(),
+                        Some(b"Bearer reader") => StatusCode::FORBIDDEN.into_response(),
+                        Some(_) => {
+                            let n = runs.bump();
+                            (StatusCode::CREATED, format!("charge {n}")).into_response()
+                        }
+                    }
+                },
+            ),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(rejecting(idem));
+    let addr = serve(app).await;
+    let key = key();
+    let anonymous = post_to(addr, "/charge", &key).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let reader = post_to(addr, "/charge", &key).bearer_auth("reader");
+    assert_eq!(reader.send().await.unwrap().status(), StatusCode::FORBIDDEN);
+    let writer = post_to(addr, "/charge", &key).bearer_auth("writer");
+    let writer = writer.send().await.unwrap();
+    assert_eq!(writer.status(), StatusCode::CREATED);
+    assert!(!replayed(&writer));
+    assert_eq!(runs.get(), 1);
+}
+
+/// A key a client sends unasked: on a request the layer does not
+/// guard it is ignored; with `key_optional`, a keyed request is guarded and
+/// a request without one runs unguarded.
+async fn unsolicited_keys_behave_as_documented(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/items",
+            get(|State(runs): State<Arc<Runs>>| async move { runs.bump().to_string() })
+                .post(|State(runs): State<Arc<Runs>>| async move { runs.bump().to_string() }),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(layer(idem).key_optional());
+    let addr = serve(app).await;
+    let key = key();
+    for _ in 0..2 {
+        let got = client()
+            .get(format!("http://{addr}/items"))
+            .header("idempotency-key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert!(!replayed(&got), "a GET is not guarded: its key is ignored");
+    }
+    assert_eq!(runs.get(), 2);
+    for _ in 0..2 {
+        let bare = client().post(format!("http://{addr}/items")).send();
+        assert!(!replayed(&bare.await.unwrap()));
+    }
+    assert_eq!(runs.get(), 4, "without a key, each POST runs");
+    let first = post_to(addr, "/items", &key).send().await.unwrap();
+    assert_eq!(first.text().await.unwrap(), "5");
+    let again = post_to(addr, "/items", &key).send().await.unwrap();
+    assert!(replayed(&again));
+    assert_eq!(again.text().await.unwrap(), "5");
+    let malformed = client()
+        .post(format!("http://{addr}/items"))
+        .header("x-api-key", "client-a")
+        .header("idempotency-key", "\"unterminated")
+        .send();
+    problem(malformed.await.unwrap(), 400, "invalid-key").await;
+    assert_eq!(runs.get(), 5);
+}
+
+/// The query is compared as form pairs: the order of different
+/// names and `+` against `%20` do not make another request.
+async fn equal_queries_replay(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/search",
+            post(|State(runs): State<Arc<Runs>>| async move { runs.bump().to_string() }),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(layer(idem));
+    let addr = serve(app).await;
+    let key = key();
+    let first = post_to(addr, "/search?a=1&b=x%20y", &key)
+        .send()
+        .await
+        .unwrap();
+    assert!(!replayed(&first));
+    for same in ["/search?b=x+y&a=1", "/search?a=%31&b=x%20y"] {
+        let retry = post_to(addr, same, &key).send().await.unwrap();
+        assert!(replayed(&retry), "{same}");
+    }
+    let other = post_to(addr, "/search?a=2&b=x%20y", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(runs.get(), 1);
+}
+
+/// Serves `app` over HTTP/2 without TLS (h2c, as gRPC inside a mesh).
+async fn serve_h2c(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (socket, _) = listener.accept().await.unwrap();
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/2 client connection to `addr`.
+async fn h2c_client(
+    addr: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
+    let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(socket),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// A gRPC-shaped answer over h2c (`grpc-status` in the trailers)
+/// keeps its trailers through the layer, the first time and on replay.
+async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/pkg.Orders/Create",
+            post(|State(runs): State<Arc<Runs>>| async move {
+                let n = runs.bump();
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", "9".parse().unwrap());
+                trailers.insert(
+                    "grpc-message",
+                    format!("order {n} precondition").parse().unwrap(),
+                );
+                let frames = vec![
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(vec![0, 0, 0, 0, 1, n as u8]))),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                let body = Body::new(StreamBody::new(futures_util::stream::iter(frames)));
+                let mut response = Response::new(body);
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
+                response
+            }),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(layer(idem));
+    let addr = serve_h2c(app).await;
+    let mut sender = h2c_client(addr).await;
+    let key = key();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let request = hyper::Request::post(format!("http://{addr}/pkg.Orders/Create"))
+            .header("x-api-key", "client-a")
+            .header("idempotency-key", &key)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(Bytes::from_static(&[
+                0, 0, 0, 0, 0,
+            ])))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let replay = response.headers().contains_key("idempotent-replayed");
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        answers.push((replay, trailers, collected.to_bytes()));
+    }
+    let [(false, first, first_body), (true, second, second_body)] = &answers[..] else {
+        panic!("a first answer, then a replay");
+    };
+    assert_eq!(first["grpc-status"], "9");
+    assert_eq!(first["grpc-message"], "order 1 precondition");
+    assert_eq!(second, first);
+    assert_eq!(second_body, first_body);
+    assert_eq!(runs.get(), 1);
+}
+
+/// gRPC says how a call went in `grpc-status` under HTTP `200`: an
+/// `UNAVAILABLE` in the trailers, or in the headers of a trailers-only
+/// answer, is a failure, so its key is released and the retry runs again.
+async fn grpc_failures_are_not_stored(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/pkg.Orders/Create",
+            post(
+                |State(runs): State<Arc<Runs>>, headers: HeaderMap| async move {
+                    runs.bump();
+                    let mut unavailable = HeaderMap::new();
+                    unavailable.insert("grpc-status", "14".parse().unwrap());
+                    if headers.contains_key("x-trailers-only") {
+                        let mut response = Response::new(Body::empty());
+                        response.headers_mut().extend(unavailable);
+                        return response;
+                    }
+                    let frames = vec![
+                        Ok::<_, Infallible>(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+                        Ok(Frame::trailers(unavailable)),
+                    ];
+                    Response::new(Body::new(StreamBody::new(futures_util::stream::iter(
+                        frames,
+                    ))))
+                },
+            ),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(layer(idem));
+    let addr = serve_h2c(app).await;
+    let mut sender = h2c_client(addr).await;
+    for trailers_only in [false, true] {
+        let key = key();
+        for _ in 0..2 {
+            let mut request = hyper::Request::post(format!("http://{addr}/pkg.Orders/Create"))
+                .header("x-api-key", "client-a")
+                .header("idempotency-key", &key)
+                .header("te", "trailers");
+            if trailers_only {
+                request = request.header("x-trailers-only", "1");
+            }
+            let request = request
+                .body(http_body_util::Full::new(Bytes::from_static(&[
+                    0, 0, 0, 0, 0,
+                ])))
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert!(!response.headers().contains_key("idempotent-replayed"));
+            let status = response.headers().get("grpc-status").cloned();
+            let collected = response.into_body().collect().await.unwrap();
+            let status = status.or_else(|| collected.trailers()?.get("grpc-status").cloned());
+            assert_eq!(status.unwrap(), "14");
+        }
+    }
+    assert_eq!(runs.get(), 4, "each retry ran again");
+}
+
+/// A client that hangs up while its stream is sent: the layer copies the
+/// rest without it, and the retry replays the whole response.
+async fn a_client_that_hangs_up_mid_stream_gets_it_all_on_retry(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let (routes, queue) = streaming(&runs);
+    let addr = serve(routes.layer(layer(idem))).await;
+    let (chunks, receiver): (Chunks, _) = mpsc::channel(1);
+    queue.send(receiver).unwrap();
+    let key = key();
+    let mut first = post_to(addr, "/export", &key).send().await.unwrap();
+    chunks
+        .send(Ok(Bytes::from_static(b"row 1\n")))
+        .await
+        .unwrap();
+    assert_eq!(first.chunk().await.unwrap().unwrap(), "row 1\n");
+    drop(first);
+    for row in ["row 2\n", "row 3\n"] {
+        chunks.send(Ok(Bytes::from(row))).await.unwrap();
+    }
+    drop(chunks);
+    let retry = post_to(addr, "/export", &key).send().await.unwrap();
+    assert!(replayed(&retry), "the duplicate waited for the record");
+    assert_eq!(retry.text().await.unwrap(), "row 1\nrow 2\nrow 3\n");
+    assert_eq!(runs.get(), 1);
+}
+
+/// Notifies when dropped: tells the test that the server dropped a handler.
+struct Dropped(Arc<tokio::sync::Notify>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+/// The function-level path, as the extractor's docs advise. The
+/// client resets its h2 stream while the handler runs, and the server drops
+/// the handler; the handler had spawned its idempotent call, which finishes
+/// without it, and the retry gets its result, marked as a replay. (Awaited
+/// in the handler instead, the call would stop there and hold its key for
+/// the lease: the retry would wait for it, then charge again.)
+async fn a_spawned_function_call_survives_a_hang_up(idem: Idempotency) {
+    use idem_core::http::IdempotencyKey;
+    use idem_core::{Fingerprint, Key, Replayable};
+    let runs = Arc::new(Runs::default());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let dropped = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (runs, started, gate) = (Arc::clone(&runs), Arc::clone(&started), Arc::clone(&gate));
+        let dropped = Arc::clone(&dropped);
+        move |key: IdempotencyKey| async move {
+            let _guard = Dropped(dropped);
+            let call = async move {
+                let key = Key::new("charge", key.as_str())?;
+                let body = async move {
+                    started.notify_one();
+                    let _open = gate.acquire().await;
+                    Ok::<_, idem_core::Error>(Replayable::new(format!("charge {}", runs.bump())))
+                };
+                idem.run(&Settings::DEFAULT, key, Fingerprint::of(&())?, body)
+                    .await
+            };
+            match tokio::spawn(call).await {
+                Ok(charged) => charged.into_response(),
+                Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            }
+        }
+    };
+    let addr = serve_h2c(Router::new().route("/charge", post(handler))).await;
+    let key = key();
+    let request = || {
+        hyper::Request::post(format!("http://{addr}/charge"))
+            .header("idempotency-key", &key)
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let mut sender = h2c_client(addr).await;
+    let first = tokio::spawn(sender.send_request(request()));
+    started.notified().await;
+    first.abort();
+    dropped.notified().await;
+    gate.add_permits(1);
+    let retry = sender.send_request(request()).await.unwrap();
+    assert!(
+        retry.headers().contains_key("idempotent-replayed"),
+        "the first call was recorded"
+    );
+    let body = retry.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "charge 1");
+    assert_eq!(runs.get(), 1);
+}
+
+macro_rules! on_each_store {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(idem_core::Idempotency::memory()).await;
+                }
+            )*
+        }
+
+        #[cfg(feature = "redis")]
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let server = idem_test::redis_server::shared_node();
+                    let store = idem_core::RedisStore::node(server.url())
+                        .response_timeout(idem_test::redis_server::RESPONSE_TIMEOUT)
+                        .connect()
+                        .await
+                        .expect("a Redis store");
+                    super::$test(idem_core::Idempotency::new(store)).await;
+                }
+            )*
+        }
+    };
+}
+
+on_each_store!(
+    a_redirect_after_a_post_is_replayed,
+    a_panicking_handler_frees_its_key,
+    a_stream_flows_through_and_is_replayed,
+    a_stream_over_the_cap_flows_and_is_not_run_again,
+    a_body_that_fails_midway_is_not_run_again,
+    compressed_responses_replay_their_encoding,
+    every_guarded_answer_carries_retention,
+    nested_routers_do_not_share_replays,
+    refusals_for_credentials_are_not_stored,
+    unsolicited_keys_behave_as_documented,
+    equal_queries_replay,
+    trailers_pass_through_and_replay_over_h2c,
+    grpc_failures_are_not_stored,
+    a_client_that_hangs_up_mid_stream_gets_it_all_on_retry,
+    a_spawned_function_call_survives_a_hang_up,
+);
