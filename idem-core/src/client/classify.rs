@@ -81,16 +81,28 @@ pub trait Classify {
 /// | 408 (request timeout) | [`Failed`](Verdict::Failed): retried |
 /// | other 4xx: 400, 401, 403, 404, 413, 422 (key reused), … | [`Rejected`](Verdict::Rejected): never retried |
 /// | 500, 502, 503, 504 | [`Failed`](Verdict::Failed): retried (after `Retry-After` when present) |
+/// | 500 whose `Link` names idem's `#unreplayable` problem | [`Rejected`](Verdict::Rejected): the request ran; every retry gets this answer |
 /// | other 5xx: 501, 505, … | [`Rejected`](Verdict::Rejected): the server cannot do it at all |
 ///
 /// A 500 is retried because an idempotent server does not store it (idem's
 /// [layer](crate::http::IdempotencyLayer) stores no 5xx), so a retry with the
 /// same key runs the request again; the retry budget and the attempt limit
-/// bound what that costs.
+/// bound what that costs. The exception is idem's own `#unreplayable` 500
+/// (its `Link` names that problem): the request ran, its response could not
+/// be stored, and every retry gets the same answer, so it is
+/// [`Rejected`](Verdict::Rejected).
 #[must_use]
 pub fn classify_status(status: StatusCode, headers: &HeaderMap) -> Verdict {
     let retry_after = || retry_after(headers);
+    let unreplayable = || {
+        headers
+            .get_all(http::header::LINK)
+            .iter()
+            .filter_map(|link| link.to_str().ok())
+            .any(|link| link.contains("#unreplayable>"))
+    };
     match status.as_u16() {
+        500 if unreplayable() => Verdict::Rejected,
         100..=399 => Verdict::Success,
         409 | 425 | 429 => Verdict::Busy {
             retry_after: retry_after(),
@@ -297,6 +309,18 @@ mod tests {
                 "{status}"
             );
         }
+        // idem's stable answer for a request that ran but cannot be replayed.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::LINK,
+            HeaderValue::from_static(
+                "<https://docs.rs/idem-core/http#unreplayable>; rel=\"describedby\"",
+            ),
+        );
+        assert_eq!(
+            classify_status(StatusCode::INTERNAL_SERVER_ERROR, &headers),
+            Verdict::Rejected
+        );
     }
 
     #[test]

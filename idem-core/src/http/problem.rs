@@ -137,8 +137,8 @@ impl Problem {
     }
 
     /// The response: `application/problem+json`, with a `type` under `docs`,
-    /// `Link: <docs>; rel="describedby"`, and `Retry-After` where a retry is
-    /// due later.
+    /// `Link: <docs#type>; rel="describedby"`, and `Retry-After` where a
+    /// retry is due later.
     pub(crate) fn response<B: From<Bytes>>(&self, docs: &str) -> Response<B> {
         #[derive(Serialize)]
         struct Body<'a> {
@@ -162,7 +162,13 @@ impl Problem {
             CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Ok(link) = HeaderValue::from_str(&format!("<{docs}>; rel=\"describedby\"")) {
+        // The link names the problem's own section, so that a client that
+        // reads only headers can tell it (idem's client does not retry an
+        // `#unreplayable` 500: it is the stable answer for the key).
+        if let Ok(link) = HeaderValue::from_str(&format!(
+            "<{docs}#{}>; rel=\"describedby\"",
+            self.kind.fragment()
+        )) {
             headers.insert(LINK, link);
         }
         if let Some(retry_after) = self.retry_after {
