@@ -6,8 +6,10 @@
 //! keys computed at run time).
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use backon::BackoffBuilder as _;
@@ -274,14 +276,21 @@ impl Idempotency {
         herald.set_retry_at(lease.until());
         let work = async {
             let started = Instant::now();
-            let result = body.await;
+            let result = caught(body).await;
             let took = started.elapsed();
-            let record = to_record(key, &result, &mut codec);
+            let record = match &result {
+                Ok(result) => to_record(key, result, &mut codec)
+                    .map(|record| bounded(key, record, self.shared.max_record_bytes)),
+                // A panicking body failed: its claim is released and its
+                // waiters are told, as for an `Err`; the panic goes on to
+                // the caller once that is done.
+                Err(_panic) => None,
+            };
             call.ran(took, record.is_some());
             let landing = self
                 .settle(
                     settings,
-                    call.operation(),
+                    call,
                     key,
                     token,
                     &lease,
@@ -296,7 +305,10 @@ impl Idempotency {
         let (result, landing) =
             Box::pin(self.renewing(settings, key, token, &lease, &herald, work)).await;
         herald.land(landing);
-        result
+        match result {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// Claims `key`: `None` once claimed, or the completed record to replay.
@@ -331,12 +343,24 @@ impl Idempotency {
                         return Err(refused);
                     };
                     herald.set_retry_at(now + retry_after);
-                    let cap = retry_after.min(deadline - now);
+                    // A holder's remaining lease is only a hint: a clock that
+                    // lags (or a lease about to be renewed) says "almost
+                    // over" again and again. Never poll faster than the floor.
+                    let cap = retry_after.max(MIN_POLL_PAUSE).min(deadline - now);
                     // Boxed, as the body's path is: only waiting calls pay for
                     // the timer.
                     match store.watch(key) {
                         Some(change) => {
                             let _ = Box::pin(tokio::time::timeout(cap, change)).await;
+                            // A wake-up that keeps firing at once (a claim that
+                            // lapsed but was not yet replaced) must not turn the
+                            // wait into a busy loop: from the second wait on,
+                            // each lasts at least the floor.
+                            if polls > 0 {
+                                let floor = (now + MIN_POLL_PAUSE).min(deadline);
+                                Box::pin(tokio::time::sleep_until(floor)).await;
+                            }
+                            polls += 1;
                         }
                         None => {
                             let pause = poll_pause(polls).min(cap);
@@ -386,22 +410,42 @@ impl Idempotency {
     async fn settle(
         &self,
         settings: &Settings,
-        operation: &Operation,
+        call: &Call,
         key: Key,
         token: Token,
         lease: &Lease,
-        record: Option<Record>,
+        mut record: Option<Record>,
         awaited: bool,
     ) -> Landing {
+        let operation = call.operation();
         if lease.lost() {
             if record.is_some() {
                 observe::claim_lost(operation);
+                call.not_stored();
                 tracing::warn!(%key, "an idempotency claim was taken over while its call ran; its result was not stored");
             }
         } else {
-            match self.record(settings, key, token, record.as_ref()).await {
+            let mut recorded = self.record(settings, key, token, record.as_ref()).await;
+            if let (Err(error), Some(full)) = (&recorded, &record)
+                && error.kind() == StoreErrorKind::Full
+                && full.outcome() != Outcome::Unserializable
+            {
+                // The body ran, and its result cannot be kept: record that
+                // much, in a few bytes, so that a retry does not run it again.
+                tracing::error!(%key, %error, size = full.payload().len(), "the store refused the result of an idempotent call; retries get Error::NotReplayable and do not run it again");
+                let unstorable = Record::unserializable(&format!(
+                    "the store refused to keep the result ({} bytes); the call ran",
+                    full.payload().len()
+                ));
+                recorded = self.record(settings, key, token, Some(&unstorable)).await;
+                record = Some(unstorable);
+            }
+            match recorded {
                 Ok(Completion::Stored) => {}
                 Ok(Completion::Lost) => {
+                    if record.is_some() {
+                        call.not_stored();
+                    }
                     observe::claim_lost(operation);
                     tracing::warn!(%key, "an idempotency claim lapsed while its call ran; its result was not stored");
                 }
@@ -430,6 +474,9 @@ impl Idempotency {
                     );
                 }
                 Err(error) => {
+                    if record.is_some() {
+                        call.not_stored();
+                    }
                     tracing::error!(%key, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
                 }
             }
@@ -541,9 +588,14 @@ impl Idempotency {
                 tokio::time::sleep_until(lease.renewed_at() + every).await;
                 let mut pauses = backoff(Duration::from_millis(10), every / 2);
                 loop {
+                    // The store extends the lease when it applies the renewal,
+                    // at the earliest when it is sent: reckon from then, so that
+                    // a slow answer never makes the holder think its lease
+                    // lasts longer than it does.
+                    let sent = Instant::now();
                     match store.renew(key, token, settings.lease()).await {
                         Ok(true) => {
-                            lease.renew(settings.lease());
+                            lease.renew_from(sent, settings.lease());
                             herald.set_retry_at(lease.until());
                             break;
                         }
@@ -553,8 +605,11 @@ impl Idempotency {
                             return;
                         }
                         Err(error) => {
-                            let pause = pauses.next().unwrap_or(every);
-                            if Instant::now() + pause >= lease.until() {
+                            // Keep trying while the last confirmed lease
+                            // allows: the store may come back before it ends.
+                            let left = lease.until().saturating_duration_since(Instant::now());
+                            let pause = pauses.next().unwrap_or(every).min(left / 2);
+                            if pause < MIN_RENEW_PAUSE {
                                 tracing::error!(%key, %error, "could not renew an idempotency claim before its lease ran out");
                                 return;
                             }
@@ -596,6 +651,34 @@ where
             Record::unserializable(&error.to_string())
         }
     })
+}
+
+/// Polls `body`, catching a panic in it, so that the claim can be settled
+/// before the panic goes on.
+async fn caught<F: Future>(body: F) -> std::thread::Result<F::Output> {
+    let mut body = pin!(body);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| body.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    })
+    .await
+}
+
+/// `record`, or, when it is larger than `max` bytes, a record that says the
+/// call ran but its result was too large to keep: checked before the write,
+/// so that a store never holds (or refuses) an oversized result.
+fn bounded(key: Key, record: Record, max: usize) -> Record {
+    let size = record.payload().len();
+    if size <= max || record.outcome() == Outcome::Unserializable {
+        return record;
+    }
+    tracing::error!(%key, size, max, "the result of an idempotent call is larger than the maximum record size; retries get Error::NotReplayable and do not run it again");
+    Record::unserializable(&format!(
+        "the result ({size} bytes) is larger than the maximum record size ({max} bytes); the call ran"
+    ))
 }
 
 /// What the holder knows of its lease. Shared by the renewal and the body's
@@ -642,11 +725,12 @@ impl Lease {
         self.state().until
     }
 
-    fn renew(&self, lease: Duration) {
-        let now = Instant::now();
+    /// A renewal sent at `sent` was confirmed: the claim holds for `lease`
+    /// from then (the store applied it no earlier).
+    fn renew_from(&self, sent: Instant, lease: Duration) {
         self.update(|state| {
-            state.renewed_at = now;
-            state.until = now + lease;
+            state.renewed_at = sent;
+            state.until = state.until.max(sent + lease);
         });
     }
 
@@ -694,6 +778,14 @@ fn retryable(error: &StoreError) -> bool {
         StoreErrorKind::Timeout | StoreErrorKind::Unavailable | StoreErrorKind::Other
     )
 }
+
+/// The shortest pause between two polls of a waiting caller, whatever the
+/// holder's remaining lease says.
+pub(crate) const MIN_POLL_PAUSE: Duration = Duration::from_millis(10);
+
+/// The shortest pause before a failed renewal is tried again; with less of
+/// the lease left than twice this, the holder gives up.
+const MIN_RENEW_PAUSE: Duration = Duration::from_millis(5);
 
 /// How long a caller that polls a store for another holder's claim waits
 /// before poll `n` (from 0): 5 ms doubling to 1 s, each with up to half of
