@@ -72,6 +72,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod checker;
 pub mod conformance;
 pub mod faults;
 pub mod process;
