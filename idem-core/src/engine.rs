@@ -414,7 +414,7 @@ impl Idempotency {
         key: Key,
         token: Token,
         lease: &Lease,
-        mut record: Option<Record>,
+        record: Option<Record>,
         awaited: bool,
     ) -> Landing {
         let operation = call.operation();
@@ -425,21 +425,7 @@ impl Idempotency {
                 tracing::warn!(%key, "an idempotency claim was taken over while its call ran; its result was not stored");
             }
         } else {
-            let mut recorded = self.record(settings, key, token, record.as_ref()).await;
-            if let (Err(error), Some(full)) = (&recorded, &record)
-                && error.kind() == StoreErrorKind::Full
-                && full.outcome() != Outcome::Unserializable
-            {
-                // The body ran, and its result cannot be kept: record that
-                // much, in a few bytes, so that a retry does not run it again.
-                tracing::error!(%key, %error, size = full.payload().len(), "the store refused the result of an idempotent call; retries get Error::NotReplayable and do not run it again");
-                let unstorable = Record::unserializable(&format!(
-                    "the store refused to keep the result ({} bytes); the call ran",
-                    full.payload().len()
-                ));
-                recorded = self.record(settings, key, token, Some(&unstorable)).await;
-                record = Some(unstorable);
-            }
+            let recorded = self.record(settings, key, token, record.as_ref()).await;
             match recorded {
                 Ok(Completion::Stored) => {}
                 Ok(Completion::Lost) => {
@@ -487,7 +473,9 @@ impl Idempotency {
         }
     }
 
-    /// Completes the claim with `record`, or releases it without one.
+    /// Completes the claim with `record` (or, when the store refuses it as
+    /// full, with a few bytes saying the call ran), or releases it without
+    /// one.
     async fn record(
         &self,
         settings: &Settings,
@@ -496,13 +484,28 @@ impl Idempotency {
         record: Option<&Record>,
     ) -> Result<Completion, StoreError> {
         let store = &self.shared.store;
-        match record {
-            Some(record) => {
-                store
-                    .complete(key, token, record.clone(), settings.ttl())
-                    .await
+        let Some(record) = record else {
+            return store.release(key, token).await.map(|()| Completion::Stored);
+        };
+        let completed = store
+            .complete(key, token, record.clone(), settings.ttl())
+            .await;
+        match completed {
+            Err(error)
+                if error.kind() == StoreErrorKind::Full
+                    && record.outcome() != Outcome::Unserializable =>
+            {
+                // The body ran, and its result cannot be kept: record that
+                // much, in a few bytes, so that a retry does not run it again.
+                // On the first attempt and on every retry alike.
+                tracing::error!(%key, %error, size = record.payload().len(), "the store refused the result of an idempotent call; retries get Error::NotReplayable and do not run it again");
+                let unstorable = Record::unserializable(&format!(
+                    "the store refused to keep the result ({} bytes); the call ran",
+                    record.payload().len()
+                ));
+                store.complete(key, token, unstorable, settings.ttl()).await
             }
-            None => store.release(key, token).await.map(|()| Completion::Stored),
+            completed => completed,
         }
     }
 

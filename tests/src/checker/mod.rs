@@ -81,7 +81,8 @@ pub struct Options {
 
 impl Options {
     /// Options for `backend`: its lease; on a real clock a second of slack
-    /// more for a loaded machine.
+    /// more for a loaded machine; 8% of operations faulted, or the share
+    /// `IDEM_CHECKER_FAULT_RATE` says.
     pub fn for_backend<B: Backend>(backend: &B) -> Self {
         let lease = backend.timing().lease;
         let extra = if backend.follows_tokio_clock() {
@@ -89,10 +90,14 @@ impl Options {
         } else {
             Duration::from_secs(1)
         };
+        let fault_rate = std::env::var("IDEM_CHECKER_FAULT_RATE")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0.08);
         Self {
             lease,
             slack: lease + extra,
-            fault_rate: 0.08,
+            fault_rate,
         }
     }
 }
