@@ -27,6 +27,10 @@ use crate::observe::{self, Call, Operation, Traced};
 use crate::settings::{ConfigError, OnConflict, Settings};
 use crate::store::{Begin, Completion, Outcome, Record, Token};
 
+// Every event that says a result was (or may be) not recorded carries
+// `record_lost = true` and the key's digest, so that tests and log queries
+// can find the calls that a retry may run again.
+
 impl Idempotency {
     /// Runs `body` once for `key`, or replays the result of the call that did.
     ///
@@ -422,7 +426,7 @@ impl Idempotency {
             if record.is_some() {
                 observe::claim_lost(operation);
                 call.not_stored();
-                tracing::warn!(%key, "an idempotency claim was taken over while its call ran; its result was not stored");
+                tracing::warn!(%key, record_lost = true, "an idempotency claim was taken over while its call ran; its result was not stored");
             }
         } else {
             let recorded = self.record(settings, key, token, record.as_ref()).await;
@@ -433,7 +437,7 @@ impl Idempotency {
                         call.not_stored();
                     }
                     observe::claim_lost(operation);
-                    tracing::warn!(%key, "an idempotency claim lapsed while its call ran; its result was not stored");
+                    tracing::warn!(%key, record_lost = true, "an idempotency claim lapsed while its call ran; its result was not stored");
                 }
                 Err(error) if retryable(&error) && awaited => {
                     tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
@@ -463,7 +467,7 @@ impl Idempotency {
                     if record.is_some() {
                         call.not_stored();
                     }
-                    tracing::error!(%key, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
+                    tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
                 }
             }
         }
@@ -524,7 +528,7 @@ impl Idempotency {
         error: StoreError,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!(%key, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
+            tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
             return;
         };
         tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
@@ -563,11 +567,11 @@ impl Idempotency {
             }
             Ok(Completion::Lost) => {
                 observe::record_lost(&operation);
-                tracing::warn!(%key, "an idempotency claim lapsed before its outcome could be recorded");
+                tracing::warn!(%key, record_lost = true, "an idempotency claim lapsed before its outcome could be recorded");
             }
             Err(error) => {
                 observe::record_lost(&operation);
-                tracing::error!(%key, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
+                tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
             }
         }
     }
@@ -603,7 +607,7 @@ impl Idempotency {
                             break;
                         }
                         Ok(false) => {
-                            tracing::warn!(%key, "an idempotency claim was lost while its call ran; its result will not be stored");
+                            tracing::warn!(%key, record_lost = true, "an idempotency claim was lost while its call ran; its result will not be stored");
                             lease.lose();
                             return;
                         }
@@ -613,7 +617,7 @@ impl Idempotency {
                             let left = lease.until().saturating_duration_since(Instant::now());
                             let pause = pauses.next().unwrap_or(every).min(left / 2);
                             if pause < MIN_RENEW_PAUSE {
-                                tracing::error!(%key, %error, "could not renew an idempotency claim before its lease ran out");
+                                tracing::error!(%key, record_lost = true, %error, "could not renew an idempotency claim before its lease ran out");
                                 return;
                             }
                             tracing::warn!(%key, %error, "could not renew an idempotency claim; retrying");
@@ -774,11 +778,15 @@ where
 }
 
 /// Whether a failed operation may have failed for a passing reason, so that
-/// repeating it may succeed.
+/// repeating it may succeed. A full store is one: expiring records free
+/// room, and a result that is not recorded may run again.
 fn retryable(error: &StoreError) -> bool {
     matches!(
         error.kind(),
-        StoreErrorKind::Timeout | StoreErrorKind::Unavailable | StoreErrorKind::Other
+        StoreErrorKind::Timeout
+            | StoreErrorKind::Unavailable
+            | StoreErrorKind::Other
+            | StoreErrorKind::Full
     )
 }
 

@@ -104,6 +104,33 @@ fn a_result_refused_on_a_retry_is_recorded_not_run_again() {
     });
 }
 
+/// Found by the exactly-once checker (seed 1768315527 at a fault rate of
+/// 0.3): a result over the maximum record size is recorded as a few bytes;
+/// when the store refuses even those once, the write is retried while the
+/// lease allows, instead of leaving the claim to lapse.
+#[test]
+fn a_full_store_refusing_the_compact_record_once_is_retried() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone()).max_record_bytes(64);
+        let (key, fp) = key("hardening.compact-refused");
+        let runs = AtomicUsize::new(0);
+        flaky.inject(Op::Complete, Fault::Full);
+        let body = || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>("z".repeat(1000))
+        };
+        assert!(idem.run(&settings(3), key, fp, body()).await.is_ok());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let retry = idem.run(&settings(3), key, fp, body()).await;
+        assert!(
+            matches!(retry, Err(Error::NotReplayable { .. })),
+            "{retry:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+    });
+}
+
 /// 26.1: a result over the handle's maximum record size is not written; the
 /// call is recorded as run, in a few bytes.
 #[test]

@@ -79,6 +79,13 @@ pub enum Event {
         /// The outcome's name.
         outcome: String,
     },
+    /// idem said a result for `key` was, or may be, not recorded (its event
+    /// with `record_lost = true`; counted in `idem_records_lost_total` or
+    /// `idem_claims_lost_total`).
+    RecordLost {
+        /// The key.
+        key: usize,
+    },
     /// A store fault struck an operation on `key`.
     Fault {
         /// The key (index), when it is one of the workload's.
@@ -158,6 +165,9 @@ impl fmt::Display for Line<'_> {
                 write!(f, "call {call} answered {answer:?} after {took:?}")
             }
             Event::Outcome { call, outcome } => write!(f, "call {call}: idem tells `{outcome}`"),
+            Event::RecordLost { key } => {
+                write!(f, "idem: a result for key {key} may not be recorded")
+            }
             Event::Fault { key, struck } => write!(
                 f,
                 "fault: {:?} on {:?} of key {}",

@@ -47,6 +47,7 @@ pub(crate) fn check(
     let mut answers: HashMap<usize, (Duration, Answer, Duration)> = HashMap::new();
     let mut told: HashMap<usize, Vec<String>> = HashMap::new();
     let mut stalls: Vec<(Duration, usize)> = Vec::new();
+    let mut lost: Vec<usize> = Vec::new();
     let mut faults: Vec<(Duration, usize, Op, Fault)> = Vec::new();
     for (at, event) in events {
         match event {
@@ -73,6 +74,7 @@ pub(crate) fn check(
                 told.entry(*call).or_default().push(outcome.clone())
             }
             Event::Stalled { key, .. } => stalls.push((*at, *key)),
+            Event::RecordLost { key } => lost.push(*key),
             Event::Fault {
                 key: Some(key),
                 struck,
@@ -109,14 +111,21 @@ pub(crate) fn check(
                     let outcome = told.get(&earlier.call).and_then(|o| o.first());
                     let cancelled =
                         matches!(answers.get(&earlier.call), Some((_, Answer::Cancelled, _)));
-                    let lost = outcome.is_some_and(|o| o == "not_stored");
-                    let faulted = faults.iter().any(|(at, k, op, _)| {
-                        *k == key
-                            && matches!(op, Op::Renew | Op::Complete)
-                            && *at >= earlier.start
-                            && *at <= run.start
-                    });
-                    cancelled || (lost && faulted) || (!outcomes && faulted)
+                    let said_lost =
+                        outcome.is_some_and(|o| o == "not_stored") || lost.contains(&key);
+                    // A store lost for the rest of a lease: its recording (or
+                    // renewal) failed, and failed again when retried.
+                    let faulted = faults
+                        .iter()
+                        .filter(|(at, k, op, _)| {
+                            *k == key
+                                && matches!(op, Op::Renew | Op::Complete)
+                                && *at >= earlier.start
+                                && *at <= run.start
+                        })
+                        .count()
+                        >= 2;
+                    cancelled || (said_lost && faulted) || (!outcomes && faulted)
                 }
             });
             if stalled || expired || unrecorded {

@@ -57,6 +57,23 @@ struct Numbers {
     run: Option<u64>,
     call: Option<u64>,
     outcome: Option<String>,
+    key: Option<String>,
+    record_lost: bool,
+}
+
+/// The keys (their digests) whose results idem said were, or may be, not
+/// recorded (its events with `record_lost = true`).
+fn lost() -> &'static Mutex<std::collections::HashSet<String>> {
+    static LOST: OnceLock<Mutex<std::collections::HashSet<String>>> = OnceLock::new();
+    LOST.get_or_init(Mutex::default)
+}
+
+/// Whether idem said a result for `key` was, or may be, not recorded.
+pub(crate) fn record_lost(key: idem_core::Key) -> bool {
+    lost()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains(&key.to_string())
 }
 
 impl Visit for Numbers {
@@ -68,6 +85,12 @@ impl Visit for Numbers {
         }
     }
 
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if field.name() == "record_lost" {
+            self.record_lost = value;
+        }
+    }
+
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "outcome" {
             self.outcome = Some(value.to_owned());
@@ -75,8 +98,10 @@ impl Visit for Numbers {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "outcome" {
-            self.outcome = Some(format!("{value:?}").trim_matches('"').to_owned());
+        match field.name() {
+            "outcome" => self.outcome = Some(format!("{value:?}").trim_matches('"').to_owned()),
+            "key" => self.key = Some(format!("{value:?}")),
+            _ => {}
         }
     }
 }
@@ -99,11 +124,21 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Ca
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        if event.metadata().target() != "idem" {
+        let target = event.metadata().target();
+        if target != "idem" && !target.starts_with("idem_core") {
             return;
         }
         let mut numbers = Numbers::default();
         event.record(&mut numbers);
+        if numbers.record_lost
+            && let Some(key) = numbers.key
+        {
+            lost()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key);
+            return;
+        }
         let Some(outcome) = numbers.outcome else {
             return;
         };

@@ -366,6 +366,11 @@ pub(crate) async fn run(
             history.push(Event::Outcome { call, outcome });
         }
     }
+    for (k, key) in keys.iter().enumerate() {
+        if outcomes && super::outcomes::record_lost(*key) {
+            history.push(Event::RecordLost { key: k });
+        }
+    }
     let struck = flaky.struck_log();
     for struck in &struck {
         let key = keys.iter().position(|k| *k == struck.key);
