@@ -402,7 +402,9 @@ impl Idempotency {
     }
 
     /// Records the body's outcome: completes the claim with its record, or,
-    /// with none, releases it. Answers what the flight's followers get.
+    /// with none, releases it. Answers what the flight's followers get: the
+    /// record, or, when the claim was no longer ours (its result was not
+    /// stored, and another call's may be), word to contend again.
     ///
     /// An operation whose outcome is unknown (a timeout, a dropped
     /// connection) is retried in the background, renewing the claim
@@ -422,7 +424,11 @@ impl Idempotency {
         awaited: bool,
     ) -> Landing {
         let operation = call.operation();
+        // Whether the claim was no longer ours: another call may have run and
+        // stored its own result, so followers must not get this one.
+        let mut stale = false;
         if lease.lost() {
+            stale = true;
             if record.is_some() {
                 observe::claim_lost(operation);
                 call.not_stored();
@@ -433,6 +439,7 @@ impl Idempotency {
             match recorded {
                 Ok(Completion::Stored) => {}
                 Ok(Completion::Lost) => {
+                    stale = true;
                     if record.is_some() {
                         call.not_stored();
                     }
@@ -472,6 +479,8 @@ impl Idempotency {
             }
         }
         match record {
+            // Followers contend again, and replay what the store holds.
+            Some(_) if stale => Landing::Vacated,
             Some(record) => Landing::Record(record),
             None => Landing::Failed(Error::AttemptFailed),
         }
