@@ -66,6 +66,10 @@ pub enum Fault {
     /// did, as a holder paused past its lease (a GC pause, a frozen VM)
     /// experiences it: see [`Flaky::stall`].
     Stalled,
+    /// For this long, every `begin` that finds the key held answers that
+    /// the holder's lease ends in a millisecond, as a holder whose clock
+    /// lags makes it look: a waiter that trusts it polls in a busy loop.
+    ClockLag(Duration),
 }
 
 /// One fault that struck: when, which operation, on which key.
@@ -106,6 +110,7 @@ impl Schedule {
             ]);
         }
         faults.push((Op::Complete, Fault::Full));
+        faults.push((Op::Begin, Fault::ClockLag(delay * 10)));
         Self { rate, faults }
     }
 }
@@ -119,6 +124,8 @@ pub struct Flaky {
     schedule: Option<(Mutex<StdRng>, Schedule)>,
     stalls: Mutex<HashMap<Key, Instant>>,
     log: Mutex<Vec<Struck>>,
+    begins: Mutex<HashMap<Key, usize>>,
+    lags: Mutex<HashMap<Key, Instant>>,
 }
 
 impl Flaky {
@@ -131,6 +138,8 @@ impl Flaky {
             schedule: None,
             stalls: Mutex::default(),
             log: Mutex::default(),
+            begins: Mutex::default(),
+            lags: Mutex::default(),
         }
     }
 
@@ -148,6 +157,11 @@ impl Flaky {
     /// told they did ([`Fault::Stalled`]).
     pub fn stall(&self, key: Key, until: Instant) {
         lock(&self.stalls).insert(key, until);
+    }
+
+    /// How many `begin`s were made on `key`, faulted or not.
+    pub fn begins(&self, key: Key) -> usize {
+        lock(&self.begins).get(&key).copied().unwrap_or(0)
     }
 
     /// Every fault that struck so far, in order.
@@ -210,7 +224,18 @@ impl Flaky {
         key: Key,
         call: impl FnOnce(&dyn Store) -> StoreFuture<'_, T> + Send + 'static,
     ) -> StoreFuture<'a, T> {
-        match self.next_fault(op, key) {
+        let fault = self.next_fault(op, key);
+        self.apply(fault, op, call)
+    }
+
+    /// Runs `call` as `fault` (if any) has it.
+    fn apply<'a, T: Send + 'static>(
+        &'a self,
+        fault: Option<Fault>,
+        op: Op,
+        call: impl FnOnce(&dyn Store) -> StoreFuture<'_, T> + Send + 'static,
+    ) -> StoreFuture<'a, T> {
+        match fault {
             None => call(&*self.inner),
             Some(Fault::Refused) => Box::pin(std::future::ready(Err(timeout(op)))),
             Some(Fault::Full) => Box::pin(std::future::ready(Err(StoreError::new(
@@ -242,8 +267,9 @@ impl Flaky {
                 }
                 Box::pin(std::future::ready(Err(timeout(op))))
             }
-            // Only renewals stall; they are answered below.
-            Some(Fault::Stalled) => Box::pin(std::future::ready(Err(timeout(op)))),
+            // Only renewals stall, and only begins lag; both are answered
+            // by their operations.
+            Some(Fault::Stalled | Fault::ClockLag(_)) => call(&*self.inner),
         }
     }
 }
@@ -267,8 +293,27 @@ impl Store for Flaky {
         token: Token,
         lease: Duration,
     ) -> StoreFuture<'_, Begin> {
-        self.faulty(Op::Begin, key, move |store| {
+        *lock(&self.begins).entry(key).or_default() += 1;
+        let fault = self.next_fault(Op::Begin, key);
+        let begin = self.apply(fault, Op::Begin, move |store| {
             store.begin(key, fingerprint, token, lease)
+        });
+        if let Some(Fault::ClockLag(window)) = fault {
+            lock(&self.lags).insert(key, Instant::now() + window);
+        }
+        let lags = lock(&self.lags)
+            .get(&key)
+            .is_some_and(|until| Instant::now() < *until);
+        if !lags {
+            return begin;
+        }
+        Box::pin(async move {
+            match begin.await? {
+                Begin::InProgress { .. } => Ok(Begin::InProgress {
+                    retry_after: Duration::from_millis(1),
+                }),
+                other => Ok(other),
+            }
         })
     }
 

@@ -173,3 +173,60 @@ fn the_checker_catches_a_store_that_grants_every_claim() {
     println!("{violation}");
     assert_eq!(violation.broken.invariant, "at most one run per key");
 }
+
+/// Each fault of issue 26 alone, at a high rate, over the fixed seeds on
+/// the paused memory store: a scenario per fix, so that each stays fixed.
+mod scenarios {
+    use idem_test::checker::{FIXED_SEEDS, Options, Schedule, check_seeds_with};
+    use idem_test::faults::{Fault, Op};
+
+    use super::*;
+
+    fn only(faults: Vec<(Op, Fault)>) {
+        let mut options = Options::for_backend(&Memory);
+        options.schedule = Some(Schedule { rate: 0.5, faults });
+        let seeds: Vec<u64> = (0..64).chain(FIXED_SEEDS).collect();
+        check_seeds_with(&Memory, &seeds, &options);
+    }
+
+    /// 26.1: results refused by a full store.
+    #[test]
+    fn a_full_store() {
+        only(vec![(Op::Complete, Fault::Full)]);
+    }
+
+    /// 26.2: renewals whose answers are slow.
+    #[test]
+    fn slow_renewals() {
+        only(vec![(
+            Op::Renew,
+            Fault::Delayed(Duration::from_millis(400)),
+        )]);
+    }
+
+    /// 26.3: renewals that fail, and land late.
+    #[test]
+    fn failing_renewals() {
+        only(vec![
+            (Op::Renew, Fault::Refused),
+            (Op::Renew, Fault::LandsLate(Duration::from_millis(400))),
+        ]);
+    }
+
+    /// 26.4: holders whose clocks lag, so their leases read as nearly over.
+    #[test]
+    fn lagging_holder_clocks() {
+        only(vec![(Op::Begin, Fault::ClockLag(Duration::from_secs(30)))]);
+    }
+
+    /// Answers lost after the operation was applied, on every operation.
+    #[test]
+    fn lost_answers() {
+        only(vec![
+            (Op::Begin, Fault::AnswerLost),
+            (Op::Complete, Fault::AnswerLost),
+            (Op::Release, Fault::AnswerLost),
+            (Op::Renew, Fault::AnswerLost),
+        ]);
+    }
+}

@@ -86,6 +86,13 @@ pub enum Event {
         /// The key.
         key: usize,
     },
+    /// `begins` claims of `key` were sent in the whole run.
+    Begins {
+        /// The key.
+        key: usize,
+        /// How many.
+        begins: usize,
+    },
     /// A store fault struck an operation on `key`.
     Fault {
         /// The key (index), when it is one of the workload's.
@@ -165,6 +172,7 @@ impl fmt::Display for Line<'_> {
                 write!(f, "call {call} answered {answer:?} after {took:?}")
             }
             Event::Outcome { call, outcome } => write!(f, "call {call}: idem tells `{outcome}`"),
+            Event::Begins { key, begins } => write!(f, "{begins} claims of key {key} were sent"),
             Event::RecordLost { key } => {
                 write!(f, "idem: a result for key {key} may not be recorded")
             }

@@ -48,6 +48,7 @@ pub(crate) fn check(
     let mut told: HashMap<usize, Vec<String>> = HashMap::new();
     let mut stalls: Vec<(Duration, usize)> = Vec::new();
     let mut lost: Vec<usize> = Vec::new();
+    let mut begins: Vec<(usize, usize)> = Vec::new();
     let mut faults: Vec<(Duration, usize, Op, Fault)> = Vec::new();
     for (at, event) in events {
         match event {
@@ -75,6 +76,7 @@ pub(crate) fn check(
             }
             Event::Stalled { key, .. } => stalls.push((*at, *key)),
             Event::RecordLost { key } => lost.push(*key),
+            Event::Begins { key, begins: n } => begins.push((*key, *n)),
             Event::Fault {
                 key: Some(key),
                 struck,
@@ -216,6 +218,23 @@ pub(crate) fn check(
                     "call {call} ({:?}) took {took:?}, over {bound:?}",
                     plan.settings.on_conflict()
                 ),
+            );
+        }
+    }
+
+    // 3b. Waiters never poll faster than the floor (10 ms), whatever the
+    // holder's remaining lease reads: the claims of a key number at most one
+    // per 10 ms of each of its calls, plus a few.
+    for (key, sent) in begins {
+        let allowed: u128 = answers
+            .iter()
+            .filter(|(call, _)| workload.calls.get(**call).is_some_and(|c| c.key == key))
+            .map(|(_, (_, _, took))| took.as_millis() / 10 + 4)
+            .sum();
+        if sent as u128 > allowed {
+            return broken(
+                "waiters never poll faster than a floor",
+                format!("{sent} claims of key {key} were sent, over {allowed}"),
             );
         }
     }

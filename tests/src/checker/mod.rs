@@ -27,7 +27,8 @@
 //!    result of its key, never another key's, a failed run's or a later one.
 //! 3. **Nothing stays claimed, no wait overruns**: past the lease after the
 //!    last call, no key is still claimed; no call waits past its
-//!    `wait_timeout` plus a stated slack (a `reject` call, past the slack).
+//!    `wait_timeout` plus a stated slack (a `reject` call, past the slack);
+//!    waiters send at most one claim per 10 ms they wait.
 //! 4. **Panics and outcomes**: no panic escapes idem but the body's own;
 //!    equal arguments are never `KeyReused`; every call, cancelled ones
 //!    included, ends with exactly one outcome, the one its answer implies.
@@ -63,13 +64,13 @@ pub use run::{CallError, Value};
 pub use workload::{Body, CallPlan, Ends, KeyPlan, Via, Workload};
 
 use crate::conformance::Backend;
-use crate::faults::Schedule;
+pub use crate::faults::Schedule;
 
 /// The seeds every run checks, on every backend.
 pub const FIXED_SEEDS: [u64; 8] = [1, 2, 3, 5, 8, 13, 21, 34];
 
 /// How the checker runs on a backend.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// The shortest lease drawn (leases go up to twice as long).
     pub lease: Duration,
@@ -77,6 +78,9 @@ pub struct Options {
     pub slack: Duration,
     /// The share of store operations faulted.
     pub fault_rate: f64,
+    /// The faults drawn; `None` for every kind
+    /// ([`Schedule::every_kind`]), delays up to a sixth of the lease.
+    pub schedule: Option<Schedule>,
 }
 
 impl Options {
@@ -98,6 +102,7 @@ impl Options {
             lease,
             slack: lease + extra,
             fault_rate,
+            schedule: None,
         }
     }
 }
@@ -159,7 +164,10 @@ pub async fn check_seed(
 ) -> Result<Report, Violation> {
     let workload = Workload::generate(seed, options.lease);
     let captured = outcomes::install();
-    let schedule = Schedule::every_kind(options.fault_rate, options.lease / 6);
+    let schedule = options
+        .schedule
+        .clone()
+        .unwrap_or_else(|| Schedule::every_kind(options.fault_rate, options.lease / 6));
     let ran = run::run(store, &workload, schedule, captured).await;
     let events = ran.history.events();
     let mut verdict = invariants::check(&workload, &events, options.slack, captured);
@@ -215,7 +223,12 @@ fn describe(workload: &Workload) -> String {
 /// Checks `seeds` on `backend`, all at once on one runtime (paused when the
 /// backend follows tokio's clock), and panics with the first violation.
 pub fn check_seeds<B: Backend>(backend: &B, seeds: &[u64]) -> Vec<Report> {
-    let options = Options::for_backend(backend);
+    check_seeds_with(backend, seeds, &Options::for_backend(backend))
+}
+
+/// [`check_seeds`] with `options` of one's own, e.g. a [`Schedule`] of one
+/// fault.
+pub fn check_seeds_with<B: Backend>(backend: &B, seeds: &[u64], options: &Options) -> Vec<Report> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(backend.follows_tokio_clock())
@@ -225,6 +238,7 @@ pub fn check_seeds<B: Backend>(backend: &B, seeds: &[u64]) -> Vec<Report> {
         let mut set = tokio::task::JoinSet::new();
         for &seed in seeds {
             let store = backend.store().await;
+            let options = options.clone();
             set.spawn(async move { check_seed(store, seed, &options).await });
         }
         let mut reports = Vec::new();

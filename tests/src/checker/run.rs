@@ -367,6 +367,10 @@ pub(crate) async fn run(
         }
     }
     for (k, key) in keys.iter().enumerate() {
+        history.push(Event::Begins {
+            key: k,
+            begins: flaky.begins(*key),
+        });
         if outcomes && super::outcomes::record_lost(*key) {
             history.push(Event::RecordLost { key: k });
         }
