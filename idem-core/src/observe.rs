@@ -26,7 +26,7 @@
 //!
 //! | outcome | the call |
 //! |---|---|
-//! | `ran` | ran the body; its result (an `Ok`, or a cached `Err`) was stored (or, when the store refused it or it was over the maximum record size, that the call ran) |
+//! | `ran` | ran the body; its result (an `Ok`, or a cached `Err`) was stored (or, when the store refused it or it was over the maximum record size, that the call ran), or is being recorded in the background after a timeout (a recording that fails for the whole lease is counted in `idem_records_lost_total`) |
 //! | `failed` | ran the body, which returned an `Err` that is not stored, or panicked (the claim was released) |
 //! | `not_stored` | ran the body, but its result was not stored: its claim lapsed or was taken over, or the store failed; a retry runs the body again |
 //! | `cancelled` | was dropped by its caller before it ended (the claim, if it held one, lapses with its lease) |
