@@ -78,6 +78,10 @@ pub struct Options {
     pub slack: Duration,
     /// The share of store operations faulted.
     pub fault_rate: f64,
+    /// Whether the store follows tokio's paused clock, where no renewal is
+    /// ever late: then a result idem says it lost must be explained by
+    /// repeated store faults.
+    pub strict: bool,
     /// The faults drawn; `None` for every kind
     /// ([`Schedule::every_kind`]), delays up to a sixth of the lease.
     pub schedule: Option<Schedule>,
@@ -102,6 +106,7 @@ impl Options {
             lease,
             slack: lease + extra,
             fault_rate,
+            strict: backend.follows_tokio_clock(),
             schedule: None,
         }
     }
@@ -170,7 +175,8 @@ pub async fn check_seed(
         .unwrap_or_else(|| Schedule::every_kind(options.fault_rate, options.lease / 6));
     let ran = run::run(store, &workload, schedule, captured).await;
     let events = ran.history.events();
-    let mut verdict = invariants::check(&workload, &events, options.slack, captured);
+    let mut verdict =
+        invariants::check(&workload, &events, options.slack, captured, options.strict);
     if verdict.is_ok() && !ran.still_claimed.is_empty() {
         verdict = Err(Broken {
             invariant: "nothing stays claimed past its lease",
