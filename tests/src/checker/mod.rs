@@ -6,7 +6,7 @@
 //! their holder past its lease or are cancelled by their caller; settings
 //! from their valid ranges (`wait` or `reject`, leases, wait timeouts,
 //! `cache_errors`, TTLs that expire within the run); arguments equal but
-//! built in different orders (maps); calls through
+//! built in different orders (a map and a set); calls through
 //! [`Idempotency::run`](idem_core::Idempotency::run) and through an
 //! `#[idempotent]` method, on one or two handles (processes). The store is
 //! wrapped in [`Flaky`](crate::faults::Flaky) with a schedule drawn from the

@@ -1,6 +1,6 @@
 //! Runs a workload against a store through faults, recording its history.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
@@ -89,7 +89,7 @@ impl Attributed {
         scope: &str,
         key: usize,
         settings: Settings,
-        args: HashMap<String, u64>,
+        args: Arguments,
         ctx: &Ctx,
         call: usize,
         body: Body,
@@ -114,7 +114,7 @@ impl Attributed {
         scope: &str,
         key: usize,
         settings: Settings,
-        args: HashMap<String, u64>,
+        args: Arguments,
         ctx: &Ctx,
         call: usize,
         body: Body,
@@ -152,10 +152,14 @@ async fn run_body(ctx: &Ctx, call: usize, key: usize, body: Body) -> Result<Valu
     }
 }
 
+/// A call's arguments: a map and a set, whose iteration orders differ
+/// between instances.
+type Arguments = (HashMap<String, u64>, HashSet<u64>);
+
 /// Equal arguments, built in an order of their own each time (a
-/// `HashMap`'s order differs between instances).
-fn arguments(key: usize) -> HashMap<String, u64> {
-    let mut args: HashMap<String, u64> = HashMap::new();
+/// `HashMap`'s and a `HashSet`'s order differ between instances).
+fn arguments(key: usize) -> Arguments {
+    let mut map: HashMap<String, u64> = HashMap::new();
     let k = u64::try_from(key).unwrap_or(u64::MAX);
     for (name, value) in [
         ("amount", 100 + k),
@@ -163,9 +167,10 @@ fn arguments(key: usize) -> HashMap<String, u64> {
         ("customer", 7),
         ("items", 3),
     ] {
-        args.insert(name.to_owned(), value);
+        map.insert(name.to_owned(), value);
     }
-    args
+    let set: HashSet<u64> = [k, 11, 23, 42, 97].into_iter().collect();
+    (map, set)
 }
 
 async fn one_call(

@@ -110,7 +110,13 @@ impl Workload {
             })
             .collect();
         let handles = rng.random_range(1..=2);
-        let mut calls: Vec<CallPlan> = (0..rng.random_range(3..=12))
+        // Now and then a burst of duplicates, for in-process coalescing.
+        let callers = if rng.random_bool(0.1) {
+            rng.random_range(20..=40)
+        } else {
+            rng.random_range(3..=12)
+        };
+        let mut calls: Vec<CallPlan> = (0..callers)
             .map(|id| {
                 let key = rng.random_range(0..keys.len());
                 let plan = keys[key];
