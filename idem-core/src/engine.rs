@@ -6,8 +6,10 @@
 //! keys computed at run time).
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use backon::BackoffBuilder as _;
@@ -24,6 +26,10 @@ use crate::key::{Fingerprint, Key};
 use crate::observe::{self, Call, Operation, Traced};
 use crate::settings::{ConfigError, OnConflict, Settings};
 use crate::store::{Begin, Completion, Outcome, Record, Token};
+
+// Every event that says a result was (or may be) not recorded carries
+// `record_lost = true` and the key's digest, so that tests and log queries
+// can find the calls that a retry may run again.
 
 impl Idempotency {
     /// Runs `body` once for `key`, or replays the result of the call that did.
@@ -285,14 +291,21 @@ impl Idempotency {
         herald.set_retry_at(lease.until());
         let work = async {
             let started = Instant::now();
-            let result = body.await;
+            let result = caught(body).await;
             let took = started.elapsed();
-            let record = to_record(key, &result, &mut codec);
+            let record = match &result {
+                Ok(result) => to_record(key, result, &mut codec)
+                    .map(|record| bounded(key, record, self.shared.max_record_bytes)),
+                // A panicking body failed: its claim is released and its
+                // waiters are told, as for an `Err`; the panic goes on to
+                // the caller once that is done.
+                Err(_panic) => None,
+            };
             call.ran(took, record.is_some());
             let landing = self
                 .settle(
                     settings,
-                    call.operation(),
+                    call,
                     key,
                     token,
                     &lease,
@@ -307,7 +320,10 @@ impl Idempotency {
         let (result, landing) =
             Box::pin(self.renewing(settings, key, token, &lease, &herald, work)).await;
         herald.land(landing);
-        result
+        match result {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// Claims `key`: `None` once claimed, or the completed record to replay.
@@ -342,12 +358,24 @@ impl Idempotency {
                         return Err(refused);
                     };
                     herald.set_retry_at(now + retry_after);
-                    let cap = retry_after.min(deadline - now);
+                    // A holder's remaining lease is only a hint: a clock that
+                    // lags (or a lease about to be renewed) says "almost
+                    // over" again and again. Never poll faster than the floor.
+                    let cap = retry_after.max(MIN_POLL_PAUSE).min(deadline - now);
                     // Boxed, as the body's path is: only waiting calls pay for
                     // the timer.
                     match store.watch(key) {
                         Some(change) => {
                             let _ = Box::pin(tokio::time::timeout(cap, change)).await;
+                            // A wake-up that keeps firing at once (a claim that
+                            // lapsed but was not yet replaced) must not turn the
+                            // wait into a busy loop: from the second wait on,
+                            // each lasts at least the floor.
+                            if polls > 0 {
+                                let floor = (now + MIN_POLL_PAUSE).min(deadline);
+                                Box::pin(tokio::time::sleep_until(floor)).await;
+                            }
+                            polls += 1;
                         }
                         None => {
                             let pause = poll_pause(polls).min(cap);
@@ -385,7 +413,9 @@ impl Idempotency {
     }
 
     /// Records the body's outcome: completes the claim with its record, or,
-    /// with none, releases it. Answers what the flight's followers get.
+    /// with none, releases it. Answers what the flight's followers get: the
+    /// record, or, when the claim was no longer ours (its result was not
+    /// stored, and another call's may be), word to contend again.
     ///
     /// An operation whose outcome is unknown (a timeout, a dropped
     /// connection) is retried in the background, renewing the claim
@@ -397,24 +427,35 @@ impl Idempotency {
     async fn settle(
         &self,
         settings: &Settings,
-        operation: &Operation,
+        call: &Call,
         key: Key,
         token: Token,
         lease: &Lease,
         record: Option<Record>,
         awaited: bool,
     ) -> Landing {
+        let operation = call.operation();
+        // Whether the claim was no longer ours: another call may have run and
+        // stored its own result, so followers must not get this one.
+        let mut stale = false;
         if lease.lost() {
+            stale = true;
             if record.is_some() {
                 observe::claim_lost(operation);
-                tracing::warn!(%key, "an idempotency claim was taken over while its call ran; its result was not stored");
+                call.not_stored();
+                tracing::warn!(%key, record_lost = true, "an idempotency claim was taken over while its call ran; its result was not stored");
             }
         } else {
-            match self.record(settings, key, token, record.as_ref()).await {
+            let recorded = self.record(settings, key, token, record.as_ref()).await;
+            match recorded {
                 Ok(Completion::Stored) => {}
                 Ok(Completion::Lost) => {
+                    stale = true;
+                    if record.is_some() {
+                        call.not_stored();
+                    }
                     observe::claim_lost(operation);
-                    tracing::warn!(%key, "an idempotency claim lapsed while its call ran; its result was not stored");
+                    tracing::warn!(%key, record_lost = true, "an idempotency claim lapsed while its call ran; its result was not stored");
                 }
                 Err(error) if retryable(&error) && awaited => {
                     tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
@@ -441,17 +482,24 @@ impl Idempotency {
                     );
                 }
                 Err(error) => {
-                    tracing::error!(%key, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
+                    if record.is_some() {
+                        call.not_stored();
+                    }
+                    tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
                 }
             }
         }
         match record {
+            // Followers contend again, and replay what the store holds.
+            Some(_) if stale => Landing::Vacated,
             Some(record) => Landing::Record(record),
             None => Landing::Failed(Error::AttemptFailed),
         }
     }
 
-    /// Completes the claim with `record`, or releases it without one.
+    /// Completes the claim with `record` (or, when the store refuses it as
+    /// full, with a few bytes saying the call ran), or releases it without
+    /// one.
     async fn record(
         &self,
         settings: &Settings,
@@ -460,13 +508,28 @@ impl Idempotency {
         record: Option<&Record>,
     ) -> Result<Completion, StoreError> {
         let store = &self.shared.store;
-        match record {
-            Some(record) => {
-                store
-                    .complete(key, token, record.clone(), settings.ttl())
-                    .await
+        let Some(record) = record else {
+            return store.release(key, token).await.map(|()| Completion::Stored);
+        };
+        let completed = store
+            .complete(key, token, record.clone(), settings.ttl())
+            .await;
+        match completed {
+            Err(error)
+                if error.kind() == StoreErrorKind::Full
+                    && record.outcome() != Outcome::Unserializable =>
+            {
+                // The body ran, and its result cannot be kept: record that
+                // much, in a few bytes, so that a retry does not run it again.
+                // On the first attempt and on every retry alike.
+                tracing::error!(%key, %error, size = record.payload().len(), "the store refused the result of an idempotent call; retries get Error::NotReplayable and do not run it again");
+                let unstorable = Record::unserializable(&format!(
+                    "the store refused to keep the result ({} bytes); the call ran",
+                    record.payload().len()
+                ));
+                store.complete(key, token, unstorable, settings.ttl()).await
             }
-            None => store.release(key, token).await.map(|()| Completion::Stored),
+            completed => completed,
         }
     }
 
@@ -485,7 +548,7 @@ impl Idempotency {
         error: StoreError,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::error!(%key, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
+            tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
             return;
         };
         tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
@@ -524,11 +587,11 @@ impl Idempotency {
             }
             Ok(Completion::Lost) => {
                 observe::record_lost(&operation);
-                tracing::warn!(%key, "an idempotency claim lapsed before its outcome could be recorded");
+                tracing::warn!(%key, record_lost = true, "an idempotency claim lapsed before its outcome could be recorded");
             }
             Err(error) => {
                 observe::record_lost(&operation);
-                tracing::error!(%key, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
+                tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
             }
         }
     }
@@ -552,21 +615,29 @@ impl Idempotency {
                 tokio::time::sleep_until(lease.renewed_at() + every).await;
                 let mut pauses = backoff(Duration::from_millis(10), every / 2);
                 loop {
+                    // The store extends the lease when it applies the renewal,
+                    // at the earliest when it is sent: reckon from then, so that
+                    // a slow answer never makes the holder think its lease
+                    // lasts longer than it does.
+                    let sent = Instant::now();
                     match store.renew(key, token, settings.lease()).await {
                         Ok(true) => {
-                            lease.renew(settings.lease());
+                            lease.renew_from(sent, settings.lease());
                             herald.set_retry_at(lease.until());
                             break;
                         }
                         Ok(false) => {
-                            tracing::warn!(%key, "an idempotency claim was lost while its call ran; its result will not be stored");
+                            tracing::warn!(%key, record_lost = true, "an idempotency claim was lost while its call ran; its result will not be stored");
                             lease.lose();
                             return;
                         }
                         Err(error) => {
-                            let pause = pauses.next().unwrap_or(every);
-                            if Instant::now() + pause >= lease.until() {
-                                tracing::error!(%key, %error, "could not renew an idempotency claim before its lease ran out");
+                            // Keep trying while the last confirmed lease
+                            // allows: the store may come back before it ends.
+                            let left = lease.until().saturating_duration_since(Instant::now());
+                            let pause = pauses.next().unwrap_or(every).min(left / 2);
+                            if pause < MIN_RENEW_PAUSE {
+                                tracing::error!(%key, record_lost = true, %error, "could not renew an idempotency claim before its lease ran out");
                                 return;
                             }
                             tracing::warn!(%key, %error, "could not renew an idempotency claim; retrying");
@@ -607,6 +678,34 @@ where
             Record::unserializable(&error.to_string()).with_type_tag(codec.ok_tag())
         }
     })
+}
+
+/// Polls `body`, catching a panic in it, so that the claim can be settled
+/// before the panic goes on.
+async fn caught<F: Future>(body: F) -> std::thread::Result<F::Output> {
+    let mut body = pin!(body);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| body.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    })
+    .await
+}
+
+/// `record`, or, when it is larger than `max` bytes, a record that says the
+/// call ran but its result was too large to keep: checked before the write,
+/// so that a store never holds (or refuses) an oversized result.
+fn bounded(key: Key, record: Record, max: usize) -> Record {
+    let size = record.payload().len();
+    if size <= max || record.outcome() == Outcome::Unserializable {
+        return record;
+    }
+    tracing::error!(%key, size, max, "the result of an idempotent call is larger than the maximum record size; retries get Error::NotReplayable and do not run it again");
+    Record::unserializable(&format!(
+        "the result ({size} bytes) is larger than the maximum record size ({max} bytes); the call ran"
+    ))
 }
 
 /// What the holder knows of its lease. Shared by the renewal and the body's
@@ -653,11 +752,12 @@ impl Lease {
         self.state().until
     }
 
-    fn renew(&self, lease: Duration) {
-        let now = Instant::now();
+    /// A renewal sent at `sent` was confirmed: the claim holds for `lease`
+    /// from then (the store applied it no earlier).
+    fn renew_from(&self, sent: Instant, lease: Duration) {
         self.update(|state| {
-            state.renewed_at = now;
-            state.until = now + lease;
+            state.renewed_at = sent;
+            state.until = state.until.max(sent + lease);
         });
     }
 
@@ -698,13 +798,25 @@ where
 }
 
 /// Whether a failed operation may have failed for a passing reason, so that
-/// repeating it may succeed.
+/// repeating it may succeed. A full store is one: expiring records free
+/// room, and a result that is not recorded may run again.
 fn retryable(error: &StoreError) -> bool {
     matches!(
         error.kind(),
-        StoreErrorKind::Timeout | StoreErrorKind::Unavailable | StoreErrorKind::Other
+        StoreErrorKind::Timeout
+            | StoreErrorKind::Unavailable
+            | StoreErrorKind::Other
+            | StoreErrorKind::Full
     )
 }
+
+/// The shortest pause between two polls of a waiting caller, whatever the
+/// holder's remaining lease says.
+pub(crate) const MIN_POLL_PAUSE: Duration = Duration::from_millis(10);
+
+/// The shortest pause before a failed renewal is tried again; with less of
+/// the lease left than twice this, the holder gives up.
+const MIN_RENEW_PAUSE: Duration = Duration::from_millis(5);
 
 /// How long a caller that polls a store for another holder's claim waits
 /// before poll `n` (from 0): 5 ms doubling to 1 s, each with up to half of

@@ -249,7 +249,8 @@ pub enum StoreErrorKind {
     /// A stored record is not one this version of idem can read: garbage
     /// bytes, or a newer record format.
     Corrupt,
-    /// The store is at its configured capacity and cannot claim a new key.
+    /// The store is at its capacity: it cannot claim a new key, or refuses
+    /// to keep a record (a full Redis answers `OOM`).
     Full,
     /// The store was configured wrongly, e.g. a bad URL or a missing feature.
     Config,

@@ -48,7 +48,12 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) flights: Flights,
     pub(crate) limits: Limits,
+    pub(crate) max_record_bytes: usize,
 }
+
+/// The largest result a handle stores by default: 4 MiB of serialized JSON.
+/// See [`Idempotency::max_record_bytes`].
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 4 << 20;
 
 impl Idempotency {
     /// A handle on `store`.
@@ -64,6 +69,33 @@ impl Idempotency {
                 limits: store.limits(),
                 store,
                 flights: Flights::default(),
+                max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            }),
+        }
+    }
+
+    /// Sets the largest result, in bytes of serialized JSON, that calls on
+    /// this handle store (default [`DEFAULT_MAX_RECORD_BYTES`]). Checked
+    /// before the write: a larger result goes to its own caller, and the
+    /// call is recorded as run but not replayable, so retries get
+    /// [`Error::NotReplayable`] until the TTL ends instead of running the
+    /// body again. The same happens when the store refuses a result (a full
+    /// Redis answers `OOM`).
+    ///
+    /// Call it when building the handle, before any call runs on it.
+    ///
+    /// ```
+    /// let idem = idem_core::Idempotency::memory().max_record_bytes(64 * 1024);
+    /// # let _ = idem;
+    /// ```
+    #[must_use]
+    pub fn max_record_bytes(self, max: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store: Arc::clone(&self.shared.store),
+                flights: Flights::default(),
+                limits: self.shared.limits,
+                max_record_bytes: max,
             }),
         }
     }

@@ -135,7 +135,10 @@ mod attribute;
 pub use attribute::idempotent;
 
 pub use error::Error;
-pub use handle::{AsIdempotency, Idempotency, SetDefaultError, default_handle, set_default};
+pub use handle::{
+    AsIdempotency, DEFAULT_MAX_RECORD_BYTES, Idempotency, SetDefaultError, default_handle,
+    set_default,
+};
 pub use key::{Fingerprint, Key};
 pub use replayable::Replayable;
 pub use settings::{

@@ -18,15 +18,18 @@
 //!
 //! When the call ends, one event (target `idem`) tells its outcome:
 //! `DEBUG` for `ran`, `failed`, `replayed`, `waited`, `in_progress` and
-//! `attempt_failed`; `INFO` for `key_reused`; `WARN` for `store_error`;
+//! `attempt_failed`; `INFO` for `key_reused` and `cancelled`; `WARN` for
+//! `store_error` and `not_stored`;
 //! `ERROR` for `decode_error` and `config_error`.
 //!
 //! # Outcomes
 //!
 //! | outcome | the call |
 //! |---|---|
-//! | `ran` | ran the body; its result (an `Ok`, or a cached `Err`) was stored |
-//! | `failed` | ran the body, which returned an `Err` that is not stored (the claim was released) |
+//! | `ran` | ran the body; its result (an `Ok`, or a cached `Err`) was stored (or, when the store refused it or it was over the maximum record size, that the call ran), or is being recorded in the background after a timeout (a recording that fails for the whole lease is counted in `idem_records_lost_total`) |
+//! | `failed` | ran the body, which returned an `Err` that is not stored, or panicked (the claim was released) |
+//! | `not_stored` | ran the body, but its result was not stored: its claim lapsed or was taken over, or the store failed; a retry runs the body again |
+//! | `cancelled` | was dropped by its caller before it ended (the claim, if it held one, lapses with its lease) |
 //! | `replayed` | found a completed record and replayed it |
 //! | `waited` | waited for another call with the key, then replayed its result |
 //! | `in_progress` | gave up on another holder: `Error::InProgress` (409) |
@@ -54,7 +57,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tracing::Span;
@@ -123,10 +126,12 @@ pub(crate) enum CallOutcome {
     DecodeError,
     AttemptFailed,
     ConfigError,
+    NotStored,
+    Cancelled,
 }
 
 impl CallOutcome {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 12] = [
         Self::Ran,
         Self::Failed,
         Self::Replayed,
@@ -137,6 +142,8 @@ impl CallOutcome {
         Self::DecodeError,
         Self::AttemptFailed,
         Self::ConfigError,
+        Self::NotStored,
+        Self::Cancelled,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -151,6 +158,8 @@ impl CallOutcome {
             Self::DecodeError => "decode_error",
             Self::AttemptFailed => "attempt_failed",
             Self::ConfigError => "config_error",
+            Self::NotStored => "not_stored",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -183,10 +192,13 @@ pub(crate) struct Call {
     attempts: AtomicU32,
     wait_nanos: AtomicU64,
     body_nanos: AtomicU64,
+    finished: AtomicBool,
+    cancelled: AtomicBool,
 }
 
 const RAN: u8 = 1;
 const FAILED: u8 = 2;
+const NOT_STORED: u8 = 3;
 
 impl Call {
     pub(crate) fn new(operation: Operation, key: Key) -> Self {
@@ -209,6 +221,8 @@ impl Call {
             attempts: AtomicU32::new(0),
             wait_nanos: AtomicU64::new(0),
             body_nanos: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
         }
     }
 
@@ -238,6 +252,11 @@ impl Call {
             .store(if stored { RAN } else { FAILED }, Ordering::Relaxed);
     }
 
+    /// The body ran and returned a result to store, which was not stored.
+    pub(crate) fn not_stored(&self) {
+        self.ran.store(NOT_STORED, Ordering::Relaxed);
+    }
+
     /// idem answered the caller with `error`.
     pub(crate) fn error(&self, error: &Error) {
         self.error
@@ -248,9 +267,13 @@ impl Call {
         if let Some(outcome) = CallOutcome::from_code(self.error.load(Ordering::Relaxed)) {
             return outcome;
         }
+        if self.cancelled.load(Ordering::Relaxed) {
+            return CallOutcome::Cancelled;
+        }
         match self.ran.load(Ordering::Relaxed) {
             RAN => CallOutcome::Ran,
             FAILED => CallOutcome::Failed,
+            NOT_STORED => CallOutcome::NotStored,
             _ if self.waited.load(Ordering::Relaxed) != 0 => CallOutcome::Waited,
             _ => CallOutcome::Replayed,
         }
@@ -258,6 +281,9 @@ impl Call {
 
     /// Records the outcome in the span, tells it in an event and counts it.
     pub(crate) fn finish(&self) {
+        if self.finished.swap(true, Ordering::Relaxed) {
+            return;
+        }
         let outcome = self.outcome();
         let wait = Duration::from_nanos(self.wait_nanos.load(Ordering::Relaxed));
         let body = (self.ran.load(Ordering::Relaxed) != 0)
@@ -281,6 +307,12 @@ impl Call {
             CallOutcome::StoreError => {
                 tracing::warn!(target: "idem", outcome = outcome_name, "the idempotency store failed; the call did not run");
             }
+            CallOutcome::NotStored => {
+                tracing::warn!(target: "idem", outcome = outcome_name, "an idempotent call ran but its result was not stored; a retry runs it again");
+            }
+            CallOutcome::Cancelled => {
+                tracing::info!(target: "idem", outcome = outcome_name, "an idempotent call was cancelled by its caller");
+            }
             CallOutcome::DecodeError => {
                 tracing::error!(target: "idem", outcome = outcome_name, "a stored result cannot be replayed");
             }
@@ -303,6 +335,20 @@ impl Call {
             if let Some(body) = body {
                 metrics::histogram!(BODY, "operation" => operation).record(body.as_secs_f64());
             }
+        }
+    }
+}
+
+/// A call dropped before it finished (its caller's future was dropped) is
+/// told as `cancelled`; one that unwinds from its body's panic keeps the
+/// outcome the engine gave it (`failed`).
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !*self.finished.get_mut() {
+            if !std::thread::panicking() {
+                *self.cancelled.get_mut() = true;
+            }
+            self.finish();
         }
     }
 }
@@ -359,7 +405,7 @@ pub fn describe_metrics() {
     metrics::describe_counter!(
         CALLS,
         Unit::Count,
-        "Idempotent calls, by operation and outcome (ran, replayed, waited, in_progress, key_reused, store_error, …)."
+        "Idempotent calls, by operation and outcome (ran, replayed, waited, in_progress, key_reused, store_error, not_stored, cancelled, …)."
     );
     metrics::describe_histogram!(
         WAIT,

@@ -1,6 +1,12 @@
-//! A store wrapper that injects the faults a network causes: an operation
-//! that never reaches the store, and one that does but whose answer is lost;
-//! and a store that is down altogether.
+//! A store wrapper that injects the faults a network, a full store or a
+//! paused process cause: an operation that never reaches the store, one
+//! that does but whose answer is lost, is slow or lands late, a write a full
+//! store refuses, renewals of a holder paused past its lease; and a store
+//! that is down altogether.
+//!
+//! Faults are injected one by one ([`Flaky::inject`]) or drawn on a seeded
+//! schedule ([`Flaky::scheduled`]), and every fault that struck is logged
+//! ([`Flaky::struck_log`]), for the exactly-once checker's histories.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -15,8 +21,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use tokio::time::Instant;
+
 use idem_core::store::{
-    Begin, Completion, Limits, Record, Store, StoreError, StoreErrorKind, StoreFuture, Token, Watch,
+    Begin, Completion, HeldClaim, Inspection, Limits, Record, Store, StoreError, StoreErrorKind,
+    StoreFuture, Token, Watch,
 };
 use idem_core::{Fingerprint, Key};
 
@@ -41,13 +52,80 @@ pub enum Fault {
     /// The operation is carried out, but its answer is lost; its caller gets
     /// a timeout.
     AnswerLost,
+    /// The operation is carried out at once; its answer arrives after the
+    /// delay.
+    Delayed(Duration),
+    /// Its caller gets a timeout at once; the operation reaches the store
+    /// after the delay, in the background (a command stuck in a network
+    /// buffer).
+    LandsLate(Duration),
+    /// The operation is refused as a full store refuses a write (a Redis at
+    /// `maxmemory` answers `OOM`): [`StoreErrorKind::Full`], nothing applied.
+    Full,
+    /// A renewal that never reaches the store, while its caller is told it
+    /// did, as a holder paused past its lease (a GC pause, a frozen VM)
+    /// experiences it: see [`Flaky::stall`].
+    Stalled,
+    /// For this long, every `begin` that finds the key held answers that
+    /// the holder's lease ends in a millisecond, as a holder whose clock
+    /// lags makes it look: a waiter that trusts it polls in a busy loop.
+    ClockLag(Duration),
 }
 
-/// A store whose next operations fail as injected, then behave.
+/// One fault that struck: when, which operation, on which key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Struck {
+    /// When the operation was made.
+    pub at: Instant,
+    /// The operation.
+    pub op: Op,
+    /// Its key.
+    pub key: Key,
+    /// What went wrong.
+    pub fault: Fault,
+}
+
+/// Which faults a seeded schedule draws, and how often.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// The chance that an operation is faulted, from 0 to 1.
+    pub rate: f64,
+    /// The faults drawn, with the operations each may strike.
+    pub faults: Vec<(Op, Fault)>,
+}
+
+impl Schedule {
+    /// Every fault on every operation it applies to, `rate` of the
+    /// operations faulted, delays up to `delay`. A full store refuses only
+    /// `complete`s (the writes that carry a result).
+    #[must_use]
+    pub fn every_kind(rate: f64, delay: Duration) -> Self {
+        let mut faults = Vec::new();
+        for op in [Op::Begin, Op::Complete, Op::Release, Op::Renew] {
+            faults.extend([
+                (op, Fault::Refused),
+                (op, Fault::AnswerLost),
+                (op, Fault::Delayed(delay)),
+                (op, Fault::LandsLate(delay)),
+            ]);
+        }
+        faults.push((Op::Complete, Fault::Full));
+        faults.push((Op::Begin, Fault::ClockLag(delay * 10)));
+        Self { rate, faults }
+    }
+}
+
+/// A store whose next operations fail as injected (or as a seeded schedule
+/// draws), then behave.
 pub struct Flaky {
     inner: Arc<dyn Store>,
     faults: Mutex<HashMap<Op, VecDeque<Fault>>>,
     injected: Mutex<HashMap<Op, usize>>,
+    schedule: Option<(Mutex<StdRng>, Schedule)>,
+    stalls: Mutex<HashMap<Key, Instant>>,
+    log: Mutex<Vec<Struck>>,
+    begins: Mutex<HashMap<Key, usize>>,
+    lags: Mutex<HashMap<Key, Instant>>,
 }
 
 impl Flaky {
@@ -57,64 +135,147 @@ impl Flaky {
             inner,
             faults: Mutex::default(),
             injected: Mutex::default(),
+            schedule: None,
+            stalls: Mutex::default(),
+            log: Mutex::default(),
+            begins: Mutex::default(),
+            lags: Mutex::default(),
         }
+    }
+
+    /// Wraps `inner`, faulting operations as `schedule` draws them from a
+    /// random generator seeded with `seed` (after any injected ones).
+    pub fn scheduled(inner: Arc<dyn Store>, seed: u64, schedule: Schedule) -> Self {
+        Self {
+            schedule: Some((Mutex::new(StdRng::seed_from_u64(seed)), schedule)),
+            ..Self::new(inner)
+        }
+    }
+
+    /// Pauses the holder of `key` until `until`, as far as the store can
+    /// tell: its renewals before then never arrive, though the holder is
+    /// told they did ([`Fault::Stalled`]).
+    pub fn stall(&self, key: Key, until: Instant) {
+        lock(&self.stalls).insert(key, until);
+    }
+
+    /// How many `begin`s were made on `key`, faulted or not.
+    pub fn begins(&self, key: Key) -> usize {
+        lock(&self.begins).get(&key).copied().unwrap_or(0)
+    }
+
+    /// Every fault that struck so far, in order.
+    pub fn struck_log(&self) -> Vec<Struck> {
+        lock(&self.log).clone()
     }
 
     /// Makes the next `op` not yet faulted fail with `fault`.
     pub fn inject(&self, op: Op, fault: Fault) {
-        self.faults
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(op)
-            .or_default()
-            .push_back(fault);
+        lock(&self.faults).entry(op).or_default().push_back(fault);
     }
 
     /// How many faults of `op` have struck so far.
     pub fn struck(&self, op: Op) -> usize {
-        self.injected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&op)
-            .copied()
-            .unwrap_or(0)
+        lock(&self.injected).get(&op).copied().unwrap_or(0)
     }
 
-    fn next_fault(&self, op: Op) -> Option<Fault> {
-        let fault = self
-            .faults
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(&op)?
-            .pop_front()?;
-        *self
-            .injected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(op)
-            .or_default() += 1;
+    fn next_fault(&self, op: Op, key: Key) -> Option<Fault> {
+        let injected = lock(&self.faults)
+            .get_mut(&op)
+            .and_then(VecDeque::pop_front);
+        let fault = match injected {
+            Some(fault) => Some(fault),
+            None if op == Op::Renew
+                && lock(&self.stalls)
+                    .get(&key)
+                    .is_some_and(|until| Instant::now() < *until) =>
+            {
+                Some(Fault::Stalled)
+            }
+            None => self.schedule.as_ref().and_then(|(rng, schedule)| {
+                let mut rng = lock(rng);
+                let candidates: Vec<Fault> = schedule
+                    .faults
+                    .iter()
+                    .filter(|(on, _)| *on == op)
+                    .map(|(_, fault)| *fault)
+                    .collect();
+                if candidates.is_empty() || !rng.random_bool(schedule.rate.clamp(0.0, 1.0)) {
+                    return None;
+                }
+                Some(candidates[rng.random_range(0..candidates.len())])
+            }),
+        }?;
+        *lock(&self.injected).entry(op).or_default() += 1;
+        lock(&self.log).push(Struck {
+            at: Instant::now(),
+            op,
+            key,
+            fault,
+        });
         Some(fault)
     }
 
     /// Runs `call` (which reaches the store; some stores act as soon as it
     /// is made) unless the next fault of `op` refuses it.
-    fn faulty<'a, T: Send + 'a>(
+    fn faulty<'a, T: Send + 'static>(
         &'a self,
         op: Op,
-        call: impl FnOnce() -> StoreFuture<'a, T>,
+        key: Key,
+        call: impl FnOnce(&dyn Store) -> StoreFuture<'_, T> + Send + 'static,
     ) -> StoreFuture<'a, T> {
-        match self.next_fault(op) {
-            None => call(),
+        let fault = self.next_fault(op, key);
+        self.apply(fault, op, call)
+    }
+
+    /// Runs `call` as `fault` (if any) has it.
+    fn apply<'a, T: Send + 'static>(
+        &'a self,
+        fault: Option<Fault>,
+        op: Op,
+        call: impl FnOnce(&dyn Store) -> StoreFuture<'_, T> + Send + 'static,
+    ) -> StoreFuture<'a, T> {
+        match fault {
+            None => call(&*self.inner),
             Some(Fault::Refused) => Box::pin(std::future::ready(Err(timeout(op)))),
+            Some(Fault::Full) => Box::pin(std::future::ready(Err(StoreError::new(
+                StoreErrorKind::Full,
+                format!("{op:?} refused: the store is full (injected fault)"),
+            )))),
             Some(Fault::AnswerLost) => {
-                let real = call();
+                let real = call(&*self.inner);
                 Box::pin(async move {
                     let _ = real.await;
                     Err(timeout(op))
                 })
             }
+            Some(Fault::Delayed(delay)) => {
+                let real = call(&*self.inner);
+                Box::pin(async move {
+                    let answer = real.await;
+                    tokio::time::sleep(delay).await;
+                    answer
+                })
+            }
+            Some(Fault::LandsLate(delay)) => {
+                let inner = Arc::clone(&self.inner);
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = call(&*inner).await;
+                    });
+                }
+                Box::pin(std::future::ready(Err(timeout(op))))
+            }
+            // Only renewals stall, and only begins lag; both are answered
+            // by their operations.
+            Some(Fault::Stalled | Fault::ClockLag(_)) => call(&*self.inner),
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn timeout(op: Op) -> StoreError {
@@ -132,8 +293,27 @@ impl Store for Flaky {
         token: Token,
         lease: Duration,
     ) -> StoreFuture<'_, Begin> {
-        self.faulty(Op::Begin, || {
-            self.inner.begin(key, fingerprint, token, lease)
+        *lock(&self.begins).entry(key).or_default() += 1;
+        let fault = self.next_fault(Op::Begin, key);
+        let begin = self.apply(fault, Op::Begin, move |store| {
+            store.begin(key, fingerprint, token, lease)
+        });
+        if let Some(Fault::ClockLag(window)) = fault {
+            lock(&self.lags).insert(key, Instant::now() + window);
+        }
+        let lags = lock(&self.lags)
+            .get(&key)
+            .is_some_and(|until| Instant::now() < *until);
+        if !lags {
+            return begin;
+        }
+        Box::pin(async move {
+            match begin.await? {
+                Begin::InProgress { .. } => Ok(Begin::InProgress {
+                    retry_after: Duration::from_millis(1),
+                }),
+                other => Ok(other),
+            }
         })
     }
 
@@ -144,17 +324,28 @@ impl Store for Flaky {
         record: Record,
         ttl: Duration,
     ) -> StoreFuture<'_, Completion> {
-        self.faulty(Op::Complete, || {
-            self.inner.complete(key, token, record, ttl)
+        self.faulty(Op::Complete, key, move |store| {
+            store.complete(key, token, record, ttl)
         })
     }
 
     fn release(&self, key: Key, token: Token) -> StoreFuture<'_, ()> {
-        self.faulty(Op::Release, || self.inner.release(key, token))
+        self.faulty(Op::Release, key, move |store| store.release(key, token))
     }
 
     fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
-        self.faulty(Op::Renew, || self.inner.renew(key, token, lease))
+        let stalled = lock(&self.stalls)
+            .get(&key)
+            .is_some_and(|until| Instant::now() < *until);
+        if stalled
+            && lock(&self.faults)
+                .get(&Op::Renew)
+                .is_none_or(VecDeque::is_empty)
+        {
+            let _ = self.next_fault(Op::Renew, key);
+            return Box::pin(std::future::ready(Ok(true)));
+        }
+        self.faulty(Op::Renew, key, move |store| store.renew(key, token, lease))
     }
 
     fn watch(&self, key: Key) -> Option<Watch> {
@@ -163,6 +354,18 @@ impl Store for Flaky {
 
     fn limits(&self) -> Limits {
         self.inner.limits()
+    }
+
+    fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
+        self.inner.inspect(key)
+    }
+
+    fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
+        self.inner.forget(key)
+    }
+
+    fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
+        self.inner.claims_older_than(age, limit)
     }
 }
 

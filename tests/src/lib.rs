@@ -50,10 +50,26 @@
 //! `cargo test` then runs each behaviour as its own test,
 //! `conformance::reject_lets_exactly_one_run` and so on.
 //!
+//! # The exactly-once checker
+//!
+//! [`exactly_once_suite!`] runs the [`checker`] on the same [`Backend`](conformance::Backend):
+//! seeded workloads of concurrent callers, under injected faults, checked
+//! against idem's promises; a violation is reported with its seed and
+//! history.
+//!
+//! ```ignore
+//! mod exactly_once {
+//!     idem_test::exactly_once_suite!(super::MyBackend);
+//! }
+//! ```
+//!
 //! # Faults
 //!
-//! [`faults::Flaky`] wraps any store and makes its next operations fail as a
-//! network would: refused, or carried out with the answer lost.
+//! [`faults::Flaky`] wraps any store and makes its operations fail as a
+//! network, a full store or a paused process would: refused, carried out
+//! with the answer lost, delayed, landing late, refused as full, or (for a
+//! holder paused past its lease) renewals that never arrive; one by one or
+//! on a seeded schedule.
 //!
 //! # A flaky network
 //!
@@ -72,6 +88,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod checker;
 pub mod conformance;
 pub mod faults;
 pub mod process;

@@ -235,3 +235,7 @@ impl Backend for Table {
 mod conformance {
     idem_test::conformance_suite!(super::Table);
 }
+
+mod exactly_once {
+    idem_test::exactly_once_suite!(super::Table);
+}

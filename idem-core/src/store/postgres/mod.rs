@@ -515,6 +515,8 @@ pub(crate) fn store_error(op: &'static str, error: &sqlx::Error) -> StoreError {
                 StoreErrorKind::Unavailable
             }
             Some("53300") => StoreErrorKind::Unavailable,
+            // Disk full, out of memory, a value over a limit: the write was refused.
+            Some("53100" | "53200" | "54000") => StoreErrorKind::Full,
             Some("42P01" | "3F000") => StoreErrorKind::Config,
             _ => StoreErrorKind::Other,
         },

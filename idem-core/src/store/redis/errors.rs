@@ -16,6 +16,9 @@ pub(crate) fn store_error(op: &'static str, error: &RedisError) -> StoreError {
         StoreErrorKind::Timeout
     } else if error.code() == Some("WRONGTYPE") {
         StoreErrorKind::Corrupt
+    } else if error.code() == Some("OOM") {
+        // `maxmemory` reached under `noeviction`: the write was refused.
+        StoreErrorKind::Full
     } else if error.is_io_error()
         || error.is_connection_dropped()
         || error.is_connection_refusal()

@@ -1,0 +1,312 @@
+//! idem's promises as invariants over a history: the first one broken is
+//! reported.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use idem_core::OnConflict;
+
+use super::history::{Answer, Event};
+use super::workload::Workload;
+use crate::faults::{Fault, Op};
+
+/// The panic message of bodies told to panic.
+pub(crate) const BODY_PANIC: &str = "body panic (injected by the checker)";
+
+/// An invariant broken: which, and how.
+#[derive(Debug, Clone)]
+pub struct Broken {
+    /// The invariant's name.
+    pub invariant: &'static str,
+    /// What happened.
+    pub detail: String,
+}
+
+fn broken(invariant: &'static str, detail: String) -> Result<(), Broken> {
+    Err(Broken { invariant, detail })
+}
+
+struct Run {
+    call: usize,
+    key: usize,
+    start: Duration,
+    end: Option<(Duration, &'static str)>,
+}
+
+/// Checks `events` of a run of `workload` against every invariant. `slack`
+/// is what a wait may overrun its `wait_timeout` by (store round trips,
+/// injected delays, a loaded machine); `outcomes` says whether idem's told
+/// outcomes were captured; `strict` (on tokio's paused clock, where no
+/// renewal is ever late) asks that a result idem says it lost be explained
+/// by repeated store faults, while on a real clock a loaded machine may
+/// delay a renewal past its lease too.
+pub(crate) fn check(
+    workload: &Workload,
+    events: &[(Duration, Event)],
+    slack: Duration,
+    outcomes: bool,
+    strict: bool,
+) -> Result<(), Broken> {
+    let mut runs: HashMap<u64, Run> = HashMap::new();
+    let mut answers: HashMap<usize, (Duration, Answer, Duration)> = HashMap::new();
+    let mut told: HashMap<usize, Vec<String>> = HashMap::new();
+    let mut stalls: Vec<(Duration, usize)> = Vec::new();
+    let mut lost: Vec<usize> = Vec::new();
+    let mut begins: Vec<(usize, usize)> = Vec::new();
+    let mut faults: Vec<(Duration, usize, Op, Fault)> = Vec::new();
+    for (at, event) in events {
+        match event {
+            Event::BodyStarted { call, key, run } => {
+                runs.insert(
+                    *run,
+                    Run {
+                        call: *call,
+                        key: *key,
+                        start: *at,
+                        end: None,
+                    },
+                );
+            }
+            Event::BodyEnded { run, how } => {
+                if let Some(r) = runs.get_mut(run) {
+                    r.end = Some((*at, how));
+                }
+            }
+            Event::Answered { call, answer, took } => {
+                answers.insert(*call, (*at, answer.clone(), *took));
+            }
+            Event::Outcome { call, outcome } => {
+                told.entry(*call).or_default().push(outcome.clone())
+            }
+            Event::Stalled { key, .. } => stalls.push((*at, *key)),
+            Event::RecordLost { key } => lost.push(*key),
+            Event::Begins { key, begins: n } => begins.push((*key, *n)),
+            Event::Fault {
+                key: Some(key),
+                struck,
+            } => faults.push((*at, *key, struck.op, struck.fault)),
+            Event::Fault { key: None, .. } | Event::Called { .. } => {}
+        }
+    }
+    let own_run = |call: usize| runs.iter().find(|(_, r)| r.call == call).map(|(n, _)| *n);
+    let committed = |run: &Run| match run.end {
+        Some((_, "ok")) => true,
+        Some((_, "err")) => workload.keys[run.key].cache_errors,
+        _ => false,
+    };
+
+    // 1. Per key, at most one body's effect is done, except in a window
+    // the README's "Not promised" list names, shown by the history: every
+    // two done runs of a key must be told apart by one.
+    let mut excused_keys = vec![false; workload.keys.len()];
+    for (key, plan) in workload.keys.iter().enumerate() {
+        let mut done: Vec<(u64, &Run)> = runs
+            .iter()
+            .filter(|(_, r)| r.key == key && committed(r))
+            .map(|(n, r)| (*n, r))
+            .collect();
+        done.sort_by_key(|(_, r)| r.start);
+        for (i, (later_run, later)) in done.iter().enumerate() {
+            for (earlier_run, earlier) in &done[..i] {
+                let stalled = stalls.iter().any(|(at, k)| *k == key && *at <= later.start);
+                let earlier_end = earlier.end.map_or(Duration::MAX, |(at, _)| at);
+                let expired = later.start >= earlier_end.saturating_add(plan.ttl.mul_f64(0.9));
+                let outcome = told.get(&earlier.call).and_then(|o| o.first());
+                let cancelled =
+                    matches!(answers.get(&earlier.call), Some((_, Answer::Cancelled, _)));
+                let said_lost = outcome.is_some_and(|o| o == "not_stored") || lost.contains(&key);
+                // A store lost for the rest of a lease: its recording (or
+                // renewal) failed, and failed again when retried.
+                let faulted = faults
+                    .iter()
+                    .filter(|(at, k, op, _)| {
+                        *k == key
+                            && matches!(op, Op::Renew | Op::Complete)
+                            && *at >= earlier.start
+                            && *at <= later.start
+                    })
+                    .count()
+                    >= 2;
+                let explained = faulted || !strict;
+                if stalled || expired || cancelled || ((said_lost || !outcomes) && explained) {
+                    excused_keys[key] = true;
+                    continue;
+                }
+                return broken(
+                    "at most one run per key",
+                    format!(
+                        "key {key}: body runs {earlier_run} (call {}) and {later_run} (call {}) were both done, \
+                         with no stall, expiry, cancellation or lost record between them",
+                        earlier.call, later.call
+                    ),
+                );
+            }
+        }
+    }
+
+    // 2. Every Ok answer is the caller's own result or the first stored one.
+    if let Some((_, answer, _)) = answers.get(&usize::MAX) {
+        return broken("every call ends", format!("{answer:?}"));
+    }
+    for (call, (_, answer, _)) in &answers {
+        let plan = &workload.calls[*call];
+        let (run, is_err) = match answer {
+            Answer::Ok { run } => (*run, false),
+            Answer::BodyErr { run } => (*run, true),
+            _ => continue,
+        };
+        if let Some(own) = own_run(*call) {
+            if own != run {
+                return broken(
+                    "answers are the first stored result",
+                    format!(
+                        "call {call} ran body run {own} but was answered with run {run}'s result"
+                    ),
+                );
+            }
+            continue;
+        }
+        let Some(source) = runs.get(&run) else {
+            return broken(
+                "answers are the first stored result",
+                format!("call {call} was answered with run {run}, which never ran"),
+            );
+        };
+        let unstored = outcomes
+            && told
+                .get(&source.call)
+                .and_then(|o| o.first())
+                .is_some_and(|o| o == "not_stored");
+        if source.key != plan.key || !committed(source) || unstored {
+            return broken(
+                "answers are the first stored result",
+                format!(
+                    "call {call} (key {}) was replayed run {run}'s {} (key {}, ended {:?}), which was never stored",
+                    plan.key,
+                    if is_err { "error" } else { "value" },
+                    source.key,
+                    source.end.map(|(_, how)| how)
+                ),
+            );
+        }
+        if !excused_keys[plan.key] {
+            let first = runs
+                .iter()
+                .filter(|(_, r)| r.key == plan.key && committed(r))
+                .min_by_key(|(_, r)| r.end.map(|(at, _)| at))
+                .map(|(n, _)| *n);
+            if first != Some(run) {
+                return broken(
+                    "answers are the first stored result",
+                    format!(
+                        "call {call} was replayed run {run}'s result, not the first stored ({first:?})"
+                    ),
+                );
+            }
+        }
+    }
+
+    // 3. Waits end within their timeout (plus the slack).
+    for (call, (_, answer, took)) in &answers {
+        let plan = &workload.calls[*call];
+        if own_run(*call).is_some() || matches!(answer, Answer::Cancelled | Answer::Panicked(_)) {
+            continue;
+        }
+        let bound = match plan.settings.on_conflict() {
+            OnConflict::Reject => slack,
+            _ => plan.settings.wait_timeout() + slack,
+        };
+        if *took > bound {
+            return broken(
+                "waits end within wait_timeout",
+                format!(
+                    "call {call} ({:?}) took {took:?}, over {bound:?}",
+                    plan.settings.on_conflict()
+                ),
+            );
+        }
+    }
+
+    // 3b. Waiters never poll faster than the floor (10 ms), whatever the
+    // holder's remaining lease reads: the claims of a key number at most one
+    // per 10 ms of each of its calls, plus a few.
+    for (key, sent) in begins {
+        let allowed: u128 = answers
+            .iter()
+            .filter(|(call, _)| workload.calls.get(**call).is_some_and(|c| c.key == key))
+            .map(|(_, (_, _, took))| took.as_millis() / 10 + 4)
+            .sum();
+        if sent as u128 > allowed {
+            return broken(
+                "waiters never poll faster than a floor",
+                format!("{sent} claims of key {key} were sent, over {allowed}"),
+            );
+        }
+    }
+
+    // 4. No panic but the body's own escapes; every call ends with exactly
+    // one outcome, and the one its answer implies.
+    for (call, plan) in workload.calls.iter().enumerate() {
+        let Some((_, answer, _)) = answers.get(&call) else {
+            return broken("every call ends", format!("call {call} never answered"));
+        };
+        let own = own_run(call);
+        let own_end = own.and_then(|n| runs[&n].end.map(|(_, how)| how));
+        if let Answer::Panicked(message) = answer
+            && (!message.contains(BODY_PANIC) || own_end != Some("panic"))
+        {
+            return broken(
+                "no panic escapes idem but the body's own",
+                format!("call {call} panicked: {message}"),
+            );
+        }
+        if let Answer::Idem(kind) = answer
+            && matches!(kind.as_str(), "key_reused" | "config" | "decode" | "other")
+        {
+            return broken(
+                "equal arguments are the same call",
+                format!("call {call} with equal arguments and valid settings got idem's `{kind}`"),
+            );
+        }
+        if !outcomes {
+            continue;
+        }
+        let told = told.get(&call).cloned().unwrap_or_default();
+        let [outcome] = told.as_slice() else {
+            return broken(
+                "every call has exactly one outcome",
+                format!("call {call} ({answer:?}) was told {told:?}"),
+            );
+        };
+        let expected: &[&str] = match answer {
+            Answer::Cancelled => &["cancelled"],
+            Answer::Panicked(_) => &["failed"],
+            Answer::Ok { .. } if own.is_some() => &["ran", "not_stored"],
+            Answer::BodyErr { .. } if own.is_some() => {
+                if workload.keys[plan.key].cache_errors {
+                    &["ran", "not_stored"]
+                } else {
+                    &["failed"]
+                }
+            }
+            Answer::Ok { .. } | Answer::BodyErr { .. } => &["replayed", "waited"],
+            Answer::Idem(kind) => match kind.as_str() {
+                "in_progress" => &["in_progress"],
+                "store" => &["store_error"],
+                "not_replayable" | "decode" => &["decode_error"],
+                "attempt_failed" => &["attempt_failed"],
+                "key_reused" => &["key_reused"],
+                _ => &["config_error"],
+            },
+        };
+        if !expected.contains(&outcome.as_str()) {
+            return broken(
+                "every call has exactly one outcome",
+                format!(
+                    "call {call} answered {answer:?} was told `{outcome}`, not one of {expected:?}"
+                ),
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! The exactly-once checker: random histories under injected faults,
+//! checked against idem's promises.
+//!
+//! From a seed, [`Workload::generate`] draws callers × keys × arrival
+//! times; bodies that take random time, return `Ok` or `Err`, panic, pause
+//! their holder past its lease or are cancelled by their caller; settings
+//! from their valid ranges (`wait` or `reject`, leases, wait timeouts,
+//! `cache_errors`, TTLs that expire within the run); arguments equal but
+//! built in different orders (a map and a set); calls through
+//! [`Idempotency::run`](idem_core::Idempotency::run) and through an
+//! `#[idempotent]` method, on one or two handles (processes). The store is
+//! wrapped in [`Flaky`](crate::faults::Flaky) with a schedule drawn from the
+//! same seed: answers delayed or lost, operations refused or landing late,
+//! results refused as a full store refuses them.
+//!
+//! Every body start and end, every caller's answer, the outcome idem told
+//! for each call (its `idem.call` event) and every fault go into a
+//! [`History`], checked against these invariants:
+//!
+//! 1. **At most one run per key**: per key, at most one body's effect is
+//!    done (an `Ok`, or a cached `Err`), except in a window the README's
+//!    "Not promised" list names, and then the history shows it: a holder
+//!    paused past its lease, a record that expired, a caller that dropped
+//!    its call, or a result not stored after store faults.
+//! 2. **Answers are the first stored result**: a caller whose body ran gets
+//!    its own result; every other `Ok` (or cached `Err`) is the first stored
+//!    result of its key, never another key's, a failed run's or a later one.
+//! 3. **Nothing stays claimed, no wait overruns**: past the lease after the
+//!    last call, no key is still claimed; no call waits past its
+//!    `wait_timeout` plus a stated slack (a `reject` call, past the slack);
+//!    waiters send at most one claim per 10 ms they wait.
+//! 4. **Panics and outcomes**: no panic escapes idem but the body's own;
+//!    equal arguments are never `KeyReused`; every call, cancelled ones
+//!    included, ends with exactly one outcome, the one its answer implies.
+//!
+//! The first violation is reported with its seed and the history.
+//!
+//! A store proves itself with [`exactly_once_suite!`](crate::exactly_once_suite),
+//! on the same [`Backend`] as the conformance suite:
+//!
+//! ```ignore
+//! idem_test::exactly_once_suite!(MyBackend);
+//! ```
+//!
+//! It runs the fixed seeds [`FIXED_SEEDS`] plus fresh ones (printed), and an
+//! ignored soak test: `IDEM_CHECKER_MINUTES=30 cargo test … exactly_once_soak
+//! -- --ignored --nocapture` (or `IDEM_CHECKER_SEEDS=N`).
+
+mod history;
+mod invariants;
+mod outcomes;
+mod run;
+mod workload;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_core::store::Store;
+
+pub use history::{Answer, Event, History};
+pub use invariants::Broken;
+pub use run::{CallError, Value};
+pub use workload::{Body, CallPlan, Ends, KeyPlan, Via, Workload};
+
+use crate::conformance::Backend;
+pub use crate::faults::Schedule;
+
+/// The seeds every run checks, on every backend.
+pub const FIXED_SEEDS: [u64; 8] = [1, 2, 3, 5, 8, 13, 21, 34];
+
+/// How the checker runs on a backend.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The shortest lease drawn (leases go up to twice as long).
+    pub lease: Duration,
+    /// How much a wait may overrun its timeout.
+    pub slack: Duration,
+    /// The share of store operations faulted.
+    pub fault_rate: f64,
+    /// Whether the store follows tokio's paused clock, where no renewal is
+    /// ever late: then a result idem says it lost must be explained by
+    /// repeated store faults.
+    pub strict: bool,
+    /// The faults drawn; `None` for every kind
+    /// ([`Schedule::every_kind`]), delays up to a sixth of the lease.
+    pub schedule: Option<Schedule>,
+}
+
+impl Options {
+    /// Options for `backend`: its lease; on a real clock a second of slack
+    /// more for a loaded machine; 8% of operations faulted, or the share
+    /// `IDEM_CHECKER_FAULT_RATE` says.
+    pub fn for_backend<B: Backend>(backend: &B) -> Self {
+        let lease = backend.timing().lease;
+        let extra = if backend.follows_tokio_clock() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(1)
+        };
+        let fault_rate = std::env::var("IDEM_CHECKER_FAULT_RATE")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0.08);
+        Self {
+            lease,
+            slack: lease + extra,
+            fault_rate,
+            strict: backend.follows_tokio_clock(),
+            schedule: None,
+        }
+    }
+}
+
+/// What a seed's run did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Calls made.
+    pub calls: usize,
+    /// Bodies run.
+    pub runs: u64,
+    /// Faults that struck.
+    pub faults: usize,
+    /// Whether idem's told outcomes were captured and checked.
+    pub outcomes_checked: bool,
+}
+
+/// A broken invariant, with its seed and history.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    /// The seed that shows it.
+    pub seed: u64,
+    /// The invariant and what broke it.
+    pub broken: Broken,
+    /// The workload (keys' settings, calls' plans).
+    pub workload: String,
+    /// The history, one event a line.
+    pub history: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exactly-once checker: invariant \"{}\" broken with seed {}: {}\n\
+             replay it with IDEM_CHECKER_SEED={}\nworkload:\n{}\nhistory:\n{}",
+            self.broken.invariant,
+            self.seed,
+            self.broken.detail,
+            self.seed,
+            self.workload,
+            self.history
+        )
+    }
+}
+
+impl std::error::Error for Violation {}
+
+/// Runs the workload of `seed` on `store` and checks its history.
+///
+/// # Errors
+/// The first invariant its history breaks.
+pub async fn check_seed(
+    store: Arc<dyn Store>,
+    seed: u64,
+    options: &Options,
+) -> Result<Report, Violation> {
+    let workload = Workload::generate(seed, options.lease);
+    let captured = outcomes::install();
+    let schedule = options
+        .schedule
+        .clone()
+        .unwrap_or_else(|| Schedule::every_kind(options.fault_rate, options.lease / 6));
+    let ran = run::run(store, &workload, schedule, captured).await;
+    let events = ran.history.events();
+    let mut verdict =
+        invariants::check(&workload, &events, options.slack, captured, options.strict);
+    if verdict.is_ok() && !ran.still_claimed.is_empty() {
+        verdict = Err(Broken {
+            invariant: "nothing stays claimed past its lease",
+            detail: format!(
+                "keys {:?} were still claimed {:?} after the last call ended",
+                ran.still_claimed,
+                workload.longest_lease() * 2
+            ),
+        });
+    }
+    match verdict {
+        Ok(()) => Ok(Report {
+            seed,
+            calls: workload.calls.len(),
+            runs: ran.runs,
+            faults: ran.faults,
+            outcomes_checked: captured,
+        }),
+        Err(broken) => Err(Violation {
+            seed,
+            broken,
+            workload: describe(&workload),
+            history: ran.history.to_string(),
+        }),
+    }
+}
+
+fn describe(workload: &Workload) -> String {
+    let mut out = String::new();
+    for (k, key) in workload.keys.iter().enumerate() {
+        out.push_str(&format!("  key {k}: {key:?}\n"));
+    }
+    for call in &workload.calls {
+        out.push_str(&format!(
+            "  call {} on key {} via {:?}, handle {}, at {:?}: {:?}, {:?}, wait {:?}, cancel after {:?}\n",
+            call.id,
+            call.key,
+            call.via,
+            call.handle,
+            call.arrives,
+            call.body,
+            call.settings.on_conflict(),
+            call.settings.wait_timeout(),
+            call.cancel_after
+        ));
+    }
+    out
+}
+
+/// Checks `seeds` on `backend`, all at once on one runtime (paused when the
+/// backend follows tokio's clock), and panics with the first violation.
+pub fn check_seeds<B: Backend>(backend: &B, seeds: &[u64]) -> Vec<Report> {
+    check_seeds_with(backend, seeds, &Options::for_backend(backend))
+}
+
+/// [`check_seeds`] with `options` of one's own, e.g. a [`Schedule`] of one
+/// fault.
+pub fn check_seeds_with<B: Backend>(backend: &B, seeds: &[u64], options: &Options) -> Vec<Report> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(backend.follows_tokio_clock())
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for &seed in seeds {
+            let store = backend.store().await;
+            let options = options.clone();
+            set.spawn(async move { check_seed(store, seed, &options).await });
+        }
+        let mut reports = Vec::new();
+        while let Some(done) = set.join_next().await {
+            match done.expect("a checker task") {
+                Ok(report) => reports.push(report),
+                Err(violation) => panic!("{violation}"),
+            }
+        }
+        reports.sort_by_key(|r| r.seed);
+        reports
+    })
+}
+
+/// The seeds of one CI run: `IDEM_CHECKER_SEED` alone when set (to replay
+/// one), else [`FIXED_SEEDS`] and `fresh` random ones, printed.
+#[must_use]
+pub fn ci_seeds(fresh: usize) -> Vec<u64> {
+    if let Some(seed) = std::env::var("IDEM_CHECKER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return vec![seed];
+    }
+    let mut seeds = FIXED_SEEDS.to_vec();
+    let fresh: Vec<u64> = (0..fresh).map(|_| rand::random::<u32>().into()).collect();
+    println!("exactly-once checker: fresh seeds {fresh:?}");
+    seeds.extend(fresh);
+    seeds
+}
+
+/// Checks random seeds on `backend` in batches of `batch`, for
+/// `IDEM_CHECKER_MINUTES` minutes (default 1) or `IDEM_CHECKER_SEEDS` seeds,
+/// printing each batch; panics with the first violation.
+pub fn soak<B: Backend>(backend: &B, batch: usize) {
+    let minutes: f64 = std::env::var("IDEM_CHECKER_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(1.0);
+    let limit: Option<usize> = std::env::var("IDEM_CHECKER_SEEDS")
+        .ok()
+        .and_then(|n| n.parse().ok());
+    let until = std::time::Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+    let (mut checked, mut runs, mut faults) = (0_usize, 0_u64, 0_usize);
+    loop {
+        let done = limit.map_or(std::time::Instant::now() >= until, |n| checked >= n);
+        if done {
+            break;
+        }
+        let n = limit.map_or(batch, |n| batch.min(n - checked));
+        let seeds: Vec<u64> = (0..n).map(|_| rand::random::<u32>().into()).collect();
+        for report in check_seeds(backend, &seeds) {
+            runs += report.runs;
+            faults += report.faults;
+        }
+        checked += n;
+        println!(
+            "exactly-once soak: {checked} seeds, {runs} bodies run, {faults} faults, no violation"
+        );
+    }
+}
+
+/// Writes the exactly-once checker's tests for a [`Backend`]: one that
+/// checks the [`FIXED_SEEDS`] and a few fresh seeds (printed), and an
+/// ignored soak (`IDEM_CHECKER_MINUTES`, `IDEM_CHECKER_SEEDS`).
+///
+/// ```ignore
+/// idem_test::exactly_once_suite!(MyBackend);
+/// ```
+#[macro_export]
+macro_rules! exactly_once_suite {
+    ($backend:expr) => {
+        #[test]
+        fn exactly_once_checker() {
+            let backend = $backend;
+            for report in $crate::checker::check_seeds(&backend, &$crate::checker::ci_seeds(4)) {
+                println!("{report:?}");
+            }
+        }
+
+        #[test]
+        #[ignore = "a soak: IDEM_CHECKER_MINUTES=30 (or IDEM_CHECKER_SEEDS=N) cargo test … -- --ignored"]
+        fn exactly_once_soak() {
+            $crate::checker::soak(&$backend, 16);
+        }
+    };
+}

@@ -1,0 +1,193 @@
+//! Workloads generated from a seed: callers × keys × arrival times, bodies
+//! that take random time, return `Ok` or `Err`, panic, stall past their
+//! lease or are cancelled, and settings drawn from their valid ranges.
+
+use std::time::Duration;
+
+use idem_core::{OnConflict, Settings};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+
+/// How a body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ends {
+    /// Returns `Ok` with its run's value.
+    Ok,
+    /// Returns `Err` with its run's number (stored only where errors are
+    /// cached).
+    Err,
+    /// Panics.
+    Panics,
+}
+
+/// What one call's body does, should it run.
+#[derive(Debug, Clone, Copy)]
+pub struct Body {
+    /// How long it runs.
+    pub took: Duration,
+    /// How it ends.
+    pub ends: Ends,
+    /// Pauses its holder for this long first: its renewals never reach the
+    /// store, as a process frozen past its lease.
+    pub stall: Option<Duration>,
+    /// Pads its `Ok` value with this many bytes.
+    pub padding: usize,
+}
+
+/// How a call reaches idem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `Idempotency::run` (or `run_caching_errors`).
+    Run,
+    /// An `#[idempotent]` method.
+    Attribute,
+}
+
+/// One caller's call.
+#[derive(Debug, Clone)]
+pub struct CallPlan {
+    /// The call's number in the workload.
+    pub id: usize,
+    /// Which key (an index into the workload's keys).
+    pub key: usize,
+    /// Which handle (process) it calls on.
+    pub handle: usize,
+    /// When it arrives, from the start.
+    pub arrives: Duration,
+    /// Its settings.
+    pub settings: Settings,
+    /// Its body.
+    pub body: Body,
+    /// Its caller drops it after this long.
+    pub cancel_after: Option<Duration>,
+    /// How it reaches idem.
+    pub via: Via,
+}
+
+/// One key's settings, shared by its callers.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyPlan {
+    /// The lease of its claims.
+    pub lease: Duration,
+    /// The TTL of its record.
+    pub ttl: Duration,
+    /// Whether `Err` results are stored.
+    pub cache_errors: bool,
+}
+
+/// A workload: keys and the calls on them.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    /// The seed it was generated from.
+    pub seed: u64,
+    /// The keys.
+    pub keys: Vec<KeyPlan>,
+    /// The calls, by arrival.
+    pub calls: Vec<CallPlan>,
+    /// How many handles (processes) share the store.
+    pub handles: usize,
+}
+
+impl Workload {
+    /// The workload of `seed`, with leases from `lease` to twice as long.
+    #[must_use]
+    pub fn generate(seed: u64, lease: Duration) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let keys: Vec<KeyPlan> = (0..rng.random_range(1..=3))
+            .map(|_| {
+                let lease = lease.mul_f64(rng.random_range(1.0..2.0));
+                // Mostly outlasting the run; sometimes expiring within it.
+                let ttl = if rng.random_bool(0.15) {
+                    lease.mul_f64(rng.random_range(1.5..3.0))
+                } else {
+                    lease * 40
+                };
+                KeyPlan {
+                    lease,
+                    ttl,
+                    cache_errors: rng.random_bool(0.3),
+                }
+            })
+            .collect();
+        let handles = rng.random_range(1..=2);
+        // Now and then a burst of duplicates, for in-process coalescing.
+        let callers = if rng.random_bool(0.1) {
+            rng.random_range(20..=40)
+        } else {
+            rng.random_range(3..=12)
+        };
+        let mut calls: Vec<CallPlan> = (0..callers)
+            .map(|id| {
+                let key = rng.random_range(0..keys.len());
+                let plan = keys[key];
+                let on_conflict = if rng.random_bool(0.3) {
+                    OnConflict::Reject
+                } else {
+                    OnConflict::Wait
+                };
+                let mut settings = Settings::builder()
+                    .lease(plan.lease)
+                    .ttl(plan.ttl)
+                    .on_conflict(on_conflict);
+                if on_conflict == OnConflict::Wait && rng.random_bool(0.5) {
+                    settings =
+                        settings.wait_timeout(plan.lease.mul_f64(rng.random_range(0.2..2.0)));
+                }
+                let settings = settings.build().expect("drawn from the valid ranges");
+                let took = if rng.random_bool(0.15) {
+                    plan.lease.mul_f64(rng.random_range(1.2..2.5))
+                } else {
+                    plan.lease.mul_f64(rng.random_range(0.0..0.6))
+                };
+                let ends = match rng.random_range(0..10) {
+                    0 => Ends::Panics,
+                    1 | 2 => Ends::Err,
+                    _ => Ends::Ok,
+                };
+                let stall = rng
+                    .random_bool(0.05)
+                    .then(|| plan.lease.mul_f64(rng.random_range(1.3..2.0)));
+                let padding = if rng.random_bool(0.1) { 4096 } else { 0 };
+                let cancel_after = rng
+                    .random_bool(0.1)
+                    .then(|| (took + plan.lease / 2).mul_f64(rng.random_range(0.0..1.0)));
+                let via = if !plan.cache_errors && rng.random_bool(0.3) {
+                    Via::Attribute
+                } else {
+                    Via::Run
+                };
+                CallPlan {
+                    id,
+                    key,
+                    handle: rng.random_range(0..handles),
+                    arrives: lease.mul_f64(rng.random_range(0.0..3.0)),
+                    settings,
+                    body: Body {
+                        took,
+                        ends,
+                        stall,
+                        padding,
+                    },
+                    cancel_after,
+                    via,
+                }
+            })
+            .collect();
+        calls.sort_by_key(|call| call.arrives);
+        for (id, call) in calls.iter_mut().enumerate() {
+            call.id = id;
+        }
+        Self {
+            seed,
+            keys,
+            calls,
+            handles,
+        }
+    }
+
+    /// The longest lease of any key.
+    #[must_use]
+    pub fn longest_lease(&self) -> Duration {
+        self.keys.iter().map(|k| k.lease).max().unwrap_or_default()
+    }
+}

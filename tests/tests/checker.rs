@@ -1,0 +1,232 @@
+//! The exactly-once checker on every built-in backend: the fixed seeds and
+//! a few fresh ones (printed) per run; a soak with
+//! `IDEM_CHECKER_MINUTES=30 cargo test -p idem-test --all-features --test checker -- --ignored --nocapture`.
+//! Replay one seed with `IDEM_CHECKER_SEED=n`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use idem_core::MemoryStore;
+use idem_core::store::Store;
+use idem_test::conformance::{Backend, Timing};
+
+/// The memory store, on tokio's paused clock: leases and stalls pass in no
+/// time, and a seed's schedule of faults is the same on every run.
+struct Memory;
+
+impl Backend for Memory {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(MemoryStore::new())
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            lease: Duration::from_secs(3),
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn follows_tokio_clock(&self) -> bool {
+        true
+    }
+}
+
+mod memory {
+    idem_test::exactly_once_suite!(super::Memory);
+}
+
+#[cfg(feature = "redis")]
+mod redis_node {
+    use super::*;
+    use idem_core::RedisStore;
+    use idem_test::redis_server::{RESPONSE_TIMEOUT, shared_node};
+
+    pub(crate) struct Node;
+
+    impl Backend for Node {
+        async fn store(&self) -> Arc<dyn Store> {
+            let url = shared_node().url();
+            Arc::new(
+                RedisStore::node(&url)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .connection_timeout(RESPONSE_TIMEOUT)
+                    .connect()
+                    .await
+                    .unwrap_or_else(|e| panic!("connect to {url}: {e}")),
+            )
+        }
+
+        fn timing(&self) -> Timing {
+            idem_test::redis_server::TIMING
+        }
+
+        fn follows_tokio_clock(&self) -> bool {
+            false
+        }
+    }
+
+    idem_test::exactly_once_suite!(Node);
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use idem_core::PostgresStore;
+    use idem_test::postgres_server::{RESPONSE_TIMEOUT, shared};
+
+    pub(crate) struct Postgres;
+
+    impl Backend for Postgres {
+        async fn store(&self) -> Arc<dyn Store> {
+            let url = shared().url();
+            Arc::new(
+                PostgresStore::builder(&url)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .max_connections(4)
+                    .connect()
+                    .await
+                    .unwrap_or_else(|e| panic!("connect to {url}: {e}")),
+            )
+        }
+
+        fn timing(&self) -> Timing {
+            idem_test::postgres_server::TIMING
+        }
+
+        fn follows_tokio_clock(&self) -> bool {
+            false
+        }
+    }
+
+    idem_test::exactly_once_suite!(Postgres);
+}
+
+/// A store that grants every claim, held or not: the checker must catch it.
+struct GrantsEveryClaim(MemoryStore);
+
+impl Store for GrantsEveryClaim {
+    fn begin(
+        &self,
+        key: idem_core::Key,
+        fingerprint: idem_core::Fingerprint,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
+        Box::pin(async move {
+            match self.0.begin(key, fingerprint, token, lease).await? {
+                idem_core::store::Begin::InProgress { .. } => {
+                    let _ = self.0.forget(key).await;
+                    self.0.begin(key, fingerprint, token, lease).await
+                }
+                other => Ok(other),
+            }
+        })
+    }
+
+    fn complete(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        record: idem_core::store::Record,
+        ttl: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+        self.0.complete(key, token, record, ttl)
+    }
+
+    fn release(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+    ) -> idem_core::store::StoreFuture<'_, ()> {
+        self.0.release(key, token)
+    }
+
+    fn renew(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, bool> {
+        self.0.renew(key, token, lease)
+    }
+}
+
+#[test]
+fn the_checker_catches_a_store_that_grants_every_claim() {
+    let options = idem_test::checker::Options::for_backend(&Memory);
+    let caught = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(async {
+            for seed in 0..200 {
+                let store: Arc<dyn Store> = Arc::new(GrantsEveryClaim(MemoryStore::new()));
+                if let Err(violation) = idem_test::checker::check_seed(store, seed, &options).await
+                {
+                    return Some(violation);
+                }
+            }
+            None
+        });
+    let violation = caught.expect("a violation within 200 seeds");
+    println!("{violation}");
+    assert_eq!(violation.broken.invariant, "at most one run per key");
+}
+
+/// Each fault of issue 26 alone, at a high rate, over the fixed seeds on
+/// the paused memory store: a scenario per fix, so that each stays fixed.
+mod scenarios {
+    use idem_test::checker::{FIXED_SEEDS, Options, Schedule, check_seeds_with};
+    use idem_test::faults::{Fault, Op};
+
+    use super::*;
+
+    fn only(faults: Vec<(Op, Fault)>) {
+        let mut options = Options::for_backend(&Memory);
+        options.schedule = Some(Schedule { rate: 0.5, faults });
+        let seeds: Vec<u64> = (0..64).chain(FIXED_SEEDS).collect();
+        check_seeds_with(&Memory, &seeds, &options);
+    }
+
+    /// 26.1: results refused by a full store.
+    #[test]
+    fn a_full_store() {
+        only(vec![(Op::Complete, Fault::Full)]);
+    }
+
+    /// 26.2: renewals whose answers are slow.
+    #[test]
+    fn slow_renewals() {
+        only(vec![(
+            Op::Renew,
+            Fault::Delayed(Duration::from_millis(400)),
+        )]);
+    }
+
+    /// 26.3: renewals that fail, and land late.
+    #[test]
+    fn failing_renewals() {
+        only(vec![
+            (Op::Renew, Fault::Refused),
+            (Op::Renew, Fault::LandsLate(Duration::from_millis(400))),
+        ]);
+    }
+
+    /// 26.4: holders whose clocks lag, so their leases read as nearly over.
+    #[test]
+    fn lagging_holder_clocks() {
+        only(vec![(Op::Begin, Fault::ClockLag(Duration::from_secs(30)))]);
+    }
+
+    /// Answers lost after the operation was applied, on every operation.
+    #[test]
+    fn lost_answers() {
+        only(vec![
+            (Op::Begin, Fault::AnswerLost),
+            (Op::Complete, Fault::AnswerLost),
+            (Op::Release, Fault::AnswerLost),
+            (Op::Renew, Fault::AnswerLost),
+        ]);
+    }
+}

@@ -1,0 +1,522 @@
+//! The engine under the faults of issue 26, each on tokio's paused clock:
+//! a result the store refuses or that is too large, renewals whose answers
+//! are slow, an outage of the store for most of a lease, a holder whose
+//! remaining lease reads as nearly over, a panicking body, and what the
+//! metrics say of a cancelled call and of a result that was not stored.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use idem_core::store::{
+    Begin, Completion, Inspection, Limits, Record, Store, StoreError, StoreErrorKind, StoreFuture,
+    Token,
+};
+use idem_core::{Error, Fingerprint, Idempotency, Key, MemoryStore, OnConflict, Settings};
+use idem_test::faults::{Fault, Flaky, Op};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use tokio::time::Instant;
+
+fn paused<F: std::future::Future<Output = ()>>(test: F) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a runtime")
+        .block_on(test);
+}
+
+fn settings(lease: u64) -> Settings {
+    Settings::builder()
+        .lease(Duration::from_secs(lease))
+        .ttl(Duration::from_secs(3600))
+        .build()
+        .expect("valid settings")
+}
+
+fn key(name: &str) -> (Key, Fingerprint) {
+    (
+        Key::new(name, &1).expect("a key"),
+        Fingerprint::of(&1).expect("a fingerprint"),
+    )
+}
+
+/// 26.1: a `complete` the store refuses as full (a Redis at `maxmemory`
+/// answers `OOM`) records that the call ran, so that the retry does not run
+/// the body again.
+#[test]
+fn a_result_the_store_refuses_is_recorded_not_run_again() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone());
+        let (key, fp) = key("hardening.refused");
+        let runs = AtomicUsize::new(0);
+        let big = "x".repeat(100_000);
+        flaky.inject(Op::Complete, Fault::Full);
+        let first: Result<String, Error> = idem
+            .run(&settings(3), key, fp, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(big.clone())
+            })
+            .await;
+        assert_eq!(first.expect("its own caller gets it"), big);
+        // Past the lease: a claim left to lapse would let the retry run.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let retry: Result<String, Error> = idem
+            .run(&settings(3), key, fp, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(String::new())
+            })
+            .await;
+        assert!(
+            matches!(retry, Err(Error::NotReplayable { .. })),
+            "{retry:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+    });
+}
+
+/// 26.1, found by the exactly-once checker (seed 2409355654 at a fault
+/// rate of 0.3): a `complete` that times out is retried in the background,
+/// and a retry the store refuses as full must record the call as run too.
+#[test]
+fn a_result_refused_on_a_retry_is_recorded_not_run_again() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone());
+        let (key, fp) = key("hardening.refused-on-retry");
+        let runs = AtomicUsize::new(0);
+        flaky.inject(Op::Complete, Fault::Refused);
+        flaky.inject(Op::Complete, Fault::Full);
+        let body = || async { Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst) + 1) };
+        assert_eq!(
+            idem.run(&settings(3), key, fp, body()).await.expect("ran"),
+            1
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(flaky.struck(Op::Complete), 2, "both faults struck");
+        let retry = idem.run(&settings(3), key, fp, body()).await;
+        assert!(
+            matches!(retry, Err(Error::NotReplayable { .. })),
+            "{retry:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+    });
+}
+
+/// Found by the exactly-once checker (seed 1768315527 at a fault rate of
+/// 0.3): a result over the maximum record size is recorded as a few bytes;
+/// when the store refuses even those once, the write is retried while the
+/// lease allows, instead of leaving the claim to lapse.
+#[test]
+fn a_full_store_refusing_the_compact_record_once_is_retried() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone()).max_record_bytes(64);
+        let (key, fp) = key("hardening.compact-refused");
+        let runs = AtomicUsize::new(0);
+        flaky.inject(Op::Complete, Fault::Full);
+        let body = || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, Error>("z".repeat(1000))
+        };
+        assert!(idem.run(&settings(3), key, fp, body()).await.is_ok());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let retry = idem.run(&settings(3), key, fp, body()).await;
+        assert!(
+            matches!(retry, Err(Error::NotReplayable { .. })),
+            "{retry:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+    });
+}
+
+/// 26.1: a result over the handle's maximum record size is not written; the
+/// call is recorded as run, in a few bytes.
+#[test]
+fn a_result_over_the_maximum_record_size_is_recorded_not_run_again() {
+    paused(async {
+        let idem = Idempotency::memory().max_record_bytes(64);
+        let (key, fp) = key("hardening.too-large");
+        let runs = AtomicUsize::new(0);
+        let big = "y".repeat(1000);
+        for _ in 0..2 {
+            let answer: Result<String, Error> = idem
+                .run(&settings(3), key, fp, async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(big.clone())
+                })
+                .await;
+            match answer {
+                Ok(value) => assert_eq!(value, big, "only the first call's own caller"),
+                Err(error) => assert!(matches!(error, Error::NotReplayable { .. }), "{error:?}"),
+            }
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        match idem.inspect(key).await.expect("inspect") {
+            Inspection::Completed { size, .. } => assert!(size < 200, "{size} bytes stored"),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+/// A memory store whose renewals follow a script: how long each takes to
+/// reach the store and to answer, and whether it times out; it notes every
+/// renewal that reached the store after the claim had lapsed.
+struct SlowRenewals {
+    inner: MemoryStore,
+    /// Per renewal: (delay before it reaches the store, delay of its answer,
+    /// times out instead of answering). Later renewals behave.
+    script: std::sync::Mutex<Vec<(u64, u64, bool)>>,
+    landed_late: AtomicUsize,
+}
+
+impl Store for SlowRenewals {
+    fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+        self.inner.begin(k, f, t, l)
+    }
+    fn complete(&self, k: Key, t: Token, r: Record, ttl: Duration) -> StoreFuture<'_, Completion> {
+        self.inner.complete(k, t, r, ttl)
+    }
+    fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+        self.inner.release(k, t)
+    }
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        let step = {
+            let mut script = self.script.lock().unwrap();
+            (!script.is_empty()).then(|| script.remove(0))
+        };
+        let (reach, answer, times_out) = step.unwrap_or((0, 0, false));
+        Box::pin(async move {
+            if times_out {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Err(StoreError::new(StoreErrorKind::Timeout, "renew timed out"));
+            }
+            tokio::time::sleep(Duration::from_millis(reach)).await;
+            if !matches!(
+                self.inner.inspect(key).await?,
+                Inspection::InProgress { .. }
+            ) {
+                self.landed_late.fetch_add(1, Ordering::SeqCst);
+            }
+            let renewed = self.inner.renew(key, token, lease).await;
+            tokio::time::sleep(Duration::from_millis(answer)).await;
+            renewed
+        })
+    }
+    fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
+        self.inner.inspect(key)
+    }
+    fn limits(&self) -> Limits {
+        Limits::with_response_timeout(Duration::from_secs(1))
+    }
+}
+
+/// 26.2: lease 3 s, response timeout 1 s. Renewal #1 is applied at 1.0 s
+/// and answered at 1.6 s; #2 times out; its retry takes 0.5 s to reach the
+/// store. Reckoned from the answer, #2 is sent at 2.6 s and its retry lands
+/// after the claim lapsed at 4.0 s; reckoned from the send, it lands in time.
+#[test]
+fn renewals_are_reckoned_from_when_they_were_sent() {
+    paused(async {
+        let store = Arc::new(SlowRenewals {
+            inner: MemoryStore::new(),
+            script: std::sync::Mutex::new(vec![(0, 600, false), (0, 0, true), (500, 0, false)]),
+            landed_late: AtomicUsize::new(0),
+        });
+        let idem = Idempotency::from_arc(store.clone());
+        let (key, fp) = key("hardening.renew-sent");
+        let runs = AtomicUsize::new(0);
+        let body = || async {
+            let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            Ok::<_, Error>(run)
+        };
+        let first = idem.run(&settings(3), key, fp, body()).await;
+        assert_eq!(first.expect("ran"), 1);
+        assert_eq!(
+            store.landed_late.load(Ordering::SeqCst),
+            0,
+            "a renewal landed after the lease"
+        );
+        let retry = idem.run(&settings(3), key, fp, body()).await;
+        assert_eq!(retry.expect("replayed"), 1, "the result was stored");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    });
+}
+
+/// Found by the exactly-once checker on Redis (seed 586385471 at a fault
+/// rate of 0.2): a holder paused past its lease is taken over; the rival's
+/// result is stored and the holder's is not. A caller that waited on the
+/// stale holder in its process must get the stored result, not the stale
+/// one, which nobody else ever sees.
+#[test]
+fn followers_of_a_stale_holder_get_the_stored_result() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let holder = Idempotency::from_arc(flaky.clone());
+        let rival = Idempotency::from_arc(flaky.clone());
+        let (key, fp) = key("hardening.stale-followers");
+        let wait = Settings::builder()
+            .lease(Duration::from_secs(3))
+            .ttl(Duration::from_secs(3600))
+            .wait_timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        flaky.stall(key, Instant::now() + Duration::from_secs(10));
+        let held = tokio::spawn({
+            let holder = holder.clone();
+            async move {
+                holder
+                    .run(&wait, key, fp, async {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        Ok::<u32, Error>(1)
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let follower = tokio::spawn(async move {
+            holder
+                .run(&wait, key, fp, async { Ok::<u32, Error>(99) })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(3400)).await;
+        let rivalled = rival
+            .run(&settings(3), key, fp, async { Ok::<u32, Error>(2) })
+            .await;
+        assert_eq!(rivalled.expect("the rival takes over the lapsed claim"), 2);
+        assert_eq!(held.await.unwrap().expect("its own result"), 1);
+        assert_eq!(
+            follower.await.unwrap().expect("a result"),
+            2,
+            "the stored one"
+        );
+    });
+}
+
+/// A memory store that cannot be reached for renewals until a moment.
+struct RenewalsDownUntil {
+    inner: MemoryStore,
+    until: Instant,
+}
+
+impl Store for RenewalsDownUntil {
+    fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+        self.inner.begin(k, f, t, l)
+    }
+    fn complete(&self, k: Key, t: Token, r: Record, ttl: Duration) -> StoreFuture<'_, Completion> {
+        self.inner.complete(k, t, r, ttl)
+    }
+    fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+        self.inner.release(k, t)
+    }
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        if Instant::now() < self.until {
+            return Box::pin(std::future::ready(Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                "connection refused",
+            ))));
+        }
+        self.inner.renew(key, token, lease)
+    }
+}
+
+/// 26.3: renewals fail from 1 s to 2.8 s of a 3 s lease; the store is back
+/// before the lease ends, so the claim must hold: a rival at 3.5 s is
+/// refused and the holder's result is stored.
+#[test]
+fn renewal_keeps_trying_while_the_lease_allows() {
+    paused(async {
+        let store = Arc::new(RenewalsDownUntil {
+            inner: MemoryStore::new(),
+            until: Instant::now() + Duration::from_millis(2800),
+        });
+        let holder = Idempotency::from_arc(store.clone());
+        let rival = Idempotency::from_arc(store.clone());
+        let (key, fp) = key("hardening.renew-outage");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let body = |runs: Arc<AtomicUsize>| async move {
+            let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            Ok::<_, Error>(run)
+        };
+        let held = tokio::spawn({
+            let body = body(runs.clone());
+            async move { holder.run(&settings(3), key, fp, body).await }
+        });
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let reject = Settings::builder()
+            .lease(Duration::from_secs(3))
+            .ttl(Duration::from_secs(3600))
+            .on_conflict(OnConflict::Reject)
+            .build()
+            .unwrap();
+        let rivalled = rival.run(&reject, key, fp, body(runs.clone())).await;
+        assert!(
+            matches!(rivalled, Err(Error::InProgress { .. })),
+            "{rivalled:?}"
+        );
+        assert_eq!(held.await.unwrap().expect("ran"), 1);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    });
+}
+
+/// A memory store whose `begin` always finds the key held by a holder whose
+/// lease reads as about to end (its clock lags), and counts the polls.
+#[derive(Default)]
+struct LaggingHolder {
+    begins: AtomicUsize,
+}
+
+impl Store for LaggingHolder {
+    fn begin(&self, _: Key, _: Fingerprint, _: Token, _: Duration) -> StoreFuture<'_, Begin> {
+        self.begins.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::ready(Ok(Begin::InProgress {
+            retry_after: Duration::from_millis(1),
+        })))
+    }
+    fn complete(&self, _: Key, _: Token, _: Record, _: Duration) -> StoreFuture<'_, Completion> {
+        Box::pin(std::future::ready(Ok(Completion::Lost)))
+    }
+    fn release(&self, _: Key, _: Token) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn renew(&self, _: Key, _: Token, _: Duration) -> StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
+}
+
+/// 26.4: a waiter of 2 s polls at most every 10 ms, however short the
+/// holder's remaining lease reads.
+#[test]
+fn waiters_never_poll_faster_than_a_floor() {
+    paused(async {
+        let store = Arc::new(LaggingHolder::default());
+        let idem = Idempotency::from_arc(store.clone());
+        let (key, fp) = key("hardening.poll-floor");
+        let wait = Settings::builder()
+            .lease(Duration::from_secs(3))
+            .ttl(Duration::from_secs(3600))
+            .wait_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let answer: Result<u32, Error> = idem.run(&wait, key, fp, async { Ok(1) }).await;
+        assert!(
+            matches!(answer, Err(Error::InProgress { .. })),
+            "{answer:?}"
+        );
+        let polls = store.begins.load(Ordering::SeqCst);
+        assert!(polls <= 2000 / 10 + 2, "{polls} polls in 2 s");
+    });
+}
+
+/// A panicking body releases its claim at once (it failed), instead of
+/// holding the key for its lease; the panic goes on to its caller.
+#[test]
+fn a_panicking_body_releases_its_claim() {
+    paused(async {
+        let idem = Idempotency::memory();
+        let (key, fp) = key("hardening.panic");
+        let panicked = tokio::spawn({
+            let idem = idem.clone();
+            async move {
+                idem.run(&settings(30), key, fp, async {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if key != Key::new("never", &0).unwrap() {
+                        panic!("the body's own panic");
+                    }
+                    Ok::<u32, Error>(0)
+                })
+                .await
+            }
+        })
+        .await;
+        assert!(
+            panicked.unwrap_err().is_panic(),
+            "the body's panic reaches its caller"
+        );
+        assert_eq!(idem.inspect(key).await.unwrap(), Inspection::Absent);
+        let reject = Settings::builder()
+            .lease(Duration::from_secs(30))
+            .on_conflict(OnConflict::Reject)
+            .build()
+            .unwrap();
+        let retry: Result<u32, Error> = idem.run(&reject, key, fp, async { Ok(7) }).await;
+        assert_eq!(retry.expect("the retry runs at once"), 7);
+    });
+}
+
+fn outcome_count(snapshot: &[(String, u64)], outcome: &str) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(o, _)| o == outcome)
+        .map(|(_, n)| *n)
+        .sum()
+}
+
+/// Runs `script` under a metrics recorder and answers `idem_calls_total` by
+/// outcome.
+fn counted<F: std::future::Future<Output = ()>>(script: F) -> Vec<(String, u64)> {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || paused(script));
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == "idem_calls_total")
+        .filter_map(|(key, _, _, value)| {
+            let outcome = key
+                .key()
+                .labels()
+                .find(|l| l.key() == "outcome")
+                .map(|l| l.value().to_owned())?;
+            match value {
+                DebugValue::Counter(n) => Some((outcome, n)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// 26.8: a call whose caller drops it mid-body is counted as `cancelled`.
+#[test]
+fn a_cancelled_call_is_counted_as_cancelled() {
+    let counts = counted(async {
+        let idem = Idempotency::memory();
+        let (key, fp) = key("hardening.cancelled");
+        let settings = settings(30);
+        let call = idem.run(&settings, key, fp, async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<u32, Error>(1)
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), call)
+                .await
+                .is_err()
+        );
+    });
+    assert_eq!(outcome_count(&counts, "cancelled"), 1, "{counts:?}");
+    assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 1, "{counts:?}");
+}
+
+/// 26.9: a body whose claim was forgotten mid-run ran, but its result was
+/// not stored: it is counted as `not_stored`, not `ran`.
+#[test]
+fn a_result_not_stored_is_not_counted_as_ran() {
+    let counts = counted(async {
+        let idem = Idempotency::memory();
+        let (key, fp) = key("hardening.not-stored");
+        let operator = idem.clone();
+        let answer = idem
+            .run(&settings(30), key, fp, async {
+                assert!(operator.forget(key).await.unwrap());
+                Ok::<u32, Error>(1)
+            })
+            .await;
+        assert_eq!(answer.expect("its caller still gets it"), 1);
+    });
+    assert_eq!(outcome_count(&counts, "not_stored"), 1, "{counts:?}");
+    assert_eq!(outcome_count(&counts, "ran"), 0, "{counts:?}");
+}
