@@ -680,3 +680,101 @@ async fn passwords_in_urls_are_never_printed() {
     }
     assert!(refused.to_string().contains(":***@"), "{refused}");
 }
+
+/// A server that speaks just enough RESP to be connected to, and never
+/// answers `CONFIG`: a slow or proxied Redis whose eviction policy cannot be
+/// read. Every other command gets `+OK`.
+async fn silent_on_config() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buffer = [0; 4096];
+                loop {
+                    let Ok(read) = socket.read(&mut buffer).await else {
+                        return;
+                    };
+                    if read == 0 {
+                        return;
+                    }
+                    pending.extend_from_slice(&buffer[..read]);
+                    while let Some((command, used)) = resp_command(&pending) {
+                        pending.drain(..used);
+                        if command.eq_ignore_ascii_case("config") {
+                            continue;
+                        }
+                        if socket.write_all(b"+OK\r\n").await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The name of the first RESP command in `bytes`, and how many bytes it
+/// takes, once all of it has arrived.
+fn resp_command(bytes: &[u8]) -> Option<(String, usize)> {
+    fn line(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
+        let end = bytes[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        Some((&bytes[at..end], end + 2))
+    }
+    let (header, mut at) = line(bytes, 0)?;
+    let count: usize = std::str::from_utf8(header.strip_prefix(b"*")?)
+        .ok()?
+        .parse()
+        .ok()?;
+    let mut name = None;
+    for _ in 0..count {
+        let (length, next) = line(bytes, at)?;
+        let length: usize = std::str::from_utf8(length.strip_prefix(b"$")?)
+            .ok()?
+            .parse()
+            .ok()?;
+        let end = next + length;
+        if bytes.len() < end + 2 {
+            return None;
+        }
+        name.get_or_insert_with(|| String::from_utf8_lossy(&bytes[next..end]).into_owned());
+        at = end + 2;
+    }
+    Some((name.unwrap_or_default(), at))
+}
+
+/// A Redis that does not answer the eviction check is not connected to as if
+/// it had passed it: only an explicit refusal of `CONFIG` takes the warning
+/// path.
+#[tokio::test]
+async fn an_unanswered_eviction_check_fails_the_connect() {
+    let addr = silent_on_config().await;
+    let error = RedisStore::node(format!("redis://{addr}"))
+        .response_timeout(Duration::from_millis(300))
+        .connection_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .err()
+        .expect("no answer is no pass");
+    assert_eq!(error.kind(), StoreErrorKind::Unavailable, "{error}");
+    assert!(error.to_string().contains("eviction policy"), "{error}");
+
+    // CONFIG refused outright (renamed away) still connects, with a warning,
+    // even where the policy (unreadable) would have been refused.
+    let renamed = RedisServer::start_with(&[
+        "--maxmemory",
+        "64mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+        "--rename-command",
+        "CONFIG",
+        "\"\"",
+    ]);
+    RedisStore::node(renamed.url())
+        .connect()
+        .await
+        .expect("a refused CONFIG takes the documented warning path");
+}

@@ -14,6 +14,7 @@ use super::connection::Connection;
 use super::errors::{config, redact_all, store_error};
 use super::{Inner, RedisStore};
 use crate::error::StoreError;
+use crate::error::StoreErrorKind;
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "idem";
@@ -269,6 +270,26 @@ impl RedisStoreBuilder {
         };
         let answer = match answer {
             Ok(answer) => answer,
+            // No answer is no pass: a slow or unreachable Redis may well
+            // evict keys, and the store must not connect as if it had said
+            // it does not.
+            Err(error)
+                if error.is_timeout()
+                    || error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal() =>
+            {
+                return Err(StoreError::new(
+                    StoreErrorKind::Unavailable,
+                    format!(
+                        "Redis at {} did not answer the check of its eviction policy (CONFIG GET \
+                         maxmemory*): {error}",
+                        redact_all(&self.nodes)
+                    ),
+                ));
+            }
+            // The server answered with an error: `CONFIG` is not allowed
+            // (renamed, ACLs, a managed Redis).
             Err(error) => {
                 tracing::warn!(
                     nodes = %redact_all(&self.nodes),
