@@ -431,3 +431,48 @@ async fn handles_own_their_flights() {
         "the second handle claims, waits and replays on its own: {begins:?}"
     );
 }
+
+/// The sweeper runs on the runtime of the store's first call. When that
+/// runtime is kept but no longer driven (a start-up `current_thread`
+/// runtime), calls on another runtime reclaim expired records in its place.
+#[test]
+fn a_runtime_no_longer_driven_does_not_stop_reclamation() {
+    let store = MemoryStore::builder()
+        .sweep_interval(Duration::from_millis(50))
+        .build();
+    let fp = Fingerprint::of(&()).unwrap();
+    let startup = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    startup.block_on(async {
+        let key = Key::new("two-runtimes", &"start-up").unwrap();
+        store
+            .begin(key, fp, Token::random(), Duration::from_millis(100))
+            .await
+            .unwrap();
+    });
+    let main = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    main.block_on(async {
+        for i in 0..100 {
+            let key = Key::new("two-runtimes", &i).unwrap();
+            store
+                .begin(key, fp, Token::random(), Duration::from_millis(100))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.len(), 101);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let key = Key::new("two-runtimes", &"later").unwrap();
+        store
+            .begin(key, fp, Token::random(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(store.len(), 1, "the expired claims were reclaimed");
+    });
+    drop(startup);
+}

@@ -4,7 +4,8 @@
 //! picked by the key's digest, so that concurrent callers on different keys
 //! rarely share a lock. Time is tokio's clock, so a paused test clock drives
 //! leases and TTLs. Expired claims and records are reclaimed shard by shard,
-//! by a sweeper task (spawned on the first call made inside a tokio runtime)
+//! by a sweeper task (spawned on the first call made inside a tokio runtime;
+//! when that runtime is no longer driven, calls sweep in its place)
 //! that visits only shards holding something expired, and by a store that is
 //! full before it refuses a new key. Callers waiting on a claim are woken in
 //! process when it ends.
@@ -102,6 +103,9 @@ struct Inner {
     max_bytes: usize,
     sweep_interval: Duration,
     sweeper_running: AtomicBool,
+    /// When expired entries were last reclaimed, in µs since the epoch: by
+    /// the sweeper's passes, or by a call that found the sweeper not driven.
+    swept_at: AtomicU64,
 }
 
 struct Shard {
@@ -280,6 +284,30 @@ impl MemoryStore {
         let store = Arc::downgrade(&self.inner);
         runtime.spawn(sweep_forever(store, self.inner.sweep_interval));
     }
+
+    /// Sweeps here, in the call, when no sweep has happened for two sweep
+    /// intervals: the sweeper runs on the runtime of the store's first call,
+    /// which may be kept but no longer driven (a start-up `current_thread`
+    /// runtime), and reclamation must not stop with it.
+    fn sweep_if_stalled(&self) {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let at = inner.micros(now);
+        let last = inner.swept_at.load(Ordering::Relaxed);
+        if at.saturating_sub(last) <= micros(inner.sweep_interval).saturating_mul(2) {
+            return;
+        }
+        // One caller sweeps; the others go on.
+        if inner
+            .swept_at
+            .compare_exchange(last, at, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            for shard in inner.shards.iter() {
+                inner.sweep_shard(shard, now);
+            }
+        }
+    }
 }
 
 impl Default for MemoryStore {
@@ -347,6 +375,7 @@ impl MemoryStoreBuilder {
                 max_bytes: self.max_bytes,
                 sweep_interval: self.sweep_interval,
                 sweeper_running: AtomicBool::new(false),
+                swept_at: AtomicU64::new(0),
             }),
         }
     }
@@ -376,7 +405,11 @@ async fn sweep_forever(store: Weak<Inner>, every: Duration) {
             let Some(inner) = store.upgrade() else {
                 return;
             };
-            inner.sweep_shard(&inner.shards[index], Instant::now());
+            let now = Instant::now();
+            inner.sweep_shard(&inner.shards[index], now);
+            inner
+                .swept_at
+                .fetch_max(inner.micros(now), Ordering::Relaxed);
             drop(inner);
             tokio::task::yield_now().await;
         }
@@ -679,6 +712,7 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> StoreFuture<'_, Begin> {
         self.ensure_sweeper();
+        self.sweep_if_stalled();
         let answer = self.inner.begin(key, fingerprint, token, lease);
         Box::pin(std::future::ready(answer))
     }
