@@ -31,7 +31,6 @@ pub struct Prepared {
 /// Gathers a call's key and fingerprint from its parts.
 pub struct Call {
     name: &'static str,
-    refused: Option<ConfigError>,
     key: KeyHasher,
     arguments: Fingerprinter,
 }
@@ -42,19 +41,17 @@ impl Call {
     pub fn new(name: &'static str) -> Self {
         Self {
             name,
-            refused: None,
             key: KeyHasher::new(name),
             arguments: Fingerprinter::new(),
         }
     }
 
-    /// Starts a call of a function whose `name = "…"` is pinned: refused
-    /// when another function pinned the same name first.
+    /// Starts a call of a function whose `name = "…"` is pinned (reported
+    /// once when another function pinned it first).
     #[must_use]
     pub fn pinned(pin: &'static Pinned) -> Self {
-        let mut call = Self::new(pin.name);
-        call.refused = pin.check().err();
-        call
+        pin.check();
+        Self::new(pin.name)
     }
 
     /// Adds an argument to the fingerprint.
@@ -92,11 +89,7 @@ impl Call {
     /// [`Fingerprint::UNCHECKED`].
     pub fn finish(self, keyed: bool, checked: bool) -> Prepared {
         let (key, arguments) = (self.key, self.arguments);
-        let refused = self.refused;
         let parts = (|| {
-            if let Some(refused) = refused {
-                return Err(Error::Config(refused));
-            }
             let fingerprint = arguments.finish()?;
             let mut key = key;
             if !keyed {
@@ -117,13 +110,15 @@ impl Call {
 }
 
 /// A function's pinned `name = "…"`, with the place it was written: the
-/// first call of each such function registers it, and a second function with
-/// the same name is refused (its calls fail with `Error::Config`, and an
-/// error is logged once), so two functions never share records by accident.
+/// first call of each such function registers it, and a second function
+/// with the same name is reported (one warning naming both), since
+/// functions of one name share records. Sharing can be meant (two variants
+/// of one operation, say one that waits and one that rejects); records of
+/// another type are refused by their type tag either way.
 pub struct Pinned {
     name: &'static str,
     site: &'static str,
-    checked: OnceLock<Result<(), ConfigError>>,
+    checked: OnceLock<()>,
 }
 
 /// Pinned names registered in this process, with the function each belongs to.
@@ -140,17 +135,26 @@ impl Pinned {
         }
     }
 
-    fn check(&self) -> Result<(), ConfigError> {
-        *self.checked.get_or_init(|| {
+    /// Registers the name, once; answers the function that pinned it first
+    /// when that is another one.
+    fn check(&self) -> Option<&'static str> {
+        let mut shared = None;
+        self.checked.get_or_init(|| {
             let mut pinned = PINNED.lock().unwrap_or_else(PoisonError::into_inner);
             let first = *pinned.entry(self.name).or_insert(self.site);
-            if first == self.site {
-                return Ok(());
+            if first != self.site {
+                tracing::warn!(
+                    target: "idem",
+                    name = self.name,
+                    first,
+                    second = self.site,
+                    "two functions pin one operation name, so they share records: give each its \
+                     own `name` unless that is meant"
+                );
+                shared = Some(first);
             }
-            let error = ConfigError::pinned_twice(self.name, first, self.site);
-            tracing::error!(target: "idem", %error, "an operation name is pinned twice");
-            Err(error)
-        })
+        });
+        shared
     }
 }
 
@@ -408,21 +412,18 @@ pub const fn millis(millis: u64) -> std::time::Duration {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_name_pinned_by_two_functions_is_refused_for_the_second() {
+    fn a_name_pinned_by_two_functions_is_reported_once() {
         static FIRST: super::Pinned = super::Pinned::new("tests.pinned", "shop::a (a.rs:1)");
         static AGAIN: super::Pinned = super::Pinned::new("tests.pinned", "shop::a (a.rs:1)");
         static SECOND: super::Pinned = super::Pinned::new("tests.pinned", "shop::b (b.rs:9)");
-        assert!(FIRST.check().is_ok());
-        assert!(
-            AGAIN.check().is_ok(),
+        assert_eq!(FIRST.check(), None);
+        assert_eq!(
+            AGAIN.check(),
+            None,
             "one function, two statics (a generic's instances)"
         );
-        let error = SECOND.check().unwrap_err().to_string();
-        assert!(
-            error.contains("shop::a (a.rs:1)") && error.contains("shop::b (b.rs:9)"),
-            "{error}"
-        );
-        assert!(FIRST.check().is_ok(), "the first keeps working");
+        assert_eq!(SECOND.check(), Some("shop::a (a.rs:1)"));
+        assert_eq!(SECOND.check(), None, "reported once");
     }
 
     #[test]

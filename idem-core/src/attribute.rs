@@ -63,7 +63,7 @@
 /// | `cache_errors = true` or `= path` | also store `Err` results: all, or those a `fn(&E) -> bool` accepts | `false` |
 /// | `skip(arg, …)` | arguments left out of the fingerprint (handles, pools, clients); `self` always is | none |
 /// | `fingerprint = false` | do not check that a reused key comes with the same arguments | checked |
-/// | `name = "payments.charge"` | the operation's stable name in the key; pin it to survive moving code (one function per name: a second function pinning it is refused) | the function instance's path, `Self` type and generic arguments included, e.g. `shop::Payments::charge`, `shop::Repo<shop::Invoice>::create` |
+/// | `name = "payments.charge"` | the operation's stable name in the key; pin it to survive moving code (functions pinned to one name share records; idem warns once when it sees that) | the function instance's path, `Self` type and generic arguments included, e.g. `shop::Payments::charge`, `shop::Repo<shop::Invoice>::create` |
 /// | `store = EXPR` | the long-lived [`Idempotency`](crate::Idempotency) handle to run against (or a reference, `Arc` or `LazyLock` of one), never one built per call; with `transaction`, the `PostgresStore` | [`default_handle()`](crate::default_handle) |
 /// | `transaction = tx` | (feature `postgres`) the body's `tx: &mut sqlx::PgConnection` parameter: idem opens the transaction on `store`'s pool, claims the key in it, and commits the result with the body's writes; `tx` leaves the signature | none |
 /// | `crate = "path"` | where the `idem_core` crate is, for crates that re-export it | `::idem_core` |
@@ -164,12 +164,11 @@
 /// in its generic arguments, and a compiler that prints type names
 /// differently (rustc has printed them alike for years, but does not
 /// promise it). Pin `name` for operations whose records must survive such
-/// changes. A pinned name belongs to one function: a second function that
-/// pins the same name is refused (its calls fail with `Error::Config`,
-/// naming both); every instance of one generic function shares its pinned
-/// name. To share records between two functions on purpose, call
-/// [`Idempotency::run`](crate::Idempotency::run) with one
-/// [`Key`](crate::Key) from both.
+/// changes. Every instance of one generic function shares its pinned name.
+/// Functions pinned to one name share records, which can be meant (a
+/// variant that waits and one that rejects, of one operation); idem logs one
+/// warning naming both functions the first time the second one runs, so
+/// that a copied attribute does not share records unseen.
 ///
 /// Whatever gets a record under a key, it is never decoded as another type:
 /// each record carries a tag of its value's type name (module paths left

@@ -263,11 +263,6 @@ enum Rule {
         lease: Duration,
         response_timeout: Duration,
     },
-    PinnedTwice {
-        name: &'static str,
-        first: &'static str,
-        second: &'static str,
-    },
 }
 
 impl ConfigError {
@@ -280,22 +275,7 @@ impl ConfigError {
         })
     }
 
-    /// Two functions pin one operation `name`: the second one to run is
-    /// refused, so that they never share records by accident.
-    pub(crate) fn pinned_twice(
-        name: &'static str,
-        first: &'static str,
-        second: &'static str,
-    ) -> Self {
-        Self(Rule::PinnedTwice {
-            name,
-            first,
-            second,
-        })
-    }
-
-    /// The setting at fault: `"ttl"`, `"lease"`, `"wait_timeout"` or
-    /// `"name"`.
+    /// The setting at fault: `"ttl"`, `"lease"` or `"wait_timeout"`.
     #[must_use]
     pub fn setting(&self) -> &'static str {
         match self.0 {
@@ -313,7 +293,6 @@ impl ConfigError {
             }
             Rule::WaitTimeoutWithReject => "wait_timeout",
             Rule::LeaseTooShortForStore { .. } => "lease",
-            Rule::PinnedTwice { .. } => "name",
         }
     }
 }
@@ -377,15 +356,6 @@ impl fmt::Display for ConfigError {
                  lengthen the lease or shorten the store's response timeout",
                 display(lease),
                 display(response_timeout)
-            ),
-            Rule::PinnedTwice {
-                name,
-                first,
-                second,
-            } => write!(
-                f,
-                "`name = \"{name}\"` is pinned by two functions, {first} and {second}; \
-                 functions of one name share records, so give each its own `name`"
             ),
         }
     }

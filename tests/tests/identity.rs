@@ -319,25 +319,45 @@ async fn pinned_second(idem: &Idempotency, id: &str) -> Result<u32, Error> {
     Ok(2)
 }
 
-#[tokio::test]
-async fn a_name_pinned_by_two_functions_is_refused() {
+/// Collects the warnings idem logs.
+#[derive(Clone, Default)]
+struct Warnings(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Warnings {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_name_pinned_by_two_functions_is_reported_and_shared() {
+    let warnings = Warnings::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer({
+            let warnings = warnings.clone();
+            move || warnings.clone()
+        })
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     let idem = Idempotency::memory();
     let id = fresh("twice");
     assert_eq!(pinned_first(&idem, &id).await.unwrap(), 1);
-    match pinned_second(&idem, &id).await {
-        Err(Error::Config(error)) => {
-            let message = error.to_string();
-            assert_eq!(error.setting(), "name");
-            assert!(
-                message.contains("pinned_first") && message.contains("pinned_second"),
-                "{message}"
-            );
-        }
-        other => panic!("expected the second pin refused, got {other:?}"),
-    }
-    // The first function keeps working, and the refusal is stable.
-    assert_eq!(pinned_first(&idem, &fresh("twice")).await.unwrap(), 1);
-    assert!(pinned_second(&idem, &fresh("twice")).await.is_err());
+    // Same name, types and arguments: the second function replays the
+    // first's record, and idem says once that the two share records.
+    assert_eq!(pinned_second(&idem, &id).await.unwrap(), 1);
+    assert_eq!(pinned_second(&idem, &fresh("twice")).await.unwrap(), 2);
+    let logged = String::from_utf8(warnings.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(logged.matches("share records").count(), 1, "{logged}");
+    assert!(
+        logged.contains("pinned_first") && logged.contains("pinned_second"),
+        "{logged}"
+    );
 }
 
 // --- re-entry ---------------------------------------------------------------

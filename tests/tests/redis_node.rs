@@ -757,8 +757,7 @@ async fn an_unanswered_eviction_check_fails_the_connect() {
         .connection_timeout(Duration::from_millis(300))
         .connect()
         .await
-        .err()
-        .expect("no answer is no pass");
+        .expect_err("no answer is no pass");
     assert_eq!(error.kind(), StoreErrorKind::Unavailable, "{error}");
     assert!(error.to_string().contains("eviction policy"), "{error}");
 
