@@ -19,7 +19,7 @@ use crate::handle::Idempotency;
 pub use crate::handle::default_handle;
 use crate::key::{Fingerprint, Fingerprinter, Key, KeyHasher};
 use crate::observe::Operation;
-pub use crate::settings::{ConfigError, OnConflict, Settings};
+pub use crate::settings::{ConfigError, Isolation, OnConflict, Settings};
 
 /// A call's operation name, and its key and fingerprint or why they could
 /// not be computed.

@@ -66,6 +66,7 @@
 /// | `name = "payments.charge"` | the operation's stable name in the key; pin it to survive moving code (functions pinned to one name share records; idem warns once when it sees that) | the function instance's path, `Self` type and generic arguments included, e.g. `shop::Payments::charge`, `shop::Repo<shop::Invoice>::create` |
 /// | `store = EXPR` | the long-lived [`Idempotency`](crate::Idempotency) handle to run against (or a reference, `Arc` or `LazyLock` of one), never one built per call; with `transaction`, the `PostgresStore` | [`default_handle()`](crate::default_handle) |
 /// | `transaction = tx` | (feature `postgres`) the body's `tx: &mut sqlx::PgConnection` parameter: idem opens the transaction on `store`'s pool, claims the key in it, and commits the result with the body's writes; `tx` leaves the signature | none |
+/// | `isolation = serializable` | (with `transaction`) the level idem opens the transaction at: `read_committed`, `repeatable_read` or `serializable` ([`Isolation`](crate::Isolation)) | the database's |
 /// | `crate = "path"` | where the `idem_core` crate is, for crates that re-export it | `::idem_core` |
 ///
 /// ## `key` and `scope`

@@ -142,8 +142,8 @@ pub use handle::{
 pub use key::{Fingerprint, Key};
 pub use replayable::Replayable;
 pub use settings::{
-    ConfigError, DEFAULT_LEASE, DEFAULT_TTL, MAX_DURATION, MIN_LEASE, OnConflict, Settings,
-    SettingsBuilder,
+    ConfigError, DEFAULT_LEASE, DEFAULT_TTL, Isolation, MAX_DURATION, MIN_LEASE, OnConflict,
+    Settings, SettingsBuilder,
 };
 pub use store::connect::connect;
 pub use store::memory::MemoryStore;

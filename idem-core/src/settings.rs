@@ -35,6 +35,34 @@ pub enum OnConflict {
     Reject,
 }
 
+/// The isolation level of a transactional call's transaction (PostgreSQL's
+/// `transaction = tx` and `run_in_transaction`): idem opens the transaction
+/// with it, before any statement runs. Other calls ignore it. Without it the
+/// transaction runs at the database's default level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Isolation {
+    /// `READ COMMITTED`.
+    ReadCommitted,
+    /// `REPEATABLE READ`.
+    RepeatableRead,
+    /// `SERIALIZABLE`: a serialization failure rolls the call back (its
+    /// caller gets the error, nothing is recorded, and a retry runs again).
+    Serializable,
+}
+
+impl Isolation {
+    /// The level as SQL spells it.
+    #[must_use]
+    pub const fn as_sql(self) -> &'static str {
+        match self {
+            Self::ReadCommitted => "READ COMMITTED",
+            Self::RepeatableRead => "REPEATABLE READ",
+            Self::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
 /// How one call runs: how long its result is kept, how long its claim holds,
 /// and what it does when another call holds its key.
 ///
@@ -67,6 +95,7 @@ pub struct Settings {
     lease: Duration,
     on_conflict: OnConflict,
     wait_timeout: Option<Duration>,
+    isolation: Option<Isolation>,
 }
 
 impl Settings {
@@ -77,6 +106,7 @@ impl Settings {
         lease: DEFAULT_LEASE,
         on_conflict: OnConflict::Wait,
         wait_timeout: None,
+        isolation: None,
     };
 
     /// Starts from the defaults.
@@ -86,6 +116,7 @@ impl Settings {
             lease: None,
             on_conflict: OnConflict::Wait,
             wait_timeout: None,
+            isolation: None,
         }
     }
 
@@ -106,6 +137,13 @@ impl Settings {
     #[must_use]
     pub const fn on_conflict(&self) -> OnConflict {
         self.on_conflict
+    }
+
+    /// The isolation level a transactional call's transaction is opened
+    /// with, if one is set.
+    #[must_use]
+    pub const fn isolation(&self) -> Option<Isolation> {
+        self.isolation
     }
 
     /// The longest a call waits for another's result under
@@ -134,6 +172,7 @@ pub struct SettingsBuilder {
     lease: Option<Duration>,
     on_conflict: OnConflict,
     wait_timeout: Option<Duration>,
+    isolation: Option<Isolation>,
 }
 
 impl SettingsBuilder {
@@ -162,6 +201,13 @@ impl SettingsBuilder {
     /// [`OnConflict::Wait`]. Default: the lease.
     pub const fn wait_timeout(mut self, wait_timeout: Duration) -> Self {
         self.wait_timeout = Some(wait_timeout);
+        self
+    }
+
+    /// The isolation level of a transactional call's transaction (see
+    /// [`Isolation`]). Default: the database's.
+    pub const fn isolation(mut self, isolation: Isolation) -> Self {
+        self.isolation = Some(isolation);
         self
     }
 
@@ -207,6 +253,7 @@ impl SettingsBuilder {
             lease,
             on_conflict: self.on_conflict,
             wait_timeout: self.wait_timeout,
+            isolation: self.isolation,
         })
     }
 }

@@ -27,6 +27,7 @@ pub(crate) struct Args {
     pub(crate) name: Option<Arg<LitStr>>,
     pub(crate) store: Option<Arg<Expr>>,
     pub(crate) transaction: Option<Arg<Ident>>,
+    pub(crate) isolation: Option<Arg<Isolation>>,
     pub(crate) krate: Option<Arg<Path>>,
 }
 
@@ -71,6 +72,24 @@ impl Duration {
 pub(crate) enum OnConflict {
     Wait,
     Reject,
+}
+
+/// The isolation level of `isolation = …`: the runtime's variant name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isolation {
+    ReadCommitted,
+    RepeatableRead,
+    Serializable,
+}
+
+impl Isolation {
+    pub(crate) fn variant(self) -> &'static str {
+        match self {
+            Self::ReadCommitted => "ReadCommitted",
+            Self::RepeatableRead => "RepeatableRead",
+            Self::Serializable => "Serializable",
+        }
+    }
 }
 
 pub(crate) enum CacheErrors {
@@ -236,6 +255,12 @@ pub(crate) const ARGUMENTS: &[Spec] = &[
             set(&mut args.transaction, name, value)
         },
         hints: &["tx", "txn", "transactional", "in_transaction"],
+    },
+    Spec {
+        name: "isolation",
+        form: Form::Value,
+        parse: |args, name, input| set(&mut args.isolation, name, parse_isolation(input)?),
+        hints: &["isolation_level", "level", "serializable"],
     },
     Spec {
         name: "crate",
@@ -488,6 +513,41 @@ fn parse_on_conflict(input: ParseStream<'_>) -> syn::Result<OnConflict> {
                 quote::ToTokens::to_token_stream(&value)
                     .to_string()
                     .replace(" :: ", "::")
+            ),
+        )),
+    }
+}
+
+fn parse_isolation(input: ParseStream<'_>) -> syn::Result<Isolation> {
+    let hint = "`isolation` is `read_committed`, `repeatable_read` or `serializable`, \
+                written as a bare word";
+    let value: Expr = input.parse().map_err(|e| syn::Error::new(e.span(), hint))?;
+    let word = match &value {
+        Expr::Path(path) => path.path.get_ident().map(ToString::to_string),
+        Expr::Lit(syn::ExprLit {
+            lit: Lit::Str(lit), ..
+        }) => {
+            let word = lit.value().to_lowercase().replace([' ', '-'], "_");
+            return Err(syn::Error::new(
+                lit.span(),
+                if ["read_committed", "repeatable_read", "serializable"].contains(&word.as_str()) {
+                    format!("{hint}, without quotes: `isolation = {word}`")
+                } else {
+                    format!("unknown `isolation = {:?}`; {hint}", lit.value())
+                },
+            ));
+        }
+        _ => None,
+    };
+    match word.as_deref() {
+        Some("read_committed") => Ok(Isolation::ReadCommitted),
+        Some("repeatable_read") => Ok(Isolation::RepeatableRead),
+        Some("serializable") => Ok(Isolation::Serializable),
+        _ => Err(syn::Error::new_spanned(
+            &value,
+            format!(
+                "unknown `isolation = {}`; {hint}",
+                quote::ToTokens::to_token_stream(&value)
             ),
         )),
     }

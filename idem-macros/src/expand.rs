@@ -477,6 +477,10 @@ fn settings_expr(krate: &Path, args: &Args) -> TokenStream {
     {
         builder.extend(quote!(.on_conflict(#krate::__private::OnConflict::Reject)));
     }
+    if let Some(isolation) = &args.isolation {
+        let variant = Ident::new(isolation.value.variant(), isolation.span);
+        builder.extend(quote!(.isolation(#krate::__private::Isolation::#variant)));
+    }
     if literal {
         quote!(const { #builder.build() })
     } else {

@@ -454,6 +454,14 @@ fn durations(args: &Args) -> syn::Result<()> {
 /// needs a store to open the transaction on. Answers the parameter's index.
 fn transaction(args: &Args, func: &ItemFn, shape: Option<&Shape>) -> syn::Result<Option<usize>> {
     let Some(tx) = &args.transaction else {
+        if let Some(isolation) = &args.isolation {
+            return Err(syn::Error::new(
+                isolation.span,
+                "`isolation` is the level of idem's transaction, which only `transaction = tx` \
+                 opens: add `transaction = tx` (with a `tx: &mut sqlx::PgConnection` \
+                 parameter), or remove `isolation`",
+            ));
+        }
         return Ok(None);
     };
     let name = &tx.value;

@@ -65,9 +65,12 @@
 //!
 //! # Isolation and serialization failures
 //!
-//! The transaction runs at the database's default isolation level, usually
-//! `READ COMMITTED`; the body may raise it (`SET TRANSACTION ISOLATION LEVEL
-//! …` as its first statement). A serialization failure or deadlock, in the
+//! The transaction runs at the isolation level of
+//! [`Settings::isolation`](crate::Settings::isolation) (`isolation =
+//! serializable` on the attribute), or else at the database's default,
+//! usually `READ COMMITTED`. idem's own statements run first, so a body
+//! cannot set the level itself (`SET TRANSACTION ISOLATION LEVEL` would
+//! fail): set it here. A serialization failure or deadlock, in the
 //! body or at commit, rolls everything back: the call returns the error (an
 //! `Error::Store` when it happens at commit), nothing was recorded, and a
 //! retry runs the body again. A `COMMIT` that times out or loses its
@@ -352,7 +355,14 @@ impl PostgresStore {
                 return Ok(Err(done));
             }
             call.attempt();
-            let mut tx = self.timed("begin", self.inner.pool.begin()).await?;
+            let mut tx = match settings.isolation() {
+                None => self.timed("begin", self.inner.pool.begin()).await?,
+                Some(level) => {
+                    let begin = format!("BEGIN ISOLATION LEVEL {}", level.as_sql());
+                    self.timed("begin", self.inner.pool.begin_with(begin))
+                        .await?
+                }
+            };
             if settings.on_conflict() == OnConflict::Reject {
                 let (locked, _) = self
                     .timed("lock", async {
