@@ -1,4 +1,5 @@
-//! The exactly-once checker on every built-in backend: the fixed seeds and
+//! The exactly-once checker on every built-in backend (memory, a Redis node,
+//! a Redis Cluster, PostgreSQL): the fixed seeds and
 //! a few fresh ones (printed) per run; a soak with
 //! `IDEM_CHECKER_MINUTES=30 cargo test -p idem-test --all-features --test checker -- --ignored --nocapture`.
 //! Replay one seed with `IDEM_CHECKER_SEED=n`.
@@ -66,6 +67,38 @@ mod redis_node {
     }
 
     idem_test::exactly_once_suite!(Node);
+}
+
+#[cfg(feature = "redis")]
+mod redis_cluster {
+    use super::*;
+    use idem_core::RedisStore;
+    use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisServer, shared_cluster};
+
+    pub(crate) struct Cluster;
+
+    impl Backend for Cluster {
+        async fn store(&self) -> Arc<dyn Store> {
+            let cluster = shared_cluster();
+            Arc::new(
+                RedisStore::cluster(cluster.nodes.iter().map(RedisServer::url))
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .connect()
+                    .await
+                    .unwrap_or_else(|e| panic!("connect to {}: {e}", cluster.url())),
+            )
+        }
+
+        fn timing(&self) -> Timing {
+            idem_test::redis_server::TIMING
+        }
+
+        fn follows_tokio_clock(&self) -> bool {
+            false
+        }
+    }
+
+    idem_test::exactly_once_suite!(Cluster);
 }
 
 #[cfg(feature = "postgres")]
