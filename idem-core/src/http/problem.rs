@@ -100,6 +100,9 @@ pub(crate) struct Problem {
     retry_after: Option<Duration>,
 }
 
+/// The longest `Retry-After` idem sends: when a client should look again.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
+
 impl Problem {
     pub(crate) fn new(kind: Kind, detail: impl Into<String>) -> Self {
         Self {
@@ -129,10 +132,18 @@ impl Problem {
         Self {
             kind,
             detail,
-            retry_after: error.retry_after().or(match kind {
-                Kind::AttemptFailed | Kind::StoreUnavailable => Some(Duration::from_secs(1)),
-                _ => None,
-            }),
+            retry_after: error
+                .retry_after()
+                // A 409's `Retry-After` says when to look again, not how
+                // much of the holder's lease is left: the holder usually
+                // finishes long before its lease ends, and a client that
+                // waits out the lease (or gives up because it would pass
+                // its own budget) learns the outcome late or never.
+                .map(|left| left.min(LOOK_AGAIN))
+                .or(match kind {
+                    Kind::AttemptFailed | Kind::StoreUnavailable => Some(LOOK_AGAIN),
+                    _ => None,
+                }),
         }
     }
 
