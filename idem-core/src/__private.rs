@@ -297,10 +297,15 @@ where
         .await
 }
 
-/// A transactional `#[idempotent]` fn's body, run in its call's span.
+/// Runs a transactional `#[idempotent]` fn's body on the claim's
+/// connection, in the call's span.
 #[cfg(feature = "postgres")]
-pub fn in_span<F: Future>(span: tracing::Span, body: F) -> tracing::instrument::Instrumented<F> {
-    tracing::Instrument::instrument(body, span)
+pub async fn transaction_body<R>(
+    claim: &mut Claim<'_>,
+    body: impl AsyncFnOnce(&mut sqlx::PgConnection) -> R,
+) -> R {
+    let span = claim.span();
+    tracing::Instrument::instrument(body(claim.connection()), span).await
 }
 
 /// Records a transactional call's result and commits, or rolls back.
@@ -322,7 +327,6 @@ where
 #[cfg(not(feature = "postgres"))]
 mod without_postgres {
     use std::convert::Infallible;
-    use std::future::Future;
     use std::marker::PhantomData;
 
     use super::{ConfigError, Parts, Prepared, Settings};
@@ -367,12 +371,12 @@ mod without_postgres {
         match store.0 {}
     }
 
-    /// A transactional body, in its span.
-    pub fn in_span<F: Future>(
-        span: tracing::Span,
-        body: F,
-    ) -> tracing::instrument::Instrumented<F> {
-        tracing::Instrument::instrument(body, span)
+    /// Runs a transactional body (never, without the feature).
+    pub async fn transaction_body<R>(
+        claim: &mut Claim<'_>,
+        _: impl AsyncFnOnce(&mut NoConnection) -> R,
+    ) -> R {
+        match claim.0 {}
     }
 
     /// Records a transactional call's result (never, without the feature).

@@ -248,7 +248,6 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             let claim = hidden("__idem_claim");
             let done = hidden("__idem_done");
             let result = hidden("__idem_result");
-            let span = hidden("__idem_span");
             let cache = match &caching {
                 Some(_) => quote!(::core::option::Option::Some((#cached, #caches))),
                 None => quote!(::core::option::Option::<(_, fn(&_) -> bool)>::None),
@@ -261,8 +260,12 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
                 quote!(#krate::requirements::TransactionParameter),
                 tx_ty.span(),
             );
+            let syn::Pat::Ident(tx_binding) = &**tx_pat else {
+                unreachable!("validated: the transaction parameter is a name")
+            };
+            let tx_ident = &tx_binding.ident;
             let connection = quote_spanned! {tx_ty.span()=>
-                <#tx_ty as #parameter<'_>>::from_connection(#claim.connection())
+                <#tx_ty as #parameter<'_>>::from_connection(#tx_ident)
             };
             let feature_span = args
                 .transaction
@@ -280,12 +283,20 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
                 match #krate::__private::transaction_open(&#handle, #settings, #prepared, &mut #codec).await {
                     #krate::__private::Opened::Done(#done) => (#shape_of.from_result)(#done),
                     #krate::__private::Opened::Claimed(mut #claim) => {
-                        let #span = #claim.span();
+                        // The body is an async closure that gets the
+                        // connection as its parameter: `tx` borrows from
+                        // the parameter, as it would in a plain `async fn`,
+                        // so a misuse (moving it into a spawned task) is
+                        // one error about `tx`.
                         #allow
-                        let #result = {
-                            let #tx_pat: #tx_ty = #connection;
-                            #krate::__private::in_span(#span, async { #user_body }).await
-                        };
+                        let #result = #krate::__private::transaction_body(
+                            &mut #claim,
+                            async move |#tx_ident: &mut #krate::requirements::Connection| {
+                                let #tx_pat: #tx_ty = #connection;
+                                #user_body
+                            },
+                        )
+                        .await;
                         (#shape_of.from_result)(
                             #krate::__private::transaction_finish(
                                 #claim,
