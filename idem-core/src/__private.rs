@@ -59,6 +59,13 @@ impl Call {
         self.arguments.argument(argument);
     }
 
+    /// Adds an argument of a generic type to the fingerprint, with its
+    /// type's tag: equal values of two types fingerprint apart.
+    pub fn typed_argument<A: serde::Serialize + ?Sized>(&mut self, argument: &A) {
+        self.arguments.argument(&crate::codec::type_tag::<A>());
+        self.arguments.argument(argument);
+    }
+
     /// Sets the scope.
     pub fn scope<S: serde::Serialize + ?Sized>(&mut self, scope: &S) {
         self.key.scope(scope);

@@ -171,6 +171,12 @@
 /// warning naming both functions the first time the second one runs, so
 /// that a copied attribute does not share records unseen.
 ///
+/// The fingerprint of an argument whose type is a type parameter (or an
+/// `impl Trait`) covers its type as well (its name without module paths), so
+/// that the instances of a generic fn pinned to one name never take each
+/// other's equal-looking arguments (`Shipped { order: 7 }` and `Cancelled
+/// { order: 7 }`) for the same call.
+///
 /// Whatever gets a record under a key, it is never decoded as another type:
 /// each record carries a tag of its value's type name (module paths left
 /// out, so moving a type keeps it; renaming it does not), and a record of

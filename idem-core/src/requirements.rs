@@ -55,8 +55,12 @@ impl<T: Serialize + ?Sized> Argument for T {
 /// for an unfit type parameter restricts it with `Serialize`. For a
 /// parameter that callers pass closures or clients to, the fix is
 /// `skip(name)`, not the bound.
+///
+/// The fingerprint covers the argument's type too (its name without module
+/// paths), so that two instances of a generic fn pinned to one `name` do
+/// not take each other's equal-looking arguments for the same call.
 pub fn serialize_or_skip<A: Serialize + ?Sized>(argument: &A, call: &mut Call) {
-    call.argument(argument);
+    call.typed_argument(argument);
 }
 
 /// The value of `key = …`: `Serialize`.

@@ -83,6 +83,30 @@ async fn generic_fns_by_content_are_told_apart(idem: &Idempotency) {
     assert_eq!(published.load(Ordering::SeqCst), 2);
 }
 
+/// Pinned to one name, the instances share it: the argument's type is part
+/// of the fingerprint (and so of a content key), so a cancellation is still
+/// not taken for a shipment.
+#[idempotent(name = "tests.identity.publish_pinned", store = idem, skip(idem, published))]
+async fn publish_pinned<E: Event>(
+    idem: &Idempotency,
+    published: &AtomicU32,
+    event: E,
+) -> Result<String, Error> {
+    let _ = &event;
+    published.fetch_add(1, Ordering::SeqCst);
+    Ok(E::NAME.to_owned())
+}
+
+async fn pinned_generic_fns_by_content_are_told_apart(idem: &Idempotency) {
+    let published = AtomicU32::new(0);
+    let order_id = rand_suffix();
+    let shipped = publish_pinned(idem, &published, OrderShipped { order_id }).await;
+    let cancelled = publish_pinned(idem, &published, OrderCancelled { order_id }).await;
+    assert_eq!(shipped.unwrap(), "OrderShipped");
+    assert_eq!(cancelled.unwrap(), "OrderCancelled");
+    assert_eq!(published.load(Ordering::SeqCst), 2);
+}
+
 // --- a generic fn with a key ------------------------------------------------
 
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -418,6 +442,7 @@ async fn a_call_that_reenters_its_key_fails_at_once(idem: &Idempotency) {
 
 async fn every_case(idem: &Idempotency) {
     generic_fns_by_content_are_told_apart(idem).await;
+    pinned_generic_fns_by_content_are_told_apart(idem).await;
     generic_fns_with_a_key_are_told_apart(idem).await;
     methods_of_a_generic_impl_are_told_apart(idem).await;
     trait_default_methods_are_told_apart_by_implementor(idem).await;
