@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idem_core::store::{Store, Token};
+use idem_core::store::{Begin, Store, Token};
 use idem_core::{Fingerprint, Idempotency, Key, RedisStore, Settings};
-use idem_test::conformance::{Backend, Failure, Runs, Timing};
+use idem_test::conformance::{Backend, Failure, Runs, Timing, fresh};
 use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisCluster, RedisServer, shared_cluster};
 
 struct Cluster;
@@ -185,4 +185,67 @@ async fn a_cluster_with_an_evicting_primary_is_refused() {
         .connect()
         .await
         .expect("accepted when told");
+}
+
+/// The stuck-key runbook during a reshard: while a claim's slot migrates
+/// (the claim already moved to the importing node, so its old node answers
+/// `ASK`), `inspect` and `claims_older_than` follow the redirection and
+/// still see it.
+#[tokio::test]
+async fn the_runbook_works_while_a_slot_migrates() {
+    let cluster = RedisCluster::start();
+    let store = connect(&cluster).await;
+    let (key, fp) = fresh("migrating");
+    let claimed = store
+        .begin(key, fp, Token::random(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(claimed, Begin::Claimed));
+    let record_key = store.record_key(&key);
+    let primaries = cluster.primaries();
+    let slot = primaries[0]
+        .cli(&["CLUSTER", "KEYSLOT", &record_key])
+        .trim()
+        .to_owned();
+    let count = |node: &RedisServer| -> u64 {
+        node.cli(&["CLUSTER", "COUNTKEYSINSLOT", &slot])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let source = *primaries
+        .iter()
+        .find(|node| count(node) == 1)
+        .expect("the claim's node");
+    let target = *primaries
+        .iter()
+        .find(|node| node.port() != source.port())
+        .unwrap();
+    let id = |node: &RedisServer| node.cli(&["CLUSTER", "MYID"]).trim().to_owned();
+    let (source_id, target_id) = (id(source), id(target));
+    target.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]);
+    source.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]);
+    let port = target.port().to_string();
+    let moved = source.cli(&[
+        "MIGRATE",
+        "127.0.0.1",
+        &port,
+        "",
+        "0",
+        "5000",
+        "KEYS",
+        &record_key,
+    ]);
+    assert!(moved.contains("OK"), "{moved}");
+
+    let idem = Idempotency::new(store);
+    match idem.inspect(key).await {
+        Ok(idem_core::Inspection::InProgress { fingerprint, .. }) => assert_eq!(fingerprint, fp),
+        other => panic!("inspect mid-migration: {other:?}"),
+    }
+    let claims = idem
+        .claims_older_than(Duration::ZERO, 100)
+        .await
+        .expect("the scan follows redirections");
+    assert!(claims.iter().any(|claim| claim.key == key), "{claims:?}");
 }

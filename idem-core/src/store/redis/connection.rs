@@ -43,6 +43,7 @@ impl ConnectionLike for Connection {
 
 /// A node whose keys one `SCAN` walks: the node itself, or one primary of a
 /// cluster.
+#[derive(Debug)]
 pub(crate) enum ScanTarget {
     Node,
     Primary { host: String, port: u16 },

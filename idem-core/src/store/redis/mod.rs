@@ -254,8 +254,10 @@ impl RedisStore {
         else {
             return Ok(None);
         };
-        let (held, ttl): (Option<Vec<u8>>, i64) = read_with_ttl(&record_key)
-            .query_async(connection)
+        let (held, ttl): (Option<Vec<u8>>, i64) = SCRIPTS
+            .read
+            .key(&record_key)
+            .invoke_async(connection)
             .await
             .map_err(failed)?;
         let Some(held) = held else { return Ok(None) };
@@ -276,16 +278,9 @@ impl RedisStore {
     }
 }
 
-/// `GET` and `PTTL` of one record key, in one round trip.
-fn read_with_ttl(record_key: &[u8]) -> redis::Pipeline {
-    let mut pipeline = redis::pipe();
-    pipeline
-        .cmd("GET")
-        .arg(record_key)
-        .cmd("PTTL")
-        .arg(record_key);
-    pipeline
-}
+/// The most keys one `claims_older_than` looks at, however few claims it
+/// finds: a listing on a large keyspace ends after this many, partial.
+const MAX_SCANNED: usize = 100_000;
 
 /// `text` with Redis glob's special characters escaped.
 fn glob_escape(text: &str) -> String {
@@ -416,12 +411,7 @@ impl Store for RedisStore {
 
     fn inspect(&self, key: Key) -> StoreFuture<'_, Inspection> {
         Box::pin(async move {
-            let pipeline = &read_with_ttl(self.record_key(&key).as_bytes());
-            let answer = self
-                .retrying("inspect", |mut connection| async move {
-                    pipeline.query_async::<Value>(&mut connection).await
-                })
-                .await?;
+            let answer = self.invoke("inspect", &SCRIPTS.read, &key, &[]).await?;
             let Value::Array(mut answers) = answer else {
                 return Err(unexpected("inspect", &answer));
             };
@@ -484,20 +474,35 @@ impl Store for RedisStore {
             let pattern = format!("{}*", glob_escape(&prefix));
             let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
             let mut claims = Vec::new();
-            for target in connection.scan_targets().await.map_err(failed)? {
+            let mut scanned = 0_usize;
+            let targets = connection.scan_targets().await.map_err(failed)?;
+            let mut failures = Vec::new();
+            'targets: for target in &targets {
                 let mut cursor = 0;
                 loop {
-                    let (next, keys) = connection
-                        .scan(&target, cursor, &pattern)
-                        .await
-                        .map_err(failed)?;
+                    // A node that fails (a reshard under way, a failover)
+                    // is reported and skipped: the others' claims are
+                    // still listed.
+                    let (next, keys) = match connection.scan(target, cursor, &pattern).await {
+                        Ok(page) => page,
+                        Err(error) => {
+                            tracing::warn!(node = ?target, %error, "could not scan a Redis node for old claims; listing the others'");
+                            failures.push(failed(error));
+                            continue 'targets;
+                        }
+                    };
                     for key in keys {
-                        if claims.len() == limit {
+                        if claims.len() == limit || scanned == MAX_SCANNED {
                             return Ok(claims);
                         }
-                        let Some(claim) = self.held_claim(&mut connection, &prefix, key).await?
-                        else {
-                            continue;
+                        scanned += 1;
+                        let claim = match self.held_claim(&mut connection, &prefix, key).await {
+                            Ok(Some(claim)) => claim,
+                            Ok(None) => continue,
+                            Err(error) => {
+                                tracing::warn!(%error, "could not read a claim while listing old claims; skipped");
+                                continue;
+                            }
                         };
                         if u64::try_from(claim.held_for.as_millis()).unwrap_or(u64::MAX) > age_ms {
                             claims.push(claim);
@@ -509,7 +514,10 @@ impl Store for RedisStore {
                     }
                 }
             }
-            Ok(claims)
+            match failures.pop() {
+                Some(error) if failures.len() + 1 == targets.len() => Err(error),
+                _ => Ok(claims),
+            }
         })
     }
 

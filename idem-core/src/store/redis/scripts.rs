@@ -13,7 +13,7 @@ use super::envelope::{
     CLAIMED, COMPLETED, CURRENT_VERSION, FINGERPRINT, HEADER, STATE, TOKEN, VERSION, lua_sub,
 };
 
-/// The three scripts, loaded once per process.
+/// The scripts, loaded once per process.
 pub(crate) struct Scripts {
     /// `KEYS[1]` the record; `ARGV` token, encoded record, TTL in ms, the
     /// completion time (8 bytes). Answers 1 stored, 0 lost.
@@ -24,6 +24,10 @@ pub(crate) struct Scripts {
     /// bytes); what follows the header (when the claim was made) is kept.
     /// Answers 1 renewed, 0 not ours.
     pub(crate) renew: Script,
+    /// `KEYS[1]` the record. Answers its value and `PTTL`: one command, so
+    /// that a cluster client follows a migrating slot's `ASK` for it (a
+    /// pipeline of `GET` and `PTTL` does not).
+    pub(crate) read: Script,
 }
 
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
@@ -45,6 +49,7 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
         )
     };
     Scripts {
+        read: Script::new("return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}"),
         complete: Script::new(&format!(
             "local held = redis.call('GET', KEYS[1])
 if {completed} then
