@@ -466,3 +466,44 @@ async fn instances_are_told_apart_on_redis() {
         .unwrap();
     every_case(&Idempotency::new(store)).await;
 }
+
+/// A stored value that does not decode as the call's type is never quoted
+/// in the error or the logs: serde's message would carry it (a secret, a
+/// card number).
+#[tokio::test(flavor = "current_thread")]
+async fn a_decode_error_never_carries_the_stored_value() {
+    use idem_core::store::{Outcome, Record, Store as _, Token};
+    let logs = Warnings::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let store = idem_core::MemoryStore::new();
+    let key = Key::new("tests.identity.decode", &fresh("decode")).unwrap();
+    let fingerprint = Fingerprint::of(&()).unwrap();
+    let token = Token::random();
+    store
+        .begin(key, fingerprint, token, Duration::from_secs(60))
+        .await
+        .unwrap();
+    // An untagged record (as an older idem wrote), holding a string.
+    let record = Record::new(Outcome::Ok, &b"\"card 4242 4242\""[..]);
+    store
+        .complete(key, token, record, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let idem = Idempotency::new(store);
+    let answer: Result<u32, Error> = idem
+        .run(&Settings::default(), key, fingerprint, async { Ok(1) })
+        .await;
+    let error = answer.unwrap_err();
+    assert!(matches!(error, Error::Decode(_)), "{error:?}");
+    assert!(!error.to_string().contains("4242"), "{error}");
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logged.contains("decode"), "the outcome is logged: {logged}");
+    assert!(!logged.contains("4242"), "{logged}");
+}
