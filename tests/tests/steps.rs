@@ -1,0 +1,255 @@
+//! Multi-step calls: a call whose body fails after step k (an `Err`, a
+//! panic, a dropped future) resumes at step k + 1 when it runs again, on
+//! every store that keeps journals; each step's side effect happens once
+//! and its derived key is the same on every attempt.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use idem_core::store::Store;
+use idem_core::{
+    Error, Fingerprint, Idempotency, Key, MemoryStore, Settings, derive_step_key, step, step_key,
+};
+
+const STEPS: usize = 4;
+
+/// How the first attempt fails after a step.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// The body returns an `Err`: the claim is released.
+    Err,
+    /// The body panics: the claim is released.
+    Panic,
+    /// The caller drops the call's future: the claim lapses with its lease.
+    Dropped,
+}
+
+/// Side effects counted per step, and the derived keys each step saw.
+#[derive(Default)]
+struct Effects {
+    runs: [AtomicU32; STEPS],
+    keys: Mutex<Vec<(usize, String)>>,
+}
+
+fn settings() -> Settings {
+    Settings::builder()
+        .lease(Duration::from_secs(2))
+        .ttl(Duration::from_secs(120))
+        .wait_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// One attempt of an N-step call: runs every step, then fails as `fail`
+/// says after step `after` if given.
+async fn attempt(
+    idem: &Idempotency,
+    key: Key,
+    effects: &Effects,
+    fail: Option<(usize, Failure)>,
+) -> Result<Vec<u32>, Error> {
+    idem.run(&settings(), key, Fingerprint::of(&"cart")?, async {
+        let mut results = Vec::new();
+        for i in 0..STEPS {
+            let value = step(&format!("step-{i}"), async {
+                let derived = step_key(&format!("step-{i}")).expect("inside a call");
+                effects.keys.lock().unwrap().push((i, derived));
+                effects.runs[i].fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(u32::try_from(i).unwrap() * 10)
+            })
+            .await?;
+            results.push(value);
+            match fail {
+                Some((after, Failure::Err)) if after == i => return Err(Error::AttemptFailed),
+                Some((after, Failure::Panic)) if after == i => panic!("injected after step {i}"),
+                Some((after, Failure::Dropped)) if after == i => {
+                    std::future::pending::<()>().await;
+                }
+                _ => {}
+            }
+        }
+        Ok(results)
+    })
+    .await
+}
+
+/// For every step k and every failure: the first attempt fails after step
+/// k, the retry runs steps k + 1.. only and returns every step's result,
+/// and a third call replays the record without running anything.
+async fn resumes_after_each_step(store: Arc<dyn Store>, failure: Failure) {
+    let idem = Idempotency::from_arc(store);
+    for k in 0..STEPS {
+        let key = Key::new(
+            "checkout",
+            &format!("{failure:?}-{k}-{}", rand::random::<u64>()),
+        )
+        .unwrap();
+        let effects = Effects::default();
+        let first = AssertUnwindSafe(attempt(&idem, key, &effects, Some((k, failure))));
+        match failure {
+            Failure::Err => assert!(matches!(first.await, Err(Error::AttemptFailed))),
+            Failure::Panic => assert!(first.catch_unwind().await.is_err(), "the body panicked"),
+            Failure::Dropped => {
+                let dropped = tokio::time::timeout(Duration::from_millis(300), first).await;
+                assert!(dropped.is_err(), "the first attempt hangs after step {k}");
+            }
+        }
+        for i in 0..STEPS {
+            let expected = u32::from(i <= k);
+            assert_eq!(
+                effects.runs[i].load(Ordering::SeqCst),
+                expected,
+                "first attempt, step {i}"
+            );
+        }
+
+        let retry = attempt(&idem, key, &effects, None).await.unwrap();
+        assert_eq!(retry, vec![0, 10, 20, 30], "journaled results replay");
+        for i in 0..STEPS {
+            assert_eq!(
+                effects.runs[i].load(Ordering::SeqCst),
+                1,
+                "{failure:?} after step {k}: step {i} ran once"
+            );
+        }
+        let replay = attempt(&idem, key, &effects, Some((0, Failure::Err)))
+            .await
+            .unwrap();
+        assert_eq!(replay, retry, "the completed call replays");
+        let keys = effects.keys.lock().unwrap();
+        assert_eq!(keys.len(), STEPS);
+        for (i, derived) in keys.iter() {
+            assert_eq!(*derived, derive_step_key(key, &format!("step-{i}")));
+        }
+    }
+}
+
+/// A name used twice in one attempt fails, and the second work does not run.
+async fn repeated_names_fail(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("repeat", &rand::random::<u64>()).unwrap();
+    let runs = AtomicU32::new(0);
+    let result: Result<(), Error> = idem
+        .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+            for _ in 0..2 {
+                step("same", async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(())
+                })
+                .await?;
+            }
+            Ok(())
+        })
+        .await;
+    assert!(
+        matches!(result, Err(Error::StepRepeated { ref name }) if name == "same"),
+        "{result:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A step that fails is not journaled: it runs again on the next attempt.
+async fn failed_steps_run_again(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("flaky", &rand::random::<u64>()).unwrap();
+    let runs = AtomicU32::new(0);
+    for attempt in 0..2 {
+        let result: Result<u32, Error> = idem
+            .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+                step("flaky", async {
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    if attempt == 0 {
+                        Err(Error::AttemptFailed)
+                    } else {
+                        Ok(n)
+                    }
+                })
+                .await
+            })
+            .await;
+        assert_eq!(result.is_ok(), attempt == 1);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// A holder whose claim is gone (here forgotten by an operator) cannot
+/// journal its step: the call stops with `StepLost`.
+async fn a_lost_claim_stops_the_call(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(Arc::clone(&store));
+    let key = Key::new("lost", &rand::random::<u64>()).unwrap();
+    let result: Result<(), Error> = idem
+        .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+            step("before", async { Ok::<_, Error>(()) }).await?;
+            store.forget(key).await?;
+            step("after", async { Ok::<_, Error>(()) }).await
+        })
+        .await;
+    assert!(
+        matches!(result, Err(Error::StepLost { ref name }) if name == "after"),
+        "{result:?}"
+    );
+    assert!(
+        store.steps(key).await.unwrap().is_empty(),
+        "forget deletes the journal"
+    );
+}
+
+macro_rules! step_tests {
+    ($store:expr) => {
+        #[tokio::test]
+        async fn resumes_after_an_err() {
+            super::resumes_after_each_step($store, super::Failure::Err).await;
+        }
+
+        #[tokio::test]
+        async fn resumes_after_a_panic() {
+            super::resumes_after_each_step($store, super::Failure::Panic).await;
+        }
+
+        #[tokio::test]
+        async fn resumes_after_a_dropped_future() {
+            super::resumes_after_each_step($store, super::Failure::Dropped).await;
+        }
+
+        #[tokio::test]
+        async fn repeated_names_fail() {
+            super::repeated_names_fail($store).await;
+        }
+
+        #[tokio::test]
+        async fn failed_steps_run_again() {
+            super::failed_steps_run_again($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_lost_claim_stops_the_call() {
+            super::a_lost_claim_stops_the_call($store).await;
+        }
+    };
+}
+
+mod memory {
+    use super::*;
+
+    step_tests!(Arc::new(MemoryStore::new()) as Arc<dyn Store>);
+
+    /// The journal expires with the call's TTL: a call run again after
+    /// that starts afresh.
+    #[tokio::test(start_paused = true)]
+    async fn the_journal_expires_with_the_ttl() {
+        let store = MemoryStore::new();
+        let idem = Idempotency::new(store.clone());
+        let key = Key::new("expiring", &1).unwrap();
+        let effects = Effects::default();
+        let first = attempt(&idem, key, &effects, Some((1, Failure::Err))).await;
+        assert!(first.is_err());
+        assert_eq!(store.steps(key).await.unwrap().len(), 2);
+        tokio::time::sleep(Duration::from_secs(121)).await;
+        assert!(store.steps(key).await.unwrap().is_empty());
+        attempt(&idem, key, &effects, None).await.unwrap();
+        assert_eq!(effects.runs[0].load(Ordering::SeqCst), 2, "started afresh");
+    }
+}
