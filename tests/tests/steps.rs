@@ -253,3 +253,42 @@ mod memory {
         assert_eq!(effects.runs[0].load(Ordering::SeqCst), 2, "started afresh");
     }
 }
+
+#[cfg(feature = "redis")]
+mod redis_node {
+    use super::*;
+    use idem_core::RedisStore;
+
+    async fn store() -> Arc<dyn Store> {
+        let url = idem_test::redis_server::shared_node().url();
+        let store = RedisStore::node(url)
+            .response_timeout(idem_test::redis_server::RESPONSE_TIMEOUT)
+            .connect()
+            .await
+            .unwrap();
+        Arc::new(store)
+    }
+
+    step_tests!(store().await);
+}
+
+#[cfg(feature = "redis")]
+mod redis_cluster {
+    use super::*;
+    use idem_core::RedisStore;
+
+    async fn store() -> Arc<dyn Store> {
+        let nodes = idem_test::redis_server::shared_cluster()
+            .nodes
+            .iter()
+            .map(idem_test::redis_server::RedisServer::url);
+        let store = RedisStore::cluster(nodes)
+            .response_timeout(idem_test::redis_server::RESPONSE_TIMEOUT)
+            .connect()
+            .await
+            .unwrap();
+        Arc::new(store)
+    }
+
+    step_tests!(store().await);
+}
