@@ -292,3 +292,21 @@ mod redis_cluster {
 
     step_tests!(store().await);
 }
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use idem_core::PostgresStore;
+
+    async fn store() -> Arc<dyn Store> {
+        let store = PostgresStore::builder(idem_test::postgres_server::shared().url())
+            .response_timeout(idem_test::postgres_server::RESPONSE_TIMEOUT)
+            .max_connections(4)
+            .connect()
+            .await
+            .unwrap();
+        Arc::new(store)
+    }
+
+    step_tests!(store().await);
+}
