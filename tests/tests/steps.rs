@@ -233,6 +233,52 @@ macro_rules! step_tests {
 
 mod memory {
     use super::*;
+    use idem_core::idempotent;
+
+    struct Shop {
+        idem: Idempotency,
+        reserved: AtomicU32,
+        charged: AtomicU32,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Shop {
+        /// Reserves, charges, then fails while `self.fail` says so.
+        #[idempotent(key = order, store = self.idem)]
+        async fn checkout(&self, order: u64) -> Result<String, Error> {
+            step("reserve", async {
+                Ok::<_, Error>(self.reserved.fetch_add(1, Ordering::SeqCst))
+            })
+            .await?;
+            let charge = step("charge", async {
+                self.charged.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(step_key("charge").expect("inside a call"))
+            })
+            .await?;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(Error::AttemptFailed);
+            }
+            Ok(charge)
+        }
+    }
+
+    /// Steps work in an `#[idempotent]` function as in `Idempotency::run`.
+    #[tokio::test]
+    async fn steps_resume_in_an_annotated_function() {
+        let shop = Shop {
+            idem: Idempotency::new(MemoryStore::new()),
+            reserved: AtomicU32::new(0),
+            charged: AtomicU32::new(0),
+            fail: std::sync::atomic::AtomicBool::new(true),
+        };
+        assert!(matches!(shop.checkout(7).await, Err(Error::AttemptFailed)));
+        shop.fail.store(false, Ordering::SeqCst);
+        let first = shop.checkout(7).await.unwrap();
+        assert_eq!(shop.checkout(7).await.unwrap(), first, "replayed");
+        assert_eq!(shop.reserved.load(Ordering::SeqCst), 1);
+        assert_eq!(shop.charged.load(Ordering::SeqCst), 1);
+        assert_eq!(first.len(), 32, "the derived key the charge saw");
+    }
 
     step_tests!(Arc::new(MemoryStore::new()) as Arc<dyn Store>);
 
