@@ -34,6 +34,14 @@
 //! );
 //! CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
 //! CREATE INDEX idempotency_keys_claimed ON idempotency_keys (stored_at) WHERE record IS NULL;
+//! CREATE TABLE idempotency_keys_steps (   -- the journals of multi-step calls
+//!     key        bytea NOT NULL,
+//!     name       text NOT NULL,
+//!     seq        bigserial,
+//!     value      bytea NOT NULL,
+//!     expires_at timestamptz NOT NULL,
+//!     PRIMARY KEY (key, name)
+//! );
 //! ```
 //!
 //! The primary key serves every operation; the index on `expires_at` serves
