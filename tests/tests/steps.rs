@@ -316,6 +316,61 @@ mod redis_node {
     }
 
     step_tests!(store().await);
+
+    /// A process killed with `kill -9` after step k: a new process running
+    /// the call resumes at step k + 1, each step's effect counted once, and
+    /// sees the same derived keys.
+    #[test]
+    fn a_killed_process_resumes_after_its_last_journaled_step() {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+
+        use idem_test::redis_server::RedisServer;
+
+        let (store, counter) = (RedisServer::start(), RedisServer::start());
+        let binary = env!("CARGO_BIN_EXE_idem-steps-crash");
+        for k in 0..STEPS {
+            let order = format!("order-{k}-{}", rand::random::<u64>());
+            let mut child = Command::new(binary)
+                .args([&store.url(), &order, &counter.url(), &k.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), format!("after {k}"));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            let count = |i: usize| counter.cli(&["GET", &format!("{order}:step-{i}")]);
+            for i in 0..STEPS {
+                let expected = if i <= k { "1" } else { "" };
+                assert_eq!(count(i).trim(), expected, "killed after step {k}: step {i}");
+            }
+
+            let retry = Command::new(binary)
+                .args([&store.url(), &order, &counter.url(), "none"])
+                .output()
+                .unwrap();
+            assert!(
+                retry.status.success(),
+                "{}",
+                String::from_utf8_lossy(&retry.stderr)
+            );
+            let key = Key::new("steps-crash", &order).unwrap();
+            let expected: Vec<String> = (0..STEPS)
+                .map(|i| derive_step_key(key, &format!("step-{i}")))
+                .collect();
+            assert_eq!(
+                String::from_utf8_lossy(&retry.stdout).trim(),
+                expected.join(",")
+            );
+            for i in 0..STEPS {
+                assert_eq!(count(i).trim(), "1", "after the retry: step {i} ran once");
+            }
+        }
+    }
 }
 
 #[cfg(feature = "redis")]
