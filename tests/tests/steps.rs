@@ -282,6 +282,80 @@ mod memory {
 
     step_tests!(Arc::new(MemoryStore::new()) as Arc<dyn Store>);
 
+    /// A store of the four core operations only, as a third party may write.
+    struct NoJournal(MemoryStore);
+
+    impl Store for NoJournal {
+        fn begin(
+            &self,
+            key: Key,
+            fingerprint: Fingerprint,
+            token: idem_core::store::Token,
+            lease: Duration,
+        ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
+            self.0.begin(key, fingerprint, token, lease)
+        }
+
+        fn complete(
+            &self,
+            key: Key,
+            token: idem_core::store::Token,
+            record: idem_core::store::Record,
+            ttl: Duration,
+        ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+            self.0.complete(key, token, record, ttl)
+        }
+
+        fn release(
+            &self,
+            key: Key,
+            token: idem_core::store::Token,
+        ) -> idem_core::store::StoreFuture<'_, ()> {
+            self.0.release(key, token)
+        }
+
+        fn renew(
+            &self,
+            key: Key,
+            token: idem_core::store::Token,
+            lease: Duration,
+        ) -> idem_core::store::StoreFuture<'_, bool> {
+            self.0.renew(key, token, lease)
+        }
+    }
+
+    /// On a store that keeps no journals the first step fails with
+    /// `Unsupported` before its work runs; a call without steps is unaffected.
+    #[tokio::test]
+    async fn a_store_without_journals_fails_the_first_step() {
+        let idem = Idempotency::new(NoJournal(MemoryStore::new()));
+        let key = Key::new("no-journal", &1).unwrap();
+        let runs = AtomicU32::new(0);
+        let result: Result<(), Error> = idem
+            .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+                step("only", async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(())
+                })
+                .await
+            })
+            .await;
+        assert!(
+            matches!(&result, Err(Error::Store(e)) if e.kind() == idem_core::StoreErrorKind::Unsupported),
+            "{result:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        let plain: Result<u8, Error> = idem
+            .run(
+                &settings(),
+                Key::new("no-journal", &2).unwrap(),
+                Fingerprint::of(&()).unwrap(),
+                async { Ok(1) },
+            )
+            .await;
+        assert_eq!(plain.unwrap(), 1);
+    }
+
     /// The journal expires with the call's TTL: a call run again after
     /// that starts afresh.
     #[tokio::test(start_paused = true)]
