@@ -291,6 +291,13 @@ impl Idempotency {
         herald.set_retry_at(lease.until());
         let work = async {
             let started = Instant::now();
+            let body = crate::steps::journaled(
+                Arc::clone(&self.shared.store),
+                key,
+                token,
+                settings.ttl(),
+                body,
+            );
             let result = caught(body).await;
             let took = started.elapsed();
             let record = match &result {

@@ -107,6 +107,28 @@ pub enum Error {
         operation: Cow<'static, str>,
     },
 
+    /// A step name was used twice within one call (see
+    /// [`step`](crate::step)): a retry could not tell which of the two a
+    /// journal entry belongs to. Give each step a name of its own, e.g. one
+    /// that includes a loop's index.
+    #[error(
+        "the step `{name}` ran twice in one idempotent call; step names must be unique per call"
+    )]
+    StepRepeated {
+        /// The repeated name.
+        name: Cow<'static, str>,
+    },
+
+    /// A step finished after its call's claim was lost (the lease lapsed
+    /// and another attempt took the key over, or an operator forgot it):
+    /// its result was not journaled, and the call stops here so that the
+    /// new holder alone goes on.
+    #[error("the claim of the idempotent call was lost before step `{name}` could be journaled")]
+    StepLost {
+        /// The step whose result was not journaled.
+        name: Cow<'static, str>,
+    },
+
     /// The call's settings break one of idem's rules, e.g. a `lease` not
     /// shorter than the `ttl` given as an expression. The body did not run.
     #[error("invalid idempotency settings: {0}")]
@@ -180,7 +202,8 @@ impl Error {
                 _ => 503,
             },
             Self::AttemptFailed => 503,
-            Self::Reentered { .. } => 500,
+            Self::Reentered { .. } | Self::StepRepeated { .. } => 500,
+            Self::StepLost { .. } => 503,
             Self::Decode(_)
             | Self::Encode { .. }
             | Self::NotReplayable { .. }
@@ -218,6 +241,8 @@ impl From<Error> for std::io::Error {
                 ErrorKind::InvalidInput
             }
             Error::Reentered { .. } => ErrorKind::Deadlock,
+            Error::StepRepeated { .. } => ErrorKind::InvalidInput,
+            Error::StepLost { .. } => ErrorKind::Other,
             Error::Store(store) if store.kind() == StoreErrorKind::Timeout => ErrorKind::TimedOut,
             Error::Store(_) | Error::AttemptFailed => ErrorKind::Other,
             Error::Decode(_) | Error::NotReplayable { .. } => ErrorKind::InvalidData,

@@ -156,6 +156,38 @@ impl Idempotency {
         Ok(self.shared.store.inspect(key).await?)
     }
 
+    /// The names of the steps journaled under `key`, in the order they
+    /// were done (see [`step`](crate::step)): what a call that failed
+    /// midway got through, and where its next attempt resumes. Empty when
+    /// the call used no steps or its journal expired.
+    ///
+    /// ```
+    /// use idem_core::{Fingerprint, Idempotency, Key, Settings, step};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), idem_core::Error> {
+    /// let idem = Idempotency::memory();
+    /// let key = Key::new("checkout", &"order-9")?;
+    /// let failed: Result<(), idem_core::Error> = idem
+    ///     .run(&Settings::default(), key, Fingerprint::UNCHECKED, async {
+    ///         step("reserve", async { Ok::<_, idem_core::Error>(1) }).await?;
+    ///         Err(idem_core::Error::AttemptFailed)
+    ///     })
+    ///     .await;
+    /// assert!(failed.is_err());
+    /// assert_eq!(idem.steps_done(key).await?, ["reserve"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails or keeps no journals
+    /// ([`StoreErrorKind::Unsupported`](crate::store::StoreErrorKind::Unsupported)).
+    pub async fn steps_done(&self, key: Key) -> Result<Vec<String>, Error> {
+        let steps = self.shared.store.steps(key).await?;
+        Ok(steps.into_iter().map(|step| step.name).collect())
+    }
+
     /// Deletes whatever `key` holds — a completed record or a claim in
     /// progress — and answers whether there was anything.
     ///

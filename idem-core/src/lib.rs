@@ -113,6 +113,7 @@ mod reentry;
 mod replayable;
 pub mod requirements;
 mod settings;
+mod steps;
 pub mod store;
 
 #[cfg(feature = "client")]
@@ -145,6 +146,9 @@ pub use settings::{
     ConfigError, DEFAULT_LEASE, DEFAULT_TTL, Isolation, MAX_DURATION, MIN_LEASE, OnConflict,
     Settings, SettingsBuilder,
 };
+/// What users match on: the store failure inside [`Error::Store`] and its
+/// kind, and the stored outcome an [`Inspection::Completed`] reports.
+pub use steps::{derive_step_key, step, step_key};
 pub use store::connect::connect;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]
@@ -153,6 +157,4 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
-/// What users match on: the store failure inside [`Error::Store`] and its
-/// kind, and the stored outcome an [`Inspection::Completed`] reports.
-pub use store::{HeldClaim, Inspection, Outcome, StoreError, StoreErrorKind};
+pub use store::{HeldClaim, Inspection, JournaledStep, Outcome, StoreError, StoreErrorKind};

@@ -167,13 +167,14 @@ impl CallOutcome {
         match error {
             Error::InProgress { .. } => Self::InProgress,
             Error::KeyReused => Self::KeyReused,
-            Error::Store(_) => Self::StoreError,
+            Error::Store(_) | Error::StepLost { .. } => Self::StoreError,
             Error::Decode(_) | Error::NotReplayable { .. } => Self::DecodeError,
             Error::AttemptFailed => Self::AttemptFailed,
             Error::Encode { .. }
             | Error::InvalidKey { .. }
             | Error::Config(_)
-            | Error::Reentered { .. } => Self::ConfigError,
+            | Error::Reentered { .. }
+            | Error::StepRepeated { .. } => Self::ConfigError,
         }
     }
 

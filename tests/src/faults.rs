@@ -26,8 +26,8 @@ use rand::{Rng as _, SeedableRng as _};
 use tokio::time::Instant;
 
 use idem_core::store::{
-    Begin, Completion, HeldClaim, Inspection, Limits, Record, Store, StoreError, StoreErrorKind,
-    StoreFuture, Token, Watch,
+    Begin, Completion, HeldClaim, Inspection, JournaledStep, Limits, Record, Store, StoreError,
+    StoreErrorKind, StoreFuture, Token, Watch,
 };
 use idem_core::{Fingerprint, Key};
 
@@ -366,6 +366,21 @@ impl Store for Flaky {
 
     fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
         self.inner.claims_older_than(age, limit)
+    }
+
+    fn append_step(
+        &self,
+        key: Key,
+        token: Token,
+        name: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, bool> {
+        self.inner.append_step(key, token, name, value, ttl)
+    }
+
+    fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
+        self.inner.steps(key)
     }
 }
 

@@ -19,7 +19,10 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Begin, Completion, HeldClaim, Inspection, Record, Store, StoreFuture, Token, Watch};
+use super::{
+    Begin, Completion, HeldClaim, Inspection, JournaledStep, Record, Store, StoreFuture, Token,
+    Watch,
+};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::{DigestHasher, Fingerprint, Key};
 use crate::settings::MAX_DURATION;
@@ -121,6 +124,23 @@ struct Table {
     /// Who waits for a claim to end, by key: rare, so kept beside the slots
     /// rather than in each.
     watchers: HashMap<Key, Arc<Notify>, DigestHasher>,
+    /// The step journals of multi-step calls, by key: kept apart from the
+    /// slots because a journal outlives a released claim.
+    journals: HashMap<Key, Journal, DigestHasher>,
+}
+
+/// One call's journal of completed steps.
+struct Journal {
+    /// When the journal expires, in µs since the store's epoch.
+    deadline: u64,
+    steps: Vec<JournaledStep>,
+}
+
+impl Journal {
+    /// What one step counts against the byte cap.
+    fn cost(step: &JournaledStep) -> usize {
+        size_of::<JournaledStep>() + step.name.len() + step.value.len()
+    }
 }
 
 impl Table {
@@ -451,8 +471,21 @@ impl Inner {
             return;
         }
         let mut table = self.write(shard);
-        let Table { slots, watchers } = &mut *table;
+        let Table {
+            slots,
+            watchers,
+            journals,
+        } = &mut *table;
         let mut next = u64::MAX;
+        journals.retain(|_, journal| {
+            if journal.deadline > now {
+                next = next.min(journal.deadline);
+                return true;
+            }
+            let bytes: usize = journal.steps.iter().map(Journal::cost).sum();
+            self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            false
+        });
         slots.retain(|key, slot| {
             if slot.is_live(now) {
                 next = next.min(slot.deadline);
@@ -648,9 +681,60 @@ impl Inner {
         }
     }
 
+    fn append_step(
+        &self,
+        key: Key,
+        token: Token,
+        step: JournaledStep,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let shard = self.shard(&key);
+        let now = self.micros(Instant::now());
+        let mut table = self.write(shard);
+        let ours = table
+            .slots
+            .get(&key)
+            .is_some_and(|slot| slot.token() == token && slot.is_live(now) && !slot.is_completed());
+        if !ours {
+            return Ok(false);
+        }
+        let deadline = Self::deadline(now, ttl);
+        let journal = table.journals.entry(key).or_insert(Journal {
+            deadline,
+            steps: Vec::new(),
+        });
+        journal.deadline = journal.deadline.max(deadline);
+        Self::expires(shard, journal.deadline);
+        if journal.steps.iter().any(|done| done.name == step.name) {
+            return Ok(true);
+        }
+        let cost = Journal::cost(&step);
+        if self.bytes.fetch_add(cost, Ordering::Relaxed) + cost > self.max_bytes {
+            self.bytes.fetch_sub(cost, Ordering::Relaxed);
+            return Err(self.full());
+        }
+        journal.steps.push(step);
+        Ok(true)
+    }
+
+    fn steps(&self, key: Key) -> Vec<JournaledStep> {
+        let now = self.micros(Instant::now());
+        let table = self.read(self.shard(&key));
+        table
+            .journals
+            .get(&key)
+            .filter(|journal| journal.deadline > now)
+            .map(|journal| journal.steps.clone())
+            .unwrap_or_default()
+    }
+
     fn forget(&self, key: Key) -> bool {
         let now = self.micros(Instant::now());
         let mut table = self.write(self.shard(&key));
+        if let Some(journal) = table.journals.remove(&key) {
+            let bytes: usize = journal.steps.iter().map(Journal::cost).sum();
+            self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
         let Some(slot) = table.slots.remove(&key) else {
             return false;
         };
@@ -748,6 +832,24 @@ impl Store for MemoryStore {
 
     fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
         Box::pin(std::future::ready(Ok(self.inner.forget(key))))
+    }
+
+    fn append_step(
+        &self,
+        key: Key,
+        token: Token,
+        name: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, bool> {
+        let answer = self
+            .inner
+            .append_step(key, token, JournaledStep::new(name, value), ttl);
+        Box::pin(std::future::ready(answer))
+    }
+
+    fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
+        Box::pin(std::future::ready(Ok(self.inner.steps(key))))
     }
 
     fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {

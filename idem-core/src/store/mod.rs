@@ -18,6 +18,15 @@
 //! | [`release`](Store::release) | only while the claim is ours: delete it | |
 //! | [`renew`](Store::renew) | only while the claim is ours: extend its lease | `bool` |
 //!
+//! For multi-step calls (see [`step`](crate::step)), two more keep a
+//! call's *journal*: [`append_step`](Store::append_step) adds a named
+//! step's serialized result, only while the claim is ours, and
+//! [`steps`](Store::steps) reads what the journal holds. A journal outlives
+//! a released claim (a retry resumes from it) and expires a TTL after its
+//! last entry. A store without them answers
+//! [`StoreErrorKind::Unsupported`] (the default), and calls that use steps
+//! fail on it with that error before the first step runs.
+//!
 //! For operators, three more: [`inspect`](Store::inspect) says what a key
 //! holds without decoding its result, [`forget`](Store::forget) deletes it
 //! whatever it holds, and [`claims_older_than`](Store::claims_older_than)
@@ -231,6 +240,36 @@ pub trait Store: Send + Sync {
         unsupported("inspect")
     }
 
+    /// Adds step `name`'s serialized result `value` to `key`'s journal if
+    /// `token` still holds a live claim on `key`, and keeps the journal for
+    /// at least `ttl` from now; answers whether the claim was still ours.
+    ///
+    /// A name already in the journal keeps its first value (the call
+    /// repeated an append whose answer it did not see). The journal
+    /// survives a [`release`](Store::release) of the claim, so that the
+    /// next claim resumes from it, and is deleted by
+    /// [`forget`](Store::forget). By default
+    /// [`StoreErrorKind::Unsupported`].
+    fn append_step(
+        &self,
+        key: Key,
+        token: Token,
+        name: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, bool> {
+        let _ = (key, token, name, value, ttl);
+        unsupported("append_step")
+    }
+
+    /// The steps journaled under `key`, in the order they were appended;
+    /// empty when there are none or the journal expired. By default
+    /// [`StoreErrorKind::Unsupported`].
+    fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
+        let _ = key;
+        unsupported("steps")
+    }
+
     /// Deletes whatever `key` holds, claim or record, whoever holds it;
     /// answers whether there was anything. A holder whose claim is forgotten
     /// finds it lost when it renews or completes. By default
@@ -288,6 +327,24 @@ pub enum Inspection {
         /// The payload's size in bytes.
         size: usize,
     },
+}
+
+/// One completed step of a multi-step call, as [`Store::steps`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JournaledStep {
+    /// The step's name, unique within its call.
+    pub name: String,
+    /// The step's result, serialized as JSON.
+    pub value: Vec<u8>,
+}
+
+impl JournaledStep {
+    /// A journaled step.
+    #[must_use]
+    pub const fn new(name: String, value: Vec<u8>) -> Self {
+        Self { name, value }
+    }
 }
 
 /// A claim in progress, as [`Store::claims_older_than`] lists it.
@@ -367,6 +424,21 @@ macro_rules! forward_store {
 
             fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
                 (**self).forget(key)
+            }
+
+            fn append_step(
+                &self,
+                key: Key,
+                token: Token,
+                name: String,
+                value: Vec<u8>,
+                ttl: Duration,
+            ) -> StoreFuture<'_, bool> {
+                (**self).append_step(key, token, name, value, ttl)
+            }
+
+            fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
+                (**self).steps(key)
             }
 
             fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::store::{
-    Begin, Completion, Inspection, Outcome, Record, Store, StoreErrorKind, Token,
+    Begin, Completion, Inspection, JournaledStep, Outcome, Record, Store, StoreErrorKind, Token,
 };
 use idem_core::{Error, Fingerprint, Idempotency};
 use serde::Serialize;
@@ -889,6 +889,61 @@ CurrentThread fn old_claims_are_listed(backend) {
     let record = Record::new(Outcome::Ok, b"1".to_vec());
     assert_eq!(store.complete(key, token, record, ttl).await.unwrap(), Completion::Stored);
     assert!(listed(store.claims_older_than(Duration::ZERO, 100_000).await.unwrap()).is_none());
+}
+
+/// A step journal: appended only by the live claim's holder, in order, a
+/// name's first value kept; it outlives a released claim so that the next
+/// holder resumes from it, refuses a holder whose lease lapsed, and is
+/// deleted by `forget`. A store without journals answers `Unsupported` to
+/// both operations.
+CurrentThread fn step_journal_is_fenced_and_outlives_a_release(backend) {
+    let store = backend.store().await;
+    let Timing { lease, ttl } = backend.timing();
+    let (key, fp) = fresh("steps");
+    let step = |name: &str, value: &str| JournaledStep::new(name.to_owned(), value.as_bytes().to_vec());
+    let first = Token::random();
+    assert_eq!(store.begin(key, fp, first, lease).await.unwrap(), Begin::Claimed);
+    let append = |token: Token, name: &'static str, value: &'static str| {
+        let store = &store;
+        async move {
+            store
+                .append_step(key, token, name.to_owned(), value.as_bytes().to_vec(), ttl)
+                .await
+        }
+    };
+    match store.steps(key).await {
+        Err(error) if error.kind() == StoreErrorKind::Unsupported => {
+            let appended = append(first, "a", "1").await;
+            assert_eq!(appended.unwrap_err().kind(), StoreErrorKind::Unsupported);
+            return;
+        }
+        steps => assert_eq!(steps.unwrap(), vec![], "a new key has no journal"),
+    }
+    assert!(append(first, "a", "1").await.unwrap());
+    assert!(append(first, "b", "2").await.unwrap());
+    assert!(append(first, "a", "other").await.unwrap(), "a repeated append is harmless");
+    assert!(!append(Token::random(), "x", "3").await.unwrap(), "not the holder");
+    assert_eq!(store.steps(key).await.unwrap(), vec![step("a", "1"), step("b", "2")]);
+
+    store.release(key, first).await.unwrap();
+    assert!(!append(first, "c", "3").await.unwrap(), "released");
+    assert_eq!(store.steps(key).await.unwrap().len(), 2, "the journal outlives the release");
+
+    let second = Token::random();
+    assert_eq!(store.begin(key, fp, second, lease).await.unwrap(), Begin::Claimed);
+    assert!(append(second, "c", "3").await.unwrap());
+    tokio::time::sleep(lease + lease / 2).await;
+    let third = Token::random();
+    assert_eq!(store.begin(key, fp, third, lease).await.unwrap(), Begin::Claimed);
+    assert!(!append(second, "d", "4").await.unwrap(), "the lapsed holder is fenced");
+    assert!(append(third, "d", "5").await.unwrap());
+    assert_eq!(
+        store.steps(key).await.unwrap(),
+        vec![step("a", "1"), step("b", "2"), step("c", "3"), step("d", "5")]
+    );
+
+    assert!(store.forget(key).await.unwrap());
+    assert_eq!(store.steps(key).await.unwrap(), vec![], "forget deletes the journal");
 }
 
 }

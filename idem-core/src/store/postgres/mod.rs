@@ -34,6 +34,14 @@
 //! );
 //! CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
 //! CREATE INDEX idempotency_keys_claimed ON idempotency_keys (stored_at) WHERE record IS NULL;
+//! CREATE TABLE idempotency_keys_steps (   -- the journals of multi-step calls
+//!     key        bytea NOT NULL,
+//!     name       text NOT NULL,
+//!     seq        bigserial,
+//!     value      bytea NOT NULL,
+//!     expires_at timestamptz NOT NULL,
+//!     PRIMARY KEY (key, name)
+//! );
 //! ```
 //!
 //! The primary key serves every operation; the index on `expires_at` serves
@@ -54,7 +62,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row};
 
 use super::{
-    Begin, Completion, HeldClaim, Inspection, Limits, Record, Store, StoreFuture, Token, Watch,
+    Begin, Completion, HeldClaim, Inspection, JournaledStep, Limits, Record, Store, StoreFuture,
+    Token, Watch,
 };
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::{Fingerprint, Key};
@@ -214,6 +223,21 @@ impl PostgresStore {
             let batch = self
                 .timed("purge", async {
                     sqlx::query(&self.inner.sql.purge)
+                        .bind(i64::from(self.inner.purge_batch))
+                        .execute(&self.inner.pool)
+                        .await
+                })
+                .await?
+                .rows_affected();
+            deleted += batch;
+            if batch < u64::from(self.inner.purge_batch) {
+                break;
+            }
+        }
+        loop {
+            let batch = self
+                .timed("purge", async {
+                    sqlx::query(&self.inner.sql.purge_steps)
                         .bind(i64::from(self.inner.purge_batch))
                         .execute(&self.inner.pool)
                         .await
@@ -773,6 +797,48 @@ impl Store for PostgresStore {
                     }
                 },
             )
+        })
+    }
+
+    fn append_step(
+        &self,
+        key: Key,
+        token: Token,
+        name: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            self.ready().await?;
+            self.timed("append_step", async {
+                sqlx::query_scalar::<_, bool>(&self.inner.sql.append_step)
+                    .bind(key.digest().as_slice())
+                    .bind(token_bytes(token).as_slice())
+                    .bind(&name)
+                    .bind(&value)
+                    .bind(millis(ttl))
+                    .fetch_one(&self.inner.pool)
+                    .await
+            })
+            .await
+        })
+    }
+
+    fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
+        Box::pin(async move {
+            self.ready().await?;
+            let rows = self
+                .timed("steps", async {
+                    sqlx::query_as::<_, (String, Vec<u8>)>(&self.inner.sql.steps)
+                        .bind(key.digest().as_slice())
+                        .fetch_all(&self.inner.pool)
+                        .await
+                })
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(name, value)| JournaledStep::new(name, value))
+                .collect())
         })
     }
 

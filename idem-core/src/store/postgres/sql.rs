@@ -12,6 +12,14 @@
 //! );
 //! CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
 //! CREATE INDEX idempotency_keys_claimed ON idempotency_keys (stored_at) WHERE record IS NULL;
+//! CREATE TABLE idempotency_keys_steps (   -- the step journals of multi-step calls
+//!     key        bytea NOT NULL,           -- the call's key
+//!     name       text NOT NULL,            -- the step's name
+//!     seq        bigserial,                -- the order steps were journaled in
+//!     value      bytea NOT NULL,           -- the step's serialized result
+//!     expires_at timestamptz NOT NULL,     -- a TTL after the journal's last entry
+//!     PRIMARY KEY (key, name)
+//! );
 //! ```
 //!
 //! The primary key serves every operation; the index on `expires_at` serves
@@ -48,6 +56,12 @@ pub(crate) struct Statements {
     pub(crate) forget: String,
     /// Claims in progress made before an age.
     pub(crate) claims_older_than: String,
+    /// Appends a step to a call's journal, fenced by the claim's token.
+    pub(crate) append_step: String,
+    /// A call's live journal, in order.
+    pub(crate) steps: String,
+    /// Deletes a batch of expired journal entries.
+    pub(crate) purge_steps: String,
 }
 
 /// `name` as a quoted SQL identifier, if it is one PostgreSQL accepts.
@@ -93,6 +107,8 @@ impl Statements {
         let index = identifier("index", &derived_name(table, "_expires_at", "idem_"))?;
         let claims_index = identifier("index", &derived_name(table, "_claimed", "idem_"))?;
         let t = format!("{schema_q}.{table_q}");
+        let steps_q = identifier("table", &derived_name(table, "_steps", "idem_"))?;
+        let st = format!("{schema_q}.{steps_q}");
         let ms = "* interval '1 millisecond'";
         // What a claim-or-read answers, as `begin_answer` reads it: the claim
         // made, or what holds the key (the live record, or another's claim
@@ -116,6 +132,16 @@ impl Statements {
                         record bytea,
                         stored_at timestamptz,
                         expires_at timestamptz NOT NULL
+                    )"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {st} (
+                        key bytea NOT NULL,
+                        name text NOT NULL,
+                        seq bigserial,
+                        value bytea NOT NULL,
+                        expires_at timestamptz NOT NULL,
+                        PRIMARY KEY (key, name)
                     )"
                 ),
             ],
@@ -238,7 +264,9 @@ impl Statements {
                 FROM {t} WHERE key = $1 AND expires_at > now()"
             ),
             forget: format!(
-                "WITH gone AS (
+                "WITH steps_gone AS (
+                    DELETE FROM {st} WHERE key = $1
+                ), gone AS (
                     DELETE FROM {t} WHERE key = $1 RETURNING key, expires_at > now() AS live
                 ), woken AS (
                     SELECT pg_notify($2, encode(key, 'hex')) FROM gone
@@ -253,6 +281,38 @@ impl Statements {
                 WHERE record IS NULL AND expires_at > now()
                     AND stored_at < now() - $1::bigint {ms}
                 ORDER BY stored_at LIMIT $2"
+            ),
+            // Only while the claim is ours (locked against a concurrent
+            // takeover until this statement ends). An entry of an expired
+            // journal under the same name is replaced; a live one kept. The
+            // journal's other entries live as long as the newest.
+            append_step: format!(
+                "WITH ours AS (
+                    SELECT key FROM {t}
+                    WHERE key = $1 AND token = $2 AND record IS NULL AND expires_at > now()
+                    FOR SHARE
+                ), appended AS (
+                    INSERT INTO {st} AS s (key, name, value, expires_at)
+                    SELECT key, $3, $4, now() + $5::bigint {ms} FROM ours
+                    ON CONFLICT (key, name) DO UPDATE SET
+                        value = CASE WHEN s.expires_at <= now() THEN EXCLUDED.value ELSE s.value END,
+                        expires_at = greatest(s.expires_at, EXCLUDED.expires_at)
+                    RETURNING 1
+                ), kept AS (
+                    UPDATE {st} SET expires_at = greatest(expires_at, now() + $5::bigint {ms})
+                    WHERE key = $1 AND name <> $3 AND expires_at > now()
+                        AND EXISTS (SELECT 1 FROM ours)
+                )
+                SELECT EXISTS (SELECT 1 FROM appended)"
+            ),
+            steps: format!(
+                "SELECT name, value FROM {st} WHERE key = $1 AND expires_at > now() ORDER BY seq"
+            ),
+            purge_steps: format!(
+                "DELETE FROM {st} WHERE (key, name) IN (
+                    SELECT key, name FROM {st} WHERE expires_at < now()
+                    LIMIT $1 FOR UPDATE SKIP LOCKED
+                )"
             ),
         })
     }

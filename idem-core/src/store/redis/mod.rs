@@ -12,8 +12,11 @@ use std::time::Duration;
 
 use redis::{RedisError, Script, Value};
 
-use super::{Begin, Completion, HeldClaim, Inspection, Limits, Record, Store, StoreFuture, Token};
-use crate::error::StoreError;
+use super::{
+    Begin, Completion, HeldClaim, Inspection, JournaledStep, Limits, Record, Store, StoreFuture,
+    Token,
+};
+use crate::error::{StoreError, StoreErrorKind};
 use crate::key::{Fingerprint, Key};
 
 mod builder;
@@ -178,6 +181,12 @@ impl RedisStore {
         key.to_store_key(&self.inner.prefix)
     }
 
+    /// The key of the step journal of the call stored under `key`: the
+    /// record's key with a suffix, so in the record's hash slot.
+    fn journal_key(&self, key: &Key) -> String {
+        format!("{}:steps", self.record_key(key))
+    }
+
     async fn invoke(
         &self,
         op: &'static str,
@@ -313,6 +322,13 @@ fn millis(duration: Duration) -> Vec<u8> {
         .clamp(1, i64::MAX as u128)
         .to_string()
         .into_bytes()
+}
+
+fn bulk(value: &Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes.clone()),
+        _ => None,
+    }
 }
 
 fn as_int(value: &Value) -> Option<i64> {
@@ -457,7 +473,9 @@ impl Store for RedisStore {
     fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             let mut command = redis::cmd("DEL");
-            command.arg(self.record_key(&key));
+            command
+                .arg(self.record_key(&key))
+                .arg(self.journal_key(&key));
             let value = self.query("forget", &command).await?;
             match as_int(&value) {
                 Some(n) => Ok(n > 0),
@@ -518,6 +536,73 @@ impl Store for RedisStore {
                 Some(error) if failures.len() + 1 == targets.len() => Err(error),
                 _ => Ok(claims),
             }
+        })
+    }
+
+    fn append_step(
+        &self,
+        key: Key,
+        token: Token,
+        name: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let token = token.as_u128().to_be_bytes();
+            let mut invocation = SCRIPTS.append_step.prepare_invoke();
+            invocation
+                .key(self.record_key(&key))
+                .key(self.journal_key(&key))
+                .arg(&token[..])
+                .arg(name.as_bytes())
+                .arg(value)
+                .arg(millis(ttl));
+            let invocation = &invocation;
+            let answer = self
+                .retrying("append_step", |mut connection| async move {
+                    invocation.invoke_async::<Value>(&mut connection).await
+                })
+                .await?;
+            match as_int(&answer) {
+                Some(n) => Ok(n == 1),
+                None => Err(unexpected("append_step", &answer)),
+            }
+        })
+    }
+
+    fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
+        Box::pin(async move {
+            let mut command = redis::cmd("HGETALL");
+            command.arg(self.journal_key(&key));
+            let answer = self.query("steps", &command).await?;
+            let pairs: Vec<(Vec<u8>, Vec<u8>)> = match &answer {
+                Value::Map(pairs) => pairs
+                    .iter()
+                    .map(|(name, value)| Some((bulk(name)?, bulk(value)?)))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| unexpected("steps", &answer))?,
+                Value::Array(items) if items.len() % 2 == 0 => items
+                    .chunks(2)
+                    .map(|pair| Some((bulk(&pair[0])?, bulk(&pair[1])?)))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| unexpected("steps", &answer))?,
+                other => return Err(unexpected("steps", other)),
+            };
+            let mut steps = Vec::with_capacity(pairs.len());
+            for (name, stored) in pairs {
+                let position = stored
+                    .get(..8)
+                    .and_then(|digits| std::str::from_utf8(digits).ok()?.parse::<u64>().ok());
+                let (Some(position), Ok(name)) = (position, String::from_utf8(name)) else {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Corrupt,
+                        "a step journal entry is not one idem wrote",
+                    ));
+                };
+                steps.push((position, JournaledStep::new(name, stored[8..].to_vec())));
+            }
+            steps.sort_by_key(|(position, _)| *position);
+            Ok(steps.into_iter().map(|(_, step)| step).collect())
         })
     }
 

@@ -28,6 +28,12 @@ pub(crate) struct Scripts {
     /// that a cluster client follows a migrating slot's `ASK` for it (a
     /// pipeline of `GET` and `PTTL` does not).
     pub(crate) read: Script,
+    /// `KEYS[1]` the record, `KEYS[2]` its step journal (a hash in the same
+    /// slot); `ARGV` token, step name, value, TTL in ms. A new name is
+    /// stored as its 8-digit position followed by the value; a name already
+    /// there keeps its value. The journal is kept for at least the TTL.
+    /// Answers 1 journaled, 0 not ours.
+    pub(crate) append_step: Script,
 }
 
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
@@ -82,6 +88,21 @@ return 0",
             claimed = ours(CLAIMED),
             prefix = prefix(CLAIMED),
             after = HEADER + 1,
+        )),
+        append_step: Script::new(&format!(
+            "local held = redis.call('GET', KEYS[1])
+if not ({claimed}) then
+  return 0
+end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then
+  local position = redis.call('HLEN', KEYS[2])
+  redis.call('HSET', KEYS[2], ARGV[2], string.format('%08d', position) .. ARGV[3])
+end
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return 1",
+            claimed = ours(CLAIMED),
         )),
     }
 });

@@ -1,0 +1,487 @@
+//! Multi-step calls: a call whose body fails after step k (an `Err`, a
+//! panic, a dropped future) resumes at step k + 1 when it runs again, on
+//! every store that keeps journals; each step's side effect happens once
+//! and its derived key is the same on every attempt.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use idem_core::store::Store;
+use idem_core::{
+    Error, Fingerprint, Idempotency, Key, MemoryStore, Settings, derive_step_key, step, step_key,
+};
+
+const STEPS: usize = 4;
+
+/// How the first attempt fails after a step.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// The body returns an `Err`: the claim is released.
+    Err,
+    /// The body panics: the claim is released.
+    Panic,
+    /// The caller drops the call's future: the claim lapses with its lease.
+    Dropped,
+}
+
+/// Side effects counted per step, and the derived keys each step saw.
+#[derive(Default)]
+struct Effects {
+    runs: [AtomicU32; STEPS],
+    keys: Mutex<Vec<(usize, String)>>,
+}
+
+fn settings() -> Settings {
+    Settings::builder()
+        .lease(Duration::from_secs(2))
+        .ttl(Duration::from_secs(120))
+        .wait_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// One attempt of an N-step call: runs every step, then fails as `fail`
+/// says after step `after` if given.
+async fn attempt(
+    idem: &Idempotency,
+    key: Key,
+    effects: &Effects,
+    fail: Option<(usize, Failure)>,
+) -> Result<Vec<u32>, Error> {
+    idem.run(&settings(), key, Fingerprint::of(&"cart")?, async {
+        let mut results = Vec::new();
+        for i in 0..STEPS {
+            let value = step(&format!("step-{i}"), async {
+                let derived = step_key(&format!("step-{i}")).expect("inside a call");
+                effects.keys.lock().unwrap().push((i, derived));
+                effects.runs[i].fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(u32::try_from(i).unwrap() * 10)
+            })
+            .await?;
+            results.push(value);
+            match fail {
+                Some((after, Failure::Err)) if after == i => return Err(Error::AttemptFailed),
+                Some((after, Failure::Panic)) if after == i => panic!("injected after step {i}"),
+                Some((after, Failure::Dropped)) if after == i => {
+                    std::future::pending::<()>().await;
+                }
+                _ => {}
+            }
+        }
+        Ok(results)
+    })
+    .await
+}
+
+/// For every step k and every failure: the first attempt fails after step
+/// k, the retry runs steps k + 1.. only and returns every step's result,
+/// and a third call replays the record without running anything.
+async fn resumes_after_each_step(store: Arc<dyn Store>, failure: Failure) {
+    let idem = Idempotency::from_arc(store);
+    for k in 0..STEPS {
+        let key = Key::new(
+            "checkout",
+            &format!("{failure:?}-{k}-{}", rand::random::<u64>()),
+        )
+        .unwrap();
+        let effects = Effects::default();
+        let first = AssertUnwindSafe(attempt(&idem, key, &effects, Some((k, failure))));
+        match failure {
+            Failure::Err => assert!(matches!(first.await, Err(Error::AttemptFailed))),
+            Failure::Panic => assert!(first.catch_unwind().await.is_err(), "the body panicked"),
+            Failure::Dropped => {
+                let dropped = tokio::time::timeout(Duration::from_millis(300), first).await;
+                assert!(dropped.is_err(), "the first attempt hangs after step {k}");
+            }
+        }
+        for i in 0..STEPS {
+            let expected = u32::from(i <= k);
+            assert_eq!(
+                effects.runs[i].load(Ordering::SeqCst),
+                expected,
+                "first attempt, step {i}"
+            );
+        }
+
+        let retry = attempt(&idem, key, &effects, None).await.unwrap();
+        assert_eq!(retry, vec![0, 10, 20, 30], "journaled results replay");
+        for i in 0..STEPS {
+            assert_eq!(
+                effects.runs[i].load(Ordering::SeqCst),
+                1,
+                "{failure:?} after step {k}: step {i} ran once"
+            );
+        }
+        let replay = attempt(&idem, key, &effects, Some((0, Failure::Err)))
+            .await
+            .unwrap();
+        assert_eq!(replay, retry, "the completed call replays");
+        let keys = effects.keys.lock().unwrap();
+        assert_eq!(keys.len(), STEPS);
+        for (i, derived) in keys.iter() {
+            assert_eq!(*derived, derive_step_key(key, &format!("step-{i}")));
+        }
+    }
+}
+
+/// A name used twice in one attempt fails, and the second work does not run.
+async fn repeated_names_fail(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("repeat", &rand::random::<u64>()).unwrap();
+    let runs = AtomicU32::new(0);
+    let result: Result<(), Error> = idem
+        .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+            for _ in 0..2 {
+                step("same", async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(())
+                })
+                .await?;
+            }
+            Ok(())
+        })
+        .await;
+    assert!(
+        matches!(result, Err(Error::StepRepeated { ref name }) if name == "same"),
+        "{result:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A step that fails is not journaled: it runs again on the next attempt.
+async fn failed_steps_run_again(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("flaky", &rand::random::<u64>()).unwrap();
+    let runs = AtomicU32::new(0);
+    for attempt in 0..2 {
+        let result: Result<u32, Error> = idem
+            .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+                step("flaky", async {
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    if attempt == 0 {
+                        Err(Error::AttemptFailed)
+                    } else {
+                        Ok(n)
+                    }
+                })
+                .await
+            })
+            .await;
+        assert_eq!(result.is_ok(), attempt == 1);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// A holder whose claim is gone (here forgotten by an operator) cannot
+/// journal its step: the call stops with `StepLost`.
+async fn a_lost_claim_stops_the_call(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(Arc::clone(&store));
+    let key = Key::new("lost", &rand::random::<u64>()).unwrap();
+    let result: Result<(), Error> = idem
+        .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+            step("before", async { Ok::<_, Error>(()) }).await?;
+            store.forget(key).await?;
+            step("after", async { Ok::<_, Error>(()) }).await
+        })
+        .await;
+    assert!(
+        matches!(result, Err(Error::StepLost { ref name }) if name == "after"),
+        "{result:?}"
+    );
+    assert!(
+        store.steps(key).await.unwrap().is_empty(),
+        "forget deletes the journal"
+    );
+}
+
+macro_rules! step_tests {
+    ($store:expr) => {
+        #[tokio::test]
+        async fn resumes_after_an_err() {
+            super::resumes_after_each_step($store, super::Failure::Err).await;
+        }
+
+        #[tokio::test]
+        async fn resumes_after_a_panic() {
+            super::resumes_after_each_step($store, super::Failure::Panic).await;
+        }
+
+        #[tokio::test]
+        async fn resumes_after_a_dropped_future() {
+            super::resumes_after_each_step($store, super::Failure::Dropped).await;
+        }
+
+        #[tokio::test]
+        async fn repeated_names_fail() {
+            super::repeated_names_fail($store).await;
+        }
+
+        #[tokio::test]
+        async fn failed_steps_run_again() {
+            super::failed_steps_run_again($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_lost_claim_stops_the_call() {
+            super::a_lost_claim_stops_the_call($store).await;
+        }
+    };
+}
+
+mod memory {
+    use super::*;
+    use idem_core::idempotent;
+
+    struct Shop {
+        idem: Idempotency,
+        reserved: AtomicU32,
+        charged: AtomicU32,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl Shop {
+        /// Reserves, charges, then fails while `self.fail` says so.
+        #[idempotent(key = order, store = self.idem)]
+        async fn checkout(&self, order: u64) -> Result<String, Error> {
+            step("reserve", async {
+                Ok::<_, Error>(self.reserved.fetch_add(1, Ordering::SeqCst))
+            })
+            .await?;
+            let charge = step("charge", async {
+                self.charged.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(step_key("charge").expect("inside a call"))
+            })
+            .await?;
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(Error::AttemptFailed);
+            }
+            Ok(charge)
+        }
+    }
+
+    /// Steps work in an `#[idempotent]` function as in `Idempotency::run`.
+    #[tokio::test]
+    async fn steps_resume_in_an_annotated_function() {
+        let shop = Shop {
+            idem: Idempotency::new(MemoryStore::new()),
+            reserved: AtomicU32::new(0),
+            charged: AtomicU32::new(0),
+            fail: std::sync::atomic::AtomicBool::new(true),
+        };
+        assert!(matches!(shop.checkout(7).await, Err(Error::AttemptFailed)));
+        shop.fail.store(false, Ordering::SeqCst);
+        let first = shop.checkout(7).await.unwrap();
+        assert_eq!(shop.checkout(7).await.unwrap(), first, "replayed");
+        assert_eq!(shop.reserved.load(Ordering::SeqCst), 1);
+        assert_eq!(shop.charged.load(Ordering::SeqCst), 1);
+        assert_eq!(first.len(), 32, "the derived key the charge saw");
+    }
+
+    step_tests!(Arc::new(MemoryStore::new()) as Arc<dyn Store>);
+
+    /// A store of the four core operations only, as a third party may write.
+    struct NoJournal(MemoryStore);
+
+    impl Store for NoJournal {
+        fn begin(
+            &self,
+            key: Key,
+            fingerprint: Fingerprint,
+            token: idem_core::store::Token,
+            lease: Duration,
+        ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
+            self.0.begin(key, fingerprint, token, lease)
+        }
+
+        fn complete(
+            &self,
+            key: Key,
+            token: idem_core::store::Token,
+            record: idem_core::store::Record,
+            ttl: Duration,
+        ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+            self.0.complete(key, token, record, ttl)
+        }
+
+        fn release(
+            &self,
+            key: Key,
+            token: idem_core::store::Token,
+        ) -> idem_core::store::StoreFuture<'_, ()> {
+            self.0.release(key, token)
+        }
+
+        fn renew(
+            &self,
+            key: Key,
+            token: idem_core::store::Token,
+            lease: Duration,
+        ) -> idem_core::store::StoreFuture<'_, bool> {
+            self.0.renew(key, token, lease)
+        }
+    }
+
+    /// On a store that keeps no journals the first step fails with
+    /// `Unsupported` before its work runs; a call without steps is unaffected.
+    #[tokio::test]
+    async fn a_store_without_journals_fails_the_first_step() {
+        let idem = Idempotency::new(NoJournal(MemoryStore::new()));
+        let key = Key::new("no-journal", &1).unwrap();
+        let runs = AtomicU32::new(0);
+        let result: Result<(), Error> = idem
+            .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+                step("only", async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(())
+                })
+                .await
+            })
+            .await;
+        assert!(
+            matches!(&result, Err(Error::Store(e)) if e.kind() == idem_core::StoreErrorKind::Unsupported),
+            "{result:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        let plain: Result<u8, Error> = idem
+            .run(
+                &settings(),
+                Key::new("no-journal", &2).unwrap(),
+                Fingerprint::of(&()).unwrap(),
+                async { Ok(1) },
+            )
+            .await;
+        assert_eq!(plain.unwrap(), 1);
+    }
+
+    /// The journal expires with the call's TTL: a call run again after
+    /// that starts afresh.
+    #[tokio::test(start_paused = true)]
+    async fn the_journal_expires_with_the_ttl() {
+        let store = MemoryStore::new();
+        let idem = Idempotency::new(store.clone());
+        let key = Key::new("expiring", &1).unwrap();
+        let effects = Effects::default();
+        let first = attempt(&idem, key, &effects, Some((1, Failure::Err))).await;
+        assert!(first.is_err());
+        assert_eq!(store.steps(key).await.unwrap().len(), 2);
+        tokio::time::sleep(Duration::from_secs(121)).await;
+        assert!(store.steps(key).await.unwrap().is_empty());
+        attempt(&idem, key, &effects, None).await.unwrap();
+        assert_eq!(effects.runs[0].load(Ordering::SeqCst), 2, "started afresh");
+    }
+}
+
+#[cfg(feature = "redis")]
+mod redis_node {
+    use super::*;
+    use idem_core::RedisStore;
+
+    async fn store() -> Arc<dyn Store> {
+        let url = idem_test::redis_server::shared_node().url();
+        let store = RedisStore::node(url)
+            .response_timeout(idem_test::redis_server::RESPONSE_TIMEOUT)
+            .connect()
+            .await
+            .unwrap();
+        Arc::new(store)
+    }
+
+    step_tests!(store().await);
+
+    /// A process killed with `kill -9` after step k: a new process running
+    /// the call resumes at step k + 1, each step's effect counted once, and
+    /// sees the same derived keys.
+    #[test]
+    fn a_killed_process_resumes_after_its_last_journaled_step() {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+
+        use idem_test::redis_server::RedisServer;
+
+        let (store, counter) = (RedisServer::start(), RedisServer::start());
+        let binary = env!("CARGO_BIN_EXE_idem-steps-crash");
+        for k in 0..STEPS {
+            let order = format!("order-{k}-{}", rand::random::<u64>());
+            let mut child = Command::new(binary)
+                .args([&store.url(), &order, &counter.url(), &k.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), format!("after {k}"));
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            let count = |i: usize| counter.cli(&["GET", &format!("{order}:step-{i}")]);
+            for i in 0..STEPS {
+                let expected = if i <= k { "1" } else { "" };
+                assert_eq!(count(i).trim(), expected, "killed after step {k}: step {i}");
+            }
+
+            let retry = Command::new(binary)
+                .args([&store.url(), &order, &counter.url(), "none"])
+                .output()
+                .unwrap();
+            assert!(
+                retry.status.success(),
+                "{}",
+                String::from_utf8_lossy(&retry.stderr)
+            );
+            let key = Key::new("steps-crash", &order).unwrap();
+            let expected: Vec<String> = (0..STEPS)
+                .map(|i| derive_step_key(key, &format!("step-{i}")))
+                .collect();
+            assert_eq!(
+                String::from_utf8_lossy(&retry.stdout).trim(),
+                expected.join(",")
+            );
+            for i in 0..STEPS {
+                assert_eq!(count(i).trim(), "1", "after the retry: step {i} ran once");
+            }
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+mod redis_cluster {
+    use super::*;
+    use idem_core::RedisStore;
+
+    async fn store() -> Arc<dyn Store> {
+        let nodes = idem_test::redis_server::shared_cluster()
+            .nodes
+            .iter()
+            .map(idem_test::redis_server::RedisServer::url);
+        let store = RedisStore::cluster(nodes)
+            .response_timeout(idem_test::redis_server::RESPONSE_TIMEOUT)
+            .connect()
+            .await
+            .unwrap();
+        Arc::new(store)
+    }
+
+    step_tests!(store().await);
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use idem_core::PostgresStore;
+
+    async fn store() -> Arc<dyn Store> {
+        let store = PostgresStore::builder(idem_test::postgres_server::shared().url())
+            .response_timeout(idem_test::postgres_server::RESPONSE_TIMEOUT)
+            .max_connections(4)
+            .connect()
+            .await
+            .unwrap();
+        Arc::new(store)
+    }
+
+    step_tests!(store().await);
+}
