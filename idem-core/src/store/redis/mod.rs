@@ -57,7 +57,7 @@ use scripts::SCRIPTS;
 /// operation whose connection dropped is retried once on a fresh connection,
 /// which is safe because every operation is harmless to repeat with the same
 /// token. A server that does not answer within the response timeout fails the
-/// call with [`StoreErrorKind::Timeout`](crate::store::StoreErrorKind::Timeout); the body does not run.
+/// call with [`StoreErrorKind::Timeout`]; the body does not run.
 ///
 /// # Deployment: eviction, replication and persistence
 ///
@@ -113,7 +113,7 @@ impl RedisStore {
     /// its nodes), with the default settings.
     ///
     /// # Errors
-    /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a URL of another scheme, and the
+    /// [`StoreErrorKind::Config`] for a URL of another scheme, and the
     /// connection's error when the server cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::builder_for_url(url)?.connect().await
