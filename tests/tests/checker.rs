@@ -207,7 +207,7 @@ fn the_checker_catches_a_store_that_grants_every_claim() {
     assert_eq!(violation.broken.invariant, "at most one run per key");
 }
 
-/// Each fault of issue 26 alone, at a high rate, over the fixed seeds on
+/// Each fault of the engine's hardening alone, at a high rate, over the fixed seeds on
 /// the paused memory store: a scenario per fix, so that each stays fixed.
 mod scenarios {
     use idem_test::checker::{FIXED_SEEDS, Options, Schedule, check_seeds_with};
@@ -222,13 +222,13 @@ mod scenarios {
         check_seeds_with(&Memory, &seeds, &options);
     }
 
-    /// 26.1: results refused by a full store.
+    /// Results refused by a full store.
     #[test]
     fn a_full_store() {
         only(vec![(Op::Complete, Fault::Full)]);
     }
 
-    /// 26.2: renewals whose answers are slow.
+    /// Renewals whose answers are slow.
     #[test]
     fn slow_renewals() {
         only(vec![(
@@ -237,7 +237,7 @@ mod scenarios {
         )]);
     }
 
-    /// 26.3: renewals that fail, and land late.
+    /// Renewals that fail, and land late.
     #[test]
     fn failing_renewals() {
         only(vec![
@@ -246,7 +246,7 @@ mod scenarios {
         ]);
     }
 
-    /// 26.4: holders whose clocks lag, so their leases read as nearly over.
+    /// Holders whose clocks lag, so their leases read as nearly over.
     #[test]
     fn lagging_holder_clocks() {
         only(vec![(Op::Begin, Fault::ClockLag(Duration::from_secs(30)))]);

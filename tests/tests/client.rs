@@ -505,7 +505,7 @@ async fn the_retry_helper_shares_policy_and_breaker_with_any_call() {
     assert!(matches!(error.reason(), StopReason::CircuitOpen(_)));
 }
 
-// ---- Hardening (issue 27) ----
+// ---- Hardening: hung probes, many hosts, lost keys, flapping, slow servers ----
 
 /// Serves `POST /charges` with no idempotency layer, recording arrivals.
 async fn serve_plain() -> (SocketAddr, Arc<Server>) {

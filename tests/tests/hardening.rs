@@ -1,4 +1,4 @@
-//! The engine under the faults of issue 26, each on tokio's paused clock:
+//! The engine under the faults of its hardening, each on tokio's paused clock:
 //! a result the store refuses or that is too large, renewals whose answers
 //! are slow, an outage of the store for most of a lease, a holder whose
 //! remaining lease reads as nearly over, a panicking body, and what the
@@ -41,7 +41,7 @@ fn key(name: &str) -> (Key, Fingerprint) {
     )
 }
 
-/// 26.1: a `complete` the store refuses as full (a Redis at `maxmemory`
+/// A `complete` the store refuses as full (a Redis at `maxmemory`
 /// answers `OOM`) records that the call ran, so that the retry does not run
 /// the body again.
 #[test]
@@ -131,7 +131,7 @@ fn a_full_store_refusing_the_compact_record_once_is_retried() {
     });
 }
 
-/// 26.1: a result over the handle's maximum record size is not written; the
+/// A result over the handle's maximum record size is not written; the
 /// call is recorded as run, in a few bytes.
 #[test]
 fn a_result_over_the_maximum_record_size_is_recorded_not_run_again() {
@@ -212,7 +212,7 @@ impl Store for SlowRenewals {
     }
 }
 
-/// 26.2: lease 3 s, response timeout 1 s. Renewal #1 is applied at 1.0 s
+/// Lease 3 s, response timeout 1 s. Renewal #1 is applied at 1.0 s
 /// and answered at 1.6 s; #2 times out; its retry takes 0.5 s to reach the
 /// store. Reckoned from the answer, #2 is sent at 2.6 s and its retry lands
 /// after the claim lapsed at 4.0 s; reckoned from the send, it lands in time.
@@ -322,7 +322,7 @@ impl Store for RenewalsDownUntil {
     }
 }
 
-/// 26.3: renewals fail from 1 s to 2.8 s of a 3 s lease; the store is back
+/// Renewals fail from 1 s to 2.8 s of a 3 s lease; the store is back
 /// before the lease ends, so the claim must hold: a rival at 3.5 s is
 /// refused and the holder's result is stored.
 #[test]
@@ -387,7 +387,7 @@ impl Store for LaggingHolder {
     }
 }
 
-/// 26.4: a waiter of 2 s polls at most every 10 ms, however short the
+/// A waiter of 2 s polls at most every 10 ms, however short the
 /// holder's remaining lease reads.
 #[test]
 fn waiters_never_poll_faster_than_a_floor() {
@@ -480,7 +480,7 @@ fn counted<F: std::future::Future<Output = ()>>(script: F) -> Vec<(String, u64)>
         .collect()
 }
 
-/// 26.8: a call whose caller drops it mid-body is counted as `cancelled`.
+/// A call whose caller drops it mid-body is counted as `cancelled`.
 #[test]
 fn a_cancelled_call_is_counted_as_cancelled() {
     let counts = counted(async {
@@ -501,7 +501,7 @@ fn a_cancelled_call_is_counted_as_cancelled() {
     assert_eq!(counts.iter().map(|(_, n)| n).sum::<u64>(), 1, "{counts:?}");
 }
 
-/// 26.9: a body whose claim was forgotten mid-run ran, but its result was
+/// A body whose claim was forgotten mid-run ran, but its result was
 /// not stored: it is counted as `not_stored`, not `ran`.
 #[test]
 fn a_result_not_stored_is_not_counted_as_ran() {
