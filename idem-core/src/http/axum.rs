@@ -159,7 +159,8 @@ mod tests {
             retry_after: Duration::from_millis(1500),
         })
         .await;
-        assert_eq!((status.as_u16(), retry.as_deref()), (409, Some("2")));
+        // When to look again (at most a second), not the 1.5 s left.
+        assert_eq!((status.as_u16(), retry.as_deref()), (409, Some("1")));
         assert_eq!(body["status"], 409);
         assert!(body["type"].as_str().unwrap().ends_with("#in-progress"));
         let (status, retry, _) = problem(Error::KeyReused).await;
