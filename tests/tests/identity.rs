@@ -369,6 +369,9 @@ async fn a_name_pinned_by_two_functions_is_reported_and_shared() {
         })
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Callsites other tests of this binary reached first, with no
+    // subscriber, may be cached as uninteresting: look again with this one.
+    tracing::callsite::rebuild_interest_cache();
     let idem = Idempotency::memory();
     let id = fresh("twice");
     assert_eq!(pinned_first(&idem, &id).await.unwrap(), 1);
@@ -482,6 +485,9 @@ async fn a_decode_error_never_carries_the_stored_value() {
         })
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Callsites other tests of this binary reached first, with no
+    // subscriber, may be cached as uninteresting: look again with this one.
+    tracing::callsite::rebuild_interest_cache();
     let store = idem_core::MemoryStore::new();
     let key = Key::new("tests.identity.decode", &fresh("decode")).unwrap();
     let fingerprint = Fingerprint::of(&()).unwrap();
