@@ -10,9 +10,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{LazyLock, Mutex, OnceLock, PoisonError};
 
-/// The runtime's root, which every path of an expansion goes through (one
-/// import, so that a wrong `crate = "…"` is one error).
-pub use crate as runtime;
 pub use crate::codec::{Codec, Parts};
 use crate::error::Error;
 use crate::handle::Idempotency;

@@ -129,6 +129,11 @@ pub mod http;
 #[doc(hidden)]
 pub mod __private;
 
+/// The runtime's root under a name the `#[idempotent]` expansion imports:
+/// a `crate = "…"` that does not lead here is one error naming it.
+#[doc(hidden)]
+pub use crate as idem_runtime;
+
 #[cfg(feature = "macros")]
 mod attribute;
 #[cfg(feature = "macros")]

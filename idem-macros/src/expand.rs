@@ -52,7 +52,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     let runtime_path: Path = runtime_path;
     let runtime = Ident::new("__idem_runtime", Span::call_site());
     let import = respan(
-        quote!(use #runtime_path::__private::runtime as #runtime;),
+        quote!(use #runtime_path::idem_runtime as #runtime;),
         runtime_span,
     );
     let krate: Path = syn::parse_quote!(#runtime);
