@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -453,7 +454,15 @@ impl Idempotency {
                 tracing::warn!(%key, record_lost = true, "an idempotency claim was taken over while its call ran; its result was not stored");
             }
         } else {
-            let recorded = self.record(settings, key, token, record.as_ref()).await;
+            let refused = AtomicBool::new(false);
+            let recorded = self
+                .record(settings, key, token, record.as_ref(), &refused)
+                .await;
+            // Once the store refused the result as full, its retries write
+            // only the few bytes saying the call ran: the full record, sent
+            // again, would keep the store full (Redis holds a buffer the size
+            // of the last argument for a while) and be refused again.
+            let refused = refused.into_inner();
             match recorded {
                 Ok(Completion::Stored) => {}
                 Ok(Completion::Lost) => {
@@ -474,6 +483,7 @@ impl Idempotency {
                         token,
                         lease.clone(),
                         record.clone(),
+                        refused,
                     ))
                     .await;
                 }
@@ -485,6 +495,7 @@ impl Idempotency {
                         token,
                         lease,
                         record.clone(),
+                        refused,
                         error,
                     );
                 }
@@ -506,18 +517,31 @@ impl Idempotency {
 
     /// Completes the claim with `record` (or, when the store refuses it as
     /// full, with a few bytes saying the call ran), or releases it without
-    /// one.
+    /// one. `refused` says the store refused `record` as full before (and
+    /// is set when it does now): then only the few bytes are written.
     async fn record(
         &self,
         settings: &Settings,
         key: Key,
         token: Token,
         record: Option<&Record>,
+        refused: &AtomicBool,
     ) -> Result<Completion, StoreError> {
         let store = &self.shared.store;
         let Some(record) = record else {
             return store.release(key, token).await.map(|()| Completion::Stored);
         };
+        let unstorable = || {
+            Record::unserializable(&format!(
+                "the store refused to keep the result ({} bytes); the call ran",
+                record.payload().len()
+            ))
+        };
+        if refused.load(Ordering::Relaxed) {
+            return store
+                .complete(key, token, unstorable(), settings.ttl())
+                .await;
+        }
         let completed = store
             .complete(key, token, record.clone(), settings.ttl())
             .await;
@@ -530,11 +554,10 @@ impl Idempotency {
                 // much, in a few bytes, so that a retry does not run it again.
                 // On the first attempt and on every retry alike.
                 tracing::error!(%key, %error, size = record.payload().len(), "the store refused the result of an idempotent call; retries get Error::NotReplayable and do not run it again");
-                let unstorable = Record::unserializable(&format!(
-                    "the store refused to keep the result ({} bytes); the call ran",
-                    record.payload().len()
-                ));
-                store.complete(key, token, unstorable, settings.ttl()).await
+                refused.store(true, Ordering::Relaxed);
+                store
+                    .complete(key, token, unstorable(), settings.ttl())
+                    .await
             }
             completed => completed,
         }
@@ -552,6 +575,7 @@ impl Idempotency {
         token: Token,
         lease: &Lease,
         record: Option<Record>,
+        refused: bool,
         error: StoreError,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -567,6 +591,7 @@ impl Idempotency {
             token,
             lease.clone(),
             record,
+            refused,
         ));
     }
 
@@ -580,10 +605,12 @@ impl Idempotency {
         token: Token,
         lease: Lease,
         record: Option<Record>,
+        refused: bool,
     ) {
         let until = lease.until();
+        let refused = AtomicBool::new(refused);
         let attempts = retrying(key, until, &lease, || {
-            self.record(&settings, key, token, record.as_ref())
+            self.record(&settings, key, token, record.as_ref(), &refused)
         });
         let recorded = self
             .renewing(&settings, key, token, &lease, &Herald(None), attempts)

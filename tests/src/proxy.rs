@@ -47,6 +47,8 @@ pub enum Fault {
 pub struct Proxy {
     addr: SocketAddr,
     connections: Arc<AtomicU64>,
+    /// Whose requests are held back.
+    held: Arc<tokio::sync::watch::Sender<Hold>>,
     task: JoinHandle<()>,
 }
 
@@ -65,18 +67,26 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let connections = Arc::new(AtomicU64::new(0));
         let counter = connections.clone();
+        let held = Arc::new(tokio::sync::watch::Sender::new(Hold::None));
+        let hold = held.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let fault = plan(counter.fetch_add(1, Ordering::SeqCst));
+                let number = counter.fetch_add(1, Ordering::SeqCst);
+                let fault = plan(number);
+                let gate = Gate {
+                    number,
+                    held: hold.clone(),
+                };
                 tokio::spawn(async move {
                     // A connection that fails only ends early, as on a network.
-                    let _ = relay(client, upstream, fault).await;
+                    let _ = relay(client, upstream, fault, gate).await;
                 });
             }
         });
         Ok(Self {
             addr,
             connections,
+            held,
             task,
         })
     }
@@ -92,6 +102,61 @@ impl Proxy {
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
     }
+
+    /// Holds back the next request a client sends that starts with
+    /// `prefix` (any request, when empty), on whichever connection, and
+    /// everything sent on that connection after it, as a congested network
+    /// path does, until [`deliver`](Self::deliver): the request arrives
+    /// late, after those sent on other connections meanwhile.
+    ///
+    /// The prefix picks a request out of a protocol's chatter: PostgreSQL's
+    /// `B` (Bind) starts the execution of a prepared statement, while a lone
+    /// `S` (Sync) only asks whether the server is ready.
+    pub fn hold_next_request(&self, prefix: &[u8]) {
+        self.held.send_replace(Hold::Next(prefix.to_vec()));
+    }
+
+    /// Delivers the requests held back since
+    /// [`hold_next_request`](Self::hold_next_request), in order, and holds
+    /// no more.
+    pub fn deliver(&self) {
+        self.held.send_replace(Hold::None);
+    }
+}
+
+/// Whose requests the proxy holds back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hold {
+    None,
+    /// The next connection to send something starting with these bytes.
+    Next(Vec<u8>),
+    /// This connection's.
+    Connection(u64),
+}
+
+/// Whether one connection's requests are held back.
+struct Gate {
+    number: u64,
+    held: Arc<tokio::sync::watch::Sender<Hold>>,
+}
+
+impl Gate {
+    /// Waits while this connection's requests are held back, `request`
+    /// the bytes about to be forwarded.
+    async fn open(&self, request: &[u8]) {
+        let number = self.number;
+        self.held.send_if_modified(|hold| {
+            let take = matches!(hold, Hold::Next(prefix) if request.starts_with(prefix));
+            if take {
+                *hold = Hold::Connection(number);
+            }
+            take
+        });
+        let mut held = self.held.subscribe();
+        let _ = held
+            .wait_for(|hold| *hold != Hold::Connection(number))
+            .await;
+    }
 }
 
 impl Drop for Proxy {
@@ -100,7 +165,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn relay(client: TcpStream, upstream: SocketAddr, fault: Fault) -> io::Result<()> {
+async fn relay(
+    client: TcpStream,
+    upstream: SocketAddr,
+    fault: Fault,
+    gate: Gate,
+) -> io::Result<()> {
     if fault == Fault::Refuse {
         return Ok(());
     }
@@ -108,7 +178,15 @@ async fn relay(client: TcpStream, upstream: SocketAddr, fault: Fault) -> io::Res
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let requests = async {
-        tokio::io::copy(&mut client_read, &mut server_write).await?;
+        let mut buffer = vec![0; 16 * 1024];
+        loop {
+            let read = client_read.read(&mut buffer).await?;
+            if read == 0 {
+                break;
+            }
+            gate.open(&buffer[..read]).await;
+            server_write.write_all(&buffer[..read]).await?;
+        }
         let _ = server_write.shutdown().await;
         // The client is done sending; the connection lasts until the answer ends.
         std::future::pending::<io::Result<()>>().await

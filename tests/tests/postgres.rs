@@ -1439,3 +1439,68 @@ async fn transactional_claims_are_visible_and_forgettable() {
         .await;
     assert_eq!(rerun.unwrap(), 2);
 }
+
+/// A `begin` delayed on its way to the database times out; the call answers
+/// a store error at once and clears its claim on another connection. The
+/// `begin` arriving after the clearing must not claim the key: the retry
+/// runs at once instead of waiting out an orphan claim's lease.
+#[tokio::test]
+async fn a_begin_that_lands_after_its_clearing_claims_nothing() {
+    use idem_test::proxy::{Fault, Proxy};
+    let server: std::net::SocketAddr = format!("127.0.0.1:{}", shared().port()).parse().unwrap();
+    let proxy = Proxy::start(server, |_| Fault::Pass).await.unwrap();
+    let url = shared().url().replace(
+        &format!("127.0.0.1:{}", shared().port()),
+        &proxy.addr().to_string(),
+    );
+    let store = PostgresStore::builder(url)
+        .response_timeout(Duration::from_millis(300))
+        .max_connections(4)
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let idem = Idempotency::new(store);
+    let reject = Settings::builder()
+        .on_conflict(OnConflict::Reject)
+        .lease(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let runs = Runs::default();
+    // Calls side by side: every connection of the pool has run a `begin`
+    // (and holds its prepared statement, so that the held request is the
+    // whole statement, not only its preparation).
+    let warm_up = (0..8).map(|n| {
+        let (key, fp) = fresh(&format!("late-begin-warm-{n}"));
+        let (idem, reject, runs) = (&idem, &reject, &runs);
+        async move {
+            idem.run(reject, key, fp, async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, Failure>(runs.mark())
+            })
+            .await
+            .expect("a warm-up call")
+        }
+    });
+    futures_util::future::join_all(warm_up).await;
+
+    let (key, fp) = fresh("late-begin");
+    // The `begin`'s execution (a Bind message) is held on its way.
+    proxy.hold_next_request(b"B");
+    let delayed = idem
+        .run(&reject, key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        .await;
+    match delayed {
+        Err(Failure::Idem(Error::Store(e))) => assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}"),
+        other => panic!("expected the delayed begin to time out, got {other:?}"),
+    }
+    // The clearing runs on another connection, ahead of the held `begin`.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.deliver();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let retry = idem
+        .run(&reject, key, fp, async { Ok::<_, Failure>(runs.mark()) })
+        .await;
+    assert!(retry.is_ok(), "the retry runs at once: {retry:?}");
+    assert_eq!(runs.count(), 9, "the warm-up calls and the retry ran");
+}

@@ -777,3 +777,70 @@ async fn an_unanswered_eviction_check_fails_the_connect() {
         .await
         .expect("a refused CONFIG takes the documented warning path");
 }
+
+/// `used_memory` from `INFO memory`.
+fn used_memory(server: &RedisServer) -> u64 {
+    server
+        .cli(&["INFO", "memory"])
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|bytes| bytes.trim().parse().ok())
+        .expect("INFO memory reports used_memory")
+}
+
+/// A real Redis at `maxmemory` under `noeviction` (the policy idem requires)
+/// takes the claim (a few bytes) and refuses the 3 MB result (under the
+/// handle's 4 MB maximum record size) with `OOM`:
+/// the call's own caller gets its result, the store keeps a few bytes
+/// saying the call ran, and the retry gets `NotReplayable` instead of
+/// running the body again.
+#[tokio::test]
+async fn a_result_a_full_redis_refuses_is_recorded_not_run_again() {
+    let server = RedisServer::start_with(&["--maxmemory-policy", "noeviction"]);
+    let store = connect(&server.url()).await;
+    // Room for claims and small records, none for a 3 MB one.
+    let limit = used_memory(&server) + 1024 * 1024;
+    assert_eq!(
+        server
+            .cli(&["CONFIG", "SET", "maxmemory", &limit.to_string()])
+            .trim(),
+        "OK"
+    );
+    let idem = Idempotency::new(store);
+    let settings = Settings::builder()
+        .lease(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let (key, fp) = fresh("full-redis");
+    let big = "x".repeat(3 * 1024 * 1024);
+    let runs = Runs::default();
+
+    let first = idem
+        .run(&settings, key, fp, async {
+            runs.mark();
+            Ok::<_, Failure>(big.clone())
+        })
+        .await;
+    assert_eq!(first.expect("its own caller gets the result"), big);
+    assert!(
+        server
+            .cli(&["INFO", "errorstats"])
+            .contains("errorstat_OOM"),
+        "the 3 MB record was refused with OOM: {}",
+        server.cli(&["INFO", "errorstats"])
+    );
+
+    // Past the lease: a claim left to lapse would let the retry run.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let retry = idem
+        .run(&settings, key, fp, async {
+            runs.mark();
+            Ok::<_, Failure>(String::new())
+        })
+        .await;
+    assert!(
+        matches!(retry, Err(Failure::Idem(Error::NotReplayable { .. }))),
+        "{retry:?}"
+    );
+    assert_eq!(runs.count(), 1, "the body ran once");
+}

@@ -11,7 +11,11 @@
 //!   whatever they hear, so a missed notification (a listener reconnecting,
 //!   PgBouncer in transaction mode, which does not carry `LISTEN`) costs a
 //!   second, not the holder's lease; expired rows are purged in the
-//!   background in bounded batches.
+//!   background in bounded batches. A `release` that finds no claim of its
+//!   token (the clearing of a `begin` that timed out, which may still be on
+//!   its way on another pooled connection) leaves a tombstone: an expired
+//!   row with an empty fingerprint that stops that `begin` from claiming
+//!   when it arrives, purged 15 minutes after.
 //!
 //! Every schema and table name the store accepts (1 to 63 bytes) works: the
 //! `NOTIFY` channel (`idem:schema.table`) and index names that would pass

@@ -4,7 +4,7 @@
 //! ```sql
 //! CREATE TABLE idempotency_keys (
 //!     key         bytea PRIMARY KEY,      -- the SHA-256 of name, scope and key value
-//!     fingerprint bytea NOT NULL,         -- the SHA-256 of the arguments
+//!     fingerprint bytea NOT NULL,         -- the SHA-256 of the arguments; empty in a tombstone
 //!     token       bytea NOT NULL,         -- the claim's holder, then its completer
 //!     record      bytea,                  -- NULL while in progress; the encoded Record once done
 //!     stored_at   timestamptz,            -- when the claim was made, then when the record was stored
@@ -74,6 +74,10 @@ pub(crate) fn identifier(what: &str, name: &str) -> Result<String, StoreError> {
     }
     Ok(format!("\"{}\"", name.replace('"', "\"\"")))
 }
+
+/// How long a tombstone (the row a `release` leaves for a `begin` that has
+/// not arrived) outlives its expiry before the purge deletes it.
+const TOMBSTONE_MINUTES: u32 = 15;
 
 /// PostgreSQL's longest identifier (and `NOTIFY` channel), in bytes.
 const MAX_IDENTIFIER: usize = 63;
@@ -178,7 +182,8 @@ impl Statements {
                         record = NULL,
                         stored_at = CASE WHEN r.expires_at <= now() THEN now() ELSE r.stored_at END,
                         expires_at = EXCLUDED.expires_at
-                    WHERE r.expires_at <= now()
+                    WHERE (r.expires_at <= now()
+                            AND NOT (r.fingerprint = '' AND r.token = EXCLUDED.token))
                         OR (r.record IS NULL AND r.token = EXCLUDED.token
                             AND r.fingerprint = EXCLUDED.fingerprint)
                     RETURNING 1
@@ -199,10 +204,24 @@ impl Statements {
                     AND expires_at > now()
                 )"
             ),
+            // Deletes the token's claim. With no claim of the token's to
+            // delete, the `begin` it follows may not have arrived yet (a
+            // request delayed on its way, while this one came on another
+            // connection): a tombstone, an expired row with an empty
+            // fingerprint and the token, stops it from claiming when it
+            // does. Anything else's row is left alone, unless expired.
             release: format!(
                 "WITH gone AS (
                     DELETE FROM {t} WHERE key = $1 AND token = $2 AND record IS NULL
                     RETURNING key
+                ), barred AS (
+                    INSERT INTO {t} AS r (key, fingerprint, token, record, stored_at, expires_at)
+                    SELECT $1, '', $2, NULL, now(), now()
+                    WHERE NOT EXISTS (SELECT 1 FROM gone)
+                    ON CONFLICT (key) DO UPDATE SET
+                        fingerprint = '', token = EXCLUDED.token, record = NULL,
+                        stored_at = now(), expires_at = now()
+                    WHERE r.expires_at <= now()
                 )
                 SELECT count(*) FROM (SELECT pg_notify($3, encode(key, 'hex')) FROM gone) woken"
             ),
@@ -219,9 +238,12 @@ impl Statements {
                 "SELECT fingerprint, record FROM {t} WHERE key = $1 AND record IS NOT NULL \
                  AND expires_at > now()"
             ),
+            // Tombstones stay as long as a delayed request can plausibly
+            // still arrive: TCP gives up retransmitting after about as long.
             purge: format!(
                 "DELETE FROM {t} WHERE key IN (
                     SELECT key FROM {t} WHERE expires_at < now()
+                        AND (fingerprint <> '' OR expires_at < now() - interval '{TOMBSTONE_MINUTES} minutes')
                     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED
                 )"
             ),
