@@ -76,7 +76,7 @@ fn a_result_the_store_refuses_is_recorded_not_run_again() {
     });
 }
 
-/// 26.1, found by the exactly-once checker (seed 2409355654 at a fault
+/// Found by the exactly-once checker (seed 2409355654 at a fault
 /// rate of 0.3): a `complete` that times out is retried in the background,
 /// and a retry the store refuses as full must record the call as run too.
 #[test]
