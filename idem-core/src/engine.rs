@@ -597,6 +597,7 @@ impl Idempotency {
 
     /// Retries [`record`](Self::record), renewing the claim meanwhile, until
     /// it succeeds or the lease (as it stands now) runs out.
+    #[allow(clippy::too_many_arguments)]
     async fn record_retrying(
         self,
         settings: Settings,

@@ -129,6 +129,27 @@ pub enum Error {
         name: Cow<'static, str>,
     },
 
+    /// The call's claim was lost (its lease lapsed and another attempt took
+    /// the key over, or an operator forgot it) when its body asked for a
+    /// fencing [`epoch`](crate::epoch): no epoch is handed to a holder that
+    /// may be stale, and the call stops here so that the new holder alone
+    /// goes on.
+    #[error("the claim of the idempotent call was lost before it was given a fencing epoch")]
+    ClaimLost,
+
+    /// Something that needs the claim of a running idempotent call (a
+    /// fencing [`epoch`](crate::epoch)) was asked for outside the body of
+    /// one: in plain code, or in a transactional PostgreSQL call (whose
+    /// transaction commits the body's writes with the claim, and needs no
+    /// epoch).
+    #[error(
+        "`{what}` was asked for outside the body of an idempotent call run by an Idempotency handle"
+    )]
+    OutsideCall {
+        /// What was asked for.
+        what: &'static str,
+    },
+
     /// The call's settings break one of idem's rules, e.g. a `lease` not
     /// shorter than the `ttl` given as an expression. The body did not run.
     #[error("invalid idempotency settings: {0}")]
@@ -180,7 +201,8 @@ impl Error {
     /// `Store` → 503 when the store is down or slow (a retry may succeed)
     /// and 500 when a record is corrupt or the store misconfigured (a retry
     /// would fail the same way), `AttemptFailed` → 503, `Decode`, `Encode`,
-    /// `NotReplayable`, `Reentered` and `Config` → 500.
+    /// `NotReplayable`, `Reentered`, `StepRepeated`, `OutsideCall` and
+    /// `Config` → 500, `StepLost` and `ClaimLost` → 503.
     ///
     /// ```
     /// use std::time::Duration;
@@ -203,7 +225,8 @@ impl Error {
             },
             Self::AttemptFailed => 503,
             Self::Reentered { .. } | Self::StepRepeated { .. } => 500,
-            Self::StepLost { .. } => 503,
+            Self::StepLost { .. } | Self::ClaimLost => 503,
+            Self::OutsideCall { .. } => 500,
             Self::Decode(_)
             | Self::Encode { .. }
             | Self::NotReplayable { .. }
@@ -242,7 +265,8 @@ impl From<Error> for std::io::Error {
             }
             Error::Reentered { .. } => ErrorKind::Deadlock,
             Error::StepRepeated { .. } => ErrorKind::InvalidInput,
-            Error::StepLost { .. } => ErrorKind::Other,
+            Error::StepLost { .. } | Error::ClaimLost => ErrorKind::Other,
+            Error::OutsideCall { .. } => ErrorKind::Unsupported,
             Error::Store(store) if store.kind() == StoreErrorKind::Timeout => ErrorKind::TimedOut,
             Error::Store(_) | Error::AttemptFailed => ErrorKind::Other,
             Error::Decode(_) | Error::NotReplayable { .. } => ErrorKind::InvalidData,

@@ -167,14 +167,15 @@ impl CallOutcome {
         match error {
             Error::InProgress { .. } => Self::InProgress,
             Error::KeyReused => Self::KeyReused,
-            Error::Store(_) | Error::StepLost { .. } => Self::StoreError,
+            Error::Store(_) | Error::StepLost { .. } | Error::ClaimLost => Self::StoreError,
             Error::Decode(_) | Error::NotReplayable { .. } => Self::DecodeError,
             Error::AttemptFailed => Self::AttemptFailed,
             Error::Encode { .. }
             | Error::InvalidKey { .. }
             | Error::Config(_)
             | Error::Reentered { .. }
-            | Error::StepRepeated { .. } => Self::ConfigError,
+            | Error::StepRepeated { .. }
+            | Error::OutsideCall { .. } => Self::ConfigError,
         }
     }
 

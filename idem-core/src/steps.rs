@@ -35,6 +35,8 @@ struct State {
     done: Option<HashMap<String, Vec<u8>>>,
     /// The names this attempt has used.
     used: HashSet<String>,
+    /// The fencing epoch this attempt was given, once asked for.
+    epoch: Option<u64>,
 }
 
 tokio::task_local! {
@@ -210,6 +212,64 @@ where
     let bytes = serde_json::to_vec(&value).map_err(|error| Error::encode("step result", error))?;
     journal.append(name, bytes).await?;
     Ok(value)
+}
+
+/// The fencing epoch of the idempotent call whose body is running: a number
+/// greater than every epoch given to an earlier claim of the call's key, the
+/// same for the rest of this attempt (asked of the store once).
+///
+/// A lease-based claim cannot stop a holder that stalled (a long GC pause,
+/// a frozen VM) past its lease from resuming and writing after another
+/// attempt took the key over. The resource it writes can: store the epoch
+/// with the write, and refuse a write whose epoch is smaller than the one
+/// stored, so the stale holder's write is rejected by the resource itself.
+///
+/// ```
+/// use idem_core::{Fingerprint, Idempotency, Key, Settings, epoch};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), idem_core::Error> {
+/// let idem = Idempotency::memory();
+/// let key = Key::new("ship", &"order-7")?;
+/// let first: u64 = idem
+///     .run(&Settings::default(), key, Fingerprint::of(&())?, async {
+///         let epoch = epoch().await?;
+///         // UPDATE shipments SET state = 'sent', epoch = $epoch
+///         //   WHERE order_id = 7 AND epoch < $epoch
+///         Ok::<_, idem_core::Error>(epoch)
+///     })
+///     .await?;
+/// assert!(first > 0);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// On PostgreSQL the epochs come from a sequence of the store's
+/// (`idempotency_keys_epoch`), so they keep increasing across restarts and
+/// can be compared in SQL; on Redis they are the server's time in µs, kept
+/// above the key's last epoch; in memory, a counter of the store's.
+///
+/// # Errors
+///
+/// [`Error::ClaimLost`] when the call's claim is no longer its own (no
+/// epoch is given to a holder that may be stale), [`Error::OutsideCall`]
+/// outside the body of a call run by an [`Idempotency`](crate::Idempotency)
+/// handle (a transactional PostgreSQL call's transaction fences its writes
+/// itself), [`Error::Store`] when the store cannot answer (or keeps no
+/// epochs: [`StoreErrorKind::Unsupported`](crate::StoreErrorKind::Unsupported)).
+pub async fn epoch() -> Result<u64, Error> {
+    let Ok(journal) = JOURNAL.try_with(Arc::clone) else {
+        return Err(Error::OutsideCall { what: "epoch" });
+    };
+    if let Some(epoch) = journal.state().epoch {
+        return Ok(epoch);
+    }
+    let epoch = journal
+        .store
+        .epoch(journal.key, journal.token, journal.ttl)
+        .await?
+        .ok_or(Error::ClaimLost)?;
+    Ok(*journal.state().epoch.get_or_insert(epoch))
 }
 
 /// The key derived from the running call's key and the step name `name`:

@@ -382,6 +382,10 @@ impl Store for Flaky {
     fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
         self.inner.steps(key)
     }
+
+    fn epoch(&self, key: Key, token: Token, ttl: Duration) -> StoreFuture<'_, Option<u64>> {
+        self.inner.epoch(key, token, ttl)
+    }
 }
 
 /// A store that is down: every operation fails with

@@ -676,6 +676,15 @@ async fn a_restarted_server_fails_closed_then_recovers() {
     let shop = Shop::new(&server.url()).await;
     let op = op("restart");
     shop.charge(op.clone(), 1, 100).await.unwrap();
+    let epoch = || async {
+        let (key, fp) = fresh("epoch-across-restarts");
+        Idempotency::new(shop.pg.clone())
+            .run(&Settings::DEFAULT, key, fp, async {
+                Ok::<_, Failure>(idem_core::epoch().await?)
+            })
+            .await
+    };
+    let before_crash = epoch().await.expect("an epoch");
     server.kill();
     let runs = shop.runs.load(Ordering::SeqCst);
     for order in 2..4 {
@@ -709,6 +718,11 @@ async fn a_restarted_server_fails_closed_then_recovers() {
     }
     recovered.expect("the same pool recovers");
     assert_eq!(charges(&server, &op), 2);
+    let after_crash = epoch().await.expect("an epoch");
+    assert!(
+        after_crash > before_crash,
+        "fencing epochs keep increasing across a crash: {after_crash} > {before_crash}"
+    );
 }
 
 /// The plain API: a closure gets the transaction's connection, and the
@@ -1503,4 +1517,106 @@ async fn a_begin_that_lands_after_its_clearing_claims_nothing() {
         .await;
     assert!(retry.is_ok(), "the retry runs at once: {retry:?}");
     assert_eq!(runs.count(), 9, "the warm-up calls and the retry ran");
+}
+
+/// Fencing epochs, shown as their users write them: a holder that stalls
+/// past its lease (its renewals never arrive, as in a long pause) resumes
+/// and writes after another call took the key over and wrote. Each writes
+/// with its epoch, conditionally on the row's epoch being smaller, so the
+/// stale holder's write is refused by PostgreSQL itself.
+#[tokio::test]
+async fn a_stale_holder_is_fenced_by_the_epoch_in_its_write() {
+    use idem_test::faults::Flaky;
+    let store: Arc<dyn Store> = Arc::new(
+        PostgresStore::builder(shared().url())
+            .response_timeout(Duration::from_millis(300))
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let flaky = Arc::new(Flaky::new(store));
+    let idem = Idempotency::from_arc(flaky.clone());
+    let pool = sqlx::PgPool::connect(&shared().url()).await.unwrap();
+    let order = i32::try_from(std::process::id() % 1_000_000).unwrap();
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS fenced_shipments \
+         (order_id int PRIMARY KEY, state text NOT NULL, epoch bigint NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO fenced_shipments VALUES ($1, 'new', 0) \
+         ON CONFLICT (order_id) DO UPDATE SET state = 'new', epoch = 0",
+    )
+    .bind(order)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let ship = |state: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let epoch = i64::try_from(idem_core::epoch().await?).unwrap();
+            let written = sqlx::query(
+                "UPDATE fenced_shipments SET state = $1, epoch = $2 \
+                 WHERE order_id = $3 AND epoch < $2",
+            )
+            .bind(state)
+            .bind(epoch)
+            .bind(order)
+            .execute(&pool)
+            .await
+            .expect("the update runs");
+            Ok::<_, Failure>((epoch, written.rows_affected()))
+        }
+    };
+    let settings = Settings::builder()
+        .lease(Duration::from_secs(1))
+        .on_conflict(OnConflict::Reject)
+        .build()
+        .unwrap();
+    let (key, fp) = fresh("fenced-shipment");
+
+    let stale = {
+        let (idem, flaky, settings, pool) = (idem.clone(), flaky.clone(), settings, pool.clone());
+        tokio::spawn(async move {
+            idem.run(&settings, key, fp, async {
+                let epoch = i64::try_from(idem_core::epoch().await?).unwrap();
+                // Stalls past its lease: its renewals never arrive.
+                flaky.stall(key, tokio::time::Instant::now() + Duration::from_secs(4));
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                let written = sqlx::query(
+                    "UPDATE fenced_shipments SET state = 'stale', epoch = $1 \
+                     WHERE order_id = $2 AND epoch < $1",
+                )
+                .bind(epoch)
+                .bind(order)
+                .execute(&pool)
+                .await
+                .expect("the update runs");
+                Ok::<_, Failure>((epoch, written.rows_affected()))
+            })
+            .await
+        })
+    };
+    // The stale holder's lease lapses at about one second.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let (newer, written) = idem
+        .run(&settings, key, fp, ship("shipped"))
+        .await
+        .expect("the call that took over runs");
+    assert_eq!(written, 1, "the holder that took over writes");
+    let (older, stale_written) = stale.await.unwrap().expect("the stale body ends");
+    assert!(newer > older, "{newer} > {older}");
+    assert_eq!(
+        stale_written, 0,
+        "the stale holder's write is refused by its epoch"
+    );
+    let (state, epoch): (String, i64) =
+        sqlx::query_as("SELECT state, epoch FROM fenced_shipments WHERE order_id = $1")
+            .bind(order)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), epoch), ("shipped", newer));
 }

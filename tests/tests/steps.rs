@@ -197,6 +197,47 @@ async fn a_lost_claim_stops_the_call(store: Arc<dyn Store>) {
     );
 }
 
+/// The body's fencing epoch: the same throughout an attempt, larger on the
+/// next attempt of the call, refused once the claim is lost and outside a
+/// call.
+async fn epochs_fence_each_attempt(store: Arc<dyn Store>) {
+    use std::sync::atomic::AtomicU64;
+    let idem = Idempotency::from_arc(Arc::clone(&store));
+    let key = Key::new("epochs", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&()).unwrap();
+    let seen = AtomicU64::new(0);
+    let first: Result<(), Error> = idem
+        .run(&settings(), key, fp, async {
+            let epoch = idem_core::epoch().await?;
+            assert_eq!(idem_core::epoch().await?, epoch, "one epoch per attempt");
+            seen.store(epoch, Ordering::SeqCst);
+            Err(Error::AttemptFailed)
+        })
+        .await;
+    assert!(matches!(first, Err(Error::AttemptFailed)), "{first:?}");
+    let second: u64 = idem
+        .run(&settings(), key, fp, async { idem_core::epoch().await })
+        .await
+        .unwrap();
+    assert!(
+        second > seen.load(Ordering::SeqCst),
+        "the next attempt's is larger"
+    );
+
+    let lost = Key::new("epochs-lost", &rand::random::<u64>()).unwrap();
+    let result: Result<u64, Error> = idem
+        .run(&settings(), lost, fp, async {
+            store.forget(lost).await?;
+            idem_core::epoch().await
+        })
+        .await;
+    assert!(matches!(result, Err(Error::ClaimLost)), "{result:?}");
+    assert!(matches!(
+        idem_core::epoch().await,
+        Err(Error::OutsideCall { what: "epoch" })
+    ));
+}
+
 macro_rules! step_tests {
     ($store:expr) => {
         #[tokio::test]
@@ -227,6 +268,11 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn a_lost_claim_stops_the_call() {
             super::a_lost_claim_stops_the_call($store).await;
+        }
+
+        #[tokio::test]
+        async fn epochs_fence_each_attempt() {
+            super::epochs_fence_each_attempt($store).await;
         }
     };
 }

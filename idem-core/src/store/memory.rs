@@ -106,6 +106,9 @@ struct Inner {
     max_bytes: usize,
     sweep_interval: Duration,
     sweeper_running: AtomicBool,
+    /// The last fencing epoch handed out, for any key: one counter for the
+    /// whole store keeps every key's epochs increasing.
+    last_epoch: AtomicU64,
     /// When expired entries were last reclaimed, in µs since the epoch: by
     /// the sweeper's passes, or by a call that found the sweeper not driven.
     swept_at: AtomicU64,
@@ -395,6 +398,7 @@ impl MemoryStoreBuilder {
                 max_bytes: self.max_bytes,
                 sweep_interval: self.sweep_interval,
                 sweeper_running: AtomicBool::new(false),
+                last_epoch: AtomicU64::new(0),
                 swept_at: AtomicU64::new(0),
             }),
         }
@@ -717,6 +721,18 @@ impl Inner {
         Ok(true)
     }
 
+    fn epoch(&self, key: Key, token: Token) -> Option<u64> {
+        let now = self.micros(Instant::now());
+        let table = self.read(self.shard(&key));
+        let ours = table
+            .slots
+            .get(&key)
+            .is_some_and(|slot| slot.token() == token && slot.is_live(now) && !slot.is_completed());
+        // Under the key's lock, so that no claim taking over can have been
+        // handed a smaller one.
+        ours.then(|| self.last_epoch.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
     fn steps(&self, key: Key) -> Vec<JournaledStep> {
         let now = self.micros(Instant::now());
         let table = self.read(self.shard(&key));
@@ -850,6 +866,11 @@ impl Store for MemoryStore {
 
     fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
         Box::pin(std::future::ready(Ok(self.inner.steps(key))))
+    }
+
+    fn epoch(&self, key: Key, token: Token, ttl: Duration) -> StoreFuture<'_, Option<u64>> {
+        let _ = ttl;
+        Box::pin(std::future::ready(Ok(self.inner.epoch(key, token))))
     }
 
     fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {

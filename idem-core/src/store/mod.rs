@@ -270,6 +270,23 @@ pub trait Store: Send + Sync {
         unsupported("steps")
     }
 
+    /// A fencing epoch for `token`'s claim on `key`, if `token` still holds
+    /// a live claim on `key` (`None` otherwise): a number greater than every
+    /// epoch handed out for `key` before, to any claim. Epochs need not be
+    /// consecutive; a store that persists keeps them increasing across its
+    /// restarts, and keeps what it needs for that for at least `ttl`.
+    ///
+    /// A resource written by the call's body compares it with the highest
+    /// epoch it has seen and refuses smaller ones, so that a holder whose
+    /// lease lapsed while it stalled cannot overwrite the work of the claim
+    /// that took over (see [`epoch`](crate::epoch)): the holder that took
+    /// over asked later, and a holder that lost its claim is answered
+    /// `None`. By default [`StoreErrorKind::Unsupported`].
+    fn epoch(&self, key: Key, token: Token, ttl: Duration) -> StoreFuture<'_, Option<u64>> {
+        let _ = (key, token, ttl);
+        unsupported("epoch")
+    }
+
     /// Deletes whatever `key` holds, claim or record, whoever holds it;
     /// answers whether there was anything. A holder whose claim is forgotten
     /// finds it lost when it renews or completes. By default
@@ -439,6 +456,10 @@ macro_rules! forward_store {
 
             fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
                 (**self).steps(key)
+            }
+
+            fn epoch(&self, key: Key, token: Token, ttl: Duration) -> StoreFuture<'_, Option<u64>> {
+                (**self).epoch(key, token, ttl)
             }
 
             fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {

@@ -946,4 +946,48 @@ CurrentThread fn step_journal_is_fenced_and_outlives_a_release(backend) {
     assert_eq!(store.steps(key).await.unwrap(), vec![], "forget deletes the journal");
 }
 
+
+/// Fencing epochs: given only to the live claim's holder, each larger than
+/// every one given for the key before (to any claim), so that the claim
+/// that takes over a lapsed one is given larger epochs than the stale
+/// holder ever had; refused to a stale holder, a stranger and a completed
+/// call; still increasing after `forget`. A store without epochs answers
+/// `Unsupported`.
+CurrentThread fn fencing_epochs_increase_with_every_claim(backend) {
+    let store = backend.store().await;
+    let Timing { lease, ttl } = backend.timing();
+    let (key, fp) = fresh("epochs");
+    let first = Token::random();
+    assert_eq!(store.begin(key, fp, first, lease).await.unwrap(), Begin::Claimed);
+    let one = match store.epoch(key, first, ttl).await {
+        Err(error) if error.kind() == StoreErrorKind::Unsupported => return,
+        epoch => epoch.unwrap().expect("the holder is given an epoch"),
+    };
+    let two = store.epoch(key, first, ttl).await.unwrap().expect("and again");
+    assert!(two > one, "{two} > {one}");
+    assert_eq!(store.epoch(key, Token::random(), ttl).await.unwrap(), None, "a stranger");
+
+    tokio::time::sleep(lease + lease / 2).await;
+    let second = Token::random();
+    assert_eq!(store.begin(key, fp, second, lease).await.unwrap(), Begin::Claimed);
+    assert_eq!(store.epoch(key, first, ttl).await.unwrap(), None, "the lapsed holder");
+    let three = store.epoch(key, second, ttl).await.unwrap().expect("the new holder");
+    assert!(three > two, "the claim that took over: {three} > {two}");
+
+    store.release(key, second).await.unwrap();
+    let third = Token::random();
+    assert_eq!(store.begin(key, fp, third, lease).await.unwrap(), Begin::Claimed);
+    let four = store.epoch(key, third, ttl).await.unwrap().expect("after a release");
+    assert!(four > three, "{four} > {three}");
+    let record = Record::new(Outcome::Ok, &b"1"[..]);
+    assert_eq!(store.complete(key, third, record, ttl).await.unwrap(), Completion::Stored);
+    assert_eq!(store.epoch(key, third, ttl).await.unwrap(), None, "a completed call");
+
+    assert!(store.forget(key).await.unwrap());
+    let fourth = Token::random();
+    assert_eq!(store.begin(key, fp, fourth, lease).await.unwrap(), Begin::Claimed);
+    let five = store.epoch(key, fourth, ttl).await.unwrap().expect("after forget");
+    assert!(five > four, "{five} > {four}");
+}
+
 }

@@ -846,6 +846,24 @@ impl Store for PostgresStore {
         })
     }
 
+    fn epoch(&self, key: Key, token: Token, ttl: Duration) -> StoreFuture<'_, Option<u64>> {
+        // The sequence is the database's: epochs outlive every row.
+        let _ = ttl;
+        Box::pin(async move {
+            self.ready().await?;
+            let epoch = self
+                .timed("epoch", async {
+                    sqlx::query_scalar::<_, i64>(&self.inner.sql.epoch)
+                        .bind(key.digest().as_slice())
+                        .bind(token_bytes(token).as_slice())
+                        .fetch_optional(&self.inner.pool)
+                        .await
+                })
+                .await?;
+            Ok(epoch.and_then(|epoch| u64::try_from(epoch).ok()))
+        })
+    }
+
     fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             self.ready().await?;

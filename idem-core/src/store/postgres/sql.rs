@@ -12,6 +12,7 @@
 //! );
 //! CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at);
 //! CREATE INDEX idempotency_keys_claimed ON idempotency_keys (stored_at) WHERE record IS NULL;
+//! CREATE SEQUENCE idempotency_keys_epoch;  -- the fencing epochs of claims
 //! CREATE TABLE idempotency_keys_steps (   -- the step journals of multi-step calls
 //!     key        bytea NOT NULL,           -- the call's key
 //!     name       text NOT NULL,            -- the step's name
@@ -62,6 +63,8 @@ pub(crate) struct Statements {
     pub(crate) steps: String,
     /// Deletes a batch of expired journal entries.
     pub(crate) purge_steps: String,
+    /// A new fencing epoch for a claim that is ours.
+    pub(crate) epoch: String,
 }
 
 /// `name` as a quoted SQL identifier, if it is one PostgreSQL accepts.
@@ -113,6 +116,8 @@ impl Statements {
         let t = format!("{schema_q}.{table_q}");
         let steps_q = identifier("table", &derived_name(table, "_steps", "idem_"))?;
         let st = format!("{schema_q}.{steps_q}");
+        let sequence_q = identifier("sequence", &derived_name(table, "_epoch", "idem_"))?;
+        let sequence = format!("{schema_q}.{sequence_q}");
         let ms = "* interval '1 millisecond'";
         // What a claim-or-read answers, as `begin_answer` reads it: the claim
         // made, or what holds the key (the live record, or another's claim
@@ -148,6 +153,7 @@ impl Statements {
                         PRIMARY KEY (key, name)
                     )"
                 ),
+                format!("CREATE SEQUENCE IF NOT EXISTS {sequence}"),
             ],
             indexes: vec![
                 (
@@ -329,6 +335,14 @@ impl Statements {
             ),
             steps: format!(
                 "SELECT name, value FROM {st} WHERE key = $1 AND expires_at > now() ORDER BY seq"
+            ),
+            // Locks the claim's row, so that a claim taking it over (an
+            // update of the row) waits, and is handed a larger epoch.
+            epoch: format!(
+                "SELECT nextval('{}'::regclass) FROM {t}
+                WHERE key = $1 AND token = $2 AND record IS NULL AND expires_at > now()
+                FOR SHARE",
+                sequence.replace('\'', "''")
             ),
             purge_steps: format!(
                 "DELETE FROM {st} WHERE (key, name) IN (

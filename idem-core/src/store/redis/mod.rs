@@ -187,6 +187,12 @@ impl RedisStore {
         format!("{}:steps", self.record_key(key))
     }
 
+    /// The key of the fencing epoch of the claim stored under `key`, in the
+    /// record's hash slot.
+    fn epoch_key(&self, key: &Key) -> String {
+        format!("{}:epoch", self.record_key(key))
+    }
+
     async fn invoke(
         &self,
         op: &'static str,
@@ -566,6 +572,31 @@ impl Store for RedisStore {
             match as_int(&answer) {
                 Some(n) => Ok(n == 1),
                 None => Err(unexpected("append_step", &answer)),
+            }
+        })
+    }
+
+    fn epoch(&self, key: Key, token: Token, ttl: Duration) -> StoreFuture<'_, Option<u64>> {
+        Box::pin(async move {
+            let token = token.as_u128().to_be_bytes();
+            let mut invocation = SCRIPTS.epoch.prepare_invoke();
+            invocation
+                .key(self.record_key(&key))
+                .key(self.epoch_key(&key))
+                .arg(&token[..])
+                .arg(millis(ttl));
+            let invocation = &invocation;
+            let answer = self
+                .retrying("epoch", |mut connection| async move {
+                    invocation.invoke_async::<Value>(&mut connection).await
+                })
+                .await?;
+            match as_int(&answer) {
+                Some(-1) => Ok(None),
+                Some(epoch) => u64::try_from(epoch)
+                    .map(Some)
+                    .map_err(|_| unexpected("epoch", &answer)),
+                None => Err(unexpected("epoch", &answer)),
             }
         })
     }

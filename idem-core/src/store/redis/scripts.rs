@@ -34,6 +34,13 @@ pub(crate) struct Scripts {
     /// there keeps its value. The journal is kept for at least the TTL.
     /// Answers 1 journaled, 0 not ours.
     pub(crate) append_step: Script,
+    /// `KEYS[1]` the record, `KEYS[2]` the key's last fencing epoch (in
+    /// the same slot, in decimal); `ARGV` token, TTL in ms. Answers a new
+    /// epoch, or -1 when the claim is not ours: the server's time in µs, or
+    /// one more than the key's last epoch if that is larger, so increasing
+    /// while the last is remembered, and after it expired unless the
+    /// server's clock went back.
+    pub(crate) epoch: Script,
 }
 
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
@@ -102,6 +109,19 @@ if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 return 1",
+            claimed = ours(CLAIMED),
+        )),
+        epoch: Script::new(&format!(
+            "local held = redis.call('GET', KEYS[1])
+if not ({claimed}) then
+  return -1
+end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+local time = redis.call('TIME')
+local epoch = math.max(tonumber(time[1]) * 1000000 + tonumber(time[2]), last + 1)
+local text = string.format('%.0f', epoch)
+redis.call('PSETEX', KEYS[2], ARGV[2], text)
+return tonumber(text)",
             claimed = ours(CLAIMED),
         )),
     }
