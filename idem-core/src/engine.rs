@@ -26,6 +26,7 @@ use crate::handle::Idempotency;
 use crate::key::{Fingerprint, Key};
 use crate::observe::{self, Call, Operation, Traced};
 use crate::settings::{ConfigError, OnConflict, Settings};
+use crate::steps::{Ending, Journal};
 use crate::store::{Begin, Completion, Outcome, Record, Token};
 
 // Every event that says a result was (or may be) not recorded carries
@@ -292,16 +293,10 @@ impl Idempotency {
         herald.set_retry_at(lease.until());
         let work = async {
             let started = Instant::now();
-            let body = crate::steps::journaled(
-                Arc::clone(&self.shared.store),
-                key,
-                token,
-                settings.ttl(),
-                body,
-            );
-            let result = caught(body).await;
+            let journal = Journal::new(Arc::clone(&self.shared.store), key, token, settings.ttl());
+            let mut result = caught(journal.scope(body)).await;
             let took = started.elapsed();
-            let record = match &result {
+            let mut record = match &result {
                 Ok(result) => to_record(key, result, &mut codec)
                     .map(|record| bounded(key, record, self.shared.max_record_bytes)),
                 // A panicking body failed: its claim is released and its
@@ -309,6 +304,29 @@ impl Idempotency {
                 // the caller once that is done.
                 Err(_panic) => None,
             };
+            // A call that failed for good undoes its completed steps first.
+            let failed = !matches!(result, Ok(Ok(_)));
+            match journal.end(failed, record.as_ref()).await {
+                Ending::AsIs => {}
+                Ending::Final {
+                    record: outcome,
+                    replace,
+                } => {
+                    if replace {
+                        result = Ok(replay(&outcome, &codec));
+                    }
+                    record = Some(outcome);
+                }
+                Ending::Unfinished {
+                    record: outcome,
+                    replace,
+                } => {
+                    if replace {
+                        result = Ok(replay(&outcome, &codec));
+                    }
+                    record = None;
+                }
+            }
             call.ran(took, record.is_some());
             let landing = self
                 .settle(
@@ -717,7 +735,7 @@ where
 
 /// Polls `body`, catching a panic in it, so that the claim can be settled
 /// before the panic goes on.
-async fn caught<F: Future>(body: F) -> std::thread::Result<F::Output> {
+pub(crate) async fn caught<F: Future>(body: F) -> std::thread::Result<F::Output> {
     let mut body = pin!(body);
     std::future::poll_fn(|cx| {
         match std::panic::catch_unwind(AssertUnwindSafe(|| body.as_mut().poll(cx))) {

@@ -129,6 +129,19 @@ pub enum Error {
         name: Cow<'static, str>,
     },
 
+    /// The step did not run: this attempt of the call only finishes the
+    /// compensation of a call that failed for good on an earlier attempt
+    /// (see [`Step::compensate`](crate::Step::compensate)). Its journaled
+    /// steps replay, new ones fail with this error, and the call's outcome
+    /// is the failure recorded then, whatever the body returns.
+    #[error(
+        "the step `{name}` did not run: the call failed for good earlier and is being compensated"
+    )]
+    Compensating {
+        /// The step that did not run.
+        name: Cow<'static, str>,
+    },
+
     /// The call's claim was lost (its lease lapsed and another attempt took
     /// the key over, or an operator forgot it) when its body asked for a
     /// fencing [`epoch`](crate::epoch): no epoch is handed to a holder that
@@ -201,8 +214,8 @@ impl Error {
     /// `Store` → 503 when the store is down or slow (a retry may succeed)
     /// and 500 when a record is corrupt or the store misconfigured (a retry
     /// would fail the same way), `AttemptFailed` → 503, `Decode`, `Encode`,
-    /// `NotReplayable`, `Reentered`, `StepRepeated`, `OutsideCall` and
-    /// `Config` → 500, `StepLost` and `ClaimLost` → 503.
+    /// `NotReplayable`, `Reentered`, `StepRepeated`, `OutsideCall`,
+    /// `Compensating` and `Config` → 500, `StepLost` and `ClaimLost` → 503.
     ///
     /// ```
     /// use std::time::Duration;
@@ -226,7 +239,7 @@ impl Error {
             Self::AttemptFailed => 503,
             Self::Reentered { .. } | Self::StepRepeated { .. } => 500,
             Self::StepLost { .. } | Self::ClaimLost => 503,
-            Self::OutsideCall { .. } => 500,
+            Self::OutsideCall { .. } | Self::Compensating { .. } => 500,
             Self::Decode(_)
             | Self::Encode { .. }
             | Self::NotReplayable { .. }
@@ -267,6 +280,7 @@ impl From<Error> for std::io::Error {
             Error::StepRepeated { .. } => ErrorKind::InvalidInput,
             Error::StepLost { .. } | Error::ClaimLost => ErrorKind::Other,
             Error::OutsideCall { .. } => ErrorKind::Unsupported,
+            Error::Compensating { .. } => ErrorKind::Other,
             Error::Store(store) if store.kind() == StoreErrorKind::Timeout => ErrorKind::TimedOut,
             Error::Store(_) | Error::AttemptFailed => ErrorKind::Other,
             Error::Decode(_) | Error::NotReplayable { .. } => ErrorKind::InvalidData,

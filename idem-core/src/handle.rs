@@ -159,7 +159,10 @@ impl Idempotency {
     /// The names of the steps journaled under `key`, in the order they
     /// were done (see [`step`](crate::step)): what a call that failed
     /// midway got through, and where its next attempt resumes. Empty when
-    /// the call used no steps or its journal expired.
+    /// the call used no steps or its journal expired. A call that failed
+    /// for good lists `final` where its compensation began, then
+    /// `undo:<step>` for each step undone (see
+    /// [`Step::compensate`](crate::Step::compensate)).
     ///
     /// ```
     /// use idem_core::{Fingerprint, Idempotency, Key, Settings, step};
@@ -185,7 +188,10 @@ impl Idempotency {
     /// ([`StoreErrorKind::Unsupported`](crate::store::StoreErrorKind::Unsupported)).
     pub async fn steps_done(&self, key: Key) -> Result<Vec<String>, Error> {
         let steps = self.shared.store.steps(key).await?;
-        Ok(steps.into_iter().map(|step| step.name).collect())
+        Ok(steps
+            .into_iter()
+            .map(|step| crate::steps::display_name(step.name))
+            .collect())
     }
 
     /// Deletes whatever `key` holds — a completed record or a claim in

@@ -176,6 +176,7 @@ impl CallOutcome {
             | Error::Reentered { .. }
             | Error::StepRepeated { .. }
             | Error::OutsideCall { .. } => Self::ConfigError,
+            Error::Compensating { .. } => Self::AttemptFailed,
         }
     }
 

@@ -7,7 +7,9 @@
 //! and finds none outside an idempotent call's body.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
+use std::fmt::Display;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -18,7 +20,33 @@ use tokio::task::futures::TaskLocalFuture;
 
 use crate::error::Error;
 use crate::key::Key;
-use crate::store::{Store, Token};
+use crate::store::{Outcome, Record, Store, Token};
+
+/// The journal entry that says the call failed for good: its value is the
+/// record of that failure. Names idem journals for itself start with
+/// U+0001, which no step name people write does.
+const FINAL: &str = "\u{1}final";
+
+/// The journal entry that says step `name`'s compensation ran.
+fn undone(name: &str) -> String {
+    format!("\u{1}undo:{name}")
+}
+
+/// A journal entry's name as operators read it: idem's own entries without
+/// their marker (`final`, `undo:charge`).
+pub(crate) fn display_name(name: String) -> String {
+    match name.strip_prefix('\u{1}') {
+        Some(own) => own.to_owned(),
+        None => name,
+    }
+}
+
+/// A compensation bound to its step's value, ready to run.
+type Undo = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send>;
+
+/// A compensation given to a step, bound to the step's value (decoded from
+/// its journaled bytes) once the step has one.
+type Unbound = Box<dyn FnOnce(&[u8]) -> Result<Undo, Error> + Send>;
 
 /// The journal of the call whose body is running.
 pub(crate) struct Journal {
@@ -37,34 +65,145 @@ struct State {
     used: HashSet<String>,
     /// The fencing epoch this attempt was given, once asked for.
     epoch: Option<u64>,
+    /// The compensations of this attempt's completed steps, in step order.
+    undos: Vec<(String, Undo)>,
+    /// Whether the body marked its failure final ([`mark_final`]).
+    marked_final: bool,
 }
 
 tokio::task_local! {
     static JOURNAL: Arc<Journal>;
 }
 
-/// `body`, run as the body of the call that holds `key` with `token`:
-/// steps in it are journaled under `key` for `ttl`.
-pub(crate) fn journaled<F: Future>(
-    store: Arc<dyn Store>,
-    key: Key,
-    token: Token,
-    ttl: Duration,
-    body: F,
-) -> TaskLocalFuture<Arc<Journal>, F> {
-    JOURNAL.scope(
-        Arc::new(Journal {
+/// How a call's attempt ends once its body returned, as its journal says.
+pub(crate) enum Ending {
+    /// As the body's result says.
+    AsIs,
+    /// The call failed for good and its compensations all ran: this record
+    /// is its outcome. `replace` when the body's result is not the
+    /// caller's (the attempt only finished a compensation begun earlier),
+    /// and the record's replay is.
+    Final { record: Record, replace: bool },
+    /// The call failed for good and a compensation could not run (it
+    /// failed, or could not be journaled): the claim is released, so that
+    /// the next attempt goes on with the compensations not yet done.
+    /// `record` as in [`Ending::Final`].
+    Unfinished { record: Record, replace: bool },
+}
+
+impl Journal {
+    /// The journal of the call that holds `key` with `token`: steps are
+    /// journaled under `key` for `ttl`.
+    pub(crate) fn new(store: Arc<dyn Store>, key: Key, token: Token, ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
             store,
             key,
             token,
             ttl,
             state: Mutex::default(),
-        }),
-        body,
-    )
-}
+        })
+    }
 
-impl Journal {
+    /// `body`, run as the body of this journal's call.
+    pub(crate) fn scope<F: Future>(self: &Arc<Self>, body: F) -> TaskLocalFuture<Arc<Self>, F> {
+        JOURNAL.scope(Arc::clone(self), body)
+    }
+
+    /// Whether this attempt only finishes the compensation of a call that
+    /// failed for good earlier: the journal read says so.
+    fn compensating(&self) -> bool {
+        self.state()
+            .done
+            .as_ref()
+            .is_some_and(|done| done.contains_key(FINAL))
+    }
+
+    /// After the body returned (`failed`: with an `Err` or a panic, and
+    /// `record` what would be stored): when the call failed for good (its
+    /// `Err` is stored, or the body marked it final) or an earlier attempt
+    /// found it did, runs the compensations of the completed steps not yet
+    /// undone, last step first, each journaled once it ran.
+    pub(crate) async fn end(&self, failed: bool, record: Option<&Record>) -> Ending {
+        let (undos, earlier, marked) = {
+            let mut state = self.state();
+            let earlier = state
+                .done
+                .as_ref()
+                .and_then(|done| done.get(FINAL).cloned());
+            (
+                std::mem::take(&mut state.undos),
+                earlier,
+                state.marked_final,
+            )
+        };
+        let (outcome, replace) = if let Some(bytes) = earlier {
+            match Record::decode(bytes) {
+                Ok(record) => (record, true),
+                Err(error) => {
+                    tracing::error!(key = %self.key, %error, "the journaled outcome of a call that failed for good does not decode");
+                    return Ending::AsIs;
+                }
+            }
+        } else {
+            let cached = record.filter(|record| record.outcome() == Outcome::Err);
+            if !failed || (cached.is_none() && !marked) {
+                return Ending::AsIs;
+            }
+            let outcome = cached.cloned().unwrap_or_else(|| {
+                Record::unserializable(
+                    "the call failed for good (its body marked the failure final) and its completed steps were compensated",
+                )
+            });
+            if undos.is_empty() {
+                return Ending::Final {
+                    record: outcome,
+                    replace: false,
+                };
+            }
+            // Before the first compensation runs: an attempt after a crash
+            // must know the call failed for good, and how.
+            if let Err(error) = self.append(FINAL, outcome.encode().to_vec()).await {
+                tracing::warn!(key = %self.key, %error, "could not journal that a call failed for good; its compensations run on its next attempt");
+                return Ending::Unfinished {
+                    record: outcome,
+                    replace: false,
+                };
+            }
+            (outcome, false)
+        };
+        for (name, undo) in undos.into_iter().rev() {
+            let entry = undone(&name);
+            let done = self
+                .state()
+                .done
+                .as_ref()
+                .is_some_and(|done| done.contains_key(&entry));
+            if done {
+                continue;
+            }
+            let ran = match crate::engine::caught(undo()).await {
+                Ok(Ok(())) => self
+                    .append(&entry, Vec::new())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(Err(error)) => Err(error),
+                Err(_panic) => Err("it panicked".to_owned()),
+            };
+            if let Err(error) = ran {
+                tracing::warn!(key = %self.key, step = %name, %error, "a compensation did not complete; it runs again on the call's next attempt");
+                return Ending::Unfinished {
+                    record: outcome,
+                    replace,
+                };
+            }
+            tracing::info!(key = %self.key, step = %name, "compensated a step of a call that failed for good");
+        }
+        Ending::Final {
+            record: outcome,
+            replace,
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -189,7 +328,20 @@ impl Journal {
 /// `work`'s own error, or an idem [`Error`] converted into `E`: see the
 /// rules above, and [`Error::Store`] when the journal cannot be read or
 /// written.
-pub async fn step<T, E, F>(name: &str, work: F) -> Result<T, E>
+pub fn step<T, E, F>(name: &str, work: F) -> Step<impl Future<Output = Result<T, E>>>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    F: Future<Output = Result<T, E>>,
+{
+    let undo = Arc::new(Mutex::new(None));
+    Step {
+        future: run_step(name, work, Arc::clone(&undo)),
+        undo,
+    }
+}
+
+async fn run_step<T, E, F>(name: &str, work: F, undo: Arc<Mutex<Option<Unbound>>>) -> Result<T, E>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
@@ -204,14 +356,151 @@ where
         }
         .into());
     }
-    if let Some(bytes) = journal.recorded(name).await? {
+    let (value, bytes) = if let Some(bytes) = journal.recorded(name).await? {
         tracing::debug!(key = %journal.key, step = name, "replaying a journaled step");
-        return serde_json::from_slice(&bytes).map_err(|error| Error::decode(error).into());
+        let value = serde_json::from_slice(&bytes).map_err(Error::decode)?;
+        (value, bytes)
+    } else {
+        if journal.compensating() {
+            return Err(Error::Compensating {
+                name: name.to_owned().into(),
+            }
+            .into());
+        }
+        let value = work.await?;
+        let bytes =
+            serde_json::to_vec(&value).map_err(|error| Error::encode("step result", error))?;
+        journal.append(name, bytes.clone()).await?;
+        (value, bytes)
+    };
+    let unbound = undo.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(unbound) = unbound {
+        let bound = unbound(&bytes)?;
+        journal.state().undos.push((name.to_owned(), bound));
     }
-    let value = work.await?;
-    let bytes = serde_json::to_vec(&value).map_err(|error| Error::encode("step result", error))?;
-    journal.append(name, bytes).await?;
     Ok(value)
+}
+
+/// A step of an idempotent call, made by [`step`]: await it to run it, or
+/// give it a compensation first with [`compensate`](Self::compensate).
+#[must_use = "a step does nothing unless awaited"]
+pub struct Step<F> {
+    future: F,
+    undo: Arc<Mutex<Option<Unbound>>>,
+}
+
+impl<F> std::fmt::Debug for Step<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Step").finish_non_exhaustive()
+    }
+}
+
+impl<F: Future> IntoFuture for Step<F> {
+    type Output = F::Output;
+    type IntoFuture = F;
+
+    fn into_future(self) -> F {
+        self.future
+    }
+}
+
+impl<T, E, F> Step<F>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    /// Declares how to undo this step: `undo` gets the step's result and
+    /// runs when the call fails for good, after the steps that completed
+    /// after this one were undone (last step first).
+    ///
+    /// A call fails for good when its body returns an `Err` that is stored
+    /// (the attribute's `cache_errors`,
+    /// [`Idempotency::run_caching_errors`](crate::Idempotency::run_caching_errors))
+    /// or after the body called [`mark_final`]. Then,
+    /// before the failure is recorded, the compensations of the steps that
+    /// completed (in this attempt or, replayed from the journal, in an
+    /// earlier one) run, each at most once: each is journaled when it
+    /// returns `Ok`. An undo that fails or panics stops the compensation;
+    /// the claim is released, and the next attempt of the call goes on with
+    /// the undos not yet done.
+    ///
+    /// The next attempt of a call whose compensation began (after a crash,
+    /// or a failed undo) finishes it: its body runs again, its journaled
+    /// steps replay (which gives idem their compensations), a step not
+    /// journaled does not run but fails with [`Error::Compensating`], and
+    /// once the undos ran the call's outcome is the failure recorded when
+    /// it failed for good, whatever the body returned. The body must reach
+    /// its completed steps the same way again, as for any replay.
+    ///
+    /// `undo` must own what it uses (`move` clones of handles): it may run
+    /// after the body's borrows ended. Outside an idempotent call (see
+    /// [`step`]) the compensation is ignored.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicI64, Ordering};
+    /// use idem_core::{Error, Fingerprint, Idempotency, Key, Settings, step};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let idem = Idempotency::memory();
+    /// let balance = Arc::new(AtomicI64::new(100));
+    /// let key = Key::new("order", &7)?;
+    /// let fingerprint = Fingerprint::of(&())?;
+    /// let cache_all = |_: &String| true;
+    /// let result: Result<(), String> = idem
+    ///     .run_caching_errors(&Settings::default(), key, fingerprint, cache_all, async {
+    ///         let refund = Arc::clone(&balance);
+    ///         step("charge", async {
+    ///             balance.fetch_sub(30, Ordering::SeqCst);
+    ///             Ok::<_, String>(30)
+    ///         })
+    ///         .compensate(move |charged: i64| async move {
+    ///             refund.fetch_add(charged, Ordering::SeqCst);
+    ///             Ok::<_, String>(())
+    ///         })
+    ///         .await?;
+    ///         Err("out of stock".to_owned())
+    ///     })
+    ///     .await;
+    /// assert_eq!(result, Err("out of stock".to_owned()));
+    /// assert_eq!(balance.load(Ordering::SeqCst), 100, "the charge was undone");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn compensate<U, UF, UE>(self, undo: U) -> Self
+    where
+        T: DeserializeOwned + Send + 'static,
+        U: FnOnce(T) -> UF + Send + 'static,
+        UF: Future<Output = Result<(), UE>> + Send + 'static,
+        UE: Display + 'static,
+    {
+        let unbound: Unbound = Box::new(move |bytes: &[u8]| {
+            let value: T = serde_json::from_slice(bytes).map_err(Error::decode)?;
+            let bound: Undo = Box::new(move || {
+                Box::pin(async move { undo(value).await.map_err(|error| error.to_string()) })
+            });
+            Ok(bound)
+        });
+        *self.undo.lock().unwrap_or_else(PoisonError::into_inner) = Some(unbound);
+        self
+    }
+}
+
+/// Marks the running call's failure as final: when its body returns an
+/// `Err`, the compensations of its completed steps run (see
+/// [`Step::compensate`]) even though the error is not stored, and the
+/// call's record then says it failed for good, so its retries get
+/// [`Error::NotReplayable`] instead of running it again. A body that
+/// returns `Ok` after marking is not affected.
+///
+/// # Errors
+///
+/// [`Error::OutsideCall`] outside the body of a call run by an
+/// [`Idempotency`](crate::Idempotency) handle.
+pub fn mark_final() -> Result<(), Error> {
+    JOURNAL
+        .try_with(|journal| journal.state().marked_final = true)
+        .map_err(|_| Error::OutsideCall { what: "mark_final" })
 }
 
 /// The fencing epoch of the idempotent call whose body is running: a number

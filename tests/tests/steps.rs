@@ -238,6 +238,206 @@ async fn epochs_fence_each_attempt(store: Arc<dyn Store>) {
     ));
 }
 
+/// What happened, in order, across attempts of a compensated call.
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn note(log: &Log, entry: &str) {
+    log.lock().unwrap().push(entry.to_owned());
+}
+
+fn entries(log: &Log) -> Vec<String> {
+    log.lock().unwrap().clone()
+}
+
+/// An attempt of a three-step call: reserve and charge (each with its
+/// undo), then a shipping step that fails with a cached "out of stock".
+/// `undo_fails` makes the charge's undo fail this many times first.
+async fn compensated_attempt(
+    idem: &Idempotency,
+    key: Key,
+    log: &Log,
+    undo_fails: Arc<AtomicU32>,
+) -> Result<u32, String> {
+    let fp = Fingerprint::of(&"order").unwrap();
+    idem.run_caching_errors(&settings(), key, fp, |_: &String| true, async {
+        let reserved = step("reserve", async {
+            note(log, "reserve");
+            Ok::<_, String>(2)
+        })
+        .compensate({
+            let log = Arc::clone(log);
+            move |items: u32| async move {
+                note(&log, &format!("release {items}"));
+                Ok::<_, String>(())
+            }
+        })
+        .await?;
+        let charged = step("charge", async {
+            note(log, "charge");
+            Ok::<_, String>(30)
+        })
+        .compensate({
+            let log = Arc::clone(log);
+            move |amount: u32| async move {
+                if undo_fails
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    note(&log, "refund failed");
+                    return Err("the gateway is down".to_owned());
+                }
+                note(&log, &format!("refund {amount}"));
+                Ok::<_, String>(())
+            }
+        })
+        .await?;
+        step("ship", async {
+            note(log, "ship");
+            Err::<u32, _>("out of stock".to_owned())
+        })
+        .await?;
+        Ok(reserved + charged)
+    })
+    .await
+}
+
+/// A call that fails for good (its `Err` is cached) undoes its completed
+/// steps, last first, each once; its retry replays the failure and runs
+/// nothing.
+async fn a_final_failure_compensates_completed_steps(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("compensated", &rand::random::<u64>()).unwrap();
+    let log = Log::default();
+    let never = Arc::new(AtomicU32::new(0));
+    let first = compensated_attempt(&idem, key, &log, never.clone()).await;
+    assert_eq!(first, Err("out of stock".to_owned()));
+    assert_eq!(
+        entries(&log),
+        ["reserve", "charge", "ship", "refund 30", "release 2"]
+    );
+    let retry = compensated_attempt(&idem, key, &log, never).await;
+    assert_eq!(retry, Err("out of stock".to_owned()), "the failure replays");
+    assert_eq!(entries(&log).len(), 5, "nothing ran again");
+    assert_eq!(
+        idem.steps_done(key).await.unwrap(),
+        ["reserve", "charge", "final", "undo:charge", "undo:reserve"]
+    );
+}
+
+/// An undo that fails stops the compensation and releases the claim; the
+/// next attempt replays the steps (running none), finishes the undos not
+/// yet done, and answers the failure recorded when the call failed for
+/// good.
+async fn a_failed_compensation_is_finished_by_the_next_attempt(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("compensation-retried", &rand::random::<u64>()).unwrap();
+    let log = Log::default();
+    let fails_once = Arc::new(AtomicU32::new(1));
+    let first = compensated_attempt(&idem, key, &log, fails_once.clone()).await;
+    assert_eq!(first, Err("out of stock".to_owned()));
+    assert_eq!(
+        entries(&log),
+        ["reserve", "charge", "ship", "refund failed"]
+    );
+    let second = compensated_attempt(&idem, key, &log, fails_once.clone()).await;
+    assert_eq!(
+        second,
+        Err("out of stock".to_owned()),
+        "the recorded failure"
+    );
+    assert_eq!(
+        entries(&log),
+        [
+            "reserve",
+            "charge",
+            "ship",
+            "refund failed",
+            "refund 30",
+            "release 2"
+        ],
+        "no step ran again; the undos not done ran once"
+    );
+    let third = compensated_attempt(&idem, key, &log, fails_once).await;
+    assert_eq!(third, Err("out of stock".to_owned()));
+    assert_eq!(entries(&log).len(), 6, "and the failure is recorded");
+}
+
+/// A call dropped while it undoes its steps (as a crash would stop it)
+/// finishes the compensation on its next attempt, once its lease lapsed.
+async fn a_compensation_cut_short_is_finished_after_the_lease(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("compensation-dropped", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let attempt = |hang: bool| {
+        let log = Arc::clone(&log);
+        let idem = idem.clone();
+        async move {
+            idem.run_caching_errors(&settings(), key, fp, |_: &String| true, async {
+                step("charge", async {
+                    note(&log, "charge");
+                    Ok::<_, String>(30)
+                })
+                .compensate({
+                    let log = Arc::clone(&log);
+                    move |amount: u32| async move {
+                        if hang {
+                            std::future::pending::<()>().await;
+                        }
+                        note(&log, &format!("refund {amount}"));
+                        Ok::<_, String>(())
+                    }
+                })
+                .await?;
+                Err::<u32, _>("declined later".to_owned())
+            })
+            .await
+        }
+    };
+    let cut = tokio::time::timeout(Duration::from_millis(300), attempt(true)).await;
+    assert!(cut.is_err(), "dropped mid-compensation");
+    tokio::time::sleep(settings().lease() + Duration::from_millis(500)).await;
+    assert_eq!(attempt(false).await, Err("declined later".to_owned()));
+    assert_eq!(entries(&log), ["charge", "refund 30"]);
+}
+
+/// A failure the body marks final is compensated though the error is not
+/// stored; the call then records that it failed for good, so its retry
+/// gets `NotReplayable` and runs nothing.
+async fn a_failure_marked_final_is_compensated(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("marked-final", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&()).unwrap();
+    let log = Log::default();
+    let attempt = || async {
+        idem.run(&settings(), key, fp, async {
+            step("charge", async {
+                note(&log, "charge");
+                Ok::<_, Error>(30)
+            })
+            .compensate({
+                let log = Arc::clone(&log);
+                move |amount: u32| async move {
+                    note(&log, &format!("refund {amount}"));
+                    Ok::<_, Error>(())
+                }
+            })
+            .await?;
+            idem_core::mark_final()?;
+            Err::<u32, _>(Error::AttemptFailed)
+        })
+        .await
+    };
+    assert!(matches!(attempt().await, Err(Error::AttemptFailed)));
+    assert_eq!(entries(&log), ["charge", "refund 30"]);
+    let retry = attempt().await;
+    assert!(
+        matches!(retry, Err(Error::NotReplayable { .. })),
+        "{retry:?}"
+    );
+    assert_eq!(entries(&log).len(), 2, "nothing ran again");
+}
+
 macro_rules! step_tests {
     ($store:expr) => {
         #[tokio::test]
@@ -273,6 +473,26 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn epochs_fence_each_attempt() {
             super::epochs_fence_each_attempt($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_final_failure_compensates_completed_steps() {
+            super::a_final_failure_compensates_completed_steps($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_failed_compensation_is_finished_by_the_next_attempt() {
+            super::a_failed_compensation_is_finished_by_the_next_attempt($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_compensation_cut_short_is_finished_after_the_lease() {
+            super::a_compensation_cut_short_is_finished_after_the_lease($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_failure_marked_final_is_compensated() {
+            super::a_failure_marked_final_is_compensated($store).await;
         }
     };
 }
