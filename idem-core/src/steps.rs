@@ -73,6 +73,42 @@ struct State {
 
 tokio::task_local! {
     static JOURNAL: Arc<Journal>;
+    /// The step whose work is running, for the keys of its requests.
+    static RUNNING: RunningStep;
+}
+
+/// The step whose work is running: its derived key, and how many keyed
+/// requests it made so far.
+struct RunningStep {
+    key: Key,
+    name: String,
+    requests: std::sync::atomic::AtomicU32,
+}
+
+/// The idempotency key for the next keyed request made by the running
+/// step's work (the `client` feature's [`RetryMiddleware`] and [`retry`]
+/// send it): the step's derived key ([`step_key`]) for its first request,
+/// then `step_key("name#2")`, `step_key("name#3")`… for later ones, so the
+/// same on every attempt of the call as long as the step makes its
+/// requests in the same order. `None` outside a step's work.
+///
+/// [`RetryMiddleware`]: crate::client::RetryMiddleware
+/// [`retry`]: crate::client::retry
+#[cfg_attr(not(feature = "client"), allow(dead_code))]
+pub(crate) fn request_key() -> Option<String> {
+    RUNNING
+        .try_with(|running| {
+            let n = running
+                .requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if n == 1 {
+                derive_step_key(running.key, &running.name)
+            } else {
+                derive_step_key(running.key, &format!("{}#{n}", running.name))
+            }
+        })
+        .ok()
 }
 
 /// How a call's attempt ends once its body returned, as its journal says.
@@ -367,7 +403,12 @@ where
             }
             .into());
         }
-        let value = work.await?;
+        let running = RunningStep {
+            key: journal.key,
+            name: name.to_owned(),
+            requests: std::sync::atomic::AtomicU32::new(0),
+        };
+        let value = RUNNING.scope(running, work).await?;
         let bytes =
             serde_json::to_vec(&value).map_err(|error| Error::encode("step result", error))?;
         journal.append(name, bytes.clone()).await?;

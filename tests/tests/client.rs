@@ -873,3 +873,52 @@ async fn the_extremes_of_every_setting_work_or_are_refused() {
     let open = circuit_open(&error).unwrap();
     assert!(open.retry_in() > Duration::from_secs(365 * 24 * 3600));
 }
+
+/// A request made in a step's work is sent under the step's derived key:
+/// when the step runs again (its first attempt failed after the request),
+/// the server sees the same key and replays instead of charging again. A
+/// second request of the same step gets a key of its own.
+#[tokio::test]
+async fn a_step_sends_its_derived_key_on_every_attempt() {
+    use idem_core::{Error, Fingerprint, Key, Settings, derive_step_key, step};
+    let (addr, server) = serve().await;
+    let client = client(fast().build().unwrap(), Breakers::default());
+    let idem = Idempotency::memory();
+    let key = Key::new("checkout", &"order-31").unwrap();
+    let attempt = |fail_after: bool| {
+        let (client, idem) = (client.clone(), idem.clone());
+        async move {
+            idem.run(&Settings::default(), key, Fingerprint::UNCHECKED, async {
+                step("charge", async {
+                    let first = charge_via(&client, addr, "31").await.unwrap();
+                    let second = charge_via(&client, addr, "31-fee").await.unwrap();
+                    let keys = [report(&first).key(), report(&second).key()]
+                        .map(|key| key.unwrap().to_owned());
+                    if fail_after {
+                        return Err(Error::AttemptFailed);
+                    }
+                    Ok(keys)
+                })
+                .await
+            })
+            .await
+        }
+    };
+    assert!(
+        attempt(true).await.is_err(),
+        "the step failed after charging"
+    );
+    let keys = attempt(false).await.expect("the step ran again");
+    assert_eq!(keys[0], derive_step_key(key, "charge"));
+    assert_eq!(keys[1], derive_step_key(key, "charge#2"));
+    let charges = server.charges();
+    assert_eq!(
+        charges.len(),
+        2,
+        "two charges, one per request: {charges:?}"
+    );
+    assert!(
+        charges.values().all(|&n| n == 1),
+        "each charged once, replayed on the step's second run: {charges:?}"
+    );
+}

@@ -58,6 +58,24 @@ async fn declined(State(counts): State<Arc<Counts>>) -> (StatusCode, &'static st
     (StatusCode::PAYMENT_REQUIRED, "declined")
 }
 
+/// A handler in steps: the charge is journaled, then the handler fails with
+/// a 503 (which releases the key) while `x-fail` is sent.
+async fn checkout(
+    State(counts): State<Arc<Counts>>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, String), StatusCode> {
+    let charge = idem_core::step("charge", async {
+        Ok::<_, idem_core::Error>(counts.charges.fetch_add(1, Ordering::SeqCst) + 1)
+    })
+    .await
+    .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+    if headers.contains_key("x-fail") {
+        counts.failures.fetch_add(1, Ordering::SeqCst);
+        return Err(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    Ok((StatusCode::CREATED, format!("charge {charge}")))
+}
+
 /// Serves the test API behind the layer `layer` on a free port.
 async fn serve(layer: IdempotencyLayer) -> (SocketAddr, Arc<Counts>) {
     let counts = Arc::new(Counts::default());
@@ -65,6 +83,7 @@ async fn serve(layer: IdempotencyLayer) -> (SocketAddr, Arc<Counts>) {
         .route("/payments", post(charge).get(|| async { "list" }))
         .route("/fail", post(fail))
         .route("/declined", post(declined))
+        .route("/checkout", post(checkout))
         .with_state(Arc::clone(&counts))
         .layer(layer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -363,6 +382,41 @@ async fn a_store_that_is_down_is_a_503_and_nothing_runs() {
     assert_eq!(counts.charges.load(Ordering::SeqCst), 0);
 }
 
+/// A handler behind the layer may use steps: a request that failed after
+/// its charge step (a 5xx, so the key was released) resumes after it when
+/// retried, and the charge is made once.
+async fn steps_resume_behind_the_layer(idem: Idempotency) {
+    let (addr, counts) = serve(layer(idem)).await;
+    let key = rand_key();
+    let send = |fail: bool| {
+        let key = key.clone();
+        async move {
+            let mut request = Client::new()
+                .post(format!("http://{addr}/checkout"))
+                .header("x-api-key", "client-a")
+                .header("Idempotency-Key", key)
+                .body("order-5");
+            if fail {
+                request = request.header("x-fail", "1");
+            }
+            request.send().await.unwrap()
+        }
+    };
+    assert_eq!(send(true).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let resumed = send(false).await;
+    assert_eq!(resumed.status(), StatusCode::CREATED);
+    assert!(!replayed(&resumed));
+    assert_eq!(
+        resumed.text().await.unwrap(),
+        "charge 1",
+        "the journaled charge"
+    );
+    let replay = send(false).await;
+    assert!(replayed(&replay));
+    assert_eq!(counts.charges.load(Ordering::SeqCst), 1, "charged once");
+    assert_eq!(counts.failures.load(Ordering::SeqCst), 1);
+}
+
 macro_rules! on_each_store {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -393,6 +447,7 @@ macro_rules! on_each_store {
 }
 
 on_each_store!(
+    steps_resume_behind_the_layer,
     keys_are_required_and_checked,
     replays_are_byte_for_byte,
     keys_are_scoped_per_client,

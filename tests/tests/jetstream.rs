@@ -943,3 +943,59 @@ async fn consume_ends_with_an_error_when_the_connection_fails_for_good() {
     let error = ended.unwrap_err();
     assert!(matches!(error, ConsumeError::Broker(_)), "{error}");
 }
+
+/// A consumer's handler may use steps: a delivery whose handler failed
+/// after its charge step is redelivered, and the handler resumes after the
+/// step, so the charge is made once per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_resumes_after_its_journaled_steps() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let mut pull = orders(&context, Duration::from_secs(30)).await;
+    publish(&context, &[1, 2]).await;
+
+    let consumer = Consumer::new(Idempotency::memory(), "billing")
+        .max_deliveries(3)
+        .backoff(Duration::from_millis(50), Duration::from_millis(200));
+    let js = JetStream::new(context.clone()).key(MessageKey::Header("Event-Id".into()));
+    let charges: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let running = {
+        let (consumer, pull, charges, runs) = (
+            consumer.clone(),
+            pull.clone(),
+            charges.clone(),
+            runs.clone(),
+        );
+        tokio::spawn(async move {
+            js.consume(&consumer, &pull, |delivery| {
+                let (charges, runs) = (charges.clone(), runs.clone());
+                async move {
+                    let id = delivery.id().to_owned();
+                    let run = {
+                        let mut runs = runs.lock().unwrap();
+                        let run = runs.entry(id.clone()).or_default();
+                        *run += 1;
+                        *run
+                    };
+                    idem_core::step("charge", async {
+                        *charges.lock().unwrap().entry(id.clone()).or_default() += 1;
+                        Ok::<_, String>(())
+                    })
+                    .await?;
+                    if id == "1" && run == 1 {
+                        return Err("the mailer timed out".to_owned());
+                    }
+                    Ok(())
+                }
+            })
+            .await
+        })
+    };
+    drained(&mut pull, Duration::from_secs(30)).await;
+    running.abort();
+    let runs = runs.lock().unwrap().clone();
+    let charges = charges.lock().unwrap().clone();
+    assert_eq!((runs["1"], runs["2"]), (2, 1), "message 1 was redelivered");
+    assert_eq!((charges["1"], charges["2"]), (1, 1), "each charged once");
+}

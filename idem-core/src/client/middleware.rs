@@ -15,8 +15,12 @@ use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 /// retry budget; a circuit breaker per `host:port`.
 ///
 /// A `POST` or `PATCH` (see [`key_methods`](Self::key_methods)) without an
-/// `Idempotency-Key` header gets one, a fresh UUID, sent as a
-/// structured-field string on every attempt. A key the caller set is kept
+/// `Idempotency-Key` header gets one, sent as a structured-field string on
+/// every attempt: a fresh UUID, or, in the work of a
+/// [`step`](crate::step) of an idempotent call, the step's derived key
+/// ([`step_key`](crate::step_key); `name#2`'s for its second request, and
+/// so on), so that a step run again after its journal entry was lost sends
+/// the same key and the server replays instead of charging twice. A key the caller set is kept
 /// and sent exactly as given, whatever its form (`order 17` as well as
 /// `"order-17"`: the server judges it, not the client).
 /// Requests are retried when they carry a key or their method is idempotent
@@ -155,9 +159,12 @@ impl Middleware for RetryMiddleware {
                     ),
             ),
             None if self.key_methods.contains(request.method()) => {
-                let key = new_key();
+                // Inside a step, the step's derived key: the same on every
+                // attempt of the call, so the server deduplicates a request
+                // whose step was not journaled.
+                let key = crate::steps::request_key().unwrap_or_else(new_key);
                 let value = HeaderValue::try_from(format!("\"{key}\""))
-                    .expect("a UUID is a valid header value");
+                    .expect("a UUID or a derived key is a valid header value");
                 request.headers_mut().insert(IDEMPOTENCY_KEY, value);
                 Some(key)
             }

@@ -221,7 +221,10 @@ impl<E: std::error::Error + 'static> std::error::Error for RetryError<E> {
 /// stop; the error's [`Classify`] verdict decides which.
 ///
 /// Each attempt gets an [`Attempt`] with the operation's one idempotency
-/// key. Between attempts it waits as [`RetryPolicy::delay`] says (honouring
+/// key: a fresh UUID, or, in the work of a [`step`](crate::step) of an
+/// idempotent call, the step's derived key (as
+/// [`RetryMiddleware`](super::RetryMiddleware) sends it), the same on every
+/// attempt of the call. Between attempts it waits as [`RetryPolicy::delay`] says (honouring
 /// the dependency's `Retry-After`), within the policy's attempt limit, time
 /// limit and budget. With a [breaker](RetryPolicy::breaker), an open circuit
 /// stops it at once, without calling `operation`.
@@ -315,7 +318,8 @@ where
     F: FnMut(&Attempt) -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    retry_with_key(policy, new_key(), classify, operation)
+    let key = crate::steps::request_key().unwrap_or_else(new_key);
+    retry_with_key(policy, key, classify, operation)
         .await
         .map(|(value, _)| value)
 }
