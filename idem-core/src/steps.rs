@@ -198,12 +198,18 @@ impl Journal {
             }
             // Before the first compensation runs: an attempt after a crash
             // must know the call failed for good, and how.
-            if let Err(error) = self.append(FINAL, outcome.encode().to_vec()).await {
-                tracing::warn!(key = %self.key, %error, "could not journal that a call failed for good; its compensations run on its next attempt");
-                return Ending::Unfinished {
-                    record: outcome,
-                    replace: false,
-                };
+            match self.append(FINAL, outcome.encode().to_vec()).await {
+                Ok(()) => {}
+                // The claim is another's now (this holder stalled past its
+                // lease): what it did stands, and this outcome is not stored.
+                Err(Error::StepLost { .. }) => return Ending::AsIs,
+                Err(error) => {
+                    tracing::warn!(key = %self.key, %error, "could not journal that a call failed for good; its compensations run on its next attempt");
+                    return Ending::Unfinished {
+                        record: outcome,
+                        replace: false,
+                    };
+                }
             }
             (outcome, false)
         };

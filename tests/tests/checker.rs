@@ -207,6 +207,97 @@ fn the_checker_catches_a_store_that_grants_every_claim() {
     assert_eq!(violation.broken.invariant, "at most one run per key");
 }
 
+/// A store whose journals read empty though appends succeed: a call run
+/// again repeats its steps' effects, which the checker must catch.
+struct ForgetsJournals(MemoryStore);
+
+impl Store for ForgetsJournals {
+    fn begin(
+        &self,
+        key: idem_core::Key,
+        fingerprint: idem_core::Fingerprint,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
+        self.0.begin(key, fingerprint, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        record: idem_core::store::Record,
+        ttl: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+        self.0.complete(key, token, record, ttl)
+    }
+
+    fn release(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+    ) -> idem_core::store::StoreFuture<'_, ()> {
+        self.0.release(key, token)
+    }
+
+    fn renew(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, bool> {
+        self.0.renew(key, token, lease)
+    }
+
+    fn inspect(
+        &self,
+        key: idem_core::Key,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Inspection> {
+        self.0.inspect(key)
+    }
+
+    fn append_step(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        name: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> idem_core::store::StoreFuture<'_, bool> {
+        self.0.append_step(key, token, name, value, ttl)
+    }
+
+    fn steps(
+        &self,
+        _key: idem_core::Key,
+    ) -> idem_core::store::StoreFuture<'_, Vec<idem_core::JournaledStep>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+}
+
+#[test]
+fn the_checker_catches_a_store_that_forgets_its_journals() {
+    let options = idem_test::checker::Options::for_backend(&Memory);
+    let caught = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(async {
+            for seed in 0..300 {
+                let store: Arc<dyn Store> = Arc::new(ForgetsJournals(MemoryStore::new()));
+                if let Err(violation) = idem_test::checker::check_seed(store, seed, &options).await
+                {
+                    return Some(violation);
+                }
+            }
+            None
+        });
+    let violation = caught.expect("a violation within 300 seeds");
+    println!("{violation}");
+    assert_eq!(violation.broken.invariant, "at most one effect per step");
+}
+
 /// Each fault of the engine's hardening alone, at a high rate, over the fixed seeds on
 /// the paused memory store: a scenario per fix, so that each stays fixed.
 mod scenarios {

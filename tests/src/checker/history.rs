@@ -56,6 +56,25 @@ pub enum Event {
         /// How: `ok`, `err` or `panic`.
         how: &'static str,
     },
+    /// Run `run` did the effect of step `step` of `key`'s body (its work
+    /// ran; a replayed step does not count).
+    StepDone {
+        /// The key.
+        key: usize,
+        /// The step's index.
+        step: u8,
+        /// The run that did it.
+        run: u64,
+    },
+    /// Run `by` undid step `step` of `key` (the call failed for good).
+    StepUndone {
+        /// The key.
+        key: usize,
+        /// The step's index.
+        step: u8,
+        /// The run whose compensation ran it.
+        by: u64,
+    },
     /// The holder of `key` paused for `for_` (its renewals lost).
     Stalled {
         /// The key.
@@ -165,6 +184,12 @@ impl fmt::Display for Line<'_> {
                 write!(f, "call {call}: body run {run} starts (key {key})")
             }
             Event::BodyEnded { run, how } => write!(f, "body run {run} ends: {how}"),
+            Event::StepDone { key, step, run } => {
+                write!(f, "body run {run} does step {step} of key {key}")
+            }
+            Event::StepUndone { key, step, by } => {
+                write!(f, "run {by}'s compensation undoes step {step} of key {key}")
+            }
             Event::Stalled { key, for_ } => {
                 write!(f, "the holder of key {key} pauses for {for_:?}")
             }

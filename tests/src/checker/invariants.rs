@@ -54,6 +54,8 @@ pub(crate) fn check(
     let mut lost: Vec<usize> = Vec::new();
     let mut begins: Vec<(usize, usize)> = Vec::new();
     let mut faults: Vec<(Duration, usize, Op, Fault)> = Vec::new();
+    let mut step_effects: HashMap<(usize, u8), Vec<(Duration, u64)>> = HashMap::new();
+    let mut step_undos: HashMap<(usize, u8), Vec<(Duration, u64)>> = HashMap::new();
     for (at, event) in events {
         match event {
             Event::BodyStarted { call, key, run } => {
@@ -79,6 +81,18 @@ pub(crate) fn check(
                 told.entry(*call).or_default().push(outcome.clone())
             }
             Event::Stalled { key, .. } => stalls.push((*at, *key)),
+            Event::StepDone { key, step, run } => {
+                step_effects
+                    .entry((*key, *step))
+                    .or_default()
+                    .push((*at, *run));
+            }
+            Event::StepUndone { key, step, by } => {
+                step_undos
+                    .entry((*key, *step))
+                    .or_default()
+                    .push((*at, *by));
+            }
             Event::RecordLost { key } => lost.push(*key),
             Event::Begins { key, begins: n } => begins.push((*key, *n)),
             Event::Fault {
@@ -89,7 +103,19 @@ pub(crate) fn check(
         }
     }
     let own_run = |call: usize| runs.iter().find(|(_, r)| r.call == call).map(|(n, _)| *n);
+    // A run that only finished the compensation of a call that failed for
+    // good: its body ran (replaying its steps), and its caller got the
+    // stored failure of the run that failed, not its own result.
+    let finisher = |run: &Run| {
+        workload.keys[run.key].compensate
+            && matches!(
+                answers.get(&run.call),
+                Some((_, Answer::BodyErr { run: failed }, _))
+                    if runs.get(failed).is_some_and(|f| f.call != run.call)
+            )
+    };
     let committed = |run: &Run| match run.end {
+        _ if finisher(run) => false,
         Some((_, "ok")) => true,
         Some((_, "err")) => workload.keys[run.key].cache_errors,
         _ => false,
@@ -144,6 +170,76 @@ pub(crate) fn check(
         }
     }
 
+    // 1b. Per key and step, at most one effect: a step journaled by one
+    // run is replayed, not run, by the next, except across a stall, an
+    // expiry of the journal, or a run cut short between the step's effect
+    // and its journal entry (cancelled, or its claim or journal write lost:
+    // "at most once per journal entry, not per effect").
+    let mut effects: Vec<(&(usize, u8), &Vec<(Duration, u64)>)> = step_effects.iter().collect();
+    effects.sort_by_key(|(which, _)| **which);
+    for ((key, step), done) in effects {
+        let plan = &workload.keys[*key];
+        for pair in done.windows(2) {
+            let ((earlier_at, earlier_run), (later_at, later_run)) = (pair[0], pair[1]);
+            let stalled = stalls.iter().any(|(at, k)| k == key && *at <= later_at);
+            let expired = later_at >= earlier_at.saturating_add(plan.ttl.mul_f64(0.9));
+            let earlier = &runs[&earlier_run];
+            let cut_short = matches!(earlier.end, Some((_, "lost")) | None)
+                || matches!(answers.get(&earlier.call), Some((_, Answer::Cancelled, _)));
+            let overlapping =
+                runs[&later_run].start < earlier.end.map_or(Duration::MAX, |(at, _)| at);
+            let lapsed = !strict && (lost.contains(key) || overlapping);
+            if stalled || expired || cut_short || lapsed {
+                continue;
+            }
+            return broken(
+                "at most one effect per step",
+                format!(
+                    "key {key}: step {step} was done by body runs {earlier_run} (call {}) and {later_run} (call {}), \
+                     with no stall, expiry or cut-short run between them",
+                    earlier.call, runs[&later_run].call
+                ),
+            );
+        }
+    }
+
+    // 1c. Per key and step, the undo runs at most once, and only after the
+    // step's effect, with the same excuses as the effect itself.
+    let mut undos: Vec<(&(usize, u8), &Vec<(Duration, u64)>)> = step_undos.iter().collect();
+    undos.sort_by_key(|(which, _)| **which);
+    for ((key, step), done) in undos {
+        let first = done[0].0;
+        let effect = step_effects
+            .get(&(*key, *step))
+            .and_then(|effects| effects.first())
+            .map(|(at, _)| *at);
+        if effect.is_none_or(|at| at > first) {
+            return broken(
+                "an undo follows its step",
+                format!("key {key}: step {step} was undone at {first:?} before it was done"),
+            );
+        }
+        let plan = &workload.keys[*key];
+        for pair in done.windows(2) {
+            let ((earlier_at, earlier_run), (later_at, later_run)) = (pair[0], pair[1]);
+            let stalled = stalls.iter().any(|(at, k)| k == key && *at <= later_at);
+            let expired = later_at >= earlier_at.saturating_add(plan.ttl.mul_f64(0.9));
+            let earlier = &runs[&earlier_run];
+            let cut_short = matches!(answers.get(&earlier.call), Some((_, Answer::Cancelled, _)));
+            let lapsed = !strict && lost.contains(key);
+            if stalled || expired || cut_short || lapsed {
+                continue;
+            }
+            return broken(
+                "at most one undo per step",
+                format!(
+                    "key {key}: step {step} was undone by runs {earlier_run} (call {}) and {later_run} (call {})",
+                    earlier.call, runs[&later_run].call
+                ),
+            );
+        }
+    }
+
     // 2. Every Ok answer is the caller's own result or the first stored one.
     if let Some((_, answer, _)) = answers.get(&usize::MAX) {
         return broken("every call ends", format!("{answer:?}"));
@@ -156,7 +252,7 @@ pub(crate) fn check(
             _ => continue,
         };
         if let Some(own) = own_run(*call) {
-            if own != run {
+            if own != run && !(is_err && finisher(&runs[&own])) {
                 return broken(
                     "answers are the first stored result",
                     format!(
@@ -290,6 +386,9 @@ pub(crate) fn check(
                 }
             }
             Answer::Ok { .. } | Answer::BodyErr { .. } => &["replayed", "waited"],
+            // A step's own failure (its claim lost, its journal not
+            // written), returned by the body.
+            Answer::Idem(_) if own.is_some() => &["failed"],
             Answer::Idem(kind) => match kind.as_str() {
                 "in_progress" => &["in_progress"],
                 "store" => &["store_error"],

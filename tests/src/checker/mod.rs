@@ -2,7 +2,8 @@
 //! checked against idem's promises.
 //!
 //! From a seed, [`Workload::generate`] draws callers × keys × arrival
-//! times; bodies that take random time, return `Ok` or `Err`, panic, pause
+//! times; bodies that take random time (on some keys as one to three
+//! journaled steps, some with undos), return `Ok` or `Err`, panic, pause
 //! their holder past its lease or are cancelled by their caller; settings
 //! from their valid ranges (`wait` or `reject`, leases, wait timeouts,
 //! `cache_errors`, TTLs that expire within the run); arguments equal but
@@ -22,6 +23,12 @@
 //!    "Not promised" list names, and then the history shows it: a holder
 //!    paused past its lease, a record that expired, a caller that dropped
 //!    its call, or a result not stored after store faults.
+//!    **At most one effect per step**: per key and step, the step's work
+//!    runs once (later runs replay it), except across a pause past the
+//!    lease, an expiry of the journal, or a run cut short between the
+//!    effect and its journal entry. **Undos**: a step's undo runs only
+//!    after the step did, at most once, with the same exceptions; a run
+//!    that only finished a compensation answers the stored failure.
 //! 2. **Answers are the first stored result**: a caller whose body ran gets
 //!    its own result; every other `Ok` (or cached `Err`) is the first stored
 //!    result of its key, never another key's, a failed run's or a later one.
@@ -123,6 +130,10 @@ pub struct Report {
     pub runs: u64,
     /// Faults that struck.
     pub faults: usize,
+    /// Step effects done (replayed steps not counted).
+    pub steps: usize,
+    /// Steps undone by compensations.
+    pub undos: usize,
     /// Whether idem's told outcomes were captured and checked.
     pub outcomes_checked: bool,
 }
@@ -193,6 +204,14 @@ pub async fn check_seed(
             calls: workload.calls.len(),
             runs: ran.runs,
             faults: ran.faults,
+            steps: events
+                .iter()
+                .filter(|(_, e)| matches!(e, history::Event::StepDone { .. }))
+                .count(),
+            undos: events
+                .iter()
+                .filter(|(_, e)| matches!(e, history::Event::StepUndone { .. }))
+                .count(),
             outcomes_checked: captured,
         }),
         Err(broken) => Err(Violation {
@@ -289,6 +308,7 @@ pub fn soak<B: Backend>(backend: &B, batch: usize) {
         .and_then(|n| n.parse().ok());
     let until = std::time::Instant::now() + Duration::from_secs_f64(minutes * 60.0);
     let (mut checked, mut runs, mut faults) = (0_usize, 0_u64, 0_usize);
+    let (mut steps, mut undos) = (0_usize, 0_usize);
     loop {
         let done = limit.map_or(std::time::Instant::now() >= until, |n| checked >= n);
         if done {
@@ -299,10 +319,13 @@ pub fn soak<B: Backend>(backend: &B, batch: usize) {
         for report in check_seeds(backend, &seeds) {
             runs += report.runs;
             faults += report.faults;
+            steps += report.steps;
+            undos += report.undos;
         }
         checked += n;
         println!(
-            "exactly-once soak: {checked} seeds, {runs} bodies run, {faults} faults, no violation"
+            "exactly-once soak: {checked} seeds, {runs} bodies run, {steps} steps done, \
+             {undos} undone, {faults} faults, no violation"
         );
     }
 }

@@ -47,6 +47,7 @@ impl From<Error> for CallError {
             Error::Decode(_) => "decode",
             Error::NotReplayable { .. } => "not_replayable",
             Error::AttemptFailed => "attempt_failed",
+            Error::StepLost { .. } => "step_lost",
             Error::Config(_) | Error::Encode { .. } | Error::InvalidKey { .. } => "config",
             _ => "other",
         };
@@ -132,7 +133,32 @@ async fn run_body(ctx: &Ctx, call: usize, key: usize, body: Body) -> Result<Valu
         ctx.history.push(Event::Stalled { key, for_: stall });
         tokio::time::sleep(stall).await;
     }
-    tokio::time::sleep(body.took).await;
+    if body.steps == 0 {
+        tokio::time::sleep(body.took).await;
+    }
+    for step in 0..body.steps {
+        let name = format!("s{step}");
+        let work = idem_core::step(&name, async {
+            tokio::time::sleep(body.took / u32::from(body.steps)).await;
+            ctx.history.push(Event::StepDone { key, step, run });
+            Ok::<_, CallError>(run)
+        });
+        let done = if body.compensate {
+            let history = Arc::clone(&ctx.history);
+            work.compensate(move |_done_by: u64| async move {
+                history.push(Event::StepUndone { key, step, by: run });
+                Ok::<_, String>(())
+            })
+            .await
+        } else {
+            work.await
+        };
+        if let Err(error) = done {
+            // The claim was lost, or the journal could not be written.
+            ctx.history.push(Event::BodyEnded { run, how: "lost" });
+            return Err(error);
+        }
+    }
     match body.ends {
         Ends::Ok => {
             ctx.history.push(Event::BodyEnded { run, how: "ok" });

@@ -1,6 +1,7 @@
 //! Workloads generated from a seed: callers × keys × arrival times, bodies
-//! that take random time, return `Ok` or `Err`, panic, stall past their
-//! lease or are cancelled, and settings drawn from their valid ranges.
+//! that take random time (some in journaled steps), return `Ok` or `Err`,
+//! panic, stall past their lease or are cancelled, and settings drawn from
+//! their valid ranges.
 
 use std::time::Duration;
 
@@ -32,6 +33,12 @@ pub struct Body {
     pub stall: Option<Duration>,
     /// Pads its `Ok` value with this many bytes.
     pub padding: usize,
+    /// Runs as this many journaled steps (its key's), each an effect the
+    /// history counts; none when 0.
+    pub steps: u8,
+    /// Its steps declare undos, which run when a call of its key fails for
+    /// good (a stored `Err`).
+    pub compensate: bool,
 }
 
 /// How a call reaches idem.
@@ -73,6 +80,10 @@ pub struct KeyPlan {
     pub ttl: Duration,
     /// Whether `Err` results are stored.
     pub cache_errors: bool,
+    /// How many journaled steps its bodies run (0: none).
+    pub steps: u8,
+    /// Whether its steps declare undos.
+    pub compensate: bool,
 }
 
 /// A workload: keys and the calls on them.
@@ -93,8 +104,16 @@ impl Workload {
     #[must_use]
     pub fn generate(seed: u64, lease: Duration) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
+        // Drawn apart, so that the other draws of a seed stay as they were
+        // before bodies had steps.
+        let mut step_rng = StdRng::seed_from_u64(seed ^ 0x5354_4550_5300_0000);
         let keys: Vec<KeyPlan> = (0..rng.random_range(1..=3))
             .map(|_| {
+                let steps = if step_rng.random_bool(0.35) {
+                    step_rng.random_range(1..=3)
+                } else {
+                    0
+                };
                 let lease = lease.mul_f64(rng.random_range(1.0..2.0));
                 // Mostly outlasting the run; sometimes expiring within it.
                 let ttl = if rng.random_bool(0.15) {
@@ -106,6 +125,8 @@ impl Workload {
                     lease,
                     ttl,
                     cache_errors: rng.random_bool(0.3),
+                    steps,
+                    compensate: steps > 0 && step_rng.random_bool(0.5),
                 }
             })
             .collect();
@@ -167,6 +188,8 @@ impl Workload {
                         ends,
                         stall,
                         padding,
+                        steps: plan.steps,
+                        compensate: plan.compensate,
                     },
                     cancel_after,
                     via,
