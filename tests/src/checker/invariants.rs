@@ -1,7 +1,7 @@
 //! idem's promises as invariants over a history: the first one broken is
 //! reported.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use idem_core::OnConflict;
@@ -54,8 +54,8 @@ pub(crate) fn check(
     let mut lost: Vec<usize> = Vec::new();
     let mut begins: Vec<(usize, usize)> = Vec::new();
     let mut faults: Vec<(Duration, usize, Op, Fault)> = Vec::new();
-    let mut step_effects: HashMap<(usize, u8), Vec<(Duration, u64)>> = HashMap::new();
-    let mut step_undos: HashMap<(usize, u8), Vec<(Duration, u64)>> = HashMap::new();
+    let mut step_effects: BTreeMap<(usize, u8), Vec<(Duration, u64)>> = BTreeMap::new();
+    let mut step_undos: BTreeMap<(usize, u8), Vec<(Duration, u64)>> = BTreeMap::new();
     for (at, event) in events {
         match event {
             Event::BodyStarted { call, key, run } => {
@@ -175,9 +175,7 @@ pub(crate) fn check(
     // expiry of the journal, or a run cut short between the step's effect
     // and its journal entry (cancelled, or its claim or journal write lost:
     // "at most once per journal entry, not per effect").
-    let mut effects: Vec<(&(usize, u8), &Vec<(Duration, u64)>)> = step_effects.iter().collect();
-    effects.sort_by_key(|(which, _)| **which);
-    for ((key, step), done) in effects {
+    for ((key, step), done) in &step_effects {
         let plan = &workload.keys[*key];
         for pair in done.windows(2) {
             let ((earlier_at, earlier_run), (later_at, later_run)) = (pair[0], pair[1]);
@@ -205,9 +203,7 @@ pub(crate) fn check(
 
     // 1c. Per key and step, the undo runs at most once, and only after the
     // step's effect, with the same excuses as the effect itself.
-    let mut undos: Vec<(&(usize, u8), &Vec<(Duration, u64)>)> = step_undos.iter().collect();
-    undos.sort_by_key(|(which, _)| **which);
-    for ((key, step), done) in undos {
+    for ((key, step), done) in &step_undos {
         let first = done[0].0;
         let effect = step_effects
             .get(&(*key, *step))
