@@ -438,6 +438,110 @@ async fn a_failure_marked_final_is_compensated(store: Arc<dyn Store>) {
     assert_eq!(entries(&log).len(), 2, "nothing ran again");
 }
 
+/// Runs `idem-steps-crash` on `store_url` for `order` in `mode`; answers
+/// its first line when it waits to be killed (then kills it with
+/// SIGKILL), or its whole output when it ends.
+#[cfg(feature = "redis")]
+fn crash_process(
+    store_url: &str,
+    order: &str,
+    counter_url: &str,
+    mode: &str,
+    killed: bool,
+) -> String {
+    use std::io::BufRead as _;
+    use std::process::{Command, Stdio};
+    let binary = env!("CARGO_BIN_EXE_idem-steps-crash");
+    let mut child = Command::new(binary)
+        .args([store_url, order, counter_url, mode])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if killed {
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        return line.trim().to_owned();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// A process killed with `kill -9` after step k: a new process running the
+/// call resumes at step k + 1, each step's effect counted once, and sees
+/// the same derived keys.
+#[cfg(feature = "redis")]
+fn killed_processes_resume(store_url: &str) {
+    let counter = idem_test::redis_server::RedisServer::start();
+    for k in 0..STEPS {
+        let order = format!("order-{k}-{}", rand::random::<u64>());
+        let said = crash_process(store_url, &order, &counter.url(), &k.to_string(), true);
+        assert_eq!(said, format!("after {k}"));
+        let count = |i: usize| counter.cli(&["GET", &format!("{order}:step-{i}")]);
+        for i in 0..STEPS {
+            let expected = if i <= k { "1" } else { "" };
+            assert_eq!(count(i).trim(), expected, "killed after step {k}: step {i}");
+        }
+
+        let retry = crash_process(store_url, &order, &counter.url(), "none", false);
+        let key = Key::new("steps-crash", &order).unwrap();
+        let expected: Vec<String> = (0..STEPS)
+            .map(|i| derive_step_key(key, &format!("step-{i}")))
+            .collect();
+        assert_eq!(retry, expected.join(","));
+        for i in 0..STEPS {
+            assert_eq!(count(i).trim(), "1", "after the retry: step {i} ran once");
+        }
+    }
+}
+
+/// A call that failed for good, its process killed with `kill -9` while
+/// undoing step k (the undos of the later steps done): the next process
+/// finishes the compensation, undoing steps k down to 0, each once, runs
+/// no step again, and answers the failure; a third replays it.
+#[cfg(feature = "redis")]
+fn killed_compensations_finish(store_url: &str) {
+    let counter = idem_test::redis_server::RedisServer::start();
+    for k in 0..STEPS {
+        let order = format!("undo-{k}-{}", rand::random::<u64>());
+        let said = crash_process(
+            store_url,
+            &order,
+            &counter.url(),
+            &format!("undo-{k}"),
+            true,
+        );
+        assert_eq!(said, format!("undoing {k}"));
+        let count = |what: &str, i: usize| counter.cli(&["GET", &format!("{order}:{what}-{i}")]);
+        for i in 0..STEPS {
+            let expected = if i > k { "1" } else { "" };
+            assert_eq!(
+                count("undo", i).trim(),
+                expected,
+                "killed undoing {k}: undo {i}"
+            );
+        }
+        // The next process waits for the killed one's lease to lapse.
+        let next = crash_process(store_url, &order, &counter.url(), "none", false);
+        assert_eq!(next, "failed: out of stock", "the failure recorded then");
+        let replay = crash_process(store_url, &order, &counter.url(), "none", false);
+        assert_eq!(replay, "failed: out of stock");
+        for i in 0..STEPS {
+            assert_eq!(count("step", i).trim(), "1", "step {i} ran once");
+            assert_eq!(count("undo", i).trim(), "1", "step {i} was undone once");
+        }
+    }
+}
+
 macro_rules! step_tests {
     ($store:expr) => {
         #[tokio::test]
@@ -657,59 +761,16 @@ mod redis_node {
 
     step_tests!(store().await);
 
-    /// A process killed with `kill -9` after step k: a new process running
-    /// the call resumes at step k + 1, each step's effect counted once, and
-    /// sees the same derived keys.
     #[test]
     fn a_killed_process_resumes_after_its_last_journaled_step() {
-        use std::io::BufRead as _;
-        use std::process::{Command, Stdio};
+        let store = idem_test::redis_server::RedisServer::start();
+        super::killed_processes_resume(&store.url());
+    }
 
-        use idem_test::redis_server::RedisServer;
-
-        let (store, counter) = (RedisServer::start(), RedisServer::start());
-        let binary = env!("CARGO_BIN_EXE_idem-steps-crash");
-        for k in 0..STEPS {
-            let order = format!("order-{k}-{}", rand::random::<u64>());
-            let mut child = Command::new(binary)
-                .args([&store.url(), &order, &counter.url(), &k.to_string()])
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            std::io::BufReader::new(child.stdout.take().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            assert_eq!(line.trim(), format!("after {k}"));
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            let count = |i: usize| counter.cli(&["GET", &format!("{order}:step-{i}")]);
-            for i in 0..STEPS {
-                let expected = if i <= k { "1" } else { "" };
-                assert_eq!(count(i).trim(), expected, "killed after step {k}: step {i}");
-            }
-
-            let retry = Command::new(binary)
-                .args([&store.url(), &order, &counter.url(), "none"])
-                .output()
-                .unwrap();
-            assert!(
-                retry.status.success(),
-                "{}",
-                String::from_utf8_lossy(&retry.stderr)
-            );
-            let key = Key::new("steps-crash", &order).unwrap();
-            let expected: Vec<String> = (0..STEPS)
-                .map(|i| derive_step_key(key, &format!("step-{i}")))
-                .collect();
-            assert_eq!(
-                String::from_utf8_lossy(&retry.stdout).trim(),
-                expected.join(",")
-            );
-            for i in 0..STEPS {
-                assert_eq!(count(i).trim(), "1", "after the retry: step {i} ran once");
-            }
-        }
+    #[test]
+    fn a_process_killed_mid_compensation_is_finished_by_the_next() {
+        let store = idem_test::redis_server::RedisServer::start();
+        super::killed_compensations_finish(&store.url());
     }
 }
 
@@ -750,4 +811,16 @@ mod postgres {
     }
 
     step_tests!(store().await);
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn a_killed_process_resumes_after_its_last_journaled_step() {
+        super::killed_processes_resume(&idem_test::postgres_server::shared().url());
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn a_process_killed_mid_compensation_is_finished_by_the_next() {
+        super::killed_compensations_finish(&idem_test::postgres_server::shared().url());
+    }
 }
