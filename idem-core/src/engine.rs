@@ -306,7 +306,8 @@ impl Idempotency {
             };
             // A call that failed for good undoes its completed steps first.
             let failed = !matches!(result, Ok(Ok(_)));
-            match journal.end(failed, record.as_ref()).await {
+            let held = || !lease.lost() && Instant::now() < lease.until();
+            match journal.end(failed, record.as_ref(), &held).await {
                 Ending::AsIs => {}
                 Ending::Final {
                     record: outcome,

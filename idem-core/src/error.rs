@@ -119,6 +119,16 @@ pub enum Error {
         name: Cow<'static, str>,
     },
 
+    /// A step's name starts with U+0001, which marks idem's own entries in
+    /// a call's journal. Name the step otherwise.
+    #[error(
+        "the step name {name:?} starts with U+0001, which idem keeps for its own journal entries"
+    )]
+    InvalidStepName {
+        /// The name given.
+        name: Cow<'static, str>,
+    },
+
     /// A step finished after its call's claim was lost (the lease lapsed
     /// and another attempt took the key over, or an operator forgot it):
     /// its result was not journaled, and the call stops here so that the
@@ -237,7 +247,9 @@ impl Error {
                 _ => 503,
             },
             Self::AttemptFailed => 503,
-            Self::Reentered { .. } | Self::StepRepeated { .. } => 500,
+            Self::Reentered { .. } | Self::StepRepeated { .. } | Self::InvalidStepName { .. } => {
+                500
+            }
             Self::StepLost { .. } | Self::ClaimLost => 503,
             Self::OutsideCall { .. } | Self::Compensating { .. } => 500,
             Self::Decode(_)
@@ -277,7 +289,7 @@ impl From<Error> for std::io::Error {
                 ErrorKind::InvalidInput
             }
             Error::Reentered { .. } => ErrorKind::Deadlock,
-            Error::StepRepeated { .. } => ErrorKind::InvalidInput,
+            Error::StepRepeated { .. } | Error::InvalidStepName { .. } => ErrorKind::InvalidInput,
             Error::StepLost { .. } | Error::ClaimLost => ErrorKind::Other,
             Error::OutsideCall { .. } => ErrorKind::Unsupported,
             Error::Compensating { .. } => ErrorKind::Other,

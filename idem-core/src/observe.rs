@@ -175,6 +175,7 @@ impl CallOutcome {
             | Error::Config(_)
             | Error::Reentered { .. }
             | Error::StepRepeated { .. }
+            | Error::InvalidStepName { .. }
             | Error::OutsideCall { .. } => Self::ConfigError,
             Error::Compensating { .. } => Self::AttemptFailed,
         }

@@ -20,12 +20,28 @@ use tokio::task::futures::TaskLocalFuture;
 
 use crate::error::Error;
 use crate::key::Key;
-use crate::store::{Outcome, Record, Store, Token};
+use crate::store::{Record, Store, Token};
 
 /// The journal entry that says the call failed for good: its value is the
 /// record of that failure. Names idem journals for itself start with
 /// U+0001, which no step name people write does.
 const FINAL: &str = "\u{1}final";
+
+/// What idem's own journal entries start with; step names may not.
+const RESERVED: char = '\u{1}';
+
+/// The first byte of the journaled value of a step that has a compensation
+/// (a JSON value never starts with it): a later attempt knows the step must
+/// be undone even if its body does not reach the step again.
+const COMPENSABLE: u8 = 0x01;
+
+/// A journaled value without its compensation flag, and the flag.
+fn unflagged(bytes: &[u8]) -> (&[u8], bool) {
+    match bytes.split_first() {
+        Some((&COMPENSABLE, rest)) => (rest, true),
+        _ => (bytes, false),
+    }
+}
 
 /// The journal entry that says step `name`'s compensation ran.
 fn undone(name: &str) -> String {
@@ -39,6 +55,11 @@ pub(crate) fn display_name(name: String) -> String {
         Some(own) => own.to_owned(),
         None => name,
     }
+}
+
+/// The record of a failure the body marked final, whose error is not kept.
+fn marked_final_record() -> Record {
+    Record::unserializable("the call failed for good (its body marked the failure final)")
 }
 
 /// A compensation bound to its step's value, ready to run.
@@ -67,6 +88,8 @@ struct State {
     epoch: Option<u64>,
     /// The compensations of this attempt's completed steps, in step order.
     undos: Vec<(String, Undo)>,
+    /// The steps with a compensation this attempt journaled.
+    compensable: HashSet<String>,
     /// Whether the body marked its failure final ([`mark_final`]).
     marked_final: bool,
 }
@@ -88,9 +111,11 @@ struct RunningStep {
 /// The idempotency key for the next keyed request made by the running
 /// step's work (the `client` feature's [`RetryMiddleware`] and [`retry`]
 /// send it): the step's derived key ([`step_key`]) for its first request,
-/// then `step_key("name#2")`, `step_key("name#3")`… for later ones, so the
-/// same on every attempt of the call as long as the step makes its
-/// requests in the same order. `None` outside a step's work.
+/// then keys derived from the step's name and the request's number (after
+/// a NUL, which no step name of a person's has, so that no other step's
+/// key is one of them) for later ones: the same on every attempt of the
+/// call as long as the step makes its requests in the same order. In an
+/// undo, the keys of the undo's own name. `None` outside a step's work.
 ///
 /// [`RetryMiddleware`]: crate::client::RetryMiddleware
 /// [`retry`]: crate::client::retry
@@ -105,7 +130,7 @@ pub(crate) fn request_key() -> Option<String> {
             if n == 1 {
                 derive_step_key(running.key, &running.name)
             } else {
-                derive_step_key(running.key, &format!("{}#{n}", running.name))
+                derive_step_key(running.key, &format!("{}\0{n}", running.name))
             }
         })
         .ok()
@@ -155,42 +180,75 @@ impl Journal {
     }
 
     /// After the body returned (`failed`: with an `Err` or a panic, and
-    /// `record` what would be stored): when the call failed for good (its
-    /// `Err` is stored, or the body marked it final) or an earlier attempt
+    /// `record` what would be stored): when the call failed for good (a
+    /// failure is stored, or the body marked it final) or an earlier attempt
     /// found it did, runs the compensations of the completed steps not yet
-    /// undone, last step first, each journaled once it ran.
-    pub(crate) async fn end(&self, failed: bool, record: Option<&Record>) -> Ending {
-        let (undos, earlier, marked) = {
+    /// undone, last step first, each journaled once it ran, while `held`
+    /// says the claim is still this attempt's. The call's outcome is final
+    /// only once every step journaled with a compensation was undone.
+    pub(crate) async fn end(
+        self: &Arc<Self>,
+        failed: bool,
+        record: Option<&Record>,
+        held: &(dyn Fn() -> bool + Sync),
+    ) -> Ending {
+        let marked = self.state().marked_final;
+        // A stored failure: a kept `Err`, or one that could not be kept
+        // whole (too large, unserializable), which is final all the same.
+        let stored = record.filter(|_| failed);
+        let final_now = failed && (stored.is_some() || marked);
+        let unknown = self.state().done.is_none();
+        if final_now && unknown {
+            // The body failed for good before its first step: the journal
+            // may still say an earlier attempt's compensation is unfinished.
+            match self.store.steps(self.key).await {
+                Ok(steps) => {
+                    let done = steps.into_iter().map(|s| (s.name, s.value)).collect();
+                    self.state().done.get_or_insert(done);
+                }
+                Err(error) if error.kind() == crate::StoreErrorKind::Unsupported => {}
+                Err(error) => {
+                    tracing::warn!(key = %self.key, %error, "could not read the journal of a call that failed for good; its outcome is recorded on its next attempt");
+                    return Ending::Unfinished {
+                        record: stored.cloned().unwrap_or_else(marked_final_record),
+                        replace: false,
+                    };
+                }
+            }
+        }
+        let (undos, earlier, needed) = {
             let mut state = self.state();
             let earlier = state
                 .done
                 .as_ref()
                 .and_then(|done| done.get(FINAL).cloned());
-            (
-                std::mem::take(&mut state.undos),
-                earlier,
-                state.marked_final,
-            )
+            let mut needed: Vec<String> = state
+                .done
+                .iter()
+                .flatten()
+                .filter(|(name, value)| !name.starts_with(RESERVED) && unflagged(value).1)
+                .map(|(name, _)| name.clone())
+                .collect();
+            needed.extend(state.compensable.iter().cloned());
+            (std::mem::take(&mut state.undos), earlier, needed)
         };
         let (outcome, replace) = if let Some(bytes) = earlier {
             match Record::decode(bytes) {
                 Ok(record) => (record, true),
                 Err(error) => {
-                    tracing::error!(key = %self.key, %error, "the journaled outcome of a call that failed for good does not decode");
-                    return Ending::AsIs;
+                    tracing::error!(key = %self.key, %error, "the journaled outcome of a call that failed for good does not decode; its compensation cannot finish");
+                    return Ending::Unfinished {
+                        record: marked_final_record(),
+                        replace: false,
+                    };
                 }
             }
         } else {
-            let cached = record.filter(|record| record.outcome() == Outcome::Err);
-            if !failed || (cached.is_none() && !marked) {
+            if !final_now {
                 return Ending::AsIs;
             }
-            let outcome = cached.cloned().unwrap_or_else(|| {
-                Record::unserializable(
-                    "the call failed for good (its body marked the failure final) and its completed steps were compensated",
-                )
-            });
-            if undos.is_empty() {
+            let outcome = stored.cloned().unwrap_or_else(marked_final_record);
+            if needed.is_empty() {
                 return Ending::Final {
                     record: outcome,
                     replace: false,
@@ -198,8 +256,8 @@ impl Journal {
             }
             // Before the first compensation runs: an attempt after a crash
             // must know the call failed for good, and how.
-            match self.append(FINAL, outcome.encode().to_vec()).await {
-                Ok(()) => {}
+            match self.journal_final(&outcome).await {
+                Ok(outcome) => (outcome, false),
                 // The claim is another's now (this holder stalled past its
                 // lease): what it did stands, and this outcome is not stored.
                 Err(Error::StepLost { .. }) => return Ending::AsIs,
@@ -211,8 +269,15 @@ impl Journal {
                     };
                 }
             }
-            (outcome, false)
         };
+        let unfinished = |why: &str, step: &str| {
+            tracing::warn!(key = %self.key, %step, why, "a compensation did not complete; it goes on at the call's next attempt");
+            Ending::Unfinished {
+                record: outcome.clone(),
+                replace,
+            }
+        };
+        let mut undone_now: HashSet<String> = HashSet::new();
         for (name, undo) in undos.into_iter().rev() {
             let entry = undone(&name);
             let done = self
@@ -221,9 +286,22 @@ impl Journal {
                 .as_ref()
                 .is_some_and(|done| done.contains_key(&entry));
             if done {
+                undone_now.insert(name);
                 continue;
             }
-            let ran = match crate::engine::caught(undo()).await {
+            // Never undo on a claim that may be another's by now.
+            if !held() {
+                return unfinished("the claim's lease ran out", &name);
+            }
+            // In the call's scope and a step's of its own, so that `epoch`
+            // works and its requests carry keys stable across attempts.
+            let running = RunningStep {
+                key: self.key,
+                name: entry.clone(),
+                requests: std::sync::atomic::AtomicU32::new(0),
+            };
+            let run = JOURNAL.scope(Arc::clone(self), RUNNING.scope(running, undo()));
+            let ran = match crate::engine::caught(run).await {
                 Ok(Ok(())) => self
                     .append(&entry, Vec::new())
                     .await
@@ -232,17 +310,44 @@ impl Journal {
                 Err(_panic) => Err("it panicked".to_owned()),
             };
             if let Err(error) = ran {
-                tracing::warn!(key = %self.key, step = %name, %error, "a compensation did not complete; it runs again on the call's next attempt");
-                return Ending::Unfinished {
-                    record: outcome,
-                    replace,
-                };
+                return unfinished(&error, &name);
             }
             tracing::info!(key = %self.key, step = %name, "compensated a step of a call that failed for good");
+            undone_now.insert(name);
+        }
+        // A step journaled with a compensation that this attempt did not
+        // reach (its body failed before it) cannot be undone now.
+        let done = self.state().done.clone().unwrap_or_default();
+        if let Some(missing) = needed
+            .iter()
+            .find(|name| !undone_now.contains(*name) && !done.contains_key(&undone(name)))
+        {
+            return unfinished(
+                "the body did not reach this step in this attempt, so its undo is not known",
+                missing,
+            );
         }
         Ending::Final {
             record: outcome,
             replace,
+        }
+    }
+
+    /// Journals that the call failed for good with `outcome`; a store too
+    /// full for it keeps the few bytes that say the call ran instead.
+    /// Answers the outcome journaled.
+    async fn journal_final(&self, outcome: &Record) -> Result<Record, Error> {
+        match self.append(FINAL, outcome.encode().to_vec()).await {
+            Ok(()) => Ok(outcome.clone()),
+            Err(Error::Store(error)) if error.kind() == crate::StoreErrorKind::Full => {
+                let compact = Record::unserializable(&format!(
+                    "the call failed for good; the store refused to keep its result ({} bytes)",
+                    outcome.payload().len()
+                ));
+                self.append(FINAL, compact.encode().to_vec()).await?;
+                Ok(compact)
+            }
+            Err(error) => Err(error),
         }
     }
 
@@ -392,14 +497,22 @@ where
     let Ok(journal) = JOURNAL.try_with(Arc::clone) else {
         return work.await;
     };
+    if name.starts_with(RESERVED) {
+        return Err(Error::InvalidStepName {
+            name: name.to_owned().into(),
+        }
+        .into());
+    }
     if !journal.mark(name) {
         return Err(Error::StepRepeated {
             name: name.to_owned().into(),
         }
         .into());
     }
-    let (value, bytes) = if let Some(bytes) = journal.recorded(name).await? {
+    let unbound = undo.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let (value, bytes) = if let Some(journaled) = journal.recorded(name).await? {
         tracing::debug!(key = %journal.key, step = name, "replaying a journaled step");
+        let bytes = unflagged(&journaled).0.to_vec();
         let value = serde_json::from_slice(&bytes).map_err(Error::decode)?;
         (value, bytes)
     } else {
@@ -417,10 +530,20 @@ where
         let value = RUNNING.scope(running, work).await?;
         let bytes =
             serde_json::to_vec(&value).map_err(|error| Error::encode("step result", error))?;
-        journal.append(name, bytes.clone()).await?;
+        let journaled = if unbound.is_some() {
+            let mut flagged = Vec::with_capacity(bytes.len() + 1);
+            flagged.push(COMPENSABLE);
+            flagged.extend_from_slice(&bytes);
+            flagged
+        } else {
+            bytes.clone()
+        };
+        journal.append(name, journaled).await?;
+        if unbound.is_some() {
+            journal.state().compensable.insert(name.to_owned());
+        }
         (value, bytes)
     };
-    let unbound = undo.lock().unwrap_or_else(PoisonError::into_inner).take();
     if let Some(unbound) = unbound {
         let bound = unbound(&bytes)?;
         journal.state().undos.push((name.to_owned(), bound));

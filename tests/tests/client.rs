@@ -885,8 +885,9 @@ async fn a_step_sends_its_derived_key_on_every_attempt() {
     let client = client(fast().build().unwrap(), Breakers::default());
     let idem = Idempotency::memory();
     let key = Key::new("checkout", &"order-31").unwrap();
+    let seen: Arc<Mutex<Vec<[String; 2]>>> = Arc::default();
     let attempt = |fail_after: bool| {
-        let (client, idem) = (client.clone(), idem.clone());
+        let (client, idem, seen) = (client.clone(), idem.clone(), seen.clone());
         async move {
             idem.run(&Settings::default(), key, Fingerprint::UNCHECKED, async {
                 step("charge", async {
@@ -894,6 +895,7 @@ async fn a_step_sends_its_derived_key_on_every_attempt() {
                     let second = charge_via(&client, addr, "31-fee").await.unwrap();
                     let keys = [report(&first).key(), report(&second).key()]
                         .map(|key| key.unwrap().to_owned());
+                    seen.lock().unwrap().push(keys.clone());
                     if fail_after {
                         return Err(Error::AttemptFailed);
                     }
@@ -910,7 +912,17 @@ async fn a_step_sends_its_derived_key_on_every_attempt() {
     );
     let keys = attempt(false).await.expect("the step ran again");
     assert_eq!(keys[0], derive_step_key(key, "charge"));
-    assert_eq!(keys[1], derive_step_key(key, "charge#2"));
+    assert_ne!(keys[1], keys[0], "a second request has a key of its own");
+    assert_ne!(
+        keys[1],
+        derive_step_key(key, "charge#2"),
+        "not another step's key"
+    );
+    assert_eq!(
+        seen.lock().unwrap()[0],
+        keys,
+        "the same keys on both attempts"
+    );
     let charges = server.charges();
     assert_eq!(
         charges.len(),

@@ -542,6 +542,123 @@ fn killed_compensations_finish(store_url: &str) {
     }
 }
 
+/// Names that start with U+0001 (idem's own journal entries) are refused
+/// before the work runs.
+async fn reserved_step_names_are_refused(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("reserved", &rand::random::<u64>()).unwrap();
+    let ran = AtomicU32::new(0);
+    let result: Result<(), Error> = idem
+        .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+            step("\u{1}final", async {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Error>(())
+            })
+            .await
+        })
+        .await;
+    assert!(
+        matches!(result, Err(Error::InvalidStepName { .. })),
+        "{result:?}"
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+}
+
+/// A call that fails for good before reaching a step journaled (with an
+/// undo) by an earlier attempt cannot undo that step yet: its outcome is
+/// not recorded, and the next attempt that reaches the step finishes the
+/// compensation and answers the failure recorded first.
+async fn a_step_not_reached_is_undone_by_a_later_attempt(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("not-reached", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&()).unwrap();
+    let log = Log::default();
+    // `stop_after`: the body returns `failure` after this many steps.
+    let attempt = |stop_after: usize, failure: &'static str| {
+        let (idem, log) = (idem.clone(), Arc::clone(&log));
+        async move {
+            let is_final = |e: &String| e.starts_with("final");
+            idem.run_caching_errors(&settings(), key, fp, is_final, async {
+                for (i, name) in ["a", "b"].into_iter().enumerate() {
+                    if i == stop_after {
+                        return Err::<(), _>(failure.to_owned());
+                    }
+                    step(name, async {
+                        note(&log, name);
+                        Ok::<_, String>(())
+                    })
+                    .compensate({
+                        let log = Arc::clone(&log);
+                        move |()| async move {
+                            note(&log, &format!("undo {name}"));
+                            Ok::<_, String>(())
+                        }
+                    })
+                    .await?;
+                }
+                Err(failure.to_owned())
+            })
+            .await
+        }
+    };
+    assert_eq!(attempt(2, "transient").await, Err("transient".to_owned()));
+    assert_eq!(
+        attempt(1, "final: declined").await,
+        Err("final: declined".to_owned())
+    );
+    assert_eq!(
+        entries(&log),
+        ["a", "b", "undo a"],
+        "b's undo is not known to an attempt that stopped before b"
+    );
+    assert_eq!(
+        attempt(2, "something else").await,
+        Err("final: declined".to_owned()),
+        "the failure recorded first"
+    );
+    assert_eq!(entries(&log), ["a", "b", "undo a", "undo b"]);
+    assert_eq!(
+        attempt(2, "again").await,
+        Err("final: declined".to_owned()),
+        "and now stored"
+    );
+    assert_eq!(entries(&log).len(), 4);
+}
+
+/// A stored failure too large to keep whole is still a failure for good:
+/// its steps are undone. An undo runs in the call's scope: it can read the
+/// call's fencing epoch.
+async fn a_failure_too_large_to_keep_is_compensated(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store).max_record_bytes(64);
+    let key = Key::new("too-large", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&()).unwrap();
+    let log = Log::default();
+    let result: Result<(), String> = idem
+        .run_caching_errors(&settings(), key, fp, |_: &String| true, async {
+            step("charge", async {
+                note(&log, "charge");
+                Ok::<_, String>(())
+            })
+            .compensate({
+                let log = Arc::clone(&log);
+                move |()| async move {
+                    let epoch = idem_core::epoch().await.map_err(|e| e.to_string())?;
+                    note(&log, &format!("refund at epoch {}", epoch > 0));
+                    Ok::<_, String>(())
+                }
+            })
+            .await?;
+            Err("x".repeat(1000))
+        })
+        .await;
+    assert_eq!(
+        result.map_err(|e| e.len()),
+        Err(1000),
+        "its own caller gets it"
+    );
+    assert_eq!(entries(&log), ["charge", "refund at epoch true"]);
+}
+
 macro_rules! step_tests {
     ($store:expr) => {
         #[tokio::test]
@@ -597,6 +714,21 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn a_failure_marked_final_is_compensated() {
             super::a_failure_marked_final_is_compensated($store).await;
+        }
+
+        #[tokio::test]
+        async fn reserved_step_names_are_refused() {
+            super::reserved_step_names_are_refused($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_step_not_reached_is_undone_by_a_later_attempt() {
+            super::a_step_not_reached_is_undone_by_a_later_attempt($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_failure_too_large_to_keep_is_compensated() {
+            super::a_failure_too_large_to_keep_is_compensated($store).await;
         }
     };
 }

@@ -18,9 +18,11 @@ use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 /// `Idempotency-Key` header gets one, sent as a structured-field string on
 /// every attempt: a fresh UUID, or, in the work of a
 /// [`step`](crate::step) of an idempotent call, the step's derived key
-/// ([`step_key`](crate::step_key); `name#2`'s for its second request, and
-/// so on), so that a step run again after its journal entry was lost sends
-/// the same key and the server replays instead of charging twice. A key the caller set is kept
+/// ([`step_key`](crate::step_key) for its first request, a key derived
+/// from it and the request's number for each later one; an undo's requests
+/// get the undo's keys), so that a step run again after its journal entry
+/// was lost sends the same keys and the server replays instead of charging
+/// twice. A key the caller set is kept
 /// and sent exactly as given, whatever its form (`order 17` as well as
 /// `"order-17"`: the server judges it, not the client).
 /// Requests are retried when they carry a key or their method is idempotent
