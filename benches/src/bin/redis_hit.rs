@@ -1,0 +1,264 @@
+//! Where a replayed Redis hit spends its time: the same hit measured layer
+//! by layer, in interleaved rounds against the same server, so that the
+//! difference between two rows is what the layer between them adds.
+//!
+//! ```sh
+//! cargo run --release -p benches --bin redis_hit [ROUNDS]
+//! ```
+//!
+//! Rows, each one a replayed hit of the benchmark's receipt:
+//!
+//! - `GET` — the floor: a raw `GET` of the stored receipt's bytes;
+//! - `SET NX GET` — the command idem sends for a hit, raw, on the same kind
+//!   of connection;
+//! - `store.begin` — the same through [`RedisStore`]'s `begin` (the key's
+//!   name, the claim's envelope, parsing the answer);
+//! - `Idempotency::run` — the engine around it (in-process coalescing, the
+//!   call's span and counters, decoding the receipt), with the key and
+//!   fingerprint computed once beforehand;
+//! - `#[idempotent]` — the benchmark's function, which also hashes the key
+//!   and the request's fingerprint on every call.
+//!
+//! Each row on a `current_thread` runtime and on a multi-threaded one (the
+//! benchmark's), whose thread hand-offs between the caller and the
+//! connection's driver task cost as much as a layer.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use benches::{BenchError, ChargeRequest, Op, Receipt, charge, interleaved, request};
+use idem_core::store::{Begin, Store, Token};
+use idem_core::{Fingerprint, Idempotency, Key, RedisStore, Settings, idempotent};
+use idem_test::redis_server::RedisServer;
+use redis::aio::ConnectionManager;
+
+#[idempotent(key = req.idempotency_key, store = idem, skip(idem), name = "bench.charge")]
+async fn idem_charge(idem: &Idempotency, req: ChargeRequest) -> Result<Receipt, BenchError> {
+    Ok(charge(&req))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, n] = args.as_slice() {
+        // `redis_hit begin|fn N`: only that row, N times, for `perf record`.
+        profile(mode, n.parse().expect("a number of hits"));
+        return;
+    }
+    let rounds: u64 = args.first().and_then(|n| n.parse().ok()).unwrap_or(8);
+    let server = RedisServer::start();
+    for (flavor, runtime) in [
+        (
+            "current_thread",
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime"),
+        ),
+        (
+            "multi_thread",
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime"),
+        ),
+    ] {
+        let rows = runtime.block_on(measure(&server, rounds));
+        println!("\n{flavor} runtime, {rounds} rounds of 500 hits each:\n");
+        println!("| row | p50 µs | p99 µs | p50 ÷ GET |");
+        println!("|---|---|---|---|");
+        let floor = rows[0].1.p50;
+        for (name, latency) in rows {
+            println!(
+                "| {name} | {:.1} | {:.1} | {:.2}× |",
+                latency.p50,
+                latency.p99,
+                latency.p50 / floor
+            );
+        }
+    }
+}
+
+async fn measure(server: &RedisServer, rounds: u64) -> Vec<(&'static str, benches::Latency)> {
+    let url = server.url();
+    let store = RedisStore::node(&url).connect().await.expect("a store");
+    let idem: &'static Idempotency = Box::leak(Box::new(Idempotency::new(store.clone())));
+    let conn = ConnectionManager::new(redis::Client::open(url.as_str()).expect("a client"))
+        .await
+        .expect("a raw connection");
+
+    // The hit's record, stored by a first call.
+    let req = request(1);
+    idem_charge(idem, req.clone()).await.expect("a first run");
+    let key = Key::new("bench.charge", &req.idempotency_key).expect("a key");
+    let fingerprint = match store.inspect(key).await.expect("inspect") {
+        idem_core::Inspection::Completed { fingerprint, .. } => fingerprint,
+        other => panic!("expected the first run's record under the key, got {other:?}"),
+    };
+    let Begin::Completed(record) = store
+        .begin(key, fingerprint, Token::random(), Duration::from_secs(60))
+        .await
+        .expect("a begin")
+    else {
+        panic!("the first run's record replays")
+    };
+    let record_key = store.record_key(&key);
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg(&record_key)
+        .query_async(&mut conn.clone())
+        .await
+        .expect("the stored record");
+    redis::cmd("SET")
+        .arg("floor")
+        .arg(record.payload().as_ref())
+        .exec_async(&mut conn.clone())
+        .await
+        .expect("the floor's value");
+    // A claim's size: what `begin` sends (the envelope of a claim).
+    let claim = vec![b'c'; 64];
+    black_box(&stored);
+    let settings = Settings::default();
+
+    let c = conn.clone();
+    let c2 = conn.clone();
+    let rk: &'static str = Box::leak(record_key.into_boxed_str());
+    let claim: &'static [u8] = Box::leak(claim.into_boxed_slice());
+    let s: &'static RedisStore = Box::leak(Box::new(store));
+    let ops: Vec<(&str, Op)> = vec![
+        (
+            "`GET` (floor)",
+            Box::new(move |_| {
+                let mut c = c.clone();
+                Box::pin(async move {
+                    let v: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg("floor")
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    black_box(v);
+                })
+            }),
+        ),
+        (
+            "`SET NX GET`, raw",
+            Box::new(move |_| {
+                let mut c = c2.clone();
+                Box::pin(async move {
+                    let v: Option<Vec<u8>> = redis::cmd("SET")
+                        .arg(rk)
+                        .arg(claim)
+                        .arg("NX")
+                        .arg("GET")
+                        .arg("PX")
+                        .arg(60_000)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    black_box(v);
+                })
+            }),
+        ),
+        (
+            "`RedisStore::begin`",
+            Box::new(move |_| {
+                Box::pin(async move {
+                    let begin = s
+                        .begin(key, fingerprint, Token::random(), Duration::from_secs(60))
+                        .await
+                        .unwrap();
+                    assert!(matches!(begin, Begin::Completed(_)));
+                    black_box(begin);
+                })
+            }),
+        ),
+        (
+            "`Idempotency::run`",
+            Box::new(move |_| {
+                Box::pin(async move {
+                    let receipt: Result<Receipt, BenchError> = idem
+                        .run(&settings, key, fingerprint, async {
+                            unreachable!("a replayed hit does not run the body")
+                        })
+                        .await;
+                    black_box(receipt.unwrap());
+                })
+            }),
+        ),
+        (
+            "key + fingerprint, `run`",
+            Box::new(move |_| {
+                Box::pin(async move {
+                    let req = request(1);
+                    let key = Key::new("bench.charge", &req.idempotency_key).unwrap();
+                    let fingerprint = Fingerprint::of(&(&req,)).unwrap();
+                    let receipt: Result<Receipt, BenchError> = idem
+                        .run(&settings, key, fingerprint, async {
+                            unreachable!("a replayed hit does not run the body")
+                        })
+                        .await;
+                    black_box((receipt.is_err(), key));
+                })
+            }),
+        ),
+        (
+            "`#[idempotent]` fn",
+            Box::new(move |_| {
+                Box::pin(async move {
+                    black_box(idem_charge(idem, request(1)).await.unwrap());
+                })
+            }),
+        ),
+        ("`GET` again (drift within a round)", {
+            let c = conn.clone();
+            Box::new(move |_| {
+                let mut c = c.clone();
+                Box::pin(async move {
+                    let v: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg("floor")
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    black_box(v);
+                })
+            })
+        }),
+    ];
+    let latencies = interleaved(&ops, rounds, 500).await;
+    ops.iter().map(|(name, _)| *name).zip(latencies).collect()
+}
+
+/// Runs one row `n` times on a `current_thread` runtime, for a profiler.
+fn profile(mode: &str, n: u64) {
+    let server = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let store = RedisStore::node(server.url())
+            .connect()
+            .await
+            .expect("a store");
+        let idem = Idempotency::new(store.clone());
+        idem_charge(&idem, request(1)).await.expect("a first run");
+        let key = Key::new("bench.charge", &request(1).idempotency_key).expect("a key");
+        let fingerprint = match store.inspect(key).await.expect("inspect") {
+            idem_core::Inspection::Completed { fingerprint, .. } => fingerprint,
+            other => panic!("expected the first run's record, got {other:?}"),
+        };
+        for _ in 0..n {
+            match mode {
+                "begin" => {
+                    black_box(
+                        store
+                            .begin(key, fingerprint, Token::random(), Duration::from_secs(60))
+                            .await
+                            .unwrap(),
+                    );
+                }
+                _ => {
+                    black_box(idem_charge(&idem, request(1)).await.unwrap());
+                }
+            }
+        }
+    });
+}
