@@ -40,6 +40,11 @@ pub enum Fault {
     /// Closes the client's connection at once, before anything reaches the
     /// server.
     Refuse,
+    /// Forwards both ways for this long; then closes the client's
+    /// connection at the next answer, without a byte of it: a connection
+    /// that breaks mid-use, its last request processed and its response
+    /// lost.
+    CutAfter(Duration),
 }
 
 /// A running proxy; stops when dropped.
@@ -191,6 +196,7 @@ async fn relay(
         // The client is done sending; the connection lasts until the answer ends.
         std::future::pending::<io::Result<()>>().await
     };
+    let opened = tokio::time::Instant::now();
     let responses = async {
         let mut buffer = vec![0; 16 * 1024];
         let mut first = true;
@@ -199,12 +205,17 @@ async fn relay(
             if read == 0 {
                 return client_write.shutdown().await;
             }
+            if let Fault::CutAfter(after) = fault
+                && opened.elapsed() >= after
+            {
+                return Ok(());
+            }
             if first {
                 first = false;
                 match fault {
                     Fault::DropResponse => return Ok(()),
                     Fault::Delay(delay) => tokio::time::sleep(delay).await,
-                    Fault::Pass | Fault::Refuse => {}
+                    Fault::Pass | Fault::Refuse | Fault::CutAfter(_) => {}
                 }
             }
             client_write.write_all(&buffer[..read]).await?;

@@ -69,6 +69,93 @@ mod redis_node {
     idem_test::exactly_once_suite!(Node);
 }
 
+/// Connections that break mid-use, every few hundred milliseconds each:
+/// the proxy passes a connection's traffic for a while, then loses the
+/// answer to its last request and closes it, and the store reconnects.
+fn breaking_connections(n: u64) -> idem_test::proxy::Fault {
+    idem_test::proxy::Fault::CutAfter(Duration::from_millis(200 + (n * 7919) % 900))
+}
+
+/// A Redis node behind connections that break mid-use.
+#[cfg(feature = "redis")]
+mod redis_node_breaking_connections {
+    use super::*;
+    use idem_core::RedisStore;
+    use idem_test::proxy::Proxy;
+    use idem_test::redis_server::{RESPONSE_TIMEOUT, shared_node};
+
+    pub(crate) struct BreakingNode;
+
+    impl Backend for BreakingNode {
+        async fn store(&self) -> Arc<dyn Store> {
+            let server = format!("127.0.0.1:{}", shared_node().port());
+            let proxy = Proxy::start(server.parse().unwrap(), breaking_connections)
+                .await
+                .expect("a proxy");
+            let url = format!("redis://{}", proxy.addr());
+            let store = RedisStore::node(&url)
+                .response_timeout(RESPONSE_TIMEOUT)
+                .connection_timeout(RESPONSE_TIMEOUT)
+                .connect()
+                .await
+                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            // The proxy lives as long as the seed's runtime.
+            std::mem::forget(proxy);
+            Arc::new(store)
+        }
+
+        fn timing(&self) -> Timing {
+            idem_test::redis_server::TIMING
+        }
+
+        fn follows_tokio_clock(&self) -> bool {
+            false
+        }
+    }
+
+    idem_test::exactly_once_suite!(BreakingNode);
+}
+
+/// PostgreSQL behind connections that break mid-use.
+#[cfg(feature = "postgres")]
+mod postgres_breaking_connections {
+    use super::*;
+    use idem_core::PostgresStore;
+    use idem_test::postgres_server::{RESPONSE_TIMEOUT, shared};
+    use idem_test::proxy::Proxy;
+
+    pub(crate) struct BreakingPostgres;
+
+    impl Backend for BreakingPostgres {
+        async fn store(&self) -> Arc<dyn Store> {
+            let server = format!("127.0.0.1:{}", shared().port());
+            let proxy = Proxy::start(server.parse().unwrap(), breaking_connections)
+                .await
+                .expect("a proxy");
+            let url = shared().url().replace(&server, &proxy.addr().to_string());
+            let store = PostgresStore::builder(&url)
+                .response_timeout(RESPONSE_TIMEOUT)
+                .max_connections(4)
+                .connect()
+                .await
+                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            // The proxy lives as long as the seed's runtime.
+            std::mem::forget(proxy);
+            Arc::new(store)
+        }
+
+        fn timing(&self) -> Timing {
+            idem_test::postgres_server::TIMING
+        }
+
+        fn follows_tokio_clock(&self) -> bool {
+            false
+        }
+    }
+
+    idem_test::exactly_once_suite!(BreakingPostgres);
+}
+
 #[cfg(feature = "redis")]
 mod redis_cluster {
     use super::*;
