@@ -776,6 +776,26 @@ async fn an_unanswered_eviction_check_fails_the_connect() {
         .connect()
         .await
         .expect("a refused CONFIG takes the documented warning path");
+
+    // A real Redis that evicts (`maxmemory` with `allkeys-lru`), whose
+    // answer to the check never comes (the proxy holds the `CONFIG GET`
+    // back): the connect fails instead of passing with a warning.
+    let evicting =
+        RedisServer::start_with(&["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]);
+    let upstream = format!("127.0.0.1:{}", evicting.port()).parse().unwrap();
+    let proxy = idem_test::proxy::Proxy::start(upstream, |_| idem_test::proxy::Fault::Pass)
+        .await
+        .unwrap();
+    proxy.hold_next_request(b"*3\r\n$6\r\nCONFIG");
+    let error = RedisStore::node(format!("redis://{}", proxy.addr()))
+        .response_timeout(Duration::from_millis(300))
+        .connection_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .expect_err("an evicting Redis whose check goes unanswered is not connected to");
+    assert_eq!(error.kind(), StoreErrorKind::Unavailable, "{error}");
+    assert!(error.to_string().contains("eviction policy"), "{error}");
+    proxy.deliver();
 }
 
 /// `used_memory` from `INFO memory`.
