@@ -72,6 +72,7 @@ mod redis_node {
 /// Connections that break mid-use, every few hundred milliseconds each:
 /// the proxy passes a connection's traffic for a while, then loses the
 /// answer to its last request and closes it, and the store reconnects.
+#[cfg(any(feature = "redis", feature = "postgres"))]
 fn breaking_connections(n: u64) -> idem_test::proxy::Fault {
     idem_test::proxy::Fault::CutAfter(Duration::from_millis(200 + (n * 7919) % 900))
 }

@@ -44,6 +44,13 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Ca
         fields
             .0
             .insert("name".into(), attrs.metadata().name().into());
+        let parent = ctx.span(id).and_then(|span| span.parent());
+        fields.0.insert(
+            "parent".into(),
+            parent
+                .map(|parent| parent.name().to_owned())
+                .unwrap_or_default(),
+        );
         ctx.span(id).unwrap().extensions_mut().insert(fields);
     }
 
@@ -241,4 +248,42 @@ fn spans_and_events_tell_each_outcome() {
     each_outcome_is_a_span_with_safe_fields();
     waits_rejections_and_failures_are_told_apart();
     store_and_decode_errors_warn_and_the_attribute_names_its_operation();
+}
+
+/// The HTTP layer runs each call on a task of its own (so that a client
+/// hanging up does not cancel it); the call's span stays inside the
+/// request's span all the same, where a trace layer or an operator looks.
+#[cfg(feature = "http")]
+#[test]
+fn the_layers_call_span_is_inside_the_requests() {
+    use tower_layer::Layer as _;
+    use tower_service::Service as _;
+    use tracing::Instrument as _;
+
+    let captured = traced(|| async {
+        let app = axum::Router::new().route("/orders", axum::routing::post(|| async { "made" }));
+        let mut service =
+            idem_core::http::IdempotencyLayer::unscoped(Idempotency::memory()).layer(app);
+        let request = axum::http::Request::post("/orders")
+            .header("idempotency-key", "order-1")
+            .body(axum::body::Body::from("{}"))
+            .unwrap();
+        async {
+            std::future::poll_fn(|cx| {
+                tower_service::Service::<axum::http::Request<axum::body::Body>>::poll_ready(
+                    &mut service,
+                    cx,
+                )
+            })
+            .await
+            .unwrap();
+            let response = service.call(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+        .instrument(tracing::info_span!("request"))
+        .await;
+    });
+    let spans = captured.spans();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    assert_eq!(spans[0]["parent"], "request");
 }

@@ -618,15 +618,13 @@ where
             };
             let request = Request::from_parts(parts, B::from(body));
             // On a task of its own: a client that hangs up drops this future,
-            // not the call, which goes on and records its response.
+            // not the call, which goes on and records its response. In the
+            // request's span, so that the call's span and events stay
+            // inside the request's (a trace layer's, an operator's).
             let (head, mut streamed) = oneshot::channel();
-            let mut task = tokio::spawn(guarded(
-                Arc::clone(&config),
-                inner,
-                request,
-                key,
-                fingerprint,
-                head,
+            let mut task = tokio::spawn(tracing::Instrument::instrument(
+                guarded(Arc::clone(&config), inner, request, key, fingerprint, head),
+                tracing::Span::current(),
             ));
             // A response streamed while it is copied comes as soon as its
             // head is known (and before the call ends); every other answer

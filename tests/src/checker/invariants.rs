@@ -7,7 +7,7 @@ use std::time::Duration;
 use idem_core::OnConflict;
 
 use super::history::{Answer, Event};
-use super::workload::Workload;
+use super::workload::{Via, Workload};
 use crate::faults::{Fault, Op};
 
 /// The panic message of bodies told to panic.
@@ -370,6 +370,12 @@ pub(crate) fn check(
                 format!("call {call} ({answer:?}) was told {told:?}"),
             );
         };
+        // The HTTP layer runs each call on a task of its own, so that a
+        // client hanging up does not cancel it: the call goes on, and tells
+        // the outcome it comes to.
+        if *answer == Answer::Cancelled && plan.via == Via::Http {
+            continue;
+        }
         let expected: &[&str] = match answer {
             Answer::Cancelled => &["cancelled"],
             Answer::Panicked(_) => &["failed"],

@@ -48,6 +48,8 @@ pub enum Via {
     Run,
     /// An `#[idempotent]` method.
     Attribute,
+    /// A request through the HTTP layer (feature `http`).
+    Http,
 }
 
 /// One caller's call.
@@ -82,6 +84,9 @@ pub struct KeyPlan {
     pub cache_errors: bool,
     /// How many journaled steps its bodies run (0: none).
     pub steps: u8,
+    /// Whether its calls go through the HTTP layer (`IdempotencyLayer`),
+    /// as requests whose `Idempotency-Key` names the key.
+    pub http: bool,
     /// Whether its steps declare undos.
     pub compensate: bool,
 }
@@ -107,6 +112,7 @@ impl Workload {
         // Drawn apart, so that the other draws of a seed stay as they were
         // before bodies had steps.
         let mut step_rng = StdRng::seed_from_u64(seed ^ 0x5354_4550_5300_0000);
+        let mut http_rng = StdRng::seed_from_u64(seed ^ 0x4854_5450_0000_0000);
         let keys: Vec<KeyPlan> = (0..rng.random_range(1..=3))
             .map(|_| {
                 let steps = if step_rng.random_bool(0.35) {
@@ -127,6 +133,7 @@ impl Workload {
                     cache_errors: rng.random_bool(0.3),
                     steps,
                     compensate: steps > 0 && step_rng.random_bool(0.5),
+                    http: cfg!(feature = "http") && http_rng.random_bool(0.25),
                 }
             })
             .collect();
@@ -177,6 +184,7 @@ impl Workload {
                 } else {
                     Via::Run
                 };
+                let via = if plan.http { Via::Http } else { via };
                 CallPlan {
                     id,
                     key,
