@@ -442,3 +442,51 @@ mod scenarios {
         ]);
     }
 }
+
+/// The consumer core through an in-memory broker that delivers duplicates,
+/// reorders, redelivers after a `Nak` and loses acknowledgements, with one
+/// to three consumers on one memory store (tokio's paused clock): each
+/// message's effect once, replays of that run's value, and every message
+/// acknowledged or dead-lettered.
+#[cfg(feature = "consumer")]
+#[test]
+fn the_consumer_core_runs_each_message_once_through_a_faulty_broker() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let mut total = idem_test::checker::BrokerReport::default();
+    for seed in 0..200 {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let report = runtime
+            .block_on(idem_test::checker::check_broker_seed(store, seed))
+            .unwrap_or_else(|violation| panic!("{violation}"));
+        total.messages += report.messages;
+        total.deliveries += report.deliveries;
+        total.acks_lost += report.acks_lost;
+        total.dead_lettered += report.dead_lettered;
+    }
+    println!("{total:?}");
+    assert!(total.acks_lost > 0 && total.dead_lettered > 0, "{total:?}");
+}
+
+/// The broker check has teeth: a store that grants every claim lets two
+/// consumers run one message side by side.
+#[cfg(feature = "consumer")]
+#[test]
+fn the_broker_check_catches_a_store_that_grants_every_claim() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let caught = (0..200).find_map(|seed| {
+        let store: Arc<dyn Store> = Arc::new(GrantsEveryClaim(MemoryStore::new()));
+        runtime
+            .block_on(idem_test::checker::check_broker_seed(store, seed))
+            .err()
+    });
+    let violation = caught.expect("a violation within 200 seeds");
+    assert!(violation.contains("succeeded 2 times"), "{violation}");
+}

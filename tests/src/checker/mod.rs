@@ -53,6 +53,8 @@
 //! ignored soak test: `IDEM_CHECKER_MINUTES=30 cargo test … exactly_once_soak
 //! -- --ignored --nocapture` (or `IDEM_CHECKER_SEEDS=N`).
 
+#[cfg(feature = "consumer")]
+mod broker;
 mod history;
 mod invariants;
 mod outcomes;
@@ -64,6 +66,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::store::Store;
+
+#[cfg(feature = "consumer")]
+pub use broker::{BrokerReport, check_broker_seed};
 
 pub use history::{Answer, Event, History};
 pub use invariants::Broken;

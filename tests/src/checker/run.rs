@@ -435,7 +435,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Silences the panics the checker's bodies are told to raise; other panics
 /// are printed as before.
-fn quiet_body_panics() {
+pub(crate) fn quiet_body_panics() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
