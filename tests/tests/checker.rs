@@ -117,6 +117,58 @@ mod redis_node_breaking_connections {
     idem_test::exactly_once_suite!(BreakingNode);
 }
 
+/// A Redis node that is killed (SIGKILL) and restarted while the calls run,
+/// one server per seed, with every write on disk before it is answered
+/// (`appendfsync always`), so that a restart loses no acknowledged write:
+/// calls fail with store errors while it is down, and every promise holds.
+#[cfg(feature = "redis")]
+mod redis_node_killed_and_restarted {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use idem_core::RedisStore;
+    use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisServer};
+
+    pub(crate) struct KilledNode;
+
+    static SERVERS: AtomicU64 = AtomicU64::new(0);
+
+    impl Backend for KilledNode {
+        async fn store(&self) -> Arc<dyn Store> {
+            let mut server =
+                RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+            let url = server.url();
+            let store = RedisStore::node(&url)
+                .response_timeout(RESPONSE_TIMEOUT)
+                .connection_timeout(RESPONSE_TIMEOUT)
+                .connect()
+                .await
+                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            // Killed at a time of its own within the seed's calls, restarted
+            // at once on its port and its append-only file.
+            let n = SERVERS.fetch_add(1, Ordering::Relaxed);
+            let kill_at = Duration::from_millis(300 + (n * 7919) % 2500);
+            std::thread::spawn(move || {
+                std::thread::sleep(kill_at);
+                server.restart();
+                // Kept up until the seed is surely over.
+                std::thread::sleep(Duration::from_secs(40));
+            });
+            Arc::new(store)
+        }
+
+        fn timing(&self) -> Timing {
+            idem_test::redis_server::TIMING
+        }
+
+        fn follows_tokio_clock(&self) -> bool {
+            false
+        }
+    }
+
+    idem_test::exactly_once_suite!(KilledNode);
+}
+
 /// PostgreSQL behind connections that break mid-use.
 #[cfg(feature = "postgres")]
 mod postgres_breaking_connections {
