@@ -542,3 +542,97 @@ fn the_broker_check_catches_a_store_that_grants_every_claim() {
     let violation = caught.expect("a violation within 200 seeds");
     assert!(violation.contains("succeeded 2 times"), "{violation}");
 }
+
+/// The retrying client against the HTTP layer over a network that loses
+/// responses and refuses connections (tokio's paused clock, the memory
+/// store): each operation's effect once, and a success gets the body of
+/// the run that did it.
+#[cfg(feature = "client")]
+#[test]
+fn the_client_gets_each_operation_done_once_over_a_lossy_network() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let mut total = idem_test::checker::ClientReport::default();
+    for seed in 0..200 {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let report = runtime
+            .block_on(idem_test::checker::check_client_seed(store, seed))
+            .unwrap_or_else(|violation| panic!("{violation}"));
+        total.operations += report.operations;
+        total.attempts += report.attempts;
+        total.responses_lost += report.responses_lost;
+        total.gave_up += report.gave_up;
+    }
+    println!("{total:?}");
+    assert!(total.responses_lost > 0 && total.gave_up > 0, "{total:?}");
+}
+
+/// A store that answers every `complete` as stored and keeps nothing.
+#[cfg(feature = "client")]
+struct KeepsNothing(MemoryStore);
+
+#[cfg(feature = "client")]
+impl Store for KeepsNothing {
+    fn begin(
+        &self,
+        key: idem_core::Key,
+        fingerprint: idem_core::Fingerprint,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
+        self.0.begin(key, fingerprint, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        _record: idem_core::store::Record,
+        _ttl: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+        Box::pin(async move {
+            self.0.release(key, token).await?;
+            Ok(idem_core::store::Completion::Stored)
+        })
+    }
+
+    fn release(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+    ) -> idem_core::store::StoreFuture<'_, ()> {
+        self.0.release(key, token)
+    }
+
+    fn renew(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, bool> {
+        self.0.renew(key, token, lease)
+    }
+}
+
+/// The client check has teeth: a store that keeps no record lets a retry
+/// after a lost response do the operation again.
+#[cfg(feature = "client")]
+#[test]
+fn the_client_check_catches_a_store_that_keeps_nothing() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let caught = (0..200).find_map(|seed| {
+        let store: Arc<dyn Store> = Arc::new(KeepsNothing(MemoryStore::new()));
+        runtime
+            .block_on(idem_test::checker::check_client_seed(store, seed))
+            .err()
+    });
+    let violation = caught.expect("a violation within 200 seeds");
+    assert!(violation.contains("was done 2 times"), "{violation}");
+}

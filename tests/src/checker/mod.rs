@@ -55,6 +55,8 @@
 
 #[cfg(feature = "consumer")]
 mod broker;
+#[cfg(feature = "client")]
+mod client;
 mod history;
 mod invariants;
 mod outcomes;
@@ -69,6 +71,8 @@ use idem_core::store::Store;
 
 #[cfg(feature = "consumer")]
 pub use broker::{BrokerReport, check_broker_seed};
+#[cfg(feature = "client")]
+pub use client::{ClientReport, check_client_seed};
 
 pub use history::{Answer, Event, History};
 pub use invariants::Broken;
