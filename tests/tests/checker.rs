@@ -636,3 +636,37 @@ fn the_client_check_catches_a_store_that_keeps_nothing() {
     let violation = caught.expect("a violation within 200 seeds");
     assert!(violation.contains("was done 2 times"), "{violation}");
 }
+
+/// PostgreSQL's transactional mode, checked against the rows the bodies
+/// commit: per key at most one, every `Ok` the committed run's, none from
+/// a body that failed, panicked or was cancelled.
+#[cfg(feature = "postgres")]
+#[test]
+fn the_transactional_mode_commits_one_body_per_key() {
+    use idem_test::postgres_server::{RESPONSE_TIMEOUT, shared};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let seeds: Vec<u64> = (0..12).chain(idem_test::checker::ci_seeds(4)).collect();
+    let reports = runtime.block_on(async {
+        let store = idem_core::PostgresStore::builder(shared().url())
+            .response_timeout(RESPONSE_TIMEOUT)
+            .max_connections(12)
+            .connect()
+            .await
+            .unwrap();
+        let checks = seeds
+            .iter()
+            .map(|&seed| idem_test::checker::check_transactional_seed(store.clone(), seed));
+        futures_util::future::join_all(checks).await
+    });
+    let mut committed = 0;
+    for report in reports {
+        committed += report
+            .unwrap_or_else(|violation| panic!("{violation}"))
+            .committed;
+    }
+    assert!(committed > 0);
+}

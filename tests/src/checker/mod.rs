@@ -61,6 +61,8 @@ mod history;
 mod invariants;
 mod outcomes;
 mod run;
+#[cfg(feature = "postgres")]
+mod transactional;
 mod workload;
 
 use std::fmt;
@@ -73,6 +75,8 @@ use idem_core::store::Store;
 pub use broker::{BrokerReport, check_broker_seed};
 #[cfg(feature = "client")]
 pub use client::{ClientReport, check_client_seed};
+#[cfg(feature = "postgres")]
+pub use transactional::{TransactionalReport, check_transactional_seed};
 
 pub use history::{Answer, Event, History};
 pub use invariants::Broken;

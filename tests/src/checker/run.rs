@@ -413,7 +413,7 @@ mod http_edge {
 }
 
 /// Polls `future`, catching a panic in it.
-async fn caught<F: Future>(future: F) -> std::thread::Result<F::Output> {
+pub(crate) async fn caught<F: Future>(future: F) -> std::thread::Result<F::Output> {
     let mut future = pin!(future);
     std::future::poll_fn(|cx| {
         match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
