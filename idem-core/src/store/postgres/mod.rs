@@ -46,7 +46,11 @@
 //!     expires_at timestamptz NOT NULL,
 //!     PRIMARY KEY (key, name)
 //! );
+//! CREATE SEQUENCE idempotency_keys_epoch;  -- the fencing epochs of claims
 //! ```
+//!
+//! A row whose fingerprint is empty is a tombstone: the trace of a `release`
+//! that found no claim of its token (see above).
 //!
 //! The primary key serves every operation; the index on `expires_at` serves
 //! the purge, and the partial index on claims in progress serves
