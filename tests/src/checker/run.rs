@@ -548,8 +548,16 @@ pub(crate) async fn run(
         }
     }
     // Past every lease (and the background retries of recordings): no key
-    // may stay claimed.
-    tokio::time::sleep(workload.longest_lease() * 2).await;
+    // may stay claimed. A call through the HTTP layer whose client hung up
+    // runs on to its end: past that too.
+    let hung_up = workload
+        .calls
+        .iter()
+        .filter(|call| call.via == Via::Http && call.cancel_after.is_some())
+        .map(|call| call.body.took + call.body.stall.unwrap_or_default())
+        .max()
+        .unwrap_or_default();
+    tokio::time::sleep(workload.longest_lease() * 2 + hung_up).await;
     let mut still_claimed = Vec::new();
     for (k, key) in keys.iter().enumerate() {
         if let Ok(Inspection::InProgress { .. }) = flaky.inspect(*key).await {
