@@ -440,7 +440,7 @@ pub(crate) fn quiet_body_panics() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !panic_message(info.payload()).contains(BODY_PANIC) {
+            if !panic_message(info.payload()).starts_with(BODY_PANIC) {
                 previous(info);
             }
         }));
