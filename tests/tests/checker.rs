@@ -44,17 +44,19 @@ mod redis_node {
 
     pub(crate) struct Node;
 
+    /// A node's store, as every Redis node backend here opens it.
+    pub(crate) async fn connect(url: &str) -> RedisStore {
+        RedisStore::node(url)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .connection_timeout(RESPONSE_TIMEOUT)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+    }
+
     impl Backend for Node {
         async fn store(&self) -> Arc<dyn Store> {
-            let url = shared_node().url();
-            Arc::new(
-                RedisStore::node(&url)
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .connection_timeout(RESPONSE_TIMEOUT)
-                    .connect()
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to {url}: {e}")),
-            )
+            Arc::new(connect(&shared_node().url()).await)
         }
 
         fn timing(&self) -> Timing {
@@ -81,9 +83,8 @@ fn breaking_connections(n: u64) -> idem_test::proxy::Fault {
 #[cfg(feature = "redis")]
 mod redis_node_breaking_connections {
     use super::*;
-    use idem_core::RedisStore;
     use idem_test::proxy::Proxy;
-    use idem_test::redis_server::{RESPONSE_TIMEOUT, shared_node};
+    use idem_test::redis_server::shared_node;
 
     pub(crate) struct BreakingNode;
 
@@ -94,12 +95,7 @@ mod redis_node_breaking_connections {
                 .await
                 .expect("a proxy");
             let url = format!("redis://{}", proxy.addr());
-            let store = RedisStore::node(&url)
-                .response_timeout(RESPONSE_TIMEOUT)
-                .connection_timeout(RESPONSE_TIMEOUT)
-                .connect()
-                .await
-                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            let store = super::redis_node::connect(&url).await;
             // The proxy lives as long as the seed's runtime.
             std::mem::forget(proxy);
             Arc::new(store)
@@ -126,8 +122,7 @@ mod redis_node_killed_and_restarted {
     use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
-    use idem_core::RedisStore;
-    use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisServer};
+    use idem_test::redis_server::RedisServer;
 
     pub(crate) struct KilledNode;
 
@@ -138,12 +133,7 @@ mod redis_node_killed_and_restarted {
             let mut server =
                 RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
             let url = server.url();
-            let store = RedisStore::node(&url)
-                .response_timeout(RESPONSE_TIMEOUT)
-                .connection_timeout(RESPONSE_TIMEOUT)
-                .connect()
-                .await
-                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            let store = super::redis_node::connect(&url).await;
             // Killed at a time of its own within the seed's calls, restarted
             // at once on its port and its append-only file.
             let n = SERVERS.fetch_add(1, Ordering::Relaxed);
@@ -173,8 +163,7 @@ mod redis_node_killed_and_restarted {
 #[cfg(feature = "postgres")]
 mod postgres_breaking_connections {
     use super::*;
-    use idem_core::PostgresStore;
-    use idem_test::postgres_server::{RESPONSE_TIMEOUT, shared};
+    use idem_test::postgres_server::shared;
     use idem_test::proxy::Proxy;
 
     pub(crate) struct BreakingPostgres;
@@ -186,12 +175,7 @@ mod postgres_breaking_connections {
                 .await
                 .expect("a proxy");
             let url = shared().url().replace(&server, &proxy.addr().to_string());
-            let store = PostgresStore::builder(&url)
-                .response_timeout(RESPONSE_TIMEOUT)
-                .max_connections(4)
-                .connect()
-                .await
-                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            let store = super::postgres::connect(&url).await;
             // The proxy lives as long as the seed's runtime.
             std::mem::forget(proxy);
             Arc::new(store)
@@ -249,17 +233,19 @@ mod postgres {
 
     pub(crate) struct Postgres;
 
+    /// The store, as every PostgreSQL backend here opens it.
+    pub(crate) async fn connect(url: &str) -> PostgresStore {
+        PostgresStore::builder(url)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .max_connections(4)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+    }
+
     impl Backend for Postgres {
         async fn store(&self) -> Arc<dyn Store> {
-            let url = shared().url();
-            Arc::new(
-                PostgresStore::builder(&url)
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .max_connections(4)
-                    .connect()
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to {url}: {e}")),
-            )
+            Arc::new(connect(&shared().url()).await)
         }
 
         fn timing(&self) -> Timing {

@@ -124,20 +124,7 @@ async fn measure(server: &RedisServer, rounds: u64) -> Vec<(&'static str, benche
     let claim: &'static [u8] = Box::leak(claim.into_boxed_slice());
     let s: &'static RedisStore = Box::leak(Box::new(store));
     let ops: Vec<(&str, Op)> = vec![
-        (
-            "`GET` (floor)",
-            Box::new(move |_| {
-                let mut c = c.clone();
-                Box::pin(async move {
-                    let v: Option<Vec<u8>> = redis::cmd("GET")
-                        .arg("floor")
-                        .query_async(&mut c)
-                        .await
-                        .unwrap();
-                    black_box(v);
-                })
-            }),
-        ),
+        ("`GET` (floor)", floor_get(c)),
         (
             "`SET NX GET`, raw",
             Box::new(move |_| {
@@ -207,23 +194,28 @@ async fn measure(server: &RedisServer, rounds: u64) -> Vec<(&'static str, benche
                 })
             }),
         ),
-        ("`GET` again (drift within a round)", {
-            let c = conn.clone();
-            Box::new(move |_| {
-                let mut c = c.clone();
-                Box::pin(async move {
-                    let v: Option<Vec<u8>> = redis::cmd("GET")
-                        .arg("floor")
-                        .query_async(&mut c)
-                        .await
-                        .unwrap();
-                    black_box(v);
-                })
-            })
-        }),
+        (
+            "`GET` again (drift within a round)",
+            floor_get(conn.clone()),
+        ),
     ];
     let latencies = interleaved(&ops, rounds, 500).await;
     ops.iter().map(|(name, _)| *name).zip(latencies).collect()
+}
+
+/// The floor's row: a raw `GET` of the receipt's bytes.
+fn floor_get(conn: ConnectionManager) -> Op {
+    Box::new(move |_| {
+        let mut c = conn.clone();
+        Box::pin(async move {
+            let v: Option<Vec<u8>> = redis::cmd("GET")
+                .arg("floor")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            black_box(v);
+        })
+    })
 }
 
 /// Runs one row `n` times on a `current_thread` runtime, for a profiler.
