@@ -192,12 +192,20 @@ impl Journal {
         record: Option<&Record>,
         held: &(dyn Fn() -> bool + Sync),
     ) -> Ending {
-        let marked = self.state().marked_final;
+        let (marked, unknown) = {
+            let state = self.state();
+            (state.marked_final, state.done.is_none())
+        };
+        let compensating = self.compensating();
         // A stored failure: a kept `Err`, or one that could not be kept
         // whole (too large, unserializable), which is final all the same.
         let stored = record.filter(|_| failed);
         let final_now = failed && (stored.is_some() || marked);
-        let unknown = self.state().done.is_none();
+        // Every call ends here: one that neither failed for good nor found
+        // a compensation to finish goes no further.
+        if !final_now && !compensating {
+            return Ending::AsIs;
+        }
         if final_now && unknown {
             // The body failed for good before its first step: the journal
             // may still say an earlier attempt's compensation is unfinished.
