@@ -7,7 +7,7 @@ use std::time::Duration;
 use idem_core::OnConflict;
 
 use super::history::{Answer, Event};
-use super::workload::{Via, Workload};
+use super::workload::Workload;
 use crate::faults::{Fault, Op};
 
 /// The panic message of bodies told to panic.
@@ -352,6 +352,20 @@ pub(crate) fn check(
                 format!("call {call} panicked: {message}"),
             );
         }
+        // A server breaks a request's connection (or resets its stream)
+        // only when the handler panicked: its body's own panic, unwinding.
+        if let Answer::Idem(kind) = answer
+            && kind == "reset"
+            && own_end != Some("panic")
+        {
+            return broken(
+                "no panic escapes idem but the body's own",
+                format!(
+                    "call {call} over {:?} had its request reset, but its body ended {own_end:?}",
+                    plan.via
+                ),
+            );
+        }
         if let Answer::Idem(kind) = answer
             && matches!(kind.as_str(), "key_reused" | "config" | "decode" | "other")
         {
@@ -364,10 +378,13 @@ pub(crate) fn check(
             continue;
         }
         let told = told.get(&call).cloned().unwrap_or_default();
-        // The HTTP layer runs each call on a task of its own, so that a
-        // client hanging up does not cancel it: the call goes on, and tells
-        // the outcome it comes to, once, maybe after the history closed.
-        if *answer == Answer::Cancelled && plan.via == Via::Http {
+        // The HTTP layer (and a handler that spawns its call) runs each
+        // call on a task of its own, so that a client hanging up does not
+        // cancel it: the call goes on, and tells the outcome it comes to,
+        // once, maybe after the history closed. A server learns of the
+        // hang-up only from its connection, so a handler that awaits its
+        // call may run on too.
+        if *answer == Answer::Cancelled && plan.via.over_http() {
             if told.len() > 1 {
                 return broken(
                     "every call has exactly one outcome",

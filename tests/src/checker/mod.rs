@@ -8,8 +8,13 @@
 //! from their valid ranges (`wait` or `reject`, leases, wait timeouts,
 //! `cache_errors`, TTLs that expire within the run); arguments equal but
 //! built in different orders (a map and a set); calls through
-//! [`Idempotency::run`](idem_core::Idempotency::run) and through an
-//! `#[idempotent]` method, on one or two handles (processes). The store is
+//! [`Idempotency::run`](idem_core::Idempotency::run), through an
+//! `#[idempotent]` method, as requests through the HTTP layer (feature
+//! `http`), and as requests served by hyper in process, over HTTP/1.1 or h2,
+//! to an axum handler that calls the method (feature `axum`: the client
+//! hangs up by closing its connection or resetting its stream, and a
+//! body's panic breaks the request), on one or two handles (processes).
+//! The store is
 //! wrapped in [`Flaky`](crate::faults::Flaky) with a schedule drawn from the
 //! same seed: answers delayed or lost, operations refused or landing late,
 //! results refused as a full store refuses them.
@@ -57,7 +62,11 @@
 mod broker;
 #[cfg(feature = "client")]
 mod client;
+#[cfg(feature = "axum")]
+mod handler_edge;
 mod history;
+#[cfg(feature = "http")]
+mod http_edge;
 mod invariants;
 mod outcomes;
 mod run;

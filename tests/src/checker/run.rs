@@ -57,10 +57,10 @@ impl From<Error> for CallError {
 
 /// What a run needs to know of its calls.
 pub(crate) struct Ctx {
-    history: Arc<History>,
+    pub(crate) history: Arc<History>,
     flaky: Arc<Flaky>,
     keys: Vec<Key>,
-    scope: String,
+    pub(crate) scope: String,
     runs: AtomicU64,
 }
 
@@ -69,11 +69,33 @@ pub(crate) struct Ctx {
 const SMALL_RECORDS: usize = 2048;
 
 /// Calls through the attribute.
-struct Attributed {
-    idem: Idempotency,
+#[derive(Clone)]
+pub(crate) struct Attributed {
+    pub(crate) idem: Idempotency,
 }
 
 impl Attributed {
+    /// Calls the method `plan`'s conflict setting names, for `key`.
+    pub(crate) async fn call(
+        &self,
+        ctx: &Ctx,
+        key: usize,
+        plan: &CallPlan,
+        args: Arguments,
+    ) -> Result<Value, CallError> {
+        let (scope, settings) = (ctx.scope.as_str(), plan.settings);
+        match settings.on_conflict() {
+            OnConflict::Reject => {
+                self.rejecting(scope, key, settings, args, ctx, plan.id, plan.body)
+                    .await
+            }
+            _ => {
+                self.waiting(scope, key, settings, args, ctx, plan.id, plan.body)
+                    .await
+            }
+        }
+    }
+
     #[idempotent(
         name = "idem.checker",
         key = key,
@@ -125,7 +147,12 @@ impl Attributed {
     }
 }
 
-async fn run_body(ctx: &Ctx, call: usize, key: usize, body: Body) -> Result<Value, CallError> {
+pub(crate) async fn run_body(
+    ctx: &Ctx,
+    call: usize,
+    key: usize,
+    body: Body,
+) -> Result<Value, CallError> {
     let run = ctx.runs.fetch_add(1, Ordering::SeqCst) + 1;
     ctx.history.push(Event::BodyStarted { call, key, run });
     if let Some(stall) = body.stall {
@@ -180,7 +207,7 @@ async fn run_body(ctx: &Ctx, call: usize, key: usize, body: Body) -> Result<Valu
 
 /// A call's arguments: a map and a set, whose iteration orders differ
 /// between instances.
-type Arguments = (HashMap<String, u64>, HashSet<u64>);
+pub(crate) type Arguments = (HashMap<String, u64>, HashSet<u64>);
 
 /// Equal arguments, built in an order of their own each time (a
 /// `HashMap`'s and a `HashSet`'s order differ between instances).
@@ -208,35 +235,19 @@ async fn one_call(
 ) -> Result<Value, CallError> {
     let args = arguments(plan.key);
     match plan.via {
-        Via::Http => http_edge::call(ctx, idem, plan, cache_errors).await,
-        Via::Attribute => match plan.settings.on_conflict() {
-            OnConflict::Reject => {
-                attributed
-                    .rejecting(
-                        &ctx.scope,
-                        plan.key,
-                        plan.settings,
-                        args,
-                        ctx,
-                        plan.id,
-                        plan.body,
-                    )
-                    .await
-            }
-            _ => {
-                attributed
-                    .waiting(
-                        &ctx.scope,
-                        plan.key,
-                        plan.settings,
-                        args,
-                        ctx,
-                        plan.id,
-                        plan.body,
-                    )
-                    .await
-            }
-        },
+        #[cfg(feature = "http")]
+        Via::Http => super::http_edge::call(ctx, idem, plan, cache_errors).await,
+        #[cfg(feature = "axum")]
+        Via::Handler { h2, spawned } => {
+            super::handler_edge::call(ctx, attributed, plan, &args, h2, spawned).await
+        }
+        Via::Attribute => attributed.call(ctx, plan.key, plan, args).await,
+        #[cfg(not(feature = "http"))]
+        Via::Http => unreachable!("calls are drawn over HTTP only with the `http` feature"),
+        #[cfg(not(feature = "axum"))]
+        Via::Handler { .. } => {
+            unreachable!("calls are drawn to handlers only with the `axum` feature")
+        }
         Via::Run => {
             let key = ctx.keys[plan.key];
             let fingerprint = Fingerprint::of(&(&args,))?;
@@ -258,159 +269,7 @@ async fn one_call(
 }
 
 /// The operation name of the HTTP layer's calls.
-const HTTP_NAME: &str = "idem.checker.http";
-
-/// Calls through the HTTP layer: a request whose `Idempotency-Key` names the
-/// key, to a service that runs the call's body and answers its result as
-/// JSON (`200`), a stored failure as `422` and another failure as `503`.
-#[cfg(feature = "http")]
-mod http_edge {
-    use std::convert::Infallible;
-    use std::pin::Pin;
-    use std::sync::Arc;
-    use std::task::{Context, Poll};
-
-    use bytes::Bytes;
-    use http::{Request, Response, StatusCode};
-    use http_body_util::{BodyExt as _, Full};
-    use idem_core::Idempotency;
-    use idem_core::http::IdempotencyLayer;
-    use tower_layer::Layer as _;
-    use tower_service::Service;
-
-    use super::{CallError, Ctx, HTTP_NAME, Value, run_body};
-    use crate::checker::workload::{Body, CallPlan};
-
-    /// The service behind the layer, for one call.
-    #[derive(Clone)]
-    struct Handler {
-        ctx: Arc<Ctx>,
-        call: usize,
-        key: usize,
-        body: Body,
-        cache_errors: bool,
-    }
-
-    type Answer = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
-
-    impl Service<Request<Full<Bytes>>> for Handler {
-        type Response = Response<Full<Bytes>>;
-        type Error = Infallible;
-        type Future = Answer;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn call(&mut self, _: Request<Full<Bytes>>) -> Answer {
-            let this = self.clone();
-            Box::pin(async move {
-                let result = run_body(&this.ctx, this.call, this.key, this.body).await;
-                let (status, json) = match result {
-                    Ok(value) => (StatusCode::OK, serde_json::to_vec(&value)),
-                    Err(CallError::Body(run)) if this.cache_errors => {
-                        (StatusCode::UNPROCESSABLE_ENTITY, serde_json::to_vec(&run))
-                    }
-                    Err(CallError::Body(run)) => {
-                        (StatusCode::SERVICE_UNAVAILABLE, serde_json::to_vec(&run))
-                    }
-                    Err(CallError::Idem(kind)) => {
-                        (StatusCode::INTERNAL_SERVER_ERROR, serde_json::to_vec(&kind))
-                    }
-                };
-                let mut response = Response::new(Full::new(Bytes::from(json.expect("JSON"))));
-                *response.status_mut() = status;
-                Ok(response)
-            })
-        }
-    }
-
-    /// Makes `plan`'s call through the layer on `idem`, and reads its answer
-    /// back as the other edges return it.
-    pub(super) async fn call(
-        ctx: &Arc<Ctx>,
-        idem: &Idempotency,
-        plan: &CallPlan,
-        cache_errors: bool,
-    ) -> Result<Value, CallError> {
-        let scope = ctx.scope.clone();
-        let layer = IdempotencyLayer::scoped_by(idem.clone(), move |_| Some(scope.clone()))
-            .name(HTTP_NAME)
-            .settings(plan.settings);
-        let mut service = layer.layer(Handler {
-            ctx: Arc::clone(ctx),
-            call: plan.id,
-            key: plan.key,
-            body: plan.body,
-            cache_errors,
-        });
-        let request = Request::post("/orders")
-            .header("idempotency-key", plan.key.to_string())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(format!("{{\"key\":{}}}", plan.key))))
-            .expect("a request");
-        std::future::poll_fn(|cx| service.poll_ready(cx))
-            .await
-            .expect("ready");
-        let response = service.call(request).await.expect("an answer");
-        let status = response.status();
-        let problem = response
-            .headers()
-            .get("content-type")
-            .is_some_and(|c| c == "application/problem+json");
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map(http_body_util::Collected::to_bytes)
-            .unwrap_or_default();
-        if problem {
-            let problem: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            let kind = problem["type"]
-                .as_str()
-                .and_then(|t| t.rsplit_once('#'))
-                .map_or("other", |(_, fragment)| fragment);
-            let kind = match kind {
-                "in-progress" => "in_progress",
-                "store-unavailable" => "store",
-                "attempt-failed" => "attempt_failed",
-                "unreplayable" => "not_replayable",
-                "key-reused" => "key_reused",
-                _ => "other",
-            };
-            return Err(CallError::Idem(kind.to_owned()));
-        }
-        match status {
-            StatusCode::OK => Ok(serde_json::from_slice(&bytes).expect("a value")),
-            StatusCode::UNPROCESSABLE_ENTITY | StatusCode::SERVICE_UNAVAILABLE => Err(
-                CallError::Body(serde_json::from_slice(&bytes).expect("a run")),
-            ),
-            _ => Err(CallError::Idem(
-                serde_json::from_slice(&bytes).unwrap_or_else(|_| "other".to_owned()),
-            )),
-        }
-    }
-}
-
-#[cfg(not(feature = "http"))]
-mod http_edge {
-    use std::sync::Arc;
-
-    use idem_core::Idempotency;
-
-    use super::{CallError, Ctx, Value};
-    use crate::checker::workload::CallPlan;
-
-    /// Without the `http` feature no key is drawn for the HTTP layer.
-    pub(super) async fn call(
-        _: &Arc<Ctx>,
-        _: &Idempotency,
-        _: &CallPlan,
-        _: bool,
-    ) -> Result<Value, CallError> {
-        unreachable!("calls go through the HTTP layer only with the `http` feature")
-    }
-}
+pub(crate) const HTTP_NAME: &str = "idem.checker.http";
 
 /// Polls `future`, catching a panic in it.
 pub(crate) async fn caught<F: Future>(future: F) -> std::thread::Result<F::Output> {
@@ -548,12 +407,12 @@ pub(crate) async fn run(
         }
     }
     // Past every lease (and the background retries of recordings): no key
-    // may stay claimed. A call through the HTTP layer whose client hung up
-    // runs on to its end: past that too.
+    // may stay claimed. A call over HTTP whose client hung up may run on to
+    // its end: past that too.
     let hung_up = workload
         .calls
         .iter()
-        .filter(|call| call.via == Via::Http && call.cancel_after.is_some())
+        .filter(|call| call.via.over_http() && call.cancel_after.is_some())
         .map(|call| call.body.took + call.body.stall.unwrap_or_default())
         .max()
         .unwrap_or_default();

@@ -50,6 +50,34 @@ pub enum Via {
     Attribute,
     /// A request through the HTTP layer (feature `http`).
     Http,
+    /// The function-level HTTP path (feature `axum`): a request served by
+    /// hyper in process to an axum handler that takes the key with the
+    /// `IdempotencyKey` extractor and calls the `#[idempotent]` method, as
+    /// [`Via::Attribute`] does. The client hangs up by dropping its
+    /// connection (HTTP/1.1) or resetting its stream (h2).
+    Handler {
+        /// Over h2 rather than HTTP/1.1.
+        h2: bool,
+        /// The handler spawns the call, so that a hang-up does not cancel
+        /// it, as the README advises.
+        spawned: bool,
+    },
+}
+
+impl Via {
+    /// Whether a call that reaches idem this way runs on to its end after
+    /// its caller hung up.
+    #[must_use]
+    pub fn runs_on_after_hang_up(self) -> bool {
+        matches!(self, Self::Http | Self::Handler { spawned: true, .. })
+    }
+
+    /// Whether the call is a request over HTTP, whose caller hanging up
+    /// the server learns of only through its connection.
+    #[must_use]
+    pub fn over_http(self) -> bool {
+        matches!(self, Self::Http | Self::Handler { .. })
+    }
 }
 
 /// One caller's call.
@@ -113,6 +141,7 @@ impl Workload {
         // before bodies had steps.
         let mut step_rng = StdRng::seed_from_u64(seed ^ 0x5354_4550_5300_0000);
         let mut http_rng = StdRng::seed_from_u64(seed ^ 0x4854_5450_0000_0000);
+        let mut handler_rng = StdRng::seed_from_u64(seed ^ 0x4859_5045_5200_0000);
         let keys: Vec<KeyPlan> = (0..rng.random_range(1..=3))
             .map(|_| {
                 let steps = if step_rng.random_bool(0.35) {
@@ -184,7 +213,19 @@ impl Workload {
                 } else {
                     Via::Run
                 };
-                let via = if plan.http { Via::Http } else { via };
+                let via = if plan.http {
+                    Via::Http
+                } else if via == Via::Attribute
+                    && cfg!(feature = "axum")
+                    && handler_rng.random_bool(0.5)
+                {
+                    Via::Handler {
+                        h2: handler_rng.random_bool(0.5),
+                        spawned: handler_rng.random_bool(0.5),
+                    }
+                } else {
+                    via
+                };
                 CallPlan {
                     id,
                     key,
