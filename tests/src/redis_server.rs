@@ -15,7 +15,8 @@ use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::process::{require_version, watch};
@@ -317,6 +318,153 @@ impl RedisCluster {
             .filter(|n| n.cli(&["ROLE"]).starts_with("master"))
             .collect()
     }
+
+    /// Moves slots between the primaries in the background, one after
+    /// another, until the returned [`Resharding`] is dropped: each time the
+    /// slot of a key some primary holds, so that the keys in use move while
+    /// calls on them run, with a pause of 10–40 ms between its keys and of
+    /// 50–250 ms between moves.
+    #[must_use]
+    pub fn reshard_continuously(&self) -> Resharding {
+        let primaries: Vec<Primary> = self
+            .primaries()
+            .into_iter()
+            .map(|node| Primary {
+                port: node.port,
+                id: node.cli(&["CLUSTER", "MYID"]).trim().to_owned(),
+            })
+            .collect();
+        assert!(primaries.len() > 1, "resharding needs two primaries");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (moves, keys) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let thread = {
+            let (stop, moves, keys) = (Arc::clone(&stop), Arc::clone(&moves), Arc::clone(&keys));
+            std::thread::spawn(move || {
+                let mut turn: u64 = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    turn += 1;
+                    // A cheap spread of choices, the same on every run.
+                    let draw = turn.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
+                    let n = primaries.len();
+                    let from = usize::try_from(draw).unwrap_or(0) % n;
+                    let to = (from + 1 + usize::try_from(draw >> 8).unwrap_or(0) % (n - 1)) % n;
+                    let (source, target) = (&primaries[from], &primaries[to]);
+                    let pause = Duration::from_millis(10 + draw % 31);
+                    if let Some(moved) = move_a_slot(source, target, &primaries, pause) {
+                        moves.fetch_add(1, Ordering::SeqCst);
+                        keys.fetch_add(moved, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(50 + draw % 201));
+                }
+            })
+        };
+        Resharding {
+            stop,
+            moves,
+            keys,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Slots moving between a cluster's primaries in the background, while the
+/// cluster serves: see [`RedisCluster::reshard_continuously`]. Dropping it
+/// ends the move under way and stops.
+pub struct Resharding {
+    stop: Arc<AtomicBool>,
+    moves: Arc<AtomicUsize>,
+    keys: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Resharding {
+    /// Slots moved so far.
+    #[must_use]
+    pub fn slots_moved(&self) -> usize {
+        self.moves.load(Ordering::SeqCst)
+    }
+
+    /// Keys moved with them so far.
+    #[must_use]
+    pub fn keys_moved(&self) -> usize {
+        self.keys.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Resharding {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A primary's address, id and port, as the resharding thread needs them.
+#[derive(Clone)]
+struct Primary {
+    port: u16,
+    id: String,
+}
+
+/// Moves the slot of a key that `source` holds (one `RANDOMKEY` drew) to
+/// `target`, as `redis-cli --cluster reshard` does: the slot is marked
+/// importing and migrating, its keys migrate one by one with a pause
+/// between them (so that calls meet the slot half moved: `ASK` for keys
+/// already gone, `TRYAGAIN` for a script whose keys are split), and then
+/// every primary is told its new owner. Returns the keys moved, or `None`
+/// when `source` held no key.
+fn move_a_slot(
+    source: &Primary,
+    target: &Primary,
+    primaries: &[Primary],
+    pause: Duration,
+) -> Option<usize> {
+    let key = cli(source.port, &["RANDOMKEY"]).trim().to_owned();
+    if key.is_empty() {
+        return None;
+    }
+    let slot = cli(source.port, &["CLUSTER", "KEYSLOT", &key])
+        .trim()
+        .to_owned();
+    slot.parse::<u16>().ok()?;
+    cli(
+        target.port,
+        &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source.id],
+    );
+    cli(
+        source.port,
+        &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target.id],
+    );
+    let port = target.port.to_string();
+    let mut moved = 0;
+    loop {
+        let keys = cli(source.port, &["CLUSTER", "GETKEYSINSLOT", &slot, "1"]);
+        let Some(key) = keys.lines().map(str::trim).find(|k| !k.is_empty()) else {
+            break;
+        };
+        std::thread::sleep(pause);
+        let answer = cli(
+            source.port,
+            &["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key],
+        );
+        if answer.contains("OK") || answer.contains("NOKEY") {
+            moved += 1;
+        }
+        if moved > 1000 {
+            break;
+        }
+    }
+    for node in std::iter::once(target)
+        .chain(std::iter::once(source))
+        .chain(primaries)
+    {
+        cli(
+            node.port,
+            &["CLUSTER", "SETSLOT", &slot, "NODE", &target.id],
+        );
+    }
+    Some(moved)
 }
 
 /// Runs 4 processes of the `idem-storm` binary (at `binary`), 250 concurrent

@@ -225,6 +225,74 @@ mod redis_cluster {
     idem_test::exactly_once_suite!(Cluster);
 }
 
+/// A Redis Cluster whose slots keep moving between its primaries while
+/// the calls run (`RedisCluster::reshard_continuously`): each move takes the
+/// slot of a key in use, key by key, so that calls meet it half moved.
+#[cfg(feature = "redis")]
+mod redis_cluster_resharding {
+    use super::*;
+    use idem_core::RedisStore;
+    use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisCluster, RedisServer, Resharding};
+    use std::sync::OnceLock;
+
+    /// The cluster of this backend alone, and its resharding.
+    fn cluster() -> &'static (RedisCluster, Resharding) {
+        static CLUSTER: OnceLock<(RedisCluster, Resharding)> = OnceLock::new();
+        CLUSTER.get_or_init(|| {
+            let cluster = RedisCluster::start();
+            let resharding = cluster.reshard_continuously();
+            (cluster, resharding)
+        })
+    }
+
+    pub(crate) struct Resharded;
+
+    impl Backend for Resharded {
+        async fn store(&self) -> Arc<dyn Store> {
+            let (cluster, _) = cluster();
+            Arc::new(
+                RedisStore::cluster(cluster.nodes.iter().map(RedisServer::url))
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .connect()
+                    .await
+                    .unwrap_or_else(|e| panic!("connect to {}: {e}", cluster.url())),
+            )
+        }
+
+        fn timing(&self) -> Timing {
+            idem_test::redis_server::TIMING
+        }
+
+        fn follows_tokio_clock(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn exactly_once_checker() {
+        let seeds = idem_test::checker::ci_seeds(4);
+        for report in idem_test::checker::check_seeds(&Resharded, &seeds) {
+            println!("{report:?}");
+        }
+        let (_, resharding) = cluster();
+        println!(
+            "resharding: {} slots moved, {} keys with them",
+            resharding.slots_moved(),
+            resharding.keys_moved()
+        );
+        assert!(
+            resharding.keys_moved() > 0,
+            "no key of the checker's moved while its calls ran"
+        );
+    }
+
+    #[test]
+    #[ignore = "a soak: IDEM_CHECKER_MINUTES=30 (or IDEM_CHECKER_SEEDS=N) cargo test … -- --ignored"]
+    fn exactly_once_soak() {
+        idem_test::checker::soak(&Resharded, 16);
+    }
+}
+
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
