@@ -32,6 +32,15 @@ impl Backend for Memory {
     }
 }
 
+/// A current-thread runtime on tokio's paused clock.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a tokio runtime")
+}
+
 mod memory {
     idem_test::exactly_once_suite!(super::Memory);
 }
@@ -381,21 +390,15 @@ impl Store for GrantsEveryClaim {
 #[test]
 fn the_checker_catches_a_store_that_grants_every_claim() {
     let options = idem_test::checker::Options::for_backend(&Memory);
-    let caught = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap()
-        .block_on(async {
-            for seed in 0..200 {
-                let store: Arc<dyn Store> = Arc::new(GrantsEveryClaim(MemoryStore::new()));
-                if let Err(violation) = idem_test::checker::check_seed(store, seed, &options).await
-                {
-                    return Some(violation);
-                }
+    let caught = paused_runtime().block_on(async {
+        for seed in 0..200 {
+            let store: Arc<dyn Store> = Arc::new(GrantsEveryClaim(MemoryStore::new()));
+            if let Err(violation) = idem_test::checker::check_seed(store, seed, &options).await {
+                return Some(violation);
             }
-            None
-        });
+        }
+        None
+    });
     let violation = caught.expect("a violation within 200 seeds");
     println!("{violation}");
     assert_eq!(violation.broken.invariant, "at most one run per key");
@@ -472,21 +475,15 @@ impl Store for ForgetsJournals {
 #[test]
 fn the_checker_catches_a_store_that_forgets_its_journals() {
     let options = idem_test::checker::Options::for_backend(&Memory);
-    let caught = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap()
-        .block_on(async {
-            for seed in 0..300 {
-                let store: Arc<dyn Store> = Arc::new(ForgetsJournals(MemoryStore::new()));
-                if let Err(violation) = idem_test::checker::check_seed(store, seed, &options).await
-                {
-                    return Some(violation);
-                }
+    let caught = paused_runtime().block_on(async {
+        for seed in 0..300 {
+            let store: Arc<dyn Store> = Arc::new(ForgetsJournals(MemoryStore::new()));
+            if let Err(violation) = idem_test::checker::check_seed(store, seed, &options).await {
+                return Some(violation);
             }
-            None
-        });
+        }
+        None
+    });
     let violation = caught.expect("a violation within 300 seeds");
     println!("{violation}");
     assert_eq!(violation.broken.invariant, "at most one effect per step");
@@ -557,13 +554,20 @@ mod scenarios {
 #[cfg(feature = "consumer")]
 #[test]
 fn the_consumer_core_runs_each_message_once_through_a_faulty_broker() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
     let mut total = idem_test::checker::BrokerReport::default();
-    for seed in 0..200 {
+    check_broker_seeds(&paused_runtime(), 0..200, &mut total);
+    println!("{total:?}");
+    assert!(total.acks_lost > 0 && total.dead_lettered > 0, "{total:?}");
+}
+
+/// Checks the consumer core on `seeds`, adding up what they did.
+#[cfg(feature = "consumer")]
+fn check_broker_seeds(
+    runtime: &tokio::runtime::Runtime,
+    seeds: impl IntoIterator<Item = u64>,
+    total: &mut idem_test::checker::BrokerReport,
+) {
+    for seed in seeds {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let report = runtime
             .block_on(idem_test::checker::check_broker_seed(store, seed))
@@ -573,8 +577,6 @@ fn the_consumer_core_runs_each_message_once_through_a_faulty_broker() {
         total.acks_lost += report.acks_lost;
         total.dead_lettered += report.dead_lettered;
     }
-    println!("{total:?}");
-    assert!(total.acks_lost > 0 && total.dead_lettered > 0, "{total:?}");
 }
 
 /// The broker check has teeth: a store that grants every claim lets two
@@ -582,11 +584,7 @@ fn the_consumer_core_runs_each_message_once_through_a_faulty_broker() {
 #[cfg(feature = "consumer")]
 #[test]
 fn the_broker_check_catches_a_store_that_grants_every_claim() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let runtime = paused_runtime();
     let caught = (0..200).find_map(|seed| {
         let store: Arc<dyn Store> = Arc::new(GrantsEveryClaim(MemoryStore::new()));
         runtime
@@ -604,13 +602,20 @@ fn the_broker_check_catches_a_store_that_grants_every_claim() {
 #[cfg(feature = "client")]
 #[test]
 fn the_client_gets_each_operation_done_once_over_a_lossy_network() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
     let mut total = idem_test::checker::ClientReport::default();
-    for seed in 0..200 {
+    check_client_seeds(&paused_runtime(), 0..200, &mut total);
+    println!("{total:?}");
+    assert!(total.responses_lost > 0 && total.gave_up > 0, "{total:?}");
+}
+
+/// Checks the client on `seeds`, adding up what they did.
+#[cfg(feature = "client")]
+fn check_client_seeds(
+    runtime: &tokio::runtime::Runtime,
+    seeds: impl IntoIterator<Item = u64>,
+    total: &mut idem_test::checker::ClientReport,
+) {
+    for seed in seeds {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let report = runtime
             .block_on(idem_test::checker::check_client_seed(store, seed))
@@ -620,8 +625,22 @@ fn the_client_gets_each_operation_done_once_over_a_lossy_network() {
         total.responses_lost += report.responses_lost;
         total.gave_up += report.gave_up;
     }
-    println!("{total:?}");
-    assert!(total.responses_lost > 0 && total.gave_up > 0, "{total:?}");
+}
+
+/// A soak of the consumer core's and the client's checks, on random seeds
+/// (`IDEM_CHECKER_MINUTES`, `IDEM_CHECKER_SEEDS`).
+#[cfg(all(feature = "consumer", feature = "client"))]
+#[test]
+#[ignore = "a soak: IDEM_CHECKER_MINUTES=30 (or IDEM_CHECKER_SEEDS=N) cargo test … -- --ignored"]
+fn broker_and_client_soak() {
+    let runtime = paused_runtime();
+    let mut broker = idem_test::checker::BrokerReport::default();
+    let mut client = idem_test::checker::ClientReport::default();
+    idem_test::checker::soak_seeds(64, |seeds| {
+        check_broker_seeds(&runtime, seeds.iter().copied(), &mut broker);
+        check_client_seeds(&runtime, seeds.iter().copied(), &mut client);
+        format!("{broker:?}, {client:?}, no violation")
+    });
 }
 
 /// A store that answers every `complete` as stored and keeps nothing.
@@ -676,11 +695,7 @@ impl Store for KeepsNothing {
 #[cfg(feature = "client")]
 #[test]
 fn the_client_check_catches_a_store_that_keeps_nothing() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let runtime = paused_runtime();
     let caught = (0..200).find_map(|seed| {
         let store: Arc<dyn Store> = Arc::new(KeepsNothing(MemoryStore::new()));
         runtime
@@ -697,13 +712,20 @@ fn the_client_check_catches_a_store_that_keeps_nothing() {
 #[cfg(feature = "postgres")]
 #[test]
 fn the_transactional_mode_commits_one_body_per_key() {
+    let seeds: Vec<u64> = (0..12).chain(idem_test::checker::ci_seeds(4)).collect();
+    assert!(check_transactional_seeds(&seeds) > 0);
+}
+
+/// Checks PostgreSQL's transactional mode on `seeds`, side by side on the
+/// kit's shared server; answers the rows committed.
+#[cfg(feature = "postgres")]
+fn check_transactional_seeds(seeds: &[u64]) -> usize {
     use idem_test::postgres_server::{RESPONSE_TIMEOUT, shared};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let seeds: Vec<u64> = (0..12).chain(idem_test::checker::ci_seeds(4)).collect();
     let reports = runtime.block_on(async {
         let store = idem_core::PostgresStore::builder(shared().url())
             .response_timeout(RESPONSE_TIMEOUT)
@@ -716,11 +738,25 @@ fn the_transactional_mode_commits_one_body_per_key() {
             .map(|&seed| idem_test::checker::check_transactional_seed(store.clone(), seed));
         futures_util::future::join_all(checks).await
     });
+    reports
+        .into_iter()
+        .map(|report| {
+            report
+                .unwrap_or_else(|violation| panic!("{violation}"))
+                .committed
+        })
+        .sum()
+}
+
+/// A soak of the transactional mode's check, on random seeds
+/// (`IDEM_CHECKER_MINUTES`, `IDEM_CHECKER_SEEDS`).
+#[cfg(feature = "postgres")]
+#[test]
+#[ignore = "a soak: IDEM_CHECKER_MINUTES=30 (or IDEM_CHECKER_SEEDS=N) cargo test … -- --ignored"]
+fn transactional_soak() {
     let mut committed = 0;
-    for report in reports {
-        committed += report
-            .unwrap_or_else(|violation| panic!("{violation}"))
-            .committed;
-    }
-    assert!(committed > 0);
+    idem_test::checker::soak_seeds(16, |seeds| {
+        committed += check_transactional_seeds(seeds);
+        format!("{committed} rows committed, no violation")
+    });
 }

@@ -321,6 +321,26 @@ pub fn ci_seeds(fresh: usize) -> Vec<u64> {
 /// `IDEM_CHECKER_MINUTES` minutes (default 1) or `IDEM_CHECKER_SEEDS` seeds,
 /// printing each batch; panics with the first violation.
 pub fn soak<B: Backend>(backend: &B, batch: usize) {
+    let (mut runs, mut faults) = (0_u64, 0_usize);
+    let (mut steps, mut undos) = (0_usize, 0_usize);
+    soak_seeds(batch, |seeds| {
+        for report in check_seeds(backend, seeds) {
+            runs += report.runs;
+            faults += report.faults;
+            steps += report.steps;
+            undos += report.undos;
+        }
+        format!(
+            "{runs} bodies run, {steps} steps done, {undos} undone, {faults} faults, no violation"
+        )
+    });
+}
+
+/// Hands `check` batches of `batch` random seeds for `IDEM_CHECKER_MINUTES`
+/// minutes (default 1) or `IDEM_CHECKER_SEEDS` seeds, and prints the seeds
+/// checked and what `check` says of them after each batch: the loop of
+/// [`soak`], for checks of one's own (the consumer core's, the client's).
+pub fn soak_seeds(batch: usize, mut check: impl FnMut(&[u64]) -> String) {
     let minutes: f64 = std::env::var("IDEM_CHECKER_MINUTES")
         .ok()
         .and_then(|m| m.parse().ok())
@@ -329,8 +349,7 @@ pub fn soak<B: Backend>(backend: &B, batch: usize) {
         .ok()
         .and_then(|n| n.parse().ok());
     let until = std::time::Instant::now() + Duration::from_secs_f64(minutes * 60.0);
-    let (mut checked, mut runs, mut faults) = (0_usize, 0_u64, 0_usize);
-    let (mut steps, mut undos) = (0_usize, 0_usize);
+    let mut checked = 0_usize;
     loop {
         let done = limit.map_or(std::time::Instant::now() >= until, |n| checked >= n);
         if done {
@@ -338,17 +357,9 @@ pub fn soak<B: Backend>(backend: &B, batch: usize) {
         }
         let n = limit.map_or(batch, |n| batch.min(n - checked));
         let seeds: Vec<u64> = (0..n).map(|_| rand::random::<u32>().into()).collect();
-        for report in check_seeds(backend, &seeds) {
-            runs += report.runs;
-            faults += report.faults;
-            steps += report.steps;
-            undos += report.undos;
-        }
+        let said = check(&seeds);
         checked += n;
-        println!(
-            "exactly-once soak: {checked} seeds, {runs} bodies run, {steps} steps done, \
-             {undos} undone, {faults} faults, no violation"
-        );
+        println!("exactly-once soak: {checked} seeds, {said}");
     }
 }
 
