@@ -659,6 +659,67 @@ async fn a_failure_too_large_to_keep_is_compensated(store: Arc<dyn Store>) {
     assert_eq!(entries(&log), ["charge", "refund at epoch true"]);
 }
 
+/// A holder paused past its lease, whose call another holder took over
+/// and completed, undoes nothing when its own body then fails for good: its
+/// claim is lost, the completed call keeps its effects, and later calls
+/// replay its result.
+async fn a_stalled_holder_undoes_nothing_another_completed(store: Arc<dyn Store>) {
+    let flaky = Arc::new(idem_test::faults::Flaky::new(store));
+    // Two processes: the frozen one, and the one that takes over.
+    let (frozen, other) = (
+        Idempotency::from_arc(flaky.clone()),
+        Idempotency::from_arc(flaky.clone()),
+    );
+    let key = Key::new("stalled-holder", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let lease = settings().lease();
+    let (completed, resume) = tokio::sync::oneshot::channel::<()>();
+    let attempt = |idem: &Idempotency, stall: Option<tokio::sync::oneshot::Receiver<()>>| {
+        let (log, idem, flaky) = (Arc::clone(&log), idem.clone(), Arc::clone(&flaky));
+        async move {
+            idem.run_caching_errors(&settings(), key, fp, |_: &String| true, async {
+                let amount = step("charge", async {
+                    note(&log, "charge");
+                    Ok::<_, String>(30)
+                })
+                .compensate({
+                    let log = Arc::clone(&log);
+                    move |amount: u32| async move {
+                        note(&log, &format!("refund {amount}"));
+                        Ok::<_, String>(())
+                    }
+                })
+                .await?;
+                let Some(resume) = stall else {
+                    return Ok(amount);
+                };
+                // Frozen: no renewal reaches the store until another
+                // holder took the call over and completed it.
+                flaky.stall(key, tokio::time::Instant::now() + lease * 10);
+                let _ = resume.await;
+                Err("declined after a pause".to_owned())
+            })
+            .await
+        }
+    };
+    let stalled = tokio::spawn(attempt(&frozen, Some(resume)));
+    tokio::time::sleep(lease + Duration::from_millis(700)).await;
+    assert_eq!(
+        attempt(&other, None).await,
+        Ok(30),
+        "the next holder replays the step"
+    );
+    let _ = completed.send(());
+    let _ = stalled.await.unwrap();
+    assert_eq!(
+        attempt(&frozen, None).await,
+        Ok(30),
+        "the completed call's result stands"
+    );
+    assert_eq!(entries(&log), ["charge"], "nothing was undone");
+}
+
 macro_rules! step_tests {
     ($store:expr) => {
         #[tokio::test]
@@ -724,6 +785,11 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn a_step_not_reached_is_undone_by_a_later_attempt() {
             super::a_step_not_reached_is_undone_by_a_later_attempt($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_stalled_holder_undoes_nothing_another_completed() {
+            super::a_stalled_holder_undoes_nothing_another_completed($store).await;
         }
 
         #[tokio::test]
