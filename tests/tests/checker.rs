@@ -1,7 +1,10 @@
-//! The exactly-once checker on every built-in backend (memory, a Redis node,
-//! a Redis Cluster, PostgreSQL): the fixed seeds and
-//! a few fresh ones (printed) per run; a soak with
-//! `IDEM_CHECKER_MINUTES=30 cargo test -p idem-test --all-features --test checker -- --ignored --nocapture`.
+//! The exactly-once checker on every built-in backend (memory; a Redis
+//! node, also behind breaking connections and killed and restarted; a Redis
+//! Cluster, also while its slots move; PostgreSQL, also behind breaking
+//! connections and in transactional mode), and on the consumer core and the
+//! retrying client: the fixed seeds and a few fresh ones (printed) per run;
+//! a soak of them all with
+//! `IDEM_CHECKER_MINUTES=30 cargo test -p idem-test --all-features --test checker -- --ignored --nocapture --test-threads 10`.
 //! Replay one seed with `IDEM_CHECKER_SEED=n`.
 
 use std::sync::Arc;
