@@ -710,7 +710,10 @@ async fn a_stalled_holder_undoes_nothing_another_completed(store: Arc<dyn Store>
         Ok(30),
         "the next holder replays the step"
     );
-    let _ = completed.send(());
+    assert!(
+        completed.send(()).is_ok(),
+        "the frozen holder was still paused when the other completed"
+    );
     let _ = stalled.await.unwrap();
     assert_eq!(
         attempt(&frozen, None).await,

@@ -103,6 +103,13 @@ pub(crate) fn check(
         }
     }
     let own_run = |call: usize| runs.iter().find(|(_, r)| r.call == call).map(|(n, _)| *n);
+    // A call cut short by its caller: its future dropped mid-run. A call
+    // whose caller hung up on the HTTP layer, or on a handler that spawned
+    // it, was not: it ran on to its end, and excuses nothing.
+    let dropped = |call: usize| {
+        matches!(answers.get(&call), Some((_, Answer::Cancelled, _)))
+            && !workload.calls[call].via.runs_on_after_hang_up()
+    };
     // A run that only finished the compensation of a call that failed for
     // good: its body ran (replaying its steps), and its caller got the
     // stored failure of the run that failed, not its own result.
@@ -138,8 +145,7 @@ pub(crate) fn check(
                 let earlier_end = earlier.end.map_or(Duration::MAX, |(at, _)| at);
                 let expired = later.start >= earlier_end.saturating_add(plan.ttl.mul_f64(0.9));
                 let outcome = told.get(&earlier.call).and_then(|o| o.first());
-                let cancelled =
-                    matches!(answers.get(&earlier.call), Some((_, Answer::Cancelled, _)));
+                let cancelled = dropped(earlier.call);
                 let said_lost = outcome.is_some_and(|o| o == "not_stored") || lost.contains(&key);
                 // A store lost for the rest of a lease: its recording (or
                 // renewal) failed, and failed again when retried.
@@ -182,8 +188,8 @@ pub(crate) fn check(
             let stalled = stalls.iter().any(|(at, k)| k == key && *at <= later_at);
             let expired = later_at >= earlier_at.saturating_add(plan.ttl.mul_f64(0.9));
             let earlier = &runs[&earlier_run];
-            let cut_short = matches!(earlier.end, Some((_, "lost")) | None)
-                || matches!(answers.get(&earlier.call), Some((_, Answer::Cancelled, _)));
+            let cut_short =
+                matches!(earlier.end, Some((_, "lost")) | None) || dropped(earlier.call);
             let overlapping =
                 runs[&later_run].start < earlier.end.map_or(Duration::MAX, |(at, _)| at);
             let lapsed = !strict && (lost.contains(key) || overlapping);
@@ -221,7 +227,7 @@ pub(crate) fn check(
             let stalled = stalls.iter().any(|(at, k)| k == key && *at <= later_at);
             let expired = later_at >= earlier_at.saturating_add(plan.ttl.mul_f64(0.9));
             let earlier = &runs[&earlier_run];
-            let cut_short = matches!(answers.get(&earlier.call), Some((_, Answer::Cancelled, _)));
+            let cut_short = dropped(earlier.call);
             let lapsed = !strict && lost.contains(key);
             if stalled || expired || cut_short || lapsed {
                 continue;
@@ -385,7 +391,10 @@ pub(crate) fn check(
         // hang-up only from its connection, so a handler that awaits its
         // call may run on too.
         if *answer == Answer::Cancelled && plan.via.over_http() {
-            if told.len() > 1 {
+            // One whose body ran was cancelled by the server or ran on: it
+            // told what it came to, once.
+            let dropped_mid_run = own.is_some() && !plan.via.runs_on_after_hang_up();
+            if told.len() > 1 || (dropped_mid_run && told.len() != 1) {
                 return broken(
                     "every call has exactly one outcome",
                     format!("call {call} ({answer:?}) was told {told:?}"),
@@ -433,4 +442,85 @@ pub(crate) fn check(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use idem_core::Settings;
+
+    use super::super::history::{Answer, Event};
+    use super::super::workload::{Body, CallPlan, Ends, KeyPlan, Via, Workload};
+    use super::check;
+
+    /// One call to a handler over h2 whose body ended as `how`, answered
+    /// `reset`.
+    fn reset_after(how: &'static str) -> Result<(), super::Broken> {
+        let lease = Duration::from_secs(3);
+        let workload = Workload {
+            seed: 0,
+            keys: vec![KeyPlan {
+                lease,
+                ttl: lease * 40,
+                cache_errors: false,
+                steps: 0,
+                http: false,
+                compensate: false,
+            }],
+            calls: vec![CallPlan {
+                id: 0,
+                key: 0,
+                handle: 0,
+                arrives: Duration::ZERO,
+                settings: Settings::default(),
+                body: Body {
+                    took: Duration::ZERO,
+                    ends: Ends::Ok,
+                    stall: None,
+                    padding: 0,
+                    steps: 0,
+                    compensate: false,
+                },
+                cancel_after: None,
+                via: Via::Handler {
+                    h2: true,
+                    spawned: false,
+                },
+            }],
+            handles: 1,
+        };
+        let events = vec![
+            (Duration::ZERO, Event::Called { call: 0, key: 0 }),
+            (
+                Duration::ZERO,
+                Event::BodyStarted {
+                    call: 0,
+                    key: 0,
+                    run: 1,
+                },
+            ),
+            (Duration::ZERO, Event::BodyEnded { run: 1, how }),
+            (
+                Duration::ZERO,
+                Event::Answered {
+                    call: 0,
+                    answer: Answer::Idem("reset".to_owned()),
+                    took: Duration::ZERO,
+                },
+            ),
+        ];
+        check(&workload, &events, lease, false, true)
+    }
+
+    #[test]
+    fn a_request_reset_by_a_panicking_body_is_its_answer() {
+        assert!(reset_after("panic").is_ok());
+    }
+
+    #[test]
+    fn a_request_reset_without_a_panic_is_caught() {
+        let broken = reset_after("ok").expect_err("a reset after an Ok body");
+        assert_eq!(broken.invariant, "no panic escapes idem but the body's own");
+    }
 }

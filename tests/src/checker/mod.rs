@@ -156,6 +156,8 @@ pub struct Report {
     pub steps: usize,
     /// Steps undone by compensations.
     pub undos: usize,
+    /// Requests over HTTP that a body's panic broke (answered `reset`).
+    pub resets: usize,
     /// Whether idem's told outcomes were captured and checked.
     pub outcomes_checked: bool,
 }
@@ -233,6 +235,12 @@ pub async fn check_seed(
             undos: events
                 .iter()
                 .filter(|(_, e)| matches!(e, history::Event::StepUndone { .. }))
+                .count(),
+            resets: events
+                .iter()
+                .filter(|(_, e)| {
+                    matches!(e, history::Event::Answered { answer: Answer::Idem(kind), .. } if kind == "reset")
+                })
                 .count(),
             outcomes_checked: captured,
         }),

@@ -45,6 +45,16 @@ pub(crate) fn take(run: u64) -> Vec<(usize, String)> {
         .unwrap_or_default()
 }
 
+/// The calls of run `run` that told an outcome so far.
+pub(crate) fn told(run: u64) -> std::collections::HashSet<usize> {
+    sink()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&run)
+        .map(|told| told.iter().map(|(call, _)| *call).collect())
+        .unwrap_or_default()
+}
+
 /// The run and call a checker span stands for.
 #[derive(Clone, Copy)]
 struct Checked {

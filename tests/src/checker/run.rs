@@ -57,7 +57,7 @@ impl From<Error> for CallError {
 
 /// What a run needs to know of its calls.
 pub(crate) struct Ctx {
-    pub(crate) history: Arc<History>,
+    history: Arc<History>,
     flaky: Arc<Flaky>,
     keys: Vec<Key>,
     pub(crate) scope: String,
@@ -406,17 +406,36 @@ pub(crate) async fn run(
             });
         }
     }
-    // Past every lease (and the background retries of recordings): no key
-    // may stay claimed. A call over HTTP whose client hung up may run on to
-    // its end: past that too.
-    let hung_up = workload
+    // A call over HTTP whose client hung up may run on to its end (and a
+    // waiting one run its body after the wait): wait until each told its
+    // outcome, or, without outcomes, as long as its body could take.
+    let ran_on: Vec<&CallPlan> = workload
         .calls
         .iter()
         .filter(|call| call.via.over_http() && call.cancel_after.is_some())
+        .collect();
+    let longest = ran_on
+        .iter()
         .map(|call| call.body.took + call.body.stall.unwrap_or_default())
         .max()
         .unwrap_or_default();
-    tokio::time::sleep(workload.longest_lease() * 2 + hung_up).await;
+    if outcomes {
+        // Bounded: a call dropped before its request reached idem tells
+        // nothing.
+        let until = Instant::now() + workload.longest_lease() * 4 + longest;
+        while Instant::now() < until {
+            let told = super::outcomes::told(checker_run);
+            if ran_on.iter().all(|call| told.contains(&call.id)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    } else {
+        tokio::time::sleep(longest).await;
+    }
+    // Past every lease (and the background retries of recordings): no key
+    // may stay claimed.
+    tokio::time::sleep(workload.longest_lease() * 2).await;
     let mut still_claimed = Vec::new();
     for (k, key) in keys.iter().enumerate() {
         if let Ok(Inspection::InProgress { .. }) = flaky.inspect(*key).await {
