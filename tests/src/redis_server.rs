@@ -320,7 +320,7 @@ impl RedisCluster {
     }
 
     /// Moves slots between the primaries in the background, one after
-    /// another, until the returned [`Resharding`] is dropped: each time the
+    /// another, until the returned [`Resharding`] is stopped or dropped: each time the
     /// slot of a key some primary holds, so that the keys in use move while
     /// calls on them run, with a pause of 10–40 ms between its keys and of
     /// 50–250 ms between moves.
@@ -369,7 +369,8 @@ impl RedisCluster {
 
 /// Slots moving between a cluster's primaries in the background, while the
 /// cluster serves: see [`RedisCluster::reshard_continuously`]. Dropping it
-/// ends the move under way and stops.
+/// (or [`stop`](Resharding::stop)) lets the move under way finish, then
+/// stops.
 pub struct Resharding {
     stop: Arc<AtomicBool>,
     moves: Arc<AtomicUsize>,
@@ -389,6 +390,24 @@ impl Resharding {
     pub fn keys_moved(&self) -> usize {
         self.keys.load(Ordering::SeqCst)
     }
+
+    /// Stops after the move under way; answers the slots and keys moved.
+    ///
+    /// # Errors
+    /// Why resharding stopped early: a move that could not finish (a
+    /// command the cluster refused) panics the resharding thread rather
+    /// than leave keys where their slot's owner cannot serve them.
+    pub fn stop(mut self) -> Result<(usize, usize), String> {
+        self.stop.store(true, Ordering::SeqCst);
+        let thread = self.thread.take().expect("stopped once");
+        let moved = (self.slots_moved(), self.keys_moved());
+        thread.join().map(|()| moved).map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "the resharding thread panicked".to_owned())
+        })
+    }
 }
 
 impl Drop for Resharding {
@@ -400,20 +419,50 @@ impl Drop for Resharding {
     }
 }
 
-/// A primary's address, id and port, as the resharding thread needs them.
+/// A primary's port and id, as the resharding thread needs them.
 #[derive(Clone)]
 struct Primary {
     port: u16,
     id: String,
 }
 
+/// Whether `redis-cli` printed an error reply.
+fn refused(answer: &str) -> bool {
+    let answer = answer.trim();
+    [
+        "ERR",
+        "IOERR",
+        "MOVED",
+        "ASK",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "BUSY",
+        "Could not connect",
+    ]
+    .iter()
+    .any(|error| answer.starts_with(error))
+}
+
+/// Runs a command that must answer `OK`; panics with what the cluster
+/// answered otherwise.
+fn must(port: u16, args: &[&str]) {
+    let answer = cli(port, args);
+    assert!(
+        answer.trim() == "OK",
+        "`{}` on port {port}: {answer:?}",
+        args.join(" ")
+    );
+}
+
 /// Moves the slot of a key that `source` holds (one `RANDOMKEY` drew) to
 /// `target`, as `redis-cli --cluster reshard` does: the slot is marked
-/// importing and migrating, its keys migrate one by one with a pause
-/// between them (so that calls meet the slot half moved: `ASK` for keys
-/// already gone, `TRYAGAIN` for a script whose keys are split), and then
-/// every primary is told its new owner. Returns the keys moved, or `None`
-/// when `source` held no key.
+/// importing and migrating, its keys migrate one by one with `pause`
+/// before each (so that calls meet the slot half moved: `ASK` for keys
+/// already gone, `TRYAGAIN` for a script whose keys are split), and once
+/// the source holds none of them every primary is told the new owner.
+/// Returns the keys moved, or `None` when `source` held no key. Panics when
+/// a move cannot finish, rather than hand a slot over while its old owner
+/// still holds keys of it (which the cluster would then delete).
 fn move_a_slot(
     source: &Primary,
     target: &Primary,
@@ -421,25 +470,29 @@ fn move_a_slot(
     pause: Duration,
 ) -> Option<usize> {
     let key = cli(source.port, &["RANDOMKEY"]).trim().to_owned();
-    if key.is_empty() {
+    if key.is_empty() || refused(&key) {
         return None;
     }
     let slot = cli(source.port, &["CLUSTER", "KEYSLOT", &key])
         .trim()
         .to_owned();
     slot.parse::<u16>().ok()?;
-    cli(
+    must(
         target.port,
         &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source.id],
     );
-    cli(
+    must(
         source.port,
         &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target.id],
     );
     let port = target.port.to_string();
-    let mut moved = 0;
+    let (mut moved, mut failures) = (0, 0);
     loop {
         let keys = cli(source.port, &["CLUSTER", "GETKEYSINSLOT", &slot, "1"]);
+        assert!(
+            !refused(&keys),
+            "`CLUSTER GETKEYSINSLOT {slot} 1`: {keys:?}"
+        );
         let Some(key) = keys.lines().map(str::trim).find(|k| !k.is_empty()) else {
             break;
         };
@@ -448,18 +501,23 @@ fn move_a_slot(
             source.port,
             &["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS", key],
         );
-        if answer.contains("OK") || answer.contains("NOKEY") {
-            moved += 1;
-        }
-        if moved > 1000 {
-            break;
+        match answer.trim() {
+            "OK" => moved += 1,
+            // Expired or deleted meanwhile.
+            "NOKEY" => {}
+            other => {
+                failures += 1;
+                assert!(
+                    failures < 20,
+                    "MIGRATE of slot {slot} keeps failing: {other:?}"
+                );
+            }
         }
     }
-    for node in std::iter::once(target)
-        .chain(std::iter::once(source))
-        .chain(primaries)
-    {
-        cli(
+    let left = cli(source.port, &["CLUSTER", "COUNTKEYSINSLOT", &slot]);
+    assert_eq!(left.trim(), "0", "slot {slot} still has keys on its source");
+    for node in [target, source].into_iter().chain(primaries) {
+        must(
             node.port,
             &["CLUSTER", "SETSLOT", &slot, "NODE", &target.id],
         );

@@ -244,24 +244,58 @@ mod redis_cluster {
 mod redis_cluster_resharding {
     use super::*;
     use idem_core::RedisStore;
-    use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisCluster, RedisServer, Resharding};
+    use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisCluster, RedisServer};
     use std::sync::OnceLock;
 
-    /// The cluster of this backend alone, and its resharding.
-    fn cluster() -> &'static (RedisCluster, Resharding) {
-        static CLUSTER: OnceLock<(RedisCluster, Resharding)> = OnceLock::new();
-        CLUSTER.get_or_init(|| {
-            let cluster = RedisCluster::start();
-            let resharding = cluster.reshard_continuously();
-            (cluster, resharding)
-        })
+    /// The cluster of this backend alone.
+    fn cluster() -> &'static RedisCluster {
+        static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+        CLUSTER.get_or_init(RedisCluster::start)
+    }
+
+    /// How often the cluster's primaries answered a redirection or asked
+    /// for a retry (`INFO errorstats`): `MOVED`, `ASK`, `TRYAGAIN`.
+    fn redirections() -> [u64; 3] {
+        let mut counts = [0; 3];
+        for node in &cluster().nodes {
+            let stats = node.cli(&["INFO", "errorstats"]);
+            for (count, error) in counts.iter_mut().zip(["MOVED", "ASK", "TRYAGAIN"]) {
+                *count += stats
+                    .lines()
+                    .find_map(|line| line.strip_prefix(&format!("errorstat_{error}:count=")))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        counts
+    }
+
+    /// Checks `seeds` while the cluster reshards; answers the slots and
+    /// keys moved, and the redirections the calls met.
+    fn check_while_resharding(seeds: &[u64]) -> (usize, usize, [u64; 3]) {
+        let before = redirections();
+        let resharding = cluster().reshard_continuously();
+        let reports = idem_test::checker::check_seeds(&Resharded, seeds);
+        let (slots, keys) = resharding
+            .stop()
+            .unwrap_or_else(|why| panic!("resharding stopped early: {why}"));
+        for report in reports {
+            println!("{report:?}");
+        }
+        let after = redirections();
+        let met = [0, 1, 2].map(|i| after[i] - before[i]);
+        println!(
+            "resharding: {slots} slots moved, {keys} keys with them; calls met {} MOVED, {} ASK, {} TRYAGAIN",
+            met[0], met[1], met[2]
+        );
+        (slots, keys, met)
     }
 
     pub(crate) struct Resharded;
 
     impl Backend for Resharded {
         async fn store(&self) -> Arc<dyn Store> {
-            let (cluster, _) = cluster();
+            let cluster = cluster();
             Arc::new(
                 RedisStore::cluster(cluster.nodes.iter().map(RedisServer::url))
                     .response_timeout(RESPONSE_TIMEOUT)
@@ -282,26 +316,24 @@ mod redis_cluster_resharding {
 
     #[test]
     fn exactly_once_checker() {
-        let seeds = idem_test::checker::ci_seeds(4);
-        for report in idem_test::checker::check_seeds(&Resharded, &seeds) {
-            println!("{report:?}");
-        }
-        let (_, resharding) = cluster();
-        println!(
-            "resharding: {} slots moved, {} keys with them",
-            resharding.slots_moved(),
-            resharding.keys_moved()
+        let (_, keys, met) = check_while_resharding(&idem_test::checker::ci_seeds(4));
+        assert!(
+            keys > 0,
+            "no key of the checker's moved while its calls ran"
         );
         assert!(
-            resharding.keys_moved() > 0,
-            "no key of the checker's moved while its calls ran"
+            met.iter().sum::<u64>() > 0,
+            "no call met a slot that moved or was moving"
         );
     }
 
     #[test]
     #[ignore = "a soak: IDEM_CHECKER_MINUTES=30 (or IDEM_CHECKER_SEEDS=N) cargo test … -- --ignored"]
     fn exactly_once_soak() {
-        idem_test::checker::soak(&Resharded, 16);
+        idem_test::checker::soak_seeds(16, |seeds| {
+            let (slots, keys, met) = check_while_resharding(seeds);
+            format!("{slots} slots and {keys} keys moved, redirections {met:?}, no violation")
+        });
     }
 }
 
@@ -338,6 +370,37 @@ mod postgres {
     }
 
     idem_test::exactly_once_suite!(Postgres);
+}
+
+/// The checker reaches every variant of the function-level HTTP path:
+/// HTTP/1.1 and h2, handlers that spawn their call and ones that await it,
+/// clients that hang up, and bodies whose panic resets the request.
+#[cfg(feature = "axum")]
+#[test]
+fn the_checker_reaches_every_variant_of_the_function_level_path() {
+    use idem_test::checker::{Via, Workload};
+    let seeds: Vec<u64> = (0..200).collect();
+    let lease = Memory.timing().lease;
+    let mut variants = std::collections::BTreeMap::new();
+    let mut hung_up = 0;
+    for &seed in &seeds {
+        for call in Workload::generate(seed, lease).calls {
+            if let Via::Handler { h2, spawned } = call.via {
+                *variants.entry((h2, spawned)).or_insert(0) += 1;
+                hung_up += usize::from(call.cancel_after.is_some());
+            }
+        }
+    }
+    let resets: usize = idem_test::checker::check_seeds(&Memory, &seeds)
+        .iter()
+        .map(|report| report.resets)
+        .sum();
+    println!("handler calls by (h2, spawned): {variants:?}; {hung_up} hung up; {resets} reset");
+    assert_eq!(variants.len(), 4, "{variants:?}");
+    assert!(
+        hung_up > 0 && resets > 0,
+        "{hung_up} hung up, {resets} reset"
+    );
 }
 
 /// A store that grants every claim, held or not: the checker must catch it.
