@@ -307,6 +307,7 @@ impl Idempotency {
             // A call that failed for good undoes its completed steps first.
             let failed = !matches!(result, Ok(Ok(_)));
             let held = || !lease.lost() && Instant::now() < lease.until();
+            let mut unrecorded = false;
             match journal.end(failed, record.as_ref(), &held).await {
                 Ending::AsIs => {}
                 Ending::Final {
@@ -325,10 +326,18 @@ impl Idempotency {
                     if replace {
                         result = Ok(replay(&outcome, &codec));
                     }
-                    record = None;
+                    unrecorded = record.take().is_some();
                 }
             }
             call.ran(took, record.is_some());
+            if unrecorded {
+                // The call failed for good, but its compensation did not
+                // finish (or its journal could not be read): its failure is
+                // recorded by a later attempt, which runs the body again.
+                call.not_stored();
+                observe::record_lost(call.operation());
+                tracing::warn!(%key, record_lost = true, "the failure of an idempotent call is not recorded until its compensation finishes; a retry runs its body again");
+            }
             let landing = self
                 .settle(
                     settings,

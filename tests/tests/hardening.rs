@@ -520,3 +520,89 @@ fn a_result_not_stored_is_not_counted_as_ran() {
     assert_eq!(outcome_count(&counts, "not_stored"), 1, "{counts:?}");
     assert_eq!(outcome_count(&counts, "ran"), 0, "{counts:?}");
 }
+
+/// The memory store, but its journal cannot be read.
+struct UnreadableJournal(MemoryStore);
+
+impl Store for UnreadableJournal {
+    fn begin(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, Begin> {
+        self.0.begin(key, fingerprint, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: Key,
+        token: Token,
+        record: Record,
+        ttl: Duration,
+    ) -> StoreFuture<'_, Completion> {
+        self.0.complete(key, token, record, ttl)
+    }
+
+    fn release(&self, key: Key, token: Token) -> StoreFuture<'_, ()> {
+        self.0.release(key, token)
+    }
+
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        self.0.renew(key, token, lease)
+    }
+
+    fn steps(&self, _: Key) -> StoreFuture<'_, Vec<idem_core::store::JournaledStep>> {
+        Box::pin(async { Err(idem_test::faults::Down::error()) })
+    }
+}
+
+/// A stored failure is a failure for good, whose compensations must run
+/// first: when the journal that says which cannot be read, the failure is
+/// not recorded, and the call says so (`not_stored`, counted in
+/// `idem_records_lost_total`), not `failed`; its retry runs it again.
+#[test]
+fn a_failure_for_good_left_unrecorded_is_counted_as_not_stored() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        paused(async {
+            let idem = Idempotency::new(UnreadableJournal(MemoryStore::new()));
+            let (key, fp) = key("hardening.unreadable-journal");
+            for _ in 0..2 {
+                let runs = Arc::clone(&runs);
+                let failed: Result<u32, String> = idem
+                    .run_caching_errors(&settings(30), key, fp, |_: &String| true, async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Err("declined".to_owned())
+                    })
+                    .await;
+                assert_eq!(failed, Err("declined".to_owned()));
+            }
+        });
+    });
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "not recorded: run again");
+    let snapshot = snapshotter.snapshot().into_vec();
+    let counter = |name: &str, outcome: Option<&str>| -> u64 {
+        snapshot
+            .iter()
+            .filter(|(key, ..)| key.key().name() == name)
+            .filter(|(key, ..)| {
+                outcome.is_none_or(|o| {
+                    key.key()
+                        .labels()
+                        .any(|l| l.key() == "outcome" && l.value() == o)
+                })
+            })
+            .map(|(_, _, _, value)| match value {
+                DebugValue::Counter(n) => *n,
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(counter("idem_calls_total", Some("not_stored")), 2);
+    assert_eq!(counter("idem_calls_total", Some("failed")), 0);
+    assert_eq!(counter("idem_records_lost_total", None), 2);
+}
