@@ -27,7 +27,7 @@ use crate::key::{Fingerprint, Key};
 use crate::observe::{self, Call, Operation, Traced};
 use crate::settings::{ConfigError, OnConflict, Settings};
 use crate::steps::{Ending, Journal};
-use crate::store::{Begin, Completion, Outcome, Record, Token};
+use crate::store::{Begin, Completion, JournaledStep, Outcome, Record, Token};
 
 // Every event that says a result was (or may be) not recorded carries
 // `record_lost = true` and the key's digest, so that tests and log queries
@@ -276,8 +276,18 @@ impl Idempotency {
     {
         let mut herald = Herald(leader);
         let token = Token::random();
+        let mut journal_read = None;
         match self
-            .claim(settings, call, key, fingerprint, token, deadline, &herald)
+            .claim(
+                settings,
+                call,
+                key,
+                fingerprint,
+                token,
+                deadline,
+                &herald,
+                &mut journal_read,
+            )
             .await
         {
             Ok(None) => {}
@@ -293,7 +303,13 @@ impl Idempotency {
         herald.set_retry_at(lease.until());
         let work = async {
             let started = Instant::now();
-            let journal = Journal::new(Arc::clone(&self.shared.store), key, token, settings.ttl());
+            let journal = Journal::new(
+                Arc::clone(&self.shared.store),
+                key,
+                token,
+                settings.ttl(),
+                journal_read,
+            );
             let mut result = caught(journal.scope(body)).await;
             let took = started.elapsed();
             let mut record = match &result {
@@ -363,6 +379,8 @@ impl Idempotency {
     }
 
     /// Claims `key`: `None` once claimed, or the completed record to replay.
+    /// A call that expects steps reads its journal with the claim, into
+    /// `journal`.
     #[allow(clippy::too_many_arguments)]
     async fn claim(
         &self,
@@ -373,12 +391,23 @@ impl Idempotency {
         token: Token,
         deadline: Option<&WaitUntil>,
         herald: &Herald<'_>,
+        journal: &mut Option<Vec<JournaledStep>>,
     ) -> Result<Option<Record>, Error> {
         let store = &self.shared.store;
         let mut polls = 0;
         loop {
             call.attempt();
-            let begin = store.begin(key, fingerprint, token, settings.lease()).await;
+            let begin = if settings.expects_steps() {
+                store
+                    .begin_with_steps(key, fingerprint, token, settings.lease())
+                    .await
+                    .map(|(begun, read)| {
+                        *journal = read;
+                        begun
+                    })
+            } else {
+                store.begin(key, fingerprint, token, settings.lease()).await
+            };
             match begin {
                 Err(error) => {
                     self.clear_unknown_claim(key, token, &error);

@@ -96,6 +96,7 @@ pub struct Settings {
     on_conflict: OnConflict,
     wait_timeout: Option<Duration>,
     isolation: Option<Isolation>,
+    steps: bool,
 }
 
 impl Settings {
@@ -107,6 +108,7 @@ impl Settings {
         on_conflict: OnConflict::Wait,
         wait_timeout: None,
         isolation: None,
+        steps: false,
     };
 
     /// Starts from the defaults.
@@ -117,6 +119,7 @@ impl Settings {
             on_conflict: OnConflict::Wait,
             wait_timeout: None,
             isolation: None,
+            steps: false,
         }
     }
 
@@ -146,6 +149,13 @@ impl Settings {
         self.isolation
     }
 
+    /// Whether the body runs journaled [`step`](crate::step)s, so that the
+    /// call reads its journal together with its claim.
+    #[must_use]
+    pub const fn expects_steps(&self) -> bool {
+        self.steps
+    }
+
     /// The longest a call waits for another's result under
     /// [`OnConflict::Wait`]: the one set, or else the lease.
     #[must_use]
@@ -173,6 +183,7 @@ pub struct SettingsBuilder {
     on_conflict: OnConflict,
     wait_timeout: Option<Duration>,
     isolation: Option<Isolation>,
+    steps: bool,
 }
 
 impl SettingsBuilder {
@@ -208,6 +219,16 @@ impl SettingsBuilder {
     /// [`Isolation`]). Default: the database's.
     pub const fn isolation(mut self, isolation: Isolation) -> Self {
         self.isolation = Some(isolation);
+        self
+    }
+
+    /// Says the body runs journaled [`step`](crate::step)s: a claim then
+    /// reads the call's journal with it, in the same round trip on Redis,
+    /// so that the first step costs no round trip of its own. Without it
+    /// the journal is read when the first step runs. Default: off; the
+    /// `#[idempotent]` attribute turns it on for a body that calls `step`.
+    pub const fn expect_steps(mut self, steps: bool) -> Self {
+        self.steps = steps;
         self
     }
 
@@ -254,6 +275,7 @@ impl SettingsBuilder {
             on_conflict: self.on_conflict,
             wait_timeout: self.wait_timeout,
             isolation: self.isolation,
+            steps: self.steps,
         })
     }
 }

@@ -20,7 +20,7 @@ use tokio::task::futures::TaskLocalFuture;
 
 use crate::error::Error;
 use crate::key::Key;
-use crate::store::{Record, Store, Token};
+use crate::store::{JournaledStep, Record, Store, Token};
 
 /// The journal entry that says the call failed for good: its value is the
 /// record of that failure. Names idem journals for itself start with
@@ -154,14 +154,30 @@ pub(crate) enum Ending {
 
 impl Journal {
     /// The journal of the call that holds `key` with `token`: steps are
-    /// journaled under `key` for `ttl`.
-    pub(crate) fn new(store: Arc<dyn Store>, key: Key, token: Token, ttl: Duration) -> Arc<Self> {
+    /// journaled under `key` for `ttl`. `read` is the journal as read with
+    /// the claim, if it was; else the first step reads it.
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        key: Key,
+        token: Token,
+        ttl: Duration,
+        read: Option<Vec<JournaledStep>>,
+    ) -> Arc<Self> {
+        let done = read.map(|steps| {
+            steps
+                .into_iter()
+                .map(|step| (step.name, step.value))
+                .collect()
+        });
         Arc::new(Self {
             store,
             key,
             token,
             ttl,
-            state: Mutex::default(),
+            state: Mutex::new(State {
+                done,
+                ..State::default()
+            }),
         })
     }
 

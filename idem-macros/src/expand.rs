@@ -167,7 +167,11 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     });
     let keyed = args.key.is_some();
     let checked = args.fingerprint.as_ref().is_none_or(|f| f.value);
-    let settings_expr = settings_expr(&krate, args);
+    let body_stmts: &[syn::Stmt] = match &shape {
+        Shape::Async { .. } => &func.block.stmts,
+        Shape::AsyncTrait { stmts, .. } => stmts,
+    };
+    let settings_expr = settings_expr(&krate, args, crate::func::calls_step(body_stmts));
 
     let ret = shape.ret();
     let (ok, err) = result_types(ret);
@@ -453,7 +457,8 @@ fn result_types(ret: &Type) -> (TokenStream, TokenStream) {
 
 /// The call's settings: checked at compile time by the runtime's own rules
 /// (a `const` block) when every duration is a literal, at run time otherwise.
-fn settings_expr(krate: &Path, args: &Args) -> TokenStream {
+/// A body that calls `step` (`steps`) reads its journal with its claim.
+fn settings_expr(krate: &Path, args: &Args, steps: bool) -> TokenStream {
     let duration = |d: &Duration| match d {
         Duration::Literal { millis, span } => {
             quote_spanned!(*span=> #krate::__private::millis(#millis))
@@ -491,6 +496,9 @@ fn settings_expr(krate: &Path, args: &Args) -> TokenStream {
     if let Some(isolation) = &args.isolation {
         let variant = Ident::new(isolation.value.variant(), isolation.span);
         builder.extend(quote!(.isolation(#krate::__private::Isolation::#variant)));
+    }
+    if steps {
+        builder.extend(quote!(.expect_steps(true)));
     }
     if literal {
         quote!(const { #builder.build() })

@@ -245,3 +245,42 @@ pub(crate) fn type_text(ty: &Type) -> String {
     }
     text
 }
+
+/// Whether `stmts` call a function named `step` (`step(…)`,
+/// `idem_core::step(…)`), inside macros too: the body then runs journaled
+/// steps, and its call reads the journal with its claim. A method named
+/// `step` (`.step(…)`) or a `fn step(…)` is not such a call; a call this
+/// misses only costs its first step a round trip of its own.
+pub(crate) fn calls_step(stmts: &[Stmt]) -> bool {
+    use proc_macro2::{Delimiter, TokenStream, TokenTree};
+    use quote::ToTokens as _;
+
+    fn scan(tokens: TokenStream) -> bool {
+        let mut before: Option<TokenTree> = None;
+        let mut tokens = tokens.into_iter().peekable();
+        while let Some(token) = tokens.next() {
+            match &token {
+                TokenTree::Ident(ident) if ident == "step" => {
+                    let called = matches!(
+                        tokens.peek(),
+                        Some(TokenTree::Group(group)) if group.delimiter() == Delimiter::Parenthesis
+                    );
+                    let method_or_item = match &before {
+                        Some(TokenTree::Punct(punct)) => punct.as_char() == '.',
+                        Some(TokenTree::Ident(ident)) => ident == "fn",
+                        _ => false,
+                    };
+                    if called && !method_or_item {
+                        return true;
+                    }
+                }
+                TokenTree::Group(group) if scan(group.stream()) => return true,
+                _ => {}
+            }
+            before = Some(token);
+        }
+        false
+    }
+
+    stmts.iter().any(|stmt| scan(stmt.to_token_stream()))
+}

@@ -723,6 +723,148 @@ async fn a_stalled_holder_undoes_nothing_another_completed(store: Arc<dyn Store>
     assert_eq!(entries(&log), ["charge"], "nothing was undone");
 }
 
+/// A store that counts how its journal is read.
+struct Counting {
+    inner: Arc<dyn Store>,
+    reads: AtomicU32,
+    claims_with_steps: AtomicU32,
+}
+
+impl Store for Counting {
+    fn begin(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
+        self.inner.begin(key, fingerprint, token, lease)
+    }
+
+    fn begin_with_steps(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<
+        '_,
+        (
+            idem_core::store::Begin,
+            Option<Vec<idem_core::store::JournaledStep>>,
+        ),
+    > {
+        self.claims_with_steps.fetch_add(1, Ordering::SeqCst);
+        self.inner.begin_with_steps(key, fingerprint, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: Key,
+        token: idem_core::store::Token,
+        record: idem_core::store::Record,
+        ttl: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+        self.inner.complete(key, token, record, ttl)
+    }
+
+    fn release(
+        &self,
+        key: Key,
+        token: idem_core::store::Token,
+    ) -> idem_core::store::StoreFuture<'_, ()> {
+        self.inner.release(key, token)
+    }
+
+    fn renew(
+        &self,
+        key: Key,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, bool> {
+        self.inner.renew(key, token, lease)
+    }
+
+    fn append_step(
+        &self,
+        key: Key,
+        token: idem_core::store::Token,
+        name: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> idem_core::store::StoreFuture<'_, bool> {
+        self.inner.append_step(key, token, name, value, ttl)
+    }
+
+    fn steps(
+        &self,
+        key: Key,
+    ) -> idem_core::store::StoreFuture<'_, Vec<idem_core::store::JournaledStep>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.steps(key)
+    }
+}
+
+/// A call whose settings expect steps reads its journal with its claim:
+/// its steps never read it again, and a step an earlier attempt journaled
+/// is replayed from that read. Without the setting, the first step reads
+/// it.
+async fn a_call_expecting_steps_reads_its_journal_with_its_claim(store: Arc<dyn Store>) {
+    let counting = Arc::new(Counting {
+        inner: store,
+        reads: AtomicU32::new(0),
+        claims_with_steps: AtomicU32::new(0),
+    });
+    let idem = Idempotency::from_arc(counting.clone());
+    let fp = Fingerprint::of(&"order").unwrap();
+    let runs = AtomicU32::new(0);
+    let attempt = |settings: Settings, key: Key, fail: bool| {
+        let (idem, runs) = (idem.clone(), &runs);
+        async move {
+            idem.run(&settings, key, fp, async {
+                let first = step("reserve", async {
+                    Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst))
+                })
+                .await?;
+                if fail {
+                    return Err(Error::AttemptFailed);
+                }
+                let second = step("charge", async { Ok::<_, Error>(7_u32) }).await?;
+                Ok((first, second))
+            })
+            .await
+        }
+    };
+    let expecting = Settings::builder()
+        .lease(settings().lease())
+        .ttl(settings().ttl())
+        .expect_steps(true)
+        .build()
+        .unwrap();
+    assert!(expecting.expects_steps() && !settings().expects_steps());
+    let key = Key::new("read-with-claim", &rand::random::<u64>()).unwrap();
+    let failed = attempt(expecting, key, true).await;
+    assert!(matches!(failed, Err(Error::AttemptFailed)), "{failed:?}");
+    let resumed = attempt(expecting, key, false).await.unwrap();
+    assert_eq!(resumed, (0, 7), "the journaled step replayed from the read");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(counting.claims_with_steps.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        0,
+        "no read of its own"
+    );
+
+    let lazy = Key::new("read-at-the-step", &rand::random::<u64>()).unwrap();
+    attempt(settings(), lazy, false).await.unwrap();
+    assert_eq!(counting.claims_with_steps.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        counting.reads.load(Ordering::SeqCst),
+        1,
+        "read at the first step"
+    );
+}
+
 macro_rules! step_tests {
     ($store:expr) => {
         #[tokio::test]
@@ -796,6 +938,11 @@ macro_rules! step_tests {
         }
 
         #[tokio::test]
+        async fn a_call_expecting_steps_reads_its_journal_with_its_claim() {
+            super::a_call_expecting_steps_reads_its_journal_with_its_claim($store).await;
+        }
+
+        #[tokio::test]
         async fn a_failure_too_large_to_keep_is_compensated() {
             super::a_failure_too_large_to_keep_is_compensated($store).await;
         }
@@ -831,6 +978,35 @@ mod memory {
             }
             Ok(charge)
         }
+    }
+
+    /// The attribute reads the journal with the claim for a body that
+    /// calls `step`, and not for one that does not.
+    #[tokio::test]
+    async fn the_attribute_expects_steps_of_a_body_that_calls_step() {
+        struct Counted(Idempotency);
+        impl Counted {
+            #[idempotent(key = order, store = self.0)]
+            async fn with_steps(&self, order: u64) -> Result<u64, Error> {
+                idem_core::step("reserve", async { Ok::<_, Error>(order) }).await
+            }
+
+            #[idempotent(key = order, store = self.0)]
+            async fn without(&self, order: u64) -> Result<u64, Error> {
+                Ok(order)
+            }
+        }
+        let counting = Arc::new(super::Counting {
+            inner: Arc::new(MemoryStore::new()),
+            reads: AtomicU32::new(0),
+            claims_with_steps: AtomicU32::new(0),
+        });
+        let counted = Counted(Idempotency::from_arc(counting.clone()));
+        assert_eq!(counted.without(1).await.unwrap(), 1);
+        assert_eq!(counting.claims_with_steps.load(Ordering::SeqCst), 0);
+        assert_eq!(counted.with_steps(2).await.unwrap(), 2);
+        assert_eq!(counting.claims_with_steps.load(Ordering::SeqCst), 1);
+        assert_eq!(counting.reads.load(Ordering::SeqCst), 0);
     }
 
     /// Steps work in an `#[idempotent]` function as in `Idempotency::run`.

@@ -270,6 +270,32 @@ pub trait Store: Send + Sync {
         unsupported("steps")
     }
 
+    /// [`begin`](Store::begin), and when it claims, the steps journaled
+    /// under `key` too ([`steps`](Store::steps)), for a call whose body
+    /// runs steps ([`SettingsBuilder::expect_steps`](crate::SettingsBuilder::expect_steps)).
+    /// The steps are `None` when they were not read (journals unsupported,
+    /// or their read failed): the call then reads them at its first step.
+    ///
+    /// By default `begin`, then `steps` once claimed: two round trips. A
+    /// store that can read both in one overrides it (the Redis store sends
+    /// them as one pipeline).
+    fn begin_with_steps(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, (Begin, Option<Vec<JournaledStep>>)> {
+        Box::pin(async move {
+            let begun = self.begin(key, fingerprint, token, lease).await?;
+            let steps = match begun {
+                Begin::Claimed => self.steps(key).await.ok(),
+                _ => None,
+            };
+            Ok((begun, steps))
+        })
+    }
+
     /// A fencing epoch for `token`'s claim on `key`, if `token` still holds
     /// a live claim on `key` (`None` otherwise): a number greater than every
     /// epoch handed out for `key` before, to any claim. Epochs need not be
@@ -456,6 +482,16 @@ macro_rules! forward_store {
 
             fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
                 (**self).steps(key)
+            }
+
+            fn begin_with_steps(
+                &self,
+                key: Key,
+                fingerprint: Fingerprint,
+                token: Token,
+                lease: Duration,
+            ) -> StoreFuture<'_, (Begin, Option<Vec<JournaledStep>>)> {
+                (**self).begin_with_steps(key, fingerprint, token, lease)
             }
 
             fn epoch(&self, key: Key, token: Token, ttl: Duration) -> StoreFuture<'_, Option<u64>> {

@@ -142,6 +142,7 @@ impl Workload {
         let mut step_rng = StdRng::seed_from_u64(seed ^ 0x5354_4550_5300_0000);
         let mut http_rng = StdRng::seed_from_u64(seed ^ 0x4854_5450_0000_0000);
         let mut handler_rng = StdRng::seed_from_u64(seed ^ 0x4859_5045_5200_0000);
+        let mut read_rng = StdRng::seed_from_u64(seed ^ 0x5245_4144_0000_0000);
         let keys: Vec<KeyPlan> = (0..rng.random_range(1..=3))
             .map(|_| {
                 let steps = if step_rng.random_bool(0.35) {
@@ -182,10 +183,13 @@ impl Workload {
                 } else {
                     OnConflict::Wait
                 };
+                // Half the calls with steps read their journal with the
+                // claim, the others at their first step.
                 let mut settings = Settings::builder()
                     .lease(plan.lease)
                     .ttl(plan.ttl)
-                    .on_conflict(on_conflict);
+                    .on_conflict(on_conflict)
+                    .expect_steps(plan.steps > 0 && read_rng.random_bool(0.5));
                 if on_conflict == OnConflict::Wait && rng.random_bool(0.5) {
                     settings =
                         settings.wait_timeout(plan.lease.mul_f64(rng.random_range(0.2..2.0)));

@@ -238,6 +238,69 @@ impl RedisStore {
     }
 }
 
+/// What the answer to [`RedisStore::claim_command`] means for `token`'s
+/// claim.
+fn begun(
+    answer: Value,
+    fingerprint: Fingerprint,
+    token: Token,
+    lease: Duration,
+) -> Result<Begin, StoreError> {
+    let held = match answer {
+        Value::Nil => return Ok(Begin::Claimed),
+        Value::BulkString(bytes) => envelope::parse(bytes)?,
+        other => return Err(unexpected("begin", &other)),
+    };
+    Ok(match held {
+        Held::Claimed {
+            fingerprint: held, ..
+        }
+        | Held::Completed {
+            fingerprint: held, ..
+        } if held != fingerprint => Begin::Mismatch,
+        Held::Completed { record, .. } => Begin::Completed(record),
+        Held::Claimed { token: holder, .. } if holder == token => Begin::Claimed,
+        Held::Claimed { deadline, .. } => {
+            let left = deadline.saturating_sub(unix_millis());
+            Begin::InProgress {
+                retry_after: Duration::from_millis(left).clamp(Duration::from_millis(1), lease),
+            }
+        }
+    })
+}
+
+/// A journal read with `HGETALL`, in the order its steps were appended.
+fn journal_steps(answer: &Value) -> Result<Vec<JournaledStep>, StoreError> {
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> = match answer {
+        Value::Map(pairs) => pairs
+            .iter()
+            .map(|(name, value)| Some((bulk(name)?, bulk(value)?)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| unexpected("steps", answer))?,
+        Value::Array(items) if items.len() % 2 == 0 => items
+            .chunks(2)
+            .map(|pair| Some((bulk(&pair[0])?, bulk(&pair[1])?)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| unexpected("steps", answer))?,
+        other => return Err(unexpected("steps", other)),
+    };
+    let mut steps = Vec::with_capacity(pairs.len());
+    for (name, stored) in pairs {
+        let position = stored
+            .get(..8)
+            .and_then(|digits| std::str::from_utf8(digits).ok()?.parse::<u64>().ok());
+        let (Some(position), Ok(name)) = (position, String::from_utf8(name)) else {
+            return Err(StoreError::new(
+                StoreErrorKind::Corrupt,
+                "a step journal entry is not one idem wrote",
+            ));
+        };
+        steps.push((position, JournaledStep::new(name, stored[8..].to_vec())));
+    }
+    steps.sort_by_key(|(position, _)| *position);
+    Ok(steps.into_iter().map(|(_, step)| step).collect())
+}
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let topology = if self.inner.opener.cluster {
@@ -253,6 +316,27 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
+    /// The command that claims `key` for `token` or reads what holds it:
+    /// `SET record claim NX GET PX lease`.
+    fn claim_command(
+        &self,
+        key: &Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> redis::Cmd {
+        let claim = envelope::claim(token, fingerprint, deadline_after(lease), unix_millis());
+        let mut command = redis::cmd("SET");
+        command
+            .arg(self.record_key(key))
+            .arg(claim)
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(millis(lease));
+        command
+    }
+
     /// The claim a scanned key holds, if it holds one that says when it
     /// was made.
     async fn held_claim(
@@ -356,38 +440,54 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> StoreFuture<'_, Begin> {
         Box::pin(async move {
-            let now = unix_millis();
-            let claim = envelope::claim(token, fingerprint, deadline_after(lease), now);
-            let mut command = redis::cmd("SET");
-            command
-                .arg(self.record_key(&key))
-                .arg(claim)
-                .arg("NX")
-                .arg("GET")
-                .arg("PX")
-                .arg(millis(lease));
-            let held = match self.query("begin", &command).await? {
-                Value::Nil => return Ok(Begin::Claimed),
-                Value::BulkString(bytes) => envelope::parse(bytes)?,
+            let command = self.claim_command(&key, fingerprint, token, lease);
+            let answer = self.query("begin", &command).await?;
+            begun(answer, fingerprint, token, lease)
+        })
+    }
+
+    fn begin_with_steps(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, (Begin, Option<Vec<JournaledStep>>)> {
+        Box::pin(async move {
+            // One round trip: the claim and the journal's read as one
+            // pipeline (both keys share the record's slot). The read is
+            // wasted when the key is held or completed.
+            let mut pipeline = redis::pipe();
+            pipeline
+                .add_command(self.claim_command(&key, fingerprint, token, lease))
+                .add_command({
+                    let mut read = redis::cmd("HGETALL");
+                    read.arg(self.journal_key(&key));
+                    read
+                });
+            let pipeline = &pipeline;
+            let answer = self
+                .retrying("begin", |mut connection| async move {
+                    pipeline.query_async::<Value>(&mut connection).await
+                })
+                .await?;
+            let answers = match answer {
+                Value::Array(answers) if answers.len() == 2 => answers,
                 other => return Err(unexpected("begin", &other)),
             };
-            Ok(match held {
-                Held::Claimed {
-                    fingerprint: held, ..
-                }
-                | Held::Completed {
-                    fingerprint: held, ..
-                } if held != fingerprint => Begin::Mismatch,
-                Held::Completed { record, .. } => Begin::Completed(record),
-                Held::Claimed { token: holder, .. } if holder == token => Begin::Claimed,
-                Held::Claimed { deadline, .. } => {
-                    let left = deadline.saturating_sub(unix_millis());
-                    Begin::InProgress {
-                        retry_after: Duration::from_millis(left)
-                            .clamp(Duration::from_millis(1), lease),
-                    }
-                }
-            })
+            let mut answers = answers.into_iter();
+            let (Some(claimed), Some(journal)) = (answers.next(), answers.next()) else {
+                return Err(StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    "a pipeline of two answered fewer",
+                ));
+            };
+            let begun = begun(claimed, fingerprint, token, lease)?;
+            let steps = match begun {
+                Begin::Claimed => journal_steps(&journal).ok(),
+                _ => None,
+            };
+            Ok((begun, steps))
         })
     }
 
@@ -606,34 +706,7 @@ impl Store for RedisStore {
             let mut command = redis::cmd("HGETALL");
             command.arg(self.journal_key(&key));
             let answer = self.query("steps", &command).await?;
-            let pairs: Vec<(Vec<u8>, Vec<u8>)> = match &answer {
-                Value::Map(pairs) => pairs
-                    .iter()
-                    .map(|(name, value)| Some((bulk(name)?, bulk(value)?)))
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| unexpected("steps", &answer))?,
-                Value::Array(items) if items.len() % 2 == 0 => items
-                    .chunks(2)
-                    .map(|pair| Some((bulk(&pair[0])?, bulk(&pair[1])?)))
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| unexpected("steps", &answer))?,
-                other => return Err(unexpected("steps", other)),
-            };
-            let mut steps = Vec::with_capacity(pairs.len());
-            for (name, stored) in pairs {
-                let position = stored
-                    .get(..8)
-                    .and_then(|digits| std::str::from_utf8(digits).ok()?.parse::<u64>().ok());
-                let (Some(position), Ok(name)) = (position, String::from_utf8(name)) else {
-                    return Err(StoreError::new(
-                        StoreErrorKind::Corrupt,
-                        "a step journal entry is not one idem wrote",
-                    ));
-                };
-                steps.push((position, JournaledStep::new(name, stored[8..].to_vec())));
-            }
-            steps.sort_by_key(|(position, _)| *position);
-            Ok(steps.into_iter().map(|(_, step)| step).collect())
+            journal_steps(&answer)
         })
     }
 
