@@ -229,6 +229,39 @@ impl Flaky {
     }
 
     /// Runs `call` as `fault` (if any) has it.
+    /// A `begin` (`call`, whose answer's [`Begin`] `begun` picks out),
+    /// counted and faulted as [`Op::Begin`]; while a lagging holder's clock
+    /// window lasts, a held key's remaining lease reads as a millisecond.
+    fn faulted_begin<T: Send + 'static>(
+        &self,
+        key: Key,
+        begun: fn(&mut T) -> &mut Begin,
+        call: impl FnOnce(&dyn Store) -> StoreFuture<'_, T> + Send + 'static,
+    ) -> StoreFuture<'_, T> {
+        *lock(&self.begins).entry(key).or_default() += 1;
+        let fault = self.next_fault(Op::Begin, key);
+        let begin = self.apply(fault, Op::Begin, call);
+        if let Some(Fault::ClockLag(window)) = fault {
+            lock(&self.lags).insert(key, Instant::now() + window);
+        }
+        let lags = lock(&self.lags)
+            .get(&key)
+            .is_some_and(|until| Instant::now() < *until);
+        if !lags {
+            return begin;
+        }
+        Box::pin(async move {
+            let mut answer = begin.await?;
+            let held = begun(&mut answer);
+            if let Begin::InProgress { .. } = held {
+                *held = Begin::InProgress {
+                    retry_after: Duration::from_millis(1),
+                };
+            }
+            Ok(answer)
+        })
+    }
+
     fn apply<'a, T: Send + 'static>(
         &'a self,
         fault: Option<Fault>,
@@ -293,28 +326,28 @@ impl Store for Flaky {
         token: Token,
         lease: Duration,
     ) -> StoreFuture<'_, Begin> {
-        *lock(&self.begins).entry(key).or_default() += 1;
-        let fault = self.next_fault(Op::Begin, key);
-        let begin = self.apply(fault, Op::Begin, move |store| {
-            store.begin(key, fingerprint, token, lease)
-        });
-        if let Some(Fault::ClockLag(window)) = fault {
-            lock(&self.lags).insert(key, Instant::now() + window);
-        }
-        let lags = lock(&self.lags)
-            .get(&key)
-            .is_some_and(|until| Instant::now() < *until);
-        if !lags {
-            return begin;
-        }
-        Box::pin(async move {
-            match begin.await? {
-                Begin::InProgress { .. } => Ok(Begin::InProgress {
-                    retry_after: Duration::from_millis(1),
-                }),
-                other => Ok(other),
-            }
-        })
+        self.faulted_begin(
+            key,
+            |begun| begun,
+            move |store| store.begin(key, fingerprint, token, lease),
+        )
+    }
+
+    /// Faulted as [`begin`](Store::begin) is (one operation, [`Op::Begin`]),
+    /// so that a store's own way of reading the journal with the claim (one
+    /// Redis pipeline) runs under the faults too.
+    fn begin_with_steps(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, (Begin, Option<Vec<JournaledStep>>)> {
+        self.faulted_begin(
+            key,
+            |(begun, _)| begun,
+            move |store| store.begin_with_steps(key, fingerprint, token, lease),
+        )
     }
 
     fn complete(
