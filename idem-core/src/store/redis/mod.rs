@@ -454,9 +454,21 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> StoreFuture<'_, (Begin, Option<Vec<JournaledStep>>)> {
         Box::pin(async move {
+            if self.inner.opener.cluster {
+                // Not as a pipeline on a cluster: while the slot migrates, a
+                // journal not yet moved answers ASK, and the client resends
+                // the whole pipeline to the importing node, where the claim
+                // would be made beside the one the old node still holds.
+                let begun = self.begin(key, fingerprint, token, lease).await?;
+                let steps = match begun {
+                    Begin::Claimed => self.steps(key).await.ok(),
+                    _ => None,
+                };
+                return Ok((begun, steps));
+            }
             // One round trip: the claim and the journal's read as one
-            // pipeline (both keys share the record's slot). The read is
-            // wasted when the key is held or completed.
+            // pipeline. The read is wasted when the key is held or
+            // completed.
             let mut pipeline = redis::pipe();
             pipeline
                 .add_command(self.claim_command(&key, fingerprint, token, lease))
