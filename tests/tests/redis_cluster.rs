@@ -249,3 +249,52 @@ async fn the_runbook_works_while_a_slot_migrates() {
         .expect("the scan follows redirections");
     assert!(claims.iter().any(|claim| claim.key == key), "{claims:?}");
 }
+
+/// A claim that also reads the journal (`begin_with_steps`), made while
+/// the claim's slot migrates with the claim still on its old node and no
+/// journal anywhere: the second claimant sees the claim in progress, and
+/// nothing is claimed on the importing node (a pipeline whose journal read
+/// was redirected with `ASK` would have been resent whole there).
+#[tokio::test]
+async fn a_claim_reading_the_journal_mid_migration_sees_the_old_nodes_claim() {
+    let cluster = RedisCluster::start();
+    let store = connect(&cluster).await;
+    let (key, fp) = fresh("migrating-journal");
+    let first = store
+        .begin(key, fp, Token::random(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(first, Begin::Claimed));
+    let record_key = store.record_key(&key);
+    let primaries = cluster.primaries();
+    let slot = primaries[0]
+        .cli(&["CLUSTER", "KEYSLOT", &record_key])
+        .trim()
+        .to_owned();
+    let count = |node: &RedisServer| -> u64 {
+        node.cli(&["CLUSTER", "COUNTKEYSINSLOT", &slot])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let source = *primaries
+        .iter()
+        .find(|node| count(node) == 1)
+        .expect("the claim's node");
+    let target = *primaries
+        .iter()
+        .find(|node| node.port() != source.port())
+        .unwrap();
+    let id = |node: &RedisServer| node.cli(&["CLUSTER", "MYID"]).trim().to_owned();
+    let (source_id, target_id) = (id(source), id(target));
+    target.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]);
+    source.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]);
+
+    let (second, steps) = store
+        .begin_with_steps(key, fp, Token::random(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(matches!(second, Begin::InProgress { .. }), "{second:?}");
+    assert!(steps.is_none());
+    assert_eq!(count(target), 0, "nothing claimed on the importing node");
+}

@@ -279,8 +279,7 @@ pub trait Store: Send + Sync {
     /// By default `begin`, then `steps` once claimed: two round trips. A
     /// store that can read both in one overrides it (the Redis store sends
     /// them as one pipeline to a node; on a cluster it claims, then reads,
-    /// since a pipeline redirected mid-migration would claim on the
-    /// importing node).
+    /// since a pipeline redirected mid-migration fails).
     fn begin_with_steps(
         &self,
         key: Key,

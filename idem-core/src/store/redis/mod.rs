@@ -456,9 +456,9 @@ impl Store for RedisStore {
         Box::pin(async move {
             if self.inner.opener.cluster {
                 // Not as a pipeline on a cluster: while the slot migrates, a
-                // journal not yet moved answers ASK, and the client resends
-                // the whole pipeline to the importing node, where the claim
-                // would be made beside the one the old node still holds.
+                // journal not on the old node answers ASK, which the client
+                // does not follow inside a pipeline, so the claim would fail
+                // for as long as the migration lasts.
                 let begun = self.begin(key, fingerprint, token, lease).await?;
                 let steps = match begun {
                     Begin::Claimed => self.steps(key).await.ok(),
