@@ -317,12 +317,14 @@ pub(crate) struct Ran {
 static RUNS: AtomicU64 = AtomicU64::new(1);
 
 /// Runs `workload` on `store`, faulted as `schedule` says, and records its
-/// history; answers whether outcomes were captured.
+/// history; answers whether outcomes were captured. A key still claimed
+/// past every lease is looked at again for `grace`.
 pub(crate) async fn run(
     store: Arc<dyn Store>,
     workload: &Workload,
     schedule: Schedule,
     outcomes: bool,
+    grace: Duration,
 ) -> Ran {
     quiet_body_panics();
     let checker_run = RUNS.fetch_add(1, Ordering::Relaxed);
@@ -436,11 +438,22 @@ pub(crate) async fn run(
     // Past every lease (and the background retries of recordings): no key
     // may stay claimed.
     tokio::time::sleep(workload.longest_lease() * 2).await;
+    // On a real network the store's client may hold a dropped call's claim
+    // and send it late (following redirections, retrying `TRYAGAIN`): its
+    // lease runs from when it lands. Such a claim is given `grace` more.
+    let grace_until = Instant::now() + grace;
     let mut still_claimed = Vec::new();
-    for (k, key) in keys.iter().enumerate() {
-        if let Ok(Inspection::InProgress { .. }) = flaky.inspect(*key).await {
-            still_claimed.push(k);
+    loop {
+        still_claimed.clear();
+        for (k, key) in keys.iter().enumerate() {
+            if let Ok(Inspection::InProgress { .. }) = flaky.inspect(*key).await {
+                still_claimed.push(k);
+            }
         }
+        if still_claimed.is_empty() || Instant::now() >= grace_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if outcomes {
         for (call, outcome) in super::outcomes::take(checker_run) {
