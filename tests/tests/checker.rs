@@ -658,7 +658,8 @@ fn the_broker_check_catches_a_store_that_grants_every_claim() {
             .err()
     });
     let violation = caught.expect("a violation within 200 seeds");
-    assert!(violation.contains("succeeded 2 times"), "{violation}");
+    // More than once (the redeliveries' order decides how often).
+    assert!(violation.contains("handler succeeded"), "{violation}");
 }
 
 /// The retrying client against the HTTP layer over a network that loses
@@ -769,7 +770,8 @@ fn the_client_check_catches_a_store_that_keeps_nothing() {
             .err()
     });
     let violation = caught.expect("a violation within 200 seeds");
-    assert!(violation.contains("was done 2 times"), "{violation}");
+    // Done more than once (the retries' jittered pauses decide how often).
+    assert!(violation.contains("was done"), "{violation}");
 }
 
 /// PostgreSQL's transactional mode, checked against the rows the bodies
