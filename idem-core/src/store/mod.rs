@@ -287,14 +287,7 @@ pub trait Store: Send + Sync {
         token: Token,
         lease: Duration,
     ) -> StoreFuture<'_, (Begin, Option<Vec<JournaledStep>>)> {
-        Box::pin(async move {
-            let begun = self.begin(key, fingerprint, token, lease).await?;
-            let steps = match begun {
-                Begin::Claimed => self.steps(key).await.ok(),
-                _ => None,
-            };
-            Ok((begun, steps))
-        })
+        Box::pin(begin_then_read_steps(self, key, fingerprint, token, lease))
     }
 
     /// A fencing epoch for `token`'s claim on `key`, if `token` still holds
@@ -371,6 +364,25 @@ pub enum Inspection {
         /// The payload's size in bytes.
         size: usize,
     },
+}
+
+/// [`Store::begin`], then, once claimed, [`Store::steps`]: two round trips,
+/// the steps `None` when their read failed. What
+/// [`Store::begin_with_steps`] does by default, and a store that overrides
+/// it falls back to where one round trip would not do.
+pub(crate) async fn begin_then_read_steps<S: Store + ?Sized>(
+    store: &S,
+    key: Key,
+    fingerprint: Fingerprint,
+    token: Token,
+    lease: Duration,
+) -> Result<(Begin, Option<Vec<JournaledStep>>), StoreError> {
+    let begun = store.begin(key, fingerprint, token, lease).await?;
+    let steps = match begun {
+        Begin::Claimed => store.steps(key).await.ok(),
+        _ => None,
+    };
+    Ok((begun, steps))
 }
 
 /// One completed step of a multi-step call, as [`Store::steps`] reads it.

@@ -459,12 +459,7 @@ impl Store for RedisStore {
                 // journal not on the old node answers ASK, which the client
                 // does not follow inside a pipeline, so the claim would fail
                 // for as long as the migration lasts.
-                let begun = self.begin(key, fingerprint, token, lease).await?;
-                let steps = match begun {
-                    Begin::Claimed => self.steps(key).await.ok(),
-                    _ => None,
-                };
-                return Ok((begun, steps));
+                return super::begin_then_read_steps(self, key, fingerprint, token, lease).await;
             }
             // One round trip: the claim and the journal's read as one
             // pipeline. The read is wasted when the key is held or
