@@ -209,20 +209,22 @@ mod postgres_breaking_connections {
 mod redis_cluster {
     use super::*;
     use idem_core::RedisStore;
-    use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisServer, shared_cluster};
+    use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisCluster, RedisServer, shared_cluster};
 
     pub(crate) struct Cluster;
 
+    /// The checker's store on `cluster`.
+    pub(crate) async fn connect(cluster: &RedisCluster) -> RedisStore {
+        RedisStore::cluster(cluster.nodes.iter().map(RedisServer::url))
+            .response_timeout(RESPONSE_TIMEOUT)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", cluster.url()))
+    }
+
     impl Backend for Cluster {
         async fn store(&self) -> Arc<dyn Store> {
-            let cluster = shared_cluster();
-            Arc::new(
-                RedisStore::cluster(cluster.nodes.iter().map(RedisServer::url))
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .connect()
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to {}: {e}", cluster.url())),
-            )
+            Arc::new(connect(shared_cluster()).await)
         }
 
         fn timing(&self) -> Timing {
@@ -243,8 +245,7 @@ mod redis_cluster {
 #[cfg(feature = "redis")]
 mod redis_cluster_resharding {
     use super::*;
-    use idem_core::RedisStore;
-    use idem_test::redis_server::{RESPONSE_TIMEOUT, RedisCluster, RedisServer};
+    use idem_test::redis_server::RedisCluster;
     use std::sync::OnceLock;
 
     /// The cluster of this backend alone.
@@ -295,14 +296,7 @@ mod redis_cluster_resharding {
 
     impl Backend for Resharded {
         async fn store(&self) -> Arc<dyn Store> {
-            let cluster = cluster();
-            Arc::new(
-                RedisStore::cluster(cluster.nodes.iter().map(RedisServer::url))
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .connect()
-                    .await
-                    .unwrap_or_else(|e| panic!("connect to {}: {e}", cluster.url())),
-            )
+            Arc::new(super::redis_cluster::connect(cluster()).await)
         }
 
         fn timing(&self) -> Timing {
