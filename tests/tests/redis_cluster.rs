@@ -187,6 +187,42 @@ async fn a_cluster_with_an_evicting_primary_is_refused() {
         .expect("accepted when told");
 }
 
+/// Starts moving the slot of `record_key` (the one key in it) from the
+/// primary that holds it to another: marked importing on the target and
+/// migrating on the source, no key moved yet. Answers the slot, the source
+/// and the target.
+fn start_migrating<'c>(
+    cluster: &'c RedisCluster,
+    record_key: &str,
+) -> (String, &'c RedisServer, &'c RedisServer) {
+    let primaries = cluster.primaries();
+    let slot = primaries[0]
+        .cli(&["CLUSTER", "KEYSLOT", record_key])
+        .trim()
+        .to_owned();
+    let source = *primaries
+        .iter()
+        .find(|node| count_keys(node, &slot) == 1)
+        .expect("the claim's node");
+    let target = *primaries
+        .iter()
+        .find(|node| node.port() != source.port())
+        .unwrap();
+    let id = |node: &RedisServer| node.cli(&["CLUSTER", "MYID"]).trim().to_owned();
+    let (source_id, target_id) = (id(source), id(target));
+    target.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]);
+    source.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]);
+    (slot, source, target)
+}
+
+/// The keys `node` holds in `slot`.
+fn count_keys(node: &RedisServer, slot: &str) -> u64 {
+    node.cli(&["CLUSTER", "COUNTKEYSINSLOT", slot])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// The stuck-key runbook during a reshard: while a claim's slot migrates
 /// (the claim already moved to the importing node, so its old node answers
 /// `ASK`), `inspect` and `claims_older_than` follow the redirection and
@@ -202,29 +238,7 @@ async fn the_runbook_works_while_a_slot_migrates() {
         .unwrap();
     assert!(matches!(claimed, Begin::Claimed));
     let record_key = store.record_key(&key);
-    let primaries = cluster.primaries();
-    let slot = primaries[0]
-        .cli(&["CLUSTER", "KEYSLOT", &record_key])
-        .trim()
-        .to_owned();
-    let count = |node: &RedisServer| -> u64 {
-        node.cli(&["CLUSTER", "COUNTKEYSINSLOT", &slot])
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let source = *primaries
-        .iter()
-        .find(|node| count(node) == 1)
-        .expect("the claim's node");
-    let target = *primaries
-        .iter()
-        .find(|node| node.port() != source.port())
-        .unwrap();
-    let id = |node: &RedisServer| node.cli(&["CLUSTER", "MYID"]).trim().to_owned();
-    let (source_id, target_id) = (id(source), id(target));
-    target.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]);
-    source.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]);
+    let (_, source, target) = start_migrating(&cluster, &record_key);
     let port = target.port().to_string();
     let moved = source.cli(&[
         "MIGRATE",
@@ -266,29 +280,7 @@ async fn a_claim_reading_the_journal_mid_migration_sees_the_old_nodes_claim() {
         .unwrap();
     assert!(matches!(first, Begin::Claimed));
     let record_key = store.record_key(&key);
-    let primaries = cluster.primaries();
-    let slot = primaries[0]
-        .cli(&["CLUSTER", "KEYSLOT", &record_key])
-        .trim()
-        .to_owned();
-    let count = |node: &RedisServer| -> u64 {
-        node.cli(&["CLUSTER", "COUNTKEYSINSLOT", &slot])
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let source = *primaries
-        .iter()
-        .find(|node| count(node) == 1)
-        .expect("the claim's node");
-    let target = *primaries
-        .iter()
-        .find(|node| node.port() != source.port())
-        .unwrap();
-    let id = |node: &RedisServer| node.cli(&["CLUSTER", "MYID"]).trim().to_owned();
-    let (source_id, target_id) = (id(source), id(target));
-    target.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]);
-    source.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]);
+    let (slot, _, target) = start_migrating(&cluster, &record_key);
 
     let (second, steps) = store
         .begin_with_steps(key, fp, Token::random(), Duration::from_secs(60))
@@ -296,5 +288,9 @@ async fn a_claim_reading_the_journal_mid_migration_sees_the_old_nodes_claim() {
         .unwrap();
     assert!(matches!(second, Begin::InProgress { .. }), "{second:?}");
     assert!(steps.is_none());
-    assert_eq!(count(target), 0, "nothing claimed on the importing node");
+    assert_eq!(
+        count_keys(target, &slot),
+        0,
+        "nothing claimed on the importing node"
+    );
 }
