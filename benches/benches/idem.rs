@@ -31,6 +31,8 @@ use idempotent::store::{IdempotencyStore, InsertResult};
 use redis::aio::ConnectionManager;
 use sha2::{Digest as _, Sha256};
 
+mod edges;
+
 const SEQUENTIAL: u64 = 4_000;
 const ROUNDS: u64 = 8;
 const TASKS: u64 = 64;
@@ -932,9 +934,21 @@ async fn main() {
         markdown: String::new(),
         bars: Vec::new(),
     };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/idem-bench");
+    std::fs::create_dir_all(&dir).expect("the report directory");
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "edges") {
+        // `cargo bench -p benches -- edges [transactional] [http] [consumer]`:
+        // the edges' tables alone.
+        edges::figures(&mut report, &args).await;
+        std::fs::write(dir.join("edges.md"), &report.markdown).expect("the report");
+        println!("written to {}", dir.display());
+        return;
+    }
     let memory_storm = memory_figures(&mut report).await;
     let redis_storm = redis_figures(&mut report).await;
     postgres_figures(&mut report).await;
+    edges::figures(&mut report, &[]).await;
     let mut storms = Table::new(&[
         "1000 same-key callers",
         "executions",
@@ -951,8 +965,6 @@ async fn main() {
     );
     footprint_and_fingerprints(&mut report).await;
 
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/idem-bench");
-    std::fs::create_dir_all(&dir).expect("the report directory");
     std::fs::write(dir.join("report.md"), &report.markdown).expect("the report");
     std::fs::write(
         dir.join("redis-latency.svg"),
