@@ -31,6 +31,11 @@ pub(crate) trait ResultCodec<T, E> {
     fn awaits_record(&self) -> bool {
         false
     }
+    /// Told, after the body ran and its outcome went to the store, whether
+    /// the store confirmed it: the result stored, or the claim of an
+    /// unkept error released. With [`awaits_record`](Self::awaits_record),
+    /// after the retries of an answer that was lost.
+    fn recorded(&self, _confirmed: bool) {}
     /// The type tag of records holding a `T`.
     fn ok_tag(&self) -> u64 {
         type_tag::<T>()
@@ -99,6 +104,10 @@ impl<T, E, C: ResultCodec<T, E> + ?Sized> ResultCodec<T, E> for &mut C {
 
     fn awaits_record(&self) -> bool {
         (**self).awaits_record()
+    }
+
+    fn recorded(&self, confirmed: bool) {
+        (**self).recorded(confirmed);
     }
 
     fn ok_tag(&self) -> u64 {

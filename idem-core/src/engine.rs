@@ -354,7 +354,7 @@ impl Idempotency {
                 observe::record_lost(call.operation());
                 tracing::warn!(%key, record_lost = true, "the failure of an idempotent call is not recorded until its compensation finishes; a retry runs its body again");
             }
-            let landing = self
+            let (landing, confirmed) = self
                 .settle(
                     settings,
                     call,
@@ -365,6 +365,7 @@ impl Idempotency {
                     codec.awaits_record(),
                 )
                 .await;
+            codec.recorded(confirmed);
             (result, landing)
         };
         // Boxed: a replay never gets here, and every call's future (moved
@@ -487,7 +488,10 @@ impl Idempotency {
     /// meanwhile, while the lease as it stood when the body returned allows:
     /// the operations are fenced and safe to repeat, and one lost answer must
     /// not lose a result (or lock a key out for a lease). The caller does not
-    /// wait for those retries.
+    /// wait for those retries, unless `awaited`.
+    ///
+    /// Also answers whether the store confirmed the outcome (after the
+    /// retries, when `awaited`).
     #[allow(clippy::too_many_arguments)]
     async fn settle(
         &self,
@@ -498,8 +502,9 @@ impl Idempotency {
         lease: &Lease,
         record: Option<Record>,
         awaited: bool,
-    ) -> Landing {
+    ) -> (Landing, bool) {
         let operation = call.operation();
+        let mut confirmed = false;
         // Whether the claim was no longer ours: another call may have run and
         // stored its own result, so followers must not get this one.
         let mut stale = false;
@@ -521,7 +526,7 @@ impl Idempotency {
             // of the last argument for a while) and be refused again.
             let refused = refused.into_inner();
             match recorded {
-                Ok(Completion::Stored) => {}
+                Ok(Completion::Stored) => confirmed = true,
                 Ok(Completion::Lost) => {
                     stale = true;
                     if record.is_some() {
@@ -533,7 +538,7 @@ impl Idempotency {
                 Err(error) if retryable(&error) && awaited => {
                     tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
                     observe::record_retried(operation);
-                    Box::pin(self.clone().record_retrying(
+                    confirmed = Box::pin(self.clone().record_retrying(
                         *settings,
                         operation.clone(),
                         key,
@@ -564,12 +569,13 @@ impl Idempotency {
                 }
             }
         }
-        match record {
+        let landing = match record {
             // Followers contend again, and replay what the store holds.
             Some(_) if stale => Landing::Vacated,
             Some(record) => Landing::Record(record),
             None => Landing::Failed(Error::AttemptFailed),
-        }
+        };
+        (landing, confirmed)
     }
 
     /// Completes the claim with `record` (or, when the store refuses it as
@@ -653,7 +659,8 @@ impl Idempotency {
     }
 
     /// Retries [`record`](Self::record), renewing the claim meanwhile, until
-    /// it succeeds or the lease (as it stands now) runs out.
+    /// it succeeds or the lease (as it stands now) runs out. Answers whether
+    /// it succeeded.
     #[allow(clippy::too_many_arguments)]
     async fn record_retrying(
         self,
@@ -664,7 +671,7 @@ impl Idempotency {
         lease: Lease,
         record: Option<Record>,
         refused: bool,
-    ) {
+    ) -> bool {
         let until = lease.until();
         let refused = AtomicBool::new(refused);
         let attempts = retrying(key, until, &lease, || {
@@ -676,14 +683,17 @@ impl Idempotency {
         match recorded {
             Ok(Completion::Stored) => {
                 tracing::info!(%key, "recorded the outcome of an idempotent call after retrying");
+                true
             }
             Ok(Completion::Lost) => {
                 observe::record_lost(&operation);
                 tracing::warn!(%key, record_lost = true, "an idempotency claim lapsed before its outcome could be recorded");
+                false
             }
             Err(error) => {
                 observe::record_lost(&operation);
                 tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
+                false
             }
         }
     }

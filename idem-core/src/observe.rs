@@ -469,6 +469,10 @@ impl<T, E, C: ResultCodec<T, E>> ResultCodec<T, E> for Traced<'_, C> {
     fn awaits_record(&self) -> bool {
         self.inner.awaits_record()
     }
+
+    fn recorded(&self, confirmed: bool) {
+        self.inner.recorded(confirmed);
+    }
 }
 
 impl fmt::Debug for Call {

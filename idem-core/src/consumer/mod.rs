@@ -108,7 +108,6 @@ use sha2::{Digest as _, Sha256};
 
 use crate::codec::ResultCodec;
 use crate::observe::Operation;
-use crate::store::{Inspection, StoreErrorKind};
 use crate::{Error, Fingerprint, Idempotency, Key, Settings};
 
 /// A message as a handler sees it: its id, payload and delivery count.
@@ -607,7 +606,7 @@ impl Consumer {
             Err(error) => return self.not_run(error, deliveries),
         };
         let fingerprint = Fingerprint::from_digest(Sha256::digest(delivery.payload()).into());
-        let ran = AtomicBool::new(false);
+        let (ran, recorded) = (AtomicBool::new(false), AtomicBool::new(false));
         let last = deliveries >= self.max_deliveries;
         let body = async {
             ran.store(true, Ordering::Relaxed);
@@ -645,46 +644,33 @@ impl Consumer {
                 key,
                 fingerprint,
                 body,
-                ConsumerCodec,
+                ConsumerCodec {
+                    recorded: &recorded,
+                },
             )
             .await;
         let ran = ran.load(Ordering::Relaxed);
         match result {
-            Ok(value) if ran => match self.idem.inspect(key).await {
-                // A store that cannot inspect (one written before
-                // `inspect`) cannot say: its outcome is taken as recorded.
-                Ok(Inspection::Completed { .. }) => Outcome {
-                    handled: Handled::Ran(value),
-                    disposition: Disposition::Ack,
-                },
-                Err(Error::Store(error)) if error.kind() == StoreErrorKind::Unsupported => {
-                    Outcome {
-                        handled: Handled::Ran(value),
-                        disposition: Disposition::Ack,
-                    }
-                }
-                inspected => {
-                    // Acknowledging it would let a message whose outcome is
-                    // not recorded go; the redelivery replays it if the
-                    // record landed after all.
-                    self.counters.unrecorded.fetch_add(1, Ordering::Relaxed);
-                    let state = match inspected {
-                        Ok(inspection) => format!("{inspection:?}"),
-                        Err(error) => error.to_string(),
-                    };
-                    tracing::error!(
-                        %key,
-                        %state,
-                        "idem: a message's handler ran but its outcome was not recorded; nak'ing it instead of acknowledging it"
-                    );
-                    Outcome {
-                        handled: Handled::Ran(value),
-                        disposition: Disposition::Nak {
-                            delay: self.backoff_after(deliveries),
-                        },
-                    }
-                }
+            Ok(value) if ran && recorded.load(Ordering::Relaxed) => Outcome {
+                handled: Handled::Ran(value),
+                disposition: Disposition::Ack,
             },
+            Ok(value) if ran => {
+                // Acknowledging it would let a message whose outcome is not
+                // recorded go; the redelivery replays it if the record landed
+                // after all.
+                self.counters.unrecorded.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    %key,
+                    "idem: a message's handler ran but the store did not confirm its outcome; nak'ing it instead of acknowledging it"
+                );
+                Outcome {
+                    handled: Handled::Ran(value),
+                    disposition: Disposition::Nak {
+                        delay: self.backoff_after(deliveries),
+                    },
+                }
+            }
             Ok(value) => Outcome {
                 handled: Handled::Replayed(value),
                 disposition: Disposition::Ack,
@@ -951,10 +937,12 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 
 /// The codec of a message's call: serde for `T`, errors never stored, and
 /// the outcome recorded before the call returns, so that the message is
-/// acknowledged only after.
-struct ConsumerCodec;
+/// acknowledged only after; `recorded` is set when the store confirmed it.
+struct ConsumerCodec<'a> {
+    recorded: &'a AtomicBool,
+}
 
-impl<T: Serialize + DeserializeOwned> ResultCodec<T, Failure> for ConsumerCodec {
+impl<T: Serialize + DeserializeOwned> ResultCodec<T, Failure> for ConsumerCodec<'_> {
     fn encode_ok(&self, value: &T) -> serde_json::Result<Vec<u8>> {
         serde_json::to_vec(value)
     }
@@ -984,6 +972,10 @@ impl<T: Serialize + DeserializeOwned> ResultCodec<T, Failure> for ConsumerCodec 
 
     fn awaits_record(&self) -> bool {
         true
+    }
+
+    fn recorded(&self, confirmed: bool) {
+        self.recorded.store(confirmed, Ordering::Relaxed);
     }
 }
 

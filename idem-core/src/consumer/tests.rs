@@ -683,3 +683,59 @@ async fn a_store_that_cannot_inspect_still_gets_its_messages_acknowledged() {
     assert_eq!(effects.runs("m1"), 1);
     assert_eq!(consumer.stats().unrecorded, 0);
 }
+
+/// A memory store that counts the operations it is asked for.
+#[derive(Default)]
+struct Counting(crate::MemoryStore, std::sync::atomic::AtomicU32);
+
+impl Counting {
+    fn count(&self) {
+        self.1.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Store for Counting {
+    fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+        self.count();
+        self.0.begin(k, f, t, l)
+    }
+    fn complete(&self, k: Key, t: Token, r: Record, ttl: Duration) -> StoreFuture<'_, Completion> {
+        self.count();
+        self.0.complete(k, t, r, ttl)
+    }
+    fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+        self.count();
+        self.0.release(k, t)
+    }
+    fn renew(&self, k: Key, t: Token, l: Duration) -> StoreFuture<'_, bool> {
+        self.count();
+        self.0.renew(k, t, l)
+    }
+    fn inspect(&self, k: Key) -> StoreFuture<'_, crate::store::Inspection> {
+        self.count();
+        self.0.inspect(k)
+    }
+}
+
+#[tokio::test]
+async fn a_message_costs_the_store_a_claim_and_a_record_and_a_redelivery_one_claim() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let store = Arc::new(Counting::default());
+    let consumer = Consumer::new(Idempotency::new(Arc::clone(&store)), "orders").heartbeat(None);
+    for (delivery, operations) in [(1, 2), (2, 3)] {
+        consumer
+            .handle(&message(&broker, "m1", b"abc", delivery), |d| {
+                effects.apply(d)
+            })
+            .await
+            .unwrap();
+        // The first delivery: begin and complete; the second: a begin that
+        // replays.
+        assert_eq!(store.1.load(Ordering::Relaxed), operations);
+    }
+    assert_eq!(
+        broker.told(),
+        [("m1".into(), Told::Ack), ("m1".into(), Told::Ack)]
+    );
+    assert_eq!(effects.runs("m1"), 1);
+}
