@@ -29,8 +29,11 @@
 //! # }
 //! ```
 //!
-//! A message is acknowledged (`+ACK`, waiting for the server's
-//! confirmation) once its outcome is recorded; nak'ed with a delay
+//! A message is acknowledged (`+ACK`) once its outcome is recorded,
+//! without waiting for the server to confirm the acknowledgement: one lost
+//! on the way only means a redelivery, which is replayed and acknowledged
+//! again, and waiting for each confirmation cost half of a consumer's
+//! throughput. It is nak'ed with a delay
 //! (`-NAK {"delay": …}`) to be redelivered; dead-lettered by publishing it,
 //! with its headers and `Idem-Dead-Letter-Reason`, `Idem-Original-Subject`
 //! and `Idem-Stream-Sequence`, to the [dead-letter
@@ -367,7 +370,9 @@ impl Message for JetStreamMessage {
     }
 
     async fn ack(&self) -> Result<(), AckError> {
-        self.message.double_ack().await
+        // Not `double_ack`: the outcome is recorded, so a lost `+ACK` costs a
+        // replay, not a second run.
+        self.message.ack().await
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), AckError> {
