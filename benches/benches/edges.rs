@@ -497,7 +497,7 @@ async fn transactional_figures(report: &mut Report) {
     report.section(
         "Transactional PostgreSQL, 1 task: the body's `INSERT` with idem's record in its transaction",
         &table,
-        "idem's first run: a read of the committed record outside a transaction, `BEGIN`, the advisory lock (with the idle limit), the claim, the body's `INSERT`, the record, `COMMIT`: seven round trips. The hand-written sequence: `BEGIN`, the claim (`INSERT … ON CONFLICT DO NOTHING`), the `INSERT`, the record, `COMMIT`: five, without a lock for waiting duplicates, a lease or an argument check. A replay is one statement for idem, four for the hand-written one.",
+        "idem's first run: `BEGIN` with the key's advisory lock and the idle limit, the claim, the body's `INSERT`, the record, `COMMIT`: five round trips, as many as the hand-written sequence (`BEGIN`, the claim as `INSERT … ON CONFLICT DO NOTHING`, the `INSERT`, the record, `COMMIT`), which has no lock for waiting duplicates, no lease and no argument check. A replay is two round trips for idem (its transaction, which wrote nothing, is rolled back as the connection goes back to the pool), four for the hand-written one.",
     );
 }
 

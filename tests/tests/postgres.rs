@@ -725,6 +725,52 @@ async fn a_restarted_server_fails_closed_then_recovers() {
     );
 }
 
+/// A transactional first run is five round trips: `BEGIN` with the key's
+/// advisory lock, the claim, the body's statement, the record, `COMMIT`. A
+/// replay is two (`BEGIN` with the lock, and the claim, which reads the
+/// record); its transaction, which wrote nothing, is rolled back as its
+/// connection goes back to the pool.
+#[tokio::test]
+async fn a_transactional_call_is_five_round_trips_and_its_replay_two() {
+    let server = PostgresServer::start_with(&["log_statement=all"]);
+    let store = PostgresStore::builder(server.url())
+        .table("transactional_round_trips")
+        .purge_interval(Duration::from_secs(3600))
+        .connect()
+        .await
+        .unwrap();
+    let key = Key::new("round-trips", "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let call = || {
+        store.run_in_transaction(&Settings::DEFAULT, key, fp, |tx| {
+            Box::pin(async move {
+                let one: i32 = sqlx::query_scalar("SELECT 1")
+                    .fetch_one(tx)
+                    .await
+                    .map_err(ChargeError::from)?;
+                Ok::<_, ChargeError>(one)
+            })
+        })
+    };
+    let (_, mark) = statements_since(&server, 0);
+    assert_eq!(call().await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (first, mark) = statements_since(&server, mark);
+    assert_eq!(first, 5, "{}", &server.log()[mark - 2000.min(mark)..]);
+    let log_before = server.log().len();
+    assert_eq!(call().await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (replay, _) = statements_since(&server, mark);
+    let log = &server.log()[log_before..];
+    assert_eq!(replay, 3, "{log}");
+    let last = log
+        .lines()
+        .filter(|line| line.contains("LOG:  execute ") || line.contains("LOG:  statement: "))
+        .next_back()
+        .unwrap_or_default();
+    assert!(last.ends_with("ROLLBACK"), "{log}");
+}
+
 /// The plain API: a closure gets the transaction's connection, and the
 /// reject setting answers at once.
 #[tokio::test]

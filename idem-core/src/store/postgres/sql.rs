@@ -43,8 +43,6 @@ pub(crate) struct Statements {
     pub(crate) release: String,
     pub(crate) renew: String,
     pub(crate) in_progress: String,
-    /// A live completed record, read without a transaction.
-    pub(crate) read: String,
     pub(crate) purge: String,
     /// The LISTEN/NOTIFY channel.
     pub(crate) channel: String,
@@ -240,10 +238,6 @@ impl Statements {
                     SELECT 1 FROM {t} WHERE key = $1 AND record IS NULL AND expires_at > now()
                 )"
             ),
-            read: format!(
-                "SELECT fingerprint, record FROM {t} WHERE key = $1 AND record IS NOT NULL \
-                 AND expires_at > now()"
-            ),
             // Tombstones stay as long as a delayed request can plausibly
             // still arrive: TCP gives up retransmitting after about as long.
             purge: format!(
@@ -254,22 +248,32 @@ impl Statements {
                 )"
             ),
             channel: channel(schema, table),
-            // Inside the caller's transaction, under the key's advisory
-            // lock: claim an absent or expired key, or read what is there.
+            // Inside the transaction idem began, the statement after the one
+            // that tried the key's advisory lock (and kept in `idem.locked`
+            // whether it was taken): under the lock, claim an absent or
+            // expired key, or read what is there; without it, claim nothing
+            // and answer the session's `lock_timeout` for the wait. One row:
+            // `locked`, `lock_timeout`, then the claim's answer (`claimed` is
+            // NULL when there is none).
             claim_in_transaction: format!(
-                "WITH current AS (
+                "WITH lock AS (
+                    SELECT coalesce(current_setting('idem.locked', true), '') = 'true' AS locked,
+                        current_setting('lock_timeout') AS lock_timeout
+                ), current AS (
                     SELECT fingerprint, record, expires_at FROM {t} WHERE key = $1
                 ), claimed AS (
                     INSERT INTO {t} AS r (key, fingerprint, token, record, stored_at, expires_at)
                     SELECT $1, $2, $3, NULL, now(), now() + $4::bigint {ms}
-                    WHERE NOT EXISTS (SELECT 1 FROM current c WHERE c.expires_at > now())
+                    WHERE (SELECT locked FROM lock)
+                        AND NOT EXISTS (SELECT 1 FROM current c WHERE c.expires_at > now())
                     ON CONFLICT (key) DO UPDATE SET
                         fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
                         record = NULL, stored_at = now(), expires_at = EXCLUDED.expires_at
                     WHERE r.expires_at <= now()
                     RETURNING 1
                 )
-                {answer}"
+                SELECT l.locked, l.lock_timeout, a.claimed, a.fingerprint, a.record, a.left_ms
+                FROM lock l LEFT JOIN ({answer}) a ON l.locked"
             ),
             // `clock_timestamp()`, not `now()`: inside the caller's
             // transaction `now()` is when the transaction began, so a body

@@ -93,7 +93,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::PgConnection;
-use sqlx::{Postgres, Transaction};
+use sqlx::{Postgres, Row as _, Transaction};
 use tracing::Instrument as _;
 
 use super::{PostgresStore, begin_answer, millis, store_error, token_bytes};
@@ -345,129 +345,118 @@ impl PostgresStore {
         let locking_since = Instant::now();
         let deadline = locking_since + settings.wait_timeout();
         let mut waited = false;
-        let mut tx = loop {
-            // A committed call is replayed without a transaction: one
-            // statement.
-            if let Some(done) = self.read_committed(key, fingerprint).await? {
-                if waited {
-                    call.waited(locking_since.elapsed());
-                }
-                return Ok(Err(done));
-            }
+        loop {
             call.attempt();
-            let mut tx = match settings.isolation() {
-                None => self.timed("begin", self.inner.pool.begin()).await?,
-                Some(level) => {
-                    let begin = format!("BEGIN ISOLATION LEVEL {}", level.as_sql());
-                    self.timed("begin", self.inner.pool.begin_with(begin))
-                        .await?
-                }
-            };
-            if settings.on_conflict() == OnConflict::Reject {
-                let (locked, _) = self
-                    .timed("lock", async {
-                        sqlx::query_as::<_, (bool, String)>(
-                            "SELECT pg_try_advisory_xact_lock($1), \
-                             set_config('idle_in_transaction_session_timeout', $2, true)",
-                        )
-                        .bind(lock_id)
-                        .bind(idle_limit(settings.lease()))
+            // One round trip begins the transaction and tries the key's
+            // advisory lock; the claim's statement, the next, reads whether
+            // the lock was taken (a `BEGIN`'s rows are not returned). The
+            // same round trip bounds how long the transaction may sit idle
+            // by the lease: a holder that froze or lost the network mid-body
+            // is ended by the database within its lease, which frees the key,
+            // instead of when TCP gives up. The values are numbers idem
+            // formats, never the caller's text.
+            let begin = format!(
+                "{}; SELECT set_config('idem.locked', pg_try_advisory_xact_lock({lock_id})::text, true), \
+                 set_config('idle_in_transaction_session_timeout', '{}', true)",
+                match settings.isolation() {
+                    None => "BEGIN".to_owned(),
+                    Some(level) => format!("BEGIN ISOLATION LEVEL {}", level.as_sql()),
+                },
+                idle_limit(settings.lease()),
+            );
+            let mut tx = self
+                .timed("begin", self.inner.pool.begin_with(begin))
+                .await?;
+            // Claims the key if the lock was taken, or reads what it holds: a
+            // committed call is replayed (the transaction, which wrote
+            // nothing, is rolled back when it is dropped).
+            let token = Token::random();
+            let row = self
+                .timed("claim", async {
+                    sqlx::query(&self.inner.sql.claim_in_transaction)
+                        .bind(key.digest().as_slice())
+                        .bind(fingerprint.digest().as_slice())
+                        .bind(token_bytes(token).as_slice())
+                        .bind(millis(settings.lease()))
                         .fetch_one(&mut *tx)
                         .await
-                    })
-                    .await?;
-                if !locked {
-                    return Err(Error::InProgress {
-                        retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
-                    });
-                }
-                break tx;
-            }
-            // Uncontended, the lock is free: one statement, and the
-            // session's `lock_timeout` (read with it) untouched. The same
-            // statement bounds how long this transaction may sit idle by the
-            // lease: a holder that froze or lost the network mid-body is
-            // ended by the database within its lease, which frees the key,
-            // instead of when TCP gives up.
-            let (free, session_timeout, _) = self
-                .timed("lock", async {
-                    sqlx::query_as::<_, (bool, String, String)>(
-                        "SELECT pg_try_advisory_xact_lock($1), current_setting('lock_timeout'), \
-                         set_config('idle_in_transaction_session_timeout', $2, true)",
-                    )
-                    .bind(lock_id)
-                    .bind(idle_limit(settings.lease()))
-                    .fetch_one(&mut *tx)
-                    .await
                 })
                 .await?;
-            if free {
-                break tx;
+            let column = |e: sqlx::Error| Error::Store(store_error("claim", &e));
+            if row.try_get::<bool, _>("locked").map_err(column)? {
+                if row
+                    .try_get::<Option<bool>, _>("claimed")
+                    .map_err(column)?
+                    .is_none()
+                {
+                    return Err(Error::Store(StoreError::new(
+                        StoreErrorKind::Other,
+                        "postgres claim: the key changed under its advisory lock",
+                    )));
+                }
+                return match begin_answer(&row, fingerprint, settings.lease())? {
+                    Begin::Claimed => self.held(tx, key, token, settings, savepoint).await.map(Ok),
+                    Begin::Completed(record) => {
+                        if waited {
+                            call.waited(locking_since.elapsed());
+                        }
+                        Ok(Err(record))
+                    }
+                    Begin::Mismatch => Err(Error::KeyReused),
+                    Begin::InProgress { retry_after } => Err(Error::InProgress { retry_after }),
+                };
+            }
+            let in_progress = || Error::InProgress {
+                retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
+            };
+            if settings.on_conflict() == OnConflict::Reject {
+                return Err(in_progress());
             }
             // Another transaction holds the key: wait for it, then start
-            // over in a new transaction. This one's snapshot was taken before
-            // the holder committed, so under `REPEATABLE READ` or
-            // `SERIALIZABLE` it could neither see the holder's record nor
+            // over in a new transaction. This one's snapshot may have been
+            // taken before the holder committed, so under `REPEATABLE READ`
+            // or `SERIALIZABLE` it could neither see the holder's record nor
             // claim the key without a serialization failure.
+            let session_timeout: String = row.try_get("lock_timeout").map_err(column)?;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero()
                 || !self
                     .wait_for_lock(&mut tx, lock_id, left, &session_timeout)
                     .await?
             {
-                return Err(Error::InProgress {
-                    retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
-                });
+                return Err(in_progress());
             }
             waited = true;
             if let Err(error) = self.timed("rollback", tx.rollback()).await {
                 tracing::debug!(%key, %error, "ending a transaction that waited for a key's lock failed; the database ends it");
             }
-        };
-        let token = Token::random();
-        let row = self
-            .timed("claim", async {
-                sqlx::query(&self.inner.sql.claim_in_transaction)
-                    .bind(key.digest().as_slice())
-                    .bind(fingerprint.digest().as_slice())
-                    .bind(token_bytes(token).as_slice())
-                    .bind(millis(settings.lease()))
-                    .fetch_optional(&mut *tx)
-                    .await
-            })
-            .await?;
-        let row = row.ok_or_else(|| {
-            Error::Store(StoreError::new(
-                StoreErrorKind::Other,
-                "postgres claim: the key changed under its advisory lock",
-            ))
-        })?;
-        match begin_answer(&row, fingerprint, settings.lease())? {
-            Begin::Claimed => {}
-            Begin::Completed(record) => {
-                // Committed between the read and the claim.
-                if waited {
-                    call.waited(locking_since.elapsed());
-                }
-                return Ok(Err(record));
-            }
-            Begin::Mismatch => return Err(Error::KeyReused),
-            Begin::InProgress { retry_after } => return Err(Error::InProgress { retry_after }),
         }
+    }
+
+    /// The claim taken in `tx`, with the savepoint the body's writes roll
+    /// back to when its error is cached.
+    async fn held(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        key: Key,
+        token: Token,
+        settings: &Settings,
+        savepoint: bool,
+    ) -> Result<Held, Error> {
         if savepoint {
             self.timed("savepoint", async {
                 sqlx::query("SAVEPOINT idem_body").execute(&mut *tx).await
             })
             .await?;
         }
-        Ok(Ok(Held {
+        Ok(Held {
             tx,
             store: self.clone(),
             key,
             token,
             ttl: settings.ttl(),
             savepoint,
-        }))
+        })
     }
 
     /// Waits for the key's advisory lock for at most `wait`, through a
@@ -503,28 +492,6 @@ impl PostgresStore {
             Ok(Err(error)) if lock_timed_out(&error) => Ok(false),
             Ok(Err(error)) => Err(Error::Store(store_error("lock", &error))),
             Err(_elapsed) => Ok(false),
-        }
-    }
-
-    /// A live, committed record of `key`, if there is one: read without a
-    /// transaction. A reused key is refused here too.
-    async fn read_committed(
-        &self,
-        key: Key,
-        fingerprint: Fingerprint,
-    ) -> Result<Option<Record>, Error> {
-        let row: Option<(Vec<u8>, Vec<u8>)> = self
-            .timed("read", async {
-                sqlx::query_as(&self.inner.sql.read)
-                    .bind(key.digest().as_slice())
-                    .fetch_optional(&self.inner.pool)
-                    .await
-            })
-            .await?;
-        match row {
-            None => Ok(None),
-            Some((held, _)) if held != fingerprint.digest() => Err(Error::KeyReused),
-            Some((_, record)) => Ok(Some(Record::decode(record)?)),
         }
     }
 }
