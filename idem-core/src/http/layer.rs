@@ -617,12 +617,13 @@ where
                 Err(error) => return Ok(config.problem(&Problem::of(&error))),
             };
             let request = Request::from_parts(parts, B::from(body));
-            // On a task of its own: a client that hangs up drops this future,
-            // not the call, which goes on and records its response. In the
+            // Polled here, and moved to a task of its own if this future is
+            // dropped first: a client that hangs up drops this future, not
+            // the call, which goes on and records its response. In the
             // request's span, so that the call's span and events stay
             // inside the request's (a trace layer's, an operator's).
             let (head, mut streamed) = oneshot::channel();
-            let mut task = tokio::spawn(tracing::Instrument::instrument(
+            let mut task = FinishOnDrop::new(tracing::Instrument::instrument(
                 guarded(Arc::clone(&config), inner, request, key, fingerprint, head),
                 tracing::Span::current(),
             ));
@@ -634,6 +635,11 @@ where
                 Ok(response) = &mut streamed => return Ok(response),
                 outcome = &mut task => outcome,
             };
+            // A call polled here can send a streamed response's head and end
+            // in one poll: the head is the answer then.
+            if let Ok(response) = streamed.try_recv() {
+                return Ok(response);
+            }
             let outcome = match outcome {
                 Ok(outcome) => outcome,
                 Err(_) => Err(Failure::Idem(Error::AttemptFailed)),
@@ -675,6 +681,57 @@ fn unreplayable_problem(error: &Error) -> Problem {
             )
         }
         error => Problem::of(error),
+    }
+}
+
+/// A future polled in place by the request that awaits it, and moved to a
+/// task of its own when that request is dropped before it ends (a client
+/// that hung up, or a streamed response whose body it goes on copying), so
+/// that the call still ends and records its response. A task for every
+/// request instead would cost each one a spawn and, on a runtime whose other
+/// workers sleep, the wake of one to run it. A panic that escapes it is
+/// answered as `Err` with its payload.
+struct FinishOnDrop<F: Future<Output: Send + 'static> + Send + 'static> {
+    future: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future<Output: Send + 'static> + Send + 'static> FinishOnDrop<F> {
+    fn new(future: F) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<F: Future<Output: Send + 'static> + Send + 'static> Future for FinishOnDrop<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(future) = self.future.as_mut() else {
+            return Poll::Ready(Err(Box::new("polled after it ended")));
+        };
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)));
+        let output = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(output)) => Ok(output),
+            Err(panic) => Err(panic),
+        };
+        self.future = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future<Output: Send + 'static> + Send + 'static> Drop for FinishOnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(future)),
+                // The runtime is gone: so would a task of its own be.
+                Err(_) => tracing::warn!(
+                    "idem: a request's call was dropped with its runtime before it ended"
+                ),
+            }
+        }
     }
 }
 
@@ -1062,6 +1119,61 @@ mod tests {
         );
         let body = retry.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "2");
+    }
+
+    /// A service that answers its call number once `gate` gives a permit.
+    #[derive(Clone)]
+    struct Gated {
+        gate: Arc<tokio::sync::Semaphore>,
+        calls: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl Service<Request<Full<Bytes>>> for Gated {
+        type Response = Response<Full<Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<Full<Bytes>>) -> Self::Future {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let gate = Arc::clone(&self.gate);
+            Box::pin(async move {
+                let _permit = gate.acquire().await;
+                Ok(Response::new(Full::new(Bytes::from(n.to_string()))))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_mid_call_leaves_its_call_to_end_and_record() {
+        let inner = Gated {
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            calls: Arc::default(),
+        };
+        let service = IdempotencyLayer::unscoped(Idempotency::memory()).layer(inner.clone());
+        let request = || {
+            Request::post("/charge")
+                .header("idempotency-key", "\"k1\"")
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        // The client hangs up while the call waits in the service.
+        let mut first = Box::pin(service.clone().call(request()));
+        let hung_up = tokio::time::timeout(std::time::Duration::from_millis(50), &mut first).await;
+        assert!(hung_up.is_err(), "the call is under way");
+        drop(first);
+        inner.gate.add_permits(8);
+        let retry = service.clone().call(request()).await.unwrap();
+        assert_eq!(retry.headers()[IDEMPOTENT_REPLAYED], "true");
+        let body = retry.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            body, "1",
+            "the first call's response, recorded after the hang-up"
+        );
+        assert_eq!(inner.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
