@@ -11,12 +11,20 @@
 //! `measured`, so that callgrind counts that loop alone; divide the total by
 //! `N`. Modes: `hit` (a replayed hit on the memory store), `first` (a first
 //! run), `bare` (the bare call), `fingerprint` (the arguments' fingerprint),
-//! `key` (the key).
+//! `key` (the key), `layer` (a request of 1 KB replayed by
+//! `IdempotencyLayer` on the memory store, in process) and `layer-bare` (the
+//! same request to the same axum handler without the layer); `layer-ns`
+//! times those two (best of 9), not for callgrind.
 
 use std::hint::black_box;
 
+use axum::Json;
+use axum::body::Body;
+use axum::routing::post;
 use benches::{BenchError, ChargeRequest, Receipt, charge, request};
+use idem_core::http::IdempotencyLayer;
 use idem_core::{Fingerprint, Idempotency, Key, idempotent};
+use tower_service::Service as _;
 
 #[idempotent(key = req.idempotency_key, store = idem, skip(idem), name = "bench.charge")]
 async fn idem_charge(idem: &Idempotency, req: ChargeRequest) -> Result<Receipt, BenchError> {
@@ -62,6 +70,64 @@ fn measured_keys(requests: &[ChargeRequest]) {
     for req in requests {
         black_box(Key::new("bench.charge", &req.idempotency_key).unwrap());
     }
+}
+
+async fn handler(Json(req): Json<ChargeRequest>) -> Json<Receipt> {
+    Json(charge(&req))
+}
+
+/// The charge handler, behind the idempotency layer on the memory store or
+/// bare.
+fn router(layered: bool) -> axum::Router {
+    let router = axum::Router::new().route("/charges", post(handler));
+    if layered {
+        router.layer(IdempotencyLayer::unscoped(Idempotency::memory()))
+    } else {
+        router
+    }
+}
+
+/// A request of about 1 KB of JSON, under one idempotency key.
+fn kilobyte_request(body: &bytes::Bytes) -> http::Request<Body> {
+    http::Request::post("/charges")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "\"order-1\"")
+        .body(Body::from(body.clone()))
+        .expect("a request")
+}
+
+async fn send(router: &axum::Router, body: &bytes::Bytes) {
+    let response = router
+        .clone()
+        .call(kilobyte_request(body))
+        .await
+        .expect("an answer");
+    assert!(response.status().is_success(), "{}", response.status());
+    black_box(
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("a body"),
+    );
+}
+
+#[inline(never)]
+fn measured_layer(
+    runtime: &tokio::runtime::Runtime,
+    router: &axum::Router,
+    n: u64,
+    body: &bytes::Bytes,
+) {
+    runtime.block_on(async {
+        for _ in 0..n {
+            send(router, body).await;
+        }
+    });
+}
+
+fn kilobyte_body() -> bytes::Bytes {
+    let mut req = request(1);
+    req.description = req.description.repeat(16);
+    serde_json::to_vec(&req).expect("JSON").into()
 }
 
 fn main() {
@@ -163,10 +229,36 @@ fn main() {
                 hit - bare
             );
         }
+        "layer" | "layer-bare" => {
+            let (router, body) = (router(mode == "layer"), kilobyte_body());
+            // Stored once, then replayed `n` times.
+            runtime.block_on(send(&router, &body));
+            measured_layer(&runtime, &router, n, &body);
+        }
+        "layer-ns" => {
+            let body = kilobyte_body();
+            let timed = |router: &axum::Router| {
+                runtime.block_on(send(router, &body));
+                (0..9)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        measured_layer(&runtime, router, n, &body);
+                        start.elapsed().as_nanos() as f64 / n as f64
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let (bare, replay) = (timed(&router(false)), timed(&router(true)));
+            println!(
+                "layer replay of 1 KB on memory {replay:.0} ns, bare handler {bare:.0} ns: +{:.0} ns",
+                replay - bare
+            );
+        }
         "sizes" => {
             let call = idem_charge(&idem, request(1));
             println!("the attribute's future: {} bytes", size_of_val(&call));
         }
-        other => panic!("unknown mode `{other}`: hit, first, bare, fingerprint or key"),
+        other => panic!(
+            "unknown mode `{other}`: hit, first, bare, fingerprint, key, layer, layer-bare, layer-ns, ns, footprint or sizes"
+        ),
     }
 }
