@@ -765,8 +765,7 @@ async fn a_transactional_call_is_five_round_trips_and_its_replay_two() {
     assert_eq!(replay, 3, "{log}");
     let last = log
         .lines()
-        .filter(|line| line.contains("LOG:  execute ") || line.contains("LOG:  statement: "))
-        .next_back()
+        .rfind(|line| line.contains("LOG:  execute ") || line.contains("LOG:  statement: "))
         .unwrap_or_default();
     assert!(last.ends_with("ROLLBACK"), "{log}");
 }
