@@ -63,6 +63,12 @@
 //!   so a retry replays it.
 //! - **A reused key with other arguments** gets `KeyReused`.
 //!
+//! A first run costs the body's statements and four round trips: `BEGIN`
+//! (which also tries the key's lock and sets the idle limit), the claim, the
+//! record, `COMMIT`. A replay costs two: `BEGIN` and the claim, which reads
+//! the committed record; its transaction, which wrote nothing, is rolled
+//! back as its connection returns to the pool.
+//!
 //! # Isolation and serialization failures
 //!
 //! The transaction runs at the isolation level of
