@@ -1665,3 +1665,112 @@ async fn a_stale_holder_is_fenced_by_the_epoch_in_its_write() {
             .unwrap();
     assert_eq!((state.as_str(), epoch), ("shipped", newer));
 }
+
+/// With `reject`, retries of a call that already committed
+/// replay its result, however many arrive at once. Each replay now takes
+/// the key's advisory lock (in the `BEGIN` round trip) and holds it until
+/// its transaction is rolled back, so a concurrent replay finds the lock
+/// taken and is answered `InProgress` for a key that is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reject_replays_of_a_committed_call_all_replay() {
+    let server = shared();
+    let store = connect(&server.url()).await;
+    let op = op("reject-replays");
+    let key = Key::new(&op, "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let reject = Settings::builder()
+        .on_conflict(OnConflict::Reject)
+        .build()
+        .unwrap();
+    let first = store
+        .run_in_transaction(&reject, key, fp, |_tx| {
+            Box::pin(async move { Ok::<_, ChargeError>(7_i64) })
+        })
+        .await
+        .unwrap();
+    assert_eq!(first, 7);
+    let mut refused = Vec::new();
+    for _ in 0..20 {
+        let mut callers = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let store = store.clone();
+            callers.spawn(async move {
+                store
+                    .run_in_transaction(&reject, key, fp, |_tx| {
+                        Box::pin(async move { Ok::<_, ChargeError>(8_i64) })
+                    })
+                    .await
+            });
+        }
+        for answer in callers.join_all().await {
+            match answer {
+                Ok(replayed) => assert_eq!(replayed, 7),
+                Err(error) => refused.push(format!("{error:?}")),
+            }
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of 80 replays of a committed call were refused: {:?}",
+        refused.len(),
+        &refused[..refused.len().min(3)]
+    );
+}
+
+/// Under REPEATABLE READ, a duplicate whose
+/// `BEGIN` statement took its snapshot just before the holder committed,
+/// and its advisory lock just after, claims under a snapshot that cannot
+/// see the holder's record: it should still replay, not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_racing_the_holders_commit_replays_under_repeatable_read() {
+    let server = shared();
+    let database = "repeatable_read_race";
+    server.psql(&format!("CREATE DATABASE {database}"));
+    server.psql(&format!(
+        "ALTER DATABASE {database} SET default_transaction_isolation TO 'repeatable read'"
+    ));
+    let url = format!("{}/{database}", server.url().rsplit_once('/').unwrap().0);
+    let (holder_store, spinner_store) = (connect(&url).await, connect(&url).await);
+    let reject = Settings::builder()
+        .on_conflict(OnConflict::Reject)
+        .build()
+        .unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let mut failures = Vec::new();
+    for trial in 0..150 {
+        let key = Key::new("iso-race", &trial).unwrap();
+        let (holder, gate) = hold_in_transaction(&holder_store, reject, key, fp, 7).await;
+        let mut spinners = tokio::task::JoinSet::new();
+        for _ in 0..3 {
+            let store = spinner_store.clone();
+            spinners.spawn(async move {
+                loop {
+                    let answer = store
+                        .run_in_transaction(&reject, key, fp, |_tx| {
+                            Box::pin(async move { Ok::<_, ChargeError>(8_i64) })
+                        })
+                        .await;
+                    match answer {
+                        Err(error) if error.in_progress() => {}
+                        answer => return answer.map_err(|e| format!("{e:?}")),
+                    }
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        gate.notify_one();
+        assert_eq!(holder.await.unwrap().unwrap(), 7);
+        for answer in spinners.join_all().await {
+            match answer {
+                Ok(replayed) => assert_eq!(replayed, 7, "a duplicate ran"),
+                Err(error) => failures.push(error),
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} duplicates failed instead of replaying: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+}

@@ -251,10 +251,12 @@ impl Statements {
             // Inside the transaction idem began, the statement after the one
             // that tried the key's advisory lock (and kept in `idem.locked`
             // whether it was taken): under the lock, claim an absent or
-            // expired key, or read what is there; without it, claim nothing
-            // and answer the session's `lock_timeout` for the wait. One row:
-            // `locked`, `lock_timeout`, then the claim's answer (`claimed` is
-            // NULL when there is none).
+            // expired key, or read what is there; without it, claim nothing,
+            // read a committed record (concurrent replays each take the lock
+            // for a moment: they must not refuse one another) and answer the
+            // session's `lock_timeout` for the wait. One row: `locked`,
+            // `lock_timeout`, then the claim's answer (`claimed` is NULL when
+            // there is none).
             claim_in_transaction: format!(
                 "WITH lock AS (
                     SELECT coalesce(current_setting('idem.locked', true), '') = 'true' AS locked,
@@ -273,7 +275,7 @@ impl Statements {
                     RETURNING 1
                 )
                 SELECT l.locked, l.lock_timeout, a.claimed, a.fingerprint, a.record, a.left_ms
-                FROM lock l LEFT JOIN ({answer}) a ON l.locked"
+                FROM lock l LEFT JOIN ({answer}) a ON l.locked OR a.record IS NOT NULL"
             ),
             // `clock_timestamp()`, not `now()`: inside the caller's
             // transaction `now()` is when the transaction began, so a body

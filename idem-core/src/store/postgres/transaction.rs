@@ -377,29 +377,41 @@ impl PostgresStore {
             // committed call is replayed (the transaction, which wrote
             // nothing, is rolled back when it is dropped).
             let token = Token::random();
-            let row = self
+            let claimed = self
                 .timed("claim", async {
-                    sqlx::query(&self.inner.sql.claim_in_transaction)
+                    Ok(sqlx::query(&self.inner.sql.claim_in_transaction)
                         .bind(key.digest().as_slice())
                         .bind(fingerprint.digest().as_slice())
                         .bind(token_bytes(token).as_slice())
                         .bind(millis(settings.lease()))
                         .fetch_one(&mut *tx)
-                        .await
+                        .await)
                 })
                 .await?;
-            let column = |e: sqlx::Error| Error::Store(store_error("claim", &e));
-            if row.try_get::<bool, _>("locked").map_err(column)? {
-                if row
-                    .try_get::<Option<bool>, _>("claimed")
-                    .map_err(column)?
-                    .is_none()
-                {
-                    return Err(Error::Store(StoreError::new(
-                        StoreErrorKind::Other,
-                        "postgres claim: the key changed under its advisory lock",
-                    )));
+            let row = match claimed {
+                Ok(row) => row,
+                // Under `REPEATABLE READ` or `SERIALIZABLE` the snapshot is
+                // taken before the lock: a holder that committed in between
+                // left a row it cannot see, and the claim fails to serialize.
+                // A new transaction sees the committed record, and replays.
+                Err(error) if serialization_failure(&error) && Instant::now() < deadline => {
+                    tracing::debug!(%key, %error, "a transactional claim raced a commit; starting over");
+                    continue;
                 }
+                Err(error) => return Err(Error::Store(store_error("claim", &error))),
+            };
+            let column = |e: sqlx::Error| Error::Store(store_error("claim", &e));
+            let locked = row.try_get::<bool, _>("locked").map_err(column)?;
+            let answer = row.try_get::<Option<bool>, _>("claimed").map_err(column)?;
+            if locked && answer.is_none() {
+                return Err(Error::Store(StoreError::new(
+                    StoreErrorKind::Other,
+                    "postgres claim: the key changed under its advisory lock",
+                )));
+            }
+            // Under the lock, the claim or what the key holds; without it, a
+            // committed record only.
+            if answer.is_some() {
                 return match begin_answer(&row, fingerprint, settings.lease())? {
                     Begin::Claimed => self.held(tx, key, token, settings, savepoint).await.map(Ok),
                     Begin::Completed(record) => {
@@ -636,6 +648,11 @@ pub(crate) fn lock_id(key: Key) -> i64 {
 /// (PostgreSQL takes at most `i32::MAX` ms).
 fn idle_limit(lease: Duration) -> String {
     format!("{}ms", millis(lease).min(i64::from(i32::MAX)))
+}
+
+/// Whether a statement failed to serialize (`40001`).
+fn serialization_failure(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("40001"))
 }
 
 /// Whether a statement failed on `lock_timeout`.
