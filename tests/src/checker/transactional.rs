@@ -3,10 +3,16 @@
 //! (a row) in the call's transaction, take random time, return `Ok` or
 //! `Err`, panic, or are cancelled by their caller.
 //!
+//! Calls open their transaction at the database's default isolation or at
+//! `REPEATABLE READ`.
+//!
 //! Checked against the database itself: per key, at most one body's row is
 //! committed (the claim, the row and the record commit together or not at
 //! all); every `Ok` a caller gets is the run whose row is committed; no
-//! call that ended in `Err`, a panic or a cancellation left a row.
+//! call that ended in `Err`, a panic or a cancellation left a row; a call
+//! that arrives after another call of its key answered `Ok` replays that
+//! run (neither `InProgress`, whatever its conflict setting, nor a failure
+//! to serialize).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +20,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use idem_core::store::Token;
-use idem_core::{Error, Fingerprint, Key, OnConflict, PostgresStore, Settings};
+use idem_core::{Error, Fingerprint, Isolation, Key, OnConflict, PostgresStore, Settings};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tokio::time::Instant;
@@ -89,6 +95,11 @@ pub async fn check_transactional_seed(
                 settings.on_conflict(OnConflict::Reject)
             } else {
                 settings.wait_timeout(Duration::from_secs(3))
+            };
+            let settings = if rng.random_bool(0.3) {
+                settings.isolation(Isolation::RepeatableRead)
+            } else {
+                settings
             }
             .build()
             .expect("valid settings");
@@ -141,7 +152,7 @@ pub async fn check_transactional_seed(
                     Some(Ok(Err(TxError::Body(run)))) => Answer::BodyErr(run),
                     Some(Ok(Err(TxError::Idem(kind)))) => Answer::Idem(kind),
                 };
-                (key, answer)
+                (key, answer, arrives, start.elapsed())
             }
         });
     let answers = futures_util::future::join_all(tasks).await;
@@ -164,7 +175,25 @@ pub async fn check_transactional_seed(
             ));
         }
     }
-    for (key, answer) in &answers {
+    // When each key's first `Ok` answer came: from then on its run is
+    // committed, and every call that arrives replays it.
+    let mut done_at: HashMap<i32, Duration> = HashMap::new();
+    for (key, answer, _, ended) in &answers {
+        if matches!(answer, Answer::Ok(_)) {
+            let at = done_at.entry(*key).or_insert(*ended);
+            *at = (*at).min(*ended);
+        }
+    }
+    for (key, answer, arrived, _) in &answers {
+        let late = done_at.get(key).is_some_and(|done| arrived > done);
+        if late && !matches!(answer, Answer::Ok(_) | Answer::Cancelled) {
+            return Err(format!(
+                "seed {seed}: a call of key {key} arriving after its run committed answered \
+                 {answer:?}, not the replay; answers {answers:?}"
+            ));
+        }
+    }
+    for (key, answer, _, _) in &answers {
         let done = committed.get(key).and_then(|d| d.first());
         match answer {
             Answer::Ok(run) if done != Some(run) => {
