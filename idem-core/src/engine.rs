@@ -570,8 +570,11 @@ impl Idempotency {
             }
         }
         let landing = match record {
-            // Followers contend again, and replay what the store holds.
-            Some(_) if stale => Landing::Vacated,
+            // Followers contend again, and replay what the store holds. So
+            // do those of a caller that awaits the record when the store did
+            // not confirm it: a consumer must not acknowledge a redelivery
+            // on an outcome that may not be recorded.
+            Some(_) if stale || (awaited && !confirmed) => Landing::Vacated,
             Some(record) => Landing::Record(record),
             None => Landing::Failed(Error::AttemptFailed),
         };

@@ -739,3 +739,43 @@ async fn a_message_costs_the_store_a_claim_and_a_record_and_a_redelivery_one_cla
     );
     assert_eq!(effects.runs("m1"), 1);
 }
+
+/// A redelivery that joins the first delivery's call in this
+/// process is acknowledged on the first delivery's landing, which carries
+/// its record whether or not the store confirmed it: the message is acked
+/// although its outcome was never recorded (the first delivery naks).
+#[tokio::test(start_paused = true)]
+async fn a_redelivery_joining_an_unrecorded_call_is_not_acknowledged() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let settings = Settings::builder()
+        .lease(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let consumer = Consumer::new(
+        Idempotency::new(Unrecording(crate::MemoryStore::new())),
+        "orders",
+    )
+    .settings(settings)
+    .heartbeat(None);
+    let slow = |d: Delivery| {
+        let effects = &effects;
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            effects.apply(d).await
+        }
+    };
+    let first = message(&broker, "m1", b"abc", 1);
+    let second = message(&broker, "m1", b"abc", 2);
+    let (a, b) = tokio::join!(consumer.handle(&first, slow), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        consumer.handle(&second, slow).await
+    });
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(matches!(a.disposition, Disposition::Nak { .. }), "{a:?}");
+    assert_eq!(effects.runs("m1"), 1);
+    assert!(
+        !broker.told().iter().any(|(_, told)| *told == Told::Ack),
+        "acked although the store never confirmed the outcome: {:?} / second {b:?}",
+        broker.told()
+    );
+}
