@@ -53,17 +53,57 @@ pub(crate) trait ResultCodec<T, E> {
 /// its generic arguments, changes the tag, and records of the old type are
 /// then refused rather than decoded as the new one.
 pub(crate) fn type_tag<T: ?Sized>() -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    fn mix(mut hash: u64, bytes: &[u8]) -> u64 {
-        for byte in bytes {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(PRIME);
-        }
-        hash
+    tag_of(std::any::type_name::<T>())
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn mix(mut hash: u64, bytes: &[u8]) -> u64 {
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(FNV_PRIME);
     }
-    let mut hash = OFFSET;
-    let mut rest = std::any::type_name::<T>();
+    hash
+}
+
+/// The tag of a type's name: one pass over its bytes (every call computes
+/// its result type's tag, so this is on the replay path), or, for a name
+/// that is not ASCII, [`tag_of_text`], whose tags it equals.
+fn tag_of(name: &str) -> u64 {
+    if !name.is_ascii() {
+        return tag_of_text(name);
+    }
+    let bytes = name.as_bytes();
+    let mut hash = FNV_OFFSET;
+    let mut at = 0;
+    while at < bytes.len() {
+        // A path (`alloc::vec::Vec`), of which only the last segment counts
+        // (after the last `::`, as a search from the right finds it), then
+        // the delimiter after it.
+        let start = at;
+        while at < bytes.len()
+            && (bytes[at].is_ascii_alphanumeric() || matches!(bytes[at], b'_' | b':'))
+        {
+            at += 1;
+        }
+        let segment = (start + 1..at)
+            .rev()
+            .find(|&i| bytes[i] == b':' && bytes[i - 1] == b':')
+            .map_or(start, |i| i + 1);
+        hash = mix(hash, &bytes[segment..at]);
+        if at < bytes.len() {
+            hash = mix(hash, &bytes[at..=at]);
+            at += 1;
+        }
+    }
+    hash
+}
+
+/// The tag of a type's name, char by char.
+fn tag_of_text(name: &str) -> u64 {
+    let mut hash = FNV_OFFSET;
+    let mut rest = name;
     while !rest.is_empty() {
         let end = rest
             .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
@@ -267,6 +307,33 @@ mod tests {
             pub(in super::super) struct Receipt;
         }
         pub(super) struct Refund;
+    }
+
+    #[test]
+    fn the_one_pass_tag_equals_the_tag_char_by_char() {
+        use super::{tag_of, tag_of_text};
+        for name in [
+            std::any::type_name::<Vec<shop::Receipt>>(),
+            std::any::type_name::<Result<(u32, &str), Box<dyn std::error::Error + Send>>>(),
+            std::any::type_name::<[Option<std::collections::HashMap<String, i64>>; 4]>(),
+            std::any::type_name::<fn(&mut u8) -> *const u8>(),
+            "",
+            ":",
+            "a:b",
+            "::",
+            "a::",
+            "::a",
+            "a:::b",
+            "a::b::c<d::e, (f::g,)>",
+            "{{closure}}",
+            "r#type::r#match",
+        ] {
+            assert_eq!(tag_of(name), tag_of_text(name), "{name}");
+        }
+        assert_eq!(
+            tag_of("grüße::Straße<x::ß>"),
+            tag_of_text("grüße::Straße<x::ß>")
+        );
     }
 
     #[test]
