@@ -20,7 +20,6 @@ use idem_core::consumer::jetstream::JetStream;
 use idem_core::http::IdempotencyLayer;
 use idem_core::{Idempotency, PostgresStore, RedisStore, idempotent};
 use idem_test::nats_server::NatsServer;
-use idem_test::postgres_server::PostgresServer;
 use idem_test::redis_server::RedisServer;
 use redis::aio::ConnectionManager;
 use sqlx::PgConnection;
@@ -361,13 +360,7 @@ async fn manual_tx_charge(pool: &sqlx::PgPool, order: String, cents: i64) -> Res
 /// claim and record (Brandur Leach's pattern), and against the `INSERT`
 /// alone.
 async fn transactional_figures(report: &mut Report) {
-    let server = PostgresServer::start();
-    let store = PostgresStore::builder(server.url())
-        .max_connections(4)
-        .connect()
-        .await
-        .expect("idem on postgres");
-    let pool: &'static sqlx::PgPool = Box::leak(Box::new(store.pool().clone()));
+    let (_server, store, pool) = super::postgres_store().await;
     let pg: &'static PostgresStore = Box::leak(Box::new(store));
     for table in [
         "CREATE TABLE tx_charges (id bigserial PRIMARY KEY, order_id text NOT NULL, cents bigint NOT NULL)",

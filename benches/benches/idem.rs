@@ -592,18 +592,25 @@ async fn manual_pg_charge(pool: &sqlx::PgPool, req: ChargeRequest) -> Result<Rec
     Ok(receipt)
 }
 
-/// The PostgreSQL table: latency against a `SELECT 1` round trip on the same
-/// pool, and against the hand-written sequence.
-async fn postgres_figures(report: &mut Report) {
+/// A private PostgreSQL server (stopped when it is dropped), idem's store on
+/// it with a pool of 4 connections, and that pool for the run's own
+/// statements.
+async fn postgres_store() -> (PostgresServer, PostgresStore, &'static sqlx::PgPool) {
     let server = PostgresServer::start();
     let store = PostgresStore::builder(server.url())
         .max_connections(4)
         .connect()
         .await
         .expect("idem on postgres");
-    let pool = store.pool().clone();
+    let pool = Box::leak(Box::new(store.pool().clone()));
+    (server, store, pool)
+}
+
+/// The PostgreSQL table: latency against a `SELECT 1` round trip on the same
+/// pool, and against the hand-written sequence.
+async fn postgres_figures(report: &mut Report) {
+    let (_server, store, pool) = postgres_store().await;
     let idem: &'static Idempotency = Box::leak(Box::new(Idempotency::new(store)));
-    let pool: &'static sqlx::PgPool = Box::leak(Box::new(pool));
     sqlx::query(
         "CREATE TABLE manual_keys (key text PRIMARY KEY, response bytea, expires_at timestamptz)",
     )
