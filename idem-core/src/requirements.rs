@@ -13,7 +13,7 @@
 //! | [`CachedError`] | `E`, with `cache_errors` | stored errors are replayed: `Serialize + DeserializeOwned` |
 //! | [`CachePredicate`] | `cache_errors = path` | it picks the errors to store: `Fn(&E) -> bool` |
 //! | [`Argument`] | each fingerprinted argument | it is hashed: `Serialize` |
-//! | [`serialize_or_skip`] | a fingerprinted argument of a generic type | it is hashed: `Serialize` |
+//! | [`GenericArgument`] | a fingerprinted argument of a generic type | it is hashed with its type: `Serialize` |
 //! | [`KeyValue`], [`ScopeValue`] | `key = …`, `scope = …` | they are hashed: `Serialize` |
 //! | [`Returns`] | the return type | it is a `Result<T, E>` |
 //! | [`DurationValue`] | `ttl = expr`, `lease = expr`, `wait_timeout = expr` | it is a `std::time::Duration` |
@@ -49,18 +49,34 @@ impl<T: Serialize + ?Sized> Argument for T {
 
 /// An argument of a generic type (a type parameter of the fn, or an `impl
 /// Trait`) that takes part in the fingerprint: `Serialize`, or leave it out
-/// with `skip(name)`.
+/// with `skip(name)`. Its fingerprint covers its type too (its name without
+/// module paths), so that two instances of a generic fn pinned to one `name`
+/// do not take each other's equal-looking arguments for the same call.
+#[diagnostic::on_unimplemented(
+    message = "this argument is part of the `#[idempotent]` fingerprint, but `{Self}` does not implement `serde::Serialize`",
+    label = "not `Serialize`",
+    note = "add `serde::Serialize` to its bounds, or leave it out of the fingerprint with `skip(name)` (for closures, handles, pools and clients)"
+)]
+pub trait GenericArgument {
+    #[doc(hidden)]
+    fn fingerprint(&self, call: &mut Call);
+}
+
+#[diagnostic::do_not_recommend]
+impl<T: Serialize + ?Sized> GenericArgument for T {
+    fn fingerprint(&self, call: &mut Call) {
+        call.typed_argument(self);
+    }
+}
+
+/// Fingerprints an argument of a generic type: see [`GenericArgument`].
 ///
-/// Checked through this fn rather than [`Argument`], so that rustc's help
-/// for an unfit type parameter restricts it with `Serialize`. For a
-/// parameter that callers pass closures or clients to, the fix is
-/// `skip(name)`, not the bound.
-///
-/// The fingerprint covers the argument's type too (its name without module
-/// paths), so that two instances of a generic fn pinned to one `name` do
-/// not take each other's equal-looking arguments for the same call.
-pub fn serialize_or_skip<A: Serialize + ?Sized>(argument: &A, call: &mut Call) {
-    call.typed_argument(argument);
+/// Checked through a trait of idem's rather than `Serialize` itself, so that
+/// an unfit type parameter is reported in the attribute's words, not in
+/// those of the crate that defines `Serialize` (whose path rustc prints as
+/// serde's internal one).
+pub fn serialize_or_skip<A: GenericArgument + ?Sized>(argument: &A, call: &mut Call) {
+    argument.fingerprint(call);
 }
 
 /// The value of `key = …`: `Serialize`.
