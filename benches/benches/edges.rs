@@ -108,13 +108,7 @@ async fn http_figures(report: &mut Report) {
     let client: &'static reqwest::Client = Box::leak(Box::new(reqwest::Client::new()));
     let hit: &'static [u8] = body(1).leak();
     let value = serde_json::to_vec(&charge(&kilobyte_request(1))).unwrap();
-    let mut setup = raw.clone();
-    redis::cmd("SET")
-        .arg("floor")
-        .arg(&value)
-        .exec_async(&mut setup)
-        .await
-        .unwrap();
+    benches::set_floor(&raw, &value).await;
     for url in [memory, on_redis] {
         post_charge(client, url, 1, hit).await;
     }
@@ -130,20 +124,7 @@ async fn http_figures(report: &mut Report) {
         })
     };
     let ops: Vec<(&str, benches::Op)> = vec![
-        ("GET", {
-            let raw = raw.clone();
-            Box::new(move |_| {
-                let mut raw = raw.clone();
-                Box::pin(async move {
-                    let value: Vec<u8> = redis::cmd("GET")
-                        .arg("floor")
-                        .query_async(&mut raw)
-                        .await
-                        .unwrap();
-                    black_box(value);
-                })
-            })
-        }),
+        ("GET", benches::floor_op(raw.clone())),
         ("bare replay-sized", post(bare, None)),
         ("memory replay", post(memory, None)),
         ("memory first", post(memory, Some(10_000_000))),

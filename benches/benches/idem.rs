@@ -216,23 +216,10 @@ async fn redis_figures(report: &mut Report) -> StormRow {
 
     // The floor: a GET of a value as large as a stored receipt.
     let value = serde_json::to_vec(&charge(&request(HIT))).unwrap();
-    redis::cmd("SET")
-        .arg("floor")
-        .arg(&value)
-        .exec_async(&mut conn.clone())
-        .await
-        .unwrap();
-    let get = |conn: ConnectionManager| async move {
-        let v: Option<Vec<u8>> = redis::cmd("GET")
-            .arg("floor")
-            .query_async(&mut conn.clone())
-            .await
-            .unwrap();
-        black_box(v);
-    };
+    benches::set_floor(&conn, &value).await;
     let floor_tput = {
         let conn = conn.clone();
-        throughput(TASKS, WINDOW, move |_| get(conn.clone())).await
+        throughput(TASKS, WINDOW, move |_| benches::get_floor(conn.clone())).await
     };
 
     // Peers on the same server and workload.
@@ -267,7 +254,7 @@ async fn redis_figures(report: &mut Report) -> StormRow {
     idempotent_charge(valkey, request(HIT)).await.unwrap();
     let c = conn.clone();
     let ops: Vec<(&str, benches::Op)> = vec![
-        ("raw GET", Box::new(move |_| Box::pin(get(c.clone())))),
+        ("raw GET", benches::floor_op(c.clone())),
         (
             "idem hit",
             Box::new(move |_| {

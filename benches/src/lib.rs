@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 /// A payment request: about 200 bytes as JSON.
@@ -77,6 +78,32 @@ pub fn charge(req: &ChargeRequest) -> Receipt {
         amount_cents: req.amount_cents,
         created: 1_680_000_000,
     }
+}
+
+/// Stores `value` under the key the Redis floor reads ([`get_floor`]).
+pub async fn set_floor(conn: &ConnectionManager, value: &[u8]) {
+    redis::cmd("SET")
+        .arg("floor")
+        .arg(value)
+        .exec_async(&mut conn.clone())
+        .await
+        .expect("the floor's value");
+}
+
+/// The Redis floor every Redis row is measured against: a raw `GET` of the
+/// value [`set_floor`] stored, one round trip.
+pub async fn get_floor(mut conn: ConnectionManager) {
+    let value: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("floor")
+        .query_async(&mut conn)
+        .await
+        .expect("a GET");
+    std::hint::black_box(value);
+}
+
+/// [`get_floor`] as an operation of an [`interleaved`] measurement.
+pub fn floor_op(conn: ConnectionManager) -> Op {
+    Box::new(move |_| Box::pin(get_floor(conn.clone())))
 }
 
 /// Latency percentiles of one measurement, in microseconds.

@@ -107,12 +107,7 @@ async fn measure(server: &RedisServer, rounds: u64) -> Vec<(&'static str, benche
         .query_async(&mut conn.clone())
         .await
         .expect("the stored record");
-    redis::cmd("SET")
-        .arg("floor")
-        .arg(record.payload().as_ref())
-        .exec_async(&mut conn.clone())
-        .await
-        .expect("the floor's value");
+    benches::set_floor(&conn, record.payload().as_ref()).await;
     // A claim's size: what `begin` sends (the envelope of a claim).
     let claim = vec![b'c'; 64];
     black_box(&stored);
@@ -124,7 +119,7 @@ async fn measure(server: &RedisServer, rounds: u64) -> Vec<(&'static str, benche
     let claim: &'static [u8] = Box::leak(claim.into_boxed_slice());
     let s: &'static RedisStore = Box::leak(Box::new(store));
     let ops: Vec<(&str, Op)> = vec![
-        ("`GET` (floor)", floor_get(c)),
+        ("`GET` (floor)", benches::floor_op(c)),
         (
             "`SET NX GET`, raw",
             Box::new(move |_| {
@@ -196,26 +191,11 @@ async fn measure(server: &RedisServer, rounds: u64) -> Vec<(&'static str, benche
         ),
         (
             "`GET` again (drift within a round)",
-            floor_get(conn.clone()),
+            benches::floor_op(conn.clone()),
         ),
     ];
     let latencies = interleaved(&ops, rounds, 500).await;
     ops.iter().map(|(name, _)| *name).zip(latencies).collect()
-}
-
-/// The floor's row: a raw `GET` of the receipt's bytes.
-fn floor_get(conn: ConnectionManager) -> Op {
-    Box::new(move |_| {
-        let mut c = conn.clone();
-        Box::pin(async move {
-            let v: Option<Vec<u8>> = redis::cmd("GET")
-                .arg("floor")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            black_box(v);
-        })
-    })
 }
 
 /// Runs one row `n` times on a `current_thread` runtime, for a profiler.

@@ -82,32 +82,14 @@ async fn measure(server: &RedisServer, rounds: u64) -> Vec<(&'static str, benche
     let conn = ConnectionManager::new(redis::Client::open(url.as_str()).expect("a client"))
         .await
         .expect("a raw connection");
-    redis::cmd("SET")
-        .arg("floor")
-        .arg(vec![b'r'; 109])
-        .exec_async(&mut conn.clone())
-        .await
-        .expect("the floor's value");
+    benches::set_floor(&conn, &[b'r'; 109]).await;
     let plain = Settings::default();
     let expecting = Settings::builder()
         .expect_steps(true)
         .build()
         .expect("valid settings");
     let ops: Vec<(&str, Op)> = vec![
-        (
-            "`GET` (floor)",
-            Box::new(move |_| {
-                let mut c = conn.clone();
-                Box::pin(async move {
-                    let v: Option<Vec<u8>> = redis::cmd("GET")
-                        .arg("floor")
-                        .query_async(&mut c)
-                        .await
-                        .expect("a GET");
-                    black_box(v);
-                })
-            }),
-        ),
+        ("`GET` (floor)", benches::floor_op(conn)),
         ("no step", first_run(idem, "steps.none", plain, false)),
         (
             "one step, journal read with the claim",
