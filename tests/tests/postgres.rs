@@ -116,30 +116,41 @@ async fn connect_by_url_names_both_schemes() {
     assert!(!err.to_string().contains("s3cret"), "{err}");
 }
 
+/// A server that logs every statement, and a store on it (with its own
+/// `table`) that is its only client.
+async fn logging_server(table: &str) -> (PostgresServer, PostgresStore) {
+    let server = PostgresServer::start_with(&["log_statement=all"]);
+    let store = PostgresStore::builder(server.url())
+        .table(table)
+        .purge_interval(Duration::from_secs(3600))
+        .connect()
+        .await
+        .unwrap();
+    (server, store)
+}
+
+/// The statements logged from byte `from` of a server's statement log on.
+fn statements(log: &str, from: usize) -> Vec<&str> {
+    // sqlx uses the extended protocol: each statement is logged as it runs,
+    // `execute <name>: …`; simple-protocol ones as `statement: …`.
+    log[from..]
+        .lines()
+        .filter(|line| line.contains("LOG:  execute ") || line.contains("LOG:  statement: "))
+        .collect()
+}
+
 /// Counts the statements run since `from` in the server's statement log
 /// (the store is its only client), and answers where the log ends now.
 fn statements_since(server: &PostgresServer, from: usize) -> (usize, usize) {
     let log = server.log();
-    // sqlx uses the extended protocol: each statement is logged as it runs,
-    // `execute <name>: …`; simple-protocol ones as `statement: …`.
-    let count = log[from..]
-        .lines()
-        .filter(|line| line.contains("LOG:  execute ") || line.contains("LOG:  statement: "))
-        .count();
-    (count, log.len())
+    (statements(&log, from).len(), log.len())
 }
 
 /// A replayed hit is one statement, read-only; a first run two; a failed run
 /// two.
 #[tokio::test]
 async fn round_trips_per_call_are_one_two_and_two() {
-    let server = PostgresServer::start_with(&["log_statement=all"]);
-    let store = PostgresStore::builder(server.url())
-        .table("round_trips")
-        .purge_interval(Duration::from_secs(3600))
-        .connect()
-        .await
-        .unwrap();
+    let (server, store) = logging_server("round_trips").await;
     let idem = Idempotency::new(store);
     let settings = Settings::DEFAULT;
     let (key, fp) = fresh("round-trips");
@@ -732,13 +743,7 @@ async fn a_restarted_server_fails_closed_then_recovers() {
 /// connection goes back to the pool.
 #[tokio::test]
 async fn a_transactional_call_is_five_round_trips_and_its_replay_two() {
-    let server = PostgresServer::start_with(&["log_statement=all"]);
-    let store = PostgresStore::builder(server.url())
-        .table("transactional_round_trips")
-        .purge_interval(Duration::from_secs(3600))
-        .connect()
-        .await
-        .unwrap();
+    let (server, store) = logging_server("transactional_round_trips").await;
     let key = Key::new("round-trips", "k").unwrap();
     let fp = Fingerprint::of(&1).unwrap();
     let call = || {
@@ -752,22 +757,18 @@ async fn a_transactional_call_is_five_round_trips_and_its_replay_two() {
             })
         })
     };
-    let (_, mark) = statements_since(&server, 0);
+    let start = server.log().len();
     assert_eq!(call().await.unwrap(), 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (first, mark) = statements_since(&server, mark);
-    assert_eq!(first, 5, "{}", &server.log()[mark - 2000.min(mark)..]);
-    let log_before = server.log().len();
+    let after_first = server.log();
+    let first = statements(&after_first, start);
+    assert_eq!(first.len(), 5, "{first:#?}");
     assert_eq!(call().await.unwrap(), 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (replay, _) = statements_since(&server, mark);
-    let log = &server.log()[log_before..];
-    assert_eq!(replay, 3, "{log}");
-    let last = log
-        .lines()
-        .rfind(|line| line.contains("LOG:  execute ") || line.contains("LOG:  statement: "))
-        .unwrap_or_default();
-    assert!(last.ends_with("ROLLBACK"), "{log}");
+    let after_replay = server.log();
+    let replay = statements(&after_replay, after_first.len());
+    assert_eq!(replay.len(), 3, "{replay:#?}");
+    assert!(replay[2].ends_with("ROLLBACK"), "{replay:#?}");
 }
 
 /// The plain API: a closure gets the transaction's connection, and the
