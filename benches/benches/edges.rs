@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull, stream};
-use axum::Json;
-use axum::routing::post;
-use benches::{ChargeRequest, Latency, Receipt, Table, charge, interleaved, request, throughput};
+use benches::{
+    ChargeRequest, Latency, Table, charge, interleaved, kilobyte_request, request, throughput,
+};
 use futures_util::StreamExt as _;
 use idem_core::consumer::Consumer;
 use idem_core::consumer::jetstream::JetStream;
@@ -40,18 +40,6 @@ pub(crate) async fn figures(report: &mut Report, only: &[String]) {
     if all || named("consumer") {
         consumer_figures(report).await;
     }
-}
-
-/// A request of about 1 KB of JSON: the workload's request with a longer
-/// description.
-fn kilobyte_request(n: u64) -> ChargeRequest {
-    let mut req = request(n);
-    req.description = req.description.repeat(16);
-    req
-}
-
-async fn handler(Json(req): Json<ChargeRequest>) -> Json<Receipt> {
-    Json(charge(&req))
 }
 
 /// Serves `router` on a free loopback port; answers its base URL.
@@ -96,7 +84,7 @@ async fn http_figures(report: &mut Report) {
     let raw = ConnectionManager::new(redis::Client::open(redis.url().as_str()).unwrap())
         .await
         .expect("a raw connection");
-    let routes = || axum::Router::new().route("/charges", post(handler));
+    let routes = benches::charges_router;
     let bare: &'static str = serve(routes()).await.leak();
     let memory: &'static str =
         serve(routes().layer(IdempotencyLayer::unscoped(Idempotency::memory())))

@@ -106,6 +106,23 @@ pub fn floor_op(conn: ConnectionManager) -> Op {
     Box::new(move |_| Box::pin(get_floor(conn.clone())))
 }
 
+/// Request `n` grown to about 1 KB of JSON (a longer description): the body
+/// of the HTTP layer's rows.
+pub fn kilobyte_request(n: u64) -> ChargeRequest {
+    let mut req = request(n);
+    req.description = req.description.repeat(16);
+    req
+}
+
+/// The HTTP layer's rows' service: `POST /charges` takes a request as JSON
+/// and answers its receipt.
+pub fn charges_router() -> axum::Router {
+    async fn handler(axum::Json(req): axum::Json<ChargeRequest>) -> axum::Json<Receipt> {
+        axum::Json(charge(&req))
+    }
+    axum::Router::new().route("/charges", axum::routing::post(handler))
+}
+
 /// Latency percentiles of one measurement, in microseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct Latency {

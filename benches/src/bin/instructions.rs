@@ -18,9 +18,7 @@
 
 use std::hint::black_box;
 
-use axum::Json;
 use axum::body::Body;
-use axum::routing::post;
 use benches::{BenchError, ChargeRequest, Receipt, charge, request};
 use idem_core::http::IdempotencyLayer;
 use idem_core::{Fingerprint, Idempotency, Key, idempotent};
@@ -72,14 +70,10 @@ fn measured_keys(requests: &[ChargeRequest]) {
     }
 }
 
-async fn handler(Json(req): Json<ChargeRequest>) -> Json<Receipt> {
-    Json(charge(&req))
-}
-
 /// The charge handler, behind the idempotency layer on the memory store or
 /// bare.
 fn router(layered: bool) -> axum::Router {
-    let router = axum::Router::new().route("/charges", post(handler));
+    let router = benches::charges_router();
     if layered {
         router.layer(IdempotencyLayer::unscoped(Idempotency::memory()))
     } else {
@@ -88,7 +82,7 @@ fn router(layered: bool) -> axum::Router {
 }
 
 /// A request of about 1 KB of JSON, under one idempotency key.
-fn kilobyte_request(body: &bytes::Bytes) -> http::Request<Body> {
+fn layer_request(body: &bytes::Bytes) -> http::Request<Body> {
     http::Request::post("/charges")
         .header("content-type", "application/json")
         .header("idempotency-key", "\"order-1\"")
@@ -99,7 +93,7 @@ fn kilobyte_request(body: &bytes::Bytes) -> http::Request<Body> {
 async fn send(router: &axum::Router, body: &bytes::Bytes) {
     let response = router
         .clone()
-        .call(kilobyte_request(body))
+        .call(layer_request(body))
         .await
         .expect("an answer");
     assert!(response.status().is_success(), "{}", response.status());
@@ -125,9 +119,9 @@ fn measured_layer(
 }
 
 fn kilobyte_body() -> bytes::Bytes {
-    let mut req = request(1);
-    req.description = req.description.repeat(16);
-    serde_json::to_vec(&req).expect("JSON").into()
+    serde_json::to_vec(&benches::kilobyte_request(1))
+        .expect("JSON")
+        .into()
 }
 
 fn main() {
