@@ -3,8 +3,9 @@
 //!
 //! Users pick a store ([`MemoryStore`](crate::MemoryStore), a Redis store,
 //! or one by URL with [`connect`](crate::connect)) and hand it to an
-//! [`Idempotency`](crate::Idempotency) handle; they need nothing else from
-//! this module. This module is for those who write a store.
+//! [`Idempotency`](crate::Idempotency) handle; from this module they may
+//! want only [`ReplayCache`], which answers hot replays in process in front
+//! of any store. The rest is for those who write a store.
 //!
 //! A store keeps, per [`Key`], either an *in-progress claim*
 //! (the holder's [`Token`], the call's [`Fingerprint`]
@@ -79,10 +80,12 @@ mod record;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+mod replay_cache;
 
 pub use crate::error::{StoreError, StoreErrorKind};
 pub(crate) use connect::connect;
 pub use record::{Outcome, Record};
+pub use replay_cache::ReplayCache;
 
 /// The future a [`Store`] operation returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
