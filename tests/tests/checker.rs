@@ -1,4 +1,5 @@
-//! The exactly-once checker on every built-in backend (memory; a Redis
+//! The exactly-once checker on every built-in backend (memory, also behind
+//! a `ReplayCache`; a Redis
 //! node, also behind breaking connections and killed and restarted; a Redis
 //! Cluster, also while its slots move; PostgreSQL, also behind breaking
 //! connections and in transactional mode), and on the consumer core and the
@@ -46,6 +47,34 @@ fn paused_runtime() -> tokio::runtime::Runtime {
 
 mod memory {
     idem_test::exactly_once_suite!(super::Memory);
+}
+
+/// The memory store behind a `ReplayCache` of eight records, each kept for
+/// 2 s of the paused clock: replays answered in process, records pushed out
+/// and read again, and replays of records that expired in the store (the
+/// cache's documented window, which the expiring keys' excuse covers).
+struct CachedMemory;
+
+impl Backend for CachedMemory {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(idem_core::store::ReplayCache::new(
+            MemoryStore::new(),
+            8,
+            Duration::from_secs(2),
+        ))
+    }
+
+    fn timing(&self) -> Timing {
+        Memory.timing()
+    }
+
+    fn follows_tokio_clock(&self) -> bool {
+        true
+    }
+}
+
+mod memory_replay_cache {
+    idem_test::exactly_once_suite!(super::CachedMemory);
 }
 
 #[cfg(feature = "redis")]
