@@ -105,6 +105,8 @@ mod canonical;
 mod codec;
 mod engine;
 mod error;
+#[cfg(any(feature = "tower", feature = "postgres"))]
+mod finish;
 mod flight;
 mod handle;
 mod key;

@@ -1500,12 +1500,8 @@ async fn transactional_claims_are_visible_and_forgettable() {
     assert_eq!(rerun.unwrap(), 2);
 }
 
-/// A `begin` delayed on its way to the database times out; the call answers
-/// a store error at once and clears its claim on another connection. The
-/// `begin` arriving after the clearing must not claim the key: the retry
-/// runs at once instead of waiting out an orphan claim's lease.
-#[tokio::test]
-async fn a_begin_that_lands_after_its_clearing_claims_nothing() {
+/// A proxy in front of the shared server, and the URL that goes through it.
+async fn behind_a_proxy() -> (idem_test::proxy::Proxy, String) {
     use idem_test::proxy::{Fault, Proxy};
     let server: std::net::SocketAddr = format!("127.0.0.1:{}", shared().port()).parse().unwrap();
     let proxy = Proxy::start(server, |_| Fault::Pass).await.unwrap();
@@ -1513,6 +1509,88 @@ async fn a_begin_that_lands_after_its_clearing_claims_nothing() {
         &format!("127.0.0.1:{}", shared().port()),
         &proxy.addr().to_string(),
     );
+    (proxy, url)
+}
+
+/// A transactional call whose `BEGIN` times out on its way must not leave
+/// its transaction open on the pooled connection once the `BEGIN` lands:
+/// the next user of that connection would run inside it, and a record
+/// written there would be uncommitted, invisible to every other process,
+/// and rolled back when the idle limit ends the session, so that a retry
+/// runs the body again; and the key's advisory lock would stay taken.
+#[tokio::test]
+async fn a_transactional_begin_that_times_out_leaves_no_transaction_open() {
+    let server = shared();
+    ensure_charges(server);
+    let (proxy, url) = behind_a_proxy().await;
+    // One connection, so that the next call gets the one the `BEGIN` used.
+    let store = PostgresStore::builder(url)
+        .response_timeout(Duration::from_millis(300))
+        .max_connections(1)
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let idem = Idempotency::new(store.clone());
+    let (key, fp) = fresh("late-transactional-begin");
+    // A transaction's `BEGIN` goes as a simple query (`Q`), the claim and
+    // the record as prepared statements.
+    proxy.hold_next_request(b"Q");
+    let timed_out = store
+        .run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
+            Box::pin(async move { Ok::<_, ChargeError>(1_i64) })
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&timed_out, ChargeError::Idem(m) if m.contains("took longer than")),
+        "{timed_out:?}"
+    );
+    proxy.deliver();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A plain call on the same pool, then what another process sees.
+    let runs = Runs::default();
+    let (plain, plain_fp) = fresh("after-a-late-begin");
+    idem.run(&Settings::DEFAULT, plain, plain_fp, async {
+        Ok::<_, Failure>(runs.mark())
+    })
+    .await
+    .expect("a plain call after the late begin");
+    let elsewhere = Idempotency::new(connect(&server.url()).await);
+    assert!(
+        matches!(
+            elsewhere.inspect(plain).await.unwrap(),
+            idem_core::store::Inspection::Completed { .. }
+        ),
+        "the plain call's record is not committed: it ran inside the late BEGIN's transaction"
+    );
+    // And the timed-out call's key is free: its retry runs elsewhere at once.
+    let retried = connect(&server.url())
+        .await
+        .run_in_transaction(
+            &Settings::builder()
+                .on_conflict(OnConflict::Reject)
+                .build()
+                .unwrap(),
+            key,
+            fp,
+            |_tx| Box::pin(async move { Ok::<_, ChargeError>(2_i64) }),
+        )
+        .await;
+    assert_eq!(
+        retried.unwrap(),
+        2,
+        "the key's advisory lock is still taken"
+    );
+}
+
+/// A `begin` delayed on its way to the database times out; the call answers
+/// a store error at once and clears its claim on another connection. The
+/// `begin` arriving after the clearing must not claim the key: the retry
+/// runs at once instead of waiting out an orphan claim's lease.
+#[tokio::test]
+async fn a_begin_that_lands_after_its_clearing_claims_nothing() {
+    let (proxy, url) = behind_a_proxy().await;
     let store = PostgresStore::builder(url)
         .response_timeout(Duration::from_millis(300))
         .max_connections(4)

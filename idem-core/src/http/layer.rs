@@ -25,6 +25,7 @@ use super::problem::{DEFAULT_DOCS, Kind, Problem};
 use super::stored::StoredResponse;
 use crate::codec::ResultCodec;
 use crate::error::Error;
+use crate::finish::FinishOnDrop;
 use crate::handle::Idempotency;
 use crate::key::{Fingerprint, Key};
 use crate::observe::Operation;
@@ -623,10 +624,13 @@ where
             // request's span, so that the call's span and events stay
             // inside the request's (a trace layer's, an operator's).
             let (head, mut streamed) = oneshot::channel();
-            let mut task = FinishOnDrop::new(tracing::Instrument::instrument(
-                guarded(Arc::clone(&config), inner, request, key, fingerprint, head),
-                tracing::Span::current(),
-            ));
+            let mut task = FinishOnDrop::new(
+                "a request's call",
+                tracing::Instrument::instrument(
+                    guarded(Arc::clone(&config), inner, request, key, fingerprint, head),
+                    tracing::Span::current(),
+                ),
+            );
             // A response streamed while it is copied comes as soon as its
             // head is known (and before the call ends); every other answer
             // when the call is recorded.
@@ -681,57 +685,6 @@ fn unreplayable_problem(error: &Error) -> Problem {
             )
         }
         error => Problem::of(error),
-    }
-}
-
-/// A future polled in place by the request that awaits it, and moved to a
-/// task of its own when that request is dropped before it ends (a client
-/// that hung up, or a streamed response whose body it goes on copying), so
-/// that the call still ends and records its response. A task for every
-/// request instead would cost each one a spawn and, on a runtime whose other
-/// workers sleep, the wake of one to run it. A panic that escapes it is
-/// answered as `Err` with its payload.
-struct FinishOnDrop<F: Future<Output: Send + 'static> + Send + 'static> {
-    future: Option<Pin<Box<F>>>,
-}
-
-impl<F: Future<Output: Send + 'static> + Send + 'static> FinishOnDrop<F> {
-    fn new(future: F) -> Self {
-        Self {
-            future: Some(Box::pin(future)),
-        }
-    }
-}
-
-impl<F: Future<Output: Send + 'static> + Send + 'static> Future for FinishOnDrop<F> {
-    type Output = Result<F::Output, Box<dyn Any + Send>>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(future) = self.future.as_mut() else {
-            return Poll::Ready(Err(Box::new("polled after it ended")));
-        };
-        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx)));
-        let output = match polled {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(output)) => Ok(output),
-            Err(panic) => Err(panic),
-        };
-        self.future = None;
-        Poll::Ready(output)
-    }
-}
-
-impl<F: Future<Output: Send + 'static> + Send + 'static> Drop for FinishOnDrop<F> {
-    fn drop(&mut self) {
-        if let Some(future) = self.future.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn(future)),
-                // The runtime is gone: so would a task of its own be.
-                Err(_) => tracing::warn!(
-                    "idem: a request's call was dropped with its runtime before it ended"
-                ),
-            }
-        }
     }
 }
 

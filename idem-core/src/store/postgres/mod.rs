@@ -196,7 +196,7 @@ impl PostgresStore {
     /// The database's, e.g. when the role may not create tables.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         self.timed("migrate", async {
-            let mut tx = self.inner.pool.begin().await?;
+            let mut tx = begin_on(&self.inner.pool, None).await?;
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
                 .bind(&self.inner.sql.channel)
                 .execute(&mut *tx)
@@ -588,6 +588,29 @@ const HOLDER_LOCK: &str = "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.
 
 /// The longest a waiter relies on `NOTIFY` before it looks at the key again.
 const WATCH_FALLBACK: Duration = Duration::from_secs(1);
+
+/// Begins a transaction on `pool` with `statement` (a plain `BEGIN` when
+/// `None`). A `BEGIN` cut off on its way (a timeout, a dropped call) goes
+/// on in a task of its own, whose transaction is then rolled back as it is
+/// dropped: sqlx rolls back only a transaction whose `BEGIN` it saw
+/// answered, and would otherwise return the connection to the pool inside
+/// it, where the next user's statements would run uncommitted (and a
+/// transactional call's advisory lock would stay taken).
+async fn begin_on(
+    pool: &PgPool,
+    statement: Option<String>,
+) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    let opening = crate::finish::FinishOnDrop::new("a PostgreSQL BEGIN", async move {
+        match statement {
+            Some(statement) => pool.begin_with(statement).await,
+            None => pool.begin().await,
+        }
+    });
+    opening
+        .await
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis())

@@ -102,7 +102,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Postgres, Row as _, Transaction};
 use tracing::Instrument as _;
 
-use super::{PostgresStore, begin_answer, millis, store_error, token_bytes};
+use super::{PostgresStore, begin_answer, begin_on, millis, store_error, token_bytes};
 use crate::codec::{ResultCodec, Serde, SerdeCaching};
 use crate::engine::to_record;
 use crate::error::{Error, StoreError, StoreErrorKind};
@@ -371,7 +371,7 @@ impl PostgresStore {
                 idle_limit(settings.lease()),
             );
             let mut tx = self
-                .timed("begin", self.inner.pool.begin_with(begin))
+                .timed("begin", begin_on(&self.inner.pool, Some(begin)))
                 .await?;
             // Claims the key if the lock was taken, or reads what it holds: a
             // committed call is replayed (the transaction, which wrote
