@@ -42,6 +42,9 @@ enum Answer {
     Ok(i64),
     BodyErr(i64),
     Idem(String),
+    /// The store failed: a pool exhausted or a server slower than the
+    /// response timeout, on a loaded machine. Failing closed is allowed.
+    StoreFailed(String),
     Panicked,
     Cancelled,
 }
@@ -51,11 +54,15 @@ enum Answer {
 enum TxError {
     Body(i64),
     Idem(String),
+    Store(String),
 }
 
 impl From<Error> for TxError {
     fn from(error: Error) -> Self {
-        Self::Idem(error.to_string())
+        match error {
+            Error::Store(_) => Self::Store(error.to_string()),
+            _ => Self::Idem(error.to_string()),
+        }
     }
 }
 
@@ -151,6 +158,7 @@ pub async fn check_transactional_seed(
                     Some(Ok(Ok(run))) => Answer::Ok(run),
                     Some(Ok(Err(TxError::Body(run)))) => Answer::BodyErr(run),
                     Some(Ok(Err(TxError::Idem(kind)))) => Answer::Idem(kind),
+                    Some(Ok(Err(TxError::Store(why)))) => Answer::StoreFailed(why),
                 };
                 (key, answer, arrives, start.elapsed())
             }
@@ -186,7 +194,12 @@ pub async fn check_transactional_seed(
     }
     for (key, answer, arrived, _) in &answers {
         let late = done_at.get(key).is_some_and(|done| arrived > done);
-        if late && !matches!(answer, Answer::Ok(_) | Answer::Cancelled) {
+        // It replays, or fails closed: a store that fails is no answer.
+        let replayed = matches!(
+            answer,
+            Answer::Ok(_) | Answer::Cancelled | Answer::StoreFailed(_)
+        );
+        if late && !replayed {
             return Err(format!(
                 "seed {seed}: a call of key {key} arriving after its run committed answered \
                  {answer:?}, not the replay; answers {answers:?}"
