@@ -25,8 +25,48 @@ pub fn watch(pid: u32) {
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    listener.local_addr().expect("a local address").port()
+    free_port_with(&[])
+}
+
+/// A free loopback port `p` such that `p + offset` is free too for each of
+/// `offsets` (a Redis Cluster node's bus port is its port + 10000).
+///
+/// The ports are drawn below the system's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), where no client connection takes its
+/// local port: a server killed and restarted on its port finds it free,
+/// instead of taken by a connection some client opened meanwhile.
+pub fn free_port_with(offsets: &[u16]) -> u16 {
+    const LOWEST: u16 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let highest = ephemeral.saturating_sub(offsets.iter().copied().max().unwrap_or(0));
+    let free = |port: u16| {
+        offsets
+            .iter()
+            .map(|offset| port.checked_add(*offset))
+            .chain([Some(port)])
+            .all(|p| p.is_some_and(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()))
+    };
+    if highest > LOWEST + 1_000 {
+        for _ in 0..500 {
+            let port = rand::random_range(LOWEST..highest);
+            if free(port) {
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: any port the system hands out.
+    for _ in 0..500 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let port = listener.local_addr().expect("a local address").port();
+        drop(listener);
+        if free(port) {
+            return port;
+        }
+    }
+    panic!("found no free loopback port (with {offsets:?} above it)");
 }
 
 /// Whether this process runs as root (servers such as PostgreSQL refuse to).

@@ -12,7 +12,7 @@
 //! an older one is a panic that says so.
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -68,14 +68,7 @@ pub struct RedisCluster {
 
 /// A free loopback port whose cluster bus port (+10000) is free too.
 pub fn free_port() -> u16 {
-    for _ in 0..200 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-        let port = listener.local_addr().expect("a local address").port();
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
-        }
-    }
-    panic!("found no free loopback port pair for redis-server");
+    crate::process::free_port_with(&[10_000])
 }
 
 impl RedisServer {
