@@ -21,8 +21,16 @@ struct Fixture {
 }
 
 fn fixture(capacity: usize, ttl: Duration) -> Fixture {
+    fixture_with(ReplayCache::new, capacity, ttl)
+}
+
+fn fixture_with(
+    cache: impl FnOnce(Arc<Flaky>, usize, Duration) -> ReplayCache<Arc<Flaky>>,
+    capacity: usize,
+    ttl: Duration,
+) -> Fixture {
     let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
-    let cache = Arc::new(ReplayCache::new(flaky.clone(), capacity, ttl));
+    let cache = Arc::new(cache(flaky.clone(), capacity, ttl));
     Fixture {
         idem: Idempotency::new(cache.clone()),
         flaky,
@@ -191,6 +199,34 @@ async fn the_cache_holds_at_most_its_capacity_dropping_the_least_used() {
     }
     assert!(f.cache.len() <= 100, "{} records kept", f.cache.len());
     assert!(f.cache.len() >= 50, "{} records kept", f.cache.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_larger_than_the_limit_are_always_read_from_the_store() {
+    let f = fixture_with(
+        |store, capacity, ttl| ReplayCache::new(store, capacity, ttl).max_record_size(64),
+        100,
+        CACHE_TTL,
+    );
+    let (small, large) = (key("small"), key("large"));
+    let settings = settings();
+    for _ in 0..3 {
+        f.idem
+            .run(&settings, small, Fingerprint::of(&1).unwrap(), async {
+                Ok::<_, Failure>("x".repeat(10))
+            })
+            .await
+            .unwrap();
+        f.idem
+            .run(&settings, large, Fingerprint::of(&1).unwrap(), async {
+                Ok::<_, Failure>("x".repeat(100))
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(f.flaky.begins(small), 2, "kept");
+    assert_eq!(f.flaky.begins(large), 3, "never kept");
+    assert_eq!(f.cache.len(), 1);
 }
 
 #[tokio::test(start_paused = true)]

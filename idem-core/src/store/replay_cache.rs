@@ -15,6 +15,8 @@ use super::{
 };
 use crate::key::{Fingerprint, Key};
 
+/// Records larger than this are not kept, unless set otherwise.
+const MAX_RECORD_SIZE: usize = 64 * 1024;
 /// Below this many records one shard is enough.
 const SHARDED_FROM: usize = 64;
 /// Shards of a larger cache, each behind its own lock.
@@ -68,12 +70,16 @@ const SHARDS: usize = 16;
 ///
 /// The cache holds at most `capacity` records (the least recently used are
 /// dropped first), each costing its key, fingerprint, payload and ≈100
-/// bytes; a `capacity` or `ttl` of zero caches nothing. A replay answered
-/// from the cache is told and counted as any replay (`replayed`).
+/// bytes. Records whose payload is larger than 64 KiB are not kept (see
+/// [`max_record_size`](Self::max_record_size)), so the cache's memory is
+/// bounded by `capacity` × (64 KiB + ≈170 bytes). A `capacity` or `ttl` of
+/// zero caches nothing. A replay answered from the cache is told and
+/// counted as any replay (`replayed`).
 pub struct ReplayCache<S> {
     inner: S,
     shards: Box<[Mutex<LruCache<Key, Kept>>]>,
     ttl: Duration,
+    max_record_size: usize,
     /// Raised by every `forget`: a record the store handed out before a
     /// forget is not kept after it.
     forgets: AtomicU64,
@@ -99,8 +105,17 @@ impl<S: Store> ReplayCache<S> {
                 .map(|_| Mutex::new(LruCache::new(per_shard)))
                 .collect(),
             ttl: if per_shard == 0 { Duration::ZERO } else { ttl },
+            max_record_size: MAX_RECORD_SIZE,
             forgets: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps only records whose payload is at most `bytes` long (64 KiB
+    /// unless set): larger ones are always read from the store.
+    #[must_use]
+    pub fn max_record_size(mut self, bytes: usize) -> Self {
+        self.max_record_size = bytes;
+        self
     }
 
     /// The store behind the cache.
@@ -148,7 +163,7 @@ impl<S: Store> ReplayCache<S> {
     /// Keeps `record`, handed out by the store for `key`, unless a forget
     /// began since `forgets` was read.
     fn keep(&self, key: Key, fingerprint: Fingerprint, record: &Record, forgets: u64) {
-        if self.ttl.is_zero() {
+        if self.ttl.is_zero() || record.payload().len() > self.max_record_size {
             return;
         }
         let mut shard = lock(self.shard(&key));
@@ -183,6 +198,7 @@ impl<S> std::fmt::Debug for ReplayCache<S> {
         f.debug_struct("ReplayCache")
             .field("shards", &self.shards.len())
             .field("ttl", &self.ttl)
+            .field("max_record_size", &self.max_record_size)
             .finish_non_exhaustive()
     }
 }
