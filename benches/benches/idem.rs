@@ -969,6 +969,13 @@ async fn main() {
         println!("written to {}", dir.display());
         return;
     }
+    if args.iter().any(|a| a == "redis") {
+        // `cargo bench -p benches -- redis`: the Redis tables alone.
+        redis_figures(&mut report).await;
+        std::fs::write(dir.join("redis.md"), &report.markdown).expect("the report");
+        println!("written to {}", dir.display());
+        return;
+    }
     let memory_storm = memory_figures(&mut report).await;
     let redis_storm = redis_figures(&mut report).await;
     postgres_figures(&mut report).await;
