@@ -817,17 +817,48 @@ fn check_transactional_seeds(seeds: &[u64]) -> usize {
         .enable_all()
         .build()
         .unwrap();
+    // The pool's sessions carry a name of their own, to be told apart.
+    const SESSIONS: &str = "idem-checker-transactional";
     let reports = runtime.block_on(async {
-        let store = idem_core::PostgresStore::builder(shared().url())
-            .response_timeout(RESPONSE_TIMEOUT)
-            .max_connections(12)
-            .connect()
-            .await
-            .unwrap();
+        let store = idem_core::PostgresStore::builder(format!(
+            "{}?application_name={SESSIONS}",
+            shared().url()
+        ))
+        .response_timeout(RESPONSE_TIMEOUT)
+        .max_connections(12)
+        .connect()
+        .await
+        .unwrap();
         let checks = seeds
             .iter()
             .map(|&seed| idem_test::checker::check_transactional_seed(store.clone(), seed));
-        futures_util::future::join_all(checks).await
+        let reports = futures_util::future::join_all(checks).await;
+        // Once every call ended, no session of the pool stays inside a
+        // transaction: a call cut off (cancelled, timed out, panicked)
+        // rolls its own back as its connection returns to the pool, within
+        // milliseconds, where a leaked one would stay open until the idle
+        // limit ends it, and the next user of the connection would run
+        // inside it.
+        let mut open = 0;
+        for _ in 0..25 {
+            open = sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+            )
+            .bind(SESSIONS)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            if open == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            open, 0,
+            "sessions left inside a transaction after every call of seeds {seeds:?} ended"
+        );
+        reports
     });
     reports
         .into_iter()
