@@ -52,6 +52,7 @@ pub enum Fault {
 pub struct Proxy {
     addr: SocketAddr,
     connections: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
     /// Whose requests are held back.
     held: Arc<tokio::sync::watch::Sender<Hold>>,
     task: JoinHandle<()>,
@@ -72,6 +73,8 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let connections = Arc::new(AtomicU64::new(0));
         let counter = connections.clone();
+        let requests = Arc::new(AtomicU64::new(0));
+        let sent = requests.clone();
         let held = Arc::new(tokio::sync::watch::Sender::new(Hold::None));
         let hold = held.clone();
         let task = tokio::spawn(async move {
@@ -81,6 +84,7 @@ impl Proxy {
                 let gate = Gate {
                     number,
                     held: hold.clone(),
+                    sent: sent.clone(),
                 };
                 tokio::spawn(async move {
                     // A connection that fails only ends early, as on a network.
@@ -91,6 +95,7 @@ impl Proxy {
         Ok(Self {
             addr,
             connections,
+            requests,
             held,
             task,
         })
@@ -106,6 +111,14 @@ impl Proxy {
     #[must_use]
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// How many requests clients sent: each read of a client's bytes, so a
+    /// request may count once or as several, and requests sent together
+    /// once; enough to tell a quiet connection from a busy one.
+    #[must_use]
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
     }
 
     /// Holds back the next request a client sends that starts with
@@ -143,12 +156,14 @@ enum Hold {
 struct Gate {
     number: u64,
     held: Arc<tokio::sync::watch::Sender<Hold>>,
+    sent: Arc<AtomicU64>,
 }
 
 impl Gate {
     /// Waits while this connection's requests are held back, `request`
     /// the bytes about to be forwarded.
     async fn open(&self, request: &[u8]) {
+        self.sent.fetch_add(1, Ordering::SeqCst);
         let number = self.number;
         self.held.send_if_modified(|hold| {
             let take = matches!(hold, Hold::Next(prefix) if request.starts_with(prefix));

@@ -1584,6 +1584,61 @@ async fn a_transactional_begin_that_times_out_leaves_no_transaction_open() {
     );
 }
 
+/// Calls that time out waiting for a pooled connection leave nothing behind
+/// them: once the connection is free, no abandoned wait goes on to open
+/// (and roll back) a transaction of its own, taking its key's lock for a
+/// moment and the connection from live calls. Each answer is 20 ms late, so
+/// twenty abandoned transactions would keep the connection busy for most of
+/// a second.
+#[tokio::test]
+async fn calls_that_time_out_waiting_for_a_connection_leave_nothing_behind() {
+    use idem_test::proxy::{Fault, Proxy};
+    let server = shared();
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+    let proxy = Proxy::start(address, |_| Fault::Delay(Duration::from_millis(20)))
+        .await
+        .unwrap();
+    let url = server.url().replace(
+        &format!("127.0.0.1:{}", server.port()),
+        &proxy.addr().to_string(),
+    );
+    let store = PostgresStore::builder(url)
+        .response_timeout(Duration::from_millis(300))
+        .max_connections(1)
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let call = |name: String| {
+        let store = store.clone();
+        async move {
+            let (key, fp) = fresh(&name);
+            store
+                .run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
+                    Box::pin(async move { Ok::<_, ChargeError>(1_i64) })
+                })
+                .await
+        }
+    };
+    let held = store.pool().acquire().await.unwrap();
+    let waits = (0..20).map(|n| call(format!("pool-wait-{n}")));
+    for answer in futures_util::future::join_all(waits).await {
+        assert!(
+            matches!(&answer, Err(ChargeError::Idem(m)) if m.contains("took longer than")),
+            "{answer:?}"
+        );
+    }
+    drop(held);
+    let before = proxy.requests();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = proxy.requests() - before;
+    assert!(
+        sent <= 2,
+        "{sent} requests reached the database after the waits were abandoned"
+    );
+    let next = call("pool-wait-next".to_owned()).await;
+    assert_eq!(next, Ok(1));
+}
+
 /// A `begin` delayed on its way to the database times out; the call answers
 /// a store error at once and clears its claim on another connection. The
 /// `begin` arriving after the clearing must not claim the key: the retry

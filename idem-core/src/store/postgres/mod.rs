@@ -590,23 +590,25 @@ const HOLDER_LOCK: &str = "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.
 const WATCH_FALLBACK: Duration = Duration::from_secs(1);
 
 /// Begins a transaction on `pool` with `statement` (a plain `BEGIN` when
-/// `None`). A `BEGIN` cut off on its way (a timeout, a dropped call) goes
-/// on in a task of its own, whose transaction is then rolled back as it is
-/// dropped: sqlx rolls back only a transaction whose `BEGIN` it saw
-/// answered, and would otherwise return the connection to the pool inside
-/// it, where the next user's statements would run uncommitted (and a
+/// `None`).
+///
+/// Waiting for a connection stays in the caller's future: cut off there, it
+/// just ends. The `BEGIN` itself, cut off on its way (a timeout, a dropped
+/// call), goes on in a task of its own, whose transaction is then rolled
+/// back as it is dropped: sqlx rolls back only a transaction whose `BEGIN`
+/// it saw answered, and would otherwise return the connection to the pool
+/// inside it, where the next user's statements would run uncommitted (and a
 /// transactional call's advisory lock would stay taken).
 async fn begin_on(
     pool: &PgPool,
     statement: Option<String>,
 ) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
-    let pool = pool.clone();
-    let opening = crate::finish::FinishOnDrop::new("a PostgreSQL BEGIN", async move {
-        match statement {
-            Some(statement) => pool.begin_with(statement).await,
-            None => pool.begin().await,
-        }
-    });
+    let connection = pool.acquire().await?;
+    // What `Pool::begin_with` does once it holds a connection.
+    let opening = crate::finish::FinishOnDrop::new(
+        "a PostgreSQL BEGIN",
+        sqlx::Transaction::begin(connection, statement.map(Into::into)),
+    );
     opening
         .await
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
