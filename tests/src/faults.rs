@@ -42,6 +42,9 @@ pub enum Op {
     Release,
     /// [`Store::renew`].
     Renew,
+    /// [`Store::forget`]: faulted only when injected, never by a
+    /// [`Schedule`].
+    Forget,
 }
 
 /// What goes wrong with one operation.
@@ -62,6 +65,10 @@ pub enum Fault {
     /// The operation is refused as a full store refuses a write (a Redis at
     /// `maxmemory` answers `OOM`): [`StoreErrorKind::Full`], nothing applied.
     Full,
+    /// The operation reaches the store after the delay, and its answer
+    /// takes as long again to come back, as over a slow network: a caller
+    /// cut off after it landed never hears that it did.
+    Slow(Duration),
     /// A renewal that never reaches the store, while its caller is told it
     /// did, as a holder paused past its lease (a GC pause, a frozen VM)
     /// experiences it: see [`Flaky::stall`].
@@ -290,6 +297,15 @@ impl Flaky {
                     answer
                 })
             }
+            Some(Fault::Slow(delay)) => {
+                let inner = Arc::clone(&self.inner);
+                Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    let answer = call(&*inner).await;
+                    tokio::time::sleep(delay).await;
+                    answer
+                })
+            }
             Some(Fault::LandsLate(delay)) => {
                 let inner = Arc::clone(&self.inner);
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -394,7 +410,7 @@ impl Store for Flaky {
     }
 
     fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
-        self.inner.forget(key)
+        self.faulty(Op::Forget, key, move |store| store.forget(key))
     }
 
     fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
