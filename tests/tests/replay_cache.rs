@@ -136,6 +136,87 @@ async fn a_replay_read_before_a_forget_is_not_kept_after_it() {
     assert_eq!(f.call(&settings(), k, 1).await.unwrap(), 2);
 }
 
+/// A forget cut off after it landed in the store (its caller timed out)
+/// still drops what a replay racing it kept.
+#[tokio::test(start_paused = true)]
+async fn a_forget_cut_off_still_drops_what_a_racing_replay_kept() {
+    let f = Arc::new(fixture(100, CACHE_TTL));
+    let k = key("forget-cut-off");
+    f.call(&settings(), k, 1).await.unwrap();
+    // The forget lands at 1 s and would be answered at 2 s; its caller
+    // gives up at 1.5 s.
+    f.flaky
+        .inject(Op::Forget, Fault::Slow(Duration::from_secs(1)));
+    let forget = tokio::spawn({
+        let f = f.clone();
+        async move { tokio::time::timeout(Duration::from_millis(1500), f.idem.forget(k)).await }
+    });
+    // A replay that reads the store at 0.5 s, before the forget lands, and
+    // hears back at 2.5 s.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.flaky
+        .inject(Op::Begin, Fault::Delayed(Duration::from_secs(2)));
+    let replay = tokio::spawn({
+        let f = f.clone();
+        async move { f.call(&settings(), k, 1).await }
+    });
+    assert!(
+        forget.await.unwrap().is_err(),
+        "the forget's caller gave up"
+    );
+    assert_eq!(replay.await.unwrap().unwrap(), 1, "the replay read before");
+    assert!(f.cache.is_empty(), "kept a record forgotten meanwhile");
+    assert_eq!(f.call(&settings(), k, 1).await.unwrap(), 2);
+}
+
+/// Any ttl, `Duration::MAX` too, keeps records without overflowing.
+#[tokio::test(start_paused = true)]
+async fn a_ttl_of_any_length_keeps_records() {
+    let f = fixture(8, Duration::MAX);
+    let k = key("forever");
+    for _ in 0..3 {
+        f.call(&settings(), k, 1).await.unwrap();
+    }
+    assert_eq!(f.flaky.begins(k), 2);
+}
+
+/// A record's time in the cache counts from when its replay asked the
+/// store, not from when the answer came.
+#[tokio::test(start_paused = true)]
+async fn a_records_ttl_counts_from_when_its_replay_asked() {
+    let f = fixture(100, CACHE_TTL);
+    let k = key("slow-answer");
+    f.call(&settings(), k, 1).await.unwrap();
+    f.flaky
+        .inject(Op::Begin, Fault::Delayed(Duration::from_secs(2)));
+    f.call(&settings(), k, 1).await.unwrap();
+    tokio::time::sleep(CACHE_TTL - Duration::from_secs(2)).await;
+    f.call(&settings(), k, 1).await.unwrap();
+    assert_eq!(
+        f.flaky.begins(k),
+        3,
+        "aged out a ttl after it was asked for"
+    );
+}
+
+/// Records that aged out are dropped as others are kept after them, not
+/// held until their shard fills.
+#[tokio::test(start_paused = true)]
+async fn records_that_aged_out_are_dropped_as_others_are_kept() {
+    let f = fixture(8, CACHE_TTL);
+    for i in 0..4 {
+        let k = key(&format!("aging-{i}"));
+        f.call(&settings(), k, 1).await.unwrap();
+        f.call(&settings(), k, 1).await.unwrap();
+    }
+    assert_eq!(f.cache.len(), 4);
+    tokio::time::sleep(CACHE_TTL).await;
+    let k = key("fresh");
+    f.call(&settings(), k, 1).await.unwrap();
+    f.call(&settings(), k, 1).await.unwrap();
+    assert_eq!(f.cache.len(), 1, "only the fresh record is held");
+}
+
 #[tokio::test(start_paused = true)]
 async fn records_leave_the_cache_after_its_ttl() {
     let f = fixture(100, CACHE_TTL);

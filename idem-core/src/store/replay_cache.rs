@@ -15,6 +15,8 @@ use super::{
 };
 use crate::key::{Fingerprint, Key};
 
+/// A longer ttl counts as this long.
+const LONGEST_TTL: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// Records larger than this are not kept, unless set otherwise.
 const MAX_RECORD_SIZE: usize = 64 * 1024;
 /// Below this many records one shard is enough.
@@ -52,7 +54,7 @@ const SHARDS: usize = 16;
 /// A completed record never changes in the store until it expires or is
 /// forgotten, so answering it from memory gives the same answer, with two
 /// exceptions, both bounded by the cache's `ttl` (measured from when the
-/// store handed the record out):
+/// replay that read the record asked the store for it):
 ///
 /// - **A record that expired in the store** is still replayed from the
 ///   cache, and a call of the same key with other arguments is still
@@ -68,12 +70,16 @@ const SHARDS: usize = 16;
 /// [`inspect`](Store::inspect) and the other operators' operations always
 /// read the store.
 ///
-/// The cache holds at most `capacity` records (the least recently used are
-/// dropped first), each costing its key, fingerprint, payload and ≈100
-/// bytes. Records whose payload is larger than 64 KiB are not kept (see
+/// The cache holds at most `capacity` records, each costing its key,
+/// fingerprint, payload and ≈100 bytes. From 64 records on it is split into
+/// 16 shards of keys, each with a sixteenth of the capacity and its own
+/// lock, and a full shard drops its least recently used record. Records
+/// whose payload is larger than 64 KiB are not kept (see
 /// [`max_record_size`](Self::max_record_size)), so the cache's memory is
-/// bounded by `capacity` × (64 KiB + ≈170 bytes). A `capacity` or `ttl` of
-/// zero caches nothing. A replay answered from the cache is told and
+/// bounded by `capacity` × (64 KiB + ≈170 bytes); records that aged out are
+/// dropped when they are next looked up or when a record is kept after
+/// them. A `capacity` or `ttl` of zero caches nothing; a `ttl` over a year
+/// counts as a year. A replay answered from the cache is told and
 /// counted as any replay (`replayed`).
 pub struct ReplayCache<S> {
     inner: S,
@@ -104,7 +110,11 @@ impl<S: Store> ReplayCache<S> {
             shards: (0..shards)
                 .map(|_| Mutex::new(LruCache::new(per_shard)))
                 .collect(),
-            ttl: if per_shard == 0 { Duration::ZERO } else { ttl },
+            ttl: if per_shard == 0 {
+                Duration::ZERO
+            } else {
+                ttl.min(LONGEST_TTL)
+            },
             max_record_size: MAX_RECORD_SIZE,
             forgets: AtomicU64::new(0),
         }
@@ -160,20 +170,36 @@ impl<S: Store> ReplayCache<S> {
         })
     }
 
-    /// Keeps `record`, handed out by the store for `key`, unless a forget
-    /// began since `forgets` was read.
-    fn keep(&self, key: Key, fingerprint: Fingerprint, record: &Record, forgets: u64) {
+    /// Keeps `record`, handed out by the store for `key` when asked at
+    /// `asked`, unless a forget began since `forgets` was read; drops the
+    /// records that aged out before it.
+    fn keep(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        record: &Record,
+        asked: Instant,
+        forgets: u64,
+    ) {
         if self.ttl.is_zero() || record.payload().len() > self.max_record_size {
             return;
         }
+        let now = Instant::now();
         let mut shard = lock(self.shard(&key));
+        while shard
+            .iter()
+            .next()
+            .is_some_and(|(_, kept)| kept.until <= now)
+        {
+            shard.remove_lru();
+        }
         if self.forgets.load(Ordering::Acquire) == forgets {
             shard.insert(
                 key,
                 Kept {
                     fingerprint,
                     record: record.clone(),
-                    until: Instant::now() + self.ttl,
+                    until: asked + self.ttl,
                 },
             );
         }
@@ -182,6 +208,18 @@ impl<S: Store> ReplayCache<S> {
     fn drop_kept(&self, key: Key) {
         self.forgets.fetch_add(1, Ordering::AcqRel);
         lock(self.shard(&key)).remove(&key);
+    }
+}
+
+/// Drops the cache's copy of `key` when dropped.
+struct DropKeptOnDrop<'a, S: Store> {
+    cache: &'a ReplayCache<S>,
+    key: Key,
+}
+
+impl<S: Store> Drop for DropKeptOnDrop<'_, S> {
+    fn drop(&mut self) {
+        self.cache.drop_kept(self.key);
     }
 }
 
@@ -215,10 +253,11 @@ impl<S: Store> Store for ReplayCache<S> {
             return Box::pin(ready(Ok(answer)));
         }
         let forgets = self.forgets.load(Ordering::Acquire);
+        let asked = Instant::now();
         Box::pin(async move {
             let begun = self.inner.begin(key, fingerprint, token, lease).await?;
             if let Begin::Completed(record) = &begun {
-                self.keep(key, fingerprint, record, forgets);
+                self.keep(key, fingerprint, record, asked, forgets);
             }
             Ok(begun)
         })
@@ -235,13 +274,14 @@ impl<S: Store> Store for ReplayCache<S> {
             return Box::pin(ready(Ok((answer, None))));
         }
         let forgets = self.forgets.load(Ordering::Acquire);
+        let asked = Instant::now();
         Box::pin(async move {
             let (begun, steps) = self
                 .inner
                 .begin_with_steps(key, fingerprint, token, lease)
                 .await?;
             if let Begin::Completed(record) = &begun {
-                self.keep(key, fingerprint, record, forgets);
+                self.keep(key, fingerprint, record, asked, forgets);
             }
             Ok((begun, steps))
         })
@@ -299,11 +339,11 @@ impl<S: Store> Store for ReplayCache<S> {
     fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
         self.drop_kept(key);
         Box::pin(async move {
-            let forgotten = self.inner.forget(key).await;
-            // A replay that read the store before the forget landed may have
-            // kept the record meanwhile.
-            self.drop_kept(key);
-            forgotten
+            // A replay that read the store before the forget landed may keep
+            // the record while it goes on: once it ended, answered or cut
+            // off, what was kept meanwhile is dropped too.
+            let _after = DropKeptOnDrop { cache: self, key };
+            self.inner.forget(key).await
         })
     }
 
