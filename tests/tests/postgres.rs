@@ -1500,16 +1500,29 @@ async fn transactional_claims_are_visible_and_forgettable() {
     assert_eq!(rerun.unwrap(), 2);
 }
 
-/// A proxy in front of the shared server, and the URL that goes through it.
-async fn behind_a_proxy() -> (idem_test::proxy::Proxy, String) {
-    use idem_test::proxy::{Fault, Proxy};
-    let server: std::net::SocketAddr = format!("127.0.0.1:{}", shared().port()).parse().unwrap();
-    let proxy = Proxy::start(server, |_| Fault::Pass).await.unwrap();
-    let url = shared().url().replace(
-        &format!("127.0.0.1:{}", shared().port()),
+/// A store on the shared server behind a proxy that treats every
+/// connection as `fault` says, with `connections` pooled and a 300 ms
+/// response timeout.
+async fn store_behind_a_proxy(
+    fault: idem_test::proxy::Fault,
+    connections: u32,
+) -> (idem_test::proxy::Proxy, PostgresStore) {
+    let server = shared();
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+    let proxy = idem_test::proxy::Proxy::start(address, move |_| fault)
+        .await
+        .unwrap();
+    let url = server.url().replace(
+        &format!("127.0.0.1:{}", server.port()),
         &proxy.addr().to_string(),
     );
-    (proxy, url)
+    let store = PostgresStore::builder(url)
+        .response_timeout(Duration::from_millis(300))
+        .max_connections(connections)
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    (proxy, store)
 }
 
 /// A transactional call whose `BEGIN` times out on its way must not leave
@@ -1522,14 +1535,8 @@ async fn behind_a_proxy() -> (idem_test::proxy::Proxy, String) {
 async fn a_transactional_begin_that_times_out_leaves_no_transaction_open() {
     let server = shared();
     ensure_charges(server);
-    let (proxy, url) = behind_a_proxy().await;
     // One connection, so that the next call gets the one the `BEGIN` used.
-    let store = PostgresStore::builder(url)
-        .response_timeout(Duration::from_millis(300))
-        .max_connections(1)
-        .connect()
-        .await
-        .expect("connect through the proxy");
+    let (proxy, store) = store_behind_a_proxy(idem_test::proxy::Fault::Pass, 1).await;
     let idem = Idempotency::new(store.clone());
     let (key, fp) = fresh("late-transactional-begin");
     // A transaction's `BEGIN` goes as a simple query (`Q`), the claim and
@@ -1592,22 +1599,8 @@ async fn a_transactional_begin_that_times_out_leaves_no_transaction_open() {
 /// a second.
 #[tokio::test]
 async fn calls_that_time_out_waiting_for_a_connection_leave_nothing_behind() {
-    use idem_test::proxy::{Fault, Proxy};
-    let server = shared();
-    let address: std::net::SocketAddr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
-    let proxy = Proxy::start(address, |_| Fault::Delay(Duration::from_millis(20)))
-        .await
-        .unwrap();
-    let url = server.url().replace(
-        &format!("127.0.0.1:{}", server.port()),
-        &proxy.addr().to_string(),
-    );
-    let store = PostgresStore::builder(url)
-        .response_timeout(Duration::from_millis(300))
-        .max_connections(1)
-        .connect()
-        .await
-        .expect("connect through the proxy");
+    let (proxy, store) =
+        store_behind_a_proxy(idem_test::proxy::Fault::Delay(Duration::from_millis(20)), 1).await;
     let call = |name: String| {
         let store = store.clone();
         async move {
@@ -1645,13 +1638,7 @@ async fn calls_that_time_out_waiting_for_a_connection_leave_nothing_behind() {
 /// runs at once instead of waiting out an orphan claim's lease.
 #[tokio::test]
 async fn a_begin_that_lands_after_its_clearing_claims_nothing() {
-    let (proxy, url) = behind_a_proxy().await;
-    let store = PostgresStore::builder(url)
-        .response_timeout(Duration::from_millis(300))
-        .max_connections(4)
-        .connect()
-        .await
-        .expect("connect through the proxy");
+    let (proxy, store) = store_behind_a_proxy(idem_test::proxy::Fault::Pass, 4).await;
     let idem = Idempotency::new(store);
     let reject = Settings::builder()
         .on_conflict(OnConflict::Reject)
