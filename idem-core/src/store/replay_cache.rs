@@ -63,7 +63,10 @@ const SHARDS: usize = 16;
 /// - **A record forgotten by another process** (or directly in the store) is
 ///   still replayed by this one. [`forget`](Store::forget) through this
 ///   cache, as [`Idempotency::forget`](crate::Idempotency::forget) does,
-///   drops the cache's copy too, in this process.
+///   drops the cache's copy too, in this process, also one kept by a
+///   replay that read the store while the forget was on its way; but a
+///   forget that failed (a timeout) and lands later, after a replay read the
+///   record again, leaves that copy: repeat a forget that failed.
 ///
 /// Keep `ttl` well under the calls' TTL and as short as the replays you
 /// want to spare a round trip (a client's retry burst is seconds).
@@ -76,9 +79,9 @@ const SHARDS: usize = 16;
 /// lock, and a full shard drops its least recently used record. Records
 /// whose payload is larger than 64 KiB are not kept (see
 /// [`max_record_size`](Self::max_record_size)), so the cache's memory is
-/// bounded by `capacity` × (64 KiB + ≈170 bytes); records that aged out are
-/// dropped when they are next looked up or when a record is kept after
-/// them. A `capacity` or `ttl` of zero caches nothing; a `ttl` over a year
+/// bounded by `capacity` × (64 KiB + ≈170 bytes). A record that aged out
+/// is dropped when it is next looked up, pushed out, or found at its
+/// shard's least recently used end as another record is kept. A `capacity` or `ttl` of zero caches nothing; a `ttl` over a year
 /// counts as a year. A replay answered from the cache is told and
 /// counted as any replay (`replayed`).
 pub struct ReplayCache<S> {
