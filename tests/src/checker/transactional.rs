@@ -1,8 +1,9 @@
 //! PostgreSQL's transactional mode under the checker: callers of a few keys
 //! at random times, waiting or rejecting, whose bodies write their effect
 //! (a row) in the call's transaction, take random time, return `Ok` or
-//! `Err`, panic, or are cancelled by their caller (some at once, with their
-//! `BEGIN` on its way).
+//! `Err`, panic, or are cancelled by their caller (some at a time, some at
+//! a step of their opening: the wait for a connection, the `BEGIN`, the
+//! claim).
 //!
 //! Calls open their transaction at the database's default isolation or at
 //! `REPEATABLE READ`.
@@ -13,16 +14,19 @@
 //! call that ended in `Err`, a panic or a cancellation left a row; a call
 //! that arrives after another call of its key answered `Ok` replays that
 //! run (neither `InProgress`, whatever its conflict setting, nor a failure
-//! to serialize), or fails closed with a store error. The caller of
-//! [`check_transactional_seed`] checks, once every call ended, that no
-//! session of the pool stayed inside a transaction.
+//! to serialize), or fails closed with a store that timed out or was
+//! unavailable. The caller of [`check_transactional_seed`] checks, once
+//! every call ended, that no session of the pool stayed inside a
+//! transaction.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
-use idem_core::store::Token;
+use idem_core::store::{StoreErrorKind, Token};
 use idem_core::{Error, Fingerprint, Isolation, Key, OnConflict, PostgresStore, Settings};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -45,11 +49,42 @@ enum Answer {
     Ok(i64),
     BodyErr(i64),
     Idem(String),
-    /// The store failed: a pool exhausted or a server slower than the
-    /// response timeout, on a loaded machine. Failing closed is allowed.
+    /// The store timed out or was unavailable: a pool exhausted or a server
+    /// slower than the response timeout, on a loaded machine. Failing
+    /// closed is allowed.
     StoreFailed(String),
     Panicked,
     Cancelled,
+}
+
+/// When a caller drops its call.
+#[derive(Debug, Clone, Copy)]
+enum Cancel {
+    /// After this long.
+    After(Duration),
+    /// As its call waits for the `n`th time (1 for its first wait).
+    AtWait(u32),
+}
+
+/// Polls `call` until it ends (`Some`), or drops it as it waits for the
+/// `n`th time (`None`): a call cut off at a step of its protocol (each wait
+/// is one for an answer) rather than at a time, so that its steps' cut-off
+/// points are all reached, however fast the database answers.
+async fn cut_at_wait<F: Future>(n: u32, call: F) -> Option<F::Output> {
+    let mut call = std::pin::pin!(call);
+    let mut waits = 0;
+    std::future::poll_fn(|cx| match call.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => {
+            waits += 1;
+            if waits >= n {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 /// The body's failure, or idem's.
@@ -57,13 +92,20 @@ enum Answer {
 enum TxError {
     Body(i64),
     Idem(String),
-    Store(String),
+    Unavailable(String),
 }
 
 impl From<Error> for TxError {
     fn from(error: Error) -> Self {
-        match error {
-            Error::Store(_) => Self::Store(error.to_string()),
+        match &error {
+            Error::Store(failure)
+                if matches!(
+                    failure.kind(),
+                    StoreErrorKind::Timeout | StoreErrorKind::Unavailable
+                ) =>
+            {
+                Self::Unavailable(error.to_string())
+            }
             _ => Self::Idem(error.to_string()),
         }
     }
@@ -116,13 +158,14 @@ pub async fn check_transactional_seed(
             let arrives = Duration::from_millis(rng.random_range(0..2000));
             let took = Duration::from_millis(rng.random_range(0..900));
             let ends = rng.random_range(0..10);
-            // A third of the cancelled calls are dropped after their first
-            // poll, with their `BEGIN` on its way.
-            let cancel = rng.random_bool(0.1).then(|| {
-                if rng.random_bool(0.3) {
-                    Duration::ZERO
+            // Half the cancelled calls are cut off at a step of their
+            // opening (their first to fourth wait: for a connection, its
+            // check, the `BEGIN`, the claim), the others at a time.
+            let cancel = rng.random_bool(0.15).then(|| {
+                if rng.random_bool(0.5) {
+                    Cancel::AtWait(rng.random_range(1..=6))
                 } else {
-                    Duration::from_millis(rng.random_range(0..1200))
+                    Cancel::After(Duration::from_millis(rng.random_range(0..1200)))
                 }
             });
             (key, settings, arrives, took, ends, cancel)
@@ -158,7 +201,8 @@ pub async fn check_transactional_seed(
                 });
                 let call = super::run::caught(call);
                 let answer = match cancel {
-                    Some(after) => tokio::time::timeout(after, call).await.ok(),
+                    Some(Cancel::After(after)) => tokio::time::timeout(after, call).await.ok(),
+                    Some(Cancel::AtWait(waits)) => cut_at_wait(waits, call).await,
                     None => Some(call.await),
                 };
                 let answer = match answer {
@@ -167,7 +211,7 @@ pub async fn check_transactional_seed(
                     Some(Ok(Ok(run))) => Answer::Ok(run),
                     Some(Ok(Err(TxError::Body(run)))) => Answer::BodyErr(run),
                     Some(Ok(Err(TxError::Idem(kind)))) => Answer::Idem(kind),
-                    Some(Ok(Err(TxError::Store(why)))) => Answer::StoreFailed(why),
+                    Some(Ok(Err(TxError::Unavailable(why)))) => Answer::StoreFailed(why),
                 };
                 (key, answer, arrives, start.elapsed())
             }
