@@ -164,4 +164,6 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
-pub use store::{HeldClaim, Inspection, JournaledStep, Outcome, StoreError, StoreErrorKind};
+pub use store::{
+    HeldClaim, Inspection, JournaledStep, Outcome, ReplayCache, StoreError, StoreErrorKind,
+};

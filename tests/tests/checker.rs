@@ -57,7 +57,7 @@ struct CachedMemory;
 
 impl Backend for CachedMemory {
     async fn store(&self) -> Arc<dyn Store> {
-        Arc::new(idem_core::store::ReplayCache::new(
+        Arc::new(idem_core::ReplayCache::new(
             MemoryStore::new(),
             8,
             Duration::from_secs(2),
