@@ -579,19 +579,24 @@ impl Store for Unrecording {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_message_whose_outcome_was_not_recorded_is_naked() {
-    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+/// A consumer whose store never keeps a record, with a 3 s lease.
+fn unrecording_consumer() -> Consumer {
     let settings = Settings::builder()
         .lease(Duration::from_secs(3))
         .build()
         .unwrap();
-    let consumer = Consumer::new(
+    Consumer::new(
         Idempotency::new(Unrecording(crate::MemoryStore::new())),
         "orders",
     )
     .settings(settings)
-    .heartbeat(None);
+    .heartbeat(None)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_whose_outcome_was_not_recorded_is_naked() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let consumer = unrecording_consumer();
     let outcome = consumer
         .handle(&message(&broker, "m1", b"abc", 1), |d| effects.apply(d))
         .await
@@ -740,23 +745,14 @@ async fn a_message_costs_the_store_a_claim_and_a_record_and_a_redelivery_one_cla
     assert_eq!(effects.runs("m1"), 1);
 }
 
-/// A redelivery that joins the first delivery's call in this
-/// process is acknowledged on the first delivery's landing, which carries
-/// its record whether or not the store confirmed it: the message is acked
-/// although its outcome was never recorded (the first delivery naks).
+/// A redelivery that joins the first delivery's call in this process is
+/// not acknowledged on that call's landing when the store did not confirm
+/// its record: like the first delivery, it is nak'ed, since its outcome was
+/// never recorded.
 #[tokio::test(start_paused = true)]
 async fn a_redelivery_joining_an_unrecorded_call_is_not_acknowledged() {
     let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
-    let settings = Settings::builder()
-        .lease(Duration::from_secs(3))
-        .build()
-        .unwrap();
-    let consumer = Consumer::new(
-        Idempotency::new(Unrecording(crate::MemoryStore::new())),
-        "orders",
-    )
-    .settings(settings)
-    .heartbeat(None);
+    let consumer = unrecording_consumer();
     let slow = |d: Delivery| {
         let effects = &effects;
         async move {
