@@ -270,6 +270,16 @@ fn ensure_charges(server: &PostgresServer) {
     );
 }
 
+/// Creates `database` on `server` with `level` as its default isolation,
+/// and answers its URL.
+fn database_at(server: &PostgresServer, database: &str, level: &str) -> String {
+    server.psql(&format!("CREATE DATABASE {database}"));
+    server.psql(&format!(
+        "ALTER DATABASE {database} SET default_transaction_isolation TO '{level}'"
+    ));
+    format!("{}/{database}", server.url().rsplit_once('/').unwrap().0)
+}
+
 #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 enum ChargeError {
     Declined,
@@ -1189,12 +1199,7 @@ async fn waiting_for_the_lock_leaves_the_bodys_lock_timeout_alone() {
 async fn duplicates_replay_under_every_isolation_level() {
     let server = shared();
     for level in ["repeatable read", "serializable"] {
-        let database = format!("iso_{}", level.replace(' ', "_"));
-        server.psql(&format!("CREATE DATABASE {database}"));
-        server.psql(&format!(
-            "ALTER DATABASE {database} SET default_transaction_isolation TO '{level}'"
-        ));
-        let url = format!("{}/{database}", server.url().rsplit_once('/').unwrap().0);
+        let url = database_at(server, &format!("iso_{}", level.replace(' ', "_")), level);
         let (holder_store, waiter_store) = (connect(&url).await, connect(&url).await);
         let settings = Settings::builder()
             .wait_timeout(Duration::from_secs(10))
@@ -1845,12 +1850,7 @@ async fn concurrent_reject_replays_of_a_committed_call_all_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_racing_the_holders_commit_replays_under_repeatable_read() {
     let server = shared();
-    let database = "repeatable_read_race";
-    server.psql(&format!("CREATE DATABASE {database}"));
-    server.psql(&format!(
-        "ALTER DATABASE {database} SET default_transaction_isolation TO 'repeatable read'"
-    ));
-    let url = format!("{}/{database}", server.url().rsplit_once('/').unwrap().0);
+    let url = database_at(server, "repeatable_read_race", "repeatable read");
     let (holder_store, spinner_store) = (connect(&url).await, connect(&url).await);
     let reject = Settings::builder()
         .on_conflict(OnConflict::Reject)
