@@ -39,8 +39,15 @@ async fn idem_charge(idem: &Idempotency, req: ChargeRequest) -> Result<Receipt, 
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, seconds, rows @ ..] = args.as_slice()
+        && mode == "cpu"
+    {
+        let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
+        cpu(seconds.parse().expect("a number of seconds"), &rows);
+        return;
+    }
     if let [mode, n] = args.as_slice() {
-        // `redis_hit begin|fn N`: only that row, N times, for `perf record`.
+        // `redis_hit get|begin|fn N`: only that row, N times, for `perf record`.
         profile(mode, n.parse().expect("a number of hits"));
         return;
     }
@@ -211,7 +218,12 @@ fn profile(mode: &str, n: u64) {
             .await
             .expect("a store");
         let idem = Idempotency::new(store.clone());
+        let conn = ConnectionManager::new(redis::Client::open(server.url()).expect("a client"))
+            .await
+            .expect("a raw connection");
         idem_charge(&idem, request(1)).await.expect("a first run");
+        let value = serde_json::to_vec(&charge(&request(1))).unwrap();
+        benches::set_floor(&conn, &value).await;
         let key = Key::new("bench.charge", &request(1).idempotency_key).expect("a key");
         let fingerprint = match store.inspect(key).await.expect("inspect") {
             idem_core::Inspection::Completed { fingerprint, .. } => fingerprint,
@@ -219,6 +231,7 @@ fn profile(mode: &str, n: u64) {
         };
         for _ in 0..n {
             match mode {
+                "get" => benches::get_floor(conn.clone()).await,
                 "begin" => {
                     black_box(
                         store
@@ -231,6 +244,123 @@ fn profile(mode: &str, n: u64) {
                     black_box(idem_charge(&idem, request(1)).await.unwrap());
                 }
             }
+        }
+    });
+}
+
+/// CPU time this process has used, user and system, all threads.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')').expect("a command") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // The kernel's USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU time the Redis server has used, user and system.
+fn server_cpu(server: &RedisServer) -> Duration {
+    let info = server.cli(&["INFO", "cpu"]);
+    let field = |name: &str| -> f64 {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .expect("a cpu field")
+            .trim()
+            .parse()
+            .expect("seconds")
+    };
+    Duration::from_secs_f64(field("used_cpu_user") + field("used_cpu_sys"))
+}
+
+/// `redis_hit cpu SECONDS`: each row with 64 tasks on distinct keys for
+/// SECONDS, on a multi-threaded runtime, and the CPU the client process and
+/// the server spent per call. `redis_hit cpu SECONDS ROW…` runs only those
+/// rows (`GET`, `begin`, `run`, `fn`), e.g. under `perf record`.
+fn cpu(seconds: u64, only: &[&str]) {
+    const TASKS: u64 = 64;
+    let server = RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let window = Duration::from_secs(seconds);
+    runtime.block_on(async {
+        let store = RedisStore::node(server.url())
+            .connect()
+            .await
+            .expect("a store");
+        let idem: &'static Idempotency = Box::leak(Box::new(Idempotency::new(store.clone())));
+        let conn = ConnectionManager::new(redis::Client::open(server.url()).expect("a client"))
+            .await
+            .expect("a raw connection");
+        let value = serde_json::to_vec(&charge(&request(1))).unwrap();
+        benches::set_floor(&conn, &value).await;
+        let mut keys = Vec::new();
+        for t in 0..TASKS {
+            let req = request(10_000 + t);
+            idem_charge(idem, req.clone()).await.expect("a first run");
+            let key = Key::new("bench.charge", &req.idempotency_key).expect("a key");
+            keys.push((key, Fingerprint::of(&(&req,)).expect("a fingerprint")));
+        }
+        let keys: &'static [(Key, Fingerprint)] = Box::leak(keys.into_boxed_slice());
+        let s: &'static RedisStore = Box::leak(Box::new(store));
+        let settings: &'static Settings = Box::leak(Box::new(Settings::default()));
+        {
+            let (key, fingerprint) = keys[0];
+            let begin = s.begin(key, fingerprint, Token::random(), Duration::from_secs(60));
+            let run = idem.run::<Receipt, BenchError, _>(settings, key, fingerprint, async {
+                unreachable!("a replayed hit does not run the body")
+            });
+            let call = idem_charge(idem, request(1));
+            println!(
+                "futures: begin {} B, run {} B, fn {} B",
+                std::mem::size_of_val(&*begin),
+                std::mem::size_of_val(&run),
+                std::mem::size_of_val(&call)
+            );
+        }
+        println!("| 64 tasks, {seconds} s each | calls/s | client CPU µs per call | server CPU µs per call |");
+        println!("|---|---|---|---|");
+        for row in ["GET", "begin", "run", "fn"] {
+            if !only.is_empty() && !only.contains(&row) {
+                continue;
+            }
+            let (client, redis) = (process_cpu(), server_cpu(&server));
+            let conn = conn.clone();
+            let rate = benches::throughput(TASKS, window, move |i| {
+                let conn = conn.clone();
+                async move {
+                    let (key, fingerprint) = keys[(i % TASKS) as usize];
+                    match row {
+                        "GET" => benches::get_floor(conn).await,
+                        "begin" => {
+                            let begin = s
+                                .begin(key, fingerprint, Token::random(), Duration::from_secs(60))
+                                .await
+                                .unwrap();
+                            assert!(matches!(begin, Begin::Completed(_)));
+                        }
+                        "run" => {
+                            let receipt: Result<Receipt, BenchError> = idem
+                                .run(settings, key, fingerprint, async {
+                                    unreachable!("a replayed hit does not run the body")
+                                })
+                                .await;
+                            black_box(receipt.unwrap());
+                        }
+                        _ => {
+                            black_box(idem_charge(idem, request(10_000 + i % TASKS)).await.unwrap());
+                        }
+                    }
+                }
+            })
+            .await;
+            let calls = rate * window.as_secs_f64();
+            let client = (process_cpu() - client).as_secs_f64() * 1e6 / calls;
+            let redis = (server_cpu(&server) - redis).as_secs_f64() * 1e6 / calls;
+            println!("| {row} | {rate:.0} | {client:.2} | {redis:.2} |");
         }
     });
 }
