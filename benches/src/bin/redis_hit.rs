@@ -22,6 +22,17 @@
 //! Each row on a `current_thread` runtime and on a multi-threaded one (the
 //! benchmark's), whose thread hand-offs between the caller and the
 //! connection's driver task cost as much as a layer.
+//!
+//! ```sh
+//! cargo run --release -p benches --bin redis_hit cpu 3 [GET begin run fn]
+//! ```
+//!
+//! runs each row with 64 tasks on distinct keys and reports the CPU the
+//! client process and the server spent per call: what bounds throughput
+//! when they share two cores. `redis_hit get|begin|fn N` runs one row N
+//! times on a `current_thread` runtime, for a profiler; under callgrind, the
+//! difference between two runs of different N is the row's instructions per
+//! call.
 
 use std::hint::black_box;
 use std::time::Duration;
