@@ -168,11 +168,18 @@ impl RedisStore {
 
     /// The connection, opened now if it is not yet.
     async fn connection(&self) -> Result<Connection, StoreError> {
-        self.inner
-            .connection
-            .get_or_try_init(|| self.inner.opener.open())
-            .await
-            .cloned()
+        if let Some(connection) = self.inner.connection.get() {
+            return Ok(connection.clone());
+        }
+        // Boxed: opening is rare and its future large, and every
+        // operation's future would otherwise carry it.
+        Box::pin(
+            self.inner
+                .connection
+                .get_or_try_init(|| self.inner.opener.open()),
+        )
+        .await
+        .cloned()
     }
 
     /// The key a record is stored under.
