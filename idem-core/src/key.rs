@@ -181,7 +181,17 @@ impl Key {
     /// ```
     #[must_use]
     pub fn to_store_key(&self, prefix: &str) -> String {
-        format!("{prefix}:{{{self}}}")
+        // One allocation of the exact length: every store operation builds
+        // one.
+        let mut hex = [0u8; 64];
+        // Cannot fail: the buffer is exactly twice the digest's length.
+        let _ = hex::encode_to_slice(self.0, &mut hex);
+        let mut stored = String::with_capacity(prefix.len() + ":{}".len() + hex.len());
+        stored.push_str(prefix);
+        stored.push_str(":{");
+        stored.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+        stored.push('}');
+        stored
     }
 }
 

@@ -333,10 +333,15 @@ impl RedisStore {
         lease: Duration,
     ) -> redis::Cmd {
         let claim = envelope::claim(token, fingerprint, deadline_after(lease), unix_millis());
-        let mut command = redis::cmd("SET");
+        let record_key = self.record_key(key);
+        // Sized once: the command's seven arguments and their bytes (the
+        // lease's milliseconds take at most 20 digits).
+        let bytes = "SETNXGETPX".len() + record_key.len() + claim.len() + 20;
+        let mut command = redis::Cmd::with_capacity(7, bytes);
         command
-            .arg(self.record_key(key))
-            .arg(claim)
+            .arg("SET")
+            .arg(record_key)
+            .arg(&claim[..])
             .arg("NX")
             .arg("GET")
             .arg("PX")
