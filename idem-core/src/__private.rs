@@ -188,8 +188,11 @@ pub struct Shape<R, T, E> {
 }
 
 /// Runs an `#[idempotent]` fn's body; `Err` results release the claim.
+///
+/// Not an `async fn`: it only builds the codec, and a layer of its own would
+/// keep another copy of the body's future in the caller's.
 #[allow(clippy::too_many_arguments)]
-pub async fn run<R, T, E, F>(
+pub fn run<R, T, E, F>(
     idem: &Idempotency,
     settings: Result<Settings, ConfigError>,
     prepared: Prepared,
@@ -197,7 +200,7 @@ pub async fn run<R, T, E, F>(
     ok: Codec<T>,
     from_idem: fn(Error) -> E,
     body: F,
-) -> R
+) -> impl Future<Output = R>
 where
     F: Future<Output = R>,
 {
@@ -206,13 +209,13 @@ where
         from_idem,
         cache: None::<(Codec<E>, Option<fn(&E) -> bool>)>,
     };
-    execute(idem, settings, prepared, shape, codec, body).await
+    execute(idem, settings, prepared, shape, codec, body)
 }
 
 /// Runs an `#[idempotent]` fn's body; `Err` results that `cache` accepts are
-/// stored with `cached`.
+/// stored with `cached`. Not an `async fn`, as [`run`] is not.
 #[allow(clippy::too_many_arguments)]
-pub async fn run_caching_errors<R, T, E, F, P>(
+pub fn run_caching_errors<R, T, E, F, P>(
     idem: &Idempotency,
     settings: Result<Settings, ConfigError>,
     prepared: Prepared,
@@ -222,7 +225,7 @@ pub async fn run_caching_errors<R, T, E, F, P>(
     cached: Codec<E>,
     cache: P,
     body: F,
-) -> R
+) -> impl Future<Output = R>
 where
     F: Future<Output = R>,
     P: FnOnce(&E) -> bool,
@@ -232,7 +235,7 @@ where
         from_idem,
         cache: Some((cached, Some(cache))),
     };
-    execute(idem, settings, prepared, shape, codec, body).await
+    execute(idem, settings, prepared, shape, codec, body)
 }
 
 async fn execute<R, T, E, F, P>(

@@ -161,7 +161,10 @@ impl Idempotency {
     /// Runs `body` once for `key` with results stored by `codec`: what
     /// every `run` comes down to, the attribute's included. The call runs in
     /// an `idem.call` span and is counted as `operation`.
-    pub(crate) async fn execute<T, E, F, C>(
+    ///
+    /// Called where the returned future is first polled, as every caller
+    /// awaits it at once: the body joins the task's claims here.
+    pub(crate) fn execute<T, E, F, C>(
         &self,
         settings: &Settings,
         operation: Operation,
@@ -169,29 +172,37 @@ impl Idempotency {
         fingerprint: Fingerprint,
         body: F,
         codec: C,
-    ) -> Result<T, E>
+    ) -> impl Future<Output = Result<T, E>>
     where
         F: Future<Output = Result<T, E>>,
         C: ResultCodec<T, E>,
     {
-        let body = crate::reentry::holding(self.holder(), key, body);
-        let call = Call::new(operation, key);
-        let codec = Traced {
-            inner: codec,
-            call: &call,
-        };
-        // Boxed once here, so that the callers' futures, moved whole at each
-        // level of nesting, stay small.
-        let result = Box::pin(
-            self.observed(settings, &call, key, fingerprint, body, codec)
-                .instrument(call.span().clone()),
-        )
-        .await;
-        call.finish();
-        result
+        // Boxed once, here: each layer below would otherwise keep a copy of
+        // the body's future in its own, and a replay never runs it.
+        let body = Box::pin(crate::reentry::holding(self.holder(), key, body));
+        async move {
+            let call = Call::new(operation, key);
+            let codec = Traced {
+                inner: codec,
+                call: &call,
+            };
+            // Boxed once here, so that the callers' futures, moved whole at
+            // each level of nesting, stay small.
+            let result = Box::pin(
+                self.observed(settings, &call, key, fingerprint, body, codec)
+                    .instrument(call.span().clone()),
+            )
+            .await;
+            call.finish();
+            result
+        }
     }
 
-    async fn observed<T, E, F, C>(
+    // An async block, not an `async fn`: it uses its arguments in place,
+    // where an `async fn` keeps a copy of each beside them, in a future that
+    // every replay allocates.
+    #[allow(clippy::manual_async_fn)]
+    fn observed<T, E, F, C>(
         &self,
         settings: &Settings,
         call: &Call,
@@ -199,46 +210,48 @@ impl Idempotency {
         fingerprint: Fingerprint,
         body: F,
         codec: C,
-    ) -> Result<T, E>
+    ) -> impl Future<Output = Result<T, E>>
     where
         F: Future<Output = Result<T, E>>,
         C: ResultCodec<T, E>,
     {
-        if let Err(error) = self.check(settings) {
-            return Err(codec.idem_error(error));
-        }
-        if crate::reentry::reentered(self.holder(), key) {
-            return Err(codec.idem_error(Error::Reentered {
-                operation: call.operation().as_str().to_owned().into(),
-            }));
-        }
-        if settings.on_conflict() == OnConflict::Reject {
-            return self
-                .lead(settings, call, None, key, fingerprint, body, codec, None)
-                .await;
-        }
-        let deadline = WaitUntil::new(settings.wait_timeout());
-        loop {
-            match self.shared.flights.join(key, fingerprint, settings.lease()) {
-                Role::Leader(leader) => {
-                    return self
-                        .lead(
-                            settings,
-                            call,
-                            Some(leader),
-                            key,
-                            fingerprint,
-                            body,
-                            codec,
-                            Some(&deadline),
-                        )
-                        .await;
-                }
-                Role::Follower(flight) => {
-                    match Box::pin(flight.follow(fingerprint, deadline.at(), call)).await {
-                        Ok(Some(record)) => return replay(&record, &codec),
-                        Ok(None) => {}
-                        Err(error) => return Err(codec.idem_error(error)),
+        async move {
+            if let Err(error) = self.check(settings) {
+                return Err(codec.idem_error(error));
+            }
+            if crate::reentry::reentered(self.holder(), key) {
+                return Err(codec.idem_error(Error::Reentered {
+                    operation: call.operation().as_str().to_owned().into(),
+                }));
+            }
+            if settings.on_conflict() == OnConflict::Reject {
+                return self
+                    .lead(settings, call, None, key, fingerprint, body, codec, None)
+                    .await;
+            }
+            let deadline = WaitUntil::new(settings.wait_timeout());
+            loop {
+                match self.shared.flights.join(key, fingerprint, settings.lease()) {
+                    Role::Leader(leader) => {
+                        return self
+                            .lead(
+                                settings,
+                                call,
+                                Some(leader),
+                                key,
+                                fingerprint,
+                                body,
+                                codec,
+                                Some(&deadline),
+                            )
+                            .await;
+                    }
+                    Role::Follower(flight) => {
+                        match Box::pin(flight.follow(fingerprint, deadline.at(), call)).await {
+                            Ok(Some(record)) => return replay(&record, &codec),
+                            Ok(None) => {}
+                            Err(error) => return Err(codec.idem_error(error)),
+                        }
                     }
                 }
             }
@@ -258,8 +271,9 @@ impl Idempotency {
 
     /// Claims the key (waiting for another holder until `deadline`, or not at
     /// all without one), runs the body and records its outcome.
-    #[allow(clippy::too_many_arguments)]
-    async fn lead<T, E, F, C>(
+    // An async block, as `observed` is.
+    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+    fn lead<T, E, F, C>(
         &self,
         settings: &Settings,
         call: &Call,
@@ -269,121 +283,124 @@ impl Idempotency {
         body: F,
         mut codec: C,
         deadline: Option<&WaitUntil>,
-    ) -> Result<T, E>
+    ) -> impl Future<Output = Result<T, E>>
     where
         F: Future<Output = Result<T, E>>,
         C: ResultCodec<T, E>,
     {
-        let mut herald = Herald(leader);
-        let token = Token::random();
-        let mut journal_read = None;
-        match self
-            .claim(
-                settings,
-                call,
-                key,
-                fingerprint,
-                token,
-                deadline,
-                &herald,
-                &mut journal_read,
-            )
-            .await
-        {
-            Ok(None) => {}
-            Ok(Some(record)) => {
-                let replayed = replay(&record, &codec);
-                herald.land(Landing::Record(record));
-                return replayed;
-            }
-            Err(error) => return Err(codec.idem_error(herald.fail(error))),
-        }
-
-        let lease = Lease::new(settings.lease());
-        herald.set_retry_at(lease.until());
-        let work = async {
-            let started = Instant::now();
-            let journal = Journal::new(
-                Arc::clone(&self.shared.store),
-                key,
-                token,
-                settings.ttl(),
-                journal_read,
-            );
-            let mut result = caught(journal.scope(body)).await;
-            let took = started.elapsed();
-            let mut record = match &result {
-                Ok(result) => to_record(key, result, &mut codec)
-                    .map(|record| bounded(key, record, self.shared.max_record_bytes)),
-                // A panicking body failed: its claim is released and its
-                // waiters are told, as for an `Err`; the panic goes on to
-                // the caller once that is done.
-                Err(_panic) => None,
-            };
-            // A call that failed for good undoes its completed steps first.
-            let failed = !matches!(result, Ok(Ok(_)));
-            let held = || !lease.lost() && Instant::now() < lease.until();
-            let mut unrecorded = false;
-            match journal.end(failed, record.as_ref(), &held).await {
-                Ending::AsIs => {}
-                Ending::Final {
-                    record: outcome,
-                    replace,
-                } => {
-                    if replace {
-                        result = Ok(replay(&outcome, &codec));
-                    }
-                    record = Some(outcome);
-                }
-                Ending::Unfinished {
-                    record: outcome,
-                    replace,
-                } => {
-                    if replace {
-                        result = Ok(replay(&outcome, &codec));
-                    }
-                    unrecorded = record.take().is_some();
-                }
-            }
-            call.ran(took, record.is_some());
-            if unrecorded {
-                // The call failed for good, but its compensation did not
-                // finish (or its journal could not be read): its failure is
-                // recorded by a later attempt, which runs the body again.
-                call.not_stored();
-                observe::record_lost(call.operation());
-                tracing::warn!(%key, record_lost = true, "the failure of an idempotent call is not recorded until its compensation finishes; a retry runs its body again");
-            }
-            let (landing, confirmed) = self
-                .settle(
+        async move {
+            let mut herald = Herald(leader);
+            let token = Token::random();
+            let mut journal_read = None;
+            match self
+                .claim(
                     settings,
                     call,
                     key,
+                    fingerprint,
                     token,
-                    &lease,
-                    record,
-                    codec.awaits_record(),
+                    deadline,
+                    &herald,
+                    &mut journal_read,
                 )
-                .await;
-            codec.recorded(confirmed);
-            (result, landing)
-        };
-        // Boxed: a replay never gets here, and every call's future (moved
-        // whole on each call) would otherwise be as large as this path's.
-        let (result, landing) =
-            Box::pin(self.renewing(settings, key, token, &lease, &herald, work)).await;
-        herald.land(landing);
-        match result {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
+                .await
+            {
+                Ok(None) => {}
+                Ok(Some(record)) => {
+                    let replayed = replay(&record, &codec);
+                    herald.land(Landing::Record(record));
+                    return replayed;
+                }
+                Err(error) => return Err(codec.idem_error(herald.fail(error))),
+            }
+
+            let lease = Lease::new(settings.lease());
+            herald.set_retry_at(lease.until());
+            let work = async {
+                let started = Instant::now();
+                let journal = Journal::new(
+                    Arc::clone(&self.shared.store),
+                    key,
+                    token,
+                    settings.ttl(),
+                    journal_read,
+                );
+                let mut result = caught(journal.scope(body)).await;
+                let took = started.elapsed();
+                let mut record = match &result {
+                    Ok(result) => to_record(key, result, &mut codec)
+                        .map(|record| bounded(key, record, self.shared.max_record_bytes)),
+                    // A panicking body failed: its claim is released and its
+                    // waiters are told, as for an `Err`; the panic goes on to
+                    // the caller once that is done.
+                    Err(_panic) => None,
+                };
+                // A call that failed for good undoes its completed steps first.
+                let failed = !matches!(result, Ok(Ok(_)));
+                let held = || !lease.lost() && Instant::now() < lease.until();
+                let mut unrecorded = false;
+                match journal.end(failed, record.as_ref(), &held).await {
+                    Ending::AsIs => {}
+                    Ending::Final {
+                        record: outcome,
+                        replace,
+                    } => {
+                        if replace {
+                            result = Ok(replay(&outcome, &codec));
+                        }
+                        record = Some(outcome);
+                    }
+                    Ending::Unfinished {
+                        record: outcome,
+                        replace,
+                    } => {
+                        if replace {
+                            result = Ok(replay(&outcome, &codec));
+                        }
+                        unrecorded = record.take().is_some();
+                    }
+                }
+                call.ran(took, record.is_some());
+                if unrecorded {
+                    // The call failed for good, but its compensation did not
+                    // finish (or its journal could not be read): its failure is
+                    // recorded by a later attempt, which runs the body again.
+                    call.not_stored();
+                    observe::record_lost(call.operation());
+                    tracing::warn!(%key, record_lost = true, "the failure of an idempotent call is not recorded until its compensation finishes; a retry runs its body again");
+                }
+                let (landing, confirmed) = self
+                    .settle(
+                        settings,
+                        call,
+                        key,
+                        token,
+                        &lease,
+                        record,
+                        codec.awaits_record(),
+                    )
+                    .await;
+                codec.recorded(confirmed);
+                (result, landing)
+            };
+            // Boxed: a replay never gets here, and every call's future (moved
+            // whole on each call) would otherwise be as large as this path's.
+            let (result, landing) =
+                Box::pin(self.renewing(settings, key, token, &lease, &herald, work)).await;
+            herald.land(landing);
+            match result {
+                Ok(result) => result,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
         }
     }
 
     /// Claims `key`: `None` once claimed, or the completed record to replay.
     /// A call that expects steps reads its journal with the claim, into
     /// `journal`.
-    #[allow(clippy::too_many_arguments)]
-    async fn claim(
+    // An async block, as `observed` is.
+    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+    fn claim(
         &self,
         settings: &Settings,
         call: &Call,
@@ -393,63 +410,66 @@ impl Idempotency {
         deadline: Option<&WaitUntil>,
         herald: &Herald<'_>,
         journal: &mut Option<Vec<JournaledStep>>,
-    ) -> Result<Option<Record>, Error> {
-        let store = &self.shared.store;
-        let mut polls = 0;
-        loop {
-            call.attempt();
-            let begin = if settings.expects_steps() {
-                store
-                    .begin_with_steps(key, fingerprint, token, settings.lease())
-                    .await
-                    .map(|(begun, read)| {
-                        *journal = read;
-                        begun
-                    })
-            } else {
-                store.begin(key, fingerprint, token, settings.lease()).await
-            };
-            match begin {
-                Err(error) => {
-                    self.clear_unknown_claim(key, token, &error);
-                    return Err(Error::Store(error));
-                }
-                Ok(Begin::Claimed) => return Ok(None),
-                Ok(Begin::Completed(record)) => return Ok(Some(record)),
-                Ok(Begin::Mismatch) => return Err(Error::KeyReused),
-                Ok(Begin::InProgress { retry_after }) => {
-                    let now = Instant::now();
-                    let refused = Error::InProgress { retry_after };
-                    let Some(deadline) = deadline.map(WaitUntil::at).filter(|d| *d > now) else {
-                        return Err(refused);
-                    };
-                    herald.set_retry_at(now + retry_after);
-                    // A holder's remaining lease is only a hint: a clock that
-                    // lags (or a lease about to be renewed) says "almost
-                    // over" again and again. Never poll faster than the floor.
-                    let cap = retry_after.max(MIN_POLL_PAUSE).min(deadline - now);
-                    // Boxed, as the body's path is: only waiting calls pay for
-                    // the timer.
-                    match store.watch(key) {
-                        Some(change) => {
-                            let _ = Box::pin(tokio::time::timeout(cap, change)).await;
-                            // A wake-up that keeps firing at once (a claim that
-                            // lapsed but was not yet replaced) must not turn the
-                            // wait into a busy loop: from the second wait on,
-                            // each lasts at least the floor.
-                            if polls > 0 {
-                                let floor = (now + MIN_POLL_PAUSE).min(deadline);
-                                Box::pin(tokio::time::sleep_until(floor)).await;
-                            }
-                            polls += 1;
-                        }
-                        None => {
-                            let pause = poll_pause(polls).min(cap);
-                            polls += 1;
-                            Box::pin(tokio::time::sleep(pause)).await;
-                        }
+    ) -> impl Future<Output = Result<Option<Record>, Error>> {
+        async move {
+            let store = &self.shared.store;
+            let mut polls = 0;
+            loop {
+                call.attempt();
+                let begin = if settings.expects_steps() {
+                    store
+                        .begin_with_steps(key, fingerprint, token, settings.lease())
+                        .await
+                        .map(|(begun, read)| {
+                            *journal = read;
+                            begun
+                        })
+                } else {
+                    store.begin(key, fingerprint, token, settings.lease()).await
+                };
+                match begin {
+                    Err(error) => {
+                        self.clear_unknown_claim(key, token, &error);
+                        return Err(Error::Store(error));
                     }
-                    call.waited(now.elapsed());
+                    Ok(Begin::Claimed) => return Ok(None),
+                    Ok(Begin::Completed(record)) => return Ok(Some(record)),
+                    Ok(Begin::Mismatch) => return Err(Error::KeyReused),
+                    Ok(Begin::InProgress { retry_after }) => {
+                        let now = Instant::now();
+                        let refused = Error::InProgress { retry_after };
+                        let Some(deadline) = deadline.map(WaitUntil::at).filter(|d| *d > now)
+                        else {
+                            return Err(refused);
+                        };
+                        herald.set_retry_at(now + retry_after);
+                        // A holder's remaining lease is only a hint: a clock that
+                        // lags (or a lease about to be renewed) says "almost
+                        // over" again and again. Never poll faster than the floor.
+                        let cap = retry_after.max(MIN_POLL_PAUSE).min(deadline - now);
+                        // Boxed, as the body's path is: only waiting calls pay for
+                        // the timer.
+                        match store.watch(key) {
+                            Some(change) => {
+                                let _ = Box::pin(tokio::time::timeout(cap, change)).await;
+                                // A wake-up that keeps firing at once (a claim that
+                                // lapsed but was not yet replaced) must not turn the
+                                // wait into a busy loop: from the second wait on,
+                                // each lasts at least the floor.
+                                if polls > 0 {
+                                    let floor = (now + MIN_POLL_PAUSE).min(deadline);
+                                    Box::pin(tokio::time::sleep_until(floor)).await;
+                                }
+                                polls += 1;
+                            }
+                            None => {
+                                let pause = poll_pause(polls).min(cap);
+                                polls += 1;
+                                Box::pin(tokio::time::sleep(pause)).await;
+                            }
+                        }
+                        call.waited(now.elapsed());
+                    }
                 }
             }
         }
