@@ -976,6 +976,13 @@ async fn main() {
         println!("written to {}", dir.display());
         return;
     }
+    if args.iter().any(|a| a == "postgres") {
+        // `cargo bench -p benches -- postgres`: the PostgreSQL table alone.
+        postgres_figures(&mut report).await;
+        std::fs::write(dir.join("postgres.md"), &report.markdown).expect("the report");
+        println!("written to {}", dir.display());
+        return;
+    }
     let memory_storm = memory_figures(&mut report).await;
     let redis_storm = redis_figures(&mut report).await;
     postgres_figures(&mut report).await;
