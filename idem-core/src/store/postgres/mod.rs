@@ -292,7 +292,12 @@ impl PostgresStore {
     /// that reaches the database.
     pub(crate) async fn ready(&self) -> Result<(), StoreError> {
         match &self.inner.migrated {
-            Some(migrated) => migrated.get_or_try_init(|| self.migrate()).await.copied(),
+            Some(migrated) if migrated.get().is_some() => Ok(()),
+            // Boxed: migrating is rare and its future large, and every
+            // operation's future would otherwise carry it.
+            Some(migrated) => Box::pin(migrated.get_or_try_init(|| self.migrate()))
+                .await
+                .copied(),
             None => Ok(()),
         }
     }
