@@ -53,7 +53,34 @@ pub(crate) trait ResultCodec<T, E> {
 /// its generic arguments, changes the tag, and records of the old type are
 /// then refused rather than decoded as the new one.
 pub(crate) fn type_tag<T: ?Sized>() -> u64 {
-    tag_of(std::any::type_name::<T>())
+    remembered_tag(std::any::type_name::<T>())
+}
+
+/// The tag of `name`, remembered per thread by where the name is: every
+/// call computes its result type's tag, and a type's name is one static
+/// string. A tag depends on the name's text alone, so two names at one
+/// address (merged equal strings) share it rightly.
+fn remembered_tag(name: &'static str) -> u64 {
+    const SLOTS: usize = 8;
+    thread_local! {
+        static TAGS: std::cell::Cell<[(usize, usize, u64); SLOTS]> =
+            const { std::cell::Cell::new([(0, 0, 0); SLOTS]) };
+    }
+    let at = name.as_ptr() as usize;
+    let slot = (at >> 3) % SLOTS;
+    TAGS.try_with(|tags| {
+        let mut all = tags.get();
+        let (address, len, tag) = all[slot];
+        if address == at && len == name.len() {
+            return tag;
+        }
+        let tag = tag_of(name);
+        all[slot] = (at, name.len(), tag);
+        tags.set(all);
+        tag
+    })
+    // The thread is being torn down: compute it.
+    .unwrap_or_else(|_| tag_of(name))
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -334,6 +361,26 @@ mod tests {
             tag_of("grüße::Straße<x::ß>"),
             tag_of_text("grüße::Straße<x::ß>")
         );
+    }
+
+    #[test]
+    fn remembered_tags_are_the_tags_of_their_names() {
+        use super::{remembered_tag, tag_of};
+        // More names than slots, so that they evict each other, and names
+        // that start at one address with different lengths.
+        static LONG: &str = "alloc::vec::Vec<shop::Receipt>, and more";
+        let mut names: Vec<&'static str> = (1..LONG.len()).map(|n| &LONG[..n]).collect();
+        names.extend([
+            std::any::type_name::<u8>(),
+            std::any::type_name::<Vec<String>>(),
+            std::any::type_name::<Option<(u64, bool)>>(),
+        ]);
+        for _ in 0..3 {
+            for name in &names {
+                assert_eq!(remembered_tag(name), tag_of(name), "{name}");
+            }
+            names.reverse();
+        }
     }
 
     #[test]
