@@ -17,7 +17,7 @@ use crate::key::Key;
 
 /// The claims held by the call chain a future belongs to: (handle, key).
 #[derive(Clone, Default)]
-pub(crate) struct Held(Arc<Vec<(usize, Key)>>);
+pub(crate) struct Held(Arc<[(usize, Key)]>);
 
 tokio::task_local! {
     static HELD: Held;
@@ -32,11 +32,16 @@ pub(crate) fn reentered(handle: usize, key: Key) -> bool {
 /// `body`, run as a holder of `key` on `handle`: calls made in it see the
 /// claim.
 pub(crate) fn holding<F: Future>(handle: usize, key: Key, body: F) -> TaskLocalFuture<Held, F> {
-    let mut claims = HELD
-        .try_with(|held| held.0.as_ref().clone())
+    // One allocation of the exact length, as every call makes one.
+    let outer = HELD
+        .try_with(|held| Arc::clone(&held.0))
         .unwrap_or_default();
-    claims.push((handle, key));
-    HELD.scope(Held(Arc::new(claims)), body)
+    let claims = outer
+        .iter()
+        .copied()
+        .chain(std::iter::once((handle, key)))
+        .collect();
+    HELD.scope(Held(claims), body)
 }
 
 #[cfg(test)]
