@@ -29,7 +29,7 @@
 //!
 //! runs each row with 64 tasks on distinct keys and reports the CPU the
 //! client process and the server spent per call: what bounds throughput
-//! when they share two cores. `redis_hit get|begin|fn N` runs one row N
+//! when they share two cores. `redis_hit get|begin|run|fn N` runs one row N
 //! times on a `current_thread` runtime, for a profiler; under callgrind, the
 //! difference between two runs of different N is the row's instructions per
 //! call.
@@ -58,7 +58,7 @@ fn main() {
         return;
     }
     if let [mode, n] = args.as_slice() {
-        // `redis_hit get|begin|fn N`: only that row, N times, for `perf record`.
+        // `redis_hit get|begin|run|fn N`: only that row, N times, for `perf record`.
         profile(mode, n.parse().expect("a number of hits"));
         return;
     }
@@ -240,6 +240,7 @@ fn profile(mode: &str, n: u64) {
             idem_core::Inspection::Completed { fingerprint, .. } => fingerprint,
             other => panic!("expected the first run's record, got {other:?}"),
         };
+        let settings = Settings::default();
         for _ in 0..n {
             match mode {
                 "get" => benches::get_floor(conn.clone()).await,
@@ -250,6 +251,14 @@ fn profile(mode: &str, n: u64) {
                             .await
                             .unwrap(),
                     );
+                }
+                "run" => {
+                    let receipt: Result<Receipt, BenchError> = idem
+                        .run(&settings, key, fingerprint, async {
+                            unreachable!("a replayed hit does not run the body")
+                        })
+                        .await;
+                    black_box(receipt.unwrap());
                 }
                 _ => {
                     black_box(idem_charge(&idem, request(1)).await.unwrap());
