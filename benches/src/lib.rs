@@ -80,6 +80,35 @@ pub fn charge(req: &ChargeRequest) -> Receipt {
     }
 }
 
+/// The CPU time, user and system, that process `pid` (`"self"` for this
+/// one) has spent, all its threads: `/proc/{pid}/stat` in the kernel's
+/// clock ticks (`USER_HZ`, 100 on Linux).
+pub fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/{pid}/stat");
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')').expect("a command") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    Duration::from_millis(ticks * 10)
+}
+
+/// The CPU time, user and system, that a Redis server has spent, from its
+/// `INFO cpu`.
+pub fn redis_cpu(server: &idem_test::redis_server::RedisServer) -> Duration {
+    let info = server.cli(&["INFO", "cpu"]);
+    let field = |name: &str| -> f64 {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .expect("a cpu field")
+            .trim()
+            .parse()
+            .expect("seconds")
+    };
+    Duration::from_secs_f64(field("used_cpu_user") + field("used_cpu_sys"))
+}
+
 /// Stores `value` under the key the Redis floor reads ([`get_floor`]).
 pub async fn set_floor(conn: &ConnectionManager, value: &[u8]) {
     redis::cmd("SET")

@@ -72,6 +72,12 @@ impl NatsServer {
         server
     }
 
+    /// The server process's id, e.g. to read the CPU it spent from
+    /// `/proc/{pid}/stat`. It changes with [`restart`](Self::restart).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server (`SIGKILL`): a broker outage. Its store stays, for
     /// [`restart`](Self::restart).
     pub fn stop(&mut self) {

@@ -120,6 +120,17 @@ impl Effects {
     }
 }
 
+#[test]
+fn the_kits_server_names_its_process_and_a_restart_changes_it() {
+    let mut server = NatsServer::start();
+    let command = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    let first = server.pid();
+    assert_eq!(command(first).trim(), "nats-server");
+    server.restart();
+    assert_ne!(server.pid(), first);
+    assert_eq!(command(server.pid()).trim(), "nats-server");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_messages_with_duplicates_have_one_effect_each() {
     let server = NatsServer::start();

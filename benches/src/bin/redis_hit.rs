@@ -268,32 +268,6 @@ fn profile(mode: &str, n: u64) {
     });
 }
 
-/// CPU time this process has used, user and system, all threads.
-fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // Fields after the command's closing parenthesis; utime and stime are
-    // the 14th and 15th fields of the whole line.
-    let rest = &stat[stat.rfind(')').expect("a command") + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // The kernel's USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
-}
-
-/// CPU time the Redis server has used, user and system.
-fn server_cpu(server: &RedisServer) -> Duration {
-    let info = server.cli(&["INFO", "cpu"]);
-    let field = |name: &str| -> f64 {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .expect("a cpu field")
-            .trim()
-            .parse()
-            .expect("seconds")
-    };
-    Duration::from_secs_f64(field("used_cpu_user") + field("used_cpu_sys"))
-}
-
 /// `redis_hit cpu SECONDS`: each row with 64 tasks on distinct keys for
 /// SECONDS, on a multi-threaded runtime, and the CPU the client process and
 /// the server spent per call. `redis_hit cpu SECONDS ROW…` runs only those
@@ -347,7 +321,7 @@ fn cpu(seconds: u64, only: &[&str]) {
             if !only.is_empty() && !only.contains(&row) {
                 continue;
             }
-            let (client, redis) = (process_cpu(), server_cpu(&server));
+            let (client, redis) = (benches::cpu_time("self"), benches::redis_cpu(&server));
             let conn = conn.clone();
             let rate = benches::throughput(TASKS, window, move |i| {
                 let conn = conn.clone();
@@ -378,8 +352,8 @@ fn cpu(seconds: u64, only: &[&str]) {
             })
             .await;
             let calls = rate * window.as_secs_f64();
-            let client = (process_cpu() - client).as_secs_f64() * 1e6 / calls;
-            let redis = (server_cpu(&server) - redis).as_secs_f64() * 1e6 / calls;
+            let client = (benches::cpu_time("self") - client).as_secs_f64() * 1e6 / calls;
+            let redis = (benches::redis_cpu(&server) - redis).as_secs_f64() * 1e6 / calls;
             println!("| {row} | {rate:.0} | {client:.2} | {redis:.2} |");
         }
     });
