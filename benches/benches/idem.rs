@@ -746,7 +746,7 @@ async fn postgres_figures(report: &mut Report) {
     report.section(
         "PostgreSQL, 1 task: latency against a `SELECT 1` round trip",
         &table,
-        "idem's hit is one read-only statement and its first run two (claim-or-read, then complete), against the hand-written sequence's two and three. PostgreSQL runs on the same two cores, with `fsync=off`.",
+        "idem's hit is one statement (claim-or-read, which writes nothing on a hit) and its first run two (claim-or-read, then complete), against the hand-written sequence's two and three. PostgreSQL runs on the same two cores, with `fsync=off`.",
     );
 }
 
