@@ -634,47 +634,22 @@ async fn consumer_figures(report: &mut Report) {
         "redis-server CPU µs",
         "target",
     ]);
-    let cpu_cells = |cpu: [f64; 3]| cpu.map(|us| format!("{us:.1}"));
-    table.row(
-        &[
-            vec![
-                "bare loop, `ack` (floor)".to_owned(),
-                format!("{:.0}", ack.0),
-                ratio(ack.0, ack.0),
-            ],
-            cpu_cells(ack.1).to_vec(),
-            vec![String::new()],
-        ]
-        .concat(),
-    );
-    table.row(
-        &[
-            vec![
-                "bare loop, `double_ack`".to_owned(),
-                format!("{:.0}", double_ack.0),
-                ratio(double_ack.0, ack.0),
-            ],
-            cpu_cells(double_ack.1).to_vec(),
-            vec![String::new()],
-        ]
-        .concat(),
-    );
+    // A loop's row: its rate, the ratio to the bare `ack` loop, the CPU
+    // per message of each process, and the target when it has one.
+    let row = |name: &str, (rate, cpu): (f64, [f64; 3]), target: String| {
+        let mut cells = vec![name.to_owned(), format!("{rate:.0}"), ratio(rate, ack.0)];
+        cells.extend(cpu.map(|us| format!("{us:.1}")));
+        cells.push(target);
+        cells
+    };
+    table.row(&row("bare loop, `ack` (floor)", ack, String::new()));
+    table.row(&row("bare loop, `double_ack`", double_ack, String::new()));
     let met = with_idem.0 >= 0.5 * ack.0;
-    table.row(
-        &[
-            vec![
-                "`JetStream::consume`, Redis store".to_owned(),
-                format!("{:.0}", with_idem.0),
-                ratio(with_idem.0, ack.0),
-            ],
-            cpu_cells(with_idem.1).to_vec(),
-            vec![format!(
-                "≥ 0.50×: {}",
-                if met { "met" } else { "**missed**" }
-            )],
-        ]
-        .concat(),
-    );
+    table.row(&row(
+        "`JetStream::consume`, Redis store",
+        with_idem,
+        format!("≥ 0.50×: {}", if met { "met" } else { "**missed**" }),
+    ));
     report.section(
         "JetStream consumer: messages per second against a bare ack loop",
         &table,
