@@ -183,9 +183,7 @@ impl Key {
     pub fn to_store_key(&self, prefix: &str) -> String {
         // One allocation of the exact length: every store operation builds
         // one.
-        let mut hex = [0u8; 64];
-        // Cannot fail: the buffer is exactly twice the digest's length.
-        let _ = hex::encode_to_slice(self.0, &mut hex);
+        let hex = hex_digits(&self.0);
         let mut stored = String::with_capacity(prefix.len() + ":{}".len() + hex.len());
         stored.push_str(prefix);
         stored.push_str(":{");
@@ -369,14 +367,20 @@ impl Fingerprinter {
     }
 }
 
+/// A digest's 64 lowercase hex digits, on the stack: what keys and
+/// fingerprints display as, and what a store key holds.
+fn hex_digits(digest: &[u8; 32]) -> [u8; 64] {
+    let mut hex = [0u8; 64];
+    // Cannot fail: the buffer is exactly twice the digest's length.
+    let _ = hex::encode_to_slice(digest, &mut hex);
+    hex
+}
+
 macro_rules! hex_formatting {
     ($($ty:ident),*) => {$(
         impl fmt::Display for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                let mut buf = [0u8; 64];
-                // Cannot fail: the buffer is exactly twice the digest's length.
-                hex::encode_to_slice(self.0, &mut buf).map_err(|_| fmt::Error)?;
-                f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+                f.write_str(std::str::from_utf8(&hex_digits(&self.0)).map_err(|_| fmt::Error)?)
             }
         }
 
