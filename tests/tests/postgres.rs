@@ -1895,3 +1895,66 @@ async fn a_duplicate_racing_the_holders_commit_replays_under_repeatable_read() {
         &failures[..failures.len().min(3)]
     );
 }
+
+/// A migration that fails for want of a privilege fails the call closed
+/// (the body never runs), and is tried again by the next call: once the
+/// role may create tables in the schema an administrator made for it (not
+/// schemas in the database), that call migrates and runs. Once everything
+/// exists, migrating needs no privilege to create anything.
+#[tokio::test]
+async fn a_failed_migration_is_tried_again_by_the_next_call() {
+    let server = shared();
+    server.psql(
+        "DROP SCHEMA IF EXISTS refused CASCADE; DROP ROLE IF EXISTS idem_unprivileged; \
+         CREATE ROLE idem_unprivileged LOGIN; CREATE SCHEMA refused",
+    );
+    let url = format!(
+        "postgres://idem_unprivileged@127.0.0.1:{}/postgres",
+        server.port()
+    );
+    let store = PostgresStore::builder(&url)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .schema("refused")
+        .connect_lazy()
+        .expect("no connection needed to build it");
+    let idem = Idempotency::new(store);
+    let runs = Runs::default();
+    let (key, fp) = fresh("refused");
+    let call = || {
+        let runs = runs.clone();
+        idem.run(&Settings::DEFAULT, key, fp, async move {
+            runs.mark();
+            Ok::<_, Failure>(11)
+        })
+    };
+    match call().await {
+        Err(Failure::Idem(Error::Store(error))) => {
+            assert!(
+                error.to_string().contains("migrate"),
+                "the error names the migration: {error}"
+            );
+        }
+        other => panic!("expected the migration refused, got {other:?}"),
+    }
+    assert_eq!(runs.count(), 0, "nothing ran unguarded");
+    server.psql("GRANT USAGE, CREATE ON SCHEMA refused TO idem_unprivileged");
+    assert_eq!(call().await.unwrap(), 11, "the next call migrated and ran");
+    assert_eq!(call().await.unwrap(), 11, "replayed");
+    assert_eq!(runs.count(), 1);
+    assert_eq!(
+        server.psql("SELECT count(*) FROM refused.idempotency_keys"),
+        "1"
+    );
+    server.psql("REVOKE CREATE ON SCHEMA refused FROM idem_unprivileged");
+    let again = PostgresStore::builder(&url)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .schema("refused")
+        .connect()
+        .await
+        .expect("migrating creates nothing once everything exists");
+    let idem = Idempotency::new(again);
+    let replayed = idem
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(0) })
+        .await;
+    assert_eq!(replayed.unwrap(), 11, "the same table, replayed");
+}

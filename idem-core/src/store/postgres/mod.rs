@@ -189,11 +189,21 @@ impl PostgresStore {
         &self.inner.pool
     }
 
-    /// Creates the schema, the table and its index if they are missing. Safe
-    /// to run from several processes at once.
+    /// Creates the schema, the tables, the epoch sequence and the indexes
+    /// that are missing, and only those. Safe to run from several processes
+    /// at once.
+    ///
+    /// Each object is looked up before it is created, so a role needs the
+    /// privilege to create only what is missing: `CREATE` on the schema
+    /// when a database administrator made the schema, nothing more once
+    /// every object exists (then [`migrate(false)`](PostgresStoreBuilder::migrate)
+    /// is not needed either).
     ///
     /// # Errors
-    /// The database's, e.g. when the role may not create tables.
+    /// The database's, e.g. when the role may not create what is missing.
+    /// Nothing is kept of a failed migration, and a store connected with
+    /// [`connect_lazy`](PostgresStoreBuilder::connect_lazy) tries it again
+    /// at its next call.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         self.timed("migrate", async {
             let mut tx = begin_on(&self.inner.pool, None).await?;
@@ -201,18 +211,13 @@ impl PostgresStore {
                 .bind(&self.inner.sql.channel)
                 .execute(&mut *tx)
                 .await?;
-            for statement in &self.inner.sql.create {
-                sqlx::query(statement).execute(&mut *tx).await?;
-            }
-            // Checked first: creating an index locks the table against the
-            // writes of calls in flight, even when it exists already.
-            for (name, statement) in &self.inner.sql.indexes {
-                let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-                    .bind(name)
+            for creation in &self.inner.sql.create {
+                let exists: bool = sqlx::query_scalar(creation.exists)
+                    .bind(&creation.name)
                     .fetch_one(&mut *tx)
                     .await?;
                 if !exists {
-                    sqlx::query(statement).execute(&mut *tx).await?;
+                    sqlx::query(&creation.statement).execute(&mut *tx).await?;
                 }
             }
             tx.commit().await

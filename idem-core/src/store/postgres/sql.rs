@@ -33,11 +33,8 @@ use crate::error::{StoreError, StoreErrorKind};
 /// The statements of one store.
 #[derive(Debug)]
 pub(crate) struct Statements {
-    pub(crate) create: Vec<String>,
-    /// Each index's qualified name and the statement that creates it, run
-    /// only when it is missing: `CREATE INDEX IF NOT EXISTS` takes a lock on
-    /// the table that waits for every open transaction that wrote to it.
-    pub(crate) indexes: Vec<(String, String)>,
+    /// What migrating creates, in order, each only when it is missing.
+    pub(crate) create: Vec<Creation>,
     pub(crate) begin: String,
     pub(crate) complete: String,
     pub(crate) release: String,
@@ -106,6 +103,44 @@ pub(crate) fn channel(schema: &str, table: &str) -> String {
     derived_name(&format!("idem:{schema}.{table}"), "", "idem:")
 }
 
+/// An object a store needs. Migrating looks it up first and runs the
+/// statement only when it is missing, because `… IF NOT EXISTS` is not
+/// free when the object exists: PostgreSQL still checks the privilege to
+/// create it (so a role that may only create tables in a schema made for
+/// it could never migrate), and `CREATE INDEX` still locks the table
+/// against the writes of every transaction in flight.
+#[derive(Debug)]
+pub(crate) struct Creation {
+    /// A query of one boolean parameter, `$1` the object's qualified name:
+    /// whether it exists.
+    pub(crate) exists: &'static str,
+    /// The object's qualified, quoted name.
+    pub(crate) name: String,
+    /// The statement that creates it.
+    pub(crate) statement: String,
+}
+
+const SCHEMA_EXISTS: &str = "SELECT to_regnamespace($1) IS NOT NULL";
+const RELATION_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
+
+impl Creation {
+    fn schema(name: &str) -> Self {
+        Self {
+            exists: SCHEMA_EXISTS,
+            name: name.to_owned(),
+            statement: format!("CREATE SCHEMA IF NOT EXISTS {name}"),
+        }
+    }
+
+    fn relation(name: String, statement: String) -> Self {
+        Self {
+            exists: RELATION_EXISTS,
+            name,
+            statement,
+        }
+    }
+}
+
 impl Statements {
     pub(crate) fn new(schema: &str, table: &str) -> Result<Self, StoreError> {
         let (schema_q, table_q) = (identifier("schema", schema)?, identifier("table", table)?);
@@ -130,9 +165,11 @@ impl Statements {
                 WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()";
         Ok(Self {
             create: vec![
-                format!("CREATE SCHEMA IF NOT EXISTS {schema_q}"),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {t} (
+                Creation::schema(&schema_q),
+                Creation::relation(
+                    t.clone(),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {t} (
                         key bytea PRIMARY KEY,
                         fingerprint bytea NOT NULL,
                         token bytea NOT NULL,
@@ -140,9 +177,12 @@ impl Statements {
                         stored_at timestamptz,
                         expires_at timestamptz NOT NULL
                     )"
+                    ),
                 ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {st} (
+                Creation::relation(
+                    st.clone(),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {st} (
                         key bytea NOT NULL,
                         name text NOT NULL,
                         seq bigserial,
@@ -150,15 +190,17 @@ impl Statements {
                         expires_at timestamptz NOT NULL,
                         PRIMARY KEY (key, name)
                     )"
+                    ),
                 ),
-                format!("CREATE SEQUENCE IF NOT EXISTS {sequence}"),
-            ],
-            indexes: vec![
-                (
+                Creation::relation(
+                    sequence.clone(),
+                    format!("CREATE SEQUENCE IF NOT EXISTS {sequence}"),
+                ),
+                Creation::relation(
                     format!("{schema_q}.{index}"),
                     format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
                 ),
-                (
+                Creation::relation(
                     format!("{schema_q}.{claims_index}"),
                     format!(
                         "CREATE INDEX IF NOT EXISTS {claims_index} ON {t} (stored_at) \
@@ -388,9 +430,9 @@ mod tests {
             "{}",
             statements.channel
         );
-        for (name, _) in &statements.indexes {
-            let index = name.rsplit('.').next().unwrap().trim_matches('"');
-            assert!(index.len() <= MAX_IDENTIFIER, "{index}");
+        for creation in &statements.create {
+            let object = creation.name.rsplit('.').next().unwrap().trim_matches('"');
+            assert!(object.len() <= MAX_IDENTIFIER, "{object}");
         }
         // Short names keep the names earlier versions used.
         assert_eq!(
