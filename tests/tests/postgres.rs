@@ -1958,3 +1958,98 @@ async fn a_failed_migration_is_tried_again_by_the_next_call() {
         .await;
     assert_eq!(replayed.unwrap(), 11, "the same table, replayed");
 }
+
+/// Stores of different tables that start together in a schema that does
+/// not exist yet all connect: their migrations wait for each other on the
+/// schema instead of colliding in creating it.
+#[tokio::test]
+async fn stores_of_different_tables_migrate_a_new_schema_together() {
+    for round in 0..3 {
+        let schema = format!("together_{round}");
+        let mut starts = tokio::task::JoinSet::new();
+        for table in 0..6 {
+            let (url, schema) = (shared().url(), schema.clone());
+            starts.spawn(async move {
+                PostgresStore::builder(url)
+                    .response_timeout(Duration::from_secs(5))
+                    .schema(schema)
+                    .table(format!("keys_{table}"))
+                    .connect()
+                    .await
+            });
+        }
+        for started in starts.join_all().await {
+            if let Err(error) = started {
+                panic!("{schema}: a store did not start: {error}");
+            }
+        }
+        assert_eq!(
+            shared().psql(&format!(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = '{schema}' \
+                 AND tablename LIKE 'keys\\__' ESCAPE '\\'"
+            )),
+            "6"
+        );
+    }
+}
+
+/// An administrator may make every object from the module docs' statements
+/// and grant a role only what calls need: that role then connects with the
+/// default `migrate(true)`, which finds everything and creates nothing.
+#[tokio::test]
+async fn objects_an_administrator_made_need_no_privilege_to_create() {
+    let server = shared();
+    server.psql(
+        "DROP SCHEMA IF EXISTS provisioned CASCADE; DROP ROLE IF EXISTS idem_calls_only; \
+         CREATE ROLE idem_calls_only LOGIN; CREATE SCHEMA provisioned; SET search_path TO provisioned; \
+         CREATE TABLE idempotency_keys (key bytea PRIMARY KEY, fingerprint bytea NOT NULL, \
+             token bytea NOT NULL, record bytea, stored_at timestamptz, \
+             expires_at timestamptz NOT NULL); \
+         CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at); \
+         CREATE INDEX idempotency_keys_claimed ON idempotency_keys (stored_at) WHERE record IS NULL; \
+         CREATE TABLE idempotency_keys_steps (key bytea NOT NULL, name text NOT NULL, \
+             seq bigserial, value bytea NOT NULL, expires_at timestamptz NOT NULL, \
+             PRIMARY KEY (key, name)); \
+         CREATE SEQUENCE idempotency_keys_epoch; \
+         GRANT USAGE ON SCHEMA provisioned TO idem_calls_only; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA provisioned TO idem_calls_only; \
+         GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA provisioned TO idem_calls_only",
+    );
+    let url = format!(
+        "postgres://idem_calls_only@127.0.0.1:{}/postgres",
+        server.port()
+    );
+    let store = PostgresStore::builder(&url)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .schema("provisioned")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect with the default migrate(true): {e}"));
+    let idem = Idempotency::new(store);
+    let runs = Runs::default();
+    let (key, fp) = fresh("provisioned");
+    for _ in 0..2 {
+        let runs = runs.clone();
+        let answer = idem
+            .run(&Settings::DEFAULT, key, fp, async move {
+                runs.mark();
+                Ok::<_, Failure>(5)
+            })
+            .await;
+        assert_eq!(answer.unwrap(), 5);
+    }
+    assert_eq!(runs.count(), 1, "run once, then replayed");
+}
+
+/// A reachable server that refuses the connection (here, an unknown
+/// database) is `Other`, as documented: not a malformed URL, and not a
+/// database out of reach.
+#[tokio::test]
+async fn a_database_that_refuses_the_connection_is_other() {
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/no_such_database",
+        shared().port()
+    );
+    let error = PostgresStore::connect(&url).await.unwrap_err();
+    assert_eq!(error.kind(), StoreErrorKind::Other, "{error}");
+}

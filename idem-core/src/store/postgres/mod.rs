@@ -19,7 +19,10 @@
 //!
 //! Every schema and table name the store accepts (1 to 63 bytes) works: the
 //! `NOTIFY` channel (`idem:schema.table`) and index names that would pass
-//! PostgreSQL's 63 bytes are derived from a digest instead.
+//! PostgreSQL's 63 bytes are derived from a digest instead. A store on table
+//! `t` also names, in its schema, `t_steps`, `t_epoch`, `t_expires_at` and
+//! `t_claimed`: give no other store's table one of those names, or the two
+//! stores would share an object.
 //! - [`PostgresStore::run_in_transaction`] (and `#[idempotent(transaction =
 //!   tx)]`) runs the body inside a transaction that also holds the claim and,
 //!   at commit, the result: the body's writes and the record commit
@@ -167,7 +170,10 @@ impl PostgresStore {
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`] for a malformed URL,
-    /// [`StoreErrorKind::Unavailable`] when the database cannot be reached.
+    /// [`StoreErrorKind::Unavailable`] when the database cannot be reached,
+    /// [`StoreErrorKind::Other`] for what a reachable database refuses (an
+    /// unknown database or role, a failed authentication, a migration the
+    /// role may not make).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::builder(url).connect().await
     }
@@ -191,13 +197,17 @@ impl PostgresStore {
 
     /// Creates the schema, the tables, the epoch sequence and the indexes
     /// that are missing, and only those. Safe to run from several processes
-    /// at once.
+    /// at once, for one table or for several in one schema: migrations of a
+    /// schema take turns on an advisory lock.
     ///
     /// Each object is looked up before it is created, so a role needs the
-    /// privilege to create only what is missing: `CREATE` on the schema
-    /// when a database administrator made the schema, nothing more once
-    /// every object exists (then [`migrate(false)`](PostgresStoreBuilder::migrate)
-    /// is not needed either).
+    /// privilege to create only what is missing: `CREATE` on the database
+    /// for a missing schema, `CREATE` on the schema for a missing table or
+    /// sequence, and ownership of the table for a missing index. Once every
+    /// object exists (made by this method, or by an administrator from the
+    /// statements in the [module docs](self)), it needs no privilege to
+    /// create anything, and [`migrate(false)`](PostgresStoreBuilder::migrate)
+    /// is not needed either.
     ///
     /// # Errors
     /// The database's, e.g. when the role may not create what is missing.
@@ -208,7 +218,7 @@ impl PostgresStore {
         self.timed("migrate", async {
             let mut tx = begin_on(&self.inner.pool, None).await?;
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                .bind(&self.inner.sql.channel)
+                .bind(&self.inner.sql.migration_lock)
                 .execute(&mut *tx)
                 .await?;
             for creation in &self.inner.sql.create {
@@ -474,7 +484,10 @@ impl PostgresStoreBuilder {
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`] for a malformed URL or table name,
-    /// [`StoreErrorKind::Unavailable`] when the database cannot be reached.
+    /// [`StoreErrorKind::Unavailable`] when the database cannot be reached,
+    /// [`StoreErrorKind::Other`] for what a reachable database refuses (an
+    /// unknown database or role, a failed authentication, a migration the
+    /// role may not make).
     pub async fn connect(self) -> Result<PostgresStore, StoreError> {
         let migrate = self.migrate;
         let store = self.build(false)?;

@@ -35,6 +35,10 @@ use crate::error::{StoreError, StoreErrorKind};
 pub(crate) struct Statements {
     /// What migrating creates, in order, each only when it is missing.
     pub(crate) create: Vec<Creation>,
+    /// The name of the advisory lock migrations take: one per schema, so
+    /// that stores of different tables creating the schema they share wait
+    /// for each other rather than collide.
+    pub(crate) migration_lock: String,
     pub(crate) begin: String,
     pub(crate) complete: String,
     pub(crate) release: String,
@@ -164,6 +168,7 @@ impl Statements {
                 FROM current c
                 WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()";
         Ok(Self {
+            migration_lock: format!("idem:migrate {schema_q}"),
             create: vec![
                 Creation::schema(&schema_q),
                 Creation::relation(
