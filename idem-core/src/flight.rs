@@ -77,6 +77,16 @@ impl Flights {
     }
 }
 
+impl Flights {
+    /// Lets no caller from now on join the flight under way for `key`, if
+    /// there is one: it may have read what a `forget` has just deleted. Its
+    /// leader and the followers already with it go on as they were; the
+    /// next caller starts a flight of its own.
+    pub(crate) fn vacate(&self, key: Key) {
+        self.map.remove(&key);
+    }
+}
+
 impl Flight {
     /// How long until the claim this flight waits on lapses at the latest.
     fn retry_after(&self) -> Duration {

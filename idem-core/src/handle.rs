@@ -206,10 +206,23 @@ impl Idempotency {
     /// that [`claims_older_than`](Self::claims_older_than) lists far past
     /// any plausible run time.
     ///
+    /// A call made through this handle (or a clone) after `forget` returns
+    /// does not join a same-key call that was under way before it, whose
+    /// store read may predate the forget: it runs the body, or replays a
+    /// result stored after the forget. Another process's calls cannot be
+    /// told: there, a call that joins a same-key call already under way may
+    /// still share its result.
+    ///
     /// # Errors
     /// [`Error::Store`] when the store fails or cannot forget.
     pub async fn forget(&self, key: Key) -> Result<bool, Error> {
-        Ok(self.shared.store.forget(key).await?)
+        let forgotten = self.shared.store.forget(key).await;
+        // After the store's answer (or its failure, whose outcome is
+        // unknown): a call under way in this process may have read the
+        // record before it was deleted, and no call made after `forget`
+        // returns may join it and replay that record.
+        self.shared.flights.vacate(key);
+        Ok(forgotten?)
     }
 
     /// Up to `limit` claims in progress made more than `age` ago, however

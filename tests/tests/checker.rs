@@ -37,6 +37,36 @@ impl Backend for Memory {
 }
 
 /// A current-thread runtime on tokio's paused clock.
+/// The forget scenario of the checker on a backend: the fixed seeds and a
+/// few fresh ones, and an ignored soak.
+macro_rules! forget_checker {
+    ($backend:expr) => {
+        #[test]
+        fn forget_checker() {
+            let seeds = idem_test::checker::ci_seeds(8);
+            for report in idem_test::checker::check_forget_seeds(&$backend, &seeds) {
+                println!("{report:?}");
+            }
+        }
+
+        #[test]
+        #[ignore = "a soak: IDEM_CHECKER_MINUTES=30 (or IDEM_CHECKER_SEEDS=N) cargo test … -- --ignored"]
+        fn forget_soak() {
+            let (mut calls, mut forgets, mut replayed) = (0, 0, 0);
+            idem_test::checker::soak_seeds(32, |seeds| {
+                for report in idem_test::checker::check_forget_seeds(&$backend, seeds) {
+                    calls += report.calls;
+                    forgets += report.forgets;
+                    replayed += report.replayed_after;
+                }
+                format!(
+                    "{calls} calls, {forgets} forgets, {replayed} replays after one, no violation"
+                )
+            });
+        }
+    };
+}
+
 fn paused_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -47,6 +77,7 @@ fn paused_runtime() -> tokio::runtime::Runtime {
 
 mod memory {
     idem_test::exactly_once_suite!(super::Memory);
+    forget_checker!(super::Memory);
 }
 
 /// The memory store behind a `ReplayCache` of eight records, each kept for
@@ -75,6 +106,7 @@ impl Backend for CachedMemory {
 
 mod memory_replay_cache {
     idem_test::exactly_once_suite!(super::CachedMemory);
+    forget_checker!(super::CachedMemory);
 }
 
 #[cfg(feature = "redis")]
@@ -110,6 +142,7 @@ mod redis_node {
     }
 
     idem_test::exactly_once_suite!(Node);
+    forget_checker!(Node);
 }
 
 /// Connections that break mid-use, every few hundred milliseconds each:
@@ -393,6 +426,7 @@ mod postgres {
     }
 
     idem_test::exactly_once_suite!(Postgres);
+    forget_checker!(Postgres);
 }
 
 /// The checker reaches every variant of the function-level HTTP path:
@@ -576,6 +610,75 @@ fn the_checker_catches_a_store_that_forgets_its_journals() {
     let violation = caught.expect("a violation within 300 seeds");
     println!("{violation}");
     assert_eq!(violation.broken.invariant, "at most one effect per step");
+}
+
+/// A store whose `forget` answers that it deleted the key but keeps it:
+/// calls after a forget replay what it should have deleted, which the
+/// forget scenario must catch.
+struct KeepsWhatItForgets(MemoryStore);
+
+impl Store for KeepsWhatItForgets {
+    fn begin(
+        &self,
+        key: idem_core::Key,
+        fingerprint: idem_core::Fingerprint,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
+        self.0.begin(key, fingerprint, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        record: idem_core::store::Record,
+        ttl: Duration,
+    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+        self.0.complete(key, token, record, ttl)
+    }
+
+    fn release(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+    ) -> idem_core::store::StoreFuture<'_, ()> {
+        self.0.release(key, token)
+    }
+
+    fn renew(
+        &self,
+        key: idem_core::Key,
+        token: idem_core::store::Token,
+        lease: Duration,
+    ) -> idem_core::store::StoreFuture<'_, bool> {
+        self.0.renew(key, token, lease)
+    }
+
+    fn forget(&self, _key: idem_core::Key) -> idem_core::store::StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Ok(true)))
+    }
+}
+
+#[test]
+fn the_forget_checker_catches_a_store_that_keeps_what_it_forgets() {
+    let lease = Memory.timing().lease;
+    let caught = paused_runtime().block_on(async {
+        for seed in 0..100 {
+            let store: Arc<dyn Store> = Arc::new(KeepsWhatItForgets(MemoryStore::new()));
+            if let Err(violation) = idem_test::checker::check_forget_seed(store, seed, lease).await
+            {
+                return Some(violation);
+            }
+        }
+        None
+    });
+    let violation = caught.expect("a violation within 100 seeds");
+    println!("{violation}");
+    assert_eq!(
+        violation.broken.invariant,
+        "no replay of a forgotten result"
+    );
 }
 
 /// Each fault of the engine's hardening alone, at a high rate, over the fixed seeds on

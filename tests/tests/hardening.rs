@@ -606,3 +606,38 @@ fn a_failure_for_good_left_unrecorded_is_counted_as_not_stored() {
     assert_eq!(counter("idem_calls_total", Some("failed")), 0);
     assert_eq!(counter("idem_records_lost_total", None), 2);
 }
+
+/// A call made after `forget` returned runs its body again, even while a
+/// call of the same handle that read the record before the forget is still
+/// on its way back: the later call does not join it and replay what was
+/// forgotten.
+#[test]
+fn a_call_after_forget_does_not_join_a_call_that_read_the_record_before_it() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone());
+        let (key, fp) = key("hardening.forget-in-flight");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let call = |idem: Idempotency, runs: Arc<AtomicUsize>| async move {
+            idem.run(&settings(30), key, fp, async move {
+                Ok::<usize, Error>(runs.fetch_add(1, Ordering::SeqCst))
+            })
+            .await
+        };
+        assert_eq!(call(idem.clone(), runs.clone()).await.unwrap(), 0);
+        // The next begin reads the record at once, and its answer comes
+        // back a second later.
+        flaky.inject(Op::Begin, Fault::Delayed(Duration::from_secs(1)));
+        let before = tokio::spawn(call(idem.clone(), runs.clone()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(idem.forget(key).await.unwrap());
+        let after = call(idem.clone(), runs.clone()).await;
+        assert_eq!(after.unwrap(), 1, "ran again, not the forgotten result");
+        assert_eq!(
+            before.await.unwrap().unwrap(),
+            0,
+            "the call made before the forget replays what it read"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    });
+}

@@ -75,8 +75,10 @@ const SHARDS: usize = 16;
 ///
 /// The cache holds at most `capacity` records, each costing its key,
 /// fingerprint, payload and ≈100 bytes. From 64 records on it is split into
-/// 16 shards of keys, each with a sixteenth of the capacity and its own
-/// lock, and a full shard drops its least recently used record. Records
+/// 16 shards of keys, each with a sixteenth of the capacity (rounded down:
+/// a `capacity` of 100 holds at most 96) and its own lock, and a full
+/// shard drops its least recently used record, so a record may be dropped
+/// while other shards have room. Records
 /// whose payload is larger than 64 KiB are not kept (see
 /// [`max_record_size`](Self::max_record_size)), so the cache's memory is
 /// bounded by `capacity` × (64 KiB + ≈170 bytes). A record that aged out
@@ -103,7 +105,7 @@ struct Kept {
 
 impl<S: Store> ReplayCache<S> {
     /// Caches up to `capacity` completed records of `inner`, each for `ttl`
-    /// from when `inner` handed it out.
+    /// from when the replay that read it asked `inner`.
     #[must_use]
     pub fn new(inner: S, capacity: usize, ttl: Duration) -> Self {
         let shards = if capacity >= SHARDED_FROM { SHARDS } else { 1 };

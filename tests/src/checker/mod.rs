@@ -47,6 +47,11 @@
 //!
 //! The first violation is reported with its seed and the history.
 //!
+//! Forgets have a scenario of their own ([`check_forget_seed`]): an
+//! operator's `forget` among calls of one key, checked against what
+//! `forget` promises (no call made after it returned replays a result
+//! answered before it began).
+//!
 //! A store proves itself with [`exactly_once_suite!`](crate::exactly_once_suite),
 //! on the same [`Backend`] as the conformance suite:
 //!
@@ -62,6 +67,7 @@
 mod broker;
 #[cfg(feature = "client")]
 mod client;
+mod forget;
 #[cfg(feature = "axum")]
 mod handler_edge;
 mod history;
@@ -87,6 +93,7 @@ pub use client::{ClientReport, check_client_seed};
 #[cfg(feature = "postgres")]
 pub use transactional::{TransactionalReport, check_transactional_seed};
 
+pub use forget::{ForgetReport, check_forget_seed, check_forget_seeds};
 pub use history::{Answer, Event, History};
 pub use invariants::Broken;
 pub use run::{CallError, Value};
