@@ -199,6 +199,35 @@ async fn a_records_ttl_counts_from_when_its_replay_asked() {
     );
 }
 
+/// An answer that comes back after its ttl has run out is not kept: in a
+/// full cache it would push out a live record.
+#[tokio::test(start_paused = true)]
+async fn an_answer_later_than_the_ttl_is_not_kept() {
+    let f = Arc::new(fixture(1, CACHE_TTL));
+    let (late, live) = (key("late"), key("live"));
+    for k in [late, live] {
+        f.call(&settings(), k, 1).await.unwrap();
+    }
+    f.flaky.inject(
+        Op::Begin,
+        Fault::Delayed(CACHE_TTL + Duration::from_secs(1)),
+    );
+    let slow = tokio::spawn({
+        let f = Arc::clone(&f);
+        async move { f.call(&settings(), late, 1).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    f.call(&settings(), live, 1).await.unwrap();
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        1,
+        "the late answer is replayed"
+    );
+    f.call(&settings(), live, 1).await.unwrap();
+    assert_eq!(f.flaky.begins(live), 2, "the live record was kept");
+    assert_eq!(f.cache.len(), 1);
+}
+
 /// Records that aged out are dropped as others are kept after them, not
 /// held until their shard fills.
 #[tokio::test(start_paused = true)]

@@ -186,10 +186,12 @@ impl<S: Store> ReplayCache<S> {
         asked: Instant,
         forgets: u64,
     ) {
-        if self.ttl.is_zero() || record.payload().len() > self.max_record_size {
+        let now = Instant::now();
+        // An answer that came back after its ttl had run out is not kept: it
+        // would push out a live record and never be replayed.
+        if asked + self.ttl <= now || record.payload().len() > self.max_record_size {
             return;
         }
-        let now = Instant::now();
         let mut shard = lock(self.shard(&key));
         while shard
             .iter()
