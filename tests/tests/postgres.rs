@@ -2053,3 +2053,61 @@ async fn a_database_that_refuses_the_connection_is_other() {
     let error = PostgresStore::connect(&url).await.unwrap_err();
     assert_eq!(error.kind(), StoreErrorKind::Other, "{error}");
 }
+
+/// Migrating looks each object up by its quoted name: names that need
+/// quoting (case, spaces, dots, quotes, a table long enough that the names
+/// beside it are derived) are found once they exist, so that a role whose
+/// `CREATE` was revoked still connects to them.
+#[tokio::test]
+async fn objects_with_names_that_need_quoting_are_found_by_their_lookup() {
+    let server = shared();
+    let quoted = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let schema = "Mixed.\"Case\" schema";
+    let tables = [
+        "UPPER".to_owned(),
+        "with space".to_owned(),
+        "dot.ted".to_owned(),
+        "quo\"te".to_owned(),
+        format!("Long_{}", "X".repeat(58)),
+    ];
+    server.psql(&format!(
+        "DROP SCHEMA IF EXISTS {s} CASCADE; DROP ROLE IF EXISTS idem_quoted; \
+         CREATE ROLE idem_quoted LOGIN; CREATE SCHEMA {s}; \
+         GRANT USAGE, CREATE ON SCHEMA {s} TO idem_quoted",
+        s = quoted(schema)
+    ));
+    let url = format!(
+        "postgres://idem_quoted@127.0.0.1:{}/postgres",
+        server.port()
+    );
+    let call = |table: String, value: u32| {
+        let url = url.clone();
+        async move {
+            let store = PostgresStore::builder(&url)
+                .response_timeout(RESPONSE_TIMEOUT)
+                .schema(schema)
+                .table(&table)
+                .connect()
+                .await
+                .unwrap_or_else(|e| panic!("{table:?}: {e}"));
+            let key = Key::new("quoted", &table).unwrap();
+            let fp = Fingerprint::of(&1).unwrap();
+            Idempotency::new(store)
+                .run(&Settings::DEFAULT, key, fp, async move {
+                    Ok::<_, Failure>(value)
+                })
+                .await
+                .unwrap()
+        }
+    };
+    for table in &tables {
+        assert_eq!(call(table.clone(), 3).await, 3, "{table:?} ran");
+    }
+    server.psql(&format!(
+        "REVOKE CREATE ON SCHEMA {} FROM idem_quoted",
+        quoted(schema)
+    ));
+    for table in &tables {
+        assert_eq!(call(table.clone(), 4).await, 3, "{table:?} replayed");
+    }
+}
