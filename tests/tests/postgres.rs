@@ -2111,3 +2111,30 @@ async fn objects_with_names_that_need_quoting_are_found_by_their_lookup() {
         assert_eq!(call(table.clone(), 4).await, 3, "{table:?} replayed");
     }
 }
+
+/// A transactional call made after `forget` returned does not wait for the
+/// holder the forget ended, which this process's later duplicates would
+/// otherwise join: it claims the key and runs at once, while the ended
+/// holder's body is still blocked.
+#[tokio::test]
+async fn a_transactional_call_after_forget_does_not_join_the_ended_holder() {
+    let server = shared();
+    let store = connect(&server.url()).await;
+    let key = Key::new(&op("forget-flight"), "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let (holder, gate) = hold_in_transaction(&store, Settings::DEFAULT, key, fp, 1).await;
+    let operator = Idempotency::new(store.clone());
+    assert!(operator.forget(key).await.unwrap(), "the holder was ended");
+    let rerun = store.run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
+        Box::pin(async move { Ok::<_, ChargeError>(2_i64) })
+    });
+    let rerun = tokio::time::timeout(Duration::from_secs(5), rerun)
+        .await
+        .expect("the call ran without waiting for the ended holder");
+    assert_eq!(rerun.unwrap(), 2);
+    gate.notify_one();
+    assert!(
+        holder.await.unwrap().is_err(),
+        "the ended holder committed nothing"
+    );
+}
