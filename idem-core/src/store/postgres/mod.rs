@@ -200,7 +200,7 @@ impl PostgresStore {
     /// at once, for one table or for several in one schema: migrations of a
     /// schema take turns on an advisory lock.
     ///
-    /// Each object is looked up before it is created, so a role needs the
+    /// Every object is looked up first, in one statement, so a role needs the
     /// privilege to create only what is missing: `CREATE` on the database
     /// for a missing schema, `CREATE` on the schema for a missing table or
     /// sequence, and ownership of the table for a missing index. Once every
@@ -221,12 +221,21 @@ impl PostgresStore {
                 .bind(&self.inner.sql.migration_lock)
                 .execute(&mut *tx)
                 .await?;
-            for creation in &self.inner.sql.create {
-                let exists: bool = sqlx::query_scalar(creation.exists)
-                    .bind(&creation.name)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                if !exists {
+            let creations = &self.inner.sql.create;
+            let lookups: Vec<String> = (1..=creations.len())
+                .zip(creations)
+                .map(|(n, creation)| format!("{}(${n}) IS NOT NULL", creation.lookup))
+                .collect();
+            let lookup = format!("SELECT {}", lookups.join(", "));
+            let found = creations
+                .iter()
+                .fold(sqlx::query(&lookup), |query, creation| {
+                    query.bind(&creation.name)
+                })
+                .fetch_one(&mut *tx)
+                .await?;
+            for (n, creation) in creations.iter().enumerate() {
+                if !found.try_get::<bool, _>(n)? {
                     sqlx::query(&creation.statement).execute(&mut *tx).await?;
                 }
             }

@@ -107,30 +107,28 @@ pub(crate) fn channel(schema: &str, table: &str) -> String {
     derived_name(&format!("idem:{schema}.{table}"), "", "idem:")
 }
 
-/// An object a store needs. Migrating looks it up first and runs the
-/// statement only when it is missing, because `… IF NOT EXISTS` is not
-/// free when the object exists: PostgreSQL still checks the privilege to
-/// create it (so a role that may only create tables in a schema made for
-/// it could never migrate), and `CREATE INDEX` still locks the table
-/// against the writes of every transaction in flight.
+/// An object a store needs. Migrating looks them all up first, in one
+/// statement, and runs the statement of each one that is missing, because
+/// `… IF NOT EXISTS` is not free when the object exists: PostgreSQL still
+/// checks the privilege to create it (so a role that may only create
+/// tables in a schema made for it could never migrate), and `CREATE INDEX`
+/// still locks the table against the writes of every transaction in
+/// flight.
 #[derive(Debug)]
 pub(crate) struct Creation {
-    /// A query of one boolean parameter, `$1` the object's qualified name:
-    /// whether it exists.
-    pub(crate) exists: &'static str,
+    /// The function that finds the object by name, or answers `NULL`:
+    /// `to_regnamespace` or `to_regclass`.
+    pub(crate) lookup: &'static str,
     /// The object's qualified, quoted name.
     pub(crate) name: String,
     /// The statement that creates it.
     pub(crate) statement: String,
 }
 
-const SCHEMA_EXISTS: &str = "SELECT to_regnamespace($1) IS NOT NULL";
-const RELATION_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
-
 impl Creation {
     fn schema(name: &str) -> Self {
         Self {
-            exists: SCHEMA_EXISTS,
+            lookup: "to_regnamespace",
             name: name.to_owned(),
             statement: format!("CREATE SCHEMA IF NOT EXISTS {name}"),
         }
@@ -138,7 +136,7 @@ impl Creation {
 
     fn relation(name: String, statement: String) -> Self {
         Self {
-            exists: RELATION_EXISTS,
+            lookup: "to_regclass",
             name,
             statement,
         }
