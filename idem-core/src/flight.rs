@@ -85,6 +85,25 @@ impl Flights {
     pub(crate) fn vacate(&self, key: Key) {
         self.map.remove(&key);
     }
+
+    /// Vacates `key`'s flight when dropped: held across a `forget`, so that
+    /// a forget that returns, fails, is cancelled or panics after its
+    /// delete may have landed vacates the flight in every case.
+    pub(crate) fn vacating(&self, key: Key) -> Vacating<'_> {
+        Vacating { flights: self, key }
+    }
+}
+
+/// See [`Flights::vacating`].
+pub(crate) struct Vacating<'a> {
+    flights: &'a Flights,
+    key: Key,
+}
+
+impl Drop for Vacating<'_> {
+    fn drop(&mut self) {
+        self.flights.vacate(self.key);
+    }
 }
 
 impl Flight {

@@ -216,13 +216,12 @@ impl Idempotency {
     /// # Errors
     /// [`Error::Store`] when the store fails or cannot forget.
     pub async fn forget(&self, key: Key) -> Result<bool, Error> {
-        let forgotten = self.shared.store.forget(key).await;
-        // After the store's answer (or its failure, whose outcome is
-        // unknown): a call under way in this process may have read the
-        // record before it was deleted, and no call made after `forget`
-        // returns may join it and replay that record.
-        self.shared.flights.vacate(key);
-        Ok(forgotten?)
+        // Once the store answered, failed or the forget was cut off (the
+        // delete may have landed in every case): a call under way in this
+        // process may have read the record before it was deleted, and no
+        // later call may join it and replay that record.
+        let _vacating = self.shared.flights.vacating(key);
+        Ok(self.shared.store.forget(key).await?)
     }
 
     /// Up to `limit` claims in progress made more than `age` ago, however

@@ -641,3 +641,34 @@ fn a_call_after_forget_does_not_join_a_call_that_read_the_record_before_it() {
         assert_eq!(runs.load(Ordering::SeqCst), 2);
     });
 }
+
+/// A forget cut off by its caller after the store deleted the record still
+/// keeps later calls of the handle from joining a call that read the record
+/// before it.
+#[test]
+fn a_forget_cut_off_after_its_delete_still_lets_no_call_join_an_older_read() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone());
+        let (key, fp) = key("hardening.forget-cut-off");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let call = |idem: Idempotency, runs: Arc<AtomicUsize>| async move {
+            idem.run(&settings(30), key, fp, async move {
+                Ok::<usize, Error>(runs.fetch_add(1, Ordering::SeqCst))
+            })
+            .await
+        };
+        assert_eq!(call(idem.clone(), runs.clone()).await.unwrap(), 0);
+        flaky.inject(Op::Begin, Fault::Delayed(Duration::from_secs(1)));
+        let before = tokio::spawn(call(idem.clone(), runs.clone()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // The delete is carried out at once; its answer comes late, and the
+        // operator's timeout cuts the forget off.
+        flaky.inject(Op::Forget, Fault::Delayed(Duration::from_millis(500)));
+        let cut = tokio::time::timeout(Duration::from_millis(100), idem.forget(key)).await;
+        assert!(cut.is_err(), "the forget was cut off");
+        let after = call(idem.clone(), runs.clone()).await;
+        assert_eq!(after.unwrap(), 1, "ran again, not the forgotten result");
+        assert_eq!(before.await.unwrap().unwrap(), 0);
+    });
+}

@@ -927,38 +927,35 @@ impl Store for PostgresStore {
 
     fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
         Box::pin(async move {
-            let forgotten = async {
-                self.ready().await?;
-                let live = self
-                    .timed("forget", async {
-                        sqlx::query_scalar::<_, bool>(&self.inner.sql.forget)
-                            .bind(key.digest().as_slice())
-                            .bind(&self.inner.sql.channel)
-                            .fetch_optional(&self.inner.pool)
-                            .await
-                    })
-                    .await?
-                    .unwrap_or(false);
-                // A transactional holder is ended: its session is terminated,
-                // which rolls its transaction back (its writes with it).
-                let ended = self
-                    .timed("forget", async {
-                        sqlx::query_scalar::<_, Option<bool>>(&format!(
-                            "SELECT bool_or(pg_terminate_backend(l.pid)) {HOLDER_LOCK}"
-                        ))
-                        .bind(transaction::lock_id(key))
-                        .fetch_one(&self.inner.pool)
-                        .await
-                    })
-                    .await?
-                    .unwrap_or(false);
-                Ok(live || ended)
-            }
-            .await;
             // A transactional call under way in this process may have read
-            // the record before it was deleted: no later call joins it.
-            self.inner.flights.vacate(key);
-            forgotten
+            // the record before it was deleted: no later call joins it, even
+            // when this forget is cut off after its delete.
+            let _vacating = self.inner.flights.vacating(key);
+            self.ready().await?;
+            let live = self
+                .timed("forget", async {
+                    sqlx::query_scalar::<_, bool>(&self.inner.sql.forget)
+                        .bind(key.digest().as_slice())
+                        .bind(&self.inner.sql.channel)
+                        .fetch_optional(&self.inner.pool)
+                        .await
+                })
+                .await?
+                .unwrap_or(false);
+            // A transactional holder is ended: its session is terminated,
+            // which rolls its transaction back (its writes with it).
+            let ended = self
+                .timed("forget", async {
+                    sqlx::query_scalar::<_, Option<bool>>(&format!(
+                        "SELECT bool_or(pg_terminate_backend(l.pid)) {HOLDER_LOCK}"
+                    ))
+                    .bind(transaction::lock_id(key))
+                    .fetch_one(&self.inner.pool)
+                    .await
+                })
+                .await?
+                .unwrap_or(false);
+            Ok(live || ended)
         })
     }
 
