@@ -2138,3 +2138,41 @@ async fn a_transactional_call_after_forget_does_not_join_the_ended_holder() {
         "the ended holder committed nothing"
     );
 }
+
+/// A store whose objects all exist starts at once even while another
+/// table's migration in the same schema is held up: here its missing index
+/// waits for a transaction that wrote to its table.
+#[tokio::test]
+async fn a_migration_held_up_on_one_table_holds_up_no_store_of_another() {
+    let server = shared();
+    server.psql("DROP SCHEMA IF EXISTS held_up CASCADE");
+    let open = |table: &'static str, timeout: Duration| {
+        let url = server.url();
+        async move {
+            PostgresStore::builder(url)
+                .response_timeout(timeout)
+                .schema("held_up")
+                .table(table)
+                .connect()
+                .await
+        }
+    };
+    let b = open("b", Duration::from_secs(5)).await.expect("b migrates");
+    open("a", Duration::from_secs(5)).await.expect("a migrates");
+    // An index an upgrade adds, or one an administrator dropped.
+    server.psql("DROP INDEX held_up.a_claimed");
+    let mut writer = b.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE held_up.a IN ROW EXCLUSIVE MODE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let a = tokio::spawn(open("a", Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!a.is_finished(), "a's migration waits for the writer");
+    let b_again = open("b", Duration::from_secs(1)).await;
+    writer.rollback().await.unwrap();
+    assert!(a.await.unwrap().is_ok(), "a migrated once the writer ended");
+    if let Err(error) = b_again {
+        panic!("b's store waited for a's migration: {error}");
+    }
+}

@@ -200,7 +200,8 @@ impl PostgresStore {
     /// at once, for one table or for several in one schema: migrations of a
     /// schema take turns on an advisory lock.
     ///
-    /// Every object is looked up first, in one statement, so a role needs the
+    /// Every object is looked up first, in one statement and without a
+    /// lock when nothing is missing, so a role needs the
     /// privilege to create only what is missing: `CREATE` on the database
     /// for a missing schema, `CREATE` on the schema for a missing table or
     /// sequence, and ownership of the table for a missing index. Once every
@@ -216,26 +217,30 @@ impl PostgresStore {
     /// at its next call.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         self.timed("migrate", async {
+            let sql = &self.inner.sql;
+            // Nothing missing, the usual case: one statement and no lock, so
+            // that a migration held up elsewhere in the schema (an index
+            // waiting for a table's writers) holds up no one else.
+            if found(&sql.create, &self.inner.pool)
+                .await?
+                .into_iter()
+                .all(|found| found)
+            {
+                return Ok(());
+            }
             let mut tx = begin_on(&self.inner.pool, None).await?;
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                .bind(&self.inner.sql.migration_lock)
-                .execute(&mut *tx)
-                .await?;
-            let creations = &self.inner.sql.create;
-            let lookups: Vec<String> = (1..=creations.len())
-                .zip(creations)
-                .map(|(n, creation)| format!("{}(${n}) IS NOT NULL", creation.lookup))
-                .collect();
-            let lookup = format!("SELECT {}", lookups.join(", "));
-            let found = creations
-                .iter()
-                .fold(sqlx::query(&lookup), |query, creation| {
-                    query.bind(&creation.name)
-                })
-                .fetch_one(&mut *tx)
-                .await?;
-            for (n, creation) in creations.iter().enumerate() {
-                if !found.try_get::<bool, _>(n)? {
+            // Migrations of a schema take turns: stores of different tables
+            // create the schema they share. The table's own lock too, which
+            // is all that earlier versions take.
+            for lock in [&sql.migration_lock, &sql.channel] {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                    .bind(lock)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let found = found(&sql.create, &mut *tx).await?;
+            for (creation, found) in sql.create.iter().zip(found) {
+                if !found {
                     sqlx::query(&creation.statement).execute(&mut *tx).await?;
                 }
             }
@@ -644,6 +649,26 @@ async fn begin_on(
     opening
         .await
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Whether each of `creations` exists, looked up in one statement.
+async fn found<'c>(
+    creations: &[sql::Creation],
+    executor: impl sqlx::PgExecutor<'c>,
+) -> Result<Vec<bool>, sqlx::Error> {
+    let lookups: Vec<String> = (1..=creations.len())
+        .zip(creations)
+        .map(|(n, creation)| format!("{}(${n}) IS NOT NULL", creation.lookup))
+        .collect();
+    let lookup = format!("SELECT {}", lookups.join(", "));
+    let row = creations
+        .iter()
+        .fold(sqlx::query(&lookup), |query, creation| {
+            query.bind(&creation.name)
+        })
+        .fetch_one(executor)
+        .await?;
+    (0..creations.len()).map(|n| row.try_get(n)).collect()
 }
 
 fn millis(duration: Duration) -> i64 {

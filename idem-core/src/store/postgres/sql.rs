@@ -117,7 +117,8 @@ pub(crate) fn channel(schema: &str, table: &str) -> String {
 #[derive(Debug)]
 pub(crate) struct Creation {
     /// The function that finds the object by name, or answers `NULL`:
-    /// `to_regnamespace` or `to_regclass`.
+    /// `to_regnamespace` or `to_regclass` (qualified, so that no function
+    /// on the role's `search_path` stands in for it).
     pub(crate) lookup: &'static str,
     /// The object's qualified, quoted name.
     pub(crate) name: String,
@@ -128,7 +129,7 @@ pub(crate) struct Creation {
 impl Creation {
     fn schema(name: &str) -> Self {
         Self {
-            lookup: "to_regnamespace",
+            lookup: "pg_catalog.to_regnamespace",
             name: name.to_owned(),
             statement: format!("CREATE SCHEMA IF NOT EXISTS {name}"),
         }
@@ -136,7 +137,7 @@ impl Creation {
 
     fn relation(name: String, statement: String) -> Self {
         Self {
-            lookup: "to_regclass",
+            lookup: "pg_catalog.to_regclass",
             name,
             statement,
         }
