@@ -36,7 +36,6 @@ impl Backend for Memory {
     }
 }
 
-/// A current-thread runtime on tokio's paused clock.
 /// The forget scenario of the checker on a backend: the fixed seeds and a
 /// few fresh ones, and an ignored soak.
 macro_rules! forget_checker {
@@ -67,6 +66,7 @@ macro_rules! forget_checker {
     };
 }
 
+/// A current-thread runtime on tokio's paused clock.
 fn paused_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -679,6 +679,26 @@ fn the_forget_checker_catches_a_store_that_keeps_what_it_forgets() {
         violation.broken.invariant,
         "no replay of a forgotten result"
     );
+}
+
+/// The forget scenario keys each run of its own, so a store that still
+/// holds an earlier run's records of the same seed (a shared server, a
+/// rerun within the ttl) shows no violation.
+#[test]
+fn the_forget_checker_runs_a_seed_twice_on_one_store() {
+    let lease = Memory.timing().lease;
+    paused_runtime().block_on(async {
+        for seed in 0..300 {
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+            for run in ["first", "second"] {
+                if let Err(violation) =
+                    idem_test::checker::check_forget_seed(Arc::clone(&store), seed, lease).await
+                {
+                    panic!("the {run} run of seed {seed}: {violation}");
+                }
+            }
+        }
+    });
 }
 
 /// Each fault of the engine's hardening alone, at a high rate, over the fixed seeds on

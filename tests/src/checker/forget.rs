@@ -8,8 +8,9 @@
 //! before the forget began (that record was stored then, and the forget
 //! deleted it). Calls made before a forget returned may answer either, and
 //! so may a call of another handle that joined a call of its own handle
-//! already under way when the forget began: same-key calls on one handle
-//! share one call, and that handle could not tell of the forget. The
+//! made before the forget returned (and so perhaps reading the store
+//! before the delete): same-key calls on one handle share one call, and
+//! that handle could not tell of the forget. The
 //! store's faults only delay answers, so every result a caller was
 //! answered was stored before its answer; a forget that fails is not
 //! counted.
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use idem_core::store::Store;
+use idem_core::store::{Store, Token};
 use idem_core::{Error, Fingerprint, Idempotency, Key, Settings};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -121,7 +122,9 @@ pub async fn check_forget_seed(
         .wait_timeout(lease * 8)
         .build()
         .expect("valid settings");
-    let key = Key::new("checker.forget", &seed).expect("a key");
+    // A key of this run's own: a store may still hold an earlier run's
+    // records of the same seed.
+    let key = Key::new("checker.forget", &format!("{seed}-{}", Token::random())).expect("a key");
     let fingerprint = Fingerprint::of(&seed).expect("a fingerprint");
     let clock = Arc::new(AtomicU64::new(0));
     let tick = {
@@ -193,8 +196,9 @@ pub async fn check_forget_seed(
             .collect();
         for (i, call) in calls.iter().enumerate() {
             // Another process's call may have joined a call of its own
-            // process that was already under way when the forget began, and
-            // share that call's result: that process could not tell.
+            // process made before the forget returned (whose read may
+            // predate the delete), and share that call's result: that
+            // process could not tell.
             let joined_one_under_way = |run: u64| {
                 call.handle != forget.handle
                     && calls.iter().any(|other| {
