@@ -4,8 +4,8 @@
 //!
 //! - [`PostgresStore`] implements the [`Store`] protocol on a table (see
 //!   the schema below) and passes the conformance suite like the memory and
-//!   Redis stores: a replayed hit is one read-only statement, a first run
-//!   two. Expiries come from the database's clock. Waiters in other
+//!   Redis stores: a replayed hit is one statement that writes nothing, a
+//!   first run two. Expiries come from the database's clock. Waiters in other
 //!   processes are woken by `LISTEN/NOTIFY`, on a connection of the
 //!   store's own outside its pool, and look again at least every second
 //!   whatever they hear, so a missed notification (a listener reconnecting,
