@@ -527,11 +527,20 @@ fn the_checker_catches_a_store_that_grants_every_claim() {
     assert_eq!(violation.broken.invariant, "at most one run per key");
 }
 
-/// A store whose journals read empty though appends succeed: a call run
-/// again repeats its steps' effects, which the checker must catch.
-struct ForgetsJournals(MemoryStore);
+/// The memory store with one defect the checker must catch.
+struct Defective(MemoryStore, Defect);
 
-impl Store for ForgetsJournals {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Defect {
+    /// Journals read empty though appends succeed: a call run again
+    /// repeats its steps' effects.
+    ForgetsJournals,
+    /// `forget` answers that it deleted the key but keeps it: calls after
+    /// a forget replay what it should have deleted.
+    KeepsWhatItForgets,
+}
+
+impl Store for Defective {
     fn begin(
         &self,
         key: idem_core::Key,
@@ -589,9 +598,19 @@ impl Store for ForgetsJournals {
 
     fn steps(
         &self,
-        _key: idem_core::Key,
+        key: idem_core::Key,
     ) -> idem_core::store::StoreFuture<'_, Vec<idem_core::JournaledStep>> {
-        Box::pin(std::future::ready(Ok(Vec::new())))
+        if self.1 == Defect::ForgetsJournals {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
+        self.0.steps(key)
+    }
+
+    fn forget(&self, key: idem_core::Key) -> idem_core::store::StoreFuture<'_, bool> {
+        if self.1 == Defect::KeepsWhatItForgets {
+            return Box::pin(std::future::ready(Ok(true)));
+        }
+        self.0.forget(key)
     }
 }
 
@@ -600,7 +619,8 @@ fn the_checker_catches_a_store_that_forgets_its_journals() {
     let options = idem_test::checker::Options::for_backend(&Memory);
     let caught = paused_runtime().block_on(async {
         for seed in 0..300 {
-            let store: Arc<dyn Store> = Arc::new(ForgetsJournals(MemoryStore::new()));
+            let store: Arc<dyn Store> =
+                Arc::new(Defective(MemoryStore::new(), Defect::ForgetsJournals));
             if let Err(violation) = idem_test::checker::check_seed(store, seed, &options).await {
                 return Some(violation);
             }
@@ -612,60 +632,13 @@ fn the_checker_catches_a_store_that_forgets_its_journals() {
     assert_eq!(violation.broken.invariant, "at most one effect per step");
 }
 
-/// A store whose `forget` answers that it deleted the key but keeps it:
-/// calls after a forget replay what it should have deleted, which the
-/// forget scenario must catch.
-struct KeepsWhatItForgets(MemoryStore);
-
-impl Store for KeepsWhatItForgets {
-    fn begin(
-        &self,
-        key: idem_core::Key,
-        fingerprint: idem_core::Fingerprint,
-        token: idem_core::store::Token,
-        lease: Duration,
-    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
-        self.0.begin(key, fingerprint, token, lease)
-    }
-
-    fn complete(
-        &self,
-        key: idem_core::Key,
-        token: idem_core::store::Token,
-        record: idem_core::store::Record,
-        ttl: Duration,
-    ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
-        self.0.complete(key, token, record, ttl)
-    }
-
-    fn release(
-        &self,
-        key: idem_core::Key,
-        token: idem_core::store::Token,
-    ) -> idem_core::store::StoreFuture<'_, ()> {
-        self.0.release(key, token)
-    }
-
-    fn renew(
-        &self,
-        key: idem_core::Key,
-        token: idem_core::store::Token,
-        lease: Duration,
-    ) -> idem_core::store::StoreFuture<'_, bool> {
-        self.0.renew(key, token, lease)
-    }
-
-    fn forget(&self, _key: idem_core::Key) -> idem_core::store::StoreFuture<'_, bool> {
-        Box::pin(std::future::ready(Ok(true)))
-    }
-}
-
 #[test]
 fn the_forget_checker_catches_a_store_that_keeps_what_it_forgets() {
     let lease = Memory.timing().lease;
     let caught = paused_runtime().block_on(async {
         for seed in 0..100 {
-            let store: Arc<dyn Store> = Arc::new(KeepsWhatItForgets(MemoryStore::new()));
+            let store: Arc<dyn Store> =
+                Arc::new(Defective(MemoryStore::new(), Defect::KeepsWhatItForgets));
             if let Err(violation) = idem_test::checker::check_forget_seed(store, seed, lease).await
             {
                 return Some(violation);

@@ -607,6 +607,40 @@ fn a_failure_for_good_left_unrecorded_is_counted_as_not_stored() {
     assert_eq!(counter("idem_records_lost_total", None), 2);
 }
 
+/// Calls of one key on a handle of a memory store whose faults a test
+/// injects; each body answers its run's number, from 0.
+struct Forgetting {
+    flaky: Arc<Flaky>,
+    idem: Idempotency,
+    key: Key,
+    fp: Fingerprint,
+    runs: Arc<AtomicUsize>,
+}
+
+impl Forgetting {
+    fn new(name: &str) -> Self {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let (key, fp) = key(name);
+        Self {
+            idem: Idempotency::from_arc(flaky.clone()),
+            flaky,
+            key,
+            fp,
+            runs: Arc::default(),
+        }
+    }
+
+    fn call(&self) -> impl Future<Output = Result<usize, Error>> + Send + 'static {
+        let (idem, runs, key, fp) = (self.idem.clone(), self.runs.clone(), self.key, self.fp);
+        async move {
+            idem.run(&settings(30), key, fp, async move {
+                Ok::<usize, Error>(runs.fetch_add(1, Ordering::SeqCst))
+            })
+            .await
+        }
+    }
+}
+
 /// A call made after `forget` returned runs its body again, even while a
 /// call of the same handle that read the record before the forget is still
 /// on its way back: the later call does not join it and replay what was
@@ -614,31 +648,26 @@ fn a_failure_for_good_left_unrecorded_is_counted_as_not_stored() {
 #[test]
 fn a_call_after_forget_does_not_join_a_call_that_read_the_record_before_it() {
     paused(async {
-        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
-        let idem = Idempotency::from_arc(flaky.clone());
-        let (key, fp) = key("hardening.forget-in-flight");
-        let runs = Arc::new(AtomicUsize::new(0));
-        let call = |idem: Idempotency, runs: Arc<AtomicUsize>| async move {
-            idem.run(&settings(30), key, fp, async move {
-                Ok::<usize, Error>(runs.fetch_add(1, Ordering::SeqCst))
-            })
-            .await
-        };
-        assert_eq!(call(idem.clone(), runs.clone()).await.unwrap(), 0);
+        let f = Forgetting::new("hardening.forget-in-flight");
+        assert_eq!(f.call().await.unwrap(), 0);
         // The next begin reads the record at once, and its answer comes
         // back a second later.
-        flaky.inject(Op::Begin, Fault::Delayed(Duration::from_secs(1)));
-        let before = tokio::spawn(call(idem.clone(), runs.clone()));
+        f.flaky
+            .inject(Op::Begin, Fault::Delayed(Duration::from_secs(1)));
+        let before = tokio::spawn(f.call());
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(idem.forget(key).await.unwrap());
-        let after = call(idem.clone(), runs.clone()).await;
-        assert_eq!(after.unwrap(), 1, "ran again, not the forgotten result");
+        assert!(f.idem.forget(f.key).await.unwrap());
+        assert_eq!(
+            f.call().await.unwrap(),
+            1,
+            "ran again, not the forgotten result"
+        );
         assert_eq!(
             before.await.unwrap().unwrap(),
             0,
             "the call made before the forget replays what it read"
         );
-        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(f.runs.load(Ordering::SeqCst), 2);
     });
 }
 
@@ -648,27 +677,23 @@ fn a_call_after_forget_does_not_join_a_call_that_read_the_record_before_it() {
 #[test]
 fn a_forget_cut_off_after_its_delete_still_lets_no_call_join_an_older_read() {
     paused(async {
-        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
-        let idem = Idempotency::from_arc(flaky.clone());
-        let (key, fp) = key("hardening.forget-cut-off");
-        let runs = Arc::new(AtomicUsize::new(0));
-        let call = |idem: Idempotency, runs: Arc<AtomicUsize>| async move {
-            idem.run(&settings(30), key, fp, async move {
-                Ok::<usize, Error>(runs.fetch_add(1, Ordering::SeqCst))
-            })
-            .await
-        };
-        assert_eq!(call(idem.clone(), runs.clone()).await.unwrap(), 0);
-        flaky.inject(Op::Begin, Fault::Delayed(Duration::from_secs(1)));
-        let before = tokio::spawn(call(idem.clone(), runs.clone()));
+        let f = Forgetting::new("hardening.forget-cut-off");
+        assert_eq!(f.call().await.unwrap(), 0);
+        f.flaky
+            .inject(Op::Begin, Fault::Delayed(Duration::from_secs(1)));
+        let before = tokio::spawn(f.call());
         tokio::time::sleep(Duration::from_millis(10)).await;
         // The delete is carried out at once; its answer comes late, and the
         // operator's timeout cuts the forget off.
-        flaky.inject(Op::Forget, Fault::Delayed(Duration::from_millis(500)));
-        let cut = tokio::time::timeout(Duration::from_millis(100), idem.forget(key)).await;
+        f.flaky
+            .inject(Op::Forget, Fault::Delayed(Duration::from_millis(500)));
+        let cut = tokio::time::timeout(Duration::from_millis(100), f.idem.forget(f.key)).await;
         assert!(cut.is_err(), "the forget was cut off");
-        let after = call(idem.clone(), runs.clone()).await;
-        assert_eq!(after.unwrap(), 1, "ran again, not the forgotten result");
+        assert_eq!(
+            f.call().await.unwrap(),
+            1,
+            "ran again, not the forgotten result"
+        );
         assert_eq!(before.await.unwrap().unwrap(), 0);
     });
 }

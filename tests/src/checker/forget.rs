@@ -251,27 +251,9 @@ pub async fn check_forget_seed(
 /// runtime (paused when the backend follows tokio's clock), and panics with
 /// the first violation.
 pub fn check_forget_seeds<B: Backend>(backend: &B, seeds: &[u64]) -> Vec<ForgetReport> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(backend.follows_tokio_clock())
-        .build()
-        .expect("a tokio runtime");
     let lease = backend.timing().lease;
-    runtime.block_on(async {
-        let mut set = JoinSet::new();
-        for &seed in seeds {
-            let store = backend.store().await;
-            set.spawn(async move { check_forget_seed(store, seed, lease).await });
-        }
-        let mut reports = Vec::new();
-        while let Some(done) = set.join_next().await {
-            match done.expect("a checker task") {
-                Ok(report) => reports.push(report),
-                Err(violation) => panic!("{violation}"),
-            }
-        }
-        reports.sort_by_key(|r| r.seed);
-        reports
+    super::on_backend(backend, seeds, |store, seed| {
+        check_forget_seed(store, seed, lease)
     })
 }
 

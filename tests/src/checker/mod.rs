@@ -297,6 +297,22 @@ pub fn check_seeds<B: Backend>(backend: &B, seeds: &[u64]) -> Vec<Report> {
 /// [`check_seeds`] with `options` of one's own, e.g. a [`Schedule`] of one
 /// fault.
 pub fn check_seeds_with<B: Backend>(backend: &B, seeds: &[u64], options: &Options) -> Vec<Report> {
+    on_backend(backend, seeds, |store, seed| {
+        let options = options.clone();
+        async move { check_seed(store, seed, &options).await }
+    })
+}
+
+/// Runs `check` on a store of `backend` for each of `seeds`, all at once on
+/// one runtime (paused when the backend follows tokio's clock); answers
+/// the reports in the seeds' order, or panics with the first violation.
+pub(crate) fn on_backend<B, R, F, Fut>(backend: &B, seeds: &[u64], check: F) -> Vec<R>
+where
+    B: Backend,
+    R: Send + 'static,
+    F: Fn(Arc<dyn Store>, u64) -> Fut,
+    Fut: Future<Output = Result<R, Violation>> + Send + 'static,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(backend.follows_tokio_clock())
@@ -305,19 +321,18 @@ pub fn check_seeds_with<B: Backend>(backend: &B, seeds: &[u64], options: &Option
     runtime.block_on(async {
         let mut set = tokio::task::JoinSet::new();
         for &seed in seeds {
-            let store = backend.store().await;
-            let options = options.clone();
-            set.spawn(async move { check_seed(store, seed, &options).await });
+            let checking = check(backend.store().await, seed);
+            set.spawn(async move { (seed, checking.await) });
         }
         let mut reports = Vec::new();
         while let Some(done) = set.join_next().await {
             match done.expect("a checker task") {
-                Ok(report) => reports.push(report),
-                Err(violation) => panic!("{violation}"),
+                (seed, Ok(report)) => reports.push((seed, report)),
+                (_, Err(violation)) => panic!("{violation}"),
             }
         }
-        reports.sort_by_key(|r| r.seed);
-        reports
+        reports.sort_by_key(|(seed, _)| *seed);
+        reports.into_iter().map(|(_, report)| report).collect()
     })
 }
 
