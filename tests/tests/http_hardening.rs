@@ -358,8 +358,43 @@ async fn compressed_responses_replay_their_encoding(idem: Idempotency) {
 }
 
 /// Every guarded answer says how long its key is honoured: the
-/// problems and the responses that are passed through unstored.
+/// problems, the responses that are passed through unstored, and the
+/// responses streamed to their client (of unknown length, or over the
+/// replay limit).
 async fn every_guarded_answer_carries_retention(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/charge",
+            post(|State(runs): State<Arc<Runs>>, body: String| async move {
+                runs.bump();
+                if body == "fail" {
+                    return StatusCode::BAD_GATEWAY.into_response();
+                }
+                (StatusCode::CREATED, body).into_response()
+            }),
+        )
+        .route(
+            "/stream",
+            post(|body: String| async move {
+                let chunks = [Ok::<_, std::io::Error>(body)];
+                axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+            }),
+        )
+        .route("/large", post(|| async { "x".repeat(64) }))
+        .with_state(Arc::clone(&runs))
+        .layer(layer(idem.clone()).max_body_bytes(8).max_response_bytes(16));
+    let addr = serve(app).await;
+    for (path, body) in [("/stream", "abcd"), ("/large", "")] {
+        let streamed = post_to(addr, path, &key()).body(body).send();
+        let streamed = streamed.await.unwrap();
+        assert_eq!(streamed.status(), StatusCode::OK, "{path}");
+        assert_eq!(
+            streamed.headers()["idempotency-retention"],
+            "86400",
+            "{path}"
+        );
+    }
     let runs = Arc::new(Runs::default());
     let app = Router::new()
         .route(
@@ -862,3 +897,64 @@ on_each_store!(
     a_client_that_hangs_up_mid_stream_gets_it_all_on_retry,
     a_spawned_function_call_survives_a_hang_up,
 );
+
+/// An inner service that answers `Err` rather than a response (a tower
+/// service, not axum's) releases the key as a panic does: its error goes on
+/// to the caller as it came, and the retry runs.
+#[tokio::test]
+async fn an_inner_service_error_releases_the_key() {
+    use std::future::{Future, poll_fn};
+    use std::pin::Pin;
+    use tower_layer::Layer as _;
+    use tower_service::Service;
+
+    /// Fails its first call with an `Err`, answers `201` after.
+    #[derive(Clone)]
+    struct FailsFirst(Arc<Runs>);
+
+    impl Service<axum::http::Request<Body>> for FailsFirst {
+        type Response = Response;
+        type Error = std::io::Error;
+        type Future = Pin<Box<dyn Future<Output = Result<Response, std::io::Error>> + Send>>;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), std::io::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: axum::http::Request<Body>) -> Self::Future {
+            let run = self.0.bump();
+            Box::pin(async move {
+                if run == 1 {
+                    return Err(std::io::Error::other("the service failed"));
+                }
+                Ok((StatusCode::CREATED, format!("run {run}")).into_response())
+            })
+        }
+    }
+
+    let runs = Arc::new(Runs::default());
+    let service = layer(Idempotency::memory()).layer(FailsFirst(Arc::clone(&runs)));
+    let key = key();
+    let call = || {
+        let mut service = service.clone();
+        let request = axum::http::Request::post("/charge")
+            .header("idempotency-key", &key)
+            .header("x-api-key", "client-a")
+            .body(Body::empty())
+            .unwrap();
+        async move {
+            poll_fn(|cx| service.poll_ready(cx)).await.unwrap();
+            service.call(request).await
+        }
+    };
+    let failed = call().await.expect_err("the inner error, as it came");
+    assert_eq!(failed.to_string(), "the service failed");
+    let retry = call().await.expect("a response");
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    let body = retry.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "run 2", "the retry ran");
+    assert_eq!(runs.get(), 2);
+}

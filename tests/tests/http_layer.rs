@@ -328,7 +328,12 @@ async fn duplicates_in_flight_wait_or_are_rejected(idem: Idempotency) {
         .unwrap();
     // When to look again, not the ~10 s left of the holder's lease.
     assert_eq!(retry_after, 1);
-    problem(refused, 409, "in-progress").await;
+    let body = problem(refused, 409, "in-progress").await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        !detail.contains(" ms"),
+        "the detail does not contradict Retry-After: {detail}"
+    );
     assert_eq!(first.await.unwrap().status(), StatusCode::CREATED);
     assert_eq!(counts.charges.load(Ordering::SeqCst), 1);
 }

@@ -145,9 +145,11 @@ pub fn default_store_grpc_status(code: u32) -> bool {
 ///    replayed headers, the body, the trailers) is stored for the TTL when
 ///    the [status policy](default_store_status) says so, and replayed byte
 ///    for byte, with `Idempotent-Replayed: true`;
-/// 5. a duplicate of a request in progress waits for its response, or with
-///    [`OnConflict::Reject`](crate::OnConflict::Reject) gets `409` with
-///    `Retry-After`;
+/// 5. a duplicate of a request in progress waits for its response (for at
+///    most the settings' `wait_timeout`, one lease by default, then it gets
+///    the `409`), or with [`OnConflict::Reject`](crate::OnConflict::Reject)
+///    gets `409` at once; a `409`'s `Retry-After` is `1`, when to look
+///    again (whole seconds, at least one), never the holder's lease;
 /// 6. a store that is down is a `503`: nothing runs unguarded.
 ///
 /// Once the inner service has started, its side effects may have happened,
@@ -164,7 +166,10 @@ pub fn default_store_grpc_status(code: u32) -> bool {
 ///   operator forgets the key;
 /// - a handler that panics releases the key at once (a duplicate waiting
 ///   for it gets a `503` [`#attempt-failed`](super#attempt-failed), a retry
-///   runs), and its panic goes on as it would without the layer.
+///   runs), and its panic goes on as it would without the layer; so does
+///   an inner service that answers `Err` instead of a response (possible
+///   with tower services other than axum's), whose error goes on to the
+///   caller.
 ///
 /// A response whose length is known and under the cap (a `Full` body) is
 /// read whole, recorded, then sent. Any other streams to its client as it
@@ -425,13 +430,13 @@ impl Config {
     /// response has.
     fn problem<RB>(&self, problem: &Problem) -> Response<ResponseBody<RB>> {
         let mut response = problem.response(&self.docs);
-        self.retention(&mut response);
+        self.retention(response.headers_mut());
         response
     }
 
     /// Says on a guarded response how long its key is honoured.
-    fn retention<B>(&self, response: &mut Response<B>) {
-        response.headers_mut().insert(
+    fn retention(&self, headers: &mut http::HeaderMap) {
+        headers.insert(
             IDEMPOTENCY_RETENTION,
             HeaderValue::from(self.settings.ttl().as_secs()),
         );
@@ -653,13 +658,13 @@ where
                 Err(Failure::Idem(error)) => config.problem(&unreplayable_problem(&error)),
                 Err(Failure::Passthrough(response)) => {
                     let mut response = response.map(ResponseBody::inner);
-                    config.retention(&mut response);
+                    config.retention(response.headers_mut());
                     response
                 }
                 Err(Failure::Unstored(parts, body, trailers)) => {
                     let mut response =
                         Response::from_parts(parts, ResponseBody::full(body, trailers));
-                    config.retention(&mut response);
+                    config.retention(response.headers_mut());
                     response
                 }
                 Err(Failure::Streamed) => streamed_already(),
@@ -823,6 +828,11 @@ impl Relay {
                 .exact()
                 .is_some_and(|length| length <= max as u64);
         let mut parts = Some(parts);
+        if let Some(parts) = &mut parts {
+            // A streamed response's head goes to its client from here, not
+            // through `respond`: it is guarded, and says so too.
+            config.retention(&mut parts.headers);
+        }
         let mut head = Some(head);
         let mut sender: Option<FrameSender> = None;
         if !self.whole {
@@ -995,7 +1005,7 @@ fn respond<RB>(config: &Config, answer: Answer) -> Response<ResponseBody<RB>> {
             return config.problem(&unreplayable_problem(&Error::NotReplayable { reason }));
         }
     };
-    config.retention(&mut response);
+    config.retention(response.headers_mut());
     response
 }
 

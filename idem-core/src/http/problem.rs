@@ -127,6 +127,12 @@ impl Problem {
             Kind::Unreplayable => {
                 "The server cannot answer this request with its stored result.".to_owned()
             }
+            // Not the error's own text, which gives what is left of the
+            // holder's lease: the response says when to look again, in
+            // `Retry-After`, and its detail must not say otherwise.
+            Kind::InProgress => "A request with this Idempotency-Key is still in progress; \
+                 retry it as Retry-After says."
+                .to_owned(),
             _ => error.to_string(),
         };
         Self {
