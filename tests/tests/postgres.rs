@@ -954,22 +954,35 @@ fn transactional_calls_are_traced_and_counted() {
         .finish();
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
+    // The four calls once before the subscriber, so that every callsite
+    // they reach is registered already: a callsite first reached by another
+    // test's thread while this subscriber is the one registered would cache
+    // that thread's (none) for good, after the rebuild below.
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    runtime().block_on(async {
+        let (shop, op) = (Shop::new(&url).await, self::op("observed-warm"));
+        shop.charge(op.clone(), 1, 100).await.unwrap();
+        shop.charge(op.clone(), 1, 100).await.unwrap();
+        shop.charge(op.clone(), 1, 200).await.unwrap_err();
+        shop.charge(op.clone(), 2, 13).await.unwrap_err();
+    });
     tracing::subscriber::with_default(subscriber, || {
         // Tests of this binary that ran first, with no subscriber, may have
         // cached their callsites as uninteresting: look again with this one.
         tracing::callsite::rebuild_interest_cache();
         metrics::with_local_recorder(&recorder, || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async {
-                    let shop = Shop::new(&url).await;
-                    shop.charge(op.clone(), 1, 100).await.unwrap(); // ran
-                    shop.charge(op.clone(), 1, 100).await.unwrap(); // replayed
-                    shop.charge(op.clone(), 1, 200).await.unwrap_err(); // key_reused
-                    shop.charge(op.clone(), 2, 13).await.unwrap_err(); // failed
-                });
+            runtime().block_on(async {
+                let shop = Shop::new(&url).await;
+                shop.charge(op.clone(), 1, 100).await.unwrap(); // ran
+                shop.charge(op.clone(), 1, 100).await.unwrap(); // replayed
+                shop.charge(op.clone(), 1, 200).await.unwrap_err(); // key_reused
+                shop.charge(op.clone(), 2, 13).await.unwrap_err(); // failed
+            });
         });
     });
 
