@@ -828,15 +828,12 @@ impl Relay {
                 .exact()
                 .is_some_and(|length| length <= max as u64);
         let mut parts = Some(parts);
-        if let Some(parts) = &mut parts {
-            // A streamed response's head goes to its client from here, not
-            // through `respond`: it is guarded, and says so too.
-            config.retention(&mut parts.headers);
-        }
         let mut head = Some(head);
         let mut sender: Option<FrameSender> = None;
         if !self.whole {
-            sender = self.start(&mut parts, &mut head, Bytes::new()).await;
+            sender = self
+                .start(config, &mut parts, &mut head, Bytes::new())
+                .await;
         }
         let mut trailers = None;
         let mut failed = None;
@@ -870,7 +867,7 @@ impl Relay {
                             // Longer than it said: streamed from here on.
                             self.whole = false;
                             let so_far = std::mem::take(copy).freeze();
-                            sender = self.start(&mut parts, &mut head, so_far).await;
+                            sender = self.start(config, &mut parts, &mut head, so_far).await;
                             self.data = None;
                         } else {
                             self.data = None;
@@ -957,6 +954,7 @@ impl Relay {
     /// returned sender, which `so_far` starts. `None` once the client is gone.
     async fn start<RB>(
         &self,
+        config: &Config,
         parts: &mut Option<http::response::Parts>,
         head: &mut Option<oneshot::Sender<Response<ResponseBody<RB>>>>,
         so_far: Bytes,
@@ -965,7 +963,11 @@ impl Relay {
             return None;
         };
         let (sender, body) = ResponseBody::stream();
-        head.send(Response::from_parts(parts, body)).ok()?;
+        let mut response = Response::from_parts(parts, body);
+        // Its head goes to its client from here, not through `respond`: it
+        // is guarded, and says so too.
+        config.retention(response.headers_mut());
+        head.send(response).ok()?;
         if !so_far.is_empty() {
             sender.send(Ok(Frame::data(so_far))).await.ok()?;
         }
