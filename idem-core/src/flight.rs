@@ -75,20 +75,13 @@ impl Flights {
             }
         }
     }
-}
 
-impl Flights {
-    /// Lets no caller from now on join the flight under way for `key`, if
-    /// there is one: it may have read what a `forget` has just deleted. Its
-    /// leader and the followers already with it go on as they were; the
-    /// next caller starts a flight of its own.
-    pub(crate) fn vacate(&self, key: Key) {
-        self.map.remove(&key);
-    }
-
-    /// Vacates `key`'s flight when dropped: held across a `forget`, so that
-    /// a forget that returns, fails, is cancelled or panics after its
-    /// delete may have landed vacates the flight in every case.
+    /// When dropped, lets no caller from then on join the flight under way
+    /// for `key`, if there is one: it may have read what a `forget` has
+    /// just deleted. Held across a `forget`, so that one that returns,
+    /// fails, is cancelled or panics after its delete may have landed does
+    /// so in every case. The flight's leader and the followers already with
+    /// it go on as they were; the next caller starts a flight of its own.
     pub(crate) fn vacating(&self, key: Key) -> Vacating<'_> {
         Vacating { flights: self, key }
     }
@@ -102,7 +95,7 @@ pub(crate) struct Vacating<'a> {
 
 impl Drop for Vacating<'_> {
     fn drop(&mut self) {
-        self.flights.vacate(self.key);
+        self.flights.map.remove(&self.key);
     }
 }
 
