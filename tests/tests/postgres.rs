@@ -116,6 +116,31 @@ async fn connect_by_url_names_both_schemes() {
     assert!(!err.to_string().contains("s3cret"), "{err}");
 }
 
+/// A URL that is not PostgreSQL's is a configuration error, named as such,
+/// before anything is dialled: sqlx alone would read its host and port and
+/// ignore its scheme.
+#[tokio::test]
+async fn a_url_of_another_scheme_is_a_config_error() {
+    for url in [
+        "redis://:s3cret@127.0.0.1:6379/0",
+        "http://app:s3cret@127.0.0.1/x",
+        "127.0.0.1:5432/x",
+        "postgres:/x",
+    ] {
+        let err = PostgresStore::connect(url).await.expect_err(url);
+        assert_eq!(err.kind(), StoreErrorKind::Config, "{url}: {err}");
+        assert!(err.to_string().contains("not a PostgreSQL URL"), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let lazy = PostgresStore::builder(url).connect_lazy().expect_err(url);
+        assert_eq!(lazy.kind(), StoreErrorKind::Config, "{url}: {lazy}");
+    }
+    for url in ["POSTGRES://127.0.0.1/x", "PostgreSQL://127.0.0.1/x"] {
+        PostgresStore::builder(url)
+            .connect_lazy()
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
+}
+
 /// A server that logs every statement, and a store on it (with its own
 /// `table`) that is its only client.
 async fn logging_server(table: &str) -> (PostgresServer, PostgresStore) {

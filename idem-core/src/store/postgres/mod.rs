@@ -169,8 +169,8 @@ impl PostgresStore {
     /// is missing.
     ///
     /// # Errors
-    /// [`StoreErrorKind::Config`] for a malformed URL,
-    /// [`StoreErrorKind::Unavailable`] when the database cannot be reached,
+    /// [`StoreErrorKind::Config`] for a malformed URL or one of another
+    /// scheme, [`StoreErrorKind::Unavailable`] when the database cannot be reached,
     /// [`StoreErrorKind::Other`] for what a reachable database refuses (an
     /// unknown database or role, a failed authentication, a migration the
     /// role may not make).
@@ -497,7 +497,8 @@ impl PostgresStoreBuilder {
     /// to.
     ///
     /// # Errors
-    /// [`StoreErrorKind::Config`] for a malformed URL or table name,
+    /// [`StoreErrorKind::Config`] for a malformed URL, one of another scheme
+    /// than `postgres://` or `postgresql://`, or a malformed table name,
     /// [`StoreErrorKind::Unavailable`] when the database cannot be reached,
     /// [`StoreErrorKind::Other`] for what a reachable database refuses (an
     /// unknown database or role, a failed authentication, a migration the
@@ -522,8 +523,9 @@ impl PostgresStoreBuilder {
     /// Call it inside a tokio runtime (the pool's upkeep runs on it).
     ///
     /// # Errors
-    /// [`StoreErrorKind::Config`] for a malformed URL or table name, or when
-    /// called outside a tokio runtime.
+    /// [`StoreErrorKind::Config`] for a malformed URL, one of another scheme
+    /// than `postgres://` or `postgresql://`, or a malformed table name, or
+    /// when called outside a tokio runtime.
     pub fn connect_lazy(self) -> Result<PostgresStore, StoreError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(StoreError::new(
@@ -539,6 +541,22 @@ impl PostgresStoreBuilder {
         let pool = match self.source {
             Source::Pool(pool) => pool,
             Source::Url(url) => {
+                // sqlx reads the host, port and credentials of any URL and
+                // ignores its scheme: a Redis URL given here by mistake would
+                // be dialled as PostgreSQL.
+                let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+                if !scheme.is_some_and(|s| {
+                    s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql")
+                }) {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Config,
+                        format!(
+                            "`{}` is not a PostgreSQL URL: expected `postgres://…` or \
+                             `postgresql://…`",
+                            redact(&url)
+                        ),
+                    ));
+                }
                 let options: sqlx::postgres::PgConnectOptions = url.parse().map_err(|e| {
                     StoreError::new(
                         StoreErrorKind::Config,
