@@ -120,9 +120,12 @@ pub enum Error {
     },
 
     /// A step's name starts with U+0001, which marks idem's own entries in
-    /// a call's journal. Name the step otherwise.
+    /// a call's journal, or contains U+0000, which not every store can keep
+    /// and which separates the names of a step's derived request keys. Name
+    /// the step otherwise; its work does not run.
     #[error(
-        "the step name {name:?} starts with U+0001, which idem keeps for its own journal entries"
+        "the step name {name:?} starts with U+0001 (idem's own journal entries) or contains \
+         U+0000 (which stores cannot keep); name the step otherwise"
     )]
     InvalidStepName {
         /// The name given.
@@ -224,8 +227,8 @@ impl Error {
     /// `Store` → 503 when the store is down or slow (a retry may succeed)
     /// and 500 when a record is corrupt or the store misconfigured (a retry
     /// would fail the same way), `AttemptFailed` → 503, `Decode`, `Encode`,
-    /// `NotReplayable`, `Reentered`, `StepRepeated`, `OutsideCall`,
-    /// `Compensating` and `Config` → 500, `StepLost` and `ClaimLost` → 503.
+    /// `NotReplayable`, `Reentered`, `StepRepeated`, `InvalidStepName`,
+    /// `OutsideCall`, `Compensating` and `Config` → 500, `StepLost` and `ClaimLost` → 503.
     ///
     /// ```
     /// use std::time::Duration;

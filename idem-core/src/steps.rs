@@ -35,6 +35,11 @@ const RESERVED: char = '\u{1}';
 /// be undone even if its body does not reach the step again.
 const COMPENSABLE: u8 = 0x01;
 
+/// The first byte of the journaled value of a step whose result did not
+/// serialize: the rest is why. The step ran, so a later attempt answers
+/// [`Error::NotReplayable`] instead of running it again.
+const UNREPLAYABLE: u8 = 0x02;
+
 /// A journaled value without its compensation flag, and the flag.
 fn unflagged(bytes: &[u8]) -> (&[u8], bool) {
     match bytes.split_first() {
@@ -82,16 +87,49 @@ pub(crate) struct Journal {
 struct State {
     /// The steps a previous attempt journaled, once read from the store.
     done: Option<HashMap<String, Vec<u8>>>,
+    /// Where each of them is in the journal, which is the order they
+    /// completed in.
+    position: HashMap<String, usize>,
     /// The names this attempt has used.
     used: HashSet<String>,
     /// The fencing epoch this attempt was given, once asked for.
     epoch: Option<u64>,
-    /// The compensations of this attempt's completed steps, in step order.
-    undos: Vec<(String, Undo)>,
+    /// The compensations of this attempt's completed steps, each with its
+    /// step's place in the order the steps completed ([`Completed`]).
+    undos: Vec<(Completed, String, Undo)>,
+    /// How many steps this attempt ran to completion (not replayed).
+    ran: usize,
     /// The steps with a compensation this attempt journaled.
     compensable: HashSet<String>,
     /// Whether the body marked its failure final ([`mark_final`]).
     marked_final: bool,
+}
+
+/// When a step completed, for the order of the undos: a step replayed from
+/// the journal completed in an earlier attempt, at its place in the journal,
+/// before every step this attempt runs. (Steps run concurrently resolve in
+/// the order they are polled when replayed, not the order they completed.)
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Completed {
+    /// At this place in the journal.
+    Earlier(usize),
+    /// As the `n`th step this attempt completed.
+    Now(usize),
+}
+
+impl State {
+    /// Takes the journal as read from the store, unless it was already.
+    fn read(&mut self, steps: Vec<JournaledStep>) {
+        if self.done.is_some() {
+            return;
+        }
+        let mut done = HashMap::with_capacity(steps.len());
+        for (at, step) in steps.into_iter().enumerate() {
+            self.position.entry(step.name.clone()).or_insert(at);
+            done.entry(step.name).or_insert(step.value);
+        }
+        self.done = Some(done);
+    }
 }
 
 tokio::task_local! {
@@ -163,21 +201,16 @@ impl Journal {
         ttl: Duration,
         read: Option<Vec<JournaledStep>>,
     ) -> Arc<Self> {
-        let done = read.map(|steps| {
-            steps
-                .into_iter()
-                .map(|step| (step.name, step.value))
-                .collect()
-        });
+        let mut state = State::default();
+        if let Some(steps) = read {
+            state.read(steps);
+        }
         Arc::new(Self {
             store,
             key,
             token,
             ttl,
-            state: Mutex::new(State {
-                done,
-                ..State::default()
-            }),
+            state: Mutex::new(state),
         })
     }
 
@@ -226,10 +259,7 @@ impl Journal {
             // The body failed for good before its first step: the journal
             // may still say an earlier attempt's compensation is unfinished.
             match self.store.steps(self.key).await {
-                Ok(steps) => {
-                    let done = steps.into_iter().map(|s| (s.name, s.value)).collect();
-                    self.state().done.get_or_insert(done);
-                }
+                Ok(steps) => self.state().read(steps),
                 Err(error) if error.kind() == crate::StoreErrorKind::Unsupported => {}
                 Err(error) => {
                     tracing::warn!(key = %self.key, %error, "could not read the journal of a call that failed for good; its outcome is recorded on its next attempt");
@@ -254,7 +284,9 @@ impl Journal {
                 .map(|(name, _)| name.clone())
                 .collect();
             needed.extend(state.compensable.iter().cloned());
-            (std::mem::take(&mut state.undos), earlier, needed)
+            let mut undos = std::mem::take(&mut state.undos);
+            undos.sort_by_key(|(completed, _, _)| *completed);
+            (undos, earlier, needed)
         };
         let (outcome, replace) = if let Some(bytes) = earlier {
             match Record::decode(bytes) {
@@ -302,7 +334,7 @@ impl Journal {
             }
         };
         let mut undone_now: HashSet<String> = HashSet::new();
-        for (name, undo) in undos.into_iter().rev() {
+        for (_, name, undo) in undos.into_iter().rev() {
             let entry = undone(&name);
             let done = self
                 .state()
@@ -396,13 +428,29 @@ impl Journal {
             return Ok(found);
         }
         let steps = self.store.steps(self.key).await?;
-        let done: HashMap<String, Vec<u8>> = steps
-            .into_iter()
-            .map(|step| (step.name, step.value))
-            .collect();
-        let found = done.get(name).cloned();
-        self.state().done.get_or_insert(done);
-        Ok(found)
+        let mut state = self.state();
+        state.read(steps);
+        Ok(state.done.as_ref().and_then(|done| done.get(name).cloned()))
+    }
+
+    /// Step `name` ran and its result does not serialize: journals that it
+    /// ran, so that later attempts answer [`Error::NotReplayable`] rather
+    /// than run it again, and answers the error for this attempt
+    /// ([`Error::Encode`], or [`Error::StepLost`] when the claim is another's).
+    async fn unreplayable(&self, name: &str, error: serde_json::Error) -> Error {
+        let why = format!("its result did not serialize: {error}");
+        tracing::error!(key = %self.key, step = name, %error, "the result of a step does not serialize; later attempts get Error::NotReplayable and do not run it again");
+        let mut value = Vec::with_capacity(why.len() + 1);
+        value.push(UNREPLAYABLE);
+        value.extend_from_slice(why.as_bytes());
+        match self.append(name, value).await {
+            Ok(()) => {}
+            Err(lost @ Error::StepLost { .. }) => return lost,
+            Err(journal) => {
+                tracing::warn!(key = %self.key, step = name, error = %journal, "could not journal that a step ran; its next attempt runs it again");
+            }
+        }
+        Error::encode("step result", error)
     }
 
     /// Journals step `name`'s result, fenced by the call's claim.
@@ -467,7 +515,8 @@ impl Journal {
 ///   position, so steps inside loops and conditionals are fine as long as
 ///   each has a name of its own (e.g. `format!("ship-{i}")`). A name used
 ///   twice in one attempt fails with [`Error::StepRepeated`] and `work`
-///   does not run.
+///   does not run; so does a name that starts with U+0001 (idem's own
+///   journal entries) or contains U+0000, with [`Error::InvalidStepName`].
 /// - **Only `Ok` is journaled.** A step that returns `Err` is not recorded
 ///   and runs again on the next attempt.
 /// - **A step is at most once per journal entry, not per side effect.** If
@@ -479,8 +528,13 @@ impl Journal {
 /// - **A lost claim stops the call.** When the call's claim is no longer its
 ///   own (its lease lapsed and another attempt took over), the step's result
 ///   is not journaled and `step` fails with [`Error::StepLost`].
-/// - The step's result must serialize and deserialize (serde JSON); one that
-///   does not fails with [`Error::Encode`] or [`Error::Decode`].
+/// - The step's result must serialize and deserialize (serde JSON). One
+///   that does not serialize fails the step with [`Error::Encode`]; `work`
+///   ran, so idem journals that it did, and later attempts of the call fail
+///   the step with [`Error::NotReplayable`] instead of running it again
+///   (a compensation given to it cannot run: there is no value to undo).
+///   One that does not deserialize fails its replays with
+///   [`Error::Decode`].
 ///
 /// # Outside an idempotent call
 ///
@@ -521,7 +575,7 @@ where
     let Ok(journal) = JOURNAL.try_with(Arc::clone) else {
         return work.await;
     };
-    if name.starts_with(RESERVED) {
+    if name.starts_with(RESERVED) || name.contains('\0') {
         return Err(Error::InvalidStepName {
             name: name.to_owned().into(),
         }
@@ -534,11 +588,21 @@ where
         .into());
     }
     let unbound = undo.lock().unwrap_or_else(PoisonError::into_inner).take();
-    let (value, bytes) = if let Some(journaled) = journal.recorded(name).await? {
+    let (value, bytes, completed) = if let Some(journaled) = journal.recorded(name).await? {
+        if let Some((&UNREPLAYABLE, why)) = journaled.split_first() {
+            return Err(Error::NotReplayable {
+                reason: format!(
+                    "its step `{name}` ran, and {}",
+                    String::from_utf8_lossy(why)
+                ),
+            }
+            .into());
+        }
         tracing::debug!(key = %journal.key, step = name, "replaying a journaled step");
         let bytes = unflagged(&journaled).0.to_vec();
         let value = serde_json::from_slice(&bytes).map_err(Error::decode)?;
-        (value, bytes)
+        let at = journal.state().position.get(name).copied().unwrap_or(0);
+        (value, bytes, Completed::Earlier(at))
     } else {
         if journal.compensating() {
             return Err(Error::Compensating {
@@ -552,8 +616,10 @@ where
             requests: std::sync::atomic::AtomicU32::new(0),
         };
         let value = RUNNING.scope(running, work).await?;
-        let bytes =
-            serde_json::to_vec(&value).map_err(|error| Error::encode("step result", error))?;
+        let bytes = match serde_json::to_vec(&value) {
+            Ok(bytes) => bytes,
+            Err(error) => return Err(journal.unreplayable(name, error).await.into()),
+        };
         let journaled = if unbound.is_some() {
             let mut flagged = Vec::with_capacity(bytes.len() + 1);
             flagged.push(COMPENSABLE);
@@ -563,14 +629,21 @@ where
             bytes.clone()
         };
         journal.append(name, journaled).await?;
+        let mut state = journal.state();
         if unbound.is_some() {
-            journal.state().compensable.insert(name.to_owned());
+            state.compensable.insert(name.to_owned());
         }
-        (value, bytes)
+        state.ran += 1;
+        let completed = Completed::Now(state.ran);
+        drop(state);
+        (value, bytes, completed)
     };
     if let Some(unbound) = unbound {
         let bound = unbound(&bytes)?;
-        journal.state().undos.push((name.to_owned(), bound));
+        journal
+            .state()
+            .undos
+            .push((completed, name.to_owned(), bound));
     }
     Ok(value)
 }

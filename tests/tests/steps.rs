@@ -542,26 +542,193 @@ fn killed_compensations_finish(store_url: &str) {
     }
 }
 
-/// Names that start with U+0001 (idem's own journal entries) are refused
-/// before the work runs.
+/// Names that start with U+0001 (idem's own journal entries) or contain
+/// U+0000 (which PostgreSQL's text cannot keep) are refused before the work
+/// runs, on every store alike, on every attempt.
 async fn reserved_step_names_are_refused(store: Arc<dyn Store>) {
     let idem = Idempotency::from_arc(store);
-    let key = Key::new("reserved", &rand::random::<u64>()).unwrap();
-    let ran = AtomicU32::new(0);
-    let result: Result<(), Error> = idem
-        .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
-            step("\u{1}final", async {
-                ran.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, Error>(())
+    for name in ["\u{1}final", "charge\0eu", "\0"] {
+        let key = Key::new("reserved", &rand::random::<u64>()).unwrap();
+        let ran = AtomicU32::new(0);
+        for _ in 0..2 {
+            let result: Result<(), Error> = idem
+                .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+                    step(name, async {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, Error>(())
+                    })
+                    .await
+                })
+                .await;
+            assert!(
+                matches!(&result, Err(Error::InvalidStepName { name: n }) if n == name),
+                "{name:?}: {result:?}"
+            );
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "{name:?}");
+    }
+}
+
+/// A compensation left unfinished (its undo failed) and an attempt whose
+/// body returns `Ok` before reaching its steps: a call that expects steps
+/// read the journal with its claim, so that attempt answers the failure
+/// recorded when the call failed for good and stores nothing, and the next
+/// attempt that reaches the step finishes the compensation.
+async fn an_attempt_returning_before_its_steps_does_not_end_a_compensation(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("returns-early", &rand::random::<u64>()).unwrap();
+    let log = Log::default();
+    let undo_fails = Arc::new(AtomicU32::new(1));
+    let expecting = Settings::builder()
+        .lease(Duration::from_secs(2))
+        .ttl(Duration::from_secs(120))
+        .expect_steps(true)
+        .build()
+        .unwrap();
+    let attempt = |early: bool| {
+        let (log, undo_fails) = (Arc::clone(&log), Arc::clone(&undo_fails));
+        let fp = Fingerprint::of(&"order").unwrap();
+        idem.run_caching_errors(&expecting, key, fp, |_: &String| true, async move {
+            if early {
+                return Ok(0);
+            }
+            let undo_log = Arc::clone(&log);
+            step("charge", async {
+                note(&log, "charge");
+                Ok::<_, String>(30)
             })
-            .await
+            .compensate(move |amount: u32| async move {
+                if undo_fails
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err("the gateway is down".to_owned());
+                }
+                note(&undo_log, &format!("refund {amount}"));
+                Ok::<_, String>(())
+            })
+            .await?;
+            Err("declined".to_owned())
         })
-        .await;
-    assert!(
-        matches!(result, Err(Error::InvalidStepName { .. })),
-        "{result:?}"
+    };
+    assert_eq!(attempt(false).await, Err("declined".to_owned()));
+    assert_eq!(attempt(true).await, Err("declined".to_owned()), "early");
+    assert_eq!(entries(&log), ["charge"], "nothing undone yet");
+    assert_eq!(attempt(false).await, Err("declined".to_owned()));
+    assert_eq!(entries(&log), ["charge", "refund 30"]);
+    assert_eq!(attempt(true).await, Err("declined".to_owned()), "stored");
+    assert_eq!(
+        idem.steps_done(key).await.unwrap(),
+        ["charge", "final", "undo:charge"]
     );
-    assert_eq!(ran.load(Ordering::SeqCst), 0);
+}
+
+/// A result that fails to serialize, whatever it holds.
+#[derive(Debug)]
+struct Unserializable;
+
+impl serde::Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("a receipt without its currency"))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Unserializable {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Ok(Self)
+    }
+}
+
+/// A step whose result does not serialize ran all the same: its first
+/// attempt fails with `Encode`, and every later attempt with
+/// `NotReplayable`, without running its work again; the steps before it
+/// replay.
+async fn a_step_whose_result_does_not_serialize_runs_once(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("unserializable", &rand::random::<u64>()).unwrap();
+    let (reserved, charged) = (AtomicU32::new(0), AtomicU32::new(0));
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let result: Result<(), Error> = idem
+            .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+                step("reserve", async {
+                    Ok::<_, Error>(reserved.fetch_add(1, Ordering::SeqCst))
+                })
+                .await?;
+                step("charge", async {
+                    charged.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(Unserializable)
+                })
+                .await?;
+                Ok(())
+            })
+            .await;
+        answers.push(result);
+    }
+    assert_eq!(charged.load(Ordering::SeqCst), 1, "the charge ran once");
+    assert_eq!(
+        reserved.load(Ordering::SeqCst),
+        1,
+        "the reservation replays"
+    );
+    assert!(
+        matches!(answers[0], Err(Error::Encode { .. })),
+        "{:?}",
+        answers[0]
+    );
+    for later in &answers[1..] {
+        let Err(Error::NotReplayable { reason }) = later else {
+            panic!("{later:?}");
+        };
+        assert!(reason.contains("charge"), "{reason}");
+        assert!(reason.contains("without its currency"), "{reason}");
+    }
+    assert_eq!(idem.steps_done(key).await.unwrap(), ["reserve", "charge"]);
+}
+
+/// Steps run together (`join!`) complete in their own order; the call's
+/// compensation undoes the last completed first, whether it runs in the
+/// attempt that ran them or in a later one that replays them (and so
+/// resolves them in the order the body polls them).
+async fn concurrent_steps_are_undone_last_completed_first(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    for failing_attempt in [0, 1] {
+        let key = Key::new("concurrent-undo", &rand::random::<u64>()).unwrap();
+        let log = Log::default();
+        for attempt in 0..=failing_attempt {
+            let for_good = attempt == failing_attempt;
+            let fp = Fingerprint::of(&"order").unwrap();
+            let result: Result<(), String> = idem
+                .run_caching_errors(&settings(), key, fp, |e: &String| e == "final", async {
+                    let timed = |name: &'static str, after: u64| {
+                        let (log, undo_log) = (Arc::clone(&log), Arc::clone(&log));
+                        step(name, async move {
+                            tokio::time::sleep(Duration::from_millis(after)).await;
+                            note(&log, name);
+                            Ok::<_, String>(())
+                        })
+                        .compensate(move |()| async move {
+                            note(&undo_log, &format!("undo {name}"));
+                            Ok::<_, String>(())
+                        })
+                        .into_future()
+                    };
+                    // Polled slow first, completed fast first.
+                    let (slow, fast) = tokio::join!(timed("slow", 150), timed("fast", 5));
+                    slow?;
+                    fast?;
+                    Err(if for_good { "final" } else { "transient" }.to_owned())
+                })
+                .await;
+            let expected = if for_good { "final" } else { "transient" };
+            assert_eq!(result, Err(expected.to_owned()));
+        }
+        assert_eq!(
+            entries(&log),
+            ["fast", "slow", "undo slow", "undo fast"],
+            "failing for good in attempt {failing_attempt}"
+        );
+    }
 }
 
 /// A call that fails for good before reaching a step journaled (with an
@@ -925,6 +1092,21 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn reserved_step_names_are_refused() {
             super::reserved_step_names_are_refused($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_step_whose_result_does_not_serialize_runs_once() {
+            super::a_step_whose_result_does_not_serialize_runs_once($store).await;
+        }
+
+        #[tokio::test]
+        async fn an_attempt_returning_before_its_steps_does_not_end_a_compensation() {
+            super::an_attempt_returning_before_its_steps_does_not_end_a_compensation($store).await;
+        }
+
+        #[tokio::test]
+        async fn concurrent_steps_are_undone_last_completed_first() {
+            super::concurrent_steps_are_undone_last_completed_first($store).await;
         }
 
         #[tokio::test]
