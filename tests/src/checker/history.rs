@@ -66,6 +66,17 @@ pub enum Event {
         /// The run that did it.
         run: u64,
     },
+    /// Step `step` of `key`, whose effect run `run` did, returned: its
+    /// journal entry is written, and steps started after this event are
+    /// journaled after it.
+    StepJournaled {
+        /// The key.
+        key: usize,
+        /// The step's index.
+        step: u8,
+        /// The run that did it.
+        run: u64,
+    },
     /// Run `by` undid step `step` of `key` (the call failed for good).
     StepUndone {
         /// The key.
@@ -186,6 +197,9 @@ impl fmt::Display for Line<'_> {
             Event::BodyEnded { run, how } => write!(f, "body run {run} ends: {how}"),
             Event::StepDone { key, step, run } => {
                 write!(f, "body run {run} does step {step} of key {key}")
+            }
+            Event::StepJournaled { key, step, run } => {
+                write!(f, "body run {run} journaled step {step} of key {key}")
             }
             Event::StepUndone { key, step, by } => {
                 write!(f, "run {by}'s compensation undoes step {step} of key {key}")

@@ -33,6 +33,54 @@ struct Run {
     end: Option<(Duration, &'static str)>,
 }
 
+/// Undos run last completed first: when step `a` of a key was journaled
+/// before step `b`'s effect was done (so `b`'s journal entry follows
+/// `a`'s, whether the steps ran one after the other or together), `b` is
+/// undone before `a`, by the attempt that ran them or by a later one that
+/// replayed them. Checked for the steps that were done, journaled and
+/// undone once each; a step done again (after a stall, an expiry, a run
+/// cut short) has its journal order decided by the runs 1b excuses.
+fn undo_order(workload: &Workload, events: &[(Duration, Event)]) -> Result<(), Broken> {
+    // Where in the history each step was done, journaled and undone.
+    let mut seen: BTreeMap<(usize, u8), [Vec<usize>; 3]> = BTreeMap::new();
+    for (at, (_, event)) in events.iter().enumerate() {
+        let (key, step, which) = match event {
+            Event::StepDone { key, step, .. } => (key, step, 0),
+            Event::StepJournaled { key, step, .. } => (key, step, 1),
+            Event::StepUndone { key, step, .. } => (key, step, 2),
+            _ => continue,
+        };
+        seen.entry((*key, *step)).or_default()[which].push(at);
+    }
+    let once = |key: usize, step: u8| match seen.get(&(key, step)) {
+        Some([done, journaled, undone])
+            if done.len() == 1 && journaled.len() == 1 && undone.len() == 1 =>
+        {
+            Some((done[0], journaled[0], undone[0]))
+        }
+        _ => None,
+    };
+    for (key, plan) in workload.keys.iter().enumerate() {
+        for a in 0..plan.steps {
+            for b in 0..plan.steps {
+                let (Some(first), Some(then)) = (once(key, a), once(key, b)) else {
+                    continue;
+                };
+                if a != b && first.1 < then.0 && first.2 < then.2 {
+                    return broken(
+                        "undos run last completed first",
+                        format!(
+                            "key {key}: step {a} was journaled before step {b} was done, \
+                             but undone before it"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks `events` of a run of `workload` against every invariant. `slack`
 /// is what a wait may overrun its `wait_timeout` by (store round trips,
 /// injected delays, a loaded machine); `outcomes` says whether idem's told
@@ -99,7 +147,8 @@ pub(crate) fn check(
                 key: Some(key),
                 struck,
             } => faults.push((*at, *key, struck.op, struck.fault)),
-            Event::Fault { key: None, .. } | Event::Called { .. } => {}
+            Event::Fault { key: None, .. } | Event::Called { .. } | Event::StepJournaled { .. } => {
+            }
         }
     }
     let own_run = |call: usize| runs.iter().find(|(_, r)| r.call == call).map(|(n, _)| *n);
@@ -241,6 +290,9 @@ pub(crate) fn check(
             );
         }
     }
+
+    // 1d. Undos run last completed first.
+    undo_order(workload, events)?;
 
     // 2. Every Ok answer is the caller's own result or the first stored one.
     if let Some((_, answer, _)) = answers.get(&usize::MAX) {
@@ -467,6 +519,7 @@ mod tests {
                 steps: 0,
                 http: false,
                 compensate: false,
+                concurrent: false,
             }],
             calls: vec![CallPlan {
                 id: 0,
@@ -481,6 +534,7 @@ mod tests {
                     padding: 0,
                     steps: 0,
                     compensate: false,
+                    concurrent: false,
                 },
                 cancel_after: None,
                 via: Via::Handler {

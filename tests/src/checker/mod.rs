@@ -3,7 +3,8 @@
 //!
 //! From a seed, [`Workload::generate`] draws callers × keys × arrival
 //! times; bodies that take random time (on some keys as one to three
-//! journaled steps, some with undos), return `Ok` or `Err`, panic, pause
+//! journaled steps, some with undos, on some run together so that they
+//! complete out of their start order), return `Ok` or `Err`, panic, pause
 //! their holder past its lease or are cancelled by their caller; settings
 //! from their valid ranges (`wait` or `reject`, leases, wait timeouts,
 //! `cache_errors`, TTLs that expire within the run); arguments equal but
@@ -32,7 +33,10 @@
 //!    runs once (later runs replay it), except across a pause past the
 //!    lease, an expiry of the journal, or a run cut short between the
 //!    effect and its journal entry. **Undos**: a step's undo runs only
-//!    after the step did, at most once, with the same exceptions; a run
+//!    after the step did, at most once, with the same exceptions, and the
+//!    last completed step is undone first (a step journaled before another
+//!    was done is undone after it, whether the compensation runs in the
+//!    attempt that ran them or in a later one that replays them); a run
 //!    that only finished a compensation answers the stored failure.
 //! 2. **Answers are the first stored result**: a caller whose body ran gets
 //!    its own result; every other `Ok` (or cached `Err`) is the first stored

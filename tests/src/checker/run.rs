@@ -163,11 +163,24 @@ pub(crate) async fn run_body(
     if body.steps == 0 {
         tokio::time::sleep(body.took).await;
     }
-    for step in 0..body.steps {
+    let one_step = |step: u8| async move {
+        if step >= body.steps {
+            return Ok(());
+        }
         let name = format!("s{step}");
+        // Run together, steps take times of their own, varying with the
+        // run, so that they complete in an order other than their start's.
+        let share = body.took / u32::from(body.steps);
+        let took = if body.concurrent {
+            share * (1 + u32::try_from((run + 2 * u64::from(step)) % 3).unwrap_or(0))
+        } else {
+            share
+        };
+        let ran = std::sync::atomic::AtomicBool::new(false);
         let work = idem_core::step(&name, async {
-            tokio::time::sleep(body.took / u32::from(body.steps)).await;
+            tokio::time::sleep(took).await;
             ctx.history.push(Event::StepDone { key, step, run });
+            ran.store(true, Ordering::SeqCst);
             Ok::<_, CallError>(run)
         });
         let done = if body.compensate {
@@ -180,11 +193,30 @@ pub(crate) async fn run_body(
         } else {
             work.await
         };
-        if let Err(error) = done {
-            // The claim was lost, or the journal could not be written.
-            ctx.history.push(Event::BodyEnded { run, how: "lost" });
-            return Err(error);
+        if done.is_ok() && ran.load(Ordering::SeqCst) {
+            ctx.history.push(Event::StepJournaled { key, step, run });
         }
+        done.map(|_| ())
+    };
+    let done = if body.concurrent {
+        // At most three steps (`Workload::generate`); those past the
+        // body's count return at once.
+        let (a, b, c) = tokio::join!(one_step(0), one_step(1), one_step(2));
+        a.and(b).and(c)
+    } else {
+        let mut done = Ok(());
+        for step in 0..body.steps {
+            done = one_step(step).await;
+            if done.is_err() {
+                break;
+            }
+        }
+        done
+    };
+    if let Err(error) = done {
+        // The claim was lost, or the journal could not be written.
+        ctx.history.push(Event::BodyEnded { run, how: "lost" });
+        return Err(error);
     }
     match body.ends {
         Ends::Ok => {

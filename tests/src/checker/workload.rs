@@ -39,6 +39,9 @@ pub struct Body {
     /// Its steps declare undos, which run when a call of its key fails for
     /// good (a stored `Err`).
     pub compensate: bool,
+    /// Its steps run together (`join!`), each taking a time of its own, so
+    /// that they complete in another order than they were started in.
+    pub concurrent: bool,
 }
 
 /// How a call reaches idem.
@@ -117,6 +120,8 @@ pub struct KeyPlan {
     pub http: bool,
     /// Whether its steps declare undos.
     pub compensate: bool,
+    /// Whether its bodies run their steps together.
+    pub concurrent: bool,
 }
 
 /// A workload: keys and the calls on them.
@@ -143,6 +148,7 @@ impl Workload {
         let mut http_rng = StdRng::seed_from_u64(seed ^ 0x4854_5450_0000_0000);
         let mut handler_rng = StdRng::seed_from_u64(seed ^ 0x4859_5045_5200_0000);
         let mut read_rng = StdRng::seed_from_u64(seed ^ 0x5245_4144_0000_0000);
+        let mut together_rng = StdRng::seed_from_u64(seed ^ 0x4A4F_494E_0000_0000);
         let keys: Vec<KeyPlan> = (0..rng.random_range(1..=3))
             .map(|_| {
                 let steps = if step_rng.random_bool(0.35) {
@@ -163,6 +169,7 @@ impl Workload {
                     cache_errors: rng.random_bool(0.3),
                     steps,
                     compensate: steps > 0 && step_rng.random_bool(0.5),
+                    concurrent: steps > 1 && together_rng.random_bool(0.5),
                     http: cfg!(feature = "http") && http_rng.random_bool(0.25),
                 }
             })
@@ -243,6 +250,7 @@ impl Workload {
                         padding,
                         steps: plan.steps,
                         compensate: plan.compensate,
+                        concurrent: plan.concurrent,
                     },
                     cancel_after,
                     via,
