@@ -276,6 +276,45 @@ async fn a_409_is_retried_no_sooner_than_its_retry_after() {
     assert_eq!(server.charges().into_values().sum::<u32>(), 1);
 }
 
+/// A `Retry-After` that would end after `max_elapsed`: a 409's (the key's
+/// first request still runs) is cut to the time left, so the operation
+/// looks once more before it gives up; a 425's or 429's is the server's
+/// rate limit, so the operation stops with that response, sending nothing
+/// sooner than the server asked.
+#[tokio::test]
+async fn a_retry_after_past_the_limit_is_cut_for_a_409_only() {
+    let policy = || fast().max_elapsed(Duration::from_secs(1)).build().unwrap();
+    for status in [StatusCode::TOO_MANY_REQUESTS, StatusCode::TOO_EARLY] {
+        let (addr, server) = serve().await;
+        server.fail_next(1, status, Some("60"));
+        let client = client(policy(), Breakers::default());
+        let response = charge_via(&client, addr, "100 cents").await.unwrap();
+        assert_eq!(response.status(), status);
+        assert_eq!(report(&response).attempts(), 1, "{status}");
+        assert_eq!(
+            server.arrivals(),
+            1,
+            "{status}: nothing sent before its 60 s"
+        );
+    }
+    let (addr, server) = serve().await;
+    server.fail_next(1, StatusCode::CONFLICT, Some("60"));
+    let client = client(policy(), Breakers::default());
+    let response = charge_via(&client, addr, "100 cents").await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::CREATED,
+        "looked at once more"
+    );
+    assert_eq!(report(&response).attempts(), 2);
+    let arrivals = server.arrivals.lock().unwrap().clone();
+    let waited = arrivals[1].1 - arrivals[0].1;
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(30),
+        "looked again after {waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_hundred_clients_spread_their_retries_and_each_charges_once() {
     const CLIENTS: usize = 100;

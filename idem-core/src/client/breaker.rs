@@ -157,7 +157,10 @@ impl CircuitOpen {
         &self.dependency
     }
 
-    /// How long until a probe may go through; zero while a probe is out.
+    /// How long until a probe may go through. While a probe is out, the time
+    /// left until its deadline (`probe_timeout`): the circuit closes or
+    /// opens again when it answers, and opens again at the deadline if it
+    /// has not.
     #[must_use]
     pub fn retry_in(&self) -> Duration {
         self.retry_in
@@ -257,18 +260,28 @@ impl CircuitBreaker {
     }
 
     /// The state now. An open circuit whose cool-down is over reports
-    /// [`HalfOpen`](BreakerState::HalfOpen): the next call is the probe.
+    /// [`HalfOpen`](BreakerState::HalfOpen): the next call is the probe. A
+    /// probe unanswered past its deadline failed: the circuit reports
+    /// [`Open`](BreakerState::Open) for a cool-down from that deadline, then
+    /// half-open again.
     #[must_use]
     pub fn state(&self) -> BreakerState {
+        let now = Instant::now();
         match self.lock().phase {
             Phase::Closed => BreakerState::Closed,
-            Phase::Open { until } if Instant::now() < until => BreakerState::Open,
+            Phase::Open { until } if now < until => BreakerState::Open,
+            Phase::HalfOpen {
+                probing: Some(deadline),
+            } if now >= deadline && now < later(deadline, self.shared.config.cool_down) => {
+                BreakerState::Open
+            }
             Phase::Open { .. } | Phase::HalfOpen { .. } => BreakerState::HalfOpen,
         }
     }
 
     /// A receiver of the state's changes, for a health endpoint or a gauge.
-    /// An open circuit becomes half-open here when its probe is admitted.
+    /// An open circuit becomes half-open here when its probe is admitted,
+    /// and a probe that timed out opens it here when the next call asks.
     #[must_use]
     pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
         self.shared.state.subscribe()
@@ -290,9 +303,10 @@ impl CircuitBreaker {
         } = inner.phase
             && now >= deadline
         {
-            // The probe never answered: a failed probe.
+            // The probe never answered: a failed probe, at its deadline, so
+            // the cool-down counts from there however late this call is.
             tracing::warn!(dependency = %self.shared.name, timeout = ?config.probe_timeout, "idem: a circuit breaker's probe timed out");
-            self.trip(&mut inner, now);
+            self.trip(&mut inner, deadline);
         }
         let probe = match inner.phase {
             Phase::Closed => false,
@@ -319,7 +333,8 @@ impl CircuitBreaker {
         })
     }
 
-    /// Opens the circuit for a cool-down from `now`.
+    /// Opens the circuit for a cool-down from `now` (when the failure that
+    /// opens it happened).
     fn trip(&self, inner: &mut Inner, now: Instant) {
         inner.phase = Phase::Open {
             until: later(now, self.shared.config.cool_down),
@@ -835,6 +850,46 @@ mod tests {
         probe.record(Verdict::Success);
         hung.record(FAIL);
         assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    /// A hung probe fails at its deadline, not when the next call notices:
+    /// the state says so without a call, and a call after the cool-down
+    /// that followed the deadline is the next probe.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_probes_cool_down_counts_from_its_deadline() {
+        let breaker = breaker(
+            BreakerConfig::default()
+                .consecutive_failures(1)
+                .cool_down(Duration::from_secs(5))
+                .probe_timeout(Duration::from_secs(10)),
+        );
+        call(&breaker, FAIL).unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let _hung = breaker.try_acquire().unwrap();
+        assert_eq!(breaker.state(), BreakerState::HalfOpen, "probe out");
+        tokio::time::advance(Duration::from_secs(12)).await;
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Open,
+            "2 s into the cool-down"
+        );
+        let open = breaker.try_acquire().unwrap_err();
+        assert_eq!(open.retry_in(), Duration::from_secs(3), "from the deadline");
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        let probe = breaker.try_acquire().expect("the next call is the probe");
+        assert!(probe.is_probe());
+        probe.record(Verdict::Success);
+        assert_eq!(breaker.state(), BreakerState::Closed);
+
+        // Noticed only an hour after the deadline: the next call probes.
+        call(&breaker, FAIL).unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let _hung = breaker.try_acquire().unwrap();
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        let probe = breaker.try_acquire().expect("the next call is the probe");
+        assert!(probe.is_probe());
     }
 
     #[tokio::test(start_paused = true)]

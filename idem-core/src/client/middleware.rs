@@ -231,8 +231,11 @@ impl Middleware for RetryMiddleware {
             if let Some(permit) = permit {
                 permit.record(verdict);
             }
+            // Only a 409 says the key's first request is still running; a
+            // 425's or 429's `Retry-After` is the server's rate limit.
+            let in_progress = matches!(&outcome, Ok(response) if response.status() == 409);
             let delay = (verdict.is_retryable() && kept.is_some())
-                .then(|| retries.next_delay(attempts, verdict).ok())
+                .then(|| retries.next_delay(attempts, verdict, in_progress).ok())
                 .flatten();
             let (Some(delay), Some(kept)) = (delay, kept) else {
                 return match outcome {

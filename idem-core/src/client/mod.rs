@@ -51,7 +51,12 @@
 //! budget (20% of the operations of the last 10 s, plus 10 a second) has no
 //! retry left — and returns the last outcome. A 409 whose `Retry-After`
 //! would end after `max_elapsed` is looked at once more just before it
-//! instead, so a slow first request still ends in its replay.
+//! instead, so a slow first request still ends in its replay; a 425's or
+//! 429's `Retry-After` is the server's rate limit, and one that would end
+//! after `max_elapsed` stops the operation with that response. ([`retry`]
+//! and [`retry_if`] see verdicts, not statuses: there every
+//! [`Busy`](Verdict::Busy) outcome, such as idem's `Error::InProgress`, is
+//! looked at once more.)
 //!
 //! # Circuit breakers
 //!

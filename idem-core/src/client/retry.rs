@@ -37,7 +37,12 @@ impl RetryReport {
     }
 
     /// The operation's idempotency key, if it had one: the one made for it,
-    /// or the caller's own, exactly as it was sent.
+    /// or the caller's own. Through the middleware it is the key's value as
+    /// a server reads the header: the contents of the structured-field
+    /// string it carries (`order-17` for `Idempotency-Key: "order-17"`, and
+    /// a made key's UUID, sent as `"<uuid>"`), or the header as sent when it
+    /// is not one idem can parse. An outer retry sends it again in the same
+    /// form: `format!("\"{key}\"")`.
     #[must_use]
     pub fn key(&self) -> Option<&str> {
         self.key.as_deref()
@@ -142,7 +147,8 @@ impl fmt::Display for StopReason {
 
 /// An operation that [`retry`] gave up on: why, after how many attempts,
 /// under which key, and the last attempt's error (none when the circuit was
-/// open from the start).
+/// open from the start, or when the attempt that was the breaker's probe
+/// got no answer within its `probe_timeout` and was dropped).
 ///
 /// Its [`key`](Self::key) is the operation's: the outcome is not known, so
 /// a later retry must reuse it ([`retry_with_key`]).
@@ -227,7 +233,11 @@ impl<E: std::error::Error + 'static> std::error::Error for RetryError<E> {
 /// attempt of the call. Between attempts it waits as [`RetryPolicy::delay`] says (honouring
 /// the dependency's `Retry-After`), within the policy's attempt limit, time
 /// limit and budget. With a [breaker](RetryPolicy::breaker), an open circuit
-/// stops it at once, without calling `operation`.
+/// stops it at once, without calling `operation`; an attempt that is the
+/// breaker's probe is dropped (cancelled) when it has no outcome within the
+/// breaker's `probe_timeout`: the probe failed, the circuit opens again, and
+/// the operation stops with [`StopReason::CircuitOpen`] and the key (the
+/// attempt may have run).
 ///
 /// ```
 /// use idem_core::client::{RetryPolicy, retry};
@@ -443,9 +453,10 @@ where
                 };
             }
             Verdict::Rejected => Err(StopReason::NotRetryable),
-            Verdict::Busy { .. } | Verdict::Failed { .. } => {
-                retries.next_delay(attempt.number, verdict)
-            }
+            // A classifier speaks in verdicts only: every busy one may be a
+            // request in progress (idem's `InProgress`, a 409).
+            Verdict::Busy { .. } => retries.next_delay(attempt.number, verdict, true),
+            Verdict::Failed { .. } => retries.next_delay(attempt.number, verdict, false),
         };
         match (stop, outcome) {
             (Ok(delay), Err(error)) => {
@@ -490,15 +501,18 @@ impl<'a> Retries<'a> {
     /// The wait before the attempt after `attempts` attempts ended in
     /// `verdict`, or why there is none.
     ///
-    /// A [`Busy`](Verdict::Busy) dependency (a 409 while the operation's
-    /// first request still runs) is polled within the time limit: when its
-    /// `Retry-After` would end past the limit, the wait is cut to what is
-    /// left, so the operation's last look comes before it gives up instead
-    /// of never. Other waits that would end past the limit stop it.
+    /// A request still in progress (`in_progress`: a 409 while the
+    /// operation's first request still runs, idem's `InProgress`) is polled
+    /// within the time limit: when its wait would end past the limit, it is
+    /// cut to what is left, so the operation's last look comes before it
+    /// gives up instead of never. Other waits that would end past the limit
+    /// stop it, a rate limit's `Retry-After` (425, 429) among them: the
+    /// server said not to come back sooner.
     pub(super) fn next_delay(
         &mut self,
         attempts: u32,
         verdict: Verdict,
+        in_progress: bool,
     ) -> Result<Duration, StopReason> {
         if attempts >= self.policy.max_attempts {
             return Err(StopReason::MaxAttempts);
@@ -507,7 +521,7 @@ impl<'a> Retries<'a> {
         let elapsed = self.started.elapsed();
         if elapsed.saturating_add(delay) > self.policy.max_elapsed {
             let left = self.policy.max_elapsed.saturating_sub(elapsed);
-            if !matches!(verdict, Verdict::Busy { .. }) || left.is_zero() {
+            if !in_progress || left.is_zero() {
                 return Err(StopReason::MaxElapsed);
             }
             delay = left;
