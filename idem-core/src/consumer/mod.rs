@@ -41,8 +41,14 @@
 //! one [header-safe](header_text) line of at most [`MAX_REASON_LEN`]
 //! bytes. Nothing a message does (a panic, odd text, a broker that refuses
 //! its ack or dead letter) stops [`Consumer::run`] or the other messages in
-//! flight. After each run, the consumer reads the record back (one store
-//! read) to acknowledge only a recorded outcome.
+//! flight. A message is acknowledged only when the store confirmed its
+//! outcome's record (the engine is told so by the store's answer; no read
+//! back is needed).
+//!
+//! A message's key is `Key::new(consumer_name, message_id)`: to run a
+//! dead-lettered message again after a fix,
+//! [`forget`](crate::Idempotency::forget) that key first, e.g.
+//! `idem.forget(Key::new(consumer.name(), "order-17")?)`.
 //!
 //! # Ordering and batching
 //!
@@ -819,7 +825,9 @@ impl Consumer {
     }
 
     /// Handles every message of `messages`, [`concurrency`](Self::concurrency)
-    /// at a time, until the stream ends.
+    /// at a time, until the stream ends or yields an error. At an error it
+    /// reads no further, finishes the messages in flight, and returns the
+    /// error; the messages after it are the broker's to redeliver.
     ///
     /// A message whose ack, nak or dead letter fails is logged and left to
     /// the broker to redeliver (it is then replayed).
