@@ -947,6 +947,35 @@ CurrentThread fn step_journal_is_fenced_and_outlives_a_release(backend) {
 }
 
 
+/// A journal expires with its call: after the call's record and journal
+/// expired, the key has no journal, and a name the old journal had,
+/// appended again by a new claim, is listed in the order of the new
+/// appends, after the entries appended before it, not in its old place.
+CurrentThread fn an_expired_journal_starts_afresh_in_append_order(backend) {
+    let store = backend.store().await;
+    let Timing { lease, ttl } = backend.timing();
+    let (key, fp) = fresh("expired-journal");
+    let step = |name: &str, value: &str| JournaledStep::new(name.to_owned(), value.as_bytes().to_vec());
+    let first = Token::random();
+    assert_eq!(store.begin(key, fp, first, lease).await.unwrap(), Begin::Claimed);
+    match store.append_step(key, first, "b".to_owned(), b"old".to_vec(), lease).await {
+        Err(error) if error.kind() == StoreErrorKind::Unsupported => return,
+        appended => assert!(appended.unwrap()),
+    }
+    let record = Record::new(Outcome::Ok, b"1".to_vec());
+    assert_eq!(store.complete(key, first, record, lease).await.unwrap(), Completion::Stored);
+    tokio::time::sleep(lease + lease / 2).await;
+    assert_eq!(store.steps(key).await.unwrap(), vec![], "expired with its call");
+
+    let second = Token::random();
+    assert_eq!(store.begin(key, fp, second, lease).await.unwrap(), Begin::Claimed);
+    for (name, value) in [("a", "1"), ("b", "2")] {
+        let appended = store.append_step(key, second, name.to_owned(), value.as_bytes().to_vec(), ttl);
+        assert!(appended.await.unwrap(), "{name}");
+    }
+    assert_eq!(store.steps(key).await.unwrap(), vec![step("a", "1"), step("b", "2")]);
+}
+
 /// Fencing epochs: given only to the live claim's holder, each larger than
 /// every one given for the key before (to any claim), so that the claim
 /// that takes over a lapsed one is given larger epochs than the stale

@@ -364,8 +364,10 @@ impl Statements {
             ),
             // Only while the claim is ours (locked against a concurrent
             // takeover until this statement ends). An entry of an expired
-            // journal under the same name is replaced; a live one kept. The
-            // journal's other entries live as long as the newest.
+            // journal under the same name is replaced, and takes a new place
+            // in the journal's order (`seq`), as a new entry would; a live
+            // one kept. The journal's other entries live as long as the
+            // newest.
             append_step: format!(
                 "WITH ours AS (
                     SELECT key FROM {t}
@@ -376,6 +378,7 @@ impl Statements {
                     SELECT key, $3, $4, now() + $5::bigint {ms} FROM ours
                     ON CONFLICT (key, name) DO UPDATE SET
                         value = CASE WHEN s.expires_at <= now() THEN EXCLUDED.value ELSE s.value END,
+                        seq = CASE WHEN s.expires_at <= now() THEN EXCLUDED.seq ELSE s.seq END,
                         expires_at = greatest(s.expires_at, EXCLUDED.expires_at)
                     RETURNING 1
                 ), kept AS (
