@@ -62,6 +62,22 @@ pub(crate) fn display_name(name: String) -> String {
     }
 }
 
+/// How much of a step's serialization error its journal entry keeps.
+const MAX_UNREPLAYABLE_REASON: usize = 512;
+
+/// `text` cut to at most [`MAX_UNREPLAYABLE_REASON`] bytes, at a character
+/// boundary.
+fn clipped(text: &str) -> &str {
+    if text.len() <= MAX_UNREPLAYABLE_REASON {
+        return text;
+    }
+    let mut end = MAX_UNREPLAYABLE_REASON;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// The record of a failure the body marked final, whose error is not kept.
 fn marked_final_record() -> Record {
     Record::unserializable("the call failed for good (its body marked the failure final)")
@@ -438,12 +454,25 @@ impl Journal {
     /// than run it again, and answers the error for this attempt
     /// ([`Error::Encode`], or [`Error::StepLost`] when the claim is another's).
     async fn unreplayable(&self, name: &str, error: serde_json::Error) -> Error {
-        let why = format!("its result did not serialize: {error}");
         tracing::error!(key = %self.key, step = name, %error, "the result of a step does not serialize; later attempts get Error::NotReplayable and do not run it again");
-        let mut value = Vec::with_capacity(why.len() + 1);
-        value.push(UNREPLAYABLE);
-        value.extend_from_slice(why.as_bytes());
-        match self.append(name, value).await {
+        let marker = |why: &str| {
+            let mut value = Vec::with_capacity(why.len() + 1);
+            value.push(UNREPLAYABLE);
+            value.extend_from_slice(why.as_bytes());
+            value
+        };
+        // A serializer's message may be of any length: the journal keeps
+        // its start, and a store too full even for that keeps the marker
+        // alone, which still says the step ran.
+        let why = format!("its result did not serialize: {error}");
+        let appended = match self.append(name, marker(clipped(&why))).await {
+            Err(Error::Store(full)) if full.kind() == crate::StoreErrorKind::Full => {
+                self.append(name, marker("its result did not serialize"))
+                    .await
+            }
+            appended => appended,
+        };
+        match appended {
             Ok(()) => {}
             Err(lost @ Error::StepLost { .. }) => return lost,
             Err(journal) => {

@@ -623,19 +623,25 @@ async fn an_attempt_returning_before_its_steps_does_not_end_a_compensation(store
     );
 }
 
-/// A result that fails to serialize, whatever it holds.
-#[derive(Debug)]
-struct Unserializable;
+/// A result that fails to serialize, with a message of this many bytes
+/// (the default: a short one).
+#[derive(Debug, Default)]
+struct Unserializable(usize);
 
 impl serde::Serialize for Unserializable {
     fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
-        Err(serde::ser::Error::custom("a receipt without its currency"))
+        let message = "a receipt without its currency";
+        Err(serde::ser::Error::custom(if self.0 > message.len() {
+            "x".repeat(self.0)
+        } else {
+            message.to_owned()
+        }))
     }
 }
 
 impl<'de> serde::Deserialize<'de> for Unserializable {
     fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
-        Ok(Self)
+        Ok(Self(0))
     }
 }
 
@@ -657,7 +663,7 @@ async fn a_step_whose_result_does_not_serialize_runs_once(store: Arc<dyn Store>)
                 .await?;
                 step("charge", async {
                     charged.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, Error>(Unserializable)
+                    Ok::<_, Error>(Unserializable::default())
                 })
                 .await?;
                 Ok(())
@@ -684,6 +690,86 @@ async fn a_step_whose_result_does_not_serialize_runs_once(store: Arc<dyn Store>)
         assert!(reason.contains("without its currency"), "{reason}");
     }
     assert_eq!(idem.steps_done(key).await.unwrap(), ["reserve", "charge"]);
+}
+
+/// A serializer's message of any length, on a store with little room: the
+/// journal keeps enough to say the step ran, and the step runs once.
+#[tokio::test]
+async fn a_long_serialization_error_still_journals_that_the_step_ran() {
+    let idem = Idempotency::new(MemoryStore::builder().max_bytes(4096).build());
+    let key = Key::new("unserializable", &rand::random::<u64>()).unwrap();
+    let charged = AtomicU32::new(0);
+    for attempt in 0..3 {
+        let result: Result<(), Error> = idem
+            .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+                step("charge", async {
+                    charged.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(Unserializable(10_000))
+                })
+                .await
+                .map(|_| ())
+            })
+            .await;
+        match (attempt, result) {
+            (0, Err(Error::Encode { .. })) => {}
+            (1.., Err(Error::NotReplayable { reason })) => {
+                assert!(reason.len() < 1024, "{} bytes", reason.len());
+            }
+            (_, other) => panic!("attempt {attempt}: {other:?}"),
+        }
+    }
+    assert_eq!(charged.load(Ordering::SeqCst), 1);
+}
+
+/// A key used again after its TTL, while the old journal's rows may still
+/// be in the store (before a purge): a step journaled again under a name
+/// the old journal had takes its place after the steps journaled before it,
+/// so a later attempt that replays them undoes it first.
+async fn a_journal_reused_after_its_ttl_keeps_the_completion_order(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("reused", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let short = Settings::builder()
+        .lease(Duration::from_secs(2))
+        .ttl(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let first: Result<(), String> = idem
+        .run(&short, key, fp, async {
+            step("b", async { Ok::<_, String>(()) }).await
+        })
+        .await;
+    first.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let log = Log::default();
+    for for_good in [false, true] {
+        let log = Arc::clone(&log);
+        let result: Result<(), String> = idem
+            .run_caching_errors(
+                &settings(),
+                key,
+                fp,
+                |e: &String| e == "final",
+                async move {
+                    for name in ["a", "b"] {
+                        let (log, undo_log) = (Arc::clone(&log), Arc::clone(&log));
+                        step(name, async move {
+                            note(&log, name);
+                            Ok::<_, String>(())
+                        })
+                        .compensate(move |()| async move {
+                            note(&undo_log, &format!("undo {name}"));
+                            Ok::<_, String>(())
+                        })
+                        .await?;
+                    }
+                    Err(if for_good { "final" } else { "transient" }.to_owned())
+                },
+            )
+            .await;
+        assert!(result.is_err());
+    }
+    assert_eq!(entries(&log), ["a", "b", "undo b", "undo a"]);
 }
 
 /// Steps run together (`join!`) complete in their own order; the call's
@@ -1105,6 +1191,11 @@ macro_rules! step_tests {
         }
 
         #[tokio::test]
+        async fn a_journal_reused_after_its_ttl_keeps_the_completion_order() {
+            super::a_journal_reused_after_its_ttl_keeps_the_completion_order($store).await;
+        }
+
+        #[tokio::test]
         async fn concurrent_steps_are_undone_last_completed_first() {
             super::concurrent_steps_are_undone_last_completed_first($store).await;
         }
@@ -1362,6 +1453,9 @@ mod postgres {
     async fn store() -> Arc<dyn Store> {
         let store = PostgresStore::builder(idem_test::postgres_server::shared().url())
             .response_timeout(idem_test::postgres_server::RESPONSE_TIMEOUT)
+            // Expired rows stay until the test ends, as they may between
+            // two purges.
+            .purge_interval(Duration::from_secs(3600))
             .max_connections(4)
             .connect()
             .await
