@@ -134,7 +134,11 @@ async fn a_url_of_another_scheme_is_a_config_error() {
         let lazy = PostgresStore::builder(url).connect_lazy().expect_err(url);
         assert_eq!(lazy.kind(), StoreErrorKind::Config, "{url}: {lazy}");
     }
-    for url in ["POSTGRES://127.0.0.1/x", "PostgreSQL://127.0.0.1/x"] {
+    for url in [
+        "POSTGRES://127.0.0.1/x",
+        "PostgreSQL://127.0.0.1/x",
+        " postgres://127.0.0.1/x\n",
+    ] {
         PostgresStore::builder(url)
             .connect_lazy()
             .unwrap_or_else(|e| panic!("{url}: {e}"));

@@ -544,7 +544,9 @@ impl PostgresStoreBuilder {
                 // sqlx reads the host, port and credentials of any URL and
                 // ignores its scheme: a Redis URL given here by mistake would
                 // be dialled as PostgreSQL.
-                let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+                // (sqlx trims surrounding whitespace, as from a file or an
+                // environment variable; so does this check.)
+                let scheme = url.trim_start().split_once("://").map(|(scheme, _)| scheme);
                 if !scheme.is_some_and(|s| {
                     s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql")
                 }) {
