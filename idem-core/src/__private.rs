@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::handle::Idempotency;
 pub use crate::handle::default_handle;
 use crate::key::{Fingerprint, Fingerprinter, Key, KeyHasher};
-use crate::observe::Operation;
+use crate::observe::{self, Operation};
 pub use crate::settings::{ConfigError, Isolation, OnConflict, Settings};
 
 /// A call's operation name, and its key and fingerprint or why they could
@@ -250,13 +250,15 @@ where
     F: Future<Output = R>,
     P: FnOnce(&E) -> bool,
 {
-    let name = prepared.name;
+    let operation = Operation::from(prepared.name);
     let (settings, key, fingerprint) = match ready(settings, prepared) {
         Ok(ready) => ready,
-        Err(error) => return (shape.from_result)(Err((codec.from_idem)(error))),
+        Err(error) => {
+            observe::Call::refused(operation, &error);
+            return (shape.from_result)(Err((codec.from_idem)(error)));
+        }
     };
     let body = async { (shape.into_result)(body.await) };
-    let operation = Operation::from(name);
     (shape.from_result)(
         idem.execute(&settings, operation, key, fingerprint, body, codec)
             .await,
@@ -296,7 +298,10 @@ where
     let operation = Operation::from(prepared.name);
     let (settings, key, fingerprint) = match ready(settings, prepared) {
         Ok(ready) => ready,
-        Err(error) => return Opened::Done(Err(codec.idem_error(error))),
+        Err(error) => {
+            observe::Call::refused(operation, &error);
+            return Opened::Done(Err(codec.idem_error(error)));
+        }
     };
     let savepoint = codec.cache.is_some();
     store

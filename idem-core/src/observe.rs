@@ -26,9 +26,9 @@
 //!
 //! | outcome | the call |
 //! |---|---|
-//! | `ran` | ran the body; its result (an `Ok`, or a cached `Err`) was stored (or, when the store refused it or it was over the maximum record size, that the call ran), or is being recorded in the background after a timeout (a recording that fails for the whole lease is counted in `idem_records_lost_total`) |
+//! | `ran` | ran the body; its result (an `Ok`, or a cached `Err`) was stored (or, when it does not serialize, the store refused it or it was over the maximum record size, that the call ran: the caller gets its result, retries `Error::NotReplayable`), or is being recorded in the background after a timeout (a recording that fails for the whole lease is counted in `idem_records_lost_total`) |
 //! | `failed` | ran the body, which returned an `Err` that is not stored, or panicked (the claim was released) |
-//! | `not_stored` | ran the body, but its result was not stored: its claim lapsed or was taken over, or the store failed; a retry runs the body again |
+//! | `not_stored` | ran the body, but its result was not stored: its claim lapsed or was taken over (also when the body learnt so from a step or its epoch, `Error::StepLost` or `Error::ClaimLost`, and failed), or the store failed; a retry runs the body again |
 //! | `cancelled` | was dropped by its caller before it ended (the claim, if it held one, lapses with its lease) |
 //! | `replayed` | found a completed record and replayed it |
 //! | `waited` | waited for another call with the key, then replayed its result |
@@ -37,7 +37,7 @@
 //! | `store_error` | could not reach the store (or read a record): the body did not run |
 //! | `decode_error` | found a record it cannot replay: `Error::Decode` or `Error::NotReplayable` |
 //! | `attempt_failed` | waited for a call in this process whose body failed |
-//! | `config_error` | had settings that break a rule, a key or arguments that do not serialize, or re-entered its own key |
+//! | `config_error` | had settings that break a rule, a key or arguments that do not serialize (its `idem.call` span then has no `key`), or re-entered its own key |
 //!
 //! # Metrics
 //!
@@ -228,6 +228,35 @@ impl Call {
             finished: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
         }
+    }
+
+    /// A call refused before it had a key: its key or arguments do not
+    /// serialize, or its settings break a rule. Its span has no key.
+    pub(crate) fn refused(operation: Operation, error: &Error) {
+        let span = tracing::info_span!(
+            target: "idem",
+            "idem.call",
+            operation = operation.as_str(),
+            key = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            wait_ms = tracing::field::Empty,
+            body_ms = tracing::field::Empty,
+        );
+        let call = Self {
+            operation,
+            span,
+            error: AtomicU8::new(0),
+            ran: AtomicU8::new(0),
+            waited: AtomicU8::new(0),
+            attempts: AtomicU32::new(0),
+            wait_nanos: AtomicU64::new(0),
+            body_nanos: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
+        };
+        call.error(error);
+        call.finish();
     }
 
     pub(crate) fn span(&self) -> &Span {

@@ -243,11 +243,44 @@ fn store_and_decode_errors_warn_and_the_attribute_names_its_operation() {
     assert_eq!(captured.level_of("decode_error"), Level::ERROR);
 }
 
+/// An argument that does not serialize.
+struct Unserializable;
+
+impl serde::Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("no"))
+    }
+}
+
+#[idempotent(key = order, name = "orders.note", store = IDEM)]
+async fn note(order: u64, text: Unserializable) -> Result<u64, idem_core::Error> {
+    let _ = text;
+    Ok(order)
+}
+
+/// A call refused before it has a key (its arguments do not serialize) is
+/// told as `config_error`, at `ERROR`, in an `idem.call` span of its
+/// operation that has no key.
+fn calls_refused_before_their_key_are_config_errors() {
+    let captured = traced(|| async {
+        note(7, Unserializable).await.unwrap_err();
+    });
+    assert_eq!(captured.outcomes(), ["config_error"]);
+    assert_eq!(captured.spans()[0]["operation"], "orders.note");
+    assert!(
+        !captured.spans()[0].contains_key("key"),
+        "{:?}",
+        captured.spans()
+    );
+    assert_eq!(captured.level_of("config_error"), Level::ERROR);
+}
+
 #[test]
 fn spans_and_events_tell_each_outcome() {
     each_outcome_is_a_span_with_safe_fields();
     waits_rejections_and_failures_are_told_apart();
     store_and_decode_errors_warn_and_the_attribute_names_its_operation();
+    calls_refused_before_their_key_are_config_errors();
 }
 
 /// The HTTP layer runs each call on a task of its own (so that a client
