@@ -361,6 +361,14 @@ impl Idempotency {
                     }
                 }
                 call.ran(took, record.is_some());
+                if record.is_none() && journal.claim_lost() {
+                    // The body stopped at a step or its epoch, which found
+                    // the claim taken over: another holder runs the call.
+                    // (A result to store is counted when it is refused.)
+                    call.not_stored();
+                    observe::claim_lost(call.operation());
+                    tracing::warn!(%key, record_lost = true, "an idempotency claim was taken over while its call ran; its body stopped at a step or its fencing epoch");
+                }
                 if unrecorded {
                     // The call failed for good, but its compensation did not
                     // finish (or its journal could not be read): its failure is

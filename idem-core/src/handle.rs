@@ -195,7 +195,9 @@ impl Idempotency {
     }
 
     /// Deletes whatever `key` holds — a completed record or a claim in
-    /// progress — and answers whether there was anything.
+    /// progress, and the call's step journal — and answers whether there
+    /// was a record or a claim (a journal alone, left by a call whose
+    /// claim was released, is deleted all the same and answers `false`).
     ///
     /// **Risk.** This is for repairs after an incident. A forgotten
     /// *completed* key runs its body again on the next call: the retry it

@@ -97,6 +97,8 @@ pub(crate) struct Journal {
     token: Token,
     ttl: Duration,
     state: Mutex<State>,
+    /// Whether a step or [`epoch`] found the call's claim no longer its own.
+    lost: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -227,7 +229,14 @@ impl Journal {
             token,
             ttl,
             state: Mutex::new(state),
+            lost: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether a step or [`epoch`] of the call found its claim taken over
+    /// (the store refused it as no longer the call's own).
+    pub(crate) fn claim_lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `body`, run as the body of this journal's call.
@@ -491,6 +500,7 @@ impl Journal {
         if appended {
             Ok(())
         } else {
+            self.lost.store(true, std::sync::atomic::Ordering::Relaxed);
             Err(Error::StepLost {
                 name: name.to_owned().into(),
             })
@@ -849,11 +859,16 @@ pub async fn epoch() -> Result<u64, Error> {
     if let Some(epoch) = journal.state().epoch {
         return Ok(epoch);
     }
-    let epoch = journal
+    let Some(epoch) = journal
         .store
         .epoch(journal.key, journal.token, journal.ttl)
         .await?
-        .ok_or(Error::ClaimLost)?;
+    else {
+        journal
+            .lost
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        return Err(Error::ClaimLost);
+    };
     Ok(*journal.state().epoch.get_or_insert(epoch))
 }
 

@@ -472,8 +472,11 @@ pub(crate) fn check(
                 }
             }
             Answer::Ok { .. } | Answer::BodyErr { .. } => &["replayed", "waited"],
-            // A step's own failure (its claim lost, its journal not
-            // written), returned by the body.
+            // A step's claim found taken over, returned by the body: the
+            // call's result is another holder's to store.
+            Answer::Idem(kind) if own.is_some() && kind == "step_lost" => &["not_stored"],
+            // A step's other failures (its journal not written), returned
+            // by the body.
             Answer::Idem(_) if own.is_some() => &["failed"],
             Answer::Idem(kind) => match kind.as_str() {
                 "in_progress" => &["in_progress"],
