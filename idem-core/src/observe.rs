@@ -216,6 +216,10 @@ impl Call {
             wait_ms = tracing::field::Empty,
             body_ms = tracing::field::Empty,
         );
+        Self::in_span(operation, span)
+    }
+
+    fn in_span(operation: Operation, span: Span) -> Self {
         Self {
             operation,
             span,
@@ -243,18 +247,7 @@ impl Call {
             wait_ms = tracing::field::Empty,
             body_ms = tracing::field::Empty,
         );
-        let call = Self {
-            operation,
-            span,
-            error: AtomicU8::new(0),
-            ran: AtomicU8::new(0),
-            waited: AtomicU8::new(0),
-            attempts: AtomicU32::new(0),
-            wait_nanos: AtomicU64::new(0),
-            body_nanos: AtomicU64::new(0),
-            finished: AtomicBool::new(false),
-            cancelled: AtomicBool::new(false),
-        };
+        let call = Self::in_span(operation, span);
         call.error(error);
         call.finish();
     }

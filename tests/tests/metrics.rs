@@ -33,37 +33,26 @@ async fn charge(
 
 #[test]
 fn metrics_count_a_scripted_run() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        idem_core::observe::describe_metrics();
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
+    let snapshot = recorded(|| async {
+        let idem = Idempotency::memory();
+        let reject = Settings::builder()
+            .on_conflict(OnConflict::Reject)
             .build()
-            .unwrap()
-            .block_on(async {
-                let idem = Idempotency::memory();
-                let reject = Settings::builder()
-                    .on_conflict(OnConflict::Reject)
-                    .build()
-                    .unwrap();
-                // 1 run, with 1 conflict while it runs.
-                let (ran, conflict) = tokio::join!(charge(&idem, &reject, 100, 500), async {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    charge(&idem, &reject, 100, 0).await
-                });
-                ran.unwrap();
-                conflict.unwrap_err();
-                // 3 replays, 1 key reuse.
-                for _ in 0..3 {
-                    charge(&idem, &reject, 100, 0).await.unwrap();
-                }
-                charge(&idem, &reject, 999, 0).await.unwrap_err();
-            });
-    });
-
-    let snapshot = snapshotter.snapshot().into_hashmap();
+            .unwrap();
+        // 1 run, with 1 conflict while it runs.
+        let (ran, conflict) = tokio::join!(charge(&idem, &reject, 100, 500), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            charge(&idem, &reject, 100, 0).await
+        });
+        ran.unwrap();
+        conflict.unwrap_err();
+        // 3 replays, 1 key reuse.
+        for _ in 0..3 {
+            charge(&idem, &reject, 100, 0).await.unwrap();
+        }
+        charge(&idem, &reject, 999, 0).await.unwrap_err();
+    })
+    .into_hashmap();
     let counter = |outcome: &str| {
         snapshot
             .iter()
@@ -99,8 +88,27 @@ fn metrics_count_a_scripted_run() {
     );
 }
 
+/// What the metrics recorded while `script` ran on a paused
+/// current-thread runtime, under a recorder of its own.
+fn recorded<F: std::future::Future<Output = ()>>(
+    script: impl FnOnce() -> F,
+) -> metrics_util::debugging::Snapshot {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        idem_core::observe::describe_metrics();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(script());
+    });
+    snapshotter.snapshot()
+}
+
 /// The value of counter `name` with exactly these labels, or 0.
-fn counted(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
+fn counted(snapshot: &Counted, name: &str, labels: &[(&str, &str)]) -> u64 {
     snapshot
         .iter()
         .find(|(key, _, _, _)| {
@@ -119,8 +127,8 @@ fn counted(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
         .unwrap_or(0)
 }
 
-/// What a recorder counted, once.
-type Snapshot = Vec<(
+/// What a recorder counted, as a list.
+type Counted = Vec<(
     metrics_util::CompositeKey,
     Option<metrics::Unit>,
     Option<metrics::SharedString>,
@@ -156,48 +164,39 @@ async fn with_an_odd_key(note: Unserializable) -> Result<u64, Error> {
 /// fails, is `not_stored` and counted in `idem_claims_lost_total`.
 #[test]
 fn refused_calls_and_takeovers_a_body_learns_of_are_counted() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    metrics::with_local_recorder(&recorder, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap()
-            .block_on(async {
-                let odd = with_odd_arguments(7, Unserializable).await;
-                assert!(matches!(odd, Err(Error::Encode { .. })), "{odd:?}");
-                let odd = with_an_odd_key(Unserializable).await;
-                assert!(matches!(odd, Err(Error::Encode { .. })), "{odd:?}");
+    let snapshot = recorded(|| async {
+        let odd = with_odd_arguments(7, Unserializable).await;
+        assert!(matches!(odd, Err(Error::Encode { .. })), "{odd:?}");
+        let odd = with_an_odd_key(Unserializable).await;
+        assert!(matches!(odd, Err(Error::Encode { .. })), "{odd:?}");
 
-                let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
-                let flaky = Arc::new(Flaky::new(Arc::clone(&memory)));
-                let stalled = Idempotency::from_arc(flaky.clone());
-                let other = Idempotency::from_arc(memory);
-                let key = Key::new("metrics.fenced", &"order-17").unwrap();
-                let fp = Fingerprint::of(&17).unwrap();
-                let settings = Settings::builder()
-                    .lease(Duration::from_millis(100))
-                    .build()
-                    .unwrap();
-                flaky.stall(key, tokio::time::Instant::now() + Duration::from_secs(5));
-                let (fenced, took_over) = tokio::join!(
-                    stalled.run(&settings, key, fp, async {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        idem_core::epoch().await
-                    }),
-                    async {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        other
-                            .run(&settings, key, fp, async { Ok::<u64, Error>(2) })
-                            .await
-                    }
-                );
-                assert!(matches!(fenced, Err(Error::ClaimLost)), "{fenced:?}");
-                assert_eq!(took_over.unwrap(), 2);
-            });
-    });
-    let snapshot: Snapshot = snapshotter.snapshot().into_vec();
+        let memory: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let flaky = Arc::new(Flaky::new(Arc::clone(&memory)));
+        let stalled = Idempotency::from_arc(flaky.clone());
+        let other = Idempotency::from_arc(memory);
+        let key = Key::new("metrics.fenced", &"order-17").unwrap();
+        let fp = Fingerprint::of(&17).unwrap();
+        let settings = Settings::builder()
+            .lease(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        flaky.stall(key, tokio::time::Instant::now() + Duration::from_secs(5));
+        let (fenced, took_over) = tokio::join!(
+            stalled.run(&settings, key, fp, async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                idem_core::epoch().await
+            }),
+            async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                other
+                    .run(&settings, key, fp, async { Ok::<u64, Error>(2) })
+                    .await
+            }
+        );
+        assert!(matches!(fenced, Err(Error::ClaimLost)), "{fenced:?}");
+        assert_eq!(took_over.unwrap(), 2);
+    })
+    .into_vec();
     for operation in ["metrics::with_odd_arguments", "metrics::with_an_odd_key"] {
         let labels = [("operation", operation), ("outcome", "config_error")];
         assert_eq!(
