@@ -206,20 +206,28 @@ const NOT_STORED: u8 = 3;
 
 impl Call {
     pub(crate) fn new(operation: Operation, key: Key) -> Self {
+        Self::open(operation, Some(key))
+    }
+
+    /// A call refused before it had a key: its key or arguments do not
+    /// serialize, or its settings break a rule. Its span has no key.
+    pub(crate) fn refused(operation: Operation, error: &Error) {
+        let call = Self::open(operation, None);
+        call.error(error);
+        call.finish();
+    }
+
+    fn open(operation: Operation, key: Option<Key>) -> Self {
         let span = tracing::info_span!(
             target: "idem",
             "idem.call",
             operation = operation.as_str(),
-            key = %key.short(),
+            key = key.map(|key| tracing::field::display(key.short())),
             outcome = tracing::field::Empty,
             attempts = tracing::field::Empty,
             wait_ms = tracing::field::Empty,
             body_ms = tracing::field::Empty,
         );
-        Self::in_span(operation, span)
-    }
-
-    fn in_span(operation: Operation, span: Span) -> Self {
         Self {
             operation,
             span,
@@ -232,24 +240,6 @@ impl Call {
             finished: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
         }
-    }
-
-    /// A call refused before it had a key: its key or arguments do not
-    /// serialize, or its settings break a rule. Its span has no key.
-    pub(crate) fn refused(operation: Operation, error: &Error) {
-        let span = tracing::info_span!(
-            target: "idem",
-            "idem.call",
-            operation = operation.as_str(),
-            key = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-            attempts = tracing::field::Empty,
-            wait_ms = tracing::field::Empty,
-            body_ms = tracing::field::Empty,
-        );
-        let call = Self::in_span(operation, span);
-        call.error(error);
-        call.finish();
     }
 
     pub(crate) fn span(&self) -> &Span {
