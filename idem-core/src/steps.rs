@@ -40,6 +40,14 @@ const COMPENSABLE: u8 = 0x01;
 /// [`Error::NotReplayable`] instead of running it again.
 const UNREPLAYABLE: u8 = 0x02;
 
+/// `bytes` behind the flag byte `flag` ([`COMPENSABLE`], [`UNREPLAYABLE`]).
+fn flagged(flag: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(bytes.len() + 1);
+    value.push(flag);
+    value.extend_from_slice(bytes);
+    value
+}
+
 /// A journaled value without its compensation flag, and the flag.
 fn unflagged(bytes: &[u8]) -> (&[u8], bool) {
     match bytes.split_first() {
@@ -112,11 +120,10 @@ struct State {
     used: HashSet<String>,
     /// The fencing epoch this attempt was given, once asked for.
     epoch: Option<u64>,
-    /// The compensations of this attempt's completed steps, each with its
-    /// step's place in the order the steps completed ([`Completed`]).
+    /// The compensations of this attempt's completed steps, each with when
+    /// its step completed ([`Completed`]); those this attempt ran, in the
+    /// order they completed.
     undos: Vec<(Completed, String, Undo)>,
-    /// How many steps this attempt ran to completion (not replayed).
-    ran: usize,
     /// The steps with a compensation this attempt journaled.
     compensable: HashSet<String>,
     /// Whether the body marked its failure final ([`mark_final`]).
@@ -125,14 +132,16 @@ struct State {
 
 /// When a step completed, for the order of the undos: a step replayed from
 /// the journal completed in an earlier attempt, at its place in the journal,
-/// before every step this attempt runs. (Steps run concurrently resolve in
-/// the order they are polled when replayed, not the order they completed.)
+/// before every step this attempt runs, which are pushed in the order they
+/// complete and keep it under a stable sort. (Steps run concurrently
+/// resolve in the order they are polled when replayed, not the order they
+/// completed.)
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Completed {
     /// At this place in the journal.
     Earlier(usize),
-    /// As the `n`th step this attempt completed.
-    Now(usize),
+    /// In this attempt.
+    Now,
 }
 
 impl State {
@@ -310,6 +319,7 @@ impl Journal {
                 .collect();
             needed.extend(state.compensable.iter().cloned());
             let mut undos = std::mem::take(&mut state.undos);
+            // Stable: the steps this attempt ran keep their completion order.
             undos.sort_by_key(|(completed, _, _)| *completed);
             (undos, earlier, needed)
         };
@@ -464,12 +474,7 @@ impl Journal {
     /// ([`Error::Encode`], or [`Error::StepLost`] when the claim is another's).
     async fn unreplayable(&self, name: &str, error: serde_json::Error) -> Error {
         tracing::error!(key = %self.key, step = name, %error, "the result of a step does not serialize; later attempts get Error::NotReplayable and do not run it again");
-        let marker = |why: &str| {
-            let mut value = Vec::with_capacity(why.len() + 1);
-            value.push(UNREPLAYABLE);
-            value.extend_from_slice(why.as_bytes());
-            value
-        };
+        let marker = |why: &str| flagged(UNREPLAYABLE, why.as_bytes());
         // A serializer's message may be of any length: the journal keeps
         // its start, and a store too full even for that keeps the marker
         // alone, which still says the step ran.
@@ -660,22 +665,15 @@ where
             Err(error) => return Err(journal.unreplayable(name, error).await.into()),
         };
         let journaled = if unbound.is_some() {
-            let mut flagged = Vec::with_capacity(bytes.len() + 1);
-            flagged.push(COMPENSABLE);
-            flagged.extend_from_slice(&bytes);
-            flagged
+            flagged(COMPENSABLE, &bytes)
         } else {
             bytes.clone()
         };
         journal.append(name, journaled).await?;
-        let mut state = journal.state();
         if unbound.is_some() {
-            state.compensable.insert(name.to_owned());
+            journal.state().compensable.insert(name.to_owned());
         }
-        state.ran += 1;
-        let completed = Completed::Now(state.ran);
-        drop(state);
-        (value, bytes, completed)
+        (value, bytes, Completed::Now)
     };
     if let Some(unbound) = unbound {
         let bound = unbound(&bytes)?;
