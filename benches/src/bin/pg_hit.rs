@@ -1,0 +1,202 @@
+//! Where a replayed PostgreSQL hit spends its time: the same hit measured
+//! layer by layer, in interleaved rounds against the same server, so that
+//! the difference between two rows is what the layer between them adds.
+//!
+//! ```sh
+//! cargo run --release -p benches --bin pg_hit [ROUNDS]
+//! ```
+//!
+//! Rows, each on the store's own pool:
+//!
+//! - `SELECT 1` — the floor: one round trip;
+//! - a plain read of the hit's row (`SELECT fingerprint, record, expires_at
+//!   … WHERE key = $1`): what a read-only hit would cost;
+//! - `PostgresStore::begin` — idem's claim-or-read statement for the hit;
+//! - `Idempotency::run` — the engine around it, key and fingerprint given;
+//! - `#[idempotent]` — the benchmark's function, which also hashes the key
+//!   and the request's fingerprint on every call.
+//!
+//! `pg_hit select|read|begin|fn N` runs one row `N` times on a
+//! `current_thread` runtime, for a profiler.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use benches::{BenchError, ChargeRequest, Op, Receipt, charge, interleaved, request};
+use idem_core::store::{Begin, Store, Token};
+use idem_core::{Fingerprint, Idempotency, Key, PostgresStore, Settings, idempotent};
+use idem_test::postgres_server::PostgresServer;
+
+#[idempotent(key = req.idempotency_key, store = idem, skip(idem), name = "bench.pg")]
+async fn idem_charge(idem: &Idempotency, req: ChargeRequest) -> Result<Receipt, BenchError> {
+    Ok(charge(&req))
+}
+
+/// What every row needs: the store, its pool, and the hit's key.
+struct Setup {
+    store: &'static PostgresStore,
+    idem: &'static Idempotency,
+    pool: &'static sqlx::PgPool,
+    key: Key,
+    fingerprint: Fingerprint,
+}
+
+async fn setup(server: &PostgresServer) -> Setup {
+    let store = PostgresStore::builder(server.url())
+        .max_connections(4)
+        .connect()
+        .await
+        .expect("idem on postgres");
+    let store: &'static PostgresStore = Box::leak(Box::new(store));
+    let idem: &'static Idempotency = Box::leak(Box::new(Idempotency::new(store.clone())));
+    let pool: &'static sqlx::PgPool = Box::leak(Box::new(store.pool().clone()));
+    idem_charge(idem, request(1)).await.expect("a first run");
+    let key = Key::new("bench.pg", &request(1).idempotency_key).expect("a key");
+    let fingerprint = match store.inspect(key).await.expect("inspect") {
+        idem_core::Inspection::Completed { fingerprint, .. } => fingerprint,
+        other => panic!("expected the first run's record under the key, got {other:?}"),
+    };
+    Setup {
+        store,
+        idem,
+        pool,
+        key,
+        fingerprint,
+    }
+}
+
+async fn select_one(pool: &sqlx::PgPool) {
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(pool)
+        .await
+        .expect("SELECT 1");
+    black_box(one);
+}
+
+async fn read(pool: &sqlx::PgPool, key: Key) {
+    let row: (Vec<u8>, Option<Vec<u8>>) = sqlx::query_as(
+        "SELECT fingerprint, record FROM idempotency_keys WHERE key = $1 AND expires_at > now()",
+    )
+    .bind(key.digest().as_slice())
+    .fetch_one(pool)
+    .await
+    .expect("the hit's row");
+    black_box(row);
+}
+
+async fn begin(s: &Setup) {
+    let begin = s
+        .store
+        .begin(
+            s.key,
+            s.fingerprint,
+            Token::random(),
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("a begin");
+    assert!(matches!(begin, Begin::Completed(_)));
+    black_box(begin);
+}
+
+async fn run(s: &Setup) {
+    let receipt: Result<Receipt, BenchError> = s
+        .idem
+        .run(&Settings::DEFAULT, s.key, s.fingerprint, async {
+            unreachable!("a replayed hit does not run the body")
+        })
+        .await;
+    black_box(receipt.expect("a replay"));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let server = PostgresServer::start();
+    if let [mode, n] = args.as_slice() {
+        let n: u64 = n.parse().expect("a number of hits");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let s = setup(&server).await;
+            for _ in 0..n {
+                match mode.as_str() {
+                    "select" => select_one(s.pool).await,
+                    "read" => read(s.pool, s.key).await,
+                    "begin" => begin(&s).await,
+                    "run" => run(&s).await,
+                    _ => {
+                        black_box(idem_charge(s.idem, request(1)).await.expect("a replay"));
+                    }
+                }
+            }
+        });
+        return;
+    }
+    let rounds: u64 = args.first().and_then(|n| n.parse().ok()).unwrap_or(8);
+    for (flavor, runtime) in [
+        (
+            "current_thread",
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime"),
+        ),
+        (
+            "multi_thread",
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime"),
+        ),
+    ] {
+        let rows = runtime.block_on(async {
+            let s: &'static Setup = Box::leak(Box::new(setup(&server).await));
+            let ops: Vec<(&str, Op)> = vec![
+                (
+                    "`SELECT 1` (floor)",
+                    Box::new(move |_| Box::pin(select_one(s.pool))),
+                ),
+                (
+                    "plain read of the row",
+                    Box::new(move |_| Box::pin(read(s.pool, s.key))),
+                ),
+                (
+                    "`PostgresStore::begin`",
+                    Box::new(move |_| Box::pin(begin(s))),
+                ),
+                ("`Idempotency::run`", Box::new(move |_| Box::pin(run(s)))),
+                (
+                    "`#[idempotent]` fn",
+                    Box::new(move |_| {
+                        Box::pin(async move {
+                            black_box(idem_charge(s.idem, request(1)).await.expect("a replay"));
+                        })
+                    }),
+                ),
+                (
+                    "`SELECT 1` again (drift within a round)",
+                    Box::new(move |_| Box::pin(select_one(s.pool))),
+                ),
+            ];
+            let latencies = interleaved(&ops, rounds, 500).await;
+            ops.iter()
+                .map(|(name, _)| *name)
+                .zip(latencies)
+                .collect::<Vec<_>>()
+        });
+        println!("\n{flavor} runtime, {rounds} rounds of 500 hits each:\n");
+        println!("| row | p50 µs | p99 µs | p50 ÷ `SELECT 1` |");
+        println!("|---|---|---|---|");
+        let floor = rows[0].1.p50;
+        for (name, latency) in rows {
+            println!(
+                "| {name} | {:.1} | {:.1} | {:.2}× |",
+                latency.p50,
+                latency.p99,
+                latency.p50 / floor
+            );
+        }
+    }
+}
