@@ -46,6 +46,83 @@ mod conformance {
     idem_test::conformance_suite!(super::Postgres);
 }
 
+/// A store's own pool does not ping a connection before each statement
+/// (sqlx's default, a round trip more per statement): replayed hits on one
+/// connection send the hit's statement and the ping sqlx makes as each
+/// connection comes back, two requests a hit, not three.
+#[tokio::test]
+async fn a_replayed_hit_on_the_stores_pool_is_one_round_trip() {
+    let (proxy, store) = store_behind_a_proxy(idem_test::proxy::Fault::Pass, 1).await;
+    let idem = Idempotency::new(store);
+    let (key, fp) = fresh("one-round-trip");
+    idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
+        .await
+        .unwrap();
+    // The first replay prepares the statement; the counted ones do not.
+    idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = proxy.requests();
+    for _ in 0..20 {
+        let replay = idem
+            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
+            .await;
+        assert_eq!(replay.unwrap(), 1);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let sent = proxy.requests() - before;
+    assert!(
+        (40..=45).contains(&sent),
+        "{sent} requests for 20 replays: a ping before each statement is back"
+    );
+}
+
+/// A pooled connection the server closed while it was idle (here by
+/// `pg_terminate_backend`; a restart or an idle timeout alike) is pinged
+/// before use once it has been idle longer than `PING_AFTER_IDLE`, and
+/// replaced: no call fails for it.
+#[tokio::test]
+async fn a_connection_closed_while_idle_is_replaced_before_use() {
+    let server = shared();
+    let store = connect(&server.url()).await;
+    let idem = Idempotency::new(store.clone());
+    let (key, fp) = fresh("closed-while-idle");
+    idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
+        .await
+        .unwrap();
+    // Every connection of the pool, held at once, tells its server process.
+    let mut held = Vec::new();
+    let mut pids = Vec::new();
+    for _ in 0..4 {
+        let mut connection = store.pool().acquire().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *connection)
+            .await
+            .unwrap();
+        pids.push(pid.to_string());
+        held.push(connection);
+    }
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        server.psql(&format!(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE pid IN ({})) t",
+            pids.join(", ")
+        )),
+        "4"
+    );
+    tokio::time::sleep(idem_core::store::postgres::PING_AFTER_IDLE + Duration::from_millis(50))
+        .await;
+    for n in 0..8 {
+        let replay = idem
+            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
+            .await;
+        assert_eq!(replay.unwrap(), 1, "call {n} after the connections closed");
+    }
+}
+
 #[tokio::test]
 async fn migrating_is_idempotent_and_safe_to_race() {
     let store = connect(&shared().url()).await;

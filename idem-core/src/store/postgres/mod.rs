@@ -5,7 +5,10 @@
 //! - [`PostgresStore`] implements the [`Store`] protocol on a table (see
 //!   the schema below) and passes the conformance suite like the memory and
 //!   Redis stores: a replayed hit is one statement that writes nothing, a
-//!   first run two. Expiries come from the database's clock. Waiters in other
+//!   first run two. The store's own pool skips sqlx's ping before each
+//!   statement for connections used within the last [`PING_AFTER_IDLE`],
+//!   so that a statement is one round trip. Expiries come from the
+//!   database's clock. Waiters in other
 //!   processes are woken by `LISTEN/NOTIFY`, on a connection of the
 //!   store's own outside its pool, and look again at least every second
 //!   whatever they hear, so a missed notification (a listener reconnecting,
@@ -104,6 +107,16 @@ pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// The default number of rows a purge deletes per statement.
 pub const DEFAULT_PURGE_BATCH: u32 = 1000;
 
+/// How long a connection of a store's own pool may have been idle and still
+/// be handed out without a ping first. One idle for longer is pinged, and
+/// replaced if it does not answer (the server restarted, or closed it for
+/// idling); one used more recently was alive when it came back to the pool
+/// (sqlx pings every connection then). A connection the server closed
+/// within this window fails the one statement that next takes it
+/// ([`StoreErrorKind::Unavailable`], the call fails closed), as it would
+/// have failed a statement already under way.
+pub const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
+
 /// A [`Store`] on a PostgreSQL table.
 ///
 /// ```no_run
@@ -184,7 +197,11 @@ impl PostgresStore {
     }
 
     /// Starts configuring a store on an existing pool, e.g. the service's
-    /// own.
+    /// own. The pool keeps its options: sqlx's default
+    /// (`test_before_acquire(true)`) pings each connection before handing
+    /// it out, a round trip more for every statement of idem's (the store's
+    /// own pool pings only connections idle longer than
+    /// [`PING_AFTER_IDLE`]).
     pub fn with_pool(pool: PgPool) -> PostgresStoreBuilder {
         PostgresStoreBuilder::new(Source::Pool(pool))
     }
@@ -565,10 +582,7 @@ impl PostgresStoreBuilder {
                         format!("`{}` is not a PostgreSQL URL: {e}", redact(&url)),
                     )
                 })?;
-                PgPoolOptions::new()
-                    .max_connections(self.max_connections)
-                    .acquire_timeout(self.connect_timeout)
-                    .connect_lazy_with(options)
+                own_pool(options, self.max_connections, self.connect_timeout)
             }
         };
         Ok(PostgresStore {
@@ -586,6 +600,33 @@ impl PostgresStoreBuilder {
             }),
         })
     }
+}
+
+/// The store's own pool. sqlx pings every connection as it goes back to the
+/// pool, and by default again before handing it out: a round trip before
+/// every statement, which doubled a replayed hit. Here a connection is
+/// pinged before use only when it has been idle for more than
+/// [`PING_AFTER_IDLE`].
+fn own_pool(
+    options: sqlx::postgres::PgConnectOptions,
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for <= PING_AFTER_IDLE {
+                    return Ok(true);
+                }
+                // A connection that does not answer is closed, and the pool
+                // hands out another.
+                Ok(sqlx::Connection::ping(connection).await.is_ok())
+            })
+        })
+        .connect_lazy_with(options)
 }
 
 /// A sqlx failure as a store error of the right kind.
