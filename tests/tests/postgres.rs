@@ -46,6 +46,108 @@ mod conformance {
     idem_test::conformance_suite!(super::Postgres);
 }
 
+/// The store on tables made without its claim function (by an earlier
+/// version, or by an administrator for a role that may not create one):
+/// it finds the function missing at its first claim and claims with the
+/// statement that needs only the table, as correctly.
+struct PostgresWithoutClaimFunction;
+
+const WITHOUT_CLAIM_FUNCTION: &str = "without_claim_function";
+
+static TABLES_WITHOUT_CLAIM_FUNCTION: tokio::sync::OnceCell<()> =
+    tokio::sync::OnceCell::const_new();
+
+impl Backend for PostgresWithoutClaimFunction {
+    async fn store(&self) -> Arc<dyn Store> {
+        let url = shared().url();
+        TABLES_WITHOUT_CLAIM_FUNCTION
+            .get_or_init(|| async {
+                PostgresStore::builder(&url)
+                    .schema(WITHOUT_CLAIM_FUNCTION)
+                    .connect()
+                    .await
+                    .expect("the tables");
+                shared().psql(&format!(
+                    "DROP FUNCTION {WITHOUT_CLAIM_FUNCTION}.idempotency_keys_claim\
+                     (bytea, bytea, bytea, bigint)"
+                ));
+            })
+            .await;
+        let store = PostgresStore::builder(&url)
+            .schema(WITHOUT_CLAIM_FUNCTION)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .max_connections(4)
+            .migrate(false)
+            .connect()
+            .await
+            .expect("a store on tables without the claim function");
+        Arc::new(store)
+    }
+
+    fn timing(&self) -> Timing {
+        postgres_server::TIMING
+    }
+
+    fn follows_tokio_clock(&self) -> bool {
+        false
+    }
+}
+
+mod conformance_without_claim_function {
+    idem_test::conformance_suite!(super::PostgresWithoutClaimFunction);
+}
+
+/// A replayed hit reads the key's row and writes nothing, not even an
+/// insert that inserts nothing: it is answered on a read-only session,
+/// where a first run is refused before its body runs.
+#[tokio::test]
+async fn a_replayed_hit_runs_on_a_read_only_session() {
+    let server = shared();
+    let schema = "read_only_replays";
+    let writer = PostgresStore::builder(server.url())
+        .schema(schema)
+        .connect()
+        .await
+        .unwrap();
+    let runs = Runs::default();
+    let (key, fp) = fresh("read-only-replay");
+    let first = Idempotency::new(writer)
+        .run(&Settings::DEFAULT, key, fp, async {
+            Ok::<_, Failure>(runs.mark())
+        })
+        .await;
+    assert_eq!(first.unwrap(), 1);
+    let read_only = PostgresStore::builder(format!(
+        "{}?options=-c%20default_transaction_read_only%3Don",
+        server.url()
+    ))
+    .schema(schema)
+    .migrate(false)
+    .connect()
+    .await
+    .unwrap();
+    let idem = Idempotency::new(read_only);
+    let replay = idem
+        .run(&Settings::DEFAULT, key, fp, async {
+            Ok::<_, Failure>(runs.mark())
+        })
+        .await;
+    assert_eq!(replay.unwrap(), 1, "replayed on the read-only session");
+    let (other, other_fp) = fresh("read-only-first-run");
+    match idem
+        .run(&Settings::DEFAULT, other, other_fp, async {
+            Ok::<_, Failure>(runs.mark())
+        })
+        .await
+    {
+        Err(Failure::Idem(Error::Store(error))) => {
+            assert!(error.to_string().contains("read-only"), "{error}");
+        }
+        other => panic!("expected the claim refused, got {other:?}"),
+    }
+    assert_eq!(runs.count(), 1, "only the first run ran");
+}
+
 /// A store's own pool does not ping a connection before each statement
 /// (sqlx's default, a round trip more per statement): replayed hits on one
 /// connection send the hit's statement and the ping sqlx makes as each
@@ -2115,6 +2217,9 @@ async fn stores_of_different_tables_migrate_a_new_schema_together() {
 /// An administrator may make every object from the module docs' statements
 /// and grant a role only what calls need: that role then connects with the
 /// default `migrate(true)`, which finds everything and creates nothing.
+/// Here they are an earlier version's statements, without the claim
+/// function, which the role may not create: it connects and claims all the
+/// same.
 #[tokio::test]
 async fn objects_an_administrator_made_need_no_privilege_to_create() {
     let server = shared();

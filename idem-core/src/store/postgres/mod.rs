@@ -4,11 +4,13 @@
 //!
 //! - [`PostgresStore`] implements the [`Store`] protocol on a table (see
 //!   the schema below) and passes the conformance suite like the memory and
-//!   Redis stores: a replayed hit is one statement that writes nothing, a
-//!   first run two. The store's own pool skips sqlx's ping before each
-//!   statement for connections used within the last [`PING_AFTER_IDLE`],
-//!   so that a statement is one round trip. Expiries come from the
-//!   database's clock. Waiters in other
+//!   Redis stores: a replayed hit is one statement that writes nothing (it
+//!   reads the key's row, and calls the table's claim function only for a
+//!   key that can be claimed, so a replay even runs on a read-only
+//!   session), a first run two. The store's own pool skips sqlx's ping
+//!   before each statement for connections used within the last
+//!   [`PING_AFTER_IDLE`], so that a statement is one round trip. Expiries
+//!   come from the database's clock. Waiters in other
 //!   processes are woken by `LISTEN/NOTIFY`, on a connection of the
 //!   store's own outside its pool, and look again at least every second
 //!   whatever they hear, so a missed notification (a listener reconnecting,
@@ -21,11 +23,12 @@
 //!   when it arrives, purged 15 minutes after.
 //!
 //! Every schema and table name the store accepts (1 to 63 bytes) works: the
-//! `NOTIFY` channel (`idem:schema.table`) and index names that would pass
-//! PostgreSQL's 63 bytes are derived from a digest instead. A store on table
-//! `t` also names, in its schema, `t_steps`, `t_epoch`, `t_expires_at` and
-//! `t_claimed`: give no other store's table one of those names, or the two
-//! stores would share an object.
+//! `NOTIFY` channel (`idem:schema.table`) and index and function names that
+//! would pass PostgreSQL's 63 bytes are derived from a digest instead. A
+//! store on table `t` also names, in its schema, `t_steps`, `t_epoch`,
+//! `t_expires_at`, `t_claimed` and the function `t_claim`: give no other
+//! store's table one of those names, or the two stores would share an
+//! object.
 //! - [`PostgresStore::run_in_transaction`] (and `#[idempotent(transaction =
 //!   tx)]`) runs the body inside a transaction that also holds the claim and,
 //!   at commit, the result: the body's writes and the record commit
@@ -53,7 +56,38 @@
 //!     PRIMARY KEY (key, name)
 //! );
 //! CREATE SEQUENCE idempotency_keys_epoch;  -- the fencing epochs of claims
+//! -- The claim of a key that a read found absent, expired or claimed by the
+//! -- caller's own token: `false` when another writer came first.
+//! CREATE FUNCTION idempotency_keys_claim(bytea, bytea, bytea, bigint) RETURNS boolean
+//! LANGUAGE plpgsql VOLATILE AS $idem$
+//! BEGIN
+//!     WITH current AS (
+//!         SELECT fingerprint, token, record, expires_at FROM idempotency_keys WHERE key = $1
+//!     )
+//!     INSERT INTO idempotency_keys AS r (key, fingerprint, token, record, stored_at, expires_at)
+//!     SELECT $1, $2, $3, NULL, now(), now() + $4::bigint * interval '1 millisecond'
+//!     WHERE NOT EXISTS (
+//!         SELECT 1 FROM current c WHERE c.expires_at > now()
+//!         AND NOT (c.record IS NULL AND c.token = $3 AND c.fingerprint = $2)
+//!     )
+//!     ON CONFLICT (key) DO UPDATE SET
+//!         fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+//!         record = NULL,
+//!         stored_at = CASE WHEN r.expires_at <= now() THEN now() ELSE r.stored_at END,
+//!         expires_at = EXCLUDED.expires_at
+//!     WHERE (r.expires_at <= now()
+//!             AND NOT (r.fingerprint = '' AND r.token = EXCLUDED.token))
+//!         OR (r.record IS NULL AND r.token = EXCLUDED.token
+//!             AND r.fingerprint = EXCLUDED.fingerprint);
+//!     RETURN FOUND;
+//! END
+//! $idem$;
 //! ```
+//!
+//! The function is optional: a store whose role may not create it (tables
+//! an administrator made from an earlier version's statements) warns once
+//! and claims through one statement that needs only the table, at about
+//! twice a plain read's cost on the server for every replay.
 //!
 //! A row whose fingerprint is empty is a tombstone: the trace of a `release`
 //! that found no claim of its token (see above).
@@ -149,6 +183,10 @@ struct Inner {
     watchers: Arc<Watchers>,
     listening: AtomicBool,
     purging: AtomicBool,
+    /// Whether the claim function is there as far as the store knows:
+    /// replays then read without a data-modifying statement. Cleared when
+    /// a migration could not create it or a claim found it missing.
+    claim_function: AtomicBool,
     /// Transactional calls under way, so that same-key duplicates in this
     /// process wait for one of them without holding a connection each.
     flights: crate::flight::Flights,
@@ -238,11 +276,14 @@ impl PostgresStore {
             // Nothing missing, the usual case: one statement and no lock, so
             // that a migration held up elsewhere in the schema (an index
             // waiting for a table's writers) holds up no one else.
-            if found(&sql.create, &self.inner.pool)
+            let objects: Vec<&sql::Creation> =
+                sql.create.iter().chain([&sql.claim_function]).collect();
+            if found(&objects, &self.inner.pool)
                 .await?
                 .into_iter()
                 .all(|found| found)
             {
+                self.inner.claim_function.store(true, Ordering::Relaxed);
                 return Ok(());
             }
             let mut tx = begin_on(&self.inner.pool, None).await?;
@@ -255,13 +296,43 @@ impl PostgresStore {
                     .execute(&mut *tx)
                     .await?;
             }
-            let found = found(&sql.create, &mut *tx).await?;
-            for (creation, found) in sql.create.iter().zip(found) {
+            let found = found(&objects, &mut *tx).await?;
+            for (creation, found) in sql.create.iter().zip(&found) {
                 if !found {
                     sqlx::query(&creation.statement).execute(&mut *tx).await?;
                 }
             }
-            tx.commit().await
+            // The claim function only makes replays cheaper: a role that
+            // may not create it (the tables made by an administrator from
+            // an earlier version's statements) still migrates.
+            let mut claim_function = found[sql.create.len()];
+            if !claim_function {
+                sqlx::query("SAVEPOINT idem_claim_function")
+                    .execute(&mut *tx)
+                    .await?;
+                match sqlx::query(&sql.claim_function.statement)
+                    .execute(&mut *tx)
+                    .await
+                {
+                    Ok(_) => claim_function = true,
+                    Err(error) => {
+                        tracing::warn!(
+                            %error,
+                            function = %sql.claim_function.name,
+                            "idem could not create its claim function; replays read through \
+                             a heavier statement until it exists (see PostgresStore's docs)"
+                        );
+                        sqlx::query("ROLLBACK TO SAVEPOINT idem_claim_function")
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+            self.inner
+                .claim_function
+                .store(claim_function, Ordering::Relaxed);
+            Ok(())
         })
         .await
     }
@@ -305,6 +376,49 @@ impl PostgresStore {
         }
     }
 
+    /// Claim-or-read through the claim function: a read, and the claim
+    /// only for a key that can be claimed.
+    async fn read_or_claim(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> Result<ReadOrClaim, StoreError> {
+        let row = match tokio::time::timeout(
+            self.inner.response_timeout,
+            sqlx::query::<Postgres>(&self.inner.sql.read_or_claim)
+                .bind(key.digest().as_slice())
+                .bind(fingerprint.digest().as_slice())
+                .bind(token_bytes(token).as_slice())
+                .bind(millis(lease))
+                .fetch_one(&self.inner.pool),
+        )
+        .await
+        {
+            Ok(Ok(row)) => row,
+            // `undefined_function`: refused before it ran anything.
+            Ok(Err(sqlx::Error::Database(error))) if error.code().as_deref() == Some("42883") => {
+                if self.inner.claim_function.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        function = %self.inner.sql.claim_function.name,
+                        "idem's claim function is missing; replays read through a heavier \
+                         statement until PostgresStore::migrate creates it"
+                    );
+                }
+                return Ok(ReadOrClaim::NoFunction);
+            }
+            Ok(Err(error)) => return Err(store_error("begin", &error)),
+            Err(_elapsed) => return Err(self.timed_out("begin")),
+        };
+        let corrupt = |e: sqlx::Error| store_error("begin", &e);
+        match row.try_get::<Option<bool>, _>("claimed").map_err(corrupt)? {
+            Some(true) => Ok(ReadOrClaim::Answer(Begin::Claimed)),
+            Some(false) => Ok(ReadOrClaim::Raced),
+            None => held(&row, fingerprint, lease).map(ReadOrClaim::Answer),
+        }
+    }
+
     /// Runs `query` within the response timeout, mapping its failure.
     async fn timed<T>(
         &self,
@@ -313,14 +427,18 @@ impl PostgresStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.inner.response_timeout, query).await {
             Ok(result) => result.map_err(|e| store_error(op, &e)),
-            Err(_elapsed) => Err(StoreError::new(
-                StoreErrorKind::Timeout,
-                format!(
-                    "postgres {op} took longer than {:?}",
-                    self.inner.response_timeout
-                ),
-            )),
+            Err(_elapsed) => Err(self.timed_out(op)),
         }
+    }
+
+    fn timed_out(&self, op: &'static str) -> StoreError {
+        StoreError::new(
+            StoreErrorKind::Timeout,
+            format!(
+                "postgres {op} took longer than {:?}",
+                self.inner.response_timeout
+            ),
+        )
     }
 
     /// A first connection, so that `connect` fails when the database cannot
@@ -594,6 +712,7 @@ impl PostgresStoreBuilder {
                 purge_batch: self.purge_batch,
                 watchers: Arc::default(),
                 listening: AtomicBool::new(false),
+                claim_function: AtomicBool::new(true),
                 purging: AtomicBool::new(false),
                 flights: crate::flight::Flights::default(),
                 migrated: (lazy && self.migrate).then(tokio::sync::OnceCell::new),
@@ -714,7 +833,7 @@ async fn begin_on(
 
 /// Whether each of `creations` exists, looked up in one statement.
 async fn found<'c>(
-    creations: &[sql::Creation],
+    creations: &[&sql::Creation],
     executor: impl sqlx::PgExecutor<'c>,
 ) -> Result<Vec<bool>, sqlx::Error> {
     let lookups: Vec<String> = (1..=creations.len())
@@ -742,6 +861,16 @@ fn token_bytes(token: Token) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
+/// What `read_or_claim` answered.
+enum ReadOrClaim {
+    Answer(Begin),
+    /// A concurrent writer came between the read and the claim.
+    Raced,
+    /// The claim function is missing: claim with the statement that needs
+    /// only the table.
+    NoFunction,
+}
+
 /// Reads the row of a claim-or-read statement.
 fn begin_answer(
     row: &PgRow,
@@ -752,6 +881,13 @@ fn begin_answer(
     if row.try_get::<bool, _>("claimed").map_err(corrupt)? {
         return Ok(Begin::Claimed);
     }
+    held(row, fingerprint, lease)
+}
+
+/// What holds a key, from the `fingerprint`, `record` and `left_ms` of a
+/// claim-or-read's row: a record to replay, another's claim, or a mismatch.
+fn held(row: &PgRow, fingerprint: Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
+    let corrupt = |e: sqlx::Error| store_error("begin", &e);
     let held: Vec<u8> = row.try_get("fingerprint").map_err(corrupt)?;
     if held != fingerprint.digest() {
         return Ok(Begin::Mismatch);
@@ -787,6 +923,13 @@ impl Store for PostgresStore {
             // No row: a concurrent writer came between the statement's read
             // and its insert. Asking again sees what it wrote.
             for _ in 0..3 {
+                if self.inner.claim_function.load(Ordering::Relaxed) {
+                    match self.read_or_claim(key, fingerprint, token, lease).await? {
+                        ReadOrClaim::Answer(begin) => return Ok(begin),
+                        ReadOrClaim::Raced => continue,
+                        ReadOrClaim::NoFunction => {}
+                    }
+                }
                 let row = self
                     .timed("begin", async {
                         sqlx::query::<Postgres>(&self.inner.sql.begin)

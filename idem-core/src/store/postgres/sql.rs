@@ -21,6 +21,7 @@
 //!     expires_at timestamptz NOT NULL,     -- a TTL after the journal's last entry
 //!     PRIMARY KEY (key, name)
 //! );
+//! CREATE FUNCTION idempotency_keys_claim(bytea, bytea, bytea, bigint) …  -- see `claim_function`
 //! ```
 //!
 //! The primary key serves every operation; the index on `expires_at` serves
@@ -39,6 +40,14 @@ pub(crate) struct Statements {
     /// that stores of different tables creating the schema they share wait
     /// for each other rather than collide.
     pub(crate) migration_lock: String,
+    /// The claim a replayed hit does not call (see `read_or_claim`):
+    /// optional, created by migrating when the role may; without it the
+    /// store claims with `begin`.
+    pub(crate) claim_function: Creation,
+    /// Claim-or-read as a read that calls the claim function only when the
+    /// key can be claimed.
+    pub(crate) read_or_claim: String,
+    /// Claim-or-read in one statement that needs nothing but the table.
     pub(crate) begin: String,
     pub(crate) complete: String,
     pub(crate) release: String,
@@ -99,6 +108,22 @@ fn derived_name(base: &str, suffix: &str, prefix: &str) -> String {
     format!("{prefix}{hex}{suffix}")
 }
 
+/// `CREATE OR REPLACE FUNCTION` of `name(bytea, bytea, bytea, bigint)`
+/// returning a boolean, in PL/pgSQL, with `body` between dollar quotes whose
+/// tag the body does not contain (a quoted table name may hold anything).
+fn dollar_quoted_function(name: &str, body: &str) -> String {
+    let mut tag = "$idem$".to_owned();
+    let mut n = 0;
+    while body.contains(&tag) {
+        n += 1;
+        tag = format!("$idem{n}$");
+    }
+    format!(
+        "CREATE OR REPLACE FUNCTION {name}(bytea, bytea, bytea, bigint) RETURNS boolean
+        LANGUAGE plpgsql VOLATILE AS {tag}{body}{tag}"
+    )
+}
+
 /// The `LISTEN/NOTIFY` channel of a store's table: `idem:schema.table`, or
 /// when that is longer than PostgreSQL's 63 bytes, `idem:` and a digest of
 /// it (a longer channel name makes `pg_notify` fail, and with it every
@@ -135,6 +160,14 @@ impl Creation {
         }
     }
 
+    fn function(name: String, statement: String) -> Self {
+        Self {
+            lookup: "pg_catalog.to_regprocedure",
+            name,
+            statement,
+        }
+    }
+
     fn relation(name: String, statement: String) -> Self {
         Self {
             lookup: "pg_catalog.to_regclass",
@@ -154,7 +187,30 @@ impl Statements {
         let st = format!("{schema_q}.{steps_q}");
         let sequence_q = identifier("sequence", &derived_name(table, "_epoch", "idem_"))?;
         let sequence = format!("{schema_q}.{sequence_q}");
+        let function_q = identifier("function", &derived_name(table, "_claim", "idem_"))?;
+        let function = format!("{schema_q}.{function_q}");
         let ms = "* interval '1 millisecond'";
+        // Who may claim a key, in both forms of claim-or-read: no one when
+        // a live record or another's live claim holds it; its holder again
+        // (same token and arguments, a `begin` retried); anyone once it
+        // expired, except the token a tombstone bars.
+        let upsert = format!(
+            "INSERT INTO {t} AS r (key, fingerprint, token, record, stored_at, expires_at)
+                    SELECT $1, $2, $3, NULL, now(), now() + $4::bigint {ms}
+                    WHERE NOT EXISTS (
+                        SELECT 1 FROM current c WHERE c.expires_at > now()
+                        AND NOT (c.record IS NULL AND c.token = $3 AND c.fingerprint = $2)
+                    )
+                    ON CONFLICT (key) DO UPDATE SET
+                        fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+                        record = NULL,
+                        stored_at = CASE WHEN r.expires_at <= now() THEN now() ELSE r.stored_at END,
+                        expires_at = EXCLUDED.expires_at
+                    WHERE (r.expires_at <= now()
+                            AND NOT (r.fingerprint = '' AND r.token = EXCLUDED.token))
+                        OR (r.record IS NULL AND r.token = EXCLUDED.token
+                            AND r.fingerprint = EXCLUDED.fingerprint)"
+        );
         // What a claim-or-read answers, as `begin_answer` reads it: the claim
         // made, or what holds the key (the live record, or another's claim
         // and how long it has left).
@@ -221,24 +277,44 @@ impl Statements {
                 "WITH current AS (
                     SELECT fingerprint, token, record, expires_at FROM {t} WHERE key = $1
                 ), claimed AS (
-                    INSERT INTO {t} AS r (key, fingerprint, token, record, stored_at, expires_at)
-                    SELECT $1, $2, $3, NULL, now(), now() + $4::bigint {ms}
-                    WHERE NOT EXISTS (
-                        SELECT 1 FROM current c WHERE c.expires_at > now()
-                        AND NOT (c.record IS NULL AND c.token = $3 AND c.fingerprint = $2)
-                    )
-                    ON CONFLICT (key) DO UPDATE SET
-                        fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
-                        record = NULL,
-                        stored_at = CASE WHEN r.expires_at <= now() THEN now() ELSE r.stored_at END,
-                        expires_at = EXCLUDED.expires_at
-                    WHERE (r.expires_at <= now()
-                            AND NOT (r.fingerprint = '' AND r.token = EXCLUDED.token))
-                        OR (r.record IS NULL AND r.token = EXCLUDED.token
-                            AND r.fingerprint = EXCLUDED.fingerprint)
+                    {upsert}
                     RETURNING 1
                 )
                 {answer}"
+            ),
+            // The claim of `read_or_claim`: the same upsert, on a key the
+            // read found absent, expired or claimed by the caller's own
+            // token; `false` when a concurrent writer came between that
+            // read and this write. PL/pgSQL keeps its plan for the session.
+            claim_function: Creation::function(
+                format!("{function}(bytea, bytea, bytea, bigint)"),
+                dollar_quoted_function(
+                    &function,
+                    &format!(
+                        "BEGIN
+    WITH current AS (
+        SELECT fingerprint, token, record, expires_at FROM {t} WHERE key = $1
+    )
+    {upsert};
+    RETURN FOUND;
+END"
+                    ),
+                ),
+            ),
+            // A replayed hit reads the row and writes nothing: a
+            // data-modifying CTE costs PostgreSQL its set-up (about twice
+            // a plain read) even when it inserts nothing, so the claim is a
+            // function called only for a key that can be claimed. One row:
+            // `claimed` true when claimed, false when a concurrent writer
+            // came first (ask again), NULL when the key is held (its
+            // fingerprint, record and time left follow).
+            read_or_claim: format!(
+                "SELECT CASE WHEN c.expires_at IS NULL OR c.expires_at <= now()
+                            OR (c.record IS NULL AND c.token = $3 AND c.fingerprint = $2)
+                        THEN {function}($1, $2, $3, $4::bigint) END AS claimed,
+                    c.fingerprint, c.record,
+                    ceil(extract(epoch FROM c.expires_at - now()) * 1000)::bigint AS left_ms
+                FROM (SELECT) AS one LEFT JOIN {t} c ON c.key = $1"
             ),
             // Stored now, or stored earlier by this token: both are `Stored`.
             complete: format!(
@@ -425,7 +501,19 @@ mod tests {
         }
         let statements = Statements::new("idem", "keys").unwrap();
         assert!(statements.begin.contains("\"idem\".\"keys\""));
+        assert_eq!(
+            statements.claim_function.name,
+            "\"idem\".\"keys_claim\"(bytea, bytea, bytea, bigint)"
+        );
         assert_eq!(statements.channel, "idem:idem.keys");
+    }
+
+    #[test]
+    fn the_claim_functions_quotes_are_not_in_its_body() {
+        let statements = Statements::new("s", "t$idem$").unwrap();
+        let create = &statements.claim_function.statement;
+        assert!(create.contains("AS $idem1$BEGIN"), "{create}");
+        assert!(create.ends_with("END$idem1$"), "{create}");
     }
 
     #[test]
@@ -441,6 +529,15 @@ mod tests {
             let object = creation.name.rsplit('.').next().unwrap().trim_matches('"');
             assert!(object.len() <= MAX_IDENTIFIER, "{object}");
         }
+        let function = statements
+            .claim_function
+            .name
+            .rsplit("\".\"")
+            .next()
+            .unwrap();
+        let function = function.split('"').next().unwrap();
+        assert!(function.len() <= MAX_IDENTIFIER, "{function}");
+        assert_eq!(derived_name("keys", "_claim", "idem_"), "keys_claim");
         // Short names keep the names earlier versions used.
         assert_eq!(
             channel("public", "idempotency_keys"),
