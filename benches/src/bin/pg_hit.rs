@@ -18,12 +18,20 @@
 //!
 //! `pg_hit select|read|begin|fn N` runs one row `N` times on a
 //! `current_thread` runtime, for a profiler.
+//!
+//! ```sh
+//! cargo run --release -p benches --bin pg_hit first [ROUNDS]
+//! ```
+//!
+//! measures first runs on fresh keys the same way: the hand-written pair
+//! of writes (`INSERT … ON CONFLICT DO NOTHING`, then `UPDATE`), the
+//! store's `begin` and `complete`, `Idempotency::run`, and the fn.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use benches::{BenchError, ChargeRequest, Op, Receipt, charge, interleaved, request};
-use idem_core::store::{Begin, Store, Token};
+use idem_core::store::{Begin, Completion, Outcome, Record, Store, Token};
 use idem_core::{Fingerprint, Idempotency, Key, PostgresStore, Settings, idempotent};
 use idem_test::postgres_server::PostgresServer;
 
@@ -109,9 +117,150 @@ async fn run(s: &Setup) {
     black_box(receipt.expect("a replay"));
 }
 
+/// First runs on fresh keys, layer by layer.
+fn first_runs(s: &'static Setup) -> Vec<(&'static str, Op)> {
+    let receipt: &'static [u8] = Box::leak(
+        serde_json::to_vec(&charge(&request(1)))
+            .unwrap()
+            .into_boxed_slice(),
+    );
+    vec![
+        (
+            "`SELECT 1` (floor)",
+            Box::new(move |_| Box::pin(select_one(s.pool))),
+        ),
+        (
+            "hand-written: `INSERT … ON CONFLICT DO NOTHING`, `UPDATE`",
+            Box::new(move |i| {
+                Box::pin(async move {
+                    let key = format!("manual-{}-{i}", std::process::id());
+                    sqlx::query(
+                        "INSERT INTO manual_keys (key, response, expires_at) \
+                         VALUES ($1, NULL, now() + interval '1 day') ON CONFLICT (key) DO NOTHING",
+                    )
+                    .bind(&key)
+                    .execute(s.pool)
+                    .await
+                    .expect("the claim");
+                    sqlx::query("UPDATE manual_keys SET response = $2 WHERE key = $1")
+                        .bind(&key)
+                        .bind(receipt)
+                        .execute(s.pool)
+                        .await
+                        .expect("the record");
+                })
+            }),
+        ),
+        (
+            "hand-written: `INSERT … ON CONFLICT DO NOTHING` alone",
+            Box::new(move |i| {
+                Box::pin(async move {
+                    let key = format!("manual-alone-{}-{i}", std::process::id());
+                    sqlx::query(
+                        "INSERT INTO manual_keys (key, response, expires_at) \
+                         VALUES ($1, NULL, now() + interval '1 day') ON CONFLICT (key) DO NOTHING",
+                    )
+                    .bind(&key)
+                    .execute(s.pool)
+                    .await
+                    .expect("the claim");
+                })
+            }),
+        ),
+        (
+            "`begin` alone",
+            Box::new(move |i| {
+                Box::pin(async move {
+                    let key = Key::new("pg-begin", &(std::process::id(), i)).unwrap();
+                    let begin = s
+                        .store
+                        .begin(key, s.fingerprint, Token::random(), Duration::from_secs(60))
+                        .await;
+                    assert!(matches!(begin, Ok(Begin::Claimed)));
+                })
+            }),
+        ),
+        (
+            "`begin` + `complete`",
+            Box::new(move |i| {
+                Box::pin(async move {
+                    let key = Key::new("pg-first", &(std::process::id(), i)).unwrap();
+                    let token = Token::random();
+                    let lease = Duration::from_secs(60);
+                    let begin = s.store.begin(key, s.fingerprint, token, lease).await;
+                    assert!(matches!(begin, Ok(Begin::Claimed)));
+                    let record = Record::new(Outcome::Ok, receipt);
+                    let done = s
+                        .store
+                        .complete(key, token, record, Duration::from_secs(86_400))
+                        .await;
+                    assert!(matches!(done, Ok(Completion::Stored)));
+                })
+            }),
+        ),
+        (
+            "`Idempotency::run`",
+            Box::new(move |i| {
+                Box::pin(async move {
+                    let key = Key::new("pg-run", &(std::process::id(), i)).unwrap();
+                    let receipt: Result<Receipt, BenchError> = s
+                        .idem
+                        .run(&Settings::DEFAULT, key, s.fingerprint, async {
+                            Ok(charge(&request(1)))
+                        })
+                        .await;
+                    black_box(receipt.expect("a first run"));
+                })
+            }),
+        ),
+        (
+            "`#[idempotent]` fn",
+            Box::new(move |i| {
+                Box::pin(async move {
+                    black_box(
+                        idem_charge(s.idem, request(1_000_000 + i))
+                            .await
+                            .expect("a first run"),
+                    );
+                })
+            }),
+        ),
+    ]
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let server = PostgresServer::start();
+    if let [mode, rest @ ..] = args.as_slice()
+        && mode == "first"
+    {
+        let rounds: u64 = rest.first().and_then(|n| n.parse().ok()).unwrap_or(8);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let rows = runtime.block_on(async {
+            let s: &'static Setup = Box::leak(Box::new(setup(&server).await));
+            sqlx::query(
+                "CREATE TABLE manual_keys (key text PRIMARY KEY, response bytea, \
+                 expires_at timestamptz)",
+            )
+            .execute(s.pool)
+            .await
+            .expect("the hand-written table");
+            let ops = first_runs(s);
+            let latencies = interleaved(&ops, rounds, 250).await;
+            ops.iter()
+                .map(|(name, _)| *name)
+                .zip(latencies)
+                .collect::<Vec<_>>()
+        });
+        print_rows(
+            &format!("first runs, current_thread runtime, {rounds} rounds of 250 each"),
+            &rows,
+        );
+        return;
+    }
     if let [mode, n] = args.as_slice() {
         let n: u64 = n.parse().expect("a number of hits");
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -186,17 +335,24 @@ fn main() {
                 .zip(latencies)
                 .collect::<Vec<_>>()
         });
-        println!("\n{flavor} runtime, {rounds} rounds of 500 hits each:\n");
-        println!("| row | p50 µs | p99 µs | p50 ÷ `SELECT 1` |");
-        println!("|---|---|---|---|");
-        let floor = rows[0].1.p50;
-        for (name, latency) in rows {
-            println!(
-                "| {name} | {:.1} | {:.1} | {:.2}× |",
-                latency.p50,
-                latency.p99,
-                latency.p50 / floor
-            );
-        }
+        print_rows(
+            &format!("{flavor} runtime, {rounds} rounds of 500 hits each"),
+            &rows,
+        );
+    }
+}
+
+fn print_rows(title: &str, rows: &[(&str, benches::Latency)]) {
+    println!("\n{title}:\n");
+    println!("| row | p50 µs | p99 µs | p50 ÷ `SELECT 1` |");
+    println!("|---|---|---|---|");
+    let floor = rows[0].1.p50;
+    for (name, latency) in rows {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2}× |",
+            latency.p50,
+            latency.p99,
+            latency.p50 / floor
+        );
     }
 }
