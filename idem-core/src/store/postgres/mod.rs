@@ -959,18 +959,32 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) -> StoreFuture<'_, Completion> {
         Box::pin(async move {
-            let stored = self
+            let updated = self
                 .timed("complete", async {
-                    sqlx::query_scalar::<_, bool>(&self.inner.sql.complete)
+                    sqlx::query(&self.inner.sql.complete)
                         .bind(key.digest().as_slice())
                         .bind(token_bytes(token).as_slice())
                         .bind(record.encode().as_ref())
                         .bind(millis(ttl))
                         .bind(&self.inner.sql.channel)
-                        .fetch_one(&self.inner.pool)
+                        .execute(&self.inner.pool)
                         .await
                 })
-                .await?;
+                .await?
+                .rows_affected()
+                > 0;
+            // Nothing to update: this token's earlier `complete` (whose
+            // answer was lost) stored it, or the claim was lost.
+            let stored = updated
+                || self
+                    .timed("complete", async {
+                        sqlx::query_scalar::<_, bool>(&self.inner.sql.completed_earlier)
+                            .bind(key.digest().as_slice())
+                            .bind(token_bytes(token).as_slice())
+                            .fetch_one(&self.inner.pool)
+                            .await
+                    })
+                    .await?;
             Ok(if stored {
                 Completion::Stored
             } else {

@@ -49,7 +49,11 @@ pub(crate) struct Statements {
     pub(crate) read_or_claim: String,
     /// Claim-or-read in one statement that needs nothing but the table.
     pub(crate) begin: String,
+    /// Stores the record of a claim the token holds, waking its waiters.
     pub(crate) complete: String,
+    /// After a `complete` that updated nothing: whether the token stored
+    /// the record earlier (a retried `complete`).
+    pub(crate) completed_earlier: String,
     pub(crate) release: String,
     pub(crate) renew: String,
     pub(crate) in_progress: String,
@@ -316,16 +320,16 @@ END"
                     ceil(extract(epoch FROM c.expires_at - now()) * 1000)::bigint AS left_ms
                 FROM (SELECT) AS one LEFT JOIN {t} c ON c.key = $1"
             ),
-            // Stored now, or stored earlier by this token: both are `Stored`.
+            // A plain update, its waiters woken in its `RETURNING`: a
+            // data-modifying CTE would cost its set-up on every first run.
+            // No row: stored earlier by this token (also `Stored`), or lost.
             complete: format!(
-                "WITH done AS (
-                    UPDATE {t} SET record = $3, stored_at = now(), expires_at = now() + $4::bigint {ms}
-                    WHERE key = $1 AND token = $2 AND record IS NULL AND expires_at > now()
-                    RETURNING key
-                ), woken AS (
-                    SELECT pg_notify($5, encode(key, 'hex')) FROM done
-                )
-                SELECT (SELECT count(*) FROM woken) > 0 OR EXISTS (
+                "UPDATE {t} SET record = $3, stored_at = now(), expires_at = now() + $4::bigint {ms}
+                WHERE key = $1 AND token = $2 AND record IS NULL AND expires_at > now()
+                RETURNING pg_notify($5, encode(key, 'hex'))"
+            ),
+            completed_earlier: format!(
+                "SELECT EXISTS (
                     SELECT 1 FROM {t} WHERE key = $1 AND token = $2 AND record IS NOT NULL
                     AND expires_at > now()
                 )"
