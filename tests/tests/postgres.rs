@@ -148,6 +148,117 @@ async fn a_replayed_hit_runs_on_a_read_only_session() {
     assert_eq!(runs.count(), 1, "only the first run ran");
 }
 
+/// An earlier version's objects, as an administrator makes them from its
+/// statements: no claim function.
+const OBJECTS_WITHOUT_CLAIM_FUNCTION: &str = "CREATE TABLE idempotency_keys (key bytea PRIMARY KEY, \
+     fingerprint bytea NOT NULL, token bytea NOT NULL, record bytea, stored_at timestamptz, \
+     expires_at timestamptz NOT NULL); \
+     CREATE INDEX idempotency_keys_expires_at ON idempotency_keys (expires_at); \
+     CREATE INDEX idempotency_keys_claimed ON idempotency_keys (stored_at) WHERE record IS NULL; \
+     CREATE TABLE idempotency_keys_steps (key bytea NOT NULL, name text NOT NULL, \
+         seq bigserial, value bytea NOT NULL, expires_at timestamptz NOT NULL, \
+         PRIMARY KEY (key, name)); \
+     CREATE SEQUENCE idempotency_keys_epoch;";
+
+/// What calls need, granted to `role` in `schema`.
+fn call_grants(schema: &str, role: &str) -> String {
+    format!(
+        "GRANT USAGE ON SCHEMA {schema} TO {role}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}; \
+         GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {schema} TO {role};"
+    )
+}
+
+fn role_url(role: &str) -> String {
+    format!("postgres://{role}@127.0.0.1:{}/postgres", shared().port())
+}
+
+/// Where functions are not executable by PUBLIC (a common hardening), a
+/// role the claim function was not granted to claims and replays through
+/// the statement that needs only the table.
+#[tokio::test]
+async fn a_role_that_may_not_run_the_claim_function_still_claims_and_replays() {
+    let server = shared();
+    server.psql(
+        "DROP SCHEMA IF EXISTS no_execute CASCADE; DROP ROLE IF EXISTS idem_no_execute; \
+         CREATE ROLE idem_no_execute LOGIN; CREATE SCHEMA no_execute",
+    );
+    let owner = PostgresStore::builder(server.url())
+        .schema("no_execute")
+        .connect()
+        .await
+        .unwrap();
+    let (key, fp) = fresh("no-execute");
+    let stored = Idempotency::new(owner)
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(7) })
+        .await;
+    assert_eq!(stored.unwrap(), 7);
+    server.psql(&format!(
+        "{} REVOKE EXECUTE ON FUNCTION \
+         no_execute.idempotency_keys_claim(bytea, bytea, bytea, bigint) FROM PUBLIC",
+        call_grants("no_execute", "idem_no_execute")
+    ));
+    for migrate in [true, false] {
+        let store = PostgresStore::builder(role_url("idem_no_execute"))
+            .schema("no_execute")
+            .response_timeout(RESPONSE_TIMEOUT)
+            .migrate(migrate)
+            .connect()
+            .await
+            .expect("every object exists");
+        let idem = Idempotency::new(store);
+        let replay = idem
+            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(8) })
+            .await;
+        assert_eq!(replay.unwrap(), 7, "replayed (migrate({migrate}))");
+        let (other, other_fp) = fresh("no-execute-first");
+        let first = idem
+            .run(&Settings::DEFAULT, other, other_fp, async {
+                Ok::<_, Failure>(9)
+            })
+            .await;
+        assert_eq!(first.unwrap(), 9, "claimed (migrate({migrate}))");
+    }
+}
+
+/// A role that may not create the claim function, on objects that exist
+/// otherwise, connects without the schema's migration lock: a migration
+/// held up elsewhere in the schema does not hold up its start.
+#[tokio::test]
+async fn a_role_that_may_not_create_the_claim_function_takes_no_migration_lock() {
+    let server = shared();
+    server.psql(&format!(
+        "DROP SCHEMA IF EXISTS no_function CASCADE; DROP ROLE IF EXISTS idem_no_function; \
+         CREATE ROLE idem_no_function LOGIN; CREATE SCHEMA no_function; \
+         SET search_path TO no_function; {OBJECTS_WITHOUT_CLAIM_FUNCTION} {}",
+        call_grants("no_function", "idem_no_function")
+    ));
+    let mut holder = <PgConnection as sqlx::Connection>::connect(&server.url())
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtext('idem:migrate \"no_function\"'))")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let started = PostgresStore::builder(role_url("idem_no_function"))
+        .schema("no_function")
+        .response_timeout(RESPONSE_TIMEOUT)
+        .connect()
+        .await;
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let idem = Idempotency::new(started.expect("started while the lock was held"));
+    let (key, fp) = fresh("no-function");
+    for _ in 0..2 {
+        let answer = idem
+            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(3) })
+            .await;
+        assert_eq!(answer.unwrap(), 3);
+    }
+}
+
 /// A store's own pool does not ping a connection before each statement
 /// (sqlx's default, a round trip more per statement): replayed hits on one
 /// connection send the hit's statement and the ping sqlx makes as each

@@ -6,8 +6,8 @@
 //!   the schema below) and passes the conformance suite like the memory and
 //!   Redis stores: a replayed hit is one statement that writes nothing (it
 //!   reads the key's row, and calls the table's claim function only for a
-//!   key that can be claimed, so a replay even runs on a read-only
-//!   session), a first run two. The store's own pool skips sqlx's ping
+//!   key that can be claimed; with that function, a replay even runs on a
+//!   read-only session), a first run two. The store's own pool skips sqlx's ping
 //!   before each statement for connections used within the last
 //!   [`PING_AFTER_IDLE`], so that a statement is one round trip. Expiries
 //!   come from the database's clock. Waiters in other
@@ -84,10 +84,13 @@
 //! $idem$;
 //! ```
 //!
-//! The function is optional: a store whose role may not create it (tables
-//! an administrator made from an earlier version's statements) warns once
-//! and claims through one statement that needs only the table, at about
-//! twice a plain read's cost on the server for every replay.
+//! The function is optional. A store that finds it missing, where its role
+//! may not create it (tables an administrator made from an earlier
+//! version's statements), or that its role may not run (where functions are
+//! not executable by `PUBLIC`: grant the role `EXECUTE` on it) warns and
+//! claims through one statement that needs only the table: as correct, at
+//! about twice a plain read's cost on the server for every replay, and not
+//! on a read-only session. Looking for the function takes no lock.
 //!
 //! A row whose fingerprint is empty is a tombstone: the trace of a `release`
 //! that found no claim of its token (see above).
@@ -265,6 +268,14 @@ impl PostgresStore {
     /// create anything, and [`migrate(false)`](PostgresStoreBuilder::migrate)
     /// is not needed either.
     ///
+    /// Then the claim function: used when it exists and the role may run
+    /// it; created (without the lock) when it is missing and the role may
+    /// create it in the schema; otherwise left out with a warning, and the
+    /// store claims through the statement that needs only the table (see
+    /// the [module docs](self)). It never fails a migration. A store that
+    /// was left without it uses it from its next `migrate` that finds it
+    /// usable.
+    ///
     /// # Errors
     /// The database's, e.g. when the role may not create what is missing.
     /// Nothing is kept of a failed migration, and a store connected with
@@ -276,14 +287,12 @@ impl PostgresStore {
             // Nothing missing, the usual case: one statement and no lock, so
             // that a migration held up elsewhere in the schema (an index
             // waiting for a table's writers) holds up no one else.
-            let objects: Vec<&sql::Creation> =
-                sql.create.iter().chain([&sql.claim_function]).collect();
-            if found(&objects, &self.inner.pool)
+            let creations: Vec<&sql::Creation> = sql.create.iter().collect();
+            if found(&creations, &self.inner.pool)
                 .await?
                 .into_iter()
                 .all(|found| found)
             {
-                self.inner.claim_function.store(true, Ordering::Relaxed);
                 return Ok(());
             }
             let mut tx = begin_on(&self.inner.pool, None).await?;
@@ -296,45 +305,70 @@ impl PostgresStore {
                     .execute(&mut *tx)
                     .await?;
             }
-            let found = found(&objects, &mut *tx).await?;
-            for (creation, found) in sql.create.iter().zip(&found) {
+            let found = found(&creations, &mut *tx).await?;
+            for (creation, found) in sql.create.iter().zip(found) {
                 if !found {
                     sqlx::query(&creation.statement).execute(&mut *tx).await?;
                 }
             }
-            // The claim function only makes replays cheaper: a role that
-            // may not create it (the tables made by an administrator from
-            // an earlier version's statements) still migrates.
-            let mut claim_function = found[sql.create.len()];
-            if !claim_function {
-                sqlx::query("SAVEPOINT idem_claim_function")
-                    .execute(&mut *tx)
-                    .await?;
-                match sqlx::query(&sql.claim_function.statement)
-                    .execute(&mut *tx)
-                    .await
-                {
-                    Ok(_) => claim_function = true,
-                    Err(error) => {
-                        tracing::warn!(
-                            %error,
-                            function = %sql.claim_function.name,
-                            "idem could not create its claim function; replays read through \
-                             a heavier statement until it exists (see PostgresStore's docs)"
-                        );
-                        sqlx::query("ROLLBACK TO SAVEPOINT idem_claim_function")
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
-            }
-            tx.commit().await?;
-            self.inner
-                .claim_function
-                .store(claim_function, Ordering::Relaxed);
-            Ok(())
+            tx.commit().await
         })
-        .await
+        .await?;
+        let usable = self.claim_function_usable().await;
+        self.inner.claim_function.store(usable, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the claim function exists and the role may run it, once it
+    /// is created where it is missing and the role may create it. Never
+    /// fails a migration, and takes no lock: without the function, claims
+    /// go through the statement that needs only the table.
+    async fn claim_function_usable(&self) -> bool {
+        let sql = &self.inner.sql;
+        let check = || {
+            self.timed("migrate", async {
+                sqlx::query_as::<_, (bool, bool, bool)>(sql.claim_function_check)
+                    .bind(&sql.claim_function.name)
+                    .bind(&sql.schema)
+                    .fetch_one(&self.inner.pool)
+                    .await
+            })
+        };
+        let (usable, exists, may_create) = match check().await {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::warn!(%error, "idem could not look its claim function up");
+                return false;
+            }
+        };
+        if usable {
+            return true;
+        }
+        let why = if exists {
+            "it exists, and this role may not run it (grant it EXECUTE)".to_owned()
+        } else if !may_create {
+            "it is missing, and this role may not create it in the schema".to_owned()
+        } else {
+            let created = self
+                .timed("migrate", async {
+                    sqlx::query(&sql.claim_function.statement)
+                        .execute(&self.inner.pool)
+                        .await
+                })
+                .await;
+            match created {
+                Ok(_) => return true,
+                // Another process may have created it meanwhile.
+                Err(_) if matches!(check().await, Ok((true, _, _))) => return true,
+                Err(error) => format!("creating it failed: {error}"),
+            }
+        };
+        tracing::warn!(
+            function = %sql.claim_function.name,
+            "idem's claim function is not usable ({why}); replays read through a heavier \
+             statement (see PostgresStore's docs)"
+        );
+        false
     }
 
     /// Deletes expired rows now, in batches, and answers how many. The store
@@ -376,6 +410,40 @@ impl PostgresStore {
         }
     }
 
+    /// `begin`'s statements: claim-or-read, asked again when a concurrent
+    /// writer came between its read and its claim.
+    async fn claim_or_read(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        for _ in 0..3 {
+            if self.inner.claim_function.load(Ordering::Relaxed) {
+                match self.read_or_claim(key, fingerprint, token, lease).await? {
+                    ReadOrClaim::Answer(begin) => return Ok(begin),
+                    ReadOrClaim::Raced => continue,
+                    ReadOrClaim::NoFunction => {}
+                }
+            }
+            let row = sqlx::query::<Postgres>(&self.inner.sql.begin)
+                .bind(key.digest().as_slice())
+                .bind(fingerprint.digest().as_slice())
+                .bind(token_bytes(token).as_slice())
+                .bind(millis(lease))
+                .fetch_optional(&self.inner.pool)
+                .await
+                .map_err(|e| store_error("begin", &e))?;
+            if let Some(row) = row {
+                return begin_answer(&row, fingerprint, lease);
+            }
+        }
+        Ok(Begin::InProgress {
+            retry_after: Duration::from_millis(10),
+        })
+    }
+
     /// Claim-or-read through the claim function: a read, and the claim
     /// only for a key that can be claimed.
     async fn read_or_claim(
@@ -385,31 +453,33 @@ impl PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<ReadOrClaim, StoreError> {
-        let row = match tokio::time::timeout(
-            self.inner.response_timeout,
-            sqlx::query::<Postgres>(&self.inner.sql.read_or_claim)
-                .bind(key.digest().as_slice())
-                .bind(fingerprint.digest().as_slice())
-                .bind(token_bytes(token).as_slice())
-                .bind(millis(lease))
-                .fetch_one(&self.inner.pool),
-        )
-        .await
+        let row = match sqlx::query::<Postgres>(&self.inner.sql.read_or_claim)
+            .bind(key.digest().as_slice())
+            .bind(fingerprint.digest().as_slice())
+            .bind(token_bytes(token).as_slice())
+            .bind(millis(lease))
+            .fetch_one(&self.inner.pool)
+            .await
         {
-            Ok(Ok(row)) => row,
-            // `undefined_function`: refused before it ran anything.
-            Ok(Err(sqlx::Error::Database(error))) if error.code().as_deref() == Some("42883") => {
+            Ok(row) => row,
+            // `undefined_function` or `insufficient_privilege`: refused as
+            // the statement started, before it ran anything. (A table the
+            // role may not read refuses the other statement alike.)
+            Err(sqlx::Error::Database(error))
+                if matches!(error.code().as_deref(), Some("42883" | "42501")) =>
+            {
                 if self.inner.claim_function.swap(false, Ordering::Relaxed) {
                     tracing::warn!(
                         function = %self.inner.sql.claim_function.name,
-                        "idem's claim function is missing; replays read through a heavier \
-                         statement until PostgresStore::migrate creates it"
+                        %error,
+                        "idem's claim function is missing or this role may not run it; \
+                         replays read through a heavier statement until \
+                         PostgresStore::migrate finds it usable"
                     );
                 }
                 return Ok(ReadOrClaim::NoFunction);
             }
-            Ok(Err(error)) => return Err(store_error("begin", &error)),
-            Err(_elapsed) => return Err(self.timed_out("begin")),
+            Err(error) => return Err(store_error("begin", &error)),
         };
         let corrupt = |e: sqlx::Error| store_error("begin", &e);
         match row.try_get::<Option<bool>, _>("claimed").map_err(corrupt)? {
@@ -920,34 +990,17 @@ impl Store for PostgresStore {
         self.ensure_background();
         Box::pin(async move {
             self.ready().await?;
-            // No row: a concurrent writer came between the statement's read
-            // and its insert. Asking again sees what it wrote.
-            for _ in 0..3 {
-                if self.inner.claim_function.load(Ordering::Relaxed) {
-                    match self.read_or_claim(key, fingerprint, token, lease).await? {
-                        ReadOrClaim::Answer(begin) => return Ok(begin),
-                        ReadOrClaim::Raced => continue,
-                        ReadOrClaim::NoFunction => {}
-                    }
-                }
-                let row = self
-                    .timed("begin", async {
-                        sqlx::query::<Postgres>(&self.inner.sql.begin)
-                            .bind(key.digest().as_slice())
-                            .bind(fingerprint.digest().as_slice())
-                            .bind(token_bytes(token).as_slice())
-                            .bind(millis(lease))
-                            .fetch_optional(&self.inner.pool)
-                            .await
-                    })
-                    .await?;
-                if let Some(row) = row {
-                    return begin_answer(&row, fingerprint, lease);
-                }
+            // One deadline for the whole operation, however many statements
+            // it takes.
+            match tokio::time::timeout(
+                self.inner.response_timeout,
+                self.claim_or_read(key, fingerprint, token, lease),
+            )
+            .await
+            {
+                Ok(answer) => answer,
+                Err(_elapsed) => Err(self.timed_out("begin")),
             }
-            Ok(Begin::InProgress {
-                retry_after: Duration::from_millis(10),
-            })
         })
     }
 
@@ -959,32 +1012,30 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) -> StoreFuture<'_, Completion> {
         Box::pin(async move {
-            let updated = self
+            let stored = self
                 .timed("complete", async {
-                    sqlx::query(&self.inner.sql.complete)
+                    let updated = sqlx::query(&self.inner.sql.complete)
                         .bind(key.digest().as_slice())
                         .bind(token_bytes(token).as_slice())
                         .bind(record.encode().as_ref())
                         .bind(millis(ttl))
                         .bind(&self.inner.sql.channel)
                         .execute(&self.inner.pool)
+                        .await?
+                        .rows_affected();
+                    if updated > 0 {
+                        return Ok(true);
+                    }
+                    // Nothing to update: this token's earlier `complete`
+                    // (whose answer was lost) stored it, or the claim was
+                    // lost.
+                    sqlx::query_scalar::<_, bool>(&self.inner.sql.completed_earlier)
+                        .bind(key.digest().as_slice())
+                        .bind(token_bytes(token).as_slice())
+                        .fetch_one(&self.inner.pool)
                         .await
                 })
-                .await?
-                .rows_affected()
-                > 0;
-            // Nothing to update: this token's earlier `complete` (whose
-            // answer was lost) stored it, or the claim was lost.
-            let stored = updated
-                || self
-                    .timed("complete", async {
-                        sqlx::query_scalar::<_, bool>(&self.inner.sql.completed_earlier)
-                            .bind(key.digest().as_slice())
-                            .bind(token_bytes(token).as_slice())
-                            .fetch_one(&self.inner.pool)
-                            .await
-                    })
-                    .await?;
+                .await?;
             Ok(if stored {
                 Completion::Stored
             } else {

@@ -36,6 +36,8 @@ use crate::error::{StoreError, StoreErrorKind};
 pub(crate) struct Statements {
     /// What migrating creates, in order, each only when it is missing.
     pub(crate) create: Vec<Creation>,
+    /// The schema's quoted name.
+    pub(crate) schema: String,
     /// The name of the advisory lock migrations take: one per schema, so
     /// that stores of different tables creating the schema they share wait
     /// for each other rather than collide.
@@ -44,6 +46,10 @@ pub(crate) struct Statements {
     /// optional, created by migrating when the role may; without it the
     /// store claims with `begin`.
     pub(crate) claim_function: Creation,
+    /// Whether the claim function (`$1`) exists and the role may run it,
+    /// whether it exists, and whether the role may create objects in the
+    /// schema (`$2`).
+    pub(crate) claim_function_check: &'static str,
     /// Claim-or-read as a read that calls the claim function only when the
     /// key can be claimed.
     pub(crate) read_or_claim: String,
@@ -228,6 +234,7 @@ impl Statements {
                 WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()";
         Ok(Self {
             migration_lock: format!("idem:migrate {schema_q}"),
+            schema: schema_q.clone(),
             create: vec![
                 Creation::schema(&schema_q),
                 Creation::relation(
@@ -305,6 +312,12 @@ END"
                     ),
                 ),
             ),
+            claim_function_check: "SELECT
+                    coalesce(pg_catalog.has_function_privilege(
+                        pg_catalog.to_regprocedure($1), 'EXECUTE'), false),
+                    pg_catalog.to_regprocedure($1) IS NOT NULL,
+                    coalesce(pg_catalog.has_schema_privilege(
+                        pg_catalog.to_regnamespace($2), 'CREATE'), false)",
             // A replayed hit reads the row and writes nothing: a
             // data-modifying CTE costs PostgreSQL its set-up (about twice
             // a plain read) even when it inserts nothing, so the claim is a
