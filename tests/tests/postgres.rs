@@ -259,6 +259,143 @@ async fn a_role_that_may_not_create_the_claim_function_takes_no_migration_lock()
     }
 }
 
+/// The statements of the store's module docs, as an administrator would
+/// copy them (the `sql` block of "The table").
+fn documented_statements() -> String {
+    let docs = include_str!("../../idem-core/src/store/postgres/mod.rs");
+    let start = docs.find("//! # The table").expect("the table's section");
+    let lines: Vec<&str> = docs[start..]
+        .lines()
+        .map(|line| line.strip_prefix("//!").unwrap_or(line))
+        .map(|line| line.strip_prefix(' ').unwrap_or(line))
+        .skip_while(|line| *line != "```sql")
+        .skip(1)
+        .take_while(|line| *line != "```")
+        .collect();
+    lines.join("\n")
+}
+
+/// An administrator makes every object from the module docs' statements,
+/// the claim function included, in a database of its own, and grants a role
+/// only what calls need and `EXECUTE` on the function (where functions are
+/// not executable by PUBLIC): the store, connecting with the default
+/// `migrate(true)`, creates nothing and uses the function (a replay runs on
+/// a read-only session).
+#[tokio::test]
+async fn the_documented_statements_make_objects_the_store_uses() {
+    let server = shared();
+    server.psql("DROP DATABASE IF EXISTS documented");
+    server.psql("DROP ROLE IF EXISTS idem_documented; CREATE ROLE idem_documented LOGIN");
+    server.psql("CREATE DATABASE documented");
+    let admin_url = format!("postgres://postgres@127.0.0.1:{}/documented", server.port());
+    let mut admin = <PgConnection as sqlx::Connection>::connect(&admin_url)
+        .await
+        .unwrap();
+    sqlx::raw_sql(&documented_statements())
+        .execute(&mut admin)
+        .await
+        .expect("the documented statements run");
+    sqlx::raw_sql(&format!(
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; {} \
+         REVOKE EXECUTE ON FUNCTION public.idempotency_keys_claim(bytea, bytea, bytea, bigint) \
+             FROM PUBLIC; \
+         GRANT EXECUTE ON FUNCTION public.idempotency_keys_claim(bytea, bytea, bytea, bigint) \
+             TO idem_documented",
+        call_grants("public", "idem_documented")
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let role_url = format!(
+        "postgres://idem_documented@127.0.0.1:{}/documented",
+        server.port()
+    );
+    let store = PostgresStore::builder(&role_url)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .connect()
+        .await
+        .expect("every object exists");
+    let runs = Runs::default();
+    let (key, fp) = fresh("documented");
+    for _ in 0..2 {
+        let answer = Idempotency::new(store.clone())
+            .run(&Settings::DEFAULT, key, fp, async {
+                Ok::<_, Failure>(runs.mark())
+            })
+            .await;
+        assert_eq!(answer.unwrap(), 1);
+    }
+    let read_only = PostgresStore::builder(format!(
+        "{role_url}?options=-c%20default_transaction_read_only%3Don"
+    ))
+    .response_timeout(RESPONSE_TIMEOUT)
+    .connect()
+    .await
+    .unwrap();
+    let replay = Idempotency::new(read_only)
+        .run(&Settings::DEFAULT, key, fp, async {
+            Ok::<_, Failure>(runs.mark())
+        })
+        .await;
+    assert_eq!(replay.unwrap(), 1, "replayed through the function");
+    assert_eq!(runs.count(), 1);
+}
+
+/// A function of the claim function's name that is not idem's (here the
+/// documented text with the table's schema left out, made in another
+/// schema, so that it claims in `public` through the role's search path)
+/// is not used: claims and records land in the store's own table.
+#[tokio::test]
+async fn a_function_of_the_claim_functions_name_that_is_not_idems_is_not_used() {
+    let server = shared();
+    server.psql(
+        "DROP SCHEMA IF EXISTS not_idems CASCADE; DROP ROLE IF EXISTS idem_not_idems; \
+         CREATE ROLE idem_not_idems LOGIN; CREATE SCHEMA not_idems",
+    );
+    // The default store's table, which the wrong function would write to.
+    PostgresStore::connect(&server.url()).await.unwrap();
+    let function = documented_statements();
+    let function = &function[function.find("CREATE FUNCTION").unwrap()..];
+    let function = function
+        .replace("\"public\".\"idempotency_keys\"", "idempotency_keys")
+        .replace("\"public\".", "not_idems.");
+    server.psql(&format!(
+        "SET search_path TO not_idems; {OBJECTS_WITHOUT_CLAIM_FUNCTION} {function} {} \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON public.idempotency_keys TO idem_not_idems",
+        call_grants("not_idems", "idem_not_idems")
+    ));
+    for migrate in [false, true] {
+        let store = PostgresStore::builder(role_url("idem_not_idems"))
+            .schema("not_idems")
+            .response_timeout(RESPONSE_TIMEOUT)
+            .migrate(migrate)
+            .connect()
+            .await
+            .unwrap();
+        let idem = Idempotency::new(store);
+        let runs = Runs::default();
+        let (key, fp) = fresh(&format!("not-idems-{migrate}"));
+        for _ in 0..2 {
+            let answer = idem
+                .run(&Settings::DEFAULT, key, fp, async {
+                    Ok::<_, Failure>(runs.mark())
+                })
+                .await;
+            assert_eq!(answer.unwrap(), 1, "migrate({migrate})");
+        }
+        let hex: String = key.digest().iter().map(|b| format!("{b:02x}")).collect();
+        for (schema, rows) in [("not_idems", "1"), ("public", "0")] {
+            assert_eq!(
+                server.psql(&format!(
+                    "SELECT count(*) FROM {schema}.idempotency_keys WHERE key = '\\x{hex}'"
+                )),
+                rows,
+                "rows of the key in {schema} (migrate({migrate}))"
+            );
+        }
+    }
+}
+
 /// A store's own pool does not ping a connection before each statement
 /// (sqlx's default, a round trip more per statement): replayed hits on one
 /// connection send the hit's statement and the ping sqlx makes as each

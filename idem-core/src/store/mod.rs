@@ -155,8 +155,8 @@ pub enum Begin {
 pub enum Completion {
     /// The record is stored (now, or by an earlier attempt with this token).
     Stored,
-    /// The claim is no longer ours: its lease lapsed, and the key was taken
-    /// over or reclaimed. Nothing was written.
+    /// The claim is no longer ours: its lease lapsed, whether or not
+    /// another caller has taken the key since. Nothing was written.
     Lost,
 }
 

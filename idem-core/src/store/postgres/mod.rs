@@ -22,13 +22,14 @@
 //!   row with an empty fingerprint that stops that `begin` from claiming
 //!   when it arrives, purged 15 minutes after.
 //!
-//! Every schema and table name the store accepts (1 to 63 bytes) works: the
-//! `NOTIFY` channel (`idem:schema.table`) and index and function names that
-//! would pass PostgreSQL's 63 bytes are derived from a digest instead. A
+//! Every schema and table name the store accepts (1 to 63 bytes) works. A
 //! store on table `t` also names, in its schema, `t_steps`, `t_epoch`,
 //! `t_expires_at`, `t_claimed` and the function `t_claim`: give no other
 //! store's table one of those names, or the two stores would share an
-//! object.
+//! object. A name of these that would pass PostgreSQL's 63 bytes is
+//! `idem_`, 24 hex digits of a digest of the whole name, and the suffix
+//! instead (`idem_…_steps`), and so is the `NOTIFY` channel
+//! (`idem:schema.table`, or `idem:` and the digest).
 //! - [`PostgresStore::run_in_transaction`] (and `#[idempotent(transaction =
 //!   tx)]`) runs the body inside a transaction that also holds the claim and,
 //!   at commit, the result: the body's writes and the record commit
@@ -57,14 +58,16 @@
 //! );
 //! CREATE SEQUENCE idempotency_keys_epoch;  -- the fencing epochs of claims
 //! -- The claim of a key that a read found absent, expired or claimed by the
-//! -- caller's own token: `false` when another writer came first.
-//! CREATE FUNCTION idempotency_keys_claim(bytea, bytea, bytea, bigint) RETURNS boolean
-//! LANGUAGE plpgsql VOLATILE AS $idem$
+//! -- caller's own token: `false` when another writer came first. Its text
+//! -- names the table with its schema, quoted as here (a function whose text
+//! -- differs, but for white space, is not used).
+//! CREATE FUNCTION "public"."idempotency_keys_claim"(bytea, bytea, bytea, bigint)
+//! RETURNS boolean LANGUAGE plpgsql VOLATILE AS $idem$
 //! BEGIN
 //!     WITH current AS (
-//!         SELECT fingerprint, token, record, expires_at FROM idempotency_keys WHERE key = $1
+//!         SELECT fingerprint, token, record, expires_at FROM "public"."idempotency_keys" WHERE key = $1
 //!     )
-//!     INSERT INTO idempotency_keys AS r (key, fingerprint, token, record, stored_at, expires_at)
+//!     INSERT INTO "public"."idempotency_keys" AS r (key, fingerprint, token, record, stored_at, expires_at)
 //!     SELECT $1, $2, $3, NULL, now(), now() + $4::bigint * interval '1 millisecond'
 //!     WHERE NOT EXISTS (
 //!         SELECT 1 FROM current c WHERE c.expires_at > now()
@@ -84,13 +87,20 @@
 //! $idem$;
 //! ```
 //!
-//! The function is optional. A store that finds it missing, where its role
+//! For a store of another schema or table, write its quoted names for
+//! `"public"` and `"idempotency_keys"` (a name that would pass 63 bytes
+//! with its suffix is derived, as above: migrating once as a role that may
+//! create it is simpler).
+//!
+//! The function is optional. A store that finds it missing where its role
 //! may not create it (tables an administrator made from an earlier
-//! version's statements), or that its role may not run (where functions are
-//! not executable by `PUBLIC`: grant the role `EXECUTE` on it) warns and
-//! claims through one statement that needs only the table: as correct, at
-//! about twice a plain read's cost on the server for every replay, and not
-//! on a read-only session. Looking for the function takes no lock.
+//! version's statements), that its role may not run (where functions are
+//! not executable by `PUBLIC`: grant the role `EXECUTE` on it), or whose
+//! text is not the one above warns and claims through one statement that
+//! needs only the table: as correct, at about twice a plain read's cost on
+//! the server for every replay, and not on a read-only session. Looking
+//! for the function takes no lock; a store that does not migrate looks
+//! once, at its first claim.
 //!
 //! A row whose fingerprint is empty is a tombstone: the trace of a `release`
 //! that found no claim of its token (see above).
@@ -105,7 +115,7 @@
 //! [`PostgresStore::migrate`] does it on demand. The schema and table names
 //! are configurable.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -186,10 +196,12 @@ struct Inner {
     watchers: Arc<Watchers>,
     listening: AtomicBool,
     purging: AtomicBool,
-    /// Whether the claim function is there as far as the store knows:
-    /// replays then read without a data-modifying statement. Cleared when
-    /// a migration could not create it or a claim found it missing.
-    claim_function: AtomicBool,
+    /// Whether the claim function is there to use, as far as the store
+    /// knows (`FUNCTION_*`): replays then read without a data-modifying
+    /// statement. Learnt by migrating, or by the first claim of a store
+    /// that does not migrate; unusable when a claim found it missing or
+    /// refused.
+    claim_function: AtomicU8,
     /// Transactional calls under way, so that same-key duplicates in this
     /// process wait for one of them without holding a connection each.
     flights: crate::flight::Flights,
@@ -314,61 +326,69 @@ impl PostgresStore {
             tx.commit().await
         })
         .await?;
-        let usable = self.claim_function_usable().await;
-        self.inner.claim_function.store(usable, Ordering::Relaxed);
+        let state =
+            tokio::time::timeout(self.inner.response_timeout, self.claim_function_state(true))
+                .await
+                .unwrap_or(FUNCTION_UNKNOWN);
+        self.inner.claim_function.store(state, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Whether the claim function exists and the role may run it, once it
-    /// is created where it is missing and the role may create it. Never
-    /// fails a migration, and takes no lock: without the function, claims
-    /// go through the statement that needs only the table.
-    async fn claim_function_usable(&self) -> bool {
+    /// Whether the claim function is there to use: it exists, it is the
+    /// one this version creates, and the role may run it; when `create`,
+    /// it is created first where it is missing and the role may create it.
+    /// `FUNCTION_UNKNOWN` when the database did not answer. Never fails a
+    /// migration, and takes no lock: without the function, claims go
+    /// through the statement that needs only the table.
+    async fn claim_function_state(&self, create: bool) -> u8 {
         let sql = &self.inner.sql;
-        let check = || {
-            self.timed("migrate", async {
-                sqlx::query_as::<_, (bool, bool, bool)>(sql.claim_function_check)
-                    .bind(&sql.claim_function.name)
-                    .bind(&sql.schema)
-                    .fetch_one(&self.inner.pool)
-                    .await
-            })
+        let check = || async {
+            sqlx::query_as::<_, (bool, bool, bool, bool)>(sql.claim_function_check)
+                .bind(&sql.claim_function.name)
+                .bind(&sql.schema)
+                .bind(&sql.claim_function_body)
+                .fetch_one(&self.inner.pool)
+                .await
         };
-        let (usable, exists, may_create) = match check().await {
+        let (executable, exists, ours, may_create) = match check().await {
             Ok(answer) => answer,
             Err(error) => {
                 tracing::warn!(%error, "idem could not look its claim function up");
-                return false;
+                return FUNCTION_UNKNOWN;
             }
         };
-        if usable {
-            return true;
+        if executable && ours {
+            return FUNCTION_USABLE;
         }
-        let why = if exists {
+        let why = if exists && !ours {
+            "a function of its name exists, whose text is not the one this version of idem \
+             creates (see PostgresStore's docs for it)"
+                .to_owned()
+        } else if exists {
             "it exists, and this role may not run it (grant it EXECUTE)".to_owned()
+        } else if !create {
+            "it is missing (PostgresStore::migrate creates it)".to_owned()
         } else if !may_create {
             "it is missing, and this role may not create it in the schema".to_owned()
         } else {
-            let created = self
-                .timed("migrate", async {
-                    sqlx::query(&sql.claim_function.statement)
-                        .execute(&self.inner.pool)
-                        .await
-                })
+            let created = sqlx::query(&sql.claim_function.statement)
+                .execute(&self.inner.pool)
                 .await;
             match created {
-                Ok(_) => return true,
+                Ok(_) => return FUNCTION_USABLE,
                 // Another process may have created it meanwhile.
-                Err(_) if matches!(check().await, Ok((true, _, _))) => return true,
+                Err(_) if matches!(check().await, Ok((true, _, true, _))) => {
+                    return FUNCTION_USABLE;
+                }
                 Err(error) => format!("creating it failed: {error}"),
             }
         };
         tracing::warn!(
             function = %sql.claim_function.name,
             "idem's claim function is not usable ({why}); replays read through a heavier \
-             statement (see PostgresStore's docs)"
+             statement"
         );
-        false
+        FUNCTION_UNUSABLE
     }
 
     /// Deletes expired rows now, in batches, and answers how many. The store
@@ -419,8 +439,13 @@ impl PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
+        if self.inner.claim_function.load(Ordering::Relaxed) == FUNCTION_UNKNOWN {
+            // A store that does not migrate looks for the function once.
+            let state = self.claim_function_state(false).await;
+            self.inner.claim_function.store(state, Ordering::Relaxed);
+        }
         for _ in 0..3 {
-            if self.inner.claim_function.load(Ordering::Relaxed) {
+            if self.inner.claim_function.load(Ordering::Relaxed) == FUNCTION_USABLE {
                 match self.read_or_claim(key, fingerprint, token, lease).await? {
                     ReadOrClaim::Answer(begin) => return Ok(begin),
                     ReadOrClaim::Raced => continue,
@@ -468,7 +493,12 @@ impl PostgresStore {
             Err(sqlx::Error::Database(error))
                 if matches!(error.code().as_deref(), Some("42883" | "42501")) =>
             {
-                if self.inner.claim_function.swap(false, Ordering::Relaxed) {
+                if self
+                    .inner
+                    .claim_function
+                    .swap(FUNCTION_UNUSABLE, Ordering::Relaxed)
+                    == FUNCTION_USABLE
+                {
                     tracing::warn!(
                         function = %self.inner.sql.claim_function.name,
                         %error,
@@ -722,7 +752,10 @@ impl PostgresStoreBuilder {
     /// service can start while the database is down. Until the database
     /// answers (and, unless told not to, the table exists), every call fails
     /// closed with [`StoreErrorKind::Unavailable`] or the database's error
-    /// (the body does not run), and the next call tries again: the table is
+    /// (the body does not run), or with [`StoreErrorKind::Timeout`] when the
+    /// [response timeout](Self::response_timeout) runs out before the
+    /// [connect timeout](Self::connect_timeout) (sqlx tries to connect
+    /// again until the latter), and the next call tries again: the table is
     /// created by the first call that reaches the database.
     ///
     /// Call it inside a tokio runtime (the pool's upkeep runs on it).
@@ -782,7 +815,7 @@ impl PostgresStoreBuilder {
                 purge_batch: self.purge_batch,
                 watchers: Arc::default(),
                 listening: AtomicBool::new(false),
-                claim_function: AtomicBool::new(true),
+                claim_function: AtomicU8::new(FUNCTION_UNKNOWN),
                 purging: AtomicBool::new(false),
                 flights: crate::flight::Flights::default(),
                 migrated: (lazy && self.migrate).then(tokio::sync::OnceCell::new),
@@ -930,6 +963,11 @@ fn millis(duration: Duration) -> i64 {
 fn token_bytes(token: Token) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
+
+/// The claim function's state, as far as a store knows.
+const FUNCTION_UNKNOWN: u8 = 0;
+const FUNCTION_USABLE: u8 = 1;
+const FUNCTION_UNUSABLE: u8 = 2;
 
 /// What `read_or_claim` answered.
 enum ReadOrClaim {

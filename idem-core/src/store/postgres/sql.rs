@@ -46,9 +46,11 @@ pub(crate) struct Statements {
     /// optional, created by migrating when the role may; without it the
     /// store claims with `begin`.
     pub(crate) claim_function: Creation,
-    /// Whether the claim function (`$1`) exists and the role may run it,
-    /// whether it exists, and whether the role may create objects in the
-    /// schema (`$2`).
+    /// The claim function's body, as `claim_function` creates it.
+    pub(crate) claim_function_body: String,
+    /// Whether the role may run the claim function (`$1`), whether it
+    /// exists, whether it is the one `claim_function` creates (its body
+    /// `$3`), and whether the role may create objects in the schema (`$2`).
     pub(crate) claim_function_check: &'static str,
     /// Claim-or-read as a read that calls the claim function only when the
     /// key can be claimed.
@@ -221,6 +223,15 @@ impl Statements {
                         OR (r.record IS NULL AND r.token = EXCLUDED.token
                             AND r.fingerprint = EXCLUDED.fingerprint)"
         );
+        let claim_function_body = format!(
+            "BEGIN
+    WITH current AS (
+        SELECT fingerprint, token, record, expires_at FROM {t} WHERE key = $1
+    )
+    {upsert};
+    RETURN FOUND;
+END"
+        );
         // What a claim-or-read answers, as `begin_answer` reads it: the claim
         // made, or what holds the key (the live record, or another's claim
         // and how long it has left).
@@ -299,23 +310,28 @@ impl Statements {
             // read and this write. PL/pgSQL keeps its plan for the session.
             claim_function: Creation::function(
                 format!("{function}(bytea, bytea, bytea, bigint)"),
-                dollar_quoted_function(
-                    &function,
-                    &format!(
-                        "BEGIN
-    WITH current AS (
-        SELECT fingerprint, token, record, expires_at FROM {t} WHERE key = $1
-    )
-    {upsert};
-    RETURN FOUND;
-END"
-                    ),
-                ),
+                dollar_quoted_function(&function, &claim_function_body),
             ),
+            claim_function_body,
+            // A function of that name is used only if it is this one: its
+            // text the same but for white space (a function an
+            // administrator wrote from other statements, or that names the
+            // table without its schema, would claim elsewhere).
             claim_function_check: "SELECT
                     coalesce(pg_catalog.has_function_privilege(
                         pg_catalog.to_regprocedure($1), 'EXECUTE'), false),
                     pg_catalog.to_regprocedure($1) IS NOT NULL,
+                    coalesce((
+                        SELECT p.prorettype = 'pg_catalog.bool'::pg_catalog.regtype
+                            AND l.lanname = 'plpgsql'
+                            AND pg_catalog.btrim(pg_catalog.regexp_replace(
+                                p.prosrc, E'\\\\s+', ' ', 'g'))
+                                = pg_catalog.btrim(pg_catalog.regexp_replace(
+                                    $3, E'\\\\s+', ' ', 'g'))
+                        FROM pg_catalog.pg_proc p
+                        JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+                        WHERE p.oid = pg_catalog.to_regprocedure($1)
+                    ), false),
                     coalesce(pg_catalog.has_schema_privilege(
                         pg_catalog.to_regnamespace($2), 'CREATE'), false)",
             // A replayed hit reads the row and writes nothing: a
@@ -523,6 +539,13 @@ mod tests {
             "\"idem\".\"keys_claim\"(bytea, bytea, bytea, bigint)"
         );
         assert_eq!(statements.channel, "idem:idem.keys");
+    }
+
+    #[test]
+    #[ignore = "prints the claim function's statement for the default names"]
+    fn print_the_claim_function() {
+        let statements = Statements::new("public", "idempotency_keys").unwrap();
+        println!("{}", statements.claim_function.statement);
     }
 
     #[test]
