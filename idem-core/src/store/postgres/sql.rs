@@ -542,13 +542,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "prints the claim function's statement for the default names"]
-    fn print_the_claim_function() {
-        let statements = Statements::new("public", "idempotency_keys").unwrap();
-        println!("{}", statements.claim_function.statement);
-    }
-
-    #[test]
     fn the_claim_functions_quotes_are_not_in_its_body() {
         let statements = Statements::new("s", "t$idem$").unwrap();
         let create = &statements.claim_function.statement;
