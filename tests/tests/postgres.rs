@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use idem_core::store::{Store, StoreErrorKind, Token};
+use idem_core::store::{Begin, Store, StoreErrorKind, Token};
 use idem_core::{
     Error, Fingerprint, Idempotency, Key, OnConflict, PostgresStore, Settings, idempotent,
 };
@@ -394,6 +394,259 @@ async fn a_function_of_the_claim_functions_name_that_is_not_idems_is_not_used() 
             );
         }
     }
+}
+
+/// What a subscriber wrote, shared with the test.
+#[derive(Clone, Default)]
+struct Written(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Written {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Written {
+    fn text(&self) -> String {
+        let bytes = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// A subscriber of warnings and errors, and what it wrote.
+fn warn_logs() -> (impl tracing::Subscriber + Send + Sync, Written) {
+    let written = Written::default();
+    let sink = written.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    (subscriber, written)
+}
+
+/// The claim function's name, as the functions below alter it.
+const CLAIM_FUNCTION: &str = "idempotency_keys_claim(bytea, bytea, bytea, bigint)";
+
+/// A store in `schema` whose sessions are read-only, that does not migrate,
+/// and purges (and so looks for the claim function) every 100 ms.
+async fn read_only_store(schema: &str) -> PostgresStore {
+    PostgresStore::builder(format!(
+        "{}?options=-c%20default_transaction_read_only%3Don",
+        shared().url()
+    ))
+    .schema(schema)
+    .response_timeout(RESPONSE_TIMEOUT)
+    .purge_interval(Duration::from_millis(100))
+    .migrate(false)
+    .connect()
+    .await
+    .unwrap()
+}
+
+async fn replay_of(store: &PostgresStore, key: Key, fp: Fingerprint) -> Result<u8, Failure> {
+    Idempotency::new(store.clone())
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
+        .await
+}
+
+/// A running store takes up a claim function created after its first
+/// claim (a migration run later, a function dropped and made again) at its
+/// next purge's look: a replay then runs on a read-only session again.
+#[tokio::test]
+async fn a_claim_function_made_while_a_store_runs_is_taken_at_its_next_purge() {
+    let server = shared();
+    server.psql("DROP SCHEMA IF EXISTS made_later CASCADE");
+    let writer = PostgresStore::builder(server.url())
+        .schema("made_later")
+        .connect()
+        .await
+        .unwrap();
+    let (key, fp) = fresh("made-later");
+    Idempotency::new(writer.clone())
+        .run(&Settings::DEFAULT, key, fp, async {
+            Ok::<_, Failure>(1_u8)
+        })
+        .await
+        .unwrap();
+    server.psql(&format!("DROP FUNCTION made_later.{CLAIM_FUNCTION}"));
+    let read_only = read_only_store("made_later").await;
+    assert!(
+        replay_of(&read_only, key, fp).await.is_err(),
+        "without the function, a replay does not run on a read-only session"
+    );
+    writer.migrate().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(replay_of(&read_only, key, fp).await.unwrap(), 1);
+    // Dropped under a running store, which leaves it at its next claim,
+    // and made again.
+    server.psql(&format!("DROP FUNCTION made_later.{CLAIM_FUNCTION}"));
+    let _ = replay_of(&read_only, key, fp).await;
+    writer.migrate().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(replay_of(&read_only, key, fp).await.unwrap(), 1);
+}
+
+/// A claim function replaced by another text while a store runs (here one
+/// that claims in `public`'s table) is left at the store's next purge: its
+/// claims land in its own table again.
+#[tokio::test]
+async fn a_claim_function_replaced_while_a_store_runs_is_left_at_its_next_purge() {
+    let server = shared();
+    server.psql("DROP SCHEMA IF EXISTS replaced CASCADE");
+    PostgresStore::connect(&server.url()).await.unwrap();
+    let store = PostgresStore::builder(server.url())
+        .schema("replaced")
+        .response_timeout(RESPONSE_TIMEOUT)
+        .purge_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    // A running store: it has made a call.
+    let (warm, warm_fp) = fresh("replaced-warm");
+    Idempotency::new(store.clone())
+        .run(&Settings::DEFAULT, warm, warm_fp, async {
+            Ok::<_, Failure>(0)
+        })
+        .await
+        .unwrap();
+    server.psql(&format!(
+        "CREATE OR REPLACE FUNCTION replaced.{CLAIM_FUNCTION} RETURNS boolean \
+         LANGUAGE plpgsql AS $f$ BEGIN \
+           INSERT INTO public.idempotency_keys \
+               (key, fingerprint, token, record, stored_at, expires_at) \
+           VALUES ($1, $2, $3, NULL, now(), now() + $4 * interval '1 millisecond') \
+           ON CONFLICT (key) DO NOTHING; \
+           RETURN FOUND; \
+         END $f$"
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (key, fp) = fresh("replaced");
+    for _ in 0..2 {
+        let answer = Idempotency::new(store.clone())
+            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
+            .await;
+        assert_eq!(answer.unwrap(), 1);
+    }
+    let hex: String = key.digest().iter().map(|b| format!("{b:02x}")).collect();
+    for (schema, rows) in [("replaced", "1"), ("public", "0")] {
+        assert_eq!(
+            server.psql(&format!(
+                "SELECT count(*) FROM {schema}.idempotency_keys WHERE key = '\\x{hex}'"
+            )),
+            rows,
+            "rows of the key in {schema}"
+        );
+    }
+}
+
+/// A claim function of idem's text declared otherwise (here `STABLE`,
+/// where it must be `VOLATILE` to insert) is not used.
+#[tokio::test]
+async fn a_claim_function_declared_otherwise_is_not_used() {
+    let server = shared();
+    server.psql("DROP SCHEMA IF EXISTS declared_otherwise CASCADE");
+    PostgresStore::builder(server.url())
+        .schema("declared_otherwise")
+        .connect()
+        .await
+        .unwrap();
+    server.psql(&format!(
+        "ALTER FUNCTION declared_otherwise.{CLAIM_FUNCTION} STABLE"
+    ));
+    let store = PostgresStore::builder(server.url())
+        .schema("declared_otherwise")
+        .response_timeout(RESPONSE_TIMEOUT)
+        .connect()
+        .await
+        .unwrap();
+    let (key, fp) = fresh("declared-otherwise");
+    for _ in 0..2 {
+        let answer = Idempotency::new(store.clone())
+            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
+            .await;
+        assert_eq!(answer.unwrap(), 1);
+    }
+}
+
+/// While the database is down, a store that has not looked for the claim
+/// function yet fails each call as a store that has does, within the
+/// connect timeout and without a warning per call.
+#[tokio::test]
+async fn while_the_database_is_down_calls_do_not_each_look_for_the_claim_function() {
+    let mut server = PostgresServer::start();
+    let url = server.url();
+    let builder = || {
+        PostgresStore::builder(&url)
+            .connect_timeout(Duration::from_millis(300))
+            .response_timeout(Duration::from_secs(1))
+    };
+    let looked = builder().connect().await.unwrap();
+    let (key, fp) = fresh("down");
+    looked
+        .begin(key, fp, Token::random(), Duration::from_secs(3))
+        .await
+        .unwrap();
+    let not_looked = builder().migrate(false).connect_lazy().unwrap();
+    server.kill();
+    let (subscriber, logs) = warn_logs();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    for store in [&looked, &not_looked, &not_looked, &not_looked] {
+        let started = Instant::now();
+        let answer = store
+            .begin(key, fp, Token::random(), Duration::from_secs(3))
+            .await;
+        let took = started.elapsed();
+        match answer {
+            Err(error) => assert_eq!(error.kind(), StoreErrorKind::Unavailable, "{error}"),
+            Ok(begin) => panic!("the database is down, yet {begin:?}"),
+        }
+        assert!(took < Duration::from_millis(900), "{took:?}");
+    }
+    let logs = logs.text();
+    assert!(!logs.contains("claim function"), "{logs}");
+}
+
+/// Concurrent first claims of a store that does not migrate look for the
+/// claim function once.
+#[tokio::test]
+async fn concurrent_first_claims_look_for_the_claim_function_once() {
+    let (server, _) = logging_server("first_claims").await;
+    let (_, mark) = statements_since(&server, 0);
+    let store = PostgresStore::builder(server.url())
+        .table("first_claims")
+        .max_connections(8)
+        .response_timeout(Duration::from_secs(2))
+        .migrate(false)
+        .connect()
+        .await
+        .unwrap();
+    let claims = (0..8).map(|n| {
+        let store = store.clone();
+        async move {
+            let (key, fp) = fresh(&format!("first-claims-{n}"));
+            store
+                .begin(key, fp, Token::random(), Duration::from_secs(3))
+                .await
+        }
+    });
+    for answer in futures_util::future::join_all(claims).await {
+        assert!(matches!(answer, Ok(Begin::Claimed)), "{answer:?}");
+    }
+    let looks = server.log()[mark..]
+        .matches("has_function_privilege")
+        .count();
+    assert_eq!(looks, 1);
 }
 
 /// A store's own pool does not ping a connection before each statement

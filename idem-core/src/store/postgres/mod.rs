@@ -60,7 +60,7 @@
 //! -- The claim of a key that a read found absent, expired or claimed by the
 //! -- caller's own token: `false` when another writer came first. Its text
 //! -- names the table with its schema, quoted as here (a function whose text
-//! -- differs, but for white space, is not used).
+//! -- differs but for white space, or that is declared otherwise, is not used).
 //! CREATE FUNCTION "public"."idempotency_keys_claim"(bytea, bytea, bytea, bigint)
 //! RETURNS boolean LANGUAGE plpgsql VOLATILE AS $idem$
 //! BEGIN
@@ -98,9 +98,13 @@
 //! not executable by `PUBLIC`: grant the role `EXECUTE` on it), or whose
 //! text is not the one above warns and claims through one statement that
 //! needs only the table: as correct, at about twice a plain read's cost on
-//! the server for every replay, and not on a read-only session. Looking
-//! for the function takes no lock; a store that does not migrate looks
-//! once, at its first claim.
+//! the server for every replay, and not on a read-only session. A store
+//! looks for the function, without a lock, when it migrates (or, one that
+//! does not, at its first claim) and again at every
+//! purge ([`PostgresStoreBuilder::purge_interval`]), one look at a time: a
+//! function created, replaced or dropped since is taken or left then, and a
+//! claim that finds it gone or refused leaves it at once. It warns once
+//! when the function goes out of use, not at every call.
 //!
 //! A row whose fingerprint is empty is a tombstone: the trace of a `release`
 //! that found no claim of its token (see above).
@@ -202,6 +206,11 @@ struct Inner {
     /// that does not migrate; unusable when a claim found it missing or
     /// refused.
     claim_function: AtomicU8,
+    /// Whether a look for the claim function is under way.
+    looking: AtomicBool,
+    /// Whether the store migrates, and so may create the claim function
+    /// when a look finds it missing.
+    migrates: bool,
     /// Transactional calls under way, so that same-key duplicates in this
     /// process wait for one of them without holding a connection each.
     flights: crate::flight::Flights,
@@ -280,13 +289,12 @@ impl PostgresStore {
     /// create anything, and [`migrate(false)`](PostgresStoreBuilder::migrate)
     /// is not needed either.
     ///
-    /// Then the claim function: used when it exists and the role may run
-    /// it; created (without the lock) when it is missing and the role may
-    /// create it in the schema; otherwise left out with a warning, and the
-    /// store claims through the statement that needs only the table (see
-    /// the [module docs](self)). It never fails a migration. A store that
-    /// was left without it uses it from its next `migrate` that finds it
-    /// usable.
+    /// Then the claim function: used when it exists, is idem's and the
+    /// role may run it; created (without the lock) when it is missing and
+    /// the role may create it in the schema; otherwise left out with a
+    /// warning, and the store claims through the statement that needs only
+    /// the table (see the [module docs](self)). It never fails a
+    /// migration, and the store looks again at every purge.
     ///
     /// # Errors
     /// The database's, e.g. when the role may not create what is missing.
@@ -326,21 +334,22 @@ impl PostgresStore {
             tx.commit().await
         })
         .await?;
-        let state =
-            tokio::time::timeout(self.inner.response_timeout, self.claim_function_state(true))
-                .await
-                .unwrap_or(FUNCTION_UNKNOWN);
-        self.inner.claim_function.store(state, Ordering::Relaxed);
+        // A look the database does not answer leaves the state as it is:
+        // the first claim of a store that has not looked yet looks again.
+        if let Ok(Ok(checked)) =
+            tokio::time::timeout(self.inner.response_timeout, self.check_claim_function(true)).await
+        {
+            self.settle_claim_function(checked);
+        }
         Ok(())
     }
 
-    /// Whether the claim function is there to use: it exists, it is the
-    /// one this version creates, and the role may run it; when `create`,
-    /// it is created first where it is missing and the role may create it.
-    /// `FUNCTION_UNKNOWN` when the database did not answer. Never fails a
-    /// migration, and takes no lock: without the function, claims go
-    /// through the statement that needs only the table.
-    async fn claim_function_state(&self, create: bool) -> u8 {
+    /// Looks the claim function up: usable when it exists, is the one this
+    /// version creates and the role may run it; when `create`, it is
+    /// created first where it is missing and the role may create it. Takes
+    /// no lock and never fails a migration: without the function, claims
+    /// go through the statement that needs only the table.
+    async fn check_claim_function(&self, create: bool) -> Result<Checked, sqlx::Error> {
         let sql = &self.inner.sql;
         let check = || async {
             sqlx::query_as::<_, (bool, bool, bool, bool)>(sql.claim_function_check)
@@ -350,19 +359,13 @@ impl PostgresStore {
                 .fetch_one(&self.inner.pool)
                 .await
         };
-        let (executable, exists, ours, may_create) = match check().await {
-            Ok(answer) => answer,
-            Err(error) => {
-                tracing::warn!(%error, "idem could not look its claim function up");
-                return FUNCTION_UNKNOWN;
-            }
-        };
+        let (executable, exists, ours, may_create) = check().await?;
         if executable && ours {
-            return FUNCTION_USABLE;
+            return Ok(Checked::Usable);
         }
-        let why = if exists && !ours {
-            "a function of its name exists, whose text is not the one this version of idem \
-             creates (see PostgresStore's docs for it)"
+        Ok(Checked::Unusable(if exists && !ours {
+            "a function of its name exists that is not the one this version of idem creates \
+             (its text, or how it is declared, differs: see PostgresStore's docs)"
                 .to_owned()
         } else if exists {
             "it exists, and this role may not run it (grant it EXECUTE)".to_owned()
@@ -371,24 +374,58 @@ impl PostgresStore {
         } else if !may_create {
             "it is missing, and this role may not create it in the schema".to_owned()
         } else {
-            let created = sqlx::query(&sql.claim_function.statement)
+            match sqlx::query(&sql.claim_function.statement)
                 .execute(&self.inner.pool)
-                .await;
-            match created {
-                Ok(_) => return FUNCTION_USABLE,
+                .await
+            {
+                Ok(_) => return Ok(Checked::Usable),
                 // Another process may have created it meanwhile.
                 Err(_) if matches!(check().await, Ok((true, _, true, _))) => {
-                    return FUNCTION_USABLE;
+                    return Ok(Checked::Usable);
                 }
                 Err(error) => format!("creating it failed: {error}"),
             }
+        }))
+    }
+
+    /// Takes a look's answer as the claim function's state, telling an
+    /// operator when the function comes into use or goes out of it (once
+    /// per change, not per call).
+    fn settle_claim_function(&self, checked: Checked) {
+        let function = &self.inner.sql.claim_function.name;
+        let (state, why) = match checked {
+            Checked::Usable => (FUNCTION_USABLE, None),
+            Checked::Unusable(why) => (FUNCTION_UNUSABLE, Some(why)),
         };
-        tracing::warn!(
-            function = %sql.claim_function.name,
-            "idem's claim function is not usable ({why}); replays read through a heavier \
-             statement"
-        );
-        FUNCTION_UNUSABLE
+        let was = self.inner.claim_function.swap(state, Ordering::Relaxed);
+        match (was, state, why) {
+            (FUNCTION_USABLE, FUNCTION_USABLE, _) | (FUNCTION_UNUSABLE, FUNCTION_UNUSABLE, _) => {}
+            (_, FUNCTION_USABLE, _) if was == FUNCTION_UNUSABLE => {
+                tracing::info!(%function, "idem's claim function is in use again");
+            }
+            (_, FUNCTION_UNUSABLE, Some(why)) => tracing::warn!(
+                %function,
+                "idem's claim function is not usable ({why}); replays read through a heavier \
+                 statement until it is"
+            ),
+            _ => {}
+        }
+    }
+
+    /// Looks the claim function up, unless a look is under way: one look at
+    /// a time, whoever asks (the first claim of a store that does not
+    /// migrate, each purge). A store that migrates may create it. A look
+    /// the database does not answer changes nothing, and is the caller's
+    /// error.
+    async fn look_for_claim_function(&self) -> Result<(), sqlx::Error> {
+        if self.inner.looking.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        // Done however the look ends, cut short with its caller included.
+        let _done = Clears(&self.inner.looking);
+        let checked = self.check_claim_function(self.inner.migrates).await?;
+        self.settle_claim_function(checked);
+        Ok(())
     }
 
     /// Deletes expired rows now, in batches, and answers how many. The store
@@ -440,9 +477,13 @@ impl PostgresStore {
         lease: Duration,
     ) -> Result<Begin, StoreError> {
         if self.inner.claim_function.load(Ordering::Relaxed) == FUNCTION_UNKNOWN {
-            // A store that does not migrate looks for the function once.
-            let state = self.claim_function_state(false).await;
-            self.inner.claim_function.store(state, Ordering::Relaxed);
+            // A store that does not migrate looks at its first claim (the
+            // claims that come meanwhile go through the other statement).
+            // The database not answering the look is this claim's error,
+            // as it would be the claim's.
+            self.look_for_claim_function()
+                .await
+                .map_err(|e| store_error("begin", &e))?;
         }
         for _ in 0..3 {
             if self.inner.claim_function.load(Ordering::Relaxed) == FUNCTION_USABLE {
@@ -487,26 +528,17 @@ impl PostgresStore {
             .await
         {
             Ok(row) => row,
-            // `undefined_function` or `insufficient_privilege`: refused as
-            // the statement started, before it ran anything. (A table the
-            // role may not read refuses the other statement alike.)
+            // `undefined_function` or `insufficient_privilege` (refused as
+            // the statement started, before it ran anything; a table the
+            // role may not read refuses the other statement alike), or
+            // `feature_not_supported` (a function altered since it was
+            // looked up, e.g. no longer volatile, whose insert was refused).
+            // Nothing was written: the other statement claims instead, and
+            // the next look may take the function again.
             Err(sqlx::Error::Database(error))
-                if matches!(error.code().as_deref(), Some("42883" | "42501")) =>
+                if matches!(error.code().as_deref(), Some("42883" | "42501" | "0A000")) =>
             {
-                if self
-                    .inner
-                    .claim_function
-                    .swap(FUNCTION_UNUSABLE, Ordering::Relaxed)
-                    == FUNCTION_USABLE
-                {
-                    tracing::warn!(
-                        function = %self.inner.sql.claim_function.name,
-                        %error,
-                        "idem's claim function is missing or this role may not run it; \
-                         replays read through a heavier statement until \
-                         PostgresStore::migrate finds it usable"
-                    );
-                }
+                self.settle_claim_function(Checked::Unusable(error.to_string()));
                 return Ok(ReadOrClaim::NoFunction);
             }
             Err(error) => return Err(store_error("begin", &error)),
@@ -635,6 +667,22 @@ async fn purge_forever(store: Weak<Inner>, every: Duration) {
             return;
         };
         let store = PostgresStore { inner };
+        // A function created, replaced or dropped since the last look is
+        // taken or left now.
+        match tokio::time::timeout(
+            store.inner.response_timeout,
+            store.look_for_claim_function(),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "could not look for idem's claim function; retrying later");
+            }
+            Err(_elapsed) => {
+                tracing::debug!("looking for idem's claim function took too long; retrying later");
+            }
+        }
         if let Err(error) = store.purge().await {
             tracing::debug!(%error, "could not purge expired idempotency records; retrying later");
         }
@@ -816,6 +864,8 @@ impl PostgresStoreBuilder {
                 watchers: Arc::default(),
                 listening: AtomicBool::new(false),
                 claim_function: AtomicU8::new(FUNCTION_UNKNOWN),
+                looking: AtomicBool::new(false),
+                migrates: self.migrate,
                 purging: AtomicBool::new(false),
                 flights: crate::flight::Flights::default(),
                 migrated: (lazy && self.migrate).then(tokio::sync::OnceCell::new),
@@ -968,6 +1018,21 @@ fn token_bytes(token: Token) -> [u8; 16] {
 const FUNCTION_UNKNOWN: u8 = 0;
 const FUNCTION_USABLE: u8 = 1;
 const FUNCTION_UNUSABLE: u8 = 2;
+
+/// Clears a flag when dropped.
+struct Clears<'a>(&'a AtomicBool);
+
+impl Drop for Clears<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// What a look for the claim function found.
+enum Checked {
+    Usable,
+    Unusable(String),
+}
 
 /// What `read_or_claim` answered.
 enum ReadOrClaim {

@@ -314,9 +314,10 @@ END"
             ),
             claim_function_body,
             // A function of that name is used only if it is this one: its
-            // text the same but for white space (a function an
-            // administrator wrote from other statements, or that names the
-            // table without its schema, would claim elsewhere).
+            // text the same but for white space, declared as it declares
+            // it (a function an administrator wrote from other statements,
+            // or that names the table without its schema, would claim
+            // elsewhere; one made stable would refuse to insert).
             claim_function_check: "SELECT
                     coalesce(pg_catalog.has_function_privilege(
                         pg_catalog.to_regprocedure($1), 'EXECUTE'), false),
@@ -324,6 +325,8 @@ END"
                     coalesce((
                         SELECT p.prorettype = 'pg_catalog.bool'::pg_catalog.regtype
                             AND l.lanname = 'plpgsql'
+                            AND p.provolatile = 'v' AND NOT p.prosecdef
+                            AND NOT p.proretset AND p.proconfig IS NULL
                             AND pg_catalog.btrim(pg_catalog.regexp_replace(
                                 p.prosrc, E'\\\\s+', ' ', 'g'))
                                 = pg_catalog.btrim(pg_catalog.regexp_replace(
