@@ -649,6 +649,41 @@ async fn concurrent_first_claims_look_for_the_claim_function_once() {
     assert_eq!(looks, 1);
 }
 
+/// Schema and table names with a backslash, on sessions whose
+/// `standard_conforming_strings` is on or off (an older application's
+/// setting): every statement reads them right, the fencing epoch's
+/// included.
+#[tokio::test]
+async fn names_with_a_backslash_work_whatever_standard_conforming_strings() {
+    let server = shared();
+    for scs in ["on", "off"] {
+        let schema = format!("back\\slash {scs}");
+        server.psql(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+        let store = PostgresStore::builder(format!(
+            "{}?options=-c%20standard_conforming_strings%3D{scs}",
+            server.url()
+        ))
+        .schema(schema)
+        .table("t\\able")
+        .response_timeout(RESPONSE_TIMEOUT)
+        .connect()
+        .await
+        .unwrap();
+        let (key, fp) = fresh(&format!("backslash-{scs}"));
+        let mut epochs = Vec::new();
+        for _ in 0..2 {
+            let epoch = Idempotency::new(store.clone())
+                .run(&Settings::DEFAULT, key, fp, async {
+                    Ok::<_, Failure>(idem_core::epoch().await?)
+                })
+                .await;
+            epochs
+                .push(epoch.unwrap_or_else(|e| panic!("standard_conforming_strings={scs}: {e:?}")));
+        }
+        assert!(epochs[0] > 0 && epochs[0] == epochs[1], "{epochs:?}");
+    }
+}
+
 /// A store's own pool does not ping a connection before each statement
 /// (sqlx's default, a round trip more per statement): replayed hits on one
 /// connection send the hit's statement and the ping sqlx makes as each

@@ -504,12 +504,15 @@ END"
                 "SELECT name, value FROM {st} WHERE key = $1 AND expires_at > now() ORDER BY seq"
             ),
             // Locks the claim's row, so that a claim taking it over (an
-            // update of the row) waits, and is handed a larger epoch.
+            // update of the row) waits, and is handed a larger epoch. The
+            // sequence's name as an escape string, which reads the same
+            // whether the session's `standard_conforming_strings` is on or
+            // off (a name may hold a backslash).
             epoch: format!(
-                "SELECT nextval('{}'::regclass) FROM {t}
+                "SELECT nextval(E'{}'::regclass) FROM {t}
                 WHERE key = $1 AND token = $2 AND record IS NULL AND expires_at > now()
                 FOR SHARE",
-                sequence.replace('\'', "''")
+                sequence.replace('\\', "\\\\").replace('\'', "''")
             ),
             purge_steps: format!(
                 "DELETE FROM {st} WHERE (key, name) IN (
