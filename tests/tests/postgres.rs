@@ -148,6 +148,31 @@ async fn a_replayed_hit_runs_on_a_read_only_session() {
     assert_eq!(runs.count(), 1, "only the first run ran");
 }
 
+/// Calls `store` twice on a fresh key named after `name`: the body runs
+/// once, and the second call replays it. Answers the key.
+async fn runs_once_then_replays(store: &PostgresStore, name: &str) -> (Key, Fingerprint) {
+    let runs = Runs::default();
+    let (key, fp) = fresh(name);
+    let idem = Idempotency::new(store.clone());
+    for call in 0..2 {
+        let answer = idem
+            .run(&Settings::DEFAULT, key, fp, async {
+                Ok::<_, Failure>(runs.mark())
+            })
+            .await;
+        assert_eq!(answer.unwrap(), 1, "call {call} of {name}");
+    }
+    (key, fp)
+}
+
+/// How many rows `key` has in `schema`'s table.
+fn rows_of(server: &PostgresServer, schema: &str, key: Key) -> String {
+    let hex: String = key.digest().iter().map(|b| format!("{b:02x}")).collect();
+    server.psql(&format!(
+        "SELECT count(*) FROM {schema}.idempotency_keys WHERE key = '\\x{hex}'"
+    ))
+}
+
 /// An earlier version's objects, as an administrator makes them from its
 /// statements: no claim function.
 const OBJECTS_WITHOUT_CLAIM_FUNCTION: &str = "CREATE TABLE idempotency_keys (key bytea PRIMARY KEY, \
@@ -249,14 +274,8 @@ async fn a_role_that_may_not_create_the_claim_function_takes_no_migration_lock()
         .execute(&mut holder)
         .await
         .unwrap();
-    let idem = Idempotency::new(started.expect("started while the lock was held"));
-    let (key, fp) = fresh("no-function");
-    for _ in 0..2 {
-        let answer = idem
-            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(3) })
-            .await;
-        assert_eq!(answer.unwrap(), 3);
-    }
+    let store = started.expect("started while the lock was held");
+    runs_once_then_replays(&store, "no-function").await;
 }
 
 /// The statements of the store's module docs, as an administrator would
@@ -315,16 +334,7 @@ async fn the_documented_statements_make_objects_the_store_uses() {
         .connect()
         .await
         .expect("every object exists");
-    let runs = Runs::default();
-    let (key, fp) = fresh("documented");
-    for _ in 0..2 {
-        let answer = Idempotency::new(store.clone())
-            .run(&Settings::DEFAULT, key, fp, async {
-                Ok::<_, Failure>(runs.mark())
-            })
-            .await;
-        assert_eq!(answer.unwrap(), 1);
-    }
+    let (key, fp) = runs_once_then_replays(&store, "documented").await;
     let read_only = PostgresStore::builder(format!(
         "{role_url}?options=-c%20default_transaction_read_only%3Don"
     ))
@@ -333,12 +343,9 @@ async fn the_documented_statements_make_objects_the_store_uses() {
     .await
     .unwrap();
     let replay = Idempotency::new(read_only)
-        .run(&Settings::DEFAULT, key, fp, async {
-            Ok::<_, Failure>(runs.mark())
-        })
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
         .await;
     assert_eq!(replay.unwrap(), 1, "replayed through the function");
-    assert_eq!(runs.count(), 1);
 }
 
 /// A function of the claim function's name that is not idem's (here the
@@ -372,23 +379,10 @@ async fn a_function_of_the_claim_functions_name_that_is_not_idems_is_not_used() 
             .connect()
             .await
             .unwrap();
-        let idem = Idempotency::new(store);
-        let runs = Runs::default();
-        let (key, fp) = fresh(&format!("not-idems-{migrate}"));
-        for _ in 0..2 {
-            let answer = idem
-                .run(&Settings::DEFAULT, key, fp, async {
-                    Ok::<_, Failure>(runs.mark())
-                })
-                .await;
-            assert_eq!(answer.unwrap(), 1, "migrate({migrate})");
-        }
-        let hex: String = key.digest().iter().map(|b| format!("{b:02x}")).collect();
+        let (key, _) = runs_once_then_replays(&store, &format!("not-idems-{migrate}")).await;
         for (schema, rows) in [("not_idems", "1"), ("public", "0")] {
             assert_eq!(
-                server.psql(&format!(
-                    "SELECT count(*) FROM {schema}.idempotency_keys WHERE key = '\\x{hex}'"
-                )),
+                rows_of(server, schema, key),
                 rows,
                 "rows of the key in {schema} (migrate({migrate}))"
             );
@@ -512,14 +506,8 @@ async fn a_claim_function_replaced_while_a_store_runs_is_left_at_its_next_purge(
         .connect()
         .await
         .unwrap();
-    // A running store: it has made a call.
-    let (warm, warm_fp) = fresh("replaced-warm");
-    Idempotency::new(store.clone())
-        .run(&Settings::DEFAULT, warm, warm_fp, async {
-            Ok::<_, Failure>(0)
-        })
-        .await
-        .unwrap();
+    // A running store: it has made calls.
+    runs_once_then_replays(&store, "replaced-warm").await;
     server.psql(&format!(
         "CREATE OR REPLACE FUNCTION replaced.{CLAIM_FUNCTION} RETURNS boolean \
          LANGUAGE plpgsql AS $f$ BEGIN \
@@ -531,19 +519,10 @@ async fn a_claim_function_replaced_while_a_store_runs_is_left_at_its_next_purge(
          END $f$"
     ));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (key, fp) = fresh("replaced");
-    for _ in 0..2 {
-        let answer = Idempotency::new(store.clone())
-            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
-            .await;
-        assert_eq!(answer.unwrap(), 1);
-    }
-    let hex: String = key.digest().iter().map(|b| format!("{b:02x}")).collect();
+    let (key, _) = runs_once_then_replays(&store, "replaced").await;
     for (schema, rows) in [("replaced", "1"), ("public", "0")] {
         assert_eq!(
-            server.psql(&format!(
-                "SELECT count(*) FROM {schema}.idempotency_keys WHERE key = '\\x{hex}'"
-            )),
+            rows_of(server, schema, key),
             rows,
             "rows of the key in {schema}"
         );
@@ -570,13 +549,7 @@ async fn a_claim_function_declared_otherwise_is_not_used() {
         .connect()
         .await
         .unwrap();
-    let (key, fp) = fresh("declared-otherwise");
-    for _ in 0..2 {
-        let answer = Idempotency::new(store.clone())
-            .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
-            .await;
-        assert_eq!(answer.unwrap(), 1);
-    }
+    runs_once_then_replays(&store, "declared-otherwise").await;
 }
 
 /// While the database is down, a store that has not looked for the claim
