@@ -343,7 +343,9 @@ async fn the_documented_statements_make_objects_the_store_uses() {
     .await
     .unwrap();
     let replay = Idempotency::new(read_only)
-        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
+        .run(&Settings::DEFAULT, key, fp, async {
+            Ok::<_, Failure>(2_usize)
+        })
         .await;
     assert_eq!(replay.unwrap(), 1, "replayed through the function");
 }
