@@ -307,8 +307,7 @@ impl PostgresStore {
             // Nothing missing, the usual case: one statement and no lock, so
             // that a migration held up elsewhere in the schema (an index
             // waiting for a table's writers) holds up no one else.
-            let creations: Vec<&sql::Creation> = sql.create.iter().collect();
-            if found(&creations, &self.inner.pool)
+            if found(&sql.create, &self.inner.pool)
                 .await?
                 .into_iter()
                 .all(|found| found)
@@ -325,7 +324,7 @@ impl PostgresStore {
                     .execute(&mut *tx)
                     .await?;
             }
-            let found = found(&creations, &mut *tx).await?;
+            let found = found(&sql.create, &mut *tx).await?;
             for (creation, found) in sql.create.iter().zip(found) {
                 if !found {
                     sqlx::query(&creation.statement).execute(&mut *tx).await?;
@@ -336,9 +335,7 @@ impl PostgresStore {
         .await?;
         // A look the database does not answer leaves the state as it is:
         // the first claim of a store that has not looked yet looks again.
-        if let Ok(Ok(checked)) =
-            tokio::time::timeout(self.inner.response_timeout, self.check_claim_function(true)).await
-        {
+        if let Ok(checked) = self.timed("migrate", self.check_claim_function(true)).await {
             self.settle_claim_function(checked);
         }
         Ok(())
@@ -355,7 +352,7 @@ impl PostgresStore {
             sqlx::query_as::<_, (bool, bool, bool, bool)>(sql.claim_function_check)
                 .bind(&sql.claim_function.name)
                 .bind(&sql.schema)
-                .bind(&sql.claim_function_body)
+                .bind(&sql.claim_function.body)
                 .fetch_one(&self.inner.pool)
                 .await
         };
@@ -374,7 +371,7 @@ impl PostgresStore {
         } else if !may_create {
             "it is missing, and this role may not create it in the schema".to_owned()
         } else {
-            match sqlx::query(&sql.claim_function.statement)
+            match sqlx::query(&sql.claim_function.create)
                 .execute(&self.inner.pool)
                 .await
             {
@@ -398,12 +395,11 @@ impl PostgresStore {
             Checked::Unusable(why) => (FUNCTION_UNUSABLE, Some(why)),
         };
         let was = self.inner.claim_function.swap(state, Ordering::Relaxed);
-        match (was, state, why) {
-            (FUNCTION_USABLE, FUNCTION_USABLE, _) | (FUNCTION_UNUSABLE, FUNCTION_UNUSABLE, _) => {}
-            (_, FUNCTION_USABLE, _) if was == FUNCTION_UNUSABLE => {
+        match why {
+            None if was == FUNCTION_UNUSABLE => {
                 tracing::info!(%function, "idem's claim function is in use again");
             }
-            (_, FUNCTION_UNUSABLE, Some(why)) => tracing::warn!(
+            Some(why) if was != FUNCTION_UNUSABLE => tracing::warn!(
                 %function,
                 "idem's claim function is not usable ({why}); replays read through a heavier \
                  statement until it is"
@@ -557,20 +553,26 @@ impl PostgresStore {
         op: &'static str,
         query: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.inner.response_timeout, query).await {
-            Ok(result) => result.map_err(|e| store_error(op, &e)),
-            Err(_elapsed) => Err(self.timed_out(op)),
-        }
+        self.within(op, async { query.await.map_err(|e| store_error(op, &e)) })
+            .await
     }
 
-    fn timed_out(&self, op: &'static str) -> StoreError {
-        StoreError::new(
-            StoreErrorKind::Timeout,
-            format!(
-                "postgres {op} took longer than {:?}",
-                self.inner.response_timeout
-            ),
-        )
+    /// Runs `work` (however many statements) within the response timeout.
+    async fn within<T>(
+        &self,
+        op: &'static str,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.response_timeout, work).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(StoreError::new(
+                StoreErrorKind::Timeout,
+                format!(
+                    "postgres {op} took longer than {:?}",
+                    self.inner.response_timeout
+                ),
+            )),
+        }
     }
 
     /// A first connection, so that `connect` fails when the database cannot
@@ -669,19 +671,11 @@ async fn purge_forever(store: Weak<Inner>, every: Duration) {
         let store = PostgresStore { inner };
         // A function created, replaced or dropped since the last look is
         // taken or left now.
-        match tokio::time::timeout(
-            store.inner.response_timeout,
-            store.look_for_claim_function(),
-        )
-        .await
+        if let Err(error) = store
+            .timed("claim function lookup", store.look_for_claim_function())
+            .await
         {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::debug!(%error, "could not look for idem's claim function; retrying later");
-            }
-            Err(_elapsed) => {
-                tracing::debug!("looking for idem's claim function took too long; retrying later");
-            }
+            tracing::debug!(%error, "could not look for idem's claim function; retrying later");
         }
         if let Err(error) = store.purge().await {
             tracing::debug!(%error, "could not purge expired idempotency records; retrying later");
@@ -986,7 +980,7 @@ async fn begin_on(
 
 /// Whether each of `creations` exists, looked up in one statement.
 async fn found<'c>(
-    creations: &[&sql::Creation],
+    creations: &[sql::Creation],
     executor: impl sqlx::PgExecutor<'c>,
 ) -> Result<Vec<bool>, sqlx::Error> {
     let lookups: Vec<String> = (1..=creations.len())
@@ -1095,15 +1089,8 @@ impl Store for PostgresStore {
             self.ready().await?;
             // One deadline for the whole operation, however many statements
             // it takes.
-            match tokio::time::timeout(
-                self.inner.response_timeout,
-                self.claim_or_read(key, fingerprint, token, lease),
-            )
-            .await
-            {
-                Ok(answer) => answer,
-                Err(_elapsed) => Err(self.timed_out("begin")),
-            }
+            self.within("begin", self.claim_or_read(key, fingerprint, token, lease))
+                .await
         })
     }
 

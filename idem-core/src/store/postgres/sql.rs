@@ -45,9 +45,7 @@ pub(crate) struct Statements {
     /// The claim a replayed hit does not call (see `read_or_claim`):
     /// optional, created by migrating when the role may; without it the
     /// store claims with `begin`.
-    pub(crate) claim_function: Creation,
-    /// The claim function's body, as `claim_function` creates it.
-    pub(crate) claim_function_body: String,
+    pub(crate) claim_function: ClaimFunction,
     /// Whether the role may run the claim function (`$1`), whether it
     /// exists, whether it is the one `claim_function` creates (its body
     /// `$3`), and whether the role may create objects in the schema (`$2`).
@@ -120,6 +118,19 @@ fn derived_name(base: &str, suffix: &str, prefix: &str) -> String {
     format!("{prefix}{hex}{suffix}")
 }
 
+/// The claim function, which migrating creates apart from the objects of
+/// `create`: it is optional, looked up by its text as well as its name.
+#[derive(Debug)]
+pub(crate) struct ClaimFunction {
+    /// Its qualified, quoted name and arguments, as `to_regprocedure`
+    /// takes it.
+    pub(crate) name: String,
+    /// Its body, between the dollar quotes.
+    pub(crate) body: String,
+    /// The statement that creates it.
+    pub(crate) create: String,
+}
+
 /// `CREATE OR REPLACE FUNCTION` of `name(bytea, bytea, bytea, bigint)`
 /// returning a boolean, in PL/pgSQL, with `body` between dollar quotes whose
 /// tag the body does not contain (a quoted table name may hold anything).
@@ -169,14 +180,6 @@ impl Creation {
             lookup: "pg_catalog.to_regnamespace",
             name: name.to_owned(),
             statement: format!("CREATE SCHEMA IF NOT EXISTS {name}"),
-        }
-    }
-
-    fn function(name: String, statement: String) -> Self {
-        Self {
-            lookup: "pg_catalog.to_regprocedure",
-            name,
-            statement,
         }
     }
 
@@ -308,11 +311,11 @@ END"
             // read found absent, expired or claimed by the caller's own
             // token; `false` when a concurrent writer came between that
             // read and this write. PL/pgSQL keeps its plan for the session.
-            claim_function: Creation::function(
-                format!("{function}(bytea, bytea, bytea, bigint)"),
-                dollar_quoted_function(&function, &claim_function_body),
-            ),
-            claim_function_body,
+            claim_function: ClaimFunction {
+                name: format!("{function}(bytea, bytea, bytea, bigint)"),
+                create: dollar_quoted_function(&function, &claim_function_body),
+                body: claim_function_body,
+            },
             // A function of that name is used only if it is this one: its
             // text the same but for white space, declared as it declares
             // it (a function an administrator wrote from other statements,
@@ -550,7 +553,7 @@ mod tests {
     #[test]
     fn the_claim_functions_quotes_are_not_in_its_body() {
         let statements = Statements::new("s", "t$idem$").unwrap();
-        let create = &statements.claim_function.statement;
+        let create = &statements.claim_function.create;
         assert!(create.contains("AS $idem1$BEGIN"), "{create}");
         assert!(create.ends_with("END$idem1$"), "{create}");
     }
