@@ -161,6 +161,24 @@ pub struct Latency {
     pub p99: f64,
 }
 
+/// Prints `rows` of a layer-by-layer measurement as a markdown table under
+/// `title`, each row's p50 also as a ratio to the first row's, the floor
+/// (`floor` names it in the header).
+pub fn print_layers(title: &str, floor: &str, rows: &[(&str, Latency)]) {
+    println!("\n{title}:\n");
+    println!("| row | p50 µs | p99 µs | p50 ÷ {floor} |");
+    println!("|---|---|---|---|");
+    let floor = rows[0].1.p50;
+    for (name, latency) in rows {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2}× |",
+            latency.p50,
+            latency.p99,
+            latency.p50 / floor
+        );
+    }
+}
+
 /// The median cost of one call, in nanoseconds, for calls too fast to time
 /// one by one: `batches` batches of `batch` calls each are timed, and the
 /// median batch's mean is reported.

@@ -68,8 +68,7 @@ impl Backend for PostgresWithoutClaimFunction {
                     .await
                     .expect("the tables");
                 shared().psql(&format!(
-                    "DROP FUNCTION {WITHOUT_CLAIM_FUNCTION}.idempotency_keys_claim\
-                     (bytea, bytea, bytea, bigint)"
+                    "DROP FUNCTION {WITHOUT_CLAIM_FUNCTION}.{CLAIM_FUNCTION}"
                 ));
             })
             .await;

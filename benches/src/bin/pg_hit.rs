@@ -117,6 +117,18 @@ async fn run(s: &Setup) {
     black_box(receipt.expect("a replay"));
 }
 
+/// The hand-written claim: `INSERT … ON CONFLICT DO NOTHING` of `key`.
+async fn manual_claim(pool: &sqlx::PgPool, key: &str) {
+    sqlx::query(
+        "INSERT INTO manual_keys (key, response, expires_at) \
+         VALUES ($1, NULL, now() + interval '1 day') ON CONFLICT (key) DO NOTHING",
+    )
+    .bind(key)
+    .execute(pool)
+    .await
+    .expect("the claim");
+}
+
 /// First runs on fresh keys, layer by layer.
 fn first_runs(s: &'static Setup) -> Vec<(&'static str, Op)> {
     let receipt: &'static [u8] = Box::leak(
@@ -134,14 +146,7 @@ fn first_runs(s: &'static Setup) -> Vec<(&'static str, Op)> {
             Box::new(move |i| {
                 Box::pin(async move {
                     let key = format!("manual-{}-{i}", std::process::id());
-                    sqlx::query(
-                        "INSERT INTO manual_keys (key, response, expires_at) \
-                         VALUES ($1, NULL, now() + interval '1 day') ON CONFLICT (key) DO NOTHING",
-                    )
-                    .bind(&key)
-                    .execute(s.pool)
-                    .await
-                    .expect("the claim");
+                    manual_claim(s.pool, &key).await;
                     sqlx::query("UPDATE manual_keys SET response = $2 WHERE key = $1")
                         .bind(&key)
                         .bind(receipt)
@@ -155,15 +160,7 @@ fn first_runs(s: &'static Setup) -> Vec<(&'static str, Op)> {
             "hand-written: `INSERT … ON CONFLICT DO NOTHING` alone",
             Box::new(move |i| {
                 Box::pin(async move {
-                    let key = format!("manual-alone-{}-{i}", std::process::id());
-                    sqlx::query(
-                        "INSERT INTO manual_keys (key, response, expires_at) \
-                         VALUES ($1, NULL, now() + interval '1 day') ON CONFLICT (key) DO NOTHING",
-                    )
-                    .bind(&key)
-                    .execute(s.pool)
-                    .await
-                    .expect("the claim");
+                    manual_claim(s.pool, &format!("manual-alone-{}-{i}", std::process::id())).await;
                 })
             }),
         ),
@@ -255,8 +252,9 @@ fn main() {
                 .zip(latencies)
                 .collect::<Vec<_>>()
         });
-        print_rows(
+        benches::print_layers(
             &format!("first runs, current_thread runtime, {rounds} rounds of 250 each"),
+            "`SELECT 1`",
             &rows,
         );
         return;
@@ -335,24 +333,10 @@ fn main() {
                 .zip(latencies)
                 .collect::<Vec<_>>()
         });
-        print_rows(
+        benches::print_layers(
             &format!("{flavor} runtime, {rounds} rounds of 500 hits each"),
+            "`SELECT 1`",
             &rows,
-        );
-    }
-}
-
-fn print_rows(title: &str, rows: &[(&str, benches::Latency)]) {
-    println!("\n{title}:\n");
-    println!("| row | p50 µs | p99 µs | p50 ÷ `SELECT 1` |");
-    println!("|---|---|---|---|");
-    let floor = rows[0].1.p50;
-    for (name, latency) in rows {
-        println!(
-            "| {name} | {:.1} | {:.1} | {:.2}× |",
-            latency.p50,
-            latency.p99,
-            latency.p50 / floor
         );
     }
 }

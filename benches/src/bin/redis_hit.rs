@@ -81,18 +81,11 @@ fn main() {
         ),
     ] {
         let rows = runtime.block_on(measure(&server, rounds));
-        println!("\n{flavor} runtime, {rounds} rounds of 500 hits each:\n");
-        println!("| row | p50 µs | p99 µs | p50 ÷ GET |");
-        println!("|---|---|---|---|");
-        let floor = rows[0].1.p50;
-        for (name, latency) in rows {
-            println!(
-                "| {name} | {:.1} | {:.1} | {:.2}× |",
-                latency.p50,
-                latency.p99,
-                latency.p50 / floor
-            );
-        }
+        benches::print_layers(
+            &format!("{flavor} runtime, {rounds} rounds of 500 hits each"),
+            "GET",
+            &rows,
+        );
     }
 }
 
