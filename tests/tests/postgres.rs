@@ -591,6 +591,45 @@ async fn while_the_database_is_down_calls_do_not_each_look_for_the_claim_functio
     assert!(!logs.contains("claim function"), "{logs}");
 }
 
+/// A first claim dropped while it looks for the claim function (its
+/// caller gave up) does not leave the look marked under way: the next claim
+/// looks, finds the function, and replays on a read-only session.
+#[tokio::test]
+async fn a_look_for_the_claim_function_cut_short_does_not_stop_the_next() {
+    let server = shared();
+    server.psql("DROP SCHEMA IF EXISTS cut_short CASCADE");
+    let writer = PostgresStore::builder(server.url())
+        .schema("cut_short")
+        .connect()
+        .await
+        .unwrap();
+    let (key, fp) = runs_once_then_replays(&writer, "cut-short").await;
+    let read_only = PostgresStore::builder(format!(
+        "{}?options=-c%20default_transaction_read_only%3Don",
+        server.url()
+    ))
+    .schema("cut_short")
+    .response_timeout(RESPONSE_TIMEOUT)
+    .purge_interval(Duration::from_secs(3600))
+    .migrate(false)
+    .connect()
+    .await
+    .unwrap();
+    // Polled once (which starts the look) and dropped at its first wait.
+    let cut = tokio::time::timeout(
+        Duration::from_micros(1),
+        read_only.begin(key, fp, Token::random(), Duration::from_secs(3)),
+    )
+    .await;
+    assert!(cut.is_err(), "the claim was cut short: {cut:?}");
+    let replay = Idempotency::new(read_only)
+        .run(&Settings::DEFAULT, key, fp, async {
+            Ok::<_, Failure>(2_usize)
+        })
+        .await;
+    assert_eq!(replay.unwrap(), 1, "replayed through the function");
+}
+
 /// Concurrent first claims of a store that does not migrate look for the
 /// claim function once.
 #[tokio::test]
