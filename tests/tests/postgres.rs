@@ -774,6 +774,74 @@ async fn a_connection_closed_while_idle_is_replaced_before_use() {
     }
 }
 
+/// A restart (or an operator's `pg_terminate_backend`) closes every
+/// connection at once, also those used a moment ago, which the pool would
+/// hand out without a ping: the first statement that finds its connection
+/// closed fails, and the pool pings every connection that was idle since
+/// before it, instead of failing one call per pooled connection.
+#[tokio::test]
+async fn connections_closed_together_fail_one_call_not_one_each() {
+    let server = shared();
+    let store = connect(&server.url()).await;
+    let idem = Idempotency::new(store.clone());
+    let (key, fp) = fresh("closed-together");
+    idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
+        .await
+        .unwrap();
+    let mut operator = <PgConnection as sqlx::Connection>::connect(&server.url())
+        .await
+        .unwrap();
+    for round in 0..3 {
+        let mut held = Vec::new();
+        let mut pids = Vec::new();
+        for _ in 0..4 {
+            let mut connection = store.pool().acquire().await.unwrap();
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *connection)
+                .await
+                .unwrap();
+            pids.push(pid);
+            held.push(connection);
+        }
+        drop(held);
+        // Back in the pool (sqlx pings each on its way back), then closed
+        // by the server, well within `PING_AFTER_IDLE` of their last use.
+        while store.pool().num_idle() < 4 {
+            tokio::task::yield_now().await;
+        }
+        let closed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE pid = ANY($1)) t",
+        )
+        .bind(&pids)
+        .fetch_one(&mut operator)
+        .await
+        .unwrap();
+        assert_eq!(closed, 4);
+        let mut failed = 0;
+        for n in 0..8 {
+            match idem
+                .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
+                .await
+            {
+                Ok(replayed) => assert_eq!(replayed, 1, "round {round}, call {n}"),
+                Err(error) => {
+                    assert!(
+                        matches!(&error, Failure::Idem(Error::Store(e)) if e.kind() == StoreErrorKind::Unavailable),
+                        "round {round}, call {n}: {error:?}"
+                    );
+                    failed += 1;
+                }
+            }
+        }
+        assert!(
+            failed <= 1,
+            "round {round}: {failed} of 8 calls failed after the server closed the pool's 4 \
+             connections at once"
+        );
+    }
+}
+
 #[tokio::test]
 async fn migrating_is_idempotent_and_safe_to_race() {
     let store = connect(&shared().url()).await;

@@ -119,7 +119,7 @@
 //! [`PostgresStore::migrate`] does it on demand. The schema and table names
 //! are configurable.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -165,8 +165,51 @@ pub const DEFAULT_PURGE_BATCH: u32 = 1000;
 /// (sqlx pings every connection then). A connection the server closed
 /// within this window fails the one statement that next takes it
 /// ([`StoreErrorKind::Unavailable`], the call fails closed), as it would
-/// have failed a statement already under way.
+/// have failed a statement already under way; from then on every
+/// connection that was idle since before that failure is pinged too, so
+/// that a restart, which closes them all at once, fails one call and not
+/// one per pooled connection.
 pub const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
+
+/// When a statement on the store's own pool last failed for want of the
+/// database: a connection idle since before then may have been closed
+/// with the one that failed, and is pinged before use.
+#[derive(Debug)]
+struct Breaks {
+    since: std::time::Instant,
+    /// Microseconds from `since` to the last failure, plus one; 0 for none.
+    last: AtomicU64,
+}
+
+impl Breaks {
+    fn new() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// A statement failed for want of the database, now.
+    fn mark(&self) {
+        let now = u64::try_from(self.since.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        self.last.fetch_max(now + 1, Ordering::Relaxed);
+    }
+
+    /// Whether a connection idle for `idle_for` went back to the pool
+    /// before the last failure.
+    fn idle_since_last(&self, idle_for: Duration) -> bool {
+        match self.last.load(Ordering::Relaxed) {
+            0 => false,
+            last => {
+                let since_last = self
+                    .since
+                    .elapsed()
+                    .saturating_sub(Duration::from_micros(last - 1));
+                idle_for >= since_last
+            }
+        }
+    }
+}
 
 /// A [`Store`] on a PostgreSQL table.
 ///
@@ -193,6 +236,9 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: PgPool,
+    /// The failures that make the store's own pool ping connections idle
+    /// since before them (`None` on a pool of the caller's).
+    breaks: Option<Arc<Breaks>>,
     sql: Statements,
     response_timeout: Duration,
     purge_interval: Duration,
@@ -563,7 +609,7 @@ impl PostgresStore {
         op: &'static str,
         work: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.inner.response_timeout, work).await {
+        let result = match tokio::time::timeout(self.inner.response_timeout, work).await {
             Ok(result) => result,
             Err(_elapsed) => Err(StoreError::new(
                 StoreErrorKind::Timeout,
@@ -572,7 +618,16 @@ impl PostgresStore {
                     self.inner.response_timeout
                 ),
             )),
+        };
+        if let (Err(error), Some(breaks)) = (&result, &self.inner.breaks)
+            && matches!(
+                error.kind(),
+                StoreErrorKind::Unavailable | StoreErrorKind::Timeout
+            )
+        {
+            breaks.mark();
         }
+        result
     }
 
     /// A first connection, so that `connect` fails when the database cannot
@@ -818,8 +873,8 @@ impl PostgresStoreBuilder {
 
     fn build(self, lazy: bool) -> Result<PostgresStore, StoreError> {
         let sql = Statements::new(&self.schema, &self.table)?;
-        let pool = match self.source {
-            Source::Pool(pool) => pool,
+        let (pool, breaks) = match self.source {
+            Source::Pool(pool) => (pool, None),
             Source::Url(url) => {
                 // sqlx reads the host, port and credentials of any URL and
                 // ignores its scheme: a Redis URL given here by mistake would
@@ -845,12 +900,20 @@ impl PostgresStoreBuilder {
                         format!("`{}` is not a PostgreSQL URL: {e}", redact(&url)),
                     )
                 })?;
-                own_pool(options, self.max_connections, self.connect_timeout)
+                let breaks = Arc::new(Breaks::new());
+                let pool = own_pool(
+                    options,
+                    self.max_connections,
+                    self.connect_timeout,
+                    Arc::clone(&breaks),
+                );
+                (pool, Some(breaks))
             }
         };
         Ok(PostgresStore {
             inner: Arc::new(Inner {
                 pool,
+                breaks,
                 sql,
                 response_timeout: self.response_timeout,
                 purge_interval: self.purge_interval,
@@ -872,19 +935,22 @@ impl PostgresStoreBuilder {
 /// pool, and by default again before handing it out: a round trip before
 /// every statement, which doubled a replayed hit. Here a connection is
 /// pinged before use only when it has been idle for more than
-/// [`PING_AFTER_IDLE`].
+/// [`PING_AFTER_IDLE`], or since before a statement failed for want of the
+/// database (`breaks`).
 fn own_pool(
     options: sqlx::postgres::PgConnectOptions,
     max_connections: u32,
     acquire_timeout: Duration,
+    breaks: Arc<Breaks>,
 ) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
         .test_before_acquire(false)
-        .before_acquire(|connection, meta| {
+        .before_acquire(move |connection, meta| {
+            let breaks = Arc::clone(&breaks);
             Box::pin(async move {
-                if meta.idle_for <= PING_AFTER_IDLE {
+                if meta.idle_for <= PING_AFTER_IDLE && !breaks.idle_since_last(meta.idle_for) {
                     return Ok(true);
                 }
                 // A connection that does not answer is closed, and the pool
@@ -1393,4 +1459,23 @@ fn fingerprint_of(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
                 "a fingerprint is not a 32-byte digest",
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_idle_since_before_a_failure_are_told_apart() {
+        let breaks = Breaks::new();
+        assert!(!breaks.idle_since_last(Duration::from_secs(3600)));
+        std::thread::sleep(Duration::from_millis(20));
+        breaks.mark();
+        // Back in the pool 10 ms before the failure: idle since before it.
+        assert!(breaks.idle_since_last(Duration::from_millis(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        // Back just now, after the failure; and an hour ago, before it.
+        assert!(!breaks.idle_since_last(Duration::from_millis(1)));
+        assert!(breaks.idle_since_last(Duration::from_secs(3600)));
+    }
 }
