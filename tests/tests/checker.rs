@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use idem_core::MemoryStore;
-use idem_core::store::Store;
+use idem_core::store::{Record, Store};
 use idem_test::conformance::{Backend, Timing};
 
 /// The memory store, on tokio's paused clock: leases and stalls pass in no
@@ -527,11 +527,23 @@ fn the_checker_catches_a_store_that_grants_every_claim() {
     assert_eq!(violation.broken.invariant, "at most one run per key");
 }
 
-/// The memory store with one defect the checker must catch.
-struct Defective(MemoryStore, Defect);
+/// The memory store with one defect the checker must catch; the last
+/// record it stored, for [`Defect::MixesUpKeys`].
+struct Defective(MemoryStore, Defect, std::sync::Mutex<Option<Record>>);
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+impl Defective {
+    fn new(defect: Defect) -> Self {
+        Self(MemoryStore::new(), defect, std::sync::Mutex::default())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Defect {
+    /// Fingerprints are not kept: a key reused with other arguments
+    /// replays the result of the first.
+    IgnoresFingerprints,
+    /// A replay answers the record stored last, of whichever key.
+    MixesUpKeys,
     /// Journals read empty though appends succeed: a call run again
     /// repeats its steps' effects.
     ForgetsJournals,
@@ -548,7 +560,20 @@ impl Store for Defective {
         token: idem_core::store::Token,
         lease: Duration,
     ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
-        self.0.begin(key, fingerprint, token, lease)
+        use idem_core::store::Begin;
+        let fingerprint = match self.1 {
+            Defect::IgnoresFingerprints => idem_core::Fingerprint::UNCHECKED,
+            _ => fingerprint,
+        };
+        Box::pin(async move {
+            match self.0.begin(key, fingerprint, token, lease).await? {
+                Begin::Completed(own) if self.1 == Defect::MixesUpKeys => {
+                    let last = self.2.lock().unwrap().clone();
+                    Ok(Begin::Completed(last.unwrap_or(own)))
+                }
+                begun => Ok(begun),
+            }
+        })
     }
 
     fn complete(
@@ -558,6 +583,7 @@ impl Store for Defective {
         record: idem_core::store::Record,
         ttl: Duration,
     ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+        *self.2.lock().unwrap() = Some(record.clone());
         self.0.complete(key, token, record, ttl)
     }
 
@@ -619,8 +645,7 @@ fn the_checker_catches_a_store_that_forgets_its_journals() {
     let options = idem_test::checker::Options::for_backend(&Memory);
     let caught = paused_runtime().block_on(async {
         for seed in 0..300 {
-            let store: Arc<dyn Store> =
-                Arc::new(Defective(MemoryStore::new(), Defect::ForgetsJournals));
+            let store: Arc<dyn Store> = Arc::new(Defective::new(Defect::ForgetsJournals));
             if let Err(violation) = idem_test::checker::check_seed(store, seed, &options).await {
                 return Some(violation);
             }
@@ -632,13 +657,55 @@ fn the_checker_catches_a_store_that_forgets_its_journals() {
     assert_eq!(violation.broken.invariant, "at most one effect per step");
 }
 
+/// The first violation of the fixed seeds, which every `exactly_once_suite!`
+/// runs, on a store with `defect`.
+fn first_violation_of_the_fixed_seeds(defect: Defect) -> idem_test::checker::Violation {
+    let options = idem_test::checker::Options::for_backend(&Memory);
+    paused_runtime().block_on(async {
+        for seed in idem_test::checker::FIXED_SEEDS {
+            let store: Arc<dyn Store> = Arc::new(Defective::new(defect));
+            if let Err(violation) = idem_test::checker::check_seed(store, seed, &options).await {
+                return violation;
+            }
+        }
+        panic!("no fixed seed caught a store with {defect:?}")
+    })
+}
+
+#[test]
+fn the_checker_catches_a_store_that_ignores_fingerprints() {
+    let violation = first_violation_of_the_fixed_seeds(Defect::IgnoresFingerprints);
+    println!("{violation}");
+    assert_eq!(
+        violation.broken.invariant,
+        "answers are the first stored result"
+    );
+    assert!(
+        violation.broken.detail.contains("other arguments"),
+        "{violation}"
+    );
+}
+
+#[test]
+fn the_checker_catches_a_store_that_replays_another_keys_record() {
+    let violation = first_violation_of_the_fixed_seeds(Defect::MixesUpKeys);
+    println!("{violation}");
+    assert_eq!(
+        violation.broken.invariant,
+        "answers are the first stored result"
+    );
+    assert!(
+        violation.broken.detail.contains("not of this key"),
+        "{violation}"
+    );
+}
+
 #[test]
 fn the_forget_checker_catches_a_store_that_keeps_what_it_forgets() {
     let lease = Memory.timing().lease;
     let caught = paused_runtime().block_on(async {
         for seed in 0..100 {
-            let store: Arc<dyn Store> =
-                Arc::new(Defective(MemoryStore::new(), Defect::KeepsWhatItForgets));
+            let store: Arc<dyn Store> = Arc::new(Defective::new(Defect::KeepsWhatItForgets));
             if let Err(violation) = idem_test::checker::check_forget_seed(store, seed, lease).await
             {
                 return Some(violation);

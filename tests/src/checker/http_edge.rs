@@ -126,7 +126,10 @@ pub(crate) async fn call(
     let request = Request::post("/orders")
         .header("idempotency-key", plan.key.to_string())
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(format!("{{\"key\":{}}}", plan.key))))
+        .body(Full::new(Bytes::from(match plan.arguments {
+            0 => format!("{{\"key\":{}}}", plan.key),
+            other => format!("{{\"key\":{},\"arguments\":{other}}}", plan.key),
+        })))
         .expect("a request");
     std::future::poll_fn(|cx| service.poll_ready(cx))
         .await

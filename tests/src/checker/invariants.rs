@@ -298,7 +298,10 @@ pub(crate) fn check(
     if let Some((_, answer, _)) = answers.get(&usize::MAX) {
         return broken("every call ends", format!("{answer:?}"));
     }
-    for (call, (_, answer, _)) in &answers {
+    // Calls in order, so that a seed reports the same violation each time.
+    let mut answered: Vec<(&usize, &(Duration, Answer, Duration))> = answers.iter().collect();
+    answered.sort_by_key(|(call, _)| **call);
+    for &(call, (_, answer, _)) in &answered {
         let plan = &workload.calls[*call];
         let (run, is_err) = match answer {
             Answer::Ok { run } => (*run, false),
@@ -327,14 +330,36 @@ pub(crate) fn check(
                 .get(&source.call)
                 .and_then(|o| o.first())
                 .is_some_and(|o| o == "not_stored");
-        if source.key != plan.key || !committed(source) || unstored {
+        let what = if is_err { "error" } else { "value" };
+        if source.key != plan.key {
             return broken(
                 "answers are the first stored result",
                 format!(
-                    "call {call} (key {}) was replayed run {run}'s {} (key {}, ended {:?}), which was never stored",
+                    "call {call} (key {}) was replayed run {run}'s {what}, a result of key {}, \
+                     not of this key",
+                    plan.key, source.key
+                ),
+            );
+        }
+        let source_arguments = workload.calls[source.call].arguments;
+        if source_arguments != plan.arguments {
+            return broken(
+                "answers are the first stored result",
+                format!(
+                    "call {call} (key {}, arguments {}) was replayed run {run}'s {what}, a result \
+                     of other arguments ({source_arguments}) under the same key, where idem \
+                     answers `KeyReused`",
+                    plan.key, plan.arguments
+                ),
+            );
+        }
+        if !committed(source) || unstored {
+            return broken(
+                "answers are the first stored result",
+                format!(
+                    "call {call} (key {}) was replayed run {run}'s {what} (ended {:?}), which was \
+                     never stored",
                     plan.key,
-                    if is_err { "error" } else { "value" },
-                    source.key,
                     source.end.map(|(_, how)| how)
                 ),
             );
@@ -357,7 +382,7 @@ pub(crate) fn check(
     }
 
     // 3. Waits end within their timeout (plus the slack).
-    for (call, (_, answer, took)) in &answers {
+    for &(call, (_, answer, took)) in &answered {
         let plan = &workload.calls[*call];
         if own_run(*call).is_some() || matches!(answer, Answer::Cancelled | Answer::Panicked(_)) {
             continue;
@@ -424,12 +449,23 @@ pub(crate) fn check(
                 ),
             );
         }
+        // `KeyReused` is the answer to a key reused with other arguments,
+        // and only where some call of the key passes other arguments.
+        let reused = workload
+            .calls
+            .iter()
+            .any(|other| other.key == plan.key && other.arguments != plan.arguments);
         if let Answer::Idem(kind) = answer
-            && matches!(kind.as_str(), "key_reused" | "config" | "decode" | "other")
+            && (matches!(kind.as_str(), "config" | "decode" | "other")
+                || (kind == "key_reused" && !reused))
         {
             return broken(
                 "equal arguments are the same call",
-                format!("call {call} with equal arguments and valid settings got idem's `{kind}`"),
+                format!(
+                    "call {call} with the same arguments as every call of its key (key {}) and \
+                     valid settings got idem's `{kind}`",
+                    plan.key
+                ),
             );
         }
         if !outcomes {
@@ -544,6 +580,7 @@ mod tests {
                     h2: true,
                     spawned: false,
                 },
+                arguments: 0,
             }],
             handles: 1,
         };

@@ -8,7 +8,9 @@
 //! their holder past its lease or are cancelled by their caller; settings
 //! from their valid ranges (`wait` or `reject`, leases, wait timeouts,
 //! `cache_errors`, TTLs that expire within the run); arguments equal but
-//! built in different orders (a map and a set); calls through
+//! built in different orders (a map and a set), and some calls that reuse
+//! their key with other arguments; last, one call of each key, one after
+//! another, so that replays of several keys follow each other; calls through
 //! [`Idempotency::run`](idem_core::Idempotency::run), through an
 //! `#[idempotent]` method, as requests through the HTTP layer (feature
 //! `http`), and as requests served by hyper in process, over HTTP/1.1 or h2,
@@ -40,14 +42,16 @@
 //!    that only finished a compensation answers the stored failure.
 //! 2. **Answers are the first stored result**: a caller whose body ran gets
 //!    its own result; every other `Ok` (or cached `Err`) is the first stored
-//!    result of its key, never another key's, a failed run's or a later one.
+//!    result of its key, of a call with the same arguments: never another
+//!    key's, one of other arguments, a failed run's or a later one.
 //! 3. **Nothing stays claimed, no wait overruns**: past the lease after the
 //!    last call, no key is still claimed; no call waits past its
 //!    `wait_timeout` plus a stated slack (a `reject` call, past the slack);
 //!    waiters send at most one claim per 10 ms they wait.
 //! 4. **Panics and outcomes**: no panic escapes idem but the body's own;
-//!    equal arguments are never `KeyReused`; every call, cancelled ones
-//!    included, ends with exactly one outcome, the one its answer implies.
+//!    a key whose calls all pass equal arguments is never `KeyReused`;
+//!    every call, cancelled ones included, ends with exactly one outcome,
+//!    the one its answer implies.
 //!
 //! The first violation is reported with its seed and the history.
 //!

@@ -241,13 +241,14 @@ pub(crate) async fn run_body(
 /// between instances.
 pub(crate) type Arguments = (HashMap<String, u64>, HashSet<u64>);
 
-/// Equal arguments, built in an order of their own each time (a
-/// `HashMap`'s and a `HashSet`'s order differ between instances).
-fn arguments(key: usize) -> Arguments {
+/// The arguments `which` of `key`'s calls: equal for equal `which`, built
+/// in an order of their own each time (a `HashMap`'s and a `HashSet`'s
+/// order differ between instances).
+fn arguments(key: usize, which: u8) -> Arguments {
     let mut map: HashMap<String, u64> = HashMap::new();
     let k = u64::try_from(key).unwrap_or(u64::MAX);
     for (name, value) in [
-        ("amount", 100 + k),
+        ("amount", 100 + k + 1000 * u64::from(which)),
         ("currency", 978),
         ("customer", 7),
         ("items", 3),
@@ -265,7 +266,7 @@ async fn one_call(
     plan: &CallPlan,
     cache_errors: bool,
 ) -> Result<Value, CallError> {
-    let args = arguments(plan.key);
+    let args = arguments(plan.key, plan.arguments);
     match plan.via {
         #[cfg(feature = "http")]
         Via::Http => super::http_edge::call(ctx, idem, plan, cache_errors).await,

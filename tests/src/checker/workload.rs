@@ -102,6 +102,10 @@ pub struct CallPlan {
     pub cancel_after: Option<Duration>,
     /// How it reaches idem.
     pub via: Via,
+    /// Which arguments it passes: 0, as most calls of its key do, or
+    /// another number for a call that reuses the key with other arguments
+    /// (which must never be answered with a result of other arguments).
+    pub arguments: u8,
 }
 
 /// One key's settings, shared by its callers.
@@ -149,6 +153,7 @@ impl Workload {
         let mut handler_rng = StdRng::seed_from_u64(seed ^ 0x4859_5045_5200_0000);
         let mut read_rng = StdRng::seed_from_u64(seed ^ 0x5245_4144_0000_0000);
         let mut together_rng = StdRng::seed_from_u64(seed ^ 0x4A4F_494E_0000_0000);
+        let mut arguments_rng = StdRng::seed_from_u64(seed ^ 0x4152_4753_0000_0000);
         let keys: Vec<KeyPlan> = (0..rng.random_range(1..=3))
             .map(|_| {
                 let steps = if step_rng.random_bool(0.35) {
@@ -254,9 +259,49 @@ impl Workload {
                     },
                     cancel_after,
                     via,
+                    arguments: u8::from(arguments_rng.random_bool(0.12)),
                 }
             })
             .collect();
+        // Last, one call of each key after the others, in an order of their
+        // own: replays of several keys' records one after another, which a
+        // store that mixes up its keys answers wrongly.
+        let mut late: Vec<usize> = (0..keys.len()).collect();
+        for i in (1..late.len()).rev() {
+            late.swap(i, arguments_rng.random_range(0..=i));
+        }
+        let last = calls
+            .iter()
+            .map(|call| call.arrives)
+            .max()
+            .unwrap_or_default();
+        for (n, key) in late.into_iter().enumerate() {
+            let plan = keys[key];
+            let settings = Settings::builder()
+                .lease(plan.lease)
+                .ttl(plan.ttl)
+                .build()
+                .expect("drawn from the valid ranges");
+            calls.push(CallPlan {
+                id: 0,
+                key,
+                handle: arguments_rng.random_range(0..handles),
+                arrives: last + lease.mul_f64(0.5 + 0.2 * n as f64),
+                settings,
+                body: Body {
+                    took: plan.lease.mul_f64(arguments_rng.random_range(0.0..0.3)),
+                    ends: Ends::Ok,
+                    stall: None,
+                    padding: 0,
+                    steps: plan.steps,
+                    compensate: plan.compensate,
+                    concurrent: plan.concurrent,
+                },
+                cancel_after: None,
+                via: if plan.http { Via::Http } else { Via::Run },
+                arguments: u8::from(arguments_rng.random_bool(0.25)),
+            });
+        }
         calls.sort_by_key(|call| call.arrives);
         for (id, call) in calls.iter_mut().enumerate() {
             call.id = id;
