@@ -31,7 +31,10 @@ use idem_core::store::{
 };
 use idem_core::{Fingerprint, Key};
 
-/// A store operation.
+/// A store operation that [`Flaky`] can fault: the four of the protocol,
+/// and `forget`. The journal's operations (`append_step`, `steps`,
+/// `epoch`) and the operators' `inspect` and `claims_older_than` always go
+/// to the inner store unfaulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     /// [`Store::begin`].
@@ -42,8 +45,8 @@ pub enum Op {
     Release,
     /// [`Store::renew`].
     Renew,
-    /// [`Store::forget`]: faulted only when injected, never by a
-    /// [`Schedule`].
+    /// [`Store::forget`]: faulted when injected, or by a [`Schedule`]
+    /// that lists it ([`Schedule::every_kind`] does not).
     Forget,
 }
 
@@ -71,11 +74,14 @@ pub enum Fault {
     Slow(Duration),
     /// A renewal that never reaches the store, while its caller is told it
     /// did, as a holder paused past its lease (a GC pause, a frozen VM)
-    /// experiences it: see [`Flaky::stall`].
+    /// experiences it: see [`Flaky::stall`] for all of a key's renewals
+    /// until a time. Injected on another operation, it changes nothing.
     Stalled,
     /// For this long, every `begin` that finds the key held answers that
     /// the holder's lease ends in a millisecond, as a holder whose clock
     /// lags makes it look: a waiter that trusts it polls in a busy loop.
+    /// Injected on another operation than [`Op::Begin`], it changes
+    /// nothing.
     ClockLag(Duration),
 }
 
@@ -102,9 +108,14 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// Every fault on every operation it applies to, `rate` of the
-    /// operations faulted, delays up to `delay`. A full store refuses only
-    /// `complete`s (the writes that carry a result).
+    /// The faults of the checker's default schedule: on `begin`,
+    /// `complete`, `release` and `renew`, [`Fault::Refused`],
+    /// [`Fault::AnswerLost`], [`Fault::Delayed`] and [`Fault::LandsLate`];
+    /// [`Fault::Full`] on `complete`s (the writes that carry a result);
+    /// [`Fault::ClockLag`] on `begin`s. `rate` of the operations are
+    /// faulted, with delays up to `delay`. [`Fault::Slow`] and
+    /// [`Fault::Stalled`] (which the checker's bodies cause with
+    /// [`Flaky::stall`]) are not drawn, nor faults of `forget`.
     #[must_use]
     pub fn every_kind(rate: f64, delay: Duration) -> Self {
         let mut faults = Vec::new();
@@ -316,8 +327,8 @@ impl Flaky {
                 }
                 Box::pin(std::future::ready(Err(timeout(op))))
             }
-            // Only renewals stall, and only begins lag; both are answered
-            // by their operations.
+            // Only renewals stall (`renew` answers them itself), and only
+            // begins lag; on other operations both change nothing.
             Some(Fault::Stalled | Fault::ClockLag(_)) => call(&*self.inner),
         }
     }
@@ -394,7 +405,14 @@ impl Store for Flaky {
             let _ = self.next_fault(Op::Renew, key);
             return Box::pin(std::future::ready(Ok(true)));
         }
-        self.faulty(Op::Renew, key, move |store| store.renew(key, token, lease))
+        let fault = self.next_fault(Op::Renew, key);
+        if fault == Some(Fault::Stalled) {
+            // Told it renewed; the store never heard of it.
+            return Box::pin(std::future::ready(Ok(true)));
+        }
+        self.apply(fault, Op::Renew, move |store| {
+            store.renew(key, token, lease)
+        })
     }
 
     fn watch(&self, key: Key) -> Option<Watch> {
@@ -438,7 +456,9 @@ impl Store for Flaky {
 }
 
 /// A store that is down: every operation fails with
-/// [`StoreErrorKind::Unavailable`], as an unreachable backend's do. Its
+/// [`StoreErrorKind::Unavailable`], as an unreachable backend's do (the
+/// optional ones too: journals, epochs, `inspect`, `forget`,
+/// `claims_older_than`), and it has no wake-ups. Its
 /// message names an internal address, so that a test can check it is never
 /// shown to a client.
 ///
@@ -484,6 +504,37 @@ impl Store for Down {
     }
 
     fn renew(&self, _: Key, _: Token, _: Duration) -> StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Err(Self::error())))
+    }
+
+    fn inspect(&self, _: Key) -> StoreFuture<'_, Inspection> {
+        Box::pin(std::future::ready(Err(Self::error())))
+    }
+
+    fn append_step(
+        &self,
+        _: Key,
+        _: Token,
+        _: String,
+        _: Vec<u8>,
+        _: Duration,
+    ) -> StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Err(Self::error())))
+    }
+
+    fn steps(&self, _: Key) -> StoreFuture<'_, Vec<JournaledStep>> {
+        Box::pin(std::future::ready(Err(Self::error())))
+    }
+
+    fn epoch(&self, _: Key, _: Token, _: Duration) -> StoreFuture<'_, Option<u64>> {
+        Box::pin(std::future::ready(Err(Self::error())))
+    }
+
+    fn forget(&self, _: Key) -> StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Err(Self::error())))
+    }
+
+    fn claims_older_than(&self, _: Duration, _: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
         Box::pin(std::future::ready(Err(Self::error())))
     }
 }

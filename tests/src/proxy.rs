@@ -35,7 +35,10 @@ pub enum Fault {
     /// client's connection without a byte of the answer: the request was
     /// processed and its response lost.
     DropResponse,
-    /// Forwards the request, and the answer after this delay.
+    /// Forwards the requests, and holds the connection's first answer back
+    /// for this long; later answers on the same connection pass at once
+    /// (a connection that carries many requests, as Redis's and
+    /// PostgreSQL's do, is slow once).
     Delay(Duration),
     /// Closes the client's connection at once, before anything reaches the
     /// server.
@@ -47,7 +50,8 @@ pub enum Fault {
     CutAfter(Duration),
 }
 
-/// A running proxy; stops when dropped.
+/// A running proxy; stops when dropped, closing the connections it
+/// relays.
 #[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
@@ -78,7 +82,11 @@ impl Proxy {
         let held = Arc::new(tokio::sync::watch::Sender::new(Hold::None));
         let hold = held.clone();
         let task = tokio::spawn(async move {
+            // The connections' relays, aborted with this task when the
+            // proxy is dropped (a `JoinSet` aborts its tasks as it drops).
+            let mut relays = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
+                while relays.try_join_next().is_some() {}
                 let number = counter.fetch_add(1, Ordering::SeqCst);
                 let fault = plan(number);
                 let gate = Gate {
@@ -86,7 +94,7 @@ impl Proxy {
                     held: hold.clone(),
                     sent: sent.clone(),
                 };
-                tokio::spawn(async move {
+                relays.spawn(async move {
                     // A connection that fails only ends early, as on a network.
                     let _ = relay(client, upstream, fault, gate).await;
                 });
