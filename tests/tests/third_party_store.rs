@@ -239,3 +239,61 @@ mod conformance {
 mod exactly_once {
     idem_test::exactly_once_suite!(super::Table);
 }
+
+/// The same table with only the protocol's four operations: the operators'
+/// and the journal's are left at the trait's defaults (`Unsupported`), as a
+/// first version of a store in another crate would have them.
+#[derive(Default)]
+struct ProtocolOnly(TableStore);
+
+impl Store for ProtocolOnly {
+    fn begin(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, Begin> {
+        self.0.begin(key, fingerprint, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: Key,
+        token: Token,
+        record: Record,
+        ttl: Duration,
+    ) -> StoreFuture<'_, Completion> {
+        self.0.complete(key, token, record, ttl)
+    }
+
+    fn release(&self, key: Key, token: Token) -> StoreFuture<'_, ()> {
+        self.0.release(key, token)
+    }
+
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        self.0.renew(key, token, lease)
+    }
+}
+
+struct ProtocolTable;
+
+impl Backend for ProtocolTable {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(ProtocolOnly::default())
+    }
+
+    fn timing(&self) -> Timing {
+        Table.timing()
+    }
+
+    fn follows_tokio_clock(&self) -> bool {
+        true
+    }
+}
+
+/// A store of the four operations passes the suite: each optional
+/// operation's test accepts `Unsupported`.
+mod conformance_of_the_protocol_alone {
+    idem_test::conformance_suite!(super::ProtocolTable);
+}
