@@ -173,7 +173,12 @@ pub struct Report {
     pub undos: usize,
     /// Requests over HTTP that a body's panic broke (answered `reset`).
     pub resets: usize,
-    /// Whether idem's told outcomes were captured and checked.
+    /// Whether idem's told outcomes were captured and checked. The checker
+    /// captures them with a process-wide `tracing` subscriber, which it
+    /// installs on first use; in a test process that already set a global
+    /// subscriber of its own, they cannot be, and this check (the last of
+    /// invariant 4) is skipped: keep the checker's tests in a test binary
+    /// without one.
     pub outcomes_checked: bool,
 }
 
@@ -409,7 +414,9 @@ pub fn soak_seeds(batch: usize, mut check: impl FnMut(&[u64]) -> String) {
 
 /// Writes the exactly-once checker's tests for a [`Backend`]: one that
 /// checks the [`FIXED_SEEDS`] and a few fresh seeds (printed), and an
-/// ignored soak (`IDEM_CHECKER_MINUTES`, `IDEM_CHECKER_SEEDS`).
+/// ignored soak (`IDEM_CHECKER_MINUTES`, `IDEM_CHECKER_SEEDS`). Put it in a
+/// test binary that sets no global `tracing` subscriber of its own, or the
+/// outcome check is skipped (see [`Report::outcomes_checked`]).
 ///
 /// ```ignore
 /// idem_test::exactly_once_suite!(MyBackend);
