@@ -321,13 +321,28 @@ impl Idempotency {
                 let journal = Journal::new(
                     Arc::clone(&self.shared.store),
                     key,
+                    fingerprint,
                     token,
                     settings.ttl(),
                     journal_read,
                 );
-                let mut result = caught(journal.scope(body)).await;
+                // A journal read with the claim that another call's
+                // arguments wrote: this call is that key reused, and its
+                // body does not run.
+                let mut result = if journal.other_arguments() {
+                    Ok(Err(codec.idem_error(Error::KeyReused)))
+                } else {
+                    caught(journal.scope(body)).await
+                };
                 let took = started.elapsed();
+                if journal.other_arguments() && result.is_ok() {
+                    // Found at a step: whatever the body made of the step's
+                    // error, the call is the key reused, and nothing of it
+                    // is recorded (the claim is released).
+                    result = Ok(Err(codec.idem_error(Error::KeyReused)));
+                }
                 let mut record = match &result {
+                    _ if journal.other_arguments() => None,
                     Ok(result) => to_record(key, result, &mut codec)
                         .map(|record| bounded(key, record, self.shared.max_record_bytes)),
                     // A panicking body failed: its claim is released and its

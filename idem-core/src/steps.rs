@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::task::futures::TaskLocalFuture;
 
 use crate::error::Error;
-use crate::key::Key;
+use crate::key::{Fingerprint, Key};
 use crate::store::{JournaledStep, Record, Store, Token};
 
 /// The journal entry that says the call failed for good: its value is the
@@ -39,6 +39,38 @@ const COMPENSABLE: u8 = 0x01;
 /// serialize: the rest is why. The step ran, so a later attempt answers
 /// [`Error::NotReplayable`] instead of running it again.
 const UNREPLAYABLE: u8 = 0x02;
+
+/// The first byte of every journal entry this version writes, followed by
+/// the fingerprint of the call that wrote it, then the entry's value: a
+/// call of the key with other arguments finds the journal another call's
+/// and is [`Error::KeyReused`], as it would be over that call's record.
+/// (Entries written before it have no such prefix, and are read as they
+/// are: no step value, flag or record starts with this byte.)
+const ARGUMENTS: u8 = 0x03;
+
+/// The length of the [`ARGUMENTS`] prefix.
+const ARGUMENTS_PREFIX: usize = 1 + 32;
+
+/// `value` as journaled by a call of `fingerprint`.
+fn with_arguments(fingerprint: Fingerprint, value: &[u8]) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(ARGUMENTS_PREFIX + value.len());
+    entry.push(ARGUMENTS);
+    entry.extend_from_slice(fingerprint.digest());
+    entry.extend_from_slice(value);
+    entry
+}
+
+/// An entry's value, and the fingerprint of the call that journaled it
+/// (`None` for an entry written without one).
+fn arguments_of(entry: Vec<u8>) -> (Vec<u8>, Option<[u8; 32]>) {
+    match entry.split_first() {
+        Some((&ARGUMENTS, rest)) if rest.len() >= 32 => {
+            let digest: [u8; 32] = rest[..32].try_into().unwrap_or([0; 32]);
+            (rest[32..].to_vec(), Some(digest))
+        }
+        _ => (entry, None),
+    }
+}
 
 /// `bytes` behind the flag byte `flag` ([`COMPENSABLE`], [`UNREPLAYABLE`]).
 fn flagged(flag: u8, bytes: &[u8]) -> Vec<u8> {
@@ -102,11 +134,17 @@ type Unbound = Box<dyn FnOnce(&[u8]) -> Result<Undo, Error> + Send>;
 pub(crate) struct Journal {
     store: Arc<dyn Store>,
     key: Key,
+    /// The call's fingerprint, which its entries carry.
+    fingerprint: Fingerprint,
     token: Token,
     ttl: Duration,
     state: Mutex<State>,
     /// Whether a step or [`epoch`] found the call's claim no longer its own.
     lost: std::sync::atomic::AtomicBool,
+    /// Whether the journal, once read, was written by a call of other
+    /// arguments: this call is then [`Error::KeyReused`], and neither runs
+    /// nor replays a step.
+    other_arguments: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -145,17 +183,23 @@ enum Completed {
 }
 
 impl State {
-    /// Takes the journal as read from the store, unless it was already.
-    fn read(&mut self, steps: Vec<JournaledStep>) {
+    /// Takes the journal as read from the store, unless it was already;
+    /// answers whether a call of arguments other than `fingerprint`'s
+    /// journaled any of it.
+    fn read(&mut self, steps: Vec<JournaledStep>, fingerprint: Fingerprint) -> bool {
         if self.done.is_some() {
-            return;
+            return false;
         }
         let mut done = HashMap::with_capacity(steps.len());
+        let mut other = false;
         for (at, step) in steps.into_iter().enumerate() {
+            let (value, by) = arguments_of(step.value);
+            other |= by.is_some_and(|by| by != *fingerprint.digest());
             self.position.entry(step.name.clone()).or_insert(at);
-            done.entry(step.name).or_insert(step.value);
+            done.entry(step.name).or_insert(value);
         }
         self.done = Some(done);
+        other
     }
 }
 
@@ -224,22 +268,38 @@ impl Journal {
     pub(crate) fn new(
         store: Arc<dyn Store>,
         key: Key,
+        fingerprint: Fingerprint,
         token: Token,
         ttl: Duration,
         read: Option<Vec<JournaledStep>>,
     ) -> Arc<Self> {
         let mut state = State::default();
-        if let Some(steps) = read {
-            state.read(steps);
-        }
+        let other = read.is_some_and(|steps| state.read(steps, fingerprint));
         Arc::new(Self {
             store,
             key,
+            fingerprint,
             token,
             ttl,
             state: Mutex::new(state),
             lost: std::sync::atomic::AtomicBool::new(false),
+            other_arguments: std::sync::atomic::AtomicBool::new(other),
         })
+    }
+
+    /// Whether the journal, as read so far, is another call's: one of
+    /// other arguments journaled steps under the key (see [`ARGUMENTS`]).
+    pub(crate) fn other_arguments(&self) -> bool {
+        self.other_arguments
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes the journal as read from the store.
+    fn take_read(&self, steps: Vec<JournaledStep>) {
+        if self.state().read(steps, self.fingerprint) {
+            self.other_arguments
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Whether a step or [`epoch`] of the call found its claim taken over
@@ -279,6 +339,10 @@ impl Journal {
             let state = self.state();
             (state.marked_final, state.done.is_none())
         };
+        if self.other_arguments() {
+            // Another call's journal: its compensations are its own.
+            return Ending::AsIs;
+        }
         let compensating = self.compensating();
         // A stored failure: a kept `Err`, or one that could not be kept
         // whole (too large, unserializable), which is final all the same.
@@ -293,7 +357,12 @@ impl Journal {
             // The body failed for good before its first step: the journal
             // may still say an earlier attempt's compensation is unfinished.
             match self.store.steps(self.key).await {
-                Ok(steps) => self.state().read(steps),
+                Ok(steps) => {
+                    self.take_read(steps);
+                    if self.other_arguments() {
+                        return Ending::AsIs;
+                    }
+                }
                 Err(error) if error.kind() == crate::StoreErrorKind::Unsupported => {}
                 Err(error) => {
                     tracing::warn!(key = %self.key, %error, "could not read the journal of a call that failed for good; its outcome is recorded on its next attempt");
@@ -453,19 +522,28 @@ impl Journal {
 
     /// Step `name`'s journaled result, reading the journal from the store
     /// on the first step of the attempt.
+    /// [`Error::KeyReused`] when the journal is another call's.
     async fn recorded(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
         let cached = self
             .state()
             .done
             .as_ref()
             .map(|done| done.get(name).cloned());
-        if let Some(found) = cached {
-            return Ok(found);
+        let found = match cached {
+            Some(found) => found,
+            None => {
+                let steps = self.store.steps(self.key).await?;
+                self.take_read(steps);
+                self.state()
+                    .done
+                    .as_ref()
+                    .and_then(|done| done.get(name).cloned())
+            }
+        };
+        if self.other_arguments() {
+            return Err(Error::KeyReused);
         }
-        let steps = self.store.steps(self.key).await?;
-        let mut state = self.state();
-        state.read(steps);
-        Ok(state.done.as_ref().and_then(|done| done.get(name).cloned()))
+        Ok(found)
     }
 
     /// Step `name` ran and its result does not serialize: journals that it
@@ -498,9 +576,10 @@ impl Journal {
 
     /// Journals step `name`'s result, fenced by the call's claim.
     async fn append(&self, name: &str, value: Vec<u8>) -> Result<(), Error> {
+        let entry = with_arguments(self.fingerprint, &value);
         let appended = self
             .store
-            .append_step(self.key, self.token, name.to_owned(), value, self.ttl)
+            .append_step(self.key, self.token, name.to_owned(), entry, self.ttl)
             .await?;
         if appended {
             Ok(())

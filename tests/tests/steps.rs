@@ -127,6 +127,63 @@ async fn resumes_after_each_step(store: Arc<dyn Store>, failure: Failure) {
     }
 }
 
+/// A key reused with other arguments after an attempt that journaled
+/// steps and failed (so no record holds the key) is `KeyReused`, as over a
+/// record: the journal's values are of the other arguments' call, and are
+/// neither replayed to this one nor run again for it. Calls with the first
+/// arguments still resume the journal.
+async fn other_arguments_do_not_resume_a_journal(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    for expect_steps in [false, true] {
+        let key = Key::new("charge", &rand::random::<u64>()).unwrap();
+        let settings = Settings::builder()
+            .lease(Duration::from_secs(2))
+            .expect_steps(expect_steps)
+            .build()
+            .unwrap();
+        let charged = Mutex::new(Vec::new());
+        let attempt = |amount: u32, fail: bool| {
+            let (settings, charged) = (&settings, &charged);
+            let idem = &idem;
+            async move {
+                idem.run(settings, key, Fingerprint::of(&amount)?, async move {
+                    let charge = step("charge", async {
+                        charged.lock().unwrap().push(amount);
+                        Ok::<_, Error>(amount)
+                    })
+                    .await?;
+                    if fail {
+                        return Err(Error::AttemptFailed);
+                    }
+                    Ok(charge)
+                })
+                .await
+            }
+        };
+        assert!(matches!(
+            attempt(100, true).await,
+            Err(Error::AttemptFailed)
+        ));
+        let reused = attempt(200, false).await;
+        assert!(
+            matches!(reused, Err(Error::KeyReused)),
+            "expect_steps {expect_steps}: {reused:?}"
+        );
+        assert_eq!(
+            *charged.lock().unwrap(),
+            vec![100],
+            "the step ran for 100 only"
+        );
+        assert_eq!(
+            attempt(100, false).await.unwrap(),
+            100,
+            "the first arguments resume"
+        );
+        assert_eq!(*charged.lock().unwrap(), vec![100]);
+        assert!(matches!(attempt(200, false).await, Err(Error::KeyReused)));
+    }
+}
+
 /// A name used twice in one attempt fails, and the second work does not run.
 async fn repeated_names_fail(store: Arc<dyn Store>) {
     let idem = Idempotency::from_arc(store);
@@ -1138,6 +1195,11 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn repeated_names_fail() {
             super::repeated_names_fail($store).await;
+        }
+
+        #[tokio::test]
+        async fn other_arguments_do_not_resume_a_journal() {
+            super::other_arguments_do_not_resume_a_journal($store).await;
         }
 
         #[tokio::test]
