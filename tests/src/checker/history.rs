@@ -77,6 +77,18 @@ pub enum Event {
         /// The run that did it.
         run: u64,
     },
+    /// Run `run` got step `step` of `key` from the journal: its value is
+    /// run `from`'s, which did the step's effect.
+    StepReplayed {
+        /// The key.
+        key: usize,
+        /// The step's index.
+        step: u8,
+        /// The run that replayed it.
+        run: u64,
+        /// The run that did it.
+        from: u64,
+    },
     /// Run `by` undid step `step` of `key` (the call failed for good).
     StepUndone {
         /// The key.
@@ -201,6 +213,15 @@ impl fmt::Display for Line<'_> {
             Event::StepJournaled { key, step, run } => {
                 write!(f, "body run {run} journaled step {step} of key {key}")
             }
+            Event::StepReplayed {
+                key,
+                step,
+                run,
+                from,
+            } => write!(
+                f,
+                "body run {run} replays step {step} of key {key}, as run {from} did it"
+            ),
             Event::StepUndone { key, step, by } => {
                 write!(f, "run {by}'s compensation undoes step {step} of key {key}")
             }

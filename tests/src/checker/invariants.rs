@@ -104,6 +104,7 @@ pub(crate) fn check(
     let mut faults: Vec<(Duration, usize, Op, Fault)> = Vec::new();
     let mut step_effects: BTreeMap<(usize, u8), Vec<(Duration, u64)>> = BTreeMap::new();
     let mut step_undos: BTreeMap<(usize, u8), Vec<(Duration, u64)>> = BTreeMap::new();
+    let mut replayed_steps: Vec<(usize, u8, u64, u64)> = Vec::new();
     for (at, event) in events {
         match event {
             Event::BodyStarted { call, key, run } => {
@@ -147,6 +148,12 @@ pub(crate) fn check(
                 key: Some(key),
                 struck,
             } => faults.push((*at, *key, struck.op, struck.fault)),
+            Event::StepReplayed {
+                key,
+                step,
+                run,
+                from,
+            } => replayed_steps.push((*key, *step, *run, *from)),
             Event::Fault { key: None, .. } | Event::Called { .. } | Event::StepJournaled { .. } => {
             }
         }
@@ -293,6 +300,24 @@ pub(crate) fn check(
 
     // 1d. Undos run last completed first.
     undo_order(workload, events)?;
+
+    // 1e. A step's journaled value is replayed only to calls of the
+    // arguments of the call that did it: a call of other arguments is the
+    // key reused, and resumes nothing.
+    for (key, step, run, from) in replayed_steps {
+        let arguments = |run: u64| runs.get(&run).map(|r| workload.calls[r.call].arguments);
+        if arguments(run) != arguments(from) {
+            return broken(
+                "steps replay to their own arguments",
+                format!(
+                    "key {key}: run {run} (arguments {:?}) replayed step {step} as run {from} \
+                     (arguments {:?}) did it",
+                    arguments(run),
+                    arguments(from)
+                ),
+            );
+        }
+    }
 
     // 2. Every Ok answer is the caller's own result or the first stored one.
     if let Some((_, answer, _)) = answers.get(&usize::MAX) {
@@ -511,6 +536,9 @@ pub(crate) fn check(
             // A step's claim found taken over, returned by the body: the
             // call's result is another holder's to store.
             Answer::Idem(kind) if own.is_some() && kind == "step_lost" => &["not_stored"],
+            // A step that found the key's journal another call's: the
+            // key reused with other arguments.
+            Answer::Idem(kind) if own.is_some() && kind == "key_reused" => &["key_reused"],
             // A step's other failures (its journal not written), returned
             // by the body.
             Answer::Idem(_) if own.is_some() => &["failed"],

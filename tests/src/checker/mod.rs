@@ -39,7 +39,9 @@
 //!    last completed step is undone first (a step journaled before another
 //!    was done is undone after it, whether the compensation runs in the
 //!    attempt that ran them or in a later one that replays them); a run
-//!    that only finished a compensation answers the stored failure.
+//!    that only finished a compensation answers the stored failure. **Steps
+//!    replay to their own arguments**: a step's journaled value is replayed
+//!    only to calls of the arguments of the call that did it.
 //! 2. **Answers are the first stored result**: a caller whose body ran gets
 //!    its own result; every other `Ok` (or cached `Err`) is the first stored
 //!    result of its key, of a call with the same arguments: never another

@@ -196,6 +196,16 @@ pub(crate) async fn run_body(
         if done.is_ok() && ran.load(Ordering::SeqCst) {
             ctx.history.push(Event::StepJournaled { key, step, run });
         }
+        if let Ok(from) = done
+            && from != run
+        {
+            ctx.history.push(Event::StepReplayed {
+                key,
+                step,
+                run,
+                from,
+            });
+        }
         done.map(|_| ())
     };
     let done = if body.concurrent {
