@@ -335,14 +335,7 @@ impl Idempotency {
                     caught(journal.scope(body)).await
                 };
                 let took = started.elapsed();
-                if journal.other_arguments() && result.is_ok() {
-                    // Found at a step: whatever the body made of the step's
-                    // error, the call is the key reused, and nothing of it
-                    // is recorded (the claim is released).
-                    result = Ok(Err(codec.idem_error(Error::KeyReused)));
-                }
                 let mut record = match &result {
-                    _ if journal.other_arguments() => None,
                     Ok(result) => to_record(key, result, &mut codec)
                         .map(|record| bounded(key, record, self.shared.max_record_bytes)),
                     // A panicking body failed: its claim is released and its
@@ -375,6 +368,19 @@ impl Idempotency {
                         unrecorded = record.take().is_some();
                     }
                 }
+                // The journal is another call's (found with the claim, at a
+                // step, or as `end` read it for a call that failed for
+                // good): whatever the body made of it, the call is the key
+                // reused; nothing of it is recorded or compensated, and its
+                // claim is released.
+                let reused = journal.other_arguments();
+                if reused {
+                    if result.is_ok() {
+                        result = Ok(Err(codec.idem_error(Error::KeyReused)));
+                    }
+                    record = None;
+                    unrecorded = false;
+                }
                 call.ran(took, record.is_some());
                 if record.is_none() && journal.claim_lost() {
                     // The body stopped at a step or its epoch, which found
@@ -404,6 +410,12 @@ impl Idempotency {
                     )
                     .await;
                 codec.recorded(confirmed);
+                // Followers, of the same arguments, are the key reused too.
+                let landing = if reused {
+                    Landing::Failed(Error::KeyReused)
+                } else {
+                    landing
+                };
                 (result, landing)
             };
             // Boxed: a replay never gets here, and every call's future (moved

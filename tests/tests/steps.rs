@@ -184,6 +184,122 @@ async fn other_arguments_do_not_resume_a_journal(store: Arc<dyn Store>) {
     }
 }
 
+/// A call that charged, failed for good and could not refund yet (its
+/// undo failed): a call of the same key with other arguments that fails
+/// for good before its first step (a cached `Err`, or a failure marked
+/// final) finds the journal another call's as it looks for compensations
+/// to finish. It is `KeyReused`, stores nothing and compensates nothing,
+/// and the first arguments' retry finishes the refund.
+async fn other_arguments_leave_a_compensation_to_its_call(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("refund", &rand::random::<u64>()).unwrap();
+    let log = Log::default();
+    let undo_fails = Arc::new(AtomicU32::new(1));
+    let settings = settings();
+    let charge_then_decline = || {
+        let (idem, settings) = (&idem, &settings);
+        let (log, refunds) = (Arc::clone(&log), Arc::clone(&log));
+        let undo_fails = Arc::clone(&undo_fails);
+        async move {
+            idem.run_caching_errors(
+                settings,
+                key,
+                Fingerprint::of(&100).unwrap(),
+                |_: &String| true,
+                async move {
+                    step("charge", async {
+                        note(&log, "charge 100");
+                        Ok::<_, String>(100)
+                    })
+                    .compensate(move |charged: u32| async move {
+                        if undo_fails
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok()
+                        {
+                            note(&refunds, "refund failed");
+                            return Err("the gateway is down".to_owned());
+                        }
+                        note(&refunds, &format!("refund {charged}"));
+                        Ok::<_, String>(())
+                    })
+                    .await?;
+                    Err::<u32, _>("declined".to_owned())
+                },
+            )
+            .await
+        }
+    };
+    assert_eq!(charge_then_decline().await, Err("declined".to_owned()));
+    assert_eq!(entries(&log), ["charge 100", "refund failed"]);
+
+    // Its error would be cached: it is idem's `KeyReused` instead (as a
+    // `String`, the body's error type).
+    let cached: Result<u32, String> = idem
+        .run_caching_errors(
+            &settings,
+            key,
+            Fingerprint::of(&200).unwrap(),
+            |_: &String| true,
+            async { Err("bad input for 200".to_owned()) },
+        )
+        .await;
+    assert_eq!(cached, Err(Error::KeyReused.to_string()));
+    let marked: Result<u32, Error> = idem
+        .run(&settings, key, Fingerprint::of(&200).unwrap(), async {
+            idem_core::mark_final()?;
+            Err(Error::AttemptFailed)
+        })
+        .await;
+    assert!(matches!(marked, Err(Error::KeyReused)), "{marked:?}");
+    assert_eq!(
+        entries(&log),
+        ["charge 100", "refund failed"],
+        "nothing undone"
+    );
+
+    assert_eq!(charge_then_decline().await, Err("declined".to_owned()));
+    assert_eq!(entries(&log), ["charge 100", "refund failed", "refund 100"]);
+}
+
+/// Callers in this process that joined a call of other arguments than the
+/// journal's (the same arguments as that call) are `KeyReused` with it.
+async fn followers_of_a_call_of_other_arguments_are_told_key_reused(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("followers", &rand::random::<u64>()).unwrap();
+    let first: Result<u32, Error> = idem
+        .run(&settings(), key, Fingerprint::of(&100).unwrap(), async {
+            step("charge", async { Ok::<_, Error>(100) }).await?;
+            Err(Error::AttemptFailed)
+        })
+        .await;
+    assert!(matches!(first, Err(Error::AttemptFailed)));
+    let other = |pause: Duration| {
+        let idem = idem.clone();
+        async move {
+            idem.run(
+                &settings(),
+                key,
+                Fingerprint::of(&200).unwrap(),
+                async move {
+                    tokio::time::sleep(pause).await;
+                    step("charge", async { Ok::<_, Error>(200) }).await
+                },
+            )
+            .await
+        }
+    };
+    let leader = tokio::spawn(other(Duration::from_millis(300)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let followers: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(other(Duration::ZERO)))
+        .collect();
+    assert!(matches!(leader.await.unwrap(), Err(Error::KeyReused)));
+    for follower in followers {
+        let answer = follower.await.unwrap();
+        assert!(matches!(answer, Err(Error::KeyReused)), "{answer:?}");
+    }
+}
+
 /// A name used twice in one attempt fails, and the second work does not run.
 async fn repeated_names_fail(store: Arc<dyn Store>) {
     let idem = Idempotency::from_arc(store);
@@ -1200,6 +1316,12 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn other_arguments_do_not_resume_a_journal() {
             super::other_arguments_do_not_resume_a_journal($store).await;
+            super::followers_of_a_call_of_other_arguments_are_told_key_reused($store).await;
+        }
+
+        #[tokio::test]
+        async fn other_arguments_leave_a_compensation_to_its_call() {
+            super::other_arguments_leave_a_compensation_to_its_call($store).await;
         }
 
         #[tokio::test]
