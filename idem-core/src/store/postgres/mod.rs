@@ -163,12 +163,13 @@ pub const DEFAULT_PURGE_BATCH: u32 = 1000;
 /// replaced if it does not answer (the server restarted, or closed it for
 /// idling); one used more recently was alive when it came back to the pool
 /// (sqlx pings every connection then). A connection the server closed
-/// within this window fails the one statement that next takes it
-/// ([`StoreErrorKind::Unavailable`], the call fails closed), as it would
-/// have failed a statement already under way; from then on every
-/// connection that was idle since before that failure is pinged too, so
-/// that a restart, which closes them all at once, fails one call and not
-/// one per pooled connection.
+/// within this window fails the statement that next takes it; from then on
+/// every connection that was idle since before that failure is pinged too,
+/// and a claim (the statement a call starts with) that failed so is sent
+/// once more, on a live connection: a restart, which closes every
+/// connection at once, fails no call made after it. (`complete`,
+/// `release` and `renew` that fail so are retried by the engine, as after
+/// any failure of theirs.)
 pub const PING_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// When a statement on the store's own pool last failed for want of the
@@ -535,12 +536,16 @@ impl PostgresStore {
                     ReadOrClaim::NoFunction => {}
                 }
             }
-            let row = sqlx::query::<Postgres>(&self.inner.sql.begin)
-                .bind(key.digest().as_slice())
-                .bind(fingerprint.digest().as_slice())
-                .bind(token_bytes(token).as_slice())
-                .bind(millis(lease))
-                .fetch_optional(&self.inner.pool)
+            let token = token_bytes(token);
+            let row = self
+                .on_a_live_connection(|| {
+                    sqlx::query::<Postgres>(&self.inner.sql.begin)
+                        .bind(key.digest().as_slice())
+                        .bind(fingerprint.digest().as_slice())
+                        .bind(token.as_slice())
+                        .bind(millis(lease))
+                        .fetch_optional(&self.inner.pool)
+                })
                 .await
                 .map_err(|e| store_error("begin", &e))?;
             if let Some(row) = row {
@@ -561,12 +566,16 @@ impl PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<ReadOrClaim, StoreError> {
-        let row = match sqlx::query::<Postgres>(&self.inner.sql.read_or_claim)
-            .bind(key.digest().as_slice())
-            .bind(fingerprint.digest().as_slice())
-            .bind(token_bytes(token).as_slice())
-            .bind(millis(lease))
-            .fetch_one(&self.inner.pool)
+        let token = token_bytes(token);
+        let row = match self
+            .on_a_live_connection(|| {
+                sqlx::query::<Postgres>(&self.inner.sql.read_or_claim)
+                    .bind(key.digest().as_slice())
+                    .bind(fingerprint.digest().as_slice())
+                    .bind(token.as_slice())
+                    .bind(millis(lease))
+                    .fetch_one(&self.inner.pool)
+            })
             .await
         {
             Ok(row) => row,
@@ -590,6 +599,29 @@ impl PostgresStore {
             Some(true) => Ok(ReadOrClaim::Answer(Begin::Claimed)),
             Some(false) => Ok(ReadOrClaim::Raced),
             None => held(&row, fingerprint, lease).map(ReadOrClaim::Answer),
+        }
+    }
+
+    /// Runs a claim's statement (`statement` makes it), once more when it
+    /// found its connection closed by the server: a restart or an
+    /// operator closes every connection at once, also those the pool hands
+    /// out without a ping, and the calls that took one would each fail. The
+    /// failure is noted first, so that the pool pings the connections idle
+    /// since before it ([`Breaks`]) and the second try gets a live one. A
+    /// claim is safe to send twice: the same token finds its own claim.
+    async fn on_a_live_connection<T, F>(&self, statement: impl Fn() -> F) -> Result<T, sqlx::Error>
+    where
+        F: Future<Output = Result<T, sqlx::Error>>,
+    {
+        match statement().await {
+            Err(error) if connection_closed(&error) => {
+                if let Some(breaks) = &self.inner.breaks {
+                    breaks.mark();
+                }
+                tracing::debug!(%error, "a claim found its connection closed; trying once more");
+                statement().await
+            }
+            answered => answered,
         }
     }
 
@@ -959,6 +991,20 @@ fn own_pool(
             })
         })
         .connect_lazy_with(options)
+}
+
+/// Whether `error` says the statement's connection was closed under it
+/// (the server went away, or ended the session), rather than that the
+/// statement failed.
+fn connection_closed(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // admin_shutdown, crash_shutdown, and connection exceptions.
+            matches!(code.as_ref(), "57P01" | "57P02") || code.starts_with("08")
+        }),
+        _ => false,
+    }
 }
 
 /// A sqlx failure as a store error of the right kind.
