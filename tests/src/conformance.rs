@@ -58,6 +58,30 @@ pub enum Runtime {
     MultiThread,
 }
 
+/// Runs one suite test on the runtime it asks for; when it fails, prints
+/// the behaviour it checks (`behaviour`, the test's docs) before the
+/// failed assertion, so that a store's author reads what the store did
+/// not do, not only which line of the suite failed.
+pub fn check_behaviour<B: Backend, F: Future<Output = ()>>(
+    backend: &B,
+    runtime: Runtime,
+    name: &str,
+    behaviour: &str,
+    test: F,
+) {
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        block_on(backend, runtime, test);
+    }));
+    if let Err(panic) = ran {
+        let behaviour: Vec<&str> = behaviour.lines().map(str::trim).collect();
+        eprintln!(
+            "\nthe store does not show the behaviour `{name}` checks:\n  {}\n",
+            behaviour.join("\n  ")
+        );
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// Runs one suite test on the runtime it asks for.
 pub fn block_on<B: Backend, F: Future<Output = ()>>(backend: &B, runtime: Runtime, test: F) {
     let runtime = match runtime {

@@ -25,11 +25,11 @@ use crate::faults::{Fault, Flaky, Op};
 /// is a `$`, so that the inner macro can have metavariables of its own.
 macro_rules! suite {
     ($d:tt $(
-        $(#[$meta:meta])*
+        $(#[doc = $doc:literal])*
         $runtime:ident fn $name:ident($backend:ident) $body:block
     )*) => {
         $(
-            $(#[$meta])*
+            $(#[doc = $doc])*
             pub async fn $name<B: Backend>($backend: &B) $body
         )*
 
@@ -49,9 +49,11 @@ macro_rules! suite {
                     #[test]
                     fn $name() {
                         let backend = $d backend;
-                        $d crate::conformance::block_on(
+                        $d crate::conformance::check_behaviour(
                             &backend,
                             $d crate::conformance::Runtime::$runtime,
+                            stringify!($name),
+                            concat!($($doc, "\n"),*),
                             $d crate::conformance::$name(&backend),
                         );
                     }
