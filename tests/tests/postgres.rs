@@ -729,6 +729,23 @@ async fn a_replayed_hit_on_the_stores_pool_is_one_round_trip() {
     );
 }
 
+/// The server processes of the store's 4 pooled connections: every
+/// connection of the pool, held at once, tells its own, and goes back.
+async fn backend_pids(store: &PostgresStore) -> Vec<i32> {
+    let mut held = Vec::new();
+    let mut pids = Vec::new();
+    for _ in 0..4 {
+        let mut connection = store.pool().acquire().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *connection)
+            .await
+            .unwrap();
+        pids.push(pid);
+        held.push(connection);
+    }
+    pids
+}
+
 /// A pooled connection the server closed while it was idle (here by
 /// `pg_terminate_backend`; a restart or an idle timeout alike) is pinged
 /// before use once it has been idle longer than `PING_AFTER_IDLE`, and
@@ -742,19 +759,11 @@ async fn a_connection_closed_while_idle_is_replaced_before_use() {
     idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
         .await
         .unwrap();
-    // Every connection of the pool, held at once, tells its server process.
-    let mut held = Vec::new();
-    let mut pids = Vec::new();
-    for _ in 0..4 {
-        let mut connection = store.pool().acquire().await.unwrap();
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut *connection)
-            .await
-            .unwrap();
-        pids.push(pid.to_string());
-        held.push(connection);
-    }
-    drop(held);
+    let pids: Vec<String> = backend_pids(&store)
+        .await
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         server.psql(&format!(
@@ -793,18 +802,7 @@ async fn connections_closed_together_fail_no_call() {
         .await
         .unwrap();
     for round in 0..4 {
-        let mut held = Vec::new();
-        let mut pids = Vec::new();
-        for _ in 0..4 {
-            let mut connection = store.pool().acquire().await.unwrap();
-            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                .fetch_one(&mut *connection)
-                .await
-                .unwrap();
-            pids.push(pid);
-            held.push(connection);
-        }
-        drop(held);
+        let pids = backend_pids(&store).await;
         // Back in the pool (sqlx pings each on its way back), then closed
         // by the server, well within `PING_AFTER_IDLE` of their last use.
         while store.pool().num_idle() < 4 {
