@@ -155,9 +155,12 @@
 /// `shop::Notifier<shop::Email>::notify` and `shop::Notifier<shop::Sms>::notify`,
 /// `<shop::Card as shop::Ledger>::record` and `<shop::Cash as
 /// shop::Ledger>::record` (a trait's default method), or `shop::publish<shop::Shipped>`
-/// and `shop::publish<shop::Cancelled>`. A generic argument that is a
-/// closure type names the closure's place, so each call site of a fn that
-/// takes `impl Fn` is an operation of its own.
+/// and `shop::publish<shop::Cancelled>`. A closure type is printed as the
+/// path of the function it is written in and `{{closure}}`, so the
+/// instances of a fn that takes `impl Fn` are operations of their own per
+/// function that passes a closure, but closures passed from one function
+/// share one operation: calls that pass them there need keys of their
+/// own.
 ///
 /// That name is part of every stored key. Unchanged code keeps it across
 /// rebuilds; what changes it, so that a retry arriving across the deploy
@@ -175,7 +178,12 @@
 /// `impl Trait`) covers its type as well (its name without module paths), so
 /// that the instances of a generic fn pinned to one name never take each
 /// other's equal-looking arguments (`Shipped { order: 7 }` and `Cancelled
-/// { order: 7 }`) for the same call.
+/// { order: 7 }`) for the same call. With a pinned `name` every argument's
+/// fingerprint covers its type, so the instances of a method of a generic
+/// impl (`impl<T> Notifier<T>`, whose `T` the attribute cannot see) never
+/// do either: renaming an argument's type then changes its fingerprint,
+/// and a retry across that deploy is refused with
+/// [`Error::KeyReused`](crate::Error::KeyReused) rather than replayed.
 ///
 /// Whatever gets a record under a key, it is never decoded as another type:
 /// each record carries a tag of its value's type name (module paths left

@@ -12,7 +12,7 @@
 //! | [`FromIdemError`] | the error type `E` | idem reports its own failures through it: `From<idem_core::Error>` |
 //! | [`CachedError`] | `E`, with `cache_errors` | stored errors are replayed: `Serialize + DeserializeOwned` |
 //! | [`CachePredicate`] | `cache_errors = path` | it picks the errors to store: `Fn(&E) -> bool` |
-//! | [`Argument`] | each fingerprinted argument | it is hashed: `Serialize` |
+//! | [`Argument`] | each fingerprinted argument | it is hashed (with its type, under a pinned `name`): `Serialize` |
 //! | [`GenericArgument`] | a fingerprinted argument of a generic type | it is hashed with its type: `Serialize` |
 //! | [`KeyValue`], [`ScopeValue`] | `key = …`, `scope = …` | they are hashed: `Serialize` |
 //! | [`Returns`] | the return type | it is a `Result<T, E>` |
@@ -38,12 +38,23 @@ use crate::error::Error;
 pub trait Argument {
     #[doc(hidden)]
     fn fingerprint(&self, call: &mut Call);
+
+    /// Under a pinned `name`: hashed with its type, as a
+    /// [`GenericArgument`] is (the instances of a method of a generic
+    /// impl share the name, and the attribute cannot see the impl's type
+    /// parameters).
+    #[doc(hidden)]
+    fn fingerprint_typed(&self, call: &mut Call);
 }
 
 #[diagnostic::do_not_recommend]
 impl<T: Serialize + ?Sized> Argument for T {
     fn fingerprint(&self, call: &mut Call) {
         call.argument(self);
+    }
+
+    fn fingerprint_typed(&self, call: &mut Call) {
+        call.typed_argument(self);
     }
 }
 
@@ -90,6 +101,11 @@ pub trait KeyValue {
     fn key(&self, call: &mut Call);
     #[doc(hidden)]
     fn key_element(&self, call: &mut Call);
+    /// A key that is also a fingerprinted argument, checked once, here.
+    #[doc(hidden)]
+    fn erased(&self) -> &dyn Hashed
+    where
+        Self: Sized;
 }
 
 #[diagnostic::do_not_recommend]
@@ -100,6 +116,51 @@ impl<T: Serialize + ?Sized> KeyValue for T {
 
     fn key_element(&self, call: &mut Call) {
         call.key_element(self);
+    }
+
+    fn erased(&self) -> &dyn Hashed
+    where
+        Self: Sized,
+    {
+        self
+    }
+}
+
+/// A value checked once (as a `key` or `scope` that is also a fingerprinted
+/// argument) and hashed through this as each of its uses.
+#[doc(hidden)]
+pub trait Hashed {
+    #[doc(hidden)]
+    fn argument(&self, call: &mut Call);
+    #[doc(hidden)]
+    fn typed_argument(&self, call: &mut Call);
+    #[doc(hidden)]
+    fn key(&self, call: &mut Call);
+    #[doc(hidden)]
+    fn key_element(&self, call: &mut Call);
+    #[doc(hidden)]
+    fn scope(&self, call: &mut Call);
+}
+
+impl<T: Serialize> Hashed for T {
+    fn argument(&self, call: &mut Call) {
+        call.argument(self);
+    }
+
+    fn typed_argument(&self, call: &mut Call) {
+        call.typed_argument(self);
+    }
+
+    fn key(&self, call: &mut Call) {
+        call.key(self);
+    }
+
+    fn key_element(&self, call: &mut Call) {
+        call.key_element(self);
+    }
+
+    fn scope(&self, call: &mut Call) {
+        call.scope(self);
     }
 }
 
@@ -112,12 +173,24 @@ impl<T: Serialize + ?Sized> KeyValue for T {
 pub trait ScopeValue {
     #[doc(hidden)]
     fn scope(&self, call: &mut Call);
+    /// A scope that is also a fingerprinted argument, checked once, here.
+    #[doc(hidden)]
+    fn erased(&self) -> &dyn Hashed
+    where
+        Self: Sized;
 }
 
 #[diagnostic::do_not_recommend]
 impl<T: Serialize + ?Sized> ScopeValue for T {
     fn scope(&self, call: &mut Call) {
         call.scope(self);
+    }
+
+    fn erased(&self) -> &dyn Hashed
+    where
+        Self: Sized,
+    {
+        self
     }
 }
 

@@ -119,13 +119,73 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             }}
         }
     };
+    let pinned = args.name.is_some();
+    // An argument that is also the key (or a key element, or the scope),
+    // as it is written, is checked once, as the key (or scope): its value
+    // is taken as a `&dyn` hashable there, and hashed through it as an
+    // argument and as the key, so that one missing `Serialize` is one
+    // error, not one per use.
+    let mut erased: Vec<(Ident, Ident, TokenStream)> = Vec::new();
+    let mut erase = |expr: &Expr, method: TokenStream| {
+        // The name as written in the attribute, so that an error points
+        // there (and not across to the parameter).
+        let (binding, written) = bare_binding(expr, &fingerprinted)?;
+        if let Some((_, var, _)) = erased.iter().find(|(b, _, _)| *b == binding) {
+            return Some(var.clone());
+        }
+        let var = hidden(&format!("__idem_erased_{binding}"));
+        let path = respan(method, expr.span());
+        let creation = quote_spanned!(expr.span()=> let #var = #path(&#written););
+        erased.push((binding, var.clone(), creation));
+        Some(var)
+    };
+    let key_erased: Vec<Option<Ident>> = match args.key.as_ref().map(|arg| &arg.value) {
+        Some(Expr::Tuple(tuple)) if !tuple.elems.is_empty() => tuple
+            .elems
+            .iter()
+            .map(|elem| erase(elem, quote!(#krate::requirements::KeyValue::erased)))
+            .collect(),
+        Some(expr) => vec![erase(expr, quote!(#krate::requirements::KeyValue::erased))],
+        None => Vec::new(),
+    };
+    let scope_erased = args
+        .scope
+        .as_ref()
+        .and_then(|arg| erase(&arg.value, quote!(#krate::requirements::ScopeValue::erased)));
+    let erasures = erased.iter().map(|(_, _, creation)| creation);
+    let erased_var = |binding: &Ident| {
+        erased
+            .iter()
+            .find(|(b, _, _)| b == binding)
+            .map(|(_, var, _)| var.clone())
+    };
     let fingerprint = fingerprinted.iter().flat_map(|param| {
         let (call, krate, cfgs) = (&call, &krate, &param.cfgs);
+        let erased_var = &erased_var;
         param.bindings.iter().map(move |binding| {
-            if param.generic {
+            if let Some(var) = erased_var(binding) {
+                let method = if param.generic || pinned {
+                    quote!(typed_argument)
+                } else {
+                    quote!(argument)
+                };
+                quote_spanned! {param.span=>
+                    #(#cfgs)*
+                    #var.#method(&mut #call);
+                }
+            } else if param.generic {
                 quote_spanned! {param.span=>
                     #(#cfgs)*
                     #krate::requirements::serialize_or_skip(&#binding, &mut #call);
+                }
+            } else if pinned {
+                // Every instance of the fn shares a pinned name, and the
+                // type parameters of a generic impl are out of the
+                // attribute's sight: the argument's type tells instances
+                // apart.
+                quote_spanned! {param.span=>
+                    #(#cfgs)*
+                    #krate::requirements::Argument::fingerprint_typed(&#binding, &mut #call);
                 }
             } else {
                 quote_spanned! {param.span=>
@@ -137,6 +197,9 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     });
     let scope = args.scope.as_ref().map(|arg| {
         let expr = &arg.value;
+        if let Some(var) = &scope_erased {
+            return quote_spanned!(expr.span()=> #var.scope(&mut #call););
+        }
         let path = respan(quote!(#krate::requirements::ScopeValue::scope), expr.span());
         let scope = by_reference(expr);
         quote_spanned!(expr.span()=> #path(#scope, &mut #call);)
@@ -145,7 +208,10 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         // A tuple key is hashed element by element (as the whole tuple
         // would be), so that an unfit element is reported at its token.
         Expr::Tuple(tuple) if !tuple.elems.is_empty() => {
-            let elements = tuple.elems.iter().map(|elem| {
+            let elements = tuple.elems.iter().zip(&key_erased).map(|(elem, erased)| {
+                if let Some(var) = erased {
+                    return quote_spanned!(elem.span()=> #var.key_element(&mut #call););
+                }
                 let path = respan(
                     quote!(#krate::requirements::KeyValue::key_element),
                     elem.span(),
@@ -160,6 +226,9 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             }
         }
         expr => {
+            if let Some(Some(var)) = key_erased.first() {
+                return quote_spanned!(expr.span()=> #var.key(&mut #call););
+            }
             let path = respan(quote!(#krate::requirements::KeyValue::key), expr.span());
             let key = by_reference(expr);
             quote_spanned!(expr.span()=> #path(#key, &mut #call);)
@@ -325,6 +394,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         #allow
         let #prepared = {
             let mut #call = #start;
+            #(#erasures)*
             #(#fingerprint)*
             #scope
             #key
@@ -511,6 +581,27 @@ fn settings_expr(krate: &Path, args: &Args, steps: bool) -> TokenStream {
 /// arguments: a tuple `(a, b)` becomes `&(&a, &b)`, which serializes the
 /// same. Where precedence allows, no parentheses of ours surround the user's
 /// tokens, so that an error about the value spans all of them.
+/// The parameter `expr` names, and the name as written, when `expr` is just
+/// the name of one of the fingerprinted parameters (not one that a `cfg`
+/// may compile out).
+fn bare_binding(expr: &Expr, fingerprinted: &[func::Param]) -> Option<(Ident, Ident)> {
+    let expr = match expr {
+        Expr::Paren(inner) => &*inner.expr,
+        expr => expr,
+    };
+    let Expr::Path(path) = expr else { return None };
+    if path.qself.is_some() || !path.attrs.is_empty() {
+        return None;
+    }
+    let ident = path.path.get_ident()?;
+    fingerprinted
+        .iter()
+        .filter(|param| param.cfgs.is_empty())
+        .flat_map(|param| &param.bindings)
+        .find(|binding| *binding == ident)
+        .map(|binding| (binding.clone(), ident.clone()))
+}
+
 fn by_reference(expr: &Expr) -> TokenStream {
     match expr {
         Expr::Paren(inner) => by_reference(&inner.expr),

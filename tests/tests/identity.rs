@@ -240,6 +240,68 @@ async fn methods_of_a_generic_impl_are_told_apart(idem: &Idempotency) {
     assert_eq!(sent.load(Ordering::SeqCst), 2);
 }
 
+// --- a generic impl's method pinned to one name ------------------------------
+
+/// A publisher per event type, its method pinned to one name: every
+/// instance shares the operation, and the attribute cannot see the impl's
+/// `E`, so under a pinned name every argument is fingerprinted with its
+/// type.
+struct Publisher<E> {
+    idem: Idempotency,
+    published: AtomicU32,
+    event: PhantomData<E>,
+}
+
+impl<E: Event + Send + Sync> Publisher<E> {
+    fn new(idem: &Idempotency) -> Self {
+        Self {
+            idem: idem.clone(),
+            published: AtomicU32::new(0),
+            event: PhantomData,
+        }
+    }
+
+    #[idempotent(name = "tests.identity.publisher", store = self.idem)]
+    async fn publish(&self, event: E) -> Result<String, Error> {
+        let _ = &event;
+        self.published.fetch_add(1, Ordering::SeqCst);
+        Ok(E::NAME.to_owned())
+    }
+
+    #[idempotent(name = "tests.identity.publisher_keyed", key = id, store = self.idem)]
+    async fn publish_keyed(&self, id: &str, event: E) -> Result<String, Error> {
+        let _ = &event;
+        self.published.fetch_add(1, Ordering::SeqCst);
+        Ok(E::NAME.to_owned())
+    }
+}
+
+async fn instances_pinned_to_one_name_tell_argument_types_apart(idem: &Idempotency) {
+    let order_id = rand_suffix();
+    let (shipped, cancelled) = (
+        Publisher::<OrderShipped>::new(idem),
+        Publisher::<OrderCancelled>::new(idem),
+    );
+    let first = shipped.publish(OrderShipped { order_id }).await;
+    let second = cancelled.publish(OrderCancelled { order_id }).await;
+    assert_eq!(first.unwrap(), "OrderShipped");
+    assert_eq!(second.unwrap(), "OrderCancelled", "not the shipment's");
+    assert_eq!(cancelled.published.load(Ordering::SeqCst), 1);
+    let again = shipped.publish(OrderShipped { order_id }).await;
+    assert_eq!(again.unwrap(), "OrderShipped");
+    assert_eq!(shipped.published.load(Ordering::SeqCst), 1, "replayed");
+
+    // With a key: the same key and an equal-looking event of the other
+    // type is the key reused, not a replay.
+    let id = fresh("pinned-keyed");
+    let first = shipped.publish_keyed(&id, OrderShipped { order_id }).await;
+    assert_eq!(first.unwrap(), "OrderShipped");
+    let reused = cancelled
+        .publish_keyed(&id, OrderCancelled { order_id })
+        .await;
+    assert!(matches!(reused, Err(Error::KeyReused)), "{reused:?}");
+}
+
 // --- trait default methods ----------------------------------------------------
 
 trait Ledger {
@@ -448,6 +510,7 @@ async fn every_case(idem: &Idempotency) {
     pinned_generic_fns_by_content_are_told_apart(idem).await;
     generic_fns_with_a_key_are_told_apart(idem).await;
     methods_of_a_generic_impl_are_told_apart(idem).await;
+    instances_pinned_to_one_name_tell_argument_types_apart(idem).await;
     trait_default_methods_are_told_apart_by_implementor(idem).await;
     a_record_is_never_decoded_as_another_type(idem).await;
     a_call_that_reenters_its_key_fails_at_once(idem).await;
