@@ -792,7 +792,14 @@ async fn a_connection_closed_while_idle_is_replaced_before_use() {
 #[tokio::test]
 async fn connections_closed_together_fail_no_call() {
     let server = shared();
-    let store = connect(&server.url()).await;
+    // Time enough for the new connections on a loaded machine: the test is
+    // about calls failing, not about how fast the pool reconnects.
+    let store = PostgresStore::builder(server.url())
+        .response_timeout(Duration::from_secs(5))
+        .max_connections(4)
+        .connect()
+        .await
+        .unwrap();
     let idem = Idempotency::new(store.clone());
     let (key, fp) = fresh("closed-together");
     idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
