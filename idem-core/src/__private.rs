@@ -56,6 +56,17 @@ impl Call {
         self.arguments.argument(argument);
     }
 
+    /// For a method pinned to a name: when its `Self` type has generic
+    /// arguments, adds the instance's tag to the fingerprint, so that the
+    /// instances of a generic impl (which share the pinned name) never
+    /// take each other's calls. Other types leave the fingerprint as
+    /// [`Fingerprint::of`](crate::Fingerprint::of) the arguments makes it.
+    pub fn generic_self<S: ?Sized>(&mut self) {
+        if std::any::type_name::<S>().contains('<') {
+            self.arguments.argument(&crate::codec::type_tag::<S>());
+        }
+    }
+
     /// Adds an argument of a generic type to the fingerprint, with its
     /// type's tag: equal values of two types fingerprint apart.
     pub fn typed_argument<A: serde::Serialize + ?Sized>(&mut self, argument: &A) {

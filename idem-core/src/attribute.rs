@@ -178,12 +178,21 @@
 /// `impl Trait`) covers its type as well (its name without module paths), so
 /// that the instances of a generic fn pinned to one name never take each
 /// other's equal-looking arguments (`Shipped { order: 7 }` and `Cancelled
-/// { order: 7 }`) for the same call. With a pinned `name` every argument's
-/// fingerprint covers its type, so the instances of a method of a generic
-/// impl (`impl<T> Notifier<T>`, whose `T` the attribute cannot see) never
-/// do either: renaming an argument's type then changes its fingerprint,
-/// and a retry across that deploy is refused with
-/// [`Error::KeyReused`](crate::Error::KeyReused) rather than replayed.
+/// { order: 7 }`) for the same call. The attribute cannot see an impl's
+/// type parameters: a method (with a `self` receiver) pinned to a name on a
+/// type with generic arguments (`impl<T> Notifier<T>`) has its `Self` type
+/// in its fingerprint instead, so that `Notifier<Email>` and
+/// `Notifier<Sms>` never take each other's calls (the same key is
+/// [`Error::KeyReused`](crate::Error::KeyReused)). An associated fn without
+/// a receiver in such an impl, pinned to a name, has no way to tell its
+/// instances apart: give their calls keys or scopes of their own, or leave
+/// the name to its default, which names the instance. Everywhere else a
+/// pinned fn's key and fingerprint are
+/// [`Key::scoped(name, scope, key)`](crate::Key::scoped) (or
+/// [`Key::new`](crate::Key::new) without a scope) and
+/// [`Fingerprint::of(&(arg, …))`](crate::Fingerprint::of) of its
+/// fingerprinted arguments, so a call through
+/// [`Idempotency::run`](crate::Idempotency::run) with those is the same call.
 ///
 /// Whatever gets a record under a key, it is never decoded as another type:
 /// each record carries a tag of its value's type name (module paths left

@@ -12,7 +12,7 @@
 //! | [`FromIdemError`] | the error type `E` | idem reports its own failures through it: `From<idem_core::Error>` |
 //! | [`CachedError`] | `E`, with `cache_errors` | stored errors are replayed: `Serialize + DeserializeOwned` |
 //! | [`CachePredicate`] | `cache_errors = path` | it picks the errors to store: `Fn(&E) -> bool` |
-//! | [`Argument`] | each fingerprinted argument | it is hashed (with its type, under a pinned `name`): `Serialize` |
+//! | [`Argument`] | each fingerprinted argument | it is hashed: `Serialize` |
 //! | [`GenericArgument`] | a fingerprinted argument of a generic type | it is hashed with its type: `Serialize` |
 //! | [`KeyValue`], [`ScopeValue`] | `key = …`, `scope = …` | they are hashed: `Serialize` |
 //! | [`Returns`] | the return type | it is a `Result<T, E>` |
@@ -38,23 +38,12 @@ use crate::error::Error;
 pub trait Argument {
     #[doc(hidden)]
     fn fingerprint(&self, call: &mut Call);
-
-    /// Under a pinned `name`: hashed with its type, as a
-    /// [`GenericArgument`] is (the instances of a method of a generic
-    /// impl share the name, and the attribute cannot see the impl's type
-    /// parameters).
-    #[doc(hidden)]
-    fn fingerprint_typed(&self, call: &mut Call);
 }
 
 #[diagnostic::do_not_recommend]
 impl<T: Serialize + ?Sized> Argument for T {
     fn fingerprint(&self, call: &mut Call) {
         call.argument(self);
-    }
-
-    fn fingerprint_typed(&self, call: &mut Call) {
-        call.typed_argument(self);
     }
 }
 

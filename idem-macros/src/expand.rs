@@ -119,7 +119,17 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             }}
         }
     };
-    let pinned = args.name.is_some();
+    // A method pinned to a name, on a type with generic arguments: every
+    // instance of the impl shares the name, and the impl's type
+    // parameters are out of the attribute's sight, so the instance (its
+    // `Self` type) is part of the fingerprint.
+    let instance = (args.name.is_some()
+        && func
+            .sig
+            .inputs
+            .iter()
+            .any(|input| matches!(input, syn::FnArg::Receiver(_))))
+    .then(|| quote!(#call.generic_self::<Self>();));
     // An argument that is also the key (or a key element, or the scope),
     // as it is written, is checked once, as the key (or scope): its value
     // is taken as a `&dyn` hashable there, and hashed through it as an
@@ -164,7 +174,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         let erased_var = &erased_var;
         param.bindings.iter().map(move |binding| {
             if let Some(var) = erased_var(binding) {
-                let method = if param.generic || pinned {
+                let method = if param.generic {
                     quote!(typed_argument)
                 } else {
                     quote!(argument)
@@ -177,15 +187,6 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
                 quote_spanned! {param.span=>
                     #(#cfgs)*
                     #krate::requirements::serialize_or_skip(&#binding, &mut #call);
-                }
-            } else if pinned {
-                // Every instance of the fn shares a pinned name, and the
-                // type parameters of a generic impl are out of the
-                // attribute's sight: the argument's type tells instances
-                // apart.
-                quote_spanned! {param.span=>
-                    #(#cfgs)*
-                    #krate::requirements::Argument::fingerprint_typed(&#binding, &mut #call);
                 }
             } else {
                 quote_spanned! {param.span=>
@@ -394,6 +395,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         #allow
         let #prepared = {
             let mut #call = #start;
+            #instance
             #(#erasures)*
             #(#fingerprint)*
             #scope

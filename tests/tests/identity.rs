@@ -302,6 +302,60 @@ async fn instances_pinned_to_one_name_tell_argument_types_apart(idem: &Idempoten
     assert!(matches!(reused, Err(Error::KeyReused)), "{reused:?}");
 }
 
+// --- a pinned fn and `Idempotency::run` ---------------------------------------
+
+struct Payments {
+    idem: Idempotency,
+    charged: AtomicU32,
+}
+
+impl Payments {
+    #[idempotent(name = "tests.identity.charge", key = id, scope = customer, store = self.idem, skip(customer))]
+    async fn charge(&self, customer: &str, id: &str, amount: u64) -> Result<u64, Error> {
+        self.charged.fetch_add(1, Ordering::SeqCst);
+        Ok(amount)
+    }
+}
+
+/// A pinned fn's key and fingerprint are `Key::scoped(name, scope, key)` and
+/// `Fingerprint::of` its fingerprinted arguments: a call through `run` with
+/// them is the same call, both ways.
+async fn a_pinned_fn_is_the_same_call_as_run_with_its_key(idem: &Idempotency) {
+    let payments = Payments {
+        idem: idem.clone(),
+        charged: AtomicU32::new(0),
+    };
+    let (customer, id) = ("cus_1", fresh("pinned-as-run"));
+    assert_eq!(payments.charge(customer, &id, 500).await.unwrap(), 500);
+    let key = Key::scoped("tests.identity.charge", &customer, &id.as_str()).unwrap();
+    let fingerprint = Fingerprint::of(&(&id.as_str(), &500_u64)).unwrap();
+    let replayed = idem
+        .run(&Settings::default(), key, fingerprint, async {
+            Ok::<u64, Error>(0)
+        })
+        .await;
+    assert_eq!(replayed.unwrap(), 500, "run replays the attribute's call");
+    let other = Fingerprint::of(&(&id.as_str(), &600_u64)).unwrap();
+    let reused = idem
+        .run(&Settings::default(), key, other, async {
+            Ok::<u64, Error>(0)
+        })
+        .await;
+    assert!(matches!(reused, Err(Error::KeyReused)), "{reused:?}");
+
+    let id = fresh("run-as-pinned");
+    let key = Key::scoped("tests.identity.charge", &customer, &id.as_str()).unwrap();
+    let fingerprint = Fingerprint::of(&(&id.as_str(), &700_u64)).unwrap();
+    let ran = idem
+        .run(&Settings::default(), key, fingerprint, async {
+            Ok::<u64, Error>(7)
+        })
+        .await;
+    assert_eq!(ran.unwrap(), 7);
+    assert_eq!(payments.charge(customer, &id, 700).await.unwrap(), 7);
+    assert_eq!(payments.charged.load(Ordering::SeqCst), 1);
+}
+
 // --- trait default methods ----------------------------------------------------
 
 trait Ledger {
@@ -511,6 +565,7 @@ async fn every_case(idem: &Idempotency) {
     generic_fns_with_a_key_are_told_apart(idem).await;
     methods_of_a_generic_impl_are_told_apart(idem).await;
     instances_pinned_to_one_name_tell_argument_types_apart(idem).await;
+    a_pinned_fn_is_the_same_call_as_run_with_its_key(idem).await;
     trait_default_methods_are_told_apart_by_implementor(idem).await;
     a_record_is_never_decoded_as_another_type(idem).await;
     a_call_that_reenters_its_key_fails_at_once(idem).await;
