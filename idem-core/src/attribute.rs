@@ -186,8 +186,10 @@
 /// [`Error::KeyReused`](crate::Error::KeyReused)). An associated fn without
 /// a receiver in such an impl, pinned to a name, has no way to tell its
 /// instances apart: give their calls keys or scopes of their own, or leave
-/// the name to its default, which names the instance. Everywhere else a
-/// pinned fn's key and fingerprint are
+/// the name to its default, which names the instance. Likewise, a trait's
+/// default method pinned to a name is one operation for every implementor
+/// whose type has no generic arguments. Everywhere else a pinned fn's key
+/// and fingerprint are
 /// [`Key::scoped(name, scope, key)`](crate::Key::scoped) (or
 /// [`Key::new`](crate::Key::new) without a scope) and
 /// [`Fingerprint::of(&(arg, …))`](crate::Fingerprint::of) of its
