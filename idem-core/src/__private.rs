@@ -56,14 +56,23 @@ impl Call {
         self.arguments.argument(argument);
     }
 
-    /// For a method pinned to a name: when its `Self` type has generic
-    /// arguments, adds the instance's tag to the fingerprint, so that the
-    /// instances of a generic impl (which share the pinned name) never
-    /// take each other's calls. Other types leave the fingerprint as
-    /// [`Fingerprint::of`](crate::Fingerprint::of) the arguments makes it.
-    pub fn generic_self<S: ?Sized>(&mut self) {
-        if std::any::type_name::<S>().contains('<') {
-            self.arguments.argument(&crate::codec::type_tag::<S>());
+    /// For a fn pinned to a name, whose instance `site` names (the type
+    /// name of a closure in its body; `own_generics` when the fn has type
+    /// or const parameters of its own): when the instance has generic
+    /// arguments besides the fn's own (its `Self` type's or its trait's,
+    /// lifetimes aside), adds the instance's tag to the fingerprint, so that
+    /// the instances of a generic impl, which share the pinned name and
+    /// whose type parameters the attribute cannot see, never take each
+    /// other's calls. Every other fn keeps the fingerprint that
+    /// [`Fingerprint::of`](crate::Fingerprint::of) its arguments makes.
+    pub fn generic_instance(&mut self, site: &'static str, own_generics: bool) {
+        if !site.contains('<') {
+            return;
+        }
+        let instance = instance_path(operation_name(site), own_generics);
+        if has_generic_arguments(instance) {
+            self.arguments
+                .argument(&crate::codec::remembered_tag(instance));
         }
     }
 
@@ -187,6 +196,67 @@ pub fn operation_name(closure: &'static str) -> &'static str {
         name = outer;
     }
     name
+}
+
+/// `path` (a fn instance's, as [`operation_name`] gives it) without the
+/// fn's own generic arguments, when it has some: `a::Gen<u8>::get<a::B>`
+/// is `a::Gen<u8>::get`.
+fn instance_path(path: &'static str, own_generics: bool) -> &'static str {
+    if !own_generics || !path.ends_with('>') {
+        return path;
+    }
+    let bytes = path.as_bytes();
+    let mut depth = 0_usize;
+    for at in (0..bytes.len()).rev() {
+        match bytes[at] {
+            b'>' if at == 0 || bytes[at - 1] != b'-' => depth += 1,
+            b'<' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return &path[..at];
+                }
+            }
+            _ => {}
+        }
+    }
+    path
+}
+
+/// Whether a type name has a generic argument list with an argument that
+/// is not a lifetime: `a::Gen<u8>` and `<a::Svc as a::Handle<a::Email>>`
+/// have, `a::Lt<'_>` and `<a::Card as a::Ledger>` have not (the brackets
+/// of a qualified path are not a generic list).
+fn has_generic_arguments(name: &str) -> bool {
+    // Per open bracket: whether it opens a generic list, and whether its
+    // current argument has started, as a lifetime or not.
+    let mut open: Vec<(bool, Option<bool>)> = Vec::new();
+    let mut previous = ' ';
+    for c in name.chars() {
+        match c {
+            '<' => open.push((previous.is_alphanumeric() || previous == '_', None)),
+            '>' if previous != '-' => {
+                if let Some((true, Some(false))) = open.pop() {
+                    return true;
+                }
+            }
+            ',' => {
+                if let Some((generic, argument)) = open.last_mut() {
+                    if *generic && *argument == Some(false) {
+                        return true;
+                    }
+                    *argument = None;
+                }
+            }
+            c if !c.is_whitespace() => {
+                if let Some((_, argument @ None)) = open.last_mut() {
+                    *argument = Some(c == '\'');
+                }
+            }
+            _ => {}
+        }
+        previous = c;
+    }
+    false
 }
 
 /// How a return type `R` is a `Result<T, E>`: identity for `Result` and its
@@ -438,6 +508,43 @@ pub const fn millis(millis: u64) -> std::time::Duration {
 
 #[cfg(test)]
 mod tests {
+    use super::{has_generic_arguments, instance_path};
+
+    #[test]
+    fn instances_with_generic_arguments_besides_the_fns_own_are_told() {
+        for (path, own, generic) in [
+            ("shop::charge", false, false),
+            ("shop::Payments::charge", false, false),
+            ("shop::Repo<shop::Invoice>::create", false, true),
+            ("shop::Gen<u8>::get<shop::B>", true, true),
+            ("shop::publish<shop::Shipped>", true, false),
+            ("shop::Plain::get<shop::B, 3>", true, false),
+            ("shop::Lt<'_>::go", false, false),
+            ("shop::Lt<'_, '_>::go", false, false),
+            ("shop::Lt<'_, u8>::go", false, true),
+            ("<shop::Card as shop::Ledger>::record", false, false),
+            ("<shop::Gen<u8> as shop::Ledger>::record", false, true),
+            (
+                "<shop::Svc as shop::Handle<shop::Email>>::handle",
+                false,
+                true,
+            ),
+            ("<shop::Lt<'_> as shop::Ledger>::record", false, false),
+            ("shop::Callbacks<fn() -> u8>::run", false, true),
+            ("shop::Wrap<shop::Inner<'_>>::go", false, true),
+        ] {
+            assert_eq!(
+                has_generic_arguments(instance_path(path, own)),
+                generic,
+                "{path}"
+            );
+        }
+        assert_eq!(
+            instance_path("shop::Gen<u8>::get<shop::B<'_>>", true),
+            "shop::Gen<u8>::get"
+        );
+    }
+
     #[test]
     fn a_name_pinned_by_two_functions_is_reported_once() {
         static FIRST: super::Pinned = super::Pinned::new("tests.pinned", "shop::a (a.rs:1)");

@@ -179,19 +179,16 @@
 /// that the instances of a generic fn pinned to one name never take each
 /// other's equal-looking arguments (`Shipped { order: 7 }` and `Cancelled
 /// { order: 7 }`) for the same call. The attribute cannot see an impl's
-/// type parameters: a method (with a `self` receiver) pinned to a name on a
-/// type with generic arguments (`impl<T> Notifier<T>`) has its `Self` type
-/// in its fingerprint instead, so that `Notifier<Email>` and
-/// `Notifier<Sms>` never take each other's calls (the same key is
-/// [`Error::KeyReused`](crate::Error::KeyReused)). An associated fn without
-/// a receiver in such an impl, pinned to a name, has no way to tell its
-/// instances apart: give their calls keys or scopes of their own, or leave
-/// the name to its default, which names the instance. Likewise, a trait's
+/// type parameters: a fn pinned to a name whose instance has generic
+/// arguments besides its own, in its `Self` type or its trait
+/// (`impl<T> Notifier<T>`, `impl<C> Channeled<C> for Courier`; lifetimes
+/// aside), has that instance in its fingerprint instead, so that
+/// `Notifier<Email>` and `Notifier<Sms>` never take each other's calls (the
+/// same key is [`Error::KeyReused`](crate::Error::KeyReused)). A trait's
 /// default method pinned to a name is one operation for every implementor
-/// whose type has no generic arguments. Everywhere else a pinned fn's key
-/// and fingerprint are
-/// [`Key::scoped(name, scope, key)`](crate::Key::scoped) (or
-/// [`Key::new`](crate::Key::new) without a scope) and
+/// whose type has no generic arguments. Every other pinned fn's key and
+/// fingerprint are [`Key::scoped(name, scope, key)`](crate::Key::scoped)
+/// (or [`Key::new`](crate::Key::new) without a scope) and
 /// [`Fingerprint::of(&(arg, …))`](crate::Fingerprint::of) of its
 /// fingerprinted arguments, so a call through
 /// [`Idempotency::run`](crate::Idempotency::run) with those is the same call.

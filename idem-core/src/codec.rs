@@ -60,7 +60,7 @@ pub(crate) fn type_tag<T: ?Sized>() -> u64 {
 /// call computes its result type's tag, and a type's name is one static
 /// string. A tag depends on the name's text alone, so two names at one
 /// address (merged equal strings) share it rightly.
-fn remembered_tag(name: &'static str) -> u64 {
+pub(crate) fn remembered_tag(name: &'static str) -> u64 {
     const SLOTS: usize = 8;
     thread_local! {
         static TAGS: std::cell::Cell<[(usize, usize, u64); SLOTS]> =

@@ -10,6 +10,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens as _, quote, quote_spanned};
+use syn::ext::IdentExt as _;
 use syn::spanned::Spanned as _;
 use syn::{Expr, Ident, ItemFn, Path, Type};
 
@@ -119,17 +120,24 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             }}
         }
     };
-    // A method pinned to a name, on a type with generic arguments: every
-    // instance of the impl shares the name, and the impl's type
-    // parameters are out of the attribute's sight, so the instance (its
-    // `Self` type) is part of the fingerprint.
-    let instance = (args.name.is_some()
-        && func
+    // A fn pinned to a name: every instance of a generic impl (or of an
+    // impl of a generic trait) shares the name, and the impl's type
+    // parameters are out of the attribute's sight, so the instance, as a
+    // closure's type name tells it, is part of the fingerprint when it has
+    // generic arguments besides the fn's own.
+    let instance = args.name.is_some().then(|| {
+        let site = hidden("__idem_instance");
+        let own_generics = func
             .sig
-            .inputs
+            .generics
+            .params
             .iter()
-            .any(|input| matches!(input, syn::FnArg::Receiver(_))))
-    .then(|| quote!(#call.generic_self::<Self>();));
+            .any(|param| !matches!(param, syn::GenericParam::Lifetime(_)));
+        quote! {
+            let #site = || ();
+            #call.generic_instance(::core::any::type_name_of_val(&#site), #own_generics);
+        }
+    });
     // An argument that is also the key (or a key element, or the scope),
     // as it is written, is checked once, as the key (or scope): its value
     // is taken as a `&dyn` hashable there, and hashed through it as an
@@ -143,7 +151,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         if let Some((_, var, _)) = erased.iter().find(|(b, _, _)| *b == binding) {
             return Some(var.clone());
         }
-        let var = hidden(&format!("__idem_erased_{binding}"));
+        let var = hidden(&format!("__idem_erased_{}", binding.unraw()));
         let path = respan(method, expr.span());
         let creation = quote_spanned!(expr.span()=> let #var = #path(&#written););
         erased.push((binding, var.clone(), creation));
@@ -587,10 +595,10 @@ fn settings_expr(krate: &Path, args: &Args, steps: bool) -> TokenStream {
 /// the name of one of the fingerprinted parameters (not one that a `cfg`
 /// may compile out).
 fn bare_binding(expr: &Expr, fingerprinted: &[func::Param]) -> Option<(Ident, Ident)> {
-    let expr = match expr {
-        Expr::Paren(inner) => &*inner.expr,
-        expr => expr,
-    };
+    let mut expr = expr;
+    while let Expr::Paren(inner) = expr {
+        expr = &inner.expr;
+    }
     let Expr::Path(path) = expr else { return None };
     if path.qself.is_some() || !path.attrs.is_empty() {
         return None;

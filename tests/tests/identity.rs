@@ -173,7 +173,9 @@ trait Channel {
     const NAME: &'static str;
 }
 
+#[derive(Serialize)]
 struct Email;
+#[derive(Serialize)]
 struct Sms;
 
 impl Channel for Email {
@@ -354,6 +356,84 @@ async fn a_pinned_fn_is_the_same_call_as_run_with_its_key(idem: &Idempotency) {
     assert_eq!(ran.unwrap(), 7);
     assert_eq!(payments.charge(customer, &id, 700).await.unwrap(), 7);
     assert_eq!(payments.charged.load(Ordering::SeqCst), 1);
+}
+
+// --- pinned instances of generic impls the attribute cannot see --------------
+
+trait Channeled<C> {
+    async fn deliver(&self, order: &str, channel: C) -> Result<String, Error>;
+}
+
+/// One service implementing a generic trait for two channels, its method
+/// pinned to one name: the impl's `C` is in the trait, not in `Self`.
+struct Courier {
+    idem: Idempotency,
+    delivered: AtomicU32,
+}
+
+impl<C: Channel + Serialize + Send + Sync> Channeled<C> for Courier {
+    #[idempotent(name = "tests.identity.deliver", key = order, store = self.idem)]
+    async fn deliver(&self, order: &str, channel: C) -> Result<String, Error> {
+        let _ = &channel;
+        self.delivered.fetch_add(1, Ordering::SeqCst);
+        Ok(C::NAME.to_owned())
+    }
+}
+
+impl<C: Channel> Notifier<C> {
+    /// An associated fn, no `self`, pinned to one name in a generic impl.
+    #[idempotent(name = "tests.identity.broadcast", key = order, store = idem, skip(idem, sent))]
+    async fn broadcast(idem: &Idempotency, sent: &AtomicU32, order: &str) -> Result<String, Error> {
+        sent.fetch_add(1, Ordering::SeqCst);
+        Ok(format!("{} broadcasts {order}", C::NAME))
+    }
+}
+
+/// A service whose type has a lifetime and nothing else generic: its pinned
+/// method is the same call as `run` with `Key::new` and `Fingerprint::of`.
+struct Borrowed<'a> {
+    idem: &'a Idempotency,
+}
+
+impl<'a> Borrowed<'a> {
+    #[idempotent(name = "tests.identity.borrowed", key = id, store = self.idem)]
+    async fn go(&self, id: &'a str, n: u8) -> Result<u8, Error> {
+        Ok(n)
+    }
+}
+
+async fn pinned_instances_of_generic_impls_are_told_apart(idem: &Idempotency) {
+    let courier = Courier {
+        idem: idem.clone(),
+        delivered: AtomicU32::new(0),
+    };
+    let order = fresh("deliver");
+    let by_email = <Courier as Channeled<Email>>::deliver(&courier, &order, Email).await;
+    assert_eq!(by_email.unwrap(), "email");
+    let by_sms = <Courier as Channeled<Sms>>::deliver(&courier, &order, Sms).await;
+    assert!(matches!(by_sms, Err(Error::KeyReused)), "{by_sms:?}");
+    let again = <Courier as Channeled<Email>>::deliver(&courier, &order, Email).await;
+    assert_eq!(again.unwrap(), "email");
+    assert_eq!(courier.delivered.load(Ordering::SeqCst), 1);
+
+    let sent = AtomicU32::new(0);
+    let order = fresh("broadcast");
+    let by_email = Notifier::<Email>::broadcast(idem, &sent, &order).await;
+    assert_eq!(by_email.unwrap(), format!("email broadcasts {order}"));
+    let by_sms = Notifier::<Sms>::broadcast(idem, &sent, &order).await;
+    assert!(matches!(by_sms, Err(Error::KeyReused)), "{by_sms:?}");
+    assert_eq!(sent.load(Ordering::SeqCst), 1);
+
+    let id = fresh("borrowed");
+    assert_eq!(Borrowed { idem }.go(&id, 3).await.unwrap(), 3);
+    let key = Key::new("tests.identity.borrowed", &id.as_str()).unwrap();
+    let fingerprint = Fingerprint::of(&(&id.as_str(), &3_u8)).unwrap();
+    let replayed = idem
+        .run(&Settings::default(), key, fingerprint, async {
+            Ok::<u8, Error>(0)
+        })
+        .await;
+    assert_eq!(replayed.unwrap(), 3, "the same call as `run`'s");
 }
 
 // --- trait default methods ----------------------------------------------------
@@ -566,6 +646,7 @@ async fn every_case(idem: &Idempotency) {
     methods_of_a_generic_impl_are_told_apart(idem).await;
     instances_pinned_to_one_name_tell_argument_types_apart(idem).await;
     a_pinned_fn_is_the_same_call_as_run_with_its_key(idem).await;
+    pinned_instances_of_generic_impls_are_told_apart(idem).await;
     trait_default_methods_are_told_apart_by_implementor(idem).await;
     a_record_is_never_decoded_as_another_type(idem).await;
     a_call_that_reenters_its_key_fails_at_once(idem).await;
