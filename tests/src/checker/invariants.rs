@@ -584,20 +584,21 @@ mod tests {
     use super::super::workload::{Body, CallPlan, Ends, KeyPlan, Via, Workload};
     use super::check;
 
-    /// One call to a handler over h2 whose body ended as `how`, answered
-    /// `reset`.
-    fn reset_after(how: &'static str) -> Result<(), super::Broken> {
-        let lease = Duration::from_secs(3);
-        let workload = Workload {
+    const LEASE: Duration = Duration::from_secs(3);
+
+    /// One call on one key whose bodies run `steps` steps (together, when
+    /// `concurrent`), reaching idem through `via`.
+    fn one_call(steps: u8, concurrent: bool, via: Via) -> Workload {
+        Workload {
             seed: 0,
             keys: vec![KeyPlan {
-                lease,
-                ttl: lease * 40,
+                lease: LEASE,
+                ttl: LEASE * 40,
                 cache_errors: false,
-                steps: 0,
+                steps,
                 http: false,
                 compensate: false,
-                concurrent: false,
+                concurrent,
             }],
             calls: vec![CallPlan {
                 id: 0,
@@ -610,20 +611,22 @@ mod tests {
                     ends: Ends::Ok,
                     stall: None,
                     padding: 0,
-                    steps: 0,
+                    steps,
                     compensate: false,
-                    concurrent: false,
+                    concurrent,
                 },
                 cancel_after: None,
-                via: Via::Handler {
-                    h2: true,
-                    spawned: false,
-                },
+                via,
                 arguments: 0,
             }],
             handles: 1,
-        };
-        let events = vec![
+        }
+    }
+
+    /// The history of that call: its body ran as run 1 and ended `how`, and
+    /// the call was answered `answer`.
+    fn ran_and_answered(how: &'static str, answer: Answer) -> Vec<(Duration, Event)> {
+        vec![
             (Duration::ZERO, Event::Called { call: 0, key: 0 }),
             (
                 Duration::ZERO,
@@ -638,12 +641,26 @@ mod tests {
                 Duration::ZERO,
                 Event::Answered {
                     call: 0,
-                    answer: Answer::Idem("reset".to_owned()),
+                    answer,
                     took: Duration::ZERO,
                 },
             ),
-        ];
-        check(&workload, &events, lease, false, true)
+        ]
+    }
+
+    /// One call to a handler over h2 whose body ended as `how`, answered
+    /// `reset`.
+    fn reset_after(how: &'static str) -> Result<(), super::Broken> {
+        let workload = one_call(
+            0,
+            false,
+            Via::Handler {
+                h2: true,
+                spawned: false,
+            },
+        );
+        let events = ran_and_answered(how, Answer::Idem("reset".to_owned()));
+        check(&workload, &events, LEASE, false, true)
     }
 
     #[test]
@@ -661,74 +678,16 @@ mod tests {
     /// not, whose body ended `lost` and was answered a store error, and
     /// which idem told `told`.
     fn lost_at_a_step(concurrent: bool, told: &str) -> Result<(), super::Broken> {
-        let lease = Duration::from_secs(3);
-        let body = Body {
-            took: Duration::ZERO,
-            ends: Ends::Ok,
-            stall: None,
-            padding: 0,
-            steps: 2,
-            compensate: false,
-            concurrent,
-        };
-        let workload = Workload {
-            seed: 0,
-            keys: vec![KeyPlan {
-                lease,
-                ttl: lease * 40,
-                cache_errors: false,
-                steps: 2,
-                http: false,
-                compensate: false,
-                concurrent,
-            }],
-            calls: vec![CallPlan {
-                id: 0,
-                key: 0,
-                handle: 0,
-                arrives: Duration::ZERO,
-                settings: Settings::default(),
-                body,
-                cancel_after: None,
-                via: Via::Run,
-                arguments: 0,
-            }],
-            handles: 1,
-        };
-        let events = vec![
-            (Duration::ZERO, Event::Called { call: 0, key: 0 }),
-            (
-                Duration::ZERO,
-                Event::BodyStarted {
-                    call: 0,
-                    key: 0,
-                    run: 1,
-                },
-            ),
-            (
-                Duration::ZERO,
-                Event::BodyEnded {
-                    run: 1,
-                    how: "lost",
-                },
-            ),
-            (
-                Duration::ZERO,
-                Event::Answered {
-                    call: 0,
-                    answer: Answer::Idem("store".to_owned()),
-                    took: Duration::ZERO,
-                },
-            ),
-            (
-                Duration::ZERO,
-                Event::Outcome {
-                    call: 0,
-                    outcome: told.to_owned(),
-                },
-            ),
-        ];
-        check(&workload, &events, lease, true, true)
+        let workload = one_call(2, concurrent, Via::Run);
+        let mut events = ran_and_answered("lost", Answer::Idem("store".to_owned()));
+        events.push((
+            Duration::ZERO,
+            Event::Outcome {
+                call: 0,
+                outcome: told.to_owned(),
+            },
+        ));
+        check(&workload, &events, LEASE, true, true)
     }
 
     /// Steps run together: one found the claim taken over, the other
