@@ -587,10 +587,6 @@ fn settings_expr(krate: &Path, args: &Args, steps: bool) -> TokenStream {
     }
 }
 
-/// A reference to the value of `expr`, taken without moving out of the
-/// arguments: a tuple `(a, b)` becomes `&(&a, &b)`, which serializes the
-/// same. Where precedence allows, no parentheses of ours surround the user's
-/// tokens, so that an error about the value spans all of them.
 /// The parameter `expr` names, and the name as written, when `expr` is just
 /// the name of one of the fingerprinted parameters (not one that a `cfg`
 /// may compile out).
@@ -612,6 +608,10 @@ fn bare_binding(expr: &Expr, fingerprinted: &[func::Param]) -> Option<(Ident, Id
         .map(|binding| (binding.clone(), ident.clone()))
 }
 
+/// A reference to the value of `expr`, taken without moving out of the
+/// arguments: a tuple `(a, b)` becomes `&(&a, &b)`, which serializes the
+/// same. Where precedence allows, no parentheses of ours surround the user's
+/// tokens, so that an error about the value spans all of them.
 fn by_reference(expr: &Expr) -> TokenStream {
     match expr {
         Expr::Paren(inner) => by_reference(&inner.expr),
