@@ -329,13 +329,19 @@ impl Idempotency {
                 // A journal read with the claim that another call's
                 // arguments wrote: this call is that key reused, and its
                 // body does not run.
-                let mut result = if journal.other_arguments() {
+                let reused_at_claim = journal.other_arguments();
+                let mut result = if reused_at_claim {
                     Ok(Err(codec.idem_error(Error::KeyReused)))
                 } else {
                     caught(journal.scope(body)).await
                 };
                 let took = started.elapsed();
                 let mut record = match &result {
+                    // Another call's journal, found with the claim or at a
+                    // step: nothing of this call is recorded (below), so
+                    // its result is neither encoded nor offered to a
+                    // `cache_errors` predicate.
+                    _ if journal.other_arguments() => None,
                     Ok(result) => to_record(key, result, &mut codec)
                         .map(|record| bounded(key, record, self.shared.max_record_bytes)),
                     // A panicking body failed: its claim is released and its
@@ -375,7 +381,7 @@ impl Idempotency {
                 // claim is released.
                 let reused = journal.other_arguments();
                 if reused {
-                    if result.is_ok() {
+                    if !reused_at_claim && result.is_ok() {
                         result = Ok(Err(codec.idem_error(Error::KeyReused)));
                     }
                     record = None;
