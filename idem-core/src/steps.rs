@@ -62,14 +62,14 @@ fn with_arguments(fingerprint: Fingerprint, value: &[u8]) -> Vec<u8> {
 
 /// An entry's value, and the fingerprint of the call that journaled it
 /// (`None` for an entry written without one).
-fn arguments_of(entry: Vec<u8>) -> (Vec<u8>, Option<[u8; 32]>) {
-    match entry.split_first() {
-        Some((&ARGUMENTS, rest)) if rest.len() >= 32 => {
-            let digest: [u8; 32] = rest[..32].try_into().unwrap_or([0; 32]);
-            (rest[32..].to_vec(), Some(digest))
-        }
-        _ => (entry, None),
+fn arguments_of(mut entry: Vec<u8>) -> (Vec<u8>, Option<[u8; 32]>) {
+    if entry.first() != Some(&ARGUMENTS) || entry.len() < ARGUMENTS_PREFIX {
+        return (entry, None);
     }
+    let mut digest = [0; 32];
+    digest.copy_from_slice(&entry[1..ARGUMENTS_PREFIX]);
+    entry.drain(..ARGUMENTS_PREFIX);
+    (entry, Some(digest))
 }
 
 /// `bytes` behind the flag byte `flag` ([`COMPENSABLE`], [`UNREPLAYABLE`]).
