@@ -1764,63 +1764,77 @@ impl std::io::Write for Log {
     }
 }
 
+thread_local! {
+    /// Whether this thread's spans and events go to [`traced`]'s log.
+    static TRACING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `script` with this thread's spans and events (`DEBUG` and up)
+/// formatted into a log, and answers the log.
+///
+/// The subscriber is the process's global one, installed once, and looks at
+/// the thread on every span and event. A subscriber set for one thread
+/// instead races `tracing`'s process-wide cache of which callsites are
+/// enabled: while it is the only one registered, that cache is rebuilt
+/// from whatever thread rebuilds it, and another test's thread, which has
+/// no subscriber, leaves the call's span disabled for good.
+fn traced(script: impl FnOnce()) -> String {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::fmt::format::FmtSpan;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    static LOG: std::sync::OnceLock<Log> = std::sync::OnceLock::new();
+    let log = LOG.get_or_init(|| {
+        let log = Log::default();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer({
+                let log = log.clone();
+                move || log.clone()
+            })
+            .with_ansi(false)
+            .with_span_events(FmtSpan::CLOSE)
+            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(
+                |metadata, _| *metadata.level() <= tracing::Level::DEBUG && TRACING.get(),
+            ));
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+            .expect("no other test of this binary sets a global subscriber");
+        log
+    });
+    TRACING.set(true);
+    script();
+    TRACING.set(false);
+    String::from_utf8(std::mem::take(&mut *log.0.lock().unwrap())).unwrap()
+}
+
 /// Transactional calls are told like every other call: each runs in an
 /// `idem.call` span that ends with its outcome, and is counted by outcome,
 /// with its body's time.
 #[test]
 fn transactional_calls_are_traced_and_counted() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-    use tracing_subscriber::fmt::format::FmtSpan;
 
     let server = shared();
     ensure_charges(server);
     let url = server.url();
     let op = op("observed");
-    let log = Log::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer({
-            let log = log.clone();
-            move || log.clone()
-        })
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .with_span_events(FmtSpan::CLOSE)
-        .finish();
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    // The four calls once before the subscriber, so that every callsite
-    // they reach is registered already: a callsite first reached by another
-    // test's thread while this subscriber is the one registered would cache
-    // that thread's (none) for good, after the rebuild below.
-    let runtime = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    };
-    runtime().block_on(async {
-        let (shop, op) = (Shop::new(&url).await, self::op("observed-warm"));
-        shop.charge(op.clone(), 1, 100).await.unwrap();
-        shop.charge(op.clone(), 1, 100).await.unwrap();
-        shop.charge(op.clone(), 1, 200).await.unwrap_err();
-        shop.charge(op.clone(), 2, 13).await.unwrap_err();
-    });
-    tracing::subscriber::with_default(subscriber, || {
-        // Tests of this binary that ran first, with no subscriber, may have
-        // cached their callsites as uninteresting: look again with this one.
-        tracing::callsite::rebuild_interest_cache();
+    let log = traced(|| {
         metrics::with_local_recorder(&recorder, || {
-            runtime().block_on(async {
-                let shop = Shop::new(&url).await;
-                shop.charge(op.clone(), 1, 100).await.unwrap(); // ran
-                shop.charge(op.clone(), 1, 100).await.unwrap(); // replayed
-                shop.charge(op.clone(), 1, 200).await.unwrap_err(); // key_reused
-                shop.charge(op.clone(), 2, 13).await.unwrap_err(); // failed
-            });
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let shop = Shop::new(&url).await;
+                    shop.charge(op.clone(), 1, 100).await.unwrap(); // ran
+                    shop.charge(op.clone(), 1, 100).await.unwrap(); // replayed
+                    shop.charge(op.clone(), 1, 200).await.unwrap_err(); // key_reused
+                    shop.charge(op.clone(), 2, 13).await.unwrap_err(); // failed
+                });
         });
     });
 
-    let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
     let closed: Vec<&str> = log
         .lines()
         .filter(|line| line.contains("idem.call") && line.contains("close"))
