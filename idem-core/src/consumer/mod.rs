@@ -252,9 +252,15 @@ pub struct Stats {
     pub replayed: u64,
     /// Handler runs that failed.
     pub failed: u64,
-    /// Deliveries nak'ed for redelivery.
+    /// Deliveries nak'ed for redelivery: by [`Consumer::handle`] and
+    /// [`Consumer::run`], once the broker took the nak (a dead letter that
+    /// could not be published and was nak'ed to be tried again included);
+    /// by [`Consumer::process`], when it answers a nak.
     pub naked: u64,
-    /// Deliveries dead-lettered.
+    /// Deliveries dead-lettered: by [`Consumer::handle`] and
+    /// [`Consumer::run`], once the dead letter was published (or, with no
+    /// dead-letter subject, the message terminated); by
+    /// [`Consumer::process`], when it answers a dead letter.
     pub dead_lettered: u64,
     /// Handler runs that panicked (also counted as failed).
     pub panicked: u64,
@@ -571,6 +577,28 @@ impl Consumer {
         T: Serialize + DeserializeOwned,
         E: fmt::Display,
     {
+        let outcome = self.decide_counted(delivery, handler).await;
+        match outcome.disposition {
+            Disposition::Ack => {}
+            Disposition::Nak { .. } => {
+                self.counters.naked.fetch_add(1, Ordering::Relaxed);
+            }
+            Disposition::DeadLetter { .. } => {
+                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        outcome
+    }
+
+    /// [`decide`](Self::decide)s a delivery and counts how it was handled;
+    /// what is told to the broker is counted by the caller, once it is.
+    async fn decide_counted<T, E, F, Fut>(&self, delivery: Delivery, handler: F) -> Outcome<T>
+    where
+        F: FnOnce(Delivery) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned,
+        E: fmt::Display,
+    {
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         let outcome = self.decide(delivery, handler).await;
         let counters = &self.counters;
@@ -586,15 +614,6 @@ impl Consumer {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
             }
             Handled::FailedBefore(_) | Handled::NotRun(_) => {}
-        }
-        match outcome.disposition {
-            Disposition::Ack => {}
-            Disposition::Nak { .. } => {
-                self.counters.naked.fetch_add(1, Ordering::Relaxed);
-            }
-            Disposition::DeadLetter { .. } => {
-                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            }
         }
         outcome
     }
@@ -758,7 +777,6 @@ impl Consumer {
             Ok(delivery) => delivery,
             Err(reason) => {
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("the message has no id: {reason}");
                 tracing::error!(%reason, "idem: dead-lettering a message");
                 // Without an id, the delivery count is unknown: one attempt.
@@ -778,7 +796,7 @@ impl Consumer {
         };
         let deliveries = delivery.delivery_count();
         let mut outcome = {
-            let processing = std::pin::pin!(self.process(delivery, handler));
+            let processing = std::pin::pin!(self.decide_counted(delivery, handler));
             match self.heartbeat {
                 None => processing.await,
                 Some(every) => heartbeating(message, every, processing).await,
@@ -786,7 +804,10 @@ impl Consumer {
         };
         match &outcome.disposition {
             Disposition::Ack => message.ack().await?,
-            Disposition::Nak { delay } => message.nak(*delay).await?,
+            Disposition::Nak { delay } => {
+                message.nak(*delay).await?;
+                self.counters.naked.fetch_add(1, Ordering::Relaxed);
+            }
             Disposition::DeadLetter { reason } => {
                 tracing::error!(%reason, "idem: dead-lettering a message");
                 if let Some(nak) = self.dead_letter(message, reason, deliveries).await? {
@@ -799,7 +820,7 @@ impl Consumer {
 
     /// Dead-letters `message`; when its dead letter cannot be published,
     /// naks it to try again on a later delivery (returning that nak), or
-    /// terminates it after the last attempt.
+    /// terminates it after the last attempt. Counts what it told the broker.
     async fn dead_letter<M: Message>(
         &self,
         message: &M,
@@ -807,6 +828,7 @@ impl Consumer {
         deliveries: u32,
     ) -> Result<Option<Disposition>, AckError> {
         let Err(error) = message.dead_letter(&header_text(reason)).await else {
+            self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         };
         self.counters
@@ -816,6 +838,7 @@ impl Consumer {
             let delay = self.backoff_after(deliveries);
             tracing::error!(%error, ?delay, deliveries, "idem: could not publish a dead letter; nak'ing the message to try the dead letter alone again");
             message.nak(delay).await?;
+            self.counters.naked.fetch_add(1, Ordering::Relaxed);
             Ok(Some(Disposition::Nak { delay }))
         } else {
             tracing::error!(%error, deliveries, %reason, "idem: could not publish a dead letter on its last attempt; terminating the message without one");

@@ -524,7 +524,15 @@ async fn a_dead_letter_that_cannot_be_published_is_retried_without_the_handler()
         matches!(&told[3], Told::DeadLetter(reason) if reason.contains("delivery 2") && reason.contains("cannot parse")),
         "{told:?}"
     );
-    assert_eq!(consumer.stats().dead_letters_failed, 2);
+    // The counts say what the broker was told: three naks (one after the
+    // handler's first failure, two after dead letters it refused), one
+    // dead letter published.
+    let stats = consumer.stats();
+    assert_eq!(
+        (stats.naked, stats.dead_lettered, stats.dead_letters_failed),
+        (3, 1, 2),
+        "{stats:?}"
+    );
 }
 
 #[tokio::test]
@@ -550,7 +558,44 @@ async fn a_dead_letter_that_keeps_failing_ends_in_a_termination() {
         "{told:?}"
     );
     assert_eq!(effects.runs("bad"), 1);
-    assert_eq!(consumer.stats().dead_letters_failed, 2);
+    // Nothing was dead-lettered: one nak, then a termination without one.
+    let stats = consumer.stats();
+    assert_eq!(
+        (stats.naked, stats.dead_lettered, stats.dead_letters_failed),
+        (1, 0, 2),
+        "{stats:?}"
+    );
+
+    // A message without an id has one attempt: one whose dead letter is
+    // refused is terminated, not dead-lettered; one that gets through is
+    // dead-lettered.
+    let consumer = Consumer::new(Idempotency::memory(), "orders");
+    let no_id = |deliveries| Incoming {
+        broker: broker.clone(),
+        id: None,
+        payload: b"{}",
+        deliveries,
+    };
+    consumer
+        .handle(&no_id(1), |d| effects.apply(d))
+        .await
+        .unwrap();
+    broker.refuse_dead_letters.store(0, Ordering::Relaxed);
+    consumer
+        .handle(&no_id(2), |d| effects.apply(d))
+        .await
+        .unwrap();
+    let stats = consumer.stats();
+    assert_eq!(
+        (
+            stats.delivered,
+            stats.naked,
+            stats.dead_lettered,
+            stats.dead_letters_failed
+        ),
+        (2, 0, 1, 1),
+        "{stats:?}"
+    );
 }
 
 /// A memory store whose `complete` never answers in time.
