@@ -48,8 +48,8 @@
 //! (full jitter; base 100 ms, cap 10 s by default), or the `Retry-After`
 //! the server sent plus a random `[0, base]`. It stops after `max_attempts`
 //! (4), when the next wait would end after `max_elapsed` (30 s), or when the
-//! budget (20% of the operations of the last 10 s, plus 10 a second) has no
-//! retry left — and returns the last outcome. A 409 whose `Retry-After`
+//! budget (20% of the operations of the last 10 s, plus a reserve of 100:
+//! 10 a second over those 10 s) has no retry left — and returns the last outcome. A 409 whose `Retry-After`
 //! would end after `max_elapsed` is looked at once more just before it
 //! instead, so a slow first request still ends in its replay; a 425's or
 //! 429's `Retry-After` is the server's rate limit, and one that would end

@@ -1,11 +1,11 @@
 //! How long to wait between attempts, and when to stop.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rand::Rng;
-use tower::retry::budget::{Budget, TpsBudget};
+use tokio::time::Instant;
 
 use super::CircuitBreaker;
 
@@ -218,30 +218,121 @@ impl RetryPolicyBuilder {
 }
 
 /// Caps retries at a fraction of the operations started over a sliding
-/// window, plus a minimum rate, so that retries cannot multiply an
-/// outage's load: when every call fails, clients sharing a budget add at
-/// most `ratio` retries per operation (and `min_per_sec` per second)
-/// instead of `max_attempts - 1`.
+/// window, plus a reserve, so that retries cannot multiply an outage's
+/// load: when every call fails, clients sharing a budget add at most
+/// `ratio` retries per operation (and the reserve) instead of
+/// `max_attempts - 1`.
 ///
-/// Each operation deposits one token; each retry withdraws `1 / ratio`.
-/// This is finagle's retry budget, as tower implements it
-/// ([`TpsBudget`]). Cheap to clone; clones share the tokens.
+/// This is finagle's retry budget: each operation deposits `ratio` of a
+/// retry, each retry withdraws one, deposits and withdrawals count for
+/// `window` (in tenths of it, so they leave it a tenth at a time), and a
+/// reserve of `min_per_sec` × `window` (in seconds) retries is always there
+/// besides: a client that started few operations may retry that many
+/// within a window, all at once if its calls fail together. Exact to a
+/// thousandth of a retry (tower's `TpsBudget`, which it follows, rounds
+/// `1 / ratio` down to a whole number, so that `0.6` there allows as many
+/// retries as `1.0`). Cheap to clone; clones share the tokens.
 #[derive(Clone)]
 pub struct RetryBudget {
-    tokens: Arc<TpsBudget>,
+    tokens: Arc<Tokens>,
     ratio: f32,
     window: Duration,
     min_per_sec: u32,
 }
 
+/// What a retry withdraws from a [`RetryBudget`]; an operation deposits
+/// `ratio` of it.
+const RETRY: i64 = 1000;
+/// The tenths of a budget's window that deposits and withdrawals leave it by.
+const SLOTS: usize = 10;
+
+/// A budget's balance: the reserve, and what each tenth of the window
+/// added (deposits) and took (withdrawals).
+struct Tokens {
+    deposit: i64,
+    reserve: i64,
+    slot: Duration,
+    slots: Mutex<Slots>,
+}
+
+struct Slots {
+    counts: [i64; SLOTS],
+    current: usize,
+    /// When the current slot began.
+    began: Instant,
+}
+
+impl Tokens {
+    fn new(ratio: f32, window: Duration, min_per_sec: u32) -> Self {
+        // `ratio` is at most 1000 and `min_per_sec` below `i32::MAX`, the
+        // window at most 60 s: both fit an i64 many times over.
+        #[allow(clippy::cast_possible_truncation)]
+        let deposit = (f64::from(ratio) * RETRY as f64).round() as i64;
+        #[allow(clippy::cast_possible_truncation)]
+        let reserve = (f64::from(min_per_sec) * window.as_secs_f64() * RETRY as f64).round() as i64;
+        Self {
+            deposit,
+            reserve,
+            slot: window / SLOTS as u32,
+            slots: Mutex::new(Slots {
+                counts: [0; SLOTS],
+                current: 0,
+                began: Instant::now(),
+            }),
+        }
+    }
+
+    /// The slots, with those that left the window by now emptied.
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(slots.began).as_nanos();
+        let slot = self.slot.as_nanos();
+        let passed = elapsed / slot;
+        if passed > 0 {
+            for _ in 0..passed.min(SLOTS as u128) {
+                slots.current = (slots.current + 1) % SLOTS;
+                let current = slots.current;
+                slots.counts[current] = 0;
+            }
+            // The remainder is below one slot (at most 6 s).
+            #[allow(clippy::cast_possible_truncation)]
+            let into_slot = Duration::from_nanos((elapsed % slot) as u64);
+            slots.began = now.checked_sub(into_slot).unwrap_or(now);
+        }
+        slots
+    }
+
+    fn deposit(&self) {
+        let mut slots = self.slots();
+        let current = slots.current;
+        slots.counts[current] = slots.counts[current].saturating_add(self.deposit);
+    }
+
+    fn withdraw(&self) -> bool {
+        let mut slots = self.slots();
+        let balance = slots
+            .counts
+            .iter()
+            .fold(self.reserve, |sum, count| sum.saturating_add(*count));
+        if balance < RETRY {
+            return false;
+        }
+        let current = slots.current;
+        slots.counts[current] -= RETRY;
+        true
+    }
+}
+
 impl RetryBudget {
     /// The default budget: retries may add 20% to the operations of the
-    /// last 10 s, plus 10 per second.
+    /// last 10 s, plus a reserve of 10 a second over those 10 s (100).
     pub const DEFAULT: (f32, Duration, u32) = (0.2, Duration::from_secs(10), 10);
 
     /// A budget that lets retries add `ratio` (e.g. `0.2` for 20%) to the
-    /// operations started in the last `window`, plus `min_per_sec` retries a
-    /// second for clients that have started few.
+    /// operations started in the last `window`, plus a reserve of
+    /// `min_per_sec` × `window` (in seconds) retries for clients that have
+    /// started few (see [`RetryBudget`]).
     ///
     /// # Errors
     ///
@@ -261,7 +352,6 @@ impl RetryBudget {
                 "must be a number between 0 and 1000",
             ));
         }
-        // tower's budget asserts `min_per_sec < i32::MAX`.
         if i32::try_from(min_per_sec).is_err() || min_per_sec == i32::MAX.unsigned_abs() {
             return Err(PolicyError::new(
                 "budget min_per_sec",
@@ -269,7 +359,7 @@ impl RetryBudget {
             ));
         }
         Ok(Self {
-            tokens: Arc::new(TpsBudget::new(window, min_per_sec, ratio)),
+            tokens: Arc::new(Tokens::new(ratio, window, min_per_sec)),
             ratio,
             window,
             min_per_sec,
@@ -292,7 +382,7 @@ impl Default for RetryBudget {
     fn default() -> Self {
         let (ratio, window, min_per_sec) = Self::DEFAULT;
         Self {
-            tokens: Arc::new(TpsBudget::new(window, min_per_sec, ratio)),
+            tokens: Arc::new(Tokens::new(ratio, window, min_per_sec)),
             ratio,
             window,
             min_per_sec,
@@ -436,5 +526,65 @@ mod tests {
         }
         let granted = (0..100).take_while(|_| budget.withdraw()).count();
         assert_eq!(granted, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_grants_its_ratio_exactly() {
+        for (ratio, expected) in [
+            (0.0, 0),
+            (0.1, 10),
+            (0.2, 20),
+            (0.25, 25),
+            (0.4, 40),
+            (0.6, 60),
+            (0.75, 75),
+            (1.0, 100),
+            (2.5, 250),
+            (1000.0, 100_000),
+        ] {
+            let budget = RetryBudget::new(ratio, Duration::from_secs(10), 0).unwrap();
+            for _ in 0..100 {
+                budget.deposit();
+            }
+            let granted = (0..200_000).take_while(|_| budget.withdraw()).count();
+            assert_eq!(granted, expected, "ratio {ratio}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reserve_is_min_per_sec_over_the_window() {
+        let budget = RetryBudget::default();
+        let granted = (0..1000).take_while(|_| budget.withdraw()).count();
+        assert_eq!(granted, 100, "10 a second over 10 s, at once");
+        let budget = RetryBudget::new(0.0, Duration::from_millis(2500), 4).unwrap();
+        assert_eq!((0..1000).take_while(|_| budget.withdraw()).count(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_and_withdrawals_leave_the_window() {
+        let budget = RetryBudget::new(0.5, Duration::from_secs(10), 0).unwrap();
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!((0..1000).take_while(|_| budget.withdraw()).count(), 50);
+        // The deposits leave the window a second later, the withdrawals
+        // (made nine seconds after them) nine seconds after that.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..10 {
+            budget.deposit();
+        }
+        assert_eq!(
+            (0..1000).take_while(|_| budget.withdraw()).count(),
+            0,
+            "the withdrawals still count"
+        );
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!((0..1000).take_while(|_| budget.withdraw()).count(), 5);
+        // Idle for longer than the window: all of it left.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        budget.deposit();
+        budget.deposit();
+        assert_eq!((0..1000).take_while(|_| budget.withdraw()).count(), 1);
     }
 }
