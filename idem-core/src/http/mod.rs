@@ -118,7 +118,10 @@
 //!
 //! ## attempt-failed
 //! `503`: the request this one waited for failed (an error status, a
-//! panic) and stored nothing. Retry with the same key: it runs again.
+//! panic) and stored nothing, or this request's own attempt lost its claim
+//! on the key before it finished (its lease lapsed and another attempt took
+//! the key over). Retry with the same key: it runs again, or gets the
+//! response of the attempt that finished it.
 //!
 //! ## store-unavailable
 //! `503`: the idempotency store could not be reached, so the request was not
@@ -130,6 +133,14 @@
 //! it was sent, or its stored form can no longer be read. It is not
 //! processed again under this key; check its outcome another way (e.g. list
 //! the resources it creates) before sending it with a new key.
+//!
+//! ## internal-error
+//! `500`: the server's idempotency handling failed in a way a retry does
+//! not fix by itself: its settings, or its code's use of idem (a call that
+//! re-enters its own key, a step name used twice). The server logs which.
+//! Like any `500`, the request may have been partly processed; retrying it
+//! with the same key is safe, as its outcome, once there is one, is
+//! replayed.
 
 #[cfg(feature = "axum")]
 mod axum;

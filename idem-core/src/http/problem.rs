@@ -14,6 +14,7 @@ use http::{HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
 use crate::error::Error;
+use crate::store::StoreErrorKind;
 
 /// Where the problem types are described, by default: the docs of
 /// [`idem_core::http`](super). A problem's `type` is this with a fragment
@@ -33,6 +34,7 @@ pub(crate) enum Kind {
     AttemptFailed,
     StoreUnavailable,
     Unreplayable,
+    Internal,
 }
 
 impl Kind {
@@ -42,9 +44,26 @@ impl Kind {
             Error::KeyReused => Self::KeyReused,
             Error::InvalidKey { reason } if reason == super::key::MISSING => Self::MissingKey,
             Error::InvalidKey { .. } => Self::InvalidKey,
-            Error::AttemptFailed => Self::AttemptFailed,
-            Error::Store(_) if error.http_status() == 503 => Self::StoreUnavailable,
-            _ => Self::Unreplayable,
+            // This attempt lost its claim before it finished: as for an
+            // attempt waited for that failed, a retry with the key runs
+            // again or replays the new holder's result.
+            Error::AttemptFailed | Error::StepLost { .. } | Error::ClaimLost => Self::AttemptFailed,
+            Error::Store(store) => match store.kind() {
+                StoreErrorKind::Corrupt => Self::Unreplayable,
+                StoreErrorKind::Config | StoreErrorKind::Unsupported => Self::Internal,
+                _ => Self::StoreUnavailable,
+            },
+            Error::Decode(_) | Error::Encode { .. } | Error::NotReplayable { .. } => {
+                Self::Unreplayable
+            }
+            // The service's configuration or its use of idem: a retry of
+            // the request does not fix it.
+            Error::Reentered { .. }
+            | Error::StepRepeated { .. }
+            | Error::InvalidStepName { .. }
+            | Error::OutsideCall { .. }
+            | Error::Compensating { .. }
+            | Error::Config(_) => Self::Internal,
         }
     }
 
@@ -57,7 +76,7 @@ impl Kind {
             Self::InProgress => StatusCode::CONFLICT,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::AttemptFailed | Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Unreplayable => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unreplayable | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -74,6 +93,7 @@ impl Kind {
             Self::AttemptFailed => "attempt-failed",
             Self::StoreUnavailable => "store-unavailable",
             Self::Unreplayable => "unreplayable",
+            Self::Internal => "internal-error",
         }
     }
 
@@ -89,6 +109,7 @@ impl Kind {
             Self::AttemptFailed => "A request with this Idempotency-Key failed",
             Self::StoreUnavailable => "The idempotency store is unavailable",
             Self::Unreplayable => "The request's stored result cannot be used",
+            Self::Internal => "The server failed to handle this request idempotently",
         }
     }
 }
@@ -127,6 +148,11 @@ impl Problem {
             Kind::Unreplayable => {
                 "The server cannot answer this request with its stored result.".to_owned()
             }
+            // The error names the service's code or settings: logged above,
+            // not sent.
+            Kind::Internal => "The server's idempotency handling failed; retrying with the \
+                 same Idempotency-Key is safe."
+                .to_owned(),
             // Not the error's own text, which gives what is left of the
             // holder's lease: the response says when to look again, in
             // `Retry-After`, and its detail must not say otherwise.
@@ -193,5 +219,118 @@ impl Problem {
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::error::StoreError;
+    use crate::settings::ConfigError;
+
+    fn every_error() -> Vec<Error> {
+        let store = |kind| Error::Store(StoreError::new(kind, "from the store"));
+        let name = Cow::Borrowed("charge");
+        vec![
+            Error::InProgress {
+                retry_after: Duration::from_secs(3),
+            },
+            Error::KeyReused,
+            store(StoreErrorKind::Unavailable),
+            store(StoreErrorKind::Timeout),
+            store(StoreErrorKind::Corrupt),
+            store(StoreErrorKind::Full),
+            store(StoreErrorKind::Config),
+            store(StoreErrorKind::Unsupported),
+            store(StoreErrorKind::Other),
+            Error::decode(serde_json::from_str::<u8>("x").unwrap_err()),
+            Error::encode("result", std::fmt::Error),
+            Error::InvalidKey {
+                reason: "too long".into(),
+            },
+            Error::NotReplayable {
+                reason: "too large".to_owned(),
+            },
+            Error::AttemptFailed,
+            Error::Reentered {
+                operation: name.clone(),
+            },
+            Error::StepRepeated { name: name.clone() },
+            Error::InvalidStepName { name: name.clone() },
+            Error::StepLost { name: name.clone() },
+            Error::Compensating { name },
+            Error::ClaimLost,
+            Error::OutsideCall { what: "epoch()" },
+            Error::Config(ConfigError::lease_too_short_for_store(
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+            )),
+        ]
+    }
+
+    /// A problem's status is its error's `http_status`, whatever the error.
+    #[test]
+    fn every_error_is_answered_with_its_status() {
+        for error in every_error() {
+            assert_eq!(
+                Kind::of(&error).status().as_u16(),
+                error.http_status(),
+                "{error:?}"
+            );
+        }
+    }
+
+    /// `#unreplayable` tells a client not to send the request again: only
+    /// a request that ran and whose outcome cannot be answered is told so.
+    /// One that lost its claim is to be retried; idem's misuse or
+    /// misconfiguration is an internal error.
+    #[test]
+    fn only_outcomes_that_cannot_be_answered_are_unreplayable() {
+        for error in every_error() {
+            let expected = match &error {
+                Error::Decode(_) | Error::Encode { .. } | Error::NotReplayable { .. } => {
+                    Kind::Unreplayable
+                }
+                Error::Store(store) if store.kind() == StoreErrorKind::Corrupt => {
+                    Kind::Unreplayable
+                }
+                Error::StepLost { .. } | Error::ClaimLost | Error::AttemptFailed => {
+                    Kind::AttemptFailed
+                }
+                Error::Store(store)
+                    if matches!(
+                        store.kind(),
+                        StoreErrorKind::Config | StoreErrorKind::Unsupported
+                    ) =>
+                {
+                    Kind::Internal
+                }
+                Error::Reentered { .. }
+                | Error::StepRepeated { .. }
+                | Error::InvalidStepName { .. }
+                | Error::OutsideCall { .. }
+                | Error::Compensating { .. }
+                | Error::Config(_) => Kind::Internal,
+                _ => continue,
+            };
+            assert_eq!(Kind::of(&error), expected, "{error:?}");
+        }
+        let response: Response<Bytes> = Problem::of(&Error::ClaimLost).response(DEFAULT_DOCS);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
+        let response: Response<Bytes> = Problem::of(&Error::StepRepeated {
+            name: "secret-step".into(),
+        })
+        .response(DEFAULT_DOCS);
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = String::from_utf8(response.body().to_vec()).unwrap();
+        assert!(body.contains("#internal-error"), "{body}");
+        assert!(
+            !body.contains("secret-step"),
+            "the service's names stay in its logs: {body}"
+        );
     }
 }
