@@ -479,3 +479,25 @@ async fn a_dead_redis_is_a_503() {
     problem(down, 503, "store-unavailable").await;
     assert_eq!(counts.charges.load(Ordering::SeqCst), 0);
 }
+
+/// A layer's clones are configured apart: one base layer, specialised per
+/// router, and configured again after a clone was handed out.
+#[tokio::test]
+async fn clones_of_a_layer_are_configured_apart() {
+    let base = layer(Idempotency::memory());
+    let handed_out = base.clone();
+    let larger = base.clone().max_body_bytes(4096);
+    let renamed = base.name("payments-v2");
+    let body = "x".repeat(2000);
+    for (layer, status) in [
+        (handed_out, 413),
+        (renamed, 413),
+        (larger, StatusCode::CREATED.as_u16()),
+    ] {
+        let (addr, _) = serve(layer).await;
+        assert_eq!(
+            pay(addr, &rand_key(), &body).await.status().as_u16(),
+            status
+        );
+    }
+}

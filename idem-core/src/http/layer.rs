@@ -216,6 +216,7 @@ pub struct IdempotencyLayer {
     config: Arc<Config>,
 }
 
+#[derive(Clone)]
 struct Config {
     idem: Idempotency,
     scope: Option<ScopeFn>,
@@ -276,11 +277,10 @@ impl IdempotencyLayer {
         }
     }
 
+    /// The layer with `change` made to its configuration; a clone made
+    /// before keeps its own.
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
-        match Arc::get_mut(&mut self.config) {
-            Some(config) => change(config),
-            None => unreachable!("a layer is configured before it is cloned"),
-        }
+        change(Arc::make_mut(&mut self.config));
         self
     }
 
