@@ -685,6 +685,79 @@ async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
+/// Over HTTP/1.1 a client that asks with `TE: trailers` gets the trailers
+/// of a replay too: hyper sends only trailers a `Trailer` header names, in a
+/// chunked body, and the replay names the ones it stores (its first answer,
+/// streamed, names them itself, as it must without the layer).
+async fn trailers_replay_over_http1(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let app = Router::new()
+        .route(
+            "/pkg.Orders/Create",
+            post(|State(runs): State<Arc<Runs>>| async move {
+                let n = runs.bump();
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                trailers.insert("grpc-message", format!("order {n}").parse().unwrap());
+                let frames = vec![
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(vec![0, 0, 0, 0, 1, n as u8]))),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                let mut response = Response::new(Body::new(StreamBody::new(
+                    futures_util::stream::iter(frames),
+                )));
+                let headers = response.headers_mut();
+                headers.insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
+                headers.insert(
+                    header::TRAILER,
+                    "grpc-status, grpc-message".parse().unwrap(),
+                );
+                response
+            }),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(layer(idem));
+    let addr = serve(app).await;
+    let key = key();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(socket))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::post(format!("http://{addr}/pkg.Orders/Create"))
+            .header(header::HOST, addr.to_string())
+            .header("x-api-key", "client-a")
+            .header("idempotency-key", &key)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(Bytes::from_static(&[
+                0, 0, 0, 0, 0,
+            ])))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let replay = response.headers().contains_key("idempotent-replayed");
+        assert!(
+            !response.headers().contains_key(header::CONTENT_LENGTH),
+            "chunked: {:?}",
+            response.headers()
+        );
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        answers.push((replay, trailers, collected.to_bytes()));
+    }
+    let [(false, first, first_body), (true, second, second_body)] = &answers[..] else {
+        panic!("a first answer, then a replay: {answers:?}");
+    };
+    assert_eq!(first["grpc-status"], "0");
+    assert_eq!(first["grpc-message"], "order 1");
+    assert_eq!(second, first);
+    assert_eq!(second_body, first_body);
+    assert_eq!(runs.get(), 1);
+}
+
 /// gRPC says how a call went in `grpc-status` under HTTP `200`: an
 /// `UNAVAILABLE` in the trailers, or in the headers of a trailers-only
 /// answer, is a failure, so its key is released and the retry runs again.
@@ -878,6 +951,7 @@ on_each_store!(
     unsolicited_keys_behave_as_documented,
     equal_queries_replay,
     trailers_pass_through_and_replay_over_h2c,
+    trailers_replay_over_http1,
     grpc_failures_are_not_stored,
     a_client_that_hangs_up_mid_stream_gets_it_all_on_retry,
     a_spawned_function_call_survives_a_hang_up,

@@ -125,8 +125,19 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner(body) => body.size_hint(),
-            Kind::Full { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            Kind::Full { data, trailers } => {
+                let len = data.as_ref().map_or(0, |d| d.len() as u64);
+                // With trailers, no exact size: an HTTP/1.1 server sends a
+                // body of known size with `Content-Length`, which has no
+                // room for trailers, and one of unknown size chunked, with
+                // them.
+                if trailers.is_some() {
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
             }
             Kind::Stream(_) => SizeHint::default(),
         }
@@ -139,13 +150,24 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn a_full_body_without_trailers_has_its_exact_size() {
+        let body: ResponseBody<http_body_util::Empty<Bytes>> =
+            ResponseBody::full(Bytes::from_static(b"abc"), None);
+        assert_eq!(body.size_hint().exact(), Some(3));
+    }
+
     #[tokio::test]
     async fn a_full_body_sends_its_data_then_its_trailers() {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("9"));
         let body: ResponseBody<http_body_util::Empty<Bytes>> =
             ResponseBody::full(Bytes::from_static(b"abc"), Some(trailers.clone()));
-        assert_eq!(body.size_hint().exact(), Some(3));
+        assert_eq!(
+            (body.size_hint().lower(), body.size_hint().exact()),
+            (3, None),
+            "sent chunked over HTTP/1.1, where trailers have room"
+        );
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&trailers));
         assert_eq!(collected.to_bytes(), "abc");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, HeaderName};
+use http::header::{CONTENT_LENGTH, HeaderName, TRAILER};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
@@ -69,7 +69,8 @@ pub const DEFAULT_REPLAY_HEADERS: &[HeaderName] = &[
 /// (a replay must not hand a session to whoever retries), the hop-by-hop
 /// headers of one connection (`Connection`, `Keep-Alive`,
 /// `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`),
-/// and `Content-Length`, which is the replayed body's own.
+/// and `Content-Length`, which is the replayed body's own. (A replay with
+/// trailers declares them in a `Trailer` header of its own.)
 pub const NEVER_REPLAYED: &[&str] = &[
     "set-cookie",
     "connection",
@@ -662,8 +663,7 @@ where
                     response
                 }
                 Err(Failure::Unstored(parts, body, trailers)) => {
-                    let mut response =
-                        Response::from_parts(parts, ResponseBody::full(body, trailers));
+                    let mut response = whole(parts, body, trailers);
                     config.retention(response.headers_mut());
                     response
                 }
@@ -983,22 +983,42 @@ fn streamed_already<RB>() -> Response<ResponseBody<RB>> {
     response
 }
 
+/// A response of a body held whole, and its trailers. With trailers, the
+/// body is sent without a `Content-Length` and a `Trailer` header names
+/// them (when the response has none): an HTTP/1.1 server sends only the
+/// trailers so declared, and only in a chunked body. (`Trailer` is never
+/// stored, as it is one connection's; this one is made anew.)
+fn whole<RB>(
+    mut parts: http::response::Parts,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+) -> Response<ResponseBody<RB>> {
+    if let Some(trailers) = trailers.as_ref().filter(|t| !t.is_empty())
+        && !parts.headers.contains_key(TRAILER)
+    {
+        let names: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
+        if let Ok(declared) = HeaderValue::from_str(&names.join(", ")) {
+            parts.headers.insert(TRAILER, declared);
+        }
+    }
+    Response::from_parts(parts, ResponseBody::full(body, trailers))
+}
+
 /// The response of a recorded or replayed answer.
 fn respond<RB>(config: &Config, answer: Answer) -> Response<ResponseBody<RB>> {
     let Answer { record, first } = answer;
     let mut response = match (record, first) {
-        (Ok(stored), First::Whole(parts)) => {
-            Response::from_parts(parts, ResponseBody::full(stored.body, stored.trailers))
-        }
+        (Ok(stored), First::Whole(parts)) => whole(parts, stored.body, stored.trailers),
         (Ok(stored), First::Replay) => {
-            let mut response = Response::new(ResponseBody::full(stored.body, stored.trailers));
-            *response.status_mut() = stored.status;
-            let headers = response.headers_mut();
+            let (mut parts, ()) = Response::new(()).into_parts();
+            parts.status = stored.status;
             for (name, value) in stored.headers {
-                headers.append(name, value);
+                parts.headers.append(name, value);
             }
-            headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-            response
+            parts
+                .headers
+                .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+            whole(parts, stored.body, stored.trailers)
         }
         (_, First::Streamed) => return streamed_already(),
         // A whole body that failed while it was read: its client is told as

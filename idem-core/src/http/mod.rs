@@ -74,8 +74,11 @@
 //! # gRPC
 //!
 //! Trailers (gRPC's `grpc-status` and `grpc-message`) pass through, are
-//! stored and are replayed (over HTTP/1.1, hyper sends them to clients that
-//! ask with `TE: trailers`). A gRPC method is guarded like any `POST`, and
+//! stored and are replayed. Over HTTP/1.1, hyper sends them in a chunked
+//! body to clients that ask with `TE: trailers`, and only those a
+//! `Trailer` header names: a response streamed through the layer the first
+//! time needs the handler's own `Trailer` header; a replay, and a response
+//! the layer read whole, name the trailers they carry. A gRPC method is guarded like any `POST`, and
 //! its outcome is judged by its `grpc-status` (in the trailers, or the
 //! headers of a trailers-only answer) as well as its HTTP status: by
 //! [`default_store_grpc_status`], `UNAVAILABLE`, `INTERNAL` and the other
