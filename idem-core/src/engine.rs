@@ -75,27 +75,21 @@ impl Idempotency {
     /// when the key stays held past the wait, `KeyReused` when `fingerprint`
     /// differs from the stored one, `Store` when the store fails (the body
     /// then does not run), `Decode` when a stored result no longer decodes.
-    pub async fn run<T, E, F>(
+    #[track_caller]
+    pub fn run<T, E, F>(
         &self,
         settings: &Settings,
         key: Key,
         fingerprint: Fingerprint,
         body: F,
-    ) -> Result<T, E>
+    ) -> impl Future<Output = Result<T, E>>
     where
         F: Future<Output = Result<T, E>>,
         T: Serialize + DeserializeOwned,
         E: From<Error>,
     {
-        self.execute(
-            settings,
-            Operation::of_body::<F>(),
-            key,
-            fingerprint,
-            body,
-            Serde,
-        )
-        .await
+        let operation = Operation::of_run::<F>(std::panic::Location::caller());
+        self.execute(settings, operation, key, fingerprint, body, Serde)
     }
 
     /// Like [`run`](Self::run), but an `Err` that `cache` accepts is stored
@@ -128,29 +122,24 @@ impl Idempotency {
     ///
     /// # Errors
     /// As [`run`](Self::run), plus replayed errors.
-    pub async fn run_caching_errors<T, E, F, P>(
+    #[track_caller]
+    pub fn run_caching_errors<T, E, F, P>(
         &self,
         settings: &Settings,
         key: Key,
         fingerprint: Fingerprint,
         cache: P,
         body: F,
-    ) -> Result<T, E>
+    ) -> impl Future<Output = Result<T, E>>
     where
         F: Future<Output = Result<T, E>>,
         T: Serialize + DeserializeOwned,
         E: From<Error> + Serialize + DeserializeOwned,
         P: FnOnce(&E) -> bool,
     {
-        self.execute(
-            settings,
-            Operation::of_body::<F>(),
-            key,
-            fingerprint,
-            body,
-            SerdeCaching::new(cache),
-        )
-        .await
+        let operation = Operation::of_run::<F>(std::panic::Location::caller());
+        let codec = SerdeCaching::new(cache);
+        self.execute(settings, operation, key, fingerprint, body, codec)
     }
 
     /// This handle's identity in the re-entry check.

@@ -9,7 +9,7 @@
 //!
 //! | field | value |
 //! |---|---|
-//! | `operation` | the operation's name: the attribute's `name` (by default the fn's path), the layer's or consumer's name, or for `run` the path of the fn that calls it |
+//! | `operation` | the operation's name: the attribute's `name` (by default the fn's path), the layer's or consumer's name, or for `run` the path of the fn its body was written in (for an `async` block, the fn that calls `run`; for an `async fn`'s future passed as it is, that fn; also inside `Box::pin` or `.instrument(…)`), or, when the body's type names no fn (`std::future::ready(…)`, a boxed `dyn Future`), the file and line of the call |
 //! | `key` | the key's short hash ([`Key::short`](crate::Key::short)): never the raw key or arguments |
 //! | `outcome` | one of the [outcomes](#outcomes) below |
 //! | `attempts` | how many times the key was claimed (`begin`), 0 when another call in this process did |
@@ -82,13 +82,23 @@ impl Operation {
     }
 
     /// The path of the fn that `F` (a closure or async block) was written
-    /// in, for calls of `run` that name no operation.
+    /// in, for transactional calls.
+    #[cfg(feature = "postgres")]
     pub(crate) fn of_body<F>() -> Self {
-        let mut name = std::any::type_name::<F>();
-        while let Some(outer) = name.strip_suffix("::{{closure}}") {
-            name = outer;
+        Self::Static(written_in(std::any::type_name::<F>()).unwrap_or("unnamed"))
+    }
+
+    /// The operation of a `run` call whose body is an `F`: the path of the
+    /// fn its async block or closure was written in (an `async fn`'s
+    /// future: that fn), also inside a wrapper (`Pin<Box<…>>`,
+    /// `Instrumented<…>`); for a future whose type names no fn
+    /// (`Ready<…>`, a boxed `dyn Future`, a hand-written one), the file and
+    /// line of the call.
+    pub(crate) fn of_run<F>(caller: &'static std::panic::Location<'static>) -> Self {
+        match written_in(std::any::type_name::<F>()) {
+            Some(name) => Self::Static(name),
+            None => Self::Shared(Arc::from(format!("{}:{}", caller.file(), caller.line()))),
         }
-        Self::Static(name)
     }
 
     #[cfg(feature = "metrics")]
@@ -98,6 +108,39 @@ impl Operation {
             Self::Shared(name) => metrics::SharedString::from_shared(Arc::clone(name)),
         }
     }
+}
+
+/// The fn a closure or async block type (as `type_name` prints it) was
+/// written in: the path before its last `::{{closure}}`s, within whatever
+/// generic type holds it. `None` when the type has no closure.
+fn written_in(type_name: &'static str) -> Option<&'static str> {
+    const CLOSURE: &str = "::{{closure}}";
+    let mut end = type_name.rfind(CLOSURE)?;
+    let mut path = &type_name[..end];
+    // Outer closures of the same fn: `f::{{closure}}::{{closure}}`.
+    while let Some(outer) = path.strip_suffix(CLOSURE) {
+        path = outer;
+        end = path.len();
+    }
+    // Back to where the path starts: after the `<`, `,`, `(`, `&`, `*` or
+    // space that opens it, skipping the generic arguments of its own
+    // segments (`f<u64>::{{closure}}`).
+    let bytes = &type_name.as_bytes()[..end];
+    let mut depth = 0_usize;
+    let mut start = 0;
+    for (at, byte) in bytes.iter().enumerate().rev() {
+        match byte {
+            b'>' => depth += 1,
+            b'<' if depth > 0 => depth -= 1,
+            b'<' | b',' | b'(' | b'&' | b'*' | b' ' | b'[' | b';' if depth == 0 => {
+                start = at + 1;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let path = &type_name[start..end];
+    (!path.is_empty()).then_some(path)
 }
 
 impl From<&'static str> for Operation {
@@ -493,5 +536,71 @@ impl fmt::Debug for Call {
             .field("operation", &self.operation)
             .field("outcome", &self.outcome())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fn_a_body_was_written_in_is_read_from_its_type() {
+        for (type_name, expected) in [
+            ("shop::charge::{{closure}}", Some("shop::charge")),
+            (
+                "shop::charge::{{closure}}::{{closure}}",
+                Some("shop::charge"),
+            ),
+            (
+                "shop::outer::{{closure}}::inner::{{closure}}",
+                Some("shop::outer::{{closure}}::inner"),
+            ),
+            (
+                "core::pin::Pin<alloc::boxed::Box<shop::charge::{{closure}}::{{closure}}>>",
+                Some("shop::charge"),
+            ),
+            (
+                "tracing::instrument::Instrumented<shop::charge::{{closure}}>",
+                Some("shop::charge"),
+            ),
+            (
+                "shop::charge<u64, shop::Euro>::{{closure}}",
+                Some("shop::charge<u64, shop::Euro>"),
+            ),
+            (
+                "futures::Join<shop::a::{{closure}}, shop::b::{{closure}}>",
+                Some("shop::b"),
+            ),
+            (
+                "core::pin::Pin<&mut shop::charge::{{closure}}>",
+                Some("shop::charge"),
+            ),
+            (
+                "core::future::ready::Ready<core::result::Result<u32, idem_core::error::Error>>",
+                None,
+            ),
+            (
+                "core::pin::Pin<alloc::boxed::Box<dyn core::future::future::Future<Output = u32> + Send>>",
+                None,
+            ),
+            ("{{closure}}", None),
+        ] {
+            assert_eq!(written_in(type_name), expected, "{type_name}");
+        }
+    }
+
+    #[test]
+    fn a_body_whose_type_names_no_fn_is_named_by_its_call() {
+        let here = std::panic::Location::caller();
+        let named = Operation::of_run::<std::future::Ready<u32>>(here);
+        assert_eq!(named.as_str(), format!("{}:{}", here.file(), here.line()));
+        let body = async {};
+        fn operation_of<F>(_: &F, here: &'static std::panic::Location<'static>) -> Operation {
+            Operation::of_run::<F>(here)
+        }
+        assert_eq!(
+            operation_of(&body, here).as_str(),
+            "idem_core::observe::tests::a_body_whose_type_names_no_fn_is_named_by_its_call"
+        );
     }
 }

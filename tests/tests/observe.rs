@@ -164,6 +164,75 @@ fn each_outcome_is_a_span_with_safe_fields() {
     assert_eq!(captured.level_of("key_reused"), Level::INFO);
 }
 
+async fn shipped(order: u64) -> Result<u64, idem_core::Error> {
+    Ok(order)
+}
+
+/// `run`'s operation is the fn its body was written in, also boxed or
+/// instrumented; an `async fn`'s future passed as it is names that fn; a
+/// body whose type names no fn is named by the call's file and line.
+fn runs_are_named_by_their_bodies() {
+    let line = std::sync::Mutex::new(0);
+    let captured = traced(|| async {
+        let idem = Idempotency::memory();
+        let settings = Settings::default();
+        let run = |n: u64| (Key::new("named", &n).unwrap(), args(n));
+        let (k, f) = run(1);
+        idem.run(&settings, k, f, async { Ok::<_, idem_core::Error>(1_u64) })
+            .await
+            .unwrap();
+        let (k, f) = run(2);
+        idem.run(
+            &settings,
+            k,
+            f,
+            Box::pin(async { Ok::<_, idem_core::Error>(2_u64) }),
+        )
+        .await
+        .unwrap();
+        let (k, f) = run(3);
+        idem.run(
+            &settings,
+            k,
+            f,
+            tracing::Instrument::instrument(
+                async { Ok::<_, idem_core::Error>(3_u64) },
+                tracing::info_span!("work"),
+            ),
+        )
+        .await
+        .unwrap();
+        let (k, f) = run(4);
+        idem.run(&settings, k, f, shipped(4)).await.unwrap();
+        let (k, f) = run(5);
+        *line.lock().unwrap() = line!() + 1;
+        idem.run(
+            &settings,
+            k,
+            f,
+            std::future::ready(Ok::<_, idem_core::Error>(5_u64)),
+        )
+        .await
+        .unwrap();
+    });
+    let operations: Vec<String> = captured
+        .spans()
+        .iter()
+        .map(|span| span["operation"].clone())
+        .collect();
+    let here = "observe::runs_are_named_by_their_bodies";
+    assert_eq!(
+        operations,
+        [
+            here.to_owned(),
+            here.to_owned(),
+            here.to_owned(),
+            "observe::shipped".to_owned(),
+            format!("{}:{}", file!(), line.lock().unwrap()),
+        ]
+    );
+}
+
 fn waits_rejections_and_failures_are_told_apart() {
     let captured = traced(|| async {
         let idem = Idempotency::memory();
@@ -278,6 +347,7 @@ fn calls_refused_before_their_key_are_config_errors() {
 #[test]
 fn spans_and_events_tell_each_outcome() {
     each_outcome_is_a_span_with_safe_fields();
+    runs_are_named_by_their_bodies();
     waits_rejections_and_failures_are_told_apart();
     store_and_decode_errors_warn_and_the_attribute_names_its_operation();
     calls_refused_before_their_key_are_config_errors();
