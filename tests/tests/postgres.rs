@@ -2344,7 +2344,17 @@ async fn transactional_claims_are_visible_and_forgettable() {
     let (holder, gate) = hold_in_transaction(&store, Settings::DEFAULT, key, fp, 1).await;
     let operator = Idempotency::new(connect(&server.url()).await);
     match operator.inspect(key).await.unwrap() {
-        idem_core::Inspection::InProgress { held_for, .. } => assert!(held_for.is_some()),
+        // Only the lock shows the claim: its fingerprint and lease are in
+        // the holder's uncommitted row.
+        idem_core::Inspection::InProgress {
+            held_for,
+            fingerprint,
+            expires_in,
+        } => {
+            assert!(held_for.is_some());
+            assert_eq!(fingerprint, Fingerprint::UNCHECKED);
+            assert_eq!(expires_in, Duration::ZERO);
+        }
         other => panic!("expected the transactional claim, got {other:?}"),
     }
     assert!(operator.forget(key).await.unwrap(), "the holder was ended");

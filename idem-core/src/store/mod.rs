@@ -346,9 +346,14 @@ pub enum Inspection {
     Absent,
     /// A call holds the key and has not finished.
     InProgress {
-        /// The call's fingerprint.
+        /// The call's fingerprint; [`Fingerprint::UNCHECKED`] for a
+        /// transactional claim on PostgreSQL (`transaction = tx`), whose
+        /// fingerprint is in a row its holder has not committed.
         fingerprint: Fingerprint,
-        /// When the claim lapses unless renewed.
+        /// When the claim lapses unless renewed; zero for a transactional
+        /// claim on PostgreSQL, which is not a lease: it lasts as long as
+        /// its holder's transaction (which the server ends once it has
+        /// idled for the call's lease).
         expires_in: Duration,
         /// How long ago the claim was made, when the store knows.
         held_for: Option<Duration>,
