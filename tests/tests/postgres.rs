@@ -904,7 +904,13 @@ async fn connecting_does_not_wait_for_transactions_in_flight() {
 #[tokio::test]
 async fn connect_by_url_names_both_schemes() {
     let url = shared().url();
-    for url in [url.clone(), url.replacen("postgres://", "postgresql://", 1)] {
+    // Schemes are case-insensitive.
+    for url in [
+        url.clone(),
+        url.replacen("postgres://", "postgresql://", 1),
+        url.replacen("postgres://", "POSTGRES://", 1),
+        url.replacen("postgres://", "PostgreSQL://", 1),
+    ] {
         let idem = Idempotency::connect(&url).await.expect("connects");
         let (key, fp) = fresh("by-url");
         let result = idem

@@ -475,6 +475,13 @@ async fn connect_by_url() {
         .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(5) })
         .await;
     assert_eq!(result.unwrap(), 5);
+    // Schemes are case-insensitive.
+    let upper = server.url().replacen("redis://", "REDIS://", 1);
+    let idem = Idempotency::connect(&upper).await.unwrap();
+    let result = idem
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(6) })
+        .await;
+    assert_eq!(result.unwrap(), 5, "the same store, replayed");
 
     let port = idem_test::redis_server::free_port();
     let err = idem_core::connect(&format!("redis://127.0.0.1:{port}"))

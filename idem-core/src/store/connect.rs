@@ -15,6 +15,9 @@ use crate::error::{StoreError, StoreErrorKind};
 /// | `redis+cluster://host:port,host:port` | a Redis Cluster | `redis` |
 /// | `postgres://user@host/db` or `postgresql://…` | a PostgreSQL table | `postgres` |
 ///
+/// Schemes are read in any case (`REDIS://` is `redis://`), as by
+/// `RedisStore::connect` and `PostgresStore::connect`.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), idem_core::store::StoreError> {
@@ -32,6 +35,7 @@ use crate::error::{StoreError, StoreErrorKind};
 /// A [`StoreErrorKind::Config`] error for a URL that is malformed, whose
 /// scheme is unknown, or whose backend's Cargo feature is not compiled in.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    let url = &*lowercase_scheme(url);
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
         config(format!(
             "`{}` is not a store URL; expected e.g. `memory://` or `redis://127.0.0.1:6379`",
@@ -97,6 +101,17 @@ fn memory_from_url(rest: &str) -> Result<MemoryStore, StoreError> {
         }
     }
     Ok(builder.build())
+}
+
+/// `url` with its scheme in lower case: schemes are case-insensitive
+/// (RFC 3986), so `REDIS://host` is `redis://host`.
+pub(crate) fn lowercase_scheme(url: &str) -> std::borrow::Cow<'_, str> {
+    match url.split_once("://") {
+        Some((scheme, rest)) if scheme.bytes().any(|b| b.is_ascii_uppercase()) => {
+            format!("{}://{rest}", scheme.to_ascii_lowercase()).into()
+        }
+        _ => url.into(),
+    }
 }
 
 /// `url` with the password of its user info replaced by `***`:
@@ -165,9 +180,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn schemes_are_read_in_any_case() {
+        for (url, expected) in [
+            ("REDIS://Host:6379/0", "redis://Host:6379/0"),
+            ("Rediss+Cluster://A:1,B:2", "rediss+cluster://A:1,B:2"),
+            ("postgres://U:P@h/DB", "postgres://U:P@h/DB"),
+            ("no scheme", "no scheme"),
+        ] {
+            assert_eq!(lowercase_scheme(url), expected);
+        }
+    }
+
     #[tokio::test]
     async fn memory_urls() {
         connect("memory://").await.unwrap();
+        connect("MEMORY://").await.unwrap();
+        connect("Memory://?max_records=10").await.unwrap();
         connect("memory://?max_records=10").await.unwrap();
         connect("memory://?max_records=10&max_bytes=4096")
             .await

@@ -65,6 +65,11 @@ pub struct RedisStoreBuilder {
 
 impl RedisStoreBuilder {
     pub(super) fn new(nodes: Vec<String>, cluster: bool) -> Self {
+        // `REDISS://` is TLS too (schemes are case-insensitive).
+        let nodes = nodes
+            .into_iter()
+            .map(|node| crate::store::connect::lowercase_scheme(&node).into_owned())
+            .collect();
         Self {
             nodes,
             cluster,

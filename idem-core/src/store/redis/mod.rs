@@ -136,6 +136,7 @@ impl RedisStore {
     }
 
     pub(crate) fn builder_for_url(url: &str) -> Result<RedisStoreBuilder, StoreError> {
+        let url = &*crate::store::connect::lowercase_scheme(url);
         let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
         match scheme {
             "redis" | "rediss" => Ok(Self::node(url)),
