@@ -862,8 +862,8 @@ impl PostgresStoreBuilder {
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`] for a malformed URL, one of another scheme
-    /// than `postgres://` or `postgresql://`, or a malformed table name,
-    /// [`StoreErrorKind::Unavailable`] when the database cannot be reached,
+    /// than `postgres://` or `postgresql://`, a malformed table name or a
+    /// zero timeout, [`StoreErrorKind::Unavailable`] when the database cannot be reached,
     /// [`StoreErrorKind::Other`] for what a reachable database refuses (an
     /// unknown database or role, a failed authentication, a migration the
     /// role may not make).
@@ -891,8 +891,8 @@ impl PostgresStoreBuilder {
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`] for a malformed URL, one of another scheme
-    /// than `postgres://` or `postgresql://`, or a malformed table name, or
-    /// when called outside a tokio runtime.
+    /// than `postgres://` or `postgresql://`, a malformed table name or a
+    /// zero timeout, or when called outside a tokio runtime.
     pub fn connect_lazy(self) -> Result<PostgresStore, StoreError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(StoreError::new(
@@ -904,6 +904,17 @@ impl PostgresStoreBuilder {
     }
 
     fn build(self, lazy: bool) -> Result<PostgresStore, StoreError> {
+        for (setting, value) in [
+            ("response_timeout", self.response_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(StoreError::new(
+                    StoreErrorKind::Config,
+                    format!("the PostgreSQL store's `{setting}` must be longer than zero"),
+                ));
+            }
+        }
         let sql = Statements::new(&self.schema, &self.table)?;
         let (pool, breaks) = match self.source {
             Source::Pool(pool) => (pool, None),
@@ -1510,6 +1521,19 @@ fn fingerprint_of(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn zero_timeouts_are_refused_naming_the_setting() {
+        let url = || PostgresStore::builder("postgres://127.0.0.1:1/db");
+        for (store, setting) in [
+            (url().response_timeout(Duration::ZERO), "response_timeout"),
+            (url().connect_timeout(Duration::ZERO), "connect_timeout"),
+        ] {
+            let error = store.connect_lazy().unwrap_err();
+            assert_eq!(error.kind(), StoreErrorKind::Config);
+            assert!(error.to_string().contains(setting), "{error}");
+        }
+    }
 
     #[test]
     fn connections_idle_since_before_a_failure_are_told_apart() {

@@ -157,7 +157,8 @@ impl RedisStoreBuilder {
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
-    /// malformed URL or a Redis that may evict keys (see [`EvictionCheck`]),
+    /// malformed URL, a zero timeout or a Redis that may evict keys (see
+    /// [`EvictionCheck`]),
     /// and [`StoreErrorKind::Unavailable`](crate::store::StoreErrorKind::Unavailable)
     /// when no server answers.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
@@ -174,8 +175,18 @@ impl RedisStoreBuilder {
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
-    /// malformed URL.
+    /// malformed URL or a zero timeout.
     pub fn connect_lazy(self) -> Result<RedisStore, StoreError> {
+        for (setting, value) in [
+            ("response_timeout", self.response_timeout),
+            ("connection_timeout", self.connection_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(config(format!(
+                    "the Redis store's `{setting}` must be longer than zero"
+                )));
+            }
+        }
         if self.uses_tls() && cfg!(not(feature = "tls")) {
             return Err(config(format!(
                 "{} asks for TLS (`rediss://`), which needs the `tls` feature of idem-core: \
@@ -387,9 +398,29 @@ fn collect_configs(value: &Value, out: &mut Vec<HashMap<String, String>>) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use redis::Value;
 
     use super::eviction_risk;
+    use crate::RedisStore;
+    use crate::store::StoreErrorKind;
+
+    #[test]
+    fn zero_timeouts_are_refused_naming_the_setting() {
+        let node = || RedisStore::node("redis://127.0.0.1:1");
+        for (store, setting) in [
+            (node().response_timeout(Duration::ZERO), "response_timeout"),
+            (
+                node().connection_timeout(Duration::ZERO),
+                "connection_timeout",
+            ),
+        ] {
+            let error = store.connect_lazy().unwrap_err();
+            assert_eq!(error.kind(), StoreErrorKind::Config);
+            assert!(error.to_string().contains(setting), "{error}");
+        }
+    }
 
     fn bulk(text: &str) -> Value {
         Value::BulkString(text.as_bytes().to_vec())
