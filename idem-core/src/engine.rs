@@ -89,7 +89,12 @@ impl Idempotency {
         E: From<Error>,
     {
         let operation = Operation::of_run::<F>(std::panic::Location::caller());
-        self.execute(settings, operation, key, fingerprint, body, Serde)
+        // `execute` where the future is first polled (it joins the task's
+        // claims there); the caller's location here.
+        async move {
+            self.execute(settings, operation, key, fingerprint, body, Serde)
+                .await
+        }
     }
 
     /// Like [`run`](Self::run), but an `Err` that `cache` accepts is stored
@@ -138,8 +143,11 @@ impl Idempotency {
         P: FnOnce(&E) -> bool,
     {
         let operation = Operation::of_run::<F>(std::panic::Location::caller());
-        let codec = SerdeCaching::new(cache);
-        self.execute(settings, operation, key, fingerprint, body, codec)
+        async move {
+            let codec = SerdeCaching::new(cache);
+            self.execute(settings, operation, key, fingerprint, body, codec)
+                .await
+        }
     }
 
     /// This handle's identity in the re-entry check.

@@ -85,7 +85,9 @@ impl Operation {
     /// in, for transactional calls.
     #[cfg(feature = "postgres")]
     pub(crate) fn of_body<F>() -> Self {
-        Self::Static(written_in(std::any::type_name::<F>()).unwrap_or("unnamed"))
+        let name = std::any::type_name::<F>();
+        // A fn item's type name is the fn's path.
+        Self::Static(written_in(name).unwrap_or(name))
     }
 
     /// The operation of a `run` call whose body is an `F`: the path of the
@@ -130,6 +132,8 @@ fn written_in(type_name: &'static str) -> Option<&'static str> {
     let mut start = 0;
     for (at, byte) in bytes.iter().enumerate().rev() {
         match byte {
+            // The arrow of a fn type (`fn() -> u32`) closes nothing.
+            b'>' if at > 0 && bytes[at - 1] == b'-' => {}
             b'>' => depth += 1,
             b'<' if depth > 0 => depth -= 1,
             b'<' | b',' | b'(' | b'&' | b'*' | b' ' | b'[' | b';' if depth == 0 => {
@@ -566,6 +570,14 @@ mod tests {
             (
                 "shop::charge<u64, shop::Euro>::{{closure}}",
                 Some("shop::charge<u64, shop::Euro>"),
+            ),
+            (
+                "core::pin::Pin<alloc::boxed::Box<shop::charge<fn() -> u32>::{{closure}}>>",
+                Some("shop::charge<fn() -> u32>"),
+            ),
+            (
+                "alloc::boxed::Box<shop::charge<alloc::boxed::Box<dyn core::ops::function::Fn(u32) -> u32>>::{{closure}}>",
+                Some("shop::charge<alloc::boxed::Box<dyn core::ops::function::Fn(u32) -> u32>>"),
             ),
             (
                 "futures::Join<shop::a::{{closure}}, shop::b::{{closure}}>",

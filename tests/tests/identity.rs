@@ -637,6 +637,57 @@ async fn a_call_that_reenters_its_key_fails_at_once(idem: &Idempotency) {
     assert_eq!(ledgers.outer(&fresh("outer")).await.unwrap(), 0);
 }
 
+/// A call's future joins the claims of the task that first polls it, not
+/// of the one that made it: made before an outer call and awaited in its
+/// body, it sees the outer key (a re-entry, refused at once); made in a
+/// body and awaited after that call ended, it does not (a replay).
+#[tokio::test]
+async fn a_future_joins_the_claims_where_it_is_awaited() {
+    let idem = Idempotency::memory();
+    let settings = Settings::builder()
+        .wait_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let (outer, inner) = (
+        Key::new("tests.identity.outer", &fresh("made-before")).unwrap(),
+        Key::new("tests.identity.inner", &fresh("made-before")).unwrap(),
+    );
+    let fp = Fingerprint::of(&1).unwrap();
+    let made_before = idem.run(&settings, inner, fp, async {
+        idem.run(&settings, outer, fp, async { Ok::<u64, Error>(7) })
+            .await
+    });
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        idem.run(&settings, outer, fp, made_before),
+    )
+    .await
+    .expect("refused at once, not after the wait");
+    assert!(matches!(answer, Err(Error::Reentered { .. })), "{answer:?}");
+
+    let (outer, inner) = (
+        Key::new("tests.identity.outer", &fresh("awaited-after")).unwrap(),
+        Key::new("tests.identity.inner", &fresh("awaited-after")).unwrap(),
+    );
+    let later = std::sync::Mutex::new(None);
+    let first = idem
+        .run(&settings, outer, fp, async {
+            *later.lock().unwrap() = Some(idem.run(&settings, inner, fp, async {
+                idem.run(&settings, outer, fp, async { Ok::<u64, Error>(99) })
+                    .await
+            }));
+            Ok::<u64, Error>(5)
+        })
+        .await
+        .unwrap();
+    let later = later.lock().unwrap().take().unwrap();
+    assert_eq!(
+        (first, later.await.unwrap()),
+        (5, 5),
+        "the outer call replays"
+    );
+}
+
 // --- the runs ---------------------------------------------------------------
 
 async fn every_case(idem: &Idempotency) {
