@@ -591,6 +591,8 @@ impl Breakers {
     /// How long a closed breaker may go unused before it is forgotten: 10
     /// minutes.
     pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
+    /// The shortest [`idle`](Self::idle): a second.
+    pub const MIN_IDLE: Duration = Duration::from_secs(1);
     /// How many breakers are kept at most: 10 000.
     pub const DEFAULT_MAX_DEPENDENCIES: usize = 10_000;
 
@@ -607,10 +609,12 @@ impl Breakers {
         })
     }
 
-    /// Forget a closed breaker after this long unused (default 10 minutes).
+    /// Forget a closed breaker after this long unused (default 10 minutes;
+    /// at least a second: a breaker forgotten between two calls would
+    /// never count their failures together).
     #[must_use]
     pub fn idle(mut self, idle: Duration) -> Self {
-        self.idle = idle;
+        self.idle = idle.max(Self::MIN_IDLE);
         self
     }
 
@@ -1019,6 +1023,16 @@ mod tests {
         // A forgotten dependency starts again: its earlier failure is gone.
         call(&breakers.get("quiet:443"), FAIL).unwrap();
         assert_eq!(breakers.get("quiet:443").state(), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_of_zero_is_a_second() {
+        let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(2))
+            .unwrap()
+            .idle(Duration::ZERO);
+        call(&breakers.get("down:443"), FAIL).unwrap();
+        call(&breakers.get("down:443"), FAIL).unwrap();
+        assert_eq!(breakers.get("down:443").state(), BreakerState::Open);
     }
 
     #[tokio::test(start_paused = true)]

@@ -286,6 +286,12 @@ impl Tokens {
     fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
+        if now < slots.began {
+            // A clock behind the one the budget began on (another runtime's
+            // paused clock): the current slot begins now, or nothing would
+            // leave the window until that clock caught up.
+            slots.began = now;
+        }
         let elapsed = now.saturating_duration_since(slots.began).as_nanos();
         let slot = self.slot.as_nanos();
         let passed = elapsed / slot;
@@ -549,6 +555,30 @@ mod tests {
             let granted = (0..200_000).take_while(|_| budget.withdraw()).count();
             assert_eq!(granted, expected, "ratio {ratio}");
         }
+    }
+
+    #[test]
+    fn the_window_slides_on_a_clock_behind_the_budgets() {
+        let paused = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        let budget = paused().block_on(async {
+            tokio::time::advance(Duration::from_secs(3600)).await;
+            RetryBudget::new(0.0, Duration::from_secs(1), 2).unwrap()
+        });
+        paused().block_on(async {
+            assert_eq!((0..10).take_while(|_| budget.withdraw()).count(), 2);
+            tokio::time::advance(Duration::from_secs(2)).await;
+            assert_eq!(
+                (0..10).take_while(|_| budget.withdraw()).count(),
+                2,
+                "the withdrawals left the window"
+            );
+        });
     }
 
     #[tokio::test(start_paused = true)]
