@@ -91,6 +91,7 @@
 pub mod checker;
 pub mod conformance;
 pub mod faults;
+pub mod logs;
 pub mod process;
 pub mod proxy;
 

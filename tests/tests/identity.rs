@@ -539,35 +539,9 @@ async fn pinned_second(idem: &Idempotency, id: &str) -> Result<u32, Error> {
     Ok(2)
 }
 
-/// Collects the warnings idem logs.
-#[derive(Clone, Default)]
-struct Warnings(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Warnings {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn a_name_pinned_by_two_functions_is_reported_and_shared() {
-    let warnings = Warnings::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer({
-            let warnings = warnings.clone();
-            move || warnings.clone()
-        })
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // Callsites other tests of this binary reached first, with no
-    // subscriber, may be cached as uninteresting: look again with this one.
-    tracing::callsite::rebuild_interest_cache();
+    let warnings = idem_test::logs::capture();
     let idem = Idempotency::memory();
     let id = fresh("twice");
     assert_eq!(pinned_first(&idem, &id).await.unwrap(), 1);
@@ -575,7 +549,7 @@ async fn a_name_pinned_by_two_functions_is_reported_and_shared() {
     // first's record, and idem says once that the two share records.
     assert_eq!(pinned_second(&idem, &id).await.unwrap(), 1);
     assert_eq!(pinned_second(&idem, &fresh("twice")).await.unwrap(), 2);
-    let logged = String::from_utf8(warnings.0.lock().unwrap().clone()).unwrap();
+    let logged = warnings.text();
     assert_eq!(logged.matches("share records").count(), 1, "{logged}");
     assert!(
         logged.contains("pinned_first") && logged.contains("pinned_second"),
@@ -726,18 +700,7 @@ async fn instances_are_told_apart_on_redis() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_decode_error_never_carries_the_stored_value() {
     use idem_core::store::{Outcome, Record, Store as _, Token};
-    let logs = Warnings::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer({
-            let logs = logs.clone();
-            move || logs.clone()
-        })
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // Callsites other tests of this binary reached first, with no
-    // subscriber, may be cached as uninteresting: look again with this one.
-    tracing::callsite::rebuild_interest_cache();
+    let logs = idem_test::logs::capture();
     let store = idem_core::MemoryStore::new();
     let key = Key::new("tests.identity.decode", &fresh("decode")).unwrap();
     let fingerprint = Fingerprint::of(&()).unwrap();
@@ -759,7 +722,7 @@ async fn a_decode_error_never_carries_the_stored_value() {
     let error = answer.unwrap_err();
     assert!(matches!(error, Error::Decode(_)), "{error:?}");
     assert!(!error.to_string().contains("4242"), "{error}");
-    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logged = logs.text();
     assert!(logged.contains("decode"), "the outcome is logged: {logged}");
     assert!(!logged.contains("4242"), "{logged}");
 }

@@ -391,45 +391,6 @@ async fn a_function_of_the_claim_functions_name_that_is_not_idems_is_not_used() 
     }
 }
 
-/// What a subscriber wrote, shared with the test.
-#[derive(Clone, Default)]
-struct Written(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Written {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Written {
-    fn text(&self) -> String {
-        let bytes = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
-
-/// A subscriber of warnings and errors, and what it wrote.
-fn warn_logs() -> (impl tracing::Subscriber + Send + Sync, Written) {
-    let written = Written::default();
-    let sink = written.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || sink.clone())
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    (subscriber, written)
-}
-
 /// The claim function's name, as the functions below alter it.
 const CLAIM_FUNCTION: &str = "idempotency_keys_claim(bytea, bytea, bytea, bigint)";
 
@@ -573,8 +534,7 @@ async fn while_the_database_is_down_calls_do_not_each_look_for_the_claim_functio
         .unwrap();
     let not_looked = builder().migrate(false).connect_lazy().unwrap();
     server.kill();
-    let (subscriber, logs) = warn_logs();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let logs = idem_test::logs::capture();
     for store in [&looked, &not_looked, &not_looked, &not_looked] {
         let started = Instant::now();
         let answer = store
@@ -1755,63 +1715,6 @@ async fn duplicates_in_one_process_wait_without_holding_connections() {
     assert_eq!(charges(server, &op), 1, "the declined insert rolled back");
 }
 
-/// Output of a `fmt` subscriber, kept for the test to read.
-#[derive(Clone, Default)]
-struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Log {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-thread_local! {
-    /// Whether this thread's spans and events go to [`traced`]'s log.
-    static TRACING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `script` with this thread's spans and events (`DEBUG` and up)
-/// formatted into a log, and answers the log.
-///
-/// The subscriber is the process's global one, installed once, and looks at
-/// the thread on every span and event. A subscriber set for one thread
-/// instead races `tracing`'s process-wide cache of which callsites are
-/// enabled: while it is the only one registered, that cache is rebuilt
-/// from whatever thread rebuilds it, and another test's thread, which has
-/// no subscriber, leaves the call's span disabled for good.
-fn traced(script: impl FnOnce()) -> String {
-    use tracing_subscriber::Layer as _;
-    use tracing_subscriber::fmt::format::FmtSpan;
-    use tracing_subscriber::layer::SubscriberExt as _;
-
-    static LOG: std::sync::OnceLock<Log> = std::sync::OnceLock::new();
-    let log = LOG.get_or_init(|| {
-        let log = Log::default();
-        let layer = tracing_subscriber::fmt::layer()
-            .with_writer({
-                let log = log.clone();
-                move || log.clone()
-            })
-            .with_ansi(false)
-            .with_span_events(FmtSpan::CLOSE)
-            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(
-                |metadata, _| *metadata.level() <= tracing::Level::DEBUG && TRACING.get(),
-            ));
-        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
-            .expect("no other test of this binary sets a global subscriber");
-        log
-    });
-    TRACING.set(true);
-    script();
-    TRACING.set(false);
-    String::from_utf8(std::mem::take(&mut *log.0.lock().unwrap())).unwrap()
-}
-
 /// Transactional calls are told like every other call: each runs in an
 /// `idem.call` span that ends with its outcome, and is counted by outcome,
 /// with its body's time.
@@ -1825,7 +1728,8 @@ fn transactional_calls_are_traced_and_counted() {
     let op = op("observed");
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
-    let log = traced(|| {
+    let capture = idem_test::logs::capture();
+    {
         metrics::with_local_recorder(&recorder, || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -1839,7 +1743,9 @@ fn transactional_calls_are_traced_and_counted() {
                     shop.charge(op.clone(), 2, 13).await.unwrap_err(); // failed
                 });
         });
-    });
+    }
+    let log = capture.text();
+    drop(capture);
 
     let closed: Vec<&str> = log
         .lines()

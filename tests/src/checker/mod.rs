@@ -84,7 +84,7 @@ mod history;
 #[cfg(feature = "http")]
 mod http_edge;
 mod invariants;
-mod outcomes;
+pub(crate) mod outcomes;
 mod run;
 #[cfg(feature = "postgres")]
 mod transactional;

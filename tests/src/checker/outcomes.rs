@@ -12,7 +12,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id};
 use tracing::{Event, Subscriber};
-use tracing_subscriber::layer::{Context, SubscriberExt as _};
+use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 /// The name of the span each checked call runs in.
@@ -29,11 +29,7 @@ fn sink() -> &'static Sink {
 /// Installs the capturing subscriber once; answers whether outcomes are
 /// captured.
 pub(crate) fn install() -> bool {
-    static INSTALLED: OnceLock<bool> = OnceLock::new();
-    *INSTALLED.get_or_init(|| {
-        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Capture))
-            .is_ok()
-    })
+    crate::logs::install()
 }
 
 /// Takes the outcomes told in run `run` so far.
@@ -116,7 +112,8 @@ impl Visit for Numbers {
     }
 }
 
-struct Capture;
+/// The layer that attributes outcomes to checked calls.
+pub(crate) struct Capture;
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Capture {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
