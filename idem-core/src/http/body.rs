@@ -131,7 +131,7 @@ where
                 // body of known size with `Content-Length`, which has no
                 // room for trailers, and one of unknown size chunked, with
                 // them.
-                if trailers.is_some() {
+                if trailers.as_ref().is_some_and(|t| !t.is_empty()) {
                     let mut hint = SizeHint::new();
                     hint.set_lower(len);
                     hint

@@ -993,12 +993,14 @@ fn whole<RB>(
     body: Bytes,
     trailers: Option<HeaderMap>,
 ) -> Response<ResponseBody<RB>> {
-    if let Some(trailers) = trailers.as_ref().filter(|t| !t.is_empty())
-        && !parts.headers.contains_key(TRAILER)
-    {
-        let names: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
-        if let Ok(declared) = HeaderValue::from_str(&names.join(", ")) {
-            parts.headers.insert(TRAILER, declared);
+    if let Some(trailers) = trailers.as_ref().filter(|t| !t.is_empty()) {
+        // A handler's own length would have the body sent without them.
+        parts.headers.remove(CONTENT_LENGTH);
+        if !parts.headers.contains_key(TRAILER) {
+            let names: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
+            if let Ok(declared) = HeaderValue::from_str(&names.join(", ")) {
+                parts.headers.insert(TRAILER, declared);
+            }
         }
     }
     Response::from_parts(parts, ResponseBody::full(body, trailers))
@@ -1036,6 +1038,42 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
+
+    #[test]
+    fn a_whole_body_with_trailers_is_sent_chunked_and_names_them() {
+        use http_body::Body as _;
+        let parts = || {
+            let mut response = Response::new(());
+            response
+                .headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from_static("3"));
+            response.into_parts().0
+        };
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.append("x-note", HeaderValue::from_static("a"));
+        trailers.append("x-note", HeaderValue::from_static("b"));
+        let body = Bytes::from_static(b"abc");
+        let sent: Response<ResponseBody<Full<Bytes>>> =
+            whole(parts(), body.clone(), Some(trailers.clone()));
+        assert!(!sent.headers().contains_key(CONTENT_LENGTH));
+        assert_eq!(sent.headers()[TRAILER], "grpc-status, x-note");
+        assert_eq!(sent.body().size_hint().exact(), None);
+        // A handler's own declaration is kept.
+        let mut declared = parts();
+        declared
+            .headers
+            .insert(TRAILER, HeaderValue::from_static("grpc-status"));
+        let sent: Response<ResponseBody<Full<Bytes>>> =
+            whole(declared, body.clone(), Some(trailers));
+        assert_eq!(sent.headers()[TRAILER], "grpc-status");
+        // Without trailers: as it was, of exact size.
+        for none in [None, Some(HeaderMap::new())] {
+            let sent: Response<ResponseBody<Full<Bytes>>> = whole(parts(), body.clone(), none);
+            assert_eq!(sent.headers()[CONTENT_LENGTH], "3");
+            assert!(!sent.headers().contains_key(TRAILER));
+        }
+    }
 
     #[test]
     fn the_default_policy_stores_final_answers_only() {
