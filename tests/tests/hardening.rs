@@ -412,13 +412,14 @@ fn waiters_never_poll_faster_than_a_floor() {
 }
 
 /// A panicking body releases its claim at once (it failed), instead of
-/// holding the key for its lease; the panic goes on to its caller.
+/// holding the key for its lease; a caller waiting for it gets
+/// `AttemptFailed`, as for an `Err`; the panic goes on to its caller.
 #[test]
 fn a_panicking_body_releases_its_claim() {
     paused(async {
         let idem = Idempotency::memory();
         let (key, fp) = key("hardening.panic");
-        let panicked = tokio::spawn({
+        let holder = tokio::spawn({
             let idem = idem.clone();
             async move {
                 idem.run(&settings(30), key, fp, async {
@@ -430,8 +431,12 @@ fn a_panicking_body_releases_its_claim() {
                 })
                 .await
             }
-        })
-        .await;
+        });
+        // The holder has claimed the key and is in its body.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let waiter: Result<u32, Error> = idem.run(&settings(30), key, fp, async { Ok(1) }).await;
+        assert!(matches!(waiter, Err(Error::AttemptFailed)), "{waiter:?}");
+        let panicked = holder.await;
         assert!(
             panicked.unwrap_err().is_panic(),
             "the body's panic reaches its caller"

@@ -450,7 +450,7 @@ async fn stored_keys_are_prefixed_hash_tagged_digests() {
         .run(
             &Settings::DEFAULT,
             key,
-            Fingerprint::of(&()).unwrap(),
+            Fingerprint::of(&("card", "4242-4242-secret")).unwrap(),
             async { Ok::<_, Failure>(()) },
         )
         .await
@@ -458,10 +458,47 @@ async fn stored_keys_are_prefixed_hash_tagged_digests() {
     let keys = server.cli(&["KEYS", "*"]);
     let stored = keys.trim();
     assert_eq!(stored, format!("shop:idem:{{{key}}}"));
-    assert!(
-        !stored.contains("secret"),
-        "user bytes never reach the store"
-    );
+    let record = server.cli(&["GET", stored]);
+    assert!(record.contains("null"), "the result is there: {record}");
+    for text in [stored, record.as_str()] {
+        assert!(
+            !text.contains("secret") && !text.contains("4242"),
+            "user bytes never reach the store: {text}"
+        );
+    }
+}
+
+/// A lease must be at least three response timeouts of its store, so that
+/// a renewal can time out once and be sent again before it lapses: a
+/// shorter one is a configuration error, and the body does not run.
+#[tokio::test]
+async fn a_lease_shorter_than_three_response_timeouts_is_refused() {
+    let store = RedisStore::node(shared_node().url())
+        .response_timeout(Duration::from_millis(250))
+        .connect()
+        .await
+        .unwrap();
+    let idem = Idempotency::new(store);
+    let runs = Runs::default();
+    for (lease, runs_it) in [(749, false), (750, true)] {
+        let settings = Settings::builder()
+            .lease(Duration::from_millis(lease))
+            .build()
+            .unwrap();
+        let (key, fp) = fresh("lease-rule");
+        let answer = idem
+            .run(&settings, key, fp, async { Ok::<_, Failure>(runs.mark()) })
+            .await;
+        match answer {
+            Ok(_) => assert!(runs_it, "a lease of {lease} ms ran"),
+            Err(Failure::Idem(Error::Config(rule))) => {
+                assert!(!runs_it, "a lease of {lease} ms: {rule}");
+                assert!(rule.to_string().contains("lease"), "{rule}");
+            }
+            Err(other) => panic!("a lease of {lease} ms: {other:?}"),
+        }
+    }
+    assert_eq!(runs.count(), 1, "only the long enough lease ran");
 }
 
 #[tokio::test]
