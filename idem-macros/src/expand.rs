@@ -259,8 +259,19 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             // of ours around them (which would trip `unused_braces`). A
             // never-taken return of the declared type drives inference of
             // `?` and early returns.
-            let stmts = &func.block.stmts;
+            // After the items the body starts with, so that the
+            // never-taken return is not a statement before them
+            // (`items_after_statements`): nothing moves.
+            let leading = func
+                .block
+                .stmts
+                .iter()
+                .take_while(|stmt| matches!(stmt, syn::Stmt::Item(_)))
+                .count();
+            let (items, stmts) = func.block.stmts.split_at(leading);
             quote! {
+                #(#items)*
+                #[allow(unused_qualifications)]
                 if let ::core::option::Option::Some(#fake) = ::core::option::Option::None::<#ret> {
                     #[allow(unreachable_code)]
                     return #fake;
@@ -272,6 +283,12 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             let stmts = quiet_moves(stmts, &attribute_idents(args));
             quote!(#(#stmts)*)
         }
+    };
+    // The user's statements keep every lint; those `#[async_trait]` wrote
+    // around them (moves of the arguments into the future) do not.
+    let body_allow = match &shape {
+        Shape::Async { .. } => quote!(),
+        Shape::AsyncTrait { .. } => allow.clone(),
     };
     let shape_check = quote_spanned!(ret.span()=> <#ret as #krate::requirements::Returns>::shape());
     let ok_check = quote_spanned!(ok.span()=> <#ok as #krate::requirements::StoredValue>::codec());
@@ -306,7 +323,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     });
     let run = match (transaction, &caching) {
         (None, None) => quote! {
-            #allow
+            #body_allow
             // `move`: the arguments were read for the key and fingerprint
             // already; the body owns them, as an `async fn` body does.
             let #body = async move { #user_body };
@@ -316,7 +333,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         },
         (None, Some(caching)) => quote! {
             #caching
-            #allow
+            #body_allow
             // `move`: the arguments were read for the key and fingerprint
             // already; the body owns them, as an `async fn` body does.
             let #body = async move { #user_body };
@@ -370,10 +387,11 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
                         // the parameter, as it would in a plain `async fn`,
                         // so a misuse (moving it into a spawned task) is
                         // one error about `tx`.
-                        #allow
+                        #body_allow
                         let #result = #krate::__private::transaction_body(
                             &mut #claim,
                             async move |#tx_ident: &mut #krate::requirements::Connection| {
+                                #allow
                                 let #tx_pat: #tx_ty = #connection;
                                 #user_body
                             },

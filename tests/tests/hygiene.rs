@@ -54,5 +54,18 @@ async fn compiles_and_runs_among_shadowed_names() {
     assert_eq!(colliding(1, 2).await.unwrap(), 3);
     assert_eq!(colliding(1, 2).await.unwrap(), 3);
     assert_eq!(shadowed(9).await.unwrap(), 9);
+    assert_eq!(items_first(2).await.unwrap(), 4);
     let _ = Failed(::idem_core::Error::KeyReused).0;
+}
+
+/// A body that starts with items, then statements: the expansion adds no
+/// statement before the items (`clippy::items_after_statements`).
+#[idempotent(key = id)]
+async fn items_first(id: u64) -> Result<u64> {
+    const STEP: u64 = 2;
+    fn doubled(value: u64) -> u64 {
+        value * STEP
+    }
+    let value = doubled(id);
+    Ok(value)
 }
