@@ -390,11 +390,20 @@ fn parse_duration(name: &Ident, input: ParseStream<'_>) -> syn::Result<Duration>
     }
     if input.peek(syn::LitInt) || input.peek(syn::LitFloat) {
         let lit: Lit = input.parse()?;
-        let number = match &lit {
-            Lit::Int(int) => int.base10_digits().to_owned(),
-            Lit::Float(float) => float.base10_digits().to_owned(),
+        let (number, suffix) = match &lit {
+            Lit::Int(int) => (int.base10_digits().to_owned(), int.suffix().to_owned()),
+            Lit::Float(float) => (float.base10_digits().to_owned(), float.suffix().to_owned()),
             _ => unreachable!("peeked a number"),
         };
+        // `24h` is read by Rust as the number 24 with a suffix: the
+        // duration it means, quoted.
+        let written = format!("{number}{suffix}");
+        if !suffix.is_empty() && duration::parse_millis(&written, &name.to_string()).is_ok() {
+            return Err(syn::Error::new(
+                lit.span(),
+                format!("a duration is a string: write `{name} = \"{written}\"`"),
+            ));
+        }
         return Err(syn::Error::new(
             lit.span(),
             format!(
@@ -465,7 +474,8 @@ fn const_millis(expr: &Expr) -> Option<u128> {
             };
             let n: u128 = int.base10_parse().ok()?;
             if is_duration(&callee.path, "from_secs") {
-                Some(n * 1000)
+                // Past u128, rustc says the literal is out of range.
+                n.checked_mul(1000)
             } else if is_duration(&callee.path, "from_millis") {
                 Some(n)
             } else {

@@ -536,10 +536,16 @@ fn find_ident(tokens: proc_macro2::TokenStream, name: &syn::Ident) -> Option<Spa
     })
 }
 
-/// Names of calls that build a store or a handle.
+/// Names of associated fns that build a store or a handle
+/// (`Idempotency::memory()`).
 const CONSTRUCTORS: &[&str] = &[
     "new", "default", "builder", "build", "connect", "memory", "from_arc", "open",
 ];
+
+/// Names of methods that build a store or a handle (`….build()`,
+/// `….connect()`); a method named like an associated constructor
+/// (`self.registry.default()`) is a getter as likely as not.
+const BUILDING_METHODS: &[&str] = &["builder", "build", "connect", "connect_lazy", "open"];
 
 /// `store = …` is evaluated on every call: a handle built there would be new
 /// each time, and would dedup nothing.
@@ -580,7 +586,7 @@ fn store(args: &Args) -> syn::Result<()> {
         }
 
         fn visit_expr_method_call(&mut self, call: &syn::ExprMethodCall) {
-            if CONSTRUCTORS.contains(&call.method.to_string().as_str()) {
+            if BUILDING_METHODS.contains(&call.method.to_string().as_str()) {
                 self.0.get_or_insert(call.span());
             }
             syn::visit::visit_expr_method_call(self, call);
