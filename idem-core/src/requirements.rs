@@ -260,6 +260,24 @@ impl<E, F: Fn(&E) -> bool> CachePredicate<E> for F {
     }
 }
 
+/// `predicate`, a closure over the `cache_errors = …` of a fn that returns
+/// an alias of `Result`, typed by the error type its return type was
+/// checked as: so that a predicate of another type is one error, at its
+/// token.
+pub fn error_predicate<R, T, E, F: Fn(&E) -> bool>(
+    _shape: &crate::__private::Shape<R, T, E>,
+    predicate: F,
+) -> F {
+    predicate
+}
+
+/// Whether `predicate` (of `cache_errors = …`) stores `error`, for the
+/// error's own type (given first, so that it is the type the predicate is
+/// checked against).
+pub fn caches<E, P: CachePredicate<E>>(error: &E, predicate: &P) -> bool {
+    predicate.caches(error)
+}
+
 /// The value of `ttl = …`, `lease = …` or `wait_timeout = …` given as an
 /// expression: a `std::time::Duration`.
 #[diagnostic::on_unimplemented(

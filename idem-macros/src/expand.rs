@@ -310,8 +310,19 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
                 quote_spanned!(err.span()=> <#err as #krate::requirements::CachedError>::codec());
             let span = predicate.span();
             let caches_path = respan(quote!(#krate::requirements::CachePredicate), span);
-            let predicate_check = quote_spanned! {span=>
-                move |#error: &#err| #caches_path::<#err>::caches(&#predicate, #error)
+            let predicate_check = if func::result_parts(ret).is_some() {
+                quote_spanned! {span=>
+                    move |#error: &#err| #caches_path::<#err>::caches(&#predicate, #error)
+                }
+            } else {
+                // An alias of `Result`: the closure's error type is read
+                // from the shape the return type was checked as, so that a
+                // predicate of another type is one error at its token.
+                let typed = respan(quote!(#krate::requirements::error_predicate), span);
+                let caches = respan(quote!(#krate::requirements::caches), span);
+                quote_spanned! {span=>
+                    #typed(&#shape_of, move |#error| #caches(#error, &#predicate))
+                }
             };
             Some(quote! {
                 #allow
