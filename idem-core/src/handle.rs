@@ -162,7 +162,9 @@ impl Idempotency {
     /// the call used no steps or its journal expired. A call that failed
     /// for good lists `final` where its compensation began, then
     /// `undo:<step>` for each step undone (see
-    /// [`Step::compensate`](crate::Step::compensate)).
+    /// [`Step::compensate`](crate::Step::compensate)); a step of your own
+    /// named `final` or `undo:…` is listed alike, so leave those names to
+    /// idem.
     ///
     /// ```
     /// use idem_core::{Fingerprint, Idempotency, Key, Settings, step};

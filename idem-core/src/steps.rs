@@ -695,15 +695,17 @@ where
     E: From<Error>,
     F: Future<Output = Result<T, E>>,
 {
-    let Ok(journal) = JOURNAL.try_with(Arc::clone) else {
-        return work.await;
-    };
+    // Refused outside a call too: a fn with such a step must not work when
+    // called plainly and fail once it is made idempotent.
     if name.starts_with(RESERVED) || name.contains('\0') {
         return Err(Error::InvalidStepName {
             name: name.to_owned().into(),
         }
         .into());
     }
+    let Ok(journal) = JOURNAL.try_with(Arc::clone) else {
+        return work.await;
+    };
     if !journal.mark(name) {
         return Err(Error::StepRepeated {
             name: name.to_owned().into(),
@@ -1004,5 +1006,24 @@ mod tests {
         }
         assert_eq!(runs, 2);
         assert_eq!(step_key("same"), None);
+    }
+
+    /// A name idem refuses in a call is refused outside one too, before
+    /// its work runs: a fn does not work plainly and fail once idempotent.
+    #[tokio::test]
+    async fn outside_a_call_a_name_idem_refuses_is_refused() {
+        for name in ["\u{1}final", "a\0b"] {
+            let mut ran = false;
+            let value: Result<u8, Error> = step(name, async {
+                ran = true;
+                Ok(1)
+            })
+            .await;
+            assert!(
+                matches!(value, Err(Error::InvalidStepName { .. })),
+                "{name:?}: {value:?}"
+            );
+            assert!(!ran, "{name:?}");
+        }
     }
 }
