@@ -626,14 +626,15 @@ async fn h2c_client(
     sender
 }
 
-/// A gRPC-shaped answer over h2c (`grpc-status` in the trailers)
-/// keeps its trailers through the layer, the first time and on replay.
-async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
+/// A unary gRPC-shaped method behind the layer: its answer streams, with
+/// `grpc-status` 9 and a `grpc-message` naming its run in the trailers
+/// (named in a `Trailer` header when `declared`).
+fn grpc_orders(idem: Idempotency, declared: bool) -> (Router, Arc<Runs>) {
     let runs = Arc::new(Runs::default());
     let app = Router::new()
         .route(
             "/pkg.Orders/Create",
-            post(|State(runs): State<Arc<Runs>>| async move {
+            post(move |State(runs): State<Arc<Runs>>| async move {
                 let n = runs.bump();
                 let mut trailers = HeaderMap::new();
                 trailers.insert("grpc-status", "9".parse().unwrap());
@@ -647,36 +648,48 @@ async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
                 ];
                 let body = Body::new(StreamBody::new(futures_util::stream::iter(frames)));
                 let mut response = Response::new(body);
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
+                let headers = response.headers_mut();
+                headers.insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
+                if declared {
+                    headers.insert(
+                        header::TRAILER,
+                        "grpc-status, grpc-message".parse().unwrap(),
+                    );
+                }
                 response
             }),
         )
         .with_state(Arc::clone(&runs))
         .layer(layer(idem));
-    let addr = serve_h2c(app).await;
-    let mut sender = h2c_client(addr).await;
-    let key = key();
-    let mut answers = Vec::new();
-    for _ in 0..2 {
-        let request = hyper::Request::post(format!("http://{addr}/pkg.Orders/Create"))
-            .header("x-api-key", "client-a")
-            .header("idempotency-key", &key)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(http_body_util::Full::new(Bytes::from_static(&[
-                0, 0, 0, 0, 0,
-            ])))
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        let replay = response.headers().contains_key("idempotent-replayed");
-        let collected = response.into_body().collect().await.unwrap();
-        let trailers = collected.trailers().cloned().expect("trailers");
-        answers.push((replay, trailers, collected.to_bytes()));
-    }
-    let [(false, first, first_body), (true, second, second_body)] = &answers[..] else {
-        panic!("a first answer, then a replay");
+    (app, runs)
+}
+
+/// A call of [`grpc_orders`] under `key` that asks for trailers.
+fn grpc_request(addr: SocketAddr, key: &str) -> hyper::Request<http_body_util::Full<Bytes>> {
+    hyper::Request::post(format!("http://{addr}/pkg.Orders/Create"))
+        .header("x-api-key", "client-a")
+        .header("idempotency-key", key)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::from_static(&[
+            0, 0, 0, 0, 0,
+        ])))
+        .unwrap()
+}
+
+/// Whether `response` is a replay, its trailers and its body.
+async fn grpc_answer(response: hyper::Response<hyper::body::Incoming>) -> (bool, HeaderMap, Bytes) {
+    let replay = response.headers().contains_key("idempotent-replayed");
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    (replay, trailers, collected.to_bytes())
+}
+
+/// A first answer of [`grpc_orders`], then its replay: the same trailers
+/// and body, from one run.
+fn first_then_replay(answers: &[(bool, HeaderMap, Bytes)], runs: &Runs) {
+    let [(false, first, first_body), (true, second, second_body)] = answers else {
+        panic!("a first answer, then a replay: {answers:?}");
     };
     assert_eq!(first["grpc-status"], "9");
     assert_eq!(first["grpc-message"], "order 1 precondition");
@@ -685,38 +698,27 @@ async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
+/// A gRPC-shaped answer over h2c (`grpc-status` in the trailers)
+/// keeps its trailers through the layer, the first time and on replay.
+async fn trailers_pass_through_and_replay_over_h2c(idem: Idempotency) {
+    let (app, runs) = grpc_orders(idem, false);
+    let addr = serve_h2c(app).await;
+    let mut sender = h2c_client(addr).await;
+    let key = key();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let response = sender.send_request(grpc_request(addr, &key)).await.unwrap();
+        answers.push(grpc_answer(response).await);
+    }
+    first_then_replay(&answers, &runs);
+}
+
 /// Over HTTP/1.1 a client that asks with `TE: trailers` gets the trailers
 /// of a replay too: hyper sends only trailers a `Trailer` header names, in a
 /// chunked body, and the replay names the ones it stores (its first answer,
 /// streamed, names them itself, as it must without the layer).
 async fn trailers_replay_over_http1(idem: Idempotency) {
-    let runs = Arc::new(Runs::default());
-    let app = Router::new()
-        .route(
-            "/pkg.Orders/Create",
-            post(|State(runs): State<Arc<Runs>>| async move {
-                let n = runs.bump();
-                let mut trailers = HeaderMap::new();
-                trailers.insert("grpc-status", "0".parse().unwrap());
-                trailers.insert("grpc-message", format!("order {n}").parse().unwrap());
-                let frames = vec![
-                    Ok::<_, Infallible>(Frame::data(Bytes::from(vec![0, 0, 0, 0, 1, n as u8]))),
-                    Ok(Frame::trailers(trailers)),
-                ];
-                let mut response = Response::new(Body::new(StreamBody::new(
-                    futures_util::stream::iter(frames),
-                )));
-                let headers = response.headers_mut();
-                headers.insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
-                headers.insert(
-                    header::TRAILER,
-                    "grpc-status, grpc-message".parse().unwrap(),
-                );
-                response
-            }),
-        )
-        .with_state(Arc::clone(&runs))
-        .layer(layer(idem));
+    let (app, runs) = grpc_orders(idem, true);
     let addr = serve(app).await;
     let key = key();
     let mut answers = Vec::new();
@@ -727,35 +729,19 @@ async fn trailers_replay_over_http1(idem: Idempotency) {
                 .await
                 .unwrap();
         tokio::spawn(connection);
-        let request = hyper::Request::post(format!("http://{addr}/pkg.Orders/Create"))
-            .header(header::HOST, addr.to_string())
-            .header("x-api-key", "client-a")
-            .header("idempotency-key", &key)
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(http_body_util::Full::new(Bytes::from_static(&[
-                0, 0, 0, 0, 0,
-            ])))
-            .unwrap();
+        let mut request = grpc_request(addr, &key);
+        request
+            .headers_mut()
+            .insert(header::HOST, addr.to_string().parse().unwrap());
         let response = sender.send_request(request).await.unwrap();
-        let replay = response.headers().contains_key("idempotent-replayed");
         assert!(
             !response.headers().contains_key(header::CONTENT_LENGTH),
             "chunked: {:?}",
             response.headers()
         );
-        let collected = response.into_body().collect().await.unwrap();
-        let trailers = collected.trailers().cloned().expect("trailers");
-        answers.push((replay, trailers, collected.to_bytes()));
+        answers.push(grpc_answer(response).await);
     }
-    let [(false, first, first_body), (true, second, second_body)] = &answers[..] else {
-        panic!("a first answer, then a replay: {answers:?}");
-    };
-    assert_eq!(first["grpc-status"], "0");
-    assert_eq!(first["grpc-message"], "order 1");
-    assert_eq!(second, first);
-    assert_eq!(second_body, first_body);
-    assert_eq!(runs.get(), 1);
+    first_then_replay(&answers, &runs);
 }
 
 /// gRPC says how a call went in `grpc-status` under HTTP `200`: an
