@@ -26,3 +26,31 @@ fn ui_without_postgres() {
     let cases = trybuild::TestCases::new();
     cases.compile_fail("ui/without_postgres/*.rs");
 }
+
+/// The README says how many misuses have a case; the number stays true.
+#[test]
+fn the_readme_counts_every_failing_case() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cases: usize = ["ui/fail", "ui/postgres/fail", "ui/without_postgres"]
+        .iter()
+        .map(|dir| {
+            std::fs::read_dir(root.join(dir))
+                .expect("a case directory")
+                .filter(|entry| {
+                    entry
+                        .as_ref()
+                        .expect("a directory entry")
+                        .path()
+                        .extension()
+                        == Some("rs".as_ref())
+                })
+                .count()
+        })
+        .sum();
+    let readme = std::fs::read_to_string(root.join("../README.md")).expect("the README");
+    let claim = format!("({cases} cases in `tests/ui/fail`");
+    assert!(
+        readme.contains(&claim),
+        "the README should say {claim:?}: update its count of compile-fail cases"
+    );
+}
