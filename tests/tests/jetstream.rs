@@ -743,6 +743,196 @@ async fn a_dead_letter_published_twice_is_stored_once() {
     );
 }
 
+/// A dead letter carries none of the message's directives to the server:
+/// its `Nats-Msg-Id`, and a publisher's `Nats-Expected-Stream` that the
+/// dead-letter stream would refuse, are kept as `Idem-Original-…`; and two
+/// consumers of one stream that dead-letter one message keep a dead letter
+/// each (their ids differ by consumer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_keep_the_messages_directives_under_other_names() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let billing = orders(&context, Duration::from_secs(30)).await;
+    let shipping = context
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .create_consumer(pull::Config {
+            durable_name: Some("shipping".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dead = dead_letters(&context).await;
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "order-17");
+    headers.insert("Nats-Expected-Stream", "ORDERS");
+    headers.insert("Event-Id", "17");
+    context
+        .publish_with_headers("orders.new", headers, "order 17".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let mut running = Vec::new();
+    let mut consumers = Vec::new();
+    for pull in [billing.clone(), shipping.clone()] {
+        let consumer =
+            Consumer::new(Idempotency::memory(), pull.cached_info().name.clone()).max_deliveries(1);
+        consumers.push(consumer.clone());
+        let js = JetStream::new(context.clone()).dead_letter("dead.orders");
+        running.push(tokio::spawn(async move {
+            js.consume(&consumer, &pull, |_| async {
+                Err::<(), _>("card declined")
+            })
+            .await
+        }));
+    }
+    for mut pull in [billing, shipping] {
+        drained(&mut pull, Duration::from_secs(20)).await;
+    }
+    for task in running {
+        assert!(!task.is_finished(), "consume ended: {task:?}");
+        task.abort();
+    }
+    for consumer in &consumers {
+        let stats = consumer.stats();
+        assert_eq!(
+            (stats.ran, stats.dead_lettered, stats.dead_letters_failed),
+            (1, 1, 0),
+            "{}: {stats:?}",
+            consumer.name()
+        );
+    }
+
+    let mut dead_lettered_by: Vec<String> = letters(&dead)
+        .await
+        .iter()
+        .map(|letter| {
+            let headers = letter.headers.as_ref().unwrap();
+            let header = |name: &str| headers.get(name).map(|value| value.as_str().to_owned());
+            assert_eq!(header("Idem-Original-Nats-Msg-Id").unwrap(), "order-17");
+            assert_eq!(
+                header("Idem-Original-Nats-Expected-Stream").unwrap(),
+                "ORDERS"
+            );
+            assert_eq!(header("Nats-Expected-Stream"), None);
+            assert_eq!(header("Event-Id").unwrap(), "17", "other headers are kept");
+            assert_eq!(header("Idem-Original-Subject").unwrap(), "orders.new");
+            assert_eq!(header("Idem-Stream-Sequence").unwrap(), "1");
+            let consumer = header("Idem-Consumer").unwrap();
+            let id = header("Nats-Msg-Id").unwrap();
+            assert!(
+                id.starts_with("idem-dead-letter:ORDERS:1:")
+                    && id.ends_with(&format!(":{consumer}")),
+                "{id}"
+            );
+            consumer
+        })
+        .collect();
+    dead_lettered_by.sort();
+    assert_eq!(dead_lettered_by, ["billing", "shipping"]);
+}
+
+/// The README's way back for a dead letter: sent back as it says (its
+/// payload, to its original subject, with its original id), it is
+/// dead-lettered again without running while its failure is remembered,
+/// and runs again once its key is forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_sent_back_runs_again_once_its_key_is_forgotten() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let window = Duration::from_secs(1);
+    let stream = context
+        .create_stream(stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            duplicate_window: window,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut pull = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("billing".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dead = dead_letters(&context).await;
+    let idem = Idempotency::memory();
+    let consumer = Consumer::new(idem.clone(), "billing").max_deliveries(1);
+    let runs = Arc::new(Mutex::new(0_u32));
+    let running = {
+        let (consumer, pull, runs) = (consumer.clone(), pull.clone(), runs.clone());
+        let js = JetStream::new(context.clone()).dead_letter("dead.orders");
+        tokio::spawn(async move {
+            js.consume(&consumer, &pull, |_| {
+                let runs = runs.clone();
+                async move {
+                    let mut runs = runs.lock().unwrap();
+                    *runs += 1;
+                    // The bank declines the first run; the fix is deployed after.
+                    if *runs == 1 {
+                        Err("card declined")
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .await
+        })
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "order-17");
+    context
+        .publish_with_headers("orders.new", headers, "order 17".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    drained(&mut pull, Duration::from_secs(20)).await;
+    let letter = letters(&dead).await.remove(0);
+
+    let send_back = |letter: &jetstream::Message| {
+        let headers = letter.headers.as_ref().unwrap();
+        let mut back = HeaderMap::new();
+        back.insert(
+            "Nats-Msg-Id",
+            headers.get("Idem-Original-Nats-Msg-Id").unwrap().clone(),
+        );
+        let subject = headers.get("Idem-Original-Subject").unwrap().to_string();
+        (subject, back, letter.payload.clone())
+    };
+    // Past the source stream's duplicate window, which would drop it.
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    let (subject, headers, payload) = send_back(&letter);
+    context
+        .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    drained(&mut pull, Duration::from_secs(20)).await;
+    assert_eq!(*runs.lock().unwrap(), 1, "its failure is remembered");
+    assert_eq!(letters(&dead).await.len(), 2, "dead-lettered again");
+
+    let key = idem_core::Key::new("billing", "order-17").unwrap();
+    assert!(idem.forget(key).await.unwrap());
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    context
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    drained(&mut pull, Duration::from_secs(20)).await;
+    running.abort();
+    assert_eq!(*runs.lock().unwrap(), 2, "it ran again, and succeeded");
+    assert_eq!(letters(&dead).await.len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consume_refuses_a_max_deliver_below_max_deliveries() {
     let server = NatsServer::start();

@@ -34,11 +34,10 @@
 //! on the way only means a redelivery, which is replayed and acknowledged
 //! again, and waiting for each confirmation cost half of a consumer's
 //! throughput. It is nak'ed with a delay
-//! (`-NAK {"delay": …}`) to be redelivered; dead-lettered by publishing it,
-//! with its headers and `Idem-Dead-Letter-Reason`, `Idem-Original-Subject`
-//! and `Idem-Stream-Sequence`, to the [dead-letter
-//! subject](JetStream::dead_letter) (when set; a stream must capture that
-//! subject to keep them) and terminating it (`+TERM`: the server stops
+//! (`-NAK {"delay": …}`) to be redelivered; dead-lettered by publishing it
+//! to the [dead-letter subject](JetStream::dead_letter) (when set; a stream
+//! must capture that subject to keep them), with the headers that
+//! [`dead_letter`](JetStream::dead_letter) lists, and terminating it (`+TERM`: the server stops
 //! redelivering it and publishes a `MSG_TERMINATED` advisory). While a
 //! handler runs, `+WPI` tells the server it is in progress every
 //! [`heartbeat`](super::Consumer::heartbeat): keep that below the consumer's
@@ -77,7 +76,11 @@
 //!   consumer's `max_deliver` deliveries (default: no limit), without a
 //!   dead letter; `consume` refuses a `max_deliver` below
 //!   [`max_deliveries`](super::Consumer::max_deliveries). Leave room for
-//!   [`dead_letter_attempts`](super::Consumer::dead_letter_attempts) too.
+//!   [`dead_letter_attempts`](super::Consumer::dead_letter_attempts) too,
+//!   and for a store outage: a message nak'ed on every delivery the server
+//!   allows, because the store was down, is dropped without running and
+//!   without a dead letter. Keep the default (no limit) unless that is
+//!   acceptable.
 //! - **Stream incarnations.** [`MessageKey::StreamSequence`] keys a message
 //!   by its stream, sequence and storage time, since a recreated stream
 //!   numbers its messages from 1 again.
@@ -96,6 +99,8 @@ use serde::de::DeserializeOwned;
 use super::{AckError, BrokerError, Consumer, Delivery, Message, header_text};
 
 const NATS_MSG_ID: &str = "Nats-Msg-Id";
+/// The prefix of the headers JetStream acts on when a message is published.
+const NATS_PREFIX: &str = "Nats-";
 
 /// Where a message's id (its idempotency key) comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -196,14 +201,32 @@ impl JetStream {
     }
 
     /// Publishes dead letters to `subject` (through JetStream: a stream
-    /// must capture it) before terminating them. Each dead letter carries a
-    /// `Nats-Msg-Id` derived from the message's stream, sequence and time
-    /// (`idem-dead-letter:ORDERS:1:1733472000123456789`), so the dead-letter
-    /// stream drops a second publish of it within its duplicate window
-    /// (2 min by default) — e.g. after a `+TERM` that failed. Should
-    /// publishing fail, the message is nak'ed and the dead letter alone
-    /// tried again on later deliveries (the handler does not run again);
-    /// see [`Consumer::dead_letter_attempts`].
+    /// must capture it) before terminating them. A dead letter is the
+    /// message's payload with these headers:
+    ///
+    /// | header | value |
+    /// |---|---|
+    /// | the message's own headers | as they were, but for those below |
+    /// | `Idem-Original-Nats-Msg-Id`, `Idem-Original-Nats-Expected-Stream`, … | each `Nats-…` header of the message, which JetStream would act on if the dead letter carried it (its id, a publisher's expectations about its stream) |
+    /// | `Idem-Dead-Letter-Reason` | why (one escaped line of at most 1 KiB: [`header_text`]) |
+    /// | `Idem-Original-Subject` | the message's subject |
+    /// | `Idem-Stream-Sequence` | its sequence in its stream |
+    /// | `Idem-Consumer` | the JetStream consumer that dead-lettered it |
+    /// | `Nats-Msg-Id` | `idem-dead-letter:` and the message's stream, sequence, storage time and consumer (`idem-dead-letter:ORDERS:1:1733472000123456789:billing`) |
+    ///
+    /// The dead-letter stream therefore drops a second publish of one
+    /// consumer's dead letter within its duplicate window (2 min by
+    /// default) — e.g. after a `+TERM` that failed — while two consumers of
+    /// one stream each keep their own. To run a dead-lettered message again
+    /// after a fix, [forget](crate::Idempotency::forget) its key and publish its
+    /// payload to `Idem-Original-Subject` with `Idem-Original-Nats-Msg-Id`
+    /// as its `Nats-Msg-Id` (past the source stream's duplicate window,
+    /// which would drop it as a duplicate of the original).
+    ///
+    /// Should publishing fail, the message is nak'ed and the dead letter
+    /// alone tried again on later deliveries (the handler does not run
+    /// again); see [`Consumer::dead_letter_attempts`].
+    ///
     #[must_use]
     pub fn dead_letter(mut self, subject: impl Into<Arc<str>>) -> Self {
         self.dead_letter = Some(subject.into());
@@ -382,13 +405,10 @@ impl Message for JetStreamMessage {
     async fn dead_letter(&self, reason: &str) -> Result<(), AckError> {
         if let Some((context, subject)) = &self.dead_letter {
             let info = self.message.info().ok();
-            // The dead letter is a new message: the stream must not drop it
-            // as a duplicate of the original, but a second publish of it
-            // (after a `+TERM` that failed) is a duplicate.
-            let mut headers = without(
-                self.message.headers.clone().unwrap_or_default(),
-                NATS_MSG_ID,
-            );
+            // The dead letter is a new message: the original's directives to
+            // the server (its `Nats-Msg-Id`, a `Nats-Expected-Stream` that the
+            // dead-letter stream would fail) are kept under other names.
+            let mut headers = dead_letter_headers(self.message.headers.as_ref());
             let mut set = |name: &'static str, text: &str| match header_text(text)
                 .parse::<HeaderValue>()
             {
@@ -401,7 +421,16 @@ impl Message for JetStreamMessage {
             set("Idem-Original-Subject", self.message.subject.as_str());
             if let Some(info) = &info {
                 set("Idem-Stream-Sequence", &info.stream_sequence.to_string());
-                set(NATS_MSG_ID, &format!("idem-dead-letter:{}", place(info)));
+                set("Idem-Consumer", info.consumer);
+                // Its own id, the same for every publish of this consumer's
+                // dead letter of this message (after a `+TERM` that failed,
+                // the stream answers the second one as a duplicate: it has
+                // it), and another consumer's dead letter of the message is
+                // another.
+                set(
+                    NATS_MSG_ID,
+                    &format!("idem-dead-letter:{}:{}", place(info), info.consumer),
+                );
             }
             context
                 .publish_with_headers(subject.to_string(), headers, self.message.payload.clone())
@@ -432,13 +461,30 @@ fn place(info: &async_nats::jetstream::message::Info<'_>) -> String {
     )
 }
 
-fn without(headers: HeaderMap, name: &str) -> HeaderMap {
+/// The original's headers, as its dead letter carries them: each `Nats-…`
+/// header, which the server would act on when the dead letter is published
+/// (`Nats-Msg-Id`, `Nats-Expected-Stream`, `Nats-Rollup`, …), is kept as
+/// `Idem-Original-Nats-…`; the others as they are.
+fn dead_letter_headers(headers: Option<&HeaderMap>) -> HeaderMap {
     let mut kept = HeaderMap::new();
-    for (key, values) in headers.iter() {
-        if !AsRef::<str>::as_ref(key).eq_ignore_ascii_case(name) {
-            for value in values {
-                kept.append(key.clone(), value.clone());
+    for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
+        let text: &str = name.as_ref();
+        let directive = text
+            .get(..NATS_PREFIX.len())
+            .is_some_and(|prefix| prefix.eq_ignore_ascii_case(NATS_PREFIX));
+        let name = if directive {
+            match format!("Idem-Original-{text}").parse::<HeaderName>() {
+                Ok(name) => name,
+                Err(error) => {
+                    tracing::warn!(%error, header = text, "idem: a dead letter's header could not be renamed; publishing it without");
+                    continue;
+                }
             }
+        } else {
+            name.clone()
+        };
+        for value in values {
+            kept.append(name.clone(), value.clone());
         }
     }
     kept
