@@ -462,8 +462,17 @@ impl Consumer {
         self
     }
 
-    /// After this many deliveries that failed in the handler, the message
-    /// is dead-lettered (default 5; at least 1).
+    /// The delivery from which a handler's failure is final (default 5; at
+    /// least 1): a handler that fails (or panics) on delivery
+    /// `max_deliveries` or later dead-letters the message; on an earlier one
+    /// it is nak'ed with the [backoff](Self::backoff).
+    ///
+    /// Deliveries are numbered as the broker counts them
+    /// ([`Delivery::delivery_count`]), so those on which the handler did not
+    /// run count too: the store was down, another process held the id, a
+    /// redelivery came after the ack wait. A message whose first deliveries
+    /// met a store outage has fewer handler runs left; with the defaults
+    /// (backoff 1 s, 2 s, 4 s, 8 s) an outage of 15 s leaves it one.
     #[must_use]
     pub fn max_deliveries(mut self, deliveries: u32) -> Self {
         self.max_deliveries = deliveries.max(1);

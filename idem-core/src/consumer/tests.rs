@@ -265,6 +265,35 @@ async fn a_store_that_is_down_naks_and_runs_nothing() {
     assert_eq!(effects.runs("m1"), 0);
 }
 
+/// `max_deliveries` numbers deliveries as the broker does: those nak'ed
+/// while the store was down count, so the first handler failure after an
+/// outage that took four deliveries is the fifth delivery's, and final.
+#[tokio::test]
+async fn deliveries_during_an_outage_count_toward_max_deliveries() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let down = Consumer::new(Idempotency::new(Down), "orders");
+    for delivery in 1..=4 {
+        let outcome = down
+            .handle(&message(&broker, "bad", b"poison", delivery), |d| {
+                effects.apply(d)
+            })
+            .await
+            .unwrap();
+        assert!(matches!(outcome.disposition, Disposition::Nak { .. }));
+    }
+    assert_eq!(effects.runs("bad"), 0);
+    let back = Consumer::new(Idempotency::memory(), "orders");
+    let outcome = back
+        .handle(&message(&broker, "bad", b"poison", 5), |d| effects.apply(d))
+        .await
+        .unwrap();
+    assert_eq!(effects.runs("bad"), 1);
+    assert!(
+        matches!(&outcome.disposition, Disposition::DeadLetter { reason } if reason.contains("delivery 5")),
+        "{outcome:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_redelivery_during_the_first_waits_for_it_or_is_naked() {
     let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
