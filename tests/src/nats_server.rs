@@ -101,6 +101,13 @@ impl NatsServer {
                 let mut line = String::new();
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
                 if BufReader::new(stream).read_line(&mut line).is_ok() && line.starts_with("INFO") {
+                    // Kept until now to report a failed start; from here on
+                    // a server that logs a lot must not block on a full pipe.
+                    if let Some(mut stderr) = self.child.stderr.take() {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+                        });
+                    }
                     return;
                 }
             }

@@ -131,6 +131,30 @@ fn the_kits_server_names_its_process_and_a_restart_changes_it() {
     assert_eq!(command(server.pid()).trim(), "nats-server");
 }
 
+/// A server that logs more than a pipe holds goes on serving: the kit
+/// reads its log once it started. A connection that sends garbage is told
+/// so, logged (a line of ≈150 bytes) and closed; a server blocked on a full
+/// pipe would leave the 1 000th open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kits_server_keeps_serving_after_logging_a_lot() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server = NatsServer::start();
+    for n in 0..1_000 {
+        let mut garbage = tokio::net::TcpStream::connect(("127.0.0.1", server.port()))
+            .await
+            .unwrap();
+        garbage
+            .write_all(b"GARBAGE garbage garbage\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), garbage.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("connection {n} was not closed"))
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_messages_with_duplicates_have_one_effect_each() {
     let server = NatsServer::start();
