@@ -236,6 +236,8 @@ impl CallOutcome {
 /// One call as it goes: filled in by the engine, told when it ends.
 pub(crate) struct Call {
     operation: Operation,
+    /// `None` for a call refused before it had one.
+    key: Option<Key>,
     span: Span,
     error: AtomicU8,
     ran: AtomicU8,
@@ -277,6 +279,7 @@ impl Call {
         );
         Self {
             operation,
+            key,
             span,
             error: AtomicU8::new(0),
             ran: AtomicU8::new(0),
@@ -371,7 +374,7 @@ impl Call {
                 tracing::warn!(target: "idem", outcome = outcome_name, "the idempotency store failed; the call did not run");
             }
             CallOutcome::NotStored => {
-                tracing::warn!(target: "idem", outcome = outcome_name, "an idempotent call ran but its result was not stored; a retry runs it again");
+                tracing::warn!(target: "idem", outcome = outcome_name, key = self.key.map(tracing::field::display), record_lost = true, "an idempotent call ran but its result was not stored; a retry runs it again");
             }
             CallOutcome::Cancelled => {
                 tracing::info!(target: "idem", outcome = outcome_name, "an idempotent call was cancelled by its caller");

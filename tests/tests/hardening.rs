@@ -526,6 +526,34 @@ fn a_result_not_stored_is_not_counted_as_ran() {
     assert_eq!(outcome_count(&counts, "ran"), 0, "{counts:?}");
 }
 
+/// The `not_stored` outcome says a retry runs the body again, so its event
+/// carries `record_lost = true` and the key's digest, like every event
+/// that says a result may be not recorded.
+#[tokio::test(flavor = "current_thread")]
+async fn a_result_not_stored_is_told_with_record_lost_and_the_key() {
+    let capture = idem_test::logs::capture();
+    let idem = Idempotency::memory();
+    let (key, fp) = key("hardening.not-stored-told");
+    let operator = idem.clone();
+    idem.run(&settings(30), key, fp, async {
+        assert!(operator.forget(key).await.unwrap());
+        Ok::<u32, Error>(1)
+    })
+    .await
+    .unwrap();
+    let text = capture.text();
+    let told = text
+        .lines()
+        .find(|line| {
+            line.contains(r#"outcome="not_stored""#) && line.contains("a retry runs it again")
+        })
+        .unwrap_or_else(|| panic!("no not_stored event: {text}"));
+    assert!(
+        told.contains("record_lost=true") && told.contains(&format!("key={key}")),
+        "{told}"
+    );
+}
+
 /// The memory store, but its journal cannot be read.
 struct UnreadableJournal(MemoryStore);
 

@@ -144,7 +144,6 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Ca
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(key);
-            return;
         }
         let Some(outcome) = numbers.outcome else {
             return;
