@@ -231,7 +231,8 @@ impl Idempotency {
     /// Up to `limit` claims in progress made more than `age` ago, however
     /// often renewed since: calls that may be stuck. The memory store scans
     /// its map, Redis `SCAN`s the store's keys (every primary of a
-    /// cluster), PostgreSQL queries its table.
+    /// cluster; at most 100 000 keys a call, and a listing cut there says
+    /// so in a warning), PostgreSQL queries its table.
     ///
     /// # Errors
     /// [`Error::Store`] when the store fails or cannot list claims.

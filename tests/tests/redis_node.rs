@@ -468,6 +468,36 @@ async fn stored_keys_are_prefixed_hash_tagged_digests() {
     }
 }
 
+/// A listing of old claims looks at 100 000 keys at most, and says so when
+/// it stops there: the claims among the keys it did not scan are missing.
+#[tokio::test]
+async fn a_listing_cut_at_its_scan_limit_says_so() {
+    let server = RedisServer::start();
+    let store = RedisStore::node(server.url())
+        .prefix("shop:idem")
+        .connect()
+        .await
+        .unwrap();
+    server.cli(&[
+        "EVAL",
+        "for i = 1, 100001 do redis.call('SET', ARGV[1] .. i .. '}', 'x') end",
+        "0",
+        "shop:idem:{",
+    ]);
+    let logs = idem_test::logs::capture();
+    let claims = Idempotency::new(store)
+        .claims_older_than(Duration::ZERO, 10)
+        .await
+        .unwrap();
+    assert!(claims.is_empty(), "{claims:?}");
+    let text = logs.text();
+    assert!(
+        text.contains("stopped listing old claims after scanning its limit of keys")
+            && text.contains("scanned=100000"),
+        "{text}"
+    );
+}
+
 /// A lease must be at least three response timeouts of its store, so that
 /// a renewal can time out once and be sent again before it lapses: a
 /// shorter one is a configuration error, and the body does not run.

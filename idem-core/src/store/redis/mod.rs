@@ -636,7 +636,15 @@ impl Store for RedisStore {
                         }
                     };
                     for key in keys {
-                        if claims.len() == limit || scanned == MAX_SCANNED {
+                        if claims.len() == limit {
+                            return Ok(claims);
+                        }
+                        if scanned == MAX_SCANNED {
+                            tracing::warn!(
+                                scanned,
+                                found = claims.len(),
+                                "idem: stopped listing old claims after scanning its limit of keys; claims among the keys not scanned are not listed"
+                            );
                             return Ok(claims);
                         }
                         scanned += 1;
