@@ -397,8 +397,8 @@ pub async fn transaction_body<R>(
     claim: &mut Claim<'_>,
     body: impl AsyncFnOnce(&mut sqlx::PgConnection) -> R,
 ) -> R {
-    let span = claim.span();
-    tracing::Instrument::instrument(body(claim.connection()), span).await
+    let holding = claim.holding();
+    holding.run(body(claim.connection())).await
 }
 
 /// Records a transactional call's result and commits, or rolls back.

@@ -93,8 +93,9 @@ pub enum Error {
     )]
     AttemptFailed,
 
-    /// The call was made, with the same key on the same handle, from inside
-    /// the body of the call that holds that key (directly, or through other
+    /// The call was made, with the same key on the same handle (in the
+    /// transactional mode, the same `PostgresStore`), from inside the body
+    /// of the call that holds that key (directly, or through other
     /// functions awaited in it): it would wait for itself until its
     /// `wait_timeout`. The inner call fails at once; the body did not run
     /// again. Give the inner operation a key of its own.

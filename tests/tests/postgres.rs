@@ -1167,6 +1167,23 @@ impl Shop {
         Ok(id)
     }
 
+    /// Calls itself, with its own key, from inside its body.
+    #[idempotent(key = (op, order), store = self.pg, transaction = tx, wait_timeout = "20s")]
+    async fn charge_reentering(
+        &self,
+        tx: &mut PgConnection,
+        op: String,
+        order: u32,
+    ) -> Result<String, ChargeError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        sqlx::query("INSERT INTO charges (op, amount) VALUES ($1, 1)")
+            .bind(&op)
+            .execute(&mut *tx)
+            .await?;
+        let inner = Box::pin(self.charge_reentering(op, order)).await;
+        Ok(format!("{inner:?}"))
+    }
+
     /// Rejects duplicates at once; waits on `gate` to hold the key.
     #[idempotent(key = (op, order), store = self.pg, transaction = tx, on_conflict = reject, skip(gate, held))]
     async fn charge_rejecting(
@@ -1242,6 +1259,60 @@ async fn hold_in_transaction(
     };
     claimed.await.unwrap();
     (holder, gate)
+}
+
+/// A transactional call that calls its own key from inside its body (on
+/// the same store) fails at once with `Reentered`, instead of waiting for
+/// its own advisory lock until its `wait_timeout`: through the attribute
+/// and through `run_in_transaction`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_call_that_reenters_its_key_fails_at_once() {
+    let server = shared();
+    ensure_charges(server);
+    let shop = Shop::new(&server.url()).await;
+    let op = op("reenter");
+    let inner = tokio::time::timeout(
+        Duration::from_secs(10),
+        shop.charge_reentering(op.clone(), 1),
+    )
+    .await
+    .expect("re-entry fails at once")
+    .unwrap();
+    assert!(
+        inner.contains("re-entered") || inner.contains("from inside the body"),
+        "{inner}"
+    );
+    assert!(inner.contains("charge_reentering"), "{inner}");
+    assert_eq!(
+        shop.runs.load(Ordering::SeqCst),
+        1,
+        "the inner call ran nothing"
+    );
+
+    let store = shop.pg.clone();
+    let key = Key::new("tests.postgres.reenter", &op).unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let settings = Settings::builder()
+        .wait_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let inner_store = store.clone();
+    let outer = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.run_in_transaction(&settings, key, fp, move |_tx| {
+            Box::pin(async move {
+                let inner = inner_store
+                    .run_in_transaction(&settings, key, fp, |_tx| {
+                        Box::pin(async { Ok::<_, Error>(2) })
+                    })
+                    .await;
+                Ok::<_, Error>(matches!(inner, Err(Error::Reentered { .. })))
+            })
+        }),
+    )
+    .await
+    .expect("re-entry fails at once");
+    assert!(outer.unwrap(), "the inner call is Reentered");
 }
 
 fn op(test: &str) -> String {

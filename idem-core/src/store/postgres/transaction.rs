@@ -94,6 +94,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -138,6 +139,22 @@ pub struct Claim<'s> {
     started: Instant,
 }
 
+/// A claim's holder and span, for its body.
+pub(crate) struct Holding {
+    holder: usize,
+    key: Key,
+    span: tracing::Span,
+}
+
+impl Holding {
+    /// Runs `body` (the body's future, on [`Claim::connection`]) as the
+    /// claim's holder, in the call's span: a call of the same key on this
+    /// store made inside it fails at once with [`Error::Reentered`].
+    pub(crate) fn run<F: Future>(self, body: F) -> impl Future<Output = F::Output> {
+        crate::reentry::holding(self.holder, self.key, body).instrument(self.span)
+    }
+}
+
 /// The open transaction that holds a claim.
 struct Held {
     tx: Transaction<'static, Postgres>,
@@ -154,6 +171,16 @@ impl Claim<'_> {
         &mut self.held.tx
     }
 
+    /// What the body runs as: the claim's holder, in the call's span (see
+    /// [`Holding::run`]).
+    pub(crate) fn holding(&self) -> Holding {
+        Holding {
+            holder: self.held.store.holder(),
+            key: self.held.key,
+            span: self.span(),
+        }
+    }
+
     /// The call's `idem.call` span, for the body to run in.
     pub fn span(&self) -> tracing::Span {
         self.call.span().clone()
@@ -161,6 +188,12 @@ impl Claim<'_> {
 }
 
 impl PostgresStore {
+    /// Who holds a transactional claim, for re-entry: this store (its
+    /// clones share it).
+    fn holder(&self) -> usize {
+        Arc::as_ptr(&self.inner).cast::<()>() as usize
+    }
+
     /// Runs `body` in a new transaction that also holds the claim on `key`
     /// and, at commit, the body's `Ok` result; replays the result of a
     /// committed call; rolls back on an `Err`. See the [module
@@ -240,8 +273,8 @@ impl PostgresStore {
         {
             Opened::Done(result) => result,
             Opened::Claimed(mut claim) => {
-                let span = claim.span();
-                let result = body(claim.connection()).instrument(span).await;
+                let holding = claim.holding();
+                let result = holding.run(body(claim.connection())).await;
                 (*claim).finish(result, codec).await
             }
         }
@@ -303,6 +336,13 @@ impl PostgresStore {
         fingerprint: Fingerprint,
         savepoint: bool,
     ) -> Result<Result<(Held, Option<Leader<'_>>), Record>, Error> {
+        // A call of the key from inside its own body would wait for its own
+        // advisory lock (or for its own flight) until its `wait_timeout`.
+        if crate::reentry::reentered(self.holder(), key) {
+            return Err(Error::Reentered {
+                operation: call.operation().as_str().to_owned().into(),
+            });
+        }
         if settings.on_conflict() == OnConflict::Reject {
             let claimed = self
                 .claim(settings, call, key, fingerprint, savepoint)
