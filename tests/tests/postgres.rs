@@ -748,7 +748,8 @@ async fn a_connection_closed_while_idle_is_replaced_before_use() {
 /// hand out without a ping: a claim that finds its connection closed is
 /// sent once more, after the pool was told to ping every connection idle
 /// since before, so no call fails, whether the calls come one after another
-/// or all at once.
+/// or all at once, through the store's protocol or in transactions (whose
+/// `BEGIN` is sent once more alike).
 #[tokio::test]
 async fn connections_closed_together_fail_no_call() {
     let server = shared();
@@ -765,10 +766,22 @@ async fn connections_closed_together_fail_no_call() {
     idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
         .await
         .unwrap();
+    let (tx_key, tx_fp) = fresh("closed-together-in-transactions");
+    let in_transaction = |answer: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .run_in_transaction(&Settings::DEFAULT, tx_key, tx_fp, move |_tx| {
+                    Box::pin(async move { Ok::<_, Failure>(answer) })
+                })
+                .await
+        }
+    };
+    in_transaction(1).await.unwrap();
     let mut operator = <PgConnection as sqlx::Connection>::connect(&server.url())
         .await
         .unwrap();
-    for round in 0..4 {
+    for round in 0..8 {
         let pids = backend_pids(&store).await;
         // Back in the pool (sqlx pings each on its way back), then closed
         // by the server, well within `PING_AFTER_IDLE` of their last use.
@@ -786,12 +799,19 @@ async fn connections_closed_together_fail_no_call() {
         assert_eq!(closed, 4);
         let calls = (0..8).map(|_| {
             let idem = idem.clone();
+            let transactional = in_transaction(2);
             async move {
-                idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
-                    .await
+                // Rounds 4 to 7 in transactions.
+                if round < 4 {
+                    idem.run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(2) })
+                        .await
+                        .map(i64::from)
+                } else {
+                    transactional.await
+                }
             }
         });
-        // Rounds 0 and 2 one call after another, 1 and 3 all at once.
+        // Even rounds one call after another, odd ones all at once.
         let answers = if round % 2 == 0 {
             let mut answers = Vec::new();
             for call in calls {

@@ -410,8 +410,13 @@ impl PostgresStore {
                 },
                 idle_limit(settings.lease()),
             );
+            // Sent once more on a live connection when it found its own
+            // closed (a restart closes them all): nothing was begun.
             let mut tx = self
-                .timed("begin", begin_on(&self.inner.pool, Some(begin)))
+                .timed(
+                    "begin",
+                    self.on_a_live_connection(|| begin_on(&self.inner.pool, Some(begin.clone()))),
+                )
                 .await?;
             // Claims the key if the lock was taken, or reads what it holds: a
             // committed call is replayed (the transaction, which wrote
