@@ -2379,6 +2379,55 @@ async fn transactional_claims_are_visible_and_forgettable() {
     assert_eq!(rerun.unwrap(), 2);
 }
 
+/// `forget` ends a transactional holder also when the key's expired
+/// record was still there (not yet purged), so that the holder's claim
+/// locked that row: the delete waited for the holder, timed out before the
+/// holder was ended, and, left running in the server, deleted the record
+/// the holder then committed, so that the next call ran again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_over_an_expired_record_is_forgettable() {
+    let server = shared();
+    let store = connect(&server.url()).await;
+    let key = Key::new(&op("forget-over-expired"), "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let settings = Settings::builder()
+        .lease(Duration::from_millis(1_500))
+        .ttl(Duration::from_millis(1_600))
+        .build()
+        .unwrap();
+    let first = store
+        .run_in_transaction(&settings, key, fp, |_tx| {
+            Box::pin(async move { Ok::<_, ChargeError>(1_i64) })
+        })
+        .await;
+    assert_eq!(first.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
+    let (holder, gate) = hold_in_transaction(&store, settings, key, fp, 2).await;
+    let operator = Idempotency::new(connect(&server.url()).await);
+    assert!(operator.forget(key).await.unwrap(), "the holder was ended");
+    gate.notify_one();
+    assert!(
+        holder.await.unwrap().is_err(),
+        "the ended holder committed nothing"
+    );
+    assert_eq!(
+        operator.inspect(key).await.unwrap(),
+        idem_core::Inspection::Absent
+    );
+    let rerun = store
+        .run_in_transaction(&settings, key, fp, |_tx| {
+            Box::pin(async move { Ok::<_, ChargeError>(3_i64) })
+        })
+        .await;
+    assert_eq!(rerun.unwrap(), 3);
+    // Nothing deletes the record the rerun committed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(matches!(
+        operator.inspect(key).await.unwrap(),
+        idem_core::Inspection::Completed { .. }
+    ));
+}
+
 /// A store on the shared server behind a proxy that treats every
 /// connection as `fault` says, with `connections` pooled and a 300 ms
 /// response timeout.

@@ -625,6 +625,22 @@ impl PostgresStore {
         }
     }
 
+    /// Terminates the session of a transactional call holding `key` (its
+    /// advisory lock), if any: its transaction rolls back. Whether one was.
+    async fn end_transactional_holder(&self, key: Key) -> Result<bool, StoreError> {
+        Ok(self
+            .timed("forget", async {
+                sqlx::query_scalar::<_, Option<bool>>(&format!(
+                    "SELECT bool_or(pg_terminate_backend(l.pid)) {HOLDER_LOCK}"
+                ))
+                .bind(transaction::lock_id(key))
+                .fetch_one(&self.inner.pool)
+                .await
+            })
+            .await?
+            .unwrap_or(false))
+    }
+
     /// Runs `query` within the response timeout, mapping its failure.
     async fn timed<T>(
         &self,
@@ -1439,30 +1455,37 @@ impl Store for PostgresStore {
             // when this forget is cut off after its delete.
             let _vacating = self.inner.flights.vacating(key);
             self.ready().await?;
-            let live = self
-                .timed("forget", async {
-                    sqlx::query_scalar::<_, bool>(&self.inner.sql.forget)
-                        .bind(key.digest().as_slice())
-                        .bind(&self.inner.sql.channel)
-                        .fetch_optional(&self.inner.pool)
-                        .await
-                })
-                .await?
-                .unwrap_or(false);
-            // A transactional holder is ended: its session is terminated,
-            // which rolls its transaction back (its writes with it).
-            let ended = self
-                .timed("forget", async {
-                    sqlx::query_scalar::<_, Option<bool>>(&format!(
-                        "SELECT bool_or(pg_terminate_backend(l.pid)) {HOLDER_LOCK}"
-                    ))
-                    .bind(transaction::lock_id(key))
-                    .fetch_one(&self.inner.pool)
-                    .await
-                })
-                .await?
-                .unwrap_or(false);
-            Ok(live || ended)
+            // A transactional holder is ended first: its session is
+            // terminated, which rolls its transaction back (its writes with
+            // it) and frees the key's row, which its claim may have locked.
+            // The delete does not wait for a row lock (a holder that claimed
+            // meanwhile, or one still ending): left waiting after its caller
+            // gave up, it would delete the record that holder commits.
+            let deadline = tokio::time::Instant::now() + self.inner.response_timeout;
+            let mut ended = false;
+            loop {
+                ended |= self.end_transactional_holder(key).await?;
+                let deleted = self
+                    .timed("forget", async {
+                        Ok(sqlx::query_scalar::<_, bool>(&self.inner.sql.forget)
+                            .bind(key.digest().as_slice())
+                            .bind(&self.inner.sql.channel)
+                            .fetch_optional(&self.inner.pool)
+                            .await)
+                    })
+                    .await?;
+                match deleted {
+                    Ok(live) => return Ok(live.unwrap_or(false) || ended),
+                    Err(error)
+                        if transaction::lock_timed_out(&error)
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        tracing::debug!(%key, "forget found the key's row locked; ending its holder again");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(error) => return Err(store_error("forget", &error)),
+                }
+            }
         })
     }
 

@@ -458,11 +458,16 @@ END"
                     floor(extract(epoch FROM now() - stored_at) * 1000)::bigint AS age_ms
                 FROM {t} WHERE key = $1 AND expires_at > now()"
             ),
+            // The key's row is locked without waiting: a transactional
+            // holder's claim may hold it (see `forget` in the store).
             forget: format!(
-                "WITH steps_gone AS (
+                "WITH target AS (
+                    SELECT key FROM {t} WHERE key = $1 FOR UPDATE NOWAIT
+                ), steps_gone AS (
                     DELETE FROM {st} WHERE key = $1
                 ), gone AS (
-                    DELETE FROM {t} WHERE key = $1 RETURNING key, expires_at > now() AS live
+                    DELETE FROM {t} WHERE key IN (SELECT key FROM target)
+                    RETURNING key, expires_at > now() AS live
                 ), woken AS (
                     SELECT pg_notify($2, encode(key, 'hex')) FROM gone
                 )

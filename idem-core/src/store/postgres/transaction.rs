@@ -700,7 +700,7 @@ fn serialization_failure(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("40001"))
 }
 
-/// Whether a statement failed on `lock_timeout`.
-fn lock_timed_out(error: &sqlx::Error) -> bool {
+/// Whether a statement failed on `lock_timeout` (or a `NOWAIT` lock).
+pub(super) fn lock_timed_out(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
 }
