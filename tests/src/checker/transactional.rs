@@ -5,8 +5,8 @@
 //! a step of their opening: the wait for a connection, the `BEGIN`, the
 //! claim).
 //!
-//! Calls open their transaction at the database's default isolation or at
-//! `REPEATABLE READ`.
+//! Calls open their transaction at the database's default isolation, at
+//! `REPEATABLE READ` or at `SERIALIZABLE`.
 //!
 //! Checked against the database itself: per key, at most one body's row is
 //! committed (the claim, the row and the record commit together or not at
@@ -148,10 +148,10 @@ pub async fn check_transactional_seed(
             } else {
                 settings.wait_timeout(Duration::from_secs(3))
             };
-            let settings = if rng.random_bool(0.3) {
-                settings.isolation(Isolation::RepeatableRead)
-            } else {
-                settings
+            let settings = match rng.random_range(0..10) {
+                0..=1 => settings.isolation(Isolation::RepeatableRead),
+                2..=3 => settings.isolation(Isolation::Serializable),
+                _ => settings,
             }
             .build()
             .expect("valid settings");

@@ -417,26 +417,48 @@ END"
             // for a moment: they must not refuse one another) and answer the
             // session's `lock_timeout` for the wait. One row: `locked`,
             // `lock_timeout`, then the claim's answer (`claimed` is NULL when
-            // there is none).
+            // there is none) with the claimed row's address (`tid`).
+            //
+            // An absent key is claimed by an insert that reads nothing: the
+            // key's row is read (and an expired one claimed by an update)
+            // only when the insert found it there, each behind a one-time
+            // filter that skips its scan otherwise. At `SERIALIZABLE` a read
+            // of the key's index page takes a predicate lock on it, and calls
+            // of other keys inserting into that page would fail to serialize
+            // with this one; a first run now takes none.
             claim_in_transaction: format!(
                 "WITH lock AS (
                     SELECT coalesce(current_setting('idem.locked', true), '') = 'true' AS locked,
                         current_setting('lock_timeout') AS lock_timeout
-                ), current AS (
-                    SELECT fingerprint, record, expires_at FROM {t} WHERE key = $1
-                ), claimed AS (
-                    INSERT INTO {t} AS r (key, fingerprint, token, record, stored_at, expires_at)
+                ), inserted AS (
+                    INSERT INTO {t} (key, fingerprint, token, record, stored_at, expires_at)
                     SELECT $1, $2, $3, NULL, now(), now() + $4::bigint {ms}
                     WHERE (SELECT locked FROM lock)
-                        AND NOT EXISTS (SELECT 1 FROM current c WHERE c.expires_at > now())
-                    ON CONFLICT (key) DO UPDATE SET
-                        fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
-                        record = NULL, stored_at = now(), expires_at = EXCLUDED.expires_at
-                    WHERE r.expires_at <= now()
-                    RETURNING 1
+                    ON CONFLICT (key) DO NOTHING
+                    RETURNING ctid
+                ), current AS (
+                    SELECT fingerprint, record, expires_at FROM {t}
+                    WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM inserted)
+                ), reclaimed AS (
+                    UPDATE {t} SET fingerprint = $2, token = $3, record = NULL,
+                        stored_at = now(), expires_at = now() + $4::bigint {ms}
+                    WHERE key = $1 AND expires_at <= now()
+                        AND (SELECT locked FROM lock) AND NOT EXISTS (SELECT 1 FROM inserted)
+                    RETURNING ctid
+                ), claimed AS (
+                    SELECT ctid FROM inserted UNION ALL SELECT ctid FROM reclaimed
                 )
-                SELECT l.locked, l.lock_timeout, a.claimed, a.fingerprint, a.record, a.left_ms
-                FROM lock l LEFT JOIN ({answer}) a ON l.locked OR a.record IS NOT NULL"
+                SELECT l.locked, l.lock_timeout, a.claimed, a.fingerprint, a.record, a.left_ms, a.tid
+                FROM lock l LEFT JOIN (
+                    SELECT true AS claimed, NULL::bytea AS fingerprint, NULL::bytea AS record,
+                        NULL::bigint AS left_ms, c.ctid::text AS tid
+                    FROM claimed c
+                    UNION ALL
+                    SELECT false, c.fingerprint, c.record,
+                        ceil(extract(epoch FROM c.expires_at - now()) * 1000)::bigint, NULL
+                    FROM current c
+                    WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()
+                ) a ON l.locked OR a.record IS NOT NULL"
             ),
             // `clock_timestamp()`, not `now()`: inside the caller's
             // transaction `now()` is when the transaction began, so a body
@@ -446,10 +468,15 @@ END"
             // `ROLLBACK`) leaves this statement in a transaction of its own,
             // with none yet, which updates nothing, and the call answers an
             // error.
+            //
+            // The row is found by its address (`$5`, from the claim), not by
+            // its key: a read of the key's index page would take the
+            // predicate lock at `SERIALIZABLE` that the claim avoids.
             complete_in_transaction: format!(
                 "UPDATE {t} SET record = $3, stored_at = clock_timestamp(),
                     expires_at = clock_timestamp() + $4::bigint {ms}
-                WHERE key = $1 AND token = $2 AND txid_current_if_assigned() IS NOT NULL"
+                WHERE ctid = $5::tid AND key = $1 AND token = $2
+                    AND txid_current_if_assigned() IS NOT NULL"
             ),
             inspect: format!(
                 "SELECT fingerprint, record,

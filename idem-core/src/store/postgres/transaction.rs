@@ -79,7 +79,16 @@
 //! fail): set it here. A serialization failure or deadlock, in the
 //! body or at commit, rolls everything back: the call returns the error (an
 //! `Error::Store` when it happens at commit), nothing was recorded, and a
-//! retry runs the body again. A `COMMIT` that times out or loses its
+//! retry runs the body again.
+//!
+//! At `SERIALIZABLE`, idem's own statements do not make calls of different
+//! keys conflict: a first run claims its key with an insert that reads
+//! nothing and writes its record to the row's address, so it takes no
+//! predicate lock on the key's index page, which other keys share
+//! (reading a key there would make every concurrent call that inserts into
+//! that page a rw-conflict). A call that finds its key's row (a replay, an
+//! expired record) reads it. Conflicts between the bodies' own statements
+//! are the bodies'. A `COMMIT` that times out or loses its
 //! connection leaves the outcome unknown to the caller, who gets
 //! `Error::Store` saying so; the database knows, and the retry replays (it
 //! committed) or runs (it did not). A body must not end the transaction
@@ -161,6 +170,8 @@ struct Held {
     store: PostgresStore,
     key: Key,
     token: Token,
+    /// The claimed row's address (`ctid`), where its record is written.
+    tid: String,
     ttl: Duration,
     savepoint: bool,
 }
@@ -449,6 +460,13 @@ impl PostgresStore {
             let locked = row.try_get::<bool, _>("locked").map_err(column)?;
             let answer = row.try_get::<Option<bool>, _>("claimed").map_err(column)?;
             if locked && answer.is_none() {
+                // The insert found the key's row, which was gone when the
+                // update looked for it (the purge deleted it in between):
+                // a new transaction claims the absent key.
+                if Instant::now() < deadline {
+                    tracing::debug!(%key, "a transactional claim found the key's row deleted under it; starting over");
+                    continue;
+                }
                 return Err(Error::Store(StoreError::new(
                     StoreErrorKind::Other,
                     "postgres claim: the key changed under its advisory lock",
@@ -458,7 +476,15 @@ impl PostgresStore {
             // committed record only.
             if answer.is_some() {
                 return match begin_answer(&row, fingerprint, settings.lease())? {
-                    Begin::Claimed => self.held(tx, key, token, settings, savepoint).await.map(Ok),
+                    Begin::Claimed => {
+                        let tid = row
+                            .try_get::<Option<String>, _>("tid")
+                            .map_err(column)?
+                            .unwrap_or_default();
+                        self.held(tx, key, token, tid, settings, savepoint)
+                            .await
+                            .map(Ok)
+                    }
                     Begin::Completed(record) => {
                         if waited {
                             call.waited(locking_since.elapsed());
@@ -503,6 +529,7 @@ impl PostgresStore {
         mut tx: Transaction<'static, Postgres>,
         key: Key,
         token: Token,
+        tid: String,
         settings: &Settings,
         savepoint: bool,
     ) -> Result<Held, Error> {
@@ -517,6 +544,7 @@ impl PostgresStore {
             store: self.clone(),
             key,
             token,
+            tid,
             ttl: settings.ttl(),
             savepoint,
         })
@@ -652,6 +680,7 @@ impl Held {
                     .bind(token_bytes(self.token).as_slice())
                     .bind(record.encode().as_ref())
                     .bind(millis(self.ttl))
+                    .bind(&self.tid)
                     .execute(&mut *self.tx)
                     .await
             })
@@ -666,21 +695,30 @@ impl Held {
                  its result was not recorded: leave the transaction to idem, or use savepoints",
             ));
         }
-        store
-            .timed("commit", self.tx.commit())
+        // A commit that timed out or lost its connection may have
+        // committed: the database knows, and a retry learns it (it replays a
+        // committed result, or runs if nothing was).
+        let unknown = |error: StoreError| {
+            StoreError::new(
+                error.kind(),
+                format!(
+                    "{error}; the transaction may or may not have committed: retry the \
+                     call to learn which (a committed result replays)"
+                ),
+            )
+        };
+        match store
+            .timed("commit", async { Ok(self.tx.commit().await) })
             .await
-            .map_err(|error| {
-                // A commit that timed out or lost its connection may have
-                // committed: the database knows, and a retry learns it (it
-                // replays a committed result, or runs if nothing was).
-                StoreError::new(
-                    error.kind(),
-                    format!(
-                        "{error}; the transaction may or may not have committed: retry the \
-                         call to learn which (a committed result replays)"
-                    ),
-                )
-            })
+            .map_err(unknown)?
+        {
+            Ok(()) => Ok(()),
+            // The database refused it: nothing was committed.
+            Err(error) if serialization_failure(&error) || deadlock(&error) => {
+                Err(store_error("commit", &error))
+            }
+            Err(error) => Err(unknown(store_error("commit", &error))),
+        }
     }
 }
 
@@ -698,6 +736,11 @@ fn idle_limit(lease: Duration) -> String {
 /// Whether a statement failed to serialize (`40001`).
 fn serialization_failure(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("40001"))
+}
+
+/// Whether a statement failed on a deadlock.
+fn deadlock(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("40P01"))
 }
 
 /// Whether a statement failed on `lock_timeout` (or a `NOWAIT` lock).
