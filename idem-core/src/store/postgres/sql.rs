@@ -440,9 +440,12 @@ END"
                     SELECT fingerprint, record, expires_at FROM {t}
                     WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM inserted)
                 ), reclaimed AS (
+                    -- `IS TRUE` keeps the expiry out of the index conditions: a
+                    -- generic plan would otherwise scan every expired row by
+                    -- the purge's index instead of the key's one by its own.
                     UPDATE {t} SET fingerprint = $2, token = $3, record = NULL,
                         stored_at = now(), expires_at = now() + $4::bigint {ms}
-                    WHERE key = $1 AND expires_at <= now()
+                    WHERE key = $1 AND (expires_at <= now()) IS TRUE
                         AND (SELECT locked FROM lock) AND NOT EXISTS (SELECT 1 FROM inserted)
                     RETURNING ctid
                 ), claimed AS (
