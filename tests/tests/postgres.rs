@@ -1419,20 +1419,24 @@ async fn a_killed_holder_leaves_neither_effect_nor_claim() {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "holding");
-    // The holder has the key's advisory lock (64 bits of its digest: high and
-    // low halves) until its transaction ends.
+    // The holder has the key's advisory lock until its transaction ends:
+    // `inspect` shows it in progress (only the lock tells, its row is not
+    // committed).
     let key = Key::new(&op, "the-one-key").unwrap();
-    let lock = i64::from_be_bytes(key.digest()[..8].try_into().unwrap());
-    let held = format!(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 \
-         AND ((classid::bigint << 32) | objid::bigint) = {lock}"
+    let store = connect(&server.url()).await;
+    let operator = Idempotency::new(store.clone());
+    assert!(
+        matches!(
+            operator.inspect(key).await.unwrap(),
+            idem_core::Inspection::InProgress { .. }
+        ),
+        "the holder holds the key"
     );
-    assert_eq!(server.psql(&held), "1", "the holder holds the key");
     holder.kill().unwrap();
     holder.wait().unwrap();
     // The server rolls the dead client's transaction back.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while server.psql(&held) != "0" {
+    while operator.inspect(key).await.unwrap() != idem_core::Inspection::Absent {
         assert!(
             Instant::now() < deadline,
             "the dead holder's transaction stayed open"
@@ -1447,7 +1451,6 @@ async fn a_killed_holder_leaves_neither_effect_nor_claim() {
         "0",
         "no claim"
     );
-    let store = connect(&server.url()).await;
     let settings = Settings::DEFAULT;
     let op2 = op.clone();
     let id: i64 = store

@@ -270,3 +270,101 @@ async fn a_claim_of_an_expired_key_reads_its_row_by_key() {
         "no claim scanned the expired rows' index"
     );
 }
+
+/// A store of its own schema on the shared server.
+async fn store_of_schema(prefix: &str) -> (PostgresStore, String) {
+    let schema = format!(
+        "{prefix}_{}",
+        idem_core::store::Token::random().as_u128() % 1_000_000_007
+    );
+    let store = PostgresStore::builder(shared().url())
+        .schema(&schema)
+        .response_timeout(std::time::Duration::from_secs(3))
+        .max_connections(4)
+        .connect()
+        .await
+        .unwrap();
+    (store, schema)
+}
+
+/// Two stores of different tables in one database lock a key apart: a
+/// `forget` on one (which never saw the key) neither ends nor reports the
+/// other's transactional holder of that key, and `inspect` there does not
+/// see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_of_two_tables_lock_a_key_apart() {
+    let (a, _) = store_of_schema("locks_a").await;
+    let (b, b_schema) = store_of_schema("locks_b").await;
+    let key = Key::new(&op("two-tables"), &1).unwrap();
+    let (held, claimed) = tokio::sync::oneshot::channel();
+    let holder = tokio::spawn({
+        let b = b.clone();
+        async move {
+            b.run_in_transaction(
+                &Settings::DEFAULT,
+                key,
+                Fingerprint::of(&1).unwrap(),
+                |tx| {
+                    Box::pin(async move {
+                        let _ = held.send(());
+                        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+                        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut *tx).await?;
+                        Ok::<_, ChargeError>(one)
+                    })
+                },
+            )
+            .await
+        }
+    });
+    claimed.await.unwrap();
+    let a = idem_core::Idempotency::new(a);
+    assert_eq!(a.inspect(key).await.unwrap(), idem_core::Inspection::Absent);
+    assert!(
+        !a.forget(key).await.unwrap(),
+        "nothing of store A's was forgotten"
+    );
+    assert_eq!(holder.await.unwrap().unwrap(), 1, "store B's call went on");
+    let stored = shared().psql(&format!(
+        "SELECT count(*) FROM {b_schema}.idempotency_keys \
+         WHERE key = decode('{key}', 'hex') AND record IS NOT NULL"
+    ));
+    assert_eq!(stored, "1");
+}
+
+/// A body that updates idem's own row of its key (which moves the row) is
+/// still recorded, not taken for a body that ended the transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_touches_its_own_row_is_recorded() {
+    let (store, schema) = store_of_schema("touch").await;
+    let key = Key::new(&op("touch"), &1).unwrap();
+    let table = format!("{schema}.idempotency_keys");
+    let digest = key.digest().to_vec();
+    let answer = store
+        .run_in_transaction(
+            &Settings::DEFAULT,
+            key,
+            Fingerprint::of(&1).unwrap(),
+            |tx| {
+                Box::pin(async move {
+                    sqlx::query(&format!(
+                        "UPDATE {table} SET stored_at = stored_at WHERE key = $1"
+                    ))
+                    .bind(digest)
+                    .execute(&mut *tx)
+                    .await?;
+                    Ok::<_, ChargeError>(7)
+                })
+            },
+        )
+        .await;
+    assert_eq!(answer.unwrap(), 7);
+    let replay = store
+        .run_in_transaction(
+            &Settings::DEFAULT,
+            key,
+            Fingerprint::of(&1).unwrap(),
+            |_tx| Box::pin(async move { Ok::<_, ChargeError>(8) }),
+        )
+        .await;
+    assert_eq!(replay.unwrap(), 7, "recorded, and replayed");
+}

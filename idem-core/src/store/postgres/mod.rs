@@ -633,7 +633,7 @@ impl PostgresStore {
                 sqlx::query_scalar::<_, Option<bool>>(&format!(
                     "SELECT bool_or(pg_terminate_backend(l.pid)) {HOLDER_LOCK}"
                 ))
-                .bind(transaction::lock_id(key))
+                .bind(transaction::lock_id(self, key))
                 .fetch_one(&self.inner.pool)
                 .await
             })
@@ -712,7 +712,7 @@ impl PostgresStore {
                     "SELECT floor(extract(epoch FROM now() - a.xact_start) * 1000)::bigint \
                      {HOLDER_LOCK} LIMIT 1"
                 ))
-                .bind(transaction::lock_id(key))
+                .bind(transaction::lock_id(self, key))
                 .fetch_optional(&self.inner.pool)
                 .await
             })

@@ -42,6 +42,11 @@ pub(crate) struct Statements {
     /// that stores of different tables creating the schema they share wait
     /// for each other rather than collide.
     pub(crate) migration_lock: String,
+    /// Mixed into every key's advisory lock (see `PostgresStore::lock_id`):
+    /// 64 bits of the SHA-256 of the table's quoted, qualified name, so that
+    /// the transactional calls of two tables in one database never hold,
+    /// wait for or (through `forget`) end each other's locks.
+    pub(crate) lock_space: i64,
     /// The claim a replayed hit does not call (see `read_or_claim`):
     /// optional, created by migrating when the role may; without it the
     /// store claims with `begin`.
@@ -68,7 +73,11 @@ pub(crate) struct Statements {
     pub(crate) channel: String,
     /// `BEGIN`'s claim inside a caller's transaction.
     pub(crate) claim_in_transaction: String,
+    /// The record of that claim, written to the claimed row's address.
     pub(crate) complete_in_transaction: String,
+    /// The same, written to the key's row, for a body that updated that row
+    /// itself (which moved it to another address).
+    pub(crate) complete_by_key_in_transaction: String,
     /// What a key holds, for operators.
     pub(crate) inspect: String,
     /// Deletes a key's row, waking its waiters.
@@ -248,6 +257,11 @@ END"
                 WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()";
         Ok(Self {
             migration_lock: format!("idem:migrate {schema_q}"),
+            lock_space: {
+                use sha2::Digest as _;
+                let digest = sha2::Sha256::digest(t.as_bytes());
+                i64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+            },
             schema: schema_q.clone(),
             create: vec![
                 Creation::schema(&schema_q),
@@ -480,6 +494,11 @@ END"
                     expires_at = clock_timestamp() + $4::bigint {ms}
                 WHERE ctid = $5::tid AND key = $1 AND token = $2
                     AND txid_current_if_assigned() IS NOT NULL"
+            ),
+            complete_by_key_in_transaction: format!(
+                "UPDATE {t} SET record = $3, stored_at = clock_timestamp(),
+                    expires_at = clock_timestamp() + $4::bigint {ms}
+                WHERE key = $1 AND token = $2 AND txid_current_if_assigned() IS NOT NULL"
             ),
             inspect: format!(
                 "SELECT fingerprint, record,

@@ -41,7 +41,9 @@
 //!   issues (the rollback of a failed body included) is bounded by the
 //!   store's response timeout.
 //! - **Concurrent duplicates** take the key's advisory lock
-//!   (`pg_advisory_xact_lock` on 64 bits of the key's digest), held until the
+//!   (`pg_advisory_xact_lock` on 64 bits of the key's digest, mixed with
+//!   64 bits of the table's name, so that stores of other tables in the
+//!   database neither wait for nor `forget` each other's), held until the
 //!   holder commits or rolls back. With `on_conflict = wait` they block on it
 //!   (at most `wait_timeout`, through a `lock_timeout` that holds for the
 //!   lock's statement only, so the body keeps the session's own; a
@@ -398,7 +400,7 @@ impl PostgresStore {
         savepoint: bool,
     ) -> Result<Result<Held, Record>, Error> {
         self.ready().await?;
-        let lock_id = lock_id(key);
+        let lock_id = lock_id(self, key);
         let locking_since = Instant::now();
         let deadline = locking_since + settings.wait_timeout();
         let mut waited = false;
@@ -673,18 +675,33 @@ impl Held {
                 })
                 .await?;
         }
-        let stored = store
+        let encoded = record.encode();
+        let mut stored = store
             .timed("complete", async {
                 sqlx::query(&store.inner.sql.complete_in_transaction)
                     .bind(self.key.digest().as_slice())
                     .bind(token_bytes(self.token).as_slice())
-                    .bind(record.encode().as_ref())
+                    .bind(encoded.as_ref())
                     .bind(millis(self.ttl))
                     .bind(&self.tid)
                     .execute(&mut *self.tx)
                     .await
             })
             .await?;
+        if stored.rows_affected() != 1 {
+            // The claimed row moved: the body updated it itself.
+            stored = store
+                .timed("complete", async {
+                    sqlx::query(&store.inner.sql.complete_by_key_in_transaction)
+                        .bind(self.key.digest().as_slice())
+                        .bind(token_bytes(self.token).as_slice())
+                        .bind(encoded.as_ref())
+                        .bind(millis(self.ttl))
+                        .execute(&mut *self.tx)
+                        .await
+                })
+                .await?;
+        }
         if stored.rows_affected() != 1 {
             // The body ran `COMMIT` or `ROLLBACK` itself: the claim, the
             // record and the body's writes are no longer one transaction.
@@ -722,9 +739,10 @@ impl Held {
     }
 }
 
-/// The key's advisory lock: 64 bits of its digest.
-pub(crate) fn lock_id(key: Key) -> i64 {
-    i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8]))
+/// The key's advisory lock in `store`: 64 bits of its digest, mixed with
+/// the store's table (two tables' calls of one key lock apart).
+pub(crate) fn lock_id(store: &PostgresStore, key: Key) -> i64 {
+    i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8])) ^ store.inner.sql.lock_space
 }
 
 /// `idle_in_transaction_session_timeout` for a transaction held for `lease`
