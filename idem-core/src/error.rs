@@ -121,13 +121,15 @@ pub enum Error {
     },
 
     /// A step's name starts with U+0001, which marks idem's own entries in
-    /// a call's journal, or contains U+0000, which not every store can keep
-    /// and which separates the names of a step's derived request keys. Name
-    /// the step otherwise; its work does not run (inside a call or outside
+    /// a call's journal, contains U+0000, which not every store can keep
+    /// and which separates the names of a step's derived request keys, or
+    /// is longer than [`MAX_STEP_NAME_LEN`](crate::MAX_STEP_NAME_LEN)
+    /// bytes, which a store's index of names cannot hold. Name the step
+    /// otherwise; its work does not run (inside a call or outside
     /// one).
     #[error(
-        "the step name {name:?} starts with U+0001 (idem's own journal entries) or contains \
-         U+0000 (which stores cannot keep); name the step otherwise"
+        "the step name {name:?} starts with U+0001 (idem's own journal entries), contains \
+         U+0000 (which stores cannot keep) or is longer than 1024 bytes; name the step otherwise"
     )]
     InvalidStepName {
         /// The name given.

@@ -155,7 +155,7 @@ pub use settings::{
 };
 /// What users match on: the store failure inside [`Error::Store`] and its
 /// kind, and the stored outcome an [`Inspection::Completed`] reports.
-pub use steps::{Step, derive_step_key, epoch, mark_final, step, step_key};
+pub use steps::{MAX_STEP_NAME_LEN, Step, derive_step_key, epoch, mark_final, step, step_key};
 pub use store::connect::connect;
 pub use store::memory::MemoryStore;
 #[cfg(feature = "postgres")]

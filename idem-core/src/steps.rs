@@ -30,6 +30,12 @@ const FINAL: &str = "\u{1}final";
 /// What idem's own journal entries start with; step names may not.
 const RESERVED: char = '\u{1}';
 
+/// The longest step name, in bytes (UTF-8): a journal entry is stored
+/// under its name, and a store's index of names has a size limit
+/// (PostgreSQL's btree takes about 2.7 KB), so longer names are refused,
+/// with [`Error::InvalidStepName`], before the step's work runs.
+pub const MAX_STEP_NAME_LEN: usize = 1024;
+
 /// The first byte of the journaled value of a step that has a compensation
 /// (a JSON value never starts with it): a later attempt knows the step must
 /// be undone even if its body does not reach the step again.
@@ -639,7 +645,8 @@ impl Journal {
 ///   each has a name of its own (e.g. `format!("ship-{i}")`). A name used
 ///   twice in one attempt fails with [`Error::StepRepeated`] and `work`
 ///   does not run; so does a name that starts with U+0001 (idem's own
-///   journal entries) or contains U+0000, with [`Error::InvalidStepName`].
+///   journal entries), contains U+0000 or is longer than
+///   [`MAX_STEP_NAME_LEN`] (1 KiB), with [`Error::InvalidStepName`].
 /// - **Only `Ok` is journaled.** A step that returns `Err` is not recorded
 ///   and runs again on the next attempt.
 /// - **A step is at most once per journal entry, not per side effect.** If
@@ -647,7 +654,10 @@ impl Journal {
 ///   written, the next attempt runs it again: make the downstream call
 ///   idempotent with [`step_key`], which is the same on every attempt.
 /// - **The journal lives as long as the call's record** (the call's TTL from
-///   its last step): a call run again after that starts afresh.
+///   its last step): a call run again after that starts afresh. A body
+///   that runs longer than its TTL between two steps outlives the entries
+///   before that gap, and a later attempt runs those steps again: keep the
+///   TTL longer than a call runs.
 /// - **A lost claim stops the call.** When the call's claim is no longer its
 ///   own (its lease lapsed and another attempt took over), the step's result
 ///   is not journaled and `step` fails with [`Error::StepLost`].
@@ -697,7 +707,7 @@ where
 {
     // Refused outside a call too: a fn with such a step must not work when
     // called plainly and fail once it is made idempotent.
-    if name.starts_with(RESERVED) || name.contains('\0') {
+    if name.starts_with(RESERVED) || name.contains('\0') || name.len() > MAX_STEP_NAME_LEN {
         return Err(Error::InvalidStepName {
             name: name.to_owned().into(),
         }

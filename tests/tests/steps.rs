@@ -715,12 +715,43 @@ fn killed_compensations_finish(store_url: &str) {
     }
 }
 
-/// Names that start with U+0001 (idem's own journal entries) or contain
-/// U+0000 (which PostgreSQL's text cannot keep) are refused before the work
-/// runs, on every store alike, on every attempt.
+/// A name of `len` random letters (which PostgreSQL cannot compress).
+fn random_name(len: usize) -> String {
+    (0..len)
+        .map(|_| char::from(b'a' + rand::random::<u8>() % 26))
+        .collect()
+}
+
+/// Names that start with U+0001 (idem's own journal entries), contain
+/// U+0000 (which PostgreSQL's text cannot keep) or are longer than 1 KiB
+/// (which PostgreSQL's index of names cannot hold) are refused before the
+/// work runs, on every store alike, on every attempt; a name of 1 KiB is
+/// journaled once.
 async fn reserved_step_names_are_refused(store: Arc<dyn Store>) {
     let idem = Idempotency::from_arc(store);
-    for name in ["\u{1}final", "charge\0eu", "\0"] {
+    let longest = random_name(idem_core::MAX_STEP_NAME_LEN);
+    let key = Key::new("longest-name", &rand::random::<u64>()).unwrap();
+    let ran = AtomicU32::new(0);
+    for _ in 0..2 {
+        let result: Result<(), Error> = idem
+            .run(&settings(), key, Fingerprint::of(&()).unwrap(), async {
+                step(&longest, async {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, Error>(())
+                })
+                .await?;
+                Err(Error::AttemptFailed)
+            })
+            .await;
+        assert!(matches!(result, Err(Error::AttemptFailed)), "{result:?}");
+    }
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        1,
+        "a name of 1 KiB is journaled"
+    );
+    let too_long = random_name(idem_core::MAX_STEP_NAME_LEN + 1);
+    for name in ["\u{1}final", "charge\0eu", "\0", too_long.as_str()] {
         let key = Key::new("reserved", &rand::random::<u64>()).unwrap();
         let ran = AtomicU32::new(0);
         for _ in 0..2 {
@@ -740,6 +771,49 @@ async fn reserved_step_names_are_refused(store: Arc<dyn Store>) {
         }
         assert_eq!(ran.load(Ordering::SeqCst), 0, "{name:?}");
     }
+}
+
+/// `forget` of a key that holds a journal alone (its call failed and
+/// released its claim) deletes the journal and answers `false`, as of a
+/// key that holds nothing; the next call starts afresh.
+async fn forgetting_a_journal_alone_answers_false(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("journal-alone", &rand::random::<u64>()).unwrap();
+    let ran = AtomicU32::new(0);
+    let attempt = |fail: bool| {
+        let (idem, ran) = (&idem, &ran);
+        async move {
+            idem.run(
+                &settings(),
+                key,
+                Fingerprint::of(&()).unwrap(),
+                async move {
+                    step("reserve", async {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, Error>(1)
+                    })
+                    .await?;
+                    if fail {
+                        return Err(Error::AttemptFailed);
+                    }
+                    Ok(2)
+                },
+            )
+            .await
+        }
+    };
+    assert!(attempt(true).await.is_err());
+    assert_eq!(idem.steps_done(key).await.unwrap(), ["reserve"]);
+    assert!(
+        !idem.forget(key).await.unwrap(),
+        "a journal alone answers false"
+    );
+    assert!(
+        idem.steps_done(key).await.unwrap().is_empty(),
+        "the journal is gone"
+    );
+    assert_eq!(attempt(false).await.unwrap(), 2);
+    assert_eq!(ran.load(Ordering::SeqCst), 2, "the step ran afresh");
 }
 
 /// A compensation left unfinished (its undo failed) and an attempt whose
@@ -1362,6 +1436,11 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn reserved_step_names_are_refused() {
             super::reserved_step_names_are_refused($store).await;
+        }
+
+        #[tokio::test]
+        async fn forgetting_a_journal_alone_answers_false() {
+            super::forgetting_a_journal_alone_answers_false($store).await;
         }
 
         #[tokio::test]
