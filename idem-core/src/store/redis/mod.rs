@@ -598,11 +598,18 @@ impl Store for RedisStore {
 
     fn forget(&self, key: Key) -> StoreFuture<'_, bool> {
         Box::pin(async move {
-            let mut command = redis::cmd("DEL");
-            command
-                .arg(self.record_key(&key))
-                .arg(self.journal_key(&key));
-            let value = self.query("forget", &command).await?;
+            // One script, so that the record and the journal go together
+            // and the answer counts the record alone.
+            let mut invocation = SCRIPTS.forget.prepare_invoke();
+            invocation
+                .key(self.record_key(&key))
+                .key(self.journal_key(&key));
+            let invocation = &invocation;
+            let value = self
+                .retrying("forget", |mut connection| async move {
+                    invocation.invoke_async::<Value>(&mut connection).await
+                })
+                .await?;
             match as_int(&value) {
                 Some(n) => Ok(n > 0),
                 None => Err(unexpected("forget", &value)),

@@ -41,6 +41,10 @@ pub(crate) struct Scripts {
     /// while the last is remembered, and after it expired unless the
     /// server's clock went back.
     pub(crate) epoch: Script,
+    /// `KEYS[1]` the record, `KEYS[2]` its step journal. Deletes both;
+    /// answers 1 when there was a record or a claim (a journal alone
+    /// answers 0), in one step.
+    pub(crate) forget: Script,
 }
 
 pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
@@ -63,6 +67,11 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     };
     Scripts {
         read: Script::new("return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}"),
+        forget: Script::new(
+            "local found = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+return found",
+        ),
         complete: Script::new(&format!(
             "local held = redis.call('GET', KEYS[1])
 if {completed} then
