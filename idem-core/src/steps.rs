@@ -935,8 +935,10 @@ pub fn mark_final() -> Result<(), Error> {
 ///
 /// # Errors
 ///
-/// [`Error::ClaimLost`] when the call's claim is no longer its own (no
-/// epoch is given to a holder that may be stale), [`Error::OutsideCall`]
+/// [`Error::ClaimLost`] when the call's claim is no longer its own as it
+/// first asks (no epoch is given to a holder that may be stale; one given
+/// earlier in the attempt is answered again from memory, without asking
+/// the store), [`Error::OutsideCall`]
 /// outside the body of a call run by an [`Idempotency`](crate::Idempotency)
 /// handle (a transactional PostgreSQL call's transaction fences its writes
 /// itself), [`Error::Store`] when the store cannot answer (or keeps no
