@@ -36,6 +36,27 @@ fn op(test: &str) -> String {
     format!("{test}-{}", idem_core::store::Token::random())
 }
 
+/// A store of a schema of its own (`prefix` and a random number) on the
+/// shared server, with the schema's name.
+async fn store_of_schema(
+    prefix: &str,
+    connections: u32,
+    response_timeout: std::time::Duration,
+) -> (PostgresStore, String) {
+    let schema = format!(
+        "{prefix}_{}",
+        idem_core::store::Token::random().as_u128() % 1_000_000_007
+    );
+    let store = PostgresStore::builder(shared().url())
+        .schema(&schema)
+        .response_timeout(response_timeout)
+        .max_connections(connections)
+        .connect()
+        .await
+        .unwrap();
+    (store, schema)
+}
+
 /// The isolation level is a setting: idem opens the transaction at it, on
 /// the attribute and on the plain API (a body cannot set it, since idem's
 /// statements run first).
@@ -93,17 +114,7 @@ async fn the_isolation_level_is_a_setting() {
 /// commit, on a table small enough that every key shares one index page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serializable_calls_of_different_keys_do_not_conflict() {
-    let server = shared();
-    let store = PostgresStore::builder(server.url())
-        .schema(format!(
-            "serializable_{}",
-            idem_core::store::Token::random()
-        ))
-        .response_timeout(std::time::Duration::from_secs(5))
-        .max_connections(10)
-        .connect()
-        .await
-        .unwrap();
+    let (store, _) = store_of_schema("serializable", 10, std::time::Duration::from_secs(5)).await;
     let settings = Settings::builder()
         .isolation(idem_core::Isolation::Serializable)
         .build()
@@ -206,17 +217,7 @@ async fn a_call_that_fails_to_serialize_is_rolled_back_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_of_an_expired_key_reads_its_row_by_key() {
     let server = shared();
-    let schema = format!(
-        "reclaim_{}",
-        idem_core::store::Token::random().as_u128() % 1_000_000_007
-    );
-    let store = PostgresStore::builder(server.url())
-        .schema(&schema)
-        .response_timeout(std::time::Duration::from_secs(5))
-        .max_connections(1)
-        .connect()
-        .await
-        .unwrap();
+    let (store, schema) = store_of_schema("reclaim", 1, std::time::Duration::from_secs(5)).await;
     let op = op("reclaim");
     let keys: Vec<Key> = (0..12).map(|n| Key::new(&op, &n).unwrap()).collect();
     let rows: Vec<String> = keys
@@ -271,30 +272,14 @@ async fn a_claim_of_an_expired_key_reads_its_row_by_key() {
     );
 }
 
-/// A store of its own schema on the shared server.
-async fn store_of_schema(prefix: &str) -> (PostgresStore, String) {
-    let schema = format!(
-        "{prefix}_{}",
-        idem_core::store::Token::random().as_u128() % 1_000_000_007
-    );
-    let store = PostgresStore::builder(shared().url())
-        .schema(&schema)
-        .response_timeout(std::time::Duration::from_secs(3))
-        .max_connections(4)
-        .connect()
-        .await
-        .unwrap();
-    (store, schema)
-}
-
 /// Two stores of different tables in one database lock a key apart: a
 /// `forget` on one (which never saw the key) neither ends nor reports the
 /// other's transactional holder of that key, and `inspect` there does not
 /// see it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_of_two_tables_lock_a_key_apart() {
-    let (a, _) = store_of_schema("locks_a").await;
-    let (b, b_schema) = store_of_schema("locks_b").await;
+    let (a, _) = store_of_schema("locks_a", 4, std::time::Duration::from_secs(3)).await;
+    let (b, b_schema) = store_of_schema("locks_b", 4, std::time::Duration::from_secs(3)).await;
     let key = Key::new(&op("two-tables"), &1).unwrap();
     let (held, claimed) = tokio::sync::oneshot::channel();
     let holder = tokio::spawn({
@@ -335,7 +320,7 @@ async fn stores_of_two_tables_lock_a_key_apart() {
 /// still recorded, not taken for a body that ended the transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_touches_its_own_row_is_recorded() {
-    let (store, schema) = store_of_schema("touch").await;
+    let (store, schema) = store_of_schema("touch", 4, std::time::Duration::from_secs(3)).await;
     let key = Key::new(&op("touch"), &1).unwrap();
     let table = format!("{schema}.idempotency_keys");
     let digest = key.digest().to_vec();
