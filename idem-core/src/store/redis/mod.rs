@@ -213,7 +213,15 @@ impl RedisStore {
         for arg in args {
             invocation.arg(*arg);
         }
-        let invocation = &invocation;
+        self.run_script(op, &invocation).await
+    }
+
+    /// Runs a prepared script invocation, retried as every command is.
+    async fn run_script(
+        &self,
+        op: &'static str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Value, StoreError> {
         self.retrying(op, |mut connection| async move {
             invocation.invoke_async::<Value>(&mut connection).await
         })
@@ -604,12 +612,7 @@ impl Store for RedisStore {
             invocation
                 .key(self.record_key(&key))
                 .key(self.journal_key(&key));
-            let invocation = &invocation;
-            let value = self
-                .retrying("forget", |mut connection| async move {
-                    invocation.invoke_async::<Value>(&mut connection).await
-                })
-                .await?;
+            let value = self.run_script("forget", &invocation).await?;
             match as_int(&value) {
                 Some(n) => Ok(n > 0),
                 None => Err(unexpected("forget", &value)),
@@ -698,12 +701,7 @@ impl Store for RedisStore {
                 .arg(name.as_bytes())
                 .arg(value)
                 .arg(millis(ttl));
-            let invocation = &invocation;
-            let answer = self
-                .retrying("append_step", |mut connection| async move {
-                    invocation.invoke_async::<Value>(&mut connection).await
-                })
-                .await?;
+            let answer = self.run_script("append_step", &invocation).await?;
             match as_int(&answer) {
                 Some(n) => Ok(n == 1),
                 None => Err(unexpected("append_step", &answer)),
@@ -720,12 +718,7 @@ impl Store for RedisStore {
                 .key(self.epoch_key(&key))
                 .arg(&token[..])
                 .arg(millis(ttl));
-            let invocation = &invocation;
-            let answer = self
-                .retrying("epoch", |mut connection| async move {
-                    invocation.invoke_async::<Value>(&mut connection).await
-                })
-                .await?;
+            let answer = self.run_script("epoch", &invocation).await?;
             match as_int(&answer) {
                 Some(-1) => Ok(None),
                 Some(epoch) => u64::try_from(epoch)
