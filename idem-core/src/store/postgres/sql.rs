@@ -255,6 +255,13 @@ END"
                        ceil(extract(epoch FROM c.expires_at - now()) * 1000)::bigint
                 FROM current c
                 WHERE NOT EXISTS (SELECT 1 FROM claimed) AND c.expires_at > now()";
+        // The record of a transactional claim, by its key; with the row's
+        // address too (`complete_in_transaction`) on the common path.
+        let complete_by_key_in_transaction = format!(
+            "UPDATE {t} SET record = $3, stored_at = clock_timestamp(),
+                expires_at = clock_timestamp() + $4::bigint {ms}
+            WHERE key = $1 AND token = $2 AND txid_current_if_assigned() IS NOT NULL"
+        );
         Ok(Self {
             migration_lock: format!("idem:migrate {schema_q}"),
             lock_space: {
@@ -489,17 +496,8 @@ END"
             // The row is found by its address (`$5`, from the claim), not by
             // its key: a read of the key's index page would take the
             // predicate lock at `SERIALIZABLE` that the claim avoids.
-            complete_in_transaction: format!(
-                "UPDATE {t} SET record = $3, stored_at = clock_timestamp(),
-                    expires_at = clock_timestamp() + $4::bigint {ms}
-                WHERE ctid = $5::tid AND key = $1 AND token = $2
-                    AND txid_current_if_assigned() IS NOT NULL"
-            ),
-            complete_by_key_in_transaction: format!(
-                "UPDATE {t} SET record = $3, stored_at = clock_timestamp(),
-                    expires_at = clock_timestamp() + $4::bigint {ms}
-                WHERE key = $1 AND token = $2 AND txid_current_if_assigned() IS NOT NULL"
-            ),
+            complete_in_transaction: format!("{complete_by_key_in_transaction} AND ctid = $5::tid"),
+            complete_by_key_in_transaction,
             inspect: format!(
                 "SELECT fingerprint, record,
                     extract(epoch FROM stored_at)::float8 AS stored_at,
