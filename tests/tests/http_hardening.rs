@@ -483,6 +483,38 @@ async fn nested_routers_do_not_share_replays(idem: Idempotency) {
     );
 }
 
+/// One layer mounted on a nested router and on the app around it: the
+/// request is guarded once, by the outer layer, and replayed; it is not
+/// refused as re-entering its own key (`500`) or left waiting for itself.
+async fn a_layer_on_a_nested_router_and_on_its_app_guards_once(idem: Idempotency) {
+    let runs = Arc::new(Runs::default());
+    let layer = rejecting(idem);
+    let orders = Router::new()
+        .route(
+            "/create",
+            post(|State(runs): State<Arc<Runs>>| async move {
+                let n = runs.bump();
+                (StatusCode::CREATED, format!("order {n} created"))
+            }),
+        )
+        .with_state(Arc::clone(&runs))
+        .layer(layer.clone());
+    let addr = serve(Router::new().nest("/orders", orders).layer(layer)).await;
+    let key = key();
+    let first = post_to(addr, "/orders/create", &key).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(!replayed(&first));
+    assert_eq!(first.headers()["idempotency-retention"], "86400");
+    assert_eq!(first.text().await.unwrap(), "order 1 created");
+    let retry = post_to(addr, "/orders/create", &key).send().await.unwrap();
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert!(replayed(&retry));
+    assert_eq!(retry.text().await.unwrap(), "order 1 created");
+    let reused = post_to(addr, "/orders/create", &key).body("other").send();
+    problem(reused.await.unwrap(), 422, "key-reused").await;
+    assert_eq!(runs.get(), 1);
+}
+
 /// A `401` or `403` is not stored: the client that fixes its
 /// credentials is answered afresh under the same key.
 async fn refusals_for_credentials_are_not_stored(idem: Idempotency) {
@@ -933,6 +965,7 @@ on_each_store!(
     compressed_responses_replay_their_encoding,
     every_guarded_answer_carries_retention,
     nested_routers_do_not_share_replays,
+    a_layer_on_a_nested_router_and_on_its_app_guards_once,
     refusals_for_credentials_are_not_stored,
     unsolicited_keys_behave_as_documented,
     equal_queries_replay,

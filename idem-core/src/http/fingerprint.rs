@@ -75,9 +75,10 @@ pub(crate) fn fingerprint(
 /// The URI the client sent. A router that mounts services under a prefix
 /// (axum's `nest`) strips it from the URI the inner layers see; axum keeps
 /// the original in the request's `OriginalUri`, which is used when present,
-/// so that `/orders/create` and `/refunds/create` never look alike.
+/// so that `/orders/create` and `/refunds/create` never look alike. It is
+/// read with or without the `axum` feature: an axum app that takes the
+/// layer alone is nested as well.
 pub(crate) fn sent_uri(parts: &Parts) -> &http::Uri {
-    #[cfg(feature = "axum")]
     if let Some(original) = parts.extensions.get::<axum::extract::OriginalUri>() {
         return &original.0;
     }

@@ -176,7 +176,9 @@ pub fn default_store_grpc_status(code: u32) -> bool {
 /// read whole, recorded, then sent. Any other streams to its client as it
 /// comes, through a buffer of a few frames, while the layer copies at most
 /// `max_response_bytes` of it; its end (and its trailers) reach the client
-/// once it is recorded.
+/// once it is recorded (a handler that sets its own `Content-Length` on a
+/// stream lets its client finish at the last byte, which may be before the
+/// record: a retry then finds the call still running).
 ///
 /// ```
 /// use axum::{Router, routing::post};
@@ -210,8 +212,14 @@ pub fn default_store_grpc_status(code: u32) -> bool {
 ///
 /// In an axum router nested under a prefix (`Router::nest`), the request's
 /// URI lacks the prefix; the fingerprint uses the one the client sent
-/// (axum's `OriginalUri`), but a [`routes`](Self::routes) filter and
-/// [`scoped_by`](Self::scoped_by) see the parts as the layer gets them.
+/// (axum 0.8's `OriginalUri`, read with the `tower` feature alone too), but
+/// a [`routes`](Self::routes) filter and [`scoped_by`](Self::scoped_by) see
+/// the parts as the layer gets them.
+///
+/// A request that a layer outside this one already guards under the same
+/// key (one layer mounted on a nested router and on the app around it)
+/// passes through this one: the outer layer runs it once and records it.
+/// Layers of other names or scopes each guard it under their own key.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     config: Arc<Config>,
@@ -286,7 +294,11 @@ impl IdempotencyLayer {
     }
 
     /// The operation name the keys are hashed with. Default `"http"`; give
-    /// two APIs on one store names of their own.
+    /// two APIs on one store names of their own. A request's key is
+    /// `Key::scoped(name, scope, idempotency_key)` (`Key::new(name,
+    /// idempotency_key)` when [`unscoped`](Self::unscoped)): the one an
+    /// operator [inspects](crate::Idempotency::inspect) or
+    /// [forgets](crate::Idempotency::forget).
     #[must_use]
     pub fn name(self, name: impl Into<String>) -> Self {
         let name: Arc<str> = name.into().into();
@@ -565,7 +577,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
         Box::pin(async move {
-            let (parts, body) = request.into_parts();
+            let (mut parts, body) = request.into_parts();
             if !config.guards(&parts) {
                 let response = inner.call(Request::from_parts(parts, body)).await?;
                 return Ok(response.map(ResponseBody::inner));
@@ -599,6 +611,17 @@ where
                 },
                 None => Key::new(&config.name, key.as_str()),
             };
+            // The same key guarded by a layer outside this one (one layer
+            // mounted on a nested router and on the app): that one runs the
+            // request once; claiming it here too would find it held by the
+            // very request that waits for this one.
+            if let Ok(key) = &key
+                && GuardedKeys::contain(&parts, key)
+            {
+                tracing::debug!(%key, "a request already guarded under its key by an outer layer");
+                let response = inner.call(Request::from_parts(parts, body)).await?;
+                return Ok(response.map(ResponseBody::inner));
+            }
             let body = match read_limited(body, config.max_body).await {
                 Ok(Some(body)) => body,
                 Ok(None) => {
@@ -623,6 +646,7 @@ where
                 Ok(prepared) => prepared,
                 Err(error) => return Ok(config.problem(&Problem::of(&error))),
             };
+            GuardedKeys::add(&mut parts, key);
             let request = Request::from_parts(parts, B::from(body));
             // Polled here, and moved to a task of its own if this future is
             // dropped first: a client that hangs up drops this future, not
@@ -672,6 +696,24 @@ where
                 Err(Failure::Panicked(panic)) => std::panic::resume_unwind(panic),
             })
         })
+    }
+}
+
+/// The keys that layers outside the inner service guard a request under, in
+/// its extensions.
+#[derive(Clone, Default)]
+struct GuardedKeys(Vec<Key>);
+
+impl GuardedKeys {
+    fn contain(parts: &Parts, key: &Key) -> bool {
+        parts
+            .extensions
+            .get::<Self>()
+            .is_some_and(|guarded| guarded.0.contains(key))
+    }
+
+    fn add(parts: &mut Parts, key: Key) {
+        parts.extensions.get_or_insert_default::<Self>().0.push(key);
     }
 }
 
@@ -1197,6 +1239,93 @@ mod tests {
             "the first call's response, recorded after the hang-up"
         );
         assert_eq!(inner.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// An axum route that counts its runs in `runs` and answers `answer`.
+    fn counted(answer: &'static str, runs: &Arc<std::sync::atomic::AtomicU32>) -> axum::Router {
+        let runs = Arc::clone(runs);
+        axum::Router::new().route(
+            "/create",
+            axum::routing::post(move || {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move { answer }
+            }),
+        )
+    }
+
+    async fn post(app: &axum::Router, path: &str) -> (StatusCode, Option<HeaderValue>, Bytes) {
+        let request = Request::post(path)
+            .header("idempotency-key", "k1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = app.clone().call(request).await.unwrap();
+        let status = response.status();
+        let replayed = response.headers().get(IDEMPOTENT_REPLAYED).cloned();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, replayed, body)
+    }
+
+    // Run with the `tower` feature alone as well (CI's feature matrix): the
+    // path the client sent is read without the `axum` feature.
+    #[tokio::test]
+    async fn nested_routers_fingerprint_the_path_the_client_sent() {
+        let layer = IdempotencyLayer::unscoped(Idempotency::memory());
+        let (orders, refunds) = (Arc::default(), Arc::default());
+        let app = axum::Router::new()
+            .nest("/orders", counted("order", &orders).layer(layer.clone()))
+            .nest("/refunds", counted("refund", &refunds).layer(layer));
+        let (status, _, body) = post(&app, "/orders/create").await;
+        assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"order"[..]));
+        let (status, replayed, _) = post(&app, "/refunds/create").await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "another request");
+        assert_eq!(replayed, None, "never the order's response");
+        let ran = |runs: &Arc<std::sync::atomic::AtomicU32>| {
+            runs.load(std::sync::atomic::Ordering::SeqCst)
+        };
+        assert_eq!((ran(&orders), ran(&refunds)), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_layer_on_a_nested_router_and_its_app_guards_once() {
+        let idem = Idempotency::memory();
+        let layer = IdempotencyLayer::unscoped(idem.clone());
+        let runs = Arc::default();
+        let app = axum::Router::new()
+            .nest("/orders", counted("order", &runs).layer(layer.clone()))
+            .layer(layer);
+        let (status, replayed, body) = post(&app, "/orders/create").await;
+        assert_eq!(
+            (status, replayed, body.as_ref()),
+            (StatusCode::OK, None, &b"order"[..])
+        );
+        let (status, replayed, body) = post(&app, "/orders/create").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            replayed.as_ref().map(HeaderValue::as_bytes),
+            Some(&b"true"[..])
+        );
+        assert_eq!(body.as_ref(), b"order");
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A layer of another name guards the request under a key of its
+        // own, inside the first.
+        let named = IdempotencyLayer::unscoped(idem.clone()).name("orders");
+        let runs = Arc::default();
+        let app = axum::Router::new()
+            .nest("/orders", counted("order", &runs).layer(named))
+            .layer(IdempotencyLayer::unscoped(idem.clone()).name("outer"));
+        post(&app, "/orders/create").await;
+        post(&app, "/orders/create").await;
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        for name in ["orders", "outer"] {
+            let key = Key::new(name, "k1").unwrap();
+            assert!(
+                matches!(
+                    idem.inspect(key).await.unwrap(),
+                    crate::Inspection::Completed { .. }
+                ),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@
 //! | SHOULD | the server documents which resources need a key | [`methods`](IdempotencyLayer::methods), [`routes`](IdempotencyLayer::routes); `POST` and `PATCH` by default |
 //! | MUST | a missing key where one is required is a `400` | `400`, [`#missing-key`](#missing-key) |
 //! | — | a malformed or repeated key | `400`, [`#invalid-key`](#invalid-key) |
-//! | SHOULD | the server publishes an expiry policy | records are kept for the TTL, sent in `Idempotency-Retention` (seconds) on every guarded response |
+//! | SHOULD | the server publishes an expiry policy | records are kept for the TTL, sent in `Idempotency-Retention` (whole seconds, rounded down) on every guarded response |
 //! | MAY | a fingerprint of the request | method, the path the client sent, the query as form pairs, chosen headers and body (SHA-256) |
 //! | MUST | a key reused with another request is a `422` | `422`, [`#key-reused`](#key-reused) |
 //! | MUST | a request while the first is in progress is a `409` | with `on_conflict = reject`: `409` with `Retry-After`, [`#in-progress`](#in-progress); by default it waits for the first's response |

@@ -142,7 +142,7 @@ impl Problem {
         }
         let detail = match kind {
             Kind::StoreUnavailable => {
-                "The request was not processed; retry it later with the same Idempotency-Key."
+                "This request was not processed; retry it later with the same Idempotency-Key."
                     .to_owned()
             }
             Kind::Unreplayable => {
