@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -676,6 +676,85 @@ async fn a_key_idem_would_not_parse_is_sent_as_given_and_retried() {
         .map(|(key, _)| key.clone())
         .collect();
     assert_eq!(arrivals, ["order 17", "order 17"]);
+}
+
+/// `report.key_header()` sends the key again byte for byte, whatever it
+/// was: a structured-field string with an escaped quote, bytes that are not
+/// UTF-8, a made key; idem's layer replays the first charge.
+#[tokio::test]
+async fn the_reports_key_header_sends_the_key_again_as_it_went() {
+    let (addr, server) = serve().await;
+    let client = client(fast().build().unwrap(), Breakers::default());
+    let post = |key: Option<HeaderValue>| {
+        let request = client
+            .post(format!("http://{addr}/charges"))
+            .header("x-api-key", "shop-1")
+            .body("100 cents");
+        match key {
+            Some(key) => request.header("idempotency-key", key),
+            None => request,
+        }
+    };
+    let quoted = HeaderValue::from_static(r#""a\"b""#);
+    let first = post(Some(quoted.clone())).send().await.unwrap();
+    let got = report(&first);
+    assert_eq!(got.key(), Some(r#"a"b"#), "the key as the server reads it");
+    assert_eq!(got.key_header().as_ref(), Some(&quoted));
+    let again = post(got.key_header()).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert!(report(&again).replayed(), "the same key");
+    let made = post(None).send().await.unwrap();
+    let again = post(report(&made).key_header()).send().await.unwrap();
+    assert!(report(&again).replayed());
+    assert_eq!(server.charges().len(), 2);
+
+    // Bytes that are not UTF-8, to a port that refuses connections: the
+    // final error's report gives the header back as it was sent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refusing = listener.local_addr().unwrap();
+    drop(listener);
+    let raw = HeaderValue::from_bytes(b"caf\xe9").unwrap();
+    let error = client
+        .post(format!("http://{refusing}/charges"))
+        .header("idempotency-key", raw.clone())
+        .body("100 cents")
+        .send()
+        .await
+        .unwrap_err();
+    let got = final_report(&error);
+    assert_eq!(got.key(), Some("caf\u{fffd}"));
+    assert_eq!(got.key_header(), Some(raw));
+}
+
+/// The operation's own failures open its circuit: the last response ends
+/// it (with its report), not an error without one.
+#[tokio::test]
+async fn a_circuit_opened_by_the_operation_ends_it_with_the_last_response() {
+    let (addr, server) = serve().await;
+    server.down.store(true, Ordering::SeqCst);
+    let breakers = Breakers::new(BreakerConfig::default().consecutive_failures(2)).unwrap();
+    let client = client(fast().build().unwrap(), breakers);
+    let response = charge_via(&client, addr, "100 cents").await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let got = report(&response);
+    assert_eq!(got.attempts(), 2);
+    assert!(got.key().is_some());
+    assert_eq!(server.arrivals(), 2);
+}
+
+/// A `Retry-After` in delay-seconds too large for 64 bits is a very long
+/// wait, not a missing header: a 429 stops the operation at once.
+#[tokio::test]
+async fn a_retry_after_past_64_bits_stops_a_rate_limited_operation() {
+    for after in ["18446744073709551616", "99999999999999999999999"] {
+        let (addr, server) = serve().await;
+        server.fail_next(1, StatusCode::TOO_MANY_REQUESTS, Some(after));
+        let client = client(fast().build().unwrap(), Breakers::default());
+        let response = charge_via(&client, addr, "100 cents").await.unwrap();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(report(&response).attempts(), 1, "{after}");
+        assert_eq!(server.arrivals(), 1, "{after}");
+    }
 }
 
 #[tokio::test]

@@ -343,6 +343,22 @@ impl CircuitBreaker {
         self.publish(BreakerState::Open);
     }
 
+    /// The refusal a call would get now, whatever the state (a zero wait
+    /// when it would be admitted): for an operation whose probe got no
+    /// answer, which stops as if the circuit refused it, without taking the
+    /// next probe's place.
+    pub(super) fn refusal(&self) -> CircuitOpen {
+        let now = Instant::now();
+        let retry_in = match self.lock().phase {
+            Phase::Open { until } => until.saturating_duration_since(now),
+            Phase::HalfOpen {
+                probing: Some(deadline),
+            } => deadline.saturating_duration_since(now),
+            Phase::Closed | Phase::HalfOpen { probing: None } => Duration::ZERO,
+        };
+        self.open(retry_in)
+    }
+
     fn open(&self, retry_in: Duration) -> CircuitOpen {
         CircuitOpen {
             dependency: self.shared.name.clone(),

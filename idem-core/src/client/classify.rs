@@ -180,12 +180,17 @@ pub const fn classify_grpc_code(code: i32) -> Verdict {
 }
 
 /// The `Retry-After` header's delay: delay-seconds or an HTTP-date (a date in
-/// the past is no delay). `None` when absent or malformed.
+/// the past is no delay). Delay-seconds have no upper limit: a number past
+/// `u64::MAX` seconds is [`Duration::MAX`]. `None` when absent or malformed.
 #[must_use]
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Some(
+            value
+                .parse::<u64>()
+                .map_or(Duration::MAX, Duration::from_secs),
+        );
     }
     let date = httpdate::parse_http_date(value).ok()?;
     Some(
@@ -321,6 +326,22 @@ mod tests {
             classify_status(StatusCode::INTERNAL_SERVER_ERROR, &headers),
             Verdict::Rejected
         );
+    }
+
+    #[test]
+    fn a_retry_after_past_u64_seconds_is_as_long_as_can_be() {
+        let mut headers = HeaderMap::new();
+        for (value, expected) in [
+            ("18446744073709551615", Some(Duration::from_secs(u64::MAX))),
+            ("18446744073709551616", Some(Duration::MAX)),
+            ("99999999999999999999999", Some(Duration::MAX)),
+            ("+5", None),
+            ("-5", None),
+            ("", None),
+        ] {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static(value));
+            assert_eq!(retry_after(&headers), expected, "{value:?}");
+        }
     }
 
     #[test]

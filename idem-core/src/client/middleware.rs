@@ -7,7 +7,7 @@ use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
 use super::retry::Retries;
-use super::{Breakers, CircuitBreaker, Classify, RetryPolicy, RetryReport, new_key};
+use super::{Breakers, CircuitBreaker, CircuitOpen, Classify, RetryPolicy, RetryReport, new_key};
 use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 
 /// Retries reqwest requests safely: one idempotency key per request, the
@@ -38,8 +38,13 @@ use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 /// reset connection) and a request to a host whose circuit is open, which
 /// fails at once. Such an error is a middleware error whose cause stays
 /// reachable: `downcast_ref::<reqwest::Error>()`, or
-/// `downcast_ref::<CircuitOpen>()` for an open circuit. Keep the key until
-/// the outcome is known: an outer retry sends `report.key()` again.
+/// `downcast_ref::<CircuitOpen>()` for an open circuit (a circuit that
+/// opened after an attempt ends the operation with that attempt's outcome:
+/// its response, or its error with the `CircuitOpen` as well), or
+/// `downcast_ref::<std::io::Error>()` (`TimedOut`) for a breaker's probe
+/// that got no answer within its `probe_timeout`. Keep the key until the
+/// outcome is known: an outer retry sends
+/// [`report.key_header()`](RetryReport::key_header) again.
 ///
 /// ```no_run
 /// use idem_core::client::{RetryMiddleware, RetryPolicy, RetryReport};
@@ -67,7 +72,7 @@ use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 /// if let Err(error) = &next_try
 ///     && let Some(report) = RetryReport::of(error)
 /// {
-///     let key = report.key().unwrap(); // send it as `Idempotency-Key` next time
+///     let key = report.key_header().unwrap(); // send it as `Idempotency-Key` next time
 ///     # let _ = key;
 /// }
 /// # Ok(())
@@ -173,6 +178,12 @@ impl Middleware for RetryMiddleware {
             None => None,
         };
         let retryable = key.is_some() || is_idempotent(request.method());
+        let mut report = RetryReport {
+            attempts: 0,
+            key,
+            header: request.headers().get(IDEMPOTENCY_KEY).cloned(),
+            replayed: false,
+        };
         let url = request.url();
         let dependency = format!(
             "{}:{}",
@@ -185,6 +196,9 @@ impl Middleware for RetryMiddleware {
             .map(|breakers| breakers.get(&dependency));
         let mut retries = Retries::start(&self.policy);
         let mut attempts = 0;
+        // The last attempt's outcome, which ends the operation if the
+        // circuit opens before the next attempt.
+        let mut last = None;
         loop {
             let (attempt, kept) = match retryable.then(|| request.try_clone()).flatten() {
                 Some(copy) => (copy, Some(request)),
@@ -193,14 +207,13 @@ impl Middleware for RetryMiddleware {
             let permit = match breaker.as_ref().map(CircuitBreaker::try_acquire) {
                 Some(Ok(permit)) => Some(permit),
                 Some(Err(open)) => {
-                    let report = RetryReport {
-                        attempts,
-                        key,
-                        replayed: false,
+                    report.attempts = attempts;
+                    return match last {
+                        Some(outcome) => finish(outcome, report, Some(open)),
+                        None => Err(reqwest_middleware::Error::Middleware(
+                            anyhow::Error::new(open).context(report),
+                        )),
                     };
-                    return Err(reqwest_middleware::Error::Middleware(
-                        anyhow::Error::new(open).context(report),
-                    ));
                 }
                 None => None,
             };
@@ -238,29 +251,8 @@ impl Middleware for RetryMiddleware {
                 .then(|| retries.next_delay(attempts, verdict, in_progress).ok())
                 .flatten();
             let (Some(delay), Some(kept)) = (delay, kept) else {
-                return match outcome {
-                    Ok(mut response) => {
-                        let report = RetryReport {
-                            attempts,
-                            key,
-                            replayed: replayed(&response),
-                        };
-                        response.extensions_mut().insert(report);
-                        Ok(response)
-                    }
-                    Err(error) => {
-                        let report = RetryReport {
-                            attempts,
-                            key,
-                            replayed: false,
-                        };
-                        let error = match error {
-                            reqwest_middleware::Error::Reqwest(error) => anyhow::Error::new(error),
-                            reqwest_middleware::Error::Middleware(error) => error,
-                        };
-                        Err(reqwest_middleware::Error::Middleware(error.context(report)))
-                    }
-                };
+                report.attempts = attempts;
+                return finish(outcome, report, None);
             };
             tracing::debug!(
                 attempt = attempts,
@@ -268,9 +260,36 @@ impl Middleware for RetryMiddleware {
                 ?delay,
                 "idem: retrying a request"
             );
-            drop(outcome);
+            last = Some(outcome);
             tokio::time::sleep(delay).await;
             request = kept;
+        }
+    }
+}
+
+/// The operation's final outcome, with its report: the response, or the
+/// error with the report (and the open circuit that stopped the retries,
+/// if one did) as its context.
+fn finish(
+    outcome: reqwest_middleware::Result<Response>,
+    mut report: RetryReport,
+    open: Option<CircuitOpen>,
+) -> reqwest_middleware::Result<Response> {
+    match outcome {
+        Ok(mut response) => {
+            report.replayed = replayed(&response);
+            response.extensions_mut().insert(report);
+            Ok(response)
+        }
+        Err(error) => {
+            let mut error = match error {
+                reqwest_middleware::Error::Reqwest(error) => anyhow::Error::new(error),
+                reqwest_middleware::Error::Middleware(error) => error,
+            };
+            if let Some(open) = open {
+                error = error.context(open);
+            }
+            Err(reqwest_middleware::Error::Middleware(error.context(report)))
         }
     }
 }

@@ -25,8 +25,13 @@ use super::CircuitBreaker;
 /// the clients it told the same moment do not return at once.
 ///
 /// **Limits.** It stops after `max_attempts` attempts, or when the next wait
-/// would end later than `max_elapsed` after the first attempt began, or when
-/// the [`RetryBudget`] has no retry left; the last outcome is then returned.
+/// would end later than `max_elapsed` after the first attempt began (a
+/// `Retry-After` is judged as the dependency sent it, and the jitter added
+/// to it cut to the time left; a request still in progress, a 409, is
+/// looked at once more at the limit), or when the [`RetryBudget`] has no
+/// retry left; the last outcome is then returned. A look at a request in
+/// progress is an attempt like any other. An attempt under way is not cut
+/// at `max_elapsed`.
 ///
 /// ```
 /// use std::time::Duration;

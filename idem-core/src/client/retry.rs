@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::{CircuitBreaker, CircuitOpen, Classify, RetryPolicy, Verdict};
@@ -25,6 +26,8 @@ use super::{CircuitBreaker, CircuitOpen, Classify, RetryPolicy, Verdict};
 pub struct RetryReport {
     pub(super) attempts: u32,
     pub(super) key: Option<String>,
+    /// The `Idempotency-Key` header as the middleware sent it.
+    pub(super) header: Option<HeaderValue>,
     pub(super) replayed: bool,
 }
 
@@ -41,11 +44,47 @@ impl RetryReport {
     /// a server reads the header: the contents of the structured-field
     /// string it carries (`order-17` for `Idempotency-Key: "order-17"`, and
     /// a made key's UUID, sent as `"<uuid>"`), or the header as sent when it
-    /// is not one idem can parse. An outer retry sends it again in the same
-    /// form: `format!("\"{key}\"")`.
+    /// is not one idem can parse (with bytes that are not UTF-8 replaced).
+    /// An outer retry sends [`key_header`](Self::key_header) again.
     #[must_use]
     pub fn key(&self) -> Option<&str> {
         self.key.as_deref()
+    }
+
+    /// The `Idempotency-Key` header that sends this operation's key again:
+    /// through the middleware, the header exactly as the operation sent it
+    /// (the caller's bytes, or the made key as a structured-field string);
+    /// for [`retry`], the key as a structured-field string. `None` without
+    /// a key.
+    ///
+    /// ```
+    /// # use idem_core::client::{RetryPolicy, Verdict, retry_with_key};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let policy = RetryPolicy::default();
+    /// let verdict = |_: &Result<(), std::io::Error>| Verdict::Success;
+    /// let (_, report) = retry_with_key(&policy, r#"order "17""#, verdict, |_| async { Ok(()) })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(report.key_header().unwrap(), r#""order \"17\"""#);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn key_header(&self) -> Option<HeaderValue> {
+        if let Some(sent) = &self.header {
+            return Some(sent.clone());
+        }
+        let key = self.key.as_deref()?;
+        let mut quoted = String::with_capacity(key.len() + 2);
+        quoted.push('"');
+        for c in key.chars() {
+            if matches!(c, '"' | '\\') {
+                quoted.push('\\');
+            }
+            quoted.push(c);
+        }
+        quoted.push('"');
+        HeaderValue::try_from(quoted).ok()
     }
 
     /// Whether the server replayed a stored response
@@ -288,7 +327,9 @@ where
 /// [`retry`] with the verdict given by `classify`, for outcomes without a
 /// [`Classify`] implementation or an `Ok` that should be retried (a
 /// response with status 503). An `Ok` judged retryable that is the last
-/// attempt is returned as it is.
+/// attempt is returned as it is, as is one after which the circuit opened
+/// (an error there ends the operation as a [`RetryError`] with
+/// [`StopReason::CircuitOpen`] and that error).
 ///
 /// ```
 /// use idem_core::client::{RetryPolicy, Verdict, retry_if};
@@ -389,14 +430,21 @@ where
     let report = |attempt: &Attempt, attempts: u32| RetryReport {
         attempts,
         key: Some(attempt.key.to_string()),
+        header: None,
         replayed: false,
     };
     let mut retries = Retries::start(policy);
     let mut last = None;
+    // A retryable `Ok` of the last attempt, returned as it is if the circuit
+    // opens before the next one.
+    let mut last_ok = None;
     loop {
         attempt.number += 1;
         let permit = match policy.breaker.as_ref().map(CircuitBreaker::try_acquire) {
             Some(Err(open)) => {
+                if let Some(value) = last_ok.take() {
+                    return Ok((value, report(&attempt, attempt.number - 1)));
+                }
                 return Err(RetryError {
                     reason: StopReason::CircuitOpen(open),
                     report: report(&attempt, attempt.number - 1),
@@ -422,16 +470,18 @@ where
         let Some(outcome) = outcome else {
             // The probe failed: the circuit opens again, and this
             // operation stops as any other finding it open.
+            // Asking the breaker again could admit the next probe (a
+            // cool-down shorter than the wait so far) only to drop it.
             if let Some(permit) = permit {
                 permit.record(Verdict::Failed { retry_after: None });
             }
             let open = policy
                 .breaker
                 .as_ref()
-                .map(CircuitBreaker::try_acquire)
-                .and_then(Result::err);
+                .expect("only a breaker's permit is a probe")
+                .refusal();
             return Err(RetryError {
-                reason: open.map_or(StopReason::MaxElapsed, StopReason::CircuitOpen),
+                reason: StopReason::CircuitOpen(open),
                 report: report(&attempt, attempt.number),
                 last,
             });
@@ -461,10 +511,12 @@ where
         match (stop, outcome) {
             (Ok(delay), Err(error)) => {
                 last = Some(error);
+                last_ok = None;
                 tokio::time::sleep(delay).await;
             }
-            (Ok(delay), Ok(_)) => {
+            (Ok(delay), Ok(value)) => {
                 last = None;
+                last_ok = Some(value);
                 tokio::time::sleep(delay).await;
             }
             (Err(_), Ok(value)) => return Ok((value, report(&attempt, attempt.number))),
@@ -518,14 +570,18 @@ impl<'a> Retries<'a> {
             return Err(StopReason::MaxAttempts);
         }
         let mut delay = self.policy.delay(attempts, verdict.retry_after());
+        // The dependency's `Retry-After` is judged as it was sent: the
+        // jitter added to it is cut to the time left.
+        let asked = verdict.retry_after().unwrap_or(delay);
         let elapsed = self.started.elapsed();
-        if elapsed.saturating_add(delay) > self.policy.max_elapsed {
-            let left = self.policy.max_elapsed.saturating_sub(elapsed);
+        let left = self.policy.max_elapsed.saturating_sub(elapsed);
+        if elapsed.saturating_add(asked) > self.policy.max_elapsed {
             if !in_progress || left.is_zero() {
                 return Err(StopReason::MaxElapsed);
             }
             delay = left;
         }
+        delay = delay.min(left);
         if let Some(budget) = &self.policy.budget
             && !budget.withdraw()
         {
@@ -696,6 +752,103 @@ mod tests {
             "{error}"
         );
         assert_eq!(breaker.state(), crate::client::BreakerState::Open);
+    }
+
+    /// A cool-down shorter than the probe's timeout: the breaker would
+    /// admit another probe when the hung one is dropped, which the
+    /// operation must not take (and leave half-open) to find a reason.
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_probe_stops_it_as_open_whatever_the_cool_down() {
+        let breaker = CircuitBreaker::new(
+            "ledger",
+            BreakerConfig::default()
+                .consecutive_failures(1)
+                .cool_down(Duration::from_millis(1))
+                .probe_timeout(Duration::from_millis(50)),
+        )
+        .unwrap();
+        let guarded = policy().breaker(breaker.clone()).build().unwrap();
+        let _ = retry(&guarded, |_| async { Err::<(), _>(refused()) }).await;
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let error = retry(&guarded, |_| {
+            std::future::pending::<Result<(), io::Error>>()
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(error.attempts(), 1);
+        assert!(
+            matches!(error.reason(), StopReason::CircuitOpen(open) if open.dependency() == "ledger"),
+            "{error}"
+        );
+        assert_eq!(breaker.state(), crate::client::BreakerState::Open);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        let done = retry(&guarded, |_| async { Ok::<_, io::Error>(7) }).await;
+        assert_eq!(done.unwrap(), 7, "the next probe's place was kept free");
+    }
+
+    /// The operation's own failures open the circuit: its last outcome
+    /// ends it, an `Ok` returned as it is and an error kept in the error.
+    #[tokio::test(start_paused = true)]
+    async fn a_circuit_opened_between_attempts_ends_it_with_the_last_outcome() {
+        let breaker =
+            CircuitBreaker::new("ledger", BreakerConfig::default().consecutive_failures(2))
+                .unwrap();
+        let guarded = policy().breaker(breaker.clone()).build().unwrap();
+        let mut calls = 0;
+        let (status, report) = retry_with_key(
+            &guarded,
+            "k",
+            |outcome: &Result<u16, io::Error>| match outcome {
+                Ok(503) => Verdict::Failed { retry_after: None },
+                Ok(_) => Verdict::Success,
+                Err(error) => error.classify(),
+            },
+            |_| {
+                calls += 1;
+                async { Ok(503) }
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!((calls, status, report.attempts()), (2, 503, 2));
+        let other = CircuitBreaker::new("ledger", BreakerConfig::default().consecutive_failures(2))
+            .unwrap();
+        let guarded = policy().breaker(other).build().unwrap();
+        let error = retry(&guarded, |_| async { Err::<(), _>(refused()) })
+            .await
+            .unwrap_err();
+        assert!(matches!(error.reason(), StopReason::CircuitOpen(_)));
+        assert_eq!(
+            error.last_error().map(io::Error::kind),
+            Some(io::ErrorKind::ConnectionRefused)
+        );
+    }
+
+    /// A `Retry-After` that ends within the time limit is waited out even
+    /// when its jitter would end past it: the jitter is cut to the limit.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_within_the_limit_is_not_stopped_by_its_jitter() {
+        let policy = RetryPolicy::builder()
+            .base(Duration::from_secs(1000))
+            .cap(Duration::from_secs(1000))
+            .max_elapsed(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let limited = |after: u64| Verdict::Busy {
+            retry_after: Some(Duration::from_secs(after)),
+        };
+        for _ in 0..20 {
+            let mut retries = Retries::start(&policy);
+            let delay = retries.next_delay(1, limited(1), false).unwrap();
+            assert!(
+                (Duration::from_secs(1)..=Duration::from_secs(10)).contains(&delay),
+                "{delay:?}"
+            );
+            assert!(matches!(
+                retries.next_delay(1, limited(11), false),
+                Err(StopReason::MaxElapsed)
+            ));
+        }
     }
 
     #[tokio::test(start_paused = true)]
