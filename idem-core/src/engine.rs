@@ -501,7 +501,9 @@ impl Idempotency {
                                 polls += 1;
                             }
                             None => {
-                                let pause = poll_pause(polls).min(cap);
+                                // At least the floor, but for a last look at
+                                // the deadline.
+                                let pause = poll_pause(polls).max(MIN_POLL_PAUSE).min(cap);
                                 polls += 1;
                                 Box::pin(tokio::time::sleep(pause)).await;
                             }
@@ -983,7 +985,8 @@ const MIN_RENEW_PAUSE: Duration = Duration::from_millis(5);
 
 /// How long a caller that polls a store for another holder's claim waits
 /// before poll `n` (from 0): 5 ms doubling to 1 s, each with up to half of
-/// itself added at random, so that waiters do not poll in step. A counter
+/// itself added at random, so that waiters do not poll in step (the caller
+/// waits at least [`MIN_POLL_PAUSE`]). A counter
 /// rather than an iterator keeps every call's future small.
 fn poll_pause(n: u32) -> Duration {
     let base = Duration::from_millis(5)

@@ -34,9 +34,9 @@
 //! | `waited` | waited for another call with the key, then replayed its result |
 //! | `in_progress` | gave up on another holder: `Error::InProgress` (409) |
 //! | `key_reused` | came with other arguments than the key's first call: `Error::KeyReused` (422) |
-//! | `store_error` | could not reach the store (or read a record): the body did not run |
-//! | `decode_error` | found a record it cannot replay: `Error::Decode` or `Error::NotReplayable` |
-//! | `attempt_failed` | waited for a call in this process whose body failed |
+//! | `store_error` | could not reach the store, or the store refused it: the body did not run |
+//! | `decode_error` | found a record it cannot replay: `Error::Decode`, `Error::NotReplayable`, or a store error of kind `Corrupt` (a record the store cannot read) |
+//! | `attempt_failed` | waited for a call in this process whose body failed, or its steps' undos did not all succeed (`Error::Compensating`) |
 //! | `config_error` | had settings that break a rule, a key or arguments that do not serialize (its `idem.call` span then has no `key`), or re-entered its own key |
 //!
 //! # Metrics
@@ -65,6 +65,7 @@ use tracing::Span;
 use crate::codec::ResultCodec;
 use crate::error::Error;
 use crate::key::Key;
+use crate::store::StoreErrorKind;
 
 /// An operation's name, as spans and metrics label it.
 #[derive(Clone, Debug)]
@@ -214,6 +215,8 @@ impl CallOutcome {
         match error {
             Error::InProgress { .. } => Self::InProgress,
             Error::KeyReused => Self::KeyReused,
+            // A record the store holds but cannot read is not replayable.
+            Error::Store(error) if error.kind() == StoreErrorKind::Corrupt => Self::DecodeError,
             Error::Store(_) | Error::StepLost { .. } | Error::ClaimLost => Self::StoreError,
             Error::Decode(_) | Error::NotReplayable { .. } => Self::DecodeError,
             Error::AttemptFailed => Self::AttemptFailed,

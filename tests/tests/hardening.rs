@@ -367,11 +367,14 @@ fn renewal_keeps_trying_while_the_lease_allows() {
 #[derive(Default)]
 struct LaggingHolder {
     begins: AtomicUsize,
+    /// When each `begin` came.
+    at: std::sync::Mutex<Vec<tokio::time::Instant>>,
 }
 
 impl Store for LaggingHolder {
     fn begin(&self, _: Key, _: Fingerprint, _: Token, _: Duration) -> StoreFuture<'_, Begin> {
         self.begins.fetch_add(1, Ordering::SeqCst);
+        self.at.lock().unwrap().push(tokio::time::Instant::now());
         Box::pin(std::future::ready(Ok(Begin::InProgress {
             retry_after: Duration::from_millis(1),
         })))
@@ -388,13 +391,15 @@ impl Store for LaggingHolder {
 }
 
 /// A waiter of 2 s polls at most every 10 ms, however short the
-/// holder's remaining lease reads.
+/// holder's remaining lease reads: no two polls closer than that, but for
+/// a last look at the wait's deadline.
 #[test]
 fn waiters_never_poll_faster_than_a_floor() {
     paused(async {
         let store = Arc::new(LaggingHolder::default());
         let idem = Idempotency::from_arc(store.clone());
         let (key, fp) = key("hardening.poll-floor");
+        let start = tokio::time::Instant::now();
         let wait = Settings::builder()
             .lease(Duration::from_secs(3))
             .ttl(Duration::from_secs(3600))
@@ -408,6 +413,20 @@ fn waiters_never_poll_faster_than_a_floor() {
         );
         let polls = store.begins.load(Ordering::SeqCst);
         assert!(polls <= 2000 / 10 + 2, "{polls} polls in 2 s");
+        let at = store.at.lock().unwrap().clone();
+        let (last, earlier) = at.split_last().unwrap();
+        assert_eq!(
+            *last - start,
+            Duration::from_secs(2),
+            "a last look at the deadline"
+        );
+        for pair in earlier.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(10),
+                "polls {:?} apart",
+                pair[1] - pair[0]
+            );
+        }
     });
 }
 

@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use idem_core::store::{
+    Begin, Completion, Record, Store, StoreError, StoreErrorKind, StoreFuture, Token,
+};
 use idem_core::{Fingerprint, Idempotency, Key, OnConflict, Settings, idempotent};
 use idem_test::faults::Down;
 use tracing::field::{Field, Visit};
@@ -289,6 +292,28 @@ async fn ship(order: u64) -> Result<String, idem_core::Error> {
 
 static IDEM: std::sync::LazyLock<Idempotency> = std::sync::LazyLock::new(Idempotency::memory);
 
+/// A store whose every record reads as corrupt (as a Redis key of another
+/// type, or an envelope that does not parse, does).
+struct Garbled;
+
+impl Store for Garbled {
+    fn begin(&self, _: Key, _: Fingerprint, _: Token, _: Duration) -> StoreFuture<'_, Begin> {
+        Box::pin(std::future::ready(Err(StoreError::new(
+            StoreErrorKind::Corrupt,
+            "a record that does not parse",
+        ))))
+    }
+    fn complete(&self, _: Key, _: Token, _: Record, _: Duration) -> StoreFuture<'_, Completion> {
+        Box::pin(std::future::ready(Ok(Completion::Lost)))
+    }
+    fn release(&self, _: Key, _: Token) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    fn renew(&self, _: Key, _: Token, _: Duration) -> StoreFuture<'_, bool> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
+}
+
 fn store_and_decode_errors_warn_and_the_attribute_names_its_operation() {
     let captured = traced(|| async {
         let down = Idempotency::new(Down);
@@ -302,14 +327,30 @@ fn store_and_decode_errors_warn_and_the_attribute_names_its_operation() {
             .await;
         as_text.unwrap_err();
         ship(7).await.unwrap();
+        // A record the store cannot read is a record that cannot be
+        // replayed, not a store that cannot be reached.
+        let garbled = Idempotency::new(Garbled);
+        let error = charge(&garbled, &Settings::default(), 1, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(error.http_status(), 500);
     });
     assert_eq!(
         captured.outcomes(),
-        ["store_error", "ran", "decode_error", "ran"]
+        ["store_error", "ran", "decode_error", "ran", "decode_error"]
     );
     assert_eq!(captured.spans()[3]["operation"], "orders.ship");
     assert_eq!(captured.level_of("store_error"), Level::WARN);
     assert_eq!(captured.level_of("decode_error"), Level::ERROR);
+    let levels: Vec<_> = captured
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, fields)| fields.get("outcome").map(String::as_str) == Some("decode_error"))
+        .map(|(level, _)| *level)
+        .collect();
+    assert_eq!(levels, [Level::ERROR, Level::ERROR]);
 }
 
 /// An argument that does not serialize.
