@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{LazyLock, Mutex, OnceLock, PoisonError};
+use std::sync::{LazyLock, Mutex, OnceLock, PoisonError, RwLock};
 
 pub use crate::codec::{Codec, Parts};
 use crate::error::Error;
@@ -30,6 +30,8 @@ pub struct Call {
     name: &'static str,
     key: KeyHasher,
     arguments: Fingerprinter,
+    /// Why the call may not run whatever its parts.
+    refused: Option<ConfigError>,
 }
 
 impl Call {
@@ -40,7 +42,22 @@ impl Call {
             name,
             key: KeyHasher::new(name),
             arguments: Fingerprinter::new(),
+            refused: None,
         }
+    }
+
+    /// Starts a call of the fn written at `site`, named by default after
+    /// its instance (`closure`, the type name of a closure in its body; see
+    /// [`operation_name`]). Refused when another fn of this process has
+    /// that name: two fns of one name in two blocks of one scope (`{ fn
+    /// handle … }`, `const _: () = { … }`) print alike, and would share
+    /// records.
+    #[must_use]
+    pub fn at(site: &'static Site, closure: &'static str) -> Self {
+        let name = operation_name(closure);
+        let mut call = Self::new(name);
+        call.refused = site.check(name).err();
+        call
     }
 
     /// Starts a call of a function whose `name = "…"` is pinned (reported
@@ -113,7 +130,11 @@ impl Call {
     /// [`Fingerprint::UNCHECKED`].
     pub fn finish(self, keyed: bool, checked: bool) -> Prepared {
         let (key, arguments) = (self.key, self.arguments);
+        let refused = self.refused;
         let parts = (|| {
+            if let Some(refused) = refused {
+                return Err(Error::Config(refused));
+            }
             let fingerprint = arguments.finish()?;
             let mut key = key;
             if !keyed {
@@ -179,6 +200,56 @@ impl Pinned {
             }
         });
         shared
+    }
+}
+
+/// Where a fn named by default is written (its module, file, line and
+/// column): two places that give one name are two fns whose names print
+/// alike.
+pub struct Site {
+    at: &'static str,
+    /// The name this site first registered, so that a fn that always has
+    /// one name (every fn without type parameters) looks it up once.
+    first: OnceLock<&'static str>,
+}
+
+/// Default names registered in this process, with the site each belongs to.
+static DEFAULT_NAMES: LazyLock<RwLock<HashMap<&'static str, &'static str>>> =
+    LazyLock::new(RwLock::default);
+
+impl Site {
+    /// The fn written at `at`.
+    #[must_use]
+    pub const fn new(at: &'static str) -> Self {
+        Self {
+            at,
+            first: OnceLock::new(),
+        }
+    }
+
+    /// Registers `name` as this site's, or answers why it may not be.
+    fn check(&self, name: &'static str) -> Result<(), ConfigError> {
+        if self.first.get() == Some(&name) {
+            return Ok(());
+        }
+        let known = DEFAULT_NAMES
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .copied();
+        let first = match known {
+            Some(first) => first,
+            None => *DEFAULT_NAMES
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(name)
+                .or_insert(self.at),
+        };
+        if first != self.at {
+            return Err(ConfigError::shared_default_name(name, first, self.at));
+        }
+        let _ = self.first.set(name);
+        Ok(())
     }
 }
 

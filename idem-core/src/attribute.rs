@@ -193,15 +193,32 @@
 /// fingerprinted arguments, so a call through
 /// [`Idempotency::run`](crate::Idempotency::run) with those is the same call.
 ///
-/// Whatever gets a record under a key, it is never decoded as another type:
-/// each record carries a tag of its value's type name (module paths left
-/// out, so moving a type keeps it; renaming it does not), and a record of
-/// another type answers [`Error::Decode`](crate::Error::Decode). Records
-/// written by idem versions without tags are read untagged.
+/// Whatever gets a record under a key, it is never decoded as a type of
+/// another name: each record carries a tag of its value's type name (module
+/// paths left out, so moving a type keeps it; renaming it does not), and a
+/// record of another type answers [`Error::Decode`](crate::Error::Decode).
+/// Two types of one name in two modules (`v1::Receipt`, `v2::Receipt`) are
+/// one type to the tag: a fn whose result changes shape under one name
+/// decodes records as serde reads them (a missing field with
+/// `#[serde(default)]` is filled in). Records written by idem versions
+/// without tags are read untagged.
+///
+/// Two fns named alike by default (one name in two blocks of one scope, as
+/// `{ fn handle … }` twice, or `const _: () = { … }` blocks a macro writes)
+/// would share records: the second to run in a process is refused with
+/// [`Error::Config`](crate::Error::Config) (its setting `"name"`), before
+/// its body runs, until each has a `name` of its own.
+///
+/// The fingerprint covers the arguments as they are bound: a destructured
+/// argument's bindings (`Transfer { id, amount }: Transfer`), not the
+/// parts it leaves out (`..`, `_`), and not an argument bound to `_`.
 ///
 /// A call made from inside the body that holds its own key (on the same
 /// handle, directly or through functions it awaits) would wait for itself;
-/// it fails at once with [`Error::Reentered`](crate::Error::Reentered).
+/// it fails at once with [`Error::Reentered`](crate::Error::Reentered). A
+/// task the body spawns is not part of the call: a call of the key there
+/// waits for the body as any other caller does (and a body that awaits
+/// that task waits until `wait_timeout`).
 ///
 /// ```
 /// # use idem_core::idempotent;

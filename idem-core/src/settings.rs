@@ -332,6 +332,11 @@ enum Rule {
         lease: Duration,
         response_timeout: Duration,
     },
+    SharedDefaultName {
+        name: &'static str,
+        first: &'static str,
+        second: &'static str,
+    },
 }
 
 impl ConfigError {
@@ -344,7 +349,22 @@ impl ConfigError {
         })
     }
 
-    /// The setting at fault: `"ttl"`, `"lease"` or `"wait_timeout"`.
+    /// Two `#[idempotent]` fns without a pinned `name` whose default names
+    /// are one (`name`, at `first` and `second`).
+    pub(crate) fn shared_default_name(
+        name: &'static str,
+        first: &'static str,
+        second: &'static str,
+    ) -> Self {
+        Self(Rule::SharedDefaultName {
+            name,
+            first,
+            second,
+        })
+    }
+
+    /// The setting at fault: `"ttl"`, `"lease"`, `"wait_timeout"`, or
+    /// `"name"` for two `#[idempotent]` fns whose default names are one.
     #[must_use]
     pub fn setting(&self) -> &'static str {
         match self.0 {
@@ -362,6 +382,7 @@ impl ConfigError {
             }
             Rule::WaitTimeoutWithReject => "wait_timeout",
             Rule::LeaseTooShortForStore { .. } => "lease",
+            Rule::SharedDefaultName { .. } => "name",
         }
     }
 }
@@ -425,6 +446,16 @@ impl fmt::Display for ConfigError {
                  lengthen the lease or shorten the store's response timeout",
                 display(lease),
                 display(response_timeout)
+            ),
+            Rule::SharedDefaultName {
+                name,
+                first,
+                second,
+            } => write!(
+                f,
+                "two #[idempotent] functions are named `{name}` by default ({first} and \
+                 {second}), so they would share records; give each its own \
+                 `name = \"…\"`"
             ),
         }
     }

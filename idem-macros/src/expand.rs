@@ -110,13 +110,21 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         // with the `Self` type and every generic argument of this instance:
         // `shop::Repo<shop::Invoice>::create`, `<shop::Card as
         // shop::Ledger>::record`, `shop::publish<shop::Shipped>`.
+        // The place it is written tells two fns apart whose names print
+        // alike (one name in two blocks of one scope).
         None => {
             let site = hidden("__idem_site");
+            let written = hidden("__IDEM_SITE");
+            let ident = func.sig.ident.to_string();
             quote! {{
+                static #written: #krate::__private::Site = #krate::__private::Site::new(
+                    ::core::concat!(
+                        ::core::module_path!(), "::", #ident,
+                        " (", ::core::file!(), ":", ::core::line!(), ":", ::core::column!(), ")"
+                    ),
+                );
                 let #site = || ();
-                #krate::__private::Call::new(#krate::__private::operation_name(
-                    ::core::any::type_name_of_val(&#site),
-                ))
+                #krate::__private::Call::at(&#written, ::core::any::type_name_of_val(&#site))
             }}
         }
     };
@@ -269,8 +277,16 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
                 .take_while(|stmt| matches!(stmt, syn::Stmt::Item(_)))
                 .count();
             let (items, stmts) = func.block.stmts.split_at(leading);
+            // A `mut` argument is a variable of the body's own, as in an
+            // `async fn`: a block that captured it would take a field
+            // assigned and never read again (`request.note = …`, to drop it
+            // early) for a dead assignment. (`mut self` cannot be bound
+            // again: see `body_allow`.)
+            let rebound = mut_arguments(&func.sig)
+                .map(|(mutability, ident)| quote!(let #mutability #ident = #ident;));
             quote! {
                 #(#items)*
+                #(#rebound)*
                 #[allow(unused_qualifications)]
                 if let ::core::option::Option::Some(#fake) = ::core::option::Option::None::<#ret> {
                     #[allow(unreachable_code)]
@@ -287,6 +303,13 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     // The user's statements keep every lint; those `#[async_trait]` wrote
     // around them (moves of the arguments into the future) do not.
     let body_allow = match &shape {
+        // A `mut self` taken by value is captured by the body's block, which
+        // would take a field assigned and never read again (`self.conn =
+        // None`, to drop it early) for a dead assignment, as an `async fn`
+        // does not.
+        Shape::Async { .. } if by_value_mut_self(&func.sig) => {
+            quote!(#[allow(unused_assignments)])
+        }
         Shape::Async { .. } => quote!(),
         Shape::AsyncTrait { .. } => allow.clone(),
     };
@@ -464,6 +487,17 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             .map(|(_, input)| input)
             .collect();
     }
+    // A `mut` argument bound again in the body is not mutated here (unless
+    // a key expression does): its `mut` is judged in the body.
+    if matches!(shape, Shape::Async { .. }) {
+        for input in &mut sig.inputs {
+            if let syn::FnArg::Typed(typed) = input
+                && is_mut_binding(&typed.pat)
+            {
+                typed.attrs.push(syn::parse_quote!(#[allow(unused_mut)]));
+            }
+        }
+    }
     let statements = match shape {
         Shape::Async { .. } => statements,
         Shape::AsyncTrait { .. } => {
@@ -480,6 +514,31 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         #(#outer_attrs)*
         #vis #sig #out_body
     }
+}
+
+/// Whether `pat` binds a `mut` variable by value: `mut request`.
+fn is_mut_binding(pat: &syn::Pat) -> bool {
+    matches!(pat, syn::Pat::Ident(ident)
+        if ident.mutability.is_some() && ident.by_ref.is_none() && ident.subpat.is_none())
+}
+
+/// The arguments bound as `mut` variables by value, with their `mut`.
+fn mut_arguments(sig: &syn::Signature) -> impl Iterator<Item = (&syn::token::Mut, &Ident)> {
+    sig.inputs.iter().filter_map(|input| match input {
+        syn::FnArg::Typed(typed) if is_mut_binding(&typed.pat) => match &*typed.pat {
+            syn::Pat::Ident(ident) => Some((ident.mutability.as_ref()?, &ident.ident)),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// Whether the receiver is `mut self` (by value).
+fn by_value_mut_self(sig: &syn::Signature) -> bool {
+    sig.inputs.iter().any(|input| {
+        matches!(input, syn::FnArg::Receiver(receiver)
+            if receiver.reference.is_none() && receiver.mutability.is_some())
+    })
 }
 
 /// The function unchanged, for when the attribute is wrong, with the

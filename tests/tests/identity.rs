@@ -662,6 +662,73 @@ async fn a_future_joins_the_claims_where_it_is_awaited() {
     );
 }
 
+// --- one name in two blocks of one scope ----------------------------------
+
+/// Two fns of one name in two blocks of one scope print alike
+/// (`identity::two_blocks::handle`), as do two in `const _` blocks (the
+/// shape derive-style macros write): the second to run is refused, with
+/// the advice to pin names, instead of replaying the first's records.
+async fn fns_of_one_name_in_two_blocks_are_refused(idem: &Idempotency) {
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    async fn two_blocks(
+        idem: &Idempotency,
+        id: &str,
+    ) -> (Result<String, Error>, Result<String, Error>) {
+        let email = {
+            #[idempotent(key = id, store = idem, skip(idem))]
+            async fn handle(idem: &Idempotency, id: &str) -> Result<String, Error> {
+                RUNS.fetch_add(1, Ordering::SeqCst);
+                Ok(format!("email {id}"))
+            }
+            handle(idem, id).await
+        };
+        let sms = {
+            #[idempotent(key = id, store = idem, skip(idem))]
+            async fn handle(idem: &Idempotency, id: &str) -> Result<String, Error> {
+                RUNS.fetch_add(1, Ordering::SeqCst);
+                Ok(format!("sms {id}"))
+            }
+            handle(idem, id).await
+        };
+        (email, sms)
+    }
+    let before = RUNS.load(Ordering::SeqCst);
+    let id = fresh("blocks");
+    let (email, sms) = two_blocks(idem, &id).await;
+    assert_eq!(email.unwrap(), format!("email {id}"));
+    match sms {
+        Err(Error::Config(error)) => {
+            assert_eq!(error.setting(), "name");
+            let text = error.to_string();
+            assert!(
+                text.contains("::handle` by default") && text.contains("name = "),
+                "{text}"
+            );
+        }
+        other => panic!("the second fn replayed or ran: {other:?}"),
+    }
+    assert_eq!(RUNS.load(Ordering::SeqCst) - before, 1);
+    // With names of their own, both run.
+    let pinned = {
+        #[idempotent(key = id, name = "identity.blocks.email", store = idem, skip(idem))]
+        async fn handle(idem: &Idempotency, id: &str) -> Result<String, Error> {
+            Ok(format!("email {id}"))
+        }
+        handle(idem, &id).await.unwrap()
+    };
+    let other = {
+        #[idempotent(key = id, name = "identity.blocks.sms", store = idem, skip(idem))]
+        async fn handle(idem: &Idempotency, id: &str) -> Result<String, Error> {
+            Ok(format!("sms {id}"))
+        }
+        handle(idem, &id).await.unwrap()
+    };
+    assert_eq!(
+        (pinned, other),
+        (format!("email {id}"), format!("sms {id}"))
+    );
+}
+
 // --- the runs ---------------------------------------------------------------
 
 async fn every_case(idem: &Idempotency) {
@@ -675,6 +742,7 @@ async fn every_case(idem: &Idempotency) {
     trait_default_methods_are_told_apart_by_implementor(idem).await;
     a_record_is_never_decoded_as_another_type(idem).await;
     a_call_that_reenters_its_key_fails_at_once(idem).await;
+    fns_of_one_name_in_two_blocks_are_refused(idem).await;
 }
 
 #[tokio::test]
