@@ -251,6 +251,13 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             quote_spanned!(expr.span()=> #path(#key, &mut #call);)
         }
     });
+    // `#[async_trait]` takes a destructured argument as a positional one
+    // and destructures it in the body: the bindings a `key` or `scope` may
+    // name are bound here too, by reference.
+    let destructured: Vec<TokenStream> = match &shape {
+        Shape::AsyncTrait { stmts, .. } => stmts.iter().filter_map(destructuring).collect(),
+        Shape::Async { .. } => Vec::new(),
+    };
     let keyed = args.key.is_some();
     let checked = args.fingerprint.as_ref().is_none_or(|f| f.value);
     let body_stmts: &[syn::Stmt] = match &shape {
@@ -458,6 +465,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             #instance
             #(#erasures)*
             #(#fingerprint)*
+            #(#destructured)*
             #scope
             #key
             #call.finish(#keyed, #checked)
@@ -514,6 +522,58 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
         #(#outer_attrs)*
         #vis #sig #out_body
     }
+}
+
+/// For a statement by which `#[async_trait]` destructures a positional
+/// argument (`let (a, b) = { let __arg1 = __arg1; __arg1 };`), the same
+/// pattern bound to a reference to the argument, for the attribute's
+/// expressions; `None` for any other statement, and for a pattern that
+/// binds by value on purpose (`mut`, `ref`, `&`), which a reference
+/// cannot give.
+fn destructuring(stmt: &syn::Stmt) -> Option<TokenStream> {
+    let syn::Stmt::Local(local) = stmt else {
+        return None;
+    };
+    let init = local.init.as_ref()?;
+    let Expr::Block(block) = &*init.expr else {
+        return None;
+    };
+    let [
+        syn::Stmt::Local(inner),
+        syn::Stmt::Expr(Expr::Path(moved), None),
+    ] = block.block.stmts.as_slice()
+    else {
+        return None;
+    };
+    let syn::Pat::Ident(positional) = &inner.pat else {
+        return None;
+    };
+    if !moved.path.is_ident(&positional.ident) || !positional.ident.to_string().starts_with("__arg")
+    {
+        return None;
+    }
+    let pat = &local.pat;
+    fn by_value(tokens: TokenStream) -> bool {
+        tokens.into_iter().any(|token| match token {
+            proc_macro2::TokenTree::Ident(ident) => ident == "mut" || ident == "ref",
+            proc_macro2::TokenTree::Punct(punct) => punct.as_char() == '&',
+            proc_macro2::TokenTree::Group(group) => by_value(group.stream()),
+            proc_macro2::TokenTree::Literal(_) => false,
+        })
+    }
+    if by_value(pat.to_token_stream()) {
+        return None;
+    }
+    let argument = &positional.ident;
+    let cfgs = local
+        .attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident("cfg"));
+    Some(quote! {
+        #(#cfgs)*
+        #[allow(unused_variables)]
+        let #pat = &#argument;
+    })
 }
 
 /// Whether `pat` binds a `mut` variable by value: `mut request`.

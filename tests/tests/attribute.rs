@@ -262,6 +262,35 @@ async fn trait_impls_native_and_async_trait() {
     assert_eq!(boxed.record(1, "ab".into()).await.unwrap(), 102);
 }
 
+#[async_trait::async_trait]
+trait Transfers {
+    async fn transfer(&self, order: (u64, u64)) -> AppResult<u64>;
+}
+
+#[async_trait::async_trait]
+impl Transfers for Books {
+    /// The key names a binding of a destructured argument.
+    #[idempotent(key = id, store = self.idem)]
+    async fn transfer(&self, (id, amount): (u64, u64)) -> AppResult<u64> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(id * 1000 + amount)
+    }
+}
+
+#[tokio::test]
+async fn an_async_trait_key_names_a_destructured_binding() {
+    let books = Books::default();
+    assert_eq!(books.transfer((7, 5)).await.unwrap(), 7005);
+    assert_eq!(books.transfer((7, 5)).await.unwrap(), 7005);
+    assert_eq!(books.runs.load(Ordering::SeqCst), 1);
+    assert!(matches!(
+        books.transfer((7, 6)).await,
+        Err(AppError::Idem(idem_core::Error::KeyReused))
+    ));
+    assert_eq!(books.transfer((8, 6)).await.unwrap(), 8006);
+    assert_eq!(books.runs.load(Ordering::SeqCst), 2);
+}
+
 static SCOPED_RUNS: AtomicU32 = AtomicU32::new(0);
 
 #[idempotent(key = key, scope = tenant)]
