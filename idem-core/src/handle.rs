@@ -232,7 +232,9 @@ impl Idempotency {
     /// often renewed since: calls that may be stuck. The memory store scans
     /// its map, Redis `SCAN`s the store's keys (every primary of a
     /// cluster; at most 100 000 keys a call, and a listing cut there says
-    /// so in a warning), PostgreSQL queries its table.
+    /// so in a warning), PostgreSQL queries its table. PostgreSQL lists the
+    /// oldest first; the memory store and Redis in no order. An `age` no
+    /// claim can have (a thousand years and more) lists nothing.
     ///
     /// # Errors
     /// [`Error::Store`] when the store fails or cannot list claims.

@@ -3105,3 +3105,40 @@ async fn a_migration_held_up_on_one_table_holds_up_no_store_of_another() {
         panic!("b's store waited for a's migration: {error}");
     }
 }
+
+/// Every value the builder takes works: `Duration::MAX` for the pool's
+/// timeout and the purge's interval (the latter "never", in practice) are
+/// the longest they take, not an overflow in the caller or in the purge's
+/// task; an `age` no claim can have lists nothing, as on the other stores.
+#[tokio::test]
+async fn the_longest_settings_work_and_the_oldest_listing_is_empty() {
+    let server = shared();
+    let store = PostgresStore::builder(server.url())
+        .response_timeout(RESPONSE_TIMEOUT)
+        .connect_timeout(Duration::MAX)
+        .purge_interval(Duration::MAX)
+        .max_connections(2)
+        .connect()
+        .await
+        .unwrap();
+    let purge_panicked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&purge_panicked);
+    let previous = std::panic::take_hook();
+    // Other tests' panics (bodies that panic on purpose) are not this one's.
+    std::panic::set_hook(Box::new(move |info| {
+        if info.to_string().contains("overflow") {
+            seen.store(true, Ordering::SeqCst);
+        }
+        previous(info);
+    }));
+    runs_once_then_replays(&store, "pg.longest").await;
+    // The purge's task starts with the first call; give it a turn.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = std::panic::take_hook();
+    assert!(!purge_panicked.load(Ordering::SeqCst), "a task overflowed");
+    let idem = Idempotency::new(store);
+    for age in [Duration::MAX, Duration::from_secs(10_000 * 365 * 86_400)] {
+        let listed = idem.claims_older_than(age, 10).await.unwrap();
+        assert!(listed.is_empty(), "{age:?}");
+    }
+}

@@ -294,3 +294,28 @@ async fn a_claim_reading_the_journal_mid_migration_sees_the_old_nodes_claim() {
         "nothing claimed on the importing node"
     );
 }
+
+/// A brace in a cluster store's prefix would take the place of each key's
+/// hash tag (`x{}` makes Redis hash the whole key, so a call's record and
+/// journal land in two slots and every step and `forget` fails): refused
+/// when the store is built.
+#[test]
+fn a_cluster_prefix_with_a_brace_is_refused() {
+    for prefix in ["x{}", "{}", "a{b}", "{", "}"] {
+        let error = RedisStore::cluster(["redis://127.0.0.1:7000"])
+            .prefix(prefix)
+            .connect_lazy()
+            .unwrap_err();
+        assert_eq!(
+            error.kind(),
+            idem_core::store::StoreErrorKind::Config,
+            "{prefix}"
+        );
+        assert!(error.to_string().contains("prefix"), "{error}");
+    }
+    // A node has one slot space: any prefix works there.
+    RedisStore::node("redis://127.0.0.1:7000")
+        .prefix("x{}")
+        .connect_lazy()
+        .unwrap();
+}

@@ -29,7 +29,10 @@
 //! object. A name of these that would pass PostgreSQL's 63 bytes is
 //! `idem_`, 24 hex digits of a digest of the whole name, and the suffix
 //! instead (`idem_…_steps`), and so is the `NOTIFY` channel
-//! (`idem:schema.table`, or `idem:` and the digest).
+//! (`idem:schema.table`, or `idem:` and the digest). Two stores whose names
+//! write one channel (schema `a.b` and table `c`, schema `a` and table
+//! `b.c`) wake each other's waiters, which then find their own keys still
+//! held and wait on: a wake-up too many, never a record of the other's.
 //! - [`PostgresStore::run_in_transaction`] (and `#[idempotent(transaction =
 //!   tx)]`) runs the body inside a transaction that also holds the claim and,
 //!   at commit, the result: the body's writes and the record commit
@@ -154,6 +157,15 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The default time between two purges of expired rows.
 pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The longest wait the store's builder takes (3650 days, as the longest
+/// TTL): a longer `connect_timeout` or `purge_interval` is that long.
+pub const LONGEST_WAIT: Duration = Duration::from_secs(3650 * 86_400);
+
+/// The oldest claim [`claims_older_than`](crate::Idempotency::claims_older_than)
+/// looks for: an older `age` lists nothing, as on the other stores, instead
+/// of a time PostgreSQL cannot count back to.
+const OLDEST_CLAIM: Duration = Duration::from_secs(1000 * 365 * 86_400);
 
 /// The default number of rows a purge deletes per statement.
 pub const DEFAULT_PURGE_BATCH: u32 = 1000;
@@ -834,14 +846,15 @@ impl PostgresStoreBuilder {
     }
 
     /// How long getting a connection from the pool may take (only for a
-    /// store with a pool of its own). Default one second.
+    /// store with a pool of its own). Default one second; longer than
+    /// [`LONGEST_WAIT`] (3650 days) is that long.
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.connect_timeout = timeout.min(LONGEST_WAIT);
         self
     }
 
-    /// The size of the store's own pool. Default 10.
+    /// The size of the store's own pool. Default 10; 0 is 1.
     #[must_use]
     pub fn max_connections(mut self, connections: u32) -> Self {
         self.max_connections = connections.max(1);
@@ -858,15 +871,17 @@ impl PostgresStoreBuilder {
     }
 
     /// How often expired rows are purged. Default
-    /// [`DEFAULT_PURGE_INTERVAL`].
+    /// [`DEFAULT_PURGE_INTERVAL`]; at least 10 ms, and at most
+    /// [`LONGEST_WAIT`] (3650 days: `Duration::MAX` purges never, in
+    /// practice).
     #[must_use]
     pub fn purge_interval(mut self, interval: Duration) -> Self {
-        self.purge_interval = interval.max(Duration::from_millis(10));
+        self.purge_interval = interval.clamp(Duration::from_millis(10), LONGEST_WAIT);
         self
     }
 
     /// How many rows one purge statement deletes at most. Default
-    /// [`DEFAULT_PURGE_BATCH`].
+    /// [`DEFAULT_PURGE_BATCH`]; 0 is 1.
     #[must_use]
     pub fn purge_batch(mut self, rows: u32) -> Self {
         self.purge_batch = rows.max(1);
@@ -1491,6 +1506,9 @@ impl Store for PostgresStore {
 
     fn claims_older_than(&self, age: Duration, limit: usize) -> StoreFuture<'_, Vec<HeldClaim>> {
         Box::pin(async move {
+            if age > OLDEST_CLAIM {
+                return Ok(Vec::new());
+            }
             self.ready().await?;
             let rows = self
                 .timed("claims_older_than", async {

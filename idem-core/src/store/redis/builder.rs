@@ -118,7 +118,11 @@ impl RedisStoreBuilder {
     }
 
     /// The prefix of every key the store writes. Default
-    /// [`DEFAULT_PREFIX`]; give each application its own.
+    /// [`DEFAULT_PREFIX`]; give each application its own. On a cluster it
+    /// may not hold `{` or `}`: each key's hash tag (`{…}`, which picks its
+    /// slot) comes after the prefix, so that a call's record, journal and
+    /// epoch share a slot and calls spread over the primaries; a brace in
+    /// the prefix would take its place.
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -157,8 +161,8 @@ impl RedisStoreBuilder {
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
-    /// malformed URL, a zero timeout or a Redis that may evict keys (see
-    /// [`EvictionCheck`]),
+    /// malformed URL, a zero timeout, a cluster's prefix with a brace, or a
+    /// Redis that may evict keys (see [`EvictionCheck`]),
     /// and [`StoreErrorKind::Unavailable`](crate::store::StoreErrorKind::Unavailable)
     /// when no server answers.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
@@ -171,12 +175,22 @@ impl RedisStoreBuilder {
     /// service can start while Redis is down. Until a connection succeeds,
     /// every call fails closed with
     /// [`StoreErrorKind::Unavailable`](crate::store::StoreErrorKind::Unavailable)
-    /// (the body does not run), and the next call tries again.
+    /// (or [`Timeout`](crate::store::StoreErrorKind::Timeout), for a server
+    /// that accepts connections but does not answer: within a few
+    /// connection and response timeouts, its attempts retried twice), the
+    /// body does not run, and the next call tries again.
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
-    /// malformed URL or a zero timeout.
+    /// malformed URL, a zero timeout, or a cluster's prefix with a brace.
     pub fn connect_lazy(self) -> Result<RedisStore, StoreError> {
+        if self.cluster && self.prefix.contains(['{', '}']) {
+            return Err(config(format!(
+                "a Redis Cluster store's prefix may not contain `{{` or `}}` (`{}`): each key's \
+                 hash tag comes after it, so that a call's keys share a slot",
+                self.prefix
+            )));
+        }
         for (setting, value) in [
             ("response_timeout", self.response_timeout),
             ("connection_timeout", self.connection_timeout),
