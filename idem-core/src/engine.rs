@@ -150,8 +150,9 @@ impl Idempotency {
         }
     }
 
-    /// This handle's identity in the re-entry check.
-    fn holder(&self) -> usize {
+    /// This handle's identity in the re-entry check (and the HTTP layer's
+    /// check of a request an outer layer guards).
+    pub(crate) fn holder(&self) -> usize {
         Arc::as_ptr(&self.shared) as usize
     }
 

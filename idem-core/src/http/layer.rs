@@ -217,9 +217,12 @@ pub fn default_store_grpc_status(code: u32) -> bool {
 /// the parts as the layer gets them.
 ///
 /// A request that a layer outside this one already guards under the same
-/// key (one layer mounted on a nested router and on the app around it)
-/// passes through this one: the outer layer runs it once and records it.
-/// Layers of other names or scopes each guard it under their own key.
+/// key on the same handle (one layer mounted on a nested router and on the
+/// app around it) passes through this one: the outer layer runs it once and
+/// records it. Layers of other names, scopes or handles each guard it under
+/// their own key (two handles of one store then wait for each other, until
+/// `wait_timeout`: mount one). What sits between the two layers (a retry)
+/// acts as it would without the inner one.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     config: Arc<Config>,
@@ -616,7 +619,7 @@ where
             // request once; claiming it here too would find it held by the
             // very request that waits for this one.
             if let Ok(key) = &key
-                && GuardedKeys::contain(&parts, key)
+                && GuardedKeys::contain(&parts, &config.idem, key)
             {
                 tracing::debug!(%key, "a request already guarded under its key by an outer layer");
                 let response = inner.call(Request::from_parts(parts, body)).await?;
@@ -646,7 +649,7 @@ where
                 Ok(prepared) => prepared,
                 Err(error) => return Ok(config.problem(&Problem::of(&error))),
             };
-            GuardedKeys::add(&mut parts, key);
+            GuardedKeys::add(&mut parts, &config.idem, key);
             let request = Request::from_parts(parts, B::from(body));
             // Polled here, and moved to a task of its own if this future is
             // dropped first: a client that hangs up drops this future, not
@@ -699,21 +702,25 @@ where
     }
 }
 
-/// The keys that layers outside the inner service guard a request under, in
-/// its extensions.
+/// The keys that layers outside the inner service guard a request under,
+/// each with its handle, in the request's extensions.
 #[derive(Clone, Default)]
-struct GuardedKeys(Vec<Key>);
+struct GuardedKeys(Vec<(usize, Key)>);
 
 impl GuardedKeys {
-    fn contain(parts: &Parts, key: &Key) -> bool {
+    fn contain(parts: &Parts, idem: &Idempotency, key: &Key) -> bool {
         parts
             .extensions
             .get::<Self>()
-            .is_some_and(|guarded| guarded.0.contains(key))
+            .is_some_and(|guarded| guarded.0.contains(&(idem.holder(), *key)))
     }
 
-    fn add(parts: &mut Parts, key: Key) {
-        parts.extensions.get_or_insert_default::<Self>().0.push(key);
+    fn add(parts: &mut Parts, idem: &Idempotency, key: Key) {
+        parts
+            .extensions
+            .get_or_insert_default::<Self>()
+            .0
+            .push((idem.holder(), key));
     }
 }
 
@@ -1326,6 +1333,36 @@ mod tests {
                 "{name}"
             );
         }
+        // An inner layer on another handle (a store shared by replicas,
+        // inside a layer on each replica's own) guards the request in its
+        // store too.
+        let shared = Idempotency::memory();
+        let own = Idempotency::memory();
+        let runs = Arc::default();
+        let app = axum::Router::new()
+            .nest(
+                "/orders",
+                counted("order", &runs).layer(IdempotencyLayer::unscoped(shared.clone())),
+            )
+            .layer(IdempotencyLayer::unscoped(own.clone()));
+        let (status, _, body) = post(&app, "/orders/create").await;
+        assert_eq!((status, body.as_ref()), (StatusCode::OK, &b"order"[..]));
+        assert!(matches!(
+            shared
+                .inspect(Key::new("http", "k1").unwrap())
+                .await
+                .unwrap(),
+            crate::Inspection::Completed { .. }
+        ));
+        let replica = axum::Router::new()
+            .nest(
+                "/orders",
+                counted("order", &runs).layer(IdempotencyLayer::unscoped(shared)),
+            )
+            .layer(IdempotencyLayer::unscoped(Idempotency::memory()));
+        let (_, replayed, _) = post(&replica, "/orders/create").await;
+        assert!(replayed.is_some(), "the shared store replays");
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]
