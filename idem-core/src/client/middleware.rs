@@ -7,7 +7,10 @@ use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
 use super::retry::Retries;
-use super::{Breakers, CircuitBreaker, CircuitOpen, Classify, RetryPolicy, RetryReport, new_key};
+use super::{
+    BreakerState, Breakers, CircuitBreaker, CircuitOpen, Classify, RetryPolicy, RetryReport,
+    new_key,
+};
 use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 
 /// Retries reqwest requests safely: one idempotency key per request, the
@@ -38,9 +41,10 @@ use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 /// reset connection) and a request to a host whose circuit is open, which
 /// fails at once. Such an error is a middleware error whose cause stays
 /// reachable: `downcast_ref::<reqwest::Error>()`, or
-/// `downcast_ref::<CircuitOpen>()` for an open circuit (a circuit that
-/// opened after an attempt ends the operation with that attempt's outcome:
-/// its response, or its error with the `CircuitOpen` as well), or
+/// `downcast_ref::<CircuitOpen>()` for an open circuit (a circuit that an
+/// attempt opened, and that stays open past the wait before the next one,
+/// ends the operation at once with that attempt's outcome: its response, or
+/// its error with the `CircuitOpen` as well), or
 /// `downcast_ref::<std::io::Error>()` (`TimedOut`) for a breaker's probe
 /// that got no answer within its `probe_timeout`. Keep the key until the
 /// outcome is known: an outer retry sends
@@ -196,9 +200,6 @@ impl Middleware for RetryMiddleware {
             .map(|breakers| breakers.get(&dependency));
         let mut retries = Retries::start(&self.policy);
         let mut attempts = 0;
-        // The last attempt's outcome, which ends the operation if the
-        // circuit opens before the next attempt.
-        let mut last = None;
         loop {
             let (attempt, kept) = match retryable.then(|| request.try_clone()).flatten() {
                 Some(copy) => (copy, Some(request)),
@@ -208,12 +209,9 @@ impl Middleware for RetryMiddleware {
                 Some(Ok(permit)) => Some(permit),
                 Some(Err(open)) => {
                     report.attempts = attempts;
-                    return match last {
-                        Some(outcome) => finish(outcome, report, Some(open)),
-                        None => Err(reqwest_middleware::Error::Middleware(
-                            anyhow::Error::new(open).context(report),
-                        )),
-                    };
+                    return Err(reqwest_middleware::Error::Middleware(
+                        anyhow::Error::new(open).context(report),
+                    ));
                 }
                 None => None,
             };
@@ -260,7 +258,20 @@ impl Middleware for RetryMiddleware {
                 ?delay,
                 "idem: retrying a request"
             );
-            last = Some(outcome);
+            // A circuit this attempt opened, open past the wait: the
+            // operation ends now, with this attempt's outcome, instead of
+            // waiting to find the circuit open.
+            if let Some(breaker) = &breaker
+                && breaker.state() == BreakerState::Open
+            {
+                let open = breaker.refusal();
+                if open.retry_in() > delay {
+                    report.attempts = attempts;
+                    return finish(outcome, report, Some(open));
+                }
+            }
+            // Dropped before the wait: its connection goes back to the pool.
+            drop(outcome);
             tokio::time::sleep(delay).await;
             request = kept;
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use super::{CircuitBreaker, CircuitOpen, Classify, RetryPolicy, Verdict};
+use super::{BreakerState, CircuitBreaker, CircuitOpen, Classify, RetryPolicy, Verdict};
 
 /// How an operation went: the attempts made, its idempotency key, and
 /// whether the server replayed a stored response. The reqwest middleware
@@ -55,7 +55,8 @@ impl RetryReport {
     /// through the middleware, the header exactly as the operation sent it
     /// (the caller's bytes, or the made key as a structured-field string);
     /// for [`retry`], the key as a structured-field string. `None` without
-    /// a key.
+    /// a key, and for a key a structured-field string cannot carry (only
+    /// visible ASCII and spaces; a UUID or a derived key always can).
     ///
     /// ```
     /// # use idem_core::client::{RetryPolicy, Verdict, retry_with_key};
@@ -67,6 +68,11 @@ impl RetryReport {
     ///     .await
     ///     .unwrap();
     /// assert_eq!(report.key_header().unwrap(), r#""order \"17\"""#);
+    /// let (_, report) = retry_with_key(&policy, "clé", verdict, |_| async { Ok(()) })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(report.key_header(), None); // not visible ASCII
+    /// assert_eq!(report.key(), Some("clé"));
     /// # }
     /// ```
     #[must_use]
@@ -75,6 +81,9 @@ impl RetryReport {
             return Some(sent.clone());
         }
         let key = self.key.as_deref()?;
+        if !key.bytes().all(|byte| matches!(byte, b' '..=b'~')) {
+            return None;
+        }
         let mut quoted = String::with_capacity(key.len() + 2);
         quoted.push('"');
         for c in key.chars() {
@@ -328,8 +337,9 @@ where
 /// [`Classify`] implementation or an `Ok` that should be retried (a
 /// response with status 503). An `Ok` judged retryable that is the last
 /// attempt is returned as it is, as is one after which the circuit opened
-/// (an error there ends the operation as a [`RetryError`] with
-/// [`StopReason::CircuitOpen`] and that error).
+/// (at once when it stays open past the wait; an error there ends the
+/// operation as a [`RetryError`] with [`StopReason::CircuitOpen`] and that
+/// error).
 ///
 /// ```
 /// use idem_core::client::{RetryPolicy, Verdict, retry_if};
@@ -507,6 +517,22 @@ where
             // request in progress (idem's `InProgress`, a 409).
             Verdict::Busy { .. } => retries.next_delay(attempt.number, verdict, true),
             Verdict::Failed { .. } => retries.next_delay(attempt.number, verdict, false),
+        };
+        // A circuit this attempt opened, open past the wait: the operation
+        // ends now, with this attempt's outcome.
+        let open_past = |delay: Duration| {
+            policy
+                .breaker
+                .as_ref()
+                .filter(|breaker| breaker.state() == BreakerState::Open)
+                .map(CircuitBreaker::refusal)
+                .filter(|open| open.retry_in() > delay)
+        };
+        let stop = match stop {
+            Ok(delay) => {
+                open_past(delay).map_or(Ok(delay), |open| Err(StopReason::CircuitOpen(open)))
+            }
+            stop => stop,
         };
         match (stop, outcome) {
             (Ok(delay), Err(error)) => {
