@@ -3141,4 +3141,23 @@ async fn the_longest_settings_work_and_the_oldest_listing_is_empty() {
         let listed = idem.claims_older_than(age, 10).await.unwrap();
         assert!(listed.is_empty(), "{age:?}");
     }
+    // The longest response timeout: calls are refused for it (a lease
+    // cannot be three times as long), the runbook's operations work.
+    let slow = PostgresStore::builder(server.url())
+        .response_timeout(Duration::MAX)
+        .max_connections(1)
+        .connect()
+        .await
+        .unwrap();
+    let idem = Idempotency::new(slow);
+    let (key, fp) = fresh("pg.longest-timeout");
+    let refused = idem
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
+        .await;
+    assert!(
+        matches!(refused, Err(Failure::Idem(Error::Config(_)))),
+        "{refused:?}"
+    );
+    assert!(!idem.forget(key).await.unwrap());
+    assert!(idem.claims_older_than(Duration::ZERO, 1).await.is_ok());
 }

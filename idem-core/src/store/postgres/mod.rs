@@ -159,7 +159,8 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The longest wait the store's builder takes (3650 days, as the longest
-/// TTL): a longer `connect_timeout` or `purge_interval` is that long.
+/// TTL): a longer `response_timeout`, `connect_timeout` or `purge_interval`
+/// is that long.
 pub const LONGEST_WAIT: Duration = Duration::from_secs(3650 * 86_400);
 
 /// The oldest claim [`claims_older_than`](crate::Idempotency::claims_older_than)
@@ -838,10 +839,10 @@ impl PostgresStoreBuilder {
 
     /// How long an operation may take. Default
     /// [`DEFAULT_RESPONSE_TIMEOUT`]; leases must be at least three times as
-    /// long.
+    /// long; longer than [`LONGEST_WAIT`] is that long.
     #[must_use]
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
-        self.response_timeout = timeout;
+        self.response_timeout = timeout.min(LONGEST_WAIT);
         self
     }
 
