@@ -203,32 +203,39 @@ impl Pinned {
     }
 }
 
-/// Where a fn named by default is written (its module, file, line and
-/// column): two places that give one name are two fns whose names print
-/// alike.
+/// A fn named by default: a `static` in its expansion, whose address is
+/// the fn's identity (one per fn written, whatever macro wrote it; one for
+/// every instance of a generic fn), with the place it is written (its
+/// module, file, line and column) and its package's version, to tell.
+/// Two sites that give one name are two fns whose names print alike.
 pub struct Site {
     at: &'static str,
+    version: Option<&'static str>,
     /// The name this site first registered, so that a fn that always has
     /// one name (every fn without type parameters) looks it up once.
     first: OnceLock<&'static str>,
 }
 
 /// Default names registered in this process, with the site each belongs to.
-static DEFAULT_NAMES: LazyLock<RwLock<HashMap<&'static str, &'static str>>> =
+static DEFAULT_NAMES: LazyLock<RwLock<HashMap<&'static str, &'static Site>>> =
     LazyLock::new(RwLock::default);
 
 impl Site {
-    /// The fn written at `at`.
+    /// The fn written at `at`, in a package of `version` (when cargo
+    /// built it).
     #[must_use]
-    pub const fn new(at: &'static str) -> Self {
+    pub const fn new(at: &'static str, version: Option<&'static str>) -> Self {
         Self {
             at,
+            version,
             first: OnceLock::new(),
         }
     }
 
-    /// Registers `name` as this site's, or answers why it may not be.
-    fn check(&self, name: &'static str) -> Result<(), ConfigError> {
+    /// Registers `name` as this site's, or answers why it may not be. Two
+    /// versions of one package in a binary (whose fns print alike, without
+    /// their versions) are one operation, as they are across a deploy.
+    fn check(&'static self, name: &'static str) -> Result<(), ConfigError> {
         if self.first.get() == Some(&name) {
             return Ok(());
         }
@@ -243,10 +250,11 @@ impl Site {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
                 .entry(name)
-                .or_insert(self.at),
+                .or_insert(self),
         };
-        if first != self.at {
-            return Err(ConfigError::shared_default_name(name, first, self.at));
+        let another_version = first.version.is_some() && first.version != self.version;
+        if !std::ptr::eq(first, self) && !another_version {
+            return Err(ConfigError::shared_default_name(name, first.at, self.at));
         }
         let _ = self.first.set(name);
         Ok(())

@@ -451,6 +451,16 @@ impl fmt::Display for ConfigError {
                 name,
                 first,
                 second,
+            } if first == second => write!(
+                f,
+                "two #[idempotent] functions are named `{name}` by default (both written at \
+                 {first}, by one macro call), so they would share records; give each its own \
+                 `name = \"…\"`"
+            ),
+            Rule::SharedDefaultName {
+                name,
+                first,
+                second,
             } => write!(
                 f,
                 "two #[idempotent] functions are named `{name}` by default ({first} and \

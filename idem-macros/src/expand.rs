@@ -122,6 +122,7 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
                         ::core::module_path!(), "::", #ident,
                         " (", ::core::file!(), ":", ::core::line!(), ":", ::core::column!(), ")"
                     ),
+                    ::core::option_env!("CARGO_PKG_VERSION"),
                 );
                 let #site = || ();
                 #krate::__private::Call::at(&#written, ::core::any::type_name_of_val(&#site))
@@ -289,8 +290,9 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             // assigned and never read again (`request.note = …`, to drop it
             // early) for a dead assignment. (`mut self` cannot be bound
             // again: see `body_allow`.)
-            let rebound = mut_arguments(&func.sig)
-                .map(|(mutability, ident)| quote!(let #mutability #ident = #ident;));
+            let rebound = mut_arguments(&func.sig, transaction).map(
+                |(cfgs, mutability, ident)| quote!(#(#cfgs)* let #mutability #ident = #ident;),
+            );
             quote! {
                 #(#items)*
                 #(#rebound)*
@@ -582,15 +584,31 @@ fn is_mut_binding(pat: &syn::Pat) -> bool {
         if ident.mutability.is_some() && ident.by_ref.is_none() && ident.subpat.is_none())
 }
 
-/// The arguments bound as `mut` variables by value, with their `mut`.
-fn mut_arguments(sig: &syn::Signature) -> impl Iterator<Item = (&syn::token::Mut, &Ident)> {
-    sig.inputs.iter().filter_map(|input| match input {
-        syn::FnArg::Typed(typed) if is_mut_binding(&typed.pat) => match &*typed.pat {
-            syn::Pat::Ident(ident) => Some((ident.mutability.as_ref()?, &ident.ident)),
+/// The arguments bound as `mut` variables by value, with their `cfg`s and
+/// their `mut`; not the transaction's connection (at `transaction`), which
+/// idem binds in the body itself.
+fn mut_arguments(
+    sig: &syn::Signature,
+    transaction: Option<usize>,
+) -> impl Iterator<Item = (Vec<&syn::Attribute>, &syn::token::Mut, &Ident)> {
+    sig.inputs
+        .iter()
+        .enumerate()
+        .filter(move |(index, _)| Some(*index) != transaction)
+        .filter_map(|(_, input)| match input {
+            syn::FnArg::Typed(typed) if is_mut_binding(&typed.pat) => match &*typed.pat {
+                syn::Pat::Ident(ident) => {
+                    let cfgs = typed
+                        .attrs
+                        .iter()
+                        .filter(|attr| attr.path().is_ident("cfg"))
+                        .collect();
+                    Some((cfgs, ident.mutability.as_ref()?, &ident.ident))
+                }
+                _ => None,
+            },
             _ => None,
-        },
-        _ => None,
-    })
+        })
 }
 
 /// Whether the receiver is `mut self` (by value).

@@ -729,6 +729,48 @@ async fn fns_of_one_name_in_two_blocks_are_refused(idem: &Idempotency) {
     );
 }
 
+static NOTIFIED: AtomicU32 = AtomicU32::new(0);
+
+struct Mailer;
+struct Texter;
+
+/// One macro call writes a `notify` in a `const _` block per sender, as
+/// derive-style macros do: every `notify` prints as
+/// `identity::_::notify`, and all are written "at" the macro call.
+macro_rules! senders {
+    ($($sender:ident => $label:literal),*) => {$(
+        const _: () = {
+            #[idempotent(key = id, store = idem, skip(idem))]
+            async fn notify(idem: &Idempotency, id: &str) -> Result<String, Error> {
+                NOTIFIED.fetch_add(1, Ordering::SeqCst);
+                Ok(format!("{} {id}", $label))
+            }
+
+            impl $sender {
+                async fn send(&self, idem: &Idempotency, id: &str) -> Result<String, Error> {
+                    notify(idem, id).await
+                }
+            }
+        };
+    )*};
+}
+
+senders!(Mailer => "email", Texter => "sms");
+
+async fn fns_of_one_name_written_by_one_macro_call_are_refused(idem: &Idempotency) {
+    let before = NOTIFIED.load(Ordering::SeqCst);
+    let id = fresh("senders");
+    assert_eq!(Mailer.send(idem, &id).await.unwrap(), format!("email {id}"));
+    match Texter.send(idem, &id).await {
+        Err(Error::Config(error)) => {
+            assert_eq!(error.setting(), "name");
+            assert!(error.to_string().contains("by one macro call"), "{error}");
+        }
+        other => panic!("the second sender replayed or ran: {other:?}"),
+    }
+    assert_eq!(NOTIFIED.load(Ordering::SeqCst) - before, 1);
+}
+
 // --- the runs ---------------------------------------------------------------
 
 async fn every_case(idem: &Idempotency) {
@@ -743,6 +785,7 @@ async fn every_case(idem: &Idempotency) {
     a_record_is_never_decoded_as_another_type(idem).await;
     a_call_that_reenters_its_key_fails_at_once(idem).await;
     fns_of_one_name_in_two_blocks_are_refused(idem).await;
+    fns_of_one_name_written_by_one_macro_call_are_refused(idem).await;
 }
 
 #[tokio::test]

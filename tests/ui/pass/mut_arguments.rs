@@ -36,12 +36,28 @@ async fn annotate(mut request: Request) -> Result<u64, idem_core::Error> {
     Ok(request.id)
 }
 
+// A `mut` argument compiled out, and one compiled in.
+#[idempotent(key = id)]
+async fn configured(
+    id: u64,
+    #[cfg(any())] mut extra: u32,
+    #[cfg(all())] mut count: u32,
+) -> Result<u64, idem_core::Error> {
+    #[cfg(any())]
+    {
+        extra += 1;
+    }
+    count += 1;
+    Ok(id + u64::from(count))
+}
+
 fn main() {
     let session = Session {
         idem: Idempotency::memory(),
         conn: Some(Connection),
     };
     let _ = session.close(1);
+    let _ = configured(1, 2);
     let _ = annotate(Request {
         id: 1,
         note: "n".to_owned(),
