@@ -413,7 +413,9 @@ impl Idempotency {
                         codec.awaits_record(),
                     )
                     .await;
-                codec.recorded(confirmed);
+                // A failure whose compensation did not finish is not recorded,
+                // whatever the release of its claim answered.
+                codec.recorded(confirmed && !unrecorded);
                 // Followers, of the same arguments, are the key reused too.
                 let landing = if reused {
                     Landing::Failed(Error::KeyReused)

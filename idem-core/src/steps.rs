@@ -898,6 +898,13 @@ pub fn mark_final() -> Result<(), Error> {
         .map_err(|_| Error::OutsideCall { what: "mark_final" })
 }
 
+/// Whether the body running (if any) marked its failure final.
+pub(crate) fn marked_final() -> bool {
+    JOURNAL
+        .try_with(|journal| journal.state().marked_final)
+        .unwrap_or(false)
+}
+
 /// The fencing epoch of the idempotent call whose body is running: a number
 /// greater than every epoch given to an earlier claim of the call's key, the
 /// same for the rest of this attempt (asked of the store once).

@@ -980,14 +980,18 @@ async fn consume_refuses_a_max_deliver_below_max_deliveries() {
     let js = JetStream::new(context.clone());
     let handler = |_: Delivery| async { Ok::<_, String>(()) };
 
-    let error = js
-        .consume(
+    // Bounded: a check that no longer refuses would consume for ever.
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        js.consume(
             &Consumer::new(Idempotency::memory(), "billing"),
             &pull,
             handler,
-        )
-        .await
-        .unwrap_err();
+        ),
+    )
+    .await
+    .expect("consume refused at start, not kept running")
+    .unwrap_err();
     assert!(
         matches!(
             error,
@@ -1081,16 +1085,18 @@ async fn consume_refuses_settings_that_cannot_work_at_start() {
     assert_eq!(consumer.stats().delivered, 0);
 
     let bad_header = JetStream::new(context.clone()).key(MessageKey::Header("Event Id".into()));
-    let error = consuming(
+    let refused = consuming(
         bad_header,
         &Consumer::new(Idempotency::memory(), "billing"),
         &pull,
         &effects,
         |_| Ok(()),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
+    );
+    let error = tokio::time::timeout(Duration::from_secs(30), refused)
+        .await
+        .expect("consume refused at start, not kept running")
+        .unwrap()
+        .unwrap_err();
     assert!(matches!(error, ConsumeError::KeyHeader(_)), "{error}");
 }
 

@@ -19,7 +19,7 @@
 //! let idem = Idempotency::connect("redis://127.0.0.1:6379").await?; // shared by every consumer process
 //! let consumer = Consumer::new(idem, "billing");
 //! JetStream::new(context)
-//!     .dead_letter("ORDERS.dead")
+//!     .dead_letter("DEAD.orders") // a subject the ORDERS stream does not capture
 //!     .consume(&consumer, &pull, |order| async move {
 //!         // charge for `order.payload()` …
 //!         Ok::<_, std::io::Error>(())
@@ -221,7 +221,13 @@ impl JetStream {
     /// after a fix, [forget](crate::Idempotency::forget) its key and publish its
     /// payload to `Idem-Original-Subject` with `Idem-Original-Nats-Msg-Id`
     /// as its `Nats-Msg-Id` (past the source stream's duplicate window,
-    /// which would drop it as a duplicate of the original).
+    /// which would drop it as a duplicate of the original), and with the
+    /// header the message's id is read from, for
+    /// [`MessageKey::Header`] (the dead letter carries it as it came).
+    ///
+    /// Give the dead letters a subject their source stream does not
+    /// capture (`DEAD.orders`, not `ORDERS.dead` beside a stream of
+    /// `ORDERS.*`): the consumer would otherwise take them as new messages.
     ///
     /// Should publishing fail, the message is nak'ed and the dead letter
     /// alone tried again on later deliveries (the handler does not run

@@ -25,18 +25,18 @@
 //! |---|---|
 //! | the handler returned `Ok` (or an earlier delivery did: a replay) | acknowledged |
 //! | the handler returned `Err` or panicked, delivery `n` < `max_deliveries` (5) | nak'ed, redelivered after a backoff: 1 s · 2ⁿ⁻¹, at most 60 s; a panic releases the claim at once like an `Err` |
-//! | the handler returned `Err` or panicked on the last delivery | dead-lettered: published to the dead-letter subject when one is set, and terminated; the failure is recorded |
+//! | the handler returned `Err` or panicked on the last delivery, or returned `Err` having marked its failure final ([`mark_final`](crate::mark_final)) on any | dead-lettered: published to the dead-letter subject when one is set, and terminated; the failure is recorded (as one [header-safe](header_text) line) |
 //! | an earlier delivery failed for good (recorded) | dead-lettered again, without running the handler |
 //! | its dead letter cannot be published | nak'ed with the backoff and only the dead letter tried again, through delivery `max_deliveries + dead_letter_attempts - 1` (a message without an id: once); then terminated without one (logged) |
-//! | the handler ran but its outcome could not be recorded before the lease ended | nak'ed with the backoff, never acknowledged |
+//! | the handler ran but its outcome could not be recorded before the lease ended (a success, or a failure for good, also one whose steps' undos are left to finish) | nak'ed with the backoff, never acknowledged nor dead-lettered |
 //! | another delivery of the id is running elsewhere past the wait | nak'ed, redelivered after that delivery's remaining lease |
 //! | the idempotency store is down | nak'ed with the backoff; never dead-lettered, never run unguarded |
 //! | the id was used before with another payload | dead-lettered: it is another message under a taken id |
 //! | the message has no id | dead-lettered |
 //! | it ran before, but its outcome cannot be replayed (no longer decodes) | acknowledged: its side effect happened |
 //!
-//! Handler errors before the last delivery are never stored: the next
-//! delivery runs the handler again. Error texts and panic messages of any
+//! Handler errors before the last delivery are never stored (unless the
+//! handler marked them final): the next delivery runs the handler again. Error texts and panic messages of any
 //! shape (newlines, control characters, 10 KB) reach the dead letter as
 //! one [header-safe](header_text) line of at most [`MAX_REASON_LEN`]
 //! bytes. Nothing a message does (a panic, odd text, a broker that refuses
@@ -76,12 +76,16 @@
 //! use idem_core::consumer::{AckError, Delivery, Message};
 //!
 //! /// A message of some broker whose client acknowledges by delivery tag.
-//! struct Incoming { id: String, body: Bytes, redelivered: bool, tag: u64 }
+//! /// Its delivery count comes from the broker (RabbitMQ quorum queues'
+//! /// `x-delivery-count` header, plus one): a count that stops at 2 (a
+//! /// "redelivered" flag) would never reach `max_deliveries`, and a failing
+//! /// message would be nak'ed for ever instead of dead-lettered.
+//! struct Incoming { id: String, body: Bytes, delivery_count: u32, tag: u64 }
 //!
 //! impl Message for Incoming {
 //!     fn delivery(&self) -> Result<Delivery, String> {
 //!         Ok(Delivery::new(self.id.clone(), self.body.clone())
-//!             .deliveries(if self.redelivered { 2 } else { 1 }))
+//!             .deliveries(self.delivery_count))
 //!     }
 //!     async fn ack(&self) -> Result<(), AckError> {
 //!         Ok(()) // channel.basic_ack(self.tag, …)
@@ -186,7 +190,10 @@ pub enum Disposition {
         delay: Duration,
     },
     /// It will never succeed: publish it to the dead-letter destination, if
-    /// any, and do not deliver it again.
+    /// any, and do not deliver it again. After [`Consumer::handle`], also a
+    /// message whose dead letter could not be published on its last
+    /// attempt and that was terminated without one
+    /// ([`Stats::dead_letters_failed`] counts those attempts).
     DeadLetter {
         /// Why, for the dead letter and the log.
         reason: String,
@@ -659,11 +666,15 @@ impl Consumer {
                     error
                 }
             };
-            Err(if last {
+            // A failure the handler marked final (`mark_final`) is final on
+            // any delivery.
+            let marked = crate::steps::marked_final();
+            Err(if last || marked {
                 // Recorded: its redeliveries are dead-lettered again without
                 // running the handler.
+                let how = if marked { " (marked final)" } else { "" };
                 Failure::Final {
-                    reason: format!("the handler failed on delivery {deliveries}: {error}"),
+                    reason: format!("the handler failed on delivery {deliveries}{how}: {error}"),
                     error,
                 }
             } else {
@@ -715,10 +726,29 @@ impl Consumer {
                     delay: self.backoff_after(deliveries),
                 },
             },
-            Err(Failure::Final { reason, error }) if ran => Outcome {
-                handled: Handled::Failed(error),
-                disposition: Disposition::DeadLetter { reason },
-            },
+            Err(Failure::Final { reason, error }) if ran && recorded.load(Ordering::Relaxed) => {
+                Outcome {
+                    handled: Handled::Failed(error),
+                    disposition: Disposition::DeadLetter { reason },
+                }
+            }
+            Err(Failure::Final { error, .. }) if ran => {
+                // Not recorded (the store did not confirm it, or steps' undos
+                // are left to finish): dead-lettering it would end the
+                // message with nothing to tell a redelivery; the next
+                // delivery runs or finishes it.
+                self.counters.unrecorded.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    %key,
+                    "idem: a message's handler failed for good but the store did not confirm its outcome; nak'ing it instead of dead-lettering it"
+                );
+                Outcome {
+                    handled: Handled::Failed(error),
+                    disposition: Disposition::Nak {
+                        delay: self.backoff_after(deliveries),
+                    },
+                }
+            }
             Err(Failure::Final { reason, .. }) => Outcome {
                 handled: Handled::FailedBefore(reason.clone()),
                 disposition: Disposition::DeadLetter { reason },
@@ -997,7 +1027,9 @@ impl<T: Serialize + DeserializeOwned> ResultCodec<T, Failure> for ConsumerCodec<
 
     fn keep_err(&mut self, failure: &Failure) -> Option<serde_json::Result<Vec<u8>>> {
         match failure {
-            Failure::Final { reason, .. } => Some(serde_json::to_vec(reason)),
+            // As the dead letter tells it: one line of a bounded length,
+            // so that any error text makes a record the store keeps.
+            Failure::Final { reason, .. } => Some(serde_json::to_vec(&header_text(reason))),
             Failure::Handler(_) | Failure::Idem(_) => None,
         }
     }

@@ -849,3 +849,135 @@ async fn a_redelivery_joining_an_unrecorded_call_is_not_acknowledged() {
         broker.told()
     );
 }
+
+/// A failure the handler marked final is final on its first delivery:
+/// dead-lettered at once, and its redeliveries dead-lettered again without
+/// running the handler (not acknowledged as "ran before").
+#[tokio::test]
+async fn a_failure_marked_final_is_dead_lettered_at_once() {
+    let broker = Arc::new(Broker::default());
+    let consumer = Consumer::new(Idempotency::memory(), "orders");
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    let handler = |_: Delivery| async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        crate::mark_final().unwrap();
+        Err::<(), _>("the card was declined")
+    };
+    for delivery in 1..=2 {
+        let outcome = consumer
+            .handle(&message(&broker, "m1", b"abc", delivery), handler)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&outcome.disposition, Disposition::DeadLetter { reason } if reason.contains("marked final") && reason.contains("declined")),
+            "{:?}",
+            outcome.disposition
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let told: Vec<_> = broker.told().into_iter().map(|(_, told)| told).collect();
+    assert!(
+        told.iter().all(|told| matches!(told, Told::DeadLetter(_))),
+        "{told:?}"
+    );
+}
+
+/// A failure for good whose record the store did not confirm is nak'ed, as
+/// an unrecorded success is: dead-lettering it would leave a redelivery
+/// (a dead letter that could not be published, one sent back) nothing to
+/// find, and it would run the handler again.
+#[tokio::test(start_paused = true)]
+async fn a_final_failure_not_recorded_is_naked() {
+    let broker = Arc::new(Broker::default());
+    let consumer = unrecording_consumer().max_deliveries(1);
+    let outcome = consumer
+        .handle(&message(&broker, "m1", b"poison", 1), |d| async move {
+            Err::<(), _>(format!("cannot parse {} bytes", d.payload().len()))
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome.handled, Handled::Failed(_)));
+    assert_eq!(
+        broker.told(),
+        [("m1".into(), Told::Nak(Duration::from_secs(1)))]
+    );
+    let stats = consumer.stats();
+    assert_eq!((stats.unrecorded, stats.dead_lettered), (1, 0));
+}
+
+/// A final failure's text of any length is recorded as its dead letter
+/// tells it (one line of at most `MAX_REASON_LEN` bytes), so a handle
+/// whose records are small still keeps it: a redelivery is dead-lettered
+/// again, not acknowledged as a record that cannot be replayed.
+#[tokio::test]
+async fn a_final_failure_of_any_length_is_dead_lettered_again() {
+    let broker = Arc::new(Broker::default());
+    let consumer =
+        Consumer::new(Idempotency::memory().max_record_bytes(2048), "orders").max_deliveries(1);
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    let handler = |_: Delivery| async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Err::<(), _>("x".repeat(64 * 1024))
+    };
+    for delivery in 1..=2 {
+        consumer
+            .handle(&message(&broker, "m1", b"abc", delivery), handler)
+            .await
+            .unwrap();
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let told: Vec<_> = broker.told().into_iter().map(|(_, told)| told).collect();
+    assert!(
+        matches!(&told[..], [Told::DeadLetter(first), Told::DeadLetter(again)] if first.len() <= MAX_REASON_LEN + 4 && again.len() <= MAX_REASON_LEN + 4),
+        "{told:?}"
+    );
+}
+
+/// A failure for good whose step's undo failed is not recorded (the next
+/// attempt finishes the undoing): the message is nak'ed, not dead-lettered
+/// and terminated, and its next delivery undoes the step without running
+/// the handler's failed work again.
+#[tokio::test(start_paused = true)]
+async fn a_last_delivery_left_undoing_is_naked_and_the_next_finishes_it() {
+    let broker = Arc::new(Broker::default());
+    let consumer = Consumer::new(Idempotency::memory(), "orders")
+        .max_deliveries(1)
+        .heartbeat(None);
+    let undos = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let handler = |_: Delivery| {
+        let undos = Arc::clone(&undos);
+        async move {
+            crate::step("reserve", async { Ok::<_, Error>(7_u32) })
+                .compensate(move |_: u32| async move {
+                    // The first undo fails; the next succeeds.
+                    if undos.fetch_add(1, Ordering::SeqCst) == 0 {
+                        Err("the warehouse is down")
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            Err::<(), String>("the card was declined".to_owned())
+        }
+    };
+    let first = consumer
+        .handle(&message(&broker, "m1", b"abc", 1), handler)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first.disposition, Disposition::Nak { .. }),
+        "{:?}",
+        first.disposition
+    );
+    let second = consumer
+        .handle(&message(&broker, "m1", b"abc", 2), handler)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&second.disposition, Disposition::DeadLetter { reason } if reason.contains("declined")),
+        "{:?}",
+        second.disposition
+    );
+    assert_eq!(undos.load(Ordering::SeqCst), 2);
+}
