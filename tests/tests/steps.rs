@@ -1565,6 +1565,57 @@ mod memory {
 
     step_tests!(Arc::new(MemoryStore::new()) as Arc<dyn Store>);
 
+    /// A journal past its TTL that the sweeper has not reached yet is
+    /// gone for a new attempt, as on the stores whose journals expire by
+    /// themselves: its steps run again, with other arguments too, and
+    /// `steps_done` shows the new journal alone.
+    #[tokio::test]
+    async fn an_expired_journal_not_yet_swept_starts_afresh() {
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(3600))
+            .build();
+        let idem = Idempotency::new(store);
+        let key = Key::new("unswept", &rand::random::<u64>()).unwrap();
+        let short = Settings::builder()
+            .lease(Duration::from_millis(20))
+            .ttl(Duration::from_millis(60))
+            .build()
+            .unwrap();
+        let runs = Arc::new(AtomicU32::new(0));
+        let attempt = |arguments: &'static str| {
+            let runs = Arc::clone(&runs);
+            idem.run(
+                &short,
+                key,
+                Fingerprint::of(&arguments).unwrap(),
+                async move {
+                    let value = step("reserve", async {
+                        Ok::<_, String>(runs.fetch_add(1, Ordering::SeqCst) + 1)
+                    })
+                    .await?;
+                    Err::<u32, String>(format!("failed after reserving {value}"))
+                },
+            )
+        };
+        assert_eq!(
+            attempt("first").await.unwrap_err(),
+            "failed after reserving 1"
+        );
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(
+            attempt("second").await.unwrap_err(),
+            "failed after reserving 2",
+            "the step ran again, under other arguments"
+        );
+        assert_eq!(
+            attempt("second").await.unwrap_err(),
+            "failed after reserving 2",
+            "the next attempt replays the new journal's entry"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(idem.steps_done(key).await.unwrap(), ["reserve"]);
+    }
+
     /// A store of the four core operations only, as a third party may write.
     struct NoJournal(MemoryStore);
 

@@ -707,6 +707,13 @@ impl Inner {
             deadline,
             steps: Vec::new(),
         });
+        if journal.deadline <= now {
+            // Expired and not yet swept: a new attempt starts afresh, as on
+            // the stores whose journals expire on their own.
+            let bytes: usize = journal.steps.iter().map(Journal::cost).sum();
+            self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            journal.steps.clear();
+        }
         journal.deadline = journal.deadline.max(deadline);
         Self::expires(shard, journal.deadline);
         if journal.steps.iter().any(|done| done.name == step.name) {
