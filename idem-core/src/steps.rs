@@ -210,7 +210,10 @@ impl State {
 }
 
 tokio::task_local! {
-    static JOURNAL: Arc<Journal>;
+    /// The journal of the call whose body is running; `None` inside a body
+    /// that is outside every call's (a transactional PostgreSQL call's,
+    /// even one made inside another call's body).
+    static JOURNAL: Option<Arc<Journal>>;
     /// The step whose work is running, for the keys of its requests.
     static RUNNING: RunningStep;
 }
@@ -315,8 +318,11 @@ impl Journal {
     }
 
     /// `body`, run as the body of this journal's call.
-    pub(crate) fn scope<F: Future>(self: &Arc<Self>, body: F) -> TaskLocalFuture<Arc<Self>, F> {
-        JOURNAL.scope(Arc::clone(self), body)
+    pub(crate) fn scope<F: Future>(
+        self: &Arc<Self>,
+        body: F,
+    ) -> TaskLocalFuture<Option<Arc<Self>>, F> {
+        JOURNAL.scope(Some(Arc::clone(self)), body)
     }
 
     /// Whether this attempt only finishes the compensation of a call that
@@ -466,7 +472,7 @@ impl Journal {
                 name: entry.clone(),
                 requests: std::sync::atomic::AtomicU32::new(0),
             };
-            let run = JOURNAL.scope(Arc::clone(self), RUNNING.scope(running, undo()));
+            let run = JOURNAL.scope(Some(Arc::clone(self)), RUNNING.scope(running, undo()));
             let ran = match crate::engine::caught(run).await {
                 Ok(Ok(())) => self
                     .append(&entry, Vec::new())
@@ -713,7 +719,7 @@ where
         }
         .into());
     }
-    let Ok(journal) = JOURNAL.try_with(Arc::clone) else {
+    let Some(journal) = current() else {
         return work.await;
     };
     if !journal.mark(name) {
@@ -893,16 +899,29 @@ where
 /// [`Error::OutsideCall`] outside the body of a call run by an
 /// [`Idempotency`](crate::Idempotency) handle.
 pub fn mark_final() -> Result<(), Error> {
-    JOURNAL
-        .try_with(|journal| journal.state().marked_final = true)
-        .map_err(|_| Error::OutsideCall { what: "mark_final" })
+    let journal = current().ok_or(Error::OutsideCall { what: "mark_final" })?;
+    journal.state().marked_final = true;
+    Ok(())
 }
 
 /// Whether the body running (if any) marked its failure final.
+#[cfg(feature = "consumer")]
 pub(crate) fn marked_final() -> bool {
-    JOURNAL
-        .try_with(|journal| journal.state().marked_final)
-        .unwrap_or(false)
+    current().is_some_and(|journal| journal.state().marked_final)
+}
+
+/// The journal of the call whose body is running, if any.
+fn current() -> Option<Arc<Journal>> {
+    JOURNAL.try_with(Clone::clone).ok().flatten()
+}
+
+/// Runs `body` outside every call's journal: a transactional PostgreSQL
+/// call's body, whose transaction commits or rolls back with its result,
+/// made inside another call's body or not. Its steps run as they are, and
+/// `epoch()` and `mark_final()` answer `OutsideCall`, as documented.
+#[cfg(feature = "postgres")]
+pub(crate) fn outside_calls<F: Future>(body: F) -> impl Future<Output = F::Output> {
+    JOURNAL.scope(None, body)
 }
 
 /// The fencing epoch of the idempotent call whose body is running: a number
@@ -951,7 +970,7 @@ pub(crate) fn marked_final() -> bool {
 /// itself), [`Error::Store`] when the store cannot answer (or keeps no
 /// epochs: [`StoreErrorKind::Unsupported`](crate::StoreErrorKind::Unsupported)).
 pub async fn epoch() -> Result<u64, Error> {
-    let Ok(journal) = JOURNAL.try_with(Arc::clone) else {
+    let Some(journal) = current() else {
         return Err(Error::OutsideCall { what: "epoch" });
     };
     if let Some(epoch) = journal.state().epoch {
@@ -981,9 +1000,7 @@ pub async fn epoch() -> Result<u64, Error> {
 /// [`derive_step_key`] with the call's [`Key`] there.
 #[must_use]
 pub fn step_key(name: &str) -> Option<String> {
-    JOURNAL
-        .try_with(|journal| derive_step_key(journal.key, name))
-        .ok()
+    current().map(|journal| derive_step_key(journal.key, name))
 }
 
 /// The key derived from the call key `key` and the step name `name`, as

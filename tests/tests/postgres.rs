@@ -3161,3 +3161,57 @@ async fn the_longest_settings_work_and_the_oldest_listing_is_empty() {
     assert!(!idem.forget(key).await.unwrap());
     assert!(idem.claims_older_than(Duration::ZERO, 1).await.is_ok());
 }
+
+/// A transactional call's body is outside every other call's journal, also
+/// when the call is made inside a step of another call: its steps run as
+/// they are (never journaled under the outer call's key), and `epoch()` and
+/// `mark_final()` answer `OutsideCall` instead of the outer call's.
+#[tokio::test]
+async fn a_transactional_call_inside_another_calls_step_has_no_journal() {
+    let pg = connect(&shared().url()).await;
+    let outer = Idempotency::memory();
+    let key = Key::new("tests.postgres.nested-steps", &op("outer")).unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let seen = {
+        let (pg, runs) = (pg.clone(), Arc::clone(&runs));
+        outer
+            .run(&Settings::DEFAULT, key, fp, async move {
+                idem_core::step("outer-step", async move {
+                    let tx_key = Key::new("tests.postgres.nested-steps", &op("inner")).unwrap();
+                    pg.run_in_transaction(&Settings::DEFAULT, tx_key, fp, move |_tx| {
+                        Box::pin(async move {
+                            for _ in 0..2 {
+                                idem_core::step("inner-step", async {
+                                    runs.fetch_add(1, Ordering::SeqCst);
+                                    Ok::<_, Error>(())
+                                })
+                                .await?;
+                            }
+                            let epoch = idem_core::epoch().await;
+                            let marked = idem_core::mark_final();
+                            Ok::<_, Error>((
+                                matches!(epoch, Err(Error::OutsideCall { .. })),
+                                matches!(marked, Err(Error::OutsideCall { .. })),
+                            ))
+                        })
+                    })
+                    .await
+                })
+                .await
+            })
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        seen,
+        (true, true),
+        "epoch and mark_final are outside a call"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "a name used twice runs twice"
+    );
+    assert_eq!(outer.steps_done(key).await.unwrap(), ["outer-step"]);
+}

@@ -159,10 +159,12 @@ pub(crate) struct Holding {
 
 impl Holding {
     /// Runs `body` (the body's future, on [`Claim::connection`]) as the
-    /// claim's holder, in the call's span: a call of the same key on this
-    /// store made inside it fails at once with [`Error::Reentered`].
+    /// claim's holder, in the call's span, outside any other call's step
+    /// journal: a call of the same key on this store made inside it fails
+    /// at once with [`Error::Reentered`].
     pub(crate) fn run<F: Future>(self, body: F) -> impl Future<Output = F::Output> {
-        crate::reentry::holding(self.holder, self.key, body).instrument(self.span)
+        crate::reentry::holding(self.holder, self.key, crate::steps::outside_calls(body))
+            .instrument(self.span)
     }
 }
 
