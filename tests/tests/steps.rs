@@ -1565,6 +1565,66 @@ mod memory {
 
     step_tests!(Arc::new(MemoryStore::new()) as Arc<dyn Store>);
 
+    /// An undo's requests carry keys derived from the undo, the same in
+    /// every attempt that tries it (a retried refund is replayed, never
+    /// made twice), and other than its step's: an undo that failed in one
+    /// attempt sends the same key when the next attempt finishes it.
+    #[cfg(feature = "client")]
+    #[tokio::test]
+    async fn an_undos_requests_carry_the_same_derived_key_in_every_attempt() {
+        use idem_core::client::{RetryPolicy, retry};
+        let idem = Idempotency::memory();
+        let key = Key::new("undo-keys", &rand::random::<u64>()).unwrap();
+        let fp = Fingerprint::of(&"order").unwrap();
+        let policy = RetryPolicy::builder().max_attempts(1).build().unwrap();
+        let keys = Arc::new(Mutex::new(Vec::new()));
+        for attempt in 0..2 {
+            let (keys, step_keys) = (Arc::clone(&keys), Arc::clone(&keys));
+            let (policy, undo_policy) = (policy.clone(), policy.clone());
+            let result: Result<(), String> = idem
+                .run_caching_errors(&settings(), key, fp, |_: &String| true, async move {
+                    step("charge", async move {
+                        let sent = retry(&policy, |a| {
+                            let key = a.key().to_owned();
+                            async move { Ok::<_, std::io::Error>(key) }
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                        step_keys.lock().unwrap().push(format!("step {sent}"));
+                        Ok::<_, String>(())
+                    })
+                    .compensate(move |()| async move {
+                        let sent = retry(&undo_policy, |a| {
+                            let key = a.key().to_owned();
+                            async move { Ok::<_, std::io::Error>(key) }
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                        keys.lock().unwrap().push(format!("undo {sent}"));
+                        // The refund fails in the first attempt.
+                        if attempt == 0 {
+                            Err("the refund timed out".to_owned())
+                        } else {
+                            Ok(())
+                        }
+                    })
+                    .await?;
+                    Err("declined".to_owned())
+                })
+                .await;
+            assert!(result.is_err(), "attempt {attempt}");
+        }
+        let keys = keys.lock().unwrap().clone();
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        let (step_key, first_undo, second_undo) = (&keys[0], &keys[1], &keys[2]);
+        assert!(
+            step_key.starts_with("step ") && first_undo.starts_with("undo "),
+            "{keys:?}"
+        );
+        assert_eq!(first_undo, second_undo, "the same key in both attempts");
+        assert_ne!(step_key[5..], first_undo[5..], "the undo's key is its own");
+    }
+
     /// A journal past its TTL that the sweeper has not reached yet is
     /// gone for a new attempt, as on the stores whose journals expire by
     /// themselves: its steps run again, with other arguments too, and
