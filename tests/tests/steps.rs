@@ -1718,6 +1718,113 @@ mod memory {
         }
     }
 
+    /// A memory store whose claims can never be renewed: a holder's lease
+    /// runs out while it works.
+    struct Unrenewable(MemoryStore);
+
+    impl Store for Unrenewable {
+        fn begin(
+            &self,
+            key: Key,
+            fingerprint: Fingerprint,
+            token: idem_core::store::Token,
+            lease: Duration,
+        ) -> idem_core::store::StoreFuture<'_, idem_core::store::Begin> {
+            self.0.begin(key, fingerprint, token, lease)
+        }
+
+        fn complete(
+            &self,
+            key: Key,
+            token: idem_core::store::Token,
+            record: idem_core::store::Record,
+            ttl: Duration,
+        ) -> idem_core::store::StoreFuture<'_, idem_core::store::Completion> {
+            self.0.complete(key, token, record, ttl)
+        }
+
+        fn release(
+            &self,
+            key: Key,
+            token: idem_core::store::Token,
+        ) -> idem_core::store::StoreFuture<'_, ()> {
+            self.0.release(key, token)
+        }
+
+        fn renew(
+            &self,
+            _: Key,
+            _: idem_core::store::Token,
+            _: Duration,
+        ) -> idem_core::store::StoreFuture<'_, bool> {
+            Box::pin(std::future::ready(Ok(false)))
+        }
+
+        fn append_step(
+            &self,
+            key: Key,
+            token: idem_core::store::Token,
+            name: String,
+            value: Vec<u8>,
+            ttl: Duration,
+        ) -> idem_core::store::StoreFuture<'_, bool> {
+            self.0.append_step(key, token, name, value, ttl)
+        }
+
+        fn steps(
+            &self,
+            key: Key,
+        ) -> idem_core::store::StoreFuture<'_, Vec<idem_core::store::JournaledStep>> {
+            self.0.steps(key)
+        }
+    }
+
+    /// Undos run only while the attempt's lease holds: once it ran out
+    /// (here, during the first undo), the next undo is left to a later
+    /// attempt, which finishes the compensation. (On a paused clock: the
+    /// undo outlasts the first renewal and not the claim.)
+    #[tokio::test(start_paused = true)]
+    async fn undos_stop_when_the_lease_runs_out() {
+        let idem = Idempotency::new(Unrenewable(MemoryStore::new()));
+        let key = Key::new("lease-out", &rand::random::<u64>()).unwrap();
+        let fp = Fingerprint::of(&"order").unwrap();
+        let short = Settings::builder()
+            .lease(Duration::from_millis(150))
+            .build()
+            .unwrap();
+        let log = Log::default();
+        for attempt in 0..2 {
+            let log = Arc::clone(&log);
+            let result: Result<(), String> = idem
+                .run_caching_errors(&short, key, fp, |_: &String| true, async move {
+                    for name in ["a", "b"] {
+                        let undo_log = Arc::clone(&log);
+                        step(name, async { Ok::<_, String>(()) })
+                            .compensate(move |()| async move {
+                                note(&undo_log, &format!("undo {name} in attempt {attempt}"));
+                                if attempt == 0 {
+                                    // Past the first renewal (a third of
+                                    // the lease), which finds the lease
+                                    // lost, and before the claim lapses in
+                                    // the store.
+                                    tokio::time::sleep(Duration::from_millis(90)).await;
+                                }
+                                Ok::<_, String>(())
+                            })
+                            .await?;
+                    }
+                    Err("declined".to_owned())
+                })
+                .await;
+            assert!(result.is_err(), "attempt {attempt}");
+        }
+        assert_eq!(
+            entries(&log),
+            ["undo b in attempt 0", "undo a in attempt 1"],
+            "undo a waited for an attempt whose lease held"
+        );
+    }
+
     /// On a store that keeps no journals the first step fails with
     /// `Unsupported` before its work runs; a call without steps is unaffected.
     #[tokio::test]
