@@ -266,8 +266,12 @@ impl Error {
         }
     }
 
-    /// How long a client should wait before retrying, where that is known
-    /// (the value for a `Retry-After` header).
+    /// For [`Error::InProgress`], what is left of the holder's lease: the
+    /// longest a retry may have to wait for the holder (a bound, not when
+    /// to look again). idem's HTTP answers send `Retry-After: 1` instead
+    /// (for `409` and for every `503`), so that a client looks again soon
+    /// rather than after a long lease; a response of your own should too.
+    /// `None` for every other error.
     #[must_use]
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

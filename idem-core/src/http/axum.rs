@@ -44,15 +44,32 @@ use crate::replayable::Replayable;
 /// #     }
 /// # }
 ///
-/// #[idempotent(key = key)]
-/// async fn charge(key: IdempotencyKey, cents: u64) -> Result<Replayable<Receipt>, PayError> {
+/// // Scoped by the client, as the layer's keys are: two clients that pick
+/// // one key never share a record.
+/// #[idempotent(key = key, scope = client)]
+/// async fn charge(
+///     client: String,
+///     key: IdempotencyKey,
+///     cents: u64,
+/// ) -> Result<Replayable<Receipt>, PayError> {
 ///     Ok(Replayable::new(Receipt(cents)))
 /// }
 ///
-/// async fn pay(key: IdempotencyKey, Json(cents): Json<u64>) -> Result<Replayable<Json<Receipt>>, PayError> {
+/// async fn pay(
+///     headers: axum::http::HeaderMap, // the authenticated principal, in a real service
+///     key: IdempotencyKey,
+///     Json(cents): Json<u64>,
+/// ) -> Result<Replayable<Json<Receipt>>, PayError> {
+///     let client = headers
+///         .get("x-api-key")
+///         .and_then(|v| v.to_str().ok())
+///         .unwrap_or_default()
+///         .to_owned();
 ///     // Spawned: the call finishes and records its result even if this
 ///     // handler is dropped.
-///     let receipt = tokio::spawn(charge(key, cents)).await.map_err(|_| PayError::Crashed)??;
+///     let receipt = tokio::spawn(charge(client, key, cents))
+///         .await
+///         .map_err(|_| PayError::Crashed)??;
 ///     Ok(receipt.map(Json))
 /// }
 /// # let _: axum::Router = axum::Router::new().route("/pay", axum::routing::post(pay));

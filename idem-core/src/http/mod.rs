@@ -140,7 +140,8 @@
 //! ## internal-error
 //! `500`: the server's idempotency handling failed in a way a retry does
 //! not fix by itself: its settings, or its code's use of idem (a call that
-//! re-enters its own key, a step name used twice). The server logs which.
+//! re-enters its own key, a step name used twice, a key or argument that
+//! does not serialize). The server logs which.
 //! Like any `500`, the request may have been partly processed; retrying it
 //! with the same key is safe, as its outcome, once there is one, is
 //! replayed.

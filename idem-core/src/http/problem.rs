@@ -53,12 +53,14 @@ impl Kind {
                 StoreErrorKind::Config | StoreErrorKind::Unsupported => Self::Internal,
                 _ => Self::StoreUnavailable,
             },
-            Error::Decode(_) | Error::Encode { .. } | Error::NotReplayable { .. } => {
-                Self::Unreplayable
-            }
+            Error::Decode(_) | Error::NotReplayable { .. } => Self::Unreplayable,
             // The service's configuration or its use of idem: a retry of
-            // the request does not fix it.
-            Error::Reentered { .. }
+            // the request does not fix it. (A key, scope or argument that
+            // does not serialize fails before the body runs; a step's result
+            // that does not serialize is journaled as run, and never run
+            // again.)
+            Error::Encode { .. }
+            | Error::Reentered { .. }
             | Error::StepRepeated { .. }
             | Error::InvalidStepName { .. }
             | Error::OutsideCall { .. }
@@ -291,9 +293,7 @@ mod tests {
     fn only_outcomes_that_cannot_be_answered_are_unreplayable() {
         for error in every_error() {
             let expected = match &error {
-                Error::Decode(_) | Error::Encode { .. } | Error::NotReplayable { .. } => {
-                    Kind::Unreplayable
-                }
+                Error::Decode(_) | Error::NotReplayable { .. } => Kind::Unreplayable,
                 Error::Store(store) if store.kind() == StoreErrorKind::Corrupt => {
                     Kind::Unreplayable
                 }
@@ -308,7 +308,8 @@ mod tests {
                 {
                     Kind::Internal
                 }
-                Error::Reentered { .. }
+                Error::Encode { .. }
+                | Error::Reentered { .. }
                 | Error::StepRepeated { .. }
                 | Error::InvalidStepName { .. }
                 | Error::OutsideCall { .. }
