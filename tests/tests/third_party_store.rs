@@ -297,3 +297,77 @@ impl Backend for ProtocolTable {
 mod conformance_of_the_protocol_alone {
     idem_test::conformance_suite!(super::ProtocolTable);
 }
+
+/// A store with journals and epochs but none of the operators' operations
+/// (`inspect`, `forget`, the listing): every test passes, each optional
+/// operation on its own.
+struct WithoutOperators(idem_core::MemoryStore);
+
+impl Store for WithoutOperators {
+    fn begin(
+        &self,
+        key: Key,
+        fingerprint: Fingerprint,
+        token: Token,
+        lease: Duration,
+    ) -> StoreFuture<'_, Begin> {
+        self.0.begin(key, fingerprint, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: Key,
+        token: Token,
+        record: Record,
+        ttl: Duration,
+    ) -> StoreFuture<'_, Completion> {
+        self.0.complete(key, token, record, ttl)
+    }
+
+    fn release(&self, key: Key, token: Token) -> StoreFuture<'_, ()> {
+        self.0.release(key, token)
+    }
+
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        self.0.renew(key, token, lease)
+    }
+
+    fn append_step(
+        &self,
+        key: Key,
+        token: Token,
+        name: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> StoreFuture<'_, bool> {
+        self.0.append_step(key, token, name, value, ttl)
+    }
+
+    fn steps(&self, key: Key) -> StoreFuture<'_, Vec<idem_core::store::JournaledStep>> {
+        self.0.steps(key)
+    }
+
+    fn epoch(&self, key: Key, token: Token, ttl: Duration) -> StoreFuture<'_, Option<u64>> {
+        self.0.epoch(key, token, ttl)
+    }
+}
+
+struct JournalsWithoutOperators;
+
+impl Backend for JournalsWithoutOperators {
+    async fn store(&self) -> Arc<dyn Store> {
+        Arc::new(WithoutOperators(idem_core::MemoryStore::new()))
+    }
+
+    fn timing(&self) -> Timing {
+        Table.timing()
+    }
+
+    fn follows_tokio_clock(&self) -> bool {
+        true
+    }
+}
+
+mod conformance_of_journals_without_operators {
+    idem_test::conformance_suite!(super::JournalsWithoutOperators);
+}
