@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::process::{free_port, running_as_root, watch};
+use crate::process::{free_port, running_as_root, watch_and_clear};
 
 /// The oldest PostgreSQL the store is tested with.
 pub const MIN_VERSION: u32 = 12;
@@ -187,7 +187,7 @@ impl PostgresServer {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start postgres ({e})"));
-        watch(child.id());
+        watch_and_clear(child.id(), Some(self._scratch.path()));
         self.child = Some(child);
         self.wait_until_ready();
     }

@@ -7,10 +7,23 @@ use std::process::{Command, Stdio};
 /// Kills `pid` when this test process exits, however it exits: a watchdog
 /// for any server a harness starts.
 pub fn watch(pid: u32) {
+    watch_and_clear(pid, None);
+}
+
+/// [`watch`], and once this test process is gone, removes `scratch` (the
+/// server's temporary directory): a server kept for the whole process (the
+/// shared ones, in a `static`) is never dropped, so its directory would
+/// stay behind. A server that ends while the process lives (killed and
+/// restarted by a test) keeps it.
+pub fn watch_and_clear(pid: u32, scratch: Option<&std::path::Path>) {
     let parent = std::process::id();
+    let clear = scratch.map_or_else(String::new, |dir| {
+        let quoted = dir.display().to_string().replace('\'', r"'\''");
+        format!("; kill -0 {parent} 2>/dev/null || {{ sleep 0.5; rm -rf '{quoted}'; }}")
+    });
     let script = format!(
         "while kill -0 {parent} 2>/dev/null && kill -0 {pid} 2>/dev/null; do sleep 0.3; done; \
-         kill -9 {pid} 2>/dev/null"
+         kill -9 {pid} 2>/dev/null{clear}"
     );
     let mut watchdog = Command::new("sh")
         .args(["-c", &script])

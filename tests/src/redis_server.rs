@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::process::{require_version, watch};
+use crate::process::{require_version, watch_and_clear};
 
 /// The oldest Redis the store works with.
 pub const MIN_VERSION: (u32, u32) = (7, 0);
@@ -110,7 +110,7 @@ impl RedisServer {
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run `{}` ({e})", server_binary()));
-        watch(child.id());
+        watch_and_clear(child.id(), self._scratch.as_ref().map(|s| s.path()));
         self.child = Some(child);
         self.wait_until_ready();
     }

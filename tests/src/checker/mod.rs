@@ -178,9 +178,11 @@ pub struct Report {
     /// Whether idem's told outcomes were captured and checked. The checker
     /// captures them with a process-wide `tracing` subscriber, which it
     /// installs on first use; in a test process that already set a global
-    /// subscriber of its own, they cannot be, and this check (the last of
-    /// invariant 4) is skipped: keep the checker's tests in a test binary
-    /// without one.
+    /// subscriber of its own, they cannot be: the outcome check (the last
+    /// of invariant 4) is skipped, and on a backend with a real clock two
+    /// runs of a key are excused (nothing tells whether a record was lost).
+    /// [`exactly_once_suite!`](crate::exactly_once_suite) fails then; keep
+    /// the checker's tests in a test binary without one.
     pub outcomes_checked: bool,
 }
 
@@ -199,10 +201,14 @@ pub struct Violation {
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The run's fault rate, when it was not the default, replays too.
+        let rate = std::env::var("IDEM_CHECKER_FAULT_RATE")
+            .map(|rate| format!(" IDEM_CHECKER_FAULT_RATE={rate}"))
+            .unwrap_or_default();
         write!(
             f,
             "exactly-once checker: invariant \"{}\" broken with seed {}: {}\n\
-             replay it with IDEM_CHECKER_SEED={}\nworkload:\n{}\nhistory:\n{}",
+             replay it with IDEM_CHECKER_SEED={}{rate}\nworkload:\n{}\nhistory:\n{}",
             self.broken.invariant,
             self.seed,
             self.broken.detail,
@@ -417,8 +423,9 @@ pub fn soak_seeds(batch: usize, mut check: impl FnMut(&[u64]) -> String) {
 /// Writes the exactly-once checker's tests for a [`Backend`]: one that
 /// checks the [`FIXED_SEEDS`] and a few fresh seeds (printed), and an
 /// ignored soak (`IDEM_CHECKER_MINUTES`, `IDEM_CHECKER_SEEDS`). Put it in a
-/// test binary that sets no global `tracing` subscriber of its own, or the
-/// outcome check is skipped (see [`Report::outcomes_checked`]).
+/// test binary that sets no global `tracing` subscriber of its own: the
+/// checker needs idem's told outcomes (see [`Report::outcomes_checked`]),
+/// and its test fails, saying so, when it could not capture them.
 ///
 /// ```ignore
 /// idem_test::exactly_once_suite!(MyBackend);
@@ -431,6 +438,13 @@ macro_rules! exactly_once_suite {
             let backend = $backend;
             for report in $crate::checker::check_seeds(&backend, &$crate::checker::ci_seeds(4)) {
                 println!("{report:?}");
+                assert!(
+                    report.outcomes_checked,
+                    "the exactly-once checker could not capture idem's told outcomes: this test \
+                     binary set a global `tracing` subscriber of its own; without them it cannot \
+                     tell a lost record from a second run. Move the checker's test to a binary \
+                     without one."
+                );
             }
         }
 
