@@ -73,14 +73,16 @@ pub enum Error {
     },
 
     /// The call with this key already ran, but its result could not be
-    /// serialized, so it cannot be replayed. The body does not run again
-    /// until the record expires; fix the result type (or its `Serialize`).
+    /// stored, so it cannot be replayed: it did not serialize (fix the
+    /// result type or its `Serialize`), it was larger than the handle's
+    /// `max_record_bytes`, or the store refused it as full. The body does
+    /// not run again until the record expires.
     #[error(
         "the call with this idempotency key already ran, but its result could not be stored, \
          so it cannot be replayed: {reason}"
     )]
     NotReplayable {
-        /// Why the result could not be serialized.
+        /// Why the result could not be stored.
         reason: String,
     },
 

@@ -151,8 +151,9 @@ impl Key {
         &self.0
     }
 
-    /// The key's short hash, as logs, spans and `inspect` output show it:
-    /// the first 6 bytes of its digest, in hex. It says which key without
+    /// The key's short hash, as the `idem.call` span's `key` field shows it:
+    /// the first 6 bytes of its digest, in hex (events print the whole
+    /// digest, `Display`, which starts with it). It says which key without
     /// saying what the key or the arguments were.
     ///
     /// ```
@@ -195,7 +196,12 @@ impl Key {
 
 impl Fingerprint {
     /// The fingerprint used when arguments are not checked
-    /// (`fingerprint = false`): every call matches every other.
+    /// (`fingerprint = false`): every call made with it matches every other
+    /// made with it. It is a fingerprint like others to the stores: a
+    /// record written with a checked fingerprint and a call with this one
+    /// (or the reverse) are [`Error::KeyReused`](crate::Error::KeyReused),
+    /// so turning checks off for a function that has records takes effect
+    /// for its keys as their records expire.
     pub const UNCHECKED: Self = Self([0; 32]);
 
     /// The fingerprint of `args`, typically a tuple of references to the
@@ -223,14 +229,12 @@ impl Fingerprint {
         &self.0
     }
 
-    /// The key's short hash, as logs, spans and `inspect` output show it:
-    /// the first 6 bytes of its digest, in hex. It says which key without
-    /// saying what the key or the arguments were.
+    /// The fingerprint's short hash: the first 6 bytes of its digest, in
+    /// hex. It says which arguments without saying what they were.
     ///
     /// ```
-    /// let key = idem_core::Key::new("op", &1)?;
-    /// assert_eq!(key.short().to_string().len(), 12);
-    /// assert!(key.to_string().starts_with(&key.short().to_string()));
+    /// let fingerprint = idem_core::Fingerprint::of(&(7, "order"))?;
+    /// assert_eq!(fingerprint.short().to_string().len(), 12);
     /// # Ok::<(), idem_core::Error>(())
     /// ```
     #[must_use]

@@ -153,8 +153,6 @@ pub use settings::{
     ConfigError, DEFAULT_LEASE, DEFAULT_TTL, Isolation, MAX_DURATION, MIN_LEASE, OnConflict,
     Settings, SettingsBuilder,
 };
-/// What users match on: the store failure inside [`Error::Store`] and its
-/// kind, and the stored outcome an [`Inspection::Completed`] reports.
 pub use steps::{MAX_STEP_NAME_LEN, Step, derive_step_key, epoch, mark_final, step, step_key};
 pub use store::connect::connect;
 pub use store::memory::MemoryStore;
@@ -164,6 +162,8 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
+/// What users match on: the store failure inside [`Error::Store`] and its
+/// kind, and the stored outcome an [`Inspection::Completed`] reports.
 pub use store::{
     HeldClaim, Inspection, JournaledStep, Outcome, ReplayCache, StoreError, StoreErrorKind,
 };

@@ -408,10 +408,17 @@ impl fmt::Display for ConfigError {
             ),
             Rule::TooLong { setting, value } => write!(
                 f,
-                "`{setting}` ({}) is longer than the maximum of {} ({}d)",
+                "`{setting}` ({}) is longer than the maximum of {}",
                 display(value),
-                display(MAX_DURATION),
-                MAX_DURATION.as_secs() / 86_400
+                display(MAX_DURATION)
+            ),
+            // No lease is both at least the shortest and shorter than it.
+            Rule::LeaseNotShorterThanTtl { ttl, .. } if ttl <= MIN_LEASE => write!(
+                f,
+                "`ttl` ({}) must be longer than the shortest lease ({}), which must be \
+                 shorter than it; set a longer one, e.g. `ttl = \"1s\"`",
+                display(ttl),
+                display(MIN_LEASE)
             ),
             Rule::LeaseNotShorterThanTtl {
                 lease,
@@ -501,6 +508,23 @@ pub(crate) fn display(duration: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_ttl_no_lease_fits_says_so() {
+        let error = Settings::builder()
+            .ttl(Duration::from_millis(10))
+            .build()
+            .unwrap_err();
+        assert_eq!(error.setting(), "ttl");
+        let message = error.to_string();
+        assert!(message.contains("shortest lease"), "{message}");
+        assert!(!message.contains("e.g. `lease"), "{message}");
+        let error = Settings::builder()
+            .ttl(MAX_DURATION + Duration::from_secs(1))
+            .build()
+            .unwrap_err();
+        assert!(error.to_string().ends_with("maximum of 3650d"), "{error}");
+    }
+
     use super::*;
 
     const fn secs(s: u64) -> Duration {
