@@ -416,7 +416,7 @@ impl fmt::Display for ConfigError {
             Rule::LeaseNotShorterThanTtl { ttl, .. } if ttl <= MIN_LEASE => write!(
                 f,
                 "`ttl` ({}) must be longer than the shortest lease ({}), which must be \
-                 shorter than it; set a longer one, e.g. `ttl = \"1s\"`",
+                 shorter than it; set a longer one, e.g. `ttl = \"1s\", lease = \"300ms\"`",
                 display(ttl),
                 display(MIN_LEASE)
             ),

@@ -434,6 +434,18 @@ fn durations(args: &Args) -> syn::Result<()> {
             )),
             _ => Ok(()),
         },
+        // No lease is both at least the shortest and shorter than it.
+        None if ttl <= MIN_LEASE_MILLIS => Err(syn::Error::new(
+            args.ttl
+                .as_ref()
+                .map_or_else(Span::call_site, |ttl| ttl.span),
+            format!(
+                "`ttl` ({}) must be longer than the shortest lease ({}), which must be \
+                 shorter than it; set a longer one, e.g. `ttl = \"1s\", lease = \"300ms\"`",
+                display_millis(ttl),
+                display_millis(MIN_LEASE_MILLIS),
+            ),
+        )),
         None if ttl <= DEFAULT_LEASE_MILLIS => Err(syn::Error::new(
             args.ttl
                 .as_ref()

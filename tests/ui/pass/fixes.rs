@@ -30,6 +30,12 @@ async fn short_duration(id: u64) -> Result<u64, Error> {
     Ok(id)
 }
 
+// ttl_no_lease_fits: "set a longer one, e.g. `ttl = "1s", lease = "300ms"`".
+#[idempotent(key = id, ttl = "1s", lease = "300ms")]
+async fn longer_ttl(id: u64) -> Result<u64, Error> {
+    Ok(id)
+}
+
 // ttl_shorter_than_default_lease: "set a shorter one, e.g. `lease = "10s"`".
 #[idempotent(key = id, ttl = "30s", lease = "10s")]
 async fn shorter_lease(id: u64) -> Result<u64, Error> {
@@ -201,7 +207,7 @@ async fn with_cfg(id: u64, #[cfg(any())] debug: std::collections::HashMap<String
 }
 
 fn main() {
-    let _ = (short_literal(1), short_duration(1), shorter_lease(1), no_spaces(1));
+    let _ = (short_literal(1), short_duration(1), longer_ttl(1), shorter_lease(1), no_spaces(1));
     let _ = (own_error(1), string_error(1), io_error(1), boxed_error(1), owned(1));
     let _ = (echo(1, 2_u8), traced(Request { order: 1, trace_id: 2 }));
     let _ = (unchecked(&Pool, 1), one_list(&Pool, &Client, 1), named(1), nightly());
