@@ -74,7 +74,12 @@ impl Idempotency {
     /// The body's own error, or one converted from [`Error`]: `InProgress`
     /// when the key stays held past the wait, `KeyReused` when `fingerprint`
     /// differs from the stored one, `Store` when the store fails (the body
-    /// then does not run), `Decode` when a stored result no longer decodes.
+    /// then does not run), `Decode` when a stored result no longer decodes,
+    /// `NotReplayable` when the call ran but its result could not be stored,
+    /// `AttemptFailed` when the call this one waited for in the process
+    /// failed, `Reentered` when the body of a call of `key` on this handle
+    /// makes it, and `Config` when `settings` break a rule for the store (a
+    /// lease shorter than three response timeouts).
     #[track_caller]
     pub fn run<T, E, F>(
         &self,
