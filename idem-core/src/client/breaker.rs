@@ -359,6 +359,17 @@ impl CircuitBreaker {
         self.open(retry_in)
     }
 
+    /// The refusal of a call made after `wait`, when the circuit is open
+    /// for longer than that: an operation whose attempt opened it ends at
+    /// once instead of waiting to be refused.
+    pub(super) fn open_past(&self, wait: Duration) -> Option<CircuitOpen> {
+        let left = match self.lock().phase {
+            Phase::Open { until } => until.saturating_duration_since(Instant::now()),
+            _ => return None,
+        };
+        (left > wait).then(|| self.open(left))
+    }
+
     fn open(&self, retry_in: Duration) -> CircuitOpen {
         CircuitOpen {
             dependency: self.shared.name.clone(),

@@ -2,15 +2,12 @@
 
 use std::sync::Arc;
 
-use http::{Extensions, HeaderValue, Method};
+use http::{Extensions, Method};
 use reqwest::{Request, Response};
 use reqwest_middleware::{Middleware, Next};
 
 use super::retry::Retries;
-use super::{
-    BreakerState, Breakers, CircuitBreaker, CircuitOpen, Classify, RetryPolicy, RetryReport,
-    new_key,
-};
+use super::{Breakers, CircuitBreaker, CircuitOpen, Classify, RetryPolicy, RetryReport, new_key};
 use crate::http::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 
 /// Retries reqwest requests safely: one idempotency key per request, the
@@ -174,8 +171,8 @@ impl Middleware for RetryMiddleware {
                 // attempt of the call, so the server deduplicates a request
                 // whose step was not journaled.
                 let key = crate::steps::request_key().unwrap_or_else(new_key);
-                let value = HeaderValue::try_from(format!("\"{key}\""))
-                    .expect("a UUID or a derived key is a valid header value");
+                let value = crate::http::sf_string_header(&key)
+                    .expect("a UUID or a derived key is a structured-field string");
                 request.headers_mut().insert(IDEMPOTENCY_KEY, value);
                 Some(key)
             }
@@ -261,14 +258,9 @@ impl Middleware for RetryMiddleware {
             // A circuit this attempt opened, open past the wait: the
             // operation ends now, with this attempt's outcome, instead of
             // waiting to find the circuit open.
-            if let Some(breaker) = &breaker
-                && breaker.state() == BreakerState::Open
-            {
-                let open = breaker.refusal();
-                if open.retry_in() > delay {
-                    report.attempts = attempts;
-                    return finish(outcome, report, Some(open));
-                }
+            if let Some(open) = breaker.as_ref().and_then(|b| b.open_past(delay)) {
+                report.attempts = attempts;
+                return finish(outcome, report, Some(open));
             }
             // Dropped before the wait: its connection goes back to the pool.
             drop(outcome);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use tokio::time::Instant;
 
-use super::{BreakerState, CircuitBreaker, CircuitOpen, Classify, RetryPolicy, Verdict};
+use super::{CircuitBreaker, CircuitOpen, Classify, RetryPolicy, Verdict};
 
 /// How an operation went: the attempts made, its idempotency key, and
 /// whether the server replayed a stored response. The reqwest middleware
@@ -80,20 +80,7 @@ impl RetryReport {
         if let Some(sent) = &self.header {
             return Some(sent.clone());
         }
-        let key = self.key.as_deref()?;
-        if !key.bytes().all(|byte| matches!(byte, b' '..=b'~')) {
-            return None;
-        }
-        let mut quoted = String::with_capacity(key.len() + 2);
-        quoted.push('"');
-        for c in key.chars() {
-            if matches!(c, '"' | '\\') {
-                quoted.push('\\');
-            }
-            quoted.push(c);
-        }
-        quoted.push('"');
-        HeaderValue::try_from(quoted).ok()
+        crate::http::sf_string_header(self.key.as_deref()?)
     }
 
     /// Whether the server replayed a stored response
@@ -524,9 +511,7 @@ where
             policy
                 .breaker
                 .as_ref()
-                .filter(|breaker| breaker.state() == BreakerState::Open)
-                .map(CircuitBreaker::refusal)
-                .filter(|open| open.retry_in() > delay)
+                .and_then(|breaker| breaker.open_past(delay))
         };
         let stop = match stop {
             Ok(delay) => {

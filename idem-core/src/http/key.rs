@@ -125,6 +125,26 @@ impl IdempotencyKey {
     }
 }
 
+/// `text` written as a structured-field string (`"…"`, with `"` and `\`
+/// escaped), the form [`IdempotencyKey::parse`] reads back; `None` for text
+/// such a string cannot carry (only visible ASCII and spaces).
+#[cfg(feature = "client")]
+pub(crate) fn sf_string_header(text: &str) -> Option<http::HeaderValue> {
+    if !text.bytes().all(|byte| matches!(byte, b' '..=b'~')) {
+        return None;
+    }
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        if matches!(c, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    http::HeaderValue::try_from(quoted).ok()
+}
+
 /// The rest of a structured-field string after its opening quote.
 fn sf_string(rest: &str) -> Result<String, Error> {
     let mut text = String::new();

@@ -156,6 +156,8 @@ mod problem;
 mod stored;
 
 pub use body::ResponseBody;
+#[cfg(feature = "client")]
+pub(crate) use key::sf_string_header;
 pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey, MAX_KEY_LEN};
 pub use layer::{
     DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_REPLAY_HEADERS,
