@@ -12,6 +12,7 @@ use proc_macro2::{Span, TokenStream};
 use quote::{ToTokens as _, quote, quote_spanned};
 use syn::ext::IdentExt as _;
 use syn::spanned::Spanned as _;
+use syn::visit_mut::VisitMut as _;
 use syn::{Expr, Ident, ItemFn, Path, Type};
 
 use crate::args::{Args, CacheErrors, Duration, OnConflict};
@@ -529,9 +530,9 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
 /// For a statement by which `#[async_trait]` destructures a positional
 /// argument (`let (a, b) = { let __arg1 = __arg1; __arg1 };`), the same
 /// pattern bound to a reference to the argument, for the attribute's
-/// expressions; `None` for any other statement, and for a pattern that
-/// binds by value on purpose (`mut`, `ref`, `&`), which a reference
-/// cannot give.
+/// expressions; `None` for any other statement. A pattern that says how
+/// it binds (`mut`, `ref`, `&`) is rewritten to bind every name by `ref`
+/// from the argument in place, which moves nothing out of it.
 fn destructuring(stmt: &syn::Stmt) -> Option<TokenStream> {
     let syn::Stmt::Local(local) = stmt else {
         return None;
@@ -563,19 +564,49 @@ fn destructuring(stmt: &syn::Stmt) -> Option<TokenStream> {
             proc_macro2::TokenTree::Literal(_) => false,
         })
     }
-    if by_value(pat.to_token_stream()) {
-        return None;
-    }
     let argument = &positional.ident;
     let cfgs = local
         .attrs
         .iter()
         .filter(|attr| attr.path().is_ident("cfg"));
+    if by_value(pat.to_token_stream()) {
+        let mut pat = pat.clone();
+        BindByRef.visit_pat_mut(&mut pat);
+        return Some(quote! {
+            #(#cfgs)*
+            #[allow(unused_variables)]
+            let #pat = #argument;
+        });
+    }
     Some(quote! {
         #(#cfgs)*
         #[allow(unused_variables)]
         let #pat = &#argument;
     })
+}
+
+/// Rewrites a pattern to bind every name by shared reference (`ref a`,
+/// where it said `a`, `mut a` or `ref mut a`), so that matching it against
+/// the argument in place borrows what it names and moves nothing. A name
+/// that starts with a capital letter and says nothing of how it binds is a
+/// unit struct or a constant, and is left as it is.
+struct BindByRef;
+
+impl syn::visit_mut::VisitMut for BindByRef {
+    fn visit_pat_ident_mut(&mut self, ident: &mut syn::PatIdent) {
+        let plain = ident.by_ref.is_none() && ident.mutability.is_none() && ident.subpat.is_none();
+        if plain
+            && ident
+                .ident
+                .to_string()
+                .starts_with(|c: char| c.is_uppercase())
+        {
+            return;
+        }
+        ident.mutability = None;
+        ident.by_ref = Some(syn::Token![ref](ident.ident.span()));
+        syn::visit_mut::visit_pat_ident_mut(self, ident);
+    }
 }
 
 /// Whether `pat` binds a `mut` variable by value: `mut request`.

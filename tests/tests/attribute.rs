@@ -265,6 +265,7 @@ async fn trait_impls_native_and_async_trait() {
 #[async_trait::async_trait]
 trait Transfers {
     async fn transfer(&self, order: (u64, u64)) -> AppResult<u64>;
+    async fn annotate(&self, order: (u64, String)) -> AppResult<String>;
 }
 
 #[async_trait::async_trait]
@@ -274,6 +275,14 @@ impl Transfers for Books {
     async fn transfer(&self, (id, amount): (u64, u64)) -> AppResult<u64> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         Ok(id * 1000 + amount)
+    }
+
+    /// The pattern says how it binds: `mut` and `ref`.
+    #[idempotent(key = id, scope = note, store = self.idem)]
+    async fn annotate(&self, (mut id, ref note): (u64, String)) -> AppResult<String> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        id += 1;
+        Ok(format!("{note}{id}"))
     }
 }
 
@@ -289,6 +298,19 @@ async fn an_async_trait_key_names_a_destructured_binding() {
     ));
     assert_eq!(books.transfer((8, 6)).await.unwrap(), 8006);
     assert_eq!(books.runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_async_trait_key_names_a_binding_of_a_mut_or_ref_pattern() {
+    let books = Books::default();
+    assert_eq!(books.annotate((7, "a".into())).await.unwrap(), "a8");
+    assert_eq!(books.annotate((7, "a".into())).await.unwrap(), "a8");
+    assert_eq!(books.runs.load(Ordering::SeqCst), 1);
+    // The scope is the `ref` binding: another note is another key.
+    assert_eq!(books.annotate((7, "b".into())).await.unwrap(), "b8");
+    // The key is the `mut` binding as called, before the body adds to it.
+    assert_eq!(books.annotate((8, "a".into())).await.unwrap(), "a9");
+    assert_eq!(books.runs.load(Ordering::SeqCst), 3);
 }
 
 static SCOPED_RUNS: AtomicU32 = AtomicU32::new(0);

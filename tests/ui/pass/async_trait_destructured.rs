@@ -1,5 +1,6 @@
 //! In an `#[async_trait]` method, `key` and `scope` may name the bindings
-//! of a destructured argument, as in a plain `async fn`.
+//! of a destructured argument, as in a plain `async fn`, whatever the
+//! pattern says of how it binds (`mut`, `ref`, `&`).
 
 #![deny(warnings)]
 
@@ -17,6 +18,9 @@ struct Request {
 trait Shapes {
     async fn pair(&self, pair: (u32, u32)) -> Result<u32, idem_core::Error>;
     async fn charge(&self, request: Request) -> Result<u64, idem_core::Error>;
+    async fn counted(&self, pair: (u32, String)) -> Result<usize, idem_core::Error>;
+    async fn borrowed(&self, pair: (&'static u32, u32)) -> Result<u32, idem_core::Error>;
+    async fn named(&self, request: Request) -> Result<u64, idem_core::Error>;
 }
 
 struct Service {
@@ -38,6 +42,36 @@ impl Shapes for Service {
         let _ = tenant;
         Ok(id + amount)
     }
+
+    #[idempotent(key = a, scope = name, store = self.idem)]
+    async fn counted(
+        &self,
+        (mut a, ref name): (u32, String),
+    ) -> Result<usize, idem_core::Error> {
+        a += 1;
+        Ok(name.len() + a as usize)
+    }
+
+    #[idempotent(key = a, store = self.idem)]
+    async fn borrowed(
+        &self,
+        (&a, b): (&'static u32, u32),
+    ) -> Result<u32, idem_core::Error> {
+        Ok(a + b)
+    }
+
+    #[idempotent(key = id, scope = tenant, store = self.idem)]
+    async fn named(
+        &self,
+        Request {
+            id,
+            ref tenant,
+            mut amount,
+        }: Request,
+    ) -> Result<u64, idem_core::Error> {
+        amount += tenant.len() as u64;
+        Ok(id + amount)
+    }
 }
 
 fn main() {
@@ -46,6 +80,13 @@ fn main() {
     };
     let _ = service.pair((1, 2));
     let _ = service.charge(Request {
+        id: 1,
+        tenant: "t".to_owned(),
+        amount: 2,
+    });
+    let _ = service.counted((1, "n".to_owned()));
+    let _ = service.borrowed((&1, 2));
+    let _ = service.named(Request {
         id: 1,
         tenant: "t".to_owned(),
         amount: 2,
