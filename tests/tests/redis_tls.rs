@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use idem_core::store::StoreErrorKind;
+use idem_core::store::redis::RedisStoreBuilder;
 use idem_core::{Fingerprint, Idempotency, Key, RedisStore, Settings};
 use idem_test::process::free_port;
 use idem_test::redis_server::{self, RedisCluster, RedisServer};
@@ -216,4 +217,54 @@ async fn a_tls_cluster_is_reached_on_every_primary_and_runs_once() {
         let keys: u64 = node.cli(&["DBSIZE"]).trim().parse().unwrap();
         assert!(keys > 0, "a primary holds no record");
     }
+}
+
+/// TLS material the connection could not use is a `Config` error when the
+/// store is built, naming the setting, not a server that looks down.
+#[test]
+fn tls_material_that_cannot_be_used_is_refused_when_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = certificates(dir.path());
+    let key = std::fs::read_to_string(dir.path().join("server.key")).unwrap();
+    let url = "rediss://127.0.0.1:6379";
+    let refused = |store: RedisStoreBuilder, says: &str| {
+        let error = store.connect_lazy().expect_err(says);
+        assert_eq!(error.kind(), StoreErrorKind::Config, "{error}");
+        assert!(error.to_string().contains(says), "{error}");
+    };
+    // A path where the PEM text belongs, nothing, and text that is not PEM.
+    let path = dir.path().join("ca.pem").display().to_string();
+    for root in [path.as_str(), "", "not a certificate"] {
+        refused(
+            RedisStore::node(url).tls_root_certificate(root),
+            "`tls_root_certificate` (PEM text: the file's contents",
+        );
+    }
+    refused(
+        RedisStore::node(url).tls_root_certificate(&ca[..ca.len() / 2]),
+        "does not parse",
+    );
+    refused(
+        RedisStore::cluster([url]).tls_root_certificate(""),
+        "holds no `-----BEGIN CERTIFICATE-----` section",
+    );
+    refused(
+        RedisStore::node(url).tls_client_certificate("", key.clone()),
+        "`tls_client_certificate`",
+    );
+    refused(
+        RedisStore::node(url).tls_client_certificate(ca.clone(), "no key"),
+        "holds no private key",
+    );
+    // Certificates for an address without TLS: it would not use them.
+    refused(
+        RedisStore::node("redis://127.0.0.1:6379").tls_root_certificate(ca.clone()),
+        "which does not use TLS",
+    );
+    // What a TLS connection can use is accepted.
+    RedisStore::node(url)
+        .tls_root_certificate(ca.clone())
+        .tls_client_certificate(ca, key)
+        .connect_lazy()
+        .expect("PEM certificates and a PEM key");
 }

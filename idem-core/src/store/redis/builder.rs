@@ -85,9 +85,13 @@ impl RedisStoreBuilder {
         }
     }
 
-    /// Trusts the certificate authority `pem` (PEM) for `rediss://`
-    /// connections, instead of the system's roots: for a server whose
-    /// certificate a private CA signed.
+    /// Trusts the certificate authority `pem` (PEM text, the file's
+    /// contents: `std::fs::read("ca.pem")?`) for `rediss://` connections,
+    /// instead of the system's roots: for a server whose certificate a
+    /// private CA signed. Text without a certificate, one that does not
+    /// parse, or an address without TLS makes the store's
+    /// [`connect`](Self::connect) and [`connect_lazy`](Self::connect_lazy)
+    /// a [`Config`](crate::store::StoreErrorKind::Config) error.
     #[cfg(feature = "tls")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     #[must_use]
@@ -96,8 +100,11 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Presents this client certificate and key (PEM) to a server that
-    /// asks for one (mutual TLS).
+    /// Presents this client certificate and key (PEM text, as for
+    /// [`tls_root_certificate`](Self::tls_root_certificate)) to a server
+    /// that asks for one (mutual TLS). A certificate or key that does not
+    /// parse is a [`Config`](crate::store::StoreErrorKind::Config) error
+    /// when the store is built.
     #[cfg(feature = "tls")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     #[must_use]
@@ -111,6 +118,59 @@ impl RedisStoreBuilder {
             client_key: key.into(),
         });
         self
+    }
+
+    /// The TLS material as the connection will read it: a `Config` error
+    /// for certificates given to an address without TLS, for PEM text that
+    /// holds no certificate (or no key), or that does not parse. Without
+    /// this, a root that holds no certificate would leave the connection
+    /// trusting nothing, and a server that answers would look unavailable.
+    #[cfg(feature = "tls")]
+    fn check_tls(&self) -> Result<(), StoreError> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let given = |setting: &str| {
+            format!(
+                "the Redis store's `{setting}` (PEM text: the file's contents, as \
+                 `std::fs::read(path)?` gives them, not its path)"
+            )
+        };
+        let certificates = |pem: &[u8], setting: &str| {
+            let parsed = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| config(format!("{} does not parse: {e}", given(setting))))?;
+            if parsed.is_empty() {
+                return Err(config(format!(
+                    "{} holds no `-----BEGIN CERTIFICATE-----` section",
+                    given(setting)
+                )));
+            }
+            Ok(())
+        };
+        if self.tls.root_cert.is_none() && self.tls.client_tls.is_none() {
+            return Ok(());
+        }
+        if !self.uses_tls() {
+            return Err(config(format!(
+                "TLS certificates were given for {}, which does not use TLS: write \
+                 `rediss://` (or `rediss+cluster://`)",
+                redact_all(&self.nodes)
+            )));
+        }
+        if let Some(root) = &self.tls.root_cert {
+            certificates(root, "tls_root_certificate")?;
+        }
+        if let Some(client) = &self.tls.client_tls {
+            certificates(&client.client_cert, "tls_client_certificate")?;
+            PrivateKeyDer::from_pem_slice(&client.client_key).map_err(|e| {
+                config(format!(
+                    "the key of {} holds no private key: {e}",
+                    given("tls_client_certificate")
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     fn uses_tls(&self) -> bool {
@@ -161,8 +221,9 @@ impl RedisStoreBuilder {
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
-    /// malformed URL, a zero timeout, a cluster's prefix with a brace, or a
-    /// Redis that may evict keys (see [`EvictionCheck`]),
+    /// malformed URL, a zero timeout, a cluster's prefix with a brace, TLS
+    /// certificates that cannot be used, or a Redis that may evict keys
+    /// (see [`EvictionCheck`]),
     /// and [`StoreErrorKind::Unavailable`](crate::store::StoreErrorKind::Unavailable)
     /// when no server answers.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
@@ -182,7 +243,9 @@ impl RedisStoreBuilder {
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
-    /// malformed URL, a zero timeout, or a cluster's prefix with a brace.
+    /// malformed URL, a zero timeout, a cluster's prefix with a brace, or
+    /// TLS certificates that cannot be used (see
+    /// [`tls_root_certificate`](Self::tls_root_certificate)).
     pub fn connect_lazy(self) -> Result<RedisStore, StoreError> {
         if self.cluster && self.prefix.contains(['{', '}']) {
             return Err(config(format!(
@@ -208,6 +271,8 @@ impl RedisStoreBuilder {
                 redact_all(&self.nodes)
             )));
         }
+        #[cfg(feature = "tls")]
+        self.check_tls()?;
         for node in &self.nodes {
             redis::IntoConnectionInfo::into_connection_info(node.as_str()).map_err(|e| {
                 config(format!(
@@ -247,7 +312,7 @@ impl RedisStoreBuilder {
             };
             let client = builder.build().map_err(|e| {
                 config(format!(
-                    "bad Redis address {}: {e}",
+                    "the Redis client for {} could not be built: {e}",
                     redact_all(&self.nodes)
                 ))
             })?;
@@ -268,7 +333,7 @@ impl RedisStoreBuilder {
             let client = redis::Client::open(node);
             let client = client.map_err(|e| {
                 config(format!(
-                    "bad Redis address {}: {e}",
+                    "the Redis client for {} could not be built: {e}",
                     redact_all(&self.nodes)
                 ))
             })?;
