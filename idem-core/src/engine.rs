@@ -601,7 +601,7 @@ impl Idempotency {
                         call.not_stored();
                     }
                     observe::claim_lost(operation);
-                    tracing::warn!(%key, record_lost = true, "an idempotency claim lapsed while its call ran; its result was not stored");
+                    tracing::warn!(%key, record_lost = true, "an idempotency claim lapsed, was taken over or was forgotten while its call ran; its result was not stored");
                 }
                 Err(error) if retryable(&error) && awaited => {
                     tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");

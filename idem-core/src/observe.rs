@@ -51,7 +51,7 @@
 //! | `idem_calls_total` | counter | `operation`, `outcome` | calls, by [outcome](#outcomes): `ran` against `replayed` + `waited` tells fresh work from retries |
 //! | `idem_wait_seconds` | histogram | `operation` | time calls spent waiting for another holder of their key |
 //! | `idem_body_seconds` | histogram | `operation` | time bodies ran |
-//! | `idem_claims_lost_total` | counter | `operation` | bodies whose claim lapsed or was taken over while they ran: their results were not stored (a lease too short for the body) |
+//! | `idem_claims_lost_total` | counter | `operation` | bodies whose claim lapsed or was taken over while they ran, or was removed by `forget`: their results were not stored (a lease too short for the body, or an operator's `forget`) |
 //! | `idem_record_retries_total` | counter | `operation` | results whose recording failed once and was retried |
 //! | `idem_records_lost_total` | counter | `operation` | results that could not be recorded before their lease ran out: a retry will run the body again |
 
