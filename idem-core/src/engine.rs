@@ -835,17 +835,49 @@ impl Idempotency {
 
 /// What the stored record of a body's result is: `None` for an `Err` the
 /// policy does not keep, a record of `Unserializable` for a value that does
-/// not serialize.
+/// not serialize. A panic in the user's code that this runs (`Serialize`,
+/// a `cache_errors` predicate) is a value that does not serialize: the
+/// body ran, so its claim must still be settled as having run.
 pub(crate) fn to_record<T, E, C>(key: Key, result: &Result<T, E>, codec: &mut C) -> Option<Record>
 where
     C: ResultCodec<T, E>,
 {
+    to_record_or_undo(key, result, codec, false)
+}
+
+/// [`to_record`], or `None` for a kept `Err` that does not serialize when
+/// `undone` says the body's writes are undone with its claim (a
+/// transactional call): a retry may then run it again.
+pub(crate) fn to_record_or_undo<T, E, C>(
+    key: Key,
+    result: &Result<T, E>,
+    codec: &mut C,
+    undone: bool,
+) -> Option<Record>
+where
+    C: ResultCodec<T, E>,
+{
+    let panicked = || <serde_json::Error as serde::ser::Error>::custom("encoding it panicked");
     let (outcome, payload, tag) = match result {
-        Ok(value) => (Outcome::Ok, codec.encode_ok(value), codec.ok_tag()),
-        Err(error) => (Outcome::Err, codec.keep_err(error)?, codec.err_tag()),
+        Ok(value) => (
+            Outcome::Ok,
+            std::panic::catch_unwind(AssertUnwindSafe(|| codec.encode_ok(value)))
+                .unwrap_or_else(|_| Err(panicked())),
+            codec.ok_tag(),
+        ),
+        Err(error) => (
+            Outcome::Err,
+            std::panic::catch_unwind(AssertUnwindSafe(|| codec.keep_err(error)))
+                .unwrap_or_else(|_| Some(Err(panicked())))?,
+            codec.err_tag(),
+        ),
     };
     Some(match payload {
         Ok(payload) => Record::new(outcome, payload).with_type_tag(tag),
+        Err(error) if undone && outcome == Outcome::Err => {
+            tracing::warn!(%key, %error, "the error of an idempotent call does not serialize, so it is not kept: its writes are rolled back and a retry runs it again");
+            return None;
+        }
         Err(error) => {
             tracing::error!(%key, %error, "the result of an idempotent call does not serialize; retries get Error::NotReplayable and do not run it again");
             Record::unserializable(&error.to_string()).with_type_tag(codec.ok_tag())

@@ -1809,6 +1809,110 @@ async fn duplicates_in_one_process_wait_without_holding_connections() {
     assert_eq!(charges(server, &op), 1, "the declined insert rolled back");
 }
 
+/// A transactional body that panics is rolled back, and the same-key
+/// duplicates that waited for it in this process share its failure
+/// (`AttemptFailed`) instead of each running the body, and panicking, in
+/// turn; a later call runs it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_of_a_panicking_transactional_body_share_its_failure() {
+    let server = shared();
+    ensure_charges(server);
+    let store = connect(&server.url()).await;
+    let op = op("panicking");
+    let fp = Fingerprint::of(&1).unwrap();
+    let runs = Runs::default();
+    let key = Key::new(&op, "k").unwrap();
+    let call = |panics: bool| {
+        let (store, op, runs) = (store.clone(), op.clone(), runs.clone());
+        async move {
+            store
+                .run_in_transaction(&Settings::DEFAULT, key, fp, |tx| {
+                    Box::pin(async move {
+                        runs.mark();
+                        let id: i64 = sqlx::query_scalar(
+                            "INSERT INTO charges (op, amount) VALUES ($1, 1) RETURNING id",
+                        )
+                        .bind(&op)
+                        .fetch_one(tx)
+                        .await?;
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        assert!(!panics, "the body panics");
+                        Ok::<_, ChargeError>(id)
+                    })
+                })
+                .await
+        }
+    };
+    let first = tokio::spawn(call(true));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut duplicates = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        duplicates.spawn(call(true));
+    }
+    assert!(first.await.unwrap_err().is_panic());
+    for answer in duplicates.join_all().await {
+        assert!(
+            matches!(&answer, Err(ChargeError::Idem(m)) if m.contains("waited for failed")),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(runs.count(), 1, "the panicking body ran once");
+    assert_eq!(charges(server, &op), 0, "its insert rolled back");
+    let id = call(false).await.expect("a later call runs");
+    assert_eq!(call(false).await.unwrap(), id);
+    assert_eq!((runs.count(), charges(server, &op)), (2, 1));
+}
+
+/// With errors cached, an error that does not serialize cannot be stored:
+/// the body's writes are rolled back with the claim (not committed beside
+/// a record that says only "it ran"), and a retry runs it again.
+#[tokio::test]
+async fn a_cached_error_that_does_not_serialize_rolls_everything_back() {
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    enum Odd {
+        // JSON keys are strings: a map keyed by tuples does not serialize.
+        Detail(std::collections::HashMap<(u8, u8), u8>),
+        Idem(String),
+    }
+    impl From<Error> for Odd {
+        fn from(error: Error) -> Self {
+            Self::Idem(error.to_string())
+        }
+    }
+    let server = shared();
+    ensure_charges(server);
+    let store = connect(&server.url()).await;
+    let op = op("unserializable-error");
+    let key = Key::new(&op, "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let runs = Runs::default();
+    for run in 1..=2 {
+        let answer: Result<i64, Odd> = store
+            .run_in_transaction_caching_errors(
+                &Settings::DEFAULT,
+                key,
+                fp,
+                |_| true,
+                |tx| {
+                    let (op, runs) = (op.clone(), runs.clone());
+                    Box::pin(async move {
+                        runs.mark();
+                        sqlx::query("INSERT INTO charges (op, amount) VALUES ($1, 1)")
+                            .bind(&op)
+                            .execute(tx)
+                            .await
+                            .map_err(|e| Odd::Idem(e.to_string()))?;
+                        Err(Odd::Detail([((1, 2), 3)].into()))
+                    })
+                },
+            )
+            .await;
+        assert!(matches!(answer, Err(Odd::Detail(_))), "{answer:?}");
+        assert_eq!(runs.count(), run, "the retry ran again");
+        assert_eq!(charges(server, &op), 0, "the insert was rolled back");
+    }
+}
+
 /// Transactional calls are told like every other call: each runs in an
 /// `idem.call` span that ends with its outcome, and is counted by outcome,
 /// with its body's time.

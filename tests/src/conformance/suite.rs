@@ -712,6 +712,36 @@ CurrentThread fn an_unserializable_result_is_recorded_not_run_again(backend) {
     assert_eq!(runs.count(), 1, "the body ran once");
 }
 
+/// A result whose `Serialize` panics is a result that does not serialize:
+/// its own caller gets it, the claim is settled as having run, retries get
+/// `NotReplayable` at once (they neither wait out a lease nor run the body
+/// again).
+CurrentThread fn a_result_whose_serialize_panics_is_recorded_not_run_again(backend) {
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Fragile(u8);
+    impl Serialize for Fragile {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            panic!("Fragile does not serialize");
+        }
+    }
+    let store = backend.store().await;
+    let caller = Caller::new(&handle(&store), backend.timing());
+    let (key, fp) = fresh("serialize-panics");
+    let runs = Runs::default();
+    let body = || async { Ok::<_, Failure>(Fragile(runs.mark() as u8)) };
+    assert_eq!(caller.run(key, fp, body()).await.expect("its caller gets it"), Fragile(1));
+    for idem in [caller.clone(), Caller::new(&handle(&store), backend.timing())] {
+        let started = std::time::Instant::now();
+        let retry = idem.run(key, fp, body()).await;
+        assert!(
+            matches!(&retry, Err(Failure::Idem(Error::NotReplayable { .. }))),
+            "{retry:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "answered at once");
+    }
+    assert_eq!(runs.count(), 1, "the body ran once");
+}
+
 /// With errors cached, an `Err` that does not serialize comes back to its
 /// caller as itself, not as an encoding error; it is recorded like an
 /// unserializable result.

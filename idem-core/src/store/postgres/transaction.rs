@@ -62,7 +62,10 @@
 //! - **A body `Err`** rolls the body's writes back with the claim, so a retry
 //!   runs again; with `cache_errors`, the writes are rolled back to a
 //!   savepoint taken before the body and the error is stored and committed,
-//!   so a retry replays it.
+//!   so a retry replays it. An error the predicate keeps but that does not
+//!   serialize is not stored: everything rolls back, as without
+//!   `cache_errors`. A body that panics rolls back too, and its waiters in
+//!   the process share its failure (`Error::AttemptFailed`).
 //! - **A reused key with other arguments** gets `KeyReused`.
 //!
 //! A first run costs the body's statements and four round trips: `BEGIN`
@@ -81,7 +84,10 @@
 //! fail): set it here. A serialization failure or deadlock, in the
 //! body or at commit, rolls everything back: the call returns the error (an
 //! `Error::Store` when it happens at commit), nothing was recorded, and a
-//! retry runs the body again.
+//! retry runs the body again; unless the body passed it up as an `Err`
+//! that `cache_errors` keeps (`true` keeps every error), which is stored
+//! and replayed like any kept error: a predicate that keeps errors of a
+//! body that may meet these should refuse them.
 //!
 //! At `SERIALIZABLE`, idem's own statements do not make calls of different
 //! keys conflict: a first run claims its key with an insert that reads
@@ -116,7 +122,7 @@ use tracing::Instrument as _;
 
 use super::{PostgresStore, begin_answer, begin_on, millis, store_error, token_bytes};
 use crate::codec::{ResultCodec, Serde, SerdeCaching};
-use crate::engine::to_record;
+use crate::engine::to_record_or_undo;
 use crate::error::{Error, StoreError, StoreErrorKind};
 use crate::flight::{Landing, Leader, Role};
 use crate::key::{Fingerprint, Key};
@@ -642,7 +648,11 @@ impl Held {
         call: &Call,
     ) -> (Result<T, E>, Landing) {
         let key = self.key;
-        let Some(record) = to_record(key, &result, &mut codec) else {
+        // An error kept by `cache_errors` that does not serialize cannot be
+        // replayed: the body's writes are rolled back with the claim (they
+        // are not committed beside a record that says only "it ran"), so a
+        // retry runs it again.
+        let Some(record) = to_record_or_undo(key, &result, &mut codec, true) else {
             call.ran(took, false);
             // Bounded like every statement idem issues: during a partition
             // the caller gets its answer after the response timeout, and the
