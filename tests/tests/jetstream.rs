@@ -259,6 +259,49 @@ async fn heartbeats_keep_a_slow_handlers_message_from_redelivery() {
     assert_eq!((stats.delivered, stats.ran), (1, 1), "{stats:?}");
 }
 
+/// Messages waiting for a slot are not pulled ahead of it: with one slot,
+/// an ack wait of 1 s and handlers of 150 ms, 30 messages (4.5 s of work)
+/// are each delivered once, in the stream's order. Pulled 200 at a time,
+/// those behind the first few sat in the client past their ack wait and
+/// came again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_pulled_no_further_ahead_than_the_slots() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let mut pull = orders(&context, Duration::from_secs(1)).await;
+    let ids: Vec<u64> = (0..30).collect();
+    publish(&context, &ids).await;
+
+    let consumer = Consumer::new(Idempotency::memory(), "billing").concurrency(1);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let running = {
+        let (consumer, pull, seen) = (consumer.clone(), pull.clone(), seen.clone());
+        let js = JetStream::new(context.clone()).key(MessageKey::Header("Event-Id".into()));
+        tokio::spawn(async move {
+            js.consume(&consumer, &pull, |delivery| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock()
+                        .unwrap()
+                        .push((delivery.id().to_owned(), delivery.delivery_count()));
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    Ok::<_, String>(())
+                }
+            })
+            .await
+        })
+    };
+    drained(&mut pull, Duration::from_secs(30)).await;
+    running.abort();
+    let seen = seen.lock().unwrap().clone();
+    let expected: Vec<(String, u32)> = ids.iter().map(|id| (id.to_string(), 1)).collect();
+    assert_eq!(
+        seen, expected,
+        "each message once, in order, on its first delivery"
+    );
+    assert_eq!(consumer.stats().delivered, 30, "{:?}", consumer.stats());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_messages_are_redelivered_then_dead_lettered() {
     let server = NatsServer::start();

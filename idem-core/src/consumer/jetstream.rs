@@ -315,8 +315,13 @@ impl JetStream {
                 "idem: the consumer's heartbeat is not shorter than the JetStream ack wait; slow handlers' messages will be redelivered while they run (and wait for them)"
             );
         }
+        // Pulled in batches of `concurrency`: a message pulled waits in the
+        // client, without heartbeats, until a slot is free, and the broker
+        // redelivers one that waits past its ack wait (async-nats pulls 200
+        // at a time by default: 200 waiting behind 16 slow handlers).
         let messages = pull
             .stream()
+            .max_messages_per_batch(consumer.concurrency)
             .heartbeat(self.idle_heartbeat)
             .expires(self.idle_heartbeat.saturating_mul(2))
             .messages()

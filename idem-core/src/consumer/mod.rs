@@ -422,6 +422,7 @@ pub struct Consumer {
     max_deliveries: u32,
     backoff: (Duration, Duration),
     heartbeat: Option<Duration>,
+    handler_timeout: Option<Duration>,
     concurrency: usize,
     dead_letter_attempts: u32,
     counters: Arc<Counters>,
@@ -445,7 +446,10 @@ impl Consumer {
 
     /// A consumer named `name` (the keys' namespace: two consumers of one
     /// stream with different names each process every message once) on
-    /// `idem`, with the default [`Settings`].
+    /// `idem`, with the default [`Settings`]. The name is idem's, not the
+    /// broker's: two JetStream consumers given one name here share their
+    /// records, and the second acknowledges, without running it, a message
+    /// the first ran.
     pub fn new(idem: Idempotency, name: impl Into<Arc<str>>) -> Self {
         Self {
             idem,
@@ -454,6 +458,7 @@ impl Consumer {
             max_deliveries: Self::DEFAULT_MAX_DELIVERIES,
             backoff: (Self::DEFAULT_BACKOFF_BASE, Self::DEFAULT_BACKOFF_CAP),
             heartbeat: Some(Self::DEFAULT_HEARTBEAT),
+            handler_timeout: None,
             concurrency: Self::DEFAULT_CONCURRENCY,
             dead_letter_attempts: Self::DEFAULT_DEAD_LETTER_ATTEMPTS,
             counters: Arc::default(),
@@ -500,6 +505,23 @@ impl Consumer {
     #[must_use]
     pub fn heartbeat(mut self, every: Option<Duration>) -> Self {
         self.heartbeat = every.filter(|every| !every.is_zero());
+        self
+    }
+
+    /// How long a handler may run on one delivery (default `None`: as long
+    /// as it takes). A handler still running then is cancelled at its
+    /// current `.await` and the delivery fails like a handler's `Err`: nak'ed
+    /// with the backoff, or dead-lettered on the last delivery, its claim
+    /// released. Without a limit, a handler that never returns (a
+    /// dependency that never answers) holds its message's slot for good:
+    /// its heartbeats keep the broker from redelivering it and its lease
+    /// from lapsing, so with [`concurrency`](Self::concurrency) 1 nothing
+    /// else is consumed. Give it well above the slowest handler's run
+    /// (it cancels work that was under way, which the next delivery runs
+    /// again).
+    #[must_use]
+    pub fn handler_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.handler_timeout = limit.filter(|limit| !limit.is_zero());
         self
     }
 
@@ -649,17 +671,29 @@ impl Consumer {
         let fingerprint = Fingerprint::from_digest(Sha256::digest(delivery.payload()).into());
         let (ran, recorded) = (AtomicBool::new(false), AtomicBool::new(false));
         let last = deliveries >= self.max_deliveries;
+        let handler_timeout = self.handler_timeout;
         let body = async {
             ran.store(true, Ordering::Relaxed);
             // A panic is this delivery's failure: the claim is released at
             // once and the loop serving other messages goes on.
-            let result = AssertUnwindSafe(async move { handler(delivery).await })
-                .catch_unwind()
-                .await;
+            let running = AssertUnwindSafe(async move { handler(delivery).await }).catch_unwind();
+            // `None`: the handler ran past its limit, and was cancelled.
+            let result = match handler_timeout {
+                None => Some(running.await),
+                Some(limit) => tokio::time::timeout(limit, running).await.ok(),
+            };
             let error = match result {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) => error.to_string(),
-                Err(panic) => {
+                Some(Ok(Ok(value))) => return Ok(value),
+                Some(Ok(Err(error))) => error_text(&error),
+                None => {
+                    let limit = handler_timeout.unwrap_or_default();
+                    tracing::warn!(
+                        ?limit,
+                        "idem: a message handler ran past its handler_timeout; cancelled, its delivery failed"
+                    );
+                    format!("the handler did not finish within its handler_timeout ({limit:?})")
+                }
+                Some(Err(panic)) => {
                     self.counters.panicked.fetch_add(1, Ordering::Relaxed);
                     let error = format!("the handler panicked: {}", panic_message(&*panic));
                     tracing::error!(%error, "idem: a message handler panicked");
@@ -958,6 +992,7 @@ impl fmt::Debug for Consumer {
             .field("max_deliveries", &self.max_deliveries)
             .field("backoff", &self.backoff)
             .field("heartbeat", &self.heartbeat)
+            .field("handler_timeout", &self.handler_timeout)
             .field("concurrency", &self.concurrency)
             .field("dead_letter_attempts", &self.dead_letter_attempts)
             .finish_non_exhaustive()
@@ -965,23 +1000,26 @@ impl fmt::Debug for Consumer {
 }
 
 /// Polls `processing` to completion, telling the broker every `every` that
-/// the message is in progress.
+/// the message is in progress. A heartbeat that waits on the broker (a
+/// reconnect) does not hold up the processing, which is polled throughout.
 async fn heartbeating<M: Message, O>(
     message: &M,
     every: Duration,
-    mut processing: std::pin::Pin<&mut impl Future<Output = O>>,
+    processing: std::pin::Pin<&mut impl Future<Output = O>>,
 ) -> O {
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            outcome = &mut processing => return outcome,
-            _ = ticks.tick() => {
-                if let Err(error) = message.in_progress().await {
-                    tracing::debug!(%error, "idem: could not send a message's heartbeat");
-                }
+    let beats = async {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = message.in_progress().await {
+                tracing::warn!(%error, "idem: could not send a message's heartbeat; the broker may redeliver it while it runs (the redelivery waits for it)");
             }
         }
+    };
+    tokio::select! {
+        outcome = processing => outcome,
+        never = beats => never,
     }
 }
 
@@ -992,6 +1030,17 @@ enum Failure {
     Handler(String),
     Final { reason: String, error: String },
     Idem(Error),
+}
+
+/// A handler's error as text; one whose `Display` panics is told as such,
+/// so that the delivery is settled like any other failure.
+fn error_text(error: &impl fmt::Display) -> String {
+    std::panic::catch_unwind(AssertUnwindSafe(|| error.to_string())).unwrap_or_else(|panic| {
+        format!(
+            "the handler failed, and its error's Display panicked: {}",
+            panic_message(&*panic)
+        )
+    })
 }
 
 /// A panic's message, when it has one.

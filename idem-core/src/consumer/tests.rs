@@ -25,6 +25,8 @@ struct Broker {
     told: Mutex<Vec<(String, Told)>>,
     /// How many dead letters to refuse (a dead-letter target missing).
     refuse_dead_letters: std::sync::atomic::AtomicU32,
+    /// Whether heartbeats never get an answer (a broker reconnecting).
+    stall_heartbeats: AtomicBool,
 }
 
 impl Broker {
@@ -83,6 +85,9 @@ impl Message for Incoming {
 
     async fn in_progress(&self) -> Result<(), AckError> {
         self.tell(Told::InProgress);
+        if self.broker.stall_heartbeats.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
         Ok(())
     }
 }
@@ -980,4 +985,124 @@ async fn a_last_delivery_left_undoing_is_naked_and_the_next_finishes_it() {
         second.disposition
     );
     assert_eq!(undos.load(Ordering::SeqCst), 2);
+}
+
+/// A handler that never returns fails its delivery at the consumer's
+/// `handler_timeout`, and the messages behind it are consumed: with
+/// `concurrency(1)` it would otherwise hold the only slot for good.
+#[tokio::test(start_paused = true)]
+async fn a_handler_that_never_returns_fails_at_its_timeout_and_the_run_goes_on() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    let consumer = Consumer::new(Idempotency::memory(), "orders")
+        .concurrency(1)
+        .max_deliveries(2)
+        .handler_timeout(Some(Duration::from_secs(60)));
+    let handler = |d: Delivery| {
+        let effects = &effects;
+        async move {
+            let len = effects.apply(d.clone()).await?;
+            if d.payload().as_ref() == b"hang" {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, String>(len)
+        }
+    };
+    let messages: Vec<Result<Incoming, std::io::Error>> = vec![
+        Ok(message(&broker, "stuck", b"hang", 1)),
+        Ok(message(&broker, "next", b"abc", 1)),
+    ];
+    let started = tokio::time::Instant::now();
+    consumer
+        .run(futures_util::stream::iter(messages), handler)
+        .await
+        .unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(60));
+    let told: Vec<_> = broker
+        .told()
+        .into_iter()
+        .filter(|(_, told)| *told != Told::InProgress)
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ("stuck".into(), Told::Nak(Duration::from_secs(1))),
+            ("next".into(), Told::Ack),
+        ]
+    );
+    // Its claim was released: the last delivery runs it again, and fails
+    // for good.
+    let outcome = consumer
+        .handle(&message(&broker, "stuck", b"hang", 2), handler)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome.handled, Handled::Failed(e) if e.contains("did not finish within its handler_timeout (60s)")),
+        "{outcome:?}"
+    );
+    assert!(matches!(
+        outcome.disposition,
+        Disposition::DeadLetter { .. }
+    ));
+    assert_eq!(effects.runs("stuck"), 2);
+}
+
+/// An error whose `Display` panics fails its delivery like any error: it is
+/// nak'ed, then dead-lettered, and the run goes on.
+#[tokio::test]
+async fn an_error_whose_display_panics_is_settled_like_any_failure() {
+    struct Garbled;
+    impl fmt::Display for Garbled {
+        fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
+            panic!("garbled error text")
+        }
+    }
+    let broker = Arc::new(Broker::default());
+    let consumer = Consumer::new(Idempotency::memory(), "orders").max_deliveries(2);
+    let handler = |_: Delivery| async { Err::<(), _>(Garbled) };
+    let messages: Vec<Result<Incoming, std::io::Error>> =
+        vec![Ok(message(&broker, "m", b"abc", 1))];
+    consumer
+        .run(futures_util::stream::iter(messages), handler)
+        .await
+        .unwrap();
+    assert_eq!(
+        broker.told(),
+        [("m".into(), Told::Nak(Duration::from_secs(1)))]
+    );
+    let outcome = consumer
+        .handle(&message(&broker, "m", b"abc", 2), handler)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome.handled, Handled::Failed(e) if e.contains("its error's Display panicked: garbled error text")),
+        "{outcome:?}"
+    );
+    assert!(
+        matches!(&broker.told()[1].1, Told::DeadLetter(_)),
+        "{:?}",
+        broker.told()
+    );
+    assert_eq!(consumer.stats().failed, 2);
+}
+
+/// A heartbeat the broker does not answer (a reconnect) does not hold up
+/// the handler or the message's settlement.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_without_an_answer_does_not_hold_up_the_message() {
+    let broker = Arc::new(Broker::default());
+    broker.stall_heartbeats.store(true, Ordering::Relaxed);
+    let consumer =
+        Consumer::new(Idempotency::memory(), "orders").heartbeat(Some(Duration::from_secs(10)));
+    let outcome = consumer
+        .handle(&message(&broker, "m1", b"abc", 1), |_| async {
+            tokio::time::sleep(Duration::from_secs(35)).await;
+            Ok::<_, String>(())
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome.handled, Handled::Ran(())), "{outcome:?}");
+    assert_eq!(
+        broker.told(),
+        [("m1".into(), Told::InProgress), ("m1".into(), Told::Ack)]
+    );
 }
