@@ -302,6 +302,100 @@ async fn messages_are_pulled_no_further_ahead_than_the_slots() {
     assert_eq!(consumer.stats().delivered, 30, "{:?}", consumer.stats());
 }
 
+/// `consume_until` stops cleanly: once its shutdown completes it takes no
+/// new message, lets the handlers under way finish, acknowledges their
+/// messages and returns `Ok`; what it did not start runs once on the next
+/// `consume`, and nothing runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_until_finishes_the_handlers_under_way_and_stops() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let mut pull = orders(&context, Duration::from_secs(30)).await;
+    let ids: Vec<u64> = (0..8).collect();
+    publish(&context, &ids).await;
+
+    let idem = Idempotency::memory();
+    let consumer = Consumer::new(idem, "billing").concurrency(2);
+    let js = JetStream::new(context.clone()).key(MessageKey::Header("Event-Id".into()));
+    let effects = Arc::new(Effects::default());
+    let under_way = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (effects, under_way) = (effects.clone(), under_way.clone());
+        move |delivery: Delivery| {
+            let (effects, under_way) = (effects.clone(), under_way.clone());
+            async move {
+                under_way.add_permits(1);
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                effects.apply(&delivery);
+                Ok::<_, String>(())
+            }
+        }
+    };
+    // Stops once both slots' handlers are under way.
+    let (stop, stopping) = tokio::sync::oneshot::channel::<()>();
+    let stopper = tokio::spawn(async move {
+        let _both = under_way.acquire_many(2).await.unwrap();
+        let _ = stop.send(());
+        Instant::now()
+    });
+    js.consume_until(
+        &consumer,
+        &pull,
+        async {
+            let _ = stopping.await;
+        },
+        handler.clone(),
+    )
+    .await
+    .expect("a clean stop");
+    let stopped_at = stopper.await.unwrap();
+    assert!(
+        stopped_at.elapsed() >= Duration::from_millis(500),
+        "it waited for the handlers under way"
+    );
+    let finished = effects.runs();
+    assert_eq!(
+        finished.len(),
+        2,
+        "the two under way finished: {finished:?}"
+    );
+    // Their acks were sent (not awaited): the server counts them shortly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let info = pull.info().await.unwrap();
+        let left = info.num_ack_pending + info.num_pending as usize;
+        if left == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The next consume runs the rest, once each, the first two not again
+    // (the six pulled but not started come back after their ack wait: a
+    // short one here).
+    let mut pull = context
+        .get_stream("ORDERS")
+        .await
+        .unwrap()
+        .create_consumer(pull::Config {
+            durable_name: Some("billing".into()),
+            ack_wait: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let running = {
+        let (consumer, pull) = (consumer.clone(), pull.clone());
+        tokio::spawn(async move { js.consume(&consumer, &pull, handler).await })
+    };
+    drained(&mut pull, Duration::from_secs(30)).await;
+    running.abort();
+    let runs = effects.runs();
+    assert_eq!(runs.len(), 8, "{runs:?}");
+    assert!(runs.values().all(|&n| n == 1), "{runs:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_messages_are_redelivered_then_dead_lettered() {
     let server = NatsServer::start();

@@ -264,6 +264,12 @@ impl JetStream {
     /// not end it: missed heartbeats and failed pull requests are logged
     /// while the client reconnects.
     ///
+    /// Dropping its future stops it at once: the handlers under way are
+    /// cancelled where they are, as a process that is killed, and their
+    /// messages come back after the ack wait and run again once their
+    /// claims' leases end. To stop it cleanly (a deploy, a signal), use
+    /// [`consume_until`](Self::consume_until).
+    ///
     /// # Errors
     ///
     /// [`ConsumeError::Settings`], [`ConsumeError::MaxDeliver`] or
@@ -277,6 +283,49 @@ impl JetStream {
         handler: F,
     ) -> Result<(), ConsumeError>
     where
+        F: Fn(Delivery) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned,
+        E: std::fmt::Display,
+    {
+        self.consume_until(consumer, pull, std::future::pending(), handler)
+            .await
+    }
+
+    /// [`consume`](Self::consume), until `shutdown` completes: then it
+    /// takes no new message, lets the handlers under way finish and settles
+    /// their messages (acknowledged, nak'ed or dead-lettered as ever), and
+    /// returns `Ok(())`. Messages pulled but not yet started are left to the
+    /// server, which redelivers them after their ack wait; none ran.
+    ///
+    /// ```no_run
+    /// # use idem_core::consumer::{Consumer, jetstream::JetStream};
+    /// # async fn demo(js: JetStream, consumer: Consumer, pull: async_nats::jetstream::consumer::PullConsumer) -> Result<(), Box<dyn std::error::Error>> {
+    /// // Sent by the service's signal handler (SIGTERM) on shutdown.
+    /// let (_stop, stopping) = tokio::sync::oneshot::channel::<()>();
+    /// let shutdown = async {
+    ///     let _ = stopping.await;
+    /// };
+    /// js.consume_until(&consumer, &pull, shutdown, |order| async move {
+    ///     Ok::<_, std::io::Error>(order.payload().len())
+    /// })
+    /// .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`consume`](Self::consume), when they come before `shutdown`.
+    pub async fn consume_until<S, T, E, F, Fut>(
+        &self,
+        consumer: &Consumer,
+        pull: &PullConsumer,
+        shutdown: S,
+        handler: F,
+    ) -> Result<(), ConsumeError>
+    where
+        S: Future<Output = ()>,
         F: Fn(Delivery) -> Fut,
         Fut: Future<Output = Result<T, E>>,
         T: Serialize + DeserializeOwned,
@@ -339,10 +388,18 @@ impl JetStream {
                 Err(error) => Some(Err(error)),
             })
         });
+        let stopped = std::sync::atomic::AtomicBool::new(false);
+        let messages = messages.take_until(async {
+            shutdown.await;
+            stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
         consumer
             .run(messages, handler)
             .await
             .map_err(|error| ConsumeError::Broker(BrokerError(error.into())))?;
+        if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         // The messages end only with the client: its connection failed for
         // good (reconnects exhausted) or it was closed.
         Err(ConsumeError::Broker(BrokerError(
