@@ -210,6 +210,51 @@ async fn a_call_that_fails_to_serialize_is_rolled_back_and_says_so() {
     );
 }
 
+/// A deferred constraint the body's writes break fails at `COMMIT`: the
+/// database refused it and nothing was committed, so the error does not
+/// call the outcome unknown, and a retry runs again.
+#[tokio::test]
+async fn a_deferred_constraint_broken_at_commit_is_no_unknown_outcome() {
+    let server = shared();
+    server.psql(
+        "CREATE TABLE IF NOT EXISTS deferred (op text NOT NULL, n int NOT NULL, \
+         CONSTRAINT deferred_unique UNIQUE (op, n) DEFERRABLE INITIALLY DEFERRED)",
+    );
+    let store = connect(&server.url()).await;
+    let op = op("deferred");
+    let key = Key::new(&op, &1).unwrap();
+    // The retry runs again: it breaks the constraint again, not replaying.
+    for _ in 0..2 {
+        let answer = store
+            .run_in_transaction(
+                &Settings::DEFAULT,
+                key,
+                Fingerprint::of(&1).unwrap(),
+                |tx| {
+                    let op = op.clone();
+                    Box::pin(async move {
+                        for _ in 0..2 {
+                            sqlx::query("INSERT INTO deferred (op, n) VALUES ($1, 1)")
+                                .bind(&op)
+                                .execute(&mut *tx)
+                                .await?;
+                        }
+                        Ok::<_, ChargeError>(())
+                    })
+                },
+            )
+            .await;
+        let error = format!(
+            "{:?}",
+            answer.expect_err("the commit breaks the constraint")
+        );
+        assert!(error.contains("deferred_unique"), "{error}");
+        assert!(!error.contains("may or may not"), "{error}");
+    }
+    let rows = server.psql(&format!("SELECT count(*) FROM deferred WHERE op = '{op}'"));
+    assert_eq!(rows, "0", "nothing was committed");
+}
+
 /// A transactional claim of an expired key finds the key's row by its key,
 /// not by scanning the expired rows with the purge's index (which a
 /// generic plan would do when statistics say few rows are expired): on a

@@ -743,9 +743,7 @@ impl Held {
         {
             Ok(()) => Ok(()),
             // The database refused it: nothing was committed.
-            Err(error) if serialization_failure(&error) || deadlock(&error) => {
-                Err(store_error("commit", &error))
-            }
+            Err(error) if refused_commit(&error) => Err(store_error("commit", &error)),
             Err(error) => Err(unknown(store_error("commit", &error))),
         }
     }
@@ -766,6 +764,16 @@ fn idle_limit(lease: Duration) -> String {
 /// Whether a statement failed to serialize (`40001`).
 fn serialization_failure(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("40001"))
+}
+
+/// Whether the database answered `COMMIT` with an error that rolled the
+/// transaction back: a serialization failure, a deadlock, or a deferred
+/// constraint (class `23`, integrity) the body's writes broke. Any other
+/// failure (a timeout, a lost connection) leaves the outcome unknown.
+fn refused_commit(error: &sqlx::Error) -> bool {
+    serialization_failure(error)
+        || deadlock(error)
+        || matches!(error, sqlx::Error::Database(db) if db.code().is_some_and(|code| code.starts_with("23")))
 }
 
 /// Whether a statement failed on a deadlock.
