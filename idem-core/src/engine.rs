@@ -407,6 +407,19 @@ impl Idempotency {
                     observe::record_lost(call.operation());
                     tracing::warn!(%key, record_lost = true, "the failure of an idempotent call is not recorded until its compensation finishes; a retry runs its body again");
                 }
+                // Until the outcome is settled, a caller that drops the call
+                // (a timeout around it, a client that left) hands it to a
+                // task: the body ran, and its outcome is known.
+                let mut unsettled = Unsettled {
+                    engine: self,
+                    settings,
+                    operation: call.operation(),
+                    key,
+                    token,
+                    lease: &lease,
+                    record,
+                    armed: true,
+                };
                 let (landing, confirmed) = self
                     .settle(
                         settings,
@@ -414,10 +427,11 @@ impl Idempotency {
                         key,
                         token,
                         &lease,
-                        record,
+                        &mut unsettled.record,
                         codec.awaits_record(),
                     )
                     .await;
+                unsettled.armed = false;
                 // A failure whose compensation did not finish is not recorded,
                 // whatever the release of its claim answered.
                 codec.recorded(confirmed && !unrecorded);
@@ -568,7 +582,7 @@ impl Idempotency {
         key: Key,
         token: Token,
         lease: &Lease,
-        record: Option<Record>,
+        record: &mut Option<Record>,
         awaited: bool,
     ) -> (Landing, bool) {
         let operation = call.operation();
@@ -637,12 +651,15 @@ impl Idempotency {
                 }
             }
         }
-        let landing = match record {
+        let landing = match record.take() {
             // Followers contend again, and replay what the store holds. So
             // do those of a caller that awaits the record when the store did
             // not confirm it: a consumer must not acknowledge a redelivery
-            // on an outcome that may not be recorded.
+            // on an outcome that may not be recorded. And so do those of a
+            // holder whose lease ran out before the store confirmed its
+            // record: another call may hold the key, and store its own.
             Some(_) if stale || (awaited && !confirmed) => Landing::Vacated,
+            Some(_) if !confirmed && Instant::now() >= lease.until() => Landing::Vacated,
             Some(record) => Landing::Record(record),
             None => Landing::Failed(Error::AttemptFailed),
         };
@@ -911,6 +928,43 @@ fn bounded(key: Key, record: Record, max: usize) -> Record {
     Record::unserializable(&format!(
         "the result ({size} bytes) is larger than the maximum record size ({max} bytes); the call ran"
     ))
+}
+
+/// A body's outcome on its way to the store. Dropped armed (the caller
+/// dropped the call while the outcome was being recorded), it records the
+/// outcome from a task, as an outcome whose answer was lost is, so that
+/// the body, which ran, does not run again once the claim lapses.
+struct Unsettled<'a> {
+    engine: &'a Idempotency,
+    settings: &'a Settings,
+    operation: &'a Operation,
+    key: Key,
+    token: Token,
+    lease: &'a Lease,
+    record: Option<Record>,
+    armed: bool,
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if !self.armed || self.lease.lost() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(key = %self.key, record_lost = true, "an idempotent call was dropped while its outcome was being recorded, outside a runtime; its claim lapses with its lease");
+            return;
+        };
+        tracing::info!(key = %self.key, "an idempotent call was dropped while its outcome was being recorded; recording it in the background");
+        runtime.spawn(self.engine.clone().record_retrying(
+            *self.settings,
+            self.operation.clone(),
+            self.key,
+            self.token,
+            self.lease.clone(),
+            self.record.take(),
+            false,
+        ));
+    }
 }
 
 /// What the holder knows of its lease. Shared by the renewal and the body's

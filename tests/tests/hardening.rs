@@ -295,6 +295,109 @@ fn followers_of_a_stale_holder_get_the_stored_result() {
     });
 }
 
+/// A caller that drops its call while the body's result is being recorded
+/// (a timeout around the call, a client that left) does not throw a known
+/// result away: it is recorded in the background, and a caller that waited
+/// for the call replays it instead of running the body again once the
+/// claim lapses.
+#[test]
+fn a_call_dropped_while_its_result_is_recorded_still_records_it() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone());
+        let (key, fp) = key("hardening.dropped-recording");
+        let wait = Settings::builder()
+            .lease(Duration::from_secs(3))
+            .ttl(Duration::from_secs(3600))
+            .wait_timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        // The record reaches the store only after a second: long after the
+        // caller has gone.
+        flaky.inject(Op::Complete, Fault::Slow(Duration::from_secs(1)));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let body = |runs: Arc<AtomicUsize>, value: u32| async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok::<u32, Error>(value)
+        };
+        let dropped = tokio::spawn({
+            let (idem, body) = (idem.clone(), body(runs.clone(), 1));
+            async move { idem.run(&wait, key, fp, body).await }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let waiter = tokio::spawn({
+            let (idem, body) = (idem.clone(), body(runs.clone(), 99));
+            async move { idem.run(&wait, key, fp, body).await }
+        });
+        tokio::time::sleep(Duration::from_millis(45)).await;
+        dropped.abort();
+        assert!(dropped.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            waiter.await.unwrap().expect("a result"),
+            1,
+            "the dropped call's"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the body ran once");
+        let again = idem.run(&wait, key, fp, body(runs.clone(), 7)).await;
+        assert_eq!(again.unwrap(), 1);
+    });
+}
+
+/// A holder whose renewals fail past its lease, and whose record's answer
+/// is lost, does not hand the callers that waited on it in its process its
+/// own result: another call may have taken the key and stored its own,
+/// which they replay.
+#[test]
+fn followers_of_a_holder_past_its_lease_whose_record_is_unconfirmed_get_the_stored_result() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(RenewalsDownUntil {
+            inner: MemoryStore::new(),
+            until: Instant::now() + Duration::from_secs(10),
+        })));
+        let holder = Idempotency::from_arc(flaky.clone());
+        let rival = Idempotency::from_arc(flaky.clone());
+        let (key, fp) = key("hardening.unconfirmed-followers");
+        let wait = Settings::builder()
+            .lease(Duration::from_secs(3))
+            .ttl(Duration::from_secs(3600))
+            .wait_timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        let held = tokio::spawn({
+            let holder = holder.clone();
+            async move {
+                holder
+                    .run(&wait, key, fp, async {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        Ok::<u32, Error>(1)
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let follower = tokio::spawn(async move {
+            holder
+                .run(&wait, key, fp, async { Ok::<u32, Error>(99) })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(3400)).await;
+        let rivalled = rival
+            .run(&settings(3), key, fp, async { Ok::<u32, Error>(2) })
+            .await;
+        assert_eq!(rivalled.expect("the rival takes over the lapsed claim"), 2);
+        // The holder's record is answered with a timeout (the store found
+        // the claim the rival's).
+        flaky.inject(Op::Complete, Fault::AnswerLost);
+        assert_eq!(held.await.unwrap().expect("its own result"), 1);
+        assert_eq!(
+            follower.await.unwrap().expect("a result"),
+            2,
+            "the stored one"
+        );
+    });
+}
+
 /// A memory store that cannot be reached for renewals until a moment.
 struct RenewalsDownUntil {
     inner: MemoryStore,
