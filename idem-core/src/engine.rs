@@ -801,6 +801,8 @@ impl Idempotency {
         let store = &self.shared.store;
         let every = settings.lease() / 3;
         let renewal = async {
+            // Whether the lease ran out unrenewed (the store unreachable).
+            let mut past = false;
             loop {
                 tokio::time::sleep_until(lease.renewed_at() + every).await;
                 let mut pauses = backoff(Duration::from_millis(10), every / 2);
@@ -812,6 +814,9 @@ impl Idempotency {
                     let sent = Instant::now();
                     match store.renew(key, token, settings.lease()).await {
                         Ok(true) => {
+                            if std::mem::take(&mut past) {
+                                tracing::warn!(%key, "renewed an idempotency claim after its lease had run out unrenewed: the store still held it for this call");
+                            }
                             lease.renew_from(sent, settings.lease());
                             herald.set_retry_at(lease.until());
                             break;
@@ -826,12 +831,19 @@ impl Idempotency {
                             // allows: the store may come back before it ends.
                             let left = lease.until().saturating_duration_since(Instant::now());
                             let pause = pauses.next().unwrap_or(every).min(left / 2);
-                            if pause < MIN_RENEW_PAUSE {
-                                tracing::error!(%key, record_lost = true, %error, "could not renew an idempotency claim before its lease ran out");
-                                return;
+                            if pause >= MIN_RENEW_PAUSE {
+                                tracing::warn!(%key, %error, "could not renew an idempotency claim; retrying");
+                                tokio::time::sleep(pause).await;
+                                continue;
                             }
-                            tracing::warn!(%key, %error, "could not renew an idempotency claim; retrying");
-                            tokio::time::sleep(pause).await;
+                            // Past the lease, the claim may have lapsed, or
+                            // the store (whose renewals may have landed, their
+                            // answers lost) may still hold it: a renewal, which
+                            // is fenced, says which once the store answers.
+                            if !std::mem::replace(&mut past, true) {
+                                tracing::error!(%key, record_lost = true, %error, "could not renew an idempotency claim before its lease ran out; trying on while the call runs");
+                            }
+                            tokio::time::sleep(every).await;
                         }
                     }
                 }

@@ -465,6 +465,78 @@ fn renewal_keeps_trying_while_the_lease_allows() {
     });
 }
 
+/// A memory store whose renewals land, but whose answers are lost (a
+/// timeout) until a moment.
+struct RenewalAnswersLostUntil {
+    inner: MemoryStore,
+    until: Instant,
+}
+
+impl Store for RenewalAnswersLostUntil {
+    fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+        self.inner.begin(k, f, t, l)
+    }
+    fn complete(&self, k: Key, t: Token, r: Record, ttl: Duration) -> StoreFuture<'_, Completion> {
+        self.inner.complete(k, t, r, ttl)
+    }
+    fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+        self.inner.release(k, t)
+    }
+    fn renew(&self, key: Key, token: Token, lease: Duration) -> StoreFuture<'_, bool> {
+        let applied = self.inner.renew(key, token, lease);
+        if Instant::now() >= self.until {
+            return applied;
+        }
+        Box::pin(async move {
+            applied.await?;
+            Err(StoreError::new(StoreErrorKind::Timeout, "no answer"))
+        })
+    }
+}
+
+/// Renewals whose answers are lost past the holder's lease (they landed:
+/// the store still holds the claim) are tried on: once the store answers
+/// again, the claim is renewed, so a rival that comes when the last landed
+/// renewal would have run out is refused, and the body runs once.
+#[test]
+fn renewal_tries_on_past_the_lease_while_the_call_runs() {
+    paused(async {
+        let store = Arc::new(RenewalAnswersLostUntil {
+            inner: MemoryStore::new(),
+            until: Instant::now() + Duration::from_millis(4500),
+        });
+        let holder = Idempotency::from_arc(store.clone());
+        let rival = Idempotency::from_arc(store.clone());
+        let (key, fp) = key("hardening.renew-past-lease");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let body = |runs: Arc<AtomicUsize>| async move {
+            let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            Ok::<_, Error>(run)
+        };
+        let held = tokio::spawn({
+            let body = body(runs.clone());
+            async move { holder.run(&settings(3), key, fp, body).await }
+        });
+        tokio::time::sleep(Duration::from_millis(6500)).await;
+        let reject = Settings::builder()
+            .lease(Duration::from_secs(3))
+            .ttl(Duration::from_secs(3600))
+            .on_conflict(OnConflict::Reject)
+            .build()
+            .unwrap();
+        let rivalled = rival.run(&reject, key, fp, body(runs.clone())).await;
+        assert!(
+            matches!(rivalled, Err(Error::InProgress { .. })),
+            "{rivalled:?}"
+        );
+        assert_eq!(held.await.unwrap().expect("ran"), 1);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let replayed = rival.run(&settings(3), key, fp, body(runs.clone())).await;
+        assert_eq!(replayed.unwrap(), 1, "its result was stored");
+    });
+}
+
 /// A memory store whose `begin` always finds the key held by a holder whose
 /// lease reads as about to end (its clock lags), and counts the polls.
 #[derive(Default)]
