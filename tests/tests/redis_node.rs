@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use idem_core::store::redis::{EvictionCheck, envelope};
 use idem_core::store::{Begin, Outcome, Record, Store, StoreErrorKind, Token};
@@ -676,6 +676,59 @@ async fn a_lazy_store_starts_while_redis_is_down() {
         })
         .await;
     assert_eq!(up.expect("works once Redis is up"), 1);
+}
+
+/// Callers that come together to a lazy store whose server accepts
+/// connections and never answers share one open's failure: each fails
+/// within about one open's time, not one after another (twenty opens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_of_a_lazy_store_share_a_failed_open() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket); // never read, never answered
+        }
+    });
+    let store = RedisStore::node(format!("redis://{addr}"))
+        .connection_timeout(Duration::from_millis(200))
+        .response_timeout(Duration::from_millis(200))
+        .connect_lazy()
+        .unwrap();
+    let idem = Idempotency::new(store);
+    // One open, alone, for the measure.
+    let (key, fp) = fresh("lazy-silent");
+    let started = Instant::now();
+    let alone = idem
+        .run(&Settings::DEFAULT, key, fp, async { Ok::<_, Failure>(1) })
+        .await;
+    assert!(alone.is_err(), "{alone:?}");
+    let one_open = started.elapsed();
+
+    let runs = Runs::default();
+    let started = Instant::now();
+    let mut callers = tokio::task::JoinSet::new();
+    for n in 0..20 {
+        let (idem, runs) = (idem.clone(), runs.clone());
+        callers.spawn(async move {
+            let (key, fp) = fresh(&format!("lazy-silent-{n}"));
+            let answer = idem
+                .run(&Settings::DEFAULT, key, fp, async {
+                    Ok::<_, Failure>(runs.mark())
+                })
+                .await;
+            (answer.is_err(), started.elapsed())
+        });
+    }
+    for (failed, took) in callers.join_all().await {
+        assert!(failed, "no server answers");
+        assert!(
+            took < one_open * 3 + Duration::from_secs(1),
+            "{took:?}, where one open takes {one_open:?}"
+        );
+    }
+    assert_eq!(runs.count(), 0, "nothing ran unguarded");
 }
 
 /// Captures what idem logs while `f` runs on this thread.

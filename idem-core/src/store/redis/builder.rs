@@ -239,7 +239,9 @@ impl RedisStoreBuilder {
     /// (or [`Timeout`](crate::store::StoreErrorKind::Timeout), for a server
     /// that accepts connections but does not answer: within a few
     /// connection and response timeouts, its attempts retried twice), the
-    /// body does not run, and the next call tries again.
+    /// body does not run, and the next call tries again. Calls that come
+    /// while a connection is being opened wait for that one attempt and
+    /// share its failure, rather than each opening in turn.
     ///
     /// # Errors
     /// [`StoreErrorKind::Config`](crate::store::StoreErrorKind::Config) for a
@@ -284,6 +286,7 @@ impl RedisStoreBuilder {
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 connection: tokio::sync::OnceCell::new(),
+                failed_opens: std::sync::Mutex::new((0, None)),
                 prefix: self.prefix.clone(),
                 response_timeout: self.response_timeout,
                 opener: self,

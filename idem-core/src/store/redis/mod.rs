@@ -102,6 +102,10 @@ pub struct RedisStore {
 struct Inner {
     /// Opened on first use (at once, unless connected lazily).
     connection: tokio::sync::OnceCell<Connection>,
+    /// How many opens failed, and the last one's error: the callers that
+    /// waited for an open that failed share its error instead of each
+    /// opening in turn.
+    failed_opens: std::sync::Mutex<(u64, Option<StoreError>)>,
     opener: RedisStoreBuilder,
     prefix: String,
     response_timeout: Duration,
@@ -167,18 +171,37 @@ impl RedisStore {
         }
     }
 
-    /// The connection, opened now if it is not yet.
+    /// The connection, opened now if it is not yet. Callers that come
+    /// while it is being opened wait for that open, one at a time; when it
+    /// fails, they all get its error at once, rather than each opening in
+    /// turn (against a server that does not answer, each open takes a few
+    /// timeouts).
     async fn connection(&self) -> Result<Connection, StoreError> {
         if let Some(connection) = self.inner.connection.get() {
             return Ok(connection.clone());
         }
+        let failures = || {
+            self.inner
+                .failed_opens
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let seen = failures().0;
         // Boxed: opening is rare and its future large, and every
         // operation's future would otherwise carry it.
-        Box::pin(
-            self.inner
-                .connection
-                .get_or_try_init(|| self.inner.opener.open()),
-        )
+        Box::pin(self.inner.connection.get_or_try_init(|| async {
+            if let (count, Some(error)) = &*failures()
+                && *count > seen
+            {
+                return Err(error.clone());
+            }
+            let opened = self.inner.opener.open().await;
+            if let Err(error) = &opened {
+                let mut failed = failures();
+                *failed = (failed.0 + 1, Some(error.clone()));
+            }
+            opened
+        }))
         .await
         .cloned()
     }
