@@ -2162,6 +2162,85 @@ async fn waiting_for_the_lock_leaves_the_bodys_lock_timeout_alone() {
     }
 }
 
+/// A session whose own `statement_timeout` is shorter than the wait cuts
+/// the wait for the key's lock short: the key stayed held, so the call is
+/// `InProgress`, not a store failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_timeout_shorter_than_the_wait_answers_in_progress() {
+    let server = shared();
+    let url = server.url();
+    let holder_store = connect(&url).await;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let waiter_store = connect(&format!(
+        "{url}{separator}options=-c%20statement_timeout%3D300"
+    ))
+    .await;
+    let op = op("statement-timeout-wait");
+    let key = Key::new(&op, "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let (holder, gate) = hold_in_transaction(&holder_store, Settings::DEFAULT, key, fp, 1).await;
+    let settings = Settings::builder()
+        .wait_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let waited = waiter_store
+        .run_in_transaction(&settings, key, fp, |_tx| {
+            Box::pin(async { Ok::<i64, ChargeError>(2) })
+        })
+        .await;
+    assert!(matches!(&waited, Err(e) if e.in_progress()), "{waited:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+}
+
+/// A call that waited in the process for a call that was then cancelled
+/// waits for the key's lock until the end of its own wait, not for a new
+/// `wait_timeout` from then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_takes_over_from_a_cancelled_call_keeps_its_deadline() {
+    let server = shared();
+    let url = server.url();
+    // The holder on one store; the cancelled call and its waiter on another,
+    // where the waiter waits for the cancelled call's flight.
+    let (holder_store, store) = (connect(&url).await, connect(&url).await);
+    let op = op("takeover-deadline");
+    let key = Key::new(&op, "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let (holder, gate) = hold_in_transaction(&holder_store, Settings::DEFAULT, key, fp, 1).await;
+    let settings = Settings::builder()
+        .wait_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let call = |store: PostgresStore| async move {
+        let started = std::time::Instant::now();
+        let answer = store
+            .run_in_transaction(&settings, key, fp, |_tx| {
+                Box::pin(async { Ok::<i64, ChargeError>(2) })
+            })
+            .await;
+        (answer, started.elapsed())
+    };
+    let cancelled = tokio::spawn(call(store.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = tokio::spawn(call(store.clone()));
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    cancelled.abort();
+    let (answer, took) = waiter.await.unwrap();
+    assert!(matches!(&answer, Err(e) if e.in_progress()), "{answer:?}");
+    assert!(
+        took < Duration::from_millis(2700),
+        "waited {took:?} for a wait of 2 s"
+    );
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+}
+
 /// Under `REPEATABLE READ` or `SERIALIZABLE` as the database's default, a
 /// duplicate that waited for the holder's lock replays the holder's result
 /// (its wait's snapshot predates the commit, so it starts over in a new

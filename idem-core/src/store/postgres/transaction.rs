@@ -366,7 +366,7 @@ impl PostgresStore {
         }
         if settings.on_conflict() == OnConflict::Reject {
             let claimed = self
-                .claim(settings, call, key, fingerprint, savepoint)
+                .claim(settings, call, key, fingerprint, savepoint, None)
                 .await?;
             return Ok(claimed.map(|held| (held, None)));
         }
@@ -375,7 +375,7 @@ impl PostgresStore {
             match self.inner.flights.join(key, fingerprint, settings.lease()) {
                 Role::Leader(leader) => {
                     return match self
-                        .claim(settings, call, key, fingerprint, savepoint)
+                        .claim(settings, call, key, fingerprint, savepoint, Some(deadline))
                         .await
                     {
                         Ok(Ok(held)) => Ok(Ok((held, Some(leader)))),
@@ -398,7 +398,9 @@ impl PostgresStore {
         }
     }
 
-    /// The claim, or the committed record to replay.
+    /// The claim, or the committed record to replay. A call that waited
+    /// in the process (for a call that was then cancelled) waits for the
+    /// key's lock until the end of the same wait, `until`, not a new one.
     async fn claim(
         &self,
         settings: &Settings,
@@ -406,11 +408,14 @@ impl PostgresStore {
         key: Key,
         fingerprint: Fingerprint,
         savepoint: bool,
+        until: Option<tokio::time::Instant>,
     ) -> Result<Result<Held, Record>, Error> {
         self.ready().await?;
         let lock_id = lock_id(self, key);
         let locking_since = Instant::now();
-        let deadline = locking_since + settings.wait_timeout();
+        let deadline = until.map_or(locking_since + settings.wait_timeout(), |until| {
+            locking_since + until.saturating_duration_since(tokio::time::Instant::now())
+        });
         let mut waited = false;
         loop {
             call.attempt();
@@ -590,7 +595,9 @@ impl PostgresStore {
             .saturating_add(self.inner.response_timeout);
         match tokio::time::timeout(bound, locking).await {
             Ok(Ok(_)) => Ok(true),
-            Ok(Err(error)) if lock_timed_out(&error) => Ok(false),
+            // The lock's timeout, or the session's `statement_timeout` when
+            // it is shorter: either way the key stayed held.
+            Ok(Err(error)) if lock_timed_out(&error) || statement_timed_out(&error) => Ok(false),
             Ok(Err(error)) => Err(Error::Store(store_error("lock", &error))),
             Err(_elapsed) => Ok(false),
         }
@@ -779,6 +786,11 @@ fn refused_commit(error: &sqlx::Error) -> bool {
 /// Whether a statement failed on a deadlock.
 fn deadlock(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("40P01"))
+}
+
+/// Whether a statement was cancelled by `statement_timeout` (`57014`).
+fn statement_timed_out(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
 }
 
 /// Whether a statement failed on `lock_timeout` (or a `NOWAIT` lock).
