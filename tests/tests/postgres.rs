@@ -2306,29 +2306,60 @@ async fn duplicates_replay_under_every_isolation_level() {
 }
 
 /// A body that ends idem's transaction itself (`COMMIT` or `ROLLBACK`)
-/// records nothing, and its caller gets an error that says so, not `Ok`.
+/// records no result, and its caller gets an error that says so, not `Ok`.
+/// After a `COMMIT` (its writes committed with the claim) the claim is
+/// marked as having run: a retry gets `NotReplayable` at once, and does not
+/// run the body again when the claim's lease ends.
 #[tokio::test]
 async fn a_body_that_ends_the_transaction_gets_an_error() {
-    let store = connect(&shared().url()).await;
+    let server = shared();
+    ensure_charges(server);
+    let store = connect(&server.url()).await;
+    let settings = Settings::builder()
+        .lease(Duration::from_secs(3))
+        .build()
+        .unwrap();
     for statement in ["COMMIT", "ROLLBACK"] {
-        let key = Key::new(&op("ends-transaction"), statement).unwrap();
+        let op = op("ends-transaction");
+        let key = Key::new(&op, statement).unwrap();
         let fp = Fingerprint::of(&1).unwrap();
-        let answer = store
-            .run_in_transaction(&Settings::DEFAULT, key, fp, |tx| {
+        let runs = Runs::default();
+        let call = || {
+            let (op, runs) = (op.clone(), runs.clone());
+            store.run_in_transaction(&settings, key, fp, move |tx| {
                 Box::pin(async move {
-                    sqlx::query(statement)
+                    runs.mark();
+                    sqlx::query("INSERT INTO charges (op, amount) VALUES ($1, 1)")
+                        .bind(&op)
                         .execute(&mut *tx)
-                        .await
-                        .map_err(ChargeError::from)?;
+                        .await?;
+                    sqlx::query(statement).execute(&mut *tx).await?;
                     Ok::<_, ChargeError>(1_i64)
                 })
             })
-            .await;
-        match answer {
+        };
+        match call().await {
             Err(ChargeError::Idem(message)) => {
                 assert!(message.contains("ended idem's transaction"), "{message}");
             }
             other => panic!("{statement}: expected an error, got {other:?}"),
+        }
+        if statement == "COMMIT" {
+            assert_eq!(
+                charges(server, &op),
+                1,
+                "the body's COMMIT committed its insert"
+            );
+            tokio::time::sleep(Duration::from_secs(4)).await; // past the lease
+            let retried = call().await;
+            assert!(
+                matches!(&retried, Err(ChargeError::Idem(m)) if m.contains("cannot be replayed")),
+                "{retried:?}"
+            );
+            assert_eq!(runs.count(), 1, "the body did not run again");
+            assert_eq!(charges(server, &op), 1);
+        } else {
+            assert_eq!(charges(server, &op), 0, "the ROLLBACK undid its insert");
         }
     }
 }

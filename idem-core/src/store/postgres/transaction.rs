@@ -100,8 +100,11 @@
 //! connection leaves the outcome unknown to the caller, who gets
 //! `Error::Store` saying so; the database knows, and the retry replays (it
 //! committed) or runs (it did not). A body must not end the transaction
-//! itself (`COMMIT`, `ROLLBACK`): the call then records nothing and answers
-//! `Error::Store` of kind `Config`; use savepoints inside the body instead.
+//! itself (`COMMIT`, `ROLLBACK`): the call then records no result and
+//! answers `Error::Store` of kind `Config`; after the body's `COMMIT`,
+//! which committed its writes and the claim, the claim is marked as having
+//! run (retries get `NotReplayable`, not a second run). Use savepoints
+//! inside the body instead.
 //!
 //! Claims made by the store protocol ([`PostgresStore`]'s [`Store`]
 //! operations) and transactional calls share the table; use one mode per
@@ -725,6 +728,19 @@ impl Held {
             // The body ran `COMMIT` or `ROLLBACK` itself: the claim, the
             // record and the body's writes are no longer one transaction.
             let _ = store.timed("rollback", self.tx.rollback()).await;
+            // After a `COMMIT`, the claim and the body's writes are
+            // committed: mark the claim as having run, so that a retry does
+            // not run the body again once the claim's lease ends. (After a
+            // `ROLLBACK` there is no claim left to mark.)
+            let ran = Record::unserializable(
+                "the body ended idem's transaction itself (COMMIT or ROLLBACK); its writes may \
+                 have committed, and its result was not recorded",
+            );
+            if let Err(error) =
+                crate::store::Store::complete(&store, self.key, self.token, ran, self.ttl).await
+            {
+                tracing::warn!(key = %self.key, %error, "could not mark a claim whose body ended idem's transaction; a retry after its lease runs the body again");
+            }
             return Err(StoreError::new(
                 StoreErrorKind::Config,
                 "the body of a transactional call ended idem's transaction (COMMIT or ROLLBACK); \
