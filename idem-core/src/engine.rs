@@ -476,6 +476,15 @@ impl Idempotency {
             let mut polls = 0;
             loop {
                 call.attempt();
+                // A call dropped while its `begin` is on its way may have
+                // claimed the key: that claim, fenced by the token, is
+                // cleared, as one whose answer was lost is.
+                let mut pending = PendingBegin {
+                    engine: self,
+                    key,
+                    token,
+                    armed: true,
+                };
                 let begin = if settings.expects_steps() {
                     store
                         .begin_with_steps(key, fingerprint, token, settings.lease())
@@ -487,6 +496,7 @@ impl Idempotency {
                 } else {
                     store.begin(key, fingerprint, token, settings.lease()).await
                 };
+                pending.armed = false;
                 match begin {
                     Err(error) => {
                         self.clear_unknown_claim(key, token, &error);
@@ -940,6 +950,34 @@ fn bounded(key: Key, record: Record, max: usize) -> Record {
     Record::unserializable(&format!(
         "the result ({size} bytes) is larger than the maximum record size ({max} bytes); the call ran"
     ))
+}
+
+/// A `begin` on its way to the store. Dropped armed (the caller dropped the
+/// call before its answer came), it clears the claim the `begin` may have
+/// made, from a task: otherwise the key would stay locked for a lease by a
+/// claim nobody holds.
+struct PendingBegin<'a> {
+    engine: &'a Idempotency,
+    key: Key,
+    token: Token,
+    armed: bool,
+}
+
+impl Drop for PendingBegin<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, key, token) = (Arc::clone(&self.engine.shared.store), self.key, self.token);
+        runtime.spawn(async move {
+            if let Err(error) = store.release(key, token).await {
+                tracing::debug!(%key, %error, "could not clear a claim whose call was dropped during its begin; it lapses with its lease");
+            }
+        });
+    }
 }
 
 /// A body's outcome on its way to the store. Dropped armed (the caller

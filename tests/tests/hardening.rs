@@ -344,6 +344,40 @@ fn a_call_dropped_while_its_result_is_recorded_still_records_it() {
     });
 }
 
+/// A call dropped while its `begin` is on its way (a timeout around the
+/// call) clears the claim that `begin` made: the retry claims at once
+/// instead of finding the key locked for a lease by nobody.
+#[test]
+fn a_call_dropped_during_its_begin_does_not_lock_the_key() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone());
+        let (key, fp) = key("hardening.dropped-begin");
+        let reject = Settings::builder()
+            .lease(Duration::from_secs(30))
+            .ttl(Duration::from_secs(3600))
+            .on_conflict(OnConflict::Reject)
+            .build()
+            .unwrap();
+        // The claim is made at once; its answer takes a second.
+        flaky.inject(Op::Begin, Fault::Delayed(Duration::from_secs(1)));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let body = |runs: Arc<AtomicUsize>| async move {
+            Ok::<_, Error>(runs.fetch_add(1, Ordering::SeqCst) + 1)
+        };
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(100),
+            idem.run(&reject, key, fp, body(runs.clone())),
+        )
+        .await;
+        assert!(dropped.is_err(), "the caller gave up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let retried = idem.run(&reject, key, fp, body(runs.clone())).await;
+        assert_eq!(retried.expect("the key is free"), 1);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    });
+}
+
 /// A holder whose renewals fail past its lease, and whose record's answer
 /// is lost, does not hand the callers that waited on it in its process its
 /// own result: another call may have taken the key and stored its own,
