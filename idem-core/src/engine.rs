@@ -407,6 +407,7 @@ impl Idempotency {
                     observe::record_lost(call.operation());
                     tracing::warn!(%key, record_lost = true, "the failure of an idempotent call is not recorded until its compensation finishes; a retry runs its body again");
                 }
+                lease.settle();
                 // Until the outcome is settled, a caller that drops the call
                 // (a timeout around it, a client that left) hands it to a
                 // task: the body ran, and its outcome is known.
@@ -831,6 +832,10 @@ impl Idempotency {
                             herald.set_retry_at(lease.until());
                             break;
                         }
+                        // Once the outcome is being recorded, the record may
+                        // have landed before this renewal: its own answer
+                        // tells whether the claim was lost.
+                        Ok(false) if lease.settling() => return,
                         Ok(false) => {
                             tracing::warn!(%key, record_lost = true, "an idempotency claim was lost while its call ran; its result will not be stored");
                             lease.lose();
@@ -1032,6 +1037,10 @@ struct LeaseState {
     renewed_at: Instant,
     until: Instant,
     lost: bool,
+    /// Whether the body's outcome is being recorded: the record's own
+    /// (fenced) answer then says whether the claim was lost, and a renewal
+    /// that finds the claim gone may only have come after the record.
+    settling: bool,
 }
 
 impl Lease {
@@ -1041,6 +1050,7 @@ impl Lease {
             renewed_at: now,
             until: now + lease,
             lost: false,
+            settling: false,
         }))
     }
 
@@ -1077,6 +1087,15 @@ impl Lease {
 
     fn lose(&self) {
         self.update(|state| state.lost = true);
+    }
+
+    /// The body's outcome is being recorded from now on.
+    fn settle(&self) {
+        self.update(|state| state.settling = true);
+    }
+
+    fn settling(&self) -> bool {
+        self.state().settling
     }
 }
 

@@ -782,6 +782,32 @@ async fn a_result_not_stored_is_told_with_record_lost_and_the_key() {
     );
 }
 
+/// A renewal that reaches the store after the body's record (whose answer
+/// is slow) finds no claim to renew: that is not a lost claim, and nothing
+/// says a result was lost.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_renewal_after_the_record_landed_does_not_say_the_claim_was_lost() {
+    let capture = idem_test::logs::capture();
+    let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+    let idem = Idempotency::from_arc(flaky.clone());
+    let (key, fp) = key("hardening.renewal-after-record");
+    // The record lands at once; its answer comes after the next renewal.
+    flaky.inject(Op::Complete, Fault::Delayed(Duration::from_millis(500)));
+    let answer = idem
+        .run(&settings(3), key, fp, async {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            Ok::<u32, Error>(1)
+        })
+        .await;
+    assert_eq!(answer.unwrap(), 1);
+    let text = capture.text();
+    assert!(!text.contains("record_lost"), "{text}");
+    let replayed = idem
+        .run(&settings(3), key, fp, async { Ok::<u32, Error>(2) })
+        .await;
+    assert_eq!(replayed.unwrap(), 1);
+}
+
 /// The memory store, but its journal cannot be read.
 struct UnreadableJournal(MemoryStore);
 
