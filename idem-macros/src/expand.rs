@@ -530,9 +530,9 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
 /// For a statement by which `#[async_trait]` destructures a positional
 /// argument (`let (a, b) = { let __arg1 = __arg1; __arg1 };`), the same
 /// pattern bound to a reference to the argument, for the attribute's
-/// expressions; `None` for any other statement. A pattern that says how
-/// it binds (`mut`, `ref`, `&`) is rewritten to bind every name by `ref`
-/// from the argument in place, which moves nothing out of it.
+/// expressions; `None` for any other statement. What a pattern says of how
+/// it binds (`mut`, `ref`, `&`) is left out: matched against a reference,
+/// every name binds by reference, and nothing moves out of the argument.
 fn destructuring(stmt: &syn::Stmt) -> Option<TokenStream> {
     let syn::Stmt::Local(local) = stmt else {
         return None;
@@ -555,29 +555,13 @@ fn destructuring(stmt: &syn::Stmt) -> Option<TokenStream> {
     {
         return None;
     }
-    let pat = &local.pat;
-    fn by_value(tokens: TokenStream) -> bool {
-        tokens.into_iter().any(|token| match token {
-            proc_macro2::TokenTree::Ident(ident) => ident == "mut" || ident == "ref",
-            proc_macro2::TokenTree::Punct(punct) => punct.as_char() == '&',
-            proc_macro2::TokenTree::Group(group) => by_value(group.stream()),
-            proc_macro2::TokenTree::Literal(_) => false,
-        })
-    }
+    let mut pat = local.pat.clone();
+    PlainBindings.visit_pat_mut(&mut pat);
     let argument = &positional.ident;
     let cfgs = local
         .attrs
         .iter()
         .filter(|attr| attr.path().is_ident("cfg"));
-    if by_value(pat.to_token_stream()) {
-        let mut pat = pat.clone();
-        BindByRef.visit_pat_mut(&mut pat);
-        return Some(quote! {
-            #(#cfgs)*
-            #[allow(unused_variables)]
-            let #pat = #argument;
-        });
-    }
     Some(quote! {
         #(#cfgs)*
         #[allow(unused_variables)]
@@ -585,26 +569,24 @@ fn destructuring(stmt: &syn::Stmt) -> Option<TokenStream> {
     })
 }
 
-/// Rewrites a pattern to bind every name by shared reference (`ref a`,
-/// where it said `a`, `mut a` or `ref mut a`), so that matching it against
-/// the argument in place borrows what it names and moves nothing. A name
-/// that starts with a capital letter and says nothing of how it binds is a
-/// unit struct or a constant, and is left as it is.
-struct BindByRef;
+/// Leaves out of a pattern what it says of how it binds: `mut` and `ref`
+/// on its names, and its `&` patterns (which, matched against a reference,
+/// the default binding mode already looks through). Binding modifiers
+/// under a by-reference default mode are an error in edition 2024.
+struct PlainBindings;
 
-impl syn::visit_mut::VisitMut for BindByRef {
-    fn visit_pat_ident_mut(&mut self, ident: &mut syn::PatIdent) {
-        let plain = ident.by_ref.is_none() && ident.mutability.is_none() && ident.subpat.is_none();
-        if plain
-            && ident
-                .ident
-                .to_string()
-                .starts_with(|c: char| c.is_uppercase())
-        {
-            return;
+impl syn::visit_mut::VisitMut for PlainBindings {
+    fn visit_pat_mut(&mut self, pat: &mut syn::Pat) {
+        if let syn::Pat::Reference(reference) = pat {
+            *pat = (*reference.pat).clone();
+            return self.visit_pat_mut(pat);
         }
+        syn::visit_mut::visit_pat_mut(self, pat);
+    }
+
+    fn visit_pat_ident_mut(&mut self, ident: &mut syn::PatIdent) {
+        ident.by_ref = None;
         ident.mutability = None;
-        ident.by_ref = Some(syn::Token![ref](ident.ident.span()));
         syn::visit_mut::visit_pat_ident_mut(self, ident);
     }
 }

@@ -21,6 +21,12 @@ trait Shapes {
     async fn counted(&self, pair: (u32, String)) -> Result<usize, idem_core::Error>;
     async fn borrowed(&self, pair: (&'static u32, u32)) -> Result<u32, idem_core::Error>;
     async fn named(&self, request: Request) -> Result<u64, idem_core::Error>;
+    async fn nested(
+        &self,
+        id: u64,
+        pair: (u32, &'static (u32, u32)),
+    ) -> Result<u64, idem_core::Error>;
+    async fn inner(&self, pair: (u32, &'static (u32, u32))) -> Result<u32, idem_core::Error>;
 }
 
 struct Service {
@@ -72,6 +78,27 @@ impl Shapes for Service {
         amount += tenant.len() as u64;
         Ok(id + amount)
     }
+
+    // A pattern under a reference (`(a, b)` of a `&(u32, u32)`) beside a
+    // `mut` binding, whether the key names its bindings or not.
+    #[idempotent(key = id, store = self.idem)]
+    async fn nested(
+        &self,
+        id: u64,
+        (mut n, (a, b)): (u32, &'static (u32, u32)),
+    ) -> Result<u64, idem_core::Error> {
+        n += a + b;
+        Ok(id + u64::from(n))
+    }
+
+    #[idempotent(key = b, store = self.idem)]
+    async fn inner(
+        &self,
+        (mut n, &(a, b)): (u32, &'static (u32, u32)),
+    ) -> Result<u32, idem_core::Error> {
+        n += a;
+        Ok(n + b)
+    }
 }
 
 fn main() {
@@ -91,4 +118,6 @@ fn main() {
         tenant: "t".to_owned(),
         amount: 2,
     });
+    let _ = service.nested(1, (2, &(3, 4)));
+    let _ = service.inner((2, &(3, 4)));
 }
