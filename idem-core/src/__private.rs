@@ -477,7 +477,9 @@ pub async fn transaction_body<R>(
     body: impl AsyncFnOnce(&mut sqlx::PgConnection) -> R,
 ) -> R {
     let holding = claim.holding();
-    holding.run(body(claim.connection())).await
+    crate::engine::caught(holding.run(body(claim.connection())))
+        .await
+        .unwrap_or_else(|panic| claim.panicked(panic))
 }
 
 /// Records a transactional call's result and commits, or rolls back.

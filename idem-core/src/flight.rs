@@ -147,8 +147,7 @@ impl Flight {
     }
 }
 
-/// The leader's handle on its flight; dropping it unlanded vacates the flight
-/// (or, during a panic, fails it).
+/// The leader's handle on its flight; dropping it unlanded vacates the flight.
 pub(crate) struct Leader<'a> {
     flights: &'a Flights,
     key: Key,
@@ -183,14 +182,6 @@ impl Leader<'_> {
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
-        // A leader dropped by a panic (a transactional body's, or one in
-        // encoding its result) failed: its waiters share that failure, as
-        // they do a body's `Err`, instead of each running the body in turn.
-        // A leader dropped otherwise was cancelled, and one waiter leads.
-        self.finish(if std::thread::panicking() {
-            Landing::Failed(crate::Error::AttemptFailed)
-        } else {
-            Landing::Vacated
-        });
+        self.finish(Landing::Vacated);
     }
 }

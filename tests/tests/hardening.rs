@@ -378,6 +378,48 @@ fn a_call_dropped_during_its_begin_does_not_lock_the_key() {
     });
 }
 
+/// A call dropped by a panic that is not its own (another future of its
+/// task panicked) was cancelled, not failed: the callers that waited for it
+/// are not told its attempt failed, and one of them runs once its claim
+/// lapses.
+#[test]
+fn a_call_dropped_by_another_futures_panic_is_cancelled_not_failed() {
+    paused(async {
+        let idem = Idempotency::memory();
+        let (key, fp) = key("hardening.dropped-by-panic");
+        let wait = Settings::builder()
+            .lease(Duration::from_secs(3))
+            .ttl(Duration::from_secs(3600))
+            .wait_timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        let panicking = tokio::spawn({
+            let idem = idem.clone();
+            async move {
+                let held = idem.run(&wait, key, fp, async {
+                    std::future::pending::<()>().await;
+                    Ok::<u32, Error>(1)
+                });
+                let other = async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    panic!("another future of the task");
+                };
+                let _ = tokio::join!(held, other);
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let waiter = tokio::spawn({
+            let idem = idem.clone();
+            async move {
+                idem.run(&wait, key, fp, async { Ok::<u32, Error>(2) })
+                    .await
+            }
+        });
+        assert!(panicking.await.unwrap_err().is_panic());
+        assert_eq!(waiter.await.unwrap().expect("not AttemptFailed"), 2);
+    });
+}
+
 /// A holder whose renewals fail past its lease, and whose record's answer
 /// is lost, does not hand the callers that waited on it in its process its
 /// own result: another call may have taken the key and stored its own,

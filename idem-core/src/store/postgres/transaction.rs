@@ -209,6 +209,17 @@ impl Claim<'_> {
     pub fn span(&self) -> tracing::Span {
         self.call.span().clone()
     }
+
+    /// Goes on with the panic of the body: first fails the duplicates that
+    /// waited for it in the process (they share the failure,
+    /// `AttemptFailed`, instead of each running the body in turn); its
+    /// transaction rolls back as the claim is dropped.
+    pub(crate) fn panicked(&mut self, panic: Box<dyn std::any::Any + Send>) -> ! {
+        if let Some(leader) = self.leader.take() {
+            leader.land(Landing::Failed(Error::AttemptFailed));
+        }
+        std::panic::resume_unwind(panic)
+    }
 }
 
 impl PostgresStore {
@@ -298,7 +309,9 @@ impl PostgresStore {
             Opened::Done(result) => result,
             Opened::Claimed(mut claim) => {
                 let holding = claim.holding();
-                let result = holding.run(body(claim.connection())).await;
+                let result = crate::engine::caught(holding.run(body(claim.connection())))
+                    .await
+                    .unwrap_or_else(|panic| claim.panicked(panic));
                 (*claim).finish(result, codec).await
             }
         }
