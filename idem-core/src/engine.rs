@@ -419,6 +419,7 @@ impl Idempotency {
                     token,
                     lease: &lease,
                     record,
+                    refused: AtomicBool::new(false),
                     armed: true,
                 };
                 let (landing, confirmed) = self
@@ -429,6 +430,7 @@ impl Idempotency {
                         token,
                         &lease,
                         &mut unsettled.record,
+                        &unsettled.refused,
                         codec.awaits_record(),
                     )
                     .await;
@@ -594,6 +596,7 @@ impl Idempotency {
         token: Token,
         lease: &Lease,
         record: &mut Option<Record>,
+        refused: &AtomicBool,
         awaited: bool,
     ) -> (Landing, bool) {
         let operation = call.operation();
@@ -609,15 +612,14 @@ impl Idempotency {
                 tracing::warn!(%key, record_lost = true, "an idempotency claim was taken over while its call ran; its result was not stored");
             }
         } else {
-            let refused = AtomicBool::new(false);
             let recorded = self
-                .record(settings, key, token, record.as_ref(), &refused)
+                .record(settings, key, token, record.as_ref(), refused)
                 .await;
             // Once the store refused the result as full, its retries write
             // only the few bytes saying the call ran: the full record, sent
             // again, would keep the store full (Redis holds a buffer the size
             // of the last argument for a while) and be refused again.
-            let refused = refused.into_inner();
+            let refused = refused.load(Ordering::Relaxed);
             match recorded {
                 Ok(Completion::Stored) => confirmed = true,
                 Ok(Completion::Lost) => {
@@ -858,7 +860,7 @@ impl Idempotency {
                             if !std::mem::replace(&mut past, true) {
                                 tracing::error!(%key, record_lost = true, %error, "could not renew an idempotency claim before its lease ran out; trying on while the call runs");
                             }
-                            tokio::time::sleep(every).await;
+                            tokio::time::sleep(every.max(PAST_LEASE_RENEW_PAUSE)).await;
                         }
                     }
                 }
@@ -997,6 +999,9 @@ struct Unsettled<'a> {
     token: Token,
     lease: &'a Lease,
     record: Option<Record>,
+    /// Whether the store refused the record as full (then only a few bytes
+    /// saying the call ran are written).
+    refused: AtomicBool,
     armed: bool,
 }
 
@@ -1017,7 +1022,7 @@ impl Drop for Unsettled<'_> {
             self.token,
             self.lease.clone(),
             self.record.take(),
-            false,
+            self.refused.load(Ordering::Relaxed),
         ));
     }
 }
@@ -1137,6 +1142,11 @@ fn retryable(error: &StoreError) -> bool {
             | StoreErrorKind::Full
     )
 }
+
+/// The shortest pause between two renewals of a claim whose lease ran out
+/// unrenewed: a store that fails at once is not asked hundreds of times a
+/// second by a call of a very short lease.
+const PAST_LEASE_RENEW_PAUSE: Duration = Duration::from_secs(1);
 
 /// The shortest pause between two polls of a waiting caller, whatever the
 /// holder's remaining lease says.

@@ -420,6 +420,33 @@ fn a_call_dropped_by_another_futures_panic_is_cancelled_not_failed() {
     });
 }
 
+/// A call dropped while it writes the few bytes saying it ran (the store
+/// having refused its result as full) goes on writing those few bytes in
+/// the background, not the result the store refused.
+#[test]
+fn a_call_dropped_after_a_full_refusal_records_only_that_it_ran() {
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone());
+        let (key, fp) = key("hardening.dropped-after-full");
+        flaky.inject(Op::Complete, Fault::Full);
+        flaky.inject(Op::Complete, Fault::Slow(Duration::from_secs(1)));
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(50),
+            idem.run(&settings(3), key, fp, async { Ok::<u32, Error>(1) }),
+        )
+        .await;
+        assert!(dropped.is_err(), "the caller gave up");
+        let retried = idem
+            .run(&settings(3), key, fp, async { Ok::<u32, Error>(2) })
+            .await;
+        assert!(
+            matches!(retried, Err(Error::NotReplayable { .. })),
+            "{retried:?}"
+        );
+    });
+}
+
 /// A holder whose renewals fail past its lease, and whose record's answer
 /// is lost, does not hand the callers that waited on it in its process its
 /// own result: another call may have taken the key and stored its own,
