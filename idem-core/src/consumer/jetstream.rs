@@ -296,7 +296,9 @@ impl JetStream {
     /// takes no new message, lets the handlers under way finish and settles
     /// their messages (acknowledged, nak'ed or dead-lettered as ever), and
     /// returns `Ok(())`. Messages pulled but not yet started are left to the
-    /// server, which redelivers them after their ack wait; none ran.
+    /// server, which redelivers them after their ack wait; none ran. A
+    /// handler that never returns keeps it from returning: bound handlers
+    /// with [`Consumer::handler_timeout`].
     ///
     /// ```no_run
     /// # use idem_core::consumer::{Consumer, jetstream::JetStream};

@@ -1010,10 +1010,19 @@ async fn heartbeating<M: Message, O>(
     let beats = async {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Told once per message at `WARN`: during a broker outage every
+        // message in flight fails each of its heartbeats.
+        let mut told = false;
         loop {
             ticks.tick().await;
-            if let Err(error) = message.in_progress().await {
-                tracing::warn!(%error, "idem: could not send a message's heartbeat; the broker may redeliver it while it runs (the redelivery waits for it)");
+            match message.in_progress().await {
+                Err(error) if !std::mem::replace(&mut told, true) => {
+                    tracing::warn!(%error, "idem: could not send a message's heartbeat; the broker may redeliver it while it runs (the redelivery waits for it)");
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "idem: could not send a message's heartbeat again");
+                }
+                Ok(()) => {}
             }
         }
     };
