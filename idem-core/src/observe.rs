@@ -15,6 +15,7 @@
 //! | `attempts` | how many times the key was claimed (`begin`), 0 when another call in this process did |
 //! | `wait_ms` | how long the call waited for another holder |
 //! | `body_ms` | how long the body ran, when it ran |
+//! | `error` | what failed, for `store_error`, `decode_error` and `config_error` (the error's message: the broken rule, the store's failure) |
 //!
 //! When the call ends, one event (target `idem`) tells its outcome:
 //! `DEBUG` for `ran`, `failed`, `replayed`, `waited`, `in_progress` and
@@ -279,6 +280,7 @@ impl Call {
             attempts = tracing::field::Empty,
             wait_ms = tracing::field::Empty,
             body_ms = tracing::field::Empty,
+            error = tracing::field::Empty,
         );
         Self {
             operation,
@@ -328,8 +330,17 @@ impl Call {
 
     /// idem answered the caller with `error`.
     pub(crate) fn error(&self, error: &Error) {
-        self.error
-            .store(CallOutcome::of(error) as u8, Ordering::Relaxed);
+        let outcome = CallOutcome::of(error);
+        self.error.store(outcome as u8, Ordering::Relaxed);
+        // What failed, for the outcomes an operator must act on: the span's
+        // `error` field, which its end event is told in.
+        if matches!(
+            outcome,
+            CallOutcome::StoreError | CallOutcome::DecodeError | CallOutcome::ConfigError
+        ) && !self.span.is_disabled()
+        {
+            self.span.record("error", tracing::field::display(error));
+        }
     }
 
     fn outcome(&self) -> CallOutcome {

@@ -340,6 +340,18 @@ fn store_and_decode_errors_warn_and_the_attribute_names_its_operation() {
         ["store_error", "ran", "decode_error", "ran", "decode_error"]
     );
     assert_eq!(captured.spans()[3]["operation"], "orders.ship");
+    // What failed is in the span, for the outcomes an operator acts on.
+    let errors: Vec<_> = captured
+        .spans()
+        .iter()
+        .map(|span| span.get("error").cloned().unwrap_or_default())
+        .collect();
+    assert!(
+        errors[0].contains("connection refused to 10.0.0.9:6379"),
+        "{errors:?}"
+    );
+    assert!(errors[1].is_empty() && errors[3].is_empty(), "{errors:?}");
+    assert!(!errors[2].is_empty() && !errors[4].is_empty(), "{errors:?}");
     assert_eq!(captured.level_of("store_error"), Level::WARN);
     assert_eq!(captured.level_of("decode_error"), Level::ERROR);
     let levels: Vec<_> = captured
@@ -377,6 +389,11 @@ fn calls_refused_before_their_key_are_config_errors() {
     });
     assert_eq!(captured.outcomes(), ["config_error"]);
     assert_eq!(captured.spans()[0]["operation"], "orders.note");
+    assert!(
+        captured.spans()[0]["error"].contains("serialize"),
+        "the rule broken: {:?}",
+        captured.spans()
+    );
     assert!(
         !captured.spans()[0].contains_key("key"),
         "{:?}",
