@@ -49,11 +49,19 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>, StoreError> {
             Ok(Arc::new(crate::RedisStore::connect(url).await?))
         }
         #[cfg(not(feature = "redis"))]
-        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => Err(config(format!(
-            "`{scheme}://` stores need the `redis` feature of idem-core: \
-             idem-core = {{ version = \"{}\", features = [\"redis\"] }}",
-            env!("CARGO_PKG_VERSION")
-        ))),
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
+            // `rediss` speaks TLS, which takes the `tls` feature too.
+            let features = if scheme.starts_with("rediss") {
+                "[\"redis\", \"tls\"]"
+            } else {
+                "[\"redis\"]"
+            };
+            Err(config(format!(
+                "`{scheme}://` stores need the features {features} of idem-core: \
+                 idem-core = {{ version = \"{}\", features = {features} }}",
+                env!("CARGO_PKG_VERSION")
+            )))
+        }
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => Ok(Arc::new(crate::PostgresStore::connect(url).await?)),
         #[cfg(not(feature = "postgres"))]
@@ -236,7 +244,13 @@ mod tests {
     #[tokio::test]
     async fn redis_without_its_feature_names_the_feature() {
         for url in ["redis://127.0.0.1:6379", "redis+cluster://127.0.0.1:7000"] {
-            assert!(error_of(url).await.contains("`redis` feature"), "{url}");
+            let error = error_of(url).await;
+            assert!(error.contains(r#"features = ["redis"] }"#), "{error}");
+        }
+        // TLS takes its own feature as well.
+        for url in ["rediss://127.0.0.1:6379", "rediss+cluster://127.0.0.1:7000"] {
+            let error = error_of(url).await;
+            assert!(error.contains(r#"features = ["redis", "tls"] }"#), "{error}");
         }
     }
 }
