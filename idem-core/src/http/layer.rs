@@ -299,8 +299,10 @@ impl IdempotencyLayer {
     /// The operation name the keys are hashed with. Default `"http"`; give
     /// two APIs on one store names of their own. A request's key is
     /// `Key::scoped(name, scope, idempotency_key)` (`Key::new(name,
-    /// idempotency_key)` when [`unscoped`](Self::unscoped)): the one an
-    /// operator [inspects](crate::Idempotency::inspect) or
+    /// idempotency_key)` when [`unscoped`](Self::unscoped)), where
+    /// `idempotency_key` is the header's string without its quotes
+    /// (`"order-1"` is `order-1`): the key an operator
+    /// [inspects](crate::Idempotency::inspect) or
     /// [forgets](crate::Idempotency::forget).
     #[must_use]
     pub fn name(self, name: impl Into<String>) -> Self {
