@@ -250,7 +250,10 @@ mod tests {
         // TLS takes its own feature as well.
         for url in ["rediss://127.0.0.1:6379", "rediss+cluster://127.0.0.1:7000"] {
             let error = error_of(url).await;
-            assert!(error.contains(r#"features = ["redis", "tls"] }"#), "{error}");
+            assert!(
+                error.contains(r#"features = ["redis", "tls"] }"#),
+                "{error}"
+            );
         }
     }
 }
