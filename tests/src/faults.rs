@@ -111,11 +111,12 @@ impl Schedule {
     /// The faults of the checker's default schedule: on `begin`,
     /// `complete`, `release` and `renew`, [`Fault::Refused`],
     /// [`Fault::AnswerLost`], [`Fault::Delayed`] and [`Fault::LandsLate`];
-    /// [`Fault::Full`] on `complete`s (the writes that carry a result);
-    /// [`Fault::ClockLag`] on `begin`s. `rate` of the operations are
-    /// faulted, with delays up to `delay`. [`Fault::Slow`] and
+    /// [`Fault::Full`] and [`Fault::Slow`] on `complete`s (the writes that
+    /// carry a result: a slow one is where a caller that gives up while
+    /// its outcome is recorded cuts in); [`Fault::ClockLag`] on `begin`s.
+    /// `rate` of the operations are faulted, with delays up to `delay`.
     /// [`Fault::Stalled`] (which the checker's bodies cause with
-    /// [`Flaky::stall`]) are not drawn, nor faults of `forget`.
+    /// [`Flaky::stall`]) is not drawn, nor are faults of `forget`.
     #[must_use]
     pub fn every_kind(rate: f64, delay: Duration) -> Self {
         let mut faults = Vec::new();
@@ -129,6 +130,7 @@ impl Schedule {
         }
         faults.push((Op::Complete, Fault::Full));
         faults.push((Op::Begin, Fault::ClockLag(delay * 10)));
+        faults.push((Op::Complete, Fault::Slow(delay)));
         Self { rate, faults }
     }
 }

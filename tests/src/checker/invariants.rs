@@ -201,7 +201,13 @@ pub(crate) fn check(
                 let earlier_end = earlier.end.map_or(Duration::MAX, |(at, _)| at);
                 let expired = later.start >= earlier_end.saturating_add(plan.ttl.mul_f64(0.9));
                 let outcome = told.get(&earlier.call).and_then(|o| o.first());
-                let cancelled = dropped(earlier.call);
+                // Cut short mid-body. A call dropped once its body had
+                // returned `Ok` (its effect done, its outcome being
+                // recorded) was not: idem records that outcome in the
+                // background, and excuses nothing by it (unless it was
+                // finishing an earlier attempt's undos first).
+                let returned = earlier.end.is_some_and(|(_, end)| end == "ok") && !plan.compensate;
+                let cancelled = dropped(earlier.call) && !returned;
                 let said_lost = outcome.is_some_and(|o| o == "not_stored") || lost.contains(&key);
                 // A store lost for the rest of a lease: its recording (or
                 // renewal) failed, and failed again when retried.

@@ -154,6 +154,8 @@ impl Workload {
         let mut read_rng = StdRng::seed_from_u64(seed ^ 0x5245_4144_0000_0000);
         let mut together_rng = StdRng::seed_from_u64(seed ^ 0x4A4F_494E_0000_0000);
         let mut arguments_rng = StdRng::seed_from_u64(seed ^ 0x4152_4753_0000_0000);
+        // Drawn apart, so that the other draws of a seed stay as they were.
+        let mut late_cancel_rng = StdRng::seed_from_u64(seed ^ 0x4c41_5445_0000_0000);
         let keys: Vec<KeyPlan> = (0..rng.random_range(1..=3))
             .map(|_| {
                 let steps = if step_rng.random_bool(0.35) {
@@ -224,6 +226,13 @@ impl Workload {
                 let cancel_after = rng
                     .random_bool(0.1)
                     .then(|| (took + plan.lease / 2).mul_f64(rng.random_range(0.0..1.0)));
+                // Now and then, just after the body would return: a caller
+                // that gives up while the outcome is being recorded.
+                let cancel_after = cancel_after.or_else(|| {
+                    late_cancel_rng.random_bool(0.05).then(|| {
+                        took + Duration::from_micros(late_cancel_rng.random_range(0..20_000))
+                    })
+                });
                 let via = if !plan.cache_errors && rng.random_bool(0.3) {
                     Via::Attribute
                 } else {
