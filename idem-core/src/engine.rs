@@ -619,7 +619,6 @@ impl Idempotency {
             // only the few bytes saying the call ran: the full record, sent
             // again, would keep the store full (Redis holds a buffer the size
             // of the last argument for a while) and be refused again.
-            let refused = refused.load(Ordering::Relaxed);
             match recorded {
                 Ok(Completion::Stored) => confirmed = true,
                 Ok(Completion::Lost) => {
@@ -633,13 +632,17 @@ impl Idempotency {
                 Err(error) if retryable(&error) && awaited => {
                     tracing::warn!(%key, %error, "could not record the outcome of an idempotent call; retrying while its lease allows");
                     observe::record_retried(operation);
-                    confirmed = Box::pin(self.clone().record_retrying(
-                        *settings,
-                        operation.clone(),
+                    // On a lease of its own (the call's goes on being
+                    // renewed), and with the call's word of a full store's
+                    // refusal, which a drop hands on to the background.
+                    let lease = lease.clone();
+                    confirmed = Box::pin(self.record_retrying_on(
+                        settings,
+                        operation,
                         key,
                         token,
-                        lease.clone(),
-                        record.clone(),
+                        &lease,
+                        record.as_ref(),
                         refused,
                     ))
                     .await;
@@ -652,7 +655,7 @@ impl Idempotency {
                         token,
                         lease,
                         record.clone(),
-                        refused,
+                        refused.load(Ordering::Relaxed),
                         error,
                     );
                 }
@@ -773,13 +776,38 @@ impl Idempotency {
         record: Option<Record>,
         refused: bool,
     ) -> bool {
-        let until = lease.until();
         let refused = AtomicBool::new(refused);
-        let attempts = retrying(key, until, &lease, || {
-            self.record(&settings, key, token, record.as_ref(), &refused)
+        self.record_retrying_on(
+            &settings,
+            &operation,
+            key,
+            token,
+            &lease,
+            record.as_ref(),
+            &refused,
+        )
+        .await
+    }
+
+    /// [`record_retrying`](Self::record_retrying), on borrowed state:
+    /// `refused` is set when the store refuses the record as full.
+    #[allow(clippy::too_many_arguments)]
+    async fn record_retrying_on(
+        &self,
+        settings: &Settings,
+        operation: &Operation,
+        key: Key,
+        token: Token,
+        lease: &Lease,
+        record: Option<&Record>,
+        refused: &AtomicBool,
+    ) -> bool {
+        let until = lease.until();
+        let attempts = retrying(key, until, lease, || {
+            self.record(settings, key, token, record, refused)
         });
         let recorded = self
-            .renewing(&settings, key, token, &lease, &Herald(None), attempts)
+            .renewing(settings, key, token, lease, &Herald(None), attempts)
             .await;
         match recorded {
             Ok(Completion::Stored) => {
@@ -787,12 +815,12 @@ impl Idempotency {
                 true
             }
             Ok(Completion::Lost) => {
-                observe::record_lost(&operation);
+                observe::record_lost(operation);
                 tracing::warn!(%key, record_lost = true, "an idempotency claim lapsed before its outcome could be recorded");
                 false
             }
             Err(error) => {
-                observe::record_lost(&operation);
+                observe::record_lost(operation);
                 tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call before its lease ran out; a retry after it runs the body again");
                 false
             }
@@ -860,7 +888,10 @@ impl Idempotency {
                             if !std::mem::replace(&mut past, true) {
                                 tracing::error!(%key, record_lost = true, %error, "could not renew an idempotency claim before its lease ran out; trying on while the call runs");
                             }
-                            tokio::time::sleep(every.max(PAST_LEASE_RENEW_PAUSE)).await;
+                            tokio::time::sleep(
+                                every.max(PAST_LEASE_RENEW_PAUSE.min(settings.lease() / 2)),
+                            )
+                            .await;
                         }
                     }
                 }
@@ -1144,8 +1175,9 @@ fn retryable(error: &StoreError) -> bool {
 }
 
 /// The shortest pause between two renewals of a claim whose lease ran out
-/// unrenewed: a store that fails at once is not asked hundreds of times a
-/// second by a call of a very short lease.
+/// unrenewed (for a lease of at least two seconds; half a lease, for a
+/// shorter one, so that a renewal that lands still keeps the claim): a store
+/// that fails at once is not asked hundreds of times a second.
 const PAST_LEASE_RENEW_PAUSE: Duration = Duration::from_secs(1);
 
 /// The shortest pause between two polls of a waiting caller, whatever the

@@ -339,7 +339,7 @@ impl Call {
             CallOutcome::StoreError | CallOutcome::DecodeError | CallOutcome::ConfigError
         ) && !self.span.is_disabled()
         {
-            self.span.record("error", tracing::field::display(error));
+            self.span.record("error", one_line(&error.to_string()));
         }
     }
 
@@ -431,6 +431,25 @@ impl Drop for Call {
             self.finish();
         }
     }
+}
+
+/// `text` as one line of at most 512 bytes, for a log field: control
+/// characters become spaces, and a longer text is cut with `…`.
+fn one_line(text: &str) -> String {
+    const MAX: usize = 512;
+    let mut line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.len() > MAX {
+        let mut end = MAX - '…'.len_utf8();
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push('…');
+    }
+    line
 }
 
 /// A body's claim lapsed or was taken over while it ran.
@@ -563,6 +582,14 @@ impl fmt::Debug for Call {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_in_a_span_is_one_bounded_line() {
+        assert_eq!(one_line("a\nb\tc"), "a b c");
+        let long = one_line(&"é".repeat(1000));
+        assert!(long.len() <= 512 && long.ends_with('…'), "{}", long.len());
+        assert_eq!(one_line("short"), "short");
+    }
 
     #[test]
     fn the_fn_a_body_was_written_in_is_read_from_its_type() {

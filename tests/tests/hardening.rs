@@ -447,6 +447,38 @@ fn a_call_dropped_after_a_full_refusal_records_only_that_it_ran() {
     });
 }
 
+/// The same on the path that waits for its record (a consumer acknowledges
+/// a message only once its outcome is recorded): a retry of the record
+/// refused as full, then dropped, goes on with the few bytes only.
+#[cfg(feature = "consumer")]
+#[test]
+fn a_consumer_dropped_after_a_full_refusal_records_only_that_it_ran() {
+    use idem_core::consumer::{Consumer, Delivery, Handled};
+    paused(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let consumer = Consumer::new(Idempotency::from_arc(flaky.clone()), "orders");
+        let delivery = || Delivery::new("m1", bytes::Bytes::from_static(b"abc"));
+        // The record times out unapplied; its retry is refused as full;
+        // the few bytes are slow to land.
+        flaky.inject(Op::Complete, Fault::Refused);
+        flaky.inject(Op::Complete, Fault::Full);
+        flaky.inject(Op::Complete, Fault::Slow(Duration::from_secs(1)));
+        let handler = |d: Delivery| async move { Ok::<_, String>(d.payload().len()) };
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(200),
+            consumer.process(delivery(), handler),
+        )
+        .await;
+        assert!(dropped.is_err(), "the consumer was stopped");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let again = consumer.process(delivery().deliveries(2), handler).await;
+        assert!(
+            matches!(again.handled, Handled::NotRun(Error::NotReplayable { .. })),
+            "{again:?}"
+        );
+    });
+}
+
 /// A holder whose renewals fail past its lease, and whose record's answer
 /// is lost, does not hand the callers that waited on it in its process its
 /// own result: another call may have taken the key and stored its own,
@@ -603,41 +635,53 @@ impl Store for RenewalAnswersLostUntil {
 /// renewal would have run out is refused, and the body runs once.
 #[test]
 fn renewal_tries_on_past_the_lease_while_the_call_runs() {
-    paused(async {
-        let store = Arc::new(RenewalAnswersLostUntil {
-            inner: MemoryStore::new(),
-            until: Instant::now() + Duration::from_millis(4500),
+    // (lease, answers lost until, the body's time, the rival comes at), in
+    // ms: a lease of seconds, and one shorter than the pause between
+    // renewals past a long lease, which must still be renewed within it.
+    for (lease, lost_until, took, rival_at) in [(3000, 4500, 8000, 6500), (600, 1500, 3000, 2200)] {
+        let ms = Duration::from_millis;
+        paused(async move {
+            let store = Arc::new(RenewalAnswersLostUntil {
+                inner: MemoryStore::new(),
+                until: Instant::now() + ms(lost_until),
+            });
+            let holder = Idempotency::from_arc(store.clone());
+            let rival = Idempotency::from_arc(store.clone());
+            let (key, fp) = key("hardening.renew-past-lease");
+            let runs = Arc::new(AtomicUsize::new(0));
+            let body = |runs: Arc<AtomicUsize>| async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(ms(took)).await;
+                Ok::<_, Error>(run)
+            };
+            let settings = move |on_conflict| {
+                Settings::builder()
+                    .lease(ms(lease))
+                    .ttl(Duration::from_secs(3600))
+                    .on_conflict(on_conflict)
+                    .build()
+                    .unwrap()
+            };
+            let held = tokio::spawn({
+                let body = body(runs.clone());
+                async move { holder.run(&settings(OnConflict::Wait), key, fp, body).await }
+            });
+            tokio::time::sleep(ms(rival_at)).await;
+            let rivalled = rival
+                .run(&settings(OnConflict::Reject), key, fp, body(runs.clone()))
+                .await;
+            assert!(
+                matches!(rivalled, Err(Error::InProgress { .. })),
+                "lease {lease} ms: {rivalled:?}"
+            );
+            assert_eq!(held.await.unwrap().expect("ran"), 1);
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+            let replayed = rival
+                .run(&settings(OnConflict::Wait), key, fp, body(runs.clone()))
+                .await;
+            assert_eq!(replayed.unwrap(), 1, "its result was stored");
         });
-        let holder = Idempotency::from_arc(store.clone());
-        let rival = Idempotency::from_arc(store.clone());
-        let (key, fp) = key("hardening.renew-past-lease");
-        let runs = Arc::new(AtomicUsize::new(0));
-        let body = |runs: Arc<AtomicUsize>| async move {
-            let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::time::sleep(Duration::from_secs(8)).await;
-            Ok::<_, Error>(run)
-        };
-        let held = tokio::spawn({
-            let body = body(runs.clone());
-            async move { holder.run(&settings(3), key, fp, body).await }
-        });
-        tokio::time::sleep(Duration::from_millis(6500)).await;
-        let reject = Settings::builder()
-            .lease(Duration::from_secs(3))
-            .ttl(Duration::from_secs(3600))
-            .on_conflict(OnConflict::Reject)
-            .build()
-            .unwrap();
-        let rivalled = rival.run(&reject, key, fp, body(runs.clone())).await;
-        assert!(
-            matches!(rivalled, Err(Error::InProgress { .. })),
-            "{rivalled:?}"
-        );
-        assert_eq!(held.await.unwrap().expect("ran"), 1);
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
-        let replayed = rival.run(&settings(3), key, fp, body(runs.clone())).await;
-        assert_eq!(replayed.unwrap(), 1, "its result was stored");
-    });
+    }
 }
 
 /// A memory store whose `begin` always finds the key held by a holder whose

@@ -1861,6 +1861,48 @@ async fn duplicates_of_a_panicking_transactional_body_share_its_failure() {
     let id = call(false).await.expect("a later call runs");
     assert_eq!(call(false).await.unwrap(), id);
     assert_eq!((runs.count(), charges(server, &op)), (2, 1));
+
+    // A closure that panics before it returns its future, the same. It
+    // holds its worker thread until the duplicates, on the other one, had
+    // time to join the call.
+    let key = Key::new(&op, "early").unwrap();
+    let gate = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let early = || {
+        let (store, runs, gate) = (store.clone(), runs.clone(), gate.clone());
+        async move {
+            store
+                .run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
+                    runs.mark();
+                    while !gate.load(std::sync::atomic::Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    panic!("the closure panics");
+                    #[allow(unreachable_code)]
+                    Box::pin(async { Ok::<i64, ChargeError>(0) })
+                })
+                .await
+        }
+    };
+    let first = tokio::spawn(early());
+    while runs.count() < 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut duplicates = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        duplicates.spawn(early());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(first.await.unwrap_err().is_panic());
+    let mut shared = 0;
+    while let Some(answer) = duplicates.join_next().await {
+        match answer {
+            Ok(Err(ChargeError::Idem(m))) if m.contains("waited for failed") => shared += 1,
+            other => panic!("{:?}", other.map_err(|e| e.is_panic())),
+        }
+    }
+    assert_eq!(shared, 3, "the duplicates share the failure");
+    assert_eq!(runs.count(), 3, "the panicking closure ran once");
 }
 
 /// With errors cached, an error that does not serialize cannot be stored:

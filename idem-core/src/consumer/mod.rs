@@ -1010,8 +1010,8 @@ async fn heartbeating<M: Message, O>(
     let beats = async {
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Told once per message at `WARN`: during a broker outage every
-        // message in flight fails each of its heartbeats.
+        // Told at `WARN` once per run of failures (during a broker outage
+        // every message in flight fails each of its heartbeats).
         let mut told = false;
         loop {
             ticks.tick().await;
@@ -1022,7 +1022,7 @@ async fn heartbeating<M: Message, O>(
                 Err(error) => {
                     tracing::debug!(%error, "idem: could not send a message's heartbeat again");
                 }
-                Ok(()) => {}
+                Ok(()) => told = false,
             }
         }
     };

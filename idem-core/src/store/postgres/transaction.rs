@@ -309,9 +309,13 @@ impl PostgresStore {
             Opened::Done(result) => result,
             Opened::Claimed(mut claim) => {
                 let holding = claim.holding();
-                let result = crate::engine::caught(holding.run(body(claim.connection())))
-                    .await
-                    .unwrap_or_else(|panic| claim.panicked(panic));
+                // The closure is called inside the catch too: it may panic
+                // before it returns its future.
+                let connection = claim.connection();
+                let result =
+                    crate::engine::caught(async move { holding.run(body(connection)).await })
+                        .await
+                        .unwrap_or_else(|panic| claim.panicked(panic));
                 (*claim).finish(result, codec).await
             }
         }
