@@ -56,8 +56,8 @@
 /// |---|---|---|
 /// | `key = EXPR` | the idempotency key: any `Serialize` value, evaluated by reference before the body runs | the fingerprint of the arguments (content-based dedup) |
 /// | `scope = EXPR` | a tenant or user: equal keys in different scopes never meet | none |
-/// | `ttl = "24h"` or `ttl = EXPR` | how long a completed result is kept; a literal is checked at compile time (`500ms`, `90s`, `15m`, `24h`, `7d`, `1h30m`), an expression must be a `Duration` | `24h` |
-/// | `lease = "30s"` | how long an in-progress claim holds before another caller may take over; renewed while the body runs; shorter than `ttl` | `60s` |
+/// | `ttl = "24h"` or `ttl = EXPR` | how long a completed result is kept (`90s`, `15m`, `24h`, `7d`, `1h30m`, `500ms` with a shorter `lease`); a literal, or `Duration::from_secs(N)`, `from_millis(N)`, `ZERO` or `MAX`, is checked at compile time; any other expression must be a `Duration`, checked at run time | `24h` |
+/// | `lease = "30s"` | how long an in-progress claim holds before another caller may take over; renewed while the body runs; shorter than `ttl`, at least `10ms` | `60s` |
 /// | `on_conflict = wait` or `reject` | another call holds the key: wait for its result, or fail at once with `Error::InProgress` | `wait` |
 /// | `wait_timeout = "10s"` | the longest a waiting call waits (only with `wait`) | the lease |
 /// | `cache_errors = true` or `= path` | also store `Err` results: all, or those a `fn(&E) -> bool` accepts | `false` |

@@ -829,7 +829,9 @@ impl Idempotency {
 
     /// Polls `work` to completion while renewing the claim every third of the
     /// lease. A renewal that fails is retried at once, with a short backoff,
-    /// until the lease runs out.
+    /// while the lease allows; past it, every third of the lease (at least
+    /// [`PAST_LEASE_RENEW_PAUSE`] apart, at most half a lease) while the work
+    /// runs.
     async fn renewing<W: Future>(
         &self,
         settings: &Settings,
@@ -1185,7 +1187,8 @@ const PAST_LEASE_RENEW_PAUSE: Duration = Duration::from_secs(1);
 pub(crate) const MIN_POLL_PAUSE: Duration = Duration::from_millis(10);
 
 /// The shortest pause before a failed renewal is tried again; with less of
-/// the lease left than twice this, the holder gives up.
+/// the lease left than twice this, renewals go on at the pace of those past
+/// the lease.
 const MIN_RENEW_PAUSE: Duration = Duration::from_millis(5);
 
 /// How long a caller that polls a store for another holder's claim waits

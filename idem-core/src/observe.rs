@@ -30,7 +30,7 @@
 //! | `ran` | ran the body; its result (an `Ok`, or a cached `Err`) was stored (or, when it does not serialize, the store refused it or it was over the maximum record size, that the call ran: the caller gets its result, retries `Error::NotReplayable`), or is being recorded in the background after a timeout (a recording that fails for the whole lease is counted in `idem_records_lost_total`) |
 //! | `failed` | ran the body, which returned an `Err` that is not stored, or panicked (the claim was released) |
 //! | `not_stored` | ran the body, but its result was not stored: its claim lapsed or was taken over (also when the body learnt so from a step or its epoch, `Error::StepLost` or `Error::ClaimLost`, and failed), or the store failed; a retry runs the body again |
-//! | `cancelled` | was dropped by its caller before it ended (the claim, if it held one, lapses with its lease) |
+//! | `cancelled` | was dropped by its caller before it ended (a claim it held lapses with its lease; one dropped while its outcome was being recorded has it recorded in the background, and one dropped during its `begin` has the claim cleared) |
 //! | `replayed` | found a completed record and replayed it |
 //! | `waited` | waited for another call with the key, then replayed its result |
 //! | `in_progress` | gave up on another holder: `Error::InProgress` (409) |

@@ -25,6 +25,7 @@
 //! |---|---|
 //! | the handler returned `Ok` (or an earlier delivery did: a replay) | acknowledged |
 //! | the handler returned `Err` or panicked, delivery `n` < `max_deliveries` (5) | nak'ed, redelivered after a backoff: 1 s · 2ⁿ⁻¹, at most 60 s; a panic releases the claim at once like an `Err` |
+//! | the handler ran past [`handler_timeout`](Consumer::handler_timeout) (none by default) | cancelled, and the same as an `Err` |
 //! | the handler returned `Err` or panicked on the last delivery, or returned `Err` having marked its failure final ([`mark_final`](crate::mark_final)) on any | dead-lettered: published to the dead-letter subject when one is set, and terminated; the failure is recorded (as one [header-safe](header_text) line) |
 //! | an earlier delivery failed for good (recorded) | dead-lettered again, without running the handler |
 //! | its dead letter cannot be published | nak'ed with the backoff and only the dead letter tried again, through delivery `max_deliveries + dead_letter_attempts - 1` (a message without an id: once); then terminated without one (logged) |
@@ -41,7 +42,9 @@
 //! one [header-safe](header_text) line of at most [`MAX_REASON_LEN`]
 //! bytes. Nothing a message does (a panic, odd text, a broker that refuses
 //! its ack or dead letter) stops [`Consumer::run`] or the other messages in
-//! flight. A message is acknowledged only when the store confirmed its
+//! flight, but for a handler that never returns: it holds its slot (with
+//! [`concurrency`](Consumer::concurrency) 1, the consumer) unless
+//! [`handler_timeout`](Consumer::handler_timeout) bounds it. A message is acknowledged only when the store confirmed its
 //! outcome's record (the engine is told so by the store's answer; no read
 //! back is needed).
 //!
@@ -56,10 +59,10 @@
 //! adds no ordering beyond the broker's: messages are processed
 //! `concurrency` at a time (default 16; 1 keeps the broker's delivery
 //! order, except that a nak'ed message comes back later), and a redelivery
-//! is processed whenever the broker sends it. Batches are the broker's
-//! business too: each message of a batch is claimed, run, recorded and
-//! acknowledged on its own, so a crash mid-batch replays the messages that
-//! were recorded and runs the others.
+//! is processed whenever the broker sends it. The JetStream integration
+//! pulls `concurrency` messages at a time; each message of a batch is
+//! claimed, run, recorded and acknowledged on its own, so a crash mid-batch
+//! replays the messages that were recorded and runs the others.
 //!
 //! # Other brokers
 //!

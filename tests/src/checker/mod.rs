@@ -31,8 +31,8 @@
 //!    "Not promised" list names, and then the history shows it: a holder
 //!    paused past its lease, a record that expired, a caller that dropped
 //!    its call mid-body (not one dropped once its body returned `Ok`, whose
-//!    outcome idem records in the background, unless the call had undos to
-//!    finish first), or a result not stored after store faults.
+//!    outcome idem records in the background, unless its key's steps have
+//!    undos), or a result not stored after store faults.
 //!    **At most one effect per step**: per key and step, the step's work
 //!    runs once (later runs replay it), except across a pause past the
 //!    lease, an expiry of the journal, or a run cut short between the

@@ -47,7 +47,9 @@
 //!   holder commits or rolls back. With `on_conflict = wait` they block on it
 //!   (at most `wait_timeout`, through a `lock_timeout` that holds for the
 //!   lock's statement only, so the body keeps the session's own; a
-//!   `wait_timeout` over PostgreSQL's limit of 24.8 days waits that long),
+//!   `wait_timeout` over PostgreSQL's limit of 24.8 days waits that long; a
+//!   session `statement_timeout` shorter than the wait ends it sooner, with
+//!   `InProgress`),
 //!   then replay the
 //!   committed result; with `reject` they try the lock
 //!   (`pg_try_advisory_xact_lock`) and get `InProgress` at once, without
@@ -82,7 +84,8 @@
 //! usually `READ COMMITTED`. idem's own statements run first, so a body
 //! cannot set the level itself (`SET TRANSACTION ISOLATION LEVEL` would
 //! fail): set it here. A serialization failure or deadlock, in the
-//! body or at commit, rolls everything back: the call returns the error (an
+//! body or at commit (or a deferred constraint broken at commit), rolls
+//! everything back: the call returns the error (an
 //! `Error::Store` when it happens at commit), nothing was recorded, and a
 //! retry runs the body again; unless the body passed it up as an `Err`
 //! that `cache_errors` keeps (`true` keeps every error), which is stored
@@ -756,7 +759,7 @@ impl Held {
             if let Err(error) =
                 crate::store::Store::complete(&store, self.key, self.token, ran, self.ttl).await
             {
-                tracing::warn!(key = %self.key, %error, "could not mark a claim whose body ended idem's transaction; a retry after its lease runs the body again");
+                tracing::warn!(key = %self.key, record_lost = true, %error, "could not mark a claim whose body ended idem's transaction; a retry after its lease runs the body again");
             }
             return Err(StoreError::new(
                 StoreErrorKind::Config,
