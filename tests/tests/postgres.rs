@@ -1862,20 +1862,34 @@ async fn duplicates_of_a_panicking_transactional_body_share_its_failure() {
     assert_eq!(call(false).await.unwrap(), id);
     assert_eq!((runs.count(), charges(server, &op)), (2, 1));
 
-    // A closure that panics before it returns its future, the same. It
-    // holds its worker thread until the duplicates, on the other one, had
-    // time to join the call.
+    // A closure that panics before it returns its future, the same. A
+    // holder on another store keeps the key's lock until the duplicates
+    // joined the call that waits for it, then fails, committing nothing.
     let key = Key::new(&op, "early").unwrap();
-    let gate = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder_store = connect(&server.url()).await;
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (held, claimed) = tokio::sync::oneshot::channel();
+    let holder = {
+        let gate = Arc::clone(&gate);
+        tokio::spawn(async move {
+            holder_store
+                .run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
+                    Box::pin(async move {
+                        let _ = held.send(());
+                        gate.notified().await;
+                        Err::<i64, _>(ChargeError::Declined)
+                    })
+                })
+                .await
+        })
+    };
+    claimed.await.unwrap();
     let early = || {
-        let (store, runs, gate) = (store.clone(), runs.clone(), gate.clone());
+        let (store, runs) = (store.clone(), runs.clone());
         async move {
             store
                 .run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
                     runs.mark();
-                    while !gate.load(std::sync::atomic::Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
                     panic!("the closure panics");
                     #[allow(unreachable_code)]
                     Box::pin(async { Ok::<i64, ChargeError>(0) })
@@ -1884,15 +1898,14 @@ async fn duplicates_of_a_panicking_transactional_body_share_its_failure() {
         }
     };
     let first = tokio::spawn(early());
-    while runs.count() < 3 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut duplicates = tokio::task::JoinSet::new();
     for _ in 0..3 {
         duplicates.spawn(early());
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    gate.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap(), Err(ChargeError::Declined));
     assert!(first.await.unwrap_err().is_panic());
     let mut shared = 0;
     while let Some(answer) = duplicates.join_next().await {
