@@ -766,7 +766,7 @@ impl Idempotency {
     /// it succeeds or the lease (as it stands now) runs out. Answers whether
     /// it succeeded.
     #[allow(clippy::too_many_arguments)]
-    async fn record_retrying(
+    fn record_retrying(
         self,
         settings: Settings,
         operation: Operation,
@@ -775,18 +775,51 @@ impl Idempotency {
         lease: Lease,
         record: Option<Record>,
         refused: bool,
-    ) -> bool {
-        let refused = AtomicBool::new(refused);
-        self.record_retrying_on(
-            &settings,
-            &operation,
+    ) -> impl Future<Output = bool> + Send + 'static {
+        /// Dropped unfinished, the task was: its runtime stopped (a service
+        /// shutting down, a `block_on` that ended) before the outcome was
+        /// recorded, whether the task had begun or not.
+        struct Unfinished {
+            key: Key,
+            operation: Operation,
+            done: bool,
+        }
+        impl Unfinished {
+            fn finish(mut self) {
+                self.done = true;
+            }
+        }
+        impl Drop for Unfinished {
+            fn drop(&mut self) {
+                if !self.done {
+                    observe::record_lost(&self.operation);
+                    tracing::error!(key = %self.key, record_lost = true, "the runtime stopped before the outcome of an idempotent call was recorded; a retry after its lease runs the body again");
+                }
+            }
+        }
+        // Made now, not when the task first runs: a task dropped before it
+        // ran must tell it too.
+        let unfinished = Unfinished {
             key,
-            token,
-            &lease,
-            record.as_ref(),
-            &refused,
-        )
-        .await
+            operation,
+            done: false,
+        };
+        async move {
+            let refused = AtomicBool::new(refused);
+            let confirmed = self
+                .record_retrying_on(
+                    &settings,
+                    &unfinished.operation,
+                    key,
+                    token,
+                    &lease,
+                    record.as_ref(),
+                    &refused,
+                )
+                .await;
+            unfinished.finish();
+            confirmed
+        }
     }
 
     /// [`record_retrying`](Self::record_retrying), on borrowed state:

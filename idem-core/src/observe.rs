@@ -54,7 +54,7 @@
 //! | `idem_body_seconds` | histogram | `operation` | time bodies ran |
 //! | `idem_claims_lost_total` | counter | `operation` | bodies whose claim lapsed or was taken over while they ran, or was removed by `forget`: their results were not stored (a lease too short for the body, or an operator's `forget`) |
 //! | `idem_record_retries_total` | counter | `operation` | results whose recording failed once and was retried |
-//! | `idem_records_lost_total` | counter | `operation` | results that could not be recorded before their lease ran out: a retry will run the body again |
+//! | `idem_records_lost_total` | counter | `operation` | results that could not be recorded before their lease ran out, or whose recording in the background was stopped with its runtime: a retry will run the body again |
 
 use std::fmt;
 use std::sync::Arc;

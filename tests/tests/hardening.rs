@@ -921,6 +921,38 @@ async fn a_renewal_after_the_record_landed_does_not_say_the_claim_was_lost() {
     assert_eq!(replayed.unwrap(), 1);
 }
 
+/// A record retried in the background on a runtime that then stops (a
+/// service shutting down, a `block_on` that ended) says so: the retry
+/// after the lease will run the body again.
+#[test]
+fn a_runtime_stopped_before_a_retried_record_says_the_record_was_lost() {
+    let capture = idem_test::logs::capture();
+    let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+    let idem = Idempotency::from_arc(flaky.clone());
+    let (key, fp) = key("hardening.runtime-stopped");
+    // The record never reaches the store; its retry waits in a task.
+    flaky.inject(Op::Complete, Fault::Refused);
+    flaky.inject(Op::Complete, Fault::Refused);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    let answer = runtime.block_on(idem.run(&settings(3), key, fp, async { Ok::<u32, Error>(1) }));
+    assert_eq!(answer.unwrap(), 1);
+    assert!(!capture.text().contains("the runtime stopped"), "not yet");
+    drop(runtime);
+    let text = capture.text();
+    let told = text
+        .lines()
+        .find(|line| line.contains("the runtime stopped before the outcome"))
+        .unwrap_or_else(|| panic!("nothing told: {text}"));
+    assert!(
+        told.contains("record_lost=true") && told.contains(&format!("key={key}")),
+        "{told}"
+    );
+}
+
 /// The memory store, but its journal cannot be read.
 struct UnreadableJournal(MemoryStore);
 
