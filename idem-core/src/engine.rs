@@ -560,17 +560,24 @@ impl Idempotency {
             error.kind(),
             StoreErrorKind::Timeout | StoreErrorKind::Unavailable | StoreErrorKind::Other
         );
+        if unknown {
+            self.release_later(key, token);
+        }
+    }
+
+    /// Releases the claim `token` may hold on `key` from a task: a `begin`
+    /// whose outcome is unknown may have made it. Fenced by the token, so a
+    /// `begin` that claimed nothing makes it a no-op.
+    fn release_later(&self, key: Key, token: Token) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if unknown {
-            let store = Arc::clone(&self.shared.store);
-            runtime.spawn(async move {
-                if let Err(error) = store.release(key, token).await {
-                    tracing::debug!(%key, %error, "could not clear a claim whose begin timed out; it lapses with its lease");
-                }
-            });
-        }
+        let store = Arc::clone(&self.shared.store);
+        runtime.spawn(async move {
+            if let Err(error) = store.release(key, token).await {
+                tracing::debug!(%key, %error, "could not clear a claim whose begin's outcome is unknown; it lapses with its lease");
+            }
+        });
     }
 
     /// Records the body's outcome: completes the claim with its record, or,
@@ -1038,18 +1045,9 @@ struct PendingBegin<'a> {
 
 impl Drop for PendingBegin<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if self.armed {
+            self.engine.release_later(self.key, self.token);
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (store, key, token) = (Arc::clone(&self.engine.shared.store), self.key, self.token);
-        runtime.spawn(async move {
-            if let Err(error) = store.release(key, token).await {
-                tracing::debug!(%key, %error, "could not clear a claim whose call was dropped during its begin; it lapses with its lease");
-            }
-        });
     }
 }
 
