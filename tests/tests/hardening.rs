@@ -254,45 +254,59 @@ fn renewals_are_reckoned_from_when_they_were_sent() {
 fn followers_of_a_stale_holder_get_the_stored_result() {
     paused(async {
         let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
-        let holder = Idempotency::from_arc(flaky.clone());
-        let rival = Idempotency::from_arc(flaky.clone());
-        let (key, fp) = key("hardening.stale-followers");
-        let wait = Settings::builder()
-            .lease(Duration::from_secs(3))
-            .ttl(Duration::from_secs(3600))
-            .wait_timeout(Duration::from_secs(20))
-            .build()
-            .unwrap();
+        let (key, _) = key("hardening.stale-followers");
         flaky.stall(key, Instant::now() + Duration::from_secs(10));
-        let held = tokio::spawn({
-            let holder = holder.clone();
-            async move {
-                holder
-                    .run(&wait, key, fp, async {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        Ok::<u32, Error>(1)
-                    })
-                    .await
-            }
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let follower = tokio::spawn(async move {
-            holder
-                .run(&wait, key, fp, async { Ok::<u32, Error>(99) })
-                .await
-        });
-        tokio::time::sleep(Duration::from_millis(3400)).await;
-        let rivalled = rival
-            .run(&settings(3), key, fp, async { Ok::<u32, Error>(2) })
-            .await;
-        assert_eq!(rivalled.expect("the rival takes over the lapsed claim"), 2);
-        assert_eq!(held.await.unwrap().expect("its own result"), 1);
-        assert_eq!(
-            follower.await.unwrap().expect("a result"),
-            2,
-            "the stored one"
-        );
+        a_stale_holders_follower_gets_the_rivals_result(&flaky, key, || {}).await;
     });
+}
+
+/// A holder whose body runs 5 s on a 3 s lease that `flaky` does not keep,
+/// a caller that joins it in its process at 0.1 s, and a rival in another
+/// process that takes the lapsed claim at 3.5 s and stores 2; `then` runs
+/// after the rival. The holder gets its own 1, the follower the stored 2.
+async fn a_stale_holders_follower_gets_the_rivals_result(
+    flaky: &Arc<Flaky>,
+    key: Key,
+    then: impl FnOnce(),
+) {
+    let holder = Idempotency::from_arc(flaky.clone());
+    let rival = Idempotency::from_arc(flaky.clone());
+    let fp = Fingerprint::of(&1).expect("a fingerprint");
+    let wait = Settings::builder()
+        .lease(Duration::from_secs(3))
+        .ttl(Duration::from_secs(3600))
+        .wait_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let held = tokio::spawn({
+        let holder = holder.clone();
+        async move {
+            holder
+                .run(&wait, key, fp, async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok::<u32, Error>(1)
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let follower = tokio::spawn(async move {
+        holder
+            .run(&wait, key, fp, async { Ok::<u32, Error>(99) })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(3400)).await;
+    let rivalled = rival
+        .run(&settings(3), key, fp, async { Ok::<u32, Error>(2) })
+        .await;
+    assert_eq!(rivalled.expect("the rival takes over the lapsed claim"), 2);
+    then();
+    assert_eq!(held.await.unwrap().expect("its own result"), 1);
+    assert_eq!(
+        follower.await.unwrap().expect("a result"),
+        2,
+        "the stored one"
+    );
 }
 
 /// A caller that drops its call while the body's result is being recorded
@@ -490,46 +504,13 @@ fn followers_of_a_holder_past_its_lease_whose_record_is_unconfirmed_get_the_stor
             inner: MemoryStore::new(),
             until: Instant::now() + Duration::from_secs(10),
         })));
-        let holder = Idempotency::from_arc(flaky.clone());
-        let rival = Idempotency::from_arc(flaky.clone());
-        let (key, fp) = key("hardening.unconfirmed-followers");
-        let wait = Settings::builder()
-            .lease(Duration::from_secs(3))
-            .ttl(Duration::from_secs(3600))
-            .wait_timeout(Duration::from_secs(20))
-            .build()
-            .unwrap();
-        let held = tokio::spawn({
-            let holder = holder.clone();
-            async move {
-                holder
-                    .run(&wait, key, fp, async {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        Ok::<u32, Error>(1)
-                    })
-                    .await
-            }
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let follower = tokio::spawn(async move {
-            holder
-                .run(&wait, key, fp, async { Ok::<u32, Error>(99) })
-                .await
-        });
-        tokio::time::sleep(Duration::from_millis(3400)).await;
-        let rivalled = rival
-            .run(&settings(3), key, fp, async { Ok::<u32, Error>(2) })
-            .await;
-        assert_eq!(rivalled.expect("the rival takes over the lapsed claim"), 2);
+        let (key, _) = key("hardening.unconfirmed-followers");
         // The holder's record is answered with a timeout (the store found
         // the claim the rival's).
-        flaky.inject(Op::Complete, Fault::AnswerLost);
-        assert_eq!(held.await.unwrap().expect("its own result"), 1);
-        assert_eq!(
-            follower.await.unwrap().expect("a result"),
-            2,
-            "the stored one"
-        );
+        a_stale_holders_follower_gets_the_rivals_result(&flaky, key, || {
+            flaky.inject(Op::Complete, Fault::AnswerLost);
+        })
+        .await;
     });
 }
 
