@@ -302,6 +302,60 @@ async fn a_body_that_fails_midway_is_not_run_again(idem: Idempotency) {
     assert_eq!(runs.get(), 1);
 }
 
+/// A body of known length under the cap is read whole before it is sent:
+/// when it fails midway, its client got none of it, and neither it nor a
+/// retry is told that bytes were sent. The handler never runs again.
+async fn a_whole_body_that_fails_is_not_said_to_have_been_sent(idem: Idempotency) {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Says it is 10 bytes long, yields 5 and fails.
+    struct Truncated(bool);
+
+    impl hyper::body::Body for Truncated {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            if std::mem::replace(&mut self.0, true) {
+                Poll::Ready(Some(Err(std::io::Error::other("the disk went away"))))
+            } else {
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"12345")))))
+            }
+        }
+
+        fn size_hint(&self) -> hyper::body::SizeHint {
+            hyper::body::SizeHint::with_exact(10)
+        }
+    }
+
+    let runs = Arc::new(Runs::default());
+    let counted = Arc::clone(&runs);
+    let app = Router::new().route(
+        "/export",
+        post(move || {
+            counted.bump();
+            async { (StatusCode::CREATED, Body::new(Truncated(false))) }
+        }),
+    );
+    let addr = serve(app.layer(rejecting(idem))).await;
+    let key = key();
+    for _ in 0..2 {
+        let answer = post_to(addr, "/export", &key).send().await.unwrap();
+        let body = problem(answer, 500, "unreplayable").await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("failed after 5 bytes, before any was sent"),
+            "{detail}"
+        );
+        assert!(!detail.contains("disk"), "no internals: {detail}");
+    }
+    assert_eq!(runs.get(), 1);
+}
+
 /// A gzip body from tower-http's compression inside the layer is
 /// replayed with its `Content-Encoding` and `Vary`; `Set-Cookie` never is.
 async fn compressed_responses_replay_their_encoding(idem: Idempotency) {
@@ -962,6 +1016,7 @@ on_each_store!(
     a_stream_flows_through_and_is_replayed,
     a_stream_over_the_cap_flows_and_is_not_run_again,
     a_body_that_fails_midway_is_not_run_again,
+    a_whole_body_that_fails_is_not_said_to_have_been_sent,
     compressed_responses_replay_their_encoding,
     every_guarded_answer_carries_retention,
     nested_routers_do_not_share_replays,

@@ -969,9 +969,13 @@ impl Relay {
                         last: Some(Err(error)),
                     });
                 }
-                Err(format!(
-                    "its response body failed after {sent} bytes had been sent"
-                ))
+                // A body read whole (its length known and under the cap)
+                // had sent the client nothing when it failed.
+                Err(if self.whole {
+                    format!("its response body failed after {sent} bytes, before any was sent")
+                } else {
+                    format!("its response body failed after {sent} bytes had been sent")
+                })
             }
             (None, None) => {
                 tracing::warn!(status = %self.status, "an idempotent response is larger than max_response_bytes ({max}); retries are told it cannot be replayed");
