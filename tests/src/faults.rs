@@ -32,9 +32,9 @@ use idem_core::store::{
 use idem_core::{Fingerprint, Key};
 
 /// A store operation that [`Flaky`] can fault: the four of the protocol,
-/// and `forget`. The journal's operations (`append_step`, `steps`,
-/// `epoch`) and the operators' `inspect` and `claims_older_than` always go
-/// to the inner store unfaulted.
+/// `forget`, and a step's append to the journal. Reading the journal
+/// (`steps`), `epoch` and the operators' `inspect` and `claims_older_than`
+/// always go to the inner store unfaulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     /// [`Store::begin`].
@@ -48,6 +48,9 @@ pub enum Op {
     /// [`Store::forget`]: faulted when injected, or by a [`Schedule`]
     /// that lists it ([`Schedule::every_kind`] does not).
     Forget,
+    /// [`Store::append_step`]: a step's result (or a compensation's mark)
+    /// written to the journal.
+    AppendStep,
 }
 
 /// What goes wrong with one operation.
@@ -109,8 +112,9 @@ pub struct Schedule {
 
 impl Schedule {
     /// The faults of the checker's default schedule: on `begin`,
-    /// `complete`, `release` and `renew`, [`Fault::Refused`],
-    /// [`Fault::AnswerLost`], [`Fault::Delayed`] and [`Fault::LandsLate`];
+    /// `complete`, `release`, `renew` and a step's `append_step`,
+    /// [`Fault::Refused`], [`Fault::AnswerLost`], [`Fault::Delayed`] and
+    /// [`Fault::LandsLate`];
     /// [`Fault::Full`] and [`Fault::Slow`] on `complete`s (the writes that
     /// carry a result: a slow one is where a caller that gives up while
     /// its outcome is recorded cuts in); [`Fault::ClockLag`] on `begin`s.
@@ -120,7 +124,13 @@ impl Schedule {
     #[must_use]
     pub fn every_kind(rate: f64, delay: Duration) -> Self {
         let mut faults = Vec::new();
-        for op in [Op::Begin, Op::Complete, Op::Release, Op::Renew] {
+        for op in [
+            Op::Begin,
+            Op::Complete,
+            Op::Release,
+            Op::Renew,
+            Op::AppendStep,
+        ] {
             faults.extend([
                 (op, Fault::Refused),
                 (op, Fault::AnswerLost),
@@ -445,7 +455,9 @@ impl Store for Flaky {
         value: Vec<u8>,
         ttl: Duration,
     ) -> StoreFuture<'_, bool> {
-        self.inner.append_step(key, token, name, value, ttl)
+        self.faulty(Op::AppendStep, key, move |store| {
+            store.append_step(key, token, name, value, ttl)
+        })
     }
 
     fn steps(&self, key: Key) -> StoreFuture<'_, Vec<JournaledStep>> {

@@ -128,6 +128,16 @@ pub enum Event {
         /// The key.
         key: usize,
     },
+    /// At the end of the run, `key`'s journal held `entries` (idem's own
+    /// as `final` and `undo:<step>`), and its record was `completed`.
+    JournalAtEnd {
+        /// The key.
+        key: usize,
+        /// The journal's entries, in order.
+        entries: Vec<String>,
+        /// Whether the key held a completed record.
+        completed: bool,
+    },
     /// `begins` claims of `key` were sent in the whole run.
     Begins {
         /// The key.
@@ -233,6 +243,15 @@ impl fmt::Display for Line<'_> {
             }
             Event::Outcome { call, outcome } => write!(f, "call {call}: idem tells `{outcome}`"),
             Event::Begins { key, begins } => write!(f, "{begins} claims of key {key} were sent"),
+            Event::JournalAtEnd {
+                key,
+                entries,
+                completed,
+            } => write!(
+                f,
+                "at the end, key {key}'s journal holds {entries:?}; its record is {}",
+                if *completed { "completed" } else { "absent" }
+            ),
             Event::RecordLost { key } => {
                 write!(f, "idem: a result for key {key} may not be recorded")
             }

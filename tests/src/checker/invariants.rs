@@ -105,6 +105,7 @@ pub(crate) fn check(
     let mut step_effects: BTreeMap<(usize, u8), Vec<(Duration, u64)>> = BTreeMap::new();
     let mut step_undos: BTreeMap<(usize, u8), Vec<(Duration, u64)>> = BTreeMap::new();
     let mut replayed_steps: Vec<(usize, u8, u64, u64)> = Vec::new();
+    let mut journals: Vec<(usize, &Vec<String>, bool)> = Vec::new();
     for (at, event) in events {
         match event {
             Event::BodyStarted { call, key, run } => {
@@ -154,6 +155,11 @@ pub(crate) fn check(
                 run,
                 from,
             } => replayed_steps.push((*key, *step, *run, *from)),
+            Event::JournalAtEnd {
+                key,
+                entries,
+                completed,
+            } => journals.push((*key, entries, *completed)),
             Event::Fault { key: None, .. } | Event::Called { .. } | Event::StepJournaled { .. } => {
             }
         }
@@ -210,12 +216,13 @@ pub(crate) fn check(
                 let cancelled = dropped(earlier.call) && !returned;
                 let said_lost = outcome.is_some_and(|o| o == "not_stored") || lost.contains(&key);
                 // A store lost for the rest of a lease: its recording (or
-                // renewal) failed, and failed again when retried.
+                // renewal, or the journal entry that says the call failed
+                // for good) failed, and failed again when retried.
                 let faulted = faults
                     .iter()
                     .filter(|(at, k, op, _)| {
                         *k == key
-                            && matches!(op, Op::Renew | Op::Complete)
+                            && matches!(op, Op::Renew | Op::Complete | Op::AppendStep)
                             && *at >= earlier.start
                             && *at <= later.start
                     })
@@ -270,7 +277,8 @@ pub(crate) fn check(
     }
 
     // 1c. Per key and step, the undo runs at most once, and only after the
-    // step's effect, with the same excuses as the effect itself.
+    // step's effect, with the same excuses as the effect itself (an undo
+    // whose journal write failed runs again).
     for ((key, step), done) in &step_undos {
         let first = done[0].0;
         let effect = step_effects
@@ -291,7 +299,12 @@ pub(crate) fn check(
             let earlier = &runs[&earlier_run];
             let cut_short = dropped(earlier.call);
             let lapsed = !strict && lost.contains(key);
-            if stalled || expired || cut_short || lapsed {
+            // The undo's journal entry not written, or its answer lost:
+            // "at most once per journal entry", as for a step.
+            let unjournaled = faults.iter().any(|(at, k, op, _)| {
+                k == key && *op == Op::AppendStep && *at >= earlier_at && *at <= later_at
+            });
+            if stalled || expired || cut_short || lapsed || unjournaled {
                 continue;
             }
             return broken(
@@ -306,6 +319,30 @@ pub(crate) fn check(
 
     // 1d. Undos run last completed first.
     undo_order(workload, events)?;
+
+    // 1f. A failure for good is recorded only once every step journaled
+    // with an undo was undone: a completed record beside a journal that
+    // says the call failed for good has an undo entry for each step.
+    for (key, entries, completed) in &journals {
+        if !completed || !workload.keys[*key].compensate || !entries.iter().any(|e| e == "final") {
+            continue;
+        }
+        let missing = entries.iter().find(|entry| {
+            !entry.starts_with("undo:")
+                && *entry != "final"
+                && !entries
+                    .iter()
+                    .any(|undo| undo.strip_prefix("undo:") == Some(entry.as_str()))
+        });
+        if let Some(step) = missing {
+            return broken(
+                "a failure for good is recorded once its steps are undone",
+                format!(
+                    "key {key}: its record is stored, and its journal ({entries:?}) holds step                      {step} with an undo that never ran"
+                ),
+            );
+        }
+    }
 
     // 1e. A step's journaled value is replayed only to calls of the
     // arguments of the call that did it: a call of other arguments is the
@@ -356,7 +393,19 @@ pub(crate) fn check(
                 format!("call {call} was answered with run {run}, which never ran"),
             );
         };
+        // A failure for good whose journal entry landed unheard (its
+        // call was told it was not stored) becomes the record of the
+        // attempt that finishes its compensation.
+        let finished = is_err
+            && runs.values().any(|r| {
+                finisher(r)
+                    && matches!(
+                        answers.get(&r.call),
+                        Some((_, Answer::BodyErr { run: failed }, _)) if *failed == run
+                    )
+            });
         let unstored = outcomes
+            && !finished
             && told
                 .get(&source.call)
                 .and_then(|o| o.first())

@@ -504,6 +504,18 @@ pub(crate) async fn run(
         }
     }
     for (k, key) in keys.iter().enumerate() {
+        // Stores that keep no journal answer `Unsupported`: nothing to say.
+        if let Ok(steps) = flaky.steps(*key).await {
+            let completed = matches!(flaky.inspect(*key).await, Ok(Inspection::Completed { .. }));
+            history.push(Event::JournalAtEnd {
+                key: k,
+                entries: steps
+                    .into_iter()
+                    .map(|step| step.name.trim_start_matches('\u{1}').to_owned())
+                    .collect(),
+                completed,
+            });
+        }
         history.push(Event::Begins {
             key: k,
             begins: flaky.begins(*key),
