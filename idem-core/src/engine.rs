@@ -1197,7 +1197,7 @@ where
 /// Whether a failed operation may have failed for a passing reason, so that
 /// repeating it may succeed. A full store is one: expiring records free
 /// room, and a result that is not recorded may run again.
-fn retryable(error: &StoreError) -> bool {
+pub(crate) fn retryable(error: &StoreError) -> bool {
     matches!(
         error.kind(),
         StoreErrorKind::Timeout
@@ -1235,7 +1235,7 @@ fn poll_pause(n: u32) -> Duration {
     base + Duration::from_micros(rand::random_range(0..=half))
 }
 
-fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+pub(crate) fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
     backon::ExponentialBuilder::default()
         .with_min_delay(min)
         .with_max_delay(max.max(min))

@@ -94,6 +94,11 @@ fn unflagged(bytes: &[u8]) -> (&[u8], bool) {
     }
 }
 
+/// How many times a step that must not run while a call is compensated
+/// lets the futures polled beside it run before it fails: a sibling
+/// polled before or after it in each pass gets at least one whole pass.
+const YIELDS_BEFORE_COMPENSATING: usize = 3;
+
 /// The journal entry that says step `name`'s compensation ran.
 fn undone(name: &str) -> String {
     format!("\u{1}undo:{name}")
@@ -151,6 +156,9 @@ pub(crate) struct Journal {
     /// arguments: this call is then [`Error::KeyReused`], and neither runs
     /// nor replays a step.
     other_arguments: std::sync::atomic::AtomicBool,
+    /// Held while the journal is read from the store: steps run together
+    /// share one read, and all see it once it is taken.
+    reading: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -170,6 +178,10 @@ struct State {
     undos: Vec<(Completed, String, Undo)>,
     /// The steps with a compensation this attempt journaled.
     compensable: HashSet<String>,
+    /// The steps with a compensation whose append this attempt sent
+    /// without hearing that it landed (its answer was lost, or the step
+    /// was dropped while it was on its way): the journal may hold them.
+    unconfirmed: HashSet<String>,
     /// Whether the body marked its failure final ([`mark_final`]).
     marked_final: bool,
 }
@@ -293,6 +305,7 @@ impl Journal {
             state: Mutex::new(state),
             lost: std::sync::atomic::AtomicBool::new(false),
             other_arguments: std::sync::atomic::AtomicBool::new(other),
+            reading: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -385,6 +398,35 @@ impl Journal {
                 }
             }
         }
+        let unconfirmed: Vec<String> = if final_now {
+            self.state().unconfirmed.iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let mut landed = Vec::new();
+        if !unconfirmed.is_empty() {
+            // A step with a compensation whose append's answer was lost
+            // (or whose future was dropped) may be journaled: the journal
+            // says. One that is must be undone before the failure is final.
+            match self.store.steps(self.key).await {
+                Ok(steps) => landed.extend(
+                    steps
+                        .into_iter()
+                        .filter(|step| unconfirmed.contains(&step.name))
+                        .filter_map(|step| {
+                            let (value, _) = arguments_of(step.value);
+                            unflagged(&value).1.then_some(step.name)
+                        }),
+                ),
+                Err(error) => {
+                    tracing::warn!(key = %self.key, %error, "could not read the journal of a call that failed for good after a step's append went unanswered; its outcome is recorded on its next attempt");
+                    return Ending::Unfinished {
+                        record: stored.cloned().unwrap_or_else(marked_final_record),
+                        replace: false,
+                    };
+                }
+            }
+        }
         let (undos, earlier, needed) = {
             let mut state = self.state();
             let earlier = state
@@ -399,11 +441,17 @@ impl Journal {
                 .map(|(name, _)| name.clone())
                 .collect();
             needed.extend(state.compensable.iter().cloned());
+            needed.extend(landed);
             let mut undos = std::mem::take(&mut state.undos);
             // Stable: the steps this attempt ran keep their completion order.
             undos.sort_by_key(|(completed, _, _)| *completed);
             (undos, earlier, needed)
         };
+        // The undos of an attempt that finishes an earlier one's
+        // compensation run after a write fenced by its claim, as the first
+        // attempt's run after journaling the outcome: a holder paused past
+        // its lease must not undo what a newer holder may have undone.
+        let mut fence = earlier.clone();
         let (outcome, replace) = if let Some(bytes) = earlier {
             match Record::decode(bytes) {
                 Ok(record) => (record, true),
@@ -428,7 +476,7 @@ impl Journal {
             }
             // Before the first compensation runs: an attempt after a crash
             // must know the call failed for good, and how.
-            match self.journal_final(&outcome).await {
+            match self.journal_final(&outcome, held).await {
                 Ok(outcome) => (outcome, false),
                 // The claim is another's now (this holder stalled past its
                 // lease): what it did stands, and this outcome is not stored.
@@ -462,8 +510,17 @@ impl Journal {
                 continue;
             }
             // Never undo on a claim that may be another's by now.
-            if !held() {
+            if !held() || self.claim_lost() {
                 return unfinished("the claim's lease ran out", &name);
+            }
+            if let Some(outcome) = fence.take() {
+                // The entry is there: appending it again changes nothing
+                // but asks the store whether the claim is still ours.
+                match self.append_retrying(FINAL, outcome, held).await {
+                    Ok(()) => {}
+                    Err(Error::StepLost { .. }) => return Ending::AsIs,
+                    Err(error) => return unfinished(&error.to_string(), &name),
+                }
             }
             // In the call's scope and a step's of its own, so that `epoch`
             // works and its requests carry keys stable across attempts.
@@ -475,7 +532,7 @@ impl Journal {
             let run = JOURNAL.scope(Some(Arc::clone(self)), RUNNING.scope(running, undo()));
             let ran = match crate::engine::caught(run).await {
                 Ok(Ok(())) => self
-                    .append(&entry, Vec::new())
+                    .append_retrying(&entry, Vec::new(), held)
                     .await
                     .map_err(|e| e.to_string()),
                 Ok(Err(error)) => Err(error),
@@ -488,14 +545,16 @@ impl Journal {
             undone_now.insert(name);
         }
         // A step journaled with a compensation that this attempt did not
-        // reach (its body failed before it) cannot be undone now.
+        // reach (its body failed before it), or whose append it did not
+        // hear land, cannot be undone now: the next attempt replays it,
+        // which gives idem its compensation.
         let done = self.state().done.clone().unwrap_or_default();
         if let Some(missing) = needed
             .iter()
             .find(|name| !undone_now.contains(*name) && !done.contains_key(&undone(name)))
         {
             return unfinished(
-                "the body did not reach this step in this attempt, so its undo is not known",
+                "this attempt did not reach the step, or did not hear its append land, so its undo is not known",
                 missing,
             );
         }
@@ -508,18 +567,55 @@ impl Journal {
     /// Journals that the call failed for good with `outcome`; a store too
     /// full for it keeps the few bytes that say the call ran instead.
     /// Answers the outcome journaled.
-    async fn journal_final(&self, outcome: &Record) -> Result<Record, Error> {
-        match self.append(FINAL, outcome.encode().to_vec()).await {
+    async fn journal_final(
+        &self,
+        outcome: &Record,
+        held: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Record, Error> {
+        match self
+            .append_retrying(FINAL, outcome.encode().to_vec(), held)
+            .await
+        {
             Ok(()) => Ok(outcome.clone()),
             Err(Error::Store(error)) if error.kind() == crate::StoreErrorKind::Full => {
                 let compact = Record::unserializable(&format!(
                     "the call failed for good; the store refused to keep its result ({} bytes)",
                     outcome.payload().len()
                 ));
-                self.append(FINAL, compact.encode().to_vec()).await?;
+                self.append_retrying(FINAL, compact.encode().to_vec(), held)
+                    .await?;
                 Ok(compact)
             }
             Err(error) => Err(error),
+        }
+    }
+
+    /// [`append`](Self::append), tried again while the claim is held when
+    /// the store failed for a passing reason (not when it is full): an
+    /// entry already there keeps its first value, so a repeat whose first
+    /// try landed unheard changes nothing. For the entries that say a call
+    /// failed for good and that an undo ran, whose loss would make the next
+    /// attempt run the body, or the undo, again.
+    async fn append_retrying(
+        &self,
+        name: &str,
+        value: Vec<u8>,
+        held: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(), Error> {
+        let mut pauses = crate::engine::backoff(Duration::from_millis(10), Duration::from_secs(1));
+        loop {
+            match self.append(name, value.clone()).await {
+                Err(Error::Store(error))
+                    if crate::engine::retryable(&error)
+                        && error.kind() != crate::StoreErrorKind::Full
+                        && held()
+                        && !self.claim_lost() =>
+                {
+                    tracing::debug!(key = %self.key, %error, entry = %display_name(name.to_owned()), "a journal entry was not written; retrying");
+                    tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(1))).await;
+                }
+                done => return done,
+            }
         }
     }
 
@@ -544,8 +640,11 @@ impl Journal {
         let found = match cached {
             Some(found) => found,
             None => {
-                let steps = self.store.steps(self.key).await?;
-                self.take_read(steps);
+                let _reading = self.reading.lock().await;
+                if self.state().done.is_none() {
+                    let steps = self.store.steps(self.key).await?;
+                    self.take_read(steps);
+                }
                 self.state()
                     .done
                     .as_ref()
@@ -746,6 +845,13 @@ where
         (value, bytes, Completed::Earlier(at))
     } else {
         if journal.compensating() {
+            // Steps run beside this one (`join!`, `try_join!`) get their
+            // turns first, whichever order they are polled in: replayed
+            // from the journal, they give idem their undos before this
+            // error can make the body drop them.
+            for _ in 0..YIELDS_BEFORE_COMPENSATING {
+                tokio::task::yield_now().await;
+            }
             return Err(Error::Compensating {
                 name: name.to_owned().into(),
             }
@@ -766,10 +872,27 @@ where
         } else {
             bytes.clone()
         };
-        journal.append(name, journaled).await?;
         if unbound.is_some() {
-            journal.state().compensable.insert(name.to_owned());
+            // Until its answer comes: the step may be journaled with its
+            // compensation even if this attempt never hears that it was.
+            journal.state().unconfirmed.insert(name.to_owned());
         }
+        let appended = journal.append(name, journaled).await;
+        if unbound.is_some() {
+            let mut state = journal.state();
+            match &appended {
+                Ok(()) => {
+                    state.unconfirmed.remove(name);
+                    state.compensable.insert(name.to_owned());
+                }
+                // Refused as no longer the call's: nothing was appended.
+                Err(Error::StepLost { .. }) => {
+                    state.unconfirmed.remove(name);
+                }
+                Err(_) => {}
+            }
+        }
+        appended?;
         (value, bytes, Completed::Now)
     };
     if let Some(unbound) = unbound {
@@ -822,12 +945,19 @@ where
     /// earlier one) run, each at most once: each is journaled when it
     /// returns `Ok`. An undo that fails or panics stops the compensation;
     /// the claim is released, and the next attempt of the call goes on with
-    /// the undos not yet done.
+    /// the undos not yet done. So does a step with a compensation whose
+    /// append to the journal this attempt did not hear land (its answer was
+    /// lost, or the step was dropped on its way, as `try_join!` drops the
+    /// steps beside one that failed) and that the journal, read again,
+    /// holds. Undos run only while the claim is this attempt's, and after a
+    /// write that the store accepts only from the claim's holder.
     ///
     /// The next attempt of a call whose compensation began (after a crash,
     /// or a failed undo) finishes it: its body runs again, its journaled
     /// steps replay (which gives idem their compensations), a step not
-    /// journaled does not run but fails with [`Error::Compensating`], and
+    /// journaled does not run but fails with [`Error::Compensating`] (once
+    /// the futures polled beside it had turns to run, so that steps run
+    /// together replay before the body drops them), and
     /// once the undos ran the call's outcome is the failure recorded when
     /// it failed for good, whatever the body returned. The body must reach
     /// its completed steps the same way again, as for any replay.

@@ -1223,6 +1223,265 @@ async fn a_stalled_holder_undoes_nothing_another_completed(store: Arc<dyn Store>
     assert_eq!(entries(&log), ["charge"], "nothing was undone");
 }
 
+/// A holder paused past its lease while it finishes an earlier attempt's
+/// compensation undoes nothing that the holder which took over undid: its
+/// undos wait for a write fenced by its claim, which the store refuses.
+async fn a_stalled_holder_finishing_a_compensation_undoes_nothing_twice(store: Arc<dyn Store>) {
+    let flaky = Arc::new(idem_test::faults::Flaky::new(store));
+    let (frozen, other) = (
+        Idempotency::from_arc(flaky.clone()),
+        Idempotency::from_arc(flaky.clone()),
+    );
+    let key = Key::new("stalled-compensation", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let refunds = Arc::new(AtomicU32::new(0));
+    let lease = settings().lease();
+    let attempt = |idem: &Idempotency, stall: Option<tokio::sync::oneshot::Receiver<()>>| {
+        let (log, idem, flaky, refunds) = (
+            Arc::clone(&log),
+            idem.clone(),
+            Arc::clone(&flaky),
+            Arc::clone(&refunds),
+        );
+        async move {
+            idem.run_caching_errors(&settings(), key, fp, |_: &String| true, async {
+                step("charge", async {
+                    note(&log, "charge");
+                    Ok::<_, String>(30)
+                })
+                .compensate({
+                    let log = Arc::clone(&log);
+                    move |amount: u32| async move {
+                        // The refund service is down for the first try.
+                        if refunds.fetch_add(1, Ordering::SeqCst) == 0 {
+                            return Err("the refund service is down".to_owned());
+                        }
+                        note(&log, &format!("refund {amount}"));
+                        Ok::<_, String>(())
+                    }
+                })
+                .await?;
+                if let Some(resume) = stall {
+                    // Frozen until another holder took the call over.
+                    flaky.stall(key, tokio::time::Instant::now() + lease * 10);
+                    let _ = resume.await;
+                }
+                Err::<u32, _>("declined".to_owned())
+            })
+            .await
+        }
+    };
+    // The call fails for good; its refund fails, so it is left unfinished.
+    assert!(attempt(&frozen, None).await.is_err());
+    assert_eq!(entries(&log), ["charge"]);
+    // The next attempt, which would finish it, pauses past its lease.
+    let (completed, resume) = tokio::sync::oneshot::channel::<()>();
+    let stalled = tokio::spawn(attempt(&frozen, Some(resume)));
+    tokio::time::sleep(lease + Duration::from_millis(700)).await;
+    assert_eq!(
+        attempt(&other, None).await,
+        Err("declined".to_owned()),
+        "the holder that took over finishes the compensation"
+    );
+    assert_eq!(entries(&log), ["charge", "refund 30"]);
+    assert!(
+        completed.send(()).is_ok(),
+        "the paused holder was still paused when the other finished"
+    );
+    let _ = stalled.await.unwrap();
+    assert_eq!(
+        attempt(&frozen, None).await,
+        Err("declined".to_owned()),
+        "the failure stands"
+    );
+    assert_eq!(entries(&log), ["charge", "refund 30"], "refunded once");
+}
+
+/// A step with a compensation whose append landed but whose answer was
+/// lost fails the body; when that failure is kept, the step is undone
+/// before it is final, though the attempt never heard the step was
+/// journaled: the next attempt replays it and runs its compensation.
+async fn a_step_whose_append_went_unanswered_is_still_undone(store: Arc<dyn Store>) {
+    use idem_test::faults::{Fault, Flaky, Op};
+    let flaky = Arc::new(Flaky::new(store));
+    let idem = Idempotency::from_arc(flaky.clone());
+    let key = Key::new("unanswered-append", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let settings = settings();
+    let attempt = || {
+        let log = Arc::clone(&log);
+        idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
+            step("charge", async {
+                note(&log, "charge");
+                Ok::<_, String>(30)
+            })
+            .compensate({
+                let log = Arc::clone(&log);
+                move |amount: u32| async move {
+                    note(&log, &format!("refund {amount}"));
+                    Ok::<_, String>(())
+                }
+            })
+            .await?;
+            Ok::<u32, String>(1)
+        })
+    };
+    flaky.inject(Op::AppendStep, Fault::AnswerLost);
+    let first = attempt().await;
+    assert!(first.is_err(), "the step's lost answer fails the body");
+    assert_eq!(flaky.struck(Op::AppendStep), 1);
+    let second = attempt().await;
+    assert_eq!(second, first, "the kept failure, once compensated");
+    assert_eq!(entries(&log), ["charge", "refund 30"]);
+    assert_eq!(attempt().await, first, "replayed");
+    assert_eq!(entries(&log), ["charge", "refund 30"], "refunded once");
+    assert_eq!(
+        idem.steps_done(key).await.unwrap(),
+        ["charge", "final", "undo:charge"]
+    );
+}
+
+/// A step with a compensation dropped while its append was on its way (a
+/// step run beside it failed, and `try_join!` dropped it) may be journaled
+/// all the same: the failure waits for its compensation.
+async fn a_step_dropped_during_its_append_is_still_undone(store: Arc<dyn Store>) {
+    use idem_test::faults::{Fault, Flaky, Op};
+    let flaky = Arc::new(Flaky::new(store));
+    let idem = Idempotency::from_arc(flaky.clone());
+    let key = Key::new("dropped-append", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let settings = settings();
+    let attempt = || {
+        let log = Arc::clone(&log);
+        idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
+            let reserve = step("reserve", async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err::<u32, _>("out of stock".to_owned())
+            });
+            let charge = step("charge", async {
+                note(&log, "charge");
+                Ok::<_, String>(30)
+            })
+            .compensate({
+                let log = Arc::clone(&log);
+                move |amount: u32| async move {
+                    note(&log, &format!("refund {amount}"));
+                    Ok::<_, String>(())
+                }
+            });
+            let (_, charged) = tokio::try_join!(reserve.into_future(), charge.into_future())?;
+            Ok::<u32, String>(charged)
+        })
+    };
+    // The charge's append lands; its answer comes after the call gave up.
+    flaky.inject(Op::AppendStep, Fault::Delayed(Duration::from_secs(1)));
+    let failed = Err("out of stock".to_owned());
+    assert_eq!(attempt().await, failed);
+    assert_eq!(attempt().await, failed, "the failure, once compensated");
+    assert_eq!(entries(&log), ["charge", "refund 30"]);
+    assert_eq!(attempt().await, failed, "replayed");
+    assert_eq!(entries(&log), ["charge", "refund 30"], "refunded once");
+}
+
+/// Steps run together with `try_join!`: one fails for good (its error is
+/// kept) after the other completed, and the completed one's undo fails
+/// once. The next attempt finishes the compensation: the step that must
+/// not run fails only after the one beside it replayed and gave its undo.
+async fn a_compensation_of_steps_run_together_finishes(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("together", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let refunds = Arc::new(AtomicU32::new(0));
+    let settings = settings();
+    let attempt = || {
+        let (log, refunds) = (Arc::clone(&log), Arc::clone(&refunds));
+        idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
+            let reserve = step("reserve", async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err::<u32, _>("out of stock".to_owned())
+            });
+            let charge = step("charge", async {
+                note(&log, "charge");
+                Ok::<_, String>(30)
+            })
+            .compensate({
+                let log = Arc::clone(&log);
+                move |amount: u32| async move {
+                    if refunds.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err("the refund service is down".to_owned());
+                    }
+                    note(&log, &format!("refund {amount}"));
+                    Ok::<_, String>(())
+                }
+            });
+            let (_, charged) = tokio::try_join!(reserve.into_future(), charge.into_future())?;
+            Ok::<u32, String>(charged)
+        })
+    };
+    let failed = Err("out of stock".to_owned());
+    assert_eq!(attempt().await, failed);
+    assert_eq!(entries(&log), ["charge"], "the refund failed");
+    assert_eq!(attempt().await, failed, "the failure, once compensated");
+    assert_eq!(entries(&log), ["charge", "refund 30"]);
+    assert_eq!(attempt().await, failed, "replayed");
+    assert_eq!(entries(&log), ["charge", "refund 30"], "refunded once");
+}
+
+/// The journal entries that say a call failed for good and that an undo
+/// ran are tried again while the claim holds: a store that refuses one
+/// once, or loses its answer, neither leaves the failure unrecorded nor
+/// makes the next attempt undo again.
+async fn a_journal_entry_of_a_compensation_is_tried_again(store: Arc<dyn Store>) {
+    use idem_test::faults::{Fault, Flaky, Op};
+    let flaky = Arc::new(Flaky::new(store));
+    let idem = Idempotency::from_arc(flaky.clone());
+    let key = Key::new("compensation-entries", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let settings = settings();
+    let attempt = || {
+        let (log, flaky) = (Arc::clone(&log), Arc::clone(&flaky));
+        idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
+            step("charge", async {
+                note(&log, "charge");
+                Ok::<_, String>(30)
+            })
+            .compensate({
+                let (log, flaky) = (Arc::clone(&log), Arc::clone(&flaky));
+                move |amount: u32| async move {
+                    note(&log, &format!("refund {amount}"));
+                    // The entry that says it ran: written, answer lost.
+                    flaky.inject(Op::AppendStep, Fault::AnswerLost);
+                    Ok::<_, String>(())
+                }
+            })
+            .await?;
+            // The entry that says the call failed for good: refused twice.
+            flaky.inject(Op::AppendStep, Fault::Refused);
+            flaky.inject(Op::AppendStep, Fault::Refused);
+            Err::<u32, _>("declined".to_owned())
+        })
+    };
+    let failed = Err("declined".to_owned());
+    assert_eq!(attempt().await, failed);
+    assert_eq!(flaky.struck(Op::AppendStep), 3);
+    assert_eq!(
+        entries(&log),
+        ["charge", "refund 30"],
+        "compensated at once"
+    );
+    assert_eq!(attempt().await, failed, "replayed");
+    assert_eq!(entries(&log), ["charge", "refund 30"], "refunded once");
+    assert_eq!(
+        idem.steps_done(key).await.unwrap(),
+        ["charge", "final", "undo:charge"]
+    );
+}
+
 /// A store that counts how its journal is read.
 struct Counting {
     inner: Arc<dyn Store>,
@@ -1471,6 +1730,31 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn a_stalled_holder_undoes_nothing_another_completed() {
             super::a_stalled_holder_undoes_nothing_another_completed($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_stalled_holder_finishing_a_compensation_undoes_nothing_twice() {
+            super::a_stalled_holder_finishing_a_compensation_undoes_nothing_twice($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_step_whose_append_went_unanswered_is_still_undone() {
+            super::a_step_whose_append_went_unanswered_is_still_undone($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_step_dropped_during_its_append_is_still_undone() {
+            super::a_step_dropped_during_its_append_is_still_undone($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_compensation_of_steps_run_together_finishes() {
+            super::a_compensation_of_steps_run_together_finishes($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_journal_entry_of_a_compensation_is_tried_again() {
+            super::a_journal_entry_of_a_compensation_is_tried_again($store).await;
         }
 
         #[tokio::test]
