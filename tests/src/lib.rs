@@ -9,8 +9,10 @@
 //! [`Backend`](conformance::Backend) (open a store, say what lease and TTL
 //! the suite may wait out) and invoke
 //! [`conformance_suite!`] once. It writes one `#[test]` per behaviour:
-//! exactly-once under a thousand concurrent callers, fencing of stale
-//! holders, replay of falsy results, expiry, renewal, waiting, and more.
+//! exactly-once under a thousand concurrent callers of one handle and
+//! under claims raced from many clients, fencing of stale holders, replay
+//! of falsy results and of the record's type tag, expiry, renewal, waiting,
+//! and more.
 //!
 //! ```
 //! use std::sync::Arc;

@@ -427,10 +427,129 @@ CurrentThread fn completed_records_expire_after_their_ttl(backend) {
         caller.run(key, fp, async { Ok::<_, Failure>(runs.mark()) }).await
     };
     assert_eq!(run().await.unwrap(), 1);
-    tokio::time::sleep(timing.ttl / 2).await;
+    // Late in the TTL, not only halfway: a record kept for most of it is
+    // not kept for it.
+    tokio::time::sleep(timing.ttl.mul_f64(0.85)).await;
     assert_eq!(run().await.unwrap(), 1, "still within the TTL");
-    tokio::time::sleep(timing.ttl).await;
+    tokio::time::sleep(timing.ttl.mul_f64(0.65)).await;
     assert_eq!(run().await.unwrap(), 2, "the TTL ran out");
+}
+
+/// Claims sent at once from many processes (store clients that share no
+/// handle, so nothing coalesces them before the store): exactly one is
+/// granted, and one body runs for many handles' calls.
+MultiThread fn concurrent_claims_from_many_processes_grant_one(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let (key, fp) = fresh("claim-race");
+    let gate = Arc::new(tokio::sync::Barrier::new(64));
+    let mut claims = JoinSet::new();
+    for _ in 0..64 {
+        let (store, gate) = (Arc::clone(&store), Arc::clone(&gate));
+        claims.spawn(async move {
+            gate.wait().await;
+            store.begin(key, fp, Token::random(), timing.lease).await
+        });
+    }
+    let answers = claims.join_all().await;
+    let granted = answers
+        .iter()
+        .filter(|answer| matches!(answer, Ok(Begin::Claimed)))
+        .count();
+    assert_eq!(granted, 1, "one claim granted: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|answer| matches!(answer, Ok(Begin::Claimed | Begin::InProgress { .. }))),
+        "the others find it in progress: {answers:?}"
+    );
+
+    let (key, fp) = fresh("handle-race");
+    let runs = Runs::default();
+    let gate = Arc::new(tokio::sync::Barrier::new(16));
+    let mut calls = JoinSet::new();
+    for _ in 0..16 {
+        let caller = Caller::new(&handle(&store), timing).wait_timeout(Duration::from_secs(30));
+        let (runs, gate) = (runs.clone(), Arc::clone(&gate));
+        calls.spawn(async move {
+            gate.wait().await;
+            caller
+                .run(key, fp, async move {
+                    runs.mark();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok::<_, Failure>(Token::random().to_string())
+                })
+                .await
+        });
+    }
+    let results: Vec<String> = calls
+        .join_all()
+        .await
+        .into_iter()
+        .map(|r| r.expect("every call gets the result"))
+        .collect();
+    assert_eq!(runs.count(), 1, "one body ran for sixteen handles");
+    assert!(results.iter().all(|r| *r == results[0]), "identical results");
+}
+
+/// A record keeps its type tag, byte for byte as [`Record::encode`] gives
+/// it: a store that dropped it would hand a result to a call of another
+/// type to decode as its own.
+CurrentThread fn records_keep_their_type_tag(backend) {
+    let store = backend.store().await;
+    let Timing { lease, ttl } = backend.timing();
+    let (key, fp) = fresh("type-tag");
+    let token = Token::random();
+    let record = Record::new(Outcome::Ok, &br#"{"amount":5}"#[..]).with_type_tag(0x0123_4567_89ab_cdef);
+    assert_eq!(store.begin(key, fp, token, lease).await.unwrap(), Begin::Claimed);
+    assert_eq!(
+        store.complete(key, token, record.clone(), ttl).await.unwrap(),
+        Completion::Stored
+    );
+    match store.begin(key, fp, Token::random(), lease).await.unwrap() {
+        Begin::Completed(kept) => {
+            assert_eq!(kept.type_tag(), Some(0x0123_4567_89ab_cdef), "the tag is kept");
+            assert_eq!(kept.encode(), record.encode(), "kept as encoded");
+        }
+        other => panic!("expected the completed record, got {other:?}"),
+    }
+}
+
+/// A store's [`watch`](Store::watch), when it offers one, wakes a waiter in
+/// another process as soon as the holder's record is stored: a waiter
+/// that trusts a wake-up that never comes waits out the lease.
+CurrentThread fn a_watch_wakes_a_waiter_elsewhere_soon(backend) {
+    let store = backend.store().await;
+    let timing = backend.timing();
+    let (key, fp) = fresh("watch-wakes");
+    if store.watch(key).is_none() {
+        // No wake-ups: waiters poll, as the waiting tests check.
+        return;
+    }
+    let returned = Arc::new(std::sync::Mutex::new(None));
+    let holder = {
+        let returned = Arc::clone(&returned);
+        Caller::new(&handle(&store), timing)
+            .hold(key, fp, async move {
+                tokio::time::sleep(timing.lease / 4).await;
+                *returned.lock().unwrap() = Some(tokio::time::Instant::now());
+                Ok("holder's".to_owned())
+            })
+            .await
+    };
+    let waited = Caller::new(&handle(&store), timing)
+        .run(key, fp, async { Ok::<_, Failure>("waiter's".to_owned()) })
+        .await;
+    let answered = tokio::time::Instant::now();
+    assert_eq!(waited.expect("the holder's result"), "holder's");
+    assert_eq!(holder.await.expect("holder").expect("result"), "holder's");
+    let returned = returned.lock().unwrap().expect("the holder's body returned");
+    let late = answered.duration_since(returned);
+    assert!(
+        late < timing.lease / 4,
+        "the waiter was answered {late:?} after the holder's body returned (lease {:?})",
+        timing.lease
+    );
 }
 
 /// `()`, `None`, `0`, `""`, `[]`, `false` and `0.0` replay exactly.
