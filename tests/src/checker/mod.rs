@@ -378,7 +378,8 @@ pub fn ci_seeds(fresh: usize) -> Vec<u64> {
 
 /// Checks random seeds on `backend` in batches of `batch`, for
 /// `IDEM_CHECKER_MINUTES` minutes (default 1) or `IDEM_CHECKER_SEEDS` seeds,
-/// printing each batch; panics with the first violation.
+/// printing each batch; panics with the first violation. With
+/// `IDEM_CHECKER_SEED` set, it checks that seed alone, again and again.
 pub fn soak<B: Backend>(backend: &B, batch: usize) {
     let (mut runs, mut faults) = (0_u64, 0_usize);
     let (mut steps, mut undos) = (0_usize, 0_usize);
@@ -399,7 +400,13 @@ pub fn soak<B: Backend>(backend: &B, batch: usize) {
 /// minutes (default 1) or `IDEM_CHECKER_SEEDS` seeds, and prints the seeds
 /// checked and what `check` says of them after each batch: the loop of
 /// [`soak`], for checks of one's own (the consumer core's, the client's).
+/// With `IDEM_CHECKER_SEED` set, every seed checked is that one: a soak
+/// then replays one seed as often as it runs, for a violation that
+/// depends on a race and shows in some replays only.
 pub fn soak_seeds(batch: usize, mut check: impl FnMut(&[u64]) -> String) {
+    let replayed: Option<u64> = std::env::var("IDEM_CHECKER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let minutes: f64 = std::env::var("IDEM_CHECKER_MINUTES")
         .ok()
         .and_then(|m| m.parse().ok())
@@ -415,7 +422,9 @@ pub fn soak_seeds(batch: usize, mut check: impl FnMut(&[u64]) -> String) {
             break;
         }
         let n = limit.map_or(batch, |n| batch.min(n - checked));
-        let seeds: Vec<u64> = (0..n).map(|_| rand::random::<u32>().into()).collect();
+        let seeds: Vec<u64> = (0..n)
+            .map(|_| replayed.unwrap_or_else(|| rand::random::<u32>().into()))
+            .collect();
         let said = check(&seeds);
         checked += n;
         println!("exactly-once soak: {checked} seeds, {said}");
