@@ -1022,7 +1022,10 @@ where
 /// [`Step::compensate`]) even though the error is not stored, and the
 /// call's record then says it failed for good, so its retries get
 /// [`Error::NotReplayable`] instead of running it again. A body that
-/// returns `Ok` after marking is not affected.
+/// returns `Ok` after marking is not affected. Behind the HTTP layer every
+/// response it stores (a `4xx` too) is the handler's `Ok`: a handler's
+/// steps are undone when it marks its failure final and answers a status
+/// the layer does not store (a `5xx`).
 ///
 /// # Errors
 ///

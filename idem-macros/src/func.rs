@@ -249,8 +249,14 @@ pub(crate) fn type_text(ty: &Type) -> String {
 /// Whether `stmts` call a function named `step` (`step(…)`,
 /// `idem_core::step(…)`), inside macros too: the body then runs journaled
 /// steps, and its call reads the journal with its claim. A method named
-/// `step` (`.step(…)`) or a `fn step(…)` is not such a call; a call this
-/// misses only costs its first step a round trip of its own.
+/// `step` (`.step(…)`) or a `fn step(…)` is not such a call. A call this
+/// misses (`step` called through a helper fn, or renamed by `use … as`)
+/// reads its journal at its first step instead, a round trip of its own,
+/// and is held as a call without steps is (the README's "Compensation is
+/// learned by replay"): a body that returns `Ok` before its first step
+/// stores its result over an unfinished compensation, and one reused with
+/// other arguments runs up to its first step. `Settings::expect_steps`
+/// makes such a call read its journal with its claim.
 pub(crate) fn calls_step(stmts: &[Stmt]) -> bool {
     use proc_macro2::{Delimiter, TokenStream, TokenTree};
     use quote::ToTokens as _;

@@ -356,6 +356,59 @@ async fn a_whole_body_that_fails_is_not_said_to_have_been_sent(idem: Idempotency
     assert_eq!(runs.get(), 1);
 }
 
+/// Steps behind the layer: every stored response, a `4xx` included, is the
+/// handler's answer and undoes nothing, even marked final; a handler that
+/// marks its failure final and answers a status the layer does not store
+/// (a `5xx`) has its steps undone, and its retries are told it failed for
+/// good and cannot be replayed.
+async fn a_handler_behind_the_layer_compensates_when_marked_final_and_unstored(idem: Idempotency) {
+    let charges = Arc::new(Runs::default());
+    let refunds = Arc::new(Runs::default());
+    let handler = {
+        let (charges, refunds) = (Arc::clone(&charges), Arc::clone(&refunds));
+        move |headers: HeaderMap| {
+            let (charges, refunds) = (Arc::clone(&charges), Arc::clone(&refunds));
+            async move {
+                let charged = idem_core::step("charge", async {
+                    charges.bump();
+                    Ok::<_, idem_core::Error>(30_u32)
+                })
+                .compensate(move |_: u32| async move {
+                    refunds.bump();
+                    Ok::<_, String>(())
+                })
+                .await;
+                assert_eq!(charged.unwrap(), 30);
+                idem_core::mark_final().unwrap();
+                let status = headers["x-status"].to_str().unwrap().parse().unwrap();
+                StatusCode::from_u16(status).unwrap()
+            }
+        }
+    };
+    let app = Router::new().route("/charge", post(handler));
+    let addr = serve(app.layer(rejecting(idem))).await;
+    let send = |key: String, status: &'static str| async move {
+        post_to(addr, "/charge", &key)
+            .header("x-status", status)
+            .send()
+            .await
+            .unwrap()
+    };
+    // A stored refusal: the charge stands.
+    let key = key();
+    assert_eq!(send(key.clone(), "402").await.status(), 402);
+    let again = send(key, "402").await;
+    assert_eq!(again.status(), 402);
+    assert!(replayed(&again));
+    assert_eq!((charges.get(), refunds.get()), (1, 0));
+    // Marked final, not stored: undone, and never run again.
+    let key = self::key();
+    assert_eq!(send(key.clone(), "503").await.status(), 503);
+    assert_eq!((charges.get(), refunds.get()), (2, 1));
+    problem(send(key, "503").await, 500, "unreplayable").await;
+    assert_eq!((charges.get(), refunds.get()), (2, 1));
+}
+
 /// A gzip body from tower-http's compression inside the layer is
 /// replayed with its `Content-Encoding` and `Vary`; `Set-Cookie` never is.
 async fn compressed_responses_replay_their_encoding(idem: Idempotency) {
@@ -1017,6 +1070,7 @@ on_each_store!(
     a_stream_over_the_cap_flows_and_is_not_run_again,
     a_body_that_fails_midway_is_not_run_again,
     a_whole_body_that_fails_is_not_said_to_have_been_sent,
+    a_handler_behind_the_layer_compensates_when_marked_final_and_unstored,
     compressed_responses_replay_their_encoding,
     every_guarded_answer_carries_retention,
     nested_routers_do_not_share_replays,

@@ -24,9 +24,11 @@
 //! CREATE FUNCTION idempotency_keys_claim(bytea, bytea, bytea, bigint) …  -- see `claim_function`
 //! ```
 //!
-//! The primary key serves every operation; the index on `expires_at` serves
-//! the purge of expired rows, and the partial index on claims in progress
-//! the listing of old claims. Every time is the database's own (`now()`),
+//! The primary key serves every operation; the index on the keys'
+//! `expires_at` serves the purge of expired keys (the journal has no such
+//! index: its expired rows are found by scanning it, one batch a
+//! statement), and the partial index on claims in progress the listing of
+//! old claims. Every time is the database's own (`now()`),
 //! never a client's.
 
 use crate::error::{StoreError, StoreErrorKind};
