@@ -94,6 +94,10 @@ fn unflagged(bytes: &[u8]) -> (&[u8], bool) {
     }
 }
 
+/// How many times a journal entry of a compensation is sent at most when
+/// the store times out or cannot be reached: about a second of pauses.
+const APPEND_TRIES: u32 = 5;
+
 /// How many times a step that must not run while a call is compensated
 /// lets the futures polled beside it run before it fails: a sibling
 /// polled before or after it in each pass gets at least one whole pass.
@@ -180,8 +184,10 @@ struct State {
     compensable: HashSet<String>,
     /// The steps with a compensation whose append this attempt sent
     /// without hearing that it landed (its answer was lost, or the step
-    /// was dropped while it was on its way): the journal may hold them.
-    unconfirmed: HashSet<String>,
+    /// was dropped while it was on its way), with the entry sent: the
+    /// journal may hold them, and their work ran. Their undos are in
+    /// `undos` already.
+    unconfirmed: HashMap<String, Vec<u8>>,
     /// Whether the body marked its failure final ([`mark_final`]).
     marked_final: bool,
 }
@@ -398,35 +404,14 @@ impl Journal {
                 }
             }
         }
-        let unconfirmed: Vec<String> = if final_now {
-            self.state().unconfirmed.iter().cloned().collect()
+        // Steps with an undo whose append went unanswered ran their work:
+        // a call that failed for good undoes them too, each once its entry
+        // is written (below).
+        let unconfirmed: HashMap<String, Vec<u8>> = if final_now {
+            self.state().unconfirmed.clone()
         } else {
-            Vec::new()
+            HashMap::new()
         };
-        let mut landed = Vec::new();
-        if !unconfirmed.is_empty() {
-            // A step with a compensation whose append's answer was lost
-            // (or whose future was dropped) may be journaled: the journal
-            // says. One that is must be undone before the failure is final.
-            match self.store.steps(self.key).await {
-                Ok(steps) => landed.extend(
-                    steps
-                        .into_iter()
-                        .filter(|step| unconfirmed.contains(&step.name))
-                        .filter_map(|step| {
-                            let (value, _) = arguments_of(step.value);
-                            unflagged(&value).1.then_some(step.name)
-                        }),
-                ),
-                Err(error) => {
-                    tracing::warn!(key = %self.key, %error, "could not read the journal of a call that failed for good after a step's append went unanswered; its outcome is recorded on its next attempt");
-                    return Ending::Unfinished {
-                        record: stored.cloned().unwrap_or_else(marked_final_record),
-                        replace: false,
-                    };
-                }
-            }
-        }
         let (undos, earlier, needed) = {
             let mut state = self.state();
             let earlier = state
@@ -441,7 +426,7 @@ impl Journal {
                 .map(|(name, _)| name.clone())
                 .collect();
             needed.extend(state.compensable.iter().cloned());
-            needed.extend(landed);
+            needed.extend(unconfirmed.keys().cloned());
             let mut undos = std::mem::take(&mut state.undos);
             // Stable: the steps this attempt ran keep their completion order.
             undos.sort_by_key(|(completed, _, _)| *completed);
@@ -518,8 +503,20 @@ impl Journal {
                 // but asks the store whether the claim is still ours.
                 match self.append_retrying(FINAL, outcome, held).await {
                     Ok(()) => {}
-                    Err(Error::StepLost { .. }) => return Ending::AsIs,
+                    // Another holder finishes the compensation; this
+                    // caller gets the recorded failure, not its body's.
+                    Err(Error::StepLost { .. }) => {
+                        return unfinished("the claim is another holder's now", &name);
+                    }
                     Err(error) => return unfinished(&error.to_string(), &name),
+                }
+            }
+            if let Some(value) = unconfirmed.get(&name) {
+                // Its append went unanswered: written first (an entry that
+                // landed keeps its value), so that an attempt after a crash
+                // knows the step to undo and the undo's entry has its step.
+                if let Err(error) = self.append_retrying(&name, value.clone(), held).await {
+                    return unfinished(&error.to_string(), &name);
                 }
             }
             // In the call's scope and a step's of its own, so that `epoch`
@@ -590,8 +587,9 @@ impl Journal {
         }
     }
 
-    /// [`append`](Self::append), tried again while the claim is held when
-    /// the store failed for a passing reason (not when it is full): an
+    /// [`append`](Self::append), tried again (up to [`APPEND_TRIES`] times
+    /// in all) while the claim is held when the store timed out or was
+    /// unreachable: an
     /// entry already there keeps its first value, so a repeat whose first
     /// try landed unheard changes nothing. For the entries that say a call
     /// failed for good and that an undo ran, whose loss would make the next
@@ -603,14 +601,18 @@ impl Journal {
         held: &(dyn Fn() -> bool + Sync),
     ) -> Result<(), Error> {
         let mut pauses = crate::engine::backoff(Duration::from_millis(10), Duration::from_secs(1));
+        let mut tries = 1;
         loop {
             match self.append(name, value.clone()).await {
                 Err(Error::Store(error))
-                    if crate::engine::retryable(&error)
-                        && error.kind() != crate::StoreErrorKind::Full
+                    if matches!(
+                        error.kind(),
+                        crate::StoreErrorKind::Timeout | crate::StoreErrorKind::Unavailable
+                    ) && tries < APPEND_TRIES
                         && held()
                         && !self.claim_lost() =>
                 {
+                    tries += 1;
                     tracing::debug!(key = %self.key, %error, entry = %display_name(name.to_owned()), "a journal entry was not written; retrying");
                     tokio::time::sleep(pauses.next().unwrap_or(Duration::from_secs(1))).await;
                 }
@@ -872,28 +874,46 @@ where
         } else {
             bytes.clone()
         };
-        if unbound.is_some() {
-            // Until its answer comes: the step may be journaled with its
-            // compensation even if this attempt never hears that it was.
-            journal.state().unconfirmed.insert(name.to_owned());
+        // The work ran: its undo is known from now on, and until the
+        // append's answer comes the step may be journaled even if this
+        // attempt never hears that it was (an answer lost, the step
+        // dropped on its way).
+        let mut unbinding = None;
+        if let Some(unbound) = unbound {
+            match unbound(&bytes) {
+                Ok(bound) => {
+                    let mut state = journal.state();
+                    state.undos.push((Completed::Now, name.to_owned(), bound));
+                    state.unconfirmed.insert(name.to_owned(), journaled.clone());
+                }
+                Err(error) => unbinding = Some(error),
+            }
         }
         let appended = journal.append(name, journaled).await;
-        if unbound.is_some() {
+        {
             let mut state = journal.state();
-            match &appended {
-                Ok(()) => {
-                    state.unconfirmed.remove(name);
-                    state.compensable.insert(name.to_owned());
+            if let Some(sent) = state.unconfirmed.remove(name) {
+                match &appended {
+                    Ok(()) => {
+                        state.compensable.insert(name.to_owned());
+                    }
+                    // Refused as no longer the call's: nothing was
+                    // journaled, and another holder runs the call.
+                    Err(Error::StepLost { .. }) => {
+                        state.undos.retain(|(_, undone, _)| undone != name);
+                    }
+                    // Unknown: undone if the call fails for good.
+                    Err(_) => {
+                        state.unconfirmed.insert(name.to_owned(), sent);
+                    }
                 }
-                // Refused as no longer the call's: nothing was appended.
-                Err(Error::StepLost { .. }) => {
-                    state.unconfirmed.remove(name);
-                }
-                Err(_) => {}
             }
         }
         appended?;
-        (value, bytes, Completed::Now)
+        if let Some(error) = unbinding {
+            return Err(error.into());
+        }
+        return Ok(value);
     };
     if let Some(unbound) = unbound {
         let bound = unbound(&bytes)?;
@@ -945,19 +965,21 @@ where
     /// earlier one) run, each at most once: each is journaled when it
     /// returns `Ok`. An undo that fails or panics stops the compensation;
     /// the claim is released, and the next attempt of the call goes on with
-    /// the undos not yet done. So does a step with a compensation whose
-    /// append to the journal this attempt did not hear land (its answer was
-    /// lost, or the step was dropped on its way, as `try_join!` drops the
-    /// steps beside one that failed) and that the journal, read again,
-    /// holds. Undos run only while the claim is this attempt's, and after a
-    /// write that the store accepts only from the claim's holder.
+    /// the undos not yet done. A step whose append to the journal this
+    /// attempt did not hear land (its answer was lost, or the step was
+    /// dropped on its way, as `try_join!` drops the steps beside one that
+    /// failed) ran its work: it is undone in its place too, after its entry
+    /// is written again. Undos run only while the claim is this attempt's,
+    /// each after a write that the store accepts only from the claim's
+    /// holder.
     ///
     /// The next attempt of a call whose compensation began (after a crash,
     /// or a failed undo) finishes it: its body runs again, its journaled
     /// steps replay (which gives idem their compensations), a step not
     /// journaled does not run but fails with [`Error::Compensating`] (once
-    /// the futures polled beside it had turns to run, so that steps run
-    /// together replay before the body drops them), and
+    /// the futures polled beside it had a few turns to run, so that steps
+    /// run together replay before the body drops them, when each branch
+    /// reaches its step without waiting on anything else first), and
     /// once the undos ran the call's outcome is the failure recorded when
     /// it failed for good, whatever the body returned. The body must reach
     /// its completed steps the same way again, as for any replay.

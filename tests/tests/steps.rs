@@ -1263,9 +1263,12 @@ async fn a_stalled_holder_finishing_a_compensation_undoes_nothing_twice(store: A
                 })
                 .await?;
                 if let Some(resume) = stall {
-                    // Frozen until another holder took the call over.
+                    // Frozen until another holder took the call over; its
+                    // body then returns `Ok`, which is not the call's
+                    // answer: the call failed for good.
                     flaky.stall(key, tokio::time::Instant::now() + lease * 10);
                     let _ = resume.await;
+                    return Ok(30);
                 }
                 Err::<u32, _>("declined".to_owned())
             })
@@ -1289,7 +1292,11 @@ async fn a_stalled_holder_finishing_a_compensation_undoes_nothing_twice(store: A
         completed.send(()).is_ok(),
         "the paused holder was still paused when the other finished"
     );
-    let _ = stalled.await.unwrap();
+    assert_eq!(
+        stalled.await.unwrap(),
+        Err("declined".to_owned()),
+        "the paused holder's caller gets the recorded failure, not its body's result"
+    );
     assert_eq!(
         attempt(&frozen, None).await,
         Err("declined".to_owned()),
@@ -1480,6 +1487,60 @@ async fn a_journal_entry_of_a_compensation_is_tried_again(store: Arc<dyn Store>)
         idem.steps_done(key).await.unwrap(),
         ["charge", "final", "undo:charge"]
     );
+}
+
+/// A store that keeps refusing a compensation's journal entry does not
+/// hold the call: the entry is tried a few times, then the compensation is
+/// left to the next attempt, which finishes it.
+async fn a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt(
+    store: Arc<dyn Store>,
+) {
+    use idem_test::faults::{Fault, Flaky, Op};
+    let flaky = Arc::new(Flaky::new(store));
+    let idem = Idempotency::from_arc(flaky.clone());
+    let key = Key::new("refused-entries", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let settings = settings();
+    let refusals = Arc::new(AtomicU32::new(5));
+    let attempt = || {
+        let (log, flaky, refusals) = (Arc::clone(&log), Arc::clone(&flaky), Arc::clone(&refusals));
+        idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
+            step("charge", async {
+                note(&log, "charge");
+                Ok::<_, String>(30)
+            })
+            .compensate({
+                let log = Arc::clone(&log);
+                move |amount: u32| async move {
+                    note(&log, &format!("refund {amount}"));
+                    Ok::<_, String>(())
+                }
+            })
+            .await?;
+            // The entry that says the call failed for good, refused on
+            // every try of the first attempt.
+            for _ in 0..refusals.swap(0, Ordering::SeqCst) {
+                flaky.inject(Op::AppendStep, Fault::Refused);
+            }
+            Err::<u32, _>("declined".to_owned())
+        })
+    };
+    let failed = Err("declined".to_owned());
+    let first = tokio::time::timeout(settings.lease(), attempt())
+        .await
+        .expect("answered within a lease, not held by the retries");
+    assert_eq!(first, failed);
+    assert_eq!(flaky.struck(Op::AppendStep), 5, "tried five times");
+    assert_eq!(entries(&log), ["charge"], "nothing undone yet");
+    assert_eq!(attempt().await, failed);
+    assert_eq!(
+        entries(&log),
+        ["charge", "refund 30"],
+        "undone by the next attempt"
+    );
+    assert_eq!(attempt().await, failed, "replayed");
+    assert_eq!(entries(&log), ["charge", "refund 30"]);
 }
 
 /// A store that counts how its journal is read.
@@ -1755,6 +1816,12 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn a_journal_entry_of_a_compensation_is_tried_again() {
             super::a_journal_entry_of_a_compensation_is_tried_again($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt() {
+            super::a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt($store)
+                .await;
         }
 
         #[tokio::test]
