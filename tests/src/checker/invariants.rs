@@ -257,8 +257,14 @@ pub(crate) fn check(
             let stalled = stalls.iter().any(|(at, k)| k == key && *at <= later_at);
             let expired = later_at >= earlier_at.saturating_add(plan.ttl.mul_f64(0.9));
             let earlier = &runs[&earlier_run];
-            let cut_short =
-                matches!(earlier.end, Some((_, "lost")) | None) || dropped(earlier.call);
+            // A step whose journal write failed (or went unanswered) was
+            // cut short between its effect and its entry too.
+            let unjournaled = faults.iter().any(|(at, k, op, _)| {
+                k == key && *op == Op::AppendStep && *at >= earlier_at && *at <= later_at
+            });
+            let cut_short = matches!(earlier.end, Some((_, "lost")) | None)
+                || dropped(earlier.call)
+                || unjournaled;
             let overlapping =
                 runs[&later_run].start < earlier.end.map_or(Duration::MAX, |(at, _)| at);
             let lapsed = !strict && (lost.contains(key) || overlapping);
@@ -338,7 +344,7 @@ pub(crate) fn check(
             return broken(
                 "a failure for good is recorded once its steps are undone",
                 format!(
-                    "key {key}: its record is stored, and its journal ({entries:?}) holds step                      {step} with an undo that never ran"
+                    "key {key}: its record is stored, and its journal ({entries:?}) holds step {step} with an undo that never ran"
                 ),
             );
         }

@@ -363,10 +363,10 @@ where
 /// one), else [`FIXED_SEEDS`] and `fresh` random ones, printed.
 #[must_use]
 pub fn ci_seeds(fresh: usize) -> Vec<u64> {
-    if let Some(seed) = std::env::var("IDEM_CHECKER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
+    if let Ok(seed) = std::env::var("IDEM_CHECKER_SEED") {
+        let seed = seed
+            .parse()
+            .unwrap_or_else(|_| panic!("IDEM_CHECKER_SEED={seed} is not a seed (a number)"));
         return vec![seed];
     }
     let mut seeds = FIXED_SEEDS.to_vec();
@@ -404,9 +404,10 @@ pub fn soak<B: Backend>(backend: &B, batch: usize) {
 /// then replays one seed as often as it runs, for a violation that
 /// depends on a race and shows in some replays only.
 pub fn soak_seeds(batch: usize, mut check: impl FnMut(&[u64]) -> String) {
-    let replayed: Option<u64> = std::env::var("IDEM_CHECKER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok());
+    let replayed: Option<u64> = std::env::var("IDEM_CHECKER_SEED").ok().map(|seed| {
+        seed.parse()
+            .unwrap_or_else(|_| panic!("IDEM_CHECKER_SEED={seed} is not a seed (a number)"))
+    });
     let minutes: f64 = std::env::var("IDEM_CHECKER_MINUTES")
         .ok()
         .and_then(|m| m.parse().ok())

@@ -212,7 +212,10 @@ pub(crate) async fn run_body(
         // At most three steps (`Workload::generate`); those past the
         // body's count return at once.
         let (a, b, c) = tokio::join!(one_step(0), one_step(1), one_step(2));
-        a.and(b).and(c)
+        let store_errors_only = [&a, &b, &c]
+            .into_iter()
+            .all(|done| done.as_ref().err().is_none_or(is_store_error));
+        (a.and(b).and(c), store_errors_only)
     } else {
         let mut done = Ok(());
         for step in 0..body.steps {
@@ -221,12 +224,21 @@ pub(crate) async fn run_body(
                 break;
             }
         }
-        done
+        let store_errors_only = done.as_ref().err().is_none_or(is_store_error);
+        (done, store_errors_only)
     };
+    let (done, store_errors_only) = done;
     if let Err(error) = done {
-        // The claim was lost, or the journal could not be written.
-        ctx.history.push(Event::BodyEnded { run, how: "lost" });
-        return Err(error);
+        // A body that was to fail anyway fails as planned when its steps'
+        // journal writes failed (store errors, and no lost claim): with its
+        // error kept, the call fails for good beside a step whose append
+        // went unanswered.
+        let planned = matches!(body.ends, Ends::Err) && store_errors_only;
+        if !planned {
+            // The claim was lost, or the journal could not be written.
+            ctx.history.push(Event::BodyEnded { run, how: "lost" });
+            return Err(error);
+        }
     }
     match body.ends {
         Ends::Ok => {
@@ -245,6 +257,11 @@ pub(crate) async fn run_body(
             panic!("{BODY_PANIC}: run {run}");
         }
     }
+}
+
+/// Whether a step failed because its journal could not be written.
+fn is_store_error(error: &CallError) -> bool {
+    matches!(error, CallError::Idem(kind) if kind == "store")
 }
 
 /// A call's arguments: a map and a set, whose iteration orders differ
@@ -505,7 +522,12 @@ pub(crate) async fn run(
     }
     for (k, key) in keys.iter().enumerate() {
         // Stores that keep no journal answer `Unsupported`: nothing to say.
-        if let Ok(steps) = flaky.steps(*key).await {
+        let steps = match flaky.steps(*key).await {
+            Ok(steps) => Some(steps),
+            Err(error) if error.kind() == idem_core::StoreErrorKind::Unsupported => None,
+            Err(error) => panic!("the checker could not read key {k}'s journal: {error}"),
+        };
+        if let Some(steps) = steps {
             let completed = matches!(flaky.inspect(*key).await, Ok(Inspection::Completed { .. }));
             history.push(Event::JournalAtEnd {
                 key: k,
