@@ -20,7 +20,7 @@ use tokio::task::futures::TaskLocalFuture;
 
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
-use crate::store::{JournaledStep, Record, Store, Token};
+use crate::store::{JournaledStep, Record, Store, StoreError, Token};
 
 /// The journal entry that says the call failed for good: its value is the
 /// record of that failure. Names idem journals for itself start with
@@ -160,9 +160,6 @@ pub(crate) struct Journal {
     /// arguments: this call is then [`Error::KeyReused`], and neither runs
     /// nor replays a step.
     other_arguments: std::sync::atomic::AtomicBool,
-    /// Held while the journal is read from the store: steps run together
-    /// share one read, and all see it once it is taken.
-    reading: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -190,7 +187,15 @@ struct State {
     unconfirmed: HashMap<String, Vec<u8>>,
     /// Whether the body marked its failure final ([`mark_final`]).
     marked_final: bool,
+    /// The journal's read under way, when a step asked for it before the
+    /// journal was read: steps run together share it, and all see it once
+    /// it is taken. It runs on a task of its own, so that a step future
+    /// left unpolled while it reads holds up no other step.
+    reading: Option<JournalRead>,
 }
+
+/// The answer of a journal's read under way, once it comes.
+type JournalRead = tokio::sync::watch::Receiver<Option<Result<Vec<JournaledStep>, StoreError>>>;
 
 /// When a step completed, for the order of the undos: a step replayed from
 /// the journal completed in an earlier attempt, at its place in the journal,
@@ -311,7 +316,6 @@ impl Journal {
             state: Mutex::new(state),
             lost: std::sync::atomic::AtomicBool::new(false),
             other_arguments: std::sync::atomic::AtomicBool::new(other),
-            reading: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -642,10 +646,46 @@ impl Journal {
         let found = match cached {
             Some(found) => found,
             None => {
-                let _reading = self.reading.lock().await;
-                if self.state().done.is_none() {
-                    let steps = self.store.steps(self.key).await?;
-                    self.take_read(steps);
+                let reading = {
+                    let mut state = self.state();
+                    if state.done.is_some() {
+                        None
+                    } else {
+                        Some(
+                            state
+                                .reading
+                                .get_or_insert_with(|| {
+                                    let (tell, read) = tokio::sync::watch::channel(None);
+                                    let (store, key) = (Arc::clone(&self.store), self.key);
+                                    tokio::spawn(async move {
+                                        let _ = tell.send(Some(store.steps(key).await));
+                                    });
+                                    read
+                                })
+                                .clone(),
+                        )
+                    }
+                };
+                if let Some(mut reading) = reading {
+                    let answered = reading
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|read| read.clone());
+                    let read = answered.unwrap_or_else(|| {
+                        Err(StoreError::new(
+                            crate::StoreErrorKind::Other,
+                            "the journal's read ended without an answer (its runtime stopped)",
+                        ))
+                    });
+                    match read {
+                        Ok(steps) => self.take_read(steps),
+                        Err(error) => {
+                            // The next step reads it again.
+                            self.state().reading = None;
+                            return Err(error.into());
+                        }
+                    }
                 }
                 self.state()
                     .done

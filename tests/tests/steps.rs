@@ -1543,6 +1543,27 @@ async fn a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt(
     assert_eq!(entries(&log), ["charge", "refund 30"]);
 }
 
+/// A step future polled once (its journal read begun) and then left
+/// unpolled does not hold up the body's other steps: the read runs on its
+/// own, and they share it.
+async fn a_step_left_unpolled_while_it_reads_the_journal_holds_up_no_other(store: Arc<dyn Store>) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("unpolled-step", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let settings = settings();
+    let run = idem.run(&settings, key, fp, async {
+        let first = step("quote", async { Ok::<_, Error>(1_u32) });
+        let mut first = std::pin::pin!(first.into_future());
+        // Polled once, then set aside unfinished.
+        let _ = tokio::time::timeout(Duration::ZERO, &mut first).await;
+        step("charge", async { Ok::<_, Error>(2_u32) }).await
+    });
+    let answered = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the second step is not held up by the first");
+    assert_eq!(answered.unwrap(), 2);
+}
+
 /// A store that counts how its journal is read.
 struct Counting {
     inner: Arc<dyn Store>,
@@ -1822,6 +1843,11 @@ macro_rules! step_tests {
         async fn a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt() {
             super::a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt($store)
                 .await;
+        }
+
+        #[tokio::test]
+        async fn a_step_left_unpolled_while_it_reads_the_journal_holds_up_no_other() {
+            super::a_step_left_unpolled_while_it_reads_the_journal_holds_up_no_other($store).await;
         }
 
         #[tokio::test]
