@@ -344,11 +344,14 @@ impl Call {
     }
 
     fn outcome(&self) -> CallOutcome {
-        if let Some(outcome) = CallOutcome::from_code(self.error.load(Ordering::Relaxed)) {
-            return outcome;
-        }
+        // Dropped before it returned: whatever the engine had made of it
+        // (an error it was about to answer, a claim it was releasing), its
+        // caller got nothing.
         if self.cancelled.load(Ordering::Relaxed) {
             return CallOutcome::Cancelled;
+        }
+        if let Some(outcome) = CallOutcome::from_code(self.error.load(Ordering::Relaxed)) {
+            return outcome;
         }
         match self.ran.load(Ordering::Relaxed) {
             RAN => CallOutcome::Ran,

@@ -807,6 +807,42 @@ fn counted<F: std::future::Future<Output = ()>>(script: F) -> Vec<(String, u64)>
         .collect()
 }
 
+/// A call dropped after idem found what it would answer (here, that its
+/// key's journal is another call's, so `KeyReused`) but before it returned
+/// (its claim's release was slow) is counted as `cancelled`: its caller got
+/// nothing.
+#[test]
+fn a_call_dropped_before_it_answers_is_counted_as_cancelled() {
+    let counts = counted(async {
+        let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
+        let idem = Idempotency::from_arc(flaky.clone());
+        let (key, _) = key("hardening.cancelled-while-releasing");
+        let settings = settings(30);
+        // Another call's journal under the key: a step done, then a
+        // failure that released the claim.
+        let other = idem
+            .run(&settings, key, Fingerprint::of(&"other").unwrap(), async {
+                idem_core::step("reserve", async { Ok::<_, Error>(1_u32) }).await?;
+                Err::<u32, Error>(Error::AttemptFailed)
+            })
+            .await;
+        assert!(other.is_err());
+        flaky.inject(Op::Release, Fault::Delayed(Duration::from_secs(5)));
+        let call = idem.run(&settings, key, Fingerprint::of(&"this").unwrap(), async {
+            idem_core::step("reserve", async { Ok::<_, Error>(2_u32) }).await
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), call)
+                .await
+                .is_err(),
+            "cut off while its claim is released"
+        );
+        assert_eq!(flaky.struck(Op::Release), 1);
+    });
+    assert_eq!(outcome_count(&counts, "cancelled"), 1, "{counts:?}");
+    assert_eq!(outcome_count(&counts, "key_reused"), 0, "{counts:?}");
+}
+
 /// A call whose caller drops it mid-body is counted as `cancelled`.
 #[test]
 fn a_cancelled_call_is_counted_as_cancelled() {
