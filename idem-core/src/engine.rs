@@ -399,7 +399,9 @@ impl Idempotency {
                     observe::claim_lost(call.operation());
                     tracing::warn!(%key, record_lost = true, "an idempotency claim was taken over while its call ran; its body stopped at a step or its fencing epoch");
                 }
-                if unrecorded {
+                // (A claim taken over says so above: another holder
+                // finishes the call, and this one does not run it again.)
+                if unrecorded && !journal.claim_lost() {
                     // The call failed for good, but its compensation did not
                     // finish (or its journal could not be read): its failure is
                     // recorded by a later attempt, which runs the body again.

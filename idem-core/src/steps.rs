@@ -18,6 +18,8 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest as _, Sha256};
 use tokio::task::futures::TaskLocalFuture;
 
+use tracing::Instrument as _;
+
 use crate::error::Error;
 use crate::key::{Fingerprint, Key};
 use crate::store::{JournaledStep, Record, Store, StoreError, Token};
@@ -463,6 +465,27 @@ impl Journal {
                     replace: false,
                 };
             }
+            // Steps whose append went unanswered ran their work: their
+            // entries are written first (one that landed keeps its value),
+            // in the order they completed, so that whatever stops this
+            // compensation, the attempt that finishes it knows them.
+            let unanswered: Vec<(String, Vec<u8>)> = undos
+                .iter()
+                .filter_map(|(_, name, _)| Some((name.clone(), unconfirmed.get(name)?.clone())))
+                .collect();
+            for (name, value) in unanswered {
+                match self.append_retrying(&name, value, held).await {
+                    Ok(()) => {}
+                    Err(Error::StepLost { .. }) => return Ending::AsIs,
+                    Err(error) => {
+                        tracing::warn!(key = %self.key, step = %name, %error, "could not journal a step of a call that failed for good; its next attempt runs the body again");
+                        return Ending::Unfinished {
+                            record: outcome,
+                            replace: false,
+                        };
+                    }
+                }
+            }
             // Before the first compensation runs: an attempt after a crash
             // must know the call failed for good, and how.
             match self.journal_final(&outcome, held).await {
@@ -513,14 +536,6 @@ impl Journal {
                         return unfinished("the claim is another holder's now", &name);
                     }
                     Err(error) => return unfinished(&error.to_string(), &name),
-                }
-            }
-            if let Some(value) = unconfirmed.get(&name) {
-                // Its append went unanswered: written first (an entry that
-                // landed keeps its value), so that an attempt after a crash
-                // knows the step to undo and the undo's entry has its step.
-                if let Err(error) = self.append_retrying(&name, value.clone(), held).await {
-                    return unfinished(&error.to_string(), &name);
                 }
             }
             // In the call's scope and a step's of its own, so that `epoch`
@@ -657,9 +672,12 @@ impl Journal {
                                 .get_or_insert_with(|| {
                                     let (tell, read) = tokio::sync::watch::channel(None);
                                     let (store, key) = (Arc::clone(&self.store), self.key);
-                                    tokio::spawn(async move {
-                                        let _ = tell.send(Some(store.steps(key).await));
-                                    });
+                                    tokio::spawn(
+                                        async move {
+                                            let _ = tell.send(Some(store.steps(key).await));
+                                        }
+                                        .in_current_span(),
+                                    );
                                     read
                                 })
                                 .clone(),
@@ -671,20 +689,33 @@ impl Journal {
                         .wait_for(Option::is_some)
                         .await
                         .ok()
-                        .and_then(|read| read.clone());
+                        // Taken by a step that woke first: not copied again.
+                        .and_then(|read| {
+                            if self.state().done.is_some() {
+                                Some(Ok(Vec::new()))
+                            } else {
+                                read.clone()
+                            }
+                        });
                     let read = answered.unwrap_or_else(|| {
                         Err(StoreError::new(
                             crate::StoreErrorKind::Other,
                             "the journal's read ended without an answer (its runtime stopped)",
                         ))
                     });
+                    let mut state = self.state();
+                    let ours = state
+                        .reading
+                        .as_ref()
+                        .is_some_and(|current| current.same_channel(&reading));
+                    if ours {
+                        // Taken, or failed: the next step reads it again.
+                        state.reading = None;
+                    }
+                    drop(state);
                     match read {
                         Ok(steps) => self.take_read(steps),
-                        Err(error) => {
-                            // The next step reads it again.
-                            self.state().reading = None;
-                            return Err(error.into());
-                        }
+                        Err(error) => return Err(error.into()),
                     }
                 }
                 self.state()
@@ -951,6 +982,9 @@ where
         }
         appended?;
         if let Some(error) = unbinding {
+            // Journaled with its undo, which cannot be bound: the call that
+            // fails for good stays unfinished, as for a step not reached.
+            journal.state().compensable.insert(name.to_owned());
             return Err(error.into());
         }
         return Ok(value);
@@ -1008,8 +1042,9 @@ where
     /// the undos not yet done. A step whose append to the journal this
     /// attempt did not hear land (its answer was lost, or the step was
     /// dropped on its way, as `try_join!` drops the steps beside one that
-    /// failed) ran its work: it is undone in its place too, after its entry
-    /// is written again. Undos run only while the claim is this attempt's,
+    /// failed) ran its work: its entry is written again before the failure
+    /// is, and it is undone in its place too. Undos run only while the
+    /// claim is this attempt's,
     /// each after a write that the store accepts only from the claim's
     /// holder.
     ///

@@ -1564,6 +1564,68 @@ async fn a_step_left_unpolled_while_it_reads_the_journal_holds_up_no_other(store
     assert_eq!(answered.unwrap(), 2);
 }
 
+/// A step whose append failed (its work done, its entry never written),
+/// in a call that goes on to fail for good, is journaled before the
+/// failure is: when the compensation stops early (a later step's undo
+/// fails), the attempt that finishes it undoes that step too. Written
+/// after the steps that completed after it, it is undone before them by
+/// an attempt that resumes the compensation (the journal's order).
+async fn a_step_whose_append_failed_is_undone_when_the_compensation_resumes(store: Arc<dyn Store>) {
+    use idem_test::faults::{Fault, Flaky, Op};
+    let flaky = Arc::new(Flaky::new(store));
+    let idem = Idempotency::from_arc(flaky.clone());
+    let key = Key::new("unjournaled-step", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let releases = Arc::new(AtomicU32::new(0));
+    let settings = settings();
+    let attempt = || {
+        let (log, releases) = (Arc::clone(&log), Arc::clone(&releases));
+        idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
+            let charged = step("charge", async {
+                note(&log, "charge");
+                Ok::<_, String>(30)
+            })
+            .compensate({
+                let log = Arc::clone(&log);
+                move |amount: u32| async move {
+                    note(&log, &format!("refund {amount}"));
+                    Ok::<_, String>(())
+                }
+            })
+            .await;
+            step("reserve", async {
+                note(&log, "reserve");
+                Ok::<_, String>(1)
+            })
+            .compensate({
+                let log = Arc::clone(&log);
+                move |_: u32| async move {
+                    // The warehouse is down for the first try.
+                    if releases.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err("the warehouse is down".to_owned());
+                    }
+                    note(&log, "release");
+                    Ok::<_, String>(())
+                }
+            })
+            .await?;
+            charged?;
+            Err::<u32, _>("declined".to_owned())
+        })
+    };
+    // The charge's append never reaches the store; its work was done.
+    flaky.inject(Op::AppendStep, Fault::Refused);
+    let first = attempt().await;
+    assert!(first.is_err());
+    assert_eq!(entries(&log), ["charge", "reserve"], "the release failed");
+    let second = attempt().await;
+    assert_eq!(second, first, "the failure, once compensated");
+    assert_eq!(entries(&log), ["charge", "reserve", "refund 30", "release"]);
+    assert_eq!(attempt().await, first, "replayed");
+    assert_eq!(entries(&log), ["charge", "reserve", "refund 30", "release"]);
+}
+
 /// A store that counts how its journal is read.
 struct Counting {
     inner: Arc<dyn Store>,
@@ -1848,6 +1910,11 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn a_step_left_unpolled_while_it_reads_the_journal_holds_up_no_other() {
             super::a_step_left_unpolled_while_it_reads_the_journal_holds_up_no_other($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_step_whose_append_failed_is_undone_when_the_compensation_resumes() {
+            super::a_step_whose_append_failed_is_undone_when_the_compensation_resumes($store).await;
         }
 
         #[tokio::test]
