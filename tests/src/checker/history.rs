@@ -77,6 +77,17 @@ pub enum Event {
         /// The run that did it.
         run: u64,
     },
+    /// Step `step` of `key`, whose effect run `run` did, failed because
+    /// its journal entry could not be written (or its answer was lost):
+    /// the step may run again, at most once per journal entry.
+    StepUnjournaled {
+        /// The key.
+        key: usize,
+        /// The step's index.
+        step: u8,
+        /// The run that did it.
+        run: u64,
+    },
     /// Run `run` got step `step` of `key` from the journal: its value is
     /// run `from`'s, which did the step's effect.
     StepReplayed {
@@ -223,6 +234,10 @@ impl fmt::Display for Line<'_> {
             Event::StepJournaled { key, step, run } => {
                 write!(f, "body run {run} journaled step {step} of key {key}")
             }
+            Event::StepUnjournaled { key, step, run } => write!(
+                f,
+                "body run {run}'s step {step} of key {key} was not journaled (a store error)"
+            ),
             Event::StepReplayed {
                 key,
                 step,

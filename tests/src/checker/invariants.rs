@@ -106,6 +106,7 @@ pub(crate) fn check(
     let mut step_undos: BTreeMap<(usize, u8), Vec<(Duration, u64)>> = BTreeMap::new();
     let mut replayed_steps: Vec<(usize, u8, u64, u64)> = Vec::new();
     let mut journals: Vec<(usize, &Vec<String>, bool)> = Vec::new();
+    let mut unjournaled_steps: Vec<(usize, u8, u64)> = Vec::new();
     for (at, event) in events {
         match event {
             Event::BodyStarted { call, key, run } => {
@@ -160,6 +161,9 @@ pub(crate) fn check(
                 entries,
                 completed,
             } => journals.push((*key, entries, *completed)),
+            Event::StepUnjournaled { key, step, run } => {
+                unjournaled_steps.push((*key, *step, *run))
+            }
             Event::Fault { key: None, .. } | Event::Called { .. } | Event::StepJournaled { .. } => {
             }
         }
@@ -261,7 +265,7 @@ pub(crate) fn check(
             // cut short between its effect and its entry too.
             let unjournaled = faults.iter().any(|(at, k, op, _)| {
                 k == key && *op == Op::AppendStep && *at >= earlier_at && *at <= later_at
-            });
+            }) || unjournaled_steps.contains(&(*key, *step, earlier_run));
             let cut_short = matches!(earlier.end, Some((_, "lost")) | None)
                 || dropped(earlier.call)
                 || unjournaled;

@@ -196,6 +196,9 @@ pub(crate) async fn run_body(
         if done.is_ok() && ran.load(Ordering::SeqCst) {
             ctx.history.push(Event::StepJournaled { key, step, run });
         }
+        if ran.load(Ordering::SeqCst) && done.as_ref().err().is_some_and(is_store_error) {
+            ctx.history.push(Event::StepUnjournaled { key, step, run });
+        }
         if let Ok(from) = done
             && from != run
         {
