@@ -413,8 +413,8 @@ impl Journal {
         // Steps with an undo whose append went unanswered ran their work:
         // a call that failed for good undoes them too, each once its entry
         // is written (below).
-        let unconfirmed: HashMap<String, Vec<u8>> = if final_now {
-            self.state().unconfirmed.clone()
+        let mut unconfirmed: HashMap<String, Vec<u8>> = if final_now {
+            std::mem::take(&mut self.state().unconfirmed)
         } else {
             HashMap::new()
         };
@@ -471,7 +471,7 @@ impl Journal {
             // compensation, the attempt that finishes it knows them.
             let unanswered: Vec<(String, Vec<u8>)> = undos
                 .iter()
-                .filter_map(|(_, name, _)| Some((name.clone(), unconfirmed.get(name)?.clone())))
+                .filter_map(|(_, name, _)| Some((name.clone(), unconfirmed.remove(name)?)))
                 .collect();
             for (name, value) in unanswered {
                 match self.append_retrying(&name, value, held).await {
@@ -963,20 +963,20 @@ where
         let appended = journal.append(name, journaled).await;
         {
             let mut state = journal.state();
-            if let Some(sent) = state.unconfirmed.remove(name) {
+            if state.unconfirmed.contains_key(name) {
                 match &appended {
                     Ok(()) => {
+                        state.unconfirmed.remove(name);
                         state.compensable.insert(name.to_owned());
                     }
                     // Refused as no longer the call's: nothing was
                     // journaled, and another holder runs the call.
                     Err(Error::StepLost { .. }) => {
+                        state.unconfirmed.remove(name);
                         state.undos.retain(|(_, undone, _)| undone != name);
                     }
                     // Unknown: undone if the call fails for good.
-                    Err(_) => {
-                        state.unconfirmed.insert(name.to_owned(), sent);
-                    }
+                    Err(_) => {}
                 }
             }
         }
