@@ -418,6 +418,20 @@ fn note(log: &Log, entry: &str) {
     log.lock().unwrap().push(entry.to_owned());
 }
 
+/// Step `charge` (30), noted as `charge` when its work runs; its undo is
+/// noted as `refund 30`.
+fn charge(log: Log) -> idem_core::Step<impl Future<Output = Result<u32, String>>> {
+    let undo_log = Arc::clone(&log);
+    step("charge", async move {
+        note(&log, "charge");
+        Ok::<_, String>(30)
+    })
+    .compensate(move |amount: u32| async move {
+        note(&undo_log, &format!("refund {amount}"));
+        Ok::<_, String>(())
+    })
+}
+
 fn entries(log: &Log) -> Vec<String> {
     log.lock().unwrap().clone()
 }
@@ -1179,18 +1193,7 @@ async fn a_stalled_holder_undoes_nothing_another_completed(store: Arc<dyn Store>
         let (log, idem, flaky) = (Arc::clone(&log), idem.clone(), Arc::clone(&flaky));
         async move {
             idem.run_caching_errors(&settings(), key, fp, |_: &String| true, async {
-                let amount = step("charge", async {
-                    note(&log, "charge");
-                    Ok::<_, String>(30)
-                })
-                .compensate({
-                    let log = Arc::clone(&log);
-                    move |amount: u32| async move {
-                        note(&log, &format!("refund {amount}"));
-                        Ok::<_, String>(())
-                    }
-                })
-                .await?;
+                let amount = charge(Arc::clone(&log)).await?;
                 let Some(resume) = stall else {
                     return Ok(amount);
                 };
@@ -1320,18 +1323,7 @@ async fn a_step_whose_append_went_unanswered_is_still_undone(store: Arc<dyn Stor
     let attempt = || {
         let log = Arc::clone(&log);
         idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
-            step("charge", async {
-                note(&log, "charge");
-                Ok::<_, String>(30)
-            })
-            .compensate({
-                let log = Arc::clone(&log);
-                move |amount: u32| async move {
-                    note(&log, &format!("refund {amount}"));
-                    Ok::<_, String>(())
-                }
-            })
-            .await?;
+            charge(Arc::clone(&log)).await?;
             Ok::<u32, String>(1)
         })
     };
@@ -1368,18 +1360,7 @@ async fn a_step_dropped_during_its_append_is_still_undone(store: Arc<dyn Store>)
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 Err::<u32, _>("out of stock".to_owned())
             });
-            let charge = step("charge", async {
-                note(&log, "charge");
-                Ok::<_, String>(30)
-            })
-            .compensate({
-                let log = Arc::clone(&log);
-                move |amount: u32| async move {
-                    note(&log, &format!("refund {amount}"));
-                    Ok::<_, String>(())
-                }
-            });
-            let (_, charged) = tokio::try_join!(reserve.into_future(), charge.into_future())?;
+            let (_, charged) = tokio::try_join!(reserve.into_future(), charge(log).into_future())?;
             Ok::<u32, String>(charged)
         })
     };
@@ -1506,18 +1487,7 @@ async fn a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt(
     let attempt = || {
         let (log, flaky, refusals) = (Arc::clone(&log), Arc::clone(&flaky), Arc::clone(&refusals));
         idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
-            step("charge", async {
-                note(&log, "charge");
-                Ok::<_, String>(30)
-            })
-            .compensate({
-                let log = Arc::clone(&log);
-                move |amount: u32| async move {
-                    note(&log, &format!("refund {amount}"));
-                    Ok::<_, String>(())
-                }
-            })
-            .await?;
+            charge(Arc::clone(&log)).await?;
             // The entry that says the call failed for good, refused on
             // every try of the first attempt.
             for _ in 0..refusals.swap(0, Ordering::SeqCst) {
@@ -1582,18 +1552,7 @@ async fn a_step_whose_append_failed_is_undone_when_the_compensation_resumes(stor
     let attempt = || {
         let (log, releases) = (Arc::clone(&log), Arc::clone(&releases));
         idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
-            let charged = step("charge", async {
-                note(&log, "charge");
-                Ok::<_, String>(30)
-            })
-            .compensate({
-                let log = Arc::clone(&log);
-                move |amount: u32| async move {
-                    note(&log, &format!("refund {amount}"));
-                    Ok::<_, String>(())
-                }
-            })
-            .await;
+            let charged = charge(Arc::clone(&log)).await;
             step("reserve", async {
                 note(&log, "reserve");
                 Ok::<_, String>(1)
