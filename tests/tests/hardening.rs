@@ -34,6 +34,16 @@ fn settings(lease: u64) -> Settings {
         .expect("valid settings")
 }
 
+/// [`settings`] whose duplicates wait up to `wait` seconds.
+fn waiting(lease: u64, wait: u64) -> Settings {
+    Settings::builder()
+        .lease(Duration::from_secs(lease))
+        .ttl(Duration::from_secs(3600))
+        .wait_timeout(Duration::from_secs(wait))
+        .build()
+        .expect("valid settings")
+}
+
 fn key(name: &str) -> (Key, Fingerprint) {
     (
         Key::new(name, &1).expect("a key"),
@@ -272,12 +282,7 @@ async fn a_stale_holders_follower_gets_the_rivals_result(
     let holder = Idempotency::from_arc(flaky.clone());
     let rival = Idempotency::from_arc(flaky.clone());
     let fp = Fingerprint::of(&1).expect("a fingerprint");
-    let wait = Settings::builder()
-        .lease(Duration::from_secs(3))
-        .ttl(Duration::from_secs(3600))
-        .wait_timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let wait = waiting(3, 20);
     let held = tokio::spawn({
         let holder = holder.clone();
         async move {
@@ -320,12 +325,7 @@ fn a_call_dropped_while_its_result_is_recorded_still_records_it() {
         let flaky = Arc::new(Flaky::new(Arc::new(MemoryStore::new())));
         let idem = Idempotency::from_arc(flaky.clone());
         let (key, fp) = key("hardening.dropped-recording");
-        let wait = Settings::builder()
-            .lease(Duration::from_secs(3))
-            .ttl(Duration::from_secs(3600))
-            .wait_timeout(Duration::from_secs(20))
-            .build()
-            .unwrap();
+        let wait = waiting(3, 20);
         // The record reaches the store only after a second: long after the
         // caller has gone.
         flaky.inject(Op::Complete, Fault::Slow(Duration::from_secs(1)));
@@ -401,12 +401,7 @@ fn a_call_dropped_by_another_futures_panic_is_cancelled_not_failed() {
     paused(async {
         let idem = Idempotency::memory();
         let (key, fp) = key("hardening.dropped-by-panic");
-        let wait = Settings::builder()
-            .lease(Duration::from_secs(3))
-            .ttl(Duration::from_secs(3600))
-            .wait_timeout(Duration::from_secs(20))
-            .build()
-            .unwrap();
+        let wait = waiting(3, 20);
         let panicking = tokio::spawn({
             let idem = idem.clone();
             async move {
