@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use idem_core::store::Store;
+use idem_core::store::{Inspection, Store};
 use idem_core::{
     Error, Fingerprint, Idempotency, Key, MemoryStore, Settings, derive_step_key, step, step_key,
 };
@@ -1585,6 +1585,52 @@ async fn a_step_whose_append_failed_is_undone_when_the_compensation_resumes(stor
     assert_eq!(entries(&log), ["charge", "reserve", "refund 30", "release"]);
 }
 
+/// A step with an undo whose result serializes but does not deserialize
+/// (`f64::NAN` is written as `null`) is journaled, and its undo cannot be
+/// bound: the step fails with `Decode`, and a call that then fails for good
+/// is not recorded as final with that step left undone; it stays
+/// unfinished, its claim released, as for a step whose undo is not known.
+async fn a_step_whose_result_does_not_decode_leaves_its_compensation_unfinished(
+    store: Arc<dyn Store>,
+) {
+    let idem = Idempotency::from_arc(store);
+    let key = Key::new("undecodable-step", &rand::random::<u64>()).unwrap();
+    let fp = Fingerprint::of(&"order").unwrap();
+    let log = Log::default();
+    let settings = settings();
+    let attempt = || {
+        let log = Arc::clone(&log);
+        idem.run_caching_errors(&settings, key, fp, |_: &String| true, async move {
+            step("measure", async {
+                note(&log, "measure");
+                Ok::<_, String>(f64::NAN)
+            })
+            .compensate({
+                let log = Arc::clone(&log);
+                move |_: f64| async move {
+                    note(&log, "unmeasure");
+                    Ok::<_, String>(())
+                }
+            })
+            .await?;
+            Ok::<u32, String>(1)
+        })
+    };
+    for _ in 0..2 {
+        let failed = attempt().await.unwrap_err();
+        assert!(
+            failed.contains("decode") || failed.contains("deserializ"),
+            "{failed}"
+        );
+        assert!(
+            matches!(idem.inspect(key).await.unwrap(), Inspection::Absent),
+            "not recorded as final"
+        );
+    }
+    assert_eq!(entries(&log), ["measure"], "ran once, never undone");
+    assert_eq!(idem.steps_done(key).await.unwrap(), ["measure", "final"]);
+}
+
 /// A store that counts how its journal is read.
 struct Counting {
     inner: Arc<dyn Store>,
@@ -1874,6 +1920,12 @@ macro_rules! step_tests {
         #[tokio::test]
         async fn a_step_whose_append_failed_is_undone_when_the_compensation_resumes() {
             super::a_step_whose_append_failed_is_undone_when_the_compensation_resumes($store).await;
+        }
+
+        #[tokio::test]
+        async fn a_step_whose_result_does_not_decode_leaves_its_compensation_unfinished() {
+            super::a_step_whose_result_does_not_decode_leaves_its_compensation_unfinished($store)
+                .await;
         }
 
         #[tokio::test]
