@@ -24,6 +24,13 @@ pub(crate) trait ResultCodec<T, E> {
     fn keep_err(&mut self, error: &E) -> Option<serde_json::Result<Vec<u8>>>;
     /// A stored error read back.
     fn decode_err(&self, bytes: &[u8]) -> Result<E, Error>;
+    /// A kept error read back from a record that says only that the call
+    /// failed and `reason` why the error itself was not kept (too large, a
+    /// full store, or it did not serialize). By default what a value kept
+    /// so gives: [`Error::NotReplayable`].
+    fn unkept_err(&self, reason: String) -> E {
+        self.idem_error(Error::NotReplayable { reason })
+    }
     /// Whether the caller must not get the outcome before it is recorded
     /// (a consumer acknowledges a message only then): a record whose store
     /// answer was lost is retried before returning instead of in the
@@ -167,6 +174,10 @@ impl<T, E, C: ResultCodec<T, E> + ?Sized> ResultCodec<T, E> for &mut C {
 
     fn decode_err(&self, bytes: &[u8]) -> Result<E, Error> {
         (**self).decode_err(bytes)
+    }
+
+    fn unkept_err(&self, reason: String) -> E {
+        (**self).unkept_err(reason)
     }
 
     fn awaits_record(&self) -> bool {

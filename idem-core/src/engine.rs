@@ -708,7 +708,7 @@ impl Idempotency {
             return store.release(key, token).await.map(|()| Completion::Stored);
         };
         let unstorable = || {
-            Record::unserializable(&format!(
+            record.unkept(&format!(
                 "the store refused to keep the result ({} bytes); the call ran",
                 record.payload().len()
             ))
@@ -1001,7 +1001,9 @@ where
         }
         Err(error) => {
             tracing::error!(%key, %error, "the result of an idempotent call does not serialize; retries get Error::NotReplayable and do not run it again");
-            Record::unserializable(&error.to_string()).with_type_tag(codec.ok_tag())
+            // Tagged as what it was: a kept error that does not serialize
+            // is still told from a value (see `replay`).
+            Record::unserializable(&error.to_string()).with_type_tag(tag)
         }
     })
 }
@@ -1029,7 +1031,7 @@ fn bounded(key: Key, record: Record, max: usize) -> Record {
         return record;
     }
     tracing::error!(%key, size, max, "the result of an idempotent call is larger than the maximum record size; retries get Error::NotReplayable and do not run it again");
-    Record::unserializable(&format!(
+    record.unkept(&format!(
         "the result ({size} bytes) is larger than the maximum record size ({max} bytes); the call ran"
     ))
 }
@@ -1255,7 +1257,12 @@ where
         Outcome::Err => codec.err_tag(),
         _ => codec.ok_tag(),
     };
-    if record.type_tag().is_some_and(|tag| tag != expected) {
+    // A kept error that could not be stored whole (too large, a full store,
+    // or it did not serialize) is recorded as run with the error's tag.
+    let unkept_err = record.outcome() == Outcome::Unserializable
+        && codec.err_tag() != codec.ok_tag()
+        && record.type_tag() == Some(codec.err_tag());
+    if !unkept_err && record.type_tag().is_some_and(|tag| tag != expected) {
         return Err(codec.idem_error(Error::other_type(match record.outcome() {
             Outcome::Err => std::any::type_name::<E>(),
             _ => std::any::type_name::<T>(),
@@ -1268,9 +1275,14 @@ where
         Outcome::Err => Err(codec
             .decode_err(record.payload())
             .unwrap_or_else(|e| codec.idem_error(e))),
-        Outcome::Unserializable => Err(codec.idem_error(Error::NotReplayable {
-            reason: String::from_utf8_lossy(record.payload()).into_owned(),
-        })),
+        Outcome::Unserializable => {
+            let reason = String::from_utf8_lossy(record.payload()).into_owned();
+            Err(if unkept_err {
+                codec.unkept_err(reason)
+            } else {
+                codec.idem_error(Error::NotReplayable { reason })
+            })
+        }
     }
 }
 

@@ -564,12 +564,24 @@ impl<T, E, C: ResultCodec<T, E>> ResultCodec<T, E> for Traced<'_, C> {
         self.inner.decode_err(bytes)
     }
 
+    fn unkept_err(&self, reason: String) -> E {
+        self.inner.unkept_err(reason)
+    }
+
     fn awaits_record(&self) -> bool {
         self.inner.awaits_record()
     }
 
     fn recorded(&self, confirmed: bool) {
         self.inner.recorded(confirmed);
+    }
+
+    fn ok_tag(&self) -> u64 {
+        self.inner.ok_tag()
+    }
+
+    fn err_tag(&self) -> u64 {
+        self.inner.err_tag()
     }
 }
 

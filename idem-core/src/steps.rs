@@ -594,7 +594,7 @@ impl Journal {
         {
             Ok(()) => Ok(outcome.clone()),
             Err(Error::Store(error)) if error.kind() == crate::StoreErrorKind::Full => {
-                let compact = Record::unserializable(&format!(
+                let compact = outcome.unkept(&format!(
                     "the call failed for good; the store refused to keep its result ({} bytes)",
                     outcome.payload().len()
                 ));

@@ -1150,6 +1150,48 @@ async fn consume_refuses_a_max_deliver_below_max_deliveries() {
     assert!(running.await.is_err(), "consume started and kept running");
 }
 
+#[tokio::test]
+async fn consume_refuses_an_ack_policy_other_than_explicit() {
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let stream = context
+        .create_stream(stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let js = JetStream::new(context.clone());
+    let handler = |_: Delivery| async { Ok::<_, String>(()) };
+    for (name, policy) in [
+        ("all", jetstream::consumer::AckPolicy::All),
+        ("none", jetstream::consumer::AckPolicy::None),
+    ] {
+        let pull = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name.into()),
+                ack_policy: policy,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        // Bounded: a check that no longer refuses would consume for ever.
+        let error = tokio::time::timeout(
+            Duration::from_secs(30),
+            js.consume(&Consumer::new(Idempotency::memory(), name), &pull, handler),
+        )
+        .await
+        .expect("consume refused at start, not kept running")
+        .unwrap_err();
+        assert!(
+            matches!(error, ConsumeError::AckPolicy(p) if p == policy),
+            "{error}"
+        );
+        assert!(error.to_string().contains("AckPolicy::Explicit"), "{error}");
+    }
+}
+
 /// A memory store that claims to answer within 1 s, as a network store does.
 struct Remote(idem_core::MemoryStore);
 

@@ -402,6 +402,61 @@ fn calls_refused_before_their_key_are_config_errors() {
     assert_eq!(captured.level_of("config_error"), Level::ERROR);
 }
 
+/// A message whose dead letter is always refused.
+#[cfg(feature = "consumer")]
+struct Undeliverable(u32);
+
+#[cfg(feature = "consumer")]
+impl idem_core::consumer::Message for Undeliverable {
+    fn delivery(&self) -> Result<idem_core::consumer::Delivery, String> {
+        Ok(
+            idem_core::consumer::Delivery::new("order-7", bytes::Bytes::from_static(b"{}"))
+                .deliveries(self.0),
+        )
+    }
+    async fn ack(&self) -> Result<(), idem_core::consumer::AckError> {
+        Ok(())
+    }
+    async fn nak(&self, _: Duration) -> Result<(), idem_core::consumer::AckError> {
+        Ok(())
+    }
+    async fn dead_letter(&self, _: &str) -> Result<(), idem_core::consumer::AckError> {
+        Err("no stream captures the dead-letter subject".into())
+    }
+    async fn terminate(&self) -> Result<(), idem_core::consumer::AckError> {
+        Ok(())
+    }
+    async fn in_progress(&self) -> Result<(), idem_core::consumer::AckError> {
+        Ok(())
+    }
+}
+
+/// A message dead-lettered, and then terminated without its dead letter,
+/// is named in each error event by its key, as its call's span names it.
+#[cfg(feature = "consumer")]
+fn dead_letters_that_fail_name_their_message() {
+    let captured = traced(|| async {
+        let consumer = idem_core::consumer::Consumer::new(Idempotency::memory(), "orders")
+            .max_deliveries(1)
+            .dead_letter_attempts(1);
+        let failing = |_| async { Err::<(), _>("cannot parse the payload") };
+        consumer.handle(&Undeliverable(1), failing).await.unwrap();
+    });
+    let key = Key::new("orders", "order-7").unwrap().to_string();
+    let events = captured.events.lock().unwrap().clone();
+    for message in [
+        "idem: dead-lettering a message",
+        "idem: could not publish a dead letter on its last attempt; terminating the message without one",
+    ] {
+        let (level, fields) = events
+            .iter()
+            .find(|(_, fields)| fields.get("message").is_some_and(|m| m == message))
+            .unwrap_or_else(|| panic!("no event {message:?} in {events:?}"));
+        assert_eq!(*level, Level::ERROR);
+        assert_eq!(fields.get("key"), Some(&key), "{fields:?}");
+    }
+}
+
 #[test]
 fn spans_and_events_tell_each_outcome() {
     each_outcome_is_a_span_with_safe_fields();
@@ -409,6 +464,8 @@ fn spans_and_events_tell_each_outcome() {
     waits_rejections_and_failures_are_told_apart();
     store_and_decode_errors_warn_and_the_attribute_names_its_operation();
     calls_refused_before_their_key_are_config_errors();
+    #[cfg(feature = "consumer")]
+    dead_letters_that_fail_name_their_message();
 }
 
 /// The HTTP layer runs each call on a task of its own (so that a client

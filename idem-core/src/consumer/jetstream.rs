@@ -88,6 +88,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::AckPolicy;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use async_nats::jetstream::{self, AckKind};
@@ -156,6 +157,16 @@ pub enum ConsumeError {
         /// The consumer's [`max_deliveries`](Consumer::max_deliveries).
         max_deliveries: u32,
     },
+    /// The JetStream consumer's ack policy is not `Explicit`: with `All`, the
+    /// ack of one message also acknowledges every earlier one still pending
+    /// (one nak'ed to be retried, one still running), which the server then
+    /// never redelivers; with `None`, naks are ignored and nothing is ever
+    /// redelivered. Either way a failed message would be lost without a dead
+    /// letter.
+    #[error(
+        "the JetStream consumer's ack policy is {0:?}: acknowledging one message would drop others that failed or still run, without a dead letter; create the consumer with AckPolicy::Explicit (the default of pull consumers)"
+    )]
+    AckPolicy(AckPolicy),
     /// The header [`MessageKey::Header`] names is not a valid header name.
     #[error("the message key header `{0}` is not a valid header name")]
     KeyHeader(String),
@@ -272,8 +283,8 @@ impl JetStream {
     ///
     /// # Errors
     ///
-    /// [`ConsumeError::Settings`], [`ConsumeError::MaxDeliver`] or
-    /// [`ConsumeError::KeyHeader`] at start; [`ConsumeError::Broker`] when
+    /// [`ConsumeError::Settings`], [`ConsumeError::MaxDeliver`],
+    /// [`ConsumeError::AckPolicy`] or [`ConsumeError::KeyHeader`] at start; [`ConsumeError::Broker`] when
     /// the messages cannot be pulled: the consumer is gone or is not a pull
     /// consumer, or the connection failed for good.
     pub async fn consume<T, E, F, Fut>(
@@ -340,6 +351,9 @@ impl JetStream {
             return Err(ConsumeError::KeyHeader(name.clone()));
         }
         let config = &pull.cached_info().config;
+        if config.ack_policy != AckPolicy::Explicit {
+            return Err(ConsumeError::AckPolicy(config.ack_policy));
+        }
         if config.max_deliver > 0 && config.max_deliver < i64::from(consumer.max_deliveries) {
             return Err(ConsumeError::MaxDeliver {
                 max_deliver: config.max_deliver,

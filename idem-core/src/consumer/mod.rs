@@ -27,8 +27,8 @@
 //! | the handler returned `Err` or panicked, delivery `n` < `max_deliveries` (5) | nak'ed, redelivered after a backoff: 1 s · 2ⁿ⁻¹, at most 60 s; a panic releases the claim at once like an `Err` |
 //! | the handler ran past [`handler_timeout`](Consumer::handler_timeout) (none by default) | cancelled, and the same as an `Err` |
 //! | the handler returned `Err` or panicked on the last delivery, or returned `Err` having marked its failure final ([`mark_final`](crate::mark_final)) on any | dead-lettered: published to the dead-letter subject when one is set, and terminated; the failure is recorded (as one [header-safe](header_text) line) |
-//! | an earlier delivery failed for good (recorded) | dead-lettered again, without running the handler |
-//! | its dead letter cannot be published | nak'ed with the backoff and only the dead letter tried again, through delivery `max_deliveries + dead_letter_attempts - 1` (a message without an id: once); then terminated without one (logged) |
+//! | an earlier delivery failed for good (recorded) | dead-lettered again, without running the handler; also when only that it failed could be kept (its reason was larger than [`max_record_bytes`](crate::Idempotency::max_record_bytes), or refused by a full store) |
+//! | its dead letter cannot be published | nak'ed with the backoff and only the dead letter tried again, through delivery `max_deliveries + dead_letter_attempts - 1` (a message without an id: once); then terminated without one (logged at `ERROR` with its key) |
 //! | the handler ran but its outcome could not be recorded before the lease ended (a success, or a failure for good, also one whose steps' undos are left to finish) | nak'ed with the backoff, never acknowledged nor dead-lettered |
 //! | another delivery of the id is running elsewhere past the wait | nak'ed, redelivered after that delivery's remaining lease |
 //! | the idempotency store is down | nak'ed with the backoff; never dead-lettered, never run unguarded |
@@ -885,13 +885,19 @@ impl Consumer {
                 self.counters.naked.fetch_add(1, Ordering::Relaxed);
             }
             Disposition::DeadLetter { reason } => {
-                tracing::error!(%reason, "idem: dead-lettering a message");
+                let key = self.key_of(message);
+                tracing::error!(key = key.map(tracing::field::display), deliveries, %reason, "idem: dead-lettering a message");
                 if let Some(nak) = self.dead_letter(message, reason, deliveries).await? {
                     outcome.disposition = nak;
                 }
             }
         }
         Ok(outcome)
+    }
+
+    /// The key of `message`'s calls, for logs; `None` without a usable id.
+    fn key_of<M: Message>(&self, message: &M) -> Option<Key> {
+        Key::new(&self.name, message.delivery().ok()?.id()).ok()
     }
 
     /// Dead-letters `message`; when its dead letter cannot be published,
@@ -910,14 +916,16 @@ impl Consumer {
         self.counters
             .dead_letters_failed
             .fetch_add(1, Ordering::Relaxed);
+        // Which message: its key, as every other log of the call names it.
+        let key = self.key_of(message).map(tracing::field::display);
         if deliveries < self.last_dead_letter_delivery() {
             let delay = self.backoff_after(deliveries);
-            tracing::error!(%error, ?delay, deliveries, "idem: could not publish a dead letter; nak'ing the message to try the dead letter alone again");
+            tracing::error!(key, %error, ?delay, deliveries, "idem: could not publish a dead letter; nak'ing the message to try the dead letter alone again");
             message.nak(delay).await?;
             self.counters.naked.fetch_add(1, Ordering::Relaxed);
             Ok(Some(Disposition::Nak { delay }))
         } else {
-            tracing::error!(%error, deliveries, %reason, "idem: could not publish a dead letter on its last attempt; terminating the message without one");
+            tracing::error!(key, %error, deliveries, %reason, "idem: could not publish a dead letter on its last attempt; terminating the message without one");
             message.terminate().await?;
             Ok(None)
         }
@@ -969,9 +977,11 @@ impl Consumer {
                 {
                     Ok(Ok(_)) => {}
                     Ok(Err(error)) => {
-                        tracing::warn!(%error, "idem: could not settle a message with the broker; it will be redelivered");
+                        let key = self.key_of(&message).map(tracing::field::display);
+                        tracing::warn!(key, %error, "idem: could not settle a message with the broker; it will be redelivered");
                     }
                     Err(panic) => {
+                        // Not named: reading its id may be what panicked.
                         tracing::error!(panic = panic_message(&*panic), "idem: settling a message panicked; it will be redelivered");
                     }
                 }
@@ -1010,8 +1020,12 @@ async fn heartbeating<M: Message, O>(
     every: Duration,
     processing: std::pin::Pin<&mut impl Future<Output = O>>,
 ) -> O {
+    // A period past the clock's range (`Duration::MAX`) never comes.
+    let Some(first) = tokio::time::Instant::now().checked_add(every) else {
+        return processing.await;
+    };
     let beats = async {
-        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut ticks = tokio::time::interval_at(first, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Told at `WARN` once per run of failures (during a broker outage
         // every message in flight fails each of its heartbeats).
@@ -1101,6 +1115,16 @@ impl<T: Serialize + DeserializeOwned> ResultCodec<T, Failure> for ConsumerCodec<
             error: reason.clone(),
             reason,
         })
+    }
+
+    fn unkept_err(&self, reason: String) -> Failure {
+        // It failed for good: its redeliveries are dead-lettered, as when
+        // its reason was kept.
+        let reason = format!("the handler failed for good; its reason was not kept: {reason}");
+        Failure::Final {
+            error: reason.clone(),
+            reason,
+        }
     }
 
     fn awaits_record(&self) -> bool {

@@ -373,6 +373,22 @@ async fn a_slow_handler_sends_heartbeats() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_past_the_clocks_range_never_beats() {
+    let broker = Arc::new(Broker::default());
+    let consumer = Consumer::new(Idempotency::memory(), "orders").heartbeat(Some(Duration::MAX));
+    let outcome = consumer
+        .handle(&message(&broker, "m1", b"abc", 1), |_| async {
+            tokio::time::sleep(Duration::from_secs(35)).await;
+            Ok::<_, String>(7)
+        })
+        .await
+        .unwrap();
+    assert!(matches!(outcome.handled, Handled::Ran(7)), "{outcome:?}");
+    let told: Vec<_> = broker.told().into_iter().map(|(_, told)| told).collect();
+    assert_eq!(told, [Told::Ack]);
+}
+
 #[tokio::test]
 async fn run_processes_a_stream_with_duplicates_once_per_id() {
     let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
@@ -567,6 +583,37 @@ async fn a_dead_letter_that_cannot_be_published_is_retried_without_the_handler()
         (3, 1, 2),
         "{stats:?}"
     );
+}
+
+#[tokio::test]
+async fn a_final_failure_too_large_to_keep_is_still_dead_lettered_on_redelivery() {
+    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
+    // The failure's reason is larger than a record may be: the store keeps
+    // only that the handler failed.
+    let consumer =
+        Consumer::new(Idempotency::memory().max_record_bytes(32), "orders").max_deliveries(1);
+    broker.refuse_dead_letters.store(1, Ordering::Relaxed);
+    let first = consumer
+        .handle(&message(&broker, "bad", b"poison", 1), |d| effects.apply(d))
+        .await
+        .unwrap();
+    assert!(matches!(first.handled, Handled::Failed(_)), "{first:?}");
+    let second = consumer
+        .handle(&message(&broker, "bad", b"poison", 2), |d| effects.apply(d))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&second.handled, Handled::FailedBefore(reason) if reason.contains("failed for good")),
+        "{second:?}"
+    );
+    let told: Vec<_> = broker.told().into_iter().map(|(_, told)| told).collect();
+    // Never acknowledged as if it had succeeded: its dead letter, refused
+    // once, goes out on the redelivery.
+    assert!(
+        matches!(&told[..], [Told::Nak(_), Told::DeadLetter(reason)] if reason.contains("not kept")),
+        "{told:?}"
+    );
+    assert_eq!(effects.runs("bad"), 1);
 }
 
 #[tokio::test]

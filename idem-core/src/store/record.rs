@@ -92,6 +92,18 @@ impl Record {
         )
     }
 
+    /// A record saying the call ran but `self` could not be kept (too
+    /// large, or refused by a full store): `reason` says why, and it keeps
+    /// `self`'s type tag, so that a failure kept so is still told from a
+    /// value.
+    pub(crate) fn unkept(&self, reason: &str) -> Self {
+        let compact = Self::unserializable(reason);
+        match self.type_tag {
+            Some(tag) => compact.with_type_tag(tag),
+            None => compact,
+        }
+    }
+
     /// The serialized value, as JSON (or, for
     /// [`Outcome::Unserializable`], the serializer's message).
     #[must_use]
