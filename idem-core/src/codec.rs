@@ -26,10 +26,10 @@ pub(crate) trait ResultCodec<T, E> {
     fn decode_err(&self, bytes: &[u8]) -> Result<E, Error>;
     /// A kept error read back from a record that says only that the call
     /// failed and `reason` why the error itself was not kept (too large, a
-    /// full store, or it did not serialize). By default what a value kept
-    /// so gives: [`Error::NotReplayable`].
-    fn unkept_err(&self, reason: String) -> E {
-        self.idem_error(Error::NotReplayable { reason })
+    /// full store, or it did not serialize). `None` (the default): what a
+    /// value kept so gives, [`Error::NotReplayable`].
+    fn unkept_err(&self, _reason: &str) -> Option<E> {
+        None
     }
     /// Whether the caller must not get the outcome before it is recorded
     /// (a consumer acknowledges a message only then): a record whose store
@@ -176,7 +176,7 @@ impl<T, E, C: ResultCodec<T, E> + ?Sized> ResultCodec<T, E> for &mut C {
         (**self).decode_err(bytes)
     }
 
-    fn unkept_err(&self, reason: String) -> E {
+    fn unkept_err(&self, reason: &str) -> Option<E> {
         (**self).unkept_err(reason)
     }
 

@@ -1276,12 +1276,15 @@ where
             .decode_err(record.payload())
             .unwrap_or_else(|e| codec.idem_error(e))),
         Outcome::Unserializable => {
-            let reason = String::from_utf8_lossy(record.payload()).into_owned();
-            Err(if unkept_err {
-                codec.unkept_err(reason)
-            } else {
-                codec.idem_error(Error::NotReplayable { reason })
-            })
+            let reason = String::from_utf8_lossy(record.payload());
+            Err(unkept_err
+                .then(|| codec.unkept_err(&reason))
+                .flatten()
+                .unwrap_or_else(|| {
+                    codec.idem_error(Error::NotReplayable {
+                        reason: reason.into_owned(),
+                    })
+                }))
         }
     }
 }

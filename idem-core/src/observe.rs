@@ -564,7 +564,7 @@ impl<T, E, C: ResultCodec<T, E>> ResultCodec<T, E> for Traced<'_, C> {
         self.inner.decode_err(bytes)
     }
 
-    fn unkept_err(&self, reason: String) -> E {
+    fn unkept_err(&self, reason: &str) -> Option<E> {
         self.inner.unkept_err(reason)
     }
 

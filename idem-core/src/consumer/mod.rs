@@ -1117,14 +1117,14 @@ impl<T: Serialize + DeserializeOwned> ResultCodec<T, Failure> for ConsumerCodec<
         })
     }
 
-    fn unkept_err(&self, reason: String) -> Failure {
+    fn unkept_err(&self, reason: &str) -> Option<Failure> {
         // It failed for good: its redeliveries are dead-lettered, as when
         // its reason was kept.
         let reason = format!("the handler failed for good; its reason was not kept: {reason}");
-        Failure::Final {
+        Some(Failure::Final {
             error: reason.clone(),
             reason,
-        }
+        })
     }
 
     fn awaits_record(&self) -> bool {
