@@ -30,6 +30,9 @@ pub struct Call {
     name: &'static str,
     key: KeyHasher,
     arguments: Fingerprinter,
+    /// The tag of a pinned fn's generic instance, when it is in the
+    /// fingerprint (see [`generic_instance`](Self::generic_instance)).
+    instance: Option<u64>,
     /// Why the call may not run whatever its parts.
     refused: Option<ConfigError>,
 }
@@ -42,6 +45,7 @@ impl Call {
             name,
             key: KeyHasher::new(name),
             arguments: Fingerprinter::new(),
+            instance: None,
             refused: None,
         }
     }
@@ -80,7 +84,8 @@ impl Call {
     /// lifetimes aside), adds the instance's tag to the fingerprint, so that
     /// the instances of a generic impl, which share the pinned name and
     /// whose type parameters the attribute cannot see, never take each
-    /// other's calls. Every other fn keeps the fingerprint that
+    /// other's calls (with `fingerprint = false` too: the instance is then
+    /// the whole fingerprint). Every other fn keeps the fingerprint that
     /// [`Fingerprint::of`](crate::Fingerprint::of) its arguments makes.
     pub fn generic_instance(&mut self, site: &'static str, own_generics: bool) {
         if !site.contains('<') {
@@ -88,8 +93,9 @@ impl Call {
         }
         let instance = instance_path(operation_name(site), own_generics);
         if has_generic_arguments(instance) {
-            self.arguments
-                .argument(&crate::codec::remembered_tag(instance));
+            let tag = crate::codec::remembered_tag(instance);
+            self.arguments.argument(&tag);
+            self.instance = Some(tag);
         }
     }
 
@@ -129,7 +135,7 @@ impl Call {
     /// arguments' fingerprint; without fingerprint checks the fingerprint is
     /// [`Fingerprint::UNCHECKED`].
     pub fn finish(self, keyed: bool, checked: bool) -> Prepared {
-        let (key, arguments) = (self.key, self.arguments);
+        let (key, arguments, instance) = (self.key, self.arguments, self.instance);
         let refused = self.refused;
         let parts = (|| {
             if let Some(refused) = refused {
@@ -140,10 +146,11 @@ impl Call {
             if !keyed {
                 key.value(&fingerprint);
             }
-            let checked = if checked {
-                fingerprint
-            } else {
-                Fingerprint::UNCHECKED
+            let checked = match instance {
+                _ if checked => fingerprint,
+                // Unchecked arguments, but never another instance's call.
+                Some(tag) => Fingerprint::of(&tag)?,
+                None => Fingerprint::UNCHECKED,
             };
             Ok((key.finish()?, checked))
         })();

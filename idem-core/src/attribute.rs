@@ -184,7 +184,11 @@
 /// (`impl<T> Notifier<T>`, `impl<C> Channeled<C> for Courier`; lifetimes
 /// aside), has that instance in its fingerprint instead, so that
 /// `Notifier<Email>` and `Notifier<Sms>` never take each other's calls (the
-/// same key is [`Error::KeyReused`](crate::Error::KeyReused)). A trait's
+/// same key is [`Error::KeyReused`](crate::Error::KeyReused); with
+/// `fingerprint = false` too, whose calls then check their instance alone).
+/// The fn's own generic arguments, an `impl Trait` argument's type
+/// included, are not its instance's: a skipped `&impl Gateway` leaves one
+/// operation for every gateway type. A trait's
 /// default method pinned to a name is one operation for every implementor
 /// whose type has no generic arguments. Every other pinned fn's key and
 /// fingerprint are [`Key::scoped(name, scope, key)`](crate::Key::scoped)

@@ -137,12 +137,15 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     // generic arguments besides the fn's own.
     let instance = args.name.is_some().then(|| {
         let site = hidden("__idem_instance");
+        // An `impl Trait` argument is a type parameter of the fn's own too
+        // (an anonymous one, in the instance's generic arguments).
         let own_generics = func
             .sig
             .generics
             .params
             .iter()
-            .any(|param| !matches!(param, syn::GenericParam::Lifetime(_)));
+            .any(|param| !matches!(param, syn::GenericParam::Lifetime(_)))
+            || func::takes_impl_trait(func);
         quote! {
             let #site = || ();
             #call.generic_instance(::core::any::type_name_of_val(&#site), #own_generics);

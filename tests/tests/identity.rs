@@ -304,6 +304,55 @@ async fn instances_pinned_to_one_name_tell_argument_types_apart(idem: &Idempoten
     assert!(matches!(reused, Err(Error::KeyReused)), "{reused:?}");
 }
 
+// --- a pinned fn with an `impl Trait` argument --------------------------------
+
+trait Gateway: Sync {
+    fn fee(&self) -> u64;
+}
+
+struct LiveGateway;
+struct SandboxGateway;
+
+impl Gateway for LiveGateway {
+    fn fee(&self) -> u64 {
+        1
+    }
+}
+
+impl Gateway for SandboxGateway {
+    fn fee(&self) -> u64 {
+        2
+    }
+}
+
+#[idempotent(name = "tests.identity.settle", key = id, store = idem, skip(idem, gateway))]
+async fn settle(
+    idem: &Idempotency,
+    gateway: &impl Gateway,
+    id: &str,
+    amount: u64,
+) -> Result<u64, Error> {
+    Ok(amount + gateway.fee())
+}
+
+/// An `impl Trait` argument is a type parameter of the fn's own: skipped,
+/// it leaves a pinned fn's calls what `run` with its key and its other
+/// arguments makes, whichever type is passed (a handle, a client).
+async fn a_pinned_fn_with_a_skipped_impl_trait_argument_is_one_operation(idem: &Idempotency) {
+    let id = fresh("impl-trait");
+    assert_eq!(settle(idem, &LiveGateway, &id, 5).await.unwrap(), 6);
+    let other_gateway = settle(idem, &SandboxGateway, &id, 5).await;
+    assert_eq!(other_gateway.unwrap(), 6, "replays for another gateway");
+    let key = Key::new("tests.identity.settle", &id.as_str()).unwrap();
+    let fingerprint = Fingerprint::of(&(&id.as_str(), &5_u64)).unwrap();
+    let replayed = idem
+        .run(&Settings::default(), key, fingerprint, async {
+            Ok::<u64, Error>(0)
+        })
+        .await;
+    assert_eq!(replayed.unwrap(), 6, "run replays the attribute's call");
+}
+
 // --- a pinned fn and `Idempotency::run` ---------------------------------------
 
 struct Payments {
@@ -381,6 +430,14 @@ impl<C: Channel + Serialize + Send + Sync> Channeled<C> for Courier {
 }
 
 impl<C: Channel> Notifier<C> {
+    /// Pinned, its arguments unchecked: the instance is checked all the
+    /// same.
+    #[idempotent(name = "tests.identity.remind", key = order, store = idem, skip(idem), fingerprint = false)]
+    async fn remind(idem: &Idempotency, order: &str, note: &str) -> Result<String, Error> {
+        let _ = note;
+        Ok(format!("{} reminds {order}", C::NAME))
+    }
+
     /// An associated fn, no `self`, pinned to one name in a generic impl.
     #[idempotent(name = "tests.identity.broadcast", key = order, store = idem, skip(idem, sent))]
     async fn broadcast(idem: &Idempotency, sent: &AtomicU32, order: &str) -> Result<String, Error> {
@@ -423,6 +480,15 @@ async fn pinned_instances_of_generic_impls_are_told_apart(idem: &Idempotency) {
     let by_sms = Notifier::<Sms>::broadcast(idem, &sent, &order).await;
     assert!(matches!(by_sms, Err(Error::KeyReused)), "{by_sms:?}");
     assert_eq!(sent.load(Ordering::SeqCst), 1);
+
+    // `fingerprint = false`: other arguments replay, another instance never.
+    let order = fresh("remind");
+    let by_email = Notifier::<Email>::remind(idem, &order, "first").await;
+    assert_eq!(by_email.unwrap(), format!("email reminds {order}"));
+    let again = Notifier::<Email>::remind(idem, &order, "second").await;
+    assert_eq!(again.unwrap(), format!("email reminds {order}"));
+    let by_sms = Notifier::<Sms>::remind(idem, &order, "first").await;
+    assert!(matches!(by_sms, Err(Error::KeyReused)), "{by_sms:?}");
 
     let id = fresh("borrowed");
     assert_eq!(Borrowed { idem }.go(&id, 3).await.unwrap(), 3);
@@ -780,6 +846,7 @@ async fn every_case(idem: &Idempotency) {
     methods_of_a_generic_impl_are_told_apart(idem).await;
     instances_pinned_to_one_name_tell_argument_types_apart(idem).await;
     a_pinned_fn_is_the_same_call_as_run_with_its_key(idem).await;
+    a_pinned_fn_with_a_skipped_impl_trait_argument_is_one_operation(idem).await;
     pinned_instances_of_generic_impls_are_told_apart(idem).await;
     trait_default_methods_are_told_apart_by_implementor(idem).await;
     a_record_is_never_decoded_as_another_type(idem).await;
