@@ -295,7 +295,9 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
             // early) for a dead assignment. (`mut self` cannot be bound
             // again: see `body_allow`.)
             let rebound = mut_arguments(&func.sig, transaction).map(
-                |(cfgs, mutability, ident)| quote!(#(#cfgs)* let #mutability #ident = #ident;),
+                |(cfgs, mutability, ident)| {
+                    quote!(#(#cfgs)* #[allow(clippy::shadow_same)] let #mutability #ident = #ident;)
+                },
             );
             quote! {
                 #(#items)*

@@ -3,7 +3,7 @@
 //! collide with the user's, and it trips none of the user's lints (clippy's
 //! pedantic group included, which CI runs over this file).
 
-#![deny(unused_qualifications, clippy::pedantic, unused)]
+#![deny(unused_qualifications, clippy::pedantic, clippy::shadow_same, unused)]
 
 use ::idem_core::idempotent;
 
@@ -55,6 +55,7 @@ async fn compiles_and_runs_among_shadowed_names() {
     assert_eq!(colliding(1, 2).await.unwrap(), 3);
     assert_eq!(shadowed(9).await.unwrap(), 9);
     assert_eq!(items_first(2).await.unwrap(), 4);
+    assert_eq!(mutable(5).await.unwrap(), 6);
     let _ = Failed(::idem_core::Error::KeyReused).0;
 }
 
@@ -68,4 +69,12 @@ async fn items_first(id: u64) -> Result<u64> {
     }
     let value = doubled(id);
     Ok(value)
+}
+
+/// A `mut` argument is bound again as the body's own variable, which
+/// `clippy::shadow_same` (opt in) would flag at the user's name.
+#[idempotent(key = id)]
+async fn mutable(mut id: u64) -> Result<u64> {
+    id += 1;
+    Ok(id)
 }
