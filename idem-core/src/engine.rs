@@ -1003,7 +1003,10 @@ where
             tracing::error!(%key, %error, "the result of an idempotent call does not serialize; retries get Error::NotReplayable and do not run it again");
             // Tagged as what it was: a kept error that does not serialize
             // is still told from a value (see `replay`).
-            Record::unserializable(&error.to_string()).with_type_tag(tag)
+            Record::unserializable(&error.to_string()).with_type_tag(match outcome {
+                Outcome::Err => crate::store::unkept_err_tag(tag),
+                _ => tag,
+            })
         }
     })
 }
@@ -1260,8 +1263,7 @@ where
     // A kept error that could not be stored whole (too large, a full store,
     // or it did not serialize) is recorded as run with the error's tag.
     let unkept_err = record.outcome() == Outcome::Unserializable
-        && codec.err_tag() != codec.ok_tag()
-        && record.type_tag() == Some(codec.err_tag());
+        && record.type_tag() == Some(crate::store::unkept_err_tag(codec.err_tag()));
     if !unkept_err && record.type_tag().is_some_and(|tag| tag != expected) {
         return Err(codec.idem_error(Error::other_type(match record.outcome() {
             Outcome::Err => std::any::type_name::<E>(),

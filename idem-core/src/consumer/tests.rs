@@ -616,6 +616,38 @@ async fn a_final_failure_too_large_to_keep_is_still_dead_lettered_on_redelivery(
     assert_eq!(effects.runs("bad"), 1);
 }
 
+/// A user's type with the name of the consumer's own failure type: their
+/// records' type tags are alike.
+mod user {
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    pub(super) struct Failure {
+        note: String,
+    }
+}
+
+/// A handler whose value's type has the name of the consumer's own failure
+/// type: a failure too large to keep is still told from a value.
+#[tokio::test]
+async fn an_unkept_failure_is_told_from_a_value_of_any_type_name() {
+    let broker = Arc::new(Broker::default());
+    let consumer =
+        Consumer::new(Idempotency::memory().max_record_bytes(32), "orders").max_deliveries(1);
+    broker.refuse_dead_letters.store(1, Ordering::Relaxed);
+    for delivery in 1..=2 {
+        consumer
+            .handle(&message(&broker, "bad", b"poison", delivery), |_| async {
+                Err::<user::Failure, _>("cannot parse the payload".to_owned())
+            })
+            .await
+            .unwrap();
+    }
+    let told: Vec<_> = broker.told().into_iter().map(|(_, told)| told).collect();
+    assert!(
+        matches!(&told[..], [Told::Nak(_), Told::DeadLetter(_)]),
+        "{told:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_dead_letter_that_keeps_failing_ends_in_a_termination() {
     let (broker, effects) = (Arc::new(Broker::default()), Effects::default());

@@ -84,6 +84,7 @@ mod replay_cache;
 
 pub use crate::error::{StoreError, StoreErrorKind};
 pub(crate) use connect::connect;
+pub(crate) use record::unkept_err_tag;
 pub use record::{Outcome, Record};
 pub use replay_cache::ReplayCache;
 

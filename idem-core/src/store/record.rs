@@ -93,14 +93,15 @@ impl Record {
     }
 
     /// A record saying the call ran but `self` could not be kept (too
-    /// large, or refused by a full store): `reason` says why, and it keeps
-    /// `self`'s type tag, so that a failure kept so is still told from a
-    /// value.
+    /// large, or refused by a full store): `reason` says why. It keeps
+    /// `self`'s type tag, an error's [marked](unkept_err_tag), so that a
+    /// failure kept so is still told from a value.
     pub(crate) fn unkept(&self, reason: &str) -> Self {
         let compact = Self::unserializable(reason);
-        match self.type_tag {
-            Some(tag) => compact.with_type_tag(tag),
-            None => compact,
+        match (self.outcome, self.type_tag) {
+            (Outcome::Err, Some(tag)) => compact.with_type_tag(unkept_err_tag(tag)),
+            (_, Some(tag)) => compact.with_type_tag(tag),
+            (_, None) => compact,
         }
     }
 
@@ -184,6 +185,13 @@ impl Record {
             payload: bytes,
         })
     }
+}
+
+/// The tag of a record that says a call failed whose error, of the type
+/// `err_tag` tags, was not kept: told apart from a value's record even when
+/// the two types' names are alike.
+pub(crate) const fn unkept_err_tag(err_tag: u64) -> u64 {
+    err_tag ^ 0x756e_6b65_7074_2065 // "unkept e"
 }
 
 fn corrupt(message: impl Into<std::borrow::Cow<'static, str>>) -> StoreError {
