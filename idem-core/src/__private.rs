@@ -30,9 +30,10 @@ pub struct Call {
     name: &'static str,
     key: KeyHasher,
     arguments: Fingerprinter,
-    /// The tag of a pinned fn's generic instance, when it is in the
-    /// fingerprint (see [`generic_instance`](Self::generic_instance)).
-    instance: Option<u64>,
+    /// What a pinned fn's generic instance is, when it is in the
+    /// fingerprint (see [`generic_instance`](Self::generic_instance)): its
+    /// `Self` type or trait, with their generic arguments.
+    instance: Option<&'static str>,
     /// Why the call may not run whatever its parts.
     refused: Option<ConfigError>,
 }
@@ -84,8 +85,10 @@ impl Call {
     /// lifetimes aside), adds the instance's tag to the fingerprint, so that
     /// the instances of a generic impl, which share the pinned name and
     /// whose type parameters the attribute cannot see, never take each
-    /// other's calls (with `fingerprint = false` too: the instance is then
-    /// the whole fingerprint). Every other fn keeps the fingerprint that
+    /// other's calls (with `fingerprint = false` too: the instance's `Self`
+    /// type or trait is then the whole fingerprint, so that fns of one impl
+    /// pinned to one name, a waiting and a rejecting variant, share records
+    /// as every fns pinned to one name do). Every other fn keeps the fingerprint that
     /// [`Fingerprint::of`](crate::Fingerprint::of) its arguments makes.
     pub fn generic_instance(&mut self, site: &'static str, own_generics: bool) {
         if !site.contains('<') {
@@ -93,9 +96,14 @@ impl Call {
         }
         let instance = instance_path(operation_name(site), own_generics);
         if has_generic_arguments(instance) {
-            let tag = crate::codec::remembered_tag(instance);
-            self.arguments.argument(&tag);
-            self.instance = Some(tag);
+            self.arguments
+                .argument(&crate::codec::remembered_tag(instance));
+            // Without the fn's own name: `a::Gen<u8>::get` is `a::Gen<u8>`.
+            self.instance = Some(
+                instance
+                    .rsplit_once("::")
+                    .map_or(instance, |(owner, _)| owner),
+            );
         }
     }
 
@@ -133,7 +141,8 @@ impl Call {
 
     /// The key and fingerprint. Without a `key` value the key is the
     /// arguments' fingerprint; without fingerprint checks the fingerprint is
-    /// [`Fingerprint::UNCHECKED`].
+    /// [`Fingerprint::UNCHECKED`], or, for a pinned fn's generic instance,
+    /// its `Self` type's or trait's tag.
     pub fn finish(self, keyed: bool, checked: bool) -> Prepared {
         let (key, arguments, instance) = (self.key, self.arguments, self.instance);
         let refused = self.refused;
@@ -149,7 +158,7 @@ impl Call {
             let checked = match instance {
                 _ if checked => fingerprint,
                 // Unchecked arguments, but never another instance's call.
-                Some(tag) => Fingerprint::of(&tag)?,
+                Some(owner) => Fingerprint::of(&crate::codec::remembered_tag(owner))?,
                 None => Fingerprint::UNCHECKED,
             };
             Ok((key.finish()?, checked))
