@@ -62,7 +62,7 @@
 /// | `wait_timeout = "10s"` | the longest a waiting call waits (only with `wait`) | the lease |
 /// | `cache_errors = true` or `= path` | also store `Err` results: all, or those a `fn(&E) -> bool` accepts | `false` |
 /// | `skip(arg, …)` | arguments left out of the fingerprint (handles, pools, clients); `self` always is | none |
-/// | `fingerprint = false` | do not check that a reused key comes with the same arguments | checked |
+/// | `fingerprint = false` | do not check that a reused key comes with the same arguments (a pinned generic impl's instances are still told apart) | checked |
 /// | `name = "payments.charge"` | the operation's stable name in the key; pin it to survive moving code (functions pinned to one name share records; idem warns once when it sees that) | the function instance's path, `Self` type and generic arguments included, e.g. `shop::Payments::charge`, `shop::Repo<shop::Invoice>::create` |
 /// | `store = EXPR` | the long-lived [`Idempotency`](crate::Idempotency) handle to run against (or a reference, `Arc` or `LazyLock` of one), never one built per call; with `transaction`, the `PostgresStore` | [`default_handle()`](crate::default_handle) |
 /// | `transaction = tx` | (feature `postgres`) the body's `tx: &mut sqlx::PgConnection` parameter: idem opens the transaction on `store`'s pool, claims the key in it, and commits the result with the body's writes; `tx` leaves the signature | none |
@@ -185,7 +185,8 @@
 /// aside), has that instance in its fingerprint instead, so that
 /// `Notifier<Email>` and `Notifier<Sms>` never take each other's calls (the
 /// same key is [`Error::KeyReused`](crate::Error::KeyReused); with
-/// `fingerprint = false` too, whose calls then check their instance alone).
+/// `fingerprint = false` too, whose calls then check their `Self` type or
+/// trait alone, so that fns of one impl pinned to one name still share).
 /// The fn's own generic arguments, an `impl Trait` argument's type
 /// included, are not its instance's: a skipped `&impl Gateway` leaves one
 /// operation for every gateway type. A trait's

@@ -196,8 +196,9 @@ impl Key {
 
 impl Fingerprint {
     /// The fingerprint used when arguments are not checked
-    /// (`fingerprint = false`): every call made with it matches every other
-    /// made with it. It is a fingerprint like others to the stores: a
+    /// (`fingerprint = false`; a fn pinned to a name whose instance has
+    /// generic arguments of its `Self` type or trait uses that instance's
+    /// instead): every call made with it matches every other made with it. It is a fingerprint like others to the stores: a
     /// record written with a checked fingerprint and a call with this one
     /// (or the reverse) are [`Error::KeyReused`](crate::Error::KeyReused),
     /// so turning checks off for a function that has records takes effect

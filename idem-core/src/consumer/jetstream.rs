@@ -72,6 +72,9 @@
 //!   that redelivery is a replay; but a handler must never ack, nak or
 //!   terminate the message itself, and `heartbeat` must stay below
 //!   `ack_wait` so that slow handlers are not redelivered.
+//! - **Ack policy.** Only `AckPolicy::Explicit` (pull consumers' default)
+//!   settles one message per ack; `consume` refuses `All` (one ack would
+//!   settle the failed and running messages before it) and `None`.
 //! - **`max_deliver`.** The server stops redelivering a message after the
 //!   consumer's `max_deliver` deliveries (default: no limit), without a
 //!   dead letter; `consume` refuses a `max_deliver` below
