@@ -587,33 +587,62 @@ async fn a_dead_letter_that_cannot_be_published_is_retried_without_the_handler()
 
 #[tokio::test]
 async fn a_final_failure_too_large_to_keep_is_still_dead_lettered_on_redelivery() {
-    let (broker, effects) = (Arc::new(Broker::default()), Effects::default());
-    // The failure's reason is larger than a record may be: the store keeps
-    // only that the handler failed.
-    let consumer =
-        Consumer::new(Idempotency::memory().max_record_bytes(32), "orders").max_deliveries(1);
-    broker.refuse_dead_letters.store(1, Ordering::Relaxed);
-    let first = consumer
-        .handle(&message(&broker, "bad", b"poison", 1), |d| effects.apply(d))
-        .await
-        .unwrap();
-    assert!(matches!(first.handled, Handled::Failed(_)), "{first:?}");
-    let second = consumer
-        .handle(&message(&broker, "bad", b"poison", 2), |d| effects.apply(d))
-        .await
-        .unwrap();
-    assert!(
-        matches!(&second.handled, Handled::FailedBefore(reason) if reason.contains("failed for good")),
-        "{second:?}"
-    );
-    let told: Vec<_> = broker.told().into_iter().map(|(_, told)| told).collect();
-    // Never acknowledged as if it had succeeded: its dead letter, refused
-    // once, goes out on the redelivery.
-    assert!(
-        matches!(&told[..], [Told::Nak(_), Told::DeadLetter(reason)] if reason.contains("not kept")),
-        "{told:?}"
-    );
-    assert_eq!(effects.runs("bad"), 1);
+    // The failure's reason is larger than a record may be, or than a full
+    // store takes: the store keeps only that the handler failed.
+    let bounded = Idempotency::memory().max_record_bytes(100);
+    let full = Idempotency::new(Cramped(crate::MemoryStore::new()));
+    for idem in [bounded, full] {
+        let broker = Arc::new(Broker::default());
+        let runs = std::sync::atomic::AtomicU32::new(0);
+        let failing = |_| async {
+            runs.fetch_add(1, Ordering::Relaxed);
+            Err::<usize, _>(format!("cannot parse the payload: {}", "x".repeat(200)))
+        };
+        let consumer = Consumer::new(idem, "orders").max_deliveries(1);
+        broker.refuse_dead_letters.store(1, Ordering::Relaxed);
+        let first = consumer
+            .handle(&message(&broker, "bad", b"poison", 1), failing)
+            .await
+            .unwrap();
+        assert!(matches!(first.handled, Handled::Failed(_)), "{first:?}");
+        let second = consumer
+            .handle(&message(&broker, "bad", b"poison", 2), failing)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&second.handled, Handled::FailedBefore(reason) if reason.contains("failed for good")),
+            "{second:?}"
+        );
+        let told: Vec<_> = broker.told().into_iter().map(|(_, told)| told).collect();
+        // Never acknowledged as if it had succeeded: its dead letter,
+        // refused once, goes out on the redelivery.
+        assert!(
+            matches!(&told[..], [Told::Nak(_), Told::DeadLetter(reason)] if reason.contains("not kept")),
+            "{told:?}"
+        );
+        assert_eq!(runs.load(Ordering::Relaxed), 1);
+    }
+}
+
+/// A memory store that refuses, as full, any record over 100 bytes.
+struct Cramped(crate::MemoryStore);
+
+impl Store for Cramped {
+    fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+        self.0.begin(k, f, t, l)
+    }
+    fn complete(&self, k: Key, t: Token, r: Record, l: Duration) -> StoreFuture<'_, Completion> {
+        if r.payload().len() > 100 {
+            return Box::pin(async { Err(StoreError::new(StoreErrorKind::Full, "out of memory")) });
+        }
+        self.0.complete(k, t, r, l)
+    }
+    fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+        self.0.release(k, t)
+    }
+    fn renew(&self, k: Key, t: Token, l: Duration) -> StoreFuture<'_, bool> {
+        self.0.renew(k, t, l)
+    }
 }
 
 /// A user's type with the name of the consumer's own failure type: their
