@@ -1192,6 +1192,54 @@ async fn consume_refuses_an_ack_policy_other_than_explicit() {
     }
 }
 
+/// A message the server drops at its `max_deliver` while idem naks it (the
+/// store down) is logged as dropped, naming it: no dead letter tells of it.
+#[tokio::test(flavor = "current_thread")]
+async fn a_message_naked_on_the_servers_last_delivery_is_logged() {
+    let logs = idem_test::logs::capture();
+    let server = NatsServer::start();
+    let context = context(&server).await;
+    let stream = context
+        .create_stream(stream::Config {
+            name: "ORDERS".into(),
+            subjects: vec!["orders.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut pull = stream
+        .create_consumer(pull::Config {
+            durable_name: Some("billing".into()),
+            max_deliver: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    publish(&context, &[1]).await;
+    let consumer = Consumer::new(Idempotency::new(idem_test::faults::Down), "billing")
+        .max_deliveries(2)
+        .backoff(Duration::from_millis(50), Duration::from_millis(50));
+    let js = JetStream::new(context.clone()).key(MessageKey::Header("Event-Id".into()));
+    let reading = pull.clone();
+    let consuming = js.consume(&consumer, &reading, |_| async { Ok::<_, String>(()) });
+    tokio::select! {
+        stopped = consuming => panic!("consume stopped: {stopped:?}"),
+        () = drained(&mut pull, Duration::from_secs(20)) => {}
+    }
+    let logged = logs.text();
+    let dropped: Vec<&str> = logged
+        .lines()
+        .filter(|line| line.contains("the server drops it without a dead letter"))
+        .collect();
+    assert_eq!(dropped.len(), 1, "{logged}");
+    assert!(
+        dropped[0].contains("ERROR") && dropped[0].contains("stream_sequence=1"),
+        "{}",
+        dropped[0]
+    );
+    assert_eq!(consumer.stats().naked, 2);
+}
+
 /// A memory store that claims to answer within 1 s, as a network store does.
 struct Remote(idem_core::MemoryStore);
 

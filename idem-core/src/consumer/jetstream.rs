@@ -82,8 +82,9 @@
 //!   [`dead_letter_attempts`](super::Consumer::dead_letter_attempts) too,
 //!   and for a store outage: a message nak'ed on every delivery the server
 //!   allows, because the store was down, is dropped without running and
-//!   without a dead letter. Keep the default (no limit) unless that is
-//!   acceptable.
+//!   without a dead letter (`consume` logs the nak of its last delivery at
+//!   `ERROR`, with its subject and stream sequence). Keep the default (no
+//!   limit) unless that is acceptable.
 //! - **Stream incarnations.** [`MessageKey::StreamSequence`] keys a message
 //!   by its stream, sequence and storage time, since a recreated stream
 //!   numbers its messages from 1 again.
@@ -263,6 +264,7 @@ impl JetStream {
                 .dead_letter
                 .clone()
                 .map(|subject| (self.context.clone(), subject)),
+            max_deliver: None,
         }
     }
 
@@ -395,9 +397,14 @@ impl JetStream {
             .messages()
             .await
             .map_err(|error| BrokerError(error.into()))?;
+        // The server's last delivery, which a nak cannot extend.
+        let max_deliver = Some(config.max_deliver).filter(|max| *max > 0);
         let messages = messages.filter_map(|message| {
             std::future::ready(match message {
-                Ok(message) => Some(Ok(self.message(message))),
+                Ok(message) => Some(Ok(JetStreamMessage {
+                    max_deliver,
+                    ..self.message(message)
+                })),
                 // async-nats goes on after these: an outage (missed
                 // heartbeats, failed pulls) is ridden out.
                 Err(error) if !ends_the_stream(error.kind()) => {
@@ -442,6 +449,8 @@ pub struct JetStreamMessage {
     message: jetstream::Message,
     key: MessageKey,
     dead_letter: Option<(jetstream::Context, Arc<str>)>,
+    /// The JetStream consumer's `max_deliver`, when `consume` pulled it.
+    max_deliver: Option<i64>,
 }
 
 impl JetStreamMessage {
@@ -486,6 +495,21 @@ impl Message for JetStreamMessage {
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), AckError> {
+        if let Some(max_deliver) = self.max_deliver
+            && let Ok(info) = self.message.info()
+            && info.delivered >= max_deliver
+        {
+            // idem's own limit (`max_deliveries`) dead-letters before this;
+            // a message nak'ed here (the store down, its outcome unrecorded,
+            // another process holding it) ends without one.
+            tracing::error!(
+                subject = %self.message.subject,
+                stream_sequence = info.stream_sequence,
+                delivered = info.delivered,
+                max_deliver,
+                "idem: nak'ing a message on the JetStream consumer's last delivery (max_deliver): the server drops it without a dead letter"
+            );
+        }
         self.message.ack_with(AckKind::Nak(Some(delay))).await
     }
 
