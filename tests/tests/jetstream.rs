@@ -26,17 +26,22 @@ async fn context(server: &NatsServer) -> jetstream::Context {
     jetstream::new(async_nats::connect(server.url()).await.unwrap())
 }
 
-/// The `ORDERS` stream on `orders.>`, and a durable pull consumer on it.
-async fn orders(context: &jetstream::Context, ack_wait: Duration) -> PullConsumer {
-    let stream = context
+/// The `ORDERS` stream on `orders.>`.
+async fn orders_stream(context: &jetstream::Context) -> stream::Stream {
+    context
         .create_stream(stream::Config {
             name: "ORDERS".into(),
             subjects: vec!["orders.>".into()],
             ..Default::default()
         })
         .await
-        .unwrap();
-    stream
+        .unwrap()
+}
+
+/// The `ORDERS` stream on `orders.>`, and a durable pull consumer on it.
+async fn orders(context: &jetstream::Context, ack_wait: Duration) -> PullConsumer {
+    orders_stream(context)
+        .await
         .create_consumer(pull::Config {
             durable_name: Some("billing".into()),
             ack_wait,
@@ -1098,14 +1103,7 @@ async fn a_dead_letter_sent_back_runs_again_once_its_key_is_forgotten() {
 async fn consume_refuses_a_max_deliver_below_max_deliveries() {
     let server = NatsServer::start();
     let context = context(&server).await;
-    let stream = context
-        .create_stream(stream::Config {
-            name: "ORDERS".into(),
-            subjects: vec!["orders.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stream = orders_stream(&context).await;
     let pull = stream
         .create_consumer(pull::Config {
             durable_name: Some("billing".into()),
@@ -1154,14 +1152,7 @@ async fn consume_refuses_a_max_deliver_below_max_deliveries() {
 async fn consume_refuses_an_ack_policy_other_than_explicit() {
     let server = NatsServer::start();
     let context = context(&server).await;
-    let stream = context
-        .create_stream(stream::Config {
-            name: "ORDERS".into(),
-            subjects: vec!["orders.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stream = orders_stream(&context).await;
     let js = JetStream::new(context.clone());
     let handler = |_: Delivery| async { Ok::<_, String>(()) };
     for (name, policy) in [
@@ -1199,14 +1190,7 @@ async fn a_message_naked_on_the_servers_last_delivery_is_logged() {
     let logs = idem_test::logs::capture();
     let server = NatsServer::start();
     let context = context(&server).await;
-    let stream = context
-        .create_stream(stream::Config {
-            name: "ORDERS".into(),
-            subjects: vec!["orders.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stream = orders_stream(&context).await;
     let mut pull = stream
         .create_consumer(pull::Config {
             durable_name: Some("billing".into()),
