@@ -1216,8 +1216,11 @@ async fn a_message_naked_on_the_servers_last_delivery_is_logged() {
         .filter(|line| line.contains("the server drops it without a dead letter"))
         .collect();
     assert_eq!(dropped.len(), 1, "{logged}");
+    let key = idem_core::Key::new("billing", "1").unwrap();
     assert!(
-        dropped[0].contains("ERROR") && dropped[0].contains("stream_sequence=1"),
+        dropped[0].contains("ERROR")
+            && dropped[0].contains("stream_sequence=1")
+            && dropped[0].contains(&format!("key={key}")),
         "{}",
         dropped[0]
     );

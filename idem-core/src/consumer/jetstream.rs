@@ -83,7 +83,7 @@
 //!   and for a store outage: a message nak'ed on every delivery the server
 //!   allows, because the store was down, is dropped without running and
 //!   without a dead letter (`consume` logs the nak of its last delivery at
-//!   `ERROR`, with its subject and stream sequence). Keep the default (no
+//!   `ERROR`, with its key, subject and stream sequence). Keep the default (no
 //!   limit) unless that is acceptable.
 //! - **Stream incarnations.** [`MessageKey::StreamSequence`] keys a message
 //!   by its stream, sequence and storage time, since a recreated stream
@@ -102,6 +102,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{AckError, BrokerError, Consumer, Delivery, Message, header_text};
+use crate::Key;
 
 const NATS_MSG_ID: &str = "Nats-Msg-Id";
 /// The prefix of the headers JetStream acts on when a message is published.
@@ -398,11 +399,12 @@ impl JetStream {
             .await
             .map_err(|error| BrokerError(error.into()))?;
         // The server's last delivery, which a nak cannot extend.
-        let max_deliver = Some(config.max_deliver).filter(|max| *max > 0);
+        let max_deliver =
+            (config.max_deliver > 0).then(|| (config.max_deliver, Arc::clone(&consumer.name)));
         let messages = messages.filter_map(|message| {
             std::future::ready(match message {
                 Ok(message) => Some(Ok(JetStreamMessage {
-                    max_deliver,
+                    max_deliver: max_deliver.clone(),
                     ..self.message(message)
                 })),
                 // async-nats goes on after these: an outage (missed
@@ -449,8 +451,9 @@ pub struct JetStreamMessage {
     message: jetstream::Message,
     key: MessageKey,
     dead_letter: Option<(jetstream::Context, Arc<str>)>,
-    /// The JetStream consumer's `max_deliver`, when `consume` pulled it.
-    max_deliver: Option<i64>,
+    /// The JetStream consumer's `max_deliver`, when `consume` pulled it,
+    /// and the idem consumer's name (its calls' keys).
+    max_deliver: Option<(i64, Arc<str>)>,
 }
 
 impl JetStreamMessage {
@@ -495,14 +498,19 @@ impl Message for JetStreamMessage {
     }
 
     async fn nak(&self, delay: Duration) -> Result<(), AckError> {
-        if let Some(max_deliver) = self.max_deliver
+        if let Some((max_deliver, consumer)) = &self.max_deliver
             && let Ok(info) = self.message.info()
-            && info.delivered >= max_deliver
+            && info.delivered >= *max_deliver
         {
             // idem's own limit (`max_deliveries`) dead-letters before this;
             // a message nak'ed here (the store down, its outcome unrecorded,
             // another process holding it) ends without one.
+            let key = self
+                .delivery()
+                .ok()
+                .and_then(|delivery| Key::new(consumer, delivery.id()).ok());
             tracing::error!(
+                key = key.map(tracing::field::display),
                 subject = %self.message.subject,
                 stream_sequence = info.stream_sequence,
                 delivered = info.delivered,
