@@ -655,6 +655,11 @@ impl Idempotency {
                         refused,
                     ))
                     .await;
+                    // Told, as the store did not confirm it: the caller (a
+                    // consumer) does not act on it as stored.
+                    if !confirmed && record.is_some() {
+                        call.not_stored();
+                    }
                 }
                 Err(error) if retryable(&error) => {
                     self.record_later(
@@ -671,6 +676,7 @@ impl Idempotency {
                 Err(error) => {
                     if record.is_some() {
                         call.not_stored();
+                        observe::record_lost(operation);
                     }
                     tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
                 }
@@ -755,6 +761,7 @@ impl Idempotency {
         error: StoreError,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            observe::record_lost(operation);
             tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
             return;
         };
@@ -1082,6 +1089,7 @@ impl Drop for Unsettled<'_> {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            observe::record_lost(self.operation);
             tracing::error!(key = %self.key, record_lost = true, "an idempotent call was dropped while its outcome was being recorded, outside a runtime; its claim lapses with its lease");
             return;
         };

@@ -432,14 +432,15 @@ impl idem_core::consumer::Message for Undeliverable {
 }
 
 /// A message dead-lettered, and then terminated without its dead letter,
-/// is named in each error event by its key, as its call's span names it.
+/// is named in each error event by its key, as its call's span names it,
+/// and its reason is one escaped line.
 #[cfg(feature = "consumer")]
 fn dead_letters_that_fail_name_their_message() {
     let captured = traced(|| async {
         let consumer = idem_core::consumer::Consumer::new(Idempotency::memory(), "orders")
             .max_deliveries(1)
             .dead_letter_attempts(1);
-        let failing = |_| async { Err::<(), _>("cannot parse the payload") };
+        let failing = |_| async { Err::<(), _>("cannot parse\nthe payload") };
         consumer.handle(&Undeliverable(1), failing).await.unwrap();
     });
     let key = Key::new("orders", "order-7").unwrap().to_string();
@@ -454,7 +455,70 @@ fn dead_letters_that_fail_name_their_message() {
             .unwrap_or_else(|| panic!("no event {message:?} in {events:?}"));
         assert_eq!(*level, Level::ERROR);
         assert_eq!(fields.get("key"), Some(&key), "{fields:?}");
+        // The handler's text, as one escaped line.
+        assert!(
+            fields
+                .get("reason")
+                .is_some_and(|reason| reason.contains("cannot parse\\nthe payload")),
+            "{fields:?}"
+        );
     }
+}
+
+/// A memory store whose `complete` never answers in time.
+#[cfg(feature = "consumer")]
+struct Unconfirming(idem_core::MemoryStore);
+
+#[cfg(feature = "consumer")]
+impl Store for Unconfirming {
+    fn begin(&self, k: Key, f: Fingerprint, t: Token, l: Duration) -> StoreFuture<'_, Begin> {
+        self.0.begin(k, f, t, l)
+    }
+    fn complete(&self, _: Key, _: Token, _: Record, _: Duration) -> StoreFuture<'_, Completion> {
+        Box::pin(std::future::ready(Err(StoreError::new(
+            StoreErrorKind::Timeout,
+            "no answer within 1 s",
+        ))))
+    }
+    fn release(&self, k: Key, t: Token) -> StoreFuture<'_, ()> {
+        self.0.release(k, t)
+    }
+    fn renew(&self, k: Key, t: Token, l: Duration) -> StoreFuture<'_, bool> {
+        self.0.renew(k, t, l)
+    }
+}
+
+/// A message whose handler ran but whose outcome the store never confirmed
+/// (the consumer naks it) is `not_stored`, not `ran`.
+#[cfg(feature = "consumer")]
+fn a_message_whose_outcome_was_not_confirmed_is_not_stored() {
+    let captured = traced(|| async {
+        let settings = Settings::builder()
+            .lease(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let idem = Idempotency::new(Unconfirming(idem_core::MemoryStore::new()));
+        let consumer = idem_core::consumer::Consumer::new(idem, "orders")
+            .settings(settings)
+            .heartbeat(None);
+        let outcome = consumer
+            .handle(&Undeliverable(1), |_| async { Ok::<_, String>(7) })
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                outcome.disposition,
+                idem_core::consumer::Disposition::Nak { .. }
+            ),
+            "{outcome:?}"
+        );
+    });
+    assert_eq!(
+        captured.outcomes(),
+        ["not_stored"],
+        "{:?}",
+        captured.spans()
+    );
 }
 
 #[test]
@@ -466,6 +530,8 @@ fn spans_and_events_tell_each_outcome() {
     calls_refused_before_their_key_are_config_errors();
     #[cfg(feature = "consumer")]
     dead_letters_that_fail_name_their_message();
+    #[cfg(feature = "consumer")]
+    a_message_whose_outcome_was_not_confirmed_is_not_stored();
 }
 
 /// The HTTP layer runs each call on a task of its own (so that a client

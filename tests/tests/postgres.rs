@@ -1161,6 +1161,7 @@ impl Shop {
         if amount == 13 {
             return Err(ChargeError::Declined);
         }
+        assert_ne!(amount, 66, "the card reader broke");
         tokio::time::sleep(Duration::from_millis(50)).await;
         Ok(id)
     }
@@ -1994,6 +1995,10 @@ fn transactional_calls_are_traced_and_counted() {
                     shop.charge(op.clone(), 1, 100).await.unwrap(); // replayed
                     shop.charge(op.clone(), 1, 200).await.unwrap_err(); // key_reused
                     shop.charge(op.clone(), 2, 13).await.unwrap_err(); // failed
+                    let panicking = std::panic::AssertUnwindSafe(shop.charge(op.clone(), 3, 66));
+                    futures_util::FutureExt::catch_unwind(panicking)
+                        .await
+                        .unwrap_err(); // failed: a panic
                 });
         });
     }
@@ -2004,10 +2009,10 @@ fn transactional_calls_are_traced_and_counted() {
         .lines()
         .filter(|line| line.contains("idem.call") && line.contains("close"))
         .collect();
-    assert_eq!(closed.len(), 4, "{log}");
+    assert_eq!(closed.len(), 5, "{log}");
     for (line, outcome) in closed
         .iter()
-        .zip(["ran", "replayed", "key_reused", "failed"])
+        .zip(["ran", "replayed", "key_reused", "failed", "failed"])
     {
         assert!(line.contains(&format!("outcome=\"{outcome}\"")), "{line}");
         assert!(
@@ -2032,8 +2037,13 @@ fn transactional_calls_are_traced_and_counted() {
                 other => panic!("not a counter: {other:?}"),
             })
     };
-    for outcome in ["ran", "replayed", "key_reused", "failed"] {
-        assert_eq!(counted(outcome), 1, "{outcome}");
+    for (outcome, calls) in [
+        ("ran", 1),
+        ("replayed", 1),
+        ("key_reused", 1),
+        ("failed", 2),
+    ] {
+        assert_eq!(counted(outcome), calls, "{outcome}");
     }
     let bodies = snapshot
         .iter()
@@ -2042,7 +2052,7 @@ fn transactional_calls_are_traced_and_counted() {
             DebugValue::Histogram(samples) => samples.len(),
             other => panic!("not a histogram: {other:?}"),
         });
-    assert_eq!(bodies, Some(2), "the run and the failure");
+    assert_eq!(bodies, Some(3), "the run, the failure and the panic");
 }
 
 // --- names, TTLs and timeouts at their limits ---------------------------------

@@ -699,7 +699,8 @@ impl Consumer {
                 Some(Err(panic)) => {
                     self.counters.panicked.fetch_add(1, Ordering::Relaxed);
                     let error = format!("the handler panicked: {}", panic_message(&*panic));
-                    tracing::error!(%error, "idem: a message handler panicked");
+                    // One bounded line: a panic's message may quote anything.
+                    tracing::error!(error = %header_text(&error), "idem: a message handler panicked");
                     error
                 }
             };
@@ -854,7 +855,7 @@ impl Consumer {
             Err(reason) => {
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("the message has no id: {reason}");
-                tracing::error!(%reason, "idem: dead-lettering a message");
+                tracing::error!(reason = %header_text(&reason), "idem: dead-lettering a message");
                 // Without an id, the delivery count is unknown: one attempt.
                 let disposition = self
                     .dead_letter(message, &reason, self.last_dead_letter_delivery())
@@ -886,7 +887,7 @@ impl Consumer {
             }
             Disposition::DeadLetter { reason } => {
                 let key = self.key_of(message);
-                tracing::error!(key = key.map(tracing::field::display), deliveries, %reason, "idem: dead-lettering a message");
+                tracing::error!(key = key.map(tracing::field::display), deliveries, reason = %header_text(reason), "idem: dead-lettering a message");
                 if let Some(nak) = self.dead_letter(message, reason, deliveries).await? {
                     outcome.disposition = nak;
                 }
@@ -925,7 +926,7 @@ impl Consumer {
             self.counters.naked.fetch_add(1, Ordering::Relaxed);
             Ok(Some(Disposition::Nak { delay }))
         } else {
-            tracing::error!(key, %error, deliveries, %reason, "idem: could not publish a dead letter on its last attempt; terminating the message without one");
+            tracing::error!(key, %error, deliveries, reason = %header_text(reason), "idem: could not publish a dead letter on its last attempt; terminating the message without one");
             message.terminate().await?;
             Ok(None)
         }

@@ -139,8 +139,10 @@ impl Problem {
     /// nothing of the store's internals.
     pub(crate) fn of(error: &Error) -> Self {
         let kind = Kind::of(error);
+        // The call told its outcome at its own level (a store error at
+        // `WARN`); this is the same failure as an HTTP answer.
         if kind.status().is_server_error() {
-            tracing::error!(%error, "an idempotent request failed");
+            tracing::debug!(%error, "an idempotent request failed");
         }
         let detail = match kind {
             Kind::StoreUnavailable => {

@@ -218,6 +218,8 @@ impl Claim<'_> {
     /// `AttemptFailed`, instead of each running the body in turn); its
     /// transaction rolls back as the claim is dropped.
     pub(crate) fn panicked(&mut self, panic: Box<dyn std::any::Any + Send>) -> ! {
+        // The body ran and failed, as an engine call's panicking body does.
+        self.call.ran(self.started.elapsed(), false);
         if let Some(leader) = self.leader.take() {
             leader.land(Landing::Failed(Error::AttemptFailed));
         }
