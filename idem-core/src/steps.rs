@@ -752,7 +752,7 @@ impl Journal {
             Ok(()) => {}
             Err(lost @ Error::StepLost { .. }) => return lost,
             Err(journal) => {
-                tracing::warn!(key = %self.key, step = name, error = %journal, "could not journal that a step ran; its next attempt runs it again");
+                tracing::warn!(key = %self.key, step = name, record_lost = true, error = %journal, "could not journal that a step ran; its next attempt runs it again");
             }
         }
         Error::encode("step result", error)
@@ -979,6 +979,13 @@ where
                     Err(_) => {}
                 }
             }
+        }
+        if let Err(error) = &appended
+            && !matches!(error, Error::StepLost { .. })
+        {
+            // Its work ran: unless the journal took the entry after all, the
+            // call's next attempt runs the step again.
+            tracing::warn!(key = %journal.key, step = name, record_lost = true, %error, "could not journal that a step ran; its next attempt runs it again");
         }
         appended?;
         if let Some(error) = unbinding {

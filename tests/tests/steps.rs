@@ -1328,9 +1328,20 @@ async fn a_step_whose_append_went_unanswered_is_still_undone(store: Arc<dyn Stor
         })
     };
     flaky.inject(Op::AppendStep, Fault::AnswerLost);
+    let logs = idem_test::logs::capture();
     let first = attempt().await;
     assert!(first.is_err(), "the step's lost answer fails the body");
     assert_eq!(flaky.struck(Op::AppendStep), 1);
+    // Its work ran: an operator is told it may run again.
+    let told = logs.text();
+    assert!(
+        told.lines()
+            .any(|line| line.contains("could not journal that a step ran")
+                && line.contains("record_lost=true")
+                && line.contains("WARN")),
+        "{told}"
+    );
+    drop(logs);
     let second = attempt().await;
     assert_eq!(second, first, "the kept failure, once compensated");
     assert_eq!(entries(&log), ["charge", "refund 30"]);
