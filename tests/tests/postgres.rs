@@ -881,6 +881,46 @@ async fn connecting_does_not_wait_for_transactions_in_flight() {
     assert_eq!(holder.await.unwrap().unwrap(), 1);
 }
 
+/// A transactional call that waits for the key's holder in another process
+/// (on the key's lock) is told with its wait, whatever ends it: here the
+/// wait timeout (`in_progress`).
+#[tokio::test]
+async fn a_transactional_wait_is_measured_however_it_ends() {
+    let logs = idem_test::logs::capture();
+    let store = connect(&shared().url()).await;
+    let elsewhere = connect(&shared().url()).await;
+    let key = Key::new(&op("wait-measured"), "held").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let (holder, gate) = hold_in_transaction(&store, Settings::DEFAULT, key, fp, 1).await;
+    let waiting = Settings::builder()
+        .wait_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let answer = elsewhere
+        .run_in_transaction(&waiting, key, fp, |_tx| {
+            Box::pin(async { Ok::<_, ChargeError>(2) })
+        })
+        .await;
+    assert!(
+        matches!(&answer, Err(ChargeError::Idem(error)) if error.contains("still in progress")),
+        "{answer:?}"
+    );
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+    let told = logs.text();
+    let line = told
+        .lines()
+        .find(|line| line.contains("close") && line.contains("outcome=\"in_progress\""))
+        .unwrap_or_else(|| panic!("no in_progress call in {told}"));
+    let wait_ms: f64 = line
+        .split("wait_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| c != '.' && !c.is_ascii_digit()).next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no wait_ms in {line}"));
+    assert!(wait_ms >= 250.0, "{line}");
+}
+
 #[tokio::test]
 async fn connect_by_url_names_both_schemes() {
     let url = shared().url();

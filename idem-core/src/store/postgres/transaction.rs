@@ -517,6 +517,9 @@ impl PostgresStore {
             if answer.is_some() {
                 return match begin_answer(&row, fingerprint, settings.lease())? {
                     Begin::Claimed => {
+                        if waited {
+                            call.waited(locking_since.elapsed());
+                        }
                         let tid = row
                             .try_get::<Option<String>, _>("tid")
                             .map_err(column)?
@@ -553,6 +556,8 @@ impl PostgresStore {
                     .wait_for_lock(&mut tx, lock_id, left, &session_timeout)
                     .await?
             {
+                // Told with the wait it gave up after.
+                call.waited(locking_since.elapsed());
                 return Err(in_progress());
             }
             waited = true;
