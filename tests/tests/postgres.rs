@@ -921,6 +921,51 @@ async fn a_transactional_wait_is_measured_however_it_ends() {
     assert!(wait_ms >= 250.0, "{line}");
 }
 
+/// A transactional waiter in another process whose caller gave up (a
+/// timeout around the call, a dropped request) gives its pooled connection
+/// back within about a second of lock wait, not when the holder ends: calls
+/// of other keys on its store go on meanwhile.
+#[tokio::test]
+async fn a_cancelled_transactional_waiter_gives_its_connection_back() {
+    let holder_store = connect(&shared().url()).await;
+    let waiter_store = PostgresStore::builder(shared().url())
+        .response_timeout(RESPONSE_TIMEOUT)
+        .max_connections(1)
+        .connect()
+        .await
+        .unwrap();
+    let key = Key::new(&op("cancelled-waiter"), "held").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let (holder, gate) = hold_in_transaction(&holder_store, Settings::DEFAULT, key, fp, 1).await;
+    let waiting = waiter_store.run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
+        Box::pin(async { Ok::<_, ChargeError>(2) })
+    });
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), waiting).await;
+    assert!(gave_up.is_err(), "the caller gave up");
+    // Bounded well past a slice and a response timeout; the holder holds
+    // its key all along.
+    let since = Instant::now();
+    let other = Key::new(&op("cancelled-waiter"), "other").unwrap();
+    let answer = loop {
+        let answer = waiter_store
+            .run_in_transaction(&Settings::DEFAULT, other, fp, |_tx| {
+                Box::pin(async { Ok::<_, ChargeError>(3) })
+            })
+            .await;
+        if answer.is_ok() || since.elapsed() > Duration::from_secs(6) {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        answer.unwrap(),
+        3,
+        "another key's call, while the holder runs"
+    );
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+}
+
 #[tokio::test]
 async fn connect_by_url_names_both_schemes() {
     let url = shared().url();

@@ -551,14 +551,25 @@ impl PostgresStore {
             // claim the key without a serialization failure.
             let session_timeout: String = row.try_get("lock_timeout").map_err(column)?;
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero()
-                || !self
-                    .wait_for_lock(&mut tx, lock_id, left, &session_timeout)
+            // In slices: a caller that gives up (a timeout around the call,
+            // a dropped request) leaves the statement waiting on its pooled
+            // connection, which the pool gets back only when it answers.
+            let slice = left.min(LOCK_WAIT_SLICE);
+            let lock = if left.is_zero() {
+                LockWait::Cut
+            } else {
+                self.wait_for_lock(&mut tx, lock_id, slice, &session_timeout)
                     .await?
-            {
-                // Told with the wait it gave up after.
-                call.waited(locking_since.elapsed());
-                return Err(in_progress());
+            };
+            match lock {
+                LockWait::Taken => {}
+                // Its slice is over, not its wait: it looks again.
+                LockWait::TimedOut if slice < left => {}
+                LockWait::TimedOut | LockWait::Cut => {
+                    // Told with the wait it gave up after.
+                    call.waited(locking_since.elapsed());
+                    return Err(in_progress());
+                }
             }
             waited = true;
             if let Err(error) = self.timed("rollback", tx.rollback()).await {
@@ -598,14 +609,14 @@ impl PostgresStore {
     /// Waits for the key's advisory lock for at most `wait`, through a
     /// `lock_timeout` that holds for this statement only: the session's value
     /// is set back before the body runs, so the body's own lock waits are not
-    /// cut short. Answers whether the lock was taken.
+    /// cut short. Answers how the wait ended.
     async fn wait_for_lock(
         &self,
         tx: &mut Transaction<'static, Postgres>,
         lock_id: i64,
         wait: Duration,
         session_timeout: &str,
-    ) -> Result<bool, Error> {
+    ) -> Result<LockWait, Error> {
         // PostgreSQL takes at most `i32::MAX` ms (24.8 days); a longer wait
         // is that long.
         let wait_ms = millis(wait).min(i64::from(i32::MAX));
@@ -624,12 +635,13 @@ impl PostgresStore {
         let bound = Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0))
             .saturating_add(self.inner.response_timeout);
         match tokio::time::timeout(bound, locking).await {
-            Ok(Ok(_)) => Ok(true),
-            // The lock's timeout, or the session's `statement_timeout` when
-            // it is shorter: either way the key stayed held.
-            Ok(Err(error)) if lock_timed_out(&error) || statement_timed_out(&error) => Ok(false),
+            Ok(Ok(_)) => Ok(LockWait::Taken),
+            // Either way the key stayed held.
+            Ok(Err(error)) if lock_timed_out(&error) => Ok(LockWait::TimedOut),
+            // The session's `statement_timeout`, shorter than the wait.
+            Ok(Err(error)) if statement_timed_out(&error) => Ok(LockWait::Cut),
             Ok(Err(error)) => Err(Error::Store(store_error("lock", &error))),
-            Err(_elapsed) => Ok(false),
+            Err(_elapsed) => Ok(LockWait::Cut),
         }
     }
 }
@@ -801,6 +813,22 @@ impl Held {
 
 /// The key's advisory lock in `store`: 64 bits of its digest, mixed with
 /// the store's table (two tables' calls of one key lock apart).
+/// How a wait for a key's lock ended.
+enum LockWait {
+    /// The lock was taken: its holder ended.
+    Taken,
+    /// The wait's own timeout passed.
+    TimedOut,
+    /// Something else cut the wait short (the session's
+    /// `statement_timeout`, the statement's bound).
+    Cut,
+}
+
+/// The longest one statement waits for a key's lock: a waiter whose caller
+/// gave up holds its connection at most this long (and the response
+/// timeout) before the pool has it back.
+const LOCK_WAIT_SLICE: Duration = Duration::from_secs(1);
+
 pub(crate) fn lock_id(store: &PostgresStore, key: Key) -> i64 {
     i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8])) ^ store.inner.sql.lock_space
 }
