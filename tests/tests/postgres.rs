@@ -2746,6 +2746,69 @@ async fn transactional_claims_are_visible_and_forgettable() {
     assert_eq!(rerun.unwrap(), 2);
 }
 
+/// `forget` ends the session of a transactional call's holder only: a
+/// replay (or a waiter) takes the key's lock for a moment too, before it
+/// reads the record, and is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_ends_no_session_that_only_reads_the_key() {
+    use sqlx::Connection as _;
+    let server = shared();
+    let store = connect(&server.url()).await;
+    let key = Key::new(&op("forget-spares-readers"), "k").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    // The key's lock, as its holder's session holds it.
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let holder = {
+        let (store, gate) = (store.clone(), Arc::clone(&gate));
+        tokio::spawn(async move {
+            store
+                .run_in_transaction(&Settings::DEFAULT, key, fp, |tx| {
+                    Box::pin(async move {
+                        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        let _ = pid_tx.send(pid);
+                        gate.notified().await;
+                        Ok::<_, ChargeError>(1_i64)
+                    })
+                })
+                .await
+        })
+    };
+    let pid = pid_rx.await.unwrap();
+    let lock: i64 = server
+        .psql(&format!(
+            "SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks \
+             WHERE locktype = 'advisory' AND objsubid = 1 AND pid = {pid}"
+        ))
+        .trim()
+        .parse()
+        .unwrap();
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
+    // A session that holds the lock as a replay does, having written nothing.
+    let mut reader = sqlx::PgConnection::connect(&server.url()).await.unwrap();
+    let mut reading = reader.begin().await.unwrap();
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(lock)
+        .fetch_one(&mut *reading)
+        .await
+        .unwrap();
+    assert!(locked);
+    let operator = Idempotency::new(connect(&server.url()).await);
+    assert!(
+        operator.forget(key).await.unwrap(),
+        "the record was forgotten"
+    );
+    let alive: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&mut *reading)
+        .await
+        .expect("the reading session was left alone");
+    assert_eq!(alive, 1);
+    reading.commit().await.unwrap();
+}
+
 /// `forget` ends a transactional holder also when the key's expired
 /// record was still there (not yet purged), so that the holder's claim
 /// locked that row: the delete waited for the holder, timed out before the

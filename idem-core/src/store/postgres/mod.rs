@@ -1098,9 +1098,13 @@ impl std::error::Error for SqlxError {}
 
 /// The session that holds a key's transactional lock (`$1`, as
 /// [`transaction::lock_id`] makes it): `pg_advisory_xact_lock(bigint)` is
-/// listed with the high 32 bits as `classid`, the low as `objid`.
+/// listed with the high 32 bits as `classid`, the low as `objid`. Only a
+/// session that claimed the key (its transaction wrote, so it has an id)
+/// holds it as its call's holder: a replay or a waiter takes the lock for
+/// a moment too, before it reads the key's record, and writes nothing.
 const HOLDER_LOCK: &str = "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+     AND a.backend_xid IS NOT NULL \
      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
      AND l.classid = (($1::bigint >> 32) & 4294967295)::oid \
      AND l.objid = ($1::bigint & 4294967295)::oid";
