@@ -912,13 +912,97 @@ async fn a_transactional_wait_is_measured_however_it_ends() {
         .lines()
         .find(|line| line.contains("close") && line.contains("outcome=\"in_progress\""))
         .unwrap_or_else(|| panic!("no in_progress call in {told}"));
-    let wait_ms: f64 = line
-        .split("wait_ms=")
+    assert!(wait_ms_of(line) >= 250.0, "{line}");
+
+    // Waited for, then found written with other arguments: `key_reused`.
+    let key = Key::new(&op("wait-measured"), "reused").unwrap();
+    let (holder, gate) = hold_in_transaction(&store, Settings::DEFAULT, key, fp, 1).await;
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gate.notify_one();
+        holder.await.unwrap().unwrap()
+    });
+    let other = Fingerprint::of(&2).unwrap();
+    let answer = elsewhere
+        .run_in_transaction(&Settings::DEFAULT, key, other, |_tx| {
+            Box::pin(async { Ok::<_, ChargeError>(2) })
+        })
+        .await;
+    assert!(
+        matches!(&answer, Err(ChargeError::Idem(error)) if error.contains("different arguments")),
+        "{answer:?}"
+    );
+    assert_eq!(release.await.unwrap(), 1);
+    let told = logs.text();
+    let line = told
+        .lines()
+        .find(|line| line.contains("close") && line.contains("outcome=\"key_reused\""))
+        .unwrap_or_else(|| panic!("no key_reused call in {told}"));
+    assert!(wait_ms_of(line) >= 250.0, "{line}");
+}
+
+/// The `wait_ms` of a call's closing line.
+fn wait_ms_of(line: &str) -> f64 {
+    line.split("wait_ms=")
         .nth(1)
         .and_then(|rest| rest.split(|c: char| c != '.' && !c.is_ascii_digit()).next())
         .and_then(|ms| ms.parse().ok())
-        .unwrap_or_else(|| panic!("no wait_ms in {line}"));
-    assert!(wait_ms >= 250.0, "{line}");
+        .unwrap_or_else(|| panic!("no wait_ms in {line}"))
+}
+
+/// A transactional waiter that finds no free connection on its store for
+/// its next look at the key (it hands its connection back between looks)
+/// answers `InProgress`, as when its wait ends, not a store failure.
+#[tokio::test]
+async fn a_waiter_without_a_free_connection_is_in_progress() {
+    let holder_store = connect(&shared().url()).await;
+    let waiter_store = PostgresStore::builder(shared().url())
+        .response_timeout(RESPONSE_TIMEOUT)
+        .max_connections(1)
+        .connect()
+        .await
+        .unwrap();
+    let key = Key::new(&op("waiter-without-connection"), "held").unwrap();
+    let fp = Fingerprint::of(&1).unwrap();
+    let (holder, gate) = hold_in_transaction(&holder_store, Settings::DEFAULT, key, fp, 1).await;
+    let waiting = Settings::builder()
+        .wait_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let waiter = {
+        let store = waiter_store.clone();
+        tokio::spawn(async move {
+            store
+                .run_in_transaction(&waiting, key, fp, |_tx| {
+                    Box::pin(async { Ok::<_, ChargeError>(2) })
+                })
+                .await
+        })
+    };
+    // Another key's call takes the connection when one of the waiter's
+    // looks hands it back (asking until it gets it), and keeps it past a
+    // response timeout.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = Key::new(&op("waiter-without-connection"), "other").unwrap();
+    let since = Instant::now();
+    let busy = loop {
+        let busy = waiter_store
+            .run_in_transaction(&Settings::DEFAULT, other, fp, |_tx| {
+                Box::pin(async {
+                    tokio::time::sleep(Duration::from_millis(1_500)).await;
+                    Ok::<_, ChargeError>(3)
+                })
+            })
+            .await;
+        if busy.is_ok() || since.elapsed() > Duration::from_secs(4) {
+            break busy;
+        }
+    };
+    assert_eq!(busy.unwrap(), 3);
+    let waited = waiter.await.unwrap();
+    assert!(matches!(&waited, Err(e) if e.in_progress()), "{waited:?}");
+    gate.notify_one();
+    assert_eq!(holder.await.unwrap().unwrap(), 1);
 }
 
 /// A transactional waiter in another process whose caller gave up (a
@@ -2313,7 +2397,8 @@ async fn waiting_for_the_lock_leaves_the_bodys_lock_timeout_alone() {
 }
 
 /// A session whose own `statement_timeout` is shorter than the wait cuts
-/// the wait for the key's lock short: the key stayed held, so the call is
+/// the wait for the key's lock short (one shorter than a statement of the
+/// wait, and one longer): the key stayed held, so the call is
 /// `InProgress`, not a store failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_timeout_shorter_than_the_wait_answers_in_progress() {
@@ -2321,32 +2406,35 @@ async fn a_statement_timeout_shorter_than_the_wait_answers_in_progress() {
     let url = server.url();
     let holder_store = connect(&url).await;
     let separator = if url.contains('?') { '&' } else { '?' };
-    let waiter_store = connect(&format!(
-        "{url}{separator}options=-c%20statement_timeout%3D300"
-    ))
-    .await;
-    let op = op("statement-timeout-wait");
-    let key = Key::new(&op, "k").unwrap();
-    let fp = Fingerprint::of(&1).unwrap();
-    let (holder, gate) = hold_in_transaction(&holder_store, Settings::DEFAULT, key, fp, 1).await;
-    let settings = Settings::builder()
-        .wait_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
-    let started = std::time::Instant::now();
-    let waited = waiter_store
-        .run_in_transaction(&settings, key, fp, |_tx| {
-            Box::pin(async { Ok::<i64, ChargeError>(2) })
-        })
+    for statement_ms in [300, 1_500] {
+        let waiter_store = connect(&format!(
+            "{url}{separator}options=-c%20statement_timeout%3D{statement_ms}"
+        ))
         .await;
-    assert!(matches!(&waited, Err(e) if e.in_progress()), "{waited:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        started.elapsed()
-    );
-    gate.notify_one();
-    assert_eq!(holder.await.unwrap().unwrap(), 1);
+        let op = op("statement-timeout-wait");
+        let key = Key::new(&op, "k").unwrap();
+        let fp = Fingerprint::of(&1).unwrap();
+        let (holder, gate) =
+            hold_in_transaction(&holder_store, Settings::DEFAULT, key, fp, 1).await;
+        let settings = Settings::builder()
+            .wait_timeout(Duration::from_secs(6))
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let waited = waiter_store
+            .run_in_transaction(&settings, key, fp, |_tx| {
+                Box::pin(async { Ok::<i64, ChargeError>(2) })
+            })
+            .await;
+        assert!(matches!(&waited, Err(e) if e.in_progress()), "{waited:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "statement_timeout {statement_ms} ms: {:?}",
+            started.elapsed()
+        );
+        gate.notify_one();
+        assert_eq!(holder.await.unwrap().unwrap(), 1);
+    }
 }
 
 /// A call that waited in the process for a call that was then cancelled

@@ -45,11 +45,12 @@
 //!   64 bits of the table's name, so that stores of other tables in the
 //!   database neither wait for nor `forget` each other's), held until the
 //!   holder commits or rolls back. With `on_conflict = wait` they block on it
-//!   (at most `wait_timeout`, through a `lock_timeout` that holds for the
-//!   lock's statement only, so the body keeps the session's own; a
-//!   `wait_timeout` over PostgreSQL's limit of 24.8 days waits that long; a
-//!   session `statement_timeout` shorter than the wait ends it sooner, with
-//!   `InProgress`),
+//!   (at most `wait_timeout`, in statements of at most a second through a
+//!   `lock_timeout` that holds for the lock's statement only, so the body
+//!   keeps the session's own, and so that a waiter whose caller gave up
+//!   hands its connection back soon; a session `statement_timeout` shorter
+//!   than the wait ends it sooner, with `InProgress`, as does a pool with
+//!   no connection free for the waiter's next look at the key),
 //!   then replay the
 //!   committed result; with `reject` they try the lock
 //!   (`pg_try_advisory_xact_lock`) and get `InProgress` at once, without
@@ -438,10 +439,12 @@ impl PostgresStore {
         self.ready().await?;
         let lock_id = lock_id(self, key);
         let locking_since = Instant::now();
-        let deadline = until.map_or(locking_since + settings.wait_timeout(), |until| {
+        let mut deadline = until.map_or(locking_since + settings.wait_timeout(), |until| {
             locking_since + until.saturating_duration_since(tokio::time::Instant::now())
         });
         let mut waited = false;
+        // Whether the session's `statement_timeout` bounds the wait yet.
+        let mut bounded = false;
         loop {
             call.attempt();
             // One round trip begins the transaction and tries the key's
@@ -463,12 +466,26 @@ impl PostgresStore {
             );
             // Sent once more on a live connection when it found its own
             // closed (a restart closes them all): nothing was begun.
-            let mut tx = self
+            let began = self
                 .timed(
                     "begin",
                     self.on_a_live_connection(|| begin_on(&self.inner.pool, Some(begin.clone()))),
                 )
-                .await?;
+                .await;
+            let mut tx = match began {
+                Ok(tx) => tx,
+                // Waiting, it handed its connection back between two looks
+                // at the key (see `LOCK_WAIT_SLICE`), and the pool had none
+                // free in time: the key was held when it last looked.
+                Err(error) if waited && error.kind() == StoreErrorKind::Timeout => {
+                    tracing::debug!(%key, %error, "a transactional waiter found no free connection to look at the key again");
+                    call.waited(locking_since.elapsed());
+                    return Err(Error::InProgress {
+                        retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
+                    });
+                }
+                Err(error) => return Err(error.into()),
+            };
             // Claims the key if the lock was taken, or reads what it holds: a
             // committed call is replayed (the transaction, which wrote
             // nothing, is rolled back when it is dropped).
@@ -515,11 +532,12 @@ impl PostgresStore {
             // Under the lock, the claim or what the key holds; without it, a
             // committed record only.
             if answer.is_some() {
+                // Told with its wait, whatever the key then held.
+                if waited {
+                    call.waited(locking_since.elapsed());
+                }
                 return match begin_answer(&row, fingerprint, settings.lease())? {
                     Begin::Claimed => {
-                        if waited {
-                            call.waited(locking_since.elapsed());
-                        }
                         let tid = row
                             .try_get::<Option<String>, _>("tid")
                             .map_err(column)?
@@ -528,12 +546,7 @@ impl PostgresStore {
                             .await
                             .map(Ok)
                     }
-                    Begin::Completed(record) => {
-                        if waited {
-                            call.waited(locking_since.elapsed());
-                        }
-                        Ok(Err(record))
-                    }
+                    Begin::Completed(record) => Ok(Err(record)),
                     Begin::Mismatch => Err(Error::KeyReused),
                     Begin::InProgress { retry_after } => Err(Error::InProgress { retry_after }),
                 };
@@ -550,6 +563,24 @@ impl PostgresStore {
             // or `SERIALIZABLE` it could neither see the holder's record nor
             // claim the key without a serialization failure.
             let session_timeout: String = row.try_get("lock_timeout").map_err(column)?;
+            if !bounded {
+                // Each of the wait's statements is shorter than a session
+                // `statement_timeout` that is shorter than the whole wait:
+                // the wait itself keeps to it, as one statement would.
+                bounded = true;
+                let statement_ms = self
+                    .timed("lock", async {
+                        sqlx::query_scalar::<_, i64>(
+                            "SELECT setting::bigint FROM pg_settings WHERE name = 'statement_timeout'",
+                        )
+                        .fetch_one(&mut *tx)
+                        .await
+                    })
+                    .await?;
+                if let Ok(ms @ 1..) = u64::try_from(statement_ms) {
+                    deadline = deadline.min(Instant::now() + Duration::from_millis(ms));
+                }
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             // In slices: a caller that gives up (a timeout around the call,
             // a dropped request) leaves the statement waiting on its pooled
@@ -617,8 +648,8 @@ impl PostgresStore {
         wait: Duration,
         session_timeout: &str,
     ) -> Result<LockWait, Error> {
-        // PostgreSQL takes at most `i32::MAX` ms (24.8 days); a longer wait
-        // is that long.
+        // A slice: at most `LOCK_WAIT_SLICE`, well under PostgreSQL's
+        // limit of `i32::MAX` ms.
         let wait_ms = millis(wait).min(i64::from(i32::MAX));
         let locking = async {
             sqlx::query(
@@ -811,9 +842,7 @@ impl Held {
     }
 }
 
-/// The key's advisory lock in `store`: 64 bits of its digest, mixed with
-/// the store's table (two tables' calls of one key lock apart).
-/// How a wait for a key's lock ended.
+/// How a statement's wait for a key's lock ended.
 enum LockWait {
     /// The lock was taken: its holder ended.
     Taken,
@@ -829,6 +858,8 @@ enum LockWait {
 /// timeout) before the pool has it back.
 const LOCK_WAIT_SLICE: Duration = Duration::from_secs(1);
 
+/// The key's advisory lock in `store`: 64 bits of its digest, mixed with
+/// the store's table (two tables' calls of one key lock apart).
 pub(crate) fn lock_id(store: &PostgresStore, key: Key) -> i64 {
     i64::from_be_bytes(key.digest()[..8].try_into().unwrap_or([0; 8])) ^ store.inner.sql.lock_space
 }
