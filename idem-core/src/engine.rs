@@ -761,7 +761,9 @@ impl Idempotency {
         error: StoreError,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            observe::record_lost(operation);
+            if record.is_some() {
+                observe::record_lost(operation);
+            }
             tracing::error!(%key, record_lost = true, %error, "could not record the outcome of an idempotent call; its claim lapses with its lease");
             return;
         };
@@ -1089,7 +1091,9 @@ impl Drop for Unsettled<'_> {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            observe::record_lost(self.operation);
+            if self.record.is_some() {
+                observe::record_lost(self.operation);
+            }
             tracing::error!(key = %self.key, record_lost = true, "an idempotent call was dropped while its outcome was being recorded, outside a runtime; its claim lapses with its lease");
             return;
         };

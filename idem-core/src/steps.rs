@@ -984,8 +984,9 @@ where
             && !matches!(error, Error::StepLost { .. })
         {
             // Its work ran: unless the journal took the entry after all, the
-            // call's next attempt runs the step again.
-            tracing::warn!(key = %journal.key, step = name, record_lost = true, %error, "could not journal that a step ran; its next attempt runs it again");
+            // call's next attempt runs the step again (or, failing for good,
+            // undoes it).
+            tracing::warn!(key = %journal.key, step = name, record_lost = true, %error, "could not journal that a step ran; its next attempt may run it again");
         }
         appended?;
         if let Some(error) = unbinding {

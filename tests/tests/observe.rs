@@ -532,6 +532,37 @@ fn spans_and_events_tell_each_outcome() {
     dead_letters_that_fail_name_their_message();
     #[cfg(feature = "consumer")]
     a_message_whose_outcome_was_not_confirmed_is_not_stored();
+    #[cfg(feature = "axum")]
+    only_internal_http_errors_are_logged_again_at_error();
+}
+
+/// An idem error answered over HTTP (axum's `IntoResponse`) is logged again
+/// at `ERROR` only when it is internal (a misconfigured store, a step named
+/// twice: the body's own error, which its call tells at `DEBUG`); a store
+/// that is down was told at `WARN` by its call already.
+#[cfg(feature = "axum")]
+fn only_internal_http_errors_are_logged_again_at_error() {
+    use axum::response::IntoResponse as _;
+    let captured = traced(|| async {
+        let internal = idem_core::Error::Store(StoreError::new(StoreErrorKind::Config, "no table"));
+        assert_eq!(internal.into_response().status(), 500);
+        let down = idem_core::Error::Store(StoreError::new(StoreErrorKind::Unavailable, "refused"));
+        assert_eq!(down.into_response().status(), 503);
+    });
+    let events = captured.events.lock().unwrap().clone();
+    let told: Vec<(Level, String)> = events
+        .iter()
+        .filter(|(_, fields)| {
+            fields
+                .get("message")
+                .is_some_and(|m| m == "an idempotent request failed")
+        })
+        .map(|(level, fields)| (*level, fields["error"].clone()))
+        .collect();
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert_eq!(told[0].0, Level::ERROR, "{told:?}");
+    assert!(told[0].1.contains("no table"), "{told:?}");
+    assert_eq!(told[1].0, Level::DEBUG, "{told:?}");
 }
 
 /// The HTTP layer runs each call on a task of its own (so that a client

@@ -140,8 +140,12 @@ impl Problem {
     pub(crate) fn of(error: &Error) -> Self {
         let kind = Kind::of(error);
         // The call told its outcome at its own level (a store error at
-        // `WARN`); this is the same failure as an HTTP answer.
-        if kind.status().is_server_error() {
+        // `WARN`); this is the same failure as an HTTP answer. An internal
+        // one (a step named twice, a misconfigured store) may have been
+        // the body's own error, which its call tells only at `DEBUG`.
+        if kind == Kind::Internal {
+            tracing::error!(%error, "an idempotent request failed");
+        } else if kind.status().is_server_error() {
             tracing::debug!(%error, "an idempotent request failed");
         }
         let detail = match kind {
