@@ -799,17 +799,21 @@ mod scenarios {
 }
 
 /// The consumer core through an in-memory broker that delivers duplicates,
-/// reorders, redelivers after a `Nak` and loses acknowledgements, with one
-/// to three consumers on one memory store (tokio's paused clock): each
-/// message's effect once, replays of that run's value, and every message
-/// acknowledged or dead-lettered.
+/// reorders, redelivers after a `Nak` and loses acknowledgements and dead
+/// letters, with one to three consumers on one memory store (tokio's
+/// paused clock) and failures too long to keep: each message's effect
+/// once, replays of that run's value, and every message acknowledged or
+/// dead-lettered, never both.
 #[cfg(feature = "consumer")]
 #[test]
 fn the_consumer_core_runs_each_message_once_through_a_faulty_broker() {
     let mut total = idem_test::checker::BrokerReport::default();
     check_broker_seeds(&paused_runtime(), 0..200, &mut total);
     println!("{total:?}");
-    assert!(total.acks_lost > 0 && total.dead_lettered > 0, "{total:?}");
+    assert!(
+        total.acks_lost > 0 && total.dead_lettered > 0 && total.dead_letters_lost > 0,
+        "{total:?}"
+    );
 }
 
 /// Checks the consumer core on `seeds`, adding up what they did.
@@ -828,6 +832,7 @@ fn check_broker_seeds(
         total.deliveries += report.deliveries;
         total.acks_lost += report.acks_lost;
         total.dead_lettered += report.dead_lettered;
+        total.dead_letters_lost += report.dead_letters_lost;
     }
 }
 

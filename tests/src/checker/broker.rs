@@ -1,8 +1,11 @@
 //! The consumer core under the checker: an in-memory broker, driven by a
 //! seed, that delivers duplicates, reorders deliveries, redelivers after a
 //! `Nak`, loses acknowledgements (so an acknowledged message comes again)
-//! and hands deliveries to one to three consumers (processes) on one store
-//! at once; handlers that fail or panic on their first deliveries.
+//! and dead letters (a dead letter that could not be published: the
+//! message comes again), and hands deliveries to one to three consumers
+//! (processes) on one store at once; handlers that fail or panic on their
+//! first deliveries, some with a failure too long for a record (the store
+//! keeps only that the handler failed).
 //!
 //! Checked: per message id, the handler's effect is done at most once; a
 //! replayed delivery is handed the value of the run that did it; every
@@ -32,6 +35,8 @@ pub struct BrokerReport {
     pub acks_lost: usize,
     /// Messages dead-lettered.
     pub dead_lettered: usize,
+    /// Dead letters that could not be published (the message came again).
+    pub dead_letters_lost: usize,
 }
 
 /// How one message's handler behaves on its deliveries.
@@ -41,7 +46,16 @@ struct Plan {
     fails: u32,
     /// The first of them panics instead.
     panics: bool,
+    /// Its failures' text is longer than a record may be.
+    long: bool,
 }
+
+/// The longest record the checker's consumers keep: a failure's text of
+/// [`LONG_FAILURE`] bytes is not kept, only that the handler failed.
+const MAX_RECORD: usize = 512;
+
+/// The length of a long failure's text.
+const LONG_FAILURE: usize = 2 * MAX_RECORD;
 
 /// A delivery waiting in the broker.
 #[derive(Debug, Clone)]
@@ -71,9 +85,12 @@ pub async fn check_broker_seed(store: Arc<dyn Store>, seed: u64) -> Result<Broke
     let max_deliveries = rng.random_range(2..=4);
     let consumers: Vec<Consumer> = (0..rng.random_range(1..=3))
         .map(|_| {
-            Consumer::new(Idempotency::from_arc(Arc::clone(&store)), "checker.broker")
-                .max_deliveries(max_deliveries)
-                .backoff(Duration::from_millis(10), Duration::from_millis(100))
+            Consumer::new(
+                Idempotency::from_arc(Arc::clone(&store)).max_record_bytes(MAX_RECORD),
+                "checker.broker",
+            )
+            .max_deliveries(max_deliveries)
+            .backoff(Duration::from_millis(10), Duration::from_millis(100))
         })
         .collect();
     let plans: BTreeMap<String, Plan> = (0..messages)
@@ -88,6 +105,7 @@ pub async fn check_broker_seed(store: Arc<dyn Store>, seed: u64) -> Result<Broke
                 Plan {
                     fails,
                     panics: fails > 0 && rng.random_bool(0.3),
+                    long: fails > 0 && rng.random_bool(0.3),
                 },
             )
         })
@@ -164,7 +182,11 @@ pub async fn check_broker_seed(store: Arc<dyn Store>, seed: u64) -> Result<Broke
                                     "{}: the handler panics (injected by the checker)",
                                     super::invariants::BODY_PANIC
                                 );
-                                return Err(format!("failure {attempt} (injected)"));
+                                let padding = if plan.long { LONG_FAILURE } else { 0 };
+                                return Err(format!(
+                                    "failure {attempt} (injected){}",
+                                    "!".repeat(padding)
+                                ));
                             }
                             effects
                                 .lock()
@@ -199,6 +221,12 @@ pub async fn check_broker_seed(store: Arc<dyn Store>, seed: u64) -> Result<Broke
                     acked.insert(pending.id.clone());
                 }
                 Disposition::Nak { delay } => queue.push(again(delay)),
+                Disposition::DeadLetter { .. } if rng.random_bool(0.15) => {
+                    // Its dead letter could not be published: the message
+                    // comes again, and must be dead-lettered again.
+                    report.dead_letters_lost += 1;
+                    queue.push(again(Duration::from_millis(30)));
+                }
                 Disposition::DeadLetter { .. } => {
                     dead.insert(pending.id.clone());
                 }
