@@ -1784,6 +1784,18 @@ async fn a_call_expecting_steps_reads_its_journal_with_its_claim(store: Arc<dyn 
     );
 }
 
+/// One test per case, each running the function of its name on the store.
+macro_rules! store_cases {
+    ($store:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                super::$case($store).await;
+            }
+        )*
+    };
+}
+
 macro_rules! step_tests {
     ($store:expr) => {
         #[tokio::test]
@@ -1802,152 +1814,42 @@ macro_rules! step_tests {
         }
 
         #[tokio::test]
-        async fn repeated_names_fail() {
-            super::repeated_names_fail($store).await;
-        }
-
-        #[tokio::test]
         async fn other_arguments_do_not_resume_a_journal() {
             super::other_arguments_do_not_resume_a_journal($store).await;
             super::followers_of_a_call_of_other_arguments_are_told_key_reused($store).await;
         }
 
-        #[tokio::test]
-        async fn other_arguments_leave_a_compensation_to_its_call() {
-            super::other_arguments_leave_a_compensation_to_its_call($store).await;
-        }
-
-        #[tokio::test]
-        async fn failed_steps_run_again() {
-            super::failed_steps_run_again($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_lost_claim_stops_the_call() {
-            super::a_lost_claim_stops_the_call($store).await;
-        }
-
-        #[tokio::test]
-        async fn epochs_fence_each_attempt() {
-            super::epochs_fence_each_attempt($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_final_failure_compensates_completed_steps() {
-            super::a_final_failure_compensates_completed_steps($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_failed_compensation_is_finished_by_the_next_attempt() {
-            super::a_failed_compensation_is_finished_by_the_next_attempt($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_compensation_cut_short_is_finished_after_the_lease() {
-            super::a_compensation_cut_short_is_finished_after_the_lease($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_failure_marked_final_is_compensated() {
-            super::a_failure_marked_final_is_compensated($store).await;
-        }
-
-        #[tokio::test]
-        async fn reserved_step_names_are_refused() {
-            super::reserved_step_names_are_refused($store).await;
-        }
-
-        #[tokio::test]
-        async fn forgetting_a_journal_alone_answers_false() {
-            super::forgetting_a_journal_alone_answers_false($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_step_whose_result_does_not_serialize_runs_once() {
-            super::a_step_whose_result_does_not_serialize_runs_once($store).await;
-        }
-
-        #[tokio::test]
-        async fn an_attempt_returning_before_its_steps_does_not_end_a_compensation() {
-            super::an_attempt_returning_before_its_steps_does_not_end_a_compensation($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_journal_reused_after_its_ttl_keeps_the_completion_order() {
-            super::a_journal_reused_after_its_ttl_keeps_the_completion_order($store).await;
-        }
-
-        #[tokio::test]
-        async fn concurrent_steps_are_undone_last_completed_first() {
-            super::concurrent_steps_are_undone_last_completed_first($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_step_not_reached_is_undone_by_a_later_attempt() {
-            super::a_step_not_reached_is_undone_by_a_later_attempt($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_stalled_holder_undoes_nothing_another_completed() {
-            super::a_stalled_holder_undoes_nothing_another_completed($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_stalled_holder_finishing_a_compensation_undoes_nothing_twice() {
-            super::a_stalled_holder_finishing_a_compensation_undoes_nothing_twice($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_step_whose_append_went_unanswered_is_still_undone() {
-            super::a_step_whose_append_went_unanswered_is_still_undone($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_step_dropped_during_its_append_is_still_undone() {
-            super::a_step_dropped_during_its_append_is_still_undone($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_compensation_of_steps_run_together_finishes() {
-            super::a_compensation_of_steps_run_together_finishes($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_journal_entry_of_a_compensation_is_tried_again() {
-            super::a_journal_entry_of_a_compensation_is_tried_again($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt() {
-            super::a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt($store)
-                .await;
-        }
-
-        #[tokio::test]
-        async fn a_step_left_unpolled_while_it_reads_the_journal_holds_up_no_other() {
-            super::a_step_left_unpolled_while_it_reads_the_journal_holds_up_no_other($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_step_whose_append_failed_is_undone_when_the_compensation_resumes() {
-            super::a_step_whose_append_failed_is_undone_when_the_compensation_resumes($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_step_whose_result_does_not_decode_leaves_its_compensation_unfinished() {
-            super::a_step_whose_result_does_not_decode_leaves_its_compensation_unfinished($store)
-                .await;
-        }
-
-        #[tokio::test]
-        async fn a_call_expecting_steps_reads_its_journal_with_its_claim() {
-            super::a_call_expecting_steps_reads_its_journal_with_its_claim($store).await;
-        }
-
-        #[tokio::test]
-        async fn a_failure_too_large_to_keep_is_compensated() {
-            super::a_failure_too_large_to_keep_is_compensated($store).await;
-        }
+        store_cases!(
+            $store;
+            repeated_names_fail,
+            other_arguments_leave_a_compensation_to_its_call,
+            failed_steps_run_again,
+            a_lost_claim_stops_the_call,
+            epochs_fence_each_attempt,
+            a_final_failure_compensates_completed_steps,
+            a_failed_compensation_is_finished_by_the_next_attempt,
+            a_compensation_cut_short_is_finished_after_the_lease,
+            a_failure_marked_final_is_compensated,
+            reserved_step_names_are_refused,
+            forgetting_a_journal_alone_answers_false,
+            a_step_whose_result_does_not_serialize_runs_once,
+            an_attempt_returning_before_its_steps_does_not_end_a_compensation,
+            a_journal_reused_after_its_ttl_keeps_the_completion_order,
+            concurrent_steps_are_undone_last_completed_first,
+            a_step_not_reached_is_undone_by_a_later_attempt,
+            a_stalled_holder_undoes_nothing_another_completed,
+            a_stalled_holder_finishing_a_compensation_undoes_nothing_twice,
+            a_step_whose_append_went_unanswered_is_still_undone,
+            a_step_dropped_during_its_append_is_still_undone,
+            a_compensation_of_steps_run_together_finishes,
+            a_journal_entry_of_a_compensation_is_tried_again,
+            a_journal_entry_the_store_keeps_refusing_is_left_to_the_next_attempt,
+            a_step_left_unpolled_while_it_reads_the_journal_holds_up_no_other,
+            a_step_whose_append_failed_is_undone_when_the_compensation_resumes,
+            a_step_whose_result_does_not_decode_leaves_its_compensation_unfinished,
+            a_call_expecting_steps_reads_its_journal_with_its_claim,
+            a_failure_too_large_to_keep_is_compensated,
+        );
     };
 }
 
