@@ -950,18 +950,49 @@ fn wait_ms_of(line: &str) -> f64 {
         .unwrap_or_else(|| panic!("no wait_ms in {line}"))
 }
 
+/// A store of one pooled connection, for tests of who holds it.
+async fn one_connection_store() -> PostgresStore {
+    PostgresStore::builder(shared().url())
+        .response_timeout(RESPONSE_TIMEOUT)
+        .max_connections(1)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A transactional call of `key` on `store` whose body takes `holding` and
+/// answers 3, tried again every 250 ms while it fails (its `BEGIN` found
+/// no free connection), for at most 6 s.
+async fn run_once_a_connection_is_free(
+    store: &PostgresStore,
+    key: Key,
+    holding: Duration,
+) -> Result<i64, ChargeError> {
+    let since = Instant::now();
+    let fp = Fingerprint::of(&1).unwrap();
+    loop {
+        let answer = store
+            .run_in_transaction(&Settings::DEFAULT, key, fp, |_tx| {
+                Box::pin(async move {
+                    tokio::time::sleep(holding).await;
+                    Ok::<_, ChargeError>(3)
+                })
+            })
+            .await;
+        if answer.is_ok() || since.elapsed() > Duration::from_secs(6) {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// A transactional waiter that finds no free connection on its store for
 /// its next look at the key (it hands its connection back between looks)
 /// answers `InProgress`, as when its wait ends, not a store failure.
 #[tokio::test]
 async fn a_waiter_without_a_free_connection_is_in_progress() {
     let holder_store = connect(&shared().url()).await;
-    let waiter_store = PostgresStore::builder(shared().url())
-        .response_timeout(RESPONSE_TIMEOUT)
-        .max_connections(1)
-        .connect()
-        .await
-        .unwrap();
+    let waiter_store = one_connection_store().await;
     let key = Key::new(&op("waiter-without-connection"), "held").unwrap();
     let fp = Fingerprint::of(&1).unwrap();
     let (holder, gate) = hold_in_transaction(&holder_store, Settings::DEFAULT, key, fp, 1).await;
@@ -984,20 +1015,8 @@ async fn a_waiter_without_a_free_connection_is_in_progress() {
     // response timeout.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let other = Key::new(&op("waiter-without-connection"), "other").unwrap();
-    let since = Instant::now();
-    let busy = loop {
-        let busy = waiter_store
-            .run_in_transaction(&Settings::DEFAULT, other, fp, |_tx| {
-                Box::pin(async {
-                    tokio::time::sleep(Duration::from_millis(1_500)).await;
-                    Ok::<_, ChargeError>(3)
-                })
-            })
-            .await;
-        if busy.is_ok() || since.elapsed() > Duration::from_secs(4) {
-            break busy;
-        }
-    };
+    let busy =
+        run_once_a_connection_is_free(&waiter_store, other, Duration::from_millis(1_500)).await;
     assert_eq!(busy.unwrap(), 3);
     let waited = waiter.await.unwrap();
     assert!(matches!(&waited, Err(e) if e.in_progress()), "{waited:?}");
@@ -1012,12 +1031,7 @@ async fn a_waiter_without_a_free_connection_is_in_progress() {
 #[tokio::test]
 async fn a_cancelled_transactional_waiter_gives_its_connection_back() {
     let holder_store = connect(&shared().url()).await;
-    let waiter_store = PostgresStore::builder(shared().url())
-        .response_timeout(RESPONSE_TIMEOUT)
-        .max_connections(1)
-        .connect()
-        .await
-        .unwrap();
+    let waiter_store = one_connection_store().await;
     let key = Key::new(&op("cancelled-waiter"), "held").unwrap();
     let fp = Fingerprint::of(&1).unwrap();
     let (holder, gate) = hold_in_transaction(&holder_store, Settings::DEFAULT, key, fp, 1).await;
@@ -1028,19 +1042,8 @@ async fn a_cancelled_transactional_waiter_gives_its_connection_back() {
     assert!(gave_up.is_err(), "the caller gave up");
     // Bounded well past a slice and a response timeout; the holder holds
     // its key all along.
-    let since = Instant::now();
     let other = Key::new(&op("cancelled-waiter"), "other").unwrap();
-    let answer = loop {
-        let answer = waiter_store
-            .run_in_transaction(&Settings::DEFAULT, other, fp, |_tx| {
-                Box::pin(async { Ok::<_, ChargeError>(3) })
-            })
-            .await;
-        if answer.is_ok() || since.elapsed() > Duration::from_secs(6) {
-            break answer;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let answer = run_once_a_connection_is_free(&waiter_store, other, Duration::ZERO).await;
     assert_eq!(
         answer.unwrap(),
         3,
