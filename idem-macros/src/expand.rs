@@ -138,14 +138,15 @@ pub(crate) fn expand(args: &Args, func: &ItemFn, checked: Checked) -> TokenStrea
     let instance = args.name.is_some().then(|| {
         let site = hidden("__idem_instance");
         // An `impl Trait` argument is a type parameter of the fn's own too
-        // (an anonymous one, in the instance's generic arguments).
+        // (an anonymous one, in the instance's generic arguments): a
+        // parameter whose type is generic tells it, skipped or not.
         let own_generics = func
             .sig
             .generics
             .params
             .iter()
             .any(|param| !matches!(param, syn::GenericParam::Lifetime(_)))
-            || func::takes_impl_trait(func);
+            || func::params(func).iter().any(|param| param.generic);
         quote! {
             let #site = || ();
             #call.generic_instance(::core::any::type_name_of_val(&#site), #own_generics);

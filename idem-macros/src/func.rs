@@ -68,16 +68,6 @@ pub(crate) fn params(func: &ItemFn) -> Vec<Param> {
         .collect()
 }
 
-/// Whether a parameter's type is or contains an `impl Trait`: an anonymous
-/// type parameter of the fn.
-pub(crate) fn takes_impl_trait(func: &ItemFn) -> bool {
-    let no_params = syn::Generics::default();
-    func.sig.inputs.iter().any(|input| match input {
-        FnArg::Typed(typed) => names_generic(&typed.ty, &no_params),
-        FnArg::Receiver(_) => false,
-    })
-}
-
 /// Whether `ty` is or contains an `impl Trait` or one of `generics`' type
 /// parameters.
 fn names_generic(ty: &Type, generics: &syn::Generics) -> bool {
