@@ -445,6 +445,9 @@ impl PostgresStore {
         let mut waited = false;
         // Whether the session's `statement_timeout` bounds the wait yet.
         let mut bounded = false;
+        let in_progress = || Error::InProgress {
+            retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
+        };
         loop {
             call.attempt();
             // One round trip begins the transaction and tries the key's
@@ -480,9 +483,7 @@ impl PostgresStore {
                 Err(error) if waited && error.kind() == StoreErrorKind::Timeout => {
                     tracing::debug!(%key, %error, "a transactional waiter found no free connection to look at the key again");
                     call.waited(locking_since.elapsed());
-                    return Err(Error::InProgress {
-                        retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
-                    });
+                    return Err(in_progress());
                 }
                 Err(error) => return Err(error.into()),
             };
@@ -551,9 +552,6 @@ impl PostgresStore {
                     Begin::InProgress { retry_after } => Err(Error::InProgress { retry_after }),
                 };
             }
-            let in_progress = || Error::InProgress {
-                retry_after: Duration::from_secs(1).min(settings.wait_timeout()),
-            };
             if settings.on_conflict() == OnConflict::Reject {
                 return Err(in_progress());
             }
