@@ -102,7 +102,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{AckError, BrokerError, Consumer, Delivery, Message, header_text};
-use crate::Key;
 
 const NATS_MSG_ID: &str = "Nats-Msg-Id";
 /// The prefix of the headers JetStream acts on when a message is published.
@@ -505,10 +504,7 @@ impl Message for JetStreamMessage {
             // idem's own limit (`max_deliveries`) dead-letters before this;
             // a message nak'ed here (the store down, its outcome unrecorded,
             // another process holding it) ends without one.
-            let key = self
-                .delivery()
-                .ok()
-                .and_then(|delivery| Key::new(consumer, delivery.id()).ok());
+            let key = super::key_of(consumer, self);
             tracing::error!(
                 key = key.map(tracing::field::display),
                 subject = %self.message.subject,

@@ -898,7 +898,7 @@ impl Consumer {
 
     /// The key of `message`'s calls, for logs; `None` without a usable id.
     fn key_of<M: Message>(&self, message: &M) -> Option<Key> {
-        Key::new(&self.name, message.delivery().ok()?.id()).ok()
+        key_of(&self.name, message)
     }
 
     /// Dead-letters `message`; when its dead letter cannot be published,
@@ -1011,6 +1011,12 @@ impl fmt::Debug for Consumer {
             .field("dead_letter_attempts", &self.dead_letter_attempts)
             .finish_non_exhaustive()
     }
+}
+
+/// The key of `message`'s calls by the consumer `name`, for logs; `None`
+/// without a usable id.
+fn key_of<M: Message>(name: &str, message: &M) -> Option<Key> {
+    Key::new(name, message.delivery().ok()?.id()).ok()
 }
 
 /// Polls `processing` to completion, telling the broker every `every` that
